@@ -1,0 +1,68 @@
+"""Type aliases and small enums shared by every layer (L0: imports nothing of ours).
+
+Names follow docs/glossary.md.
+"""
+
+from __future__ import annotations
+
+import enum
+
+ReqId = str
+"""vLLM's internal request id (``cmpl-<X-Request-Id>-<8 hex>``); differs between P and D."""
+
+TransferId = str
+"""Id the proxy gives one P->D hand-off; it names the decode-side reservation."""
+
+PeerName = str
+"""Name of an instance in the deployment config (for example ``decode-0``)."""
+
+PageIdx = int
+"""Index of a page in the decode-side pool."""
+
+BlockId = int
+"""vLLM's KV block id (manager view)."""
+
+Incarnation = str
+"""Random id of one process lifetime; a restarted peer has a new one."""
+
+
+class Role(enum.StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    PROXY = "proxy"
+
+
+class TransferState(enum.IntEnum):
+    """Life of one transport batch, ordered so that ``max`` keeps the most advanced state.
+
+    FAILED, TIMEOUT and CANCELED are terminal and sticky.
+    """
+
+    PENDING = 0
+    IN_FLIGHT = 1
+    DONE = 2
+    FAILED = 3
+    TIMEOUT = 4
+    CANCELED = 5
+
+    @property
+    def terminal(self) -> bool:
+        return self >= TransferState.DONE
+
+
+class PageState(enum.IntEnum):
+    """State of a reservation (and of all its pages) in the decode-side pool.
+
+    ALLOCATED -> READY -> CONSUMING -> released; or -> ABORTED / EXPIRED (released).
+    Nothing may read a page before READY.
+    """
+
+    ALLOCATED = 0
+    READY = 1
+    CONSUMING = 2
+    ABORTED = 3
+    EXPIRED = 4
+
+    @property
+    def failed(self) -> bool:
+        return self in (PageState.ABORTED, PageState.EXPIRED)

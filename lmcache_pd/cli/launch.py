@@ -1,0 +1,82 @@
+"""``lmcache-pd launch``: start one instance of a deployment from its config.
+
+prefill/decode: exec vLLM's OpenAI server with everything derived from the config (model,
+ports, KV connector, CPU pinning); the launcher process *becomes* vLLM, so signals reach it.
+proxy: run the proxy in this process with uvicorn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+
+from lmcache_pd import transport as transports
+from lmcache_pd.config import InstanceConfig, PDConfig
+
+
+def vllm_command(cfg: PDConfig, name: str, *, python: str = sys.executable) -> list[str]:
+    """The argv that starts instance ``name`` (without CPU pinning)."""
+    inst = cfg.instance(name)
+    role = cfg.role_of(name)
+    m = cfg.model
+    ktc = {
+        "kv_connector": "PDConnector",
+        "kv_connector_module_path": "lmcache_pd.connector",
+        "kv_role": "kv_producer" if role == "prefill" else "kv_consumer",
+        "kv_load_failure_policy": "recompute",
+        # The resolved config travels inline: every vLLM process sees the same one.
+        "kv_connector_extra_config": {"config": cfg.to_dict(), "instance": name},
+    }
+    argv = [python, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", m.path, "--served-model-name", m.served_name or m.path,
+            "--host", inst.host, "--port", str(inst.http_port),
+            "--max-model-len", str(m.max_model_len), "--dtype", m.dtype, "--seed", str(m.seed),
+            "--tensor-parallel-size", str(inst.tp_size),
+            "--kv-transfer-config", json.dumps(ktc)]
+    if m.tokenizer:
+        argv += ["--tokenizer", m.tokenizer]
+    if m.block_size:
+        argv += ["--block-size", str(m.block_size)]
+    return argv + list(inst.vllm_args)
+
+
+def instance_env(cfg: PDConfig, inst: InstanceConfig, base: Mapping[str, str]) -> dict[str, str]:
+    env = dict(base)
+    env["LMCACHE_PD_INSTANCE"] = inst.name
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(inst.kv_cache_gib))
+    if inst.cpus:
+        # vLLM's CPU worker binds its OpenMP threads itself; give it our cores, not "auto".
+        env["VLLM_CPU_OMP_THREADS_BIND"] = inst.cpus
+    env.update(inst.env)
+    return env
+
+
+def pinned(argv: list[str], cpus: str | None) -> list[str]:
+    if cpus and shutil.which("taskset"):
+        return ["taskset", "-c", cpus, *argv]
+    return argv
+
+
+def launch(cfg: PDConfig, role: str, instance: str | None) -> int:
+    transports.parse_options(cfg.transport.name, cfg.transport.options)  # fail before vLLM's slow start
+    if role == "proxy":
+        import uvicorn
+
+        from lmcache_pd.proxy.app import create_app
+
+        uvicorn.run(create_app(cfg), host=cfg.proxy.host, port=cfg.proxy.port, log_level=cfg.log_level.lower())
+        return 0
+    group = cfg.prefill if role == "prefill" else cfg.decode
+    name = instance or group[0].name
+    if cfg.role_of(name) != role:
+        raise SystemExit(f"instance {name!r} is not a {role} instance")
+    inst = cfg.instance(name)
+    argv = pinned(vllm_command(cfg, name), inst.cpus)
+    env = instance_env(cfg, inst, os.environ)
+    print("lmcache-pd: exec", " ".join(a if " " not in a and "{" not in a else repr(a) for a in argv),
+          file=sys.stderr, flush=True)
+    os.execvpe(argv[0], argv, env)
+    return 127  # not reached

@@ -1,0 +1,165 @@
+"""A whole deployment on this machine: config generation, process start, health wait, stop.
+
+Used by ``lmcache-pd demo`` and by the end-to-end tests (start once per test session).
+Each instance runs ``lmcache-pd launch`` in its own process group, logging to a file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmcache_pd.config import PDConfig, load_config
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def local_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[str], *,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write a 1P1D config on free loopback ports (prefill pinned to core 0, decode to the last)."""
+    ncpu = os.cpu_count() or 1
+    http_p, http_d, ctrl, data, proxy = free_ports(5)
+    work = Path(workdir)
+    data_cfg: dict[str, Any] = {
+        "model": {"path": str(model_dir), "served_name": "tiny", "max_model_len": 4096},
+        "prefill": [{"name": "prefill-0", "http_port": http_p, "cpus": "0", "kv_cache_gib": 1}],
+        "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data,
+                    "cpus": str(ncpu - 1), "kv_cache_gib": 1}],
+        "proxy": {"port": proxy},
+        "transport": {"name": "tcp"},
+        "pool": {"size_mib": 64},
+        "handoff_log": str(work / "handoffs-{instance}.jsonl"),
+    }
+    for key, value in (extra or {}).items():
+        node = data_cfg
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "pd.yaml"
+    path.write_text(yaml.safe_dump(data_cfg, sort_keys=False))
+    return path
+
+
+@dataclass
+class Process:
+    name: str
+    role: str
+    url: str
+    popen: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+
+@dataclass
+class LocalDeployment:
+    config_path: Path
+    workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, Process] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cfg: PDConfig = load_config(self.config_path, environ={})
+        for inst in self.cfg.prefill:
+            self.procs[inst.name] = Process(inst.name, "prefill", f"http://{inst.host}:{inst.http_port}")
+        for inst in self.cfg.decode:
+            self.procs[inst.name] = Process(inst.name, "decode", f"http://{inst.host}:{inst.http_port}")
+        p = self.cfg.proxy
+        self.procs["proxy"] = Process("proxy", "proxy", f"http://{p.host}:{p.port}")
+
+    def start(self, name: str) -> None:
+        proc = self.procs[name]
+        argv = [sys.executable, "-m", "lmcache_pd.cli.main", "launch", "--role", proc.role,
+                "--config", str(self.config_path)]
+        if proc.role != "proxy":
+            argv += ["--instance", name]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self.env}
+        proc.log_path = self.workdir / f"{name}.log"
+        log = open(proc.log_path, "ab")  # noqa: SIM115 - handed to the child
+        proc.popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.close()
+
+    def start_all(self, timeout_s: float = 600.0) -> None:
+        for name in self.procs:
+            self.start(name)
+        self.wait_healthy(list(self.procs), timeout_s)
+
+    def wait_healthy(self, names: list[str], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = list(names)
+        while pending:
+            for name in list(pending):
+                proc = self.procs[name]
+                if proc.popen is not None and proc.popen.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.popen.returncode} before it was healthy; "
+                                       f"log tail:\n{self.log_tail(name)}")
+                if _healthy(proc.url):
+                    pending.remove(name)
+            if pending and time.monotonic() > deadline:
+                tails = "\n".join(f"--- {n}:\n{self.log_tail(n)}" for n in pending)
+                raise TimeoutError(f"{pending} not healthy within {timeout_s:g} s\n{tails}")
+            if pending:
+                time.sleep(0.5)
+
+    def signal(self, name: str, sig: int) -> None:
+        proc = self.procs[name]
+        if proc.popen is not None and proc.popen.poll() is None:
+            os.killpg(proc.popen.pid, sig)
+
+    def stop(self, name: str, timeout_s: float = 20.0) -> None:
+        proc = self.procs[name]
+        if proc.popen is None:
+            return
+        if proc.popen.poll() is None:
+            try:
+                os.killpg(proc.popen.pid, signal.SIGTERM)
+                proc.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait(timeout_s)
+            except ProcessLookupError:
+                pass
+        try:  # children that outlived the group leader (vLLM's engine core, workers)
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.popen = None
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.stop(name)
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.procs[name].log_path
+        if path is None or not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False

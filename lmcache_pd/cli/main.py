@@ -1,0 +1,70 @@
+"""The ``lmcache-pd`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lmcache_pd.errors import ConfigError, TransportUnavailable
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmcache-pd", description="Disaggregated prefill/decode for vLLM.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def config_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="deployment YAML (default: $LMCACHE_PD_CONFIG)")
+        sp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field, e.g. --set pool.size_mib=512 (repeatable)")
+
+    sp = sub.add_parser("launch", help="start one instance of the deployment")
+    sp.add_argument("--role", required=True, choices=["prefill", "decode", "proxy"])
+    sp.add_argument("--instance", help="instance name (default: the first of its role)")
+    config_args(sp)
+
+    sp = sub.add_parser("check-config", help="validate a config and print it resolved")
+    config_args(sp)
+
+    sp = sub.add_parser("demo", help="run a local 1 prefill + 1 decode + proxy demo on a tiny model")
+    sp.add_argument("--workdir", default=".lmcache-pd-demo", help="where the model, config and logs go")
+    sp.add_argument("--max-tokens", type=int, default=24)
+
+    sp = sub.add_parser("tiny-model", help="generate the tiny random-weight test model")
+    sp.add_argument("out", nargs="?", default="tiny-model")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd in ("launch", "check-config"):
+            from lmcache_pd.config import load_config
+
+            cfg = load_config(args.config, overrides=args.set)
+            if args.cmd == "check-config":
+                import yaml
+
+                print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                return 0
+            from lmcache_pd.cli.launch import launch
+
+            return launch(cfg, args.role, args.instance)
+        if args.cmd == "demo":
+            from lmcache_pd.cli.demo import run_demo
+
+            return run_demo(args.workdir, max_tokens=args.max_tokens)
+        if args.cmd == "tiny-model":
+            from lmcache_pd.cli.tinymodel import build_tiny_model
+
+            print(build_tiny_model(args.out))
+            return 0
+    except (ConfigError, TransportUnavailable) as e:
+        print(f"lmcache-pd: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,275 @@
+"""The one typed configuration of a deployment (L1).
+
+One YAML file describes the whole deployment (model, instances, transport, pool, deadlines);
+the launcher, the vLLM connector (through ``kv_connector_extra_config``) and the proxy all
+read it through :func:`load_config`, which is also the only reader of ``os.environ``.
+
+Sources, lowest precedence first:
+  1. defaults below,
+  2. the YAML file (``--config FILE`` or ``LMCACHE_PD_CONFIG``),
+  3. environment overrides ``LMCACHE_PD__<SECTION>__<FIELD>=value`` (see :data:`ENV_VARS`),
+  4. CLI overrides ``--set section.field=value``.
+Override values are YAML scalars (``512``, ``true``, ``1.5``). Values from the file must have
+the right type already; an unknown or ill-typed field is an error naming the field and source.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
+
+import msgspec
+import yaml
+
+from lmcache_pd.errors import ConfigError
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+
+ENV_PREFIX = "LMCACHE_PD__"
+ENV_VARS: dict[str, str] = {
+    "LMCACHE_PD_CONFIG": "path of the YAML config file, when no --config is given",
+    "LMCACHE_PD_INSTANCE": "name of this instance in the config (set by the launcher for vLLM)",
+    ENV_PREFIX + "<SECTION>__<FIELD>": "override one field, e.g. LMCACHE_PD__POOL__SIZE_MIB=512",
+}
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ModelConfig(_Section):
+    path: str
+    """Local model directory (or Hugging Face id where downloads are possible)."""
+    served_name: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    block_size: Positive | None = None
+    """vLLM block size; None takes vLLM's platform default (128 on CPU, 16 on GPU)."""
+    max_model_len: Positive = 4096
+    seed: int = 0
+
+
+class InstanceConfig(_Section):
+    name: str
+    http_port: Port
+    host: str = "127.0.0.1"
+    control_port: Port | None = None
+    """Decode only: zmq control plane (allocation) port of TP rank 0; rank r uses +r."""
+    data_port: Port | None = None
+    """Decode only: data-plane port of TP rank 0 for transports that listen (tcp); rank r uses +r."""
+    tp_size: Positive = 1
+    cpus: str | None = None
+    """CPU list the launcher pins the instance to (``taskset -c``), e.g. ``"0"``."""
+    kv_cache_gib: Positive = 1
+    """CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE); GPU uses --gpu-memory-utilization."""
+    vllm_args: tuple[str, ...] = ()
+    """Extra vLLM CLI arguments, appended as given."""
+    env: dict[str, str] = {}
+
+
+class TransportConfig(_Section):
+    name: str = "tcp"
+    options: dict[str, Any] = {}
+    """Transport-specific options, validated by the transport's own ``Options`` struct."""
+
+
+class PoolConfig(_Section):
+    size_mib: Positive = 256
+    """Decode-side receive pool, pre-allocated at start, per TP rank."""
+
+
+class TimeoutsConfig(_Section):
+    handshake_s: Seconds = 5.0
+    """Prefill waits this long for a decode peer's handshake reply."""
+    control_s: Seconds = 5.0
+    """Any other control-plane round trip (transfer done, cancel, heartbeat)."""
+    alloc_s: Seconds = 10.0
+    """Prefill waits this long for decode pool pages (pool full), then gives up: decode recomputes."""
+    transfer_s: Seconds = 30.0
+    """Decode waits this long for a hand-off to arrive, then recomputes the prompt itself."""
+    data_s: Seconds = 30.0
+    """Prefill waits this long for the data plane to complete one transfer."""
+    lease_s: Seconds = 30.0
+    """Pool pages return to the pool when not renewed (heartbeat) or consumed within this time."""
+    heartbeat_s: Seconds = 2.0
+    """Prefill renews the leases of its in-flight transfers at this interval."""
+
+
+class ProxyConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    connect_timeout_s: Seconds = 5.0
+    prefill_timeout_s: Seconds = 120.0
+    """Whole prefill request (compute of the prompt); past it the decode recomputes."""
+    decode_timeout_s: Seconds = 600.0
+    """Whole decode request (until the last token)."""
+    health_interval_s: Seconds = 2.0
+
+
+class PDConfig(_Section):
+    model: ModelConfig
+    prefill: tuple[InstanceConfig, ...]
+    decode: tuple[InstanceConfig, ...]
+    proxy: ProxyConfig = ProxyConfig()
+    transport: TransportConfig = TransportConfig()
+    pool: PoolConfig = PoolConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    log_level: str = "info"
+    handoff_log: str | None = None
+    """If set, each decode worker appends one JSON line per hand-off (outcome, bytes, times) to
+    this path; ``{instance}`` and ``{rank}`` are replaced."""
+
+    def instance(self, name: str) -> InstanceConfig:
+        for inst in (*self.prefill, *self.decode):
+            if inst.name == name:
+                return inst
+        known = ", ".join(i.name for i in (*self.prefill, *self.decode))
+        raise ConfigError(f"no instance named {name!r} (known: {known})", field="prefill/decode")
+
+    def role_of(self, name: str) -> str:
+        if any(i.name == name for i in self.prefill):
+            return "prefill"
+        if any(i.name == name for i in self.decode):
+            return "decode"
+        raise ConfigError(f"no instance named {name!r}", field="prefill/decode")
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> PDConfig:
+    """Read, merge and validate the config. The only place that reads the environment."""
+    env = os.environ if environ is None else environ
+    path = path or env.get("LMCACHE_PD_CONFIG")
+    if path is None:
+        raise ConfigError("no config file: pass --config FILE or set LMCACHE_PD_CONFIG")
+    source = str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file: {e}", source=source) from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {e}", source=source) from e
+    if not isinstance(data, dict):
+        raise ConfigError("the top level must be a mapping", source=source)
+    cfg = config_from_dict(data, source=source)  # file values must be well typed on their own
+    env_sets = [
+        f"{k[len(ENV_PREFIX):].lower().replace('__', '.')}={v}" for k, v in env.items() if k.startswith(ENV_PREFIX)
+    ]
+    if env_sets or overrides:
+        merged = cfg.to_dict()
+        for origin, sets in (("environment (LMCACHE_PD__*)", env_sets), ("--set", list(overrides))):
+            for item in sets:
+                _apply_override(merged, item, origin)
+        cfg = config_from_dict(merged, source=f"{source} with overrides")
+    return cfg
+
+
+def config_from_dict(data: Mapping[str, Any], *, source: str) -> PDConfig:
+    """Validate a plain dict (a parsed file, or ``kv_connector_extra_config``)."""
+    try:
+        cfg = msgspec.convert(dict(data), PDConfig, strict=True)
+    except msgspec.ValidationError as e:
+        field, message = _split_msgspec_error(str(e))
+        raise ConfigError(message, field=field, source=source) from None
+    _check_semantics(cfg, source)
+    return cfg
+
+
+def _apply_override(tree: dict[str, Any], item: str, origin: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form section.field=value", source=origin)
+    parts = key.strip().split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError("no such list index", field=".".join(parts[: i + 1]), source=origin)
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError("not a section", field=".".join(parts[: i + 1]), source=origin)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"value is not a YAML scalar: {e}", field=key, source=origin) from None
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError("no such list index", field=key, source=origin)
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _split_msgspec_error(text: str) -> tuple[str | None, str]:
+    # msgspec: "Expected `int`, got `str` - at `$.pool.size_mib`" or
+    #          "Object contains unknown field `foo` - at `$.pool`"
+    message, _, at = text.partition(" - at `")
+    path = at.rstrip("`").removeprefix("$").lstrip(".") if at else ""
+    path = path.replace("[", ".").replace("]", "")
+    if message.startswith("Object contains unknown field `"):
+        name = message.split("`")[1]
+        return (f"{path}.{name}" if path else name), "unknown field"
+    if message.startswith("Object missing required field `"):
+        name = message.split("`")[1]
+        return (f"{path}.{name}" if path else name), "required field is missing"
+    return (path or None), message
+
+
+def _check_semantics(cfg: PDConfig, source: str) -> None:
+    if not cfg.prefill:
+        raise ConfigError("at least one prefill instance is required", field="prefill", source=source)
+    if not cfg.decode:
+        raise ConfigError("at least one decode instance is required", field="decode", source=source)
+    names: set[str] = set()
+    endpoints: dict[tuple[str, int], str] = {}
+    for group, insts in (("prefill", cfg.prefill), ("decode", cfg.decode)):
+        for i, inst in enumerate(insts):
+            where = f"{group}.{i}"
+            if inst.name in names:
+                raise ConfigError(f"duplicate instance name {inst.name!r}", field=f"{where}.name", source=source)
+            names.add(inst.name)
+            ports = [("http_port", inst.http_port)]
+            if group == "decode":
+                for fld in ("control_port", "data_port"):
+                    port = getattr(inst, fld)
+                    if port is None:
+                        raise ConfigError("required for a decode instance", field=f"{where}.{fld}", source=source)
+                    ports += [(fld, port + r) for r in range(inst.tp_size)]
+            for fld, port in ports:
+                other = endpoints.setdefault((inst.host, port), f"{where}.{fld}")
+                if other != f"{where}.{fld}":
+                    raise ConfigError(f"port {port} on {inst.host} is also used by {other}",
+                                      field=f"{where}.{fld}", source=source)
+    tp = {inst.tp_size for inst in (*cfg.prefill, *cfg.decode)}
+    if len(tp) != 1:
+        raise ConfigError("prefill and decode instances must share one tp_size", field="decode.tp_size",
+                          source=source)
+    t = cfg.timeouts
+    if t.heartbeat_s >= t.lease_s:
+        raise ConfigError(f"must be below timeouts.lease_s ({t.lease_s:g})", field="timeouts.heartbeat_s",
+                          source=source)
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("one of debug, info, warning, error", field="log_level", source=source)
+
+
+def resolve_instance(explicit: str | None, *, environ: Mapping[str, str] | None = None) -> str:
+    """This process's instance name: given explicitly, else ``LMCACHE_PD_INSTANCE``."""
+    env = os.environ if environ is None else environ
+    name = explicit or env.get("LMCACHE_PD_INSTANCE")
+    if not name:
+        raise ConfigError("this instance has no name: set `instance` in kv_connector_extra_config "
+                          "or LMCACHE_PD_INSTANCE", field="instance")
+    return name

@@ -1,0 +1,54 @@
+"""What the connector's scheduler side and worker side tell each other each engine step.
+
+Scheduler -> workers: :class:`PDConnectorMetadata` (pickled by vLLM every step: keep it small).
+Workers -> scheduler: :class:`PDWorkerMeta` (aggregated over TP workers by vLLM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+
+from lmcache_pd._types import ReqId, TransferId
+from lmcache_pd.node.receiver import LoadSpec
+from lmcache_pd.node.sender import SendSpec
+
+
+@dataclass
+class PDConnectorMetadata(KVConnectorMetadata):
+    sends: list[SendSpec] = field(default_factory=list)
+    """Prefill: hand-offs to start (their requests finished; vLLM holds their blocks for us)."""
+    loads: list[LoadSpec] = field(default_factory=list)
+    """Decode: loads to start."""
+    cancels: list[ReqId] = field(default_factory=list)
+    """Decode: loads whose request was aborted; end them now (still reported as finished)."""
+    discards: list[TransferId] = field(default_factory=list)
+    """Decode: hand-offs that will never be loaded; free their pool pages now."""
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    ok: bool
+    num_bytes: int
+    transfer_s: float
+    waited_s: float
+    error: str
+
+
+@dataclass
+class PDWorkerMeta(KVConnectorWorkerMetadata):
+    loads: dict[ReqId, LoadOutcome] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, PDWorkerMeta)
+        merged = dict(self.loads)
+        for req_id, o in other.loads.items():
+            mine = merged.get(req_id)
+            if mine is None:
+                merged[req_id] = o
+            else:  # TP ranks: the request loaded only if every rank loaded
+                merged[req_id] = LoadOutcome(mine.ok and o.ok, mine.num_bytes + o.num_bytes,
+                                             max(mine.transfer_s, o.transfer_s), max(mine.waited_s, o.waited_s),
+                                             mine.error or o.error)
+        return PDWorkerMeta(merged)

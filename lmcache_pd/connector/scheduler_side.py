@@ -1,0 +1,205 @@
+"""Scheduler-side roles of the connector (EngineCore process; never touches the network).
+
+Prefill (kv_producer), per request carrying ``PrefillParams``:
+  1. the request computes its prompt normally and finishes (max_tokens=1);
+  2. ``request_finished`` returns delay_free=True and the ``DecodeParams`` the proxy forwards to
+     the decode instance, and queues a SendSpec for the workers (next step's metadata);
+  3. the workers report ``finished_sending`` when the hand-off ended (either way): blocks freed.
+Decode (kv_consumer), per request carrying ``DecodeParams``:
+  1. ``get_num_new_matched_tokens`` claims the prompt (minus local prefix hits) as external,
+     loaded asynchronously: vLLM parks the request in WAITING_FOR_REMOTE_KVS;
+  2. ``update_state_after_alloc`` queues a LoadSpec with the request's new blocks (once: a
+     failed load is recomputed by vLLM, never loaded twice);
+  3. the workers report ``finished_recving`` (and ``failed_recving`` on failure -> vLLM
+     recomputes, kv_load_failure_policy=recompute); vLLM recomputes only the last prompt token;
+  4. ``request_finished`` returns what happened (bytes, times, prompt tokens computed here) in
+     the response's ``kv_transfer_params.lmcache_pd``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lmcache_pd import protocol as P
+from lmcache_pd._types import ReqId
+from lmcache_pd.config import PDConfig
+from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
+from lmcache_pd.node.receiver import LoadSpec
+from lmcache_pd.node.sender import SendSpec
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerRole:
+    """Defaults: a request that is not a P/D hand-off passes through untouched."""
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return 0, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        pass
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
+        return PDConnectorMetadata()
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        pass
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return False, None
+
+
+class PrefillScheduler(SchedulerRole):
+    def __init__(self, cfg: PDConfig, *, instance: str, block_size: int):
+        self.cfg = cfg
+        self.instance = instance
+        self.block_size = block_size
+        self._decode_peers = {d.name for d in cfg.decode}
+        self._sends: list[SendSpec] = []
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
+        meta = PDConnectorMetadata(sends=self._sends)
+        self._sends = []
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        from vllm.v1.request import RequestStatus
+
+        params = P.params_from_dict(request.kv_transfer_params, P.PrefillParams)
+        if params is None or not params.do_remote_decode:
+            return False, None
+        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+            return False, None  # aborted or errored: nothing to hand off, free the blocks now
+        if params.decode_peer not in self._decode_peers:
+            log.warning("request %s names unknown decode peer %r: no hand-off", request.request_id,
+                        params.decode_peer)
+            return False, None
+        num_tokens = request.num_prompt_tokens
+        if len(block_ids) * self.block_size < num_tokens or request.prompt_token_ids is None:
+            return False, None
+        digest = P.prompt_digest(request.prompt_token_ids)
+        self._sends.append(SendSpec(request.request_id, params.transfer_id, params.decode_peer, tuple(block_ids),
+                                    num_tokens, digest))
+        out = P.DecodeParams(transfer_id=params.transfer_id, num_tokens=num_tokens, prompt_digest=digest,
+                             prefill_peer=self.instance)
+        return True, {f: getattr(out, f) for f in out.__struct_fields__}
+
+
+@dataclass
+class _DecodeReq:
+    transfer_id: str
+    num_prompt_tokens: int
+    loading: bool = False
+    outcome: LoadOutcome | None = None
+    prompt_tokens_computed: int = 0
+
+
+class DecodeScheduler(SchedulerRole):
+    def __init__(self, cfg: PDConfig, *, instance: str, block_size: int):
+        self.cfg = cfg
+        self.instance = instance
+        self.block_size = block_size
+        self._reqs: dict[ReqId, _DecodeReq] = {}
+        self._digests: dict[ReqId, str] = {}
+        self._loads: list[LoadSpec] = []
+        self._cancels: list[ReqId] = []
+        self._discards: list[str] = []
+
+    def _params(self, request: Request) -> P.DecodeParams | None:
+        params = P.params_from_dict(request.kv_transfer_params, P.DecodeParams)
+        if params is None or not params.do_remote_prefill or request.request_id in self._reqs:
+            return None  # not ours, or already attempted (a failed load is recomputed, not retried)
+        return params
+
+    def _same_prompt(self, request: Request, params: P.DecodeParams) -> bool:
+        if request.num_prompt_tokens != params.num_tokens or request.prompt_token_ids is None:
+            return False
+        digest = self._digests.get(request.request_id)
+        if digest is None:  # this method is called repeatedly: hash each prompt once
+            digest = self._digests[request.request_id] = P.prompt_digest(request.prompt_token_ids)
+        return digest == params.prompt_digest
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        params = self._params(request)
+        if params is None or not self._same_prompt(request, params):
+            return 0, False
+        n = request.num_prompt_tokens - num_computed_tokens
+        return (n, True) if n > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        params = self._params(request)
+        if params is None:
+            return
+        same = self._same_prompt(request, params)
+        self._digests.pop(request.request_id, None)
+        req = _DecodeReq(params.transfer_id, request.num_prompt_tokens)
+        self._reqs[request.request_id] = req
+        if num_external_tokens <= 0 or not same:
+            # vLLM overrode our count (e.g. prompt logprobs) or the prompt differs: free the pages now.
+            self._discards.append(params.transfer_id)
+            return
+        req.loading = True
+        self._loads.append(LoadSpec(request.request_id, params.transfer_id, params.num_tokens, params.prompt_digest,
+                                    tuple(blocks.get_unhashed_block_ids())))
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
+        self._count_prompt_compute(scheduler_output)
+        meta = PDConnectorMetadata(loads=self._loads, cancels=self._cancels, discards=self._discards)
+        self._loads, self._cancels, self._discards = [], [], []
+        return meta
+
+    def _count_prompt_compute(self, so: SchedulerOutput) -> None:
+        """Record how many prompt tokens vLLM schedules for each hand-off request on this instance.
+
+        This is vLLM's own scheduling decision (``num_scheduled_tokens``), which its prompt-token
+        metrics do not show: they count the recomputed last token as transferred.
+        """
+        computed = {r.req_id: r.num_computed_tokens for r in so.scheduled_new_reqs}
+        cached = so.scheduled_cached_reqs
+        computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+        for req_id, n_sched in so.num_scheduled_tokens.items():
+            req = self._reqs.get(req_id)
+            if req is None or req_id not in computed:
+                continue
+            start = computed[req_id]
+            req.prompt_tokens_computed += max(0, min(start + n_sched, req.num_prompt_tokens) - start)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, PDWorkerMeta):
+            for req_id, outcome in meta.loads.items():
+                req = self._reqs.get(req_id)
+                if req is not None:
+                    req.outcome, req.loading = outcome, False
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        req = self._reqs.pop(request.request_id, None)
+        self._digests.pop(request.request_id, None)
+        if req is None:
+            params = P.params_from_dict(request.kv_transfer_params, P.DecodeParams)
+            if params is not None and params.do_remote_prefill:
+                # Rejected or aborted before it was scheduled: the pages will never be read.
+                self._discards.append(params.transfer_id)
+            return False, None
+        if req.loading:
+            self._cancels.append(request.request_id)  # aborted while waiting for its KV
+        o = req.outcome
+        report = {
+            "transfer_id": req.transfer_id,
+            "loaded": bool(o and o.ok),
+            "bytes": o.num_bytes if o else 0,
+            "transfer_s": o.transfer_s if o else 0.0,
+            "wait_s": o.waited_s if o else 0.0,
+            "error": o.error if o else "",
+            "prompt_tokens": req.num_prompt_tokens,
+            "prompt_tokens_computed": req.prompt_tokens_computed,
+        }
+        return False, {"lmcache_pd": report}

@@ -1,0 +1,204 @@
+"""Worker-side roles of the connector (one per vLLM worker process, i.e. per TP rank).
+
+Prefill: ``register_kv_caches`` starts a KVSender over vLLM's KV buffer; each step's
+``start_load_kv`` hands it the new SendSpecs; ``get_finished`` reports ended hand-offs as
+``finished_sending`` (vLLM then frees the blocks). Nothing here waits on the network.
+Decode: ``register_kv_caches`` starts a KVReceiver (pool, control server, transport);
+``start_load_kv`` submits LoadSpecs; ``get_transfer_results`` reports every submitted load in
+``finished_recving`` exactly once, failed ones also in ``failed_recving`` (vLLM recomputes).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmcache_pd import protocol as P
+from lmcache_pd._types import ReqId
+from lmcache_pd.config import PDConfig
+from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
+from lmcache_pd.layout import KVLayout
+from lmcache_pd.node.receiver import KVReceiver
+from lmcache_pd.node.sender import KVSender
+from lmcache_pd.ops import kv_layout_of
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+log = logging.getLogger(__name__)
+
+
+def describe_kv(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor], *, transport: str, model: str,
+                tp_rank: int) -> tuple[KVLayout, torch.Tensor, P.CompatInfo]:
+    """KV layout of this worker, a flat byte view of its buffer, and what a peer must match."""
+    import vllm
+
+    unique: dict[int, torch.Tensor] = {}
+    for t in kv_caches.values():  # shared-KV layers appear twice with the same tensor
+        unique.setdefault(t.data_ptr(), t)
+    layers = [unique[k] for k in sorted(unique)]
+    layout, buffer = kv_layout_of(layers)
+    first = layers[0]
+    cache = vllm_config.cache_config
+    hf = vllm_config.model_config.hf_config
+    compat = P.CompatInfo(
+        model=f"{model}|{getattr(hf, 'architectures', ['?'])[0]}|{getattr(hf, 'hidden_size', 0)}"
+              f"|{getattr(hf, 'vocab_size', 0)}",
+        dtype=f"{first.dtype}/{cache.cache_dtype}",
+        kv_layout=_layout_name(cache),
+        block_size=int(first.shape[2]),
+        num_layers=layout.num_layers,
+        num_kv_heads=int(first.shape[1]),
+        head_size=int(first.shape[3]),
+        page_bytes=layout.page_bytes,
+        tp_size=vllm_config.parallel_config.tensor_parallel_size,
+        tp_rank=tp_rank,
+        transport=transport,
+        attn_backend=_attn_backend(first),
+        vllm_version=vllm.__version__,
+    )
+    return layout, buffer, compat
+
+
+def _layout_name(cache: Any) -> str:
+    try:
+        return cache.get_resolved_kv_cache_layout().name
+    except Exception:  # noqa: BLE001 - older vLLM: fall back to the unresolved name
+        return str(getattr(cache, "kv_cache_layout", "unknown"))
+
+
+def _attn_backend(t: torch.Tensor) -> str:
+    """Byte format of a page: CPU attention packs pages per ISA (vllm_connector.md s7)."""
+    if t.device.type != "cpu":
+        return f"{t.device.type}"
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        return f"cpu_attn/{_get_attn_isa(t.dtype, int(t.shape[2]), int(t.shape[3]) // 2)}"
+    except Exception:  # noqa: BLE001 - private helper; without it both sides still agree on "cpu_attn"
+        return "cpu_attn"
+
+
+class WorkerRole:
+    """Defaults: no-ops (the role of a scheduler-side connector, which has no worker)."""
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def start_load_kv(self, meta: PDConnectorMetadata) -> None:
+        pass
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
+        return set(), set(), set()
+
+    def build_worker_meta(self) -> PDWorkerMeta | None:
+        return None
+
+    def shutdown(self) -> None:
+        pass
+
+
+class _PDWorker(WorkerRole):
+    def __init__(self, vllm_config: VllmConfig, cfg: PDConfig, *, instance: str):
+        self.vllm_config = vllm_config
+        self.cfg = cfg
+        self.instance = instance
+        self.tp_rank = _tp_rank()
+
+    def describe(self, kv_caches: dict[str, torch.Tensor]) -> tuple[KVLayout, torch.Tensor, P.CompatInfo]:
+        model = self.cfg.model.served_name or self.cfg.model.path
+        return describe_kv(self.vllm_config, kv_caches, transport=self.cfg.transport.name, model=model,
+                           tp_rank=self.tp_rank)
+
+
+class PrefillWorker(_PDWorker):
+    def __init__(self, vllm_config: VllmConfig, cfg: PDConfig, *, instance: str):
+        super().__init__(vllm_config, cfg, instance=instance)
+        self.sender: KVSender | None = None
+        self._done: set[ReqId] = set()
+        self._finished: set[ReqId] = set()
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        layout, buffer, compat = self.describe(kv_caches)
+        self.sender = KVSender(self.cfg, instance=self.instance, tp_rank=self.tp_rank, compat=compat,
+                               kv=layout, kv_buffer=buffer)
+        self.sender.start()
+        log.info("prefill worker %d: %d layers, page %d B, transport %s", self.tp_rank, layout.num_layers,
+                 layout.page_bytes, self.cfg.transport.name)
+
+    def start_load_kv(self, meta: PDConnectorMetadata) -> None:
+        if self.sender is None:
+            return
+        for spec in meta.sends:
+            self.sender.submit(spec)
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
+        if self.sender is None:
+            return set(), set(), set()
+        self._finished |= finished_req_ids
+        self._done |= {r.req_id for r in self.sender.drain()}
+        # Report only ids vLLM has told us finished (its contract for finished_sending).
+        sending = self._done & self._finished
+        self._done -= sending
+        self._finished -= sending
+        return sending, set(), set()
+
+    def shutdown(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+
+
+class DecodeWorker(_PDWorker):
+    def __init__(self, vllm_config: VllmConfig, cfg: PDConfig, *, instance: str):
+        super().__init__(vllm_config, cfg, instance=instance)
+        self.receiver: KVReceiver | None = None
+        self._outcomes: dict[ReqId, LoadOutcome] = {}
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        layout, buffer, compat = self.describe(kv_caches)
+        self.receiver = KVReceiver(self.cfg, instance=self.instance, tp_rank=self.tp_rank, compat=compat,
+                                   kv=layout, kv_buffer=buffer)
+        self.receiver.start()
+
+    def start_load_kv(self, meta: PDConnectorMetadata) -> None:
+        if self.receiver is None:
+            return
+        for tid in meta.discards:
+            self.receiver.discard(tid, "decode will not load it")
+        for spec in meta.loads:
+            self.receiver.submit_load(spec)
+        for req_id in meta.cancels:
+            self.receiver.cancel_load(req_id)
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
+        if self.receiver is None:
+            return set(), set(), set()
+        recving: set[str] = set()
+        failed: set[str] = set()
+        for r in self.receiver.drain():
+            recving.add(r.req_id)
+            if not r.ok:
+                failed.add(r.req_id)
+            self._outcomes[r.req_id] = LoadOutcome(r.ok, r.num_bytes, r.transfer_s, r.waited_s, r.error)
+        return set(), recving, failed
+
+    def build_worker_meta(self) -> PDWorkerMeta | None:
+        if not self._outcomes:
+            return None
+        meta, self._outcomes = PDWorkerMeta(self._outcomes), {}
+        return meta
+
+    def shutdown(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except Exception:  # noqa: BLE001 - not initialised (unit tests): a single rank
+        return 0

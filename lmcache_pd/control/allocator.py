@@ -1,0 +1,201 @@
+"""Decode-side page allocator: reservations, page states and leases (L4; no sockets).
+
+Life of a reservation (one per hand-off, named by its transfer id):
+  1. ``reserve`` takes all its pages at once, or none (no partial holds, so concurrent large
+     requests cannot deadlock); a request larger than the whole pool is refused at once.
+  2. ALLOCATED: the prefill side is writing. Its lease is renewed by heartbeats.
+  3. ``mark_ready`` when the prefill side reports the write complete: READY. Nothing may read
+     the pages before this (``claim`` refuses).
+  4. ``claim`` by the consumer (the decode worker): CONSUMING; never expires while claimed.
+  5. ``release`` returns the pages. ``abort`` and lease expiry also return them.
+Ended reservations leave a tombstone for ``tombstone_s`` so that late messages and late
+consumers get a definite answer (ABORTED/EXPIRED) instead of waiting for their deadline.
+Time is passed in (``now``) so that tests control it; the lock makes the pool safe to share
+between the control-plane thread and the decode loader thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from lmcache_pd._types import PageIdx, PageState, TransferId
+from lmcache_pd.errors import PoolExhausted, TransferError
+
+
+@dataclass
+class Reservation:
+    transfer_id: TransferId
+    pages: list[PageIdx]
+    num_tokens: int
+    prompt_digest: str
+    owner: str
+    state: PageState
+    lease_deadline: float
+    num_bytes: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    num_pages: int
+    free_pages: int
+    allocated: int
+    ready: int
+    consuming: int
+    expired_total: int
+    aborted_total: int
+
+
+class PagePool:
+    def __init__(self, num_pages: int, *, lease_s: float, tombstone_s: float | None = None):
+        if num_pages <= 0:
+            raise ValueError("the pool needs at least one page (raise pool.size_mib)")
+        self.num_pages = num_pages
+        self.lease_s = lease_s
+        self.tombstone_s = tombstone_s if tombstone_s is not None else 4 * lease_s
+        self._free: list[PageIdx] = list(range(num_pages - 1, -1, -1))  # pop() yields 0, 1, 2 ...
+        self._live: dict[TransferId, Reservation] = {}
+        self._ended: dict[TransferId, tuple[Reservation, float]] = {}
+        self._expired_total = 0
+        self._aborted_total = 0
+        self.cond = threading.Condition()
+
+    # --- prefill-driven transitions (control plane) ---------------------------------------
+    def reserve(self, transfer_id: TransferId, num_pages: int, *, num_tokens: int, prompt_digest: str,
+                owner: str, now: float) -> list[PageIdx] | None:
+        """All ``num_pages`` pages, or None if they are not free now. Raises if it can never fit."""
+        if num_pages > self.num_pages:
+            raise PoolExhausted(f"request needs {num_pages} pages but the whole pool has {self.num_pages} "
+                                "(raise pool.size_mib)", too_large=True, transfer_id=transfer_id)
+        if num_pages <= 0:
+            raise TransferError("a reservation needs at least one page", transfer_id=transfer_id)
+        with self.cond:
+            if transfer_id in self._live or transfer_id in self._ended:
+                raise TransferError("transfer id is already known", transfer_id=transfer_id)
+            if len(self._free) < num_pages:
+                return None
+            pages = self._take(num_pages)
+            self._live[transfer_id] = Reservation(transfer_id, pages, num_tokens, prompt_digest, owner,
+                                                  PageState.ALLOCATED, now + self.lease_s)
+            self.cond.notify_all()
+            return pages
+
+    def _take(self, n: int) -> list[PageIdx]:
+        # Prefer a run of consecutive pages (fewer transfer ranges), else the lowest free ones.
+        self._free.sort(reverse=True)
+        asc = self._free[::-1]
+        for i in range(len(asc) - n + 1):
+            if asc[i + n - 1] - asc[i] == n - 1:
+                run = asc[i:i + n]
+                taken = set(run)
+                self._free = [p for p in self._free if p not in taken]
+                return run
+        return [self._free.pop() for _ in range(n)]
+
+    def mark_ready(self, transfer_id: TransferId, *, owner: str, num_bytes: int, seconds: float,
+                   now: float) -> None:
+        with self.cond:
+            r = self._owned(transfer_id, owner)
+            if r.state != PageState.ALLOCATED:
+                raise TransferError(f"cannot mark ready in state {r.state.name}", transfer_id=transfer_id)
+            r.state, r.num_bytes, r.seconds = PageState.READY, num_bytes, seconds
+            r.lease_deadline = now + self.lease_s  # now the consumer has lease_s to claim it
+            self.cond.notify_all()
+
+    def renew(self, transfer_ids: Iterable[TransferId], *, owner: str, now: float) -> int:
+        n = 0
+        with self.cond:
+            for tid in transfer_ids:
+                r = self._live.get(tid)
+                if r is not None and r.owner == owner and r.state in (PageState.ALLOCATED, PageState.READY):
+                    r.lease_deadline = now + self.lease_s
+                    n += 1
+        return n
+
+    def _owned(self, transfer_id: TransferId, owner: str | None) -> Reservation:
+        r = self._live.get(transfer_id)
+        if r is None:
+            ended = self._ended.get(transfer_id)
+            why = f"it ended ({ended[0].state.name})" if ended else "unknown transfer id"
+            raise TransferError(why, transfer_id=transfer_id)
+        if owner is not None and r.owner != owner:
+            raise TransferError("transfer belongs to another peer", transfer_id=transfer_id)
+        return r
+
+    # --- either side ----------------------------------------------------------------------
+    def abort(self, transfer_id: TransferId, *, reason: str, now: float, owner: str | None = None) -> bool:
+        """End a reservation (prefill cancel, consumer give-up). A tombstone is left even for an
+        unknown id, so that a late ``reserve`` for a hand-off nobody waits for is refused."""
+        with self.cond:
+            r = self._live.get(transfer_id)
+            if r is None:
+                if transfer_id not in self._ended and owner is None:
+                    self._ended[transfer_id] = (Reservation(transfer_id, [], 0, "", "", PageState.ABORTED, now,
+                                                            reason=reason), now)
+                return False
+            if owner is not None and r.owner != owner:
+                raise TransferError("transfer belongs to another peer", transfer_id=transfer_id)
+            self._end(r, PageState.ABORTED, reason, now)
+            self._aborted_total += 1
+            return True
+
+    def _end(self, r: Reservation, state: PageState, reason: str, now: float) -> None:
+        del self._live[r.transfer_id]
+        self._free.extend(r.pages)
+        r.state, r.reason = state, reason
+        self._ended[r.transfer_id] = (r, now)
+        self.cond.notify_all()
+
+    def expire(self, now: float) -> list[TransferId]:
+        """Reclaim reservations whose lease passed; drop old tombstones."""
+        gone: list[TransferId] = []
+        with self.cond:
+            for r in list(self._live.values()):
+                if r.state != PageState.CONSUMING and r.lease_deadline <= now:
+                    self._end(r, PageState.EXPIRED, f"lease of {self.lease_s:g} s passed (timeouts.lease_s)", now)
+                    self._expired_total += 1
+                    gone.append(r.transfer_id)
+            for tid, (_, when) in list(self._ended.items()):
+                if now - when > self.tombstone_s:
+                    del self._ended[tid]
+        return gone
+
+    # --- consumer (decode worker) ---------------------------------------------------------
+    def lookup(self, transfer_id: TransferId) -> Reservation | None:
+        """The live or ended reservation (a snapshot's state may change right after)."""
+        with self.cond:
+            r = self._live.get(transfer_id)
+            if r is None and transfer_id in self._ended:
+                r = self._ended[transfer_id][0]
+            return r
+
+    def claim(self, transfer_id: TransferId) -> Reservation:
+        with self.cond:
+            r = self._owned(transfer_id, None)
+            if r.state != PageState.READY:
+                raise TransferError(f"pages are not ready ({r.state.name})", transfer_id=transfer_id)
+            r.state = PageState.CONSUMING
+            return r
+
+    def release(self, transfer_id: TransferId, *, now: float) -> None:
+        """Return a claimed reservation's pages (consumed)."""
+        with self.cond:
+            r = self._owned(transfer_id, None)
+            if r.state != PageState.CONSUMING:
+                raise TransferError(f"release of an unclaimed reservation ({r.state.name})", transfer_id=transfer_id)
+            self._end(r, PageState.CONSUMING, "consumed", now)
+
+    def stats(self) -> PoolStats:
+        with self.cond:
+            states = [r.state for r in self._live.values()]
+            return PoolStats(self.num_pages, len(self._free), states.count(PageState.ALLOCATED),
+                             states.count(PageState.READY), states.count(PageState.CONSUMING),
+                             self._expired_total, self._aborted_total)
+
+    @property
+    def free_pages(self) -> int:
+        with self.cond:
+            return len(self._free)

@@ -1,0 +1,120 @@
+"""KV layout and transfer plans: the only model-specific arithmetic (L1; numpy only).
+
+vLLM hands each worker per-layer views ``[num_blocks, H, N, C]`` into ONE backing buffer
+(vllm_connector.md s7). With the layer-outer layouts (LBNHC, LBHNC) block ``b`` of layer ``l``
+is one contiguous run of ``block_bytes`` at ``layer_offsets[l] + b * block_stride`` bytes from
+the start of that buffer. We copy whole blocks as bytes, so the page content format (token- or
+head-major, CPU ISA packing) does not matter as long as both sides agree (the compat hash).
+
+The decode pool is laid out layer-major, ``[num_layers][num_pages][block_bytes]``: a *page*
+holds one block of every layer, and consecutive pages of one layer are adjacent in memory, so a
+run of consecutive vLLM blocks going to consecutive pages becomes one range per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Where the blocks of a paged KV cache are, in bytes from the start of its buffer."""
+
+    num_layers: int
+    num_blocks: int
+    block_bytes: int
+    """Bytes of one block of one layer (H * N * C * itemsize)."""
+    block_stride: int
+    """Bytes between block b and b+1 of one layer."""
+    layer_offsets: tuple[int, ...]
+    """Byte offset of block 0 of each layer from the buffer start."""
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one pool page: one block of every layer."""
+        return self.num_layers * self.block_bytes
+
+    def buffer_extent(self) -> int:
+        """Bytes from the buffer start to the end of the last block of the last layer."""
+        return max(self.layer_offsets) + (self.num_blocks - 1) * self.block_stride + self.block_bytes
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    """Geometry of the decode-side pool: ``[num_layers][num_pages][block_bytes]``."""
+
+    num_layers: int
+    num_pages: int
+    block_bytes: int
+
+    @property
+    def page_bytes(self) -> int:
+        return self.num_layers * self.block_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_pages * self.page_bytes
+
+    @classmethod
+    def sized(cls, kv: KVLayout, pool_bytes: int) -> PoolLayout:
+        return cls(kv.num_layers, pool_bytes // kv.page_bytes, kv.block_bytes)
+
+
+@dataclass(frozen=True)
+class RangePlan:
+    """Byte ranges to copy: ``src[src_offsets[i]:+lengths[i]] -> dst[dst_offsets[i]:+lengths[i]]``."""
+
+    src_offsets: np.ndarray
+    dst_offsets: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.lengths.sum())
+
+    def swapped(self) -> RangePlan:
+        return RangePlan(self.dst_offsets, self.src_offsets, self.lengths)
+
+
+def plan_cache_to_pool(kv: KVLayout, pool: PoolLayout, *, blocks: np.ndarray | list[int],
+                       pages: np.ndarray | list[int]) -> RangePlan:
+    """Ranges copying vLLM blocks ``blocks[i]`` (all layers) into pool page ``pages[i]``.
+
+    Adjacent ranges are merged, so consecutive blocks to consecutive pages cost one range
+    per layer. Raises ValueError on out-of-range ids rather than producing a wild copy.
+    """
+    blocks = np.asarray(blocks, dtype=np.int64)
+    pages = np.asarray(pages, dtype=np.int64)
+    if blocks.shape != pages.shape or blocks.ndim != 1:
+        raise ValueError(f"blocks {blocks.shape} and pages {pages.shape} must be equal-length vectors")
+    if pool.block_bytes != kv.block_bytes or pool.num_layers != kv.num_layers:
+        raise ValueError("pool geometry does not match the KV layout")
+    if len(blocks) and (blocks.min() < 0 or blocks.max() >= kv.num_blocks):
+        raise ValueError(f"block id out of range [0, {kv.num_blocks})")
+    if len(pages) and (pages.min() < 0 or pages.max() >= pool.num_pages):
+        raise ValueError(f"page index out of range [0, {pool.num_pages})")
+    layer_off = np.asarray(kv.layer_offsets, dtype=np.int64)[:, None]          # [L, 1]
+    src = layer_off + blocks[None, :] * kv.block_stride                       # [L, n]
+    dst = (np.arange(kv.num_layers, dtype=np.int64)[:, None] * pool.num_pages + pages[None, :]) * kv.block_bytes
+    lengths = np.full(src.shape, kv.block_bytes, dtype=np.int64)
+    return coalesce(src.reshape(-1), dst.reshape(-1), lengths.reshape(-1))
+
+
+def coalesce(src: np.ndarray, dst: np.ndarray, lengths: np.ndarray) -> RangePlan:
+    """Merge range i into i-1 when both its source and destination continue the previous one."""
+    if len(lengths) <= 1:
+        return RangePlan(src.copy(), dst.copy(), lengths.copy())
+    cont = (src[1:] == src[:-1] + lengths[:-1]) & (dst[1:] == dst[:-1] + lengths[:-1])
+    starts = np.flatnonzero(np.concatenate(([True], ~cont)))
+    ends = np.concatenate((starts[1:], [len(lengths)]))
+    csum = np.concatenate(([0], np.cumsum(lengths)))
+    return RangePlan(src[starts].copy(), dst[starts].copy(), csum[ends] - csum[starts])
+
+
+def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)

@@ -1,0 +1,47 @@
+"""An asyncio event loop in one owned thread (``start``/``close``), for the prefill sender."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    def __init__(self, name: str):
+        self.name = name
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
+        """Run ``coro`` on the loop and wait for it, at most ``timeout_s``."""
+        return self.submit(coro).result(timeout_s)
+
+    def close(self, shutdown: Coroutine[Any, Any, Any] | None = None, timeout_s: float = 5.0) -> None:
+        if not self._thread.is_alive():
+            if shutdown is not None:
+                shutdown.close()
+            return
+        if shutdown is not None:
+            try:
+                self.call(shutdown, timeout_s)
+            except Exception:  # noqa: BLE001 - shutdown is best effort; the loop stops regardless
+                pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self.loop.close()

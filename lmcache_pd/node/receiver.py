@@ -1,0 +1,231 @@
+"""Decode side of a hand-off: the pool, its control server and the loader (L5).
+
+At start the receiver pre-allocates the pool (``pool.size_mib``), registers it with the
+transport, listens, and serves the control plane. A *load* is the decode worker asking for
+the KV of one request:
+  1. wait until the reservation named by the transfer id is READY (or failed, or the
+     ``timeouts.transfer_s`` deadline passes: then the reservation is aborted);
+  2. check that it holds the same prompt (token count and digest) as the decode request;
+  3. claim it, scatter its pages into the decode's vLLM blocks, release the pages.
+One loader thread serves all loads, woken by the pool's condition; the vLLM forward loop only
+calls :meth:`submit_load` and :meth:`drain`, which never block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from lmcache_pd import protocol as P
+from lmcache_pd import transport as transports
+from lmcache_pd._types import BlockId, PageState, ReqId, TransferId
+from lmcache_pd.config import PDConfig
+from lmcache_pd.control.allocator import PagePool, PoolStats
+from lmcache_pd.control.server import ControlServer
+from lmcache_pd.errors import PDError, TransferError
+from lmcache_pd.layout import KVLayout, PoolLayout, blocks_for_tokens, plan_cache_to_pool
+from lmcache_pd.ops import copy_ranges
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    req_id: ReqId
+    transfer_id: TransferId
+    num_tokens: int
+    prompt_digest: str
+    block_ids: tuple[BlockId, ...]
+    """Decode blocks to fill: the tail of the prompt's blocks (a local prefix hit covers the rest)."""
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    req_id: ReqId
+    transfer_id: TransferId
+    ok: bool
+    num_bytes: int = 0
+    transfer_s: float = 0.0
+    """Data-plane time measured by the prefill side."""
+    waited_s: float = 0.0
+    """From submit_load to the pages being in vLLM's blocks."""
+    error: str = ""
+
+
+@dataclass
+class _Load:
+    spec: LoadSpec
+    t0: float
+    deadline: float
+
+
+class KVReceiver:
+    def __init__(self, cfg: PDConfig, *, instance: str, tp_rank: int, compat: P.CompatInfo,
+                 kv: KVLayout, kv_buffer: torch.Tensor):
+        inst = cfg.instance(instance)
+        assert inst.control_port is not None and inst.data_port is not None  # checked by the config
+        self.cfg = cfg
+        self.instance = instance
+        self.tp_rank = tp_rank
+        self._handoff_log = (cfg.handoff_log.replace("{instance}", instance).replace("{rank}", str(tp_rank))
+                             if cfg.handoff_log else None)
+        self.kv = kv
+        self.kv_buffer = kv_buffer
+        self.incarnation = uuid.uuid4().hex[:16]
+        self.pool_layout = PoolLayout.sized(kv, cfg.pool.size_mib << 20)
+        if self.pool_layout.num_pages == 0:
+            raise TransferError(f"pool.size_mib={cfg.pool.size_mib} is below one page ({kv.page_bytes} B)")
+        self.pool = PagePool(self.pool_layout.num_pages, lease_s=cfg.timeouts.lease_s)
+        # Pre-allocated and touched now, so the first hand-off does not pay for page faults.
+        self.pool_buffer = torch.zeros(self.pool_layout.nbytes, dtype=torch.uint8, device=kv_buffer.device)
+        self.transport = transports.create(cfg.transport.name, cfg.transport.options, host=inst.host,
+                                           port=inst.data_port + tp_rank)
+        self.region = self.transport.register(self.pool_buffer)
+        self.server: ControlServer | None = None
+        self.compat = compat
+        self.bind = f"tcp://{inst.host}:{inst.control_port + tp_rank}"
+        self._loads: dict[ReqId, _Load] = {}
+        self._results: list[LoadResult] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._loader = threading.Thread(target=self._run, name=f"pd-loader-{tp_rank}", daemon=True)
+
+    def start(self) -> None:
+        if self.transport.capabilities.listens:
+            self.transport.listen()
+        self.server = ControlServer(self.pool, bind=self.bind, compat=self.compat, incarnation=self.incarnation,
+                                    page_bytes=self.pool_layout.page_bytes,
+                                    descriptor=self.transport.export_descriptor(self.region),
+                                    max_alloc_wait_s=self.cfg.timeouts.alloc_s)
+        self.server.start()
+        self._loader.start()
+        log.info("decode pool ready: %d pages of %d B (%.0f MiB), control %s, transport %s",
+                 self.pool_layout.num_pages, self.pool_layout.page_bytes, self.pool_layout.nbytes / 2**20,
+                 self.server.endpoint, self.transport.name)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self.pool.cond:
+            self.pool.cond.notify_all()
+        if self._loader.is_alive():
+            self._loader.join(5.0)
+        if self.server is not None:
+            self.server.close()
+        self.transport.close()
+
+    # --- API for the decode worker (non-blocking) -------------------------------------------
+    def submit_load(self, spec: LoadSpec) -> None:
+        now = time.monotonic()
+        with self.pool.cond:
+            self._loads[spec.req_id] = _Load(spec, now, now + self.cfg.timeouts.transfer_s)
+            self.pool.cond.notify_all()
+
+    def cancel_load(self, req_id: ReqId) -> None:
+        """The decode request was aborted while waiting: end its load now (reported as failed)."""
+        with self.pool.cond:
+            load = self._loads.pop(req_id, None)
+        if load is not None:
+            self._fail(load, "request aborted", time.monotonic())
+
+    def discard(self, transfer_id: TransferId, reason: str) -> None:
+        """The decode side will not load this hand-off: free its pages now (or refuse it later)."""
+        self.pool.abort(transfer_id, reason=reason, now=time.monotonic())
+
+    def drain(self) -> list[LoadResult]:
+        with self._lock:
+            out, self._results = self._results, []
+        return out
+
+    def pool_stats(self) -> PoolStats:
+        return self.pool.stats()
+
+    # --- loader thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            ready: list[_Load] = []
+            failed: list[tuple[_Load, str]] = []
+            with self.pool.cond:
+                now = time.monotonic()
+                for req_id, load in list(self._loads.items()):
+                    verdict = self._check(load, now)
+                    if verdict is None:
+                        continue
+                    del self._loads[req_id]
+                    if verdict:
+                        failed.append((load, verdict))
+                    else:
+                        ready.append(load)
+                if not ready and not failed:
+                    wait = min((ld.deadline for ld in self._loads.values()), default=now + 0.5) - now
+                    self.pool.cond.wait(timeout=max(0.001, min(wait, 0.5)))
+                    continue
+            for load, error in failed:
+                self._fail(load, error, time.monotonic())
+            for load in ready:
+                self._scatter(load)
+
+    def _check(self, load: _Load, now: float) -> str | None:
+        """'' when ready to claim, an error text when it failed, None to keep waiting."""
+        r = self.pool.lookup(load.spec.transfer_id)
+        if r is not None and r.state == PageState.READY:
+            return ""
+        if r is not None and r.state.failed:
+            return f"hand-off ended: {r.reason}"
+        if now >= load.deadline:
+            return (f"no KV from prefill within {self.cfg.timeouts.transfer_s:g} s "
+                    f"(raise `timeouts.transfer_s` to wait longer)")
+        return None
+
+    def _fail(self, load: _Load, error: str, now: float) -> None:
+        self.pool.abort(load.spec.transfer_id, reason=error, now=now)  # frees pages or leaves a tombstone
+        log.warning("load of %s for %s failed, recomputing: %s", load.spec.transfer_id, load.spec.req_id, error)
+        self._record(LoadResult(load.spec.req_id, load.spec.transfer_id, False, waited_s=now - load.t0, error=error))
+
+    def _scatter(self, load: _Load) -> None:
+        spec = load.spec
+        try:
+            r = self.pool.claim(spec.transfer_id)
+        except PDError as e:
+            self._fail(load, str(e), time.monotonic())
+            return
+        try:
+            if r.num_tokens != spec.num_tokens or r.prompt_digest != spec.prompt_digest:
+                raise TransferError("prefill computed a different prompt (token count or digest differs)",
+                                    transfer_id=spec.transfer_id)
+            n_pages = blocks_for_tokens(spec.num_tokens, self.kv_block_size)
+            if len(r.pages) != n_pages or not 0 < len(spec.block_ids) <= n_pages:
+                raise TransferError(f"{len(r.pages)} pages and {len(spec.block_ids)} blocks for "
+                                    f"{spec.num_tokens} tokens", transfer_id=spec.transfer_id)
+            pages = r.pages[n_pages - len(spec.block_ids):]
+            plan = plan_cache_to_pool(self.kv, self.pool_layout, blocks=spec.block_ids, pages=pages).swapped()
+            copy_ranges(self.pool_buffer, self.kv_buffer, plan)
+        except (PDError, ValueError) as e:
+            self.pool.release(spec.transfer_id, now=time.monotonic())
+            self._fail(load, str(e), time.monotonic())
+            return
+        self.pool.release(spec.transfer_id, now=time.monotonic())
+        self._record(LoadResult(spec.req_id, spec.transfer_id, True, plan.nbytes, r.seconds,
+                                time.monotonic() - load.t0))
+
+    def _record(self, result: LoadResult) -> None:
+        with self._lock:
+            self._results.append(result)
+        if self._handoff_log is not None:
+            line = json.dumps({"time": time.time(), "instance": self.instance, "rank": self.tp_rank,
+                               **dataclasses.asdict(result)})
+            try:
+                with open(self._handoff_log, "a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+            except OSError as e:
+                log.warning("cannot append to handoff_log %s: %s", self._handoff_log, e)
+
+    @property
+    def kv_block_size(self) -> int:
+        return self.compat.block_size

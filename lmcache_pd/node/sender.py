@@ -1,0 +1,294 @@
+"""Prefill side of a hand-off: push a request's KV into a decode peer's pool (L5).
+
+Per hand-off (one coroutine on the sender's loop thread; vLLM's forward loop never waits):
+  1. link to the decode peer: control handshake (compat hash, incarnation) and transport
+     connect, once per peer and again when the peer restarts;
+  2. Allocate pages in the decode pool (the decode side queues us while its pool is full);
+  3. submit the range plan (vLLM blocks -> pool pages) to the transport and wait for DONE;
+  4. TransferDone on the control plane: only now may the decode side read the pages.
+Any failure sends a best-effort Cancel (the pages come back at once) and ends the hand-off as
+failed; the decode side then recomputes. Every step has a deadline from ``timeouts.*``.
+Results are collected with :meth:`drain`, which the connector calls once per engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+import zmq.asyncio
+
+from lmcache_pd import protocol as P
+from lmcache_pd import transport as transports
+from lmcache_pd._types import BlockId, PeerName, ReqId, TransferId, TransferState
+from lmcache_pd.config import PDConfig
+from lmcache_pd.control.client import ControlClient
+from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
+from lmcache_pd.layout import KVLayout, PoolLayout, blocks_for_tokens, plan_cache_to_pool
+from lmcache_pd.node.loop import LoopThread
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SendSpec:
+    req_id: ReqId
+    transfer_id: TransferId
+    peer: PeerName
+    block_ids: tuple[BlockId, ...]
+    num_tokens: int
+    prompt_digest: str
+
+
+@dataclass(frozen=True)
+class SendResult:
+    req_id: ReqId
+    transfer_id: TransferId
+    ok: bool
+    num_bytes: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class _Link:
+    client: ControlClient
+    peer_id: int
+    pool: PoolLayout
+    incarnation: str
+    inflight: set[TransferId]
+
+
+def control_endpoint(cfg: PDConfig, peer: PeerName, tp_rank: int) -> str:
+    inst = cfg.instance(peer)
+    if cfg.role_of(peer) != "decode" or inst.control_port is None:
+        raise PeerLost(f"{peer!r} is not a decode instance of this deployment", peer=peer)
+    return f"tcp://{inst.host}:{inst.control_port + tp_rank}"
+
+
+class KVSender:
+    def __init__(self, cfg: PDConfig, *, instance: str, tp_rank: int, compat: P.CompatInfo,
+                 kv: KVLayout, kv_buffer: torch.Tensor):
+        self.cfg = cfg
+        self.t = cfg.timeouts
+        self.instance = instance
+        self.tp_rank = tp_rank
+        self.compat = compat
+        self.kv = kv
+        self.kv_buffer = kv_buffer
+        self.incarnation = uuid.uuid4().hex[:16]
+        self.transport = transports.create(cfg.transport.name, cfg.transport.options)
+        self.region = -1
+        self._loop = LoopThread(f"pd-sender-{tp_rank}")
+        self._ctx: zmq.asyncio.Context | None = None
+        self._links: dict[PeerName, _Link] = {}
+        self._link_locks: dict[PeerName, asyncio.Lock] = {}
+        self._down_until: dict[PeerName, tuple[float, str]] = {}
+        self._results: list[SendResult] = []
+        self._results_lock = threading.Lock()
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.region = self.transport.register(self.kv_buffer)
+        self._loop.start()
+        self._loop.call(self._start(), 5.0)
+
+    async def _start(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats(), name="pd-heartbeat")
+
+    def submit(self, spec: SendSpec) -> None:
+        """Start a hand-off (thread-safe, returns at once)."""
+        self._loop.submit(self._send(spec))
+
+    def drain(self) -> list[SendResult]:
+        with self._results_lock:
+            out, self._results = self._results, []
+        return out
+
+    def close(self) -> None:
+        self._loop.close(self._shutdown())
+        self.transport.close()
+
+    async def _shutdown(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for link in self._links.values():
+            await link.client.close()
+        self._links.clear()
+        if self._ctx is not None:
+            self._ctx.term()
+
+    # --- one hand-off ---------------------------------------------------------------------
+    async def _send(self, spec: SendSpec) -> None:
+        t0 = time.monotonic()
+        link: _Link | None = None
+        allocated = False
+        try:
+            n_pages = blocks_for_tokens(spec.num_tokens, self.compat.block_size)
+            if len(spec.block_ids) < n_pages:
+                raise TransferError(f"{len(spec.block_ids)} blocks for {spec.num_tokens} tokens",
+                                    transfer_id=spec.transfer_id)
+            link, pages = await self._allocate(spec, n_pages)
+            allocated = True
+            link.inflight.add(spec.transfer_id)
+            plan = plan_cache_to_pool(self.kv, link.pool, blocks=spec.block_ids[:n_pages], pages=pages)
+            t_data = time.monotonic()
+            await self._transfer(link, plan, spec)
+            seconds = time.monotonic() - t_data
+            done = P.TransferDone(msg_id=link.client.next_id(), transfer_id=spec.transfer_id,
+                                  num_bytes=plan.nbytes, seconds=seconds)
+            await link.client.request(done, timeout_s=self.t.control_s, config_field="timeouts.control_s",
+                                      what="transfer-done", transfer_id=spec.transfer_id)
+            log.info("sent %s: %d B in %.2f ms (%.2f GB/s), hand-off %.2f ms", spec.transfer_id, plan.nbytes,
+                     seconds * 1e3, plan.nbytes / max(seconds, 1e-9) / 1e9, (time.monotonic() - t0) * 1e3)
+            self._result(SendResult(spec.req_id, spec.transfer_id, True, plan.nbytes, seconds))
+        except (PDError, OSError) as e:
+            log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.transfer_id, spec.peer, e)
+            if allocated and link is not None:
+                await self._cancel(link, spec.transfer_id, str(e))
+            self._result(SendResult(spec.req_id, spec.transfer_id, False, error=str(e)))
+        except Exception as e:  # noqa: BLE001 - a bug must not leave vLLM's blocks held forever
+            log.exception("hand-off %s crashed", spec.transfer_id)
+            if allocated and link is not None:
+                await self._cancel(link, spec.transfer_id, repr(e))
+            self._result(SendResult(spec.req_id, spec.transfer_id, False, error=repr(e)))
+        finally:
+            if link is not None:
+                link.inflight.discard(spec.transfer_id)
+
+    def _result(self, r: SendResult) -> None:
+        with self._results_lock:
+            self._results.append(r)
+
+    async def _allocate(self, spec: SendSpec, n_pages: int) -> tuple[_Link, list[int]]:
+        for attempt in (1, 2):
+            link = await self._link(spec.peer)
+            msg = P.Allocate(msg_id=link.client.next_id(), transfer_id=spec.transfer_id, num_pages=n_pages,
+                             num_tokens=spec.num_tokens, prompt_digest=spec.prompt_digest, wait_s=self.t.alloc_s)
+            try:
+                reply = await link.client.request(msg, timeout_s=self.t.alloc_s + self.t.control_s,
+                                                  config_field="timeouts.alloc_s", what="page allocation",
+                                                  transfer_id=spec.transfer_id)
+            except PeerLost:
+                # The decode instance restarted (it does not know us): re-handshake once.
+                await self._drop_link(spec.peer)
+                if attempt == 2:
+                    raise
+                continue
+            assert isinstance(reply, P.Allocated)
+            if len(reply.pages) != n_pages or any(not 0 <= p < link.pool.num_pages for p in reply.pages):
+                raise TransferError("decode replied with bad page indices", transfer_id=spec.transfer_id)
+            return link, reply.pages
+        raise AssertionError("unreachable")
+
+    async def _transfer(self, link: _Link, plan, spec: SendSpec) -> None:
+        handle = self.transport.submit(link.peer_id, self.region, plan, timeout_s=self.t.data_s)
+        deadline = time.monotonic() + self.t.data_s
+        delay = 0.0002
+        try:
+            while True:
+                state = self.transport.poll(handle)
+                if state.terminal:
+                    break
+                if time.monotonic() > deadline:
+                    raise TransferTimeout("data transfer", config_field="timeouts.data_s", seconds=self.t.data_s,
+                                          transfer_id=spec.transfer_id, peer=spec.peer)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.005)
+        finally:
+            handle.release()
+        if state == TransferState.TIMEOUT:
+            raise TransferTimeout("data transfer", config_field="timeouts.data_s", seconds=self.t.data_s,
+                                  transfer_id=spec.transfer_id, peer=spec.peer)
+        if state != TransferState.DONE:
+            raise TransferError(f"transport {self.transport.name}: {handle.error or state.name}",
+                                transfer_id=spec.transfer_id, peer=spec.peer)
+
+    async def _cancel(self, link: _Link, transfer_id: TransferId, reason: str) -> None:
+        msg = P.Cancel(msg_id=link.client.next_id(), transfer_id=transfer_id, reason=reason[:200])
+        try:
+            await link.client.request(msg, timeout_s=self.t.control_s, config_field="timeouts.control_s",
+                                      what="cancel", transfer_id=transfer_id)
+        except PDError as e:  # the lease reclaims the pages anyway
+            log.debug("cancel of %s not acknowledged: %s", transfer_id, e)
+
+    # --- links to decode peers ------------------------------------------------------------
+    async def _link(self, peer: PeerName) -> _Link:
+        link = self._links.get(peer)
+        if link is not None:
+            return link
+        lock = self._link_locks.setdefault(peer, asyncio.Lock())
+        async with lock:
+            if peer in self._links:
+                return self._links[peer]
+            down = self._down_until.get(peer)
+            if down and time.monotonic() < down[0]:
+                raise PeerLost(f"decode peer is down ({down[1]}); next try in {down[0] - time.monotonic():.1f} s",
+                               peer=peer)
+            try:
+                link = await self._handshake(peer)
+            except PDError as e:
+                # Fail fast for a while instead of making every request wait for the handshake deadline.
+                self._down_until[peer] = (time.monotonic() + self.t.handshake_s, str(e))
+                raise
+            self._down_until.pop(peer, None)
+            self._links[peer] = link
+            return link
+
+    async def _handshake(self, peer: PeerName) -> _Link:
+        assert self._ctx is not None
+        client = ControlClient(self._ctx, endpoint=control_endpoint(self.cfg, peer, self.tp_rank),
+                               identity=f"{self.instance}/{self.tp_rank}/{self.incarnation}", peer=peer)
+        client.start()
+        try:
+            msg = P.Handshake(msg_id=client.next_id(), peer=self.instance, incarnation=self.incarnation,
+                              compat_hash=self.compat.digest(), compat=self.compat,
+                              payload=self.transport.export_descriptor(self.region)
+                              if not self.transport.capabilities.listens else b"")
+            reply = await client.request(msg, timeout_s=self.t.handshake_s, config_field="timeouts.handshake_s",
+                                         what="handshake")
+            assert isinstance(reply, P.HandshakeReply)
+            if reply.page_bytes != self.kv.page_bytes:
+                raise TransferError(f"decode page size {reply.page_bytes} != ours {self.kv.page_bytes}", peer=peer)
+            loop = asyncio.get_running_loop()
+            peer_id = await loop.run_in_executor(None, self.transport.connect, reply.payload, self.t.handshake_s)
+        except BaseException:
+            await client.close()
+            raise
+        pool = PoolLayout(self.kv.num_layers, reply.num_pages, self.kv.block_bytes)
+        log.info("linked to decode peer %s (incarnation %s, %d pages of %d B, transport %s)",
+                 peer, reply.incarnation, reply.num_pages, reply.page_bytes, self.transport.name)
+        return _Link(client, peer_id, pool, reply.incarnation, set())
+
+    async def _drop_link(self, peer: PeerName) -> None:
+        link = self._links.pop(peer, None)
+        if link is not None:
+            self.transport.disconnect(link.peer_id)
+            await link.client.close()
+
+    async def _heartbeats(self) -> None:
+        """Renew the decode-side leases of in-flight hand-offs; detect restarted peers."""
+        while True:
+            await asyncio.sleep(self.t.heartbeat_s)
+            for peer, link in list(self._links.items()):
+                if not link.inflight:
+                    continue
+                msg = P.Heartbeat(msg_id=link.client.next_id(), transfer_ids=sorted(link.inflight))
+                try:
+                    ack = await link.client.request(msg, timeout_s=self.t.control_s,
+                                                    config_field="timeouts.control_s", what="heartbeat")
+                except PeerLost:
+                    await self._drop_link(peer)
+                    continue
+                except PDError as e:
+                    log.warning("heartbeat to %s failed: %s", peer, e)
+                    continue
+                if isinstance(ack, P.Ack) and ack.incarnation != link.incarnation:
+                    log.warning("decode peer %s restarted (new incarnation); re-linking", peer)
+                    await self._drop_link(peer)

@@ -1,0 +1,156 @@
+"""The transport contract (L3): how bytes get from a prefill buffer into the decode pool.
+
+Call sequence, decode side (receiver):
+  1. ``register(pool)`` once -> RegionId;
+  2. ``listen()`` once (transports with ``capabilities.listens``);
+  3. ``export_descriptor(region)`` -> bytes, sent to each prefill peer in the handshake reply;
+  4. ``close()`` at shutdown.
+Prefill side (sender):
+  1. ``register(kv_cache_buffer)`` once -> RegionId;
+  2. ``connect(descriptor, timeout_s)`` once per peer -> PeerId (re-done if the peer restarts);
+  3. per transfer: ``submit(peer, region, plan, timeout_s)`` -> TransferHandle, then ``poll`` until
+     a terminal state, then ``release`` (always, also on failure: it frees per-transfer state);
+  4. ``disconnect(peer)``; ``close()``.
+``poll`` never blocks. DONE means the bytes are in the peer's memory (not merely sent): the
+sender may then tell the decode side so over the control plane.
+Descriptors are opaque bytes to every other layer; each transport decodes only its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import msgspec
+import torch
+
+from lmcache_pd._types import TransferState
+from lmcache_pd.layout import RangePlan
+
+RegionId = int
+PeerId = int
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    remote: bool
+    """Can write into another process or host."""
+    mem_kinds: frozenset[str]
+    """Device types of registrable memory: {"cpu"}, {"cpu", "cuda"}."""
+    listens: bool
+    """The receiver listens on a data port (``data_port`` of the decode instance)."""
+
+
+class NoOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+@dataclass
+class TransportStats:
+    batches: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    """Wall time from submit to completion, summed over batches."""
+    failures: int = 0
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
+
+
+class TransferHandle:
+    """One submitted batch. ``release()`` it when done; usable as a context manager."""
+
+    __slots__ = ("id", "nbytes", "_owner", "_released", "state", "error", "t_submit", "t_done")
+    _ids = itertools.count(1)
+
+    def __init__(self, owner: Transport, nbytes: int, t_submit: float):
+        self.id = next(TransferHandle._ids)
+        self.nbytes = nbytes
+        self._owner = owner
+        self._released = False
+        self.state = TransferState.PENDING
+        self.error: str | None = None
+        self.t_submit = t_submit
+        self.t_done: float | None = None
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._owner.release(self)
+
+    def __enter__(self) -> TransferHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<TransferHandle #{self.id} {self.state.name} {self.nbytes} B>"
+
+
+class Transport(ABC):
+    """Base of every transport. Subclasses declare ``name``, ``capabilities`` and ``Options``."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    Options: ClassVar[type[msgspec.Struct]] = NoOptions
+
+    def __init__(self, options: msgspec.Struct, *, host: str = "127.0.0.1", port: int | None = None):
+        """``host``/``port``: where a listening receiver binds (the decode instance's data port)."""
+        self.options = options
+        self.host = host
+        self.port = port
+        self.stats = TransportStats()
+        self._stats_lock = threading.Lock()
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        """Whether this transport can run here, and why not."""
+        return True, ""
+
+    @abstractmethod
+    def register(self, buffer: torch.Tensor) -> RegionId:
+        """Register a flat uint8 buffer for the life of the transport."""
+
+    def listen(self) -> None:
+        """Start accepting writes into registered regions (receivers of listening transports)."""
+
+    @abstractmethod
+    def export_descriptor(self, region: RegionId) -> bytes:
+        """Opaque bytes a peer passes to ``connect`` to write into ``region``."""
+
+    @abstractmethod
+    def connect(self, descriptor: bytes, timeout_s: float) -> PeerId:
+        """Import a peer's descriptor; raises PeerLost (or TransferTimeout) if unreachable."""
+
+    @abstractmethod
+    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float) -> TransferHandle:
+        """Start writing ``plan`` (src offsets in ``region``, dst offsets in the peer's region)."""
+
+    def poll(self, handle: TransferHandle) -> TransferState:
+        return handle.state
+
+    def release(self, handle: TransferHandle) -> None:
+        """Free per-transfer state; cancels the transfer if it is still in flight."""
+
+    def disconnect(self, peer: PeerId) -> None:
+        """Forget a peer (it restarted or went away)."""
+
+    def close(self) -> None:
+        """Stop threads and close sockets. Idempotent."""
+
+    def _finish(self, handle: TransferHandle, state: TransferState, t_done: float, error: str | None = None) -> None:
+        handle.error = error
+        handle.t_done = t_done
+        with self._stats_lock:
+            self.stats.batches += 1
+            if state == TransferState.DONE:
+                self.stats.bytes += handle.nbytes
+                self.stats.seconds += t_done - handle.t_submit
+            else:
+                self.stats.failures += 1
+        handle.state = state  # last: pollers see a complete handle

@@ -1,0 +1,122 @@
+"""In-process transport for tests of the layers above (and a contract-suite citizen).
+
+Both ends live in one process: a descriptor names a registered buffer in a process-wide
+table. Behaviour is scripted by options, not by patching: ``delay_s`` delays each batch,
+``fail_every`` fails every N-th batch, ``refuse_connect`` makes ``connect`` fail.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+import torch
+
+from lmcache_pd._types import TransferState
+from lmcache_pd.errors import PeerLost
+from lmcache_pd.layout import RangePlan
+from lmcache_pd.ops import copy_ranges
+from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport
+
+_regions: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
+_regions_lock = threading.Lock()
+
+
+class LoopbackOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    delay_s: float = 0.0
+    fail_every: int = 0
+    refuse_connect: bool = False
+
+
+class _Descriptor(msgspec.Struct, frozen=True):
+    key: str
+    nbytes: int
+
+
+class LoopbackTransport(Transport):
+    name = "loopback"
+    capabilities = Capabilities(remote=False, mem_kinds=frozenset({"cpu"}), listens=False)
+    Options = LoopbackOptions
+
+    def __init__(self, options: LoopbackOptions, **kwargs: object):
+        super().__init__(options, **kwargs)  # type: ignore[arg-type]
+        self._local: dict[RegionId, tuple[str, torch.Tensor]] = {}
+        self._peers: dict[PeerId, str] = {}
+        self._ids = itertools.count(1)
+        self._batches = itertools.count(1)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pd-loopback")
+        self._closed = False
+
+    def register(self, buffer: torch.Tensor) -> RegionId:
+        key = uuid.uuid4().hex
+        with _regions_lock:
+            _regions[key] = buffer
+        rid = next(self._ids)
+        self._local[rid] = (key, buffer)
+        return rid
+
+    def export_descriptor(self, region: RegionId) -> bytes:
+        key, buf = self._local[region]
+        return msgspec.msgpack.encode(_Descriptor(key, buf.numel()))
+
+    def connect(self, descriptor: bytes, timeout_s: float) -> PeerId:
+        if self.options.refuse_connect:
+            raise PeerLost("loopback peer refused (refuse_connect option)")
+        desc = msgspec.msgpack.decode(descriptor, type=_Descriptor)
+        with _regions_lock:
+            if desc.key not in _regions:
+                raise PeerLost("loopback region is gone")
+        pid = next(self._ids)
+        self._peers[pid] = desc.key
+        return pid
+
+    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float) -> TransferHandle:
+        handle = TransferHandle(self, plan.nbytes, time.monotonic())
+        src = self._local[region][1]
+        key = self._peers[peer]
+        n = next(self._batches)
+        fail = self.options.fail_every > 0 and n % self.options.fail_every == 0
+        handle.state = TransferState.IN_FLIGHT
+        self._pool.submit(self._run, handle, src, key, plan, fail, timeout_s)
+        return handle
+
+    def _run(self, handle: TransferHandle, src: torch.Tensor, key: str, plan: RangePlan, fail: bool,
+             timeout_s: float) -> None:
+        if handle.state != TransferState.IN_FLIGHT:
+            return  # released (canceled) before it ran
+        if self.options.delay_s:
+            time.sleep(self.options.delay_s)
+        if self.options.delay_s > timeout_s:
+            self._finish(handle, TransferState.TIMEOUT, time.monotonic(), "loopback delay exceeded the deadline")
+            return
+        dst = _regions.get(key)
+        if fail or dst is None:
+            self._finish(handle, TransferState.FAILED, time.monotonic(),
+                         "scripted failure" if fail else "peer region is gone")
+            return
+        try:
+            copy_ranges(src, dst, plan)
+        except ValueError as e:
+            self._finish(handle, TransferState.FAILED, time.monotonic(), str(e))
+            return
+        self._finish(handle, TransferState.DONE, time.monotonic())
+
+    def release(self, handle: TransferHandle) -> None:
+        if not handle.state.terminal:
+            handle.state = TransferState.CANCELED
+
+    def disconnect(self, peer: PeerId) -> None:
+        self._peers.pop(peer, None)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            with _regions_lock:
+                for key, _ in self._local.values():
+                    _regions.pop(key, None)

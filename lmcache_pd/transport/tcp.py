@@ -1,0 +1,375 @@
+"""TCP data plane: our own fallback transport, for hosts with no RDMA and no shared GPU.
+
+The receiver (decode) listens on its data port and writes each incoming range straight into
+the registered pool with ``recv_into`` on a memoryview; the sender (prefill) hands the kernel
+memoryviews of its registered buffer (vLLM's paged KV cache) with ``sendmsg``. So the only
+copies are the kernel's own: no staging buffer, no per-page Python bytes objects.
+
+Wire format (all integers network order except the range table, which is little-endian int64):
+  hello  P->D  "LPDH" token[16] region:u64           reply D->P "LPDR" status:u8
+  batch  P->D  "LPDB" batch:u64 n:u64, n x (dst_off:i64, len:i64), then the payload bytes
+  ack    D->P  "LPDA" batch:u64 status:u8            (sent once every byte is in the pool)
+A batch that does not fit the region is refused (status 1) and the connection closed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import secrets
+import socket
+import struct
+import threading
+import time
+
+import msgspec
+import numpy as np
+import torch
+
+from lmcache_pd._types import TransferState
+from lmcache_pd.errors import PeerLost, TransportUnavailable
+from lmcache_pd.layout import RangePlan
+from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport
+
+log = logging.getLogger(__name__)
+
+_HELLO = struct.Struct("!4s16sQ")
+_HELLO_REPLY = struct.Struct("!4sB")
+_BATCH = struct.Struct("!4sQQ")
+_ACK = struct.Struct("!4sQB")
+MAX_RANGES = 1 << 20
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+_OK, _BAD_BATCH, _BAD_HELLO = 0, 1, 2
+
+
+class TcpOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    streams: int = 2
+    """Connections per peer; batches are spread over them."""
+    io_timeout_s: float = 10.0
+    """A connection that stalls mid-batch for this long is dropped (both sides)."""
+    socket_buffer_bytes: int = 4 << 20
+
+
+class _Descriptor(msgspec.Struct, frozen=True):
+    host: str
+    port: int
+    token: bytes
+    region: int
+    nbytes: int
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("peer closed the connection")
+        got += n
+
+
+def _send_all(sock: socket.socket, buffers: list[memoryview]) -> None:
+    """sendmsg until every buffer is out (sendmsg may send part of the list)."""
+    i = 0
+    while i < len(buffers):
+        sent = sock.sendmsg(buffers[i:i + _IOV_MAX])
+        while sent and i < len(buffers):
+            n = len(buffers[i])
+            if sent >= n:
+                sent -= n
+                i += 1
+            else:
+                buffers[i] = buffers[i][sent:]
+                sent = 0
+
+
+def _tune(sock: socket.socket, buf_bytes: int) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, opt, buf_bytes)
+
+
+def _as_view(buffer: torch.Tensor) -> memoryview:
+    if buffer.device.type != "cpu" or buffer.dtype != torch.uint8 or buffer.dim() != 1:
+        raise ValueError("tcp transport registers flat uint8 CPU tensors only")
+    return memoryview(buffer.numpy()).cast("B")
+
+
+class _Stream:
+    """One sender connection and the thread that drives it, one batch at a time."""
+
+    def __init__(self, transport: TcpTransport, desc: _Descriptor, name: str):
+        self.transport = transport
+        self.desc = desc
+        self.name = name
+        self.sock: socket.socket | None = None
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.busy: TransferHandle | None = None
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def open(self, timeout_s: float) -> None:
+        sock = socket.create_connection((self.desc.host, self.desc.port), timeout=timeout_s)
+        try:
+            _tune(sock, self.transport.options.socket_buffer_bytes)
+            sock.sendall(_HELLO.pack(b"LPDH", self.desc.token, self.desc.region))
+            reply = bytearray(_HELLO_REPLY.size)
+            _recv_exact(sock, memoryview(reply))
+            magic, status = _HELLO_REPLY.unpack(reply)
+            if magic != b"LPDR" or status != _OK:
+                raise PeerLost(f"tcp peer {self.desc.host}:{self.desc.port} refused the hello (status {status}): "
+                               "it restarted or is not this pool")
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+    def abort(self) -> None:
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _loop(self) -> None:
+        stop = self.transport._stop
+        while not stop.is_set():
+            try:
+                item = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if item is None:
+                break
+            self._run(*item)
+        if self.sock is not None:
+            self.sock.close()
+
+    def _run(self, handle: TransferHandle, src: memoryview, plan: RangePlan, deadline: float) -> None:
+        if handle.state != TransferState.IN_FLIGHT:
+            return  # canceled while queued
+        self.busy = handle
+        t = self.transport
+        try:
+            if self.sock is None:
+                self.open(max(0.01, deadline - time.monotonic()))
+            sock = self.sock
+            assert sock is not None
+            table = np.empty((len(plan), 2), dtype="<i8")
+            table[:, 0] = plan.dst_offsets
+            table[:, 1] = plan.lengths
+            bufs = [memoryview(_BATCH.pack(b"LPDB", handle.id, len(plan))), memoryview(table).cast("B")]
+            bufs += [src[s:s + n] for s, n in zip(plan.src_offsets.tolist(), plan.lengths.tolist())]
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            _send_all(sock, bufs)
+            ack = bytearray(_ACK.size)
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            _recv_exact(sock, memoryview(ack))
+            magic, batch, status = _ACK.unpack(ack)
+            if magic != b"LPDA" or batch != handle.id or status != _OK:
+                raise ConnectionError(f"bad ack (magic {magic!r}, batch {batch}, status {status})")
+            t._finish(handle, TransferState.DONE, time.monotonic())
+        except (TimeoutError, socket.timeout):
+            self._drop()
+            t._finish(handle, TransferState.TIMEOUT, time.monotonic(), "tcp transfer passed its deadline")
+        except (OSError, ConnectionError, PeerLost) as e:
+            self._drop()
+            state = TransferState.CANCELED if handle.state == TransferState.CANCELED else TransferState.FAILED
+            t._finish(handle, state, time.monotonic(), f"tcp transfer failed: {e}")
+        finally:
+            self.busy = None
+
+    def _drop(self) -> None:
+        # The stream is out of step with the receiver: reconnect for the next batch.
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class _Peer:
+    def __init__(self, streams: list[_Stream]):
+        self.streams = streams
+        self.next = itertools.cycle(range(len(streams)))
+
+
+class TcpTransport(Transport):
+    name = "tcp"
+    capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cpu"}), listens=True)
+    Options = TcpOptions
+
+    def __init__(self, options: TcpOptions, *, host: str = "127.0.0.1", port: int | None = None):
+        super().__init__(options, host=host, port=port)
+        self._token = secrets.token_bytes(16)  # new per process: a restarted receiver refuses old peers
+        self._regions: dict[RegionId, memoryview] = {}
+        self._region_ids = itertools.count(1)
+        self._peer_ids = itertools.count(1)
+        self._peers: dict[PeerId, _Peer] = {}
+        self._stop = threading.Event()
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return hasattr(socket.socket, "sendmsg"), "socket.sendmsg is missing on this platform"
+
+    # --- receiver -----------------------------------------------------------------------
+    def register(self, buffer: torch.Tensor) -> RegionId:
+        rid = next(self._region_ids)
+        self._regions[rid] = _as_view(buffer)
+        return rid
+
+    def listen(self) -> None:
+        if self.port is None:
+            raise TransportUnavailable("tcp receiver needs a data port (decode instance data_port)")
+        srv = socket.create_server((self.host, self.port), reuse_port=False, backlog=64)
+        srv.settimeout(0.2)
+        self._listener = srv
+        self._spawn(self._accept_loop, "pd-tcp-accept")
+
+    def export_descriptor(self, region: RegionId) -> bytes:
+        if self._listener is None:
+            raise TransportUnavailable("call listen() before exporting a tcp descriptor")
+        host, port = self._listener.getsockname()[:2]
+        return msgspec.msgpack.encode(_Descriptor(host, port, self._token, region, len(self._regions[region])))
+
+    def _spawn(self, target, name: str, *args: object) -> None:
+        th = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads.append(th)
+        th.start()
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        n = itertools.count(1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                break
+            with self._lock:
+                self._conns.add(conn)
+            self._spawn(self._serve, f"pd-tcp-recv-{next(n)}", conn)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            _tune(conn, self.options.socket_buffer_bytes)
+            conn.settimeout(self.options.io_timeout_s)
+            hello = bytearray(_HELLO.size)
+            _recv_exact(conn, memoryview(hello))
+            magic, token, region = _HELLO.unpack(hello)
+            ok = magic == b"LPDH" and secrets.compare_digest(token, self._token) and region in self._regions
+            conn.sendall(_HELLO_REPLY.pack(b"LPDR", _OK if ok else _BAD_HELLO))
+            if not ok:
+                log.warning("tcp: refused a connection with a bad hello (stale peer or not ours)")
+                return
+            view = self._regions[region]
+            while not self._stop.is_set():
+                if not self._serve_batch(conn, view):
+                    return
+        except (OSError, ConnectionError) as e:
+            log.debug("tcp receiver connection ended: %s", e)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _serve_batch(self, conn: socket.socket, view: memoryview) -> bool:
+        header = bytearray(_BATCH.size)
+        conn.settimeout(0.5)  # idle between batches: wake up to check the stop flag
+        try:
+            first = conn.recv_into(header)
+        except (TimeoutError, socket.timeout):
+            return True
+        if first == 0:
+            return False
+        conn.settimeout(self.options.io_timeout_s)
+        _recv_exact(conn, memoryview(header)[first:])
+        magic, batch, n = _BATCH.unpack(header)
+        if magic != b"LPDB" or n > MAX_RANGES:
+            conn.sendall(_ACK.pack(b"LPDA", batch, _BAD_BATCH))
+            return False
+        table = np.empty((n, 2), dtype="<i8")
+        _recv_exact(conn, memoryview(table).cast("B"))
+        dst, lengths = table[:, 0], table[:, 1]
+        if n and (dst.min() < 0 or lengths.min() < 0 or int((dst + lengths).max()) > len(view)):
+            log.warning("tcp: refused batch %d writing outside the pool", batch)
+            conn.sendall(_ACK.pack(b"LPDA", batch, _BAD_BATCH))
+            return False
+        t0 = time.monotonic()
+        for d, ln in zip(dst.tolist(), lengths.tolist()):
+            _recv_exact(conn, view[d:d + ln])
+        conn.sendall(_ACK.pack(b"LPDA", batch, _OK))
+        with self._stats_lock:
+            self.stats.batches += 1
+            self.stats.bytes += int(lengths.sum())
+            self.stats.seconds += time.monotonic() - t0
+        return True
+
+    # --- sender -------------------------------------------------------------------------
+    def connect(self, descriptor: bytes, timeout_s: float) -> PeerId:
+        try:
+            desc = msgspec.msgpack.decode(descriptor, type=_Descriptor)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise PeerLost(f"not a tcp descriptor: {e}") from None
+        pid = next(self._peer_ids)
+        streams = [_Stream(self, desc, f"pd-tcp-send-{pid}.{i}") for i in range(self.options.streams)]
+        deadline = time.monotonic() + timeout_s
+        try:
+            for s in streams:
+                s.open(max(0.01, deadline - time.monotonic()))
+        except (OSError, TimeoutError) as e:
+            for s in streams:
+                s._drop()
+            raise PeerLost(f"cannot reach tcp peer {desc.host}:{desc.port}: {e}") from None
+        except PeerLost:
+            for s in streams:
+                s._drop()
+            raise
+        for s in streams:
+            s.thread.start()
+        self._peers[pid] = _Peer(streams)
+        return pid
+
+    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float) -> TransferHandle:
+        p = self._peers[peer]
+        handle = TransferHandle(self, plan.nbytes, time.monotonic())
+        handle.state = TransferState.IN_FLIGHT
+        stream = p.streams[next(p.next)]
+        stream.queue.put((handle, self._regions[region], plan, handle.t_submit + timeout_s))
+        return handle
+
+    def release(self, handle: TransferHandle) -> None:
+        if handle.state.terminal:
+            return
+        handle.state = TransferState.CANCELED
+        for p in self._peers.values():
+            for s in p.streams:
+                if s.busy is handle:
+                    s.abort()
+
+    def disconnect(self, peer: PeerId) -> None:
+        p = self._peers.pop(peer, None)
+        if p is not None:
+            for s in p.streams:
+                s.queue.put(None)
+                s.abort()
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        for pid in list(self._peers):
+            self.disconnect(pid)
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            for c in self._conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for th in self._threads:
+            th.join(timeout=2.0)
