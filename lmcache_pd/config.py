@@ -61,8 +61,8 @@ class InstanceConfig(_Section):
     data_port: Port | None = None
     """Decode only: data-plane port of TP rank 0 for transports that listen (tcp); rank r uses +r."""
     tp_size: Positive = 1
-    cpus: str | None = None
-    """CPU list the launcher pins the instance to (``taskset -c``), e.g. ``"0"``."""
+    cpus: str | int | None = None
+    """CPU list the launcher pins the instance to (``taskset -c``), e.g. ``"0-3"`` or ``1``."""
     kv_cache_gib: Positive = 1
     """CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE); GPU uses --gpu-memory-utilization."""
     vllm_args: tuple[str, ...] = ()
@@ -107,6 +107,10 @@ class ProxyConfig(_Section):
     decode_timeout_s: Seconds = 600.0
     """Whole decode request (until the last token)."""
     health_interval_s: Seconds = 2.0
+    prefills: tuple[str, ...] = ()
+    """Names of the prefill instances this proxy routes to (empty: all of them)."""
+    decodes: tuple[str, ...] = ()
+    """Names of the decode instances this proxy routes to (empty: all of them)."""
 
 
 class PDConfig(_Section):
@@ -137,7 +141,8 @@ class PDConfig(_Section):
         raise ConfigError(f"no instance named {name!r}", field="prefill/decode")
 
     def to_dict(self) -> dict[str, Any]:
-        return msgspec.to_builtins(self)
+        """Plain JSON-compatible data (lists, not tuples), accepted back by config_from_dict."""
+        return msgspec.json.decode(msgspec.json.encode(self))
 
 
 def load_config(
@@ -253,6 +258,11 @@ def _check_semantics(cfg: PDConfig, source: str) -> None:
                 if other != f"{where}.{fld}":
                     raise ConfigError(f"port {port} on {inst.host} is also used by {other}",
                                       field=f"{where}.{fld}", source=source)
+    for fld, group in (("proxy.prefills", cfg.prefill), ("proxy.decodes", cfg.decode)):
+        known = {i.name for i in group}
+        for name in getattr(cfg.proxy, fld.split(".")[1]):
+            if name not in known:
+                raise ConfigError(f"{name!r} is not one of {sorted(known)}", field=fld, source=source)
     tp = {inst.tp_size for inst in (*cfg.prefill, *cfg.decode)}
     if len(tp) != 1:
         raise ConfigError("prefill and decode instances must share one tp_size", field="decode.tp_size",

@@ -47,16 +47,16 @@ def instance_env(cfg: PDConfig, inst: InstanceConfig, base: Mapping[str, str]) -
     env = dict(base)
     env["LMCACHE_PD_INSTANCE"] = inst.name
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(inst.kv_cache_gib))
-    if inst.cpus:
+    if inst.cpus is not None:
         # vLLM's CPU worker binds its OpenMP threads itself; give it our cores, not "auto".
-        env["VLLM_CPU_OMP_THREADS_BIND"] = inst.cpus
+        env["VLLM_CPU_OMP_THREADS_BIND"] = str(inst.cpus)
     env.update(inst.env)
     return env
 
 
-def pinned(argv: list[str], cpus: str | None) -> list[str]:
-    if cpus and shutil.which("taskset"):
-        return ["taskset", "-c", cpus, *argv]
+def pinned(argv: list[str], cpus: str | int | None) -> list[str]:
+    if cpus is not None and shutil.which("taskset"):
+        return ["taskset", "-c", str(cpus), *argv]
     return argv
 
 

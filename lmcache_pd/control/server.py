@@ -170,6 +170,8 @@ class ControlServer:
                 self.pool.renew(msg.transfer_ids, owner=owner, now=now)
                 return P.Ack(msg_id=msg.msg_id, incarnation=self.incarnation)
         except PoolExhausted as e:
+            # Leave a tombstone: the decode request for this hand-off recomputes at once.
+            self.pool.abort(msg.transfer_id, reason=str(e), now=now)
             return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.POOL_TOO_SMALL, message=str(e))
         except TransferError as e:
             return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.BAD_STATE, message=str(e))
@@ -220,6 +222,7 @@ class ControlServer:
             if w.deadline <= now:
                 self._waiting.popleft()
                 self.stats.alloc_timeouts += 1
+                self.pool.abort(w.msg.transfer_id, reason="decode pool stayed full (timeouts.alloc_s)", now=now)
                 self._send(sock, w.identity, P.Error(
                     msg_id=w.msg.msg_id, code=P.ErrorCode.POOL_TIMEOUT,
                     message=f"decode pool stayed full for {w.msg.wait_s:g} s (timeouts.alloc_s; or raise pool.size_mib)"))

@@ -42,8 +42,9 @@ def _backend(inst: InstanceConfig, role: str) -> Backend:
 class Router:
     def __init__(self, cfg: PDConfig):
         self.cfg = cfg
-        self.prefills = [_backend(i, "prefill") for i in cfg.prefill]
-        self.decodes = [_backend(i, "decode") for i in cfg.decode]
+        px = cfg.proxy
+        self.prefills = [_backend(i, "prefill") for i in cfg.prefill if not px.prefills or i.name in px.prefills]
+        self.decodes = [_backend(i, "decode") for i in cfg.decode if not px.decodes or i.name in px.decodes]
         self._rr_p = itertools.count()
         self._rr_d = itertools.count()
 

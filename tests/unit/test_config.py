@@ -1,0 +1,127 @@
+"""Config: valid files load; every kind of bad input names its field and its source."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from lmcache_pd.config import load_config, resolve_instance
+from lmcache_pd.errors import ConfigError
+from lmcache_pd.transport import parse_options
+
+GOOD = textwrap.dedent("""
+    model: {path: /models/tiny}
+    prefill:
+      - {name: prefill-0, http_port: 8100}
+    decode:
+      - {name: decode-0, http_port: 8200, control_port: 5700, data_port: 5800}
+""")
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "pd.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_good_config_has_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), environ={})
+    assert cfg.transport.name == "tcp"
+    assert cfg.timeouts.transfer_s == 30.0
+    assert cfg.instance("decode-0").control_port == 5700
+    assert cfg.role_of("prefill-0") == "prefill"
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    (("http_port: 8100", "http_port: 8100, colour: red"), "prefill.0.colour"),
+    (("http_port: 8100", "http_port: '8100'"), "prefill.0.http_port"),
+    (("http_port: 8100", "http_port: 70000"), "prefill.0.http_port"),
+    (("model: {path: /models/tiny}", "model: {path: /models/tiny, dtype: 16}"), "model.dtype"),
+    (("model: {path: /models/tiny}", "model: {}"), "model.path"),
+    ((", control_port: 5700", ""), "decode.0.control_port"),
+    (("data_port: 5800", "data_port: 8100"), "decode.0.data_port"),
+    (("name: decode-0", "name: prefill-0"), "decode.0.name"),
+])
+def test_bad_field_is_named_with_its_file(tmp_path, patch, field):
+    path = write(tmp_path, GOOD.replace(*patch))
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={})
+    assert e.value.field == field
+    assert str(path) in str(e.value)
+    assert f"`{field}`" in str(e.value)
+
+
+def test_unknown_section_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="`pools`"):
+        load_config(write(tmp_path, GOOD + "pools: {size_mib: 1}\n"), environ={})
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"), environ={})
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed\n"), environ={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml", environ={})
+
+
+def test_timeouts_must_be_positive_and_heartbeat_below_lease(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, GOOD + "timeouts: {transfer_s: 0}\n"), environ={})
+    assert e.value.field == "timeouts.transfer_s"
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, GOOD + "timeouts: {heartbeat_s: 40}\n"), environ={})
+    assert e.value.field == "timeouts.heartbeat_s"
+
+
+def test_overrides_env_then_cli(tmp_path):
+    path = write(tmp_path, GOOD)
+    env = {"LMCACHE_PD__POOL__SIZE_MIB": "512", "LMCACHE_PD__TIMEOUTS__ALLOC_S": "2.5"}
+    cfg = load_config(path, overrides=["pool.size_mib=1024", "decode.0.cpus=1"], environ=env)
+    assert cfg.pool.size_mib == 1024  # CLI wins over the environment
+    assert cfg.timeouts.alloc_s == 2.5
+    assert cfg.decode[0].cpus == 1
+    assert load_config(None, environ={"LMCACHE_PD_CONFIG": str(path)}).model.path == "/models/tiny"
+
+
+def test_bad_overrides_are_named(tmp_path):
+    path = write(tmp_path, GOOD)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides=["pool.size_mib=lots"], environ={})
+    assert e.value.field == "pool.size_mib"
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(path, overrides=["pool.size_mib"], environ={})
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides=["decode.3.cpus=1"], environ={})
+    assert e.value.field == "decode.3"
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={"LMCACHE_PD__POOL__SIZE": "1"})
+    assert e.value.field == "pool.size"
+
+
+def test_no_config_at_all():
+    with pytest.raises(ConfigError, match="LMCACHE_PD_CONFIG"):
+        load_config(None, environ={})
+
+
+def test_proxy_subsets_must_name_instances(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, GOOD + "proxy: {decodes: [decode-9]}\n"), environ={})
+    assert e.value.field == "proxy.decodes"
+
+
+def test_transport_options_are_validated_by_the_transport():
+    assert parse_options("tcp", {"streams": 4}).streams == 4
+    with pytest.raises(ConfigError) as e:
+        parse_options("tcp", {"stream": 4})
+    assert e.value.field == "transport.options.stream"
+    with pytest.raises(ConfigError) as e:
+        parse_options("tcp", {"streams": "four"})
+    assert e.value.field == "transport.options.streams"
+    with pytest.raises(ConfigError, match="unknown transport 'carrier-pigeon'"):
+        parse_options("carrier-pigeon", {})
+
+
+def test_instance_name_resolution():
+    assert resolve_instance("decode-0", environ={}) == "decode-0"
+    assert resolve_instance(None, environ={"LMCACHE_PD_INSTANCE": "prefill-0"}) == "prefill-0"
+    with pytest.raises(ConfigError, match="LMCACHE_PD_INSTANCE"):
+        resolve_instance(None, environ={})
