@@ -67,7 +67,10 @@ class LoopbackTransport(Transport):
     def connect(self, descriptor: bytes, timeout_s: float) -> PeerId:
         if self.options.refuse_connect:
             raise PeerLost("loopback peer refused (refuse_connect option)")
-        desc = msgspec.msgpack.decode(descriptor, type=_Descriptor)
+        try:
+            desc = msgspec.msgpack.decode(descriptor, type=_Descriptor)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise PeerLost(f"not a loopback descriptor: {e}") from None
         with _regions_lock:
             if desc.key not in _regions:
                 raise PeerLost("loopback region is gone")

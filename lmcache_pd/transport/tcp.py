@@ -71,6 +71,7 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
 
 def _send_all(sock: socket.socket, buffers: list[memoryview]) -> None:
     """sendmsg until every buffer is out (sendmsg may send part of the list)."""
+    buffers = [b for b in buffers if len(b)]  # an empty buffer would never be "consumed"
     i = 0
     while i < len(buffers):
         sent = sock.sendmsg(buffers[i:i + _IOV_MAX])
@@ -158,7 +159,7 @@ class _Stream:
             table = np.empty((len(plan), 2), dtype="<i8")
             table[:, 0] = plan.dst_offsets
             table[:, 1] = plan.lengths
-            bufs = [memoryview(_BATCH.pack(b"LPDB", handle.id, len(plan))), memoryview(table).cast("B")]
+            bufs = [memoryview(_BATCH.pack(b"LPDB", handle.id, len(plan))), memoryview(table.view(np.uint8).reshape(-1))]
             bufs += [src[s:s + n] for s, n in zip(plan.src_offsets.tolist(), plan.lengths.tolist())]
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             _send_all(sock, bufs)
@@ -176,6 +177,10 @@ class _Stream:
             self._drop()
             state = TransferState.CANCELED if handle.state == TransferState.CANCELED else TransferState.FAILED
             t._finish(handle, state, time.monotonic(), f"tcp transfer failed: {e}")
+        except Exception as e:  # noqa: BLE001 - a bug must end the handle, never leave it in flight
+            log.exception("tcp stream %s crashed on batch %d", self.name, handle.id)
+            self._drop()
+            t._finish(handle, TransferState.FAILED, time.monotonic(), f"tcp transfer crashed: {e!r}")
         finally:
             self.busy = None
 
@@ -292,7 +297,7 @@ class TcpTransport(Transport):
             conn.sendall(_ACK.pack(b"LPDA", batch, _BAD_BATCH))
             return False
         table = np.empty((n, 2), dtype="<i8")
-        _recv_exact(conn, memoryview(table).cast("B"))
+        _recv_exact(conn, memoryview(table.view(np.uint8).reshape(-1)))
         dst, lengths = table[:, 0], table[:, 1]
         if n and (dst.min() < 0 or lengths.min() < 0 or int((dst + lengths).max()) > len(view)):
             log.warning("tcp: refused batch %d writing outside the pool", batch)

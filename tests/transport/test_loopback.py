@@ -1,0 +1,53 @@
+"""The loopback transport's scripted behaviours (used by tests of the layers above)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmcache_pd import transport as transports
+from lmcache_pd._types import TransferState
+from lmcache_pd.errors import PeerLost
+from lmcache_pd.layout import coalesce
+from tests.transport.test_contract import wait
+
+ONE = coalesce(np.array([0]), np.array([0]), np.array([8]))
+
+
+def pair(**options):
+    rx = transports.create("loopback", {})
+    tx = transports.create("loopback", options)
+    region = rx.register(torch.zeros(64, dtype=torch.uint8))
+    sid = tx.register(torch.ones(64, dtype=torch.uint8))
+    return tx, rx, sid, rx.export_descriptor(region)
+
+
+def test_fail_every_nth_batch():
+    tx, rx, sid, desc = pair(fail_every=2)
+    peer = tx.connect(desc, 1)
+    states = [wait(tx, tx.submit(peer, sid, ONE, 1)) for _ in range(4)]
+    assert states == [TransferState.DONE, TransferState.FAILED] * 2
+    tx.close()
+    rx.close()
+
+
+def test_delay_past_deadline_times_out_and_release_cancels():
+    tx, rx, sid, desc = pair(delay_s=0.3)
+    peer = tx.connect(desc, 1)
+    assert wait(tx, tx.submit(peer, sid, ONE, timeout_s=0.1)) == TransferState.TIMEOUT
+    h = tx.submit(peer, sid, ONE, timeout_s=5)
+    h2 = tx.submit(peer, sid, ONE, timeout_s=5)
+    h2.release()  # queued behind h: canceled before it runs
+    assert h2.state == TransferState.CANCELED
+    assert wait(tx, h) == TransferState.DONE
+    tx.close()
+    rx.close()
+
+
+def test_refuse_connect():
+    tx, rx, sid, desc = pair(refuse_connect=True)
+    with pytest.raises(PeerLost):
+        tx.connect(desc, 1)
+    tx.close()
+    rx.close()

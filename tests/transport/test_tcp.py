@@ -1,0 +1,112 @@
+"""TCP-specific behaviour: deadlines against a peer that stops answering, stale peers, bad hellos."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+
+from lmcache_pd import transport as transports
+from lmcache_pd._types import TransferState
+from lmcache_pd.errors import PeerLost
+from lmcache_pd.layout import coalesce
+from lmcache_pd.transport.tcp import _Descriptor
+from tests.transport.test_contract import wait
+
+
+def blackhole(reply_hello: bool) -> tuple[socket.socket, threading.Event]:
+    """A server that accepts, (optionally) says hello back, then never acks anything."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def run() -> None:
+        conns = []
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            conns.append(c)
+            if reply_hello:
+                c.recv(64)
+                c.sendall(struct.pack("!4sB", b"LPDR", 0))
+        for c in conns:
+            c.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    return srv, stop
+
+
+def test_a_peer_that_never_acks_times_out_within_the_deadline():
+    srv, stop = blackhole(reply_hello=True)
+    tx = transports.create("tcp", {"streams": 1})
+    sid = tx.register(torch.zeros(1 << 16, dtype=torch.uint8))
+    desc = msgspec.msgpack.encode(_Descriptor("127.0.0.1", srv.getsockname()[1], b"x" * 16, 1, 1 << 16))
+    peer = tx.connect(desc, timeout_s=2)
+    t0 = time.monotonic()
+    h = tx.submit(peer, sid, coalesce(np.array([0]), np.array([0]), np.array([1024])), timeout_s=0.5)
+    assert wait(tx, h, 5) == TransferState.TIMEOUT
+    assert 0.4 < time.monotonic() - t0 < 2
+    h.release()
+    tx.close()
+    stop.set()
+    srv.close()
+
+
+def test_hello_with_a_stale_token_is_refused():
+    rx = transports.create("tcp", {}, host="127.0.0.1", port=0)
+    region = rx.register(torch.zeros(1024, dtype=torch.uint8))
+    rx.listen()
+    good = msgspec.msgpack.decode(rx.export_descriptor(region), type=_Descriptor)
+    stale = msgspec.msgpack.encode(msgspec.structs.replace(good, token=b"\x00" * 16))
+    tx = transports.create("tcp", {})
+    tx.register(torch.zeros(16, dtype=torch.uint8))
+    with pytest.raises(PeerLost, match="restarted or is not this pool"):
+        tx.connect(stale, timeout_s=2)
+    tx.close()
+    rx.close()
+
+
+def test_silent_peer_connect_times_out():
+    srv, stop = blackhole(reply_hello=False)
+    tx = transports.create("tcp", {})
+    tx.register(torch.zeros(16, dtype=torch.uint8))
+    desc = msgspec.msgpack.encode(_Descriptor("127.0.0.1", srv.getsockname()[1], b"x" * 16, 1, 16))
+    t0 = time.monotonic()
+    with pytest.raises(PeerLost):
+        tx.connect(desc, timeout_s=0.5)
+    assert time.monotonic() - t0 < 3
+    tx.close()
+    stop.set()
+    srv.close()
+
+
+def test_receiver_survives_a_sender_dying_mid_batch():
+    rx = transports.create("tcp", {"io_timeout_s": 0.5}, host="127.0.0.1", port=0)
+    dst = torch.zeros(1 << 20, dtype=torch.uint8)
+    region = rx.register(dst)
+    rx.listen()
+    d = msgspec.msgpack.decode(rx.export_descriptor(region), type=_Descriptor)
+    raw = socket.create_connection((d.host, d.port))
+    raw.sendall(struct.pack("!4s16sQ", b"LPDH", d.token, d.region))
+    assert raw.recv(5) == struct.pack("!4sB", b"LPDR", 0)
+    raw.sendall(struct.pack("!4sQQ", b"LPDB", 1, 1) + np.array([0, 1 << 20], dtype="<i8").tobytes() + b"\x01" * 100)
+    raw.close()  # dies with the batch half sent
+    tx = transports.create("tcp", {})
+    src = torch.full((1 << 20,), 7, dtype=torch.uint8)
+    sid = tx.register(src)
+    peer = tx.connect(rx.export_descriptor(region), timeout_s=2)
+    h = tx.submit(peer, sid, coalesce(np.array([0]), np.array([0]), np.array([1 << 20])), timeout_s=5)
+    assert wait(tx, h) == TransferState.DONE, h.error
+    assert torch.all(dst == 7)
+    tx.close()
+    rx.close()

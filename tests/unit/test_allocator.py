@@ -1,0 +1,126 @@
+"""The decode-side pool: reservations, states, leases, tombstones."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from lmcache_pd._types import PageState
+from lmcache_pd.control.allocator import PagePool
+from lmcache_pd.errors import PoolExhausted, TransferError
+
+
+def reserve(pool: PagePool, tid: str, n: int, now: float = 0.0, owner: str = "p"):
+    return pool.reserve(tid, n, num_tokens=n * 16, prompt_digest="d", owner=owner, now=now)
+
+
+def test_all_or_nothing_and_consecutive_pages():
+    pool = PagePool(8, lease_s=10)
+    assert reserve(pool, "a", 3) == [0, 1, 2]
+    assert reserve(pool, "b", 4) == [3, 4, 5, 6]
+    assert reserve(pool, "c", 2) is None          # only one page left: nothing is taken
+    assert pool.free_pages == 1
+    with pytest.raises(PoolExhausted) as e:
+        reserve(pool, "d", 9)                      # larger than the whole pool: never waits
+    assert e.value.too_large
+    with pytest.raises(TransferError, match="already known"):
+        reserve(pool, "a", 1)
+
+
+def test_no_read_before_ready_and_release_returns_pages():
+    pool = PagePool(4, lease_s=10)
+    reserve(pool, "a", 2)
+    with pytest.raises(TransferError, match="not ready"):
+        pool.claim("a")
+    with pytest.raises(TransferError, match="another peer"):
+        pool.mark_ready("a", owner="intruder", num_bytes=1, seconds=0.1, now=1)
+    pool.mark_ready("a", owner="p", num_bytes=10, seconds=0.5, now=1)
+    with pytest.raises(TransferError, match="cannot mark ready"):
+        pool.mark_ready("a", owner="p", num_bytes=10, seconds=0.5, now=1)
+    r = pool.claim("a")
+    assert r.state == PageState.CONSUMING and r.num_bytes == 10
+    with pytest.raises(TransferError):
+        pool.claim("a")
+    pool.release("a", now=2)
+    assert pool.free_pages == 4
+    with pytest.raises(TransferError, match="ended"):
+        pool.claim("a")
+
+
+def test_lease_expiry_and_renewal():
+    pool = PagePool(4, lease_s=10)
+    reserve(pool, "a", 2, now=0)
+    reserve(pool, "b", 2, now=0)
+    assert pool.renew(["a", "zzz"], owner="p", now=8) == 1
+    assert pool.renew(["b"], owner="other", now=8) == 0
+    assert pool.expire(now=11) == ["b"]
+    assert pool.free_pages == 2
+    pool.mark_ready("a", owner="p", num_bytes=1, seconds=0.0, now=12)  # lease restarts for the consumer
+    assert pool.expire(now=21) == []
+    assert pool.expire(now=23) == ["a"]
+    assert pool.lookup("a").state == PageState.EXPIRED and "lease" in pool.lookup("a").reason
+    assert pool.stats().expired_total == 2 and pool.free_pages == 4
+
+
+def test_claimed_pages_never_expire():
+    pool = PagePool(2, lease_s=1)
+    reserve(pool, "a", 1, now=0)
+    pool.mark_ready("a", owner="p", num_bytes=1, seconds=0.0, now=0)
+    pool.claim("a")
+    assert pool.expire(now=100) == []
+    pool.release("a", now=100)
+    assert pool.free_pages == 2
+
+
+def test_abort_frees_and_tombstones_refuse_late_reservations():
+    pool = PagePool(4, lease_s=10, tombstone_s=5)
+    reserve(pool, "a", 3)
+    assert pool.abort("a", reason="canceled", now=1)
+    assert pool.free_pages == 4 and pool.lookup("a").state == PageState.ABORTED
+    # The consumer gave up before the prefill asked: a late reservation is refused.
+    assert not pool.abort("late", reason="consumer timed out", now=1)
+    with pytest.raises(TransferError):
+        reserve(pool, "late", 1, now=2)
+    pool.expire(now=7)  # tombstones go after tombstone_s
+    assert pool.lookup("late") is None and pool.lookup("a") is None
+
+
+def test_abort_by_another_owner_is_refused():
+    pool = PagePool(2, lease_s=10)
+    reserve(pool, "a", 1, owner="p1")
+    with pytest.raises(TransferError, match="another peer"):
+        pool.abort("a", reason="x", now=0, owner="p2")
+    assert pool.lookup("a").state == PageState.ALLOCATED
+
+
+def test_concurrent_reservations_never_share_pages():
+    pool = PagePool(64, lease_s=10)
+    got: list[list[int]] = []
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        for i in range(50):
+            pages = reserve(pool, f"{k}-{i}", 3)
+            if pages is not None:
+                with lock:
+                    got.append(pages)
+                pool.abort(f"{k}-{i}", reason="done", now=0)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert pool.free_pages == 64 and all(len(set(p)) == 3 for p in got) and got
+
+
+def test_stats():
+    pool = PagePool(6, lease_s=10)
+    reserve(pool, "a", 1)
+    reserve(pool, "b", 2)
+    pool.mark_ready("b", owner="p", num_bytes=1, seconds=0, now=0)
+    s = pool.stats()
+    assert (s.num_pages, s.free_pages, s.allocated, s.ready, s.consuming) == (6, 3, 1, 1, 0)
+    with pytest.raises(ValueError):
+        PagePool(0, lease_s=1)

@@ -1,0 +1,228 @@
+"""Control plane over real zmq sockets: handshake, allocation, queueing, refusals, garbage."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import pytest
+import zmq
+import zmq.asyncio
+
+from lmcache_pd import protocol as P
+from lmcache_pd._types import PageState
+from lmcache_pd.control.allocator import PagePool
+from lmcache_pd.control.client import ControlClient
+from lmcache_pd.control.server import ControlServer
+from lmcache_pd.errors import IncompatiblePeer, PeerLost, PoolExhausted, TransferError, TransferTimeout
+from tests.unit.test_protocol import COMPAT
+
+
+@pytest.fixture
+def server():
+    pool = PagePool(8, lease_s=30)
+    srv = ControlServer(pool, bind="tcp://127.0.0.1:0", compat=COMPAT, incarnation="dec-1", page_bytes=65536,
+                        descriptor=b"pool-descriptor", max_alloc_wait_s=5.0)
+    srv.start()
+    yield srv
+    srv.close()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+async def client_for(srv: ControlServer, identity: str = "prefill-0/0/x") -> tuple[zmq.asyncio.Context, ControlClient]:
+    ctx = zmq.asyncio.Context()
+    c = ControlClient(ctx, endpoint=srv.endpoint, identity=identity, peer="decode-0")
+    c.start()
+    return ctx, c
+
+
+async def handshake(c: ControlClient, compat: P.CompatInfo = COMPAT) -> P.Message:
+    msg = P.Handshake(msg_id=c.next_id(), peer="prefill-0", incarnation="pre-1", compat_hash=compat.digest(),
+                      compat=compat, payload=b"")
+    return await c.request(msg, timeout_s=5, config_field="timeouts.handshake_s", what="handshake")
+
+
+def alloc(c: ControlClient, tid: str, n: int, wait_s: float = 1.0) -> P.Allocate:
+    return P.Allocate(msg_id=c.next_id(), transfer_id=tid, num_pages=n, num_tokens=n * 128, prompt_digest="d",
+                      wait_s=wait_s)
+
+
+async def req(c: ControlClient, msg: P.Message, timeout_s: float = 5.0) -> P.Message:
+    return await c.request(msg, timeout_s=timeout_s, config_field="timeouts.control_s", what="test")
+
+
+def test_handshake_allocate_and_ready(server):
+    async def go():
+        ctx, c = await client_for(server)
+        reply = await handshake(c)
+        assert isinstance(reply, P.HandshakeReply)
+        assert (reply.incarnation, reply.num_pages, reply.payload) == ("dec-1", 8, b"pool-descriptor")
+        got = await req(c, alloc(c, "t1", 3))
+        assert isinstance(got, P.Allocated) and got.pages == [0, 1, 2]
+        assert server.pool.lookup("t1").state == PageState.ALLOCATED
+        ack = await req(c, P.TransferDone(msg_id=c.next_id(), transfer_id="t1", num_bytes=3, seconds=0.1))
+        assert isinstance(ack, P.Ack) and ack.incarnation == "dec-1"
+        assert server.pool.lookup("t1").state == PageState.READY
+        await c.close()
+        ctx.term()
+    run(go())
+
+
+def test_incompatible_peer_is_refused_naming_the_field(server):
+    async def go():
+        ctx, c = await client_for(server)
+        bad = msgspec.structs.replace(COMPAT, block_size=16, dtype="torch.float16/auto")
+        with pytest.raises(IncompatiblePeer) as e:
+            await handshake(c, bad)
+        assert set(e.value.fields) == {"block_size", "dtype"}
+        assert "block_size: prefill 16 != decode 128" in str(e.value)
+        # A forged hash over a different compat is refused too.
+        forged = P.Handshake(msg_id=c.next_id(), peer="p", incarnation="i", compat_hash=COMPAT.digest(),
+                             compat=bad, payload=b"")
+        with pytest.raises(IncompatiblePeer):
+            await req(c, forged)
+        await c.close()
+        ctx.term()
+    run(go())
+    assert server.stats.refused_handshakes == 2 and server.stats.handshakes == 0
+
+
+def test_requests_before_handshake_change_nothing(server):
+    async def go():
+        ctx, c = await client_for(server)
+        with pytest.raises(PeerLost, match="no handshake"):
+            await req(c, alloc(c, "t1", 1))
+        with pytest.raises(PeerLost):
+            await req(c, P.Cancel(msg_id=c.next_id(), transfer_id="t1", reason="x"))
+        await c.close()
+        ctx.term()
+    run(go())
+    assert server.pool.free_pages == 8 and server.pool.lookup("t1") is None
+
+
+def test_too_large_is_refused_at_once_and_leaves_a_tombstone(server):
+    async def go():
+        ctx, c = await client_for(server)
+        await handshake(c)
+        t0 = time.monotonic()
+        with pytest.raises(PoolExhausted) as e:
+            await req(c, alloc(c, "big", 9, wait_s=5))
+        assert e.value.too_large and time.monotonic() - t0 < 1
+        await c.close()
+        ctx.term()
+    run(go())
+    assert server.pool.lookup("big").state == PageState.ABORTED
+
+
+def test_queued_allocation_is_served_fifo_when_pages_return(server):
+    async def go():
+        ctx, c = await client_for(server)
+        await handshake(c)
+        await req(c, alloc(c, "a", 6))
+        waiting_big = asyncio.ensure_future(req(c, alloc(c, "big", 5, wait_s=3)))
+        await asyncio.sleep(0.1)
+        small = asyncio.ensure_future(req(c, alloc(c, "small", 1, wait_s=3)))  # fits, but must not overtake
+        await asyncio.sleep(0.2)
+        assert not waiting_big.done() and not small.done()
+        await req(c, P.Cancel(msg_id=c.next_id(), transfer_id="a", reason="done"))
+        big, sm = await asyncio.gather(waiting_big, small)
+        assert len(big.pages) == 5 and len(sm.pages) == 1 and not set(big.pages) & set(sm.pages)
+        await c.close()
+        ctx.term()
+    run(go())
+    assert server.stats.queued_allocations == 2
+
+
+def test_queued_allocation_times_out_with_a_named_field(server):
+    async def go():
+        ctx, c = await client_for(server)
+        await handshake(c)
+        await req(c, alloc(c, "a", 8))
+        t0 = time.monotonic()
+        with pytest.raises(PoolExhausted, match="timeouts.alloc_s") as e:
+            await req(c, alloc(c, "b", 2, wait_s=0.3))
+        assert not e.value.too_large and 0.25 < time.monotonic() - t0 < 2
+        await c.close()
+        ctx.term()
+    run(go())
+    assert server.stats.alloc_timeouts == 1 and server.pool.lookup("b").state == PageState.ABORTED
+
+
+def test_peers_cannot_touch_each_others_transfers(server):
+    async def go():
+        ctx, a = await client_for(server, "prefill-0/0/a")
+        _, b = await client_for(server, "prefill-1/0/b")
+        await handshake(a)
+        await handshake(b)
+        await req(a, alloc(a, "mine", 2))
+        with pytest.raises(TransferError):
+            await req(b, P.Cancel(msg_id=b.next_id(), transfer_id="mine", reason="evil"))
+        with pytest.raises(TransferError):
+            await req(b, P.TransferDone(msg_id=b.next_id(), transfer_id="mine", num_bytes=1, seconds=0))
+        await req(b, P.Heartbeat(msg_id=b.next_id(), transfer_ids=["mine"]))  # renews nothing of b's
+        await a.close()
+        await b.close()
+        ctx.term()
+    run(go())
+    assert server.pool.lookup("mine").state == PageState.ALLOCATED
+
+
+def test_garbled_frames_are_counted_and_change_nothing(server):
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 2000)
+    s.connect(server.endpoint)
+    garbage = [
+        [b"just one frame"],
+        [P.HEADER, b"\xc1\xc1"],
+        [b"\x00" * 6, b"x"],
+        [P.HEADER, msgspec.msgpack.encode({"type": "Allocate", "msg_id": 1})],
+        P.encode(P.Allocated(msg_id=9, transfer_id="t", pages=[1], lease_s=1.0)),  # a reply, not a request
+    ]
+    for frames in garbage:
+        s.send_multipart(frames)
+    replies = []
+    for _ in range(3):  # frames with our header get an Error reply; foreign ones are dropped silently
+        replies.append(P.decode(s.recv_multipart()))
+    assert all(isinstance(r, P.Error) for r in replies)
+    s.close()
+    ctx.term()
+    assert server.stats.malformed >= 3
+    assert server.pool.free_pages == 8
+
+
+def test_request_to_a_silent_peer_times_out_naming_the_field():
+    async def go():
+        ctx = zmq.asyncio.Context()
+        c = ControlClient(ctx, endpoint="tcp://127.0.0.1:9", identity="p/0/x", peer="decode-9")
+        c.start()
+        t0 = time.monotonic()
+        with pytest.raises(TransferTimeout, match="timeouts.handshake_s") as e:
+            msg = P.Handshake(msg_id=1, peer="p", incarnation="i", compat_hash=COMPAT.digest(), compat=COMPAT,
+                              payload=b"")
+            await c.request(msg, timeout_s=0.3, config_field="timeouts.handshake_s", what="handshake")
+        assert 0.25 < time.monotonic() - t0 < 2 and e.value.config_field == "timeouts.handshake_s"
+        await c.close()
+        ctx.term()
+    run(go())
+
+
+def test_version_mismatch_gets_a_version_error(server):
+    import struct
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 2000)
+    s.connect(server.endpoint)
+    s.send_multipart([struct.pack("!4sH", P.MAGIC, 99), b"anything"])
+    # The reply is in our version; decode its body directly.
+    header, body = s.recv_multipart()
+    reply = msgspec.msgpack.decode(body, type=P.Message)
+    assert isinstance(reply, P.Error) and reply.code == P.ErrorCode.VERSION and "99" in reply.message
+    s.close()
+    ctx.term()

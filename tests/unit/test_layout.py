@@ -1,0 +1,131 @@
+"""Layout math and the torch gather/scatter: bytes land exactly where they belong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmcache_pd.layout import KVLayout, PoolLayout, blocks_for_tokens, coalesce, plan_cache_to_pool
+from lmcache_pd.ops import copy_ranges, copy_ranges_ref, flat_bytes, kv_layout_of
+
+
+def vllm_like_cache(num_layers: int, num_blocks: int, heads: int, block: int, c: int, dtype: torch.dtype,
+                    layout: str) -> list[torch.Tensor]:
+    """Per-layer [B, H, N, C] views into ONE int8 buffer, as vLLM allocates them (s7)."""
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    per_layer = num_blocks * heads * block * c
+    buf = torch.zeros(num_layers * per_layer * itemsize, dtype=torch.int8)
+    typed = buf.view(dtype)
+    layers = []
+    for layer in range(num_layers):
+        base = typed[layer * per_layer:(layer + 1) * per_layer]
+        if layout == "LBHNC":
+            t = base.view(num_blocks, heads, block, c)
+        else:  # LBNHC: physical [B, N, H, C], logical [B, H, N, C]
+            t = base.view(num_blocks, block, heads, c).permute(0, 2, 1, 3)
+        layers.append(t)
+    g = torch.Generator().manual_seed(7)
+    buf.copy_(torch.randint(-128, 127, buf.shape, dtype=torch.int8, generator=g))
+    return layers
+
+
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.uint8])
+def test_round_trip_through_the_pool_is_bitwise(layout, dtype):
+    src_layers = vllm_like_cache(3, 20, 2, 16, 8, dtype, layout)
+    dst_layers = vllm_like_cache(3, 24, 2, 16, 8, dtype, layout)
+    kv_src, src_buf = kv_layout_of(src_layers)
+    kv_dst, dst_buf = kv_layout_of(dst_layers)
+    assert kv_src.page_bytes == kv_dst.page_bytes
+    pool = PoolLayout.sized(kv_src, 10 * kv_src.page_bytes)
+    pool_buf = torch.full((pool.nbytes,), 0xAB, dtype=torch.uint8)  # poisoned
+    rng = np.random.default_rng(1)
+    blocks = rng.choice(np.arange(1, 20), size=6, replace=False)
+    pages = rng.choice(np.arange(10), size=6, replace=False)
+    copy_ranges(src_buf, pool_buf, plan_cache_to_pool(kv_src, pool, blocks=blocks, pages=pages))
+    dst_blocks = rng.choice(np.arange(1, 24), size=6, replace=False)
+    before = dst_buf.clone()
+    copy_ranges(pool_buf, dst_buf, plan_cache_to_pool(kv_dst, pool, blocks=dst_blocks, pages=pages).swapped())
+    for s_layer, d_layer in zip(src_layers, dst_layers):
+        for b, d in zip(blocks, dst_blocks):
+            # compare bits: random bytes include NaNs, which never equal themselves
+            assert torch.equal(s_layer[b].contiguous().view(torch.uint8), d_layer[d].contiguous().view(torch.uint8))
+    # Nothing outside the destination blocks changed.
+    touched = torch.zeros_like(dst_buf, dtype=torch.bool)
+    for off in kv_dst.layer_offsets:
+        for d in dst_blocks:
+            start = off + int(d) * kv_dst.block_stride
+            touched[start:start + kv_dst.block_bytes] = True
+    assert torch.equal(dst_buf[~touched], before[~touched])
+
+
+def test_consecutive_blocks_to_consecutive_pages_merge_per_layer():
+    kv = KVLayout(num_layers=4, num_blocks=100, block_bytes=1024, block_stride=1024,
+                  layer_offsets=tuple(i * 100 * 1024 for i in range(4)))
+    pool = PoolLayout(4, 50, 1024)
+    plan = plan_cache_to_pool(kv, pool, blocks=list(range(10, 30)), pages=list(range(5, 25)))
+    assert len(plan) == 4 and plan.nbytes == 4 * 20 * 1024
+    plan = plan_cache_to_pool(kv, pool, blocks=[3, 9, 4], pages=[0, 1, 2])
+    assert len(plan) == 12
+
+
+def test_coalesce_matches_brute_force():
+    rng = np.random.default_rng(3)
+    src = np.cumsum(rng.integers(0, 2, 200)) * 8 + np.arange(200) * 8
+    dst = np.arange(200) * 8 + np.cumsum(rng.integers(0, 2, 200)) * 8
+    lengths = np.full(200, 8)
+    plan = coalesce(src, dst, lengths)
+    a = np.zeros(int(src.max()) + 16, dtype=np.int64)
+    b1, b2 = np.zeros(int(dst.max()) + 16, dtype=np.int64), np.zeros(int(dst.max()) + 16, dtype=np.int64)
+    a[:] = rng.integers(0, 1 << 40, len(a))
+    for s, d, n in zip(src, dst, lengths):
+        b1[d:d + n] = a[s:s + n]
+    for s, d, n in zip(plan.src_offsets, plan.dst_offsets, plan.lengths):
+        b2[d:d + n] = a[s:s + n]
+    assert np.array_equal(b1, b2) and len(plan) < 200 and plan.nbytes == lengths.sum()
+
+
+def test_out_of_range_ids_and_writes_are_refused():
+    kv = KVLayout(num_layers=1, num_blocks=4, block_bytes=64, block_stride=64, layer_offsets=(0,))
+    pool = PoolLayout(1, 2, 64)
+    with pytest.raises(ValueError, match="block id"):
+        plan_cache_to_pool(kv, pool, blocks=[4], pages=[0])
+    with pytest.raises(ValueError, match="page index"):
+        plan_cache_to_pool(kv, pool, blocks=[0], pages=[2])
+    with pytest.raises(ValueError, match="equal-length"):
+        plan_cache_to_pool(kv, pool, blocks=[0, 1], pages=[0])
+    plan = plan_cache_to_pool(kv, pool, blocks=[3], pages=[1])
+    with pytest.raises(ValueError, match="outside the destination"):
+        copy_ranges(torch.zeros(256, dtype=torch.uint8), torch.zeros(100, dtype=torch.uint8), plan)
+    with pytest.raises(ValueError, match="outside the source"):
+        copy_ranges(torch.zeros(100, dtype=torch.uint8), torch.zeros(256, dtype=torch.uint8), plan)
+
+
+def test_unsupported_kv_layouts_are_refused():
+    with pytest.raises(ValueError, match="no KV cache layers"):
+        kv_layout_of([])
+    t = torch.zeros(4, 2, 8, 6)[:, :, :, :4]  # blocks not contiguous
+    with pytest.raises(ValueError, match="not contiguous"):
+        kv_layout_of([t])
+    with pytest.raises(ValueError, match="different buffers"):
+        kv_layout_of([torch.zeros(4, 2, 8, 4), torch.zeros(4, 2, 8, 4)])
+
+
+def test_flat_bytes_covers_the_whole_storage():
+    t = torch.arange(12, dtype=torch.int32).view(3, 4)[1:]
+    fb = flat_bytes(t)
+    assert fb.numel() == 48 and fb.data_ptr() == t.untyped_storage().data_ptr()
+
+
+def test_copy_ranges_ref_is_what_copy_ranges_does():
+    src = torch.arange(256, dtype=torch.int32).view(torch.uint8)
+    a, b = torch.zeros(1024, dtype=torch.uint8), torch.zeros(1024, dtype=torch.uint8)
+    plan = coalesce(np.array([0, 100, 500]), np.array([10, 600, 900]), np.array([50, 200, 100]))
+    copy_ranges(src, a, plan)
+    copy_ranges_ref(src, b, plan)
+    assert torch.equal(a, b) and a.any()
+
+
+def test_blocks_for_tokens():
+    assert [blocks_for_tokens(n, 128) for n in (1, 127, 128, 129, 1900)] == [1, 1, 1, 2, 15]

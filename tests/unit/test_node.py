@@ -1,0 +1,252 @@
+"""Sender and receiver together (real zmq, real transports, in one process).
+
+Hand-offs arrive bitwise; every failure ends in a bounded time with its cause named, and the
+decode pool always comes back to full capacity.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import pytest
+import torch
+
+from lmcache_pd import protocol as P
+from lmcache_pd.cli.local import free_ports
+from lmcache_pd.config import PDConfig, config_from_dict
+from lmcache_pd.layout import blocks_for_tokens
+from lmcache_pd.node.receiver import KVReceiver, LoadResult, LoadSpec
+from lmcache_pd.node.sender import KVSender, SendResult, SendSpec
+from lmcache_pd.ops import kv_layout_of
+from tests.unit.test_layout import vllm_like_cache
+from tests.unit.test_protocol import COMPAT
+
+BLOCK, LAYERS, HEADS, C = 16, 2, 2, 1024
+PAGE = LAYERS * HEADS * BLOCK * C * 2  # bf16: 128 KiB, so pool.size_mib=1 is 8 pages
+CPT = msgspec.structs.replace(COMPAT, block_size=BLOCK, num_layers=LAYERS, page_bytes=PAGE)
+
+
+def make_cfg(transport: str = "tcp", *, options: dict | None = None, pool_mib: int = 1, **timeouts) -> PDConfig:
+    http_p, http_d, ctrl, data = free_ports(4)
+    t = {"handshake_s": 2, "control_s": 2, "alloc_s": 2, "transfer_s": 3, "data_s": 3, "lease_s": 5,
+         "heartbeat_s": 0.5, **timeouts}
+    return config_from_dict({
+        "model": {"path": "tiny"},
+        "prefill": [{"name": "prefill-0", "http_port": http_p}],
+        "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data}],
+        "transport": {"name": transport, "options": options or {}},
+        "pool": {"size_mib": pool_mib},
+        "timeouts": t,
+    }, source="test")
+
+
+class Node:
+    """One prefill sender and one decode receiver with vLLM-like KV caches."""
+
+    def __init__(self, cfg: PDConfig, *, start_receiver: bool = True, compat: P.CompatInfo = CPT):
+        self.cfg = cfg
+        self.p_layers = vllm_like_cache(LAYERS, 40, HEADS, BLOCK, C, torch.bfloat16, "LBHNC")
+        self.d_layers = vllm_like_cache(LAYERS, 48, HEADS, BLOCK, C, torch.bfloat16, "LBHNC")
+        for t in self.d_layers:
+            t.view(torch.uint8).fill_(0xEE)
+        p_kv, p_buf = kv_layout_of(self.p_layers)
+        d_kv, d_buf = kv_layout_of(self.d_layers)
+        self.receiver = KVReceiver(cfg, instance="decode-0", tp_rank=0, compat=CPT, kv=d_kv, kv_buffer=d_buf)
+        if start_receiver:
+            self.receiver.start()
+        self.sender = KVSender(cfg, instance="prefill-0", tp_rank=0, compat=compat, kv=p_kv, kv_buffer=p_buf)
+        self.sender.start()
+
+    def close(self) -> None:
+        self.sender.close()
+        self.receiver.close()
+
+    def handoff(self, tid: str, p_blocks: list[int], d_blocks: list[int], num_tokens: int,
+                digest: str = "d" * 32, load_digest: str | None = None) -> None:
+        self.sender.submit(SendSpec(f"p-{tid}", tid, "decode-0", tuple(p_blocks), num_tokens, digest))
+        self.receiver.submit_load(LoadSpec(f"d-{tid}", tid, num_tokens, load_digest or digest, tuple(d_blocks)))
+
+    def results(self, n_send: int, n_load: int, timeout_s: float = 15) -> tuple[list[SendResult], list[LoadResult]]:
+        sends: list[SendResult] = []
+        loads: list[LoadResult] = []
+        deadline = time.monotonic() + timeout_s
+        while len(sends) < n_send or len(loads) < n_load:
+            assert time.monotonic() < deadline, f"only {len(sends)} sends / {len(loads)} loads ended"
+            sends += self.sender.drain()
+            loads += self.receiver.drain()
+            time.sleep(0.005)
+        return sends, loads
+
+    def assert_moved(self, p_blocks: list[int], d_blocks: list[int]) -> None:
+        for pl, dl in zip(self.p_layers, self.d_layers):
+            for pb, db in zip(p_blocks, d_blocks):
+                assert torch.equal(pl[pb].view(torch.uint8), dl[db].view(torch.uint8)), (pb, db)
+
+    def pool_full(self, timeout_s: float = 2.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.receiver.pool.free_pages == self.receiver.pool.num_pages:
+                return True
+            time.sleep(0.01)
+        return False
+
+
+@pytest.fixture(params=["tcp", "loopback"])
+def node(request):
+    n = Node(make_cfg(request.param))
+    yield n
+    n.close()
+
+
+def test_handoff_is_bitwise(node):
+    node.handoff("t1", [5, 6, 7, 30], [11, 12, 13, 40], num_tokens=3 * BLOCK + 5)
+    (s,), (ld,) = node.results(1, 1)
+    assert s.ok and ld.ok, (s.error, ld.error)
+    assert s.num_bytes == ld.num_bytes == 4 * PAGE
+    node.assert_moved([5, 6, 7, 30], [11, 12, 13, 40])
+    assert node.pool_full()
+
+
+def test_decode_with_a_local_prefix_hit_loads_only_the_tail(node):
+    before = node.d_layers[0][11].clone()
+    node.handoff("t1", [5, 6, 7], [12, 13], num_tokens=3 * BLOCK)  # decode already has block 0 (its 11)
+    (s,), (ld,) = node.results(1, 1)
+    assert s.ok and ld.ok
+    node.assert_moved([6, 7], [12, 13])
+    assert torch.equal(node.d_layers[0][11].view(torch.uint8), before.view(torch.uint8))
+
+
+def test_load_may_be_asked_before_the_prefill_sends(node):
+    node.receiver.submit_load(LoadSpec("d-early", "early", BLOCK, "x" * 32, (3,)))
+    time.sleep(0.3)
+    node.sender.submit(SendSpec("p-early", "early", "decode-0", (9,), BLOCK, "x" * 32))
+    (s,), (ld,) = node.results(1, 1)
+    assert s.ok and ld.ok
+    node.assert_moved([9], [3])
+
+
+def test_many_concurrent_handoffs_larger_than_the_pool_do_not_deadlock(node):
+    # Pool: 8 pages. Six hand-offs of 5 pages each: they must queue and all complete.
+    for k in range(6):
+        node.handoff(f"t{k}", list(range(1 + 5 * k, 6 + 5 * k)), list(range(1 + 5 * k, 6 + 5 * k)), 5 * BLOCK)
+    sends, loads = node.results(6, 6, timeout_s=30)
+    assert all(s.ok for s in sends) and all(ld.ok for ld in loads), [s.error for s in sends]
+    node.assert_moved(list(range(1, 31)), list(range(1, 31)))
+    assert node.pool_full()
+
+
+def test_request_larger_than_the_pool_fails_fast_on_both_sides(node):
+    t0 = time.monotonic()
+    node.handoff("huge", list(range(1, 10)), list(range(1, 10)), 9 * BLOCK)  # 9 pages > 8
+    (s,), (ld,) = node.results(1, 1)
+    assert not s.ok and "pool.size_mib" in s.error
+    assert not ld.ok and time.monotonic() - t0 < node.cfg.timeouts.transfer_s
+    assert node.pool_full()
+
+
+def test_prompt_mismatch_is_refused_and_pages_return(node):
+    node.handoff("t1", [5], [5], BLOCK, digest="a" * 32, load_digest="b" * 32)
+    (s,), (ld,) = node.results(1, 1)
+    assert s.ok and not ld.ok and "different prompt" in ld.error
+    assert torch.all(node.d_layers[0][5].view(torch.uint8) == 0xEE)
+    assert node.pool_full()
+
+
+def test_no_prefill_ever_comes_times_out_naming_the_field():
+    n = Node(make_cfg(transfer_s=0.5))
+    try:
+        t0 = time.monotonic()
+        n.receiver.submit_load(LoadSpec("d-x", "never", BLOCK, "d" * 32, (1,)))
+        _, (ld,) = n.results(0, 1)
+        assert not ld.ok and "timeouts.transfer_s" in ld.error and 0.45 < time.monotonic() - t0 < 2
+        # A prefill arriving after the decode gave up is refused: no pages are taken for nobody.
+        n.sender.submit(SendSpec("p-x", "never", "decode-0", (1,), BLOCK, "d" * 32))
+        (s,), _ = n.results(1, 0)
+        assert not s.ok and n.pool_full()
+    finally:
+        n.close()
+
+
+def test_decode_not_running_fails_within_the_handshake_deadline_then_fast():
+    n = Node(make_cfg(handshake_s=0.5), start_receiver=False)
+    try:
+        t0 = time.monotonic()
+        n.sender.submit(SendSpec("p-1", "t1", "decode-0", (1,), BLOCK, "d" * 32))
+        (s,), _ = n.results(1, 0)
+        assert not s.ok and "timeouts.handshake_s" in s.error and time.monotonic() - t0 < 2
+        t1 = time.monotonic()
+        n.sender.submit(SendSpec("p-2", "t2", "decode-0", (1,), BLOCK, "d" * 32))
+        (s2,), _ = n.results(1, 0)
+        assert not s2.ok and "down" in s2.error and time.monotonic() - t1 < 0.3
+    finally:
+        n.close()
+
+
+def test_unknown_decode_peer_fails_at_once():
+    n = Node(make_cfg())
+    try:
+        n.sender.submit(SendSpec("p-1", "t1", "decode-7", (1,), BLOCK, "d" * 32))
+        (s,), _ = n.results(1, 0, timeout_s=2)
+        assert not s.ok and "decode-7" in s.error
+    finally:
+        n.close()
+
+
+def test_incompatible_peer_is_refused_naming_the_field():
+    n = Node(make_cfg(), compat=msgspec.structs.replace(CPT, dtype="torch.float16/auto"))
+    try:
+        n.handoff("t1", [1], [1], BLOCK)
+        (s,), _ = n.results(1, 0)
+        assert not s.ok and "dtype" in s.error
+        assert n.receiver.server.stats.refused_handshakes == 1
+    finally:
+        n.close()
+
+
+def test_transport_failure_cancels_and_the_decode_recomputes_at_once():
+    n = Node(make_cfg("loopback", options={"fail_every": 1}))
+    try:
+        t0 = time.monotonic()
+        n.handoff("t1", [1, 2], [1, 2], 2 * BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert not s.ok and "scripted failure" in s.error
+        assert not ld.ok and "canceled by prefill" in ld.error and time.monotonic() - t0 < 1.5
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
+def test_slow_transport_passes_its_deadline_and_pages_return():
+    n = Node(make_cfg("loopback", options={"delay_s": 1.0}, data_s=0.3))
+    try:
+        n.handoff("t1", [1], [1], BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert not s.ok and "timeouts.data_s" in s.error and not ld.ok
+        assert n.pool_full(3)
+    finally:
+        n.close()
+
+
+def test_restarted_decode_is_re_handshaken():
+    cfg = make_cfg()
+    n = Node(cfg)
+    try:
+        n.handoff("t1", [1], [1], BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok
+        old = n.receiver
+        old.close()
+        n.receiver = KVReceiver(cfg, instance="decode-0", tp_rank=0, compat=CPT, kv=old.kv, kv_buffer=old.kv_buffer)
+        n.receiver.start()
+        assert n.receiver.incarnation != old.incarnation
+        n.handoff("t2", [2, 3], [2, 3], 2 * BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        n.assert_moved([2, 3], [2, 3])
+    finally:
+        n.close()
+
+
+def test_blocks_for_a_partial_last_block():
+    assert blocks_for_tokens(3 * BLOCK + 5, BLOCK) == 4
