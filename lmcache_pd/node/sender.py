@@ -188,19 +188,22 @@ class KVSender:
         raise AssertionError("unreachable")
 
     async def _transfer(self, link: _Link, plan, spec: SendSpec) -> None:
+        loop = asyncio.get_running_loop()
+        ended = asyncio.Event()
         handle = self.transport.submit(link.peer_id, self.region, plan, timeout_s=self.t.data_s)
+        handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(ended.set))
         deadline = time.monotonic() + self.t.data_s
-        delay = 0.0002
         try:
-            while True:
-                state = self.transport.poll(handle)
-                if state.terminal:
-                    break
+            # Woken by the transport's callback; the short timeout keeps polling transports that
+            # make progress only inside poll().
+            while not (state := self.transport.poll(handle)).terminal:
                 if time.monotonic() > deadline:
                     raise TransferTimeout("data transfer", config_field="timeouts.data_s", seconds=self.t.data_s,
                                           transfer_id=spec.transfer_id, peer=spec.peer)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.005)
+                try:
+                    await asyncio.wait_for(ended.wait(), 0.005)
+                except TimeoutError:
+                    pass
         finally:
             handle.release()
         if state == TransferState.TIMEOUT:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -64,7 +65,8 @@ class TransportStats:
 class TransferHandle:
     """One submitted batch. ``release()`` it when done; usable as a context manager."""
 
-    __slots__ = ("id", "nbytes", "_owner", "_released", "state", "error", "t_submit", "t_done")
+    __slots__ = ("id", "nbytes", "_owner", "_released", "state", "error", "t_submit", "t_done", "_callbacks",
+                 "_cb_lock")
     _ids = itertools.count(1)
 
     def __init__(self, owner: Transport, nbytes: int, t_submit: float):
@@ -76,6 +78,26 @@ class TransferHandle:
         self.error: str | None = None
         self.t_submit = t_submit
         self.t_done: float | None = None
+        self._callbacks: list[Callable[[TransferHandle], None]] = []
+        self._cb_lock = threading.Lock()
+
+    def add_done_callback(self, fn: Callable[[TransferHandle], None]) -> None:
+        """Call ``fn(handle)`` once the transport finishes it (at once if it already has).
+
+        Transports that complete in their own threads call it from there, so a waiter can sleep
+        instead of polling; callers must still ``poll`` transports that need polling to progress.
+        """
+        with self._cb_lock:
+            if not self.state.terminal:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _run_callbacks(self) -> None:
+        with self._cb_lock:
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
 
     def release(self) -> None:
         if not self._released:
@@ -153,4 +175,6 @@ class Transport(ABC):
                 self.stats.seconds += t_done - handle.t_submit
             else:
                 self.stats.failures += 1
-        handle.state = state  # last: pollers see a complete handle
+        with handle._cb_lock:
+            handle.state = state  # last: pollers see a complete handle
+        handle._run_callbacks()

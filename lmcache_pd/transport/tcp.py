@@ -45,11 +45,15 @@ _OK, _BAD_BATCH, _BAD_HELLO = 0, 1, 2
 
 
 class TcpOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    streams: int = 2
-    """Connections per peer; batches are spread over them."""
+    streams: int = 1
+    """Connections per peer; concurrent batches are spread over them. One saturates loopback on
+    our 2-core machines (docs/benchmarks.md); more help on links with a large bandwidth-delay product."""
     io_timeout_s: float = 10.0
     """A connection that stalls mid-batch for this long is dropped (both sides)."""
-    socket_buffer_bytes: int = 4 << 20
+    piece_bytes: int = 64 << 10
+    """Ranges go to the kernel in pieces of at most this size (see docs/benchmarks.md)."""
+    socket_buffer_bytes: int = 0
+    """SO_SNDBUF/SO_RCVBUF; 0 leaves them to the kernel's autotuning (fastest on loopback)."""
 
 
 class _Descriptor(msgspec.Struct, frozen=True):
@@ -58,6 +62,45 @@ class _Descriptor(msgspec.Struct, frozen=True):
     token: bytes
     region: int
     nbytes: int
+
+
+def _blocking(sock: socket.socket, timeout_s: float) -> None:
+    """Blocking mode with the deadline enforced by the kernel (SO_RCVTIMEO/SO_SNDTIMEO).
+
+    Python's own socket timeouts poll() before every call; in blocking mode one recvmsg_into with
+    MSG_WAITALL (or one sendmsg) moves up to IOV_MAX pieces in a single system call.
+    """
+    sock.settimeout(None)
+    sec = max(timeout_s, 0.001)
+    tv = struct.pack("ll", int(sec), int((sec - int(sec)) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def _pieces(view: memoryview, offsets: list[int], lengths: list[int], piece: int) -> list[memoryview]:
+    out: list[memoryview] = []
+    for off, n in zip(offsets, lengths):
+        end = off + n
+        out += [view[o:min(o + piece, end)] for o in range(off, end, piece)]
+    return out
+
+
+def _recv_scatter(sock: socket.socket, views: list[memoryview]) -> None:
+    """recvmsg_into until every view is full: one system call fills many scattered ranges."""
+    views = [v for v in views if len(v)]
+    i = 0
+    while i < len(views):
+        got = sock.recvmsg_into(views[i:i + _IOV_MAX], 0, socket.MSG_WAITALL)[0]
+        if got == 0:
+            raise ConnectionError("peer closed the connection")
+        while got and i < len(views):
+            n = len(views[i])
+            if got >= n:
+                got -= n
+                i += 1
+            else:
+                views[i] = views[i][got:]
+                got = 0
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -87,8 +130,9 @@ def _send_all(sock: socket.socket, buffers: list[memoryview]) -> None:
 
 def _tune(sock: socket.socket, buf_bytes: int) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        sock.setsockopt(socket.SOL_SOCKET, opt, buf_bytes)
+    if buf_bytes:  # 0 keeps the kernel's autotuning, which fixed sizes switch off
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, buf_bytes)
 
 
 def _as_view(buffer: torch.Tensor) -> memoryview:
@@ -160,17 +204,17 @@ class _Stream:
             table[:, 0] = plan.dst_offsets
             table[:, 1] = plan.lengths
             bufs = [memoryview(_BATCH.pack(b"LPDB", handle.id, len(plan))), memoryview(table.view(np.uint8).reshape(-1))]
-            bufs += [src[s:s + n] for s, n in zip(plan.src_offsets.tolist(), plan.lengths.tolist())]
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            bufs += _pieces(src, plan.src_offsets.tolist(), plan.lengths.tolist(), t.options.piece_bytes)
+            _blocking(sock, deadline - time.monotonic())
             _send_all(sock, bufs)
             ack = bytearray(_ACK.size)
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            _blocking(sock, deadline - time.monotonic())
             _recv_exact(sock, memoryview(ack))
             magic, batch, status = _ACK.unpack(ack)
             if magic != b"LPDA" or batch != handle.id or status != _OK:
                 raise ConnectionError(f"bad ack (magic {magic!r}, batch {batch}, status {status})")
             t._finish(handle, TransferState.DONE, time.monotonic())
-        except (TimeoutError, socket.timeout):
+        except (TimeoutError, socket.timeout, BlockingIOError):  # EAGAIN: the kernel timeout fired
             self._drop()
             t._finish(handle, TransferState.TIMEOUT, time.monotonic(), "tcp transfer passed its deadline")
         except (OSError, ConnectionError, PeerLost) as e:
@@ -290,7 +334,7 @@ class TcpTransport(Transport):
             return True
         if first == 0:
             return False
-        conn.settimeout(self.options.io_timeout_s)
+        _blocking(conn, self.options.io_timeout_s)
         _recv_exact(conn, memoryview(header)[first:])
         magic, batch, n = _BATCH.unpack(header)
         if magic != b"LPDB" or n > MAX_RANGES:
@@ -304,8 +348,7 @@ class TcpTransport(Transport):
             conn.sendall(_ACK.pack(b"LPDA", batch, _BAD_BATCH))
             return False
         t0 = time.monotonic()
-        for d, ln in zip(dst.tolist(), lengths.tolist()):
-            _recv_exact(conn, view[d:d + ln])
+        _recv_scatter(conn, _pieces(view, dst.tolist(), lengths.tolist(), self.options.piece_bytes))
         conn.sendall(_ACK.pack(b"LPDA", batch, _OK))
         with self._stats_lock:
             self.stats.batches += 1
