@@ -26,15 +26,16 @@ PROMPTS = [
 
 
 def stream_completion(url: str, prompt: str, max_tokens: int, request_id: str,
-                      timeout_s: float = 120.0) -> tuple[str, float, float]:
-    """(text, seconds to the first token, total seconds) of one streamed completion."""
+                      timeout_s: float = 120.0) -> tuple[str, float, float, int]:
+    """(text, seconds to the first token, total seconds, prompt tokens) of one streamed completion."""
     body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True}).encode()
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
     req = urllib.request.Request(f"{url}/v1/completions", body,
                                  {"content-type": "application/json", "x-request-id": request_id})
     t0 = time.monotonic()
     ttft = None
     text = []
+    prompt_tokens = 0
     with urllib.request.urlopen(req, timeout=timeout_s) as r:
         for raw in r:
             line = raw.decode().strip()
@@ -43,11 +44,15 @@ def stream_completion(url: str, prompt: str, max_tokens: int, request_id: str,
             event = json.loads(line[5:])
             if "error" in event:
                 raise RuntimeError(event["error"])
+            if event.get("usage"):
+                prompt_tokens = event["usage"]["prompt_tokens"]
+            if not event.get("choices"):
+                continue
             piece = event["choices"][0].get("text", "")
             if piece and ttft is None:
                 ttft = time.monotonic() - t0
             text.append(piece)
-    return "".join(text), ttft if ttft is not None else float("nan"), time.monotonic() - t0
+    return "".join(text), ttft if ttft is not None else float("nan"), time.monotonic() - t0, prompt_tokens
 
 
 def _handoff(log: Path, request_id: str, timeout_s: float = 5.0) -> dict | None:
@@ -79,10 +84,10 @@ def run_demo(workdir: str, *, max_tokens: int = 24) -> int:
         rows = []
         for i, prompt in enumerate(PROMPTS):
             rid = f"demo{i}-{uuid.uuid4().hex[:8]}"
-            text, ttft, total = stream_completion(url, prompt, max_tokens, rid)
+            text, ttft, total, n_prompt = stream_completion(url, prompt, max_tokens, rid)
             h = _handoff(log, rid)
             rows.append((i, prompt, text, ttft, total, h))
-            print(f"[{i}] prompt: {prompt[:60]!r}{'...' if len(prompt) > 60 else ''}")
+            print(f"[{i}] prompt ({n_prompt} tokens): {prompt[:60]!r}{'...' if len(prompt) > 60 else ''}")
             print(f"    answer: {text!r}")
             if h and h["ok"]:
                 gbps = h["num_bytes"] / h["transfer_s"] / 1e9 if h["transfer_s"] else float("nan")

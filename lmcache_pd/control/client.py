@@ -16,7 +16,12 @@ import zmq.asyncio
 
 from lmcache_pd import protocol as P
 from lmcache_pd.errors import (
-    IncompatiblePeer, PeerLost, PoolExhausted, ProtocolError, TransferError, TransferTimeout,
+    IncompatiblePeer,
+    PeerLost,
+    PoolExhausted,
+    ProtocolError,
+    TransferError,
+    TransferTimeout,
 )
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,6 @@ calls :meth:`submit_load` and :meth:`drain`, which never block.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import threading
 import time
@@ -31,6 +29,7 @@ from lmcache_pd.control.allocator import PagePool, PoolStats
 from lmcache_pd.control.server import ControlServer
 from lmcache_pd.errors import PDError, TransferError
 from lmcache_pd.layout import KVLayout, PoolLayout, blocks_for_tokens, plan_cache_to_pool
+from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.ops import copy_ranges
 
 log = logging.getLogger(__name__)
@@ -74,8 +73,7 @@ class KVReceiver:
         self.cfg = cfg
         self.instance = instance
         self.tp_rank = tp_rank
-        self._handoff_log = (cfg.handoff_log.replace("{instance}", instance).replace("{rank}", str(tp_rank))
-                             if cfg.handoff_log else None)
+        self._handoff_log = HandoffLog(cfg.handoff_log, instance=instance, rank=tp_rank, role="decode")
         self.kv = kv
         self.kv_buffer = kv_buffer
         self.incarnation = uuid.uuid4().hex[:16]
@@ -217,14 +215,7 @@ class KVReceiver:
     def _record(self, result: LoadResult) -> None:
         with self._lock:
             self._results.append(result)
-        if self._handoff_log is not None:
-            line = json.dumps({"time": time.time(), "instance": self.instance, "rank": self.tp_rank,
-                               **dataclasses.asdict(result)})
-            try:
-                with open(self._handoff_log, "a", encoding="utf-8") as f:
-                    f.write(line + "\n")
-            except OSError as e:
-                log.warning("cannot append to handoff_log %s: %s", self._handoff_log, e)
+        self._handoff_log.append(result)
 
     @property
     def kv_block_size(self) -> int:

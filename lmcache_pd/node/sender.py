@@ -30,6 +30,7 @@ from lmcache_pd.config import PDConfig
 from lmcache_pd.control.client import ControlClient
 from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
 from lmcache_pd.layout import KVLayout, PoolLayout, blocks_for_tokens, plan_cache_to_pool
+from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.loop import LoopThread
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class KVSender:
         self._results: list[SendResult] = []
         self._results_lock = threading.Lock()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._handoff_log = HandoffLog(cfg.handoff_log, instance=instance, rank=tp_rank, role="prefill")
 
     def start(self) -> None:
         self.region = self.transport.register(self.kv_buffer)
@@ -165,6 +167,7 @@ class KVSender:
     def _result(self, r: SendResult) -> None:
         with self._results_lock:
             self._results.append(r)
+        self._handoff_log.append(r)
 
     async def _allocate(self, spec: SendSpec, n_pages: int) -> tuple[_Link, list[int]]:
         for attempt in (1, 2):

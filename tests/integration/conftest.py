@@ -22,6 +22,7 @@ from lmcache_pd.cli.local import LocalDeployment, free_ports, local_config
 from lmcache_pd.cli.tinymodel import build_tiny_model
 
 TRANSFER_S = 4.0
+PREFILL_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +45,7 @@ def deployment(tmp_path_factory):
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
     dep = LocalDeployment(cfg, work)
     dep.add_proxy("proxy-ghost", "proxy.decodes=[decode-ghost]")
+    dep.add_proxy("proxy-impatient", f"proxy.prefill_timeout_s={PREFILL_TIMEOUT_S}")
     try:
         dep.start_all(timeout_s=600, skip=("decode-ghost",))
         yield dep
@@ -96,4 +98,4 @@ def prompt_ids(n: int, seed: int = 0) -> list[int]:
     return [6 + (i * 7919 + seed * 104729 + (i * i) % 13) % 500 for i in range(n)]
 
 
-__all__ = ["TRANSFER_S", "counter", "metrics", "post", "prompt_ids", "wait_for", "urllib"]
+__all__ = ["PREFILL_TIMEOUT_S", "TRANSFER_S", "counter", "metrics", "post", "prompt_ids", "wait_for", "urllib"]

@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import signal
+import socket
 import time
+import urllib.error
 import urllib.request
 
 import pytest
 
 from lmcache_pd import protocol as P
-from tests.integration.conftest import TRANSFER_S, counter, metrics, post, prompt_ids, wait_for
+from tests.integration.conftest import PREFILL_TIMEOUT_S, TRANSFER_S, counter, metrics, post, prompt_ids, wait_for
 
 pytestmark = pytest.mark.e2e
 MAX_TOKENS = 16
 
 
-def completion(url: str, prompt, **extra) -> tuple[dict, dict]:
+def completion(url: str, prompt, headers: dict | None = None, **extra) -> tuple[dict, dict]:
     body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
             "return_token_ids": True, **extra}
-    return post(f"{url}/v1/completions", body)
+    return post(f"{url}/v1/completions", body, headers)
 
 
 def token_ids(resp: dict) -> list[int]:
@@ -34,9 +37,20 @@ def report(resp: dict) -> dict:
     return (resp.get("kv_transfer_params") or {}).get("lmcache_pd", {})
 
 
-def prefill_idle(dep) -> bool:
-    m = metrics(dep.procs["prefill-0"].url)
-    return counter(m, "vllm:num_requests_running") == 0 and counter(m, "vllm:kv_cache_usage_perc") == 0
+def handoff_record(dep, instance: str, transfer_prefix: str, timeout_s: float = 10.0) -> dict:
+    """The instance's handoff_log line for a transfer: written when the hand-off ended there."""
+    found: list[dict] = []
+
+    def seen() -> bool:
+        path = dep.workdir / f"handoffs-{instance}.jsonl"
+        if path.exists():
+            found[:] = [r for r in map(json.loads, path.read_text().splitlines())
+                        if r["transfer_id"].startswith(transfer_prefix)]
+        return bool(found)
+
+    wait_for(seen, timeout_s, f"{instance} recorded no end of hand-off {transfer_prefix}")
+    assert len(found) == 1, found
+    return found[0]
 
 
 @pytest.mark.parametrize("n", [20, 127, 128, 129, 1000, 1900])
@@ -46,7 +60,6 @@ def test_outputs_match_colocated_and_decode_computes_one_prompt_token(deployment
     reference, _ = completion(prefill, ids)
     before = metrics(decode)
     got, headers = completion(proxy, ids)
-    after = metrics(decode)
 
     assert token_ids(got) == token_ids(reference), "P/D output differs from the colocated output"
     assert len(token_ids(got)) == MAX_TOKENS
@@ -57,12 +70,19 @@ def test_outputs_match_colocated_and_decode_computes_one_prompt_token(deployment
     assert r["prompt_tokens_computed"] == 1
     assert r["bytes"] == -(-n // 128) * 65536  # every block of the prompt, all layers
     # vLLM's own counters on the decode instance: no prompt token computed locally, all external.
-    d = {k: counter(after, "vllm:prompt_tokens_by_source_total", source=k)
-         - counter(before, "vllm:prompt_tokens_by_source_total", source=k)
-         for k in ("local_compute", "local_cache_hit", "external_kv_transfer")}
+    # (The frontend updates them as it processes outputs: give it a moment after the response.)
+    def delta() -> dict[str, float]:
+        after = metrics(decode)
+        return {k: counter(after, "vllm:prompt_tokens_by_source_total", source=k)
+                - counter(before, "vllm:prompt_tokens_by_source_total", source=k)
+                for k in ("local_compute", "local_cache_hit", "external_kv_transfer")}
+    wait_for(lambda: sum(delta().values()) >= n, 5, "decode-0's prompt token counters did not move")
+    d = delta()
     assert d == {"local_compute": 0, "local_cache_hit": 0, "external_kv_transfer": n}, d
-    # The prefill instance releases the blocks it held for the hand-off.
-    wait_for(lambda: prefill_idle(deployment), 10, "prefill-0 did not release its blocks")
+    # Both ends recorded the hand-off as ended (the prefill then reported finished_sending).
+    sent = handoff_record(deployment, "prefill-0", r["transfer_id"])
+    loaded = handoff_record(deployment, "decode-0", r["transfer_id"])
+    assert sent["ok"] and loaded["ok"] and sent["num_bytes"] == loaded["num_bytes"] == r["bytes"]
 
 
 def test_streaming_completion_is_well_formed(deployment):
@@ -155,13 +175,13 @@ def test_decode_not_running_is_served_by_local_recompute_within_deadline(deploym
     ids = prompt_ids(500, seed=21)
     reference, _ = completion(prefill, ids)
     t0 = time.monotonic()
-    got, _ = completion(ghost_proxy, ids)
+    got, _ = completion(ghost_proxy, ids, headers={"x-request-id": "to-the-ghost"})
     elapsed = time.monotonic() - t0
     assert token_ids(got) == token_ids(reference)
     assert elapsed < deployment.cfg.timeouts.handshake_s + 5
-    # The prefill's hand-off to the dead peer ends within timeouts.handshake_s; its blocks come back.
-    wait_for(lambda: prefill_idle(deployment), deployment.cfg.timeouts.handshake_s + 10,
-             "prefill-0 kept blocks for a hand-off to a dead decode instance")
+    # The prefill's hand-off to the dead peer ends within timeouts.handshake_s (its blocks are freed).
+    sent = handoff_record(deployment, "prefill-0", "to-the-ghost-", deployment.cfg.timeouts.handshake_s + 5)
+    assert not sent["ok"] and "decode-ghost" in sent["error"]
 
 
 def test_handoff_that_never_arrives_is_recomputed_within_transfer_s(deployment):
@@ -205,3 +225,41 @@ def test_request_larger_than_the_pool_is_answered_without_blocking_others(deploy
     # Refused at once (a tombstone in the pool), not after waiting for timeouts.transfer_s.
     assert rb["wait_s"] < TRANSFER_S / 2, rb
     assert t_small < 30 and t_big < 60
+
+
+def test_client_gone_while_decode_waits_for_kv_frees_everything(deployment):
+    """A request aborted while waiting for its KV still ends its load: nothing stays held."""
+    decode = deployment.procs["decode-0"].url
+    ids = prompt_ids(300, seed=51)
+    kv = {"do_remote_prefill": True, "do_remote_decode": False, "transfer_id": "never-coming",
+          "num_tokens": 300, "prompt_digest": P.prompt_digest(ids), "prefill_peer": "prefill-0"}
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 8, "temperature": 0, "kv_transfer_params": kv}
+    req = urllib.request.Request(f"{decode}/v1/completions", json.dumps(body).encode(),
+                                 {"content-type": "application/json"})
+    t0 = time.monotonic()
+    with pytest.raises((TimeoutError, socket.timeout, urllib.error.URLError)):
+        urllib.request.urlopen(req, timeout=1.0)  # the client gives up while decode waits
+    # The load is canceled on abort (and reported finished), before timeouts.transfer_s would end it.
+    rec = handoff_record(deployment, "decode-0", "never-coming", TRANSFER_S + 5)
+    assert not rec["ok"] and rec["error"] == "request aborted", rec
+    assert rec["waited_s"] < TRANSFER_S - 1 and time.monotonic() - t0 < TRANSFER_S + 5
+
+
+def test_stalled_prefill_is_bypassed_after_prefill_timeout_s(deployment):
+    """prefill-0 stopped (SIGSTOP): the proxy gives up after proxy.prefill_timeout_s; decode recomputes."""
+    proxy, prefill = deployment.procs["proxy-impatient"].url, deployment.procs["prefill-0"].url
+    ids = prompt_ids(90, seed=61)
+    reference, _ = completion(prefill, ids)
+    deployment.signal("prefill-0", signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        got, _ = completion(proxy, ids)
+        elapsed = time.monotonic() - t0
+    finally:
+        deployment.signal("prefill-0", signal.SIGCONT)
+    assert token_ids(got) == token_ids(reference)
+    assert PREFILL_TIMEOUT_S - 0.2 < elapsed < PREFILL_TIMEOUT_S + 5
+    assert report(got) == {}  # served without a hand-off
+    # prefill-0 serves normally again after SIGCONT.
+    again, _ = completion(deployment.procs["proxy"].url, prompt_ids(40, seed=62))
+    assert report(again)["loaded"] is True

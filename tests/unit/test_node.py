@@ -6,6 +6,7 @@ decode pool always comes back to full capacity.
 
 from __future__ import annotations
 
+import json
 import time
 
 import msgspec
@@ -250,3 +251,20 @@ def test_restarted_decode_is_re_handshaken():
 
 def test_blocks_for_a_partial_last_block():
     assert blocks_for_tokens(3 * BLOCK + 5, BLOCK) == 4
+
+
+def test_handoff_log_records_both_ends(tmp_path):
+    cfg = msgspec.structs.replace(make_cfg(), handoff_log=str(tmp_path / "h-{instance}-{rank}.jsonl"))
+    n = Node(cfg)
+    try:
+        n.handoff("logged", [1, 2], [3, 4], 2 * BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok
+        sent = [json.loads(x) for x in (tmp_path / "h-prefill-0-0.jsonl").read_text().splitlines()]
+        got = [json.loads(x) for x in (tmp_path / "h-decode-0-0.jsonl").read_text().splitlines()]
+        assert [(r["role"], r["transfer_id"], r["ok"], r["num_bytes"]) for r in sent] == \
+            [("prefill", "logged", True, 2 * PAGE)]
+        assert [(r["role"], r["transfer_id"], r["ok"], r["num_bytes"]) for r in got] == \
+            [("decode", "logged", True, 2 * PAGE)]
+    finally:
+        n.close()
