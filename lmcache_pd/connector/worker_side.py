@@ -117,8 +117,9 @@ class PrefillWorker(_PDWorker):
     def __init__(self, vllm_config: VllmConfig, cfg: PDConfig, *, instance: str):
         super().__init__(vllm_config, cfg, instance=instance)
         self.sender: KVSender | None = None
-        self._done: set[ReqId] = set()
-        self._finished: set[ReqId] = set()
+        self._pending: set[ReqId] = set()   # submitted, not yet reported
+        self._done: set[ReqId] = set()      # ended in the sender
+        self._finished: set[ReqId] = set()  # of those, the ones vLLM told us have finished
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout, buffer, compat = self.describe(kv_caches)
@@ -132,17 +133,20 @@ class PrefillWorker(_PDWorker):
         if self.sender is None:
             return
         for spec in meta.sends:
+            self._pending.add(spec.req_id)
             self.sender.submit(spec)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         if self.sender is None:
             return set(), set(), set()
-        self._finished |= finished_req_ids
+        # Report only ids vLLM has told us finished (its contract for finished_sending); remember
+        # only ours among them, or this set would grow with every request the instance serves.
+        self._finished |= finished_req_ids & self._pending
         self._done |= {r.req_id for r in self.sender.drain()}
-        # Report only ids vLLM has told us finished (its contract for finished_sending).
         sending = self._done & self._finished
         self._done -= sending
         self._finished -= sending
+        self._pending -= sending
         return sending, set(), set()
 
     def shutdown(self) -> None:

@@ -134,7 +134,11 @@ class ControlServer:
             if version is not None:
                 self._send(sock, identity, P.Error(msg_id=0, code=code, message=str(e)))
             return
-        reply = self._handle(identity, msg)
+        try:
+            reply = self._handle(identity, msg)
+        except Exception as e:  # noqa: BLE001 - a bug must not kill the control plane of this instance
+            log.exception("control: handler crashed on %s", type(msg).__name__)
+            reply = P.Error(msg_id=msg.msg_id, code=P.ErrorCode.INTERNAL, message=f"internal error: {e!r}")
         if reply is not None:
             self._send(sock, identity, reply)
 

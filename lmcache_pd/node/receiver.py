@@ -167,7 +167,11 @@ class KVReceiver:
             for load, error in failed:
                 self._fail(load, error, time.monotonic())
             for load in ready:
-                self._scatter(load)
+                try:
+                    self._scatter(load)
+                except Exception as e:  # noqa: BLE001 - the loader must outlive a bug, or every load would hang
+                    log.exception("loader crashed on %s", load.spec.transfer_id)
+                    self._fail(load, f"internal error: {e!r}", time.monotonic())
 
     def _check(self, load: _Load, now: float) -> str | None:
         """'' when ready to claim, an error text when it failed, None to keep waiting."""
