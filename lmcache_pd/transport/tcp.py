@@ -94,14 +94,7 @@ def _recv_scatter(sock: socket.socket, views: list[memoryview]) -> None:
         got = sock.recvmsg_into(views[i:i + _IOV_MAX], 0, socket.MSG_WAITALL)[0]
         if got == 0:
             raise ConnectionError("peer closed the connection")
-        while got and i < len(views):
-            n = len(views[i])
-            if got >= n:
-                got -= n
-                i += 1
-            else:
-                views[i] = views[i][got:]
-                got = 0
+        i = _consume(views, i, got)
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -118,15 +111,20 @@ def _send_all(sock: socket.socket, buffers: list[memoryview]) -> None:
     buffers = [b for b in buffers if len(b)]  # an empty buffer would never be "consumed"
     i = 0
     while i < len(buffers):
-        sent = sock.sendmsg(buffers[i:i + _IOV_MAX])
-        while sent and i < len(buffers):
-            n = len(buffers[i])
-            if sent >= n:
-                sent -= n
-                i += 1
-            else:
-                buffers[i] = buffers[i][sent:]
-                sent = 0
+        i = _consume(buffers, i, sock.sendmsg(buffers[i:i + _IOV_MAX]))
+
+
+def _consume(bufs: list[memoryview], i: int, n: int) -> int:
+    """Drop ``n`` moved bytes from the front of ``bufs[i:]``; return the index of the first unfinished one."""
+    while n and i < len(bufs):
+        size = len(bufs[i])
+        if n >= size:
+            n -= size
+            i += 1
+        else:
+            bufs[i] = bufs[i][n:]
+            n = 0
+    return i
 
 
 def _tune(sock: socket.socket, buf_bytes: int) -> None:

@@ -171,12 +171,18 @@ def test_peers_cannot_touch_each_others_transfers(server):
     assert server.pool.lookup("mine").state == PageState.ALLOCATED
 
 
-def test_garbled_frames_are_counted_and_change_nothing(server):
+def raw_dealer(srv: ControlServer) -> tuple[zmq.Context, zmq.Socket]:
+    """A bare DEALER, for sending frames no well-behaved client would."""
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RCVTIMEO, 2000)
-    s.connect(server.endpoint)
+    s.connect(srv.endpoint)
+    return ctx, s
+
+
+def test_garbled_frames_are_counted_and_change_nothing(server):
+    ctx, s = raw_dealer(server)
     garbage = [
         [b"just one frame"],
         [P.HEADER, b"\xc1\xc1"],
@@ -214,11 +220,7 @@ def test_request_to_a_silent_peer_times_out_naming_the_field():
 
 def test_version_mismatch_gets_a_version_error(server):
     import struct
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.RCVTIMEO, 2000)
-    s.connect(server.endpoint)
+    ctx, s = raw_dealer(server)
     s.send_multipart([struct.pack("!4sH", P.MAGIC, 99), b"anything"])
     # The reply is in our version; decode its body directly.
     header, body = s.recv_multipart()
