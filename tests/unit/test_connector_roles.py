@@ -1,0 +1,147 @@
+"""The connector's scheduler-side roles, driven with vLLM's own Request and KVCacheBlocks objects.
+
+These are the per-request decisions vLLM's engine calls many times per request; the end-to-end
+tests show the whole path, these pin down the edge cases one by one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed here (run scripts/setup)")
+
+from vllm import SamplingParams  # noqa: E402
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks  # noqa: E402
+from vllm.v1.core.kv_cache_utils import KVCacheBlock  # noqa: E402
+from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
+from vllm.v1.request import Request, RequestStatus  # noqa: E402
+
+from lmcache_pd import protocol as P  # noqa: E402
+from lmcache_pd.connector.metadata import LoadOutcome, PDWorkerMeta  # noqa: E402
+from lmcache_pd.connector.scheduler_side import DecodeScheduler, PrefillScheduler  # noqa: E402
+from tests.unit.test_node import make_cfg  # noqa: E402
+
+BS = 16
+
+
+def request(req_id: str, n: int, kv: dict | None) -> Request:
+    sp = SamplingParams(max_tokens=8, extra_args={"kv_transfer_params": kv} if kv else None)
+    return Request(req_id, list(range(10, 10 + n)), sp, None)
+
+
+def blocks(ids: list[int]) -> KVCacheBlocks:
+    return KVCacheBlocks(([KVCacheBlock(i) for i in ids],))
+
+
+def decode_params(n: int, tid: str = "t1") -> dict:
+    return {"do_remote_prefill": True, "do_remote_decode": False, "transfer_id": tid, "num_tokens": n,
+            "prompt_digest": P.prompt_digest(list(range(10, 10 + n))), "prefill_peer": "prefill-0"}
+
+
+@pytest.fixture
+def prefill():
+    return PrefillScheduler(make_cfg(), instance="prefill-0", block_size=BS)
+
+
+@pytest.fixture
+def decode():
+    return DecodeScheduler(make_cfg(), instance="decode-0", block_size=BS)
+
+
+def test_prefill_hands_off_finished_requests_only(prefill):
+    kv = {"do_remote_decode": True, "transfer_id": "t1", "decode_peer": "decode-0"}
+    r = request("p1", 40, kv)
+    assert prefill.get_num_new_matched_tokens(r, 0) == (0, False)
+    r.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    delay, params = prefill.request_finished(r, [4, 5, 6])
+    assert delay is True
+    assert P.params_from_dict(params, P.DecodeParams) == P.DecodeParams(
+        transfer_id="t1", num_tokens=40, prompt_digest=P.prompt_digest(list(range(10, 50))), prefill_peer="prefill-0")
+    meta = prefill.build_connector_meta(SchedulerOutput.make_empty())
+    assert [(s.req_id, s.block_ids, s.num_tokens) for s in meta.sends] == [("p1", (4, 5, 6), 40)]
+    assert prefill.build_connector_meta(SchedulerOutput.make_empty()).sends == []  # reset every step
+
+
+@pytest.mark.parametrize(("status", "kv"), [
+    (RequestStatus.FINISHED_ABORTED, {"do_remote_decode": True, "transfer_id": "t", "decode_peer": "decode-0"}),
+    (RequestStatus.FINISHED_LENGTH_CAPPED, {"do_remote_decode": True, "transfer_id": "t", "decode_peer": "evil:1"}),
+    (RequestStatus.FINISHED_LENGTH_CAPPED, {"do_remote_decode": True}),  # malformed
+    (RequestStatus.FINISHED_LENGTH_CAPPED, None),  # not a P/D request
+])
+def test_prefill_frees_blocks_at_once_when_there_is_nothing_to_hand_off(prefill, status, kv):
+    r = request("p1", 40, kv)
+    r.status = status
+    assert prefill.request_finished(r, [1, 2, 3]) == (False, None)
+    assert prefill.build_connector_meta(SchedulerOutput.make_empty()).sends == []
+
+
+def test_decode_claims_the_prompt_and_loads_once(decode):
+    r = request("d1", 40, decode_params(40))
+    # Called repeatedly without side effects (vLLM may ask again when allocation fails).
+    assert decode.get_num_new_matched_tokens(r, 0) == (40, True)
+    assert decode.get_num_new_matched_tokens(r, 16) == (24, True)
+    decode.update_state_after_alloc(r, blocks([7, 8, 9]), 40)
+    meta = decode.build_connector_meta(SchedulerOutput.make_empty())
+    assert [(s.req_id, s.transfer_id, s.block_ids) for s in meta.loads] == [("d1", "t1", (7, 8, 9))]
+    # After the load (or a failed one), vLLM asks again: never a second load.
+    assert decode.get_num_new_matched_tokens(r, 0) == (0, False)
+    decode.update_state_after_alloc(r, blocks([7, 8, 9]), 0)
+    assert decode.build_connector_meta(SchedulerOutput.make_empty()).loads == []
+
+
+def test_decode_refuses_kv_for_another_prompt(decode):
+    r = request("d1", 40, {**decode_params(40), "prompt_digest": "f" * 32})
+    assert decode.get_num_new_matched_tokens(r, 0) == (0, False)
+    r2 = request("d2", 41, decode_params(40))  # token count differs
+    assert decode.get_num_new_matched_tokens(r2, 0) == (0, False)
+
+
+def test_decode_discards_pages_when_vllm_overrides_the_count(decode):
+    r = request("d1", 40, decode_params(40))
+    decode.update_state_after_alloc(r, blocks([]), 0)  # e.g. prompt logprobs: vLLM loads nothing
+    meta = decode.build_connector_meta(SchedulerOutput.make_empty())
+    assert meta.loads == [] and meta.discards == ["t1"]
+
+
+def test_decode_request_rejected_before_scheduling_frees_the_pages(decode):
+    r = request("d1", 40, decode_params(40))
+    r.status = RequestStatus.FINISHED_ABORTED
+    assert decode.request_finished(r, []) == (False, None)
+    assert decode.build_connector_meta(SchedulerOutput.make_empty()).discards == ["t1"]
+
+
+def test_decode_abort_while_loading_cancels_the_load(decode):
+    r = request("d1", 40, decode_params(40))
+    decode.update_state_after_alloc(r, blocks([1, 2, 3]), 40)
+    decode.build_connector_meta(SchedulerOutput.make_empty())
+    r.status = RequestStatus.FINISHED_ABORTED
+    delay, report = decode.request_finished(r, [1, 2, 3])
+    assert delay is False and report["lmcache_pd"]["loaded"] is False
+    assert decode.build_connector_meta(SchedulerOutput.make_empty()).cancels == ["d1"]
+
+
+def test_decode_reports_the_outcome_and_prompt_tokens_it_computed(decode):
+    from types import SimpleNamespace
+
+    r = request("d1", 40, decode_params(40))
+    decode.update_state_after_alloc(r, blocks([1, 2, 3]), 40)
+    decode.build_connector_meta(SchedulerOutput.make_empty())
+    out = SimpleNamespace(kv_connector_worker_meta=PDWorkerMeta({"d1": LoadOutcome(True, 3 * 1024, 0.01, 0.02, "")}))
+    decode.update_connector_output(out)
+    so = SchedulerOutput.make_empty()
+    so.scheduled_cached_reqs.req_ids.append("d1")
+    so.scheduled_cached_reqs.num_computed_tokens.append(39)  # vLLM recomputes the last prompt token
+    so.num_scheduled_tokens["d1"] = 1
+    decode.build_connector_meta(so)
+    r.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    delay, report = decode.request_finished(r, [1, 2, 3])
+    assert delay is False
+    assert report["lmcache_pd"] == {"transfer_id": "t1", "loaded": True, "bytes": 3072, "transfer_s": 0.01,
+                                    "wait_s": 0.02, "error": "", "prompt_tokens": 40, "prompt_tokens_computed": 1}
+
+
+def test_worker_meta_aggregates_tp_ranks():
+    a = PDWorkerMeta({"r": LoadOutcome(True, 10, 0.1, 0.2, "")})
+    b = PDWorkerMeta({"r": LoadOutcome(False, 10, 0.3, 0.1, "boom"), "s": LoadOutcome(True, 1, 0, 0, "")})
+    m = a.aggregate(b)
+    assert m.loads["r"] == LoadOutcome(False, 20, 0.3, 0.2, "boom") and m.loads["s"].ok
