@@ -1,18 +1,30 @@
-"""Byte-range gather/scatter over paged KV (L2): torch implementations.
+"""Byte-range gather/scatter over paged KV (L2).
 
-The CPU path uses these torch implementations. GPU kernels (csrc/) will register here too,
-and this module stays the only importer of compiled code; the ``*_ref`` functions remain as
-the reference the kernels are tested against.
+On CUDA tensors ``copy_ranges`` runs the kernel in ``csrc/copy_ranges.cu`` (built at run time
+with NVRTC through CuPy, one launch for all ranges); elsewhere it runs the torch implementation
+``copy_ranges_ref``, which is also the reference the kernel tests compare against bitwise.
+This module is the only one that loads compiled code.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from lmcache_pd.layout import KVLayout, RangePlan
+
+CHUNK_BYTES = 64 << 10
+"""Rows of a kernel's range table are at most this long: a long range becomes many rows, so
+one launch spreads it over every multiprocessor."""
+_THREADS = 256
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_kernels: dict[int, Any] = {}
+_kernels_lock = threading.Lock()
 
 
 def flat_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -68,11 +80,80 @@ def copy_ranges_ref(src: torch.Tensor, dst: torch.Tensor, plan: RangePlan) -> No
 
 
 def copy_ranges(src: torch.Tensor, dst: torch.Tensor, plan: RangePlan) -> None:
-    """Copy ``plan`` from ``src`` to ``dst`` (flat uint8). Bounds are checked first."""
+    """Copy ``plan`` from ``src`` to ``dst`` (flat uint8). Bounds are checked first.
+
+    On CUDA the copy is enqueued on the current stream of ``dst``'s device (like a torch op).
+    """
     if len(plan) == 0:
         return
     if int((plan.src_offsets + plan.lengths).max()) > src.numel() or int(plan.src_offsets.min()) < 0:
         raise ValueError("range plan reads outside the source buffer")
     if int((plan.dst_offsets + plan.lengths).max()) > dst.numel() or int(plan.dst_offsets.min()) < 0:
         raise ValueError("range plan writes outside the destination buffer")
-    copy_ranges_ref(src, dst, plan)
+    if src.is_cuda and dst.is_cuda:
+        stream = torch.cuda.current_stream(dst.device)
+        launch_copy(src.data_ptr(), dst.data_ptr(), plan, device=dst.device, stream=stream)
+    else:
+        copy_ranges_ref(src, dst, plan)
+
+
+def range_table(src_base: int, dst_base: int, plan: RangePlan, chunk: int = CHUNK_BYTES) -> np.ndarray:
+    """Rows (source address, destination address, bytes), every row at most ``chunk`` bytes."""
+    lengths = plan.lengths.astype(np.int64)
+    counts = -(-lengths // chunk)
+    idx = np.repeat(np.arange(len(lengths)), counts)
+    starts = np.cumsum(counts) - counts
+    within = (np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)) * chunk
+    table = np.empty((len(idx), 3), dtype=np.int64)
+    table[:, 0] = src_base + plan.src_offsets[idx] + within
+    table[:, 1] = dst_base + plan.dst_offsets[idx] + within
+    table[:, 2] = np.minimum(chunk, lengths[idx] - within)
+    return table
+
+
+def launch_copy(src_base: int, dst_base: int, plan: RangePlan, *, device: torch.device,
+                stream: torch.cuda.Stream) -> torch.Tensor | None:
+    """Enqueue the copy kernel on ``stream``: absolute addresses, so ``dst_base`` may be a peer
+    process's memory opened through CUDA IPC. Returns the device range table (kept alive by the
+    caching allocator until ``stream`` has used it)."""
+    table = range_table(src_base, dst_base, plan)
+    if len(table) == 0:
+        return None
+    aligned = not (table % 16).any()
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        dev_table = torch.from_numpy(table).to(device, non_blocking=False)
+        fn = _kernel(device, "copy_ranges_v16" if aligned else "copy_ranges_bytes")
+        import cupy
+
+        grid = min(len(table), 65535 * 32)
+        with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
+            fn((grid,), (_THREADS,), (cupy.asarray(dev_table), np.int32(len(table))))
+    return dev_table
+
+
+def _kernel(device: torch.device, name: str) -> Any:
+    """The NVRTC-built kernel ``name`` for ``device`` (built once per process and device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _kernels_lock:
+        module = _kernels.get(index)
+        if module is None:
+            import cupy
+
+            with cupy.cuda.Device(index):
+                module = cupy.RawModule(code=(_CSRC / "copy_ranges.cu").read_text(), options=("-std=c++17",))
+                module.compile()
+            _kernels[index] = module
+    return module.get_function(name)
+
+
+def cuda_kernels_available() -> tuple[bool, str]:
+    """Whether the CUDA kernels can run here, and why not."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        import cupy  # noqa: F401
+    except ImportError as e:
+        return False, f"cupy is not installed ({e})"
+    if not (_CSRC / "copy_ranges.cu").exists():
+        return False, f"kernel source missing: {_CSRC / 'copy_ranges.cu'}"
+    return True, ""

@@ -81,10 +81,10 @@ class KVReceiver:
         if self.pool_layout.num_pages == 0:
             raise TransferError(f"pool.size_mib={cfg.pool.size_mib} is below one page ({kv.page_bytes} B)")
         self.pool = PagePool(self.pool_layout.num_pages, lease_s=cfg.timeouts.lease_s)
-        # Pre-allocated and touched now, so the first hand-off does not pay for page faults.
-        self.pool_buffer = torch.zeros(self.pool_layout.nbytes, dtype=torch.uint8, device=kv_buffer.device)
         self.transport = transports.create(cfg.transport.name, cfg.transport.options, host=inst.host,
                                            port=inst.data_port + tp_rank)
+        # Pre-allocated (and zeroed, so touched) now: the first hand-off pays no page faults.
+        self.pool_buffer = self.transport.allocate(self.pool_layout.nbytes, kv_buffer.device)
         self.region = self.transport.register(self.pool_buffer)
         self.server: ControlServer | None = None
         self.compat = compat

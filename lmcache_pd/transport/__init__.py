@@ -22,6 +22,7 @@ __all__ = [
 _BUILTIN: dict[str, str] = {
     "loopback": "lmcache_pd.transport.loopback:LoopbackTransport",
     "tcp": "lmcache_pd.transport.tcp:TcpTransport",
+    "cuda_ipc": "lmcache_pd.transport.cuda_ipc:CudaIpcTransport",
 }
 _registry: dict[str, str] = dict(_BUILTIN)
 

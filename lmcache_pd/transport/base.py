@@ -1,7 +1,7 @@
 """The transport contract (L3): how bytes get from a prefill buffer into the decode pool.
 
 Call sequence, decode side (receiver):
-  1. ``register(pool)`` once -> RegionId;
+  1. ``allocate(nbytes, device)`` then ``register(pool)`` once -> RegionId;
   2. ``listen()`` once (transports with ``capabilities.listens``);
   3. ``export_descriptor(region)`` -> bytes, sent to each prefill peer in the handshake reply;
   4. ``close()`` at shutdown.
@@ -133,6 +133,14 @@ class Transport(ABC):
     def available(cls) -> tuple[bool, str]:
         """Whether this transport can run here, and why not."""
         return True, ""
+
+    def allocate(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A zeroed flat uint8 buffer this transport can register and export (the decode pool).
+
+        The default is a plain tensor; transports whose peers map the memory (CUDA IPC) need an
+        allocation of their own and override this.
+        """
+        return torch.zeros(nbytes, dtype=torch.uint8, device=device)
 
     @abstractmethod
     def register(self, buffer: torch.Tensor) -> RegionId:

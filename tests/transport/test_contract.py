@@ -23,10 +23,17 @@ def wait(t: Transport, handle, timeout_s: float = 10.0) -> TransferState:
     return state
 
 
+def device_for(t: Transport) -> torch.device:
+    return torch.device("cpu" if "cpu" in t.capabilities.mem_kinds else "cuda")
+
+
 def setup(pair, src_bytes: int = 1 << 20, dst_bytes: int = 1 << 20, seed: int = 0):
     sender, receiver = pair
-    src = torch.randint(0, 256, (src_bytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-    dst = torch.full((dst_bytes,), 0xEE, dtype=torch.uint8)
+    dev = device_for(sender)
+    src = torch.randint(0, 256, (src_bytes,), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(seed)).to(dev)
+    dst = receiver.allocate(dst_bytes, dev)
+    dst.fill_(0xEE)  # poisoned: every byte not in the plan must stay 0xEE
     rid = receiver.register(dst)
     if receiver.capabilities.listens:
         receiver.listen()
@@ -100,7 +107,7 @@ def test_concurrent_submits_from_many_threads(pair):
 
 def test_garbage_descriptor_is_refused(pair):
     sender, receiver = pair
-    sender.register(torch.zeros(16, dtype=torch.uint8))
+    sender.register(torch.zeros(16, dtype=torch.uint8, device=device_for(sender)))
     with pytest.raises(PeerLost):
         sender.connect(b"\x92\xa3not\xa1a", timeout_s=1)
 

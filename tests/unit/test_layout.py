@@ -11,11 +11,11 @@ from lmcache_pd.ops import copy_ranges, copy_ranges_ref, flat_bytes, kv_layout_o
 
 
 def vllm_like_cache(num_layers: int, num_blocks: int, heads: int, block: int, c: int, dtype: torch.dtype,
-                    layout: str) -> list[torch.Tensor]:
-    """Per-layer [B, H, N, C] views into ONE int8 buffer, as vLLM allocates them (s7)."""
+                    layout: str, device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """Per-layer [B, H, N, C] views into ONE int8 buffer, as vLLM allocates them (s7), random bytes."""
     itemsize = torch.tensor([], dtype=dtype).element_size()
     per_layer = num_blocks * heads * block * c
-    buf = torch.zeros(num_layers * per_layer * itemsize, dtype=torch.int8)
+    buf = torch.zeros(num_layers * per_layer * itemsize, dtype=torch.int8, device=device)
     typed = buf.view(dtype)
     layers = []
     for layer in range(num_layers):
@@ -26,7 +26,7 @@ def vllm_like_cache(num_layers: int, num_blocks: int, heads: int, block: int, c:
             t = base.view(num_blocks, block, heads, c).permute(0, 2, 1, 3)
         layers.append(t)
     g = torch.Generator().manual_seed(7)
-    buf.copy_(torch.randint(-128, 127, buf.shape, dtype=torch.int8, generator=g))
+    buf.copy_(torch.randint(-128, 127, buf.shape, dtype=torch.int8, generator=g).to(device))
     return layers
 
 

@@ -1,0 +1,231 @@
+"""CUDA IPC transport: prefill and decode processes on one node (NVLink or the same GPU).
+
+The decode pool is one plain ``cudaMalloc`` allocation (``allocate``), not a caching-allocator
+block or an expandable segment, so that its IPC handle names exactly the pool. The handle
+travels once, in the handshake reply; the prefill side opens it once per peer (with lazy peer
+access enabled) and caches the mapping. A transfer is one launch of the range-copy kernel
+(csrc/copy_ranges.cu) on a dedicated stream, reading vLLM's paged cache and writing straight
+into the peer's pool pages: no staging copy. An event after the launch marks completion; a
+completion thread waits on it and finishes the handle, so DONE means the bytes are in the
+peer's memory.
+
+Both ends in one process (tests): the descriptor carries the pid and the raw address, and the
+address is used directly (a process cannot open its own IPC handle).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+
+import msgspec
+import torch
+
+from lmcache_pd._types import TransferState
+from lmcache_pd.errors import PeerLost, TransportUnavailable
+from lmcache_pd.layout import RangePlan
+from lmcache_pd.ops import cuda_kernels_available, launch_copy
+from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport
+
+log = logging.getLogger(__name__)
+_LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
+_exported_here: set[tuple[bytes, int]] = set()  # (token, address) still alive in this process
+
+
+class CudaIpcOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class _Descriptor(msgspec.Struct, frozen=True):
+    handle: bytes
+    nbytes: int
+    pid: int
+    address: int
+    device_uuid: str
+    token: bytes
+
+
+class _Region:
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer
+        self.address = buffer.data_ptr()
+        self.nbytes = buffer.numel()
+        self.device = buffer.device
+
+
+class _Peer:
+    def __init__(self, address: int, nbytes: int, opened: bool):
+        self.address = address
+        self.nbytes = nbytes
+        self.opened = opened  # an IPC mapping to close on disconnect
+
+
+def _uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+class CudaIpcTransport(Transport):
+    name = "cuda_ipc"
+    capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cuda"}), listens=False)
+    Options = CudaIpcOptions
+
+    def __init__(self, options: CudaIpcOptions, **kwargs: object):
+        super().__init__(options, **kwargs)  # type: ignore[arg-type]
+        self._regions: dict[RegionId, _Region] = {}
+        self._peers: dict[PeerId, _Peer] = {}
+        self._owned: list[tuple[int, int]] = []  # (device index, address) of our cudaMallocs
+        self._ids = itertools.count(1)
+        self._streams: dict[int, torch.cuda.Stream] = {}
+        self._token = secrets.token_bytes(16)
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._waiter = threading.Thread(target=self._complete, name="pd-cuda-ipc-done", daemon=True)
+        self._waiter.start()
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return cuda_kernels_available()
+
+    # --- decode side ----------------------------------------------------------------------
+    def allocate(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        import cupy
+
+        if device.type != "cuda":
+            raise TransportUnavailable(f"cuda_ipc needs the pool on a CUDA device, not {device}")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with cupy.cuda.Device(index):
+            address = cupy.cuda.runtime.malloc(nbytes)  # plain cudaMalloc: exportable as a whole
+            cupy.cuda.runtime.memset(address, 0, nbytes)
+        self._owned.append((index, address))
+        mem = cupy.cuda.UnownedMemory(address, nbytes, owner=self, device_id=index)
+        array = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
+        return torch.as_tensor(array, device=torch.device("cuda", index))
+
+    def register(self, buffer: torch.Tensor) -> RegionId:
+        if not buffer.is_cuda or buffer.dtype != torch.uint8 or buffer.dim() != 1:
+            raise ValueError("cuda_ipc registers flat uint8 CUDA tensors only")
+        rid = next(self._ids)
+        self._regions[rid] = _Region(buffer)
+        return rid
+
+    def export_descriptor(self, region: RegionId) -> bytes:
+        import cupy
+
+        r = self._regions[region]
+        if not any(addr == r.address for _, addr in self._owned):
+            raise TransportUnavailable("cuda_ipc exports only memory from its own allocate()")
+        with cupy.cuda.Device(r.device.index):
+            handle = cupy.cuda.runtime.ipcGetMemHandle(r.address)
+        _exported_here.add((self._token, r.address))
+        return msgspec.msgpack.encode(_Descriptor(bytes(handle), r.nbytes, os.getpid(), r.address,
+                                                  _uuid(r.device), self._token))
+
+    # --- prefill side ---------------------------------------------------------------------
+    def connect(self, descriptor: bytes, timeout_s: float) -> PeerId:
+        import cupy
+
+        try:
+            d = msgspec.msgpack.decode(descriptor, type=_Descriptor)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise PeerLost(f"not a cuda_ipc descriptor: {e}") from None
+        local = self._local_device()
+        if d.pid == os.getpid():
+            if (d.token, d.address) not in _exported_here:
+                raise PeerLost("the cuda_ipc region was closed")
+            peer = _Peer(d.address, d.nbytes, opened=False)
+        else:
+            try:
+                with cupy.cuda.Device(local.index):
+                    address = cupy.cuda.runtime.ipcOpenMemHandle(d.handle, _LAZY_ENABLE_PEER_ACCESS)
+            except cupy.cuda.runtime.CUDARuntimeError as e:
+                raise PeerLost(f"cannot open the peer's CUDA IPC handle (another node, or it restarted): {e}") from None
+            peer = _Peer(address, d.nbytes, opened=True)
+        pid = next(self._ids)
+        self._peers[pid] = peer
+        return pid
+
+    def _local_device(self) -> torch.device:
+        for r in self._regions.values():
+            return r.device
+        return torch.device("cuda", torch.cuda.current_device())
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = self._streams.get(index)
+        if stream is None:
+            stream = self._streams[index] = torch.cuda.Stream(device=torch.device("cuda", index))
+        return stream
+
+    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float) -> TransferHandle:
+        src = self._regions[region]
+        p = self._peers[peer]
+        handle = TransferHandle(self, plan.nbytes, time.monotonic())
+        if len(plan) and (int((plan.dst_offsets + plan.lengths).max()) > p.nbytes or int(plan.dst_offsets.min()) < 0
+                          or int((plan.src_offsets + plan.lengths).max()) > src.nbytes):
+            self._finish(handle, TransferState.FAILED, time.monotonic(), "range plan outside a registered region")
+            return handle
+        stream = self._stream(src.device)
+        # Order the copy after work already queued on the device's current stream (where the
+        # producer of the source bytes ran); our own stream keeps copies off vLLM's.
+        stream.wait_stream(torch.cuda.current_stream(src.device))
+        handle.state = TransferState.IN_FLIGHT
+        table = launch_copy(src.address, p.address, plan, device=src.device, stream=stream)
+        event = torch.cuda.Event()
+        event.record(stream)
+        self._pending.put((handle, event, table))
+        return handle
+
+    def _complete(self) -> None:
+        """Finish handles in launch order once their event completes (one stream: FIFO)."""
+        while True:
+            item = self._pending.get()
+            if item is None:  # close(): everything queued before it has been finished
+                break
+            handle, event, _table = item
+            try:
+                event.synchronize()  # releases the GIL while it waits
+                state, error = TransferState.DONE, None
+            except RuntimeError as e:
+                state, error = TransferState.FAILED, f"CUDA error: {e}"
+            if handle.state == TransferState.CANCELED:
+                state = TransferState.CANCELED
+            self._finish(handle, state, time.monotonic(), error)
+
+    def release(self, handle: TransferHandle) -> None:
+        # A launched kernel cannot be recalled: wait for it, so that the peer never reuses pages
+        # our kernel is still writing.
+        while handle.state == TransferState.IN_FLIGHT:
+            time.sleep(0.0005)
+
+    def disconnect(self, peer: PeerId) -> None:
+        p = self._peers.pop(peer, None)
+        if p is not None and p.opened:
+            import cupy
+
+            for s in self._streams.values():
+                s.synchronize()
+            try:
+                cupy.cuda.runtime.ipcCloseMemHandle(p.address)
+            except cupy.cuda.runtime.CUDARuntimeError as e:
+                log.debug("closing an IPC mapping failed: %s", e)
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._pending.put(None)
+        self._waiter.join(5.0)
+        for pid in list(self._peers):
+            self.disconnect(pid)
+        import cupy
+
+        for index, address in self._owned:
+            _exported_here.discard((self._token, address))
+            with cupy.cuda.Device(index):
+                cupy.cuda.runtime.free(address)
+        self._owned.clear()
