@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lmcache_pd import PoolLayout, plan_cache_to_pool
-from lmcache_pd.ops import copy_ranges, cuda_kernels_available, kv_layout_of
+from lmcache_pd.ops import copy_ranges, cuda_kernels_available, kv_layout_of, prepare_copy, run_copy
 
 LAYERS, HEADS, BLOCK, C = 32, 8, 16, 256
 
@@ -39,10 +39,42 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(out)
 
 
+def device_time(fn, repeat: int) -> float:
+    """Median seconds between two events around ``fn`` on the current stream (device only)."""
+    fn()
+    out = []
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(out)
+
+
+def variants(prepared, stream, nbytes: int, copy_gbps: float, repeat: int) -> None:
+    """Device-only GB/s of kernel variants and grid sizes on the same table (for tuning)."""
+    from lmcache_pd.ops import _cupy_stream, _kernel
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = prepared.rows
+    for name, grids in (("copy_ranges_v16", (sms, 2 * sms, 4 * sms)),
+                        ("copy_ranges_v16_rowblock", (4 * sms, min(rows, 65535)))):
+        fn = _kernel(torch.device("cuda", 0), name)
+        for grid in grids:
+            def go(fn=fn, grid=grid):
+                with _cupy_stream(stream, 0):
+                    fn((grid,), (512,), (np.uint64(prepared.table.data_ptr()), np.int32(rows)))
+            g = nbytes / device_time(go, repeat) / 1e9
+            print(f"        variant {name:<26} grid {grid:>6}: {g:>8.1f} GB/s ({g / copy_gbps:.2f} of copy)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="128,1024,8192,32768")
     ap.add_argument("--repeat", type=int, default=21)
+    ap.add_argument("--variants", action="store_true", help="also time kernel variants and grid sizes")
     args = ap.parse_args(argv)
     ok, why = cuda_kernels_available()
     if not ok:
@@ -60,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, python {sys.version.split()[0]}")
     print("# Llama-3-8B KV (32 layers, 8 heads, head 128, bf16, block 16), random block tables")
-    print(f"{'tokens':>7} {'bytes':>9} {'gather GB/s':>12} {'scatter GB/s':>13} {'copy GB/s':>10} "
-          f"{'gather/copy':>12} {'scatter/copy':>13}")
+    print("# call: host clock around copy_ranges (table build, upload, launch); kernel: device events around")
+    print("# the launch alone, table already uploaded; copy: dst.copy_(src) of the same bytes, timed both ways")
+    print(f"{'tokens':>7} {'bytes':>9} {'gather':>8} {'scatter':>8} {'copy':>8} {'ratio':>6} | "
+          f"{'kernel':>8} {'copy':>8} {'ratio':>6}   (GB/s)")
     for n_tok in tokens:
         n = n_tok // BLOCK
         blocks = rng.choice(np.arange(num_blocks), size=n, replace=False)
@@ -77,8 +111,14 @@ def main(argv: list[str] | None = None) -> int:
             t_g.append(timed(lambda p=gather: copy_ranges(buf, pool_buf, p), args.repeat))
             t_s.append(timed(lambda p=scatter: copy_ranges(pool_buf, buf, p), args.repeat))
         g, s, c = (nbytes / statistics.median(t) / 1e9 for t in (t_g, t_s, t_copy))
-        print(f"{n_tok:>7} {nbytes / 2**20:>7.0f}Mi {g:>12.1f} {s:>13.1f} {c:>10.1f} {g / c:>12.2f} {s / c:>13.2f}",
-              flush=True)
+        stream = torch.cuda.current_stream()
+        prepared = prepare_copy(buf.data_ptr(), pool_buf.data_ptr(), gather, device=buf.device, stream=stream)
+        k = nbytes / device_time(lambda p=prepared, st=stream: run_copy(p, st), args.repeat) / 1e9
+        kc = nbytes / device_time(lambda a=a, b=b: b.copy_(a), args.repeat) / 1e9
+        print(f"{n_tok:>7} {nbytes / 2**20:>7.0f}Mi {g:>8.1f} {s:>8.1f} {c:>8.1f} {min(g, s) / c:>6.2f} | "
+              f"{k:>8.1f} {kc:>8.1f} {k / kc:>6.2f}", flush=True)
+        if args.variants:
+            variants(prepared, stream, nbytes, kc, args.repeat)
     return 0
 
 

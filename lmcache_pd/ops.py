@@ -21,7 +21,12 @@ from lmcache_pd.layout import KVLayout, RangePlan
 CHUNK_BYTES = 64 << 10
 """Rows of a kernel's range table are at most this long: a long range becomes many rows, so
 one launch spreads it over every multiprocessor."""
-_THREADS = 256
+MIN_CHUNK_BYTES = 4 << 10
+_THREADS = 512
+_BLOCKS_PER_SM = 4
+_ROWS_PER_WARP = 2  # target rows per warp of the grid, for small transfers (see _chunk_for)
+_sm_count: dict[int, int] = {}
+_cupy_streams: dict[int, Any] = {}
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _kernels: dict[int, Any] = {}
 _kernels_lock = threading.Lock()
@@ -97,6 +102,12 @@ def copy_ranges(src: torch.Tensor, dst: torch.Tensor, plan: RangePlan) -> None:
         copy_ranges_ref(src, dst, plan)
 
 
+def _chunk_for(total: int, warps: int) -> int:
+    """Row size: 64 KiB, or smaller when the transfer is too small to give every warp rows."""
+    want = total // max(1, warps * _ROWS_PER_WARP)
+    return max(MIN_CHUNK_BYTES, min(CHUNK_BYTES, want - want % 16))
+
+
 def range_table(src_base: int, dst_base: int, plan: RangePlan, chunk: int = CHUNK_BYTES) -> np.ndarray:
     """Rows (source address, destination address, bytes), every row at most ``chunk`` bytes."""
     lengths = plan.lengths.astype(np.int64)
@@ -111,24 +122,68 @@ def range_table(src_base: int, dst_base: int, plan: RangePlan, chunk: int = CHUN
     return table
 
 
+class PreparedCopy:
+    """A range table uploaded to the device and the kernel that will consume it."""
+
+    __slots__ = ("fn", "grid", "table", "rows", "index")
+
+    def __init__(self, fn: Any, grid: int, table: torch.Tensor, rows: int, index: int):
+        self.fn, self.grid, self.table, self.rows, self.index = fn, grid, table, rows, index
+
+
+def prepare_copy(src_base: int, dst_base: int, plan: RangePlan, *, device: torch.device,
+                 stream: torch.cuda.Stream) -> PreparedCopy | None:
+    """Build the row table for ``plan`` and upload it on ``stream`` (pinned, asynchronous)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _sm_count.get(index)
+    if sms is None:
+        sms = _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    max_blocks = sms * _BLOCKS_PER_SM
+    table = range_table(src_base, dst_base, plan, _chunk_for(plan.nbytes, max_blocks * _THREADS // 32))
+    if len(table) == 0:
+        return None
+    aligned = not (table % 16).any()
+    fn = _kernel(device, "copy_ranges_v16" if aligned else "copy_ranges_bytes")
+    with torch.cuda.device(index), torch.cuda.stream(stream):
+        # Pinned and asynchronous: the upload never waits for work already queued on the stream.
+        # The caching host allocator keeps the pinned block until the upload has run.
+        host = torch.empty(table.shape, dtype=torch.int64, pin_memory=True)
+        host.numpy()[:] = table
+        dev_table = host.to(device, non_blocking=True)
+    grid = min(max_blocks, -(-len(table) * 32 // _THREADS))
+    return PreparedCopy(fn, grid, dev_table, len(table), index)
+
+
+def run_copy(p: PreparedCopy, stream: torch.cuda.Stream) -> None:
+    """Enqueue one kernel launch for a prepared copy on ``stream``."""
+    with _cupy_stream(stream, p.index):
+        p.fn((p.grid,), (_THREADS,), (np.uint64(p.table.data_ptr()), np.int32(p.rows)))
+
+
 def launch_copy(src_base: int, dst_base: int, plan: RangePlan, *, device: torch.device,
                 stream: torch.cuda.Stream) -> torch.Tensor | None:
     """Enqueue the copy kernel on ``stream``: absolute addresses, so ``dst_base`` may be a peer
     process's memory opened through CUDA IPC. Returns the device range table (kept alive by the
     caching allocator until ``stream`` has used it)."""
-    table = range_table(src_base, dst_base, plan)
-    if len(table) == 0:
+    p = prepare_copy(src_base, dst_base, plan, device=device, stream=stream)
+    if p is None:
         return None
-    aligned = not (table % 16).any()
-    with torch.cuda.device(device), torch.cuda.stream(stream):
-        dev_table = torch.from_numpy(table).to(device, non_blocking=False)
-        fn = _kernel(device, "copy_ranges_v16" if aligned else "copy_ranges_bytes")
+    run_copy(p, stream)
+    return p.table
+
+
+def _cupy_stream(stream: torch.cuda.Stream, index: int) -> Any:
+    """CuPy's view of a torch stream, made once per stream."""
+    cs = _cupy_streams.get(stream.cuda_stream)
+    if cs is None:
+        import warnings
+
         import cupy
 
-        grid = min(len(table), 65535 * 32)
-        with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
-            fn((grid,), (_THREADS,), (cupy.asarray(dev_table), np.int32(len(table))))
-    return dev_table
+        with warnings.catch_warnings():  # ExternalStream is the form that takes a raw handle
+            warnings.simplefilter("ignore", DeprecationWarning)
+            cs = _cupy_streams[stream.cuda_stream] = cupy.cuda.ExternalStream(stream.cuda_stream, index)
+    return cs
 
 
 def _kernel(device: torch.device, name: str) -> Any:
