@@ -53,28 +53,10 @@ def device_time(fn, repeat: int) -> float:
     return statistics.median(out)
 
 
-def variants(prepared, stream, nbytes: int, copy_gbps: float, repeat: int) -> None:
-    """Device-only GB/s of kernel variants and grid sizes on the same table (for tuning)."""
-    from lmcache_pd.ops import _cupy_stream, _kernel
-
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    rows = prepared.rows
-    for name, grids in (("copy_ranges_v16", (sms, 2 * sms, 4 * sms)),
-                        ("copy_ranges_v16_rowblock", (4 * sms, min(rows, 65535)))):
-        fn = _kernel(torch.device("cuda", 0), name)
-        for grid in grids:
-            def go(fn=fn, grid=grid):
-                with _cupy_stream(stream, 0):
-                    fn((grid,), (512,), (np.uint64(prepared.table.data_ptr()), np.int32(rows)))
-            g = nbytes / device_time(go, repeat) / 1e9
-            print(f"        variant {name:<26} grid {grid:>6}: {g:>8.1f} GB/s ({g / copy_gbps:.2f} of copy)")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="128,1024,8192,32768")
     ap.add_argument("--repeat", type=int, default=21)
-    ap.add_argument("--variants", action="store_true", help="also time kernel variants and grid sizes")
     args = ap.parse_args(argv)
     ok, why = cuda_kernels_available()
     if not ok:
@@ -117,8 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         kc = nbytes / device_time(lambda a=a, b=b: b.copy_(a), args.repeat) / 1e9
         print(f"{n_tok:>7} {nbytes / 2**20:>7.0f}Mi {g:>8.1f} {s:>8.1f} {c:>8.1f} {min(g, s) / c:>6.2f} | "
               f"{k:>8.1f} {kc:>8.1f} {k / kc:>6.2f}", flush=True)
-        if args.variants:
-            variants(prepared, stream, nbytes, kc, args.repeat)
     return 0
 
 

@@ -2,64 +2,73 @@
 // blocks), from vLLM's paged cache into pool pages, from pages back into paged blocks, or
 // straight into a peer process's pool through a CUDA IPC mapping (the addresses are absolute).
 //
-// The host splits ranges into rows of at most a chunk (<= 64 KiB, smaller for small transfers
-// so that every multiprocessor gets work) and passes a table of (src address, dst address,
-// bytes) rows. One warp copies one row; a persistent grid strides over the rows.
+// copy_plan_v16 / copy_plan_bytes take the plan itself: one row (src address, dst address,
+// bytes) per range plus the prefix sums of the lengths. The kernel cuts the concatenated bytes
+// into equal chunks, one warp per chunk (a persistent grid strides over chunks), and finds a
+// chunk's first range by binary search; so the host never splits ranges (that cost more than
+// the copy at 16 MiB) and a single long range still spreads over every multiprocessor.
 // Built at run time with NVRTC (lmcache_pd/ops.py); KV bytes are copied as bytes, so every
 // dtype (bf16, fp16, fp32, fp8) takes the same path.
 
 typedef long long i64;
 
-// 16-byte path: every address and length in the table is a multiple of 16. Each lane keeps
-// UNROLL independent 16-byte loads in flight (read-only path) before its stores.
-extern "C" __global__ void __launch_bounds__(512) copy_ranges_v16(const i64* __restrict__ table, int rows) {
+// Index of the range holding byte `pos` of the concatenation: prefix[r] <= pos < prefix[r + 1].
+__device__ __forceinline__ int range_of(const i64* __restrict__ prefix, int n, i64 pos) {
+    int lo = 0, hi = n;
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (prefix[mid] <= pos) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+// Every address and length a multiple of 16; chunk a multiple of 16.
+extern "C" __global__ void __launch_bounds__(512) copy_plan_v16(const i64* __restrict__ rows,
+                                                                const i64* __restrict__ prefix, int n, i64 chunk) {
     constexpr int UNROLL = 8;
     const int lane = threadIdx.x & 31;
-    const int warps = (gridDim.x * blockDim.x) >> 5;
-    for (int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows; r += warps) {
-        const uint4* __restrict__ src = reinterpret_cast<const uint4*>(table[3 * r]);
-        uint4* __restrict__ dst = reinterpret_cast<uint4*>(table[3 * r + 1]);
-        const i64 n = table[3 * r + 2] >> 4;
-        i64 i = lane;
-        for (; i + (UNROLL - 1) * 32 < n; i += UNROLL * 32) {
-            uint4 v[UNROLL];
+    const i64 warps = (gridDim.x * blockDim.x) >> 5;
+    const i64 total = prefix[n];
+    for (i64 start = ((blockIdx.x * (i64)blockDim.x + threadIdx.x) >> 5) * chunk; start < total;
+         start += warps * chunk) {
+        const i64 end = min(start + chunk, total);
+        int r = range_of(prefix, n, start);
+        for (i64 pos = start; pos < end; ++r) {
+            const i64 upto = min(end, prefix[r + 1]);
+            const i64 off = (pos - prefix[r]) >> 4;
+            const uint4* __restrict__ src = reinterpret_cast<const uint4*>(rows[3 * r]) + off;
+            uint4* __restrict__ dst = reinterpret_cast<uint4*>(rows[3 * r + 1]) + off;
+            const i64 m = (upto - pos) >> 4;
+            i64 i = lane;
+            for (; i + (UNROLL - 1) * 32 < m; i += UNROLL * 32) {
+                uint4 v[UNROLL];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) v[u] = __ldg(src + i + u * 32);
+                for (int u = 0; u < UNROLL; ++u) v[u] = __ldg(src + i + u * 32);
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) dst[i + u * 32] = v[u];
+                for (int u = 0; u < UNROLL; ++u) dst[i + u * 32] = v[u];
+            }
+            for (; i < m; i += 32) dst[i] = __ldg(src + i);
+            pos = upto;
         }
-        for (; i < n; i += 32) dst[i] = __ldg(src + i);
     }
 }
 
-// Any alignment: one byte per lane step (used only when some address or length is not a
-// multiple of 16, which KV blocks never are).
-extern "C" __global__ void __launch_bounds__(512) copy_ranges_bytes(const i64* __restrict__ table, int rows) {
+// Any alignment.
+extern "C" __global__ void __launch_bounds__(512) copy_plan_bytes(const i64* __restrict__ rows,
+                                                                  const i64* __restrict__ prefix, int n, i64 chunk) {
     const int lane = threadIdx.x & 31;
-    const int warps = (gridDim.x * blockDim.x) >> 5;
-    for (int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows; r += warps) {
-        const unsigned char* __restrict__ src = reinterpret_cast<const unsigned char*>(table[3 * r]);
-        unsigned char* __restrict__ dst = reinterpret_cast<unsigned char*>(table[3 * r + 1]);
-        const i64 n = table[3 * r + 2];
-        for (i64 i = lane; i < n; i += 32) dst[i] = src[i];
-    }
-}
-
-// Variant kept for comparison in benchmarks/kernels.py: one 512-thread block per row.
-extern "C" __global__ void __launch_bounds__(512) copy_ranges_v16_rowblock(const i64* __restrict__ table, int rows) {
-    constexpr int UNROLL = 4;
-    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
-        const uint4* __restrict__ src = reinterpret_cast<const uint4*>(table[3 * r]);
-        uint4* __restrict__ dst = reinterpret_cast<uint4*>(table[3 * r + 1]);
-        const i64 n = table[3 * r + 2] >> 4;
-        i64 i = threadIdx.x;
-        for (; i + (UNROLL - 1) * blockDim.x < n; i += UNROLL * blockDim.x) {
-            uint4 v[UNROLL];
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) v[u] = __ldg(src + i + u * blockDim.x);
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) dst[i + u * blockDim.x] = v[u];
+    const i64 warps = (gridDim.x * blockDim.x) >> 5;
+    const i64 total = prefix[n];
+    for (i64 start = ((blockIdx.x * (i64)blockDim.x + threadIdx.x) >> 5) * chunk; start < total;
+         start += warps * chunk) {
+        const i64 end = min(start + chunk, total);
+        int r = range_of(prefix, n, start);
+        for (i64 pos = start; pos < end; ++r) {
+            const i64 upto = min(end, prefix[r + 1]);
+            const unsigned char* __restrict__ src = reinterpret_cast<const unsigned char*>(rows[3 * r]) + (pos - prefix[r]);
+            unsigned char* __restrict__ dst = reinterpret_cast<unsigned char*>(rows[3 * r + 1]) + (pos - prefix[r]);
+            for (i64 i = lane; i < upto - pos; i += 32) dst[i] = src[i];
+            pos = upto;
         }
-        for (; i < n; i += blockDim.x) dst[i] = __ldg(src + i);
     }
 }

@@ -19,12 +19,12 @@ import torch
 from lmcache_pd.layout import KVLayout, RangePlan
 
 CHUNK_BYTES = 64 << 10
-"""Rows of a kernel's range table are at most this long: a long range becomes many rows, so
-one launch spreads it over every multiprocessor."""
+"""The kernel hands each warp chunks of at most this many bytes of the concatenated ranges, so
+a long range spreads over every multiprocessor; smaller for small copies (``_chunk_for``)."""
 MIN_CHUNK_BYTES = 4 << 10
 _THREADS = 512
 _BLOCKS_PER_SM = 4
-_ROWS_PER_WARP = 2  # target rows per warp of the grid, for small transfers (see _chunk_for)
+_CHUNKS_PER_WARP = 2  # for small copies: enough chunks to give every warp of the grid work
 _sm_count: dict[int, int] = {}
 _cupy_streams: dict[int, Any] = {}
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -103,61 +103,62 @@ def copy_ranges(src: torch.Tensor, dst: torch.Tensor, plan: RangePlan) -> None:
 
 
 def _chunk_for(total: int, warps: int) -> int:
-    """Row size: 64 KiB, or smaller when the transfer is too small to give every warp rows."""
-    want = total // max(1, warps * _ROWS_PER_WARP)
+    """Chunk size: 64 KiB, or smaller when the copy is too small to give every warp chunks."""
+    want = total // max(1, warps * _CHUNKS_PER_WARP)
     return max(MIN_CHUNK_BYTES, min(CHUNK_BYTES, want - want % 16))
-
-
-def range_table(src_base: int, dst_base: int, plan: RangePlan, chunk: int = CHUNK_BYTES) -> np.ndarray:
-    """Rows (source address, destination address, bytes), every row at most ``chunk`` bytes."""
-    lengths = plan.lengths.astype(np.int64)
-    counts = -(-lengths // chunk)
-    idx = np.repeat(np.arange(len(lengths)), counts)
-    starts = np.cumsum(counts) - counts
-    within = (np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)) * chunk
-    table = np.empty((len(idx), 3), dtype=np.int64)
-    table[:, 0] = src_base + plan.src_offsets[idx] + within
-    table[:, 1] = dst_base + plan.dst_offsets[idx] + within
-    table[:, 2] = np.minimum(chunk, lengths[idx] - within)
-    return table
 
 
 class PreparedCopy:
     """A range table uploaded to the device and the kernel that will consume it."""
 
-    __slots__ = ("fn", "grid", "table", "rows", "index")
+    __slots__ = ("fn", "grid", "table", "rows", "index", "chunk")
 
-    def __init__(self, fn: Any, grid: int, table: torch.Tensor, rows: int, index: int):
-        self.fn, self.grid, self.table, self.rows, self.index = fn, grid, table, rows, index
+    def __init__(self, fn: Any, grid: int, table: torch.Tensor, rows: int, index: int, chunk: int):
+        self.fn, self.grid, self.table, self.rows, self.index, self.chunk = fn, grid, table, rows, index, chunk
 
 
 def prepare_copy(src_base: int, dst_base: int, plan: RangePlan, *, device: torch.device,
                  stream: torch.cuda.Stream) -> PreparedCopy | None:
-    """Build the row table for ``plan`` and upload it on ``stream`` (pinned, asynchronous)."""
+    """Upload ``plan`` (one row per range, and the prefix sums of the lengths) on ``stream``.
+
+    The host does O(ranges) vector work and no splitting: the kernel cuts the bytes into
+    chunks itself (csrc/copy_ranges.cu, copy_plan_*).
+    """
+    n = len(plan)
+    if n == 0 or plan.nbytes == 0:
+        return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     sms = _sm_count.get(index)
     if sms is None:
         sms = _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
     max_blocks = sms * _BLOCKS_PER_SM
-    table = range_table(src_base, dst_base, plan, _chunk_for(plan.nbytes, max_blocks * _THREADS // 32))
-    if len(table) == 0:
-        return None
-    aligned = not (table % 16).any()
-    fn = _kernel(device, "copy_ranges_v16" if aligned else "copy_ranges_bytes")
+    chunk = _chunk_for(plan.nbytes, max_blocks * _THREADS // 32)
+    misaligned = (src_base | dst_base) & 15 or int(np.bitwise_or.reduce(
+        plan.src_offsets | plan.dst_offsets | plan.lengths)) & 15
+    fn = _kernel(device, "copy_plan_bytes" if misaligned else "copy_plan_v16")
     with torch.cuda.device(index), torch.cuda.stream(stream):
-        # Pinned and asynchronous: the upload never waits for work already queued on the stream.
-        # The caching host allocator keeps the pinned block until the upload has run.
-        host = torch.empty(table.shape, dtype=torch.int64, pin_memory=True)
-        host.numpy()[:] = table
-        dev_table = host.to(device, non_blocking=True)
-    grid = min(max_blocks, -(-len(table) * 32 // _THREADS))
-    return PreparedCopy(fn, grid, dev_table, len(table), index)
+        # One pinned buffer, uploaded asynchronously: the upload never waits for work already
+        # queued on the stream, and the caching host allocator keeps the block until it ran.
+        host = torch.empty(4 * n + 1, dtype=torch.int64, pin_memory=True)
+        h = host.numpy()
+        rows = h[:3 * n].reshape(n, 3)
+        np.add(plan.src_offsets, src_base, out=rows[:, 0])
+        np.add(plan.dst_offsets, dst_base, out=rows[:, 1])
+        rows[:, 2] = plan.lengths
+        h[3 * n] = 0
+        np.cumsum(plan.lengths, out=h[3 * n + 1:])
+        dev = host.to(device, non_blocking=True)
+    warps_needed = -(-plan.nbytes // chunk)
+    grid = max(1, min(max_blocks, -(-warps_needed * 32 // _THREADS)))
+    return PreparedCopy(fn, grid, dev, n, index, chunk)
 
 
 def run_copy(p: PreparedCopy, stream: torch.cuda.Stream) -> None:
     """Enqueue one kernel launch for a prepared copy on ``stream``."""
+    base = p.table.data_ptr()
     with _cupy_stream(stream, p.index):
-        p.fn((p.grid,), (_THREADS,), (np.uint64(p.table.data_ptr()), np.int32(p.rows)))
+        p.fn((p.grid,), (_THREADS,), (np.uint64(base), np.uint64(base + 24 * p.rows), np.int32(p.rows),
+                                      np.int64(p.chunk)))
 
 
 def launch_copy(src_base: int, dst_base: int, plan: RangePlan, *, device: torch.device,
