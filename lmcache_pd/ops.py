@@ -8,6 +8,7 @@ This module is the only one that loads compiled code.
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,6 +109,37 @@ def _chunk_for(total: int, warps: int) -> int:
     return max(MIN_CHUNK_BYTES, min(CHUNK_BYTES, want - want % 16))
 
 
+class _PinnedBuffers:
+    """Reusable pinned host buffers for range tables (allocating pinned memory costs far more
+    than a small copy). A buffer returns to its free list once the event recorded after its
+    upload has completed."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._busy: collections.deque[tuple[int, torch.Tensor, torch.cuda.Event]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def get(self, n: int) -> torch.Tensor:
+        size = 1 << max(10, (n - 1).bit_length())
+        with self._lock:
+            while self._busy and self._busy[0][2].query():
+                s, t, _ = self._busy.popleft()
+                self._free.setdefault(s, []).append(t)
+            free = self._free.get(size)
+            if free:
+                return free.pop()
+        return torch.empty(size, dtype=torch.int64, pin_memory=True)
+
+    def release_after(self, buf: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        event = torch.cuda.Event()
+        event.record(stream)
+        with self._lock:
+            self._busy.append((buf.numel(), buf, event))
+
+
+_pinned = _PinnedBuffers()
+
+
 class PreparedCopy:
     """A range table uploaded to the device and the kernel that will consume it."""
 
@@ -138,16 +170,17 @@ def prepare_copy(src_base: int, dst_base: int, plan: RangePlan, *, device: torch
     fn = _kernel(device, "copy_plan_bytes" if misaligned else "copy_plan_v16")
     with torch.cuda.device(index), torch.cuda.stream(stream):
         # One pinned buffer, uploaded asynchronously: the upload never waits for work already
-        # queued on the stream, and the caching host allocator keeps the block until it ran.
-        host = torch.empty(4 * n + 1, dtype=torch.int64, pin_memory=True)
+        # queued on the stream; the buffer is reused once the upload has run.
+        host = _pinned.get(4 * n + 1)
         h = host.numpy()
         rows = h[:3 * n].reshape(n, 3)
         np.add(plan.src_offsets, src_base, out=rows[:, 0])
         np.add(plan.dst_offsets, dst_base, out=rows[:, 1])
         rows[:, 2] = plan.lengths
         h[3 * n] = 0
-        np.cumsum(plan.lengths, out=h[3 * n + 1:])
-        dev = host.to(device, non_blocking=True)
+        np.cumsum(plan.lengths, out=h[3 * n + 1:4 * n + 1])
+        dev = host[:4 * n + 1].to(device, non_blocking=True)
+        _pinned.release_after(host, stream)
     warps_needed = -(-plan.nbytes // chunk)
     grid = max(1, min(max_blocks, -(-warps_needed * 32 // _THREADS)))
     return PreparedCopy(fn, grid, dev, n, index, chunk)
