@@ -1,0 +1,80 @@
+"""Where the host time of one kernel copy goes (for small hand-offs, where it dominates).
+
+Times, on the host, the median of many calls of each step of ``ops.copy_ranges`` for a
+Llama-3-8B 128-token hand-off (16 MiB, 256 ranges of 64 KiB), beside the same-size
+``dst.copy_(src)`` call as the ceiling.
+
+    python benchmarks/launch_overhead.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from lmcache_pd import PoolLayout, plan_cache_to_pool
+from lmcache_pd.ops import _cupy_stream, copy_ranges, cuda_kernels_available, kv_layout_of, prepare_copy, run_copy
+
+
+def us(fn, n: int = 200, sync: bool = False) -> float:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(out) * 1e6
+
+
+def main() -> int:
+    ok, why = cuda_kernels_available()
+    if not ok:
+        print(f"skipped: {why}")
+        return 0
+    big = torch.randn(32 * 64 * 8 * 16 * 256, dtype=torch.bfloat16, device="cuda")
+    layers = [big[i * 64 * 8 * 16 * 256:(i + 1) * 64 * 8 * 16 * 256].view(64, 8, 16, 256) for i in range(32)]
+    kv, buf = kv_layout_of(layers)
+    pool = PoolLayout.sized(kv, 16 * kv.page_bytes)
+    pool_buf = torch.empty(pool.nbytes, dtype=torch.uint8, device="cuda")
+    rng = np.random.default_rng(0)
+    plan = plan_cache_to_pool(kv, pool, blocks=rng.choice(np.arange(64), 8, replace=False), pages=np.arange(8))
+    stream = torch.cuda.current_stream()
+    a = torch.empty(plan.nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    p = prepare_copy(buf.data_ptr(), pool_buf.data_ptr(), plan, device=buf.device, stream=stream)
+    import cupy
+
+    empty = cupy.RawKernel('extern "C" __global__ void nothing() {}', "nothing")
+    rows = [
+        ("plan_cache_to_pool (numpy)", us(lambda: plan_cache_to_pool(kv, pool, blocks=np.arange(8), pages=np.arange(8)))),
+        ("prepare_copy (table + upload)", us(lambda: prepare_copy(buf.data_ptr(), pool_buf.data_ptr(), plan,
+                                                                  device=buf.device, stream=stream))),
+        ("run_copy (cupy launch)", us(lambda: run_copy(p, stream))),
+        ("empty cupy kernel launch", us(lambda: empty((1,), (1,), ()))),
+        ("empty cupy launch in our stream ctx", us(lambda: _launch_in(empty, stream))),
+        ("copy_ranges, whole call", us(lambda: copy_ranges(buf, pool_buf, plan))),
+        ("copy_ranges, whole call + sync", us(lambda: copy_ranges(buf, pool_buf, plan), sync=True)),
+        ("dst.copy_(src) call", us(lambda: b.copy_(a))),
+        ("dst.copy_(src) call + sync", us(lambda: b.copy_(a), sync=True)),
+    ]
+    print(f"# {torch.cuda.get_device_name(0)}; 16 MiB, {len(plan)} ranges; median microseconds per call")
+    for name, t in rows:
+        print(f"{name:<40} {t:>9.1f} us")
+    return 0
+
+
+def _launch_in(kernel, stream) -> None:
+    with _cupy_stream(stream, 0):
+        kernel((1,), (1,), ())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
