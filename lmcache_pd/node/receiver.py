@@ -94,6 +94,7 @@ class KVReceiver:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._loader = threading.Thread(target=self._run, name=f"pd-loader-{tp_rank}", daemon=True)
+        self._stream: torch.cuda.Stream | None = None  # the loader's CUDA stream, made on first use
 
     def start(self) -> None:
         if self.transport.capabilities.listens:
@@ -207,7 +208,7 @@ class KVReceiver:
                                     f"{spec.num_tokens} tokens", transfer_id=spec.transfer_id)
             pages = r.pages[n_pages - len(spec.block_ids):]
             plan = plan_cache_to_pool(self.kv, self.pool_layout, blocks=spec.block_ids, pages=pages).swapped()
-            copy_ranges(self.pool_buffer, self.kv_buffer, plan)
+            self._copy(plan)
         except (PDError, ValueError) as e:
             self.pool.release(spec.transfer_id, now=time.monotonic())
             self._fail(load, str(e), time.monotonic())
@@ -215,6 +216,22 @@ class KVReceiver:
         self.pool.release(spec.transfer_id, now=time.monotonic())
         self._record(LoadResult(spec.req_id, spec.transfer_id, True, plan.nbytes, r.seconds,
                                 time.monotonic() - load.t0))
+
+    def _copy(self, plan) -> None:
+        """Scatter pool pages into vLLM's blocks; on a GPU, complete before the pages go back.
+
+        The copy runs on the loader's own stream: the target blocks belong to this request
+        alone and the pages are READY, so it needs no order against vLLM's stream, and vLLM reads
+        the blocks only after the load is reported, which happens after this returns.
+        """
+        if not self.kv_buffer.is_cuda:
+            copy_ranges(self.pool_buffer, self.kv_buffer, plan)
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.kv_buffer.device)
+        with torch.cuda.stream(self._stream):
+            copy_ranges(self.pool_buffer, self.kv_buffer, plan)
+        self._stream.synchronize()
 
     def _record(self, result: LoadResult) -> None:
         with self._lock:
