@@ -256,7 +256,7 @@ class KVSender:
             msg = P.Handshake(msg_id=client.next_id(), peer=self.instance, incarnation=self.incarnation,
                               compat_hash=self.compat.digest(), compat=self.compat,
                               payload=self.transport.export_descriptor(self.region)
-                              if not self.transport.capabilities.listens else b"")
+                              if self.transport.capabilities.exports_source else b"")
             reply = await client.request(msg, timeout_s=self.t.handshake_s, config_field="timeouts.handshake_s",
                                          what="handshake")
             assert isinstance(reply, P.HandshakeReply)

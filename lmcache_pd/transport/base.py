@@ -43,6 +43,8 @@ class Capabilities:
     """Device types of registrable memory: {"cpu"}, {"cpu", "cuda"}."""
     listens: bool
     """The receiver listens on a data port (``data_port`` of the decode instance)."""
+    exports_source: bool = False
+    """The decode side needs the prefill side's descriptor too (sent in the handshake)."""
 
 
 class NoOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
