@@ -47,8 +47,9 @@ class Node:
 
     def __init__(self, cfg: PDConfig, *, start_receiver: bool = True, compat: P.CompatInfo = CPT):
         self.cfg = cfg
-        self.p_layers = vllm_like_cache(LAYERS, 40, HEADS, BLOCK, C, torch.bfloat16, "LBHNC")
-        self.d_layers = vllm_like_cache(LAYERS, 48, HEADS, BLOCK, C, torch.bfloat16, "LBHNC")
+        device = "cuda" if cfg.transport.name == "cuda_ipc" else "cpu"
+        self.p_layers = vllm_like_cache(LAYERS, 40, HEADS, BLOCK, C, torch.bfloat16, "LBHNC", device)
+        self.d_layers = vllm_like_cache(LAYERS, 48, HEADS, BLOCK, C, torch.bfloat16, "LBHNC", device)
         for t in self.d_layers:
             t.view(torch.uint8).fill_(0xEE)
         p_kv, p_buf = kv_layout_of(self.p_layers)
@@ -93,8 +94,13 @@ class Node:
         return False
 
 
-@pytest.fixture(params=["tcp", "loopback"])
+@pytest.fixture(params=["tcp", "loopback", "cuda_ipc"])
 def node(request):
+    from lmcache_pd import transport as transports
+
+    ok, why = transports.available(request.param)
+    if not ok:
+        pytest.skip(f"transport {request.param!r} unavailable here: {why}")
     n = Node(make_cfg(request.param))
     yield n
     n.close()
