@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from _common import pick_devices
 
 from lmcache_pd import config_from_dict
 from lmcache_pd import protocol as P
@@ -89,12 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ok:
         print(f"skipped: transport {args.transport} unavailable: {why}")
         return 0
-    if args.devices:
-        p_dev, d_dev = args.devices.split(",")
-    elif args.transport == "cuda_ipc":
-        p_dev, d_dev = "cuda:0", f"cuda:{torch.cuda.device_count() - 1}"
-    else:
-        p_dev = d_dev = "cpu"
+    p_dev, d_dev = pick_devices(args.transport, args.devices)
     tokens = [int(t) for t in args.tokens.split(",")]
     max_blocks = max(tokens) // BLOCK
     num_blocks = max_blocks * 2 + 8

@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
+from _common import host_seconds
 
 from lmcache_pd import PoolLayout, plan_cache_to_pool
 from lmcache_pd.ops import copy_ranges, cuda_kernels_available, kv_layout_of, prepare_copy, run_copy
@@ -28,15 +28,7 @@ LAYERS, HEADS, BLOCK, C = 32, 8, 16, 256
 
 
 def timed(fn, repeat: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+    return host_seconds(fn, repeat)
 
 
 def device_time(fn, repeat: int) -> float:

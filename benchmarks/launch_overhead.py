@@ -9,29 +9,16 @@ Llama-3-8B 128-token hand-off (16 MiB, 256 ranges of 64 KiB), beside the same-si
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
 import torch
+from _common import host_seconds
 
 from lmcache_pd import PoolLayout, plan_cache_to_pool
 from lmcache_pd.ops import _cupy_stream, copy_ranges, cuda_kernels_available, kv_layout_of, prepare_copy, run_copy
 
 
 def us(fn, n: int = 200, sync: bool = False) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return statistics.median(out) * 1e6
+    return host_seconds(fn, n, sync=sync, warmup=10) * 1e6
 
 
 def main() -> int:

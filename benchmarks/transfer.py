@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+from _common import pick_devices
 
 from lmcache_pd import TransferState, coalesce
 from lmcache_pd import transport as transports
@@ -221,12 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", default=None,
                     help="GPU transports: source,destination device (default cuda:0,cuda:<last>)")
     args = ap.parse_args(argv)
-    if args.devices:
-        src_device, dst_device = args.devices.split(",")
-    elif args.transport == "cuda_ipc":
-        src_device, dst_device = "cuda:0", f"cuda:{torch.cuda.device_count() - 1}"
-    else:
-        src_device = dst_device = "cpu"
+    src_device, dst_device = pick_devices(args.transport, args.devices)
     options = {"streams": args.streams} if args.streams else {}
     ok, reason = transports.available(args.transport)
     if not ok:

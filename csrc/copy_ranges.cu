@@ -22,10 +22,11 @@ __device__ __forceinline__ int range_of(const i64* __restrict__ prefix, int n, i
     return lo;
 }
 
-// Every address and length a multiple of 16; chunk a multiple of 16.
-extern "C" __global__ void __launch_bounds__(512) copy_plan_v16(const i64* __restrict__ rows,
-                                                                const i64* __restrict__ prefix, int n, i64 chunk) {
-    constexpr int UNROLL = 8;
+// Walks this warp's chunks of the concatenated ranges and hands each piece (the part of one
+// range inside one chunk) to `copy(src, dst, bytes, lane)`.
+template <typename Copy>
+__device__ __forceinline__ void for_each_piece(const i64* __restrict__ rows, const i64* __restrict__ prefix, int n,
+                                               i64 chunk, Copy copy) {
     const int lane = threadIdx.x & 31;
     const i64 warps = (gridDim.x * blockDim.x) >> 5;
     const i64 total = prefix[n];
@@ -35,40 +36,47 @@ extern "C" __global__ void __launch_bounds__(512) copy_plan_v16(const i64* __res
         int r = range_of(prefix, n, start);
         for (i64 pos = start; pos < end; ++r) {
             const i64 upto = min(end, prefix[r + 1]);
-            const i64 off = (pos - prefix[r]) >> 4;
-            const uint4* __restrict__ src = reinterpret_cast<const uint4*>(rows[3 * r]) + off;
-            uint4* __restrict__ dst = reinterpret_cast<uint4*>(rows[3 * r + 1]) + off;
-            const i64 m = (upto - pos) >> 4;
-            i64 i = lane;
-            for (; i + (UNROLL - 1) * 32 < m; i += UNROLL * 32) {
-                uint4 v[UNROLL];
-#pragma unroll
-                for (int u = 0; u < UNROLL; ++u) v[u] = __ldg(src + i + u * 32);
-#pragma unroll
-                for (int u = 0; u < UNROLL; ++u) dst[i + u * 32] = v[u];
-            }
-            for (; i < m; i += 32) dst[i] = __ldg(src + i);
+            const i64 off = pos - prefix[r];
+            copy(reinterpret_cast<const unsigned char*>(rows[3 * r]) + off,
+                 reinterpret_cast<unsigned char*>(rows[3 * r + 1]) + off, upto - pos, lane);
             pos = upto;
         }
     }
 }
 
-// Any alignment.
+// Every address and length a multiple of 16; chunk a multiple of 16. Each lane keeps UNROLL
+// independent 16-byte loads in flight (read-only path) before its stores.
+struct CopyV16 {
+    __device__ __forceinline__ void operator()(const unsigned char* s, unsigned char* d, i64 bytes, int lane) const {
+        constexpr int UNROLL = 8;
+        const uint4* __restrict__ src = reinterpret_cast<const uint4*>(s);
+        uint4* __restrict__ dst = reinterpret_cast<uint4*>(d);
+        const i64 m = bytes >> 4;
+        i64 i = lane;
+        for (; i + (UNROLL - 1) * 32 < m; i += UNROLL * 32) {
+            uint4 v[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) v[u] = __ldg(src + i + u * 32);
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) dst[i + u * 32] = v[u];
+        }
+        for (; i < m; i += 32) dst[i] = __ldg(src + i);
+    }
+};
+
+// Any alignment: one byte per lane step.
+struct CopyBytes {
+    __device__ __forceinline__ void operator()(const unsigned char* s, unsigned char* d, i64 bytes, int lane) const {
+        for (i64 i = lane; i < bytes; i += 32) d[i] = s[i];
+    }
+};
+
+extern "C" __global__ void __launch_bounds__(512) copy_plan_v16(const i64* __restrict__ rows,
+                                                                const i64* __restrict__ prefix, int n, i64 chunk) {
+    for_each_piece(rows, prefix, n, chunk, CopyV16{});
+}
+
 extern "C" __global__ void __launch_bounds__(512) copy_plan_bytes(const i64* __restrict__ rows,
                                                                   const i64* __restrict__ prefix, int n, i64 chunk) {
-    const int lane = threadIdx.x & 31;
-    const i64 warps = (gridDim.x * blockDim.x) >> 5;
-    const i64 total = prefix[n];
-    for (i64 start = ((blockIdx.x * (i64)blockDim.x + threadIdx.x) >> 5) * chunk; start < total;
-         start += warps * chunk) {
-        const i64 end = min(start + chunk, total);
-        int r = range_of(prefix, n, start);
-        for (i64 pos = start; pos < end; ++r) {
-            const i64 upto = min(end, prefix[r + 1]);
-            const unsigned char* __restrict__ src = reinterpret_cast<const unsigned char*>(rows[3 * r]) + (pos - prefix[r]);
-            unsigned char* __restrict__ dst = reinterpret_cast<unsigned char*>(rows[3 * r + 1]) + (pos - prefix[r]);
-            for (i64 i = lane; i < upto - pos; i += 32) dst[i] = src[i];
-            pos = upto;
-        }
-    }
+    for_each_piece(rows, prefix, n, chunk, CopyBytes{});
 }
