@@ -142,11 +142,9 @@ def decode(frames: list[bytes]) -> Message:
     if len(frames) != 2:
         raise ProtocolError(f"expected 2 frames, got {len(frames)}")
     header, body = frames
-    if len(header) != _HEADER.size:
-        raise ProtocolError("bad header length")
-    magic, version = _HEADER.unpack(header)
-    if magic != MAGIC:
-        raise ProtocolError("bad magic: not an lmcache-pd peer")
+    version = peek_version(header)
+    if version is None:
+        raise ProtocolError("bad header: not an lmcache-pd peer")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version} is not ours ({PROTOCOL_VERSION}): "
                             "run the same lmcache-pd release on prefill and decode")
