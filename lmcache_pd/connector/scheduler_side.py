@@ -162,6 +162,8 @@ class DecodeScheduler(SchedulerRole):
         This is vLLM's own scheduling decision (``num_scheduled_tokens``), which its prompt-token
         metrics do not show: they count the recomputed last token as transferred.
         """
+        if not self._reqs:  # called every engine step: nothing to count without hand-offs
+            return
         computed = {r.req_id: r.num_computed_tokens for r in so.scheduled_new_reqs}
         cached = so.scheduled_cached_reqs
         computed.update(zip(cached.req_ids, cached.num_computed_tokens))

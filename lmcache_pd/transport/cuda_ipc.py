@@ -46,7 +46,6 @@ class _Descriptor(msgspec.Struct, frozen=True):
     nbytes: int
     pid: int
     address: int
-    device_uuid: str
     token: bytes
 
 
@@ -63,10 +62,6 @@ class _Peer:
         self.address = address
         self.nbytes = nbytes
         self.opened = opened  # an IPC mapping to close on disconnect
-
-
-def _uuid(device: torch.device) -> str:
-    return str(torch.cuda.get_device_properties(device).uuid)
 
 
 class CudaIpcTransport(Transport):
@@ -122,8 +117,7 @@ class CudaIpcTransport(Transport):
         with cupy.cuda.Device(r.device.index):
             handle = cupy.cuda.runtime.ipcGetMemHandle(r.address)
         _exported_here.add((self._token, r.address))
-        return msgspec.msgpack.encode(_Descriptor(bytes(handle), r.nbytes, os.getpid(), r.address,
-                                                  _uuid(r.device), self._token))
+        return msgspec.msgpack.encode(_Descriptor(bytes(handle), r.nbytes, os.getpid(), r.address, self._token))
 
     # --- prefill side ---------------------------------------------------------------------
     def connect(self, descriptor: bytes, timeout_s: float) -> PeerId:
