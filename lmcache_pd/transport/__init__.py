@@ -23,6 +23,7 @@ _BUILTIN: dict[str, str] = {
     "loopback": "lmcache_pd.transport.loopback:LoopbackTransport",
     "tcp": "lmcache_pd.transport.tcp:TcpTransport",
     "cuda_ipc": "lmcache_pd.transport.cuda_ipc:CudaIpcTransport",
+    "nixl": "lmcache_pd.transport.nixl:NixlTransport",
 }
 _registry: dict[str, str] = dict(_BUILTIN)
 

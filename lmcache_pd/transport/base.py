@@ -58,6 +58,8 @@ class TransportStats:
     seconds: float = 0.0
     """Wall time from submit to completion, summed over batches."""
     failures: int = 0
+    path: str = ""
+    """What carried the data, where the transport can tell (nixl: the UCX transport)."""
 
     @property
     def gbps(self) -> float:

@@ -94,7 +94,7 @@ class Node:
         return False
 
 
-@pytest.fixture(params=["tcp", "loopback", "cuda_ipc"])
+@pytest.fixture(params=["tcp", "loopback", "nixl", "cuda_ipc"])
 def node(request):
     from lmcache_pd import transport as transports
 

@@ -1,0 +1,463 @@
+"""NIXL transport (UCX backend): RDMA across hosts, shared memory or CUDA IPC within one.
+
+The decode side registers its pool with a NIXL agent once and exports, in the handshake reply,
+NIXL's own agent metadata (NIXL's binary format, parsed by NIXL; never pickle) plus the pool's
+address, size and memory kind. The prefill side loads that metadata once per peer and, per
+transfer, posts one WRITE of every range of the plan (push: the side that has the bytes starts
+the transfer, as in the 49 GB/s push figure of vLLM issue 52607, not the 0.5 GB/s pull). NIXL
+reports a WRITE done after its UCX endpoint flush, so DONE means the bytes are in the peer's
+memory; the sender then tells the decode side over the control plane.
+
+Threads: NIXL's own progress thread spins a full core (its Python API hard-codes the delay to
+0, docs/transports.md), so it is off by default; one completion thread of ours polls in-flight
+transfers every ``poll_interval_us`` and, when idle, progresses the worker every
+``idle_progress_ms`` (receivers on UCX's tcp transport need target-side progress). All agent
+calls hold one lock.
+
+Which UCX transport carried the data (cma, sysv, cuda_ipc, rc_mlx5, tcp...) is read from UCX's
+protocol-selection report (``UCX_PROTO_INFO``), which this module routes to a log file before
+UCX starts unless the user set those variables; it is logged once per peer and kept in
+``stats.path``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import itertools
+import logging
+import os
+import re
+import secrets
+import socket
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import msgspec
+import numpy as np
+import torch
+
+from lmcache_pd._types import TransferState
+from lmcache_pd.errors import PeerLost, TransportUnavailable
+from lmcache_pd.layout import RangePlan
+from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport
+
+log = logging.getLogger(__name__)
+_MODULES = ("nixl_cu13", "nixl_cu12", "nixl")  # the CUDA 13 / 12 wheels, or a source build
+_live: weakref.WeakSet[NixlTransport] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # An agent torn down at exit while our thread still calls into it aborts the process
+    # ("terminate called"): stop the threads first.
+    for t in list(_live):
+        t.close()
+
+
+def _import_nixl() -> ModuleType:
+    errors = []
+    for name in _MODULES:
+        try:
+            mod = importlib.import_module(name)
+            mod.nixl_agent  # noqa: B018 - the meta-package `nixl` may lack the API
+            return mod
+        except (ImportError, AttributeError) as e:
+            errors.append(f"{name}: {e}")
+    raise TransportUnavailable("NIXL is not installed (pip install nixl-cu12 or nixl-cu13): " + "; ".join(errors))
+
+
+class NixlOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    backend: str = "UCX"
+    ucx_tls: str = ""
+    """Sets UCX_TLS before UCX starts, unless the environment already sets it; empty: UCX chooses."""
+    progress_thread: bool = False
+    """NIXL's own progress thread (spins one core; worth it only where RDMA needs it)."""
+    num_threads: int = 0
+    """UCX backend worker threads (0: NIXL's default)."""
+    poll_interval_us: int = 20
+    """Sleep between polls of in-flight transfers."""
+    idle_progress_ms: float = 1.0
+    """Worker progress period when nothing is in flight (target-side progress)."""
+    report_path: bool = True
+    """Route UCX's protocol report to a file to learn which UCX transport carried the data."""
+
+    def __post_init__(self) -> None:
+        if self.poll_interval_us < 0 or self.idle_progress_ms <= 0 or self.num_threads < 0:
+            raise ValueError("poll_interval_us >= 0, idle_progress_ms > 0 and num_threads >= 0 are required")
+
+
+class _Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    agent: str
+    metadata: bytes
+    address: int
+    nbytes: int
+    device: int
+    mem: str
+
+
+@dataclass
+class _Region:
+    buffer: torch.Tensor
+    address: int
+    nbytes: int
+    device: int
+    mem: str  # "DRAM" | "VRAM"
+    reg: Any
+
+
+@dataclass
+class _Peer:
+    agent: str
+    address: int
+    nbytes: int
+    device: int
+    mem: str
+    reported: bool = False
+
+
+@dataclass
+class _InFlight:
+    handle: TransferHandle
+    xfer: Any  # nixl_xfer_handle
+    deadline: float
+    peer: PeerId
+
+
+# --- which UCX transport carried the data ------------------------------------------------------
+_PROTO_ENV = "LMCACHE_PD_UCX_LOG"  # our log file, so that a second transport in the process finds it
+_TITLE = re.compile(r"\|\s*(?P<ctx>.*?)\s+(?P<scope>self|intra-node|inter-node)\s+cfg#\d+\s*\|")
+_WRITE = re.compile(r"remote memory write by ucp_put\*")
+_ROW = re.compile(r"\|\s*[\d.]+(?:inf)?\s*\|[^|]*\|\s*(?P<cfg>[^|]*?)\s*\|\s*$")
+_TL = re.compile(r"\b([a-z_0-9]+/[A-Za-z_0-9:.\-]+)")
+
+
+def _route_ucx_report() -> str | None:
+    """Make UCX write its protocol-selection report to a file we can read (before UCX starts)."""
+    if os.environ.get(_PROTO_ENV):
+        return os.environ[_PROTO_ENV]
+    if os.environ.get("UCX_LOG_FILE"):
+        path = os.environ["UCX_LOG_FILE"].replace("%p", str(os.getpid())).replace("%h", socket.gethostname())
+        return path if os.environ.get("UCX_PROTO_INFO", "").lower() in ("y", "yes", "1", "on") else None
+    if os.environ.get("UCX_PROTO_INFO", "").lower() in ("n", "no", "0", "off"):
+        return None
+    path = os.path.join(tempfile.gettempdir(), f"lmcache-pd-ucx-{os.getpid()}-{secrets.token_hex(4)}.log")
+    os.environ.setdefault("UCX_PROTO_INFO", "y")
+    os.environ["UCX_LOG_FILE"] = path
+    os.environ[_PROTO_ENV] = path
+    return path
+
+
+def ucx_write_paths(report: str) -> list[str]:
+    """UCX transports chosen for ``ucp_put`` towards other processes, from UCX's protocol report.
+
+    The report prints one table per (endpoint configuration, operation); a title line names the
+    scope (``self``, ``intra-node``, ``inter-node``) and the next the operation. We keep the
+    ``Config`` column (``cma/memory``, ``cuda_ipc/cuda``, ``rc_mlx5/mlx5_0:1``...) of write tables
+    whose scope is not ``self``.
+    """
+    found: list[str] = []
+    scope = None
+    in_write = False
+    for line in report.splitlines():
+        if m := _TITLE.search(line):
+            scope, in_write = m["scope"], False
+            continue
+        if _WRITE.search(line):
+            in_write = scope is not None and scope != "self"
+            continue
+        if in_write and (row := _ROW.search(line)):
+            for tl in _TL.findall(row["cfg"]):
+                if tl not in found:
+                    found.append(tl)
+    return found
+
+
+class NixlTransport(Transport):
+    name = "nixl"
+    capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cpu", "cuda"}), listens=False)
+    Options = NixlOptions
+
+    def __init__(self, options: NixlOptions, **kwargs: object):
+        super().__init__(options, **kwargs)  # type: ignore[arg-type]
+        self._nixl = _import_nixl()
+        if options.ucx_tls:
+            os.environ.setdefault("UCX_TLS", options.ucx_tls)
+        self._report = _route_ucx_report() if options.report_path else None
+        self._name = f"lmcache-pd-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}"
+        conf = self._nixl.nixl_agent_config(
+            enable_prog_thread=options.progress_thread, backends=[options.backend],
+            num_threads=options.num_threads,
+            sync_mode=self._nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        try:
+            self._agent = self._nixl.nixl_agent(self._name, conf)
+        except Exception as e:  # noqa: BLE001 - NIXL raises its own exception types
+            raise TransportUnavailable(f"cannot create a NIXL agent: {e}") from e
+        if options.backend not in self._agent.backends:
+            raise TransportUnavailable(f"NIXL backend {options.backend!r} is not available "
+                                       f"(plugins: {', '.join(self._agent.get_plugin_list())})")
+        self._lock = threading.Lock()  # every agent call
+        self._regions: dict[RegionId, _Region] = {}
+        self._peers: dict[PeerId, _Peer] = {}
+        self._agents: dict[str, int] = {}  # remote agent name -> peers using it
+        self._ids = itertools.count(1)
+        self._inflight: list[_InFlight] = []
+        self._parked: list[Any] = []  # xfer handles NIXL could not release yet
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pd-nixl", daemon=True)
+        self._thread.start()
+        _live.add(self)
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        try:
+            _import_nixl()
+        except TransportUnavailable as e:
+            return False, str(e)
+        return True, ""
+
+    # --- both sides ---------------------------------------------------------------------------
+    def register(self, buffer: torch.Tensor) -> RegionId:
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous():
+            raise ValueError("nixl registers flat contiguous uint8 tensors only")
+        mem = "VRAM" if buffer.is_cuda else "DRAM"
+        device = (buffer.device.index or 0) if buffer.is_cuda else 0
+        with self._lock:
+            reg = self._agent.register_memory(buffer)
+        rid = next(self._ids)
+        self._regions[rid] = _Region(buffer, buffer.data_ptr(), buffer.numel(), device, mem, reg)
+        return rid
+
+    def export_descriptor(self, region: RegionId) -> bytes:
+        r = self._regions[region]
+        with self._lock:
+            md = self._agent.get_agent_metadata()
+        return msgspec.msgpack.encode(_Descriptor(self._name, md, r.address, r.nbytes, r.device, r.mem))
+
+    # --- prefill side -------------------------------------------------------------------------
+    def connect(self, descriptor: bytes, timeout_s: float) -> PeerId:
+        try:
+            d = msgspec.msgpack.decode(descriptor, type=_Descriptor)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise PeerLost(f"not a nixl descriptor: {e}") from None
+        if d.mem not in ("DRAM", "VRAM") or d.nbytes < 0:
+            raise PeerLost(f"nixl descriptor names memory kind {d.mem!r}, size {d.nbytes}")
+        with self._lock:
+            try:
+                if d.agent not in self._agents:
+                    name = self._agent.add_remote_agent(d.metadata)
+                    name = name.decode() if isinstance(name, bytes) else name
+                    if name != d.agent:
+                        self._agent.remove_remote_agent(name)
+                        raise PeerLost(f"nixl metadata names agent {name!r}, descriptor {d.agent!r}")
+                    self._agents[d.agent] = 0
+                    try:  # optional: moves connection set-up out of the first transfer
+                        self._agent.make_connection(d.agent)
+                    except Exception as e:  # noqa: BLE001
+                        log.debug("nixl make_connection to %s: %s", d.agent, e)
+                self._agents[d.agent] += 1
+            except PeerLost:
+                raise
+            except Exception as e:  # noqa: BLE001 - NIXL's loader raises its own types on bad bytes
+                raise PeerLost(f"nixl refused the peer's metadata: {e}") from None
+        pid = next(self._ids)
+        self._peers[pid] = _Peer(d.agent, d.address, d.nbytes, d.device, d.mem)
+        return pid
+
+    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float) -> TransferHandle:
+        src = self._regions[region]
+        p = self._peers.get(peer)
+        handle = TransferHandle(self, plan.nbytes, time.monotonic())
+        if p is None:
+            self._finish(handle, TransferState.FAILED, time.monotonic(), "nixl peer was disconnected")
+            return handle
+        if not len(plan):
+            self._finish(handle, TransferState.DONE, time.monotonic())
+            return handle
+        if (int((plan.dst_offsets + plan.lengths).max()) > p.nbytes or int(plan.dst_offsets.min()) < 0
+                or int((plan.src_offsets + plan.lengths).max()) > src.nbytes or int(plan.src_offsets.min()) < 0):
+            self._finish(handle, TransferState.FAILED, time.monotonic(), "range plan outside a registered region")
+            return handle
+        if src.mem == "VRAM":
+            # The producer of the source bytes ran on the device's current stream; UCX copies on
+            # streams of its own, so the bytes must be complete before the post.
+            torch.cuda.current_stream(src.buffer.device).synchronize()
+        n = len(plan)
+        local = np.empty((n, 3), dtype=np.uint64)
+        local[:, 0] = plan.src_offsets + src.address
+        local[:, 1] = plan.lengths
+        local[:, 2] = src.device
+        remote = np.empty((n, 3), dtype=np.uint64)
+        remote[:, 0] = plan.dst_offsets + p.address
+        remote[:, 1] = plan.lengths
+        remote[:, 2] = p.device
+        with self._lock:
+            try:
+                xfer = self._agent.initialize_xfer(
+                    "WRITE", self._agent.get_xfer_descs(local, src.mem), self._agent.get_xfer_descs(remote, p.mem),
+                    p.agent)
+                status = self._agent.transfer(xfer)
+            except Exception as e:  # noqa: BLE001
+                self._finish(handle, TransferState.FAILED, time.monotonic(), f"nixl refused the transfer: {e}")
+                return handle
+        if status == "DONE":
+            self._release_xfer(xfer)
+            self._done(handle, peer)
+            return handle
+        if status == "ERR":
+            self._release_xfer(xfer)
+            self._finish(handle, TransferState.FAILED, time.monotonic(), "nixl transfer failed at post")
+            return handle
+        handle.state = TransferState.IN_FLIGHT
+        with self._wake:
+            self._inflight.append(_InFlight(handle, xfer, handle.t_submit + timeout_s, peer))
+            self._wake.notify()
+        return handle
+
+    def _done(self, handle: TransferHandle, peer: PeerId) -> None:
+        p = self._peers.get(peer)
+        if p is not None and not p.reported:
+            p.reported = True
+            self._report_path(p)
+        self._finish(handle, TransferState.DONE, time.monotonic())
+
+    def _report_path(self, p: _Peer) -> None:
+        if not self._report:
+            return
+        try:
+            with open(self._report, errors="replace") as f:
+                paths = ucx_write_paths(f.read())
+        except OSError as e:
+            log.debug("cannot read UCX's protocol report %s: %s", self._report, e)
+            return
+        if paths:
+            self.stats.path = "UCX " + ",".join(paths)
+            log.info("nixl: data to %s carried by %s", p.agent, self.stats.path)
+
+    # --- completion thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        idle_s = self.options.idle_progress_ms / 1000.0  # type: ignore[attr-defined]
+        poll_s = self.options.poll_interval_us / 1e6  # type: ignore[attr-defined]
+        while not self._stop.is_set():
+            with self._wake:
+                if not self._inflight:
+                    self._wake.wait(idle_s)
+                batch = list(self._inflight)
+            try:
+                if not batch:
+                    with self._lock:
+                        self._agent.get_new_notifs()  # progresses the worker (target side)
+                    self._retry_parked()
+                    continue
+                self._poll(batch)
+            except Exception:  # noqa: BLE001 - the thread must survive to end every handle
+                log.exception("nixl completion thread")
+            if poll_s:
+                time.sleep(poll_s)
+
+    def _poll(self, batch: list[_InFlight]) -> None:
+        now = time.monotonic()
+        ended: list[tuple[_InFlight, TransferState, str | None]] = []
+        with self._lock:
+            for item in batch:
+                try:
+                    status, err = self._agent.check_xfer_state(item.xfer), "peer gone or memory not registered"
+                except Exception as e:  # noqa: BLE001
+                    status, err = "ERR", str(e)
+                if item.handle.state == TransferState.CANCELED:
+                    # Ended only once NIXL has released the request (aborted) or it has finished:
+                    # the peer must not reuse pages a write is still landing in. Bounded by the
+                    # transfer's deadline, after which the request is parked.
+                    if status != "PROC" or self._try_release(item.xfer) or now > item.deadline:
+                        ended.append((item, TransferState.CANCELED, "canceled"))
+                elif status == "DONE":
+                    ended.append((item, TransferState.DONE, None))
+                elif status == "ERR":
+                    ended.append((item, TransferState.FAILED, f"nixl transfer failed: {err}"))
+                elif now > item.deadline:
+                    ended.append((item, TransferState.TIMEOUT, "nixl transfer passed its deadline"))
+        if not ended:
+            return
+        with self._wake:
+            gone = {id(e[0]) for e in ended}
+            self._inflight = [i for i in self._inflight if id(i) not in gone]
+        for item, state, error in ended:
+            self._release_xfer(item.xfer)
+            if state == TransferState.DONE:
+                self._done(item.handle, item.peer)
+            else:
+                self._finish(item.handle, state, time.monotonic(), error)
+
+    @staticmethod
+    def _try_release(xfer: Any) -> bool:
+        try:
+            xfer.release()
+            return True
+        except Exception:  # noqa: BLE001 - NIXL could not abort it
+            return False
+
+    def _release_xfer(self, xfer: Any) -> None:
+        # A request NIXL cannot release yet (a timed-out one still in flight) is parked and
+        # released once it ends, so no UCX request is leaked.
+        with self._lock:
+            if not self._try_release(xfer):
+                log.debug("nixl could not release a transfer yet; parked")
+                self._parked.append(xfer)
+
+    def _retry_parked(self) -> None:
+        if not self._parked:
+            return
+        with self._lock:
+            self._parked = [x for x in self._parked if not self._try_release(x)]
+
+    def release(self, handle: TransferHandle) -> None:
+        if handle.state.terminal:
+            return
+        # Cancel: the completion thread ends it (releasing the NIXL request; one NIXL cannot
+        # abort is parked until it ends). Wait for that, so pages are not reused under a write.
+        handle.state = TransferState.CANCELED
+        with self._wake:
+            self._wake.notify()
+        while handle.t_done is None and not self._stop.is_set():
+            time.sleep(0.0005)
+
+    def disconnect(self, peer: PeerId) -> None:
+        p = self._peers.pop(peer, None)
+        if p is None:
+            return
+        with self._lock:
+            self._agents[p.agent] -= 1
+            if self._agents[p.agent] == 0:
+                del self._agents[p.agent]
+                try:
+                    self._agent.remove_remote_agent(p.agent)
+                except Exception as e:  # noqa: BLE001
+                    log.debug("nixl remove_remote_agent %s: %s", p.agent, e)
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        with self._wake:
+            self._wake.notify()
+        self._thread.join(5.0)
+        with self._wake:
+            left, self._inflight = self._inflight, []
+        for item in left:
+            self._release_xfer(item.xfer)
+            self._finish(item.handle, TransferState.CANCELED, time.monotonic(), "transport closed")
+        for pid in list(self._peers):
+            self.disconnect(pid)
+        with self._lock:
+            for r in self._regions.values():
+                try:
+                    self._agent.deregister_memory(r.reg)
+                except Exception as e:  # noqa: BLE001
+                    log.debug("nixl deregister: %s", e)
+        self._regions.clear()

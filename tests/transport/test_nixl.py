@@ -1,0 +1,137 @@
+"""NIXL across two processes (DRAM here; VRAM where CUDA is), its UCX path report, and its costs."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import resource
+import time
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+
+from lmcache_pd import transport as transports
+from lmcache_pd._types import TransferState
+from lmcache_pd.errors import ConfigError, PeerLost
+from lmcache_pd.layout import coalesce
+
+_ok, _why = transports.available("nixl")
+pytestmark = pytest.mark.skipif(not _ok, reason=f"nixl unavailable here: {_why}")
+
+
+def _decode_side(conn, nbytes: int, device: str) -> None:
+    rx = transports.create("nixl", {})
+    pool = rx.allocate(nbytes, torch.device(device))
+    pool.fill_(0xEE)
+    conn.send(rx.export_descriptor(rx.register(pool)))
+    while conn.recv() != "bye":
+        conn.send(hashlib.sha256(pool.cpu().numpy().tobytes()).hexdigest())
+    rx.close()
+
+
+def _devices() -> list[tuple[str, str]]:
+    pairs = [("cpu", "cpu")]
+    if torch.cuda.is_available():
+        pairs.append(("cuda:0", f"cuda:{torch.cuda.device_count() - 1}"))
+    return pairs
+
+
+@pytest.mark.parametrize(("src_dev", "dst_dev"), _devices())
+def test_two_processes_bitwise_and_the_ucx_path_is_reported(src_dev, dst_dev):
+    nbytes = 64 << 20
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_decode_side, args=(child, nbytes, dst_dev), daemon=True)
+    proc.start()
+    try:
+        assert parent.poll(60), "decode side did not start"
+        desc = parent.recv()
+        tx = transports.create("nixl", {})
+        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+        src = src.to(src_dev)
+        rid = tx.register(src)
+        peer = tx.connect(desc, timeout_s=10)
+        rng = np.random.default_rng(0)
+        plan = coalesce(rng.permutation(1024)[:700].astype(np.int64) * 65536,
+                        np.arange(700, dtype=np.int64) * 65536, np.full(700, 65536, dtype=np.int64))
+        h = tx.submit(peer, rid, plan, timeout_s=30)
+        deadline = time.monotonic() + 30
+        while not tx.poll(h).terminal:
+            assert time.monotonic() < deadline, "transfer did not end"
+            time.sleep(0.001)
+        assert h.state == TransferState.DONE, h.error
+        h.release()
+        expect = torch.full((nbytes,), 0xEE, dtype=torch.uint8)
+        host = src.cpu()
+        for s, d, n in zip(plan.src_offsets, plan.dst_offsets, plan.lengths):
+            expect[d:d + n] = host[s:s + n]
+        parent.send("hash")
+        assert parent.recv() == hashlib.sha256(expect.numpy().tobytes()).hexdigest()
+        # Which UCX transport carried the bytes, from UCX's own protocol report.
+        assert tx.stats.path.startswith("UCX ") and "/" in tx.stats.path, tx.stats.path
+        tx.close()
+    finally:
+        parent.send("bye")
+        proc.join(20)
+
+
+def test_ucx_protocol_report_parser():
+    report = """
+[1.0] [vm:1:0]   | pre self cfg#0                                           |
+[1.0] [vm:1:0]   | remote memory write by ucp_put* from host memory to host |
+[1.0] [vm:1:0]   | 0..inf | zero-copy   | sysv/memory                        |
+[1.1] [vm:1:0]   | pre intra-node cfg#1                                     |
+[1.1] [vm:1:0]   | active message by ucp_am_send* from host memory |
+[1.1] [vm:1:0]   |          0 | short              | tcp/lo        |
+[1.2] [vm:1:0]   | pre intra-node cfg#1                                     |
+[1.2] [vm:1:0]   | remote memory write by ucp_put*(multi) from cuda memory to cuda |
+[1.2] [vm:1:0]   | Range  | Description |              Config               |
+[1.2] [vm:1:0]   | 0..8192 | short   | cuda_copy/cuda                        |
+[1.2] [vm:1:0]   | 8193..inf | zero-copy   | 50% on cuda_ipc/cuda and 50% on rc_mlx5/mlx5_0:1 |
+"""
+    from lmcache_pd.transport.nixl import ucx_write_paths
+
+    assert ucx_write_paths(report) == ["cuda_copy/cuda", "cuda_ipc/cuda", "rc_mlx5/mlx5_0:1"]
+    assert ucx_write_paths("") == []
+
+
+def test_garbled_agent_metadata_is_refused():
+    from lmcache_pd.transport.nixl import _Descriptor
+
+    tx = transports.create("nixl", {})
+    try:
+        tx.register(torch.zeros(16, dtype=torch.uint8))
+        forged = msgspec.msgpack.encode(_Descriptor("x", b"\x00garbage" * 9, 4096, 4096, 0, "DRAM"))
+        with pytest.raises(PeerLost):
+            tx.connect(forged, timeout_s=1)
+        with pytest.raises(PeerLost):
+            tx.connect(msgspec.msgpack.encode(_Descriptor("x", b"", 0, 16, 0, "HBM")), timeout_s=1)
+    finally:
+        tx.close()
+
+
+def test_options_are_validated():
+    with pytest.raises(ConfigError, match="transport.options.poll_interval_ms"):
+        transports.parse_options("nixl", {"poll_interval_ms": 5})
+    with pytest.raises(ConfigError, match="transport.options.progress_thread"):
+        transports.parse_options("nixl", {"progress_thread": "yes"})
+
+
+def test_idle_transport_does_not_spin_a_core():
+    # NIXL's own progress thread polls with no delay (one core at 100%); ours must sleep.
+    tx = transports.create("nixl", {})
+    rx = transports.create("nixl", {})
+    try:
+        rx.register(torch.zeros(1 << 16, dtype=torch.uint8))
+        tx.connect(rx.export_descriptor(1), timeout_s=5)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.monotonic()
+        time.sleep(1.0)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        assert cpu < 0.3 * (time.monotonic() - t0), f"two idle agents used {cpu:.2f} s of CPU in 1 s"
+    finally:
+        tx.close()
+        rx.close()
