@@ -1,4 +1,4 @@
-"""Small helpers shared by the benchmarks (device choice, host timing)."""
+"""Small helpers shared by the benchmarks (sizes, device choice, host timing)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,37 @@ from collections.abc import Callable
 
 import torch
 
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    return int(float(text[:-1]) * _UNITS[text[-1]]) if text[-1] in _UNITS else int(text)
+
+
+def human(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:g} {unit}"
+    return f"{n} B"
+
 
 def pick_devices(transport: str, devices: str | None) -> tuple[str, str]:
-    """(source, destination) devices: as given, else cuda:0 -> the last GPU for GPU transports."""
+    """(source, destination) devices: as given, else cuda:0 -> the last GPU where the transport
+    can use GPU memory and a GPU exists, else cpu -> cpu."""
     if devices:
         src, dst = devices.split(",")
         return src, dst
-    if transport == "cuda_ipc":
+    from lmcache_pd import transport as transports
+
+    if torch.cuda.is_available() and "cuda" in transports.get_class(transport).capabilities.mem_kinds:
         return "cuda:0", f"cuda:{torch.cuda.device_count() - 1}"
     return "cpu", "cpu"
+
+
+def sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def host_seconds(fn: Callable[[], object], repeat: int, *, sync: bool = True, warmup: int = 1) -> float:

@@ -1,245 +1,191 @@
-"""Transfer benchmark: a transport moving bytes between two processes, beside its ceiling.
+"""Transfer sweep: every transport, 1 MiB to 4 GiB, the transport alone and the whole hand-off,
+each beside its ceiling measured in the same run.
 
-For each size, the receiver (decode side) lives in a child process with a registered pool and
-the sender (prefill side) in this process. Each figure is the median of ``--repeat`` timed
-batches, from submit to the moment the sender knows the bytes are in the receiver's memory.
-The ceiling is measured in the same run, alternating with the transport, on the same machine:
-  tcp: a raw socket on loopback, sendall from one process and recv_into a preallocated buffer in
-       another, acknowledged after the last byte (the same semantics as a transport batch);
-  cuda_ipc: the in-process device copy ``dst.copy_(src)`` between the same two devices
-       (peer access on), timed the same way (host clock, until the copy is complete).
-Layout ``contiguous`` sends one range; ``paged`` sends 64 KiB ranges to scattered destinations,
-as a paged KV cache does (per layer, per block).
+For each transport and size, in alternation (so that all see the same machine; a 2-core box
+drifts by tens of percent from one second to the next), median of ``--repeat`` after a warm-up:
+  raw/contiguous, raw/paged — the transport alone between two processes (benchmarks/_pairs.py);
+  hand-off — paged cache -> decode pool -> paged cache: Allocate over zmq, the copy, TransferDone,
+      the decode's scatter; checked bitwise after the last repeat. Sizes under one block of all
+      layers (2 MiB in this shape) have no hand-off: a hand-off moves whole blocks.
+  ceiling — the in-process device copy between the same devices (GPU paths), the raw socket on
+      loopback (tcp), a host copy (other host paths): benchmarks/_ceilings.py.
+A progress bar runs on stderr; the table prints at the end; ``--out DIR`` also writes
+``transfer.md``, ``transfer.json`` and the plot ``transfer.png``.
 
-    python benchmarks/transfer.py --transport tcp --sizes 1M,16M,256M,1G
+    python benchmarks/transfer.py                              # every available transport
+    python benchmarks/transfer.py --transports tcp,nixl --sizes 1M,16M,256M
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import multiprocessing as mp
-import socket
 import statistics
-import struct
 import sys
-import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from _common import pick_devices
+from _ceilings import ceilings_for
+from _common import human, parse_size, pick_devices
+from _pairs import BLOCK, TOKEN_BYTES, HandoffPair, RawPair, plan_for
 
-from lmcache_pd import TransferState, coalesce
 from lmcache_pd import transport as transports
 
-_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+GPU_SIZES = "1M,4M,16M,64M,256M,1G,4G"
+CPU_SIZES = "1M,4M,16M,64M,256M"
 
 
-def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    return int(float(text[:-1]) * _UNITS[text[-1]]) if text[-1] in _UNITS else int(text)
+class _Progress:
+    """tqdm when installed (the `bench` extra), else one line per step."""
 
+    def __init__(self, total: int):
+        try:
+            from tqdm import tqdm
 
-def human(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:g} {unit}"
-    return f"{n} B"
+            self._bar = tqdm(total=total, file=sys.stderr, unit="step", dynamic_ncols=True)
+        except ImportError:
+            self._bar, self._n, self._total = None, 0, total
 
-
-# --- raw socket ceiling -------------------------------------------------------------------------
-_RAW_CHUNK = 64 << 10
-
-
-def _raw_receiver(conn, max_bytes: int, chunked: bool) -> None:
-    srv = socket.create_server(("127.0.0.1", 0))
-    conn.send(srv.getsockname()[1])
-    view = memoryview(bytearray(max_bytes))
-    s, _ = srv.accept()
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    while True:
-        head = s.recv(8, socket.MSG_WAITALL)
-        if len(head) < 8:
-            break
-        (n,) = struct.unpack("!Q", head)
-        if chunked:  # scatter into 64 KiB views, up to 1024 per system call
-            views = [view[o:min(o + _RAW_CHUNK, n)] for o in range(0, n, _RAW_CHUNK)]
-            for i in range(0, len(views), 1024):
-                part = views[i:i + 1024]
-                # MSG_WAITALL on a blocking socket fills every view in one call (or the peer died).
-                if s.recvmsg_into(part, 0, socket.MSG_WAITALL)[0] != sum(len(v) for v in part):
-                    raise ConnectionError("short read")
+    def step(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(text)
+            self._bar.update(1)
         else:
-            got = 0
-            while got < n:  # MSG_WAITALL on a blocking socket: normally one system call
-                got += s.recv_into(view[got:n], n - got, socket.MSG_WAITALL)
-        s.sendall(b"A")
-    s.close()
-
-
-class RawSocket:
-    """A ceiling: a plain socket from one process into a preallocated buffer in another, as one
-    buffer (``chunked=False``) or as 64 KiB pieces (``chunked=True``); acknowledged at the end."""
-
-    def __init__(self, size: int, chunked: bool):
-        self.size = size
-        self.chunked = chunked
-        parent, child = mp.Pipe()
-        self.proc = mp.get_context("spawn").Process(target=_raw_receiver, args=(child, size, chunked), daemon=True)
-        self.proc.start()
-        self.sock = socket.create_connection(("127.0.0.1", parent.recv()))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.payload = memoryview(np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8).data)
-        self.pieces = [self.payload[o:o + _RAW_CHUNK] for o in range(0, size, _RAW_CHUNK)]
-
-    def once(self) -> float:
-        t0 = time.perf_counter()
-        self.sock.sendall(struct.pack("!Q", self.size))
-        if self.chunked:
-            for i in range(0, len(self.pieces), 1024):
-                part = self.pieces[i:i + 1024]
-                if self.sock.sendmsg(part) != sum(len(p) for p in part):  # blocking: all, or an error
-                    raise ConnectionError("short write")
-        else:
-            self.sock.sendall(self.payload)
-        assert self.sock.recv(1) == b"A"
-        return time.perf_counter() - t0
+            self._n += 1
+            print(f"[{self._n}/{self._total}] {text}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        self.sock.close()
-        self.proc.join(10)
+        if self._bar is not None:
+            self._bar.close()
 
 
-# --- the transport ------------------------------------------------------------------------------
-class DeviceCopy:
-    """The ceiling for GPU transports: ``dst.copy_(src)`` in one process, complete."""
-
-    def __init__(self, size: int, src_device: str, dst_device: str):
-        self.src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=src_device)
-        self.dst = torch.empty(size, dtype=torch.uint8, device=dst_device)
-        torch.cuda.synchronize(self.src.device)
-
-    def once(self) -> float:
-        t0 = time.perf_counter()
-        self.dst.copy_(self.src)
-        torch.cuda.synchronize(self.dst.device)
-        torch.cuda.synchronize(self.src.device)
-        return time.perf_counter() - t0
-
-    def close(self) -> None:
-        pass
-
-
-def _transport_receiver(conn, name: str, options: dict, size: int, device: str) -> None:
-    rx = transports.create(name, options, host="127.0.0.1", port=0)
-    pool = rx.allocate(size, torch.device(device))
-    region = rx.register(pool)
-    if rx.capabilities.listens:
-        rx.listen()
-    conn.send(rx.export_descriptor(region))
-    conn.recv()  # until the sender is done
-    rx.close()
-
-
-def plan_for(layout: str, size: int, rng: np.random.Generator):
-    if layout == "contiguous":
-        return coalesce(np.array([0]), np.array([0]), np.array([size]))
-    chunk = min(64 << 10, size)
-    n = size // chunk
-    src = rng.permutation(n).astype(np.int64) * chunk  # scattered pages: nothing merges
-    dst = rng.permutation(n).astype(np.int64) * chunk
-    return coalesce(src, dst, np.full(n, chunk, dtype=np.int64))
-
-
-class Sender:
-    """The transport under test: receiver in a child process, sender here."""
-
-    def __init__(self, name: str, options: dict, size: int, layout: str, src_device: str, dst_device: str):
-        self.parent, child = mp.Pipe()
-        self.proc = mp.get_context("spawn").Process(target=_transport_receiver,
-                                                    args=(child, name, options, size, dst_device), daemon=True)
-        self.proc.start()
-        desc = self.parent.recv()
-        self.tx = transports.create(name, options)
-        src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=src_device)
-        if src.is_cuda:
-            torch.cuda.synchronize(src.device)
-        self.region = self.tx.register(src)
-        self.peer = self.tx.connect(desc, timeout_s=10)
-        self.plan = plan_for(layout, size, np.random.default_rng(1))
-
-    def once(self) -> float:
-        ended = threading.Event()
-        t0 = time.perf_counter()
-        h = self.tx.submit(self.peer, self.region, self.plan, timeout_s=120)
-        h.add_done_callback(lambda _h: ended.set())
-        while not (state := self.tx.poll(h)).terminal:
-            ended.wait(0.001)
-        dt = time.perf_counter() - t0
-        h.release()
-        if state != TransferState.DONE:
-            raise RuntimeError(f"transfer failed: {h.error}")
-        return dt
-
-    def close(self) -> None:
-        self.tx.close()
-        self.parent.send(b"done")
-        self.proc.join(10)
-
-
-def measure(size: int, repeat: int, name: str, options: dict, layouts: list[str], src_device: str,
-            dst_device: str) -> tuple[float, dict[str, float]]:
-    """Median GB/s of the ceiling and of each layout, measured in alternation so that both see
-    the same machine (a 2-core box drifts by tens of percent from one second to the next)."""
-    if name == "cuda_ipc":
-        ceilings = {"ceiling": DeviceCopy(size, src_device, dst_device)}
-    else:
-        ceilings = {"raw": RawSocket(size, False), "raw-chunked": RawSocket(size, True)}
-    runners = {**ceilings, **{layout: Sender(name, options, size, layout, src_device, dst_device)
-                              for layout in layouts}}
+def measure_size(name: str, size: int, repeat: int, layouts: list[str], src: str, dst: str, raw: RawPair,
+                 handoff: HandoffPair | None) -> list[dict]:
+    ceilings = ceilings_for(name, size, src, dst)
+    runners = {k: c.once for k, c in ceilings.items()}
+    rng = np.random.default_rng(size)
+    for layout in layouts:
+        runners[f"raw/{layout}"] = functools.partial(raw.once, plan_for(layout, size, rng))
+    tokens = size // TOKEN_BYTES
+    if handoff is not None and tokens >= BLOCK and tokens % BLOCK == 0:
+        runners["hand-off"] = lambda: handoff.once(tokens)
     times: dict[str, list[float]] = {k: [] for k in runners}
     try:
         for i in range(repeat + 1):
-            for key, runner in runners.items():
-                dt = runner.once()
-                if i:  # round 0 warms connections and touches the pages
+            for key, fn in runners.items():
+                dt = fn()
+                if i:  # round 0 warms connections, kernels and pages
                     times[key].append(dt)
+        check = handoff.check_last() if "hand-off" in runners else None
+        path = raw.path or (handoff.path if handoff else "")
     finally:
-        for r in runners.values():
-            r.close()
+        for c in ceilings.values():
+            c.close()
     gbps = {k: size / statistics.median(v) / 1e9 for k, v in times.items()}
-    # The ceiling is the best of the ceiling methods: the transport must beat each of them.
-    return max(gbps.pop(k) for k in ceilings), gbps
+    best = max(ceilings, key=lambda k: gbps[k])
+    rows = []
+    for kind in runners:
+        if kind in ceilings:
+            continue
+        rows.append({"transport": name, "devices": f"{src}->{dst}", "size": size, "kind": kind,
+                     "gbps": gbps[kind], "ms": statistics.median(times[kind]) * 1e3, "ceiling": best,
+                     "ceiling_gbps": gbps[best], "ratio": gbps[kind] / gbps[best], "path": path,
+                     "check": ("bitwise" if check else "MISMATCH") if kind == "hand-off" else ""})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| transport | devices | size | measured | GB/s | ms | ceiling | ceiling GB/s | ratio | carried by | check |\n"
+            "|---|---|---:|---|---:|---:|---|---:|---:|---|---|\n")
+    return head + "".join(
+        f"| {r['transport']} | {r['devices']} | {human(r['size'])} | {r['kind']} | {r['gbps']:.2f} | {r['ms']:.3f} "
+        f"| {r['ceiling']} | {r['ceiling_gbps']:.2f} | {r['ratio']:.2f} | {r['path'] or '-'} | {r['check']} |\n"
+        for r in rows)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"no plot: {e} (install the `bench` extra)"
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for (transport, kind) in dict.fromkeys((r["transport"], r["kind"]) for r in rows):
+        pts = [(r["size"], r["gbps"]) for r in rows if r["transport"] == transport and r["kind"] == kind]
+        ax.plot(*zip(*pts), marker="o", label=f"{transport} {kind}")
+    for transport in dict.fromkeys(r["transport"] for r in rows):
+        pts = sorted({(r["size"], r["ceiling_gbps"]) for r in rows if r["transport"] == transport})
+        name = next(r["ceiling"] for r in rows if r["transport"] == transport)
+        ax.plot(*zip(*pts), linestyle="--", color="gray", alpha=0.6)
+        ax.annotate(f"{name} ({transport})", pts[-1], fontsize=7, color="gray")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bytes per transfer")
+    ax.set_ylabel("GB/s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f"plot: {path}"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--transport", default="tcp")
-    ap.add_argument("--sizes", default="1M,16M,128M,1G")
-    ap.add_argument("--layout", default="contiguous,paged")
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--streams", type=int, default=None, help="tcp: connections per peer")
-    ap.add_argument("--devices", default=None,
-                    help="GPU transports: source,destination device (default cuda:0,cuda:<last>)")
+    ap.add_argument("--transports", default=None, help="comma-separated (default: every available one)")
+    ap.add_argument("--transport", dest="transports", help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", default=None, help=f"default {GPU_SIZES} on a GPU, {CPU_SIZES} on CPU")
+    ap.add_argument("--layout", default="contiguous,paged", help="raw-transport layouts")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--no-handoff", action="store_true", help="time the transport alone")
+    ap.add_argument("--devices", default=None, help="source,destination (default cuda:0,cuda:<last> where a "
+                                                     "transport can use GPU memory and a GPU exists)")
+    ap.add_argument("--options", default="{}", help="transport options as JSON (applied to every transport)")
+    ap.add_argument("--out", type=Path, default=None, help="write transfer.md, transfer.json, transfer.png here")
     args = ap.parse_args(argv)
-    src_device, dst_device = pick_devices(args.transport, args.devices)
-    options = {"streams": args.streams} if args.streams else {}
-    ok, reason = transports.available(args.transport)
-    if not ok:
-        print(f"transport {args.transport} unavailable: {reason}")
-        return 1
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
-    where = f"{src_device} -> {dst_device}" + (f" ({torch.cuda.get_device_name(0)})" if "cuda" in src_device else "")
-    print(f"# {args.transport} transfer between two processes, {where}; median of {args.repeat}")
-    print(f"# python {sys.version.split()[0]}, torch {torch.__version__}, {mp.cpu_count()} cpus")
-    ceiling_name = "device copy GB/s" if args.transport == "cuda_ipc" else "raw socket GB/s"
-    print(f"{'size':>9} {'layout':>10} {'transport GB/s':>15} {ceiling_name:>16} {'ratio':>6}")
-    for size in sizes:
-        ceiling, got = measure(size, args.repeat, args.transport, options, args.layout.split(","),
-                               src_device, dst_device)
-        for layout, gbps in got.items():
-            print(f"{human(size):>9} {layout:>10} {gbps:>15.2f} {ceiling:>16.2f} {gbps / ceiling:>6.2f}", flush=True)
-    return 0
+    names = args.transports.split(",") if args.transports else [n for n in transports.names() if n != "loopback"]
+    runnable = []
+    for name in names:
+        ok, why = transports.available(name)
+        if ok:
+            runnable.append(name)
+        else:
+            print(f"# skipped {name}: {why}")
+    sizes = [parse_size(s) for s in (args.sizes or (GPU_SIZES if torch.cuda.is_available() else CPU_SIZES)).split(",")]
+    options = json.loads(args.options)
+    gpu = f" ({torch.cuda.get_device_name(0)} x{torch.cuda.device_count()})" if torch.cuda.is_available() else ""
+    title = (f"{time.strftime('%Y-%m-%d')}{gpu}, {mp.cpu_count()} cpus, python {sys.version.split()[0]}, "
+             f"torch {torch.__version__}; median of {args.repeat}")
+    print(f"# {title}")
+    progress = _Progress(len(runnable) * len(sizes))
+    rows: list[dict] = []
+    for name in runnable:
+        src, dst = pick_devices(name, args.devices)
+        max_tokens = max(sizes) // TOKEN_BYTES
+        raw = RawPair(name, options, max(sizes), src, dst)
+        handoff = None if args.no_handoff or max_tokens < BLOCK else HandoffPair(name, options, max_tokens, src, dst)
+        try:
+            for size in sizes:
+                rows += measure_size(name, size, args.repeat, args.layout.split(","), src, dst, raw, handoff)
+                progress.step(f"{name} {human(size)}")
+        finally:
+            raw.close()
+            if handoff is not None:
+                handoff.close()
+    progress.close()
+    text = table(rows)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "transfer.md").write_text(f"{title}\n\n{text}")
+        (args.out / "transfer.json").write_text(json.dumps({"title": title, "rows": rows}, indent=1))
+        print(plot(rows, args.out / "transfer.png", title))
+    return 1 if any(r["check"] == "MISMATCH" for r in rows) else 0
 
 
 if __name__ == "__main__":

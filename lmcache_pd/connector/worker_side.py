@@ -130,11 +130,18 @@ class PrefillWorker(_PDWorker):
                  layout.page_bytes, self.cfg.transport.name)
 
     def start_load_kv(self, meta: PDConnectorMetadata) -> None:
-        if self.sender is None:
+        if self.sender is None or not meta.sends:
             return
+        # Called on vLLM's thread before this step's forward: the blocks were written by earlier
+        # forwards, queued on vLLM's current stream. An event there (not a synchronize) orders
+        # our copy after them without blocking the forward loop.
+        ready = None
+        if self.sender.kv_buffer.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.sender.kv_buffer.device))
         for spec in meta.sends:
             self._pending.add(spec.req_id)
-            self.sender.submit(spec)
+            self.sender.submit(spec, ready)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         if self.sender is None:

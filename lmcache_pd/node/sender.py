@@ -104,9 +104,14 @@ class KVSender:
         self._ctx = zmq.asyncio.Context()
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats(), name="pd-heartbeat")
 
-    def submit(self, spec: SendSpec) -> None:
-        """Start a hand-off (thread-safe, returns at once)."""
-        self._loop.submit(self._send(spec))
+    def submit(self, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
+        """Start a hand-off (thread-safe, returns at once).
+
+        ``ready``: a CUDA event recorded on vLLM's stream after the forward that wrote these
+        blocks; the copy is ordered after it (on the GPU by stream-ordered transports, else by
+        waiting for it here, on the sender's thread).
+        """
+        self._loop.submit(self._send(spec, ready))
 
     def drain(self) -> list[SendResult]:
         with self._results_lock:
@@ -127,7 +132,7 @@ class KVSender:
             self._ctx.term()
 
     # --- one hand-off ---------------------------------------------------------------------
-    async def _send(self, spec: SendSpec) -> None:
+    async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
         t0 = time.monotonic()
         link: _Link | None = None
         allocated = False
@@ -141,7 +146,7 @@ class KVSender:
             link.inflight.add(spec.transfer_id)
             plan = plan_cache_to_pool(self.kv, link.pool, blocks=spec.block_ids[:n_pages], pages=pages)
             t_data = time.monotonic()
-            await self._transfer(link, plan, spec)
+            await self._transfer(link, plan, spec, ready)
             seconds = time.monotonic() - t_data
             done = P.TransferDone(msg_id=link.client.next_id(), transfer_id=spec.transfer_id,
                                   num_bytes=plan.nbytes, seconds=seconds)
@@ -190,12 +195,19 @@ class KVSender:
             return link, reply.pages
         raise AssertionError("unreachable")
 
-    async def _transfer(self, link: _Link, plan, spec: SendSpec) -> None:
+    async def _transfer(self, link: _Link, plan, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
         ended = asyncio.Event()
-        handle = self.transport.submit(link.peer_id, self.region, plan, timeout_s=self.t.data_s)
-        handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(ended.set))
         deadline = time.monotonic() + self.t.data_s
+        if ready is not None and not self.transport.capabilities.stream_ordered:
+            while not ready.query():  # the forward that wrote the blocks is still running
+                if time.monotonic() > deadline:
+                    raise TransferTimeout("waiting for the prefill forward", config_field="timeouts.data_s",
+                                          seconds=self.t.data_s, transfer_id=spec.transfer_id, peer=spec.peer)
+                await asyncio.sleep(0.0002)
+            ready = None
+        handle = self.transport.submit(link.peer_id, self.region, plan, timeout_s=self.t.data_s, after=ready)
+        handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(ended.set))
         try:
             # Woken by the transport's callback; the short timeout keeps polling transports that
             # make progress only inside poll().

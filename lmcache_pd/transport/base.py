@@ -8,7 +8,7 @@ Call sequence, decode side (receiver):
 Prefill side (sender):
   1. ``register(kv_cache_buffer)`` once -> RegionId;
   2. ``connect(descriptor, timeout_s)`` once per peer -> PeerId (re-done if the peer restarts);
-  3. per transfer: ``submit(peer, region, plan, timeout_s)`` -> TransferHandle, then ``poll`` until
+  3. per transfer: ``submit(peer, region, plan, timeout_s[, after])`` -> TransferHandle, then ``poll`` until
      a terminal state, then ``release`` (always, also on failure: it frees per-transfer state);
   4. ``disconnect(peer)``; ``close()``.
 ``poll`` never blocks. DONE means the bytes are in the peer's memory (not merely sent): the
@@ -45,6 +45,9 @@ class Capabilities:
     """The receiver listens on a data port (``data_port`` of the decode instance)."""
     exports_source: bool = False
     """The decode side needs the prefill side's descriptor too (sent in the handshake)."""
+    stream_ordered: bool = False
+    """``submit(after=event)`` orders the copy after a CUDA event on the GPU itself. Others are
+    handed the source only once the event has completed (the sender waits, off vLLM's thread)."""
 
 
 class NoOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -162,8 +165,13 @@ class Transport(ABC):
         """Import a peer's descriptor; raises PeerLost (or TransferTimeout) if unreachable."""
 
     @abstractmethod
-    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float) -> TransferHandle:
-        """Start writing ``plan`` (src offsets in ``region``, dst offsets in the peer's region)."""
+    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
+               after: torch.cuda.Event | None = None) -> TransferHandle:
+        """Start writing ``plan`` (src offsets in ``region``, dst offsets in the peer's region).
+
+        ``after``: the source bytes are complete once this CUDA event has completed (recorded on
+        the producer's stream); given only to transports with ``capabilities.stream_ordered``.
+        """
 
     def poll(self, handle: TransferHandle) -> TransferState:
         return handle.state

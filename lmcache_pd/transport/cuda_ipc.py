@@ -66,7 +66,7 @@ class _Peer:
 
 class CudaIpcTransport(Transport):
     name = "cuda_ipc"
-    capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cuda"}), listens=False)
+    capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cuda"}), listens=False, stream_ordered=True)
     Options = CudaIpcOptions
 
     def __init__(self, options: CudaIpcOptions, **kwargs: object):
@@ -155,7 +155,8 @@ class CudaIpcTransport(Transport):
             stream = self._streams[index] = torch.cuda.Stream(device=torch.device("cuda", index))
         return stream
 
-    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float) -> TransferHandle:
+    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
+               after: torch.cuda.Event | None = None) -> TransferHandle:
         src = self._regions[region]
         p = self._peers[peer]
         handle = TransferHandle(self, plan.nbytes, time.monotonic())
@@ -164,9 +165,12 @@ class CudaIpcTransport(Transport):
             self._finish(handle, TransferState.FAILED, time.monotonic(), "range plan outside a registered region")
             return handle
         stream = self._stream(src.device)
-        # Order the copy after work already queued on the device's current stream (where the
-        # producer of the source bytes ran); our own stream keeps copies off vLLM's.
-        stream.wait_stream(torch.cuda.current_stream(src.device))
+        # Our own stream keeps copies off vLLM's; it waits, on the GPU, for the producer: the
+        # event recorded after vLLM's forward, or (no event) work queued on this thread's stream.
+        if after is not None:
+            stream.wait_event(after)
+        else:
+            stream.wait_stream(torch.cuda.current_stream(src.device))
         handle.state = TransferState.IN_FLIGHT
         table = launch_copy(src.address, p.address, plan, device=src.device, stream=stream)
         event = torch.cuda.Event()

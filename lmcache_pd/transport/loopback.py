@@ -78,7 +78,8 @@ class LoopbackTransport(Transport):
         self._peers[pid] = desc.key
         return pid
 
-    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float) -> TransferHandle:
+    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
+               after: torch.cuda.Event | None = None) -> TransferHandle:
         handle = TransferHandle(self, plan.nbytes, time.monotonic())
         src = self._local[region][1]
         key = self._peers[peer]

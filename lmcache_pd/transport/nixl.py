@@ -118,7 +118,7 @@ class _Peer:
     nbytes: int
     device: int
     mem: str
-    reported: bool = False
+    report_tries: int = 0  # UCX writes its report lazily (buffered): read it until it names a path
 
 
 @dataclass
@@ -270,7 +270,8 @@ class NixlTransport(Transport):
         self._peers[pid] = _Peer(d.agent, d.address, d.nbytes, d.device, d.mem)
         return pid
 
-    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float) -> TransferHandle:
+    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
+               after: torch.cuda.Event | None = None) -> TransferHandle:
         src = self._regions[region]
         p = self._peers.get(peer)
         handle = TransferHandle(self, plan.nbytes, time.monotonic())
@@ -285,8 +286,8 @@ class NixlTransport(Transport):
             self._finish(handle, TransferState.FAILED, time.monotonic(), "range plan outside a registered region")
             return handle
         if src.mem == "VRAM":
-            # The producer of the source bytes ran on the device's current stream; UCX copies on
-            # streams of its own, so the bytes must be complete before the post.
+            # UCX copies on streams of its own, so the bytes must be complete before the post
+            # (the sender already waited for vLLM's event; this covers direct callers).
             torch.cuda.current_stream(src.buffer.device).synchronize()
         n = len(plan)
         local = np.empty((n, 3), dtype=np.uint64)
@@ -322,23 +323,21 @@ class NixlTransport(Transport):
 
     def _done(self, handle: TransferHandle, peer: PeerId) -> None:
         p = self._peers.get(peer)
-        if p is not None and not p.reported:
-            p.reported = True
-            self._report_path(p)
+        if p is not None and 0 <= p.report_tries < 50 and self._report:
+            p.report_tries = -1 if self._report_path(p) else p.report_tries + 1
         self._finish(handle, TransferState.DONE, time.monotonic())
 
-    def _report_path(self, p: _Peer) -> None:
-        if not self._report:
-            return
+    def _report_path(self, p: _Peer) -> bool:
         try:
-            with open(self._report, errors="replace") as f:
+            with open(self._report, errors="replace") as f:  # type: ignore[arg-type]
                 paths = ucx_write_paths(f.read())
         except OSError as e:
             log.debug("cannot read UCX's protocol report %s: %s", self._report, e)
-            return
+            return False
         if paths:
             self.stats.path = "UCX " + ",".join(paths)
             log.info("nixl: data to %s carried by %s", p.agent, self.stats.path)
+        return bool(paths)
 
     # --- completion thread --------------------------------------------------------------------
     def _run(self) -> None:

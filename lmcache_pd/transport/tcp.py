@@ -384,7 +384,8 @@ class TcpTransport(Transport):
         self._peers[pid] = _Peer(streams)
         return pid
 
-    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float) -> TransferHandle:
+    def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
+               after: torch.cuda.Event | None = None) -> TransferHandle:
         p = self._peers[peer]
         handle = TransferHandle(self, plan.nbytes, time.monotonic())
         handle.state = TransferState.IN_FLIGHT

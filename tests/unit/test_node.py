@@ -45,9 +45,10 @@ def make_cfg(transport: str = "tcp", *, options: dict | None = None, pool_mib: i
 class Node:
     """One prefill sender and one decode receiver with vLLM-like KV caches."""
 
-    def __init__(self, cfg: PDConfig, *, start_receiver: bool = True, compat: P.CompatInfo = CPT):
+    def __init__(self, cfg: PDConfig, *, start_receiver: bool = True, compat: P.CompatInfo = CPT,
+                 device: str | None = None):
         self.cfg = cfg
-        device = "cuda" if cfg.transport.name == "cuda_ipc" else "cpu"
+        device = device or ("cuda" if cfg.transport.name == "cuda_ipc" else "cpu")
         self.p_layers = vllm_like_cache(LAYERS, 40, HEADS, BLOCK, C, torch.bfloat16, "LBHNC", device)
         self.d_layers = vllm_like_cache(LAYERS, 48, HEADS, BLOCK, C, torch.bfloat16, "LBHNC", device)
         for t in self.d_layers:
@@ -113,6 +114,34 @@ def test_handoff_is_bitwise(node):
     assert s.num_bytes == ld.num_bytes == 4 * PAGE
     node.assert_moved([5, 6, 7, 30], [11, 12, 13, 40])
     assert node.pool_full()
+
+
+@pytest.mark.parametrize("name", ["cuda_ipc", "nixl"])
+def test_gpu_copy_waits_for_the_forward_that_wrote_the_blocks(name):
+    # vLLM's forward may still be running on its own stream when the hand-off starts; the
+    # connector passes an event recorded there, and the copy must not read the blocks before it.
+    from lmcache_pd import transport as transports
+
+    ok, why = transports.available(name)
+    if not ok or not torch.cuda.is_available():
+        pytest.skip(f"needs CUDA and transport {name!r}: {why or 'no CUDA device'}")
+    n = Node(make_cfg(name), device="cuda")
+    try:
+        forward = torch.cuda.Stream()
+        with torch.cuda.stream(forward):
+            torch.cuda._sleep(300_000_000)  # a long forward: ~0.1-0.2 s of GPU time
+            for t in n.p_layers:
+                t[[4, 9]] = torch.arange(t[4].numel(), device="cuda").view(t[4].shape).to(t.dtype)
+            ready = torch.cuda.Event()
+            ready.record(forward)
+        n.sender.submit(SendSpec("p-ev", "ev", "decode-0", (4, 9), 2 * BLOCK, "e" * 32), ready)
+        n.receiver.submit_load(LoadSpec("d-ev", "ev", 2 * BLOCK, "e" * 32, (1, 2)))
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        torch.cuda.synchronize()
+        n.assert_moved([4, 9], [1, 2])
+    finally:
+        n.close()
 
 
 def test_decode_with_a_local_prefix_hit_loads_only_the_tail(node):

@@ -1,0 +1,217 @@
+"""What the benchmarks time: a transport alone, or a whole hand-off, between two processes.
+
+RawPair — the transport alone: the receiver (decode side) in a child process with a registered
+  pool, the sender here; one batch is timed from submit to the moment the sender knows the bytes
+  are in the receiver's memory. ``paged`` sends 64 KiB ranges (one block of one layer of the
+  Llama-3-8B shape below) to scattered pages; ``contiguous`` one range.
+HandoffPair — the whole hand-off: a KVReceiver (pool, zmq control server, transport, loader)
+  over a paged cache in a child process, a KVSender over its own paged cache here. One hand-off
+  is Allocate (zmq), the copy from the prefill's blocks into the pool pages, TransferDone (zmq)
+  and the decode's scatter into its blocks; timed from the sender's submit to the moment the
+  decode side has the bytes in its blocks (one host clock: both processes on this machine).
+Shape: Llama-3-8B KV (32 layers, 8 KV heads, head 128, bf16, block 16): 128 KiB per token,
+64 KiB per layer-block, 2 MiB per block of all layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import threading
+import time
+
+import numpy as np
+import torch
+from _common import sync
+
+from lmcache_pd import TransferState, coalesce, config_from_dict
+from lmcache_pd import protocol as P
+from lmcache_pd import transport as transports
+
+LAYERS, HEADS, BLOCK, C = 32, 8, 16, 256
+TOKEN_BYTES = LAYERS * HEADS * C * 2
+RANGE_BYTES = HEADS * BLOCK * C * 2  # one block of one layer
+
+
+# --- the transport alone ------------------------------------------------------------------------
+def _raw_receiver(conn, name: str, options: dict, size: int, device: str) -> None:
+    rx = transports.create(name, options, host="127.0.0.1", port=0)
+    pool = rx.allocate(size, torch.device(device))
+    region = rx.register(pool)
+    if rx.capabilities.listens:
+        rx.listen()
+    conn.send(rx.export_descriptor(region))
+    conn.recv()  # until the sender is done
+    rx.close()
+
+
+def plan_for(layout: str, size: int, rng: np.random.Generator):
+    if layout == "contiguous":
+        return coalesce(np.array([0]), np.array([0]), np.array([size]))
+    chunk = min(RANGE_BYTES, size)
+    n = size // chunk
+    src = rng.permutation(n).astype(np.int64) * chunk  # scattered pages: nothing merges
+    dst = rng.permutation(n).astype(np.int64) * chunk
+    return coalesce(src, dst, np.full(n, chunk, dtype=np.int64))
+
+
+class RawPair:
+    """Buffers of ``size`` bytes on both sides; ``once(plan)`` times one batch of any plan within."""
+
+    def __init__(self, name: str, options: dict, size: int, src_device: str, dst_device: str):
+        self.parent, child = mp.Pipe()
+        self.proc = mp.get_context("spawn").Process(target=_raw_receiver,
+                                                    args=(child, name, options, size, dst_device), daemon=True)
+        self.proc.start()
+        if not self.parent.poll(300):
+            raise RuntimeError("receiver did not start")
+        desc = self.parent.recv()
+        self.tx = transports.create(name, options)
+        self.src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=src_device)
+        sync(src_device)
+        self.region = self.tx.register(self.src)
+        self.peer = self.tx.connect(desc, timeout_s=30)
+
+    def once(self, plan) -> float:
+        ended = threading.Event()
+        t0 = time.perf_counter()
+        h = self.tx.submit(self.peer, self.region, plan, timeout_s=120)
+        h.add_done_callback(lambda _h: ended.set())
+        while not (state := self.tx.poll(h)).terminal:
+            ended.wait(0.001)
+        dt = time.perf_counter() - t0
+        h.release()
+        if state != TransferState.DONE:
+            raise RuntimeError(f"transfer failed: {h.error}")
+        return dt
+
+    @property
+    def path(self) -> str:
+        return self.tx.stats.path
+
+    def close(self) -> None:
+        self.tx.close()
+        self.parent.send(b"done")
+        self.proc.join(10)
+
+
+# --- a whole hand-off ---------------------------------------------------------------------------
+def cache(num_blocks: int, device: str, seed: int) -> list[torch.Tensor]:
+    per_layer = num_blocks * HEADS * BLOCK * C
+    g = torch.Generator(device=device).manual_seed(seed)
+    buf = torch.randn(LAYERS * per_layer, dtype=torch.bfloat16, device=device, generator=g)
+    return [buf[i * per_layer:(i + 1) * per_layer].view(num_blocks, HEADS, BLOCK, C) for i in range(LAYERS)]
+
+
+def blocks_hash(layers: list[torch.Tensor], blocks: list[int]) -> str:
+    idx = torch.tensor(blocks, device=layers[0].device)
+    h = hashlib.sha256()
+    for t in layers:
+        h.update(t.index_select(0, idx).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def compat(kv_page_bytes: int, transport: str) -> P.CompatInfo:
+    return P.CompatInfo(model="llama-3-8b-shape", dtype="torch.bfloat16/auto", kv_layout="LBHNC", block_size=BLOCK,
+                        num_layers=LAYERS, num_kv_heads=HEADS, head_size=C, page_bytes=kv_page_bytes, tp_size=1,
+                        tp_rank=0, transport=transport, attn_backend="bench", vllm_version="none")
+
+
+def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: str) -> None:
+    from lmcache_pd.node.receiver import KVReceiver, LoadSpec
+    from lmcache_pd.ops import kv_layout_of
+
+    cfg = config_from_dict(cfg_dict, source="benchmark")
+    layers = cache(num_blocks, device, seed=2)
+    kv, buf = kv_layout_of(layers)
+    rx = KVReceiver(cfg, instance="decode-0", tp_rank=0, compat=compat(kv.page_bytes, transport), kv=kv,
+                    kv_buffer=buf)
+    rx.start()
+    conn.send("ready")
+    while (msg := conn.recv()) != "bye":
+        kind, args = msg
+        if kind == "hash":
+            conn.send(blocks_hash(layers, args))
+            continue
+        rx.submit_load(LoadSpec(*args))
+        conn.send("submitted")
+        while not (done := rx.drain()):
+            time.sleep(0.00005)
+        conn.send((time.monotonic(), done[0].ok, done[0].error, done[0].num_bytes))
+    rx.close()
+
+
+class HandoffPair:
+    """Hand-offs of up to ``max_tokens`` tokens; random block tables on both sides."""
+
+    def __init__(self, transport: str, options: dict, max_tokens: int, p_dev: str, d_dev: str):
+        from lmcache_pd.cli.local import free_ports
+        from lmcache_pd.node.sender import KVSender
+        from lmcache_pd.ops import kv_layout_of
+
+        max_blocks = -(-max_tokens // BLOCK)
+        self.num_blocks = max_blocks * 2 + 8
+        page = LAYERS * HEADS * BLOCK * C * 2
+        http_p, http_d, ctrl, data = free_ports(4)
+        cfg_dict = {
+            "model": {"path": "none"},
+            "prefill": [{"name": "prefill-0", "http_port": http_p}],
+            "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data}],
+            "transport": {"name": transport, "options": options},
+            "pool": {"size_mib": max_blocks * page // 2**20 + 64},
+            "timeouts": {"data_s": 120, "transfer_s": 180},
+        }
+        ctx = mp.get_context("spawn")
+        self.parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_decode_side, args=(child, cfg_dict, d_dev, self.num_blocks, transport),
+                                daemon=True)
+        self.proc.start()
+        if not self.parent.poll(300) or self.parent.recv() != "ready":
+            raise RuntimeError("decode side did not start")
+        cfg = config_from_dict(cfg_dict, source="benchmark")
+        self.layers = cache(self.num_blocks, p_dev, seed=1)
+        kv, buf = kv_layout_of(self.layers)
+        self.tx = KVSender(cfg, instance="prefill-0", tp_rank=0, compat=compat(kv.page_bytes, transport), kv=kv,
+                           kv_buffer=buf)
+        self.tx.start()
+        self.rng = np.random.default_rng(0)
+        self.seq = 0
+        self.last: tuple[list[int], list[int]] = ([], [])
+
+    def once(self, n_tok: int) -> float:
+        from lmcache_pd.node.sender import SendSpec
+
+        n = -(-n_tok // BLOCK)
+        p_blocks = [int(b) for b in self.rng.choice(np.arange(self.num_blocks), n, replace=False)]
+        d_blocks = [int(b) for b in self.rng.choice(np.arange(self.num_blocks), n, replace=False)]
+        self.seq += 1
+        tid = f"t{self.seq}"
+        digest = P.prompt_digest(list(range(n_tok)))
+        self.parent.send(("load", (f"d-{tid}", tid, n_tok, digest, tuple(d_blocks))))
+        assert self.parent.recv() == "submitted"
+        t0 = time.monotonic()
+        self.tx.submit(SendSpec(f"p-{tid}", tid, "decode-0", tuple(p_blocks), n_tok, digest))
+        t_done, ok, error, _nbytes = self.parent.recv()
+        sent = []
+        while not sent:
+            sent = self.tx.drain()
+            time.sleep(0.00005)
+        if not ok or not sent[0].ok:
+            raise RuntimeError(f"hand-off failed: {error or sent[0].error}")
+        self.last = (p_blocks, d_blocks)
+        return t_done - t0
+
+    def check_last(self) -> bool:
+        """The decode's blocks of the last hand-off equal the prefill's, bitwise (sha256)."""
+        p_blocks, d_blocks = self.last
+        self.parent.send(("hash", d_blocks))
+        return self.parent.recv() == blocks_hash(self.layers, p_blocks)
+
+    @property
+    def path(self) -> str:
+        return self.tx.transport.stats.path
+
+    def close(self) -> None:
+        self.tx.close()
+        self.parent.send("bye")
+        self.proc.join(30)
