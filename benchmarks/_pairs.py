@@ -137,7 +137,7 @@ def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: 
         conn.send("submitted")
         while not (done := rx.drain()):
             time.sleep(0.00005)
-        conn.send((time.monotonic(), done[0].ok, done[0].error, done[0].num_bytes))
+        conn.send((time.monotonic(), done[0].ok, done[0].error, done[0].scatter_s))
     rx.close()
 
 
@@ -177,6 +177,10 @@ class HandoffPair:
         self.rng = np.random.default_rng(0)
         self.seq = 0
         self.last: tuple[list[int], list[int]] = ([], [])
+        self.phases: list[dict[str, float]] = []
+        """Per hand-off, seconds: allocate (link + Allocate round trip), transfer (the copy into
+        the pool), scatter (pool -> decode blocks), and the rest: TransferDone's first half, the
+        loader's wake-up, the benchmark's own polling."""
 
     def once(self, n_tok: int) -> float:
         from lmcache_pd.node.sender import SendSpec
@@ -191,7 +195,7 @@ class HandoffPair:
         assert self.parent.recv() == "submitted"
         t0 = time.monotonic()
         self.tx.submit(SendSpec(f"p-{tid}", tid, "decode-0", tuple(p_blocks), n_tok, digest))
-        t_done, ok, error, _nbytes = self.parent.recv()
+        t_done, ok, error, scatter_s = self.parent.recv()
         sent = []
         while not sent:
             sent = self.tx.drain()
@@ -199,7 +203,11 @@ class HandoffPair:
         if not ok or not sent[0].ok:
             raise RuntimeError(f"hand-off failed: {error or sent[0].error}")
         self.last = (p_blocks, d_blocks)
-        return t_done - t0
+        total = t_done - t0
+        s = sent[0]
+        self.phases.append({"allocate": s.allocate_s, "transfer": s.seconds, "scatter": scatter_s,
+                            "control + wake-ups": total - s.allocate_s - s.seconds - scatter_s})
+        return total
 
     def check_last(self) -> bool:
         """The decode's blocks of the last hand-off equal the prefill's, bitwise (sha256)."""

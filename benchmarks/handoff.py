@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     where = f"{p_dev} -> {d_dev}" + (f" ({torch.cuda.get_device_name(0)})" if "cuda" in p_dev else "")
     print(f"# {args.transport} hand-off, {where}; python {sys.version.split()[0]}, torch {torch.__version__}")
     print("# Llama-3-8B KV (32 layers, 8 heads, head 128, bf16, block 16); median of", args.repeat)
-    print(f"{'tokens':>7} {'bytes':>9} {'hand-off ms':>12} {'GB/s':>8} {'ceiling GB/s':>13} {'ratio':>6}  check")
+    print(f"{'tokens':>7} {'bytes':>9} {'hand-off ms':>12} {'GB/s':>8} {'ceiling GB/s':>13} {'ratio':>6}  check    "
+          f"| ms: allocate  transfer  scatter  control+wake-ups")
     status = 0
     try:
         pair.once(tokens[0])  # links the peers (handshake, IPC open) and builds the kernels
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             nbytes = n_tok * TOKEN_BYTES
             ceiling = max(ceilings_for(args.transport, nbytes, p_dev, d_dev).values(), key=lambda c: -c.once())
             times, copies = [], []
+            pair.phases.clear()
             for _ in range(args.repeat):
                 times.append(pair.once(n_tok))
                 copies.append(ceiling.once())
@@ -56,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             ok = pair.check_last()
             status |= not ok
             t, c = statistics.median(times), statistics.median(copies)
+            ph = {k: statistics.median(p[k] for p in pair.phases) * 1e3 for k in pair.phases[0]}
             print(f"{n_tok:>7} {nbytes / 2**20:>7.0f}Mi {t * 1e3:>12.3f} {nbytes / t / 1e9:>8.1f} "
-                  f"{nbytes / c / 1e9:>13.1f} {c / t:>6.2f}  {'bitwise' if ok else 'MISMATCH'}", flush=True)
+                  f"{nbytes / c / 1e9:>13.1f} {c / t:>6.2f}  {'bitwise ' if ok else 'MISMATCH'} "
+                  f"| {ph['allocate']:>12.3f} {ph['transfer']:>9.3f} {ph['scatter']:>8.3f} "
+                  f"{ph['control + wake-ups']:>17.3f}", flush=True)
     finally:
         pair.close()
     return status

@@ -56,6 +56,8 @@ class LoadResult:
     waited_s: float = 0.0
     """From submit_load to the pages being in vLLM's blocks."""
     error: str = ""
+    scatter_s: float = 0.0
+    """Claim of the READY pages to their copy into vLLM's blocks being complete."""
 
 
 @dataclass
@@ -193,6 +195,7 @@ class KVReceiver:
 
     def _scatter(self, load: _Load) -> None:
         spec = load.spec
+        t0 = time.monotonic()
         try:
             r = self.pool.claim(spec.transfer_id)
         except PDError as e:
@@ -213,9 +216,10 @@ class KVReceiver:
             self.pool.release(spec.transfer_id, now=time.monotonic())
             self._fail(load, str(e), time.monotonic())
             return
-        self.pool.release(spec.transfer_id, now=time.monotonic())
+        now = time.monotonic()
+        self.pool.release(spec.transfer_id, now=now)
         self._record(LoadResult(spec.req_id, spec.transfer_id, True, plan.nbytes, r.seconds,
-                                time.monotonic() - load.t0))
+                                now - load.t0, scatter_s=now - t0))
 
     def _copy(self, plan) -> None:
         """Scatter pool pages into vLLM's blocks; on a GPU, complete before the pages go back.

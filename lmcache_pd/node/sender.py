@@ -53,7 +53,12 @@ class SendResult:
     ok: bool
     num_bytes: int = 0
     seconds: float = 0.0
+    """Data-plane time: submit to the transport until the bytes are in the peer's pool."""
     error: str = ""
+    allocate_s: float = 0.0
+    """From the hand-off's start to pages granted (link, Allocate round trip, any queueing)."""
+    done_s: float = 0.0
+    """TransferDone round trip (the decode side may read the pages from its first half on)."""
 
 
 @dataclass
@@ -142,6 +147,7 @@ class KVSender:
                 raise TransferError(f"{len(spec.block_ids)} blocks for {spec.num_tokens} tokens",
                                     transfer_id=spec.transfer_id)
             link, pages = await self._allocate(spec, n_pages)
+            t_alloc = time.monotonic()
             allocated = True
             link.inflight.add(spec.transfer_id)
             plan = plan_cache_to_pool(self.kv, link.pool, blocks=spec.block_ids[:n_pages], pages=pages)
@@ -150,11 +156,13 @@ class KVSender:
             seconds = time.monotonic() - t_data
             done = P.TransferDone(msg_id=link.client.next_id(), transfer_id=spec.transfer_id,
                                   num_bytes=plan.nbytes, seconds=seconds)
+            t_done = time.monotonic()
             await link.client.request(done, timeout_s=self.t.control_s, config_field="timeouts.control_s",
                                       what="transfer-done", transfer_id=spec.transfer_id)
             log.info("sent %s: %d B in %.2f ms (%.2f GB/s), hand-off %.2f ms", spec.transfer_id, plan.nbytes,
                      seconds * 1e3, plan.nbytes / max(seconds, 1e-9) / 1e9, (time.monotonic() - t0) * 1e3)
-            self._result(SendResult(spec.req_id, spec.transfer_id, True, plan.nbytes, seconds))
+            self._result(SendResult(spec.req_id, spec.transfer_id, True, plan.nbytes, seconds,
+                                    allocate_s=t_alloc - t0, done_s=time.monotonic() - t_done))
         except (PDError, OSError) as e:
             log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.transfer_id, spec.peer, e)
             if allocated and link is not None:

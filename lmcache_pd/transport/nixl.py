@@ -27,10 +27,8 @@ import importlib
 import itertools
 import logging
 import os
-import re
 import secrets
 import socket
-import tempfile
 import threading
 import time
 import weakref
@@ -45,6 +43,7 @@ import torch
 from lmcache_pd._types import TransferState
 from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
+from lmcache_pd.transport._ucx_report import route_ucx_report, ucx_write_paths
 from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport
 
 log = logging.getLogger(__name__)
@@ -86,10 +85,15 @@ class NixlOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Worker progress period when nothing is in flight (target-side progress)."""
     report_path: bool = True
     """Route UCX's protocol report to a file to learn which UCX transport carried the data."""
+    stage_ranges: int = 64
+    """A GPU source whose plan has more ranges than this is first gathered on the GPU (one kernel
+    launch) into a registered staging buffer in destination order, so that NIXL posts one write
+    per run of consecutive destination bytes: UCX pays microseconds per descriptor (measured in
+    docs/benchmarks.md). Costs GPU memory equal to the bytes in flight. 0: never stage."""
 
     def __post_init__(self) -> None:
-        if self.poll_interval_us < 0 or self.idle_progress_ms <= 0 or self.num_threads < 0:
-            raise ValueError("poll_interval_us >= 0, idle_progress_ms > 0 and num_threads >= 0 are required")
+        if self.poll_interval_us < 0 or self.idle_progress_ms <= 0 or self.num_threads < 0 or self.stage_ranges < 0:
+            raise ValueError("poll_interval_us, num_threads and stage_ranges must be >= 0, idle_progress_ms > 0")
 
 
 class _Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -101,7 +105,7 @@ class _Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mem: str
 
 
-@dataclass
+@dataclass(eq=False)  # identity: staging buffers live in a set
 class _Region:
     buffer: torch.Tensor
     address: int
@@ -127,55 +131,8 @@ class _InFlight:
     xfer: Any  # nixl_xfer_handle
     deadline: float
     peer: PeerId
-
-
-# --- which UCX transport carried the data ------------------------------------------------------
-_PROTO_ENV = "LMCACHE_PD_UCX_LOG"  # our log file, so that a second transport in the process finds it
-_TITLE = re.compile(r"\|\s*(?P<ctx>.*?)\s+(?P<scope>self|intra-node|inter-node)\s+cfg#\d+\s*\|")
-_WRITE = re.compile(r"remote memory write by ucp_put\*")
-_ROW = re.compile(r"\|\s*[\d.]+(?:inf)?\s*\|[^|]*\|\s*(?P<cfg>[^|]*?)\s*\|\s*$")
-_TL = re.compile(r"\b([a-z_0-9]+/[A-Za-z_0-9:.\-]+)")
-
-
-def _route_ucx_report() -> str | None:
-    """Make UCX write its protocol-selection report to a file we can read (before UCX starts)."""
-    if os.environ.get(_PROTO_ENV):
-        return os.environ[_PROTO_ENV]
-    if os.environ.get("UCX_LOG_FILE"):
-        path = os.environ["UCX_LOG_FILE"].replace("%p", str(os.getpid())).replace("%h", socket.gethostname())
-        return path if os.environ.get("UCX_PROTO_INFO", "").lower() in ("y", "yes", "1", "on") else None
-    if os.environ.get("UCX_PROTO_INFO", "").lower() in ("n", "no", "0", "off"):
-        return None
-    path = os.path.join(tempfile.gettempdir(), f"lmcache-pd-ucx-{os.getpid()}-{secrets.token_hex(4)}.log")
-    os.environ.setdefault("UCX_PROTO_INFO", "y")
-    os.environ["UCX_LOG_FILE"] = path
-    os.environ[_PROTO_ENV] = path
-    return path
-
-
-def ucx_write_paths(report: str) -> list[str]:
-    """UCX transports chosen for ``ucp_put`` towards other processes, from UCX's protocol report.
-
-    The report prints one table per (endpoint configuration, operation); a title line names the
-    scope (``self``, ``intra-node``, ``inter-node``) and the next the operation. We keep the
-    ``Config`` column (``cma/memory``, ``cuda_ipc/cuda``, ``rc_mlx5/mlx5_0:1``...) of write tables
-    whose scope is not ``self``.
-    """
-    found: list[str] = []
-    scope = None
-    in_write = False
-    for line in report.splitlines():
-        if m := _TITLE.search(line):
-            scope, in_write = m["scope"], False
-            continue
-        if _WRITE.search(line):
-            in_write = scope is not None and scope != "self"
-            continue
-        if in_write and (row := _ROW.search(line)):
-            for tl in _TL.findall(row["cfg"]):
-                if tl not in found:
-                    found.append(tl)
-    return found
+    src_mem: str
+    stage: _Region | None = None  # the staging buffer this transfer reads, freed when it ends
 
 
 class NixlTransport(Transport):
@@ -188,7 +145,7 @@ class NixlTransport(Transport):
         self._nixl = _import_nixl()
         if options.ucx_tls:
             os.environ.setdefault("UCX_TLS", options.ucx_tls)
-        self._report = _route_ucx_report() if options.report_path else None
+        self._report = route_ucx_report() if options.report_path else None
         self._name = f"lmcache-pd-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}"
         conf = self._nixl.nixl_agent_config(
             enable_prog_thread=options.progress_thread, backends=[options.backend],
@@ -207,6 +164,9 @@ class NixlTransport(Transport):
         self._agents: dict[str, int] = {}  # remote agent name -> peers using it
         self._ids = itertools.count(1)
         self._inflight: list[_InFlight] = []
+        self._stages: list[_Region] = []  # staging buffers (registered once, reused)
+        self._busy: set[_Region] = set()
+        self._stream: torch.cuda.Stream | None = None
         self._parked: list[Any] = []  # xfer handles NIXL could not release yet
         self._wake = threading.Condition()
         self._stop = threading.Event()
@@ -289,6 +249,13 @@ class NixlTransport(Transport):
             # UCX copies on streams of its own, so the bytes must be complete before the post
             # (the sender already waited for vLLM's event; this covers direct callers).
             torch.cuda.current_stream(src.buffer.device).synchronize()
+        stage = None
+        if src.mem == "VRAM" and 0 < self.options.stage_ranges < len(plan):  # type: ignore[attr-defined]
+            try:
+                stage, src, plan = self._gather(src, plan)
+            except Exception as e:  # noqa: BLE001 - CUDA or NIXL registration errors
+                self._finish(handle, TransferState.FAILED, time.monotonic(), f"nixl staging failed: {e}")
+                return handle
         n = len(plan)
         local = np.empty((n, 3), dtype=np.uint64)
         local[:, 0] = plan.src_offsets + src.address
@@ -305,32 +272,78 @@ class NixlTransport(Transport):
                     p.agent)
                 status = self._agent.transfer(xfer)
             except Exception as e:  # noqa: BLE001
+                self._unstage(stage)
                 self._finish(handle, TransferState.FAILED, time.monotonic(), f"nixl refused the transfer: {e}")
                 return handle
-        if status == "DONE":
+        if status in ("DONE", "ERR"):
             self._release_xfer(xfer)
-            self._done(handle, peer)
-            return handle
-        if status == "ERR":
-            self._release_xfer(xfer)
-            self._finish(handle, TransferState.FAILED, time.monotonic(), "nixl transfer failed at post")
+            self._unstage(stage)
+            if status == "DONE":
+                self._done(handle, peer, src.mem)
+            else:
+                self._finish(handle, TransferState.FAILED, time.monotonic(), "nixl transfer failed at post")
             return handle
         handle.state = TransferState.IN_FLIGHT
         with self._wake:
-            self._inflight.append(_InFlight(handle, xfer, handle.t_submit + timeout_s, peer))
+            self._inflight.append(_InFlight(handle, xfer, handle.t_submit + timeout_s, peer, src.mem, stage))
             self._wake.notify()
         return handle
 
-    def _done(self, handle: TransferHandle, peer: PeerId) -> None:
+    # --- staging (GPU sources with many ranges) ---------------------------------------------
+    def _gather(self, src: _Region, plan: RangePlan) -> tuple[_Region, _Region, RangePlan]:
+        """Gather ``plan``'s sources into a staging buffer in destination order (one kernel).
+
+        Returns the stage, the region to send from (the stage) and the plan from it, in which
+        ranges that continue each other in the destination have merged.
+        """
+        from lmcache_pd.layout import coalesce
+        from lmcache_pd.ops import launch_copy
+
+        order = np.argsort(plan.dst_offsets, kind="stable")
+        lengths = plan.lengths[order]
+        staged = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+        stage = self._stage(src, plan.nbytes)
+        device = src.buffer.device
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        self._stream.wait_stream(torch.cuda.current_stream(device))
+        launch_copy(src.address, stage.address, RangePlan(plan.src_offsets[order], staged, lengths),
+                    device=device, stream=self._stream)
+        self._stream.synchronize()  # UCX reads the stage from its own streams
+        return stage, stage, coalesce(staged, plan.dst_offsets[order], lengths)
+
+    def _stage(self, src: _Region, nbytes: int) -> _Region:
+        with self._wake:
+            for st in self._stages:
+                if st not in self._busy and st.device == src.device and st.nbytes >= nbytes:
+                    self._busy.add(st)
+                    return st
+        size = 1 << max(26, (nbytes - 1).bit_length())  # powers of two from 64 MiB: few sizes, reused
+        buf = torch.empty(size, dtype=torch.uint8, device=src.buffer.device)
+        with self._lock:
+            reg = self._agent.register_memory(buf)
+        st = _Region(buf, buf.data_ptr(), size, src.device, "VRAM", reg)
+        with self._wake:
+            self._stages.append(st)
+            self._busy.add(st)
+        log.info("nixl: staging buffer of %d MiB on cuda:%d", size >> 20, src.device)
+        return st
+
+    def _unstage(self, stage: _Region | None) -> None:
+        if stage is not None:
+            with self._wake:
+                self._busy.discard(stage)
+
+    def _done(self, handle: TransferHandle, peer: PeerId, src_mem: str) -> None:
         p = self._peers.get(peer)
         if p is not None and 0 <= p.report_tries < 50 and self._report:
-            p.report_tries = -1 if self._report_path(p) else p.report_tries + 1
+            p.report_tries = -1 if self._report_path(p, src_mem) else p.report_tries + 1
         self._finish(handle, TransferState.DONE, time.monotonic())
 
-    def _report_path(self, p: _Peer) -> bool:
+    def _report_path(self, p: _Peer, src_mem: str) -> bool:
         try:
             with open(self._report, errors="replace") as f:  # type: ignore[arg-type]
-                paths = ucx_write_paths(f.read())
+                paths = ucx_write_paths(f.read(), src_mem, p.mem)
         except OSError as e:
             log.debug("cannot read UCX's protocol report %s: %s", self._report, e)
             return False
@@ -388,8 +401,9 @@ class NixlTransport(Transport):
             self._inflight = [i for i in self._inflight if id(i) not in gone]
         for item, state, error in ended:
             self._release_xfer(item.xfer)
+            self._unstage(item.stage)
             if state == TransferState.DONE:
-                self._done(item.handle, item.peer)
+                self._done(item.handle, item.peer, item.src_mem)
             else:
                 self._finish(item.handle, state, time.monotonic(), error)
 
@@ -454,9 +468,10 @@ class NixlTransport(Transport):
         for pid in list(self._peers):
             self.disconnect(pid)
         with self._lock:
-            for r in self._regions.values():
+            for r in [*self._regions.values(), *self._stages]:
                 try:
                     self._agent.deregister_memory(r.reg)
                 except Exception as e:  # noqa: BLE001
                     log.debug("nixl deregister: %s", e)
         self._regions.clear()
+        self._stages.clear()

@@ -21,8 +21,8 @@ _ok, _why = transports.available("nixl")
 pytestmark = pytest.mark.skipif(not _ok, reason=f"nixl unavailable here: {_why}")
 
 
-def _decode_side(conn, nbytes: int, device: str) -> None:
-    rx = transports.create("nixl", {})
+def _decode_side(conn, nbytes: int, device: str, options: dict) -> None:
+    rx = transports.create("nixl", options)
     pool = rx.allocate(nbytes, torch.device(device))
     pool.fill_(0xEE)
     conn.send(rx.export_descriptor(rx.register(pool)))
@@ -31,24 +31,27 @@ def _decode_side(conn, nbytes: int, device: str) -> None:
     rx.close()
 
 
-def _devices() -> list[tuple[str, str]]:
-    pairs = [("cpu", "cpu")]
+def _cases() -> list[tuple[str, str, dict]]:
+    cases = [("cpu", "cpu", {})]
     if torch.cuda.is_available():
-        pairs.append(("cuda:0", f"cuda:{torch.cuda.device_count() - 1}"))
-    return pairs
+        last = f"cuda:{torch.cuda.device_count() - 1}"
+        cases += [("cuda:0", last, {}),  # 700 ranges: gathered into a staging buffer first
+                  ("cuda:0", last, {"stage_ranges": 0}),  # one descriptor per range
+                  ("cuda:0", "cpu", {})]  # GPU -> host memory
+    return cases
 
 
-@pytest.mark.parametrize(("src_dev", "dst_dev"), _devices())
-def test_two_processes_bitwise_and_the_ucx_path_is_reported(src_dev, dst_dev):
+@pytest.mark.parametrize(("src_dev", "dst_dev", "options"), _cases())
+def test_two_processes_bitwise_and_the_ucx_path_is_reported(src_dev, dst_dev, options):
     nbytes = 64 << 20
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_decode_side, args=(child, nbytes, dst_dev), daemon=True)
+    proc = ctx.Process(target=_decode_side, args=(child, nbytes, dst_dev, options), daemon=True)
     proc.start()
     try:
         assert parent.poll(60), "decode side did not start"
         desc = parent.recv()
-        tx = transports.create("nixl", {})
+        tx = transports.create("nixl", options)
         src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
         src = src.to(src_dev)
         rid = tx.register(src)
@@ -91,9 +94,11 @@ def test_ucx_protocol_report_parser():
 [1.2] [vm:1:0]   | 0..8192 | short   | cuda_copy/cuda                        |
 [1.2] [vm:1:0]   | 8193..inf | zero-copy   | 50% on cuda_ipc/cuda and 50% on rc_mlx5/mlx5_0:1 |
 """
-    from lmcache_pd.transport.nixl import ucx_write_paths
+    from lmcache_pd.transport._ucx_report import ucx_write_paths
 
-    assert ucx_write_paths(report) == ["cuda_copy/cuda", "cuda_ipc/cuda", "rc_mlx5/mlx5_0:1"]
+    assert ucx_write_paths(report, "VRAM", "VRAM") == ["cuda_copy/cuda", "cuda_ipc/cuda", "rc_mlx5/mlx5_0:1"]
+    assert ucx_write_paths(report, "DRAM", "DRAM") == []  # only a `self` table for host memory
+    assert ucx_write_paths(report.replace("pre self", "pre inter-node"), "DRAM", "DRAM") == ["sysv/memory"]
     assert ucx_write_paths("") == []
 
 

@@ -127,9 +127,11 @@ def test_gpu_copy_waits_for_the_forward_that_wrote_the_blocks(name):
         pytest.skip(f"needs CUDA and transport {name!r}: {why or 'no CUDA device'}")
     n = Node(make_cfg(name), device="cuda")
     try:
+        n.handoff("warm", [1], [5], num_tokens=BLOCK)  # links the peers and builds the kernels first
+        assert all(r.ok for r in sum(n.results(1, 1), []))
         forward = torch.cuda.Stream()
         with torch.cuda.stream(forward):
-            torch.cuda._sleep(300_000_000)  # a long forward: ~0.1-0.2 s of GPU time
+            torch.cuda._sleep(1_000_000_000)  # a long forward: ~0.5 s of GPU time
             for t in n.p_layers:
                 t[[4, 9]] = torch.arange(t[4].numel(), device="cuda").view(t[4].shape).to(t.dtype)
             ready = torch.cuda.Event()
