@@ -122,7 +122,7 @@ class _Peer:
     nbytes: int
     device: int
     mem: str
-    report_tries: int = 0  # UCX writes its report lazily (buffered): read it until it names a path
+    report_tries: int = 0  # reads of UCX's report (written lazily) until it names a path; -1: done
 
 
 @dataclass
@@ -167,6 +167,10 @@ class NixlTransport(Transport):
         self._stages: list[_Region] = []  # staging buffers (registered once, reused)
         self._busy: set[_Region] = set()
         self._stream: torch.cuda.Stream | None = None
+        self._unreported: dict[PeerId, str] = {}  # peers whose UCX path is not known yet -> source memory
+        self._next_report = 0.0
+        self._report_size = -1
+        self._report_text = ""
         self._parked: list[Any] = []  # xfer handles NIXL could not release yet
         self._wake = threading.Condition()
         self._stop = threading.Event()
@@ -336,21 +340,42 @@ class NixlTransport(Transport):
 
     def _done(self, handle: TransferHandle, peer: PeerId, src_mem: str) -> None:
         p = self._peers.get(peer)
-        if p is not None and 0 <= p.report_tries < 50 and self._report:
-            p.report_tries = -1 if self._report_path(p, src_mem) else p.report_tries + 1
+        if self._report and p is not None and p.report_tries >= 0:
+            self._unreported[peer] = src_mem  # read later, off the transfer's path
         self._finish(handle, TransferState.DONE, time.monotonic())
 
-    def _report_path(self, p: _Peer, src_mem: str) -> bool:
+    def _maybe_report(self) -> None:
+        """Learn from UCX's report which transport carried the data (completion thread, at most
+        twice a second: the report is a growing text file, and reading it on the submit path once
+        cost 3-5 ms per transfer)."""
+        now = time.monotonic()
+        if not self._unreported or now < self._next_report:
+            return
+        self._next_report = now + 0.5
         try:
-            with open(self._report, errors="replace") as f:  # type: ignore[arg-type]
-                paths = ucx_write_paths(f.read(), src_mem, p.mem)
+            size = os.path.getsize(self._report)  # type: ignore[arg-type]
+            if size != self._report_size:
+                self._report_size = size
+                with open(self._report, errors="replace") as f:  # type: ignore[arg-type]
+                    self._report_text = f.read()
         except OSError as e:
             log.debug("cannot read UCX's protocol report %s: %s", self._report, e)
-            return False
-        if paths:
-            self.stats.path = "UCX " + ",".join(paths)
-            log.info("nixl: data to %s carried by %s", p.agent, self.stats.path)
-        return bool(paths)
+        for peer, src_mem in list(self._unreported.items()):
+            p = self._peers.get(peer)
+            if p is None:
+                del self._unreported[peer]
+                continue
+            paths = ucx_write_paths(self._report_text, src_mem, p.mem)
+            p.report_tries += 1
+            if paths:
+                self.stats.path = "UCX " + ",".join(paths)
+                log.info("nixl: data to %s carried by %s", p.agent, self.stats.path)
+            elif p.report_tries < 40:
+                continue
+            else:
+                log.info("nixl: UCX's report names no transport towards %s", p.agent)
+            p.report_tries = -1
+            del self._unreported[peer]
 
     # --- completion thread --------------------------------------------------------------------
     def _run(self) -> None:
@@ -366,6 +391,7 @@ class NixlTransport(Transport):
                     with self._lock:
                         self._agent.get_new_notifs()  # progresses the worker (target side)
                     self._retry_parked()
+                    self._maybe_report()
                     continue
                 self._poll(batch)
             except Exception:  # noqa: BLE001 - the thread must survive to end every handle

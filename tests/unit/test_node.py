@@ -129,13 +129,19 @@ def test_gpu_copy_waits_for_the_forward_that_wrote_the_blocks(name):
     try:
         n.handoff("warm", [1], [5], num_tokens=BLOCK)  # links the peers and builds the kernels first
         assert all(r.ok for r in sum(n.results(1, 1), []))
+        # Values made beforehand: nothing in the "forward" below may block the host (a copy
+        # from pageable memory would, and the hand-off would then start after the forward).
+        values = [torch.randn(t[4].shape, device="cuda").to(t.dtype) for t in n.p_layers]
+        torch.cuda.synchronize()
         forward = torch.cuda.Stream()
         with torch.cuda.stream(forward):
             torch.cuda._sleep(1_000_000_000)  # a long forward: ~0.5 s of GPU time
-            for t in n.p_layers:
-                t[[4, 9]] = torch.arange(t[4].numel(), device="cuda").view(t[4].shape).to(t.dtype)
+            for t, v in zip(n.p_layers, values):
+                t[4].copy_(v)
+                t[9].copy_(v)
             ready = torch.cuda.Event()
             ready.record(forward)
+        assert not ready.query(), "the forward ended before the hand-off started: the test proves nothing"
         n.sender.submit(SendSpec("p-ev", "ev", "decode-0", (4, 9), 2 * BLOCK, "e" * 32), ready)
         n.receiver.submit_load(LoadSpec("d-ev", "ev", 2 * BLOCK, "e" * 32, (1, 2)))
         (s,), (ld,) = n.results(1, 1)
