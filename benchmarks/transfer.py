@@ -170,9 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         raw = RawPair(name, options, max(sizes), src, dst)
         handoff = None if args.no_handoff or max_tokens < BLOCK else HandoffPair(name, options, max_tokens, src, dst)
         try:
+            first = len(rows)
             for size in sizes:
                 rows += measure_size(name, size, args.repeat, args.layout.split(","), src, dst, raw, handoff)
                 progress.step(f"{name} {human(size)}")
+            time.sleep(0.6)  # nixl reads UCX's report in the background, twice a second
+            for r in rows[first:]:
+                r["path"] = r["path"] or raw.path
         finally:
             raw.close()
             if handoff is not None:

@@ -7,6 +7,7 @@ UCX starts (unless the user routed it already); ``ucx_write_paths`` reads the pu
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import socket
@@ -34,6 +35,15 @@ def route_ucx_report() -> str | None:
     if on not in ("y", "yes", "1", "on"):
         return None
     return os.environ["UCX_LOG_FILE"].replace("%p", str(os.getpid())).replace("%h", socket.gethostname())
+
+
+def flush_c_streams() -> None:
+    """UCX writes its report through a buffered C stream: a table may sit in the buffer for a
+    long time. ``fflush(NULL)`` flushes every C output stream of the process (stdout too)."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
 
 
 def ucx_write_paths(report: str, src_mem: str = "DRAM", dst_mem: str = "DRAM") -> list[str]:

@@ -43,7 +43,7 @@ import torch
 from lmcache_pd._types import TransferState
 from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
-from lmcache_pd.transport._ucx_report import route_ucx_report, ucx_write_paths
+from lmcache_pd.transport._ucx_report import flush_c_streams, route_ucx_report, ucx_write_paths
 from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport
 
 log = logging.getLogger(__name__)
@@ -352,6 +352,7 @@ class NixlTransport(Transport):
         if not self._unreported or now < self._next_report:
             return
         self._next_report = now + 0.5
+        flush_c_streams()
         try:
             size = os.path.getsize(self._report)  # type: ignore[arg-type]
             if size != self._report_size:
