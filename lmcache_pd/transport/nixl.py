@@ -65,6 +65,8 @@ def _import_nixl() -> ModuleType:
         try:
             mod = importlib.import_module(name)
             mod.nixl_agent  # noqa: B018 - the meta-package `nixl` may lack the API
+            if not os.environ.get("NIXL_LOG_LEVEL"):  # NIXL prints INFO lines to stdout per agent
+                logging.getLogger("nixl").setLevel(logging.WARNING)
             return mod
         except (ImportError, AttributeError) as e:
             errors.append(f"{name}: {e}")
