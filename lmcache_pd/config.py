@@ -15,6 +15,7 @@ the right type already; an unknown or ill-typed field is an error naming the fie
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
@@ -283,3 +284,23 @@ def resolve_instance(explicit: str | None, *, environ: Mapping[str, str] | None 
         raise ConfigError("this instance has no name: set `instance` in kv_connector_extra_config "
                           "or LMCACHE_PD_INSTANCE", field="instance")
     return name
+
+
+def configure_logging(level: str) -> None:
+    """Print lmcache_pd's records to stderr at ``log_level``, once per process.
+
+    vLLM and uvicorn configure only their own loggers, so without this our INFO lines (hand-off
+    timings, which UCX transport carried the data) were never printed in their processes. Our
+    handler replaces propagation to the root logger, which would print nothing below WARNING
+    there, or everything twice where the application configured the root logger.
+    """
+    logger = logging.getLogger("lmcache_pd")
+    logger.setLevel(level.upper())
+    if any(getattr(h, "lmcache_pd", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.lmcache_pd = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s", "%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    logger.propagate = False
+

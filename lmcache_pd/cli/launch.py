@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 
 from lmcache_pd import transport as transports
-from lmcache_pd.config import InstanceConfig, PDConfig
+from lmcache_pd.config import InstanceConfig, PDConfig, configure_logging
 
 
 def vllm_command(cfg: PDConfig, name: str, *, python: str = sys.executable) -> list[str]:
@@ -67,6 +67,7 @@ def launch(cfg: PDConfig, role: str, instance: str | None) -> int:
 
         from lmcache_pd.proxy.app import create_app
 
+        configure_logging(cfg.log_level)
         uvicorn.run(create_app(cfg), host=cfg.proxy.host, port=cfg.proxy.port, log_level=cfg.log_level.lower())
         return 0
     group = cfg.prefill if role == "prefill" else cfg.decode

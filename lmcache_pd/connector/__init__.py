@@ -41,7 +41,7 @@ _EXTRA_KEYS = {"config_file", "config", "instance"}
 
 def load_settings(vllm_config: VllmConfig) -> tuple[Any, str, str]:
     """(PDConfig, instance name, 'prefill'|'decode') from kv_connector_extra_config."""
-    from lmcache_pd.config import config_from_dict, load_config, resolve_instance
+    from lmcache_pd.config import config_from_dict, configure_logging, load_config, resolve_instance
     from lmcache_pd.errors import ConfigError
 
     ktc = vllm_config.kv_transfer_config
@@ -54,6 +54,7 @@ def load_settings(vllm_config: VllmConfig) -> tuple[Any, str, str]:
         cfg = config_from_dict(extra["config"], source="kv_connector_extra_config.config")
     else:
         cfg = load_config(extra.get("config_file"))
+    configure_logging(cfg.log_level)
     instance = resolve_instance(extra.get("instance"))
     role = cfg.role_of(instance)
     expected = "kv_producer" if role == "prefill" else "kv_consumer"

@@ -144,3 +144,45 @@ def test_idle_transport_does_not_spin_a_core():
     finally:
         tx.close()
         rx.close()
+
+
+def test_a_killed_peer_fails_the_transfer_in_bounded_time_and_others_still_work():
+    # The decode process dies with SIGKILL after the handshake: the write must end (failed or
+    # timed out) within its deadline, and the same transport keeps serving a live peer.
+    import os
+    import signal
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_decode_side, args=(child, 8 << 20, "cpu", {}), daemon=True)
+    proc.start()
+    assert parent.poll(60), "decode side did not start"
+    desc = parent.recv()
+    tx = transports.create("nixl", {})
+    rx2 = transports.create("nixl", {})
+    try:
+        src = torch.randint(0, 256, (8 << 20,), dtype=torch.uint8)
+        rid = tx.register(src)
+        dead = tx.connect(desc, timeout_s=10)
+        pool2 = torch.zeros(8 << 20, dtype=torch.uint8)
+        alive = tx.connect(rx2.export_descriptor(rx2.register(pool2)), timeout_s=10)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+        plan = coalesce(np.array([0]), np.array([0]), np.array([8 << 20]))
+        t0 = time.monotonic()
+        h = tx.submit(dead, rid, plan, timeout_s=3)
+        while not tx.poll(h).terminal:
+            assert time.monotonic() - t0 < 10, "a write to a dead peer did not end"
+            time.sleep(0.01)
+        assert h.state in (TransferState.FAILED, TransferState.TIMEOUT), h.state
+        h.release()
+        tx.disconnect(dead)
+        h = tx.submit(alive, rid, plan, timeout_s=10)
+        while not tx.poll(h).terminal:
+            time.sleep(0.001)
+        assert h.state == TransferState.DONE, h.error
+        h.release()
+        assert torch.equal(pool2, src)
+    finally:
+        tx.close()
+        rx2.close()
