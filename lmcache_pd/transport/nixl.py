@@ -43,6 +43,7 @@ import torch
 from lmcache_pd._types import TransferState
 from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
+from lmcache_pd.transport._staging import Region, Stager
 from lmcache_pd.transport._ucx_report import flush_c_streams, route_ucx_report, ucx_write_paths
 from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport
 
@@ -107,16 +108,6 @@ class _Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mem: str
 
 
-@dataclass(eq=False)  # identity: staging buffers live in a set
-class _Region:
-    buffer: torch.Tensor
-    address: int
-    nbytes: int
-    device: int
-    mem: str  # "DRAM" | "VRAM"
-    reg: Any
-
-
 @dataclass
 class _Peer:
     agent: str
@@ -134,7 +125,7 @@ class _InFlight:
     deadline: float
     peer: PeerId
     src_mem: str
-    stage: _Region | None = None  # the staging buffer this transfer reads, freed when it ends
+    stage: Region | None = None  # the staging buffer this transfer reads, freed when it ends
 
 
 class NixlTransport(Transport):
@@ -161,14 +152,12 @@ class NixlTransport(Transport):
             raise TransportUnavailable(f"NIXL backend {options.backend!r} is not available "
                                        f"(plugins: {', '.join(self._agent.get_plugin_list())})")
         self._lock = threading.Lock()  # every agent call
-        self._regions: dict[RegionId, _Region] = {}
+        self._regions: dict[RegionId, Region] = {}
         self._peers: dict[PeerId, _Peer] = {}
         self._agents: dict[str, int] = {}  # remote agent name -> peers using it
         self._ids = itertools.count(1)
         self._inflight: list[_InFlight] = []
-        self._stages: list[_Region] = []  # staging buffers (registered once, reused)
-        self._busy: set[_Region] = set()
-        self._stream: torch.cuda.Stream | None = None
+        self._stager = Stager(self._register_stage)
         self._unreported: dict[PeerId, str] = {}  # peers whose UCX path is not known yet -> source memory
         self._next_report = 0.0
         self._report_size = -1
@@ -197,8 +186,12 @@ class NixlTransport(Transport):
         with self._lock:
             reg = self._agent.register_memory(buffer)
         rid = next(self._ids)
-        self._regions[rid] = _Region(buffer, buffer.data_ptr(), buffer.numel(), device, mem, reg)
+        self._regions[rid] = Region(buffer, buffer.data_ptr(), buffer.numel(), device, mem, reg)
         return rid
+
+    def _register_stage(self, buffer: torch.Tensor) -> Any:
+        with self._lock:
+            return self._agent.register_memory(buffer)
 
     def export_descriptor(self, region: RegionId) -> bytes:
         r = self._regions[region]
@@ -258,11 +251,13 @@ class NixlTransport(Transport):
         stage = None
         if src.mem == "VRAM" and 0 < self.options.stage_ranges < len(plan):  # type: ignore[attr-defined]
             try:
-                stage, src, plan = self._gather(src, plan)
+                stage, plan = self._stager.gather(src, plan)
+                src = stage
             except Exception as e:  # noqa: BLE001 - CUDA or NIXL registration errors
                 self._finish(handle, TransferState.FAILED, time.monotonic(), f"nixl staging failed: {e}")
                 return handle
         n = len(plan)
+        error = "nixl transfer failed at post"
         local = np.empty((n, 3), dtype=np.uint64)
         local[:, 0] = plan.src_offsets + src.address
         local[:, 1] = plan.lengths
@@ -271,6 +266,7 @@ class NixlTransport(Transport):
         remote[:, 0] = plan.dst_offsets + p.address
         remote[:, 1] = plan.lengths
         remote[:, 2] = p.device
+        xfer = None
         with self._lock:
             try:
                 xfer = self._agent.initialize_xfer(
@@ -278,67 +274,25 @@ class NixlTransport(Transport):
                     p.agent)
                 status = self._agent.transfer(xfer)
             except Exception as e:  # noqa: BLE001
-                self._unstage(stage)
-                self._finish(handle, TransferState.FAILED, time.monotonic(), f"nixl refused the transfer: {e}")
-                return handle
+                error = f"nixl refused the transfer: {e}"
+                status = "ERR"
+        if xfer is None:
+            self._stager.release(stage)
+            self._finish(handle, TransferState.FAILED, time.monotonic(), error)
+            return handle
         if status in ("DONE", "ERR"):
             self._release_xfer(xfer)
-            self._unstage(stage)
+            self._stager.release(stage)
             if status == "DONE":
                 self._done(handle, peer, src.mem)
             else:
-                self._finish(handle, TransferState.FAILED, time.monotonic(), "nixl transfer failed at post")
+                self._finish(handle, TransferState.FAILED, time.monotonic(), error)
             return handle
         handle.state = TransferState.IN_FLIGHT
         with self._wake:
             self._inflight.append(_InFlight(handle, xfer, handle.t_submit + timeout_s, peer, src.mem, stage))
             self._wake.notify()
         return handle
-
-    # --- staging (GPU sources with many ranges) ---------------------------------------------
-    def _gather(self, src: _Region, plan: RangePlan) -> tuple[_Region, _Region, RangePlan]:
-        """Gather ``plan``'s sources into a staging buffer in destination order (one kernel).
-
-        Returns the stage, the region to send from (the stage) and the plan from it, in which
-        ranges that continue each other in the destination have merged.
-        """
-        from lmcache_pd.layout import coalesce
-        from lmcache_pd.ops import launch_copy
-
-        order = np.argsort(plan.dst_offsets, kind="stable")
-        lengths = plan.lengths[order]
-        staged = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
-        stage = self._stage(src, plan.nbytes)
-        device = src.buffer.device
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=device)
-        self._stream.wait_stream(torch.cuda.current_stream(device))
-        launch_copy(src.address, stage.address, RangePlan(plan.src_offsets[order], staged, lengths),
-                    device=device, stream=self._stream)
-        self._stream.synchronize()  # UCX reads the stage from its own streams
-        return stage, stage, coalesce(staged, plan.dst_offsets[order], lengths)
-
-    def _stage(self, src: _Region, nbytes: int) -> _Region:
-        with self._wake:
-            for st in self._stages:
-                if st not in self._busy and st.device == src.device and st.nbytes >= nbytes:
-                    self._busy.add(st)
-                    return st
-        size = 1 << max(26, (nbytes - 1).bit_length())  # powers of two from 64 MiB: few sizes, reused
-        buf = torch.empty(size, dtype=torch.uint8, device=src.buffer.device)
-        with self._lock:
-            reg = self._agent.register_memory(buf)
-        st = _Region(buf, buf.data_ptr(), size, src.device, "VRAM", reg)
-        with self._wake:
-            self._stages.append(st)
-            self._busy.add(st)
-        log.info("nixl: staging buffer of %d MiB on cuda:%d", size >> 20, src.device)
-        return st
-
-    def _unstage(self, stage: _Region | None) -> None:
-        if stage is not None:
-            with self._wake:
-                self._busy.discard(stage)
 
     def _done(self, handle: TransferHandle, peer: PeerId, src_mem: str) -> None:
         p = self._peers.get(peer)
@@ -430,7 +384,7 @@ class NixlTransport(Transport):
             self._inflight = [i for i in self._inflight if id(i) not in gone]
         for item, state, error in ended:
             self._release_xfer(item.xfer)
-            self._unstage(item.stage)
+            self._stager.release(item.stage)
             if state == TransferState.DONE:
                 self._done(item.handle, item.peer, item.src_mem)
             else:
@@ -497,10 +451,9 @@ class NixlTransport(Transport):
         for pid in list(self._peers):
             self.disconnect(pid)
         with self._lock:
-            for r in [*self._regions.values(), *self._stages]:
+            for r in [*self._regions.values(), *self._stager.buffers()]:
                 try:
                     self._agent.deregister_memory(r.reg)
                 except Exception as e:  # noqa: BLE001
                     log.debug("nixl deregister: %s", e)
         self._regions.clear()
-        self._stages.clear()
