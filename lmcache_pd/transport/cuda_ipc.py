@@ -79,8 +79,9 @@ class CudaIpcTransport(Transport):
         self._token = secrets.token_bytes(16)
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._start_lock = threading.Lock()
+        # Started by the first register (threads never start in constructors).
         self._waiter = threading.Thread(target=self._complete, name="pd-cuda-ipc-done", daemon=True)
-        self._waiter.start()
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -106,6 +107,9 @@ class CudaIpcTransport(Transport):
             raise ValueError("cuda_ipc registers flat uint8 CUDA tensors only")
         rid = next(self._ids)
         self._regions[rid] = _Region(buffer)
+        with self._start_lock:
+            if self._waiter.ident is None and not self._stop.is_set():
+                self._waiter.start()
         return rid
 
     def export_descriptor(self, region: RegionId) -> bytes:
@@ -216,8 +220,9 @@ class CudaIpcTransport(Transport):
         if self._stop.is_set():
             return
         self._stop.set()
-        self._pending.put(None)
-        self._waiter.join(5.0)
+        if self._waiter.ident is not None:
+            self._pending.put(None)
+            self._waiter.join(5.0)
         for pid in list(self._peers):
             self.disconnect(pid)
         import cupy

@@ -165,8 +165,7 @@ class NixlTransport(Transport):
         self._parked: list[Any] = []  # xfer handles NIXL could not release yet
         self._wake = threading.Condition()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pd-nixl", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._run, name="pd-nixl", daemon=True)  # started by register
         _live.add(self)
 
     @classmethod
@@ -185,6 +184,8 @@ class NixlTransport(Transport):
         device = (buffer.device.index or 0) if buffer.is_cuda else 0
         with self._lock:
             reg = self._agent.register_memory(buffer)
+            if self._thread.ident is None and not self._stop.is_set():
+                self._thread.start()
         rid = next(self._ids)
         self._regions[rid] = Region(buffer, buffer.data_ptr(), buffer.numel(), device, mem, reg)
         return rid
@@ -442,7 +443,8 @@ class NixlTransport(Transport):
         self._stop.set()
         with self._wake:
             self._wake.notify()
-        self._thread.join(5.0)
+        if self._thread.ident is not None:
+            self._thread.join(5.0)
         with self._wake:
             left, self._inflight = self._inflight, []
         for item in left:
