@@ -100,7 +100,8 @@ def copy_ranges(src: torch.Tensor, dst: torch.Tensor, plan: RangePlan) -> None:
     if src.is_cuda and dst.is_cuda:
         stream = torch.cuda.current_stream(dst.device)
         launch_copy(src.data_ptr(), dst.data_ptr(), plan, device=dst.device, stream=stream)
-    elif src.device.type == dst.device.type == "cpu" and src.is_contiguous() and dst.is_contiguous():
+    elif (src.device.type == dst.device.type == "cpu" and src.dtype == dst.dtype == torch.uint8
+          and src.is_contiguous() and dst.is_contiguous()):
         _copy_ranges_host(src, dst, plan)
     else:
         copy_ranges_ref(src, dst, plan)
