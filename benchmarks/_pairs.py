@@ -137,14 +137,15 @@ def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: 
         conn.send("submitted")
         while not (done := rx.drain()):
             time.sleep(0.00005)
-        conn.send((time.monotonic(), done[0].ok, done[0].error, done[0].scatter_s))
+        conn.send((time.monotonic(), done[0].ok, done[0].error, done[0].scatter_s, done[0].groups))
     rx.close()
 
 
 class HandoffPair:
     """Hand-offs of up to ``max_tokens`` tokens; random block tables on both sides."""
 
-    def __init__(self, transport: str, options: dict, max_tokens: int, p_dev: str, d_dev: str):
+    def __init__(self, transport: str, options: dict, max_tokens: int, p_dev: str, d_dev: str,
+                 group_mib: int | None = None):
         from lmcache_pd.cli.local import free_ports
         from lmcache_pd.node.sender import KVSender
         from lmcache_pd.ops import kv_layout_of
@@ -157,7 +158,8 @@ class HandoffPair:
             "model": {"path": "none"},
             "prefill": [{"name": "prefill-0", "http_port": http_p}],
             "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data}],
-            "transport": {"name": transport, "options": options},
+            "transport": {"name": transport, "options": options,
+                          **({} if group_mib is None else {"group_mib": group_mib})},
             "pool": {"size_mib": max_blocks * page // 2**20 + 64},
             "timeouts": {"data_s": 120, "transfer_s": 180},
         }
@@ -179,8 +181,9 @@ class HandoffPair:
         self.last: tuple[list[int], list[int]] = ([], [])
         self.phases: list[dict[str, float]] = []
         """Per hand-off, seconds: allocate (link + Allocate round trip), transfer (the copy into
-        the pool), scatter (pool -> decode blocks), and the rest: TransferDone's first half, the
-        loader's wake-up, the benchmark's own polling."""
+        the pool, every group), after transfer (the rest: TransferDone's first half, the part of
+        the scatter not overlapped with the transfer, wake-ups, the benchmark's own polling);
+        and, overlapping those, scatter (pool -> decode blocks, all groups) and groups (count)."""
 
     def once(self, n_tok: int) -> float:
         from lmcache_pd.node.sender import SendSpec
@@ -195,7 +198,7 @@ class HandoffPair:
         assert self.parent.recv() == "submitted"
         t0 = time.monotonic()
         self.tx.submit(SendSpec(f"p-{tid}", tid, "decode-0", tuple(p_blocks), n_tok, digest))
-        t_done, ok, error, scatter_s = self.parent.recv()
+        t_done, ok, error, scatter_s, groups = self.parent.recv()
         sent = []
         while not sent:
             sent = self.tx.drain()
@@ -205,8 +208,9 @@ class HandoffPair:
         self.last = (p_blocks, d_blocks)
         total = t_done - t0
         s = sent[0]
-        self.phases.append({"allocate": s.allocate_s, "transfer": s.seconds, "scatter": scatter_s,
-                            "control + wake-ups": total - s.allocate_s - s.seconds - scatter_s})
+        self.phases.append({"allocate": s.allocate_s, "transfer": s.seconds,
+                            "after transfer": total - s.allocate_s - s.seconds, "scatter": scatter_s,
+                            "groups": groups})
         return total
 
     def check_last(self) -> bool:

@@ -28,6 +28,7 @@ from lmcache_pd.errors import ConfigError
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 ENV_PREFIX = "LMCACHE_PD__"
 ENV_VARS: dict[str, str] = {
@@ -75,6 +76,10 @@ class TransportConfig(_Section):
     name: str = "tcp"
     options: dict[str, Any] = {}
     """Transport-specific options, validated by the transport's own ``Options`` struct."""
+    group_mib: NonNegative = 128
+    """A hand-off larger than this is streamed in groups of pages of about this size: the decode
+    side scatters each group as soon as it has landed, while the next ones are in flight. 0 sends
+    every hand-off as one group."""
 
 
 class PoolConfig(_Section):

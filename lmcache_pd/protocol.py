@@ -8,6 +8,8 @@ opaque ``payload`` (the transport descriptor) only when it matches.
 
 PROTOCOL_VERSION history:
   1: first version (handshake, allocate, transfer done, cancel, heartbeat, ack, error).
+  2: Landed (one-way): the first pages of a reservation hold their bytes, so the decode side
+     may scatter them while the rest is still in flight (streamed hand-off).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import msgspec
 
 from lmcache_pd.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"LMPD"
 _HEADER = struct.Struct("!4sH")
 HEADER = _HEADER.pack(MAGIC, PROTOCOL_VERSION)
@@ -108,6 +110,14 @@ class TransferDone(_Msg):
     seconds: float
 
 
+class Landed(_Msg):
+    """One-way (no reply): pages ``[0, pages)`` of the reservation, in the order of its
+    Allocated reply, hold their final bytes. Only ever grows; TransferDone still ends the write."""
+
+    transfer_id: str
+    pages: int
+
+
 class Cancel(_Msg):
     transfer_id: str
     reason: str
@@ -127,7 +137,8 @@ class Error(_Msg):
     fields: list[str] = []
 
 
-Message = Handshake | HandshakeReply | Allocate | Allocated | TransferDone | Cancel | Heartbeat | Ack | Error
+Message = (Handshake | HandshakeReply | Allocate | Allocated | TransferDone | Landed | Cancel | Heartbeat | Ack
+           | Error)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -4,10 +4,14 @@ Life of a reservation (one per hand-off, named by its transfer id):
   1. ``reserve`` takes all its pages at once, or none (no partial holds, so concurrent large
      requests cannot deadlock); a request larger than the whole pool is refused at once.
   2. ALLOCATED: the prefill side is writing. Its lease is renewed by heartbeats.
-  3. ``mark_ready`` when the prefill side reports the write complete: READY. Nothing may read
-     the pages before this (``claim`` refuses).
+  3. ``mark_ready`` when the prefill side reports the write complete: READY. Before this only
+     *landed* pages may be read (``mark_landed``: the first pages of a streamed hand-off), and
+     only inside ``begin_read``/``end_read``; ``claim`` refuses.
   4. ``claim`` by the consumer (the decode worker): CONSUMING; never expires while claimed.
   5. ``release`` returns the pages. ``abort`` and lease expiry also return them.
+A reader guard (``begin_read``) defers the return of pages that the consumer is copying from:
+an abort or expiry meanwhile ends the reservation at once, but its pages go back to the free
+list only at the last ``end_read``, so a new hand-off never overwrites them mid-copy.
 Ended reservations leave a tombstone for ``tombstone_s`` so that late messages and late
 consumers get a definite answer (ABORTED/EXPIRED) instead of waiting for their deadline.
 Time is passed in (``now``) so that tests control it; the lock makes the pool safe to share
@@ -36,6 +40,11 @@ class Reservation:
     num_bytes: int = 0
     seconds: float = 0.0
     reason: str = ""
+    landed: int = 0
+    """Pages ``pages[:landed]`` hold their final bytes (all of them once READY)."""
+    readers: int = 0
+    ended: bool = False
+    freed: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,21 @@ class PagePool:
             if r.state != PageState.ALLOCATED:
                 raise TransferError(f"cannot mark ready in state {r.state.name}", transfer_id=transfer_id)
             r.state, r.num_bytes, r.seconds = PageState.READY, num_bytes, seconds
+            r.landed = len(r.pages)
             r.lease_deadline = now + self.lease_s  # now the consumer has lease_s to claim it
+            self.cond.notify_all()
+
+    def mark_landed(self, transfer_id: TransferId, *, owner: str, pages: int, now: float) -> None:
+        """The first ``pages`` pages hold their bytes (streamed hand-off); also renews the lease."""
+        with self.cond:
+            r = self._owned(transfer_id, owner)
+            if r.state != PageState.ALLOCATED:
+                raise TransferError(f"cannot mark pages landed in state {r.state.name}", transfer_id=transfer_id)
+            if not r.landed <= pages <= len(r.pages):
+                raise TransferError(f"landed pages {pages} outside [{r.landed}, {len(r.pages)}]",
+                                    transfer_id=transfer_id)
+            r.landed = pages
+            r.lease_deadline = now + self.lease_s
             self.cond.notify_all()
 
     def renew(self, transfer_ids: Iterable[TransferId], *, owner: str, now: float) -> int:
@@ -144,7 +167,10 @@ class PagePool:
 
     def _end(self, r: Reservation, state: PageState, reason: str, now: float) -> None:
         del self._live[r.transfer_id]
-        self._free.extend(r.pages)
+        r.ended = True
+        if r.readers == 0:  # else the last end_read returns them
+            self._free.extend(r.pages)
+            r.freed = True
         r.state, r.reason = state, reason
         self._ended[r.transfer_id] = (r, now)
         self.cond.notify_all()
@@ -171,6 +197,27 @@ class PagePool:
             if r is None and transfer_id in self._ended:
                 r = self._ended[transfer_id][0]
             return r
+
+    def begin_read(self, transfer_id: TransferId) -> Reservation | None:
+        """Guard a read of landed pages while the reservation is still being written (or READY).
+
+        Returns the live reservation (read ``landed`` from it), or None if it is not live or
+        already claimed. Every non-None result must be paired with :meth:`end_read`.
+        """
+        with self.cond:
+            r = self._live.get(transfer_id)
+            if r is None or r.state not in (PageState.ALLOCATED, PageState.READY):
+                return None
+            r.readers += 1
+            return r
+
+    def end_read(self, r: Reservation) -> None:
+        with self.cond:
+            r.readers -= 1
+            if r.readers == 0 and r.ended and not r.freed:
+                self._free.extend(r.pages)
+                r.freed = True
+                self.cond.notify_all()
 
     def claim(self, transfer_id: TransferId) -> Reservation:
         with self.cond:

@@ -68,6 +68,15 @@ class ControlClient:
             raise _error_from(reply, self.peer, transfer_id)
         return reply
 
+    async def post(self, msg: P.Message) -> bool:
+        """Send a one-way message (Landed) if zmq can queue it now; no reply comes. Best effort:
+        False when the socket cannot take it (peer gone, queue full); never waits."""
+        try:
+            await self._sock.send_multipart(P.encode(msg), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
     async def _read(self) -> None:
         while True:
             try:

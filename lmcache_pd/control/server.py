@@ -2,7 +2,7 @@
 
 One thread (``pd-control-server``) owns the socket. Each loop turn it:
   1. receives at most a batch of messages (poll with a short timeout, so ``close`` is prompt),
-  2. answers each (handshake, allocate, transfer done, cancel, heartbeat),
+  2. answers each (handshake, allocate, transfer done, cancel, heartbeat; Landed is one-way),
   3. expires leases and serves queued allocations (FIFO, all-or-nothing) as pages come back.
 Messages from a peer that has not completed a handshake change no state. Malformed frames are
 counted and answered with an Error where the sender can be addressed; they never raise.
@@ -170,6 +170,13 @@ class ControlServer:
                 self.pool.mark_ready(msg.transfer_id, owner=owner, num_bytes=msg.num_bytes,
                                      seconds=msg.seconds, now=now)
                 return P.Ack(msg_id=msg.msg_id, incarnation=self.incarnation)
+            if isinstance(msg, P.Landed):  # one-way: no reply, even to a refusal
+                try:
+                    self.pool.mark_landed(msg.transfer_id, owner=owner, pages=msg.pages, now=now)
+                except TransferError as e:
+                    self.stats.rejected += 1
+                    log.debug("control: Landed refused: %s", e)
+                return None
             if isinstance(msg, P.Cancel):
                 self._drop_waiting(msg.transfer_id, owner)
                 self.pool.abort(msg.transfer_id, reason=f"canceled by prefill: {msg.reason}", now=now, owner=owner)

@@ -4,9 +4,11 @@ At start the receiver pre-allocates the pool (``pool.size_mib``), registers it w
 transport, listens, and serves the control plane. A *load* is the decode worker asking for
 the KV of one request:
   1. wait until the reservation named by the transfer id is READY (or failed, or the
-     ``timeouts.transfer_s`` deadline passes: then the reservation is aborted);
+     ``timeouts.transfer_s`` deadline passes: then the reservation is aborted); while it is
+     still being written, scatter each group of pages the prefill side reports landed (under
+     the pool's reader guard, so an abort meanwhile cannot hand those pages to anyone else);
   2. check that it holds the same prompt (token count and digest) as the decode request;
-  3. claim it, scatter its pages into the decode's vLLM blocks, release the pages.
+  3. claim it, scatter the pages not yet scattered into the decode's vLLM blocks, release them.
 One loader thread serves all loads, woken by the pool's condition; the vLLM forward loop only
 calls :meth:`submit_load` and :meth:`drain`, which never block.
 """
@@ -57,7 +59,9 @@ class LoadResult:
     """From submit_load to the pages being in vLLM's blocks."""
     error: str = ""
     scatter_s: float = 0.0
-    """Claim of the READY pages to their copy into vLLM's blocks being complete."""
+    """Time spent copying pool pages into vLLM's blocks (summed over the groups)."""
+    groups: int = 0
+    """Copies it took: 1, or more when groups were scattered while the rest was in flight."""
 
 
 @dataclass
@@ -65,6 +69,13 @@ class _Load:
     spec: LoadSpec
     t0: float
     deadline: float
+    next_page: int = 0
+    """Index into the reservation's pages of the first page not scattered yet."""
+    checked: bool = False
+    """The reservation was found to hold this request's prompt."""
+    scatter_s: float = 0.0
+    groups: int = 0
+    nbytes: int = 0
 
 
 class KVReceiver:
@@ -124,8 +135,10 @@ class KVReceiver:
     # --- API for the decode worker (non-blocking) -------------------------------------------
     def submit_load(self, spec: LoadSpec) -> None:
         now = time.monotonic()
+        # The blocks are the tail of the prompt's pages (a local prefix hit covers the rest).
+        skip = max(0, blocks_for_tokens(spec.num_tokens, self.kv_block_size) - len(spec.block_ids))
         with self.pool.cond:
-            self._loads[spec.req_id] = _Load(spec, now, now + self.cfg.timeouts.transfer_s)
+            self._loads[spec.req_id] = _Load(spec, now, now + self.cfg.timeouts.transfer_s, next_page=skip)
             self.pool.cond.notify_all()
 
     def cancel_load(self, req_id: ReqId) -> None:
@@ -151,6 +164,7 @@ class KVReceiver:
     def _run(self) -> None:
         while not self._stop.is_set():
             ready: list[_Load] = []
+            landed: list[_Load] = []
             failed: list[tuple[_Load, str]] = []
             with self.pool.cond:
                 now = time.monotonic()
@@ -158,26 +172,37 @@ class KVReceiver:
                     verdict = self._check(load, now)
                     if verdict is None:
                         continue
+                    if verdict == "landed":
+                        landed.append(load)
+                        continue
                     del self._loads[req_id]
                     if verdict:
                         failed.append((load, verdict))
                     else:
                         ready.append(load)
-                if not ready and not failed:
+                if not ready and not failed and not landed:
                     wait = min((ld.deadline for ld in self._loads.values()), default=now + 0.5) - now
                     self.pool.cond.wait(timeout=max(0.001, min(wait, 0.5)))
                     continue
             for load, error in failed:
                 self._fail(load, error, time.monotonic())
+            for load in landed:
+                self._guarded(load, self._scatter_landed)
             for load in ready:
-                try:
-                    self._scatter(load)
-                except Exception as e:  # noqa: BLE001 - the loader must outlive a bug, or every load would hang
-                    log.exception("loader crashed on %s", load.spec.transfer_id)
-                    self._fail(load, f"internal error: {e!r}", time.monotonic())
+                self._guarded(load, self._scatter)
+
+    def _guarded(self, load: _Load, step) -> None:
+        try:
+            step(load)
+        except Exception as e:  # noqa: BLE001 - the loader must outlive a bug, or every load would hang
+            log.exception("loader crashed on %s", load.spec.transfer_id)
+            with self.pool.cond:
+                self._loads.pop(load.spec.req_id, None)
+            self._fail(load, f"internal error: {e!r}", time.monotonic())
 
     def _check(self, load: _Load, now: float) -> str | None:
-        """'' when ready to claim, an error text when it failed, None to keep waiting."""
+        """'' when ready to claim, 'landed' when new pages landed, an error text when it failed,
+        None to keep waiting."""
         r = self.pool.lookup(load.spec.transfer_id)
         if r is not None and r.state == PageState.READY:
             return ""
@@ -186,6 +211,8 @@ class KVReceiver:
         if now >= load.deadline:
             return (f"no KV from prefill within {self.cfg.timeouts.transfer_s:g} s "
                     f"(raise `timeouts.transfer_s` to wait longer)")
+        if r is not None and r.state == PageState.ALLOCATED and r.landed > load.next_page:
+            return "landed"
         return None
 
     def _fail(self, load: _Load, error: str, now: float) -> None:
@@ -193,33 +220,68 @@ class KVReceiver:
         log.warning("load of %s for %s failed, recomputing: %s", load.spec.transfer_id, load.spec.req_id, error)
         self._record(LoadResult(load.spec.req_id, load.spec.transfer_id, False, waited_s=now - load.t0, error=error))
 
+    def _validate(self, load: _Load, r) -> None:
+        """Check once that the reservation holds this request's prompt."""
+        spec = load.spec
+        if load.checked:
+            return
+        if r.num_tokens != spec.num_tokens or r.prompt_digest != spec.prompt_digest:
+            raise TransferError("prefill computed a different prompt (token count or digest differs)",
+                                transfer_id=spec.transfer_id)
+        n_pages = blocks_for_tokens(spec.num_tokens, self.kv_block_size)
+        if len(r.pages) != n_pages or not 0 < len(spec.block_ids) <= n_pages:
+            raise TransferError(f"{len(r.pages)} pages and {len(spec.block_ids)} blocks for "
+                                f"{spec.num_tokens} tokens", transfer_id=spec.transfer_id)
+        load.checked = True
+
+    def _scatter_pages(self, load: _Load, r, upto: int) -> None:
+        """Copy the reservation's pages ``[load.next_page, upto)`` into the load's blocks."""
+        self._validate(load, r)
+        first = load.next_page
+        if upto <= first:
+            return
+        offset = len(r.pages) - len(load.spec.block_ids)
+        t0 = time.monotonic()
+        plan = plan_cache_to_pool(self.kv, self.pool_layout, blocks=load.spec.block_ids[first - offset:upto - offset],
+                                  pages=r.pages[first:upto]).swapped()
+        self._copy(plan)
+        load.scatter_s += time.monotonic() - t0
+        load.groups += 1
+        load.nbytes += plan.nbytes
+        load.next_page = upto
+
+    def _scatter_landed(self, load: _Load) -> None:
+        """Scatter the pages that landed so far, while the prefill side is still writing."""
+        r = self.pool.begin_read(load.spec.transfer_id)
+        if r is None:  # ended or READY meanwhile: the next check says which
+            return
+        try:
+            self._scatter_pages(load, r, r.landed)
+        except (PDError, ValueError) as e:
+            self.pool.end_read(r)
+            with self.pool.cond:
+                self._loads.pop(load.spec.req_id, None)
+            self._fail(load, str(e), time.monotonic())
+            return
+        self.pool.end_read(r)
+
     def _scatter(self, load: _Load) -> None:
         spec = load.spec
-        t0 = time.monotonic()
         try:
             r = self.pool.claim(spec.transfer_id)
         except PDError as e:
             self._fail(load, str(e), time.monotonic())
             return
         try:
-            if r.num_tokens != spec.num_tokens or r.prompt_digest != spec.prompt_digest:
-                raise TransferError("prefill computed a different prompt (token count or digest differs)",
-                                    transfer_id=spec.transfer_id)
-            n_pages = blocks_for_tokens(spec.num_tokens, self.kv_block_size)
-            if len(r.pages) != n_pages or not 0 < len(spec.block_ids) <= n_pages:
-                raise TransferError(f"{len(r.pages)} pages and {len(spec.block_ids)} blocks for "
-                                    f"{spec.num_tokens} tokens", transfer_id=spec.transfer_id)
-            pages = r.pages[n_pages - len(spec.block_ids):]
-            plan = plan_cache_to_pool(self.kv, self.pool_layout, blocks=spec.block_ids, pages=pages).swapped()
-            self._copy(plan)
+            self._scatter_pages(load, r, len(r.pages))
         except (PDError, ValueError) as e:
             self.pool.release(spec.transfer_id, now=time.monotonic())
             self._fail(load, str(e), time.monotonic())
             return
         now = time.monotonic()
         self.pool.release(spec.transfer_id, now=now)
-        self._record(LoadResult(spec.req_id, spec.transfer_id, True, plan.nbytes, r.seconds,
-                                now - load.t0, scatter_s=now - t0))
+        self._record(LoadResult(spec.req_id, spec.transfer_id, True, load.nbytes, r.seconds,
+                                now - load.t0, scatter_s=load.scatter_s, groups=load.groups))
 
     def _copy(self, plan) -> None:
         """Scatter pool pages into vLLM's blocks; on a GPU, complete before the pages go back.

@@ -4,7 +4,9 @@ Per hand-off (one coroutine on the sender's loop thread; vLLM's forward loop nev
   1. link to the decode peer: control handshake (compat hash, incarnation) and transport
      connect, once per peer and again when the peer restarts;
   2. Allocate pages in the decode pool (the decode side queues us while its pool is full);
-  3. submit the range plan (vLLM blocks -> pool pages) to the transport and wait for DONE;
+  3. submit the range plan (vLLM blocks -> pool pages) to the transport and wait for DONE; a
+     large hand-off goes as several groups of pages (``transport.group_mib``), each announced
+     with a one-way Landed as it arrives, so that the decode side scatters while the rest flies;
   4. TransferDone on the control plane: only now may the decode side read the pages.
 Any failure sends a best-effort Cancel (the pages come back at once) and ends the hand-off as
 failed; the decode side then recomputes. Every step has a deadline from ``timeouts.*``.
@@ -150,18 +152,22 @@ class KVSender:
             t_alloc = time.monotonic()
             allocated = True
             link.inflight.add(spec.transfer_id)
-            plan = plan_cache_to_pool(self.kv, link.pool, blocks=spec.block_ids[:n_pages], pages=pages)
+            blocks = spec.block_ids[:n_pages]
+            ends = self._group_ends(n_pages)
+            plans = [plan_cache_to_pool(self.kv, link.pool, blocks=blocks[a:b], pages=pages[a:b])
+                     for a, b in zip((0, *ends[:-1]), ends)]
+            nbytes = sum(p.nbytes for p in plans)
             t_data = time.monotonic()
-            await self._transfer(link, plan, spec, ready)
+            await self._transfer(link, plans, ends, spec, ready)
             seconds = time.monotonic() - t_data
             done = P.TransferDone(msg_id=link.client.next_id(), transfer_id=spec.transfer_id,
-                                  num_bytes=plan.nbytes, seconds=seconds)
+                                  num_bytes=nbytes, seconds=seconds)
             t_done = time.monotonic()
             await link.client.request(done, timeout_s=self.t.control_s, config_field="timeouts.control_s",
                                       what="transfer-done", transfer_id=spec.transfer_id)
-            log.info("sent %s: %d B in %.2f ms (%.2f GB/s), hand-off %.2f ms", spec.transfer_id, plan.nbytes,
-                     seconds * 1e3, plan.nbytes / max(seconds, 1e-9) / 1e9, (time.monotonic() - t0) * 1e3)
-            self._result(SendResult(spec.req_id, spec.transfer_id, True, plan.nbytes, seconds,
+            log.info("sent %s: %d B in %.2f ms (%.2f GB/s, %d groups), hand-off %.2f ms", spec.transfer_id, nbytes,
+                     seconds * 1e3, nbytes / max(seconds, 1e-9) / 1e9, len(plans), (time.monotonic() - t0) * 1e3)
+            self._result(SendResult(spec.req_id, spec.transfer_id, True, nbytes, seconds,
                                     allocate_s=t_alloc - t0, done_s=time.monotonic() - t_done))
         except (PDError, OSError) as e:
             log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.transfer_id, spec.peer, e)
@@ -203,9 +209,18 @@ class KVSender:
             return link, reply.pages
         raise AssertionError("unreachable")
 
-    async def _transfer(self, link: _Link, plan, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
+    def _group_ends(self, n_pages: int) -> tuple[int, ...]:
+        """Where each group of a streamed hand-off ends (exclusive page counts, increasing)."""
+        mib = self.cfg.transport.group_mib
+        per = max(1, (mib << 20) // self.kv.page_bytes) if mib else n_pages
+        return tuple(min(a + per, n_pages) for a in range(0, n_pages, per))
+
+    async def _transfer(self, link: _Link, plans: list, ends: tuple[int, ...], spec: SendSpec,
+                        ready: torch.cuda.Event | None = None) -> None:
+        """Submit every group's plan at once; as each group (in order) is in the pool, tell the
+        decode side with a one-way Landed so that it can scatter it while the rest is in flight."""
         loop = asyncio.get_running_loop()
-        ended = asyncio.Event()
+        wake = asyncio.Event()
         deadline = time.monotonic() + self.t.data_s
         if ready is not None and not self.transport.capabilities.stream_ordered:
             while not ready.query():  # the forward that wrote the blocks is still running
@@ -214,21 +229,37 @@ class KVSender:
                                           seconds=self.t.data_s, transfer_id=spec.transfer_id, peer=spec.peer)
                 await asyncio.sleep(0.0002)
             ready = None
-        handle = self.transport.submit(link.peer_id, self.region, plan, timeout_s=self.t.data_s, after=ready)
-        handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(ended.set))
+        handles = []
         try:
-            # Woken by the transport's callback; the short timeout keeps polling transports that
-            # make progress only inside poll().
-            while not (state := self.transport.poll(handle)).terminal:
+            for plan in plans:
+                handle = self.transport.submit(link.peer_id, self.region, plan, timeout_s=self.t.data_s, after=ready)
+                handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
+                handles.append(handle)
+            landed = 0
+            while True:
+                wake.clear()
+                while landed < len(handles) and (state := self.transport.poll(handles[landed])).terminal:
+                    self._check_state(state, handles[landed], spec)
+                    landed += 1
+                    if landed < len(handles):
+                        await link.client.post(P.Landed(msg_id=link.client.next_id(), transfer_id=spec.transfer_id,
+                                                        pages=ends[landed - 1]))
+                if landed == len(handles):
+                    return
                 if time.monotonic() > deadline:
                     raise TransferTimeout("data transfer", config_field="timeouts.data_s", seconds=self.t.data_s,
                                           transfer_id=spec.transfer_id, peer=spec.peer)
+                # Woken by the transport's callback; the short timeout keeps polling transports
+                # that make progress only inside poll().
                 try:
-                    await asyncio.wait_for(ended.wait(), 0.005)
+                    await asyncio.wait_for(wake.wait(), 0.005)
                 except TimeoutError:
                     pass
         finally:
-            handle.release()
+            for handle in handles:
+                handle.release()  # cancels groups still in flight after a failure
+
+    def _check_state(self, state: TransferState, handle, spec: SendSpec) -> None:
         if state == TransferState.TIMEOUT:
             raise TransferTimeout("data transfer", config_field="timeouts.data_s", seconds=self.t.data_s,
                                   transfer_id=spec.transfer_id, peer=spec.peer)

@@ -124,3 +124,54 @@ def test_stats():
     assert (s.num_pages, s.free_pages, s.allocated, s.ready, s.consuming) == (6, 3, 1, 1, 0)
     with pytest.raises(ValueError):
         PagePool(0, lease_s=1)
+
+
+def test_landed_pages_only_grow_and_ready_lands_them_all():
+    pool = PagePool(8, lease_s=10)
+    reserve(pool, "a", 4)
+    pool.mark_landed("a", owner="p", pages=2, now=5)
+    r = pool.lookup("a")
+    assert r.landed == 2 and r.lease_deadline == 15          # a Landed renews the lease too
+    for bad in (1, 5):                                       # shrinking, or past the reservation
+        with pytest.raises(TransferError, match="outside"):
+            pool.mark_landed("a", owner="p", pages=bad, now=5)
+    with pytest.raises(TransferError, match="another peer"):
+        pool.mark_landed("a", owner="intruder", pages=3, now=5)
+    assert pool.lookup("a").landed == 2
+    pool.mark_ready("a", owner="p", num_bytes=4, seconds=0.1, now=6)
+    assert pool.lookup("a").landed == 4
+    with pytest.raises(TransferError, match="cannot mark pages landed"):
+        pool.mark_landed("a", owner="p", pages=4, now=6)
+
+
+@pytest.mark.parametrize("ending", ["abort", "expire"])
+def test_pages_under_a_reader_guard_are_not_reused_until_the_read_ends(ending):
+    pool = PagePool(8, lease_s=10)
+    reserve(pool, "a", 6)
+    pool.mark_landed("a", owner="p", pages=3, now=0)
+    r = pool.begin_read("a")
+    assert r is not None and r.landed == 3
+    if ending == "abort":
+        assert pool.abort("a", reason="canceled", now=1)
+    else:
+        assert pool.expire(now=11) == ["a"]
+    assert pool.lookup("a").state.failed and pool.begin_read("a") is None
+    assert pool.free_pages == 2                              # the reader still copies from them
+    assert reserve(pool, "b", 3, now=1) is None              # so a new hand-off cannot get them
+    pool.end_read(r)
+    assert pool.free_pages == 8
+    assert reserve(pool, "b", 8, now=1) is not None
+
+
+def test_reader_guard_refuses_claimed_and_unknown_reservations():
+    pool = PagePool(4, lease_s=10)
+    assert pool.begin_read("nope") is None
+    reserve(pool, "a", 2)
+    pool.mark_ready("a", owner="p", num_bytes=2, seconds=0.1, now=1)
+    r = pool.begin_read("a")                                 # READY pages may be read under a guard
+    assert r is not None
+    pool.end_read(r)
+    pool.claim("a")
+    assert pool.begin_read("a") is None
+    pool.release("a", now=2)
+    assert pool.free_pages == 4

@@ -64,6 +64,9 @@ def test_handshake_allocate_and_ready(server):
         got = await req(c, alloc(c, "t1", 3))
         assert isinstance(got, P.Allocated) and got.pages == [0, 1, 2]
         assert server.pool.lookup("t1").state == PageState.ALLOCATED
+        assert await c.post(P.Landed(msg_id=c.next_id(), transfer_id="t1", pages=2))
+        await req(c, P.Heartbeat(msg_id=c.next_id(), transfer_ids=["t1"]))  # handled in order after it
+        assert server.pool.lookup("t1").landed == 2
         ack = await req(c, P.TransferDone(msg_id=c.next_id(), transfer_id="t1", num_bytes=3, seconds=0.1))
         assert isinstance(ack, P.Ack) and ack.incarnation == "dec-1"
         assert server.pool.lookup("t1").state == PageState.READY
@@ -163,6 +166,10 @@ def test_peers_cannot_touch_each_others_transfers(server):
             await req(b, P.Cancel(msg_id=b.next_id(), transfer_id="mine", reason="evil"))
         with pytest.raises(TransferError):
             await req(b, P.TransferDone(msg_id=b.next_id(), transfer_id="mine", num_bytes=1, seconds=0))
+        rejected = server.stats.rejected
+        assert await b.post(P.Landed(msg_id=b.next_id(), transfer_id="mine", pages=2))  # one-way: no reply
+        await req(b, P.Heartbeat(msg_id=b.next_id(), transfer_ids=[]))  # the Landed was handled before this
+        assert server.stats.rejected == rejected + 1 and server.pool.lookup("mine").landed == 0
         await req(b, P.Heartbeat(msg_id=b.next_id(), transfer_ids=["mine"]))  # renews nothing of b's
         await a.close()
         await b.close()

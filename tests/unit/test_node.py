@@ -28,7 +28,8 @@ PAGE = LAYERS * HEADS * BLOCK * C * 2  # bf16: 128 KiB, so pool.size_mib=1 is 8 
 CPT = msgspec.structs.replace(COMPAT, block_size=BLOCK, num_layers=LAYERS, page_bytes=PAGE)
 
 
-def make_cfg(transport: str = "tcp", *, options: dict | None = None, pool_mib: int = 1, **timeouts) -> PDConfig:
+def make_cfg(transport: str = "tcp", *, options: dict | None = None, pool_mib: int = 1, group_mib: int = 128,
+             **timeouts) -> PDConfig:
     http_p, http_d, ctrl, data = free_ports(4)
     t = {"handshake_s": 2, "control_s": 2, "alloc_s": 2, "transfer_s": 3, "data_s": 3, "lease_s": 5,
          "heartbeat_s": 0.5, **timeouts}
@@ -36,7 +37,7 @@ def make_cfg(transport: str = "tcp", *, options: dict | None = None, pool_mib: i
         "model": {"path": "tiny"},
         "prefill": [{"name": "prefill-0", "http_port": http_p}],
         "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data}],
-        "transport": {"name": transport, "options": options or {}},
+        "transport": {"name": transport, "options": options or {}, "group_mib": group_mib},
         "pool": {"size_mib": pool_mib},
         "timeouts": t,
     }, source="test")
@@ -148,6 +149,61 @@ def test_gpu_copy_waits_for_the_forward_that_wrote_the_blocks(name):
         assert s.ok and ld.ok, (s.error, ld.error)
         torch.cuda.synchronize()
         n.assert_moved([4, 9], [1, 2])
+    finally:
+        n.close()
+
+
+@pytest.mark.parametrize("name", ["tcp", "loopback", "nixl", "cuda_ipc"])
+@pytest.mark.parametrize("skip", [0, 11])
+def test_streamed_handoff_is_bitwise(name, skip):
+    # 1 MiB groups are 8 pages: 21 pages go as 8 + 8 + 5; with a local prefix hit of 11 blocks
+    # the decode needs only the tail, from the middle of the second group on.
+    from lmcache_pd import transport as transports
+
+    ok, why = transports.available(name)
+    if not ok:
+        pytest.skip(f"transport {name!r} unavailable here: {why}")
+    n = Node(make_cfg(name, pool_mib=4, group_mib=1))
+    try:
+        p_blocks = [int(b) for b in torch.randperm(40)[:21]]
+        d_blocks = [int(b) for b in torch.randperm(48)[:21]]
+        n.handoff("t1", p_blocks, d_blocks[skip:], num_tokens=20 * BLOCK + 3)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        assert s.num_bytes == 21 * PAGE and ld.num_bytes == (21 - skip) * PAGE
+        n.assert_moved(p_blocks[skip:], d_blocks[skip:])
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
+def test_streamed_groups_are_scattered_while_the_rest_is_in_flight():
+    # Each loopback batch takes 0.3 s, so the loader has scattered a group long before the next lands.
+    n = Node(make_cfg("loopback", options={"delay_s": 0.3}, pool_mib=4, group_mib=1))
+    try:
+        n.handoff("t1", list(range(1, 21)), list(range(21, 41)), num_tokens=20 * BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        assert ld.groups == 3, "the decode side waited for the whole hand-off instead of streaming it"
+        n.assert_moved(list(range(1, 21)), list(range(21, 41)))
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
+def test_failure_mid_stream_ends_both_sides_and_pages_return():
+    # The second group fails after the first has landed (and may be mid-scatter on the decode side).
+    n = Node(make_cfg("loopback", options={"delay_s": 0.2, "fail_every": 2}, pool_mib=4, group_mib=1))
+    try:
+        n.handoff("t1", list(range(1, 21)), list(range(21, 41)), num_tokens=20 * BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert not s.ok and "scripted failure" in s.error
+        assert not ld.ok and "canceled by prefill" in ld.error
+        assert n.pool_full()
+        n.sender.transport.options = msgspec.structs.replace(n.sender.transport.options, fail_every=0)
+        n.handoff("t2", [1, 2], [3, 4], num_tokens=2 * BLOCK)  # and the pair keeps serving
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok
     finally:
         n.close()
 
