@@ -135,8 +135,8 @@ def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: 
             continue
         rx.submit_load(LoadSpec(*args))
         conn.send("submitted")
-        while not (done := rx.drain()):
-            time.sleep(0.00005)
+        while not (done := rx.drain(wait_s=1.0)):  # blocks: a polling loop would compete for the GIL
+            pass
         conn.send((time.monotonic(), done[0].ok, done[0].error, done[0].scatter_s, done[0].groups))
     rx.close()
 

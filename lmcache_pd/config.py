@@ -76,10 +76,11 @@ class TransportConfig(_Section):
     name: str = "tcp"
     options: dict[str, Any] = {}
     """Transport-specific options, validated by the transport's own ``Options`` struct."""
-    group_mib: NonNegative = 128
-    """A hand-off larger than this is streamed in groups of pages of about this size: the decode
-    side scatters each group as soon as it has landed, while the next ones are in flight. 0 sends
-    every hand-off as one group."""
+    group_mib: NonNegative = 0
+    """Stream a hand-off larger than this in groups of pages of about this size: the decode side
+    scatters each group as soon as it has landed, while the next ones are in flight. 0 (default)
+    sends every hand-off as one group: on one H100 streaming measured slower, because each group
+    costs host time (docs/benchmarks.md); measure with ``benchmarks/handoff.py --group-mib``."""
 
 
 class PoolConfig(_Section):

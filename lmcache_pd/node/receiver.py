@@ -105,6 +105,7 @@ class KVReceiver:
         self._loads: dict[ReqId, _Load] = {}
         self._results: list[LoadResult] = []
         self._lock = threading.Lock()
+        self._recorded = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._loader = threading.Thread(target=self._run, name=f"pd-loader-{tp_rank}", daemon=True)
         self._stream: torch.cuda.Stream | None = None  # the loader's CUDA stream, made on first use
@@ -152,8 +153,12 @@ class KVReceiver:
         """The decode side will not load this hand-off: free its pages now (or refuse it later)."""
         self.pool.abort(transfer_id, reason=reason, now=time.monotonic())
 
-    def drain(self) -> list[LoadResult]:
+    def drain(self, wait_s: float = 0.0) -> list[LoadResult]:
+        """Results of ended loads. ``wait_s`` > 0 blocks up to that long for one (benchmarks and
+        tests; vLLM's loop never waits)."""
         with self._lock:
+            if wait_s > 0 and not self._results:
+                self._recorded.wait_for(lambda: bool(self._results), wait_s)
             out, self._results = self._results, []
         return out
 
@@ -302,6 +307,7 @@ class KVReceiver:
     def _record(self, result: LoadResult) -> None:
         with self._lock:
             self._results.append(result)
+            self._recorded.notify_all()
         self._handoff_log.append(result)
 
     @property
