@@ -99,7 +99,9 @@ def test_receiver_survives_a_sender_dying_mid_batch():
     raw = socket.create_connection((d.host, d.port))
     raw.sendall(struct.pack("!4s16sQ", b"LPDH", d.token, d.region))
     assert raw.recv(5) == struct.pack("!4sB", b"LPDR", 0)
-    raw.sendall(struct.pack("!4sQQ", b"LPDB", 1, 1) + np.array([0, 1 << 20], dtype="<i8").tobytes() + b"\x01" * 100)
+    table = np.zeros((8, 2), dtype="<i8")  # every batch carries at least 8 rows (empty ones pad it)
+    table[0] = (0, 1 << 20)
+    raw.sendall(struct.pack("!4sQQ", b"LPDB", 1, 8) + table.tobytes() + b"\x01" * 100)
     raw.close()  # dies with the batch half sent
     tx = transports.create("tcp", {})
     src = torch.full((1 << 20,), 7, dtype=torch.uint8)
@@ -108,5 +110,29 @@ def test_receiver_survives_a_sender_dying_mid_batch():
     h = tx.submit(peer, sid, coalesce(np.array([0]), np.array([0]), np.array([1 << 20])), timeout_s=5)
     assert wait(tx, h) == TransferState.DONE, h.error
     assert torch.all(dst == 7)
+    tx.close()
+    rx.close()
+
+
+def test_an_idle_connection_outlives_the_io_timeout():
+    # The receiver waits for the next batch with the kernel's io_timeout_s; idling past it must
+    # not end the connection (only a stall inside a batch does).
+    rx = transports.create("tcp", {"io_timeout_s": 0.2}, host="127.0.0.1", port=0)
+    dst = torch.zeros(1 << 16, dtype=torch.uint8)
+    region = rx.register(dst)
+    rx.listen()
+    tx = transports.create("tcp", {})
+    src = torch.arange(1 << 16, dtype=torch.int64).to(torch.uint8)
+    sid = tx.register(src)
+    peer = tx.connect(rx.export_descriptor(region), timeout_s=2)
+    plan = coalesce(np.array([0]), np.array([0]), np.array([1 << 15]))
+    assert wait(tx, tx.submit(peer, sid, plan, timeout_s=5)) == TransferState.DONE
+    sock = tx._peers[peer].streams[0].sock
+    time.sleep(0.7)  # several receive timeouts on the decode side
+    plan = coalesce(np.array([1 << 15]), np.array([1 << 15]), np.array([1 << 15]))
+    h = tx.submit(peer, sid, plan, timeout_s=5)
+    assert wait(tx, h) == TransferState.DONE, h.error
+    assert tx._peers[peer].streams[0].sock is sock, "the connection was dropped and re-opened"
+    assert torch.equal(dst, src)
     tx.close()
     rx.close()
