@@ -260,15 +260,17 @@ class KVReceiver:
         r = self.pool.begin_read(load.spec.transfer_id)
         if r is None:  # ended or READY meanwhile: the next check says which
             return
+        error = None
         try:
             self._scatter_pages(load, r, r.landed)
         except (PDError, ValueError) as e:
-            self.pool.end_read(r)
+            error = str(e)
+        finally:
+            self.pool.end_read(r)  # whatever happened: a leaked guard would hold the pages forever
+        if error is not None:
             with self.pool.cond:
                 self._loads.pop(load.spec.req_id, None)
-            self._fail(load, str(e), time.monotonic())
-            return
-        self.pool.end_read(r)
+            self._fail(load, error, time.monotonic())
 
     def _scatter(self, load: _Load) -> None:
         spec = load.spec

@@ -31,7 +31,7 @@ from lmcache_pd._types import BlockId, PeerName, ReqId, TransferId, TransferStat
 from lmcache_pd.config import PDConfig
 from lmcache_pd.control.client import ControlClient
 from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
-from lmcache_pd.layout import KVLayout, PoolLayout, blocks_for_tokens, plan_cache_to_pool
+from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
 from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.loop import LoopThread
 
@@ -215,7 +215,7 @@ class KVSender:
         per = max(1, (mib << 20) // self.kv.page_bytes) if mib else n_pages
         return tuple(min(a + per, n_pages) for a in range(0, n_pages, per))
 
-    async def _transfer(self, link: _Link, plans: list, ends: tuple[int, ...], spec: SendSpec,
+    async def _transfer(self, link: _Link, plans: list[RangePlan], ends: tuple[int, ...], spec: SendSpec,
                         ready: torch.cuda.Event | None = None) -> None:
         """Submit every group's plan at once; as each group (in order) is in the pool, tell the
         decode side with a one-way Landed so that it can scatter it while the rest is in flight."""
