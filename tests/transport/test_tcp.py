@@ -90,11 +90,24 @@ def test_silent_peer_connect_times_out():
     srv.close()
 
 
-def test_receiver_survives_a_sender_dying_mid_batch():
-    rx = transports.create("tcp", {"io_timeout_s": 0.5}, host="127.0.0.1", port=0)
-    dst = torch.zeros(1 << 20, dtype=torch.uint8)
+def listening(nbytes: int, io_timeout_s: float):
+    """A tcp receiver with a zeroed pool of ``nbytes``: (transport, pool, region)."""
+    rx = transports.create("tcp", {"io_timeout_s": io_timeout_s}, host="127.0.0.1", port=0)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
     region = rx.register(dst)
     rx.listen()
+    return rx, dst, region
+
+
+def sender_to(rx, region: int, src: torch.Tensor):
+    """A tcp sender with ``src`` registered, connected to ``rx``'s region: (transport, region, peer)."""
+    tx = transports.create("tcp", {})
+    sid = tx.register(src)
+    return tx, sid, tx.connect(rx.export_descriptor(region), timeout_s=2)
+
+
+def test_receiver_survives_a_sender_dying_mid_batch():
+    rx, dst, region = listening(1 << 20, io_timeout_s=0.5)
     d = msgspec.msgpack.decode(rx.export_descriptor(region), type=_Descriptor)
     raw = socket.create_connection((d.host, d.port))
     raw.sendall(struct.pack("!4s16sQ", b"LPDH", d.token, d.region))
@@ -103,10 +116,7 @@ def test_receiver_survives_a_sender_dying_mid_batch():
     table[0] = (0, 1 << 20)
     raw.sendall(struct.pack("!4sQQ", b"LPDB", 1, 8) + table.tobytes() + b"\x01" * 100)
     raw.close()  # dies with the batch half sent
-    tx = transports.create("tcp", {})
-    src = torch.full((1 << 20,), 7, dtype=torch.uint8)
-    sid = tx.register(src)
-    peer = tx.connect(rx.export_descriptor(region), timeout_s=2)
+    tx, sid, peer = sender_to(rx, region, torch.full((1 << 20,), 7, dtype=torch.uint8))
     h = tx.submit(peer, sid, coalesce(np.array([0]), np.array([0]), np.array([1 << 20])), timeout_s=5)
     assert wait(tx, h) == TransferState.DONE, h.error
     assert torch.all(dst == 7)
@@ -117,14 +127,9 @@ def test_receiver_survives_a_sender_dying_mid_batch():
 def test_an_idle_connection_outlives_the_io_timeout():
     # The receiver waits for the next batch with the kernel's io_timeout_s; idling past it must
     # not end the connection (only a stall inside a batch does).
-    rx = transports.create("tcp", {"io_timeout_s": 0.2}, host="127.0.0.1", port=0)
-    dst = torch.zeros(1 << 16, dtype=torch.uint8)
-    region = rx.register(dst)
-    rx.listen()
-    tx = transports.create("tcp", {})
+    rx, dst, region = listening(1 << 16, io_timeout_s=0.2)
     src = torch.arange(1 << 16, dtype=torch.int64).to(torch.uint8)
-    sid = tx.register(src)
-    peer = tx.connect(rx.export_descriptor(region), timeout_s=2)
+    tx, sid, peer = sender_to(rx, region, src)
     plan = coalesce(np.array([0]), np.array([0]), np.array([1 << 15]))
     assert wait(tx, tx.submit(peer, sid, plan, timeout_s=5)) == TransferState.DONE
     sock = tx._peers[peer].streams[0].sock
