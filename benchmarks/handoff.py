@@ -3,8 +3,8 @@
 One hand-off is Allocate (zmq), the transport's copy from the prefill's paged blocks straight
 into the pool pages, TransferDone (zmq), then the decode loader's scatter into the decode's
 paged blocks (benchmarks/_pairs.py, HandoffPair). A hand-off above ``--group-mib`` streams: its
-groups are scattered as they land, overlapped with the transfer of the next ones. Shape: Llama-3-8B KV (128 KiB per token),
-random block tables on both sides. The ceiling is a copy of the same bytes between the same
+groups are scattered as they land, overlapped with the transfer of the next ones.
+Shape: Llama-3-8B KV (128 KiB per token), random block tables on both sides. The ceiling is a copy of the same bytes between the same
 devices in one process, measured in this run. The last repeat of each size is checked bitwise.
 benchmarks/transfer.py runs the same hand-off inside its sweep; this one takes token counts.
 

@@ -351,7 +351,7 @@ class TcpTransport(Transport):
         raw[:16 * _MIN_RANGES] = memoryview(head)[_BATCH.size:]
         _recv_exact(conn, raw[16 * _MIN_RANGES:])
         dst, lengths = table[:, 0], table[:, 1]
-        if n and (dst.min() < 0 or lengths.min() < 0 or int((dst + lengths).max()) > len(view)):
+        if dst.min() < 0 or lengths.min() < 0 or int((dst + lengths).max()) > len(view):  # n >= 8 rows
             log.warning("tcp: refused batch %d writing outside the pool", batch)
             conn.sendall(_ACK.pack(b"LPDA", batch, _BAD_BATCH))
             return False
