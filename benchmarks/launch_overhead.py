@@ -14,7 +14,7 @@ import torch
 from _common import host_seconds
 
 from lmcache_pd import PoolLayout, plan_cache_to_pool
-from lmcache_pd.ops import _cupy_stream, copy_ranges, cuda_kernels_available, kv_layout_of, prepare_copy, run_copy
+from lmcache_pd.ops import copy_ranges, cuda_kernels_available, kv_layout_of, prepare_copy, run_copy
 
 
 def us(fn, n: int = 200, sync: bool = False) -> float:
@@ -36,17 +36,21 @@ def main() -> int:
     stream = torch.cuda.current_stream()
     a = torch.empty(plan.nbytes, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    p = prepare_copy(buf.data_ptr(), pool_buf.data_ptr(), plan, device=buf.device, stream=stream)
+    src, dst = buf.data_ptr(), pool_buf.data_ptr()
+    inline = prepare_copy(src, dst, plan, device=buf.device, stream=stream)
+    table = prepare_copy(src, dst, plan, device=buf.device, stream=stream, inline=False)
     import cupy
 
     empty = cupy.RawKernel('extern "C" __global__ void nothing() {}', "nothing")
     rows = [
         ("plan_cache_to_pool (numpy)", us(lambda: plan_cache_to_pool(kv, pool, blocks=np.arange(8), pages=np.arange(8)))),
-        ("prepare_copy (table + upload)", us(lambda: prepare_copy(buf.data_ptr(), pool_buf.data_ptr(), plan,
-                                                                  device=buf.device, stream=stream))),
-        ("run_copy (cupy launch)", us(lambda: run_copy(p, stream))),
+        (f"prepare_copy, inline={inline.inline}", us(lambda: prepare_copy(src, dst, plan, device=buf.device,
+                                                                          stream=stream))),
+        ("prepare_copy, table + upload", us(lambda: prepare_copy(src, dst, plan, device=buf.device, stream=stream,
+                                                                 inline=False))),
+        ("run_copy, inline launch", us(lambda: run_copy(inline, stream))),
+        ("run_copy, table launch", us(lambda: run_copy(table, stream))),
         ("empty cupy kernel launch", us(lambda: empty((1,), (1,), ()))),
-        ("empty cupy launch in our stream ctx", us(lambda: _launch_in(empty, stream))),
         ("copy_ranges, whole call", us(lambda: copy_ranges(buf, pool_buf, plan))),
         ("copy_ranges, whole call + sync", us(lambda: copy_ranges(buf, pool_buf, plan), sync=True)),
         ("dst.copy_(src) call", us(lambda: b.copy_(a))),
@@ -56,11 +60,6 @@ def main() -> int:
     for name, t in rows:
         print(f"{name:<40} {t:>9.1f} us")
     return 0
-
-
-def _launch_in(kernel, stream) -> None:
-    with _cupy_stream(stream, 0):
-        kernel((1,), (1,), ())
 
 
 if __name__ == "__main__":

@@ -27,10 +27,8 @@ MIN_CHUNK_BYTES = 4 << 10
 _THREADS = 512
 _BLOCKS_PER_SM = 4
 _CHUNKS_PER_WARP = 2  # for small copies: enough chunks to give every warp of the grid work
-_sm_count: dict[int, int] = {}
-_cupy_streams: dict[int, Any] = {}
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_kernels: dict[int, Any] = {}
+_kernels: dict[int, _Kernels] = {}  # by device index
 _kernels_lock = threading.Lock()
 
 
@@ -154,64 +152,95 @@ _pinned = _PinnedBuffers()
 
 
 class PreparedCopy:
-    """A range table uploaded to the device and the kernel that will consume it."""
+    """One launch, ready to enqueue: the kernel, its grid and its single parameter (an int64
+    buffer the driver copies at launch). ``table`` is the uploaded plan of a table launch (None
+    when the plan travels inline); it must stay alive until the launch has run."""
 
-    __slots__ = ("fn", "grid", "table", "rows", "index", "chunk")
+    __slots__ = ("fn", "grid", "params", "table", "index", "inline")
 
-    def __init__(self, fn: Any, grid: int, table: torch.Tensor, rows: int, index: int, chunk: int):
-        self.fn, self.grid, self.table, self.rows, self.index, self.chunk = fn, grid, table, rows, index, chunk
+    def __init__(self, fn: Any, grid: int, params: np.ndarray, table: torch.Tensor | None, index: int):
+        self.fn, self.grid, self.params, self.table, self.index = fn, grid, params, table, index
+        self.inline = table is None
 
 
 def prepare_copy(src_base: int, dst_base: int, plan: RangePlan, *, device: torch.device,
-                 stream: torch.cuda.Stream) -> PreparedCopy | None:
-    """Upload ``plan`` (one row per range, and the prefix sums of the lengths) on ``stream``.
+                 stream: torch.cuda.Stream, inline: bool = True) -> PreparedCopy | None:
+    """Lay ``plan`` out for the kernel: per range the absolute source and destination address,
+    then the prefix sums of the lengths.
 
-    The host does O(ranges) vector work and no splitting: the kernel cuts the bytes into
-    chunks itself (csrc/copy_ranges.cu, copy_plan_*).
+    Up to ``inline_rows()`` ranges go inside the launch parameters (no upload, nothing to keep
+    alive); more (or any, with ``inline=False``) are uploaded on ``stream`` from a reused pinned
+    buffer. The host does O(ranges)
+    vector work and no splitting: the kernel cuts the bytes into chunks itself.
     """
     n = len(plan)
     if n == 0 or plan.nbytes == 0:
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    sms = _sm_count.get(index)
-    if sms is None:
-        sms = _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    max_blocks = sms * _BLOCKS_PER_SM
+    kernels = _kernels_for(index)
+    max_blocks = kernels.sms * _BLOCKS_PER_SM
     chunk = _chunk_for(plan.nbytes, max_blocks * _THREADS // 32)
     misaligned = (src_base | dst_base) & 15 or int(np.bitwise_or.reduce(
         plan.src_offsets | plan.dst_offsets | plan.lengths)) & 15
-    fn = _kernel(device, "copy_plan_bytes" if misaligned else "copy_plan_v16")
+    kind = "bytes" if misaligned else "v16"
+    warps_needed = -(-plan.nbytes // chunk)
+    grid = max(1, min(max_blocks, -(-warps_needed * 32 // _THREADS)))
+    rows = next((r for r in kernels.inline_rows if n <= r), 0) if inline else 0
+    if rows:
+        params = np.empty(3 * rows + 3, dtype=np.int64)
+        params[0], params[1] = n, chunk
+        _fill(params[2:], rows, plan, src_base, dst_base)
+        return PreparedCopy(kernels.get(f"copy_inline_{kind}_{rows}"), grid, params, None, index)
     with torch.cuda.device(index), torch.cuda.stream(stream):
         # One pinned buffer, uploaded asynchronously: the upload never waits for work already
         # queued on the stream; the buffer is reused once the upload has run.
-        host = _pinned.get(4 * n + 1)
-        h = host.numpy()
-        rows = h[:3 * n].reshape(n, 3)
-        np.add(plan.src_offsets, src_base, out=rows[:, 0])
-        np.add(plan.dst_offsets, dst_base, out=rows[:, 1])
-        rows[:, 2] = plan.lengths
-        h[3 * n] = 0
-        np.cumsum(plan.lengths, out=h[3 * n + 1:4 * n + 1])
-        dev = host[:4 * n + 1].to(device, non_blocking=True)
+        host = _pinned.get(3 * n + 1)
+        _fill(host.numpy(), n, plan, src_base, dst_base)
+        dev = host[:3 * n + 1].to(device, non_blocking=True)
         _pinned.release_after(host, stream)
-    warps_needed = -(-plan.nbytes // chunk)
-    grid = max(1, min(max_blocks, -(-warps_needed * 32 // _THREADS)))
-    return PreparedCopy(fn, grid, dev, n, index, chunk)
+    base = dev.data_ptr()
+    params = np.array([base, base + 8 * n, base + 16 * n, n, chunk], dtype=np.int64)
+    return PreparedCopy(kernels.get(f"copy_table_{kind}"), grid, params, dev, index)
+
+
+def _fill(out: np.ndarray, rows: int, plan: RangePlan, src_base: int, dst_base: int) -> None:
+    """``out[:rows]`` source addresses, ``out[rows:2*rows]`` destinations, then the prefix sums."""
+    n = len(plan)
+    np.add(plan.src_offsets, src_base, out=out[:n])
+    np.add(plan.dst_offsets, dst_base, out=out[rows:rows + n])
+    out[2 * rows] = 0
+    np.cumsum(plan.lengths, out=out[2 * rows + 1:2 * rows + 1 + n])
 
 
 def run_copy(p: PreparedCopy, stream: torch.cuda.Stream) -> None:
-    """Enqueue one kernel launch for a prepared copy on ``stream``."""
-    base = p.table.data_ptr()
-    with _cupy_stream(stream, p.index):
-        p.fn((p.grid,), (_THREADS,), (np.uint64(base), np.uint64(base + 24 * p.rows), np.int32(p.rows),
-                                      np.int64(p.chunk)))
+    """Enqueue the prepared launch on ``stream`` (a direct driver launch: no CuPy argument
+    marshalling, no device or stream context unless this thread is on another device)."""
+    from cupy.cuda import driver, runtime
+
+    arg = np.array([p.params.ctypes.data], dtype=np.uint64)  # kernelParams: one pointer per parameter
+    current = runtime.getDevice()
+    if current == p.index and getattr(_bound, "ok", False):
+        driver.launchKernel(p.fn, p.grid, 1, 1, _THREADS, 1, 1, 0, stream.cuda_stream, arg.ctypes.data, 0)
+        return
+    # A thread's first launch, or another device: cudaSetDevice makes the device's primary
+    # context current (a driver launch needs one), and the caller's device is put back.
+    runtime.setDevice(p.index)
+    try:
+        driver.launchKernel(p.fn, p.grid, 1, 1, _THREADS, 1, 1, 0, stream.cuda_stream, arg.ctypes.data, 0)
+    finally:
+        if current != p.index:
+            runtime.setDevice(current)
+    _bound.ok = True
+
+
+_bound = threading.local()
 
 
 def launch_copy(src_base: int, dst_base: int, plan: RangePlan, *, device: torch.device,
                 stream: torch.cuda.Stream) -> torch.Tensor | None:
     """Enqueue the copy kernel on ``stream``: absolute addresses, so ``dst_base`` may be a peer
-    process's memory opened through CUDA IPC. Returns the device range table (kept alive by the
-    caching allocator until ``stream`` has used it)."""
+    process's memory opened through CUDA IPC. Returns the device range table of a table launch
+    (kept alive by the caching allocator until ``stream`` has used it), else None."""
     p = prepare_copy(src_base, dst_base, plan, device=device, stream=stream)
     if p is None:
         return None
@@ -219,33 +248,46 @@ def launch_copy(src_base: int, dst_base: int, plan: RangePlan, *, device: torch.
     return p.table
 
 
-def _cupy_stream(stream: torch.cuda.Stream, index: int) -> Any:
-    """CuPy's view of a torch stream, made once per stream."""
-    cs = _cupy_streams.get(stream.cuda_stream)
-    if cs is None:
-        import warnings
+class _Kernels:
+    """The NVRTC-built module of one device, its functions and what the device allows."""
 
+    def __init__(self, index: int):
         import cupy
 
-        with warnings.catch_warnings():  # ExternalStream is the form that takes a raw handle
-            warnings.simplefilter("ignore", DeprecationWarning)
-            cs = _cupy_streams[stream.cuda_stream] = cupy.cuda.ExternalStream(stream.cuda_stream, index)
-    return cs
+        code = (_CSRC / "copy_ranges.cu").read_text()
+        # Inline plans need 32 KiB launch parameters: CUDA 12.1+ in both NVRTC and the driver.
+        inline = cupy.cuda.runtime.driverGetVersion() >= 12010 and cupy.cuda.nvrtc.getVersion() >= (12, 1)
+        with cupy.cuda.Device(index):
+            self.module = cupy.RawModule(code=code, options=("-std=c++17",) + (() if inline else ("-DPD_NO_INLINE",)))
+            self.module.compile()
+        self.index = index
+        self.inline_rows = INLINE_ROWS if inline else ()
+        self.sms = torch.cuda.get_device_properties(index).multi_processor_count
+        self._functions: dict[str, Any] = {}  # the Function objects keep their handles valid
 
-
-def _kernel(device: torch.device, name: str) -> Any:
-    """The NVRTC-built kernel ``name`` for ``device`` (built once per process and device)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with _kernels_lock:
-        module = _kernels.get(index)
-        if module is None:
+    def get(self, name: str) -> int:
+        fn = self._functions.get(name)
+        if fn is None:
             import cupy
 
-            with cupy.cuda.Device(index):
-                module = cupy.RawModule(code=(_CSRC / "copy_ranges.cu").read_text(), options=("-std=c++17",))
-                module.compile()
-            _kernels[index] = module
-    return module.get_function(name)
+            with cupy.cuda.Device(self.index):
+                fn = self._functions[name] = self.module.get_function(name).kernel  # the driver Function
+        return fn.ptr
+
+
+INLINE_ROWS = (64, 320, 1300)
+"""Plan sizes (ranges) with an inline kernel (csrc/copy_ranges.cu, PD_INLINE_KERNELS): the
+smallest that fits is used, since the driver copies the whole parameter block at each launch."""
+
+
+def _kernels_for(index: int) -> _Kernels:
+    k = _kernels.get(index)
+    if k is None:
+        with _kernels_lock:
+            k = _kernels.get(index)
+            if k is None:
+                k = _kernels[index] = _Kernels(index)
+    return k
 
 
 def cuda_kernels_available() -> tuple[bool, str]:

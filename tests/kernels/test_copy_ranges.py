@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from lmcache_pd.layout import PoolLayout, blocks_for_tokens, coalesce, plan_cache_to_pool
-from lmcache_pd.ops import CHUNK_BYTES, copy_ranges, copy_ranges_ref, cuda_kernels_available, kv_layout_of
+from lmcache_pd.ops import (
+    CHUNK_BYTES,
+    INLINE_ROWS,
+    copy_ranges,
+    copy_ranges_ref,
+    cuda_kernels_available,
+    kv_layout_of,
+    prepare_copy,
+    run_copy,
+)
 from tests.unit.test_layout import vllm_like_cache
 
 _ok, _why = cuda_kernels_available()
@@ -86,3 +95,50 @@ def test_many_ranges_in_one_launch():
     copy_ranges_ref(src.cpu(), want, plan)
     torch.cuda.synchronize()
     assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("n", sorted({1, *INLINE_ROWS, *(r + 1 for r in INLINE_ROWS)}))
+@pytest.mark.parametrize("width", [4096, 4100])  # the 16-byte path and the byte path
+def test_inline_and_table_launches_agree_at_every_capacity_edge(n, width):
+    """A plan of up to the largest inline capacity travels in the launch parameters, a larger
+    one as an uploaded table; both must match the reference on either side of each edge."""
+    rng = np.random.default_rng(n * 7 + width)
+    src = torch.randint(0, 256, (n * width + 64,), dtype=torch.uint8, device="cuda")
+    # Scattered destinations, so that no two ranges coalesce: the plan keeps exactly n rows.
+    plan = coalesce(rng.permutation(n).astype(np.int64) * width,
+                    rng.permutation(n).astype(np.int64) * (width + 16) + 3, np.full(n, width, dtype=np.int64))
+    assert len(plan) == n
+    want = poisoned(n * (width + 16) + 64, "cpu")
+    copy_ranges_ref(src.cpu(), want, plan)
+    stream = torch.cuda.current_stream()
+    for inline in (True, False):
+        got = poisoned(want.numel(), "cuda")
+        p = prepare_copy(src.data_ptr(), got.data_ptr(), plan, device=got.device, stream=stream, inline=inline)
+        assert p.inline == (inline and n <= max(INLINE_ROWS)), "the launch took the other path"
+        run_copy(p, stream)
+        torch.cuda.synchronize()
+        assert torch.equal(got.cpu(), want), f"inline={inline}"
+
+
+def test_launch_from_a_fresh_thread():
+    """A thread that never touched CUDA must still launch (the driver launch needs a current
+    context; ops binds one on a thread's first launch)."""
+    import threading
+
+    src = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, device="cuda")
+    got = poisoned(1 << 20, "cuda")
+    plan = coalesce(np.array([0]), np.array([0]), np.array([1 << 20]))
+    errors: list[BaseException] = []
+
+    def body():
+        try:
+            copy_ranges(src, got, plan)
+            torch.cuda.synchronize()
+        except BaseException as e:  # noqa: BLE001 - reported to the test thread
+            errors.append(e)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert torch.equal(got, src)
