@@ -145,7 +145,7 @@ class HandoffPair:
     """Hand-offs of up to ``max_tokens`` tokens; random block tables on both sides."""
 
     def __init__(self, transport: str, options: dict, max_tokens: int, p_dev: str, d_dev: str,
-                 group_mib: int | None = None):
+                 group_mib: int | None = None, reserve: bool = True):
         from lmcache_pd.cli.local import free_ports
         from lmcache_pd.node.sender import KVSender
         from lmcache_pd.ops import kv_layout_of
@@ -176,17 +176,21 @@ class HandoffPair:
         self.tx = KVSender(cfg, instance="prefill-0", tp_rank=0, compat=compat(kv.page_bytes, transport), kv=kv,
                            kv_buffer=buf)
         self.tx.start()
+        self.reserve = reserve
+        """Reserve the decode pages before the clock starts, as the connector does while the
+        forward of the last prompt chunk runs (that forward always outlasts one round trip)."""
         self.rng = np.random.default_rng(0)
         self.seq = 0
         self.last: tuple[list[int], list[int]] = ([], [])
         self.phases: list[dict[str, float]] = []
-        """Per hand-off, seconds: allocate (link + Allocate round trip), transfer (the copy into
+        """Per hand-off, seconds: allocate (link + Allocate round trip; with a reservation, what
+        was left of it: taking the reserved pages), transfer (the copy into
         the pool, every group), after transfer (the rest: TransferDone's first half, the part of
         the scatter not overlapped with the transfer, wake-ups, the benchmark's own polling);
         and, overlapping those, scatter (pool -> decode blocks, all groups) and groups (count)."""
 
     def once(self, n_tok: int) -> float:
-        from lmcache_pd.node.sender import SendSpec
+        from lmcache_pd.node.sender import ReserveSpec, SendSpec
 
         n = -(-n_tok // BLOCK)
         p_blocks = [int(b) for b in self.rng.choice(np.arange(self.num_blocks), n, replace=False)]
@@ -196,6 +200,8 @@ class HandoffPair:
         digest = P.prompt_digest(list(range(n_tok)))
         self.parent.send(("load", (f"d-{tid}", tid, n_tok, digest, tuple(d_blocks))))
         assert self.parent.recv() == "submitted"
+        if self.reserve:
+            self.tx.reserve(ReserveSpec(tid, "decode-0", n_tok, digest)).result(60)
         t0 = time.monotonic()
         self.tx.submit(SendSpec(f"p-{tid}", tid, "decode-0", tuple(p_blocks), n_tok, digest))
         t_done, ok, error, scatter_s, groups = self.parent.recv()

@@ -1,6 +1,7 @@
 """End-to-end hand-off between two processes: paged cache -> decode pool -> paged cache.
 
-One hand-off is Allocate (zmq), the transport's copy from the prefill's paged blocks straight
+One hand-off is Allocate (zmq; by default done before the clock starts, as the connector
+reserves the pages while the last prompt chunk computes; ``--no-reserve`` times it), the transport's copy from the prefill's paged blocks straight
 into the pool pages, TransferDone (zmq), then the decode loader's scatter into the decode's
 paged blocks (benchmarks/_pairs.py, HandoffPair). A hand-off above ``--group-mib`` streams: its
 groups are scattered as they land, overlapped with the transfer of the next ones.
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-mib", type=int, default=None,
                     help="transport.group_mib: stream hand-offs in groups of this size (0: one group; "
                          "default: the config default)")
+    ap.add_argument("--no-reserve", action="store_true",
+                    help="allocate the decode pages inside the timed hand-off (no reservation ahead)")
     args = ap.parse_args(argv)
     from lmcache_pd import transport as transports
 
@@ -41,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p_dev, d_dev = pick_devices(args.transport, args.devices)
     tokens = [int(t) for t in args.tokens.split(",")]
-    pair = HandoffPair(args.transport, {}, max(tokens), p_dev, d_dev, group_mib=args.group_mib)
+    pair = HandoffPair(args.transport, {}, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
+                       reserve=not args.no_reserve)
     where = f"{p_dev} -> {d_dev}" + (f" ({torch.cuda.get_device_name(0)})" if "cuda" in p_dev else "")
     print(f"# {args.transport} hand-off, {where}; python {sys.version.split()[0]}, torch {torch.__version__}")
-    print("# Llama-3-8B KV (32 layers, 8 heads, head 128, bf16, block 16); median of", args.repeat)
+    print("# Llama-3-8B KV (32 layers, 8 heads, head 128, bf16, block 16); median of", args.repeat,
+          "; pages", "allocated in the hand-off" if args.no_reserve else "reserved ahead")
     print(f"{'tokens':>7} {'bytes':>9} {'hand-off ms':>12} {'GB/s':>8} {'ceiling GB/s':>13} {'ratio':>6}  check    "
           f"| ms: allocate  transfer  after-transfer | scatter (overlapped)  groups")
     status = 0

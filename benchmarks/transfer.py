@@ -4,9 +4,11 @@ each beside its ceiling measured in the same run.
 For each transport and size, in alternation (so that all see the same machine; a 2-core box
 drifts by tens of percent from one second to the next), median of ``--repeat`` after a warm-up:
   raw/contiguous, raw/paged — the transport alone between two processes (benchmarks/_pairs.py);
-  hand-off — paged cache -> decode pool -> paged cache: Allocate over zmq, the copy, TransferDone,
-      the decode's scatter; checked bitwise after the last repeat. Sizes under one block of all
-      layers (2 MiB in this shape) have no hand-off: a hand-off moves whole blocks.
+  hand-off — paged cache -> decode pool -> paged cache: the copy, TransferDone, the decode's
+      scatter (the Allocate round trip is done ahead, as the connector reserves the pages while
+      the last prompt chunk computes: benchmarks/handoff.py --no-reserve times it too); checked
+      bitwise after the last repeat. Sizes under one block of all layers (2 MiB in this shape)
+      have no hand-off: a hand-off moves whole blocks.
   ceiling — the in-process device copy between the same devices (GPU paths), the raw socket on
       loopback (tcp), a host copy (other host paths): benchmarks/_ceilings.py.
 A progress bar runs on stderr; the table prints at the end; ``--out DIR`` also writes

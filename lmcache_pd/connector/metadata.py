@@ -12,13 +12,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 from lmcache_pd._types import ReqId, TransferId
 from lmcache_pd.node.receiver import LoadSpec
-from lmcache_pd.node.sender import SendSpec
+from lmcache_pd.node.sender import ReserveSpec, SendSpec
 
 
 @dataclass
 class PDConnectorMetadata(KVConnectorMetadata):
     sends: list[SendSpec] = field(default_factory=list)
     """Prefill: hand-offs to start (their requests finished; vLLM holds their blocks for us)."""
+    reserves: list[ReserveSpec] = field(default_factory=list)
+    """Prefill: hand-offs whose last prompt chunk this step computes: allocate their decode
+    pages now, while the forward runs."""
+    unreserves: list[TransferId] = field(default_factory=list)
+    """Prefill: reserved hand-offs that will not happen (request aborted): give the pages back."""
     loads: list[LoadSpec] = field(default_factory=list)
     """Decode: loads to start."""
     cancels: list[ReqId] = field(default_factory=list)

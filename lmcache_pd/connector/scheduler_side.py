@@ -1,10 +1,13 @@
 """Scheduler-side roles of the connector (EngineCore process; never touches the network).
 
 Prefill (kv_producer), per request carrying ``PrefillParams``:
-  1. the request computes its prompt normally and finishes (max_tokens=1);
+  1. the request computes its prompt normally and finishes (max_tokens=1); the step that
+     computes its last prompt chunk also carries a ReserveSpec, so that the workers allocate
+     the decode pages while that forward runs;
   2. ``request_finished`` returns delay_free=True and the ``DecodeParams`` the proxy forwards to
      the decode instance, and queues a SendSpec for the workers (next step's metadata);
   3. the workers report ``finished_sending`` when the hand-off ended (either way): blocks freed.
+     A request that ends any other way after its reservation gets an unreserve instead.
 Decode (kv_consumer), per request carrying ``DecodeParams``:
   1. ``get_num_new_matched_tokens`` claims the prompt (minus local prefix hits) as external,
      loaded asynchronously: vLLM parks the request in WAITING_FOR_REMOTE_KVS;
@@ -23,11 +26,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lmcache_pd import protocol as P
-from lmcache_pd._types import ReqId
+from lmcache_pd._types import ReqId, TransferId
 from lmcache_pd.config import PDConfig
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
 from lmcache_pd.node.receiver import LoadSpec
-from lmcache_pd.node.sender import SendSpec
+from lmcache_pd.node.sender import ReserveSpec, SendSpec
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -57,40 +60,90 @@ class SchedulerRole:
         return False, None
 
 
+def scheduled_spans(so: SchedulerOutput) -> dict[ReqId, tuple[int, int]]:
+    """Per request scheduled this step: (tokens computed before it, tokens it computes)."""
+    computed = {r.req_id: r.num_computed_tokens for r in so.scheduled_new_reqs}
+    cached = so.scheduled_cached_reqs
+    computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+    return {req_id: (computed[req_id], n) for req_id, n in so.num_scheduled_tokens.items() if req_id in computed}
+
+
+@dataclass
+class _PrefillReq:
+    transfer_id: TransferId
+    peer: str
+    num_prompt_tokens: int
+    digest: str
+    reserved: bool = False
+
+
 class PrefillScheduler(SchedulerRole):
     def __init__(self, cfg: PDConfig, *, instance: str, block_size: int):
         self.cfg = cfg
         self.instance = instance
         self.block_size = block_size
         self._decode_peers = {d.name for d in cfg.decode}
+        self._reqs: dict[ReqId, _PrefillReq] = {}
         self._sends: list[SendSpec] = []
+        self._reserves: list[ReserveSpec] = []
+        self._unreserves: list[TransferId] = []
 
-    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
-        meta = PDConnectorMetadata(sends=self._sends)
-        self._sends = []
-        return meta
-
-    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        from vllm.v1.request import RequestStatus
-
+    def _params(self, request: Request) -> P.PrefillParams | None:
         params = P.params_from_dict(request.kv_transfer_params, P.PrefillParams)
         if params is None or not params.do_remote_decode:
-            return False, None
-        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
-            return False, None  # aborted or errored: nothing to hand off, free the blocks now
+            return None
         if params.decode_peer not in self._decode_peers:
             log.warning("request %s names unknown decode peer %r: no hand-off", request.request_id,
                         params.decode_peer)
-            return False, None
+            return None
+        return params
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        # Called when vLLM schedules the request (again, after a preemption): track it once.
+        if request.request_id in self._reqs or request.prompt_token_ids is None:
+            return
+        params = self._params(request)
+        if params is not None:
+            self._reqs[request.request_id] = _PrefillReq(params.transfer_id, params.decode_peer,
+                                                          request.num_prompt_tokens,
+                                                          P.prompt_digest(request.prompt_token_ids))
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
+        if self._reqs:
+            for req_id, (start, n) in scheduled_spans(scheduler_output).items():
+                r = self._reqs.get(req_id)
+                if r is not None and not r.reserved and start + n >= r.num_prompt_tokens:
+                    r.reserved = True
+                    self._reserves.append(ReserveSpec(r.transfer_id, r.peer, r.num_prompt_tokens, r.digest))
+        meta = PDConnectorMetadata(sends=self._sends, reserves=self._reserves, unreserves=self._unreserves)
+        self._sends, self._reserves, self._unreserves = [], [], []
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        r = self._reqs.pop(request.request_id, None)
+        out = self._hand_off(request, block_ids, r)
+        if out is None and r is not None and r.reserved:
+            self._unreserves.append(r.transfer_id)
+        return (True, out) if out is not None else (False, None)
+
+    def _hand_off(self, request: Request, block_ids: list[int], r: _PrefillReq | None) -> dict[str, Any] | None:
+        """Queue the hand-off of a finished request; returns the DecodeParams for the proxy."""
+        from vllm.v1.request import RequestStatus
+
+        params = self._params(request)
+        if params is None:
+            return None
+        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+            return None  # aborted or errored: nothing to hand off, free the blocks now
         num_tokens = request.num_prompt_tokens
         if len(block_ids) * self.block_size < num_tokens or request.prompt_token_ids is None:
-            return False, None
-        digest = P.prompt_digest(request.prompt_token_ids)
+            return None
+        digest = r.digest if r is not None else P.prompt_digest(request.prompt_token_ids)
         self._sends.append(SendSpec(request.request_id, params.transfer_id, params.decode_peer, tuple(block_ids),
                                     num_tokens, digest))
         out = P.DecodeParams(transfer_id=params.transfer_id, num_tokens=num_tokens, prompt_digest=digest,
                              prefill_peer=self.instance)
-        return True, {f: getattr(out, f) for f in out.__struct_fields__}
+        return {f: getattr(out, f) for f in out.__struct_fields__}
 
 
 @dataclass
@@ -164,15 +217,10 @@ class DecodeScheduler(SchedulerRole):
         """
         if not self._reqs:  # called every engine step: nothing to count without hand-offs
             return
-        computed = {r.req_id: r.num_computed_tokens for r in so.scheduled_new_reqs}
-        cached = so.scheduled_cached_reqs
-        computed.update(zip(cached.req_ids, cached.num_computed_tokens))
-        for req_id, n_sched in so.num_scheduled_tokens.items():
+        for req_id, (start, n_sched) in scheduled_spans(so).items():
             req = self._reqs.get(req_id)
-            if req is None or req_id not in computed:
-                continue
-            start = computed[req_id]
-            req.prompt_tokens_computed += max(0, min(start + n_sched, req.num_prompt_tokens) - start)
+            if req is not None:
+                req.prompt_tokens_computed += max(0, min(start + n_sched, req.num_prompt_tokens) - start)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta

@@ -1,7 +1,8 @@
 """Worker-side roles of the connector (one per vLLM worker process, i.e. per TP rank).
 
 Prefill: ``register_kv_caches`` starts a KVSender over vLLM's KV buffer; each step's
-``start_load_kv`` hands it the new SendSpecs; ``get_finished`` reports ended hand-offs as
+``start_load_kv`` hands it the step's reservations (pages allocated while the forward runs)
+and the new SendSpecs; ``get_finished`` reports ended hand-offs as
 ``finished_sending`` (vLLM then frees the blocks). Nothing here waits on the network.
 Decode: ``register_kv_caches`` starts a KVReceiver (pool, control server, transport);
 ``start_load_kv`` submits LoadSpecs; ``get_transfer_results`` reports every submitted load in
@@ -130,7 +131,13 @@ class PrefillWorker(_PDWorker):
                  layout.page_bytes, self.cfg.transport.name)
 
     def start_load_kv(self, meta: PDConnectorMetadata) -> None:
-        if self.sender is None or not meta.sends:
+        if self.sender is None:
+            return
+        for r in meta.reserves:
+            self.sender.reserve(r)
+        for tid in meta.unreserves:
+            self.sender.unreserve(tid)
+        if not meta.sends:
             return
         # Called on vLLM's thread before this step's forward: the blocks were written by earlier
         # forwards, queued on vLLM's current stream. An event there (not a synchronize) orders

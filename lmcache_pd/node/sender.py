@@ -3,7 +3,11 @@
 Per hand-off (one coroutine on the sender's loop thread; vLLM's forward loop never waits):
   1. link to the decode peer: control handshake (compat hash, incarnation) and transport
      connect, once per peer and again when the peer restarts;
-  2. Allocate pages in the decode pool (the decode side queues us while its pool is full);
+  2. Allocate pages in the decode pool (the decode side queues us while its pool is full).
+     The connector reserves them ahead (:meth:`reserve`), while the forward that computes the
+     last prompt chunk runs, so that the round trip is off the hand-off's path; a reservation
+     the hand-off never takes is cancelled (:meth:`unreserve`) or, at the latest, dropped after
+     ``timeouts.transfer_s``;
   3. submit the range plan (vLLM blocks -> pool pages) to the transport and wait for DONE; a
      large hand-off goes as several groups of pages (``transport.group_mib``), each announced
      with a one-way Landed as it arrives, so that the decode side scatters while the rest flies;
@@ -20,6 +24,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +54,16 @@ class SendSpec:
 
 
 @dataclass(frozen=True)
+class ReserveSpec:
+    """Pages for a hand-off that has not started yet (its last prompt chunk is computing)."""
+
+    transfer_id: TransferId
+    peer: PeerName
+    num_tokens: int
+    prompt_digest: str
+
+
+@dataclass(frozen=True)
 class SendResult:
     req_id: ReqId
     transfer_id: TransferId
@@ -58,7 +73,8 @@ class SendResult:
     """Data-plane time: submit to the transport until the bytes are in the peer's pool."""
     error: str = ""
     allocate_s: float = 0.0
-    """From the hand-off's start to pages granted (link, Allocate round trip, any queueing)."""
+    """From the hand-off's start to pages granted (link, Allocate round trip, any queueing;
+    with a reservation, only what of it was still outstanding)."""
     done_s: float = 0.0
     """TransferDone round trip (the decode side may read the pages from its first half on)."""
 
@@ -99,6 +115,8 @@ class KVSender:
         self._down_until: dict[PeerName, tuple[float, str]] = {}
         self._results: list[SendResult] = []
         self._results_lock = threading.Lock()
+        self._reserved: dict[TransferId, tuple[float, asyncio.Task[tuple[_Link, list[int]]]]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._handoff_log = HandoffLog(cfg.handoff_log, instance=instance, rank=tp_rank, role="prefill")
 
@@ -120,6 +138,18 @@ class KVSender:
         """
         self._loop.submit(self._send(spec, ready))
 
+    def reserve(self, spec: ReserveSpec) -> Future[None]:
+        """Allocate a coming hand-off's decode pages now (thread-safe, returns at once).
+
+        The hand-off with the same transfer id then finds its pages granted. The future ends
+        when the pages are granted, or with the allocation's error (the hand-off then fails
+        the same way, and the decode side recomputes)."""
+        return self._loop.submit(self._reserve(spec))
+
+    def unreserve(self, transfer_id: TransferId) -> None:
+        """The hand-off will not come (request aborted): give its reserved pages back."""
+        self._loop.submit(self._unreserve(transfer_id, "request ended without a hand-off"))
+
     def drain(self) -> list[SendResult]:
         with self._results_lock:
             out, self._results = self._results, []
@@ -132,11 +162,52 @@ class KVSender:
     async def _shutdown(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        for tid in list(self._reserved):
+            await self._unreserve(tid, "prefill instance shutting down")
         for link in self._links.values():
             await link.client.close()
         self._links.clear()
         if self._ctx is not None:
             self._ctx.term()
+
+    # --- reservations ---------------------------------------------------------------------
+    async def _reserve(self, spec: ReserveSpec) -> None:
+        entry = self._reserved.get(spec.transfer_id)
+        if entry is None:  # a preempted request reaches its last chunk twice: one reservation
+            task = asyncio.get_running_loop().create_task(self._allocate_pages(spec))
+            entry = self._reserved[spec.transfer_id] = (time.monotonic(), task)
+        await asyncio.shield(entry[1])
+
+    async def _allocate_pages(self, spec: ReserveSpec | SendSpec) -> tuple[_Link, list[int]]:
+        link, pages = await self._allocate(spec, blocks_for_tokens(spec.num_tokens, self.compat.block_size))
+        link.inflight.add(spec.transfer_id)  # heartbeats renew the pages' lease until the hand-off ends
+        return link, pages
+
+    async def _unreserve(self, transfer_id: TransferId, reason: str) -> None:
+        entry = self._reserved.pop(transfer_id, None)
+        if entry is not None:
+            await self._give_back(entry[1], transfer_id, reason)
+
+    async def _give_back(self, task: asyncio.Task[tuple[_Link, list[int]]], transfer_id: TransferId,
+                         reason: str) -> None:
+        try:
+            link, _pages = await task
+        except Exception:  # noqa: BLE001 - nothing was granted, nothing to give back
+            return
+        link.inflight.discard(transfer_id)
+        await self._cancel(link, transfer_id, reason)
+
+    async def _take_reservation(self, spec: SendSpec, n_pages: int) -> tuple[_Link, list[int]]:
+        """The pages reserved for this hand-off, else allocated now."""
+        entry = self._reserved.pop(spec.transfer_id, None)
+        if entry is None:
+            return await self._allocate_pages(spec)
+        link, pages = await entry[1]  # its failure is this hand-off's failure (no second wait)
+        if len(pages) == n_pages:
+            return link, pages
+        link.inflight.discard(spec.transfer_id)  # reserved for another length: start over
+        await self._cancel(link, spec.transfer_id, "reservation of the wrong size")
+        return await self._allocate_pages(spec)
 
     # --- one hand-off ---------------------------------------------------------------------
     async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
@@ -146,12 +217,12 @@ class KVSender:
         try:
             n_pages = blocks_for_tokens(spec.num_tokens, self.compat.block_size)
             if len(spec.block_ids) < n_pages:
+                await self._unreserve(spec.transfer_id, "hand-off refused")
                 raise TransferError(f"{len(spec.block_ids)} blocks for {spec.num_tokens} tokens",
                                     transfer_id=spec.transfer_id)
-            link, pages = await self._allocate(spec, n_pages)
+            link, pages = await self._take_reservation(spec, n_pages)
             t_alloc = time.monotonic()
             allocated = True
-            link.inflight.add(spec.transfer_id)
             blocks = spec.block_ids[:n_pages]
             ends = self._group_ends(n_pages)
             plans = [plan_cache_to_pool(self.kv, link.pool, blocks=blocks[a:b], pages=pages[a:b])
@@ -188,7 +259,7 @@ class KVSender:
             self._results.append(r)
         self._handoff_log.append(r)
 
-    async def _allocate(self, spec: SendSpec, n_pages: int) -> tuple[_Link, list[int]]:
+    async def _allocate(self, spec: SendSpec | ReserveSpec, n_pages: int) -> tuple[_Link, list[int]]:
         for attempt in (1, 2):
             link = await self._link(spec.peer)
             msg = P.Allocate(msg_id=link.client.next_id(), transfer_id=spec.transfer_id, num_pages=n_pages,
@@ -330,9 +401,20 @@ class KVSender:
             await link.client.close()
 
     async def _heartbeats(self) -> None:
-        """Renew the decode-side leases of in-flight hand-offs; detect restarted peers."""
+        """Renew the decode-side leases of in-flight hand-offs; detect restarted peers; drop
+        reservations no hand-off took within ``timeouts.transfer_s`` (the decode side has
+        stopped waiting by then)."""
         while True:
             await asyncio.sleep(self.t.heartbeat_s)
+            stale = time.monotonic() - self.t.transfer_s
+            for tid in [t for t, (since, _) in self._reserved.items() if since < stale]:
+                log.warning("reservation %s unused for timeouts.transfer_s=%.1f s: pages given back", tid,
+                            self.t.transfer_s)
+                # Not awaited here: a reservation still queued for pages must not stall heartbeats.
+                task = asyncio.get_running_loop().create_task(
+                    self._give_back(self._reserved.pop(tid)[1], tid, "reservation unused"))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             for peer, link in list(self._links.items()):
                 if not link.inflight:
                     continue

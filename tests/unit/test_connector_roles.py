@@ -75,6 +75,62 @@ def test_prefill_frees_blocks_at_once_when_there_is_nothing_to_hand_off(prefill,
     assert prefill.build_connector_meta(SchedulerOutput.make_empty()).sends == []
 
 
+def scheduled(req_id: str, computed: int, n: int, new: bool = False) -> SchedulerOutput:
+    """One engine step that schedules ``n`` tokens of ``req_id`` after ``computed`` ones."""
+    from types import SimpleNamespace
+
+    so = SchedulerOutput.make_empty()
+    if new:
+        so.scheduled_new_reqs.append(SimpleNamespace(req_id=req_id, num_computed_tokens=computed))
+    else:
+        so.scheduled_cached_reqs.req_ids.append(req_id)
+        so.scheduled_cached_reqs.num_computed_tokens.append(computed)
+    so.num_scheduled_tokens[req_id] = n
+    return so
+
+
+def test_prefill_reserves_decode_pages_with_the_last_prompt_chunk_once(prefill):
+    kv = {"do_remote_decode": True, "transfer_id": "t1", "decode_peer": "decode-0"}
+    r = request("p1", 40, kv)
+    prefill.update_state_after_alloc(r, blocks([4, 5, 6]), 0)
+    assert prefill.build_connector_meta(scheduled("p1", 0, 16, new=True)).reserves == []  # first chunk
+    meta = prefill.build_connector_meta(scheduled("p1", 16, 24))  # the last chunk: reserve now
+    assert [(x.transfer_id, x.peer, x.num_tokens, x.prompt_digest) for x in meta.reserves] == [
+        ("t1", "decode-0", 40, P.prompt_digest(list(range(10, 50))))]
+    # Preempted and scheduled again: the reservation stands, no second one.
+    prefill.update_state_after_alloc(r, blocks([4, 5, 6]), 0)
+    assert prefill.build_connector_meta(scheduled("p1", 0, 40, new=True)).reserves == []
+    r.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    assert prefill.request_finished(r, [4, 5, 6])[0] is True
+    meta = prefill.build_connector_meta(SchedulerOutput.make_empty())
+    assert [s.transfer_id for s in meta.sends] == ["t1"] and meta.unreserves == []
+
+
+def test_prefill_gives_reserved_pages_back_when_the_request_ends_otherwise(prefill):
+    kv = {"do_remote_decode": True, "transfer_id": "t1", "decode_peer": "decode-0"}
+    r = request("p1", 40, kv)
+    prefill.update_state_after_alloc(r, blocks([4, 5, 6]), 0)
+    prefill.build_connector_meta(scheduled("p1", 0, 40, new=True))
+    r.status = RequestStatus.FINISHED_ABORTED
+    assert prefill.request_finished(r, [4, 5, 6]) == (False, None)
+    meta = prefill.build_connector_meta(SchedulerOutput.make_empty())
+    assert meta.sends == [] and meta.unreserves == ["t1"]
+    # Aborted before its last chunk was scheduled: nothing was reserved, nothing to give back.
+    r2 = request("p2", 40, {**kv, "transfer_id": "t2"})
+    prefill.update_state_after_alloc(r2, blocks([7, 8, 9]), 0)
+    prefill.build_connector_meta(scheduled("p2", 0, 16, new=True))
+    r2.status = RequestStatus.FINISHED_ABORTED
+    prefill.request_finished(r2, [7, 8, 9])
+    assert prefill.build_connector_meta(SchedulerOutput.make_empty()).unreserves == []
+
+
+def test_prefill_reserves_nothing_for_requests_that_are_not_hand_offs(prefill):
+    for i, kv in enumerate([None, {"do_remote_decode": True, "transfer_id": "t", "decode_peer": "evil:1"}]):
+        r = request(f"p{i}", 40, kv)
+        prefill.update_state_after_alloc(r, blocks([1, 2, 3]), 0)
+        assert prefill.build_connector_meta(scheduled(f"p{i}", 0, 40, new=True)).reserves == []
+
+
 def test_decode_claims_the_prompt_and_loads_once(decode):
     r = request("d1", 40, decode_params(40))
     # Called repeatedly without side effects (vLLM may ask again when allocation fails).

@@ -1,0 +1,75 @@
+"""Pages reserved ahead of a hand-off (while the last prompt chunk computes), taken by the
+hand-off, given back when it never comes, and dropped when nobody takes them.
+
+Sender and receiver together in one process (real zmq, real transports), as in test_node.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from lmcache_pd.errors import PDError
+from lmcache_pd.node.sender import ReserveSpec
+from tests.unit.test_node import BLOCK, PAGE, Node, make_cfg, node  # noqa: F401 - node is a fixture
+
+
+def held(n: Node) -> int:
+    return n.receiver.pool.num_pages - n.receiver.pool.free_pages
+
+
+def test_reserved_handoff_takes_its_reserved_pages(node):  # noqa: F811 - the fixture
+    n_tok = 3 * BLOCK + 5
+    node.sender.reserve(ReserveSpec("t1", "decode-0", n_tok, "d" * 32)).result(5)
+    assert held(node) == 4, "the reservation holds the hand-off's pages"
+    node.sender.reserve(ReserveSpec("t1", "decode-0", n_tok, "d" * 32)).result(5)  # again: e.g. after preemption
+    assert held(node) == 4, "a second reservation of the same hand-off must not take more pages"
+    node.handoff("t1", [5, 6, 7, 30], [11, 12, 13, 40], num_tokens=n_tok)
+    (s,), (ld,) = node.results(1, 1)
+    assert s.ok and ld.ok, (s.error, ld.error)
+    node.assert_moved([5, 6, 7, 30], [11, 12, 13, 40])
+    # Had the hand-off allocated again, the reserved pages would stay held until their lease.
+    assert node.pool_full(), f"{held(node)} pages still held"
+
+
+def test_unreserve_gives_the_pages_back():
+    n = Node(make_cfg("loopback", lease_s=30))
+    try:
+        n.sender.reserve(ReserveSpec("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
+        assert held(n) == 2
+        n.sender.unreserve("t1")
+        assert n.pool_full(), "unreserved pages must return at once, not after their lease"
+        n.sender.unreserve("t1")  # twice, or for an unknown hand-off: nothing happens
+        n.sender.unreserve("never-reserved")
+        # The pair keeps serving.
+        n.handoff("t2", [1, 2], [3, 4], num_tokens=2 * BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+    finally:
+        n.close()
+
+
+def test_reservation_nobody_takes_is_dropped_after_transfer_s():
+    # The lease alone would hold the pages 30 s (heartbeats renew it); transfer_s bounds it.
+    n = Node(make_cfg("loopback", lease_s=30, transfer_s=1, heartbeat_s=0.2))
+    try:
+        n.sender.reserve(ReserveSpec("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
+        assert held(n) == 2
+        t0 = time.monotonic()
+        assert n.pool_full(timeout_s=5), "an unused reservation must not hold pages past timeouts.transfer_s"
+        assert time.monotonic() - t0 < 3
+    finally:
+        n.close()
+
+
+def test_failed_reservation_fails_its_handoff_with_the_cause():
+    n = Node(make_cfg("loopback", handshake_s=0.5), start_receiver=False)
+    try:
+        with pytest.raises(PDError, match="timeouts.handshake_s"):
+            n.sender.reserve(ReserveSpec("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
+        n.handoff("t1", [1, 2], [3, 4], num_tokens=2 * BLOCK)
+        (s,) = n.results(1, 0)[0]
+        assert not s.ok and "handshake" in s.error, s.error
+    finally:
+        n.close()
