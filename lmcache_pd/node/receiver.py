@@ -9,6 +9,8 @@ the KV of one request:
      the pool's reader guard, so an abort meanwhile cannot hand those pages to anyone else);
   2. check that it holds the same prompt (token count and digest) as the decode request;
   3. claim it, scatter the pages not yet scattered into the decode's vLLM blocks, release them.
+While it waits, as soon as the pages are granted, the loader builds the scatter's range plan
+(and, on a GPU, uploads it), so that only the copy itself follows the prefill's TransferDone.
 One loader thread serves all loads, woken by the pool's condition; the vLLM forward loop only
 calls :meth:`submit_load` and :meth:`drain`, which never block.
 """
@@ -30,9 +32,9 @@ from lmcache_pd.config import PDConfig
 from lmcache_pd.control.allocator import PagePool, PoolStats
 from lmcache_pd.control.server import ControlServer
 from lmcache_pd.errors import PDError, TransferError
-from lmcache_pd.layout import KVLayout, PoolLayout, blocks_for_tokens, plan_cache_to_pool
+from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
 from lmcache_pd.node.handoff_log import HandoffLog
-from lmcache_pd.ops import copy_ranges
+from lmcache_pd.ops import PreparedCopy, copy_ranges, prepare_copy, run_copy
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class LoadResult:
     """Time spent copying pool pages into vLLM's blocks (summed over the groups)."""
     groups: int = 0
     """Copies it took: 1, or more when groups were scattered while the rest was in flight."""
+    planned_ahead: bool = False
+    """The last copy was planned (on a GPU, uploaded) while the pages were still in flight."""
 
 
 @dataclass
@@ -76,6 +80,19 @@ class _Load:
     scatter_s: float = 0.0
     groups: int = 0
     nbytes: int = 0
+    prepared: _Prepared | None = None
+    """The scatter of the pages still to come, planned while waiting for them."""
+    planned: bool = False
+    """Planning ahead was tried (once per load)."""
+    planned_ahead: bool = False
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    first: int
+    upto: int
+    plan: RangePlan
+    copy: PreparedCopy | None  # uploaded on the loader's stream (GPU), else None
 
 
 class KVReceiver:
@@ -170,6 +187,7 @@ class KVReceiver:
         while not self._stop.is_set():
             ready: list[_Load] = []
             landed: list[_Load] = []
+            granted: list[_Load] = []
             failed: list[tuple[_Load, str]] = []
             with self.pool.cond:
                 now = time.monotonic()
@@ -177,15 +195,15 @@ class KVReceiver:
                     verdict = self._check(load, now)
                     if verdict is None:
                         continue
-                    if verdict == "landed":
-                        landed.append(load)
+                    if verdict in ("landed", "granted"):
+                        (landed if verdict == "landed" else granted).append(load)
                         continue
                     del self._loads[req_id]
                     if verdict:
                         failed.append((load, verdict))
                     else:
                         ready.append(load)
-                if not ready and not failed and not landed:
+                if not ready and not failed and not landed and not granted:
                     wait = min((ld.deadline for ld in self._loads.values()), default=now + 0.5) - now
                     self.pool.cond.wait(timeout=max(0.001, min(wait, 0.5)))
                     continue
@@ -195,6 +213,8 @@ class KVReceiver:
                 self._guarded(load, self._scatter_landed)
             for load in ready:
                 self._guarded(load, self._scatter)
+            for load in granted:  # last: a load that became ready meanwhile goes first
+                self._guarded(load, self._prepare)
 
     def _guarded(self, load: _Load, step) -> None:
         try:
@@ -206,8 +226,8 @@ class KVReceiver:
             self._fail(load, f"internal error: {e!r}", time.monotonic())
 
     def _check(self, load: _Load, now: float) -> str | None:
-        """'' when ready to claim, 'landed' when new pages landed, an error text when it failed,
-        None to keep waiting."""
+        """'' when ready to claim, 'landed' when new pages landed, 'granted' when its pages are
+        known and its scatter not yet planned, an error text when it failed, None to keep waiting."""
         r = self.pool.lookup(load.spec.transfer_id)
         if r is not None and r.state == PageState.READY:
             return ""
@@ -218,6 +238,8 @@ class KVReceiver:
                     f"(raise `timeouts.transfer_s` to wait longer)")
         if r is not None and r.state == PageState.ALLOCATED and r.landed > load.next_page:
             return "landed"
+        if r is not None and r.state == PageState.ALLOCATED and not load.planned:
+            return "granted"
         return None
 
     def _fail(self, load: _Load, error: str, now: float) -> None:
@@ -245,15 +267,50 @@ class KVReceiver:
         first = load.next_page
         if upto <= first:
             return
-        offset = len(r.pages) - len(load.spec.block_ids)
         t0 = time.monotonic()
-        plan = plan_cache_to_pool(self.kv, self.pool_layout, blocks=load.spec.block_ids[first - offset:upto - offset],
-                                  pages=r.pages[first:upto]).swapped()
-        self._copy(plan)
+        p = load.prepared
+        if p is not None and (p.first, p.upto) == (first, upto):
+            plan = p.plan
+            self._copy(plan, p.copy)
+            load.planned_ahead = True
+        else:
+            plan = self._plan(load, r, first, upto)
+            self._copy(plan)
+        load.prepared = None
         load.scatter_s += time.monotonic() - t0
         load.groups += 1
         load.nbytes += plan.nbytes
         load.next_page = upto
+
+    def _plan(self, load: _Load, r, first: int, upto: int) -> RangePlan:
+        """Pool pages ``[first, upto)`` of the reservation -> the load's blocks."""
+        offset = len(r.pages) - len(load.spec.block_ids)
+        return plan_cache_to_pool(self.kv, self.pool_layout, blocks=load.spec.block_ids[first - offset:upto - offset],
+                                  pages=r.pages[first:upto]).swapped()
+
+    def _prepare(self, load: _Load) -> None:
+        """Plan (and on a GPU upload) the scatter of all pages still to come, while they fly."""
+        load.planned = True
+        r = self.pool.lookup(load.spec.transfer_id)
+        if r is None or r.state != PageState.ALLOCATED:
+            return
+        try:
+            self._validate(load, r)
+        except PDError as e:  # the wrong prompt: refuse it now rather than after its transfer
+            with self.pool.cond:
+                self._loads.pop(load.spec.req_id, None)
+            self._fail(load, str(e), time.monotonic())
+            return
+        first, upto = load.next_page, len(r.pages)
+        group = self.cfg.transport.group_mib << 20
+        if group and (upto - first) * self.pool_layout.page_bytes > group:
+            return  # streamed: its groups are scattered as they land, each planned then
+        plan = self._plan(load, r, first, upto)
+        copy = None
+        if self.kv_buffer.is_cuda:
+            copy = prepare_copy(self.pool_buffer.data_ptr(), self.kv_buffer.data_ptr(), plan,
+                                device=self.kv_buffer.device, stream=self._loader_stream())
+        load.prepared = _Prepared(first, upto, plan, copy)
 
     def _scatter_landed(self, load: _Load) -> None:
         """Scatter the pages that landed so far, while the prefill side is still writing."""
@@ -288,9 +345,10 @@ class KVReceiver:
         now = time.monotonic()
         self.pool.release(spec.transfer_id, now=now)
         self._record(LoadResult(spec.req_id, spec.transfer_id, True, load.nbytes, r.seconds,
-                                now - load.t0, scatter_s=load.scatter_s, groups=load.groups))
+                                now - load.t0, scatter_s=load.scatter_s, groups=load.groups,
+                                planned_ahead=load.planned_ahead))
 
-    def _copy(self, plan) -> None:
+    def _copy(self, plan: RangePlan, prepared: PreparedCopy | None = None) -> None:
         """Scatter pool pages into vLLM's blocks; on a GPU, complete before the pages go back.
 
         The copy runs on the loader's own stream: the target blocks belong to this request
@@ -300,11 +358,18 @@ class KVReceiver:
         if not self.kv_buffer.is_cuda:
             copy_ranges(self.pool_buffer, self.kv_buffer, plan)
             return
+        stream = self._loader_stream()
+        if prepared is not None:  # planned and uploaded on this stream while the pages flew
+            run_copy(prepared, stream)
+        else:
+            with torch.cuda.stream(stream):
+                copy_ranges(self.pool_buffer, self.kv_buffer, plan)
+        stream.synchronize()
+
+    def _loader_stream(self) -> torch.cuda.Stream:
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=self.kv_buffer.device)
-        with torch.cuda.stream(self._stream):
-            copy_ranges(self.pool_buffer, self.kv_buffer, plan)
-        self._stream.synchronize()
+        return self._stream
 
     def _record(self, result: LoadResult) -> None:
         with self._lock:

@@ -191,6 +191,21 @@ def test_streamed_groups_are_scattered_while_the_rest_is_in_flight():
         n.close()
 
 
+def test_scatter_is_planned_while_the_pages_fly():
+    # The loopback transfer takes 0.3 s: the loader has the pages' ids long before they land.
+    n = Node(make_cfg("loopback", options={"delay_s": 0.3}, pool_mib=4, group_mib=0))
+    try:
+        n.receiver.submit_load(LoadSpec("d-t1", "t1", 20 * BLOCK, "d" * 32, tuple(range(21, 41))))
+        n.sender.submit(SendSpec("p-t1", "t1", "decode-0", tuple(range(1, 21)), 20 * BLOCK, "d" * 32))
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        assert ld.planned_ahead, "the scatter was planned only after the pages had landed"
+        n.assert_moved(list(range(1, 21)), list(range(21, 41)))
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
 def test_failure_mid_stream_ends_both_sides_and_pages_return():
     # The second group fails after the first has landed (and may be mid-scatter on the decode side).
     n = Node(make_cfg("loopback", options={"delay_s": 0.2, "fail_every": 2}, pool_mib=4, group_mib=1))
@@ -248,7 +263,10 @@ def test_request_larger_than_the_pool_fails_fast_on_both_sides(node):
 def test_prompt_mismatch_is_refused_and_pages_return(node):
     node.handoff("t1", [5], [5], BLOCK, digest="a" * 32, load_digest="b" * 32)
     (s,), (ld,) = node.results(1, 1)
-    assert s.ok and not ld.ok and "different prompt" in ld.error
+    assert not ld.ok and "different prompt" in ld.error
+    # The loader checks as soon as the pages are granted, so the prefill side is usually refused
+    # before it transfers; if its transfer won the race, it completed into pages nobody reads.
+    assert s.ok or "refused" in s.error, s.error
     assert torch.all(node.d_layers[0][5].view(torch.uint8) == 0xEE)
     assert node.pool_full()
 
