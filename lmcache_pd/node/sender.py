@@ -77,6 +77,8 @@ class SendResult:
     with a reservation, only what of it was still outstanding)."""
     done_s: float = 0.0
     """TransferDone round trip (the decode side may read the pages from its first half on)."""
+    reserved: bool = False
+    """The pages came from a reservation made while the last prompt chunk computed."""
 
 
 @dataclass
@@ -197,17 +199,17 @@ class KVSender:
         link.inflight.discard(transfer_id)
         await self._cancel(link, transfer_id, reason)
 
-    async def _take_reservation(self, spec: SendSpec, n_pages: int) -> tuple[_Link, list[int]]:
-        """The pages reserved for this hand-off, else allocated now."""
+    async def _take_reservation(self, spec: SendSpec, n_pages: int) -> tuple[_Link, list[int], bool]:
+        """The pages reserved for this hand-off (and True), else allocated now (and False)."""
         entry = self._reserved.pop(spec.transfer_id, None)
         if entry is None:
-            return await self._allocate_pages(spec)
+            return *await self._allocate_pages(spec), False
         link, pages = await entry[1]  # its failure is this hand-off's failure (no second wait)
         if len(pages) == n_pages:
-            return link, pages
+            return link, pages, True
         link.inflight.discard(spec.transfer_id)  # reserved for another length: start over
         await self._cancel(link, spec.transfer_id, "reservation of the wrong size")
-        return await self._allocate_pages(spec)
+        return *await self._allocate_pages(spec), False
 
     # --- one hand-off ---------------------------------------------------------------------
     async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
@@ -220,7 +222,7 @@ class KVSender:
                 await self._unreserve(spec.transfer_id, "hand-off refused")
                 raise TransferError(f"{len(spec.block_ids)} blocks for {spec.num_tokens} tokens",
                                     transfer_id=spec.transfer_id)
-            link, pages = await self._take_reservation(spec, n_pages)
+            link, pages, reserved = await self._take_reservation(spec, n_pages)
             t_alloc = time.monotonic()
             allocated = True
             blocks = spec.block_ids[:n_pages]
@@ -239,7 +241,7 @@ class KVSender:
             log.info("sent %s: %d B in %.2f ms (%.2f GB/s, %d groups), hand-off %.2f ms", spec.transfer_id, nbytes,
                      seconds * 1e3, nbytes / max(seconds, 1e-9) / 1e9, len(plans), (time.monotonic() - t0) * 1e3)
             self._result(SendResult(spec.req_id, spec.transfer_id, True, nbytes, seconds,
-                                    allocate_s=t_alloc - t0, done_s=time.monotonic() - t_done))
+                                    allocate_s=t_alloc - t0, done_s=time.monotonic() - t_done, reserved=reserved))
         except (PDError, OSError) as e:
             log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.transfer_id, spec.peer, e)
             if allocated and link is not None:

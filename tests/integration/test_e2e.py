@@ -83,6 +83,9 @@ def test_outputs_match_colocated_and_decode_computes_one_prompt_token(deployment
     sent = handoff_record(deployment, "prefill-0", r["transfer_id"])
     loaded = handoff_record(deployment, "decode-0", r["transfer_id"])
     assert sent["ok"] and loaded["ok"] and sent["num_bytes"] == loaded["num_bytes"] == r["bytes"]
+    # The decode pages were reserved by the step that computed the prompt (its last chunk), not
+    # allocated after the prefill finished (test_connector_roles covers several chunks).
+    assert sent["reserved"], sent
 
 
 def test_streaming_completion_is_well_formed(deployment):

@@ -28,6 +28,7 @@ def test_reserved_handoff_takes_its_reserved_pages(node):  # noqa: F811 - the fi
     node.handoff("t1", [5, 6, 7, 30], [11, 12, 13, 40], num_tokens=n_tok)
     (s,), (ld,) = node.results(1, 1)
     assert s.ok and ld.ok, (s.error, ld.error)
+    assert s.reserved
     node.assert_moved([5, 6, 7, 30], [11, 12, 13, 40])
     # Had the hand-off allocated again, the reserved pages would stay held until their lease.
     assert node.pool_full(), f"{held(node)} pages still held"
@@ -45,7 +46,7 @@ def test_unreserve_gives_the_pages_back():
         # The pair keeps serving.
         n.handoff("t2", [1, 2], [3, 4], num_tokens=2 * BLOCK)
         (s,), (ld,) = n.results(1, 1)
-        assert s.ok and ld.ok, (s.error, ld.error)
+        assert s.ok and ld.ok and not s.reserved, (s.error, ld.error)
     finally:
         n.close()
 
