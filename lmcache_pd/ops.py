@@ -168,10 +168,10 @@ def prepare_copy(src_base: int, dst_base: int, plan: RangePlan, *, device: torch
     """Lay ``plan`` out for the kernel: per range the absolute source and destination address,
     then the prefix sums of the lengths.
 
-    Up to ``inline_rows()`` ranges go inside the launch parameters (no upload, nothing to keep
-    alive); more (or any, with ``inline=False``) are uploaded on ``stream`` from a reused pinned
-    buffer. The host does O(ranges)
-    vector work and no splitting: the kernel cuts the bytes into chunks itself.
+    Up to ``max(INLINE_ROWS)`` ranges go inside the launch parameters (no upload, nothing to
+    keep alive); more (or any, with ``inline=False``) are uploaded on ``stream`` from a reused
+    pinned buffer. The host does O(ranges) vector work and no splitting: the kernel cuts the
+    bytes into chunks itself.
     """
     n = len(plan)
     if n == 0 or plan.nbytes == 0:

@@ -164,8 +164,12 @@ class KVSender:
     async def _shutdown(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        for tid in list(self._reserved):
-            await self._unreserve(tid, "prefill instance shutting down")
+        for tid, (_since, task) in list(self._reserved.items()):
+            if task.done():  # granted (or failed): give the pages back now
+                await self._unreserve(tid, "prefill instance shutting down")
+            else:  # still queued for pages: stop waiting (the decode side's lease covers a late grant)
+                task.cancel()
+        self._reserved.clear()
         for link in self._links.values():
             await link.client.close()
         self._links.clear()
@@ -205,11 +209,12 @@ class KVSender:
         if entry is None:
             return *await self._allocate_pages(spec), False
         link, pages = await entry[1]  # its failure is this hand-off's failure (no second wait)
-        if len(pages) == n_pages:
-            return link, pages, True
-        link.inflight.discard(spec.transfer_id)  # reserved for another length: start over
-        await self._cancel(link, spec.transfer_id, "reservation of the wrong size")
-        return *await self._allocate_pages(spec), False
+        if len(pages) != n_pages:  # both come from the same request: a bug if ever seen
+            link.inflight.discard(spec.transfer_id)
+            await self._cancel(link, spec.transfer_id, "reservation of the wrong size")
+            raise TransferError(f"reserved {len(pages)} pages, the hand-off needs {n_pages}",
+                                transfer_id=spec.transfer_id)
+        return link, pages, True
 
     # --- one hand-off ---------------------------------------------------------------------
     async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:

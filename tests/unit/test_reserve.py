@@ -74,3 +74,24 @@ def test_failed_reservation_fails_its_handoff_with_the_cause():
         assert not s.ok and "handshake" in s.error, s.error
     finally:
         n.close()
+
+
+def test_shutdown_does_not_wait_for_a_queued_reservation():
+    n = Node(make_cfg("loopback", alloc_s=3, lease_s=2, heartbeat_s=0.2))
+    try:
+        n.sender.reserve(ReserveSpec("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
+        n.sender.unreserve("t1")  # the sender is linked; its pages are back
+        assert n.pool_full()
+        # Another prefill holds the whole pool (its lease runs out after lease_s).
+        assert n.receiver.pool.reserve("other", 8, num_tokens=1, prompt_digest="x", owner="someone else",
+                                       now=time.monotonic())
+        queued = n.sender.reserve(ReserveSpec("t2", "decode-0", 2 * BLOCK, "d" * 32))  # waits for pages
+        time.sleep(0.2)
+        assert not queued.done()
+        t0 = time.monotonic()
+        n.sender.close()
+        assert time.monotonic() - t0 < 1.0, "shutdown waited for a reservation still queued for pages"
+        # The other prefill's pages, and a late grant of the queued one, end with their leases.
+        assert n.pool_full(timeout_s=6)
+    finally:
+        n.close()
