@@ -219,12 +219,11 @@ def run_copy(p: PreparedCopy, stream: torch.cuda.Stream) -> None:
 
     arg = np.array([p.params.ctypes.data], dtype=np.uint64)  # kernelParams: one pointer per parameter
     current = runtime.getDevice()
-    if current == p.index and getattr(_bound, "ok", False):
-        driver.launchKernel(p.fn, p.grid, 1, 1, _THREADS, 1, 1, 0, stream.cuda_stream, arg.ctypes.data, 0)
-        return
     # A thread's first launch, or another device: cudaSetDevice makes the device's primary
-    # context current (a driver launch needs one), and the caller's device is put back.
-    runtime.setDevice(p.index)
+    # context current (a driver launch needs one); the caller's device is put back after.
+    bind = current != p.index or not getattr(_bound, "ok", False)
+    if bind:
+        runtime.setDevice(p.index)
     try:
         driver.launchKernel(p.fn, p.grid, 1, 1, _THREADS, 1, 1, 0, stream.cuda_stream, arg.ctypes.data, 0)
     finally:

@@ -130,18 +130,19 @@ class PrefillScheduler(SchedulerRole):
         """Queue the hand-off of a finished request; returns the DecodeParams for the proxy."""
         from vllm.v1.request import RequestStatus
 
-        params = self._params(request)
-        if params is None:
-            return None
+        if r is None:  # never seen scheduled (update_state_after_alloc tracks every hand-off)
+            params = self._params(request)
+            if params is None or request.prompt_token_ids is None:
+                return None
+            r = _PrefillReq(params.transfer_id, params.decode_peer, request.num_prompt_tokens,
+                            P.prompt_digest(request.prompt_token_ids))
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
             return None  # aborted or errored: nothing to hand off, free the blocks now
-        num_tokens = request.num_prompt_tokens
-        if len(block_ids) * self.block_size < num_tokens or request.prompt_token_ids is None:
+        if len(block_ids) * self.block_size < r.num_prompt_tokens:
             return None
-        digest = r.digest if r is not None else P.prompt_digest(request.prompt_token_ids)
-        self._sends.append(SendSpec(request.request_id, params.transfer_id, params.decode_peer, tuple(block_ids),
-                                    num_tokens, digest))
-        out = P.DecodeParams(transfer_id=params.transfer_id, num_tokens=num_tokens, prompt_digest=digest,
+        self._sends.append(SendSpec(request.request_id, r.transfer_id, r.peer, tuple(block_ids),
+                                    r.num_prompt_tokens, r.digest))
+        out = P.DecodeParams(transfer_id=r.transfer_id, num_tokens=r.num_prompt_tokens, prompt_digest=r.digest,
                              prefill_peer=self.instance)
         return {f: getattr(out, f) for f in out.__struct_fields__}
 
