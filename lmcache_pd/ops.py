@@ -156,11 +156,15 @@ class PreparedCopy:
     buffer the driver copies at launch). ``table`` is the uploaded plan of a table launch (None
     when the plan travels inline); it must stay alive until the launch has run."""
 
-    __slots__ = ("fn", "grid", "params", "table", "index", "inline")
+    __slots__ = ("fn", "grid", "params", "table", "index")
 
-    def __init__(self, fn: Any, grid: int, params: np.ndarray, table: torch.Tensor | None, index: int):
+    def __init__(self, fn: int, grid: int, params: np.ndarray, table: torch.Tensor | None, index: int):
         self.fn, self.grid, self.params, self.table, self.index = fn, grid, params, table, index
-        self.inline = table is None
+
+    @property
+    def inline(self) -> bool:
+        """The plan travels in the launch parameters (no uploaded table)."""
+        return self.table is None
 
 
 def prepare_copy(src_base: int, dst_base: int, plan: RangePlan, *, device: torch.device,
