@@ -105,6 +105,27 @@ class TimeoutsConfig(_Section):
     """Prefill renews the leases of its in-flight transfers at this interval."""
 
 
+class TierConfig(_Section):
+    name: str
+    """A registered cache tier: ``memory``, ``disk`` or ``redis`` (Valkey too)."""
+    options: dict[str, Any] = {}
+    """Tier-specific options, validated by the tier's own ``Options`` struct (docs/cache.md)."""
+
+
+class CacheConfig(_Section):
+    enabled: bool = False
+    """Keep computed prompt KV in the tiers below and reuse it (docs/cache.md)."""
+    chunk_tokens: Positive = 256
+    """Tokens per cached chunk (the unit of keys and reuse); a multiple of vLLM's block size."""
+    tiers: tuple[TierConfig, ...] = (TierConfig(name="memory"),)
+    """Fastest first. Reads go down the tiers and promote hits upward; writes go to all."""
+    write_queue_mib: Positive = 512
+    """Chunk writes waiting for the tiers, at most; a write beyond it is dropped (not cached)."""
+    lookup_timeout_s: Seconds = 2.0
+    """The scheduler waits this long for the workers to say how much of a prompt is cached,
+    then schedules the request without cache hits."""
+
+
 class ProxyConfig(_Section):
     host: str = "127.0.0.1"
     port: Port = 8000
@@ -128,6 +149,7 @@ class PDConfig(_Section):
     transport: TransportConfig = TransportConfig()
     pool: PoolConfig = PoolConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    cache: CacheConfig = CacheConfig()
     log_level: str = "info"
     handoff_log: str | None = None
     """If set, each decode worker appends one JSON line per hand-off (outcome, bytes, times) to
@@ -278,6 +300,9 @@ def _check_semantics(cfg: PDConfig, source: str) -> None:
     if t.heartbeat_s >= t.lease_s:
         raise ConfigError(f"must be below timeouts.lease_s ({t.lease_s:g})", field="timeouts.heartbeat_s",
                           source=source)
+    tier_names = [tier.name for tier in cfg.cache.tiers]
+    if len(set(tier_names)) != len(tier_names):
+        raise ConfigError(f"each tier may appear once (got {tier_names})", field="cache.tiers", source=source)
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("one of debug, info, warning, error", field="log_level", source=source)
 

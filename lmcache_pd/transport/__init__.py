@@ -6,12 +6,12 @@ one line in ``_BUILTIN`` (or a call to :func:`register` from outside the package
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import msgspec
 
-from lmcache_pd.errors import ConfigError, TransportUnavailable
+from lmcache_pd.errors import TransportUnavailable
+from lmcache_pd.registry import Registry
 from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport, TransportStats
 
 __all__ = [
@@ -25,30 +25,13 @@ _BUILTIN: dict[str, str] = {
     "cuda_ipc": "lmcache_pd.transport.cuda_ipc:CudaIpcTransport",
     "nixl": "lmcache_pd.transport.nixl:NixlTransport",
 }
-_registry: dict[str, str] = dict(_BUILTIN)
-
-
-def register(name: str, target: str) -> None:
-    """Register ``"module.path:ClassName"`` under ``name``. Duplicate names are refused."""
-    if name in _registry:
-        raise ValueError(f"transport {name!r} is already registered ({_registry[name]})")
-    if ":" not in target:
-        raise ValueError(f"target {target!r} must look like 'package.module:ClassName'")
-    _registry[name] = target
-
-
-def names() -> list[str]:
-    return sorted(_registry)
+_registry = Registry("transport", _BUILTIN, field="transport.name", unavailable=TransportUnavailable)
+register = _registry.register
+names = _registry.names
 
 
 def get_class(name: str) -> type[Transport]:
-    if name not in _registry:
-        raise ConfigError(f"unknown transport {name!r} (registered: {', '.join(names())})", field="transport.name")
-    module, _, cls = _registry[name].partition(":")
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except ImportError as e:
-        raise TransportUnavailable(f"transport {name!r} cannot be imported here: {e}") from e
+    return _registry.get_class(name)
 
 
 def available(name: str) -> tuple[bool, str]:
@@ -62,15 +45,7 @@ def available(name: str) -> tuple[bool, str]:
 
 def parse_options(name: str, options: dict[str, Any]) -> msgspec.Struct:
     """Validate ``transport.options`` against the transport's own Options struct."""
-    cls = get_class(name)
-    try:
-        return msgspec.convert(options, cls.Options, strict=True)
-    except msgspec.ValidationError as e:
-        msg, _, at = str(e).partition(" - at `")
-        path = at.rstrip("`").removeprefix("$").lstrip(".")
-        if msg.startswith("Object contains unknown field `"):
-            path, msg = msg.split("`")[1], "unknown field"
-        raise ConfigError(msg, field=f"transport.options{'.' + path if path else ''}") from None
+    return _registry.parse_options(name, options, field="transport.options")
 
 
 def create(name: str, options: dict[str, Any] | None = None, **kwargs: Any) -> Transport:
