@@ -78,12 +78,13 @@ class PDConnector(KVConnectorBase_V1):
 
             cls = s.PrefillScheduler if pd_role == "prefill" else s.DecodeScheduler
             self._sched = cls(cfg, instance=instance, block_size=block_size)
-            if pd_role == "decode" and vllm_config.kv_transfer_config.kv_load_failure_policy != "recompute":
+            loads = pd_role == "decode" or cfg.cache.enabled
+            if loads and vllm_config.kv_transfer_config.kv_load_failure_policy != "recompute":
                 import logging
 
                 logging.getLogger(__name__).warning(
-                    "kv_load_failure_policy is not 'recompute': a failed hand-off will fail the request "
-                    "instead of being recomputed on this decode instance")
+                    "kv_load_failure_policy is not 'recompute': a failed load (hand-off or cache) will fail "
+                    "the request instead of being recomputed on this instance")
         else:
             cls_w = w.PrefillWorker if pd_role == "prefill" else w.DecodeWorker
             self._worker = cls_w(vllm_config, cfg, instance=instance)
@@ -116,6 +117,20 @@ class PDConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._sched.request_finished(request, block_ids)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        # vLLM's prompt_tokens_cached_by_source metric: which tier (or the hand-off) supplied them.
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        by_name = self._sched.hit_sources(request, num_external_tokens)
+        if not by_name:
+            return super().get_external_cache_hit_sources(request, num_external_tokens)
+        kinds = {"memory": CacheHitSource.HOST, "disk": CacheHitSource.DISK, "p2p": CacheHitSource.P2P}
+        out: dict[Any, int] = {}
+        for name, n in by_name.items():
+            kind = kinds.get(name, CacheHitSource.EXTERNAL_UNSPECIFIED)
+            out[kind] = out.get(kind, 0) + n
+        return out
 
     # --- worker side ------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
 from lmcache_pd._types import ReqId, TransferId
+from lmcache_pd.node.cache_io import CacheLoadSpec, CacheSaveSpec
 from lmcache_pd.node.receiver import LoadSpec
 from lmcache_pd.node.sender import ReserveSpec, SendSpec
 
@@ -24,6 +25,10 @@ class PDConnectorMetadata(KVConnectorMetadata):
     pages now, while the forward runs."""
     unreserves: list[TransferId] = field(default_factory=list)
     """Prefill: reserved hand-offs that will not happen (request aborted): give the pages back."""
+    cache_loads: list[CacheLoadSpec] = field(default_factory=list)
+    """Prefix chunks to copy from the cache tiers into new blocks (vLLM counts them as external hits)."""
+    cache_saves: list[CacheSaveSpec] = field(default_factory=list)
+    """Finished requests' new full prompt chunks to copy out to the cache tiers (blocks held until then)."""
     loads: list[LoadSpec] = field(default_factory=list)
     """Decode: loads to start."""
     cancels: list[ReqId] = field(default_factory=list)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from lmcache_pd import protocol as P
 from lmcache_pd._types import ReqId, TransferId
 from lmcache_pd.config import PDConfig
+from lmcache_pd.connector.cache_scheduler import CacheScheduler
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
 from lmcache_pd.node.receiver import LoadSpec
 from lmcache_pd.node.sender import ReserveSpec, SendSpec
@@ -59,6 +60,10 @@ class SchedulerRole:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return False, None
 
+    def hit_sources(self, request: Request, num_external_tokens: int) -> dict[str, int]:
+        """External tokens of a request by where they come from (a cache tier's name, or "p2p")."""
+        return {}
+
 
 def scheduled_spans(so: SchedulerOutput) -> dict[ReqId, tuple[int, int]]:
     """Per request scheduled this step: (tokens computed before it, tokens it computes)."""
@@ -82,6 +87,10 @@ class PrefillScheduler(SchedulerRole):
         self.cfg = cfg
         self.instance = instance
         self.block_size = block_size
+        self.cache: CacheScheduler | None = None
+        if cfg.cache.enabled:
+            self.cache = CacheScheduler(cfg, instance=instance, block_size=block_size,
+                                        tp_size=cfg.instance(instance).tp_size)
         self._decode_peers = {d.name for d in cfg.decode}
         self._reqs: dict[ReqId, _PrefillReq] = {}
         self._sends: list[SendSpec] = []
@@ -98,7 +107,17 @@ class PrefillScheduler(SchedulerRole):
             return None
         return params
 
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if self.cache is None:
+            return 0, False
+        return self.cache.matched_tokens(request, num_computed_tokens)
+
+    def hit_sources(self, request: Request, num_external_tokens: int) -> dict[str, int]:
+        return self.cache.hit_sources(request, num_external_tokens) if self.cache is not None else {}
+
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if self.cache is not None:
+            self.cache.after_alloc(request, blocks, num_external_tokens)
         # Called when vLLM schedules the request (again, after a preemption): track it once.
         if request.request_id in self._reqs or request.prompt_token_ids is None:
             return
@@ -117,6 +136,8 @@ class PrefillScheduler(SchedulerRole):
                     self._reserves.append(ReserveSpec(r.transfer_id, r.peer, r.num_prompt_tokens, r.digest))
         meta = PDConnectorMetadata(sends=self._sends, reserves=self._reserves, unreserves=self._unreserves)
         self._sends, self._reserves, self._unreserves = [], [], []
+        if self.cache is not None:
+            meta.cache_loads, meta.cache_saves = self.cache.take()
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -124,7 +145,10 @@ class PrefillScheduler(SchedulerRole):
         out = self._hand_off(request, block_ids, r)
         if out is None and r is not None and r.reserved:
             self._unreserves.append(r.transfer_id)
-        return (True, out) if out is not None else (False, None)
+        # The workers report the request in finished_sending once the hand-off and the save
+        # (both, if both) are done with its blocks.
+        saving = self.cache is not None and self.cache.on_finished(request, block_ids)
+        return out is not None or saving, out
 
     def _hand_off(self, request: Request, block_ids: list[int], r: _PrefillReq | None) -> dict[str, Any] | None:
         """Queue the hand-off of a finished request; returns the DecodeParams for the proxy."""
@@ -187,6 +211,9 @@ class DecodeScheduler(SchedulerRole):
             return 0, False
         n = request.num_prompt_tokens - num_computed_tokens
         return (n, True) if n > 0 else (0, False)
+
+    def hit_sources(self, request: Request, num_external_tokens: int) -> dict[str, int]:
+        return {"p2p": num_external_tokens} if num_external_tokens else {}
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         params = self._params(request)

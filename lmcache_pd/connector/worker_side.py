@@ -11,9 +11,11 @@ Decode: ``register_kv_caches`` starts a KVReceiver (pool, control server, transp
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import torch
 
 from lmcache_pd import protocol as P
@@ -21,6 +23,7 @@ from lmcache_pd._types import ReqId
 from lmcache_pd.config import PDConfig
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
 from lmcache_pd.layout import KVLayout
+from lmcache_pd.node.cache_io import CacheIO
 from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.sender import KVSender
 from lmcache_pd.ops import kv_layout_of
@@ -118,8 +121,9 @@ class PrefillWorker(_PDWorker):
     def __init__(self, vllm_config: VllmConfig, cfg: PDConfig, *, instance: str):
         super().__init__(vllm_config, cfg, instance=instance)
         self.sender: KVSender | None = None
-        self._pending: set[ReqId] = set()   # submitted, not yet reported
-        self._done: set[ReqId] = set()      # ended in the sender
+        self.cache_io: CacheIO | None = None
+        self._holds: collections.Counter[ReqId] = collections.Counter()  # hand-offs and saves still using blocks
+        self._released: set[ReqId] = set()  # every hold ended
         self._finished: set[ReqId] = set()  # of those, the ones vLLM told us have finished
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -127,8 +131,14 @@ class PrefillWorker(_PDWorker):
         self.sender = KVSender(self.cfg, instance=self.instance, tp_rank=self.tp_rank, compat=compat,
                                kv=layout, kv_buffer=buffer)
         self.sender.start()
-        log.info("prefill worker %d: %d layers, page %d B, transport %s", self.tp_rank, layout.num_layers,
-                 layout.page_bytes, self.cfg.transport.name)
+        if self.cfg.cache.enabled:
+            self.cache_io = CacheIO(self.cfg.cache, instance=self.instance, rank=self.tp_rank,
+                                    compat=msgspec.structs.asdict(compat), kv=layout, kv_buffer=buffer,
+                                    block_size=compat.block_size)
+            self.cache_io.start()
+        log.info("prefill worker %d: %d layers, page %d B, transport %s, cache %s", self.tp_rank,
+                 layout.num_layers, layout.page_bytes, self.cfg.transport.name,
+                 "+".join(t.name for t in self.cfg.cache.tiers) if self.cache_io else "off")
 
     def start_load_kv(self, meta: PDConnectorMetadata) -> None:
         if self.sender is None:
@@ -137,7 +147,10 @@ class PrefillWorker(_PDWorker):
             self.sender.reserve(r)
         for tid in meta.unreserves:
             self.sender.unreserve(tid)
-        if not meta.sends:
+        if self.cache_io is not None:
+            for load in meta.cache_loads:
+                self.cache_io.submit_load(load)
+        if not meta.sends and not meta.cache_saves:
             return
         # Called on vLLM's thread before this step's forward: the blocks were written by earlier
         # forwards, queued on vLLM's current stream. An event there (not a synchronize) orders
@@ -147,25 +160,47 @@ class PrefillWorker(_PDWorker):
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.sender.kv_buffer.device))
         for spec in meta.sends:
-            self._pending.add(spec.req_id)
+            self._holds[spec.req_id] += 1
             self.sender.submit(spec, ready)
+        for save in meta.cache_saves:
+            if self.cache_io is not None:
+                self._holds[save.req_id] += 1
+                self.cache_io.submit_save(save, ready)
+
+    def _release(self, req_id: ReqId) -> None:
+        self._holds[req_id] -= 1
+        if self._holds[req_id] <= 0:
+            del self._holds[req_id]
+            self._released.add(req_id)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         if self.sender is None:
             return set(), set(), set()
         # Report only ids vLLM has told us finished (its contract for finished_sending); remember
         # only ours among them, or this set would grow with every request the instance serves.
-        self._finished |= finished_req_ids & self._pending
-        self._done |= {r.req_id for r in self.sender.drain()}
-        sending = self._done & self._finished
-        self._done -= sending
+        self._finished |= {r for r in finished_req_ids if r in self._holds or r in self._released}
+        for r in self.sender.drain():
+            self._release(r.req_id)
+        recving: set[str] = set()
+        failed: set[str] = set()
+        for c in self.cache_io.drain() if self.cache_io is not None else ():
+            if c.kind == "save":
+                self._release(c.req_id)
+                continue
+            recving.add(c.req_id)
+            if not c.ok:
+                failed.add(c.req_id)
+                log.info("cache load for %s failed (%s): vLLM recomputes it", c.req_id, c.error)
+        sending = self._released & self._finished
+        self._released -= sending
         self._finished -= sending
-        self._pending -= sending
-        return sending, set(), set()
+        return sending, recving, failed
 
     def shutdown(self) -> None:
         if self.sender is not None:
             self.sender.close()
+        if self.cache_io is not None:
+            self.cache_io.close()
 
 
 class DecodeWorker(_PDWorker):

