@@ -62,6 +62,9 @@ class InstanceConfig(_Section):
     """Decode only: zmq control plane (allocation) port of TP rank 0; rank r uses +r."""
     data_port: Port | None = None
     """Decode only: data-plane port of TP rank 0 for transports that listen (tcp); rank r uses +r."""
+    cache_port: Port | None = None
+    """HTTP port of the prefix cache's control API and metrics, TP rank 0; rank r uses +r.
+    None: no API (the cache still works). Served by prefill instances with ``cache.enabled``."""
     tp_size: Positive = 1
     cpus: str | int | None = None
     """CPU list the launcher pins the instance to (``taskset -c``), e.g. ``"0-3"`` or ``1``."""
@@ -276,6 +279,8 @@ def _check_semantics(cfg: PDConfig, source: str) -> None:
                 raise ConfigError(f"duplicate instance name {inst.name!r}", field=f"{where}.name", source=source)
             names.add(inst.name)
             ports = [("http_port", inst.http_port)]
+            if inst.cache_port is not None:
+                ports += [("cache_port", inst.cache_port + r) for r in range(inst.tp_size)]
             if group == "decode":
                 for fld in ("control_port", "data_port"):
                     port = getattr(inst, fld)

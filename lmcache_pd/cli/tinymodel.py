@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 SPEC = {
     "vocab_size": 512,
@@ -45,10 +46,14 @@ def _corpus() -> list[str]:
     return texts
 
 
-def build_tiny_model(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
+def build_tiny_model(out_dir: str | os.PathLike[str], *, seed: int = 0,
+                     overrides: dict[str, Any] | None = None) -> Path:
+    """``overrides``: of :data:`SPEC` (benchmarks use a larger model, so that computing a prompt
+    costs enough to see what the cache saves)."""
     out = Path(out_dir)
     stamp = out / "lmcache_pd_tiny.json"
-    wanted = {"spec": SPEC, "seed": seed, "version": 1}
+    spec = {**SPEC, **(overrides or {})}
+    wanted = {"spec": spec, "seed": seed, "version": 1}
     if stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return out
     import torch
@@ -59,19 +64,19 @@ def build_tiny_model(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=SPEC["vocab_size"], special_tokens=_SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=spec["vocab_size"], special_tokens=_SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.chat_template = CHAT_TEMPLATE
-    fast.model_max_length = SPEC["max_position_embeddings"]
+    fast.model_max_length = spec["max_position_embeddings"]
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=SPEC["vocab_size"], hidden_size=SPEC["hidden_size"],
-        intermediate_size=SPEC["intermediate_size"], num_hidden_layers=SPEC["num_hidden_layers"],
-        num_attention_heads=SPEC["num_attention_heads"], num_key_value_heads=SPEC["num_key_value_heads"],
-        max_position_embeddings=SPEC["max_position_embeddings"], initializer_range=SPEC["initializer_range"],
+        vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"], num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["num_attention_heads"], num_key_value_heads=spec["num_key_value_heads"],
+        max_position_embeddings=spec["max_position_embeddings"], initializer_range=spec["initializer_range"],
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)

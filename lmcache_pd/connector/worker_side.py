@@ -23,6 +23,7 @@ from lmcache_pd._types import ReqId
 from lmcache_pd.config import PDConfig
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
 from lmcache_pd.layout import KVLayout
+from lmcache_pd.node.cache_api import CacheAPI
 from lmcache_pd.node.cache_io import CacheIO
 from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.sender import KVSender
@@ -122,6 +123,7 @@ class PrefillWorker(_PDWorker):
         super().__init__(vllm_config, cfg, instance=instance)
         self.sender: KVSender | None = None
         self.cache_io: CacheIO | None = None
+        self.cache_api: CacheAPI | None = None
         self._holds: collections.Counter[ReqId] = collections.Counter()  # hand-offs and saves still using blocks
         self._released: set[ReqId] = set()  # every hold ended
         self._finished: set[ReqId] = set()  # of those, the ones vLLM told us have finished
@@ -136,6 +138,11 @@ class PrefillWorker(_PDWorker):
                                     compat=msgspec.structs.asdict(compat), kv=layout, kv_buffer=buffer,
                                     block_size=compat.block_size)
             self.cache_io.start()
+            port = self.cfg.instance(self.instance).cache_port
+            if port is not None:
+                self.cache_api = CacheAPI(self.cache_io, instance=self.instance, rank=self.tp_rank,
+                                          host=self.cfg.instance(self.instance).host, port=port + self.tp_rank)
+                self.cache_api.start()
         log.info("prefill worker %d: %d layers, page %d B, transport %s, cache %s", self.tp_rank,
                  layout.num_layers, layout.page_bytes, self.cfg.transport.name,
                  "+".join(t.name for t in self.cfg.cache.tiers) if self.cache_io else "off")
@@ -199,6 +206,8 @@ class PrefillWorker(_PDWorker):
     def shutdown(self) -> None:
         if self.sender is not None:
             self.sender.close()
+        if self.cache_api is not None:
+            self.cache_api.close()
         if self.cache_io is not None:
             self.cache_io.close()
 

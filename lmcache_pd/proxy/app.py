@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from lmcache_pd import protocol as P
 from lmcache_pd.config import PDConfig
+from lmcache_pd.proxy.cache_admin import add_cache_routes
 from lmcache_pd.proxy.routing import Backend, Router
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,8 @@ def create_app(cfg: PDConfig) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> Response:
         return await proxy.forward_get("/v1/models")
+
+    add_cache_routes(app, cfg, lambda: proxy.client)
 
     @app.get("/health")
     async def health() -> Response:

@@ -12,7 +12,10 @@ tier) and on a second prefill instance that shares only the Redis tier.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ import yaml
 
 from lmcache_pd.cli.local import LocalDeployment, local_config
 from lmcache_pd.cli.tinymodel import build_tiny_model
-from tests.integration.conftest import counter, metrics, prompt_ids, wait_for
+from tests.integration.conftest import counter, metrics, post, prompt_ids, wait_for
 from tests.integration.test_e2e import completion, report, token_ids
 from tests.redis_server import RedisServer
 
@@ -44,7 +47,7 @@ def cache_deployment(tmp_path_factory):
     })
     data = yaml.safe_load(cfg.read_text())
     data["prefill"][0]["vllm_args"] = ["--no-enable-prefix-caching"]
-    data["prefill"].append({**data["prefill"][0], "name": "prefill-1", "http_port": _port()})
+    data["prefill"].append({**data["prefill"][0], "name": "prefill-1", "http_port": _port(), "cache_port": _port()})
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
     dep = LocalDeployment(cfg, work)
     dep.add_proxy("proxy-p1", "proxy.prefills=[prefill-1]")
@@ -124,6 +127,33 @@ def test_multi_turn_prefill_computes_only_new_tokens(cache_deployment):
     dep.conversation, dep.answer = conv, answer
 
 
+def test_cache_control_api_through_the_proxy(cache_deployment):
+    dep = cache_deployment
+    conv, _ = _continued(dep)
+    proxy = dep.procs["proxy"].url
+    got, _ = post(f"{proxy}/cache/lookup", {"token_ids": conv.prompt})
+    assert got["prefill-0"]["0"]["cached_tokens"] == len(conv.prompt), got
+    assert "error" in got["prefill-1"]["0"]  # configured, not running: reported, not fatal
+
+    ids = prompt_ids(3 * CHUNK + 1, seed=7)
+    completion(proxy, ids)
+    look = lambda: post(f"{proxy}/cache/lookup", {"token_ids": ids})[0]["prefill-0"]["0"]  # noqa: E731
+    wait_for(lambda: look()["cached_tokens"] == 3 * CHUNK, 10, "the new prompt was not cached")
+    assert look()["tiers"] == {"memory": 3 * CHUNK}
+    cleared, _ = post(f"{proxy}/cache/clear", {"token_ids": ids})
+    assert cleared["prefill-0"]["0"]["removed"] == {"memory": 3, "disk": 3, "redis": 3}, cleared
+    assert look()["cached_tokens"] == 0
+    assert post(f"{proxy}/cache/lookup", {"prompt": "def f(x):"})[0]["prefill-0"]["0"]["cached_tokens"] == 0
+
+    with urllib.request.urlopen(f"{proxy}/cache/stats", timeout=10) as r:
+        stats = json.load(r)["prefill-0"]["0"]
+    assert set(stats["tiers"]) == {"memory", "disk", "redis"} and stats["hit_tokens"]["memory"] > 0
+    inst = dep.cfg.instance("prefill-0")
+    with urllib.request.urlopen(f"http://{inst.host}:{inst.cache_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert re.search(r'^lmcache_pd_cache_hit_tokens_total\{[^}]*tier="memory"[^}]*\} [1-9]', text, re.M)
+
+
 def test_restarted_prefill_reuses_the_disk_tier(cache_deployment):
     dep = cache_deployment
     conv, answer = _continued(dep)
@@ -158,9 +188,6 @@ def _continued(dep):
 
 
 def _proxy_sees(dep, proxy: str, instance: str) -> bool:
-    import json
-    import urllib.request
-
     try:
         with urllib.request.urlopen(f"{dep.procs[proxy].url}/health", timeout=5) as r:
             body = json.load(r)

@@ -1,0 +1,209 @@
+"""HTTP control API and Prometheus metrics of one worker's prefix cache (thread ``pd-cache-api``).
+
+Served on ``<instance host>:<cache_port + rank>`` (the proxy's ``/cache/*`` routes fan out to
+every instance). Prompts are given as token ids (the proxy tokenizes text) and an optional
+``tenant`` (the requests' ``cache_salt``):
+
+  GET  /cache/stats                              tier sizes, hit/miss tokens, reads, writes, evictions
+  POST /cache/lookup  {token_ids, tenant}        how many leading tokens are cached, and in which tier
+  POST /cache/pin     {token_ids, tenant}        keep the prompt's cached chunks from eviction
+  POST /cache/unpin   {token_ids, tenant}
+  POST /cache/clear   {token_ids, tenant} | {tenant} | {all: true}
+  GET  /metrics                                  the same counters for Prometheus
+
+Clearing a prefix deletes that prefix's chunks; every longer prompt that extends it is then
+unreachable too (a lookup stops at the first missing chunk) and its chunks age out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from lmcache_pd.cache import chain_hashes, chunk_keys, tenant_tag
+from lmcache_pd.node.cache_io import CacheIO
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 16 << 20
+
+
+class CacheAPI:
+    def __init__(self, io: CacheIO, *, instance: str, rank: int, host: str, port: int):
+        self.io = io
+        self.instance = instance
+        self.rank = rank
+        self.address = (host, port)
+        self.registry = CollectorRegistry()
+        self.registry.register(_Collector(self))
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        api = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.api = api
+        self._server = ThreadingHTTPServer(self.address, Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="pd-cache-api", daemon=True)
+        self._thread.start()
+        log.info("cache API of %s rank %d on http://%s:%d", self.instance, self.rank, *self.address)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # --- operations (also called directly by tests) -----------------------------------------
+    def keys_of(self, body: dict[str, Any]) -> list:
+        ids = body.get("token_ids")
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise ValueError("token_ids must be a list of integers")
+        tenant = _tenant(body)
+        chains = chain_hashes(ids, self.io.cfg.chunk_tokens, tenant=tenant)
+        return chunk_keys(self.io.salt, chains, tenant)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.io.cache.stats()
+        return {"instance": self.instance, "rank": self.rank, "chunk_tokens": self.io.cfg.chunk_tokens,
+                "tiers": {name: t.as_dict() for name, t in s.tiers.items()},
+                "hit_tokens": s.hit_tokens, "miss_tokens": s.miss_tokens,
+                "queued_bytes": s.queued_bytes, "dropped_writes": s.dropped_writes}
+
+    def lookup(self, body: dict[str, Any]) -> dict[str, Any]:
+        keys = self.keys_of(body)
+        found = self.io.cache.lookup(keys, record=False)
+        per_tier: dict[str, int] = {}
+        for i in found.tiers:
+            name = self.io.cache.tiers[i].name
+            per_tier[name] = per_tier.get(name, 0) + self.io.cfg.chunk_tokens
+        return {"cached_tokens": found.hits * self.io.cfg.chunk_tokens, "chunks": found.hits,
+                "full_chunks": len(keys), "tiers": per_tier}
+
+    def pin(self, body: dict[str, Any], *, pin: bool = True) -> dict[str, Any]:
+        keys = self.keys_of(body)
+        (self.io.cache.pin if pin else self.io.cache.unpin)(keys)
+        return {"chunks": len(keys)}
+
+    def clear(self, body: dict[str, Any]) -> dict[str, Any]:
+        given = [k for k in ("token_ids", "all") if body.get(k) is not None]
+        if given == ["token_ids"]:
+            return {"removed": self.io.cache.delete(self.keys_of(body))}
+        if given == ["all"] and body["all"] is True and "tenant" not in body:
+            return {"removed": self.io.cache.clear()}
+        if not given and _tenant(body):
+            return {"removed": self.io.cache.clear(tenant_tag(_tenant(body)))}
+        raise ValueError("give token_ids (with an optional tenant), or only a tenant, or {\"all\": true}")
+
+
+def _tenant(body: dict[str, Any]) -> str | None:
+    t = body.get("tenant")
+    if t is not None and not isinstance(t, str):
+        raise ValueError("tenant must be a string")
+    return t or None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    api: CacheAPI
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("cache API: " + format, *args)
+
+    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj).encode())
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        if self.path == "/cache/stats":
+            self._json(200, self.api.stats())
+        elif self.path == "/metrics":
+            self._send(200, generate_latest(self.api.registry), "text/plain; version=0.0.4")
+        else:
+            self._json(404, {"error": f"no route {self.path}"})
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        routes = {"/cache/lookup": self.api.lookup, "/cache/pin": self.api.pin,
+                  "/cache/unpin": lambda b: self.api.pin(b, pin=False), "/cache/clear": self.api.clear}
+        op = routes.get(self.path)
+        if op is None:
+            self._json(404, {"error": f"no route {self.path}"})
+            return
+        try:
+            n = int(self.headers.get("content-length") or 0)
+            if n > MAX_BODY:
+                raise ValueError(f"body larger than {MAX_BODY} bytes")
+            body = json.loads(self.rfile.read(n) or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            self._json(200, op(body))
+        except (ValueError, json.JSONDecodeError) as e:
+            self._json(400, {"error": str(e)})
+
+
+class _Collector:
+    """Reads the cache's counters at scrape time (no second set of counters to keep in step)."""
+
+    def __init__(self, api: CacheAPI):
+        self.api = api
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        s = self.api.io.cache.stats()
+        labels = ["instance", "rank", "tier"]
+        base = [self.api.instance, str(self.api.rank)]
+
+        def family(kind, name, doc):
+            return kind(f"lmcache_pd_cache_{name}", doc, labels=labels)
+
+        fams = {
+            "hit_tokens": family(CounterMetricFamily, "hit_tokens", "Prompt tokens lookups found in this tier"),
+            "miss_tokens": family(CounterMetricFamily, "miss_tokens", "Prompt tokens lookups asked of this tier and "
+                                                                      "did not find there"),
+            "read_bytes": family(CounterMetricFamily, "read_bytes", "Chunk bytes read from this tier"),
+            "written_bytes": family(CounterMetricFamily, "written_bytes", "Chunk bytes written to this tier"),
+            "evictions": family(CounterMetricFamily, "evictions", "Chunks evicted to stay within the size bound"),
+            "corrupt": family(CounterMetricFamily, "corrupt", "Records that failed their checksum (misses)"),
+            "errors": family(CounterMetricFamily, "errors", "Operations that failed because the tier was down"),
+            "bytes": family(GaugeMetricFamily, "bytes", "Chunk bytes held now (-1: not known, shared tier)"),
+            "entries": family(GaugeMetricFamily, "entries", "Chunks held now (-1: not known, shared tier)"),
+            "capacity_bytes": family(GaugeMetricFamily, "capacity_bytes", "Size bound (-1: the server's)"),
+            "up": family(GaugeMetricFamily, "up", "1 when the tier answers"),
+        }
+        for name, t in s.tiers.items():
+            lv = [*base, name]
+            fams["hit_tokens"].add_metric(lv, s.hit_tokens.get(name, 0))
+            fams["miss_tokens"].add_metric(lv, s.miss_tokens.get(name, 0))
+            for k in ("read_bytes", "written_bytes", "evictions", "corrupt", "errors", "bytes", "entries",
+                      "capacity_bytes"):
+                fams[k].add_metric(lv, getattr(t, k))
+            fams["up"].add_metric(lv, 1.0 if t.up else 0.0)
+        yield from fams.values()
+        dropped = CounterMetricFamily("lmcache_pd_cache_dropped_writes", "Chunk writes dropped (queue full)",
+                                      labels=labels[:2])
+        dropped.add_metric(base, s.dropped_writes)
+        queued = GaugeMetricFamily("lmcache_pd_cache_queued_bytes", "Chunk bytes waiting for the tiers",
+                                   labels=labels[:2])
+        queued.add_metric(base, s.queued_bytes)
+        yield dropped
+        yield queued

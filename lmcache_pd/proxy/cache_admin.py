@@ -1,0 +1,85 @@
+"""The proxy's ``/cache/*`` routes: one call reaches the cache API of every instance and rank.
+
+``POST /cache/{lookup,pin,unpin,clear}`` take ``token_ids`` or a ``prompt`` (text, tokenized by
+each instance's own vLLM ``/tokenize``), an optional ``tenant``, or ``{"all": true}`` for clear.
+``GET /cache/stats`` gathers every worker's statistics. The answer maps instance -> rank ->
+that worker's answer (or ``{"error": ...}``); it is 200 when at least one worker answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from lmcache_pd.config import InstanceConfig, PDConfig
+
+OPS = ("lookup", "pin", "unpin", "clear")
+
+
+def cache_instances(cfg: PDConfig) -> list[InstanceConfig]:
+    return [i for i in (*cfg.prefill, *cfg.decode) if i.cache_port is not None]
+
+
+async def _tokenize(client: httpx.AsyncClient, cfg: PDConfig, inst: InstanceConfig, body: dict[str, Any]) -> dict:
+    if "prompt" not in body:
+        return body
+    if not isinstance(body["prompt"], str):
+        raise ValueError("prompt must be a string (or give token_ids)")
+    r = await client.post(f"http://{inst.host}:{inst.http_port}/tokenize",
+                          json={"model": cfg.model.served_name or cfg.model.path, "prompt": body["prompt"],
+                                "add_special_tokens": True}, timeout=cfg.proxy.connect_timeout_s)
+    r.raise_for_status()
+    out = {k: v for k, v in body.items() if k != "prompt"}
+    out["token_ids"] = r.json()["tokens"]
+    return out
+
+
+async def _one(client: httpx.AsyncClient, cfg: PDConfig, inst: InstanceConfig, rank: int, op: str,
+               body: dict[str, Any] | None) -> Any:
+    url = f"http://{inst.host}:{inst.cache_port + rank}/cache/{op}"
+    try:
+        if body is None:
+            r = await client.get(url, timeout=cfg.proxy.connect_timeout_s)
+        else:
+            r = await client.post(url, json=await _tokenize(client, cfg, inst, body),
+                                  timeout=cfg.proxy.connect_timeout_s)
+    except (httpx.HTTPError, ValueError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    data = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    return data if r.status_code == 200 else {"error": data.get("error", f"HTTP {r.status_code}")}
+
+
+async def fan_out(client: httpx.AsyncClient, cfg: PDConfig, op: str, body: dict[str, Any] | None) -> JSONResponse:
+    targets = [(inst, rank) for inst in cache_instances(cfg) for rank in range(inst.tp_size)]
+    if not targets:
+        return JSONResponse({"error": "no instance has a cache_port in the config"}, status_code=404)
+    answers = await asyncio.gather(*(_one(client, cfg, inst, rank, op, body) for inst, rank in targets))
+    out: dict[str, dict[str, Any]] = {}
+    for (inst, rank), a in zip(targets, answers):
+        out.setdefault(inst.name, {})[str(rank)] = a
+    ok = any(not (isinstance(a, dict) and "error" in a) for a in answers)
+    return JSONResponse(out, status_code=200 if ok else 502)
+
+
+def add_cache_routes(app: FastAPI, cfg: PDConfig, client: callable) -> None:
+    """``client()`` returns the proxy's running httpx client."""
+
+    @app.get("/cache/stats")
+    async def stats() -> Response:
+        return await fan_out(client(), cfg, "stats", None)
+
+    @app.post("/cache/{op}")
+    async def operate(op: str, request: Request) -> Response:
+        if op not in OPS:
+            return JSONResponse({"error": f"unknown operation {op!r} (one of {', '.join(OPS)})"}, status_code=404)
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "the body must be JSON"}, status_code=400)
+        if not isinstance(body, dict):
+            return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
+        return await fan_out(client(), cfg, op, body)

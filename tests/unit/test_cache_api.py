@@ -1,0 +1,108 @@
+"""The cache's HTTP control API and metrics on one worker (real HTTP server, real tiers)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed here (run scripts/setup)")
+
+from lmcache_pd.cli.local import free_ports  # noqa: E402
+from lmcache_pd.node.cache_api import CacheAPI  # noqa: E402
+from tests.unit.test_cache_reuse import CHUNK, Instance, cfg_with_cache, prompt, request  # noqa: E402
+
+
+@pytest.fixture
+def served(tmp_path):
+    inst = Instance(cfg_with_cache(tmp_path))
+    api = CacheAPI(inst.io, instance=inst.name, rank=0, host="127.0.0.1", port=free_ports(1)[0])
+    api.start()
+    url = f"http://127.0.0.1:{api.address[1]}"
+    yield inst, url
+    api.close()
+    inst.close()
+
+
+def call(url: str, path: str, body: dict | None = None) -> tuple[int, dict | str]:
+    req = urllib.request.Request(url + path, None if body is None else json.dumps(body).encode(),
+                                 {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            raw = r.read().decode()
+            return r.status, json.loads(raw) if r.headers["content-type"] == "application/json" else raw
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def save(inst, toks, salt=None, rid="a"):
+    r = request(rid, toks, salt)
+    inst.matched(r)
+    inst.finish(r, list(range(len(toks) // 16 + 1)))
+    inst.step()
+    inst.results(1)
+    assert inst.io.cache.flush(5)
+
+
+def test_lookup_pin_and_clear_by_prefix_tenant_and_all(served):
+    inst, url = served
+    toks = prompt(3 * CHUNK + 5)
+    save(inst, toks)
+    save(inst, toks, salt="alice", rid="b")
+    assert call(url, "/cache/lookup", {"token_ids": toks + [1, 2]}) == (
+        200, {"cached_tokens": 3 * CHUNK, "chunks": 3, "full_chunks": 3, "tiers": {"memory": 3 * CHUNK}})
+    assert call(url, "/cache/lookup", {"token_ids": toks, "tenant": "bob"})[1]["cached_tokens"] == 0
+    assert call(url, "/cache/pin", {"token_ids": toks}) == (200, {"chunks": 3})
+    assert call(url, "/cache/unpin", {"token_ids": toks}) == (200, {"chunks": 3})
+
+    # clear a prefix: its chunks go, so every prompt extending it misses from there
+    status, out = call(url, "/cache/clear", {"token_ids": toks[: 2 * CHUNK]})
+    assert status == 200 and out["removed"] == {"memory": 2, "disk": 2}
+    assert call(url, "/cache/lookup", {"token_ids": toks})[1]["cached_tokens"] == 0
+    assert call(url, "/cache/lookup", {"token_ids": toks, "tenant": "alice"})[1]["cached_tokens"] == 3 * CHUNK
+
+    status, out = call(url, "/cache/clear", {"tenant": "alice"})
+    assert status == 200 and out["removed"] == {"memory": 3, "disk": 3}
+    save(inst, toks, rid="c")
+    assert call(url, "/cache/clear", {"all": True})[1]["removed"] == {"memory": 3, "disk": 3}
+    assert inst.io.cache.stats().tiers["disk"].entries == 0
+
+
+@pytest.mark.parametrize("body", [{}, {"all": True, "tenant": "x"}, {"token_ids": "abc"}, {"token_ids": [1.5]},
+                                  {"tenant": 7}, {"all": "yes"}, []])
+def test_bad_requests_are_refused_and_change_nothing(served, body):
+    inst, url = served
+    toks = prompt(2 * CHUNK + 1)
+    save(inst, toks)
+    status, out = call(url, "/cache/clear", body)
+    assert status == 400 and "error" in out
+    assert call(url, "/cache/lookup", {"token_ids": toks})[1]["cached_tokens"] == 2 * CHUNK
+
+
+def test_unknown_route_and_garbled_json(served):
+    _, url = served
+    assert call(url, "/cache/nope", {})[0] == 404
+    req = urllib.request.Request(url + "/cache/lookup", b"{not json", {"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    assert e.value.code == 400
+
+
+def test_stats_and_prometheus_metrics(served):
+    inst, url = served
+    toks = prompt(3 * CHUNK + 1)
+    save(inst, toks)
+    assert inst.matched(request("again", toks)) == (3 * CHUNK, True)  # a recorded lookup: 3 chunks in memory
+    status, stats = call(url, "/cache/stats")
+    assert status == 200 and stats["chunk_tokens"] == CHUNK
+    assert stats["hit_tokens"]["memory"] == 3 * CHUNK
+    assert stats["tiers"]["disk"]["entries"] == 3 and stats["tiers"]["memory"]["written_bytes"] > 0
+    status, text = call(url, "/metrics")
+    assert status == 200
+    lines = text.splitlines()
+    hit = [ln for ln in lines if ln.startswith("lmcache_pd_cache_hit_tokens_total{") and 'tier="memory"' in ln]
+    assert hit and float(hit[0].split()[-1]) == 3 * CHUNK
+    assert any(ln.startswith("lmcache_pd_cache_evictions_total{") for ln in lines)
+    assert any(ln.startswith('lmcache_pd_cache_up{') and ln.endswith(" 1.0") for ln in lines)
