@@ -38,6 +38,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from lmcache_pd.cli.local import LocalDeployment, local_config
@@ -82,7 +83,8 @@ def prefill_tokens(url: str) -> tuple[float, float]:
 
 
 def user_message(n: int, seed: int) -> list[int]:
-    return [6 + (i * 7919 + seed * 104729 + (i * i) % 13) % 500 for i in range(n)]
+    """n ordinary token ids (the tokenizer's special ids are 0-5), different for every seed."""
+    return np.random.default_rng(seed).integers(6, 506, n).tolist()
 
 
 def run(mode: str, model: Path, work: Path, args: argparse.Namespace) -> list[list[dict]]:

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import msgspec
 
+from lmcache_pd.cache.bounded import BoundedTier
 from lmcache_pd.cache.keys import ChunkKey
-from lmcache_pd.cache.tier import Buffer, Tier, TierStats, decode_record, encode_record
+from lmcache_pd.cache.tier import Buffer, decode_record, encode_record
 from lmcache_pd.config import Positive
 
 log = logging.getLogger(__name__)
@@ -41,19 +40,14 @@ class DiskOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     a crash can leave a torn record, which the checksum then rejects."""
 
 
-class DiskTier(Tier):
+class DiskTier(BoundedTier):
     name = "disk"
     Options = DiskOptions
 
     def __init__(self, options: DiskOptions, *, instance: str, rank: int):
-        super().__init__(options, instance=instance, rank=rank)
+        super().__init__(options, instance=instance, rank=rank, capacity=options.size_mib << 20)
         self.root = Path(options.path.replace("{instance}", instance).replace("{rank}", str(rank)))
-        self.capacity = options.size_mib << 20
-        self._lock = threading.Lock()
-        self._index: OrderedDict[ChunkKey, int] = OrderedDict()  # key -> file bytes, oldest first
-        self._pinned: set[ChunkKey] = set()
         self._writing: set[ChunkKey] = set()  # indexed (space reserved), file not renamed in yet
-        self._bytes = 0
 
     def _path(self, key: ChunkKey) -> Path:
         h = key.hex
@@ -79,11 +73,10 @@ class DiskTier(Tier):
         found.sort(key=lambda x: x[0])
         with self._lock:
             for _, key, size in found:
-                self._index[key] = size
-                self._bytes += size
-            victims = self._evict_for(0)
+                self._index.add(key, size)
+            victims = self._index.make_room(0)
         self._unlink(victims or [])
-        log.info("disk tier %s: %d chunks (%.1f MiB) found", self.root, len(self._index), self._bytes / 2**20)
+        log.info("disk tier %s: %d chunks (%.1f MiB) found", self.root, len(self._index), self._index.bytes / 2**20)
 
     def _key_of(self, p: Path) -> ChunkKey | None:
         name = p.name
@@ -125,8 +118,7 @@ class DiskTier(Tier):
             self._count(misses=1, corrupt=1)
             return None
         with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
+            self._index.touch(key)
         self._count(hits=1, read_bytes=len(payload))
         return payload
 
@@ -134,14 +126,12 @@ class DiskTier(Tier):
         head, payload = encode_record(key, value)
         size = len(head) + len(memoryview(payload))
         with self._lock:
-            if key in self._index:  # same key, same bytes (content-addressed): just refresh
-                self._index.move_to_end(key)
+            if self._index.touch(key):  # same key, same bytes (content-addressed): just refresh
                 return True
-            victims = self._evict_for(size)
+            victims = self._index.make_room(size, busy=self._writing)
             if victims is None:
                 return False
-            self._index[key] = size  # reserve now, so concurrent puts cannot overshoot
-            self._bytes += size
+            self._index.add(key, size)  # reserve now, so concurrent puts cannot overshoot
             self._writing.add(key)
         self._unlink(victims)
         p = self._path(key)
@@ -171,63 +161,18 @@ class DiskTier(Tier):
         self._count(written_bytes=len(memoryview(payload)), evictions=len(victims))
         return True
 
-    def _evict_for(self, size: int) -> list[ChunkKey] | None:
-        """Take least recently used unpinned entries out of the index until ``size`` more bytes
-        fit (lock held); None if they cannot. The caller unlinks the returned keys' files."""
-        if self._bytes + size <= self.capacity:
-            return []
-        victims, freed = [], 0
-        for k, s in self._index.items():
-            if self._bytes - freed + size <= self.capacity:
-                break
-            if k not in self._pinned and k not in self._writing:
-                victims.append(k)
-                freed += s
-        if self._bytes - freed + size > self.capacity:
-            return None
-        for k in victims:
-            del self._index[k]
-        self._bytes -= freed
-        return victims
-
     def _unlink(self, keys: Iterable[ChunkKey]) -> None:
         for k in keys:
             self._path(k).unlink(missing_ok=True)
 
     def _forget(self, keys: Iterable[ChunkKey]) -> int:
-        n = 0
         with self._lock:
-            for k in keys:
-                size = self._index.pop(k, None)
-                if size is not None:
-                    self._bytes -= size
-                    n += 1
-        return n
+            return sum(self._index.pop(k) is not None for k in keys)
 
     def delete(self, keys: Iterable[ChunkKey]) -> int:
         keys = list(keys)
         with self._lock:
-            self._pinned.difference_update(keys)
+            self._index.pinned.difference_update(keys)
         n = self._forget(keys)
         self._unlink(keys)
         return n
-
-    def clear(self, tenant: str | None = None) -> int:
-        with self._lock:
-            doomed = [k for k in self._index if tenant is None or k.tenant == tenant]
-        return self.delete(doomed)
-
-    def pin(self, keys: Iterable[ChunkKey]) -> None:
-        with self._lock:
-            self._pinned.update(keys)
-
-    def unpin(self, keys: Iterable[ChunkKey]) -> None:
-        with self._lock:
-            self._pinned.difference_update(keys)
-
-    def stats(self) -> TierStats:
-        s = super().stats()
-        with self._lock:
-            s.entries, s.bytes = len(self._index), self._bytes
-        s.capacity_bytes = self.capacity
-        return s
