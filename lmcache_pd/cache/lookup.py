@@ -142,9 +142,13 @@ class LookupClient:
         if self._ctx is None:
             self._connect()
         frame = self._encode.encode(LookupQuery(req_id, list(chains), tenant))
+        deadline = time.monotonic() + self.timeout_s
         for s in self._socks:
-            s.send(frame, zmq.NOBLOCK)
-        self._pending[req_id] = _Pending(time.monotonic() + self.timeout_s, {})
+            try:
+                s.send(frame, zmq.NOBLOCK)
+            except zmq.Again:  # a worker that stopped reading: do not wait for it
+                deadline = 0.0
+        self._pending[req_id] = _Pending(deadline, {})
 
     def pending(self, req_id: ReqId) -> bool:
         return req_id in self._pending

@@ -9,6 +9,7 @@ that worker's answer (or ``{"error": ...}``); it is 200 when at least one worker
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -65,7 +66,7 @@ async def fan_out(client: httpx.AsyncClient, cfg: PDConfig, op: str, body: dict[
     return JSONResponse(out, status_code=200 if ok else 502)
 
 
-def add_cache_routes(app: FastAPI, cfg: PDConfig, client: callable) -> None:
+def add_cache_routes(app: FastAPI, cfg: PDConfig, client: Callable[[], httpx.AsyncClient]) -> None:
     """``client()`` returns the proxy's running httpx client."""
 
     @app.get("/cache/stats")
