@@ -38,12 +38,7 @@ def call(url: str, path: str, body: dict | None = None) -> tuple[int, dict | str
 
 
 def save(inst, toks, salt=None, rid="a"):
-    r = request(rid, toks, salt)
-    inst.matched(r)
-    inst.finish(r, list(range(len(toks) // 16 + 1)))
-    inst.step()
-    inst.results(1)
-    assert inst.io.cache.flush(5)
+    inst.save(toks, range(len(toks) // 16 + 1), salt=salt, rid=rid)
 
 
 def test_lookup_pin_and_clear_by_prefix_tenant_and_all(served):

@@ -85,6 +85,16 @@ class Instance:
             time.sleep(0.005)
         return got
 
+    def save(self, toks, block_ids, salt=None, rid="a"):
+        """Run a request to its end and wait until its chunks are in the tiers; that step's metadata."""
+        r = request(rid, toks, salt)
+        self.matched(r)
+        self.finish(r, list(block_ids))
+        meta = self.step()
+        self.results(1)
+        assert self.io.cache.flush(5)
+        return meta
+
     def finish(self, r, block_ids):
         r.num_computed_tokens = r.num_prompt_tokens
         r.status = RequestStatus.FINISHED_LENGTH_CAPPED
@@ -135,12 +145,7 @@ def test_second_request_loads_the_saved_prefix_bitwise(inst):
 
 def test_a_local_prefix_hit_is_not_loaded_again(inst):
     toks = prompt(4 * CHUNK + 1)
-    a = request("a", toks)
-    inst.matched(a)
-    inst.finish(a, list(range(10)))
-    inst.step()
-    inst.results(1)
-    inst.io.cache.flush(5)
+    inst.save(toks, range(10))
     b = request("b", toks)
     # vLLM's own cache holds 3 blocks (1.5 chunks): claim the rest of the 4 chunks
     assert inst.matched(b, computed=3 * BLOCK) == (4 * CHUNK - 3 * BLOCK, True)
@@ -158,23 +163,13 @@ def test_a_local_prefix_hit_is_not_loaded_again(inst):
 
 def test_the_last_prompt_token_is_never_claimed(inst):
     toks = prompt(3 * CHUNK)  # exactly 3 chunks
-    a = request("a", toks)
-    inst.matched(a)
-    inst.finish(a, list(range(6)))
-    assert len(inst.step().cache_saves[0].chains) == 3
-    inst.results(1)
-    inst.io.cache.flush(5)
+    assert len(inst.save(toks, range(6)).cache_saves[0].chains) == 3
     assert inst.matched(request("b", toks)) == (2 * CHUNK, True)  # 3 chunks cached, 2 usable
 
 
 def test_tenants_do_not_share_cached_prefixes(inst):
     toks = prompt(3 * CHUNK + 1)
-    a = request("a", toks, salt="alice")
-    inst.matched(a)
-    inst.finish(a, list(range(8)))
-    inst.step()
-    inst.results(1)
-    inst.io.cache.flush(5)
+    inst.save(toks, range(8), salt="alice")
     assert inst.matched(request("b", toks, salt="bob")) == (0, False)
     assert inst.matched(request("c", toks)) == (0, False)
     assert inst.matched(request("d", toks, salt="alice")) == (3 * CHUNK, True)
@@ -182,12 +177,7 @@ def test_tenants_do_not_share_cached_prefixes(inst):
 
 def test_a_chunk_evicted_after_the_lookup_fails_the_load(inst):
     toks = prompt(3 * CHUNK + 1)
-    a = request("a", toks)
-    inst.matched(a)
-    inst.finish(a, list(range(8)))
-    inst.step()
-    inst.results(1)
-    inst.io.cache.flush(5)
+    inst.save(toks, range(8))
     b = request("b", toks)
     assert inst.matched(b) == (3 * CHUNK, True)
     inst.io.cache.clear()  # evicted from every tier meanwhile
@@ -199,12 +189,7 @@ def test_a_chunk_evicted_after_the_lookup_fails_the_load(inst):
 
 def test_nothing_new_to_save_frees_the_blocks_at_once(inst):
     toks = prompt(2 * CHUNK + 1)
-    a = request("a", toks)
-    inst.matched(a)
-    inst.finish(a, list(range(6)))
-    inst.step()
-    inst.results(1)
-    inst.io.cache.flush(5)
+    inst.save(toks, range(6))
     b = request("b", toks[: 2 * CHUNK + 1])
     assert inst.matched(b) == (2 * CHUNK, True)
     assert inst.finish(b, list(range(10, 16))) == (False, None)
