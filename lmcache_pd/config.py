@@ -127,6 +127,12 @@ class CacheConfig(_Section):
     lookup_timeout_s: Seconds = 2.0
     """The scheduler waits this long for the workers to say how much of a prompt is cached,
     then schedules the request without cache hits."""
+    hold_s: Seconds = 60.0
+    """Chunks a lookup found are kept from eviction until their load ends, or this long if the
+    load never comes (request aborted, hand-off failed)."""
+    decode_skip: bool = True
+    """Decode instances tell the prefill side which leading chunks of a prompt their own local
+    tiers (memory, disk) hold, and those are not transferred again (docs/cache.md)."""
 
 
 class ProxyConfig(_Section):

@@ -10,6 +10,9 @@ PROTOCOL_VERSION history:
   1: first version (handshake, allocate, transfer done, cancel, heartbeat, ack, error).
   2: Landed (one-way): the first pages of a reservation hold their bytes, so the decode side
      may scatter them while the rest is still in flight (streamed hand-off).
+  3: decode-side reuse: Allocate carries the prompt's chunk chain hashes and tenant;
+     Allocated says how many leading pages the decode side holds in its own cache tiers
+     (``skip_pages``): its pages cover only the rest, and only the rest is sent.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import msgspec
 
 from lmcache_pd.errors import ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = b"LMPD"
 _HEADER = struct.Struct("!4sH")
 HEADER = _HEADER.pack(MAGIC, PROTOCOL_VERSION)
@@ -96,12 +99,21 @@ class Allocate(_Msg):
     prompt_digest: str
     wait_s: float
     """How long the decode side may queue this request for free pages (the sender's deadline)."""
+    chains: list[bytes] = []
+    """Chain hashes of the prompt's full chunks (``cache.chunk_tokens`` each; cache/keys.py),
+    empty when the prefix cache is off. The decode side only uses them to look into its own
+    tiers: what it loads from them is keyed by the chains of its own copy of the prompt."""
+    tenant: str | None = None
+    """The request's cache namespace (vLLM's ``cache_salt``)."""
 
 
 class Allocated(_Msg):
     transfer_id: str
     pages: list[int]
+    """One page per block of the prompt after the skipped ones, in block order."""
     lease_s: float
+    skip_pages: int = 0
+    """Leading blocks of the prompt the decode side holds already (whole chunks): not sent."""
 
 
 class TransferDone(_Msg):

@@ -1,5 +1,5 @@
 """What the tiers that bound themselves (memory, disk) share: an LRU index of chunk sizes with
-pins and a byte bound, and the pin / unpin / clear / stats built on it."""
+pins, holds and a byte bound, and the pin / unpin / clear / stats built on it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Collection, Iterable
 
+from lmcache_pd.cache.holds import Holds
 from lmcache_pd.cache.keys import ChunkKey
 from lmcache_pd.cache.tier import Tier, TierStats
 
@@ -18,6 +19,8 @@ class LruIndex:
         self.capacity = capacity
         self.bytes = 0
         self.pinned: set[ChunkKey] = set()
+        self.holds: Holds | None = None
+        """Chunks a pending load will read (cache/holds.py): not evicted either."""
         self._sizes: OrderedDict[ChunkKey, int] = OrderedDict()
 
     def __contains__(self, key: ChunkKey) -> bool:
@@ -45,13 +48,14 @@ class LruIndex:
         return size
 
     def make_room(self, size: int, *, busy: Collection[ChunkKey] = ()) -> list[ChunkKey] | None:
-        """Take least recently used chunks (not pinned, not ``busy``) out of the index until
+        """Take least recently used chunks (not pinned, held or ``busy``) out of the index until
         ``size`` more bytes fit; None, and nothing taken, if they cannot."""
         victims, freed = [], 0
+        held = self.holds.held() if self.holds is not None and self.bytes + size > self.capacity else ()
         for k, s in self._sizes.items():
             if self.bytes - freed + size <= self.capacity:
                 break
-            if k not in self.pinned and k not in busy:
+            if k not in self.pinned and k not in busy and k not in held:
                 victims.append(k)
                 freed += s
         if self.bytes - freed + size > self.capacity:
@@ -89,6 +93,10 @@ class BoundedTier(Tier):
     def unpin(self, keys: Iterable[ChunkKey]) -> None:
         with self._lock:
             self._index.pinned.difference_update(keys)
+
+    def attach_holds(self, holds: Holds) -> None:
+        with self._lock:
+            self._index.holds = holds
 
     def stats(self) -> TierStats:
         s = super().stats()

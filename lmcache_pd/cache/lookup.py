@@ -9,7 +9,7 @@ not: the memory tier lives in each worker. So each worker serves lookups on a lo
      hit count (a chunk is usable only if every rank holds its slice); past
      ``cache.lookup_timeout_s`` it returns a zero-hit answer and logs the field;
   3. ``LookupServer`` (a thread, ``pd-cache-lookup``) answers each query with
-     ``resolve(chains, tenant)``.
+     ``resolve(req_id, chains, tenant)`` (which also holds the chunks found for the load).
 
 Messages are msgspec structs; a frame that does not decode is dropped and counted.
 """
@@ -52,7 +52,7 @@ def endpoint(instance: str, rank: int) -> str:
 
 
 class LookupServer:
-    def __init__(self, instance: str, rank: int, resolve: Callable[[Sequence[bytes], str | None], Lookup]):
+    def __init__(self, instance: str, rank: int, resolve: Callable[[str, Sequence[bytes], str | None], Lookup]):
         self.address = endpoint(instance, rank)
         self.resolve = resolve
         self.dropped = 0
@@ -94,7 +94,7 @@ class LookupServer:
                     log.warning("cache lookup: dropped a malformed query (%s)", e)
                     continue
                 try:
-                    found = self.resolve(q.chains, q.tenant)
+                    found = self.resolve(q.req_id, q.chains, q.tenant)
                     answer = LookupAnswer(q.req_id, found.hits, list(found.tiers))
                 except Exception:  # noqa: BLE001 - answer "nothing cached" rather than leave it waiting
                     log.exception("cache lookup failed for %s", q.req_id)

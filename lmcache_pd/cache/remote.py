@@ -40,6 +40,7 @@ class RedisOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
 class RedisTier(Tier):
     name = "redis"
     Options = RedisOptions
+    remote = True
 
     def __init__(self, options: RedisOptions, *, instance: str, rank: int):
         super().__init__(options, instance=instance, rank=rank)

@@ -3,9 +3,11 @@
   1. ``TieredCache(tiers, chunk_tokens=...)`` assigns fields; ``start()`` opens the tiers and
      starts the writer thread ``pd-cache-writer``;
   2. ``lookup(keys)``: how many leading chunks some tier holds, and which tier each is in;
+     with ``hold=(owner, lease_s)`` those chunks are kept from eviction until ``release(owner)``
+     or the lease ends (cache/holds.py), so that the load that follows finds them;
   3. ``get(key)`` reads down the tiers; a hit below the first tier is *promoted* (queued as a
      write to every tier above it);
-  4. ``put(key, value)`` queues a write to every tier and returns at once: the writer thread
+  4. ``put(key, value)`` queues a write to every tier (or those named) and returns at once: the writer thread
      does the tier writes, so no caller (never vLLM's forward loop) waits on a disk or a
      network. The queue is bounded by ``write_queue_mib``; a write that does not fit is dropped
      and counted (the chunk is just not cached);
@@ -21,6 +23,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from lmcache_pd.cache.holds import Holds
 from lmcache_pd.cache.keys import ChunkKey
 from lmcache_pd.cache.tier import Buffer, Tier, TierStats
 
@@ -44,6 +47,8 @@ class CacheStats:
     """Per tier: prompt tokens that lookups asked of the tier and did not find there."""
     queued_bytes: int = 0
     dropped_writes: int = 0
+    holds: int = 0
+    """Lookups whose chunks are held for a pending load."""
 
 
 class TieredCache:
@@ -63,6 +68,9 @@ class TieredCache:
         self._miss_tokens = dict.fromkeys(names, 0)
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
+        self.holds = Holds()
+        for t in self.tiers:
+            t.attach_holds(self.holds)
 
     def start(self) -> None:
         for t in self.tiers:
@@ -71,14 +79,22 @@ class TieredCache:
         self._writer.start()
 
     # --- reads ------------------------------------------------------------------------------
-    def lookup(self, keys: Sequence[ChunkKey], *, record: bool = True) -> Lookup:
-        """Longest prefix of ``keys`` held by the tiers together. ``record``: count it in the
-        hit/miss statistics (an admission decision, not a repeated probe)."""
+    def lookup(self, keys: Sequence[ChunkKey], *, record: bool = True, hold: tuple[str, float] | None = None,
+               local: bool = False) -> Lookup:
+        """Longest prefix of ``keys`` held by the tiers together.
+
+        ``record``: count it in the hit/miss statistics (an admission decision, not a repeated
+        probe). ``hold=(owner, lease_s)``: keep the chunks found from eviction for the load that
+        follows. ``local``: ask only the tiers on this host (not remote ones)."""
+        if hold is not None:  # held before looking, so nothing found can be evicted in between
+            self.holds.hold(hold[0], keys, hold[1])
         where: list[int | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         for i, tier in enumerate(self.tiers):
             if not todo:
                 break
+            if local and tier.remote:
+                continue
             found = tier.contains([keys[j] for j in todo])
             for j, hit in zip(todo, found):
                 if hit:
@@ -86,6 +102,8 @@ class TieredCache:
             todo = [j for j in todo if where[j] is None]
         hits = next((j for j, w in enumerate(where) if w is None), len(keys))
         tiers = tuple(w for w in where[:hits] if w is not None)
+        if hold is not None:
+            self.holds.hold(hold[0], keys[:hits], hold[1])
         if record:
             self._record(tiers, missed=hits < len(keys))
         return Lookup(hits, tiers)
@@ -113,10 +131,28 @@ class TieredCache:
                 return value
         return None
 
+    def release(self, owner: str) -> None:
+        """End ``owner``'s hold (its load is done, or will not come)."""
+        self.holds.release(owner)
+
+    def hold(self, owner: str, keys: Sequence[ChunkKey], lease_s: float) -> None:
+        """Hold chunks already known to be there (see ``lookup(hold=...)``)."""
+        self.holds.hold(owner, keys, lease_s)
+
     # --- writes -----------------------------------------------------------------------------
-    def put(self, key: ChunkKey, value: Buffer) -> bool:
-        """Queue a write of a chunk to every tier; False if it was dropped (queue full)."""
-        return self._enqueue(key, value, tuple(range(len(self.tiers))))
+    def missing(self, keys: Sequence[ChunkKey]) -> list[tuple[int, ...]]:
+        """Per key, the indices of the tiers that do not hold it (one query per tier)."""
+        out: list[list[int]] = [[] for _ in keys]
+        for i, tier in enumerate(self.tiers):
+            for j, have in enumerate(tier.contains(keys) if keys else ()):
+                if not have:
+                    out[j].append(i)
+        return [tuple(x) for x in out]
+
+    def put(self, key: ChunkKey, value: Buffer, tiers: Sequence[int] | None = None) -> bool:
+        """Queue a write of a chunk to every tier (or to ``tiers``); False if it was dropped
+        (queue full)."""
+        return self._enqueue(key, value, tuple(range(len(self.tiers))) if tiers is None else tuple(tiers))
 
     def _enqueue(self, key: ChunkKey, value: Buffer, tiers: tuple[int, ...]) -> bool:
         size = len(memoryview(value))
@@ -185,7 +221,7 @@ class TieredCache:
     def stats(self) -> CacheStats:
         with self._cond:
             return CacheStats({t.name: t.stats() for t in self.tiers}, dict(self._hit_tokens),
-                              dict(self._miss_tokens), self._queued, self._dropped)
+                              dict(self._miss_tokens), self._queued, self._dropped, self.holds.owners())
 
     def close(self) -> None:
         with self._cond:

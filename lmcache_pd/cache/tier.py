@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from lmcache_pd.cache.holds import Holds
 from lmcache_pd.cache.keys import DIGEST_BYTES, ChunkKey
 
 Buffer = bytes | bytearray | memoryview
@@ -59,6 +60,9 @@ class Tier(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[msgspec.Struct]]
+    remote: ClassVar[bool] = False
+    """Reached over the network (a server shared by instances), as opposed to this host's
+    memory or disk. The decode side skips transfers only for chunks in local tiers."""
 
     def __init__(self, options: Any, *, instance: str, rank: int):
         """``instance`` and TP ``rank`` name this worker (for paths and logs)."""
@@ -96,6 +100,9 @@ class Tier(ABC):
 
     def unpin(self, keys: Iterable[ChunkKey]) -> None:
         """Make pinned chunks evictable again."""
+
+    def attach_holds(self, holds: Holds) -> None:
+        """Honour these holds when evicting (tiers that evict by themselves override this)."""
 
     def stats(self) -> TierStats:
         with self._stats_lock:

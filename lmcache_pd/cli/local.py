@@ -39,14 +39,14 @@ def local_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[s
                  extra: dict[str, Any] | None = None) -> Path:
     """Write a 1P1D config on free loopback ports (prefill pinned to core 0, decode to the last)."""
     ncpu = os.cpu_count() or 1
-    http_p, http_d, ctrl, data, proxy, cache_p = free_ports(6)
+    http_p, http_d, ctrl, data, proxy, cache_p, cache_d = free_ports(7)
     work = Path(workdir)
     data_cfg: dict[str, Any] = {
         "model": {"path": str(model_dir), "served_name": "tiny", "max_model_len": 4096},
         "prefill": [{"name": "prefill-0", "http_port": http_p, "cache_port": cache_p, "cpus": "0",
                      "kv_cache_gib": 1}],
         "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data,
-                    "cpus": str(ncpu - 1), "kv_cache_gib": 1}],
+                    "cache_port": cache_d, "cpus": str(ncpu - 1), "kv_cache_gib": 1}],
         "proxy": {"port": proxy},
         "transport": {"name": "tcp"},
         "pool": {"size_mib": 64},

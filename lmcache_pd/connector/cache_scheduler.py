@@ -7,8 +7,10 @@ Per request, in vLLM's order:
      cached tokens beyond vLLM's own prefix-cache hit as external, loaded asynchronously;
   2. ``after_alloc``: turn the claim into a CacheLoadSpec for the new blocks;
   3. ``on_finished``: queue a CacheSaveSpec for the prompt's computed full chunks that were not
-     cached, and ask vLLM to keep the blocks until the workers have copied them out.
+     cached, and ask vLLM to keep the blocks until the workers have copied them out; end the
+     hold the lookup put on the chunks it found (the load, if any, has ended by then).
 A claim never covers the prompt's last token: vLLM must compute it to sample.
+:func:`save_spec` is shared with the decode side, which saves the prompts it received.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from lmcache_pd.cache.lookup import LookupClient
 from lmcache_pd.cache.store import Lookup
 from lmcache_pd.config import PDConfig
 from lmcache_pd.errors import ConfigError
-from lmcache_pd.node.cache_io import CacheLoadSpec, CacheSaveSpec
+from lmcache_pd.node.cache_io import CacheLoadSpec, CacheSaveSpec, lookup_hold
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -56,6 +58,7 @@ class CacheScheduler:
         self._reqs: dict[ReqId, _Req] = {}
         self._loads: list[CacheLoadSpec] = []
         self._saves: list[CacheSaveSpec] = []
+        self._releases: list[ReqId] = []
 
     def _req(self, request: Request) -> _Req:
         r = self._reqs.get(request.request_id)
@@ -96,7 +99,8 @@ class CacheScheduler:
         r.loaded_chunks = (first, last)
         self._loads.append(CacheLoadSpec(request.request_id, tuple(r.chains[first:last]), request.cache_salt,
                                          (start % self.chunk) // self.block_size,
-                                         tuple(ids[start // self.block_size:end // self.block_size])))
+                                         tuple(ids[start // self.block_size:end // self.block_size]),
+                                         hold=lookup_hold(request.request_id)))
 
     def hit_sources(self, request: Request, num_external_tokens: int) -> dict[str, int]:
         """Tokens of the load per tier name (the first tier that held each chunk at lookup)."""
@@ -115,20 +119,32 @@ class CacheScheduler:
         """Queue the save of the prompt's new full chunks; True: keep the blocks until it is done."""
         r = self._reqs.pop(request.request_id, None)
         self.client.forget(request.request_id)
-        if request.prompt_token_ids is None:
-            return False
-        n = min(request.num_prompt_tokens, request.num_computed_tokens) // self.chunk
-        n = min(n, len(block_ids) * self.block_size // self.chunk)
         have = r.lookup.hits if r is not None and r.lookup is not None else 0
-        if n <= have:
-            return False
-        chains = chain_hashes(request.prompt_token_ids, self.chunk, tenant=request.cache_salt, max_chunks=n)
-        per = self.chunk // self.block_size
-        self._saves.append(CacheSaveSpec(request.request_id, tuple(chains[have:]), request.cache_salt,
-                                         tuple(block_ids[have * per:n * per])))
-        return True
+        if have:
+            self._releases.append(request.request_id)
+        save = save_spec(request, block_ids, self.chunk, self.block_size, have=have)
+        if save is not None:
+            self._saves.append(save)
+        return save is not None
 
-    def take(self) -> tuple[list[CacheLoadSpec], list[CacheSaveSpec]]:
-        out = (self._loads, self._saves)
-        self._loads, self._saves = [], []
+    def take(self) -> tuple[list[CacheLoadSpec], list[CacheSaveSpec], list[ReqId]]:
+        """Loads, saves, and requests whose lookup holds end, queued since the last call."""
+        out = (self._loads, self._saves, self._releases)
+        self._loads, self._saves, self._releases = [], [], []
         return out
+
+
+def save_spec(request: Request, block_ids: list[int], chunk: int, block_size: int, *,
+              have: int = 0) -> CacheSaveSpec | None:
+    """The save of a finished request's computed full prompt chunks after the first ``have``
+    (known to be cached), or None when there are none."""
+    if request.prompt_token_ids is None:
+        return None
+    n = min(request.num_prompt_tokens, request.num_computed_tokens) // chunk
+    n = min(n, len(block_ids) * block_size // chunk)
+    if n <= have:
+        return None
+    chains = chain_hashes(request.prompt_token_ids, chunk, tenant=request.cache_salt, max_chunks=n)
+    per = chunk // block_size
+    return CacheSaveSpec(request.request_id, tuple(chains[have:]), request.cache_salt,
+                         tuple(block_ids[have * per:n * per]))

@@ -28,7 +28,10 @@ class PDConnectorMetadata(KVConnectorMetadata):
     cache_loads: list[CacheLoadSpec] = field(default_factory=list)
     """Prefix chunks to copy from the cache tiers into new blocks (vLLM counts them as external hits)."""
     cache_saves: list[CacheSaveSpec] = field(default_factory=list)
-    """Finished requests' new full prompt chunks to copy out to the cache tiers (blocks held until then)."""
+    """Finished requests' new full prompt chunks to copy out to the cache tiers (blocks held
+    until then); on both roles."""
+    cache_releases: list[ReqId] = field(default_factory=list)
+    """Prefill: finished requests whose lookup held chunks for a load: end those holds."""
     loads: list[LoadSpec] = field(default_factory=list)
     """Decode: loads to start."""
     cancels: list[ReqId] = field(default_factory=list)
@@ -44,6 +47,7 @@ class LoadOutcome:
     transfer_s: float
     waited_s: float
     error: str
+    cache_tokens: int = 0
 
 
 @dataclass
@@ -60,5 +64,5 @@ class PDWorkerMeta(KVConnectorWorkerMetadata):
             else:  # TP ranks: the request loaded only if every rank loaded
                 merged[req_id] = LoadOutcome(mine.ok and o.ok, mine.num_bytes + o.num_bytes,
                                              max(mine.transfer_s, o.transfer_s), max(mine.waited_s, o.waited_s),
-                                             mine.error or o.error)
+                                             mine.error or o.error, min(mine.cache_tokens, o.cache_tokens))
         return PDWorkerMeta(merged)

@@ -17,6 +17,10 @@ Decode (kv_consumer), per request carrying ``DecodeParams``:
      recomputes, kv_load_failure_policy=recompute); vLLM recomputes only the last prompt token;
   4. ``request_finished`` returns what happened (bytes, times, prompt tokens computed here) in
      the response's ``kv_transfer_params.lmcache_pd``.
+With the prefix cache on (``cache.enabled``), both roles also hash each prompt's full chunks:
+the prefill side sends the chain hashes in its Allocate, and the decode side, which copies
+the chunks its own tiers hold instead of receiving them, verifies them against its own;
+a decode request that ends normally saves its prompt's new chunks (blocks held until saved).
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 from lmcache_pd import protocol as P
 from lmcache_pd._types import ReqId, TransferId
+from lmcache_pd.cache.keys import chain_hashes
 from lmcache_pd.config import PDConfig
-from lmcache_pd.connector.cache_scheduler import CacheScheduler
+from lmcache_pd.connector.cache_scheduler import CacheScheduler, save_spec
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
+from lmcache_pd.node.cache_io import CacheSaveSpec
 from lmcache_pd.node.receiver import LoadSpec
 from lmcache_pd.node.sender import ReserveSpec, SendSpec
 
@@ -79,7 +85,18 @@ class _PrefillReq:
     peer: str
     num_prompt_tokens: int
     digest: str
+    chains: tuple[bytes, ...] = ()
+    tenant: str | None = None
     reserved: bool = False
+
+
+def prompt_chains(cfg: PDConfig, request: Request) -> tuple[bytes, ...]:
+    """Chain hashes of every full chunk of the prompt, for decode-side reuse (else empty)."""
+    c = cfg.cache
+    if not (c.enabled and c.decode_skip) or request.prompt_token_ids is None:
+        return ()
+    return tuple(chain_hashes(request.prompt_token_ids, c.chunk_tokens, tenant=request.cache_salt,
+                              max_chunks=request.num_prompt_tokens // c.chunk_tokens))
 
 
 class PrefillScheduler(SchedulerRole):
@@ -123,9 +140,7 @@ class PrefillScheduler(SchedulerRole):
             return
         params = self._params(request)
         if params is not None:
-            self._reqs[request.request_id] = _PrefillReq(params.transfer_id, params.decode_peer,
-                                                          request.num_prompt_tokens,
-                                                          P.prompt_digest(request.prompt_token_ids))
+            self._reqs[request.request_id] = self._track(request, params)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
         if self._reqs:
@@ -133,12 +148,19 @@ class PrefillScheduler(SchedulerRole):
                 r = self._reqs.get(req_id)
                 if r is not None and not r.reserved and start + n >= r.num_prompt_tokens:
                     r.reserved = True
-                    self._reserves.append(ReserveSpec(r.transfer_id, r.peer, r.num_prompt_tokens, r.digest))
+                    self._reserves.append(ReserveSpec(r.transfer_id, r.peer, r.num_prompt_tokens, r.digest,
+                                                      r.chains, r.tenant))
         meta = PDConnectorMetadata(sends=self._sends, reserves=self._reserves, unreserves=self._unreserves)
         self._sends, self._reserves, self._unreserves = [], [], []
         if self.cache is not None:
-            meta.cache_loads, meta.cache_saves = self.cache.take()
+            meta.cache_loads, meta.cache_saves, meta.cache_releases = self.cache.take()
         return meta
+
+    def _track(self, request: Request, params: P.PrefillParams) -> _PrefillReq:
+        assert request.prompt_token_ids is not None
+        return _PrefillReq(params.transfer_id, params.decode_peer, request.num_prompt_tokens,
+                           P.prompt_digest(request.prompt_token_ids), prompt_chains(self.cfg, request),
+                           request.cache_salt)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         r = self._reqs.pop(request.request_id, None)
@@ -158,14 +180,13 @@ class PrefillScheduler(SchedulerRole):
             params = self._params(request)
             if params is None or request.prompt_token_ids is None:
                 return None
-            r = _PrefillReq(params.transfer_id, params.decode_peer, request.num_prompt_tokens,
-                            P.prompt_digest(request.prompt_token_ids))
+            r = self._track(request, params)
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
             return None  # aborted or errored: nothing to hand off, free the blocks now
         if len(block_ids) * self.block_size < r.num_prompt_tokens:
             return None
         self._sends.append(SendSpec(request.request_id, r.transfer_id, r.peer, tuple(block_ids),
-                                    r.num_prompt_tokens, r.digest))
+                                    r.num_prompt_tokens, r.digest, r.chains, r.tenant))
         out = P.DecodeParams(transfer_id=r.transfer_id, num_tokens=r.num_prompt_tokens, prompt_digest=r.digest,
                              prefill_peer=self.instance)
         return {f: getattr(out, f) for f in out.__struct_fields__}
@@ -190,6 +211,7 @@ class DecodeScheduler(SchedulerRole):
         self._loads: list[LoadSpec] = []
         self._cancels: list[ReqId] = []
         self._discards: list[str] = []
+        self._saves: list[CacheSaveSpec] = []
 
     def _params(self, request: Request) -> P.DecodeParams | None:
         params = P.params_from_dict(request.kv_transfer_params, P.DecodeParams)
@@ -229,12 +251,14 @@ class DecodeScheduler(SchedulerRole):
             return
         req.loading = True
         self._loads.append(LoadSpec(request.request_id, params.transfer_id, params.num_tokens, params.prompt_digest,
-                                    tuple(blocks.get_unhashed_block_ids())))
+                                    tuple(blocks.get_unhashed_block_ids()), prompt_chains(self.cfg, request),
+                                    request.cache_salt))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
         self._count_prompt_compute(scheduler_output)
-        meta = PDConnectorMetadata(loads=self._loads, cancels=self._cancels, discards=self._discards)
-        self._loads, self._cancels, self._discards = [], [], []
+        meta = PDConnectorMetadata(loads=self._loads, cancels=self._cancels, discards=self._discards,
+                                   cache_saves=self._saves)
+        self._loads, self._cancels, self._discards, self._saves = [], [], [], []
         return meta
 
     def _count_prompt_compute(self, so: SchedulerOutput) -> None:
@@ -270,6 +294,7 @@ class DecodeScheduler(SchedulerRole):
         if req.loading:
             self._cancels.append(request.request_id)  # aborted while waiting for its KV
         o = req.outcome
+        saving = self._save(request, block_ids, req)
         report = {
             "transfer_id": req.transfer_id,
             "loaded": bool(o and o.ok),
@@ -279,5 +304,22 @@ class DecodeScheduler(SchedulerRole):
             "error": o.error if o else "",
             "prompt_tokens": req.num_prompt_tokens,
             "prompt_tokens_computed": req.prompt_tokens_computed,
+            "cache_tokens": o.cache_tokens if o else 0,
         }
-        return False, {"lmcache_pd": report}
+        # With a save queued, vLLM keeps the blocks until the worker reports it in finished_sending.
+        return saving, {"lmcache_pd": report}
+
+    def _save(self, request: Request, block_ids: list[int], req: _DecodeReq) -> bool:
+        """Queue the save of the prompt's chunks into this instance's tiers (for the next turn's
+        hand-off to skip them). Only after a normal end: then every prompt block holds valid KV
+        (loaded, or recomputed after a failed load); an aborted request's may not."""
+        from vllm.v1.request import RequestStatus
+
+        c = self.cfg.cache
+        if (not (c.enabled and c.decode_skip) or req.outcome is None
+                or request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)):
+            return False
+        save = save_spec(request, block_ids, c.chunk_tokens, self.block_size)
+        if save is not None:
+            self._saves.append(save)
+        return save is not None

@@ -7,6 +7,9 @@ and the new SendSpecs; ``get_finished`` reports ended hand-offs as
 Decode: ``register_kv_caches`` starts a KVReceiver (pool, control server, transport);
 ``start_load_kv`` submits LoadSpecs; ``get_transfer_results`` reports every submitted load in
 ``finished_recving`` exactly once, failed ones also in ``failed_recving`` (vLLM recomputes).
+With ``cache.enabled`` both roles run a CacheIO (tiers, lookups, loads, saves) and, with a
+``cache_port``, its HTTP control API; a request whose blocks a save still reads is reported
+in ``finished_sending`` once the save has copied them (as a prefill's hand-off is).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from lmcache_pd.config import PDConfig
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
 from lmcache_pd.layout import KVLayout
 from lmcache_pd.node.cache_api import CacheAPI
-from lmcache_pd.node.cache_io import CacheIO
+from lmcache_pd.node.cache_io import CacheIO, CacheSaveSpec, lookup_hold
 from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.sender import KVSender
 from lmcache_pd.ops import kv_layout_of
@@ -112,40 +115,95 @@ class _PDWorker(WorkerRole):
         self.instance = instance
         self.tp_rank = _tp_rank()
 
+        self.cache_io: CacheIO | None = None
+        self.cache_api: CacheAPI | None = None
+        self.users = _BlockUsers()
+
     def describe(self, kv_caches: dict[str, torch.Tensor]) -> tuple[KVLayout, torch.Tensor, P.CompatInfo]:
         model = self.cfg.model.served_name or self.cfg.model.path
         return describe_kv(self.vllm_config, kv_caches, transport=self.cfg.transport.name, model=model,
                            tp_rank=self.tp_rank)
+
+    def _start_cache(self, layout: KVLayout, buffer: torch.Tensor, compat: P.CompatInfo) -> None:
+        if not self.cfg.cache.enabled:
+            return
+        self.cache_io = CacheIO(self.cfg.cache, instance=self.instance, rank=self.tp_rank,
+                                compat=msgspec.structs.asdict(compat), kv=layout, kv_buffer=buffer,
+                                block_size=compat.block_size)
+        self.cache_io.start()
+        inst = self.cfg.instance(self.instance)
+        if inst.cache_port is not None:
+            self.cache_api = CacheAPI(self.cache_io, instance=self.instance, rank=self.tp_rank, host=inst.host,
+                                      port=inst.cache_port + self.tp_rank)
+            self.cache_api.start()
+
+    def _cache_tiers(self) -> str:
+        return "+".join(t.name for t in self.cfg.cache.tiers) if self.cache_io else "off"
+
+    def _submit_saves(self, saves: list[CacheSaveSpec], ready: torch.cuda.Event | None) -> None:
+        for save in saves:
+            if self.cache_io is not None:
+                self.users.add(save.req_id)
+                self.cache_io.submit_save(save, ready)
+
+    def _ready_event(self, buffer: torch.Tensor) -> torch.cuda.Event | None:
+        """An event after the work queued so far on vLLM's stream (the forwards that wrote the
+        blocks): our copies are ordered after it without blocking the forward loop."""
+        if not buffer.is_cuda:
+            return None
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(buffer.device))
+        return ready
+
+    def _stop_cache(self) -> None:
+        if self.cache_api is not None:
+            self.cache_api.close()
+        if self.cache_io is not None:
+            self.cache_io.close()
+
+
+class _BlockUsers:
+    """Requests whose vLLM blocks a hand-off or a save still reads (vLLM keeps them: delay_free).
+
+    A request goes into ``finished_sending`` once every use ended and vLLM has told us it
+    finished (its contract); only ours are remembered, or the sets would grow with every request.
+    """
+
+    def __init__(self) -> None:
+        self._uses: collections.Counter[ReqId] = collections.Counter()
+        self._released: set[ReqId] = set()  # every use ended
+        self._finished: set[ReqId] = set()  # of those, the ones vLLM told us have finished
+
+    def add(self, req_id: ReqId) -> None:
+        self._uses[req_id] += 1
+
+    def end(self, req_id: ReqId) -> None:
+        self._uses[req_id] -= 1
+        if self._uses[req_id] <= 0:
+            del self._uses[req_id]
+            self._released.add(req_id)
+
+    def sending(self, finished_req_ids: set[str]) -> set[str]:
+        self._finished |= {r for r in finished_req_ids if r in self._uses or r in self._released}
+        done = self._released & self._finished
+        self._released -= done
+        self._finished -= done
+        return done
 
 
 class PrefillWorker(_PDWorker):
     def __init__(self, vllm_config: VllmConfig, cfg: PDConfig, *, instance: str):
         super().__init__(vllm_config, cfg, instance=instance)
         self.sender: KVSender | None = None
-        self.cache_io: CacheIO | None = None
-        self.cache_api: CacheAPI | None = None
-        self._holds: collections.Counter[ReqId] = collections.Counter()  # hand-offs and saves still using blocks
-        self._released: set[ReqId] = set()  # every hold ended
-        self._finished: set[ReqId] = set()  # of those, the ones vLLM told us have finished
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout, buffer, compat = self.describe(kv_caches)
         self.sender = KVSender(self.cfg, instance=self.instance, tp_rank=self.tp_rank, compat=compat,
                                kv=layout, kv_buffer=buffer)
         self.sender.start()
-        if self.cfg.cache.enabled:
-            self.cache_io = CacheIO(self.cfg.cache, instance=self.instance, rank=self.tp_rank,
-                                    compat=msgspec.structs.asdict(compat), kv=layout, kv_buffer=buffer,
-                                    block_size=compat.block_size)
-            self.cache_io.start()
-            port = self.cfg.instance(self.instance).cache_port
-            if port is not None:
-                self.cache_api = CacheAPI(self.cache_io, instance=self.instance, rank=self.tp_rank,
-                                          host=self.cfg.instance(self.instance).host, port=port + self.tp_rank)
-                self.cache_api.start()
+        self._start_cache(layout, buffer, compat)
         log.info("prefill worker %d: %d layers, page %d B, transport %s, cache %s", self.tp_rank,
-                 layout.num_layers, layout.page_bytes, self.cfg.transport.name,
-                 "+".join(t.name for t in self.cfg.cache.tiers) if self.cache_io else "off")
+                 layout.num_layers, layout.page_bytes, self.cfg.transport.name, self._cache_tiers())
 
     def start_load_kv(self, meta: PDConnectorMetadata) -> None:
         if self.sender is None:
@@ -157,59 +215,39 @@ class PrefillWorker(_PDWorker):
         if self.cache_io is not None:
             for load in meta.cache_loads:
                 self.cache_io.submit_load(load)
+            for req_id in meta.cache_releases:
+                self.cache_io.release(lookup_hold(req_id))
         if not meta.sends and not meta.cache_saves:
             return
         # Called on vLLM's thread before this step's forward: the blocks were written by earlier
-        # forwards, queued on vLLM's current stream. An event there (not a synchronize) orders
-        # our copy after them without blocking the forward loop.
-        ready = None
-        if self.sender.kv_buffer.is_cuda:
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.sender.kv_buffer.device))
+        # forwards, queued on vLLM's current stream.
+        ready = self._ready_event(self.sender.kv_buffer)
         for spec in meta.sends:
-            self._holds[spec.req_id] += 1
+            self.users.add(spec.req_id)
             self.sender.submit(spec, ready)
-        for save in meta.cache_saves:
-            if self.cache_io is not None:
-                self._holds[save.req_id] += 1
-                self.cache_io.submit_save(save, ready)
-
-    def _release(self, req_id: ReqId) -> None:
-        self._holds[req_id] -= 1
-        if self._holds[req_id] <= 0:
-            del self._holds[req_id]
-            self._released.add(req_id)
+        self._submit_saves(meta.cache_saves, ready)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         if self.sender is None:
             return set(), set(), set()
-        # Report only ids vLLM has told us finished (its contract for finished_sending); remember
-        # only ours among them, or this set would grow with every request the instance serves.
-        self._finished |= {r for r in finished_req_ids if r in self._holds or r in self._released}
         for r in self.sender.drain():
-            self._release(r.req_id)
+            self.users.end(r.req_id)
         recving: set[str] = set()
         failed: set[str] = set()
         for c in self.cache_io.drain() if self.cache_io is not None else ():
             if c.kind == "save":
-                self._release(c.req_id)
+                self.users.end(c.req_id)
                 continue
             recving.add(c.req_id)
             if not c.ok:
                 failed.add(c.req_id)
                 log.info("cache load for %s failed (%s): vLLM recomputes it", c.req_id, c.error)
-        sending = self._released & self._finished
-        self._released -= sending
-        self._finished -= sending
-        return sending, recving, failed
+        return self.users.sending(finished_req_ids), recving, failed
 
     def shutdown(self) -> None:
         if self.sender is not None:
             self.sender.close()
-        if self.cache_api is not None:
-            self.cache_api.close()
-        if self.cache_io is not None:
-            self.cache_io.close()
+        self._stop_cache()
 
 
 class DecodeWorker(_PDWorker):
@@ -220,9 +258,12 @@ class DecodeWorker(_PDWorker):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout, buffer, compat = self.describe(kv_caches)
+        self._start_cache(layout, buffer, compat)
         self.receiver = KVReceiver(self.cfg, instance=self.instance, tp_rank=self.tp_rank, compat=compat,
-                                   kv=layout, kv_buffer=buffer)
+                                   kv=layout, kv_buffer=buffer, cache=self.cache_io)
         self.receiver.start()
+        log.info("decode worker %d: %d layers, page %d B, transport %s, cache %s", self.tp_rank,
+                 layout.num_layers, layout.page_bytes, self.cfg.transport.name, self._cache_tiers())
 
     def start_load_kv(self, meta: PDConnectorMetadata) -> None:
         if self.receiver is None:
@@ -233,6 +274,8 @@ class DecodeWorker(_PDWorker):
             self.receiver.submit_load(spec)
         for req_id in meta.cancels:
             self.receiver.cancel_load(req_id)
+        if meta.cache_saves:
+            self._submit_saves(meta.cache_saves, self._ready_event(self.receiver.kv_buffer))
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         if self.receiver is None:
@@ -243,8 +286,12 @@ class DecodeWorker(_PDWorker):
             recving.add(r.req_id)
             if not r.ok:
                 failed.add(r.req_id)
-            self._outcomes[r.req_id] = LoadOutcome(r.ok, r.num_bytes, r.transfer_s, r.waited_s, r.error)
-        return set(), recving, failed
+            self._outcomes[r.req_id] = LoadOutcome(r.ok, r.num_bytes, r.transfer_s, r.waited_s, r.error,
+                                                   r.cache_tokens)
+        for c in self.cache_io.drain() if self.cache_io is not None else ():
+            if c.kind == "save":  # the decode side submits no cache loads of its own
+                self.users.end(c.req_id)
+        return self.users.sending(finished_req_ids), recving, failed
 
     def build_worker_meta(self) -> PDWorkerMeta | None:
         if not self._outcomes:
@@ -255,6 +302,7 @@ class DecodeWorker(_PDWorker):
     def shutdown(self) -> None:
         if self.receiver is not None:
             self.receiver.close()
+        self._stop_cache()
 
 
 def _tp_rank() -> int:

@@ -45,6 +45,9 @@ class Reservation:
     readers: int = 0
     ended: bool = False
     freed: bool = False
+    skip_pages: int = 0
+    """Leading blocks of the prompt the decode side supplies from its own cache tiers: the
+    pages cover the blocks after them."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ class PagePool:
 
     # --- prefill-driven transitions (control plane) ---------------------------------------
     def reserve(self, transfer_id: TransferId, num_pages: int, *, num_tokens: int, prompt_digest: str,
-                owner: str, now: float) -> list[PageIdx] | None:
+                owner: str, now: float, skip_pages: int = 0) -> list[PageIdx] | None:
         """All ``num_pages`` pages, or None if they are not free now. Raises if it can never fit."""
         if num_pages > self.num_pages:
             raise PoolExhausted(f"request needs {num_pages} pages but the whole pool has {self.num_pages} "
@@ -88,7 +91,7 @@ class PagePool:
                 return None
             pages = self._take(num_pages)
             self._live[transfer_id] = Reservation(transfer_id, pages, num_tokens, prompt_digest, owner,
-                                                  PageState.ALLOCATED, now + self.lease_s)
+                                                  PageState.ALLOCATED, now + self.lease_s, skip_pages=skip_pages)
             self.cond.notify_all()
             return pages
 

@@ -16,12 +16,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import zmq
 
 from lmcache_pd import protocol as P
 from lmcache_pd.control.allocator import PagePool
-from lmcache_pd.errors import PoolExhausted, ProtocolError, TransferError
+from lmcache_pd.errors import PDError, PoolExhausted, ProtocolError, TransferError
 
 log = logging.getLogger(__name__)
 _POLL_MS = 20
@@ -43,6 +44,20 @@ class _Waiting:
     msg: P.Allocate
     owner: str
     deadline: float
+    skip: int | None
+    """Pages the decode's cache holds; None: it was not asked (nothing to release)."""
+
+
+class PrefixHolder(Protocol):
+    """Decode-side reuse, seen from the control plane (the receiver implements it)."""
+
+    def hold(self, msg: P.Allocate) -> int:
+        """How many leading pages of the prompt this instance's own cache holds (whole chunks,
+        fewer than ``num_pages``), held for the transfer id. Runs on the server thread, so it
+        asks local tiers only."""
+
+    def release(self, transfer_id: str) -> None:
+        """The allocation was refused: end the hold now."""
 
 
 @dataclass
@@ -59,7 +74,7 @@ class ServerStats:
 class ControlServer:
     def __init__(self, pool: PagePool, *, bind: str, compat: P.CompatInfo, incarnation: str,
                  page_bytes: int, descriptor: bytes, max_alloc_wait_s: float,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, prefix: PrefixHolder | None = None):
         self.pool = pool
         self.bind = bind
         self.compat = compat
@@ -69,6 +84,7 @@ class ControlServer:
         self.descriptor = descriptor
         self.max_alloc_wait_s = max_alloc_wait_s
         self.clock = clock
+        self.prefix = prefix
         self.stats = ServerStats()
         self._sessions: dict[bytes, _Session] = {}
         self._waiting: collections.deque[_Waiting] = collections.deque()
@@ -178,7 +194,10 @@ class ControlServer:
                     log.debug("control: Landed refused: %s", e)
                 return None
             if isinstance(msg, P.Cancel):
-                self._drop_waiting(msg.transfer_id, owner)
+                dropped = self._drop_waiting(msg.transfer_id, owner)
+                r = self.pool.lookup(msg.transfer_id)
+                if dropped or (r is not None and r.owner == owner):  # not another peer's Cancel
+                    self._release(msg.transfer_id)
                 self.pool.abort(msg.transfer_id, reason=f"canceled by prefill: {msg.reason}", now=now, owner=owner)
                 return P.Ack(msg_id=msg.msg_id, incarnation=self.incarnation)
             if isinstance(msg, P.Heartbeat):
@@ -208,25 +227,55 @@ class ControlServer:
         return P.HandshakeReply(msg_id=msg.msg_id, incarnation=self.incarnation, page_bytes=self.page_bytes,
                                 num_pages=self.pool.num_pages, payload=self.descriptor)
 
+    def _skip(self, msg: P.Allocate) -> int | None:
+        """Leading pages the decode's cache holds (held for the transfer id), or None when it
+        was not asked (nothing to release)."""
+        if self.prefix is None or not msg.chains or msg.num_pages <= 1 or self.pool.lookup(msg.transfer_id):
+            return None  # (a known transfer id is refused below; its hold must stay the first one's)
+        try:
+            skip = self.prefix.hold(msg)
+        except Exception:  # noqa: BLE001 - the cache is an optimisation: without it, send everything
+            log.exception("control: cache lookup for %s failed; the whole prompt is sent", msg.transfer_id)
+            return 0
+        return skip if 0 <= skip < msg.num_pages else 0
+
+    def _reserve(self, msg: P.Allocate, owner: str, skip: int, now: float) -> list[int] | None:
+        return self.pool.reserve(msg.transfer_id, msg.num_pages - skip, num_tokens=msg.num_tokens,
+                                 prompt_digest=msg.prompt_digest, owner=owner, now=now, skip_pages=skip)
+
+    def _allocated(self, msg: P.Allocate, pages: list[int], skip: int) -> P.Allocated:
+        self.stats.allocations += 1
+        return P.Allocated(msg_id=msg.msg_id, transfer_id=msg.transfer_id, pages=pages, lease_s=self.pool.lease_s,
+                           skip_pages=skip)
+
+    def _release(self, transfer_id: str, asked: bool = True) -> None:
+        if self.prefix is not None and asked:
+            self.prefix.release(transfer_id)
+
     def _allocate(self, identity: bytes, owner: str, msg: P.Allocate, now: float) -> P.Message | None:
+        asked = self._skip(msg)
+        skip = asked or 0
         pages = None
-        if not self._waiting:  # FIFO: nobody may overtake a queued request
-            pages = self.pool.reserve(msg.transfer_id, msg.num_pages, num_tokens=msg.num_tokens,
-                                      prompt_digest=msg.prompt_digest, owner=owner, now=now)
-        elif msg.num_pages > self.pool.num_pages:
-            self.pool.reserve(msg.transfer_id, msg.num_pages, num_tokens=msg.num_tokens,
-                              prompt_digest=msg.prompt_digest, owner=owner, now=now)  # raises too_large
+        try:
+            if not self._waiting:  # FIFO: nobody may overtake a queued request
+                pages = self._reserve(msg, owner, skip, now)
+            elif msg.num_pages - skip > self.pool.num_pages:
+                self._reserve(msg, owner, skip, now)  # raises too_large
+        except PDError:
+            self._release(msg.transfer_id, asked is not None)
+            raise
         if pages is not None:
-            self.stats.allocations += 1
-            return P.Allocated(msg_id=msg.msg_id, transfer_id=msg.transfer_id, pages=pages, lease_s=self.pool.lease_s)
+            return self._allocated(msg, pages, skip)
         wait = min(max(msg.wait_s, 0.0), self.max_alloc_wait_s)
-        self._waiting.append(_Waiting(identity, msg, owner, now + wait))
+        self._waiting.append(_Waiting(identity, msg, owner, now + wait, asked))
         self.stats.queued_allocations += 1
         return None  # answered later by _housekeeping
 
-    def _drop_waiting(self, transfer_id: str, owner: str) -> None:
+    def _drop_waiting(self, transfer_id: str, owner: str) -> bool:
+        n = len(self._waiting)
         self._waiting = collections.deque(w for w in self._waiting
                                           if not (w.msg.transfer_id == transfer_id and w.owner == owner))
+        return len(self._waiting) < n
 
     def _housekeeping(self, sock: zmq.Socket) -> None:
         now = self.clock()
@@ -239,21 +288,20 @@ class ControlServer:
             if w.deadline <= now:
                 self._waiting.popleft()
                 self.stats.alloc_timeouts += 1
+                self._release(w.msg.transfer_id, w.skip is not None)
                 self.pool.abort(w.msg.transfer_id, reason="decode pool stayed full (timeouts.alloc_s)", now=now)
                 self._send(sock, w.identity, P.Error(
                     msg_id=w.msg.msg_id, code=P.ErrorCode.POOL_TIMEOUT,
                     message=f"decode pool stayed full for {w.msg.wait_s:g} s (timeouts.alloc_s; or raise pool.size_mib)"))
                 continue
             try:
-                pages = self.pool.reserve(w.msg.transfer_id, w.msg.num_pages, num_tokens=w.msg.num_tokens,
-                                          prompt_digest=w.msg.prompt_digest, owner=w.owner, now=now)
+                pages = self._reserve(w.msg, w.owner, w.skip or 0, now)
             except TransferError as e:
                 self._waiting.popleft()
+                self._release(w.msg.transfer_id, w.skip is not None)
                 self._send(sock, w.identity, P.Error(msg_id=w.msg.msg_id, code=P.ErrorCode.BAD_STATE, message=str(e)))
                 continue
             if pages is None:
                 break
             self._waiting.popleft()
-            self.stats.allocations += 1
-            self._send(sock, w.identity, P.Allocated(msg_id=w.msg.msg_id, transfer_id=w.msg.transfer_id,
-                                                     pages=pages, lease_s=self.pool.lease_s))
+            self._send(sock, w.identity, self._allocated(w.msg, pages, w.skip or 0))

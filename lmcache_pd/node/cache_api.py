@@ -80,7 +80,7 @@ class CacheAPI:
         return {"instance": self.instance, "rank": self.rank, "chunk_tokens": self.io.cfg.chunk_tokens,
                 "tiers": {name: t.as_dict() for name, t in s.tiers.items()},
                 "hit_tokens": s.hit_tokens, "miss_tokens": s.miss_tokens,
-                "queued_bytes": s.queued_bytes, "dropped_writes": s.dropped_writes}
+                "queued_bytes": s.queued_bytes, "dropped_writes": s.dropped_writes, "holds": s.holds}
 
     def lookup(self, body: dict[str, Any]) -> dict[str, Any]:
         keys = self.keys_of(body)
@@ -205,5 +205,9 @@ class _Collector:
         queued = GaugeMetricFamily("lmcache_pd_cache_queued_bytes", "Chunk bytes waiting for the tiers",
                                    labels=labels[:2])
         queued.add_metric(base, s.queued_bytes)
+        holds = GaugeMetricFamily("lmcache_pd_cache_holds", "Lookups whose chunks are held for a pending load",
+                                  labels=labels[:2])
+        holds.add_metric(base, s.holds)
         yield dropped
         yield queued
+        yield holds

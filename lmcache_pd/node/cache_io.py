@@ -2,13 +2,17 @@
 
   1. ``CacheIO(cfg, ...)`` assigns fields; ``start()`` opens the tiers (``cache.tiers``) and
      starts the lookup server and the thread ``pd-cache-io``;
-  2. lookups (from the scheduler process) are answered by the lookup server's thread;
+  2. lookups (from the scheduler process) are answered by the lookup server's thread; the
+     chunks found are held (kept from eviction) for the request until its load ends, its
+     ``release``, or ``cache.hold_s``;
   3. ``submit_load(spec)``: read the chunks (down the tiers) and copy their blocks into the
      request's vLLM blocks; a chunk missing or unreadable fails the load (vLLM recomputes);
   4. ``submit_save(spec, ready)``: copy the request's blocks into one buffer per chunk (after
      the ``ready`` CUDA event) and queue it for the tiers; the request's blocks may be freed as
      soon as that copy is done: the tier writes run later on the cache's writer thread;
   5. ``drain()`` returns the loads and saves that ended; nothing here blocks vLLM's forward loop.
+The decode side's receiver uses two more, from its own threads: ``hold_prefix`` (how many
+leading chunks of a coming hand-off its local tiers hold, held for it) and ``load_now``.
 
 A chunk's bytes are its blocks of every layer, ``[layer][block in chunk][block_bytes]``: the pool
 page layout, so the range plans of :mod:`lmcache_pd.layout` apply unchanged.
@@ -49,6 +53,8 @@ class CacheLoadSpec:
     """Leading blocks of the first chunk that vLLM already holds (its own prefix cache)."""
     block_ids: tuple[BlockId, ...]
     """Destination blocks: every block of these chunks after the skipped ones, in order."""
+    hold: str = ""
+    """The hold on these chunks to end once they are loaded (or the load failed)."""
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,24 @@ class CacheIO:
         self._thread = threading.Thread(target=self._run, name="pd-cache-io", daemon=True)
         self._thread.start()
 
-    def resolve(self, chains: Sequence[bytes], tenant: str | None) -> Lookup:
-        return self.cache.lookup(chunk_keys(self.salt, chains, tenant))
+    def resolve(self, req_id: ReqId, chains: Sequence[bytes], tenant: str | None) -> Lookup:
+        """A lookup from the scheduler: the chunks found stay held until the request's load."""
+        return self.cache.lookup(chunk_keys(self.salt, chains, tenant), hold=(lookup_hold(req_id), self.cfg.hold_s))
+
+    def hold_prefix(self, owner: str, chains: Sequence[bytes], tenant: str | None, max_chunks: int) -> int:
+        """How many leading chunks (at most ``max_chunks``) this worker's local tiers hold; held
+        for ``owner`` until ``release(owner)`` or ``cache.hold_s``. Remote tiers are not asked:
+        the decode side would fetch from them what the prefill side can send as fast."""
+        keys = chunk_keys(self.salt, chains[:max(0, max_chunks)], tenant)
+        return self.cache.lookup(keys, record=False, hold=(owner, self.cfg.hold_s), local=True).hits if keys else 0
+
+    def release(self, owner: str) -> None:
+        self.cache.release(owner)
+
+    def load_now(self, spec: CacheLoadSpec) -> tuple[int, int]:
+        """Load on the calling thread (the decode loader); returns (chunks, bytes). Raises
+        CacheMiss when a chunk is gone, ValueError for a spec that does not add up."""
+        return self._load(spec)
 
     # --- called on vLLM's thread: never blocks ------------------------------------------------
     def submit_load(self, spec: CacheLoadSpec) -> None:
@@ -141,7 +163,7 @@ class CacheIO:
                     n, nbytes = self._save(spec, ready)  # type: ignore[arg-type]
                 result = CacheIOResult(spec.req_id, kind, True, nbytes, n, time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001 - reported: vLLM recomputes (load) or frees (save)
-                if not isinstance(e, _Miss):
+                if not isinstance(e, CacheMiss):
                     log.exception("cache %s for %s failed", kind, spec.req_id)  # type: ignore[attr-defined]
                 result = CacheIOResult(spec.req_id, kind, False, error=str(e))  # type: ignore[attr-defined]
             with self._cond:
@@ -149,6 +171,13 @@ class CacheIO:
                 self._cond.notify_all()
 
     def _load(self, spec: CacheLoadSpec) -> tuple[int, int]:
+        try:
+            return self._copy_in(spec)
+        finally:
+            if spec.hold:
+                self.cache.release(spec.hold)
+
+    def _copy_in(self, spec: CacheLoadSpec) -> tuple[int, int]:
         keys = chunk_keys(self.salt, spec.chains, spec.tenant)
         expected = len(keys) * self.chunk_blocks - spec.skip_blocks
         if len(spec.block_ids) != expected or not 0 <= spec.skip_blocks < self.chunk_blocks:
@@ -159,7 +188,7 @@ class CacheIO:
         for i, key in enumerate(keys):
             value = self.cache.get(key)
             if value is None:
-                raise _Miss(f"chunk {i} of {len(keys)} is no longer in any tier (evicted since the lookup)")
+                raise CacheMiss(f"chunk {i} of {len(keys)} is in no tier now (deleted, or a remote tier evicted it)")
             first = spec.skip_blocks if i == 0 else 0
             pages = np.arange(first, self.chunk_blocks)
             blocks = [next(dst_blocks) for _ in pages]
@@ -180,18 +209,19 @@ class CacheIO:
                              f"got {len(spec.block_ids)}")
         if ready is not None:
             ready.synchronize()
-        present = self.cache.tiers[0].contains(keys) if self.cache.tiers else [False] * len(keys)
+        # Content-addressed: a tier that holds a key holds the same bytes; write only where missing.
+        missing = self.cache.missing(keys)
         stored = 0
         pages = np.arange(self.chunk_blocks)
         for i, key in enumerate(keys):
-            if present[i]:  # content-addressed: the same key holds the same bytes already
+            if not missing[i]:
                 continue
             blocks = spec.block_ids[i * self.chunk_blocks:(i + 1) * self.chunk_blocks]
             plan = plan_cache_to_pool(self.kv, self.chunk_layout, blocks=blocks, pages=pages)
             out = torch.empty(self.chunk_layout.nbytes, dtype=torch.uint8, device=self.kv_buffer.device)
             copy_ranges(self.kv_buffer, out, plan)
             value = out.cpu().numpy() if out.is_cuda else out.numpy()
-            if self.cache.put(key, memoryview(value)):
+            if self.cache.put(key, memoryview(value), missing[i]):
                 stored += value.nbytes
         return len(keys), stored
 
@@ -213,5 +243,11 @@ def _readonly_tensor(value: object) -> torch.Tensor:
         return torch.frombuffer(value, dtype=torch.uint8)  # type: ignore[arg-type]
 
 
-class _Miss(Exception):
-    """A chunk the lookup found is gone: an expected race (eviction), not a bug."""
+class CacheMiss(Exception):
+    """A chunk the lookup found is gone (deleted by the operator, a corrupt file, a remote tier
+    that evicted it): an expected race, not a bug."""
+
+
+def lookup_hold(req_id: ReqId) -> str:
+    """The owner of the hold a scheduler lookup puts on the chunks it found."""
+    return f"lookup/{req_id}"

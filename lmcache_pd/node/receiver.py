@@ -9,6 +9,11 @@ the KV of one request:
      the pool's reader guard, so an abort meanwhile cannot hand those pages to anyone else);
   2. check that it holds the same prompt (token count and digest) as the decode request;
   3. claim it, scatter the pages not yet scattered into the decode's vLLM blocks, release them.
+With the prefix cache on, the control server asks this worker's local tiers, at Allocate, how
+many leading chunks of the prompt they hold (:meth:`hold`): those are held for the hand-off,
+the prefill side sends only the rest, and the loader copies them from the tiers into the
+request's blocks (keyed by the decode's own copy of the prompt, never by what the prefill
+side sent), while the rest is in flight or just before its scatter.
 While it waits, as soon as the pages are granted, the loader builds the scatter's range plan
 (and, on a GPU, uploads it), so that only the copy itself follows the prefill's TransferDone.
 One loader thread serves all loads, woken by the pool's condition; the vLLM forward loop only
@@ -33,6 +38,7 @@ from lmcache_pd.control.allocator import PagePool, PoolStats
 from lmcache_pd.control.server import ControlServer
 from lmcache_pd.errors import PDError, TransferError
 from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
+from lmcache_pd.node.cache_io import CacheIO, CacheLoadSpec, CacheMiss
 from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.ops import PreparedCopy, copy_ranges, prepare_copy, run_copy
 
@@ -47,6 +53,9 @@ class LoadSpec:
     prompt_digest: str
     block_ids: tuple[BlockId, ...]
     """Decode blocks to fill: the tail of the prompt's blocks (a local prefix hit covers the rest)."""
+    chains: tuple[bytes, ...] = ()
+    """Chain hashes of this prompt's full chunks, computed by the decode side itself."""
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,8 @@ class LoadResult:
     """Copies it took: 1, or more when groups were scattered while the rest was in flight."""
     planned_ahead: bool = False
     """The last copy was planned (on a GPU, uploaded) while the pages were still in flight."""
+    cache_tokens: int = 0
+    """Prompt tokens copied from this instance's own cache tiers instead of transferred."""
 
 
 @dataclass
@@ -73,8 +84,15 @@ class _Load:
     spec: LoadSpec
     t0: float
     deadline: float
+    local: int = 0
+    """Leading blocks of the prompt vLLM holds already (its own prefix cache)."""
+    bound: bool = False
+    """``next_page`` was set from the reservation (its skipped pages known)."""
     next_page: int = 0
     """Index into the reservation's pages of the first page not scattered yet."""
+    cached: bool = False
+    """The blocks the decode's own cache supplies were copied in (or there were none)."""
+    cache_tokens: int = 0
     checked: bool = False
     """The reservation was found to hold this request's prompt."""
     scatter_s: float = 0.0
@@ -97,7 +115,8 @@ class _Prepared:
 
 class KVReceiver:
     def __init__(self, cfg: PDConfig, *, instance: str, tp_rank: int, compat: P.CompatInfo,
-                 kv: KVLayout, kv_buffer: torch.Tensor):
+                 kv: KVLayout, kv_buffer: torch.Tensor, cache: CacheIO | None = None):
+        """``cache``: this worker's prefix cache (started by the caller), for decode-side reuse."""
         inst = cfg.instance(instance)
         assert inst.control_port is not None and inst.data_port is not None  # checked by the config
         self.cfg = cfg
@@ -126,6 +145,7 @@ class KVReceiver:
         self._stop = threading.Event()
         self._loader = threading.Thread(target=self._run, name=f"pd-loader-{tp_rank}", daemon=True)
         self._stream: torch.cuda.Stream | None = None  # the loader's CUDA stream, made on first use
+        self.cache = cache if cfg.cache.decode_skip else None
 
     def start(self) -> None:
         if self.transport.capabilities.listens:
@@ -133,7 +153,8 @@ class KVReceiver:
         self.server = ControlServer(self.pool, bind=self.bind, compat=self.compat, incarnation=self.incarnation,
                                     page_bytes=self.pool_layout.page_bytes,
                                     descriptor=self.transport.export_descriptor(self.region),
-                                    max_alloc_wait_s=self.cfg.timeouts.alloc_s)
+                                    max_alloc_wait_s=self.cfg.timeouts.alloc_s,
+                                    prefix=self if self.cache is not None else None)
         self.server.start()
         self._loader.start()
         log.info("decode pool ready: %d pages of %d B (%.0f MiB), control %s, transport %s",
@@ -154,9 +175,9 @@ class KVReceiver:
     def submit_load(self, spec: LoadSpec) -> None:
         now = time.monotonic()
         # The blocks are the tail of the prompt's pages (a local prefix hit covers the rest).
-        skip = max(0, blocks_for_tokens(spec.num_tokens, self.kv_block_size) - len(spec.block_ids))
+        local = max(0, blocks_for_tokens(spec.num_tokens, self.kv_block_size) - len(spec.block_ids))
         with self.pool.cond:
-            self._loads[spec.req_id] = _Load(spec, now, now + self.cfg.timeouts.transfer_s, next_page=skip)
+            self._loads[spec.req_id] = _Load(spec, now, now + self.cfg.timeouts.transfer_s, local=local)
             self.pool.cond.notify_all()
 
     def cancel_load(self, req_id: ReqId) -> None:
@@ -181,6 +202,19 @@ class KVReceiver:
 
     def pool_stats(self) -> PoolStats:
         return self.pool.stats()
+
+    # --- decode-side reuse (called by the control server's thread) ----------------------------
+    def hold(self, msg: P.Allocate) -> int:
+        assert self.cache is not None
+        per = self.cache.chunk_blocks
+        if len(msg.chains) * self.cache.cfg.chunk_tokens > msg.num_tokens:
+            return 0  # more full chunks than the prompt has tokens: not a prompt of this size
+        usable = (msg.num_pages - 1) // per  # at least one page is always sent
+        return self.cache.hold_prefix(_hold_owner(msg.transfer_id), msg.chains, msg.tenant, usable) * per
+
+    def release(self, transfer_id: TransferId) -> None:
+        if self.cache is not None:
+            self.cache.release(_hold_owner(transfer_id))
 
     # --- loader thread --------------------------------------------------------------------
     def _run(self) -> None:
@@ -229,6 +263,9 @@ class KVReceiver:
         """'' when ready to claim, 'landed' when new pages landed, 'granted' when its pages are
         known and its scatter not yet planned, an error text when it failed, None to keep waiting."""
         r = self.pool.lookup(load.spec.transfer_id)
+        if r is not None and not load.bound:
+            # Pages cover the blocks after the skipped ones; vLLM may hold more than those.
+            load.next_page, load.bound = max(0, load.local - r.skip_pages), True
         if r is not None and r.state == PageState.READY:
             return ""
         if r is not None and r.state.failed:
@@ -244,6 +281,7 @@ class KVReceiver:
 
     def _fail(self, load: _Load, error: str, now: float) -> None:
         self.pool.abort(load.spec.transfer_id, reason=error, now=now)  # frees pages or leaves a tombstone
+        self.release(load.spec.transfer_id)
         log.warning("load of %s for %s failed, recomputing: %s", load.spec.transfer_id, load.spec.req_id, error)
         self._record(LoadResult(load.spec.req_id, load.spec.transfer_id, False, waited_s=now - load.t0, error=error))
 
@@ -256,14 +294,42 @@ class KVReceiver:
             raise TransferError("prefill computed a different prompt (token count or digest differs)",
                                 transfer_id=spec.transfer_id)
         n_pages = blocks_for_tokens(spec.num_tokens, self.kv_block_size)
-        if len(r.pages) != n_pages or not 0 < len(spec.block_ids) <= n_pages:
-            raise TransferError(f"{len(r.pages)} pages and {len(spec.block_ids)} blocks for "
+        if r.skip_pages + len(r.pages) != n_pages or not 0 < len(spec.block_ids) <= n_pages:
+            raise TransferError(f"{r.skip_pages} + {len(r.pages)} pages and {len(spec.block_ids)} blocks for "
                                 f"{spec.num_tokens} tokens", transfer_id=spec.transfer_id)
         load.checked = True
+
+    def _load_cached(self, load: _Load, r) -> None:
+        """Copy the blocks the prefill side skipped (whole chunks held here) from this worker's
+        tiers into the request's blocks, once. They are keyed by the decode's own chain hashes:
+        a prefill side that named other chunks makes the load miss and vLLM recompute."""
+        if load.cached:
+            return
+        load.cached = True
+        skip, spec = r.skip_pages, load.spec
+        if skip <= load.local:  # nothing to copy: vLLM holds those blocks already
+            self.release(spec.transfer_id)
+            return
+        assert self.cache is not None  # only a cache grants skipped pages
+        per = self.cache.chunk_blocks
+        first, last = load.local // per, skip // per
+        try:
+            if len(spec.chains) < last:
+                raise TransferError(f"the prefill side skipped {last} chunks, this prompt has {len(spec.chains)}",
+                                    transfer_id=spec.transfer_id)
+            try:
+                self.cache.load_now(CacheLoadSpec(spec.req_id, spec.chains[first:last], spec.tenant,
+                                                  load.local % per, spec.block_ids[:skip - load.local]))
+            except (CacheMiss, ValueError) as e:
+                raise TransferError(f"decode cache: {e}", transfer_id=spec.transfer_id) from None
+        finally:
+            self.release(spec.transfer_id)
+        load.cache_tokens = (skip - load.local) * self.kv_block_size
 
     def _scatter_pages(self, load: _Load, r, upto: int) -> None:
         """Copy the reservation's pages ``[load.next_page, upto)`` into the load's blocks."""
         self._validate(load, r)
+        self._load_cached(load, r)
         first = load.next_page
         if upto <= first:
             return
@@ -296,6 +362,7 @@ class KVReceiver:
             return
         try:
             self._validate(load, r)
+            self._load_cached(load, r)  # while the rest of the prompt is in flight
         except PDError as e:  # the wrong prompt: refuse it now rather than after its transfer
             with self.pool.cond:
                 self._loads.pop(load.spec.req_id, None)
@@ -346,7 +413,7 @@ class KVReceiver:
         self.pool.release(spec.transfer_id, now=now)
         self._record(LoadResult(spec.req_id, spec.transfer_id, True, load.nbytes, r.seconds,
                                 now - load.t0, scatter_s=load.scatter_s, groups=load.groups,
-                                planned_ahead=load.planned_ahead))
+                                planned_ahead=load.planned_ahead, cache_tokens=load.cache_tokens))
 
     def _copy(self, plan: RangePlan, prepared: PreparedCopy | None = None) -> None:
         """Scatter pool pages into vLLM's blocks; on a GPU, complete before the pages go back.
@@ -380,3 +447,7 @@ class KVReceiver:
     @property
     def kv_block_size(self) -> int:
         return self.compat.block_size
+
+
+def _hold_owner(transfer_id: TransferId) -> str:
+    return f"handoff/{transfer_id}"

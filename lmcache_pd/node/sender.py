@@ -4,6 +4,8 @@ Per hand-off (one coroutine on the sender's loop thread; vLLM's forward loop nev
   1. link to the decode peer: control handshake (compat hash, incarnation) and transport
      connect, once per peer and again when the peer restarts;
   2. Allocate pages in the decode pool (the decode side queues us while its pool is full).
+     The Allocate carries the prompt's chunk chain hashes; the decode side answers how many
+     leading blocks its own cache holds (``skip_pages``), and those are not sent.
      The connector reserves them ahead (:meth:`reserve`), while the forward that computes the
      last prompt chunk runs, so that the round trip is off the hand-off's path; a reservation
      the hand-off never takes is cancelled (:meth:`unreserve`) or, at the latest, dropped after
@@ -51,6 +53,9 @@ class SendSpec:
     block_ids: tuple[BlockId, ...]
     num_tokens: int
     prompt_digest: str
+    chains: tuple[bytes, ...] = ()
+    """Chain hashes of the prompt's full chunks (prefix cache on), for decode-side reuse."""
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ class ReserveSpec:
     peer: PeerName
     num_tokens: int
     prompt_digest: str
+    chains: tuple[bytes, ...] = ()
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,17 @@ class SendResult:
     """TransferDone round trip (the decode side may read the pages from its first half on)."""
     reserved: bool = False
     """The pages came from a reservation made while the last prompt chunk computed."""
+    skipped_pages: int = 0
+    """Leading blocks not sent: the decode side's own cache holds them."""
+
+
+@dataclass(frozen=True)
+class _Grant:
+    """Decode pages for one hand-off: ``pages[i]`` receives block ``skip + i`` of the prompt."""
+
+    link: _Link
+    pages: list[int]
+    skip: int
 
 
 @dataclass
@@ -108,6 +126,8 @@ class KVSender:
         self.kv = kv
         self.kv_buffer = kv_buffer
         self.incarnation = uuid.uuid4().hex[:16]
+        self._chunk_blocks = max(1, cfg.cache.chunk_tokens // compat.block_size)
+        """Blocks per cache chunk: the decode side skips whole chunks only."""
         self.transport = transports.create(cfg.transport.name, cfg.transport.options)
         self.region = -1
         self._loop = LoopThread(f"pd-sender-{tp_rank}")
@@ -117,7 +137,7 @@ class KVSender:
         self._down_until: dict[PeerName, tuple[float, str]] = {}
         self._results: list[SendResult] = []
         self._results_lock = threading.Lock()
-        self._reserved: dict[TransferId, tuple[float, asyncio.Task[tuple[_Link, list[int]]]]] = {}
+        self._reserved: dict[TransferId, tuple[float, asyncio.Task[_Grant]]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._handoff_log = HandoffLog(cfg.handoff_log, instance=instance, rank=tp_rank, role="prefill")
@@ -184,37 +204,36 @@ class KVSender:
             entry = self._reserved[spec.transfer_id] = (time.monotonic(), task)
         await asyncio.shield(entry[1])
 
-    async def _allocate_pages(self, spec: ReserveSpec | SendSpec) -> tuple[_Link, list[int]]:
-        link, pages = await self._allocate(spec, blocks_for_tokens(spec.num_tokens, self.compat.block_size))
-        link.inflight.add(spec.transfer_id)  # heartbeats renew the pages' lease until the hand-off ends
-        return link, pages
+    async def _allocate_pages(self, spec: ReserveSpec | SendSpec) -> _Grant:
+        grant = await self._allocate(spec, blocks_for_tokens(spec.num_tokens, self.compat.block_size))
+        grant.link.inflight.add(spec.transfer_id)  # heartbeats renew the pages' lease until the hand-off ends
+        return grant
 
     async def _unreserve(self, transfer_id: TransferId, reason: str) -> None:
         entry = self._reserved.pop(transfer_id, None)
         if entry is not None:
             await self._give_back(entry[1], transfer_id, reason)
 
-    async def _give_back(self, task: asyncio.Task[tuple[_Link, list[int]]], transfer_id: TransferId,
-                         reason: str) -> None:
+    async def _give_back(self, task: asyncio.Task[_Grant], transfer_id: TransferId, reason: str) -> None:
         try:
-            link, _pages = await task
+            grant = await task
         except Exception:  # noqa: BLE001 - nothing was granted, nothing to give back
             return
-        link.inflight.discard(transfer_id)
-        await self._cancel(link, transfer_id, reason)
+        grant.link.inflight.discard(transfer_id)
+        await self._cancel(grant.link, transfer_id, reason)
 
-    async def _take_reservation(self, spec: SendSpec, n_pages: int) -> tuple[_Link, list[int], bool]:
+    async def _take_reservation(self, spec: SendSpec, n_pages: int) -> tuple[_Grant, bool]:
         """The pages reserved for this hand-off (and True), else allocated now (and False)."""
         entry = self._reserved.pop(spec.transfer_id, None)
         if entry is None:
-            return *await self._allocate_pages(spec), False
-        link, pages = await entry[1]  # its failure is this hand-off's failure (no second wait)
-        if len(pages) != n_pages:  # both come from the same request: a bug if ever seen
-            link.inflight.discard(spec.transfer_id)
-            await self._cancel(link, spec.transfer_id, "reservation of the wrong size")
-            raise TransferError(f"reserved {len(pages)} pages, the hand-off needs {n_pages}",
+            return await self._allocate_pages(spec), False
+        grant = await entry[1]  # its failure is this hand-off's failure (no second wait)
+        if grant.skip + len(grant.pages) != n_pages:  # both come from the same request: a bug if ever seen
+            grant.link.inflight.discard(spec.transfer_id)
+            await self._cancel(grant.link, spec.transfer_id, "reservation of the wrong size")
+            raise TransferError(f"reserved {grant.skip} + {len(grant.pages)} pages, the hand-off needs {n_pages}",
                                 transfer_id=spec.transfer_id)
-        return link, pages, True
+        return grant, True
 
     # --- one hand-off ---------------------------------------------------------------------
     async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
@@ -227,11 +246,12 @@ class KVSender:
                 await self._unreserve(spec.transfer_id, "hand-off refused")
                 raise TransferError(f"{len(spec.block_ids)} blocks for {spec.num_tokens} tokens",
                                     transfer_id=spec.transfer_id)
-            link, pages, reserved = await self._take_reservation(spec, n_pages)
+            grant, reserved = await self._take_reservation(spec, n_pages)
+            link, pages = grant.link, grant.pages
             t_alloc = time.monotonic()
             allocated = True
-            blocks = spec.block_ids[:n_pages]
-            ends = self._group_ends(n_pages)
+            blocks = spec.block_ids[grant.skip:n_pages]  # the decode side holds the first ones
+            ends = self._group_ends(len(pages))
             plans = [plan_cache_to_pool(self.kv, link.pool, blocks=blocks[a:b], pages=pages[a:b])
                      for a, b in zip((0, *ends[:-1]), ends)]
             nbytes = sum(p.nbytes for p in plans)
@@ -243,10 +263,12 @@ class KVSender:
             t_done = time.monotonic()
             await link.client.request(done, timeout_s=self.t.control_s, config_field="timeouts.control_s",
                                       what="transfer-done", transfer_id=spec.transfer_id)
-            log.info("sent %s: %d B in %.2f ms (%.2f GB/s, %d groups), hand-off %.2f ms", spec.transfer_id, nbytes,
-                     seconds * 1e3, nbytes / max(seconds, 1e-9) / 1e9, len(plans), (time.monotonic() - t0) * 1e3)
+            log.info("sent %s: %d B in %.2f ms (%.2f GB/s, %d groups; %d of %d blocks held by the decode side), "
+                     "hand-off %.2f ms", spec.transfer_id, nbytes, seconds * 1e3, nbytes / max(seconds, 1e-9) / 1e9,
+                     len(plans), grant.skip, n_pages, (time.monotonic() - t0) * 1e3)
             self._result(SendResult(spec.req_id, spec.transfer_id, True, nbytes, seconds,
-                                    allocate_s=t_alloc - t0, done_s=time.monotonic() - t_done, reserved=reserved))
+                                    allocate_s=t_alloc - t0, done_s=time.monotonic() - t_done, reserved=reserved,
+                                    skipped_pages=grant.skip))
         except (PDError, OSError) as e:
             log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.transfer_id, spec.peer, e)
             if allocated and link is not None:
@@ -266,11 +288,12 @@ class KVSender:
             self._results.append(r)
         self._handoff_log.append(r)
 
-    async def _allocate(self, spec: SendSpec | ReserveSpec, n_pages: int) -> tuple[_Link, list[int]]:
+    async def _allocate(self, spec: SendSpec | ReserveSpec, n_pages: int) -> _Grant:
         for attempt in (1, 2):
             link = await self._link(spec.peer)
             msg = P.Allocate(msg_id=link.client.next_id(), transfer_id=spec.transfer_id, num_pages=n_pages,
-                             num_tokens=spec.num_tokens, prompt_digest=spec.prompt_digest, wait_s=self.t.alloc_s)
+                             num_tokens=spec.num_tokens, prompt_digest=spec.prompt_digest, wait_s=self.t.alloc_s,
+                             chains=list(spec.chains), tenant=spec.tenant)
             try:
                 reply = await link.client.request(msg, timeout_s=self.t.alloc_s + self.t.control_s,
                                                   config_field="timeouts.alloc_s", what="page allocation",
@@ -282,9 +305,14 @@ class KVSender:
                     raise
                 continue
             assert isinstance(reply, P.Allocated)
-            if len(reply.pages) != n_pages or any(not 0 <= p < link.pool.num_pages for p in reply.pages):
-                raise TransferError("decode replied with bad page indices", transfer_id=spec.transfer_id)
-            return link, reply.pages
+            skip = reply.skip_pages
+            if (not 0 <= skip < n_pages or skip % self._chunk_blocks or skip > len(spec.chains) * self._chunk_blocks
+                    or len(reply.pages) != n_pages - skip
+                    or any(not 0 <= p < link.pool.num_pages for p in reply.pages)):
+                await self._cancel(link, spec.transfer_id, "bad Allocated reply")  # its pages come back now
+                raise TransferError(f"decode replied with bad pages ({len(reply.pages)} pages, {skip} skipped, "
+                                    f"{n_pages} blocks)", transfer_id=spec.transfer_id)
+            return _Grant(link, reply.pages, skip)
         raise AssertionError("unreachable")
 
     def _group_ends(self, n_pages: int) -> tuple[int, ...]:

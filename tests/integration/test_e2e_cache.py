@@ -2,11 +2,13 @@
 
 A multi-turn conversation goes through the proxy; each turn re-sends the whole history. From the
 second turn on, the prefill instance computes only the new tokens: the history comes from the
-cache tiers, as vLLM's own counters on the prefill instance show. vLLM's own prefix cache is off
-on the prefill instances, so every reused token is ours. Outputs are judged against the same
-prompt sent straight to decode-0 (a plain colocated vLLM instance for requests without
-hand-off parameters). The conversation then continues on the restarted prefill instance (disk
-tier) and on a second prefill instance that shares only the Redis tier.
+cache tiers, as vLLM's own counters on the prefill instance show; and the history is not
+transferred again: decode-0 copies it from its own tiers (it saved each turn's prompt), as the
+hand-off report shows. vLLM's own prefix cache is off on both instances, so every reused token
+is ours. Outputs are judged against the same prompt sent straight to decode-0 (a plain
+colocated vLLM instance for requests without hand-off parameters). The conversation then
+continues on the restarted prefill instance (disk tier) and on a second prefill instance that
+shares only the Redis tier.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def cache_deployment(tmp_path_factory):
     })
     data = yaml.safe_load(cfg.read_text())
     data["prefill"][0]["vllm_args"] = ["--no-enable-prefix-caching"]
+    data["decode"][0]["vllm_args"] = ["--no-enable-prefix-caching"]
     data["prefill"].append({**data["prefill"][0], "name": "prefill-1", "http_port": _port(), "cache_port": _port()})
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
     dep = LocalDeployment(cfg, work)
@@ -91,14 +94,25 @@ def prefill_counters(url: str) -> dict[str, float]:
     return out
 
 
-def run_turn(dep, proxy: str, prefill: str, prompt: list[int], *, expect_cached: int, source: str | None):
+def run_turn(dep, proxy: str, prefill: str, prompt: list[int], *, expect_cached: int, source: str | None,
+             decode_held: int | None = None):
+    """One turn through ``proxy``. ``expect_cached``: prompt tokens the prefill's tiers supply;
+    ``decode_held`` (default the same): tokens decode-0's own tiers supply, not transferred."""
     decode = dep.procs["decode-0"].url
     reference, _ = completion(decode, prompt)  # colocated: no hand-off parameters
     before = prefill_counters(prefill)
     got, _ = completion(proxy, prompt)
     assert token_ids(got) == token_ids(reference), "output differs from the colocated output"
-    assert report(got)["loaded"] is True, report(got)
+    rep = report(got)
+    assert rep["loaded"] is True, rep
     n = len(prompt)
+    held = expect_cached if decode_held is None else decode_held
+    # Only the tokens decode-0 did not hold were sent (one page per 128-token block), and the
+    # held ones were copied from its tiers: the decode still computed only the last token.
+    assert rep["cache_tokens"] == held and rep["prompt_tokens_computed"] == 1, rep
+    if not held:  # the first turn sends everything: bytes per token of this model
+        dep.bytes_per_token = rep["bytes"] / n
+    assert rep["bytes"] == dep.bytes_per_token * (n - held), (rep, dep.bytes_per_token)
 
     def delta() -> dict[str, float]:
         after = prefill_counters(prefill)
@@ -137,12 +151,18 @@ def test_cache_control_api_through_the_proxy(cache_deployment):
 
     ids = prompt_ids(3 * CHUNK + 1, seed=7)
     completion(proxy, ids)
-    look = lambda: post(f"{proxy}/cache/lookup", {"token_ids": ids})[0]["prefill-0"]["0"]  # noqa: E731
-    wait_for(lambda: look()["cached_tokens"] == 3 * CHUNK, 10, "the new prompt was not cached")
-    assert look()["tiers"] == {"memory": 3 * CHUNK}
+
+    def look(instance: str = "prefill-0") -> dict:
+        return post(f"{proxy}/cache/lookup", {"token_ids": ids})[0][instance]["0"]
+    # Both instances saved the prompt: the prefill after computing it, the decode after its answer.
+    for inst in ("prefill-0", "decode-0"):
+        wait_for(lambda i=inst: look(i)["cached_tokens"] == 3 * CHUNK, 10, f"{inst} did not cache the prompt")
+        assert look(inst)["tiers"] == {"memory": 3 * CHUNK}
     cleared, _ = post(f"{proxy}/cache/clear", {"token_ids": ids})
-    assert cleared["prefill-0"]["0"]["removed"] == {"memory": 3, "disk": 3, "redis": 3}, cleared
-    assert look()["cached_tokens"] == 0
+    p0, d0 = cleared["prefill-0"]["0"]["removed"], cleared["decode-0"]["0"]["removed"]
+    assert (p0["memory"], p0["disk"], d0["memory"], d0["disk"]) == (3, 3, 3, 3), cleared
+    assert p0["redis"] + d0["redis"] == 3, cleared  # one shared server: whoever came first
+    assert look()["cached_tokens"] == look("decode-0")["cached_tokens"] == 0
     assert post(f"{proxy}/cache/lookup", {"prompt": "def f(x):"})[0]["prefill-0"]["0"]["cached_tokens"] == 0
 
     with urllib.request.urlopen(f"{proxy}/cache/stats", timeout=10) as r:

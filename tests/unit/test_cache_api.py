@@ -94,6 +94,7 @@ def test_stats_and_prometheus_metrics(served):
     assert status == 200 and stats["chunk_tokens"] == CHUNK
     assert stats["hit_tokens"]["memory"] == 3 * CHUNK
     assert stats["tiers"]["disk"]["entries"] == 3 and stats["tiers"]["memory"]["written_bytes"] > 0
+    assert stats["holds"] == 1  # the lookup holds its chunks for a load that has not come yet
     status, text = call(url, "/metrics")
     assert status == 200
     lines = text.splitlines()
@@ -101,3 +102,4 @@ def test_stats_and_prometheus_metrics(served):
     assert hit and float(hit[0].split()[-1]) == 3 * CHUNK
     assert any(ln.startswith("lmcache_pd_cache_evictions_total{") for ln in lines)
     assert any(ln.startswith('lmcache_pd_cache_up{') and ln.endswith(" 1.0") for ln in lines)
+    assert any(ln.startswith('lmcache_pd_cache_holds{') and ln.endswith(" 1.0") for ln in lines)

@@ -19,9 +19,10 @@ from vllm.v1.core.kv_cache_utils import KVCacheBlock  # noqa: E402
 from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
 
+from lmcache_pd.cache.keys import ChunkKey  # noqa: E402
 from lmcache_pd.config import config_from_dict  # noqa: E402
 from lmcache_pd.connector.scheduler_side import PrefillScheduler  # noqa: E402
-from lmcache_pd.node.cache_io import CacheIO  # noqa: E402
+from lmcache_pd.node.cache_io import CacheIO, lookup_hold  # noqa: E402
 from lmcache_pd.ops import kv_layout_of  # noqa: E402
 from tests.unit.test_layout import vllm_like_cache  # noqa: E402
 from tests.unit.test_node import BLOCK, CPT, HEADS, LAYERS, C  # noqa: E402
@@ -69,6 +70,8 @@ class Instance:
             self.io.submit_save(s, None)
         for ld in meta.cache_loads:
             self.io.submit_load(ld)
+        for rid in meta.cache_releases:
+            self.io.release(lookup_hold(rid))
         return meta
 
     def results(self, n, timeout_s=10):
@@ -175,16 +178,53 @@ def test_tenants_do_not_share_cached_prefixes(inst):
     assert inst.matched(request("d", toks, salt="alice")) == (3 * CHUNK, True)
 
 
-def test_a_chunk_evicted_after_the_lookup_fails_the_load(inst):
+def test_a_chunk_deleted_after_the_lookup_fails_the_load(inst):
     toks = prompt(3 * CHUNK + 1)
     inst.save(toks, range(8))
     b = request("b", toks)
     assert inst.matched(b) == (3 * CHUNK, True)
-    inst.io.cache.clear()  # evicted from every tier meanwhile
+    inst.io.cache.clear()  # the operator cleared the cache meanwhile
     inst.sched.update_state_after_alloc(b, blocks(range(20, 26)), 3 * CHUNK)
     inst.step()
     (res,) = inst.results(1)
-    assert res.kind == "load" and not res.ok and "no longer in any tier" in res.error
+    assert res.kind == "load" and not res.ok and "chunk 0 of 3 is in no tier now" in res.error
+    assert inst.io.cache.holds.owners() == 0
+
+
+def fill_up(inst) -> tuple[object, list]:
+    """Make the memory tier full, so that storing anything has to evict; returns the tier and
+    a put that needs room."""
+    mem = inst.io.cache.tiers[0]
+    mem._index.capacity = mem._index.bytes
+    k = mem._index.keys()[0]
+    return mem, [ChunkKey(k.tenant, bytes(32)), b"x" * 16]
+
+
+def test_chunks_found_by_a_lookup_are_held_until_their_load(inst):
+    toks = prompt(3 * CHUNK + 1)
+    inst.save(toks, range(8))
+    b = request("b", toks)
+    assert inst.matched(b) == (3 * CHUNK, True)
+    mem, put = fill_up(inst)
+    before = set(mem._index.keys())
+    assert not mem.put(*put) and set(mem._index.keys()) == before  # held: nothing may be evicted
+    inst.sched.update_state_after_alloc(b, blocks(range(20, 26)), 3 * CHUNK)
+    inst.step()
+    (res,) = inst.results(1)
+    assert res.kind == "load" and res.ok
+    assert inst.io.cache.holds.owners() == 0 and mem.put(*put)  # the load ended the hold
+
+
+def test_a_lookup_vllm_never_claims_is_released_when_the_request_ends(inst):
+    toks = prompt(3 * CHUNK + 1)
+    inst.save(toks, range(8))
+    b = request("b", toks)
+    assert inst.matched(b) == (3 * CHUNK, True)
+    assert inst.io.cache.holds.owners() == 1
+    inst.finish(b, list(range(20, 28)))  # e.g. aborted before it was scheduled: no load
+    meta = inst.step()
+    assert meta.cache_releases == ["b"] and not meta.cache_loads
+    assert inst.io.cache.holds.owners() == 0
 
 
 def test_nothing_new_to_save_frees_the_blocks_at_once(inst):

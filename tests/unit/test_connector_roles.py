@@ -193,7 +193,8 @@ def test_decode_reports_the_outcome_and_prompt_tokens_it_computed(decode):
     delay, report = decode.request_finished(r, [1, 2, 3])
     assert delay is False
     assert report["lmcache_pd"] == {"transfer_id": "t1", "loaded": True, "bytes": 3072, "transfer_s": 0.01,
-                                    "wait_s": 0.02, "error": "", "prompt_tokens": 40, "prompt_tokens_computed": 1}
+                                    "wait_s": 0.02, "error": "", "prompt_tokens": 40, "prompt_tokens_computed": 1,
+                                    "cache_tokens": 0}
 
 
 def test_worker_meta_aggregates_tp_ranks():

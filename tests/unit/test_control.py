@@ -235,3 +235,118 @@ def test_version_mismatch_gets_a_version_error(server):
     assert isinstance(reply, P.Error) and reply.code == P.ErrorCode.VERSION and "99" in reply.message
     s.close()
     ctx.term()
+
+
+class Holder:
+    """Stands in for the decode worker's cache (tests/unit/test_decode_reuse.py has the real
+    one): says it holds ``skip`` leading pages and records what it was asked and released."""
+
+    def __init__(self, skip: int | Exception):
+        self.skip = skip
+        self.asked: list[str] = []
+        self.released: list[str] = []
+
+    def hold(self, msg: P.Allocate) -> int:
+        self.asked.append(msg.transfer_id)
+        if isinstance(self.skip, Exception):
+            raise self.skip
+        return self.skip
+
+    def release(self, transfer_id: str) -> None:
+        self.released.append(transfer_id)
+
+
+def holder_server(holder: Holder, pages: int = 8) -> ControlServer:
+    srv = ControlServer(PagePool(pages, lease_s=30), bind="tcp://127.0.0.1:0", compat=COMPAT, incarnation="dec-1",
+                        page_bytes=65536, descriptor=b"d", max_alloc_wait_s=5.0, prefix=holder)
+    srv.start()
+    return srv
+
+
+def alloc_chains(c: ControlClient, tid: str, n: int, wait_s: float = 1.0, chains: int = 4) -> P.Allocate:
+    return P.Allocate(msg_id=c.next_id(), transfer_id=tid, num_pages=n, num_tokens=n * 128, prompt_digest="d",
+                      wait_s=wait_s, chains=[bytes([i]) * 32 for i in range(chains)])
+
+
+def with_client(srv: ControlServer, body, identity: str = "prefill-0/0/x"):
+    async def go():
+        ctx, c = await client_for(srv, identity)
+        await handshake(c)
+        try:
+            return await body(c)
+        finally:
+            await c.close()
+            ctx.term()
+    try:
+        return run(go())
+    finally:
+        srv.close()
+
+
+def test_allocated_skips_what_the_decode_cache_holds():
+    holder = Holder(4)
+    srv = holder_server(holder)
+
+    async def body(c):
+        got = await req(c, alloc_chains(c, "t1", 6))
+        assert isinstance(got, P.Allocated) and got.skip_pages == 4 and len(got.pages) == 2
+        assert srv.pool.lookup("t1").skip_pages == 4 and srv.pool.free_pages == 6
+        plain = await req(c, alloc_chains(c, "t2", 2, chains=0))  # no chains: the cache is not asked
+        assert plain.skip_pages == 0 and len(plain.pages) == 2
+        for tid in ("t1", "t2"):
+            await req(c, P.Cancel(msg_id=c.next_id(), transfer_id=tid, reason="done"))
+        # A prompt larger than the pool fits once the decode holds enough of it.
+        big = await req(c, alloc_chains(c, "t3", 10))
+        assert big.skip_pages == 4 and len(big.pages) == 6
+    with_client(srv, body)
+    assert holder.asked == ["t1", "t3"] and holder.released == ["t1", "t2"]
+
+
+@pytest.mark.parametrize("skip", [6, -1, RuntimeError("tier broke")])
+def test_a_holder_answer_out_of_range_or_failing_sends_everything(skip):
+    srv = holder_server(Holder(skip))
+
+    async def body(c):
+        got = await req(c, alloc_chains(c, "t1", 6))
+        assert got.skip_pages == 0 and len(got.pages) == 6
+    with_client(srv, body)
+
+
+def test_refused_queued_or_cancelled_allocations_end_their_holds():
+    holder = Holder(2)
+    srv = holder_server(holder)
+
+    async def body(c):
+        with pytest.raises(PoolExhausted):  # 12 - 2 > 8 pages
+            await req(c, alloc_chains(c, "big", 12))
+        await req(c, alloc_chains(c, "a", 8))  # 6 pages taken
+        with pytest.raises(PoolExhausted, match="timeouts.alloc_s"):
+            await req(c, alloc_chains(c, "late", 6, wait_s=0.2))  # needs 4, 2 free
+        with pytest.raises(TransferError):  # a known transfer id: refused, the first hold kept
+            await req(c, alloc_chains(c, "a", 4))
+        await req(c, P.Cancel(msg_id=c.next_id(), transfer_id="a", reason="x"))
+    with_client(srv, body)
+    assert holder.asked == ["big", "a", "late"]
+    assert holder.released == ["big", "late", "a"]
+
+
+def test_another_peers_cancel_does_not_end_a_hold():
+    holder = Holder(2)
+    srv = holder_server(holder)
+
+    async def go():
+        ctx, a = await client_for(srv, "prefill-0/0/a")
+        ctx2, b = await client_for(srv, "prefill-1/0/b")
+        await handshake(a)
+        await handshake(b)
+        await req(a, alloc_chains(a, "t1", 4))
+        with pytest.raises(TransferError):
+            await req(b, P.Cancel(msg_id=b.next_id(), transfer_id="t1", reason="forged"))
+        for c, x in ((a, ctx), (b, ctx2)):
+            await c.close()
+            x.term()
+    try:
+        run(go())
+    finally:
+        srv.close()
+    assert holder.released == []

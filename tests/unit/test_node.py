@@ -29,7 +29,7 @@ CPT = msgspec.structs.replace(COMPAT, block_size=BLOCK, num_layers=LAYERS, page_
 
 
 def make_cfg(transport: str = "tcp", *, options: dict | None = None, pool_mib: int = 1, group_mib: int = 128,
-             **timeouts) -> PDConfig:
+             cache: dict | None = None, **timeouts) -> PDConfig:
     http_p, http_d, ctrl, data = free_ports(4)
     t = {"handshake_s": 2, "control_s": 2, "alloc_s": 2, "transfer_s": 3, "data_s": 3, "lease_s": 5,
          "heartbeat_s": 0.5, **timeouts}
@@ -40,6 +40,7 @@ def make_cfg(transport: str = "tcp", *, options: dict | None = None, pool_mib: i
         "transport": {"name": transport, "options": options or {}, "group_mib": group_mib},
         "pool": {"size_mib": pool_mib},
         "timeouts": t,
+        **({"cache": cache} if cache else {}),
     }, source="test")
 
 
