@@ -135,10 +135,6 @@ class TieredCache:
         """End ``owner``'s hold (its load is done, or will not come)."""
         self.holds.release(owner)
 
-    def hold(self, owner: str, keys: Sequence[ChunkKey], lease_s: float) -> None:
-        """Hold chunks already known to be there (see ``lookup(hold=...)``)."""
-        self.holds.hold(owner, keys, lease_s)
-
     # --- writes -----------------------------------------------------------------------------
     def missing(self, keys: Sequence[ChunkKey]) -> list[tuple[int, ...]]:
         """Per key, the indices of the tiers that do not hold it (one query per tier)."""

@@ -16,6 +16,7 @@ A claim never covers the prompt's last token: vLLM must compute it to sample.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 class _Req:
     chains: list[bytes]
     """Chain hashes of the prompt's full chunks."""
+    usable: int
+    """How many of them a load may supply (the chunk holding the last token is computed)."""
     lookup: Lookup | None = None
     local: int = 0
     """vLLM's own (block-aligned) prefix hit when we last answered."""
@@ -63,21 +66,26 @@ class CacheScheduler:
     def _req(self, request: Request) -> _Req:
         r = self._reqs.get(request.request_id)
         if r is None:
-            usable = (request.num_prompt_tokens - 1) // self.chunk  # the last token is always computed
+            full = request.num_prompt_tokens // self.chunk
             r = self._reqs[request.request_id] = _Req(
-                chain_hashes(request.prompt_token_ids, self.chunk, tenant=request.cache_salt, max_chunks=usable))
+                chain_hashes(request.prompt_token_ids, self.chunk, tenant=request.cache_salt, max_chunks=full),
+                (request.num_prompt_tokens - 1) // self.chunk)  # the last token is always computed
         return r
+
+    def chains(self, request: Request) -> list[bytes]:
+        """Chain hashes of every full chunk of the prompt (hashed once per request)."""
+        return self._req(request).chains if request.prompt_token_ids is not None else []
 
     def matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         if request.prompt_token_ids is None:
             return 0, False
         r = self._req(request)
-        if len(r.chains) * self.chunk <= num_computed_tokens:
+        if r.usable * self.chunk <= num_computed_tokens:
             return 0, False  # vLLM's own cache already covers every chunk we could supply
         if r.lookup is None:
             rid = request.request_id
             if not self.client.pending(rid):
-                self.client.ask(rid, r.chains, request.cache_salt)
+                self.client.ask(rid, r.chains[:r.usable], request.cache_salt)
             r.lookup = self.client.poll(rid, wait_s=0.002)
             if r.lookup is None:
                 return None, False  # vLLM asks again on its next step
@@ -122,7 +130,8 @@ class CacheScheduler:
         have = r.lookup.hits if r is not None and r.lookup is not None else 0
         if have:
             self._releases.append(request.request_id)
-        save = save_spec(request, block_ids, self.chunk, self.block_size, have=have)
+        save = save_spec(request, block_ids, self.chunk, self.block_size, have=have,
+                         chains=r.chains if r is not None else None)
         if save is not None:
             self._saves.append(save)
         return save is not None
@@ -135,16 +144,18 @@ class CacheScheduler:
 
 
 def save_spec(request: Request, block_ids: list[int], chunk: int, block_size: int, *,
-              have: int = 0) -> CacheSaveSpec | None:
+              have: int = 0, chains: Sequence[bytes] | None = None) -> CacheSaveSpec | None:
     """The save of a finished request's computed full prompt chunks after the first ``have``
-    (known to be cached), or None when there are none."""
+    (known to be cached), or None when there are none. ``chains``: the prompt's chain hashes
+    if the caller has them already."""
     if request.prompt_token_ids is None:
         return None
     n = min(request.num_prompt_tokens, request.num_computed_tokens) // chunk
     n = min(n, len(block_ids) * block_size // chunk)
     if n <= have:
         return None
-    chains = chain_hashes(request.prompt_token_ids, chunk, tenant=request.cache_salt, max_chunks=n)
+    if chains is None or len(chains) < n:
+        chains = chain_hashes(request.prompt_token_ids, chunk, tenant=request.cache_salt, max_chunks=n)
     per = chunk // block_size
     return CacheSaveSpec(request.request_id, tuple(chains[have:]), request.cache_salt,
                          tuple(block_ids[have * per:n * per]))

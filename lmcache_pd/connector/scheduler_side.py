@@ -91,7 +91,8 @@ class _PrefillReq:
 
 
 def prompt_chains(cfg: PDConfig, request: Request) -> tuple[bytes, ...]:
-    """Chain hashes of every full chunk of the prompt, for decode-side reuse (else empty)."""
+    """Chain hashes of every full chunk of the prompt, for decode-side reuse (else empty).
+    The prefill side takes them from its CacheScheduler, which hashes each prompt once."""
     c = cfg.cache
     if not (c.enabled and c.decode_skip) or request.prompt_token_ids is None:
         return ()
@@ -158,9 +159,9 @@ class PrefillScheduler(SchedulerRole):
 
     def _track(self, request: Request, params: P.PrefillParams) -> _PrefillReq:
         assert request.prompt_token_ids is not None
+        chains = tuple(self.cache.chains(request)) if self.cache is not None and self.cfg.cache.decode_skip else ()
         return _PrefillReq(params.transfer_id, params.decode_peer, request.num_prompt_tokens,
-                           P.prompt_digest(request.prompt_token_ids), prompt_chains(self.cfg, request),
-                           request.cache_salt)
+                           P.prompt_digest(request.prompt_token_ids), chains, request.cache_salt)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         r = self._reqs.pop(request.request_id, None)
