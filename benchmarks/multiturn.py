@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from lmcache_pd.cli.demo import sse_events
 from lmcache_pd.cli.local import LocalDeployment, local_config
 from lmcache_pd.cli.tinymodel import build_tiny_model
 
@@ -52,19 +53,12 @@ def stream_ttft(url: str, prompt: list[int], max_tokens: int) -> tuple[float, li
     t0 = time.perf_counter()
     ttft = None
     ids: list[int] = []
-    with urllib.request.urlopen(req, timeout=600) as r:
-        for raw in r:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[5:])
-            if "error" in event:
-                raise RuntimeError(event["error"])
-            for c in event.get("choices", []):
-                got = c.get("token_ids") or []
-                if got and ttft is None:
-                    ttft = time.perf_counter() - t0
-                ids += got
+    for event in sse_events(req, 600):
+        for c in event.get("choices", []):
+            got = c.get("token_ids") or []
+            if got and ttft is None:
+                ttft = time.perf_counter() - t0
+            ids += got
     if ttft is None:
         raise RuntimeError("no token streamed")
     return ttft, ids

@@ -12,6 +12,7 @@ import json
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from lmcache_pd.cli.local import LocalDeployment, local_config
@@ -36,6 +37,20 @@ def stream_completion(url: str, prompt: str, max_tokens: int, request_id: str,
     ttft = None
     text = []
     prompt_tokens = 0
+    for event in sse_events(req, timeout_s):
+        if event.get("usage"):
+            prompt_tokens = event["usage"]["prompt_tokens"]
+        if not event.get("choices"):
+            continue
+        piece = event["choices"][0].get("text", "")
+        if piece and ttft is None:
+            ttft = time.monotonic() - t0
+        text.append(piece)
+    return "".join(text), ttft if ttft is not None else float("nan"), time.monotonic() - t0, prompt_tokens
+
+
+def sse_events(req: urllib.request.Request, timeout_s: float) -> Iterator[dict]:
+    """The JSON events of a streamed OpenAI-style response; an error event raises."""
     with urllib.request.urlopen(req, timeout=timeout_s) as r:
         for raw in r:
             line = raw.decode().strip()
@@ -44,15 +59,7 @@ def stream_completion(url: str, prompt: str, max_tokens: int, request_id: str,
             event = json.loads(line[5:])
             if "error" in event:
                 raise RuntimeError(event["error"])
-            if event.get("usage"):
-                prompt_tokens = event["usage"]["prompt_tokens"]
-            if not event.get("choices"):
-                continue
-            piece = event["choices"][0].get("text", "")
-            if piece and ttft is None:
-                ttft = time.monotonic() - t0
-            text.append(piece)
-    return "".join(text), ttft if ttft is not None else float("nan"), time.monotonic() - t0, prompt_tokens
+            yield event
 
 
 def _handoff(log: Path, request_id: str, timeout_s: float = 5.0) -> dict | None:

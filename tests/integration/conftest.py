@@ -27,12 +27,17 @@ TRANSFER_S = 4.0
 PREFILL_TIMEOUT_S = 2.0
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
+def tiny_model_or_skip(tmp_path_factory, name: str) -> tuple[Path, Path]:
+    """A work directory and the tiny model (LMCACHE_PD_TEST_MODEL_DIR reuses one); skips without vLLM."""
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed here (run scripts/setup)")
-    work = tmp_path_factory.mktemp("pd")
-    model = build_tiny_model(Path(os.environ.get("LMCACHE_PD_TEST_MODEL_DIR", work / "tiny-model")))
+    work = tmp_path_factory.mktemp(name)
+    return work, build_tiny_model(Path(os.environ.get("LMCACHE_PD_TEST_MODEL_DIR", work / "tiny-model")))
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    work, model = tiny_model_or_skip(tmp_path_factory, "pd")
     ghost_http, ghost_ctrl, ghost_data = free_ports(3)
     cfg = local_config(model, work, extra={
         "pool.size_mib": 1,  # 16 pages of 64 KiB = 2048 tokens: a 3000-token prompt cannot fit

@@ -13,19 +13,15 @@ shares only the Redis tier.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
 from lmcache_pd.cli.local import LocalDeployment, local_config
-from lmcache_pd.cli.tinymodel import build_tiny_model
-from tests.integration.conftest import counter, metrics, post, prompt_ids, wait_for
+from tests.integration.conftest import counter, metrics, post, prompt_ids, tiny_model_or_skip, wait_for
 from tests.integration.test_e2e import completion, report, token_ids
 from tests.redis_server import RedisServer
 
@@ -35,10 +31,7 @@ CHUNK = 128  # vLLM's CPU block size: one block per chunk
 
 @pytest.fixture(scope="module")
 def cache_deployment(tmp_path_factory):
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed here (run scripts/setup)")
-    work = tmp_path_factory.mktemp("pd-cache")
-    model = build_tiny_model(Path(os.environ.get("LMCACHE_PD_TEST_MODEL_DIR", work / "tiny-model")))
+    work, model = tiny_model_or_skip(tmp_path_factory, "pd-cache")
     redis = RedisServer().start()
     cfg = local_config(model, work, extra={
         "proxy.prefills": ["prefill-0"],

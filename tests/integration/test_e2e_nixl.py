@@ -7,16 +7,11 @@ main one; outputs are judged against the same request sent straight to the prefi
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-
 import pytest
 
 from lmcache_pd import transport as transports
 from lmcache_pd.cli.local import LocalDeployment, local_config
-from lmcache_pd.cli.tinymodel import build_tiny_model
-from tests.integration.conftest import counter, metrics, prompt_ids, wait_for
+from tests.integration.conftest import counter, metrics, prompt_ids, tiny_model_or_skip, wait_for
 from tests.integration.test_e2e import completion, handoff_record, report, token_ids
 
 pytestmark = pytest.mark.e2e
@@ -24,13 +19,10 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def nixl_deployment(tmp_path_factory):
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed here (run scripts/setup)")
     ok, why = transports.available("nixl")
     if not ok:
         pytest.skip(f"nixl unavailable here: {why}")
-    work = tmp_path_factory.mktemp("pd-nixl")
-    model = build_tiny_model(Path(os.environ.get("LMCACHE_PD_TEST_MODEL_DIR", work / "tiny-model")))
+    work, model = tiny_model_or_skip(tmp_path_factory, "pd-nixl")
     cfg = local_config(model, work, extra={"transport.name": "nixl", "pool.size_mib": 4})
     dep = LocalDeployment(cfg, work)
     try:
