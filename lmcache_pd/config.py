@@ -23,6 +23,7 @@ from typing import Annotated, Any
 import msgspec
 import yaml
 
+from lmcache_pd.auth import Keyring, is_loopback
 from lmcache_pd.errors import ConfigError
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
@@ -31,9 +32,11 @@ Positive = Annotated[int, msgspec.Meta(gt=0)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 ENV_PREFIX = "LMCACHE_PD__"
+SECRET_ENV = "LMCACHE_PD_SECRET"
 ENV_VARS: dict[str, str] = {
     "LMCACHE_PD_CONFIG": "path of the YAML config file, when no --config is given",
     "LMCACHE_PD_INSTANCE": "name of this instance in the config (set by the launcher for vLLM)",
+    SECRET_ENV: "the deployment's shared secret (instead of auth.secret_file; never on a command line)",
     ENV_PREFIX + "<SECTION>__<FIELD>": "override one field, e.g. LMCACHE_PD__POOL__SIZE_MIB=512",
 }
 
@@ -105,7 +108,31 @@ class TimeoutsConfig(_Section):
     lease_s: Seconds = 30.0
     """Pool pages return to the pool when not renewed (heartbeat) or consumed within this time."""
     heartbeat_s: Seconds = 2.0
-    """Prefill renews the leases of its in-flight transfers at this interval."""
+    """Prefill workers heartbeat every linked decode worker at this interval (renewing the leases
+    of in-flight transfers); an unanswered heartbeat (``control_s``) drops the link."""
+    peer_s: Seconds = 10.0
+    """A decode worker forgets a prefill worker it has not heard from for this long (killed,
+    stopped, partitioned): the reservations it was still writing are aborted, and their decode
+    requests recompute at once instead of waiting for ``transfer_s``."""
+
+
+class AuthConfig(_Section):
+    secret_file: str | None = None
+    """File holding the deployment's shared secret (at least 16 bytes; surrounding whitespace is
+    ignored; ``lmcache-pd secret FILE`` writes one). The environment variable LMCACHE_PD_SECRET
+    may hold the secret instead. With neither, every instance and the proxy bind loopback only."""
+    encrypt: bool = False
+    """Encrypt the control plane with CurveZMQ (keys derived from the secret). The tcp data plane
+    stays unencrypted: see docs/security.md."""
+
+
+class BackpressureConfig(_Section):
+    prefill_queue: Positive = 64
+    """Hand-offs one prefill worker lets wait for pages of one decode instance; beyond it a
+    hand-off fails at once (its blocks are freed, the decode side recomputes)."""
+    decode_queue: Positive = 256
+    """Allocations one decode worker queues while its pool is full; beyond it they are refused
+    at once."""
 
 
 class TierConfig(_Section):
@@ -158,6 +185,8 @@ class PDConfig(_Section):
     transport: TransportConfig = TransportConfig()
     pool: PoolConfig = PoolConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    auth: AuthConfig = AuthConfig()
+    backpressure: BackpressureConfig = BackpressureConfig()
     cache: CacheConfig = CacheConfig()
     log_level: str = "info"
     handoff_log: str | None = None
@@ -311,11 +340,71 @@ def _check_semantics(cfg: PDConfig, source: str) -> None:
     if t.heartbeat_s >= t.lease_s:
         raise ConfigError(f"must be below timeouts.lease_s ({t.lease_s:g})", field="timeouts.heartbeat_s",
                           source=source)
+    if 2 * t.heartbeat_s >= t.peer_s:
+        raise ConfigError(f"must exceed two heartbeats (2 x timeouts.heartbeat_s = {2 * t.heartbeat_s:g})",
+                          field="timeouts.peer_s", source=source)
     tier_names = [tier.name for tier in cfg.cache.tiers]
     if len(set(tier_names)) != len(tier_names):
         raise ConfigError(f"each tier may appear once (got {tier_names})", field="cache.tiers", source=source)
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("one of debug, info, warning, error", field="log_level", source=source)
+
+
+def read_secret(cfg: PDConfig, *, environ: Mapping[str, str] | None = None) -> bytes | None:
+    """The deployment's shared secret, from ``auth.secret_file`` or LMCACHE_PD_SECRET (not both),
+    or None when neither is set. Never from the config's own values: the config travels on vLLM's
+    command line, and command lines are visible to every user of the machine."""
+    env = os.environ if environ is None else environ
+    from_env = env.get(SECRET_ENV, "").strip().encode()
+    path = cfg.auth.secret_file
+    if path and from_env:
+        raise ConfigError(f"the secret is given twice: set auth.secret_file or {SECRET_ENV}, not both",
+                          field="auth.secret_file")
+    secret = from_env or None
+    where = SECRET_ENV
+    if path:
+        where = f"auth.secret_file ({path})"
+        try:
+            with open(path, "rb") as f:
+                secret = f.read().strip()
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            raise ConfigError(f"cannot read the secret: {e}", field="auth.secret_file") from None
+        if mode & 0o077:
+            logging.getLogger(__name__).warning("%s is readable by other users (mode %o): chmod 600 it",
+                                                path, mode & 0o777)
+    from lmcache_pd.auth import MIN_SECRET_BYTES
+
+    if secret is not None and len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(f"the secret in {where} has {len(secret)} bytes; at least {MIN_SECRET_BYTES} are "
+                          "needed (`lmcache-pd secret FILE` writes a random one)", field="auth.secret_file")
+    return secret
+
+
+def keyring(cfg: PDConfig, *, environ: Mapping[str, str] | None = None) -> Keyring:
+    """This process's keys (auth.py), from the deployment's secret."""
+    secret = read_secret(cfg, environ=environ)
+    if cfg.auth.encrypt and secret is None:
+        raise ConfigError(f"encryption needs a shared secret (auth.secret_file or {SECRET_ENV})", field="auth.encrypt")
+    return Keyring(secret)
+
+
+def check_exposure(cfg: PDConfig, keys: Keyring, name: str | None) -> None:
+    """Refuse to start instance ``name`` (None: the proxy) on a non-loopback address without a
+    shared secret: whoever reaches its ports could then write into the decode pool."""
+    if keys.authenticated:
+        return
+    if name is None:
+        host, field = cfg.proxy.host, "proxy.host"
+    else:
+        inst = cfg.instance(name)
+        group = "prefill" if cfg.role_of(name) == "prefill" else "decode"
+        index = [i.name for i in getattr(cfg, group)].index(name)
+        host, field = inst.host, f"{group}.{index}.host"
+    if not is_loopback(host):
+        raise ConfigError(f"{host!r} is reachable beyond this machine, and no shared secret is configured: set "
+                          f"auth.secret_file or {SECRET_ENV} (`lmcache-pd secret FILE` writes one), or bind "
+                          "127.0.0.1", field=field)
 
 
 def resolve_instance(explicit: str | None, *, environ: Mapping[str, str] | None = None) -> str:

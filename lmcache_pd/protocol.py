@@ -1,10 +1,18 @@
 """Wire protocol of the control plane and the kv_transfer_params contract (L1; no torch, no zmq).
 
-Every control-plane message is two zmq frames:
-  frame 0: fixed header ``b"LMPD" + u16 protocol version`` (checked before anything is decoded),
-  frame 1: msgpack body, one struct of the tagged union :data:`Message`.
-The handshake is two-phase: the decode side compares ``compat_hash`` first and decodes the
-opaque ``payload`` (the transport descriptor) only when it matches.
+Every control-plane message is three zmq frames:
+  frame 0: fixed header ``b"LMPD" + u16 protocol version``,
+  frame 1: msgpack body, one struct of the tagged union :data:`Message`,
+  frame 2: ``key class:u8, seq:u64`` and an HMAC-SHA256 tag over the header, those 9 bytes and
+           the body (auth.py). Class 0 is the deployment's control key (the messages that open a
+           session: Hello, Challenge, Handshake, and errors to them); class 1 the session's key,
+           with a sequence number that grows by one per frame in each direction.
+A receiver checks sizes, then the tag, then the sequence number, and decodes the body only after
+all of them pass: a frame that fails any is dropped and counted, and changes no state.
+A session opens in two round trips: Hello(nonce) -> Challenge(cookie) -> Handshake(nonce,
+cookie) -> HandshakeReply, the reply already tagged with the session's keys (derived from the
+nonce and the cookie). The handshake is two-phase: the decode side compares ``compat_hash``
+first and decodes the opaque ``payload`` (the transport descriptor) only when it matches.
 
 PROTOCOL_VERSION history:
   1: first version (handshake, allocate, transfer done, cancel, heartbeat, ack, error).
@@ -13,6 +21,9 @@ PROTOCOL_VERSION history:
   3: decode-side reuse: Allocate carries the prompt's chunk chain hashes and tenant;
      Allocated says how many leading pages the decode side holds in its own cache tiers
      (``skip_pages``): its pages cover only the rest, and only the rest is sent.
+  4: authenticated frames (third frame: key class, sequence number, HMAC tag); Hello and
+     Challenge open a session; Handshake carries the nonce and the cookie; errors to
+     unauthenticated frames are no longer sent (they are dropped and counted).
 """
 
 from __future__ import annotations
@@ -20,15 +31,23 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
+from typing import NamedTuple
 
 import msgspec
 
+from lmcache_pd import auth
 from lmcache_pd.errors import ProtocolError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAGIC = b"LMPD"
 _HEADER = struct.Struct("!4sH")
 HEADER = _HEADER.pack(MAGIC, PROTOCOL_VERSION)
+_AUTH = struct.Struct("!BQ")
+AUTH_BYTES = _AUTH.size + auth.TAG_BYTES
+KEY_DEPLOYMENT = 0
+"""Frames that open a session (and errors to them): tagged with the deployment's control key."""
+KEY_SESSION = 1
+"""Every other frame: tagged with the session's key, sequence numbers from 1."""
 MAX_BODY_BYTES = 1 << 20
 """Larger bodies are refused unread: no legitimate control message comes close."""
 
@@ -75,6 +94,20 @@ class _Msg(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     msg_id: int
 
 
+class Hello(_Msg):
+    """Asks for a cookie (the decode side keeps no state for it)."""
+
+    peer: str
+    incarnation: str
+    nonce: bytes
+
+
+class Challenge(_Msg):
+    nonce: bytes
+    """The Hello's nonce, echoed: the prefill side takes only an answer to its own Hello."""
+    cookie: bytes
+
+
 class Handshake(_Msg):
     peer: str
     incarnation: str
@@ -82,6 +115,10 @@ class Handshake(_Msg):
     compat: CompatInfo
     payload: bytes
     """The prefill side's transport descriptor; opaque here, decoded only after the hash matched."""
+    nonce: bytes
+    """The Hello's nonce and the Challenge's cookie: the cookie is redeemed once, so a recorded
+    Handshake cannot open a session again; both also seed the session's keys."""
+    cookie: bytes
 
 
 class HandshakeReply(_Msg):
@@ -149,34 +186,78 @@ class Error(_Msg):
     fields: list[str] = []
 
 
-Message = (Handshake | HandshakeReply | Allocate | Allocated | TransferDone | Landed | Cancel | Heartbeat | Ack
-           | Error)
+Message = (Hello | Challenge | Handshake | HandshakeReply | Allocate | Allocated | TransferDone | Landed | Cancel
+           | Heartbeat | Ack | Error)
+
+# Which message may come under which key, in which direction: anything else is refused.
+TO_DECODE = {KEY_DEPLOYMENT: (Hello, Handshake), KEY_SESSION: (Allocate, TransferDone, Landed, Cancel, Heartbeat)}
+TO_PREFILL = {KEY_DEPLOYMENT: (Challenge, Error), KEY_SESSION: (HandshakeReply, Allocated, Ack, Error)}
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
 
-def encode(msg: Message) -> list[bytes]:
-    return [HEADER, _encoder.encode(msg)]
+class Frame(NamedTuple):
+    """A received message, split but not yet trusted: check :func:`verified` before decoding."""
+
+    version: int
+    key_class: int
+    seq: int
+    header: bytes
+    body: bytes
+    tag: bytes
 
 
-def decode(frames: list[bytes]) -> Message:
-    """Check the header, then decode the body. Raises ProtocolError on anything else."""
-    if len(frames) != 2:
-        raise ProtocolError(f"expected 2 frames, got {len(frames)}")
-    header, body = frames
+def seal(msg: Message, key: bytes, *, key_class: int, seq: int) -> list[bytes]:
+    body = _encoder.encode(msg)
+    head = _AUTH.pack(key_class, seq)
+    return [HEADER, body, head + auth.tag(key, HEADER, head, body)]
+
+
+def split(frames: list[bytes]) -> Frame:
+    """Check the frame count, header and sizes. Raises ProtocolError; reads nothing of the body.
+    The tag layout does not depend on the version, so a peer of another release is told so only
+    if its frame is authentic."""
+    if len(frames) != 3:
+        raise ProtocolError(f"expected 3 frames, got {len(frames)}"
+                            + (" (a peer of protocol version <= 3?)" if len(frames) == 2 else ""))
+    header, body, tail = frames
     version = peek_version(header)
     if version is None:
         raise ProtocolError("bad header: not an lmcache-pd peer")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version} is not ours ({PROTOCOL_VERSION}): "
-                            "run the same lmcache-pd release on prefill and decode")
     if len(body) > MAX_BODY_BYTES:
         raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+    if len(tail) != AUTH_BYTES:
+        raise ProtocolError(f"auth frame of {len(tail)} bytes, not {AUTH_BYTES}")
+    key_class, seq = _AUTH.unpack_from(tail)
+    if key_class not in (KEY_DEPLOYMENT, KEY_SESSION):
+        raise ProtocolError(f"unknown key class {key_class}")
+    return Frame(version, key_class, seq, bytes(header), bytes(body), bytes(tail[_AUTH.size:]))
+
+
+def verified(frame: Frame, key: bytes) -> bool:
+    """The tag covers the header, the key class and sequence number the frame claims, and the body."""
+    return auth.check(key, frame.tag, frame.header, _AUTH.pack(frame.key_class, frame.seq), frame.body)
+
+
+def decode_body(frame: Frame, allowed: dict[int, tuple[type, ...]]) -> Message:
+    """Decode a verified frame's body; only the types ``allowed`` under its key class pass."""
+    if frame.version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {frame.version} is not ours ({PROTOCOL_VERSION}): "
+                            "run the same lmcache-pd release on prefill and decode")
     try:
-        return _decoder.decode(body)
+        msg = _decoder.decode(frame.body)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise ProtocolError(f"malformed message: {e}") from None
+    if not isinstance(msg, allowed[frame.key_class]):
+        raise ProtocolError(f"{type(msg).__name__} is not accepted under key class {frame.key_class}")
+    return msg
+
+
+def decode_unverified(frames: list[bytes]) -> Message:
+    """Decode the body of a frame triple without checking its tag: for tests and tools only."""
+    frame = split(frames)
+    return decode_body(frame, {frame.key_class: (_Msg,)})
 
 
 def peek_version(header: bytes) -> int | None:

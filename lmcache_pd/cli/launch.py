@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 
 from lmcache_pd import transport as transports
-from lmcache_pd.config import InstanceConfig, PDConfig, configure_logging
+from lmcache_pd.config import InstanceConfig, PDConfig, check_exposure, configure_logging, keyring
 
 
 def vllm_command(cfg: PDConfig, name: str, *, python: str = sys.executable) -> list[str]:
@@ -62,7 +62,9 @@ def pinned(argv: list[str], cpus: str | int | None) -> list[str]:
 
 def launch(cfg: PDConfig, role: str, instance: str | None) -> int:
     transports.parse_options(cfg.transport.name, cfg.transport.options)  # fail before vLLM's slow start
+    keys = keyring(cfg)  # the secret is readable and long enough, and without one nothing binds beyond loopback
     if role == "proxy":
+        check_exposure(cfg, keys, None)
         import uvicorn
 
         from lmcache_pd.proxy.app import create_app
@@ -75,6 +77,7 @@ def launch(cfg: PDConfig, role: str, instance: str | None) -> int:
     if cfg.role_of(name) != role:
         raise SystemExit(f"instance {name!r} is not a {role} instance")
     inst = cfg.instance(name)
+    check_exposure(cfg, keys, name)
     argv = pinned(vllm_command(cfg, name), inst.cpus)
     env = instance_env(cfg, inst, os.environ)
     print("lmcache-pd: exec", " ".join(a if " " not in a and "{" not in a else repr(a) for a in argv),

@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--workdir", default=".lmcache-pd-demo", help="where the model, config and logs go")
     sp.add_argument("--max-tokens", type=int, default=24)
 
+    sp = sub.add_parser("secret", help="write a new random shared secret to FILE (mode 600), for auth.secret_file")
+    sp.add_argument("file")
+
+    sp = sub.add_parser("token", help="print the bearer token of the HTTP control APIs (needs the secret)")
+    config_args(sp)
+
     sp = sub.add_parser("tiny-model", help="generate the tiny random-weight test model")
     sp.add_argument("out", nargs="?", default="tiny-model")
     return p
@@ -51,6 +57,24 @@ def main(argv: list[str] | None = None) -> int:
             from lmcache_pd.cli.launch import launch
 
             return launch(cfg, args.role, args.instance)
+        if args.cmd == "secret":
+            import os
+            import secrets
+
+            fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never overwrite a secret
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+            print(f"wrote a new secret to {args.file}: set auth.secret_file to it on every instance and the proxy")
+            return 0
+        if args.cmd == "token":
+            from lmcache_pd.config import keyring, load_config
+
+            keys = keyring(load_config(args.config, overrides=args.set))
+            if not keys.authenticated:
+                raise ConfigError("no shared secret is configured (auth.secret_file or LMCACHE_PD_SECRET): the "
+                                  "HTTP APIs need no token then, and bind loopback only", field="auth.secret_file")
+            print(keys.api_token)
+            return 0
         if args.cmd == "demo":
             from lmcache_pd.cli.demo import run_demo
 
@@ -62,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except (ConfigError, TransportUnavailable) as e:
         print(f"lmcache-pd: error: {e}", file=sys.stderr)
+        return 2
+    except FileExistsError as e:
+        print(f"lmcache-pd: error: {e.filename} exists; a secret is never overwritten", file=sys.stderr)
         return 2
     return 1
 

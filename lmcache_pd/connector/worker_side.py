@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -23,13 +24,13 @@ import torch
 
 from lmcache_pd import protocol as P
 from lmcache_pd._types import ReqId
-from lmcache_pd.config import PDConfig
+from lmcache_pd.config import PDConfig, check_exposure, keyring
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
 from lmcache_pd.layout import KVLayout
-from lmcache_pd.node.cache_api import CacheAPI
 from lmcache_pd.node.cache_io import CacheIO, CacheSaveSpec, lookup_hold
 from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.sender import KVSender
+from lmcache_pd.node.worker_api import WorkerAPI
 from lmcache_pd.ops import kv_layout_of
 
 if TYPE_CHECKING:
@@ -114,9 +115,10 @@ class _PDWorker(WorkerRole):
         self.cfg = cfg
         self.instance = instance
         self.tp_rank = _tp_rank()
-
+        self.keys = keyring(cfg)
+        check_exposure(cfg, self.keys, instance)  # before any port is bound
         self.cache_io: CacheIO | None = None
-        self.cache_api: CacheAPI | None = None
+        self.api: WorkerAPI | None = None
         self.users = _BlockUsers()
 
     def describe(self, kv_caches: dict[str, torch.Tensor]) -> tuple[KVLayout, torch.Tensor, P.CompatInfo]:
@@ -131,11 +133,18 @@ class _PDWorker(WorkerRole):
                                 compat=msgspec.structs.asdict(compat), kv=layout, kv_buffer=buffer,
                                 block_size=compat.block_size)
         self.cache_io.start()
+
+    def _start_api(self) -> None:
+        """The worker's HTTP API (hand-off state, metrics, the cache's control API), if it has a port."""
         inst = self.cfg.instance(self.instance)
         if inst.cache_port is not None:
-            self.cache_api = CacheAPI(self.cache_io, instance=self.instance, rank=self.tp_rank, host=inst.host,
-                                      port=inst.cache_port + self.tp_rank)
-            self.cache_api.start()
+            self.api = WorkerAPI(self.cache_io, instance=self.instance, rank=self.tp_rank, host=inst.host,
+                                 port=inst.cache_port + self.tp_rank, keys=self.keys, status=self.status)
+            self.api.start()
+
+    def status(self) -> dict[str, Any]:
+        """What /pd/stats shows: this worker's hand-off path (sections of numbers)."""
+        return {"blocks": {"held_requests": self.users.held}}
 
     def _cache_tiers(self) -> str:
         return "+".join(t.name for t in self.cfg.cache.tiers) if self.cache_io else "off"
@@ -156,8 +165,8 @@ class _PDWorker(WorkerRole):
         return ready
 
     def _stop_cache(self) -> None:
-        if self.cache_api is not None:
-            self.cache_api.close()
+        if self.api is not None:
+            self.api.close()
         if self.cache_io is not None:
             self.cache_io.close()
 
@@ -170,25 +179,35 @@ class _BlockUsers:
     """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()  # vLLM's thread changes it, the worker API reads it
         self._uses: collections.Counter[ReqId] = collections.Counter()
         self._released: set[ReqId] = set()  # every use ended
         self._finished: set[ReqId] = set()  # of those, the ones vLLM told us have finished
 
     def add(self, req_id: ReqId) -> None:
-        self._uses[req_id] += 1
+        with self._lock:
+            self._uses[req_id] += 1
+
+    @property
+    def held(self) -> int:
+        """Requests whose blocks vLLM keeps for us now (in use, or used and not yet reported)."""
+        with self._lock:
+            return len(self._uses.keys() | self._released)
 
     def end(self, req_id: ReqId) -> None:
-        self._uses[req_id] -= 1
-        if self._uses[req_id] <= 0:
-            del self._uses[req_id]
-            self._released.add(req_id)
+        with self._lock:
+            self._uses[req_id] -= 1
+            if self._uses[req_id] <= 0:
+                del self._uses[req_id]
+                self._released.add(req_id)
 
     def sending(self, finished_req_ids: set[str]) -> set[str]:
-        self._finished |= {r for r in finished_req_ids if r in self._uses or r in self._released}
-        done = self._released & self._finished
-        self._released -= done
-        self._finished -= done
-        return done
+        with self._lock:
+            self._finished |= {r for r in finished_req_ids if r in self._uses or r in self._released}
+            done = self._released & self._finished
+            self._released -= done
+            self._finished -= done
+            return done
 
 
 class PrefillWorker(_PDWorker):
@@ -199,9 +218,10 @@ class PrefillWorker(_PDWorker):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout, buffer, compat = self.describe(kv_caches)
         self.sender = KVSender(self.cfg, instance=self.instance, tp_rank=self.tp_rank, compat=compat,
-                               kv=layout, kv_buffer=buffer)
+                               kv=layout, kv_buffer=buffer, keys=self.keys)
         self.sender.start()
         self._start_cache(layout, buffer, compat)
+        self._start_api()
         log.info("prefill worker %d: %d layers, page %d B, transport %s, cache %s", self.tp_rank,
                  layout.num_layers, layout.page_bytes, self.cfg.transport.name, self._cache_tiers())
 
@@ -226,6 +246,12 @@ class PrefillWorker(_PDWorker):
             self.users.add(spec.req_id)
             self.sender.submit(spec, ready)
         self._submit_saves(meta.cache_saves, ready)
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()
+        if self.sender is not None:
+            out.update(self.sender.status())
+        return out
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         if self.sender is None:
@@ -260,8 +286,9 @@ class DecodeWorker(_PDWorker):
         layout, buffer, compat = self.describe(kv_caches)
         self._start_cache(layout, buffer, compat)
         self.receiver = KVReceiver(self.cfg, instance=self.instance, tp_rank=self.tp_rank, compat=compat,
-                                   kv=layout, kv_buffer=buffer, cache=self.cache_io)
+                                   kv=layout, kv_buffer=buffer, cache=self.cache_io, keys=self.keys)
         self.receiver.start()
+        self._start_api()
         log.info("decode worker %d: %d layers, page %d B, transport %s, cache %s", self.tp_rank,
                  layout.num_layers, layout.page_bytes, self.cfg.transport.name, self._cache_tiers())
 
@@ -276,6 +303,12 @@ class DecodeWorker(_PDWorker):
             self.receiver.cancel_load(req_id)
         if meta.cache_saves:
             self._submit_saves(meta.cache_saves, self._ready_event(self.receiver.kv_buffer))
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()
+        if self.receiver is not None:
+            out.update(self.receiver.status())
+        return out
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         if self.receiver is None:

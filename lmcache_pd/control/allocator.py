@@ -168,6 +168,16 @@ class PagePool:
             self._aborted_total += 1
             return True
 
+    def abort_writing(self, owner: str, *, reason: str, now: float) -> list[TransferId]:
+        """End every reservation ``owner`` is still writing (ALLOCATED): the peer is gone.
+        Those it finished (READY) stay for their consumer, until their lease."""
+        with self.cond:
+            gone = [r for r in self._live.values() if r.owner == owner and r.state == PageState.ALLOCATED]
+            for r in gone:
+                self._end(r, PageState.ABORTED, reason, now)
+                self._aborted_total += 1
+            return [r.transfer_id for r in gone]
+
     def _end(self, r: Reservation, state: PageState, reason: str, now: float) -> None:
         del self._live[r.transfer_id]
         r.ended = True

@@ -1,8 +1,19 @@
 """Prefill-side control client: one zmq DEALER per decode peer, on an asyncio loop (L4).
 
-Requests carry a message id; a reader task routes each reply to the waiting future, so many
-hand-offs to one peer are in flight at once (no per-peer lock, no head-of-line blocking).
+Life of a client:
+  1. ``start()`` connects (zmq retries until the peer listens) and starts the reader task and a
+     watcher of the connection (zmq's socket monitor);
+  2. ``open_session`` runs Hello -> Challenge -> Handshake -> HandshakeReply: from then on every
+     frame is tagged with the session's keys and a sequence number (auth.py, protocol.py);
+  3. ``request`` / ``post`` as often as needed: requests carry a message id, and the reader
+     routes each reply to its waiting future, so many hand-offs to one peer are in flight at
+     once (no per-peer lock, no head-of-line blocking);
+  4. ``close()``.
 Every ``request`` has a deadline; its timeout error names the config field that sets it.
+A reply that is garbled, unauthenticated or replayed is dropped and counted. When the
+connection drops (the decode process died or restarted), every waiting request fails at once
+with PeerLost and ``lost`` is set: the sender then opens a new session instead of waiting for
+deadlines.
 """
 
 from __future__ import annotations
@@ -13,7 +24,9 @@ import logging
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
+from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd.errors import (
     IncompatiblePeer,
@@ -30,37 +43,91 @@ log = logging.getLogger(__name__)
 class ControlClient:
     """Talks to one decode peer. Create, ``start()`` and use on one asyncio loop."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, *, endpoint: str, identity: str, peer: str):
+    def __init__(self, ctx: zmq.asyncio.Context, *, endpoint: str, identity: str, peer: str,
+                 keys: auth.Keyring | None = None, curve_server_key: bytes | None = None):
+        """``curve_server_key``: the decode side's CurveZMQ public key (z85), to encrypt the
+        control plane (``auth.encrypt``); None sends in the clear (still authenticated)."""
         self.endpoint = endpoint
         self.identity = identity
         self.peer = peer
+        self.keys = keys if keys is not None else auth.Keyring(None)
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTING_ID, identity.encode())
         self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_BODY_BYTES + 4096)
+        if curve_server_key is not None:
+            public, secret = zmq.curve_keypair()
+            self._sock.curve_serverkey = curve_server_key
+            self._sock.curve_publickey = public
+            self._sock.curve_secretkey = secret
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[P.Message]] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: auth.DirectionKeys | None = None
+        self._send_seq = 0
+        self._recv_seq = 0
         self.malformed = 0
+        """Replies dropped: garbled, unauthenticated, replayed or of an unexpected kind."""
+        self.last_refusal = ""
+        """Why the last dropped reply was dropped (named in timeout errors: a peer of another
+        release, or with another secret, looks silent otherwise)."""
+        self.lost: str | None = None
 
     def start(self) -> None:
         self._sock.connect(self.endpoint)
-        self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"pd-control-read-{self.peer}")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read(), name=f"pd-control-read-{self.peer}"),
+                       loop.create_task(self._watch(), name=f"pd-control-watch-{self.peer}")]
 
     def next_id(self) -> int:
         return next(self._ids)
 
+    async def open_session(self, handshake: P.Handshake, *, timeout_s: float) -> P.HandshakeReply:
+        """Hello, then the Handshake (``nonce`` and ``cookie`` are filled in here); both round
+        trips share the ``timeouts.handshake_s`` deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        hello = P.Hello(msg_id=self.next_id(), peer=handshake.peer, incarnation=handshake.incarnation,
+                        nonce=auth.nonce())
+        challenge = await self.request(hello, timeout_s=timeout_s, config_field="timeouts.handshake_s",
+                                       what="handshake (hello)")
+        if not isinstance(challenge, P.Challenge) or challenge.nonce != hello.nonce:
+            raise TransferError(f"{self.peer} answered the hello with {type(challenge).__name__}", peer=self.peer)
+        self._session = self.keys.session(self.identity.encode(), hello.nonce, challenge.cookie)
+        self._send_seq = self._recv_seq = 0
+        msg = P.Handshake(msg_id=self.next_id(), peer=handshake.peer, incarnation=handshake.incarnation,
+                          compat_hash=handshake.compat_hash, compat=handshake.compat, payload=handshake.payload,
+                          nonce=hello.nonce, cookie=challenge.cookie)
+        reply = await self.request(msg, timeout_s=max(0.001, deadline - loop.time()),
+                                   config_field="timeouts.handshake_s", what="handshake")
+        if not isinstance(reply, P.HandshakeReply):
+            raise TransferError(f"{self.peer} answered the handshake with {type(reply).__name__}", peer=self.peer)
+        return reply
+
+    def _seal(self, msg: P.Message) -> list[bytes]:
+        if isinstance(msg, (P.Hello, P.Handshake)):
+            return P.seal(msg, self.keys.control.to_decode, key_class=P.KEY_DEPLOYMENT, seq=0)
+        if self._session is None:
+            raise PeerLost(f"no session with {self.peer} yet", peer=self.peer)
+        self._send_seq += 1
+        return P.seal(msg, self._session.to_decode, key_class=P.KEY_SESSION, seq=self._send_seq)
+
     async def request(self, msg: P.Message, *, timeout_s: float, config_field: str, what: str,
                       transfer_id: str | None = None) -> P.Message:
         """Send ``msg`` and await its reply; Error replies are raised as exceptions."""
+        if self.lost is not None:
+            raise PeerLost(f"{what} to {self.peer}: {self.lost}", transfer_id=transfer_id, peer=self.peer)
         fut: asyncio.Future[P.Message] = asyncio.get_running_loop().create_future()
         self._pending[msg.msg_id] = fut
         try:
-            await self._sock.send_multipart(P.encode(msg))
+            await self._sock.send_multipart(self._seal(msg))
             reply = await asyncio.wait_for(fut, timeout_s)
         except TimeoutError:
-            raise TransferTimeout(f"{what} to {self.peer}", config_field=config_field, seconds=timeout_s,
+            why = f" (its last reply was dropped: {self.last_refusal})" if self.last_refusal else ""
+            raise TransferTimeout(f"{what} to {self.peer}{why}", config_field=config_field, seconds=timeout_s,
                                   transfer_id=transfer_id, peer=self.peer) from None
         finally:
             self._pending.pop(msg.msg_id, None)
@@ -71,11 +138,42 @@ class ControlClient:
     async def post(self, msg: P.Message) -> bool:
         """Send a one-way message (Landed) if zmq can queue it now; no reply comes. Best effort:
         False when the socket cannot take it (peer gone, queue full); never waits."""
+        if self.lost is not None or self._session is None:
+            return False
         try:
-            await self._sock.send_multipart(P.encode(msg), zmq.NOBLOCK)
+            await self._sock.send_multipart(self._seal(msg), zmq.NOBLOCK)
         except zmq.ZMQError:
             return False
         return True
+
+    def _refuse(self, why: str) -> None:
+        self.malformed += 1
+        if why != self.last_refusal:
+            log.warning("control: dropped a reply from %s: %s", self.peer, why)
+        self.last_refusal = why
+
+    def on_frames(self, frames: list[bytes]) -> P.Message | None:
+        """Authenticate and decode one reply; None (counted) if it must be dropped."""
+        try:
+            frame = P.split(frames)
+        except ProtocolError as e:
+            self._refuse(f"not an lmcache-pd reply of protocol version {P.PROTOCOL_VERSION}: {e}")
+            return None
+        session = self._session if frame.key_class == P.KEY_SESSION else None
+        key = session.to_prefill if session is not None else self.keys.control.to_prefill
+        if (frame.key_class == P.KEY_SESSION and session is None) or not P.verified(frame, key):
+            self._refuse("its tag does not verify: the decode instance has another auth secret")
+            return None
+        if session is not None:
+            if frame.seq <= self._recv_seq:
+                self._refuse("a replayed reply")
+                return None
+            self._recv_seq = frame.seq
+        try:
+            return P.decode_body(frame, P.TO_PREFILL)
+        except ProtocolError as e:
+            self._refuse(str(e))
+            return None
 
     async def _read(self) -> None:
         while True:
@@ -83,11 +181,8 @@ class ControlClient:
                 frames = await self._sock.recv_multipart()
             except (zmq.ZMQError, asyncio.CancelledError):
                 return
-            try:
-                msg = P.decode(frames)
-            except ProtocolError as e:
-                self.malformed += 1
-                log.warning("control: malformed reply from %s dropped: %s", self.peer, e)
+            msg = self.on_frames(frames)
+            if msg is None:
                 continue
             fut = self._pending.get(msg.msg_id)
             if fut is not None and not fut.done():
@@ -95,16 +190,35 @@ class ControlClient:
             elif isinstance(msg, P.Error) and msg.msg_id == 0:
                 log.warning("control: %s says: %s", self.peer, msg.message)
 
-    async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+    async def _watch(self) -> None:
+        """The connection dropped: the peer died or restarted (its sessions are gone with it)."""
+        while True:
             try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+                event = parse_monitor_message(await self._monitor.recv_multipart())
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED and self._session is not None:
+                self._lose("the connection to the decode instance dropped")
+
+    def _lose(self, why: str) -> None:
+        if self.lost is None:
+            self.lost = why
+            log.warning("control: %s: %s", self.peer, why)
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(PeerLost("control client closed", peer=self.peer))
+                fut.set_exception(PeerLost(f"{self.peer}: {why}", peer=self.peer))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._lose("control client closed")
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
 
 

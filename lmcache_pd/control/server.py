@@ -2,10 +2,16 @@
 
 One thread (``pd-control-server``) owns the socket. Each loop turn it:
   1. receives at most a batch of messages (poll with a short timeout, so ``close`` is prompt),
-  2. answers each (handshake, allocate, transfer done, cancel, heartbeat; Landed is one-way),
-  3. expires leases and serves queued allocations (FIFO, all-or-nothing) as pages come back.
-Messages from a peer that has not completed a handshake change no state. Malformed frames are
-counted and answered with an Error where the sender can be addressed; they never raise.
+  2. authenticates each (its tag under the deployment's control key or its session's key, and a
+     sequence number above the last; auth.py) and only then decodes and answers it (hello,
+     handshake, allocate, transfer done, cancel, heartbeat; Landed is one-way),
+  3. expires leases, drops sessions of peers that stayed silent for ``timeouts.peer_s`` (their
+     reservations still being written are aborted: the decode side recomputes at once), and
+     serves queued allocations (FIFO, all-or-nothing, at most ``max_waiting``) as pages return.
+A frame that is garbled, unauthenticated, replayed or not a request changes no state: it is
+counted (``ServerStats``) and dropped without a reply, so the socket is no oracle for anyone
+without the secret. A Handshake from a restarted prefill worker (same instance and rank, new
+incarnation) ends its predecessor's sessions and aborts the reservations it was writing.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Protocol
 
 import zmq
 
+from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.errors import PDError, PoolExhausted, ProtocolError, TransferError
@@ -29,13 +36,18 @@ _POLL_MS = 20
 _EXPIRE_EVERY_S = 0.1
 """Lease expiry scans every reservation and tombstone; leases are seconds long, so once per
 100 ms is precise enough and keeps the scan off the per-message path."""
+_WARN_EVERY_S = 10.0
 
 
 @dataclass
 class _Session:
     peer: str
+    rank: int
     incarnation: str
-    payload: bytes
+    keys: auth.DirectionKeys
+    last_seen: float
+    recv_seq: int = 0
+    send_seq: int = 0
 
 
 @dataclass
@@ -67,14 +79,31 @@ class ServerStats:
     allocations: int = 0
     queued_allocations: int = 0
     alloc_timeouts: int = 0
+    queue_full: int = 0
+    """Allocations refused at once: ``max_waiting`` others already waited (backpressure.decode_queue)."""
     malformed: int = 0
+    """Frames that are not ours (count, header, sizes), or authentic ones whose body does not decode."""
+    unauthenticated: int = 0
+    """Frames whose tag does not verify (another secret, garbled, or no session for this peer)."""
+    stale: int = 0
+    """Authentic frames seen before: replayed session frames, Handshakes with a spent cookie."""
     rejected: int = 0
+    """Authentic requests refused (another peer's transfer, a Landed out of order)."""
+    peers_lost: int = 0
+    """Sessions dropped: the peer stayed silent for timeouts.peer_s, or restarted."""
+    crashes: int = 0
+    """Handlers that raised (a bug: answered INTERNAL, logged with its traceback)."""
 
 
 class ControlServer:
     def __init__(self, pool: PagePool, *, bind: str, compat: P.CompatInfo, incarnation: str,
                  page_bytes: int, descriptor: bytes, max_alloc_wait_s: float,
-                 clock: Callable[[], float] = time.monotonic, prefix: PrefixHolder | None = None):
+                 keys: auth.Keyring | None = None, peer_s: float = 10.0, max_waiting: int = 1024,
+                 curve_secret: bytes | None = None, clock: Callable[[], float] = time.monotonic,
+                 prefix: PrefixHolder | None = None):
+        """``keys``: from the deployment's secret (None: none configured, loopback only);
+        ``peer_s``: silence that ends a session; ``max_waiting``: allocations queued at most;
+        ``curve_secret``: this side's CurveZMQ secret key (z85) to encrypt the control plane."""
         self.pool = pool
         self.bind = bind
         self.compat = compat
@@ -83,13 +112,19 @@ class ControlServer:
         self.page_bytes = page_bytes
         self.descriptor = descriptor
         self.max_alloc_wait_s = max_alloc_wait_s
+        self.keys = keys if keys is not None else auth.Keyring(None)
+        self.peer_s = peer_s
+        self.max_waiting = max_waiting
+        self.curve_secret = curve_secret
         self.clock = clock
         self.prefix = prefix
+        self.cookies = auth.Cookies(max(peer_s, 1.0), clock=clock)
         self.stats = ServerStats()
         self._sessions: dict[bytes, _Session] = {}
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._stop = threading.Event()
         self._next_expiry = 0.0
+        self._warned: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="pd-control-server", daemon=True)
         self._ctx: zmq.Context | None = None
         self._bound = threading.Event()
@@ -97,6 +132,10 @@ class ControlServer:
         self.endpoint: str | None = None
 
     def start(self, timeout_s: float = 5.0) -> None:
+        host = self.bind.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+        if not self.keys.authenticated and not auth.is_loopback(host):
+            raise PermissionError(f"control plane refuses to bind {self.bind} without a shared secret "
+                                  "(set auth.secret_file or LMCACHE_PD_SECRET, or bind loopback only)")
         self._thread.start()
         if not self._bound.wait(timeout_s):
             raise TimeoutError(f"control server did not bind {self.bind} within {timeout_s} s")
@@ -108,12 +147,20 @@ class ControlServer:
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
 
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
     # --- loop -----------------------------------------------------------------------------
     def _run(self) -> None:
         self._ctx = zmq.Context()  # our own context: closing it never touches anyone else's sockets
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer with the same id takes over
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_BODY_BYTES + 4096)  # zmq drops larger frames unread
+        if self.curve_secret is not None:
+            sock.curve_server = True
+            sock.curve_secretkey = self.curve_secret
         try:
             sock.bind(self.bind)
             self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -138,45 +185,78 @@ class ControlServer:
             sock.close()
             self._ctx.term()
 
+    def _warn(self, what: str, text: str, *args: object) -> None:
+        """A warning per kind at most every 10 s: a flood of bad frames must not flood the log."""
+        now = self.clock()
+        if now - self._warned.get(what, -_WARN_EVERY_S) >= _WARN_EVERY_S:
+            self._warned[what] = now
+            log.warning(text, *args)
+
     def _on_frames(self, sock: zmq.Socket, frames: list[bytes]) -> None:
-        # ROUTER: [identity, header, body] (DEALER peers send no empty delimiter).
+        # ROUTER: [identity, header, body, auth] (DEALER peers send no empty delimiter).
         if len(frames) < 2:
             self.stats.malformed += 1
             return
         identity, rest = frames[0], frames[1:]
         try:
-            msg = P.decode(rest)
+            frame = P.split(rest)
         except ProtocolError as e:
             self.stats.malformed += 1
-            version = P.peek_version(rest[0]) if rest else None
-            code = P.ErrorCode.VERSION if version not in (None, P.PROTOCOL_VERSION) else P.ErrorCode.MALFORMED
-            log.warning("control: dropped a bad message: %s", e)
-            if version is not None:
-                self._send(sock, identity, P.Error(msg_id=0, code=code, message=str(e)))
+            self._warn("malformed", "control: dropped a frame that is not ours: %s", e)
+            return
+        session = self._sessions.get(identity) if frame.key_class == P.KEY_SESSION else None
+        key = session.keys.to_decode if session is not None else self.keys.control.to_decode
+        if (frame.key_class == P.KEY_SESSION and session is None) or not P.verified(frame, key):
+            self.stats.unauthenticated += 1
+            self._warn("unauthenticated", "control: dropped an unauthenticated frame from %r (another auth "
+                       "secret, garbled, or a session this process never opened)", identity[:64])
+            return
+        if session is not None:
+            if frame.seq <= session.recv_seq:
+                self.stats.stale += 1
+                self._warn("stale", "control: dropped a replayed frame from %s", session.peer)
+                return
+            session.recv_seq = frame.seq
+            session.last_seen = self.clock()
+        try:
+            msg = P.decode_body(frame, P.TO_DECODE)
+        except ProtocolError as e:
+            self.stats.malformed += 1
+            self._warn("body", "control: dropped an authentic but unreadable frame from %r: %s", identity[:64], e)
+            if frame.version != P.PROTOCOL_VERSION:  # authentic: tell the operator on both ends
+                self._send(sock, identity, P.Error(msg_id=0, code=P.ErrorCode.VERSION, message=str(e)), None)
             return
         try:
-            reply = self._handle(identity, msg)
+            reply = self._handle(identity, msg, session)
         except Exception as e:  # noqa: BLE001 - a bug must not kill the control plane of this instance
+            self.stats.crashes += 1
             log.exception("control: handler crashed on %s", type(msg).__name__)
             reply = P.Error(msg_id=msg.msg_id, code=P.ErrorCode.INTERNAL, message=f"internal error: {e!r}")
         if reply is not None:
-            self._send(sock, identity, reply)
+            if isinstance(reply, P.HandshakeReply):  # the first frame of the new session
+                session = self._sessions[identity]
+            self._send(sock, identity, reply, session)
 
-    def _send(self, sock: zmq.Socket, identity: bytes, msg: P.Message) -> None:
+    def _send(self, sock: zmq.Socket, identity: bytes, msg: P.Message, session: _Session | None) -> None:
+        """Seal with the session's key, or with the deployment's when there is none (the answers
+        to Hello and Handshake)."""
+        if session is not None:
+            session.send_seq += 1
+            frames = P.seal(msg, session.keys.to_prefill, key_class=P.KEY_SESSION, seq=session.send_seq)
+        else:
+            frames = P.seal(msg, self.keys.control.to_prefill, key_class=P.KEY_DEPLOYMENT, seq=0)
         try:
-            sock.send_multipart([identity, *P.encode(msg)], zmq.NOBLOCK)
+            sock.send_multipart([identity, *frames], zmq.NOBLOCK)
         except zmq.ZMQError as e:  # peer gone or its queue full: it will time out and recover
             log.debug("control: reply to %r dropped: %s", identity, e)
 
     # --- handlers -------------------------------------------------------------------------
-    def _handle(self, identity: bytes, msg: P.Message) -> P.Message | None:
+    def _handle(self, identity: bytes, msg: P.Message, session: _Session | None) -> P.Message | None:
+        if isinstance(msg, P.Hello):
+            return P.Challenge(msg_id=msg.msg_id, nonce=msg.nonce, cookie=self.cookies.issue(identity, msg.nonce))
         if isinstance(msg, P.Handshake):
             return self._handshake(identity, msg)
-        session = self._sessions.get(identity)
-        if session is None:
-            self.stats.rejected += 1
-            return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.NOT_HANDSHAKEN,
-                           message="no handshake from this peer (or this decode instance restarted)")
+        assert session is not None  # P.TO_DECODE admits the rest only under a session's key
         now = self.clock()
         owner = identity.decode(errors="replace")
         try:
@@ -206,14 +286,18 @@ class ControlServer:
         except PoolExhausted as e:
             # Leave a tombstone: the decode request for this hand-off recomputes at once.
             self.pool.abort(msg.transfer_id, reason=str(e), now=now)
-            return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.POOL_TOO_SMALL, message=str(e))
+            code = P.ErrorCode.POOL_TOO_SMALL if e.too_large else P.ErrorCode.POOL_TIMEOUT
+            return P.Error(msg_id=msg.msg_id, code=code, message=str(e))
         except TransferError as e:
+            self.stats.rejected += 1
             return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.BAD_STATE, message=str(e))
-        self.stats.rejected += 1
-        return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.MALFORMED,
-                       message=f"{type(msg).__name__} is not a request")
+        raise AssertionError(f"unhandled {type(msg).__name__}")  # P.TO_DECODE lists only the above
 
-    def _handshake(self, identity: bytes, msg: P.Handshake) -> P.Message:
+    def _handshake(self, identity: bytes, msg: P.Handshake) -> P.Message | None:
+        if not self.cookies.redeem(identity, msg.nonce, msg.cookie):
+            self.stats.stale += 1  # a recorded Handshake, or one too late: no reply, no session
+            self._warn("cookie", "control: dropped a Handshake from %s with a spent or expired cookie", msg.peer)
+            return None
         if msg.compat_hash != self.compat_hash or msg.compat.digest() != self.compat_hash:
             fields = list(self.compat.differing(msg.compat)) or ["compat_hash"]
             detail = ", ".join(f"{f}: prefill {getattr(msg.compat, f, '?')!r} != decode "
@@ -222,10 +306,33 @@ class ControlServer:
             log.warning("control: refused incompatible peer %s: %s", msg.peer, detail or "hash differs")
             return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.INCOMPATIBLE,
                            message=f"incompatible peer: {detail or 'compatibility hash differs'}", fields=fields)
-        self._sessions[identity] = _Session(msg.peer, msg.incarnation, msg.payload)
+        for other, s in list(self._sessions.items()):  # its predecessor, if this worker restarted
+            if other != identity and (s.peer, s.rank) == (msg.peer, msg.compat.tp_rank) \
+                    and s.incarnation != msg.incarnation:
+                self._drop_session(other, f"prefill worker {s.peer}/{s.rank} restarted")
+        self._sessions[identity] = _Session(msg.peer, msg.compat.tp_rank, msg.incarnation,
+                                            self.keys.session(identity, msg.nonce, msg.cookie), self.clock())
         self.stats.handshakes += 1
         return P.HandshakeReply(msg_id=msg.msg_id, incarnation=self.incarnation, page_bytes=self.page_bytes,
                                 num_pages=self.pool.num_pages, payload=self.descriptor)
+
+    def _drop_session(self, identity: bytes, why: str) -> None:
+        """Forget a peer; abort what it was still writing (the decode side recomputes those at
+        once). Reservations it finished writing (READY) stay: their decode request may still come."""
+        session = self._sessions.pop(identity, None)
+        if session is None:
+            return
+        self.stats.peers_lost += 1
+        owner = identity.decode(errors="replace")
+        now = self.clock()
+        for w in [w for w in self._waiting if w.owner == owner]:
+            self._drop_waiting(w.msg.transfer_id, owner)
+            self._release(w.msg.transfer_id, w.skip is not None)
+            self.pool.abort(w.msg.transfer_id, reason=why, now=now)  # a tombstone: its load recomputes at once
+        aborted = self.pool.abort_writing(owner, reason=why, now=now)
+        for tid in aborted:
+            self._release(tid)
+        log.warning("control: %s; dropped its session, aborted %d reservation(s) it was writing", why, len(aborted))
 
     def _skip(self, msg: P.Allocate) -> int | None:
         """Leading pages the decode's cache holds (held for the transfer id), or None when it
@@ -261,6 +368,10 @@ class ControlServer:
                 pages = self._reserve(msg, owner, skip, now)
             elif msg.num_pages - skip > self.pool.num_pages:
                 self._reserve(msg, owner, skip, now)  # raises too_large
+            if pages is None and len(self._waiting) >= self.max_waiting:
+                self.stats.queue_full += 1
+                raise PoolExhausted(f"decode pool is full and {len(self._waiting)} allocations already wait "
+                                    "(backpressure.decode_queue)", transfer_id=msg.transfer_id)
         except PDError:
             self._release(msg.transfer_id, asked is not None)
             raise
@@ -283,6 +394,10 @@ class ControlServer:
             self._next_expiry = now + _EXPIRE_EVERY_S
             for tid in self.pool.expire(now):
                 log.warning("control: reclaimed pages of transfer %s (lease expired)", tid)
+            for identity, s in list(self._sessions.items()):
+                if now - s.last_seen > self.peer_s:
+                    self._drop_session(identity, f"prefill worker {s.peer}/{s.rank} silent for "
+                                                 f"{self.peer_s:g} s (timeouts.peer_s)")
         while self._waiting:
             w = self._waiting[0]
             if w.deadline <= now:
@@ -290,7 +405,7 @@ class ControlServer:
                 self.stats.alloc_timeouts += 1
                 self._release(w.msg.transfer_id, w.skip is not None)
                 self.pool.abort(w.msg.transfer_id, reason="decode pool stayed full (timeouts.alloc_s)", now=now)
-                self._send(sock, w.identity, P.Error(
+                self._reply(sock, w, P.Error(
                     msg_id=w.msg.msg_id, code=P.ErrorCode.POOL_TIMEOUT,
                     message=f"decode pool stayed full for {w.msg.wait_s:g} s (timeouts.alloc_s; or raise pool.size_mib)"))
                 continue
@@ -299,9 +414,16 @@ class ControlServer:
             except TransferError as e:
                 self._waiting.popleft()
                 self._release(w.msg.transfer_id, w.skip is not None)
-                self._send(sock, w.identity, P.Error(msg_id=w.msg.msg_id, code=P.ErrorCode.BAD_STATE, message=str(e)))
+                self._reply(sock, w, P.Error(msg_id=w.msg.msg_id, code=P.ErrorCode.BAD_STATE, message=str(e)))
                 continue
             if pages is None:
                 break
             self._waiting.popleft()
-            self._send(sock, w.identity, self._allocated(w.msg, pages, w.skip or 0))
+            self._reply(sock, w, self._allocated(w.msg, pages, w.skip or 0))
+
+    def _reply(self, sock: zmq.Socket, w: _Waiting, msg: P.Message) -> None:
+        """Answer a queued allocation in its session (none: the peer's session was dropped, and
+        its waiting allocations with it)."""
+        session = self._sessions.get(w.identity)
+        if session is not None:
+            self._send(sock, w.identity, msg, session)

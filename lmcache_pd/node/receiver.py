@@ -22,6 +22,7 @@ calls :meth:`submit_load` and :meth:`drain`, which never block.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -30,10 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
+from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
 from lmcache_pd._types import BlockId, PageState, ReqId, TransferId
 from lmcache_pd.config import PDConfig
+from lmcache_pd.control import curve
 from lmcache_pd.control.allocator import PagePool, PoolStats
 from lmcache_pd.control.server import ControlServer
 from lmcache_pd.errors import PDError, TransferError
@@ -103,6 +106,10 @@ class _Load:
     planned: bool = False
     """Planning ahead was tried (once per load)."""
     planned_ahead: bool = False
+    busy: bool = False
+    """The loader is copying into this load's blocks right now (landed pages, cached chunks)."""
+    canceled: str | None = None
+    """Canceled while busy: the loader ends it as soon as its copy is done."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +122,10 @@ class _Prepared:
 
 class KVReceiver:
     def __init__(self, cfg: PDConfig, *, instance: str, tp_rank: int, compat: P.CompatInfo,
-                 kv: KVLayout, kv_buffer: torch.Tensor, cache: CacheIO | None = None):
-        """``cache``: this worker's prefix cache (started by the caller), for decode-side reuse."""
+                 kv: KVLayout, kv_buffer: torch.Tensor, cache: CacheIO | None = None,
+                 keys: auth.Keyring | None = None):
+        """``cache``: this worker's prefix cache (started by the caller), for decode-side reuse;
+        ``keys``: derived from the deployment's secret (config.keyring); None: no secret."""
         inst = cfg.instance(instance)
         assert inst.control_port is not None and inst.data_port is not None  # checked by the config
         self.cfg = cfg
@@ -126,12 +135,13 @@ class KVReceiver:
         self.kv = kv
         self.kv_buffer = kv_buffer
         self.incarnation = uuid.uuid4().hex[:16]
+        self.keys = keys if keys is not None else auth.Keyring(None)
         self.pool_layout = PoolLayout.sized(kv, cfg.pool.size_mib << 20)
         if self.pool_layout.num_pages == 0:
             raise TransferError(f"pool.size_mib={cfg.pool.size_mib} is below one page ({kv.page_bytes} B)")
         self.pool = PagePool(self.pool_layout.num_pages, lease_s=cfg.timeouts.lease_s)
         self.transport = transports.create(cfg.transport.name, cfg.transport.options, host=inst.host,
-                                           port=inst.data_port + tp_rank)
+                                           port=inst.data_port + tp_rank, keys=self.keys)
         # Pre-allocated (and zeroed, so touched) now: the first hand-off pays no page faults.
         self.pool_buffer = self.transport.allocate(self.pool_layout.nbytes, kv_buffer.device)
         self.region = self.transport.register(self.pool_buffer)
@@ -153,7 +163,9 @@ class KVReceiver:
         self.server = ControlServer(self.pool, bind=self.bind, compat=self.compat, incarnation=self.incarnation,
                                     page_bytes=self.pool_layout.page_bytes,
                                     descriptor=self.transport.export_descriptor(self.region),
-                                    max_alloc_wait_s=self.cfg.timeouts.alloc_s,
+                                    max_alloc_wait_s=self.cfg.timeouts.alloc_s, keys=self.keys,
+                                    peer_s=self.cfg.timeouts.peer_s, max_waiting=self.cfg.backpressure.decode_queue,
+                                    curve_secret=curve.server_keys(self.keys)[1] if self.cfg.auth.encrypt else None,
                                     prefix=self if self.cache is not None else None)
         self.server.start()
         self._loader.start()
@@ -181,9 +193,17 @@ class KVReceiver:
             self.pool.cond.notify_all()
 
     def cancel_load(self, req_id: ReqId) -> None:
-        """The decode request was aborted while waiting: end its load now (reported as failed)."""
+        """The decode request was aborted while waiting: end its load now (reported as failed).
+
+        The failure is reported (finished_recving, after which vLLM frees the blocks) only once
+        nothing writes into the blocks any more: a load the loader is copying into right now is
+        ended by the loader when that copy is done."""
         with self.pool.cond:
-            load = self._loads.pop(req_id, None)
+            load = self._loads.get(req_id)
+            if load is not None and load.busy:
+                load.canceled = "request aborted"
+                return
+            self._loads.pop(req_id, None)
         if load is not None:
             self._fail(load, "request aborted", time.monotonic())
 
@@ -202,6 +222,21 @@ class KVReceiver:
 
     def pool_stats(self) -> PoolStats:
         return self.pool.stats()
+
+    def status(self) -> dict[str, dict[str, int]]:
+        """Pool, control-plane and transport counters (for the worker API; thread-safe)."""
+        p = self.pool.stats()
+        out: dict[str, dict[str, int]] = {"pool": {
+            "pages": p.num_pages, "free_pages": p.free_pages, "allocated": p.allocated, "ready": p.ready,
+            "consuming": p.consuming, "expired_total": p.expired_total, "aborted_total": p.aborted_total}}
+        with self.pool.cond:
+            out["loads"] = {"waiting": len(self._loads)}
+        if self.server is not None:
+            out["control"] = {**dataclasses.asdict(self.server.stats), "sessions": self.server.sessions}
+        t = self.transport.stats
+        out["transport"] = {"batches_total": t.batches, "bytes_total": t.bytes, "failures_total": t.failures,
+                            "refused_total": t.refused}
+        return out
 
     # --- decode-side reuse (called by the control server's thread) ----------------------------
     def hold(self, msg: P.Allocate) -> int:
@@ -241,14 +276,29 @@ class KVReceiver:
                     wait = min((ld.deadline for ld in self._loads.values()), default=now + 0.5) - now
                     self.pool.cond.wait(timeout=max(0.001, min(wait, 0.5)))
                     continue
+                for load in (*landed, *granted):  # still in _loads while the loader copies into them
+                    load.busy = True
             for load, error in failed:
                 self._fail(load, error, time.monotonic())
             for load in landed:
                 self._guarded(load, self._scatter_landed)
+                self._idle(load)
             for load in ready:
                 self._guarded(load, self._scatter)
             for load in granted:  # last: a load that became ready meanwhile goes first
                 self._guarded(load, self._prepare)
+                self._idle(load)
+
+    def _idle(self, load: _Load) -> None:
+        """The loader is done copying into the load's blocks for now: a cancel that came
+        meanwhile takes effect."""
+        with self.pool.cond:
+            load.busy = False
+            canceled = load.canceled if self._loads.get(load.spec.req_id) is load else None
+            if canceled is not None:
+                del self._loads[load.spec.req_id]
+        if canceled is not None:
+            self._fail(load, canceled, time.monotonic())
 
     def _guarded(self, load: _Load, step) -> None:
         try:

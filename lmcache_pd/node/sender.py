@@ -15,7 +15,15 @@ Per hand-off (one coroutine on the sender's loop thread; vLLM's forward loop nev
      with a one-way Landed as it arrives, so that the decode side scatters while the rest flies;
   4. TransferDone on the control plane: only now may the decode side read the pages.
 Any failure sends a best-effort Cancel (the pages come back at once) and ends the hand-off as
-failed; the decode side then recomputes. Every step has a deadline from ``timeouts.*``.
+failed; the decode side then recomputes. Every step has a deadline from ``timeouts.*``, and the
+whole hand-off one more (their sum, :meth:`KVSender.handoff_deadline_s`): vLLM's blocks are held
+no longer than that, whatever happens (the lease on prefill-side blocks).
+Hand-offs waiting for decode pages are bounded per peer (``backpressure.prefill_queue``): past
+it a hand-off fails at once and its blocks are freed, so one decode instance whose pool stays
+full cannot fill this instance's KV cache with blocks waiting for it (and starve the others).
+Every link is kept alive by heartbeats (``timeouts.heartbeat_s``), which also renew the leases of
+its pages; a link whose heartbeat goes unanswered, whose connection drops, or whose peer
+answers with a new incarnation is dropped, and the next hand-off opens a new session.
 Results are collected with :meth:`drain`, which the connector calls once per engine step.
 """
 
@@ -32,12 +40,14 @@ from dataclasses import dataclass
 import torch
 import zmq.asyncio
 
+from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
 from lmcache_pd._types import BlockId, PeerName, ReqId, TransferId, TransferState
 from lmcache_pd.config import PDConfig
+from lmcache_pd.control import curve
 from lmcache_pd.control.client import ControlClient
-from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
+from lmcache_pd.errors import PDError, PeerLost, PoolExhausted, TransferError, TransferTimeout
 from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
 from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.loop import LoopThread
@@ -106,6 +116,8 @@ class _Link:
     pool: PoolLayout
     incarnation: str
     inflight: set[TransferId]
+    waiting: int = 0
+    """Hand-offs (and reservations) of this link waiting for their Allocated reply."""
 
 
 def control_endpoint(cfg: PDConfig, peer: PeerName, tp_rank: int) -> str:
@@ -117,8 +129,10 @@ def control_endpoint(cfg: PDConfig, peer: PeerName, tp_rank: int) -> str:
 
 class KVSender:
     def __init__(self, cfg: PDConfig, *, instance: str, tp_rank: int, compat: P.CompatInfo,
-                 kv: KVLayout, kv_buffer: torch.Tensor):
+                 kv: KVLayout, kv_buffer: torch.Tensor, keys: auth.Keyring | None = None):
+        """``keys``: derived from the deployment's secret (config.keyring); None: no secret."""
         self.cfg = cfg
+        self.keys = keys if keys is not None else auth.Keyring(None)
         self.t = cfg.timeouts
         self.instance = instance
         self.tp_rank = tp_rank
@@ -128,7 +142,8 @@ class KVSender:
         self.incarnation = uuid.uuid4().hex[:16]
         self._chunk_blocks = max(1, cfg.cache.chunk_tokens // compat.block_size)
         """Blocks per cache chunk: the decode side skips whole chunks only."""
-        self.transport = transports.create(cfg.transport.name, cfg.transport.options)
+        self.transport = transports.create(cfg.transport.name, cfg.transport.options, keys=self.keys)
+        self._curve_key = curve.server_keys(self.keys)[0] if cfg.auth.encrypt else None
         self.region = -1
         self._loop = LoopThread(f"pd-sender-{tp_rank}")
         self._ctx: zmq.asyncio.Context | None = None
@@ -137,9 +152,10 @@ class KVSender:
         self._down_until: dict[PeerName, tuple[float, str]] = {}
         self._results: list[SendResult] = []
         self._results_lock = threading.Lock()
+        self._sent = self._failed = 0
         self._reserved: dict[TransferId, tuple[float, asyncio.Task[_Grant]]] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._beats: asyncio.Task[None] | None = None
         self._handoff_log = HandoffLog(cfg.handoff_log, instance=instance, rank=tp_rank, role="prefill")
 
     def start(self) -> None:
@@ -149,7 +165,7 @@ class KVSender:
 
     async def _start(self) -> None:
         self._ctx = zmq.asyncio.Context()
-        self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats(), name="pd-heartbeat")
+        self._beats = asyncio.get_running_loop().create_task(self._heartbeats(), name="pd-heartbeat")
 
     def submit(self, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
         """Start a hand-off (thread-safe, returns at once).
@@ -172,6 +188,28 @@ class KVSender:
         """The hand-off will not come (request aborted): give its reserved pages back."""
         self._loop.submit(self._unreserve(transfer_id, "request ended without a hand-off"))
 
+    def handoff_deadline_s(self) -> float:
+        """The longest a hand-off can take: every deadline it may meet, one after the other."""
+        t = self.t
+        return 2 * t.handshake_s + t.alloc_s + t.data_s + 3 * t.control_s
+
+    def status(self) -> dict[str, dict[str, int]]:
+        """Links, hand-offs and transport counters (for the worker API; thread-safe)."""
+        async def links() -> dict[str, int]:
+            ls = list(self._links.values())
+            return {"peers": len(ls), "inflight": sum(len(link.inflight) for link in ls),
+                    "waiting_for_pages": sum(link.waiting for link in ls), "reserved": len(self._reserved),
+                    "dropped_replies_total": sum(link.client.malformed for link in ls)}
+        try:
+            out = {"links": self._loop.call(links(), 2.0)}
+        except Exception:  # noqa: BLE001 - a busy or stopped loop: report what is known
+            out = {}
+        with self._results_lock:
+            out["handoffs"] = {"sent_total": self._sent, "failed_total": self._failed}
+        t = self.transport.stats
+        out["transport"] = {"batches_total": t.batches, "bytes_total": t.bytes, "failures_total": t.failures}
+        return out
+
     def drain(self) -> list[SendResult]:
         with self._results_lock:
             out, self._results = self._results, []
@@ -182,8 +220,10 @@ class KVSender:
         self.transport.close()
 
     async def _shutdown(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        if self._beats is not None:
+            self._beats.cancel()
+        for task in list(self._background):
+            task.cancel()
         for tid, (_since, task) in list(self._reserved.items()):
             if task.done():  # granted (or failed): give the pages back now
                 await self._unreserve(tid, "prefill instance shutting down")
@@ -240,6 +280,22 @@ class KVSender:
         t0 = time.monotonic()
         link: _Link | None = None
         allocated = False
+        limit = self.handoff_deadline_s()
+        try:
+            async with asyncio.timeout(limit):
+                link, allocated = await self._send_steps(spec, ready, t0)
+        except TimeoutError:  # a step outlived its own deadline: a bug, but the blocks must come back
+            log.error("hand-off %s outlived %.1f s (the sum of its timeouts.*): abandoned", spec.transfer_id, limit)
+            link = link or self._links.get(spec.peer)
+            if link is not None:
+                link.inflight.discard(spec.transfer_id)
+                await self._cancel(link, spec.transfer_id, "hand-off abandoned")
+            self._result(SendResult(spec.req_id, spec.transfer_id, False, error=f"hand-off took over {limit:g} s"))
+
+    async def _send_steps(self, spec: SendSpec, ready: torch.cuda.Event | None,
+                          t0: float) -> tuple[_Link | None, bool]:
+        link: _Link | None = None
+        allocated = False
         try:
             n_pages = blocks_for_tokens(spec.num_tokens, self.compat.block_size)
             if len(spec.block_ids) < n_pages:
@@ -282,28 +338,41 @@ class KVSender:
         finally:
             if link is not None:
                 link.inflight.discard(spec.transfer_id)
+        return link, allocated
 
     def _result(self, r: SendResult) -> None:
         with self._results_lock:
             self._results.append(r)
+            if r.ok:
+                self._sent += 1
+            else:
+                self._failed += 1
         self._handoff_log.append(r)
 
     async def _allocate(self, spec: SendSpec | ReserveSpec, n_pages: int) -> _Grant:
         for attempt in (1, 2):
             link = await self._link(spec.peer)
+            bound = self.cfg.backpressure.prefill_queue
+            if link.waiting >= bound:
+                raise PoolExhausted(f"{link.waiting} hand-offs already wait for pages of {spec.peer} "
+                                    "(backpressure.prefill_queue): this one is not queued",
+                                    transfer_id=spec.transfer_id, peer=spec.peer)
             msg = P.Allocate(msg_id=link.client.next_id(), transfer_id=spec.transfer_id, num_pages=n_pages,
                              num_tokens=spec.num_tokens, prompt_digest=spec.prompt_digest, wait_s=self.t.alloc_s,
                              chains=list(spec.chains), tenant=spec.tenant)
+            link.waiting += 1
             try:
                 reply = await link.client.request(msg, timeout_s=self.t.alloc_s + self.t.control_s,
                                                   config_field="timeouts.alloc_s", what="page allocation",
                                                   transfer_id=spec.transfer_id)
             except PeerLost:
                 # The decode instance restarted (it does not know us): re-handshake once.
-                await self._drop_link(spec.peer)
+                await self._drop_link(spec.peer, link)
                 if attempt == 2:
                     raise
                 continue
+            finally:
+                link.waiting -= 1
             assert isinstance(reply, P.Allocated)
             skip = reply.skip_pages
             if (not 0 <= skip < n_pages or skip % self._chunk_blocks or skip > len(spec.chains) * self._chunk_blocks
@@ -374,6 +443,8 @@ class KVSender:
                                 transfer_id=spec.transfer_id, peer=spec.peer)
 
     async def _cancel(self, link: _Link, transfer_id: TransferId, reason: str) -> None:
+        if link.client.lost is not None:  # its session is gone with the connection: nothing to cancel in it
+            return
         msg = P.Cancel(msg_id=link.client.next_id(), transfer_id=transfer_id, reason=reason[:200])
         try:
             await link.client.request(msg, timeout_s=self.t.control_s, config_field="timeouts.control_s",
@@ -384,12 +455,15 @@ class KVSender:
     # --- links to decode peers ------------------------------------------------------------
     async def _link(self, peer: PeerName) -> _Link:
         link = self._links.get(peer)
-        if link is not None:
+        if link is not None and link.client.lost is None:
             return link
         lock = self._link_locks.setdefault(peer, asyncio.Lock())
         async with lock:
-            if peer in self._links:
-                return self._links[peer]
+            link = self._links.get(peer)
+            if link is not None and link.client.lost is not None:
+                await self._drop_link(peer, link)
+            elif link is not None:
+                return link
             down = self._down_until.get(peer)
             if down and time.monotonic() < down[0]:
                 raise PeerLost(f"decode peer is down ({down[1]}); next try in {down[0] - time.monotonic():.1f} s",
@@ -407,16 +481,15 @@ class KVSender:
     async def _handshake(self, peer: PeerName) -> _Link:
         assert self._ctx is not None
         client = ControlClient(self._ctx, endpoint=control_endpoint(self.cfg, peer, self.tp_rank),
-                               identity=f"{self.instance}/{self.tp_rank}/{self.incarnation}", peer=peer)
+                               identity=f"{self.instance}/{self.tp_rank}/{self.incarnation}", peer=peer,
+                               keys=self.keys, curve_server_key=self._curve_key)
         client.start()
         try:
-            msg = P.Handshake(msg_id=client.next_id(), peer=self.instance, incarnation=self.incarnation,
+            msg = P.Handshake(msg_id=0, peer=self.instance, incarnation=self.incarnation,
                               compat_hash=self.compat.digest(), compat=self.compat,
                               payload=self.transport.export_descriptor(self.region)
-                              if self.transport.capabilities.exports_source else b"")
-            reply = await client.request(msg, timeout_s=self.t.handshake_s, config_field="timeouts.handshake_s",
-                                         what="handshake")
-            assert isinstance(reply, P.HandshakeReply)
+                              if self.transport.capabilities.exports_source else b"", nonce=b"", cookie=b"")
+            reply = await client.open_session(msg, timeout_s=self.t.handshake_s)
             if reply.page_bytes != self.kv.page_bytes:
                 raise TransferError(f"decode page size {reply.page_bytes} != ours {self.kv.page_bytes}", peer=peer)
             loop = asyncio.get_running_loop()
@@ -429,16 +502,20 @@ class KVSender:
                  peer, reply.incarnation, reply.num_pages, reply.page_bytes, self.transport.name)
         return _Link(client, peer_id, pool, reply.incarnation, set())
 
-    async def _drop_link(self, peer: PeerName) -> None:
+    async def _drop_link(self, peer: PeerName, link: _Link | None = None) -> None:
+        """Forget a peer's link (``link``: only if it is still that one; another coroutine may
+        have re-linked meanwhile)."""
+        if link is not None and self._links.get(peer) is not link:
+            return
         link = self._links.pop(peer, None)
         if link is not None:
             self.transport.disconnect(link.peer_id)
             await link.client.close()
 
     async def _heartbeats(self) -> None:
-        """Renew the decode-side leases of in-flight hand-offs; detect restarted peers; drop
-        reservations no hand-off took within ``timeouts.transfer_s`` (the decode side has
-        stopped waiting by then)."""
+        """Keep every link alive and renew the decode-side leases of its in-flight hand-offs;
+        detect restarted or vanished peers; drop reservations no hand-off took within
+        ``timeouts.transfer_s`` (the decode side has stopped waiting by then)."""
         while True:
             await asyncio.sleep(self.t.heartbeat_s)
             stale = time.monotonic() - self.t.transfer_s
@@ -446,23 +523,24 @@ class KVSender:
                 log.warning("reservation %s unused for timeouts.transfer_s=%.1f s: pages given back", tid,
                             self.t.transfer_s)
                 # Not awaited here: a reservation still queued for pages must not stall heartbeats.
-                task = asyncio.get_running_loop().create_task(
-                    self._give_back(self._reserved.pop(tid)[1], tid, "reservation unused"))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._spawn(self._give_back(self._reserved.pop(tid)[1], tid, "reservation unused"))
             for peer, link in list(self._links.items()):
-                if not link.inflight:
-                    continue
-                msg = P.Heartbeat(msg_id=link.client.next_id(), transfer_ids=sorted(link.inflight))
-                try:
-                    ack = await link.client.request(msg, timeout_s=self.t.control_s,
-                                                    config_field="timeouts.control_s", what="heartbeat")
-                except PeerLost:
-                    await self._drop_link(peer)
-                    continue
-                except PDError as e:
-                    log.warning("heartbeat to %s failed: %s", peer, e)
-                    continue
-                if isinstance(ack, P.Ack) and ack.incarnation != link.incarnation:
-                    log.warning("decode peer %s restarted (new incarnation); re-linking", peer)
-                    await self._drop_link(peer)
+                self._spawn(self._heartbeat(peer, link))  # concurrently: a silent peer delays no other
+
+    async def _heartbeat(self, peer: PeerName, link: _Link) -> None:
+        msg = P.Heartbeat(msg_id=link.client.next_id(), transfer_ids=sorted(link.inflight))
+        try:
+            ack = await link.client.request(msg, timeout_s=self.t.control_s, config_field="timeouts.control_s",
+                                            what="heartbeat")
+        except PDError as e:
+            log.warning("decode peer %s lost (%s): link dropped, the next hand-off re-links", peer, e)
+            await self._drop_link(peer, link)
+            return
+        if isinstance(ack, P.Ack) and ack.incarnation != link.incarnation:
+            log.warning("decode peer %s restarted (new incarnation); re-linking", peer)
+            await self._drop_link(peer, link)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from lmcache_pd import protocol as P
-from lmcache_pd.config import PDConfig
+from lmcache_pd.config import PDConfig, check_exposure, keyring
 from lmcache_pd.proxy.cache_admin import add_cache_routes
 from lmcache_pd.proxy.routing import Backend, Router
 
@@ -217,6 +217,8 @@ class Proxy:
 
 
 def create_app(cfg: PDConfig) -> FastAPI:
+    keys = keyring(cfg)
+    check_exposure(cfg, keys, None)
     proxy = Proxy(cfg)
 
     @asynccontextmanager
@@ -242,7 +244,7 @@ def create_app(cfg: PDConfig) -> FastAPI:
     async def models() -> Response:
         return await proxy.forward_get("/v1/models")
 
-    add_cache_routes(app, cfg, lambda: proxy.client)
+    add_cache_routes(app, cfg, lambda: proxy.client, keys)
 
     @app.get("/health")
     async def health() -> Response:

@@ -4,11 +4,14 @@
 each instance's own vLLM ``/tokenize``), an optional ``tenant``, or ``{"all": true}`` for clear.
 ``GET /cache/stats`` gathers every worker's statistics. The answer maps instance -> rank ->
 that worker's answer (or ``{"error": ...}``); it is 200 when at least one worker answered.
+With a shared secret configured, the POST routes need ``Authorization: Bearer <token>``
+(``lmcache-pd token``), and the proxy sends the same token to the workers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +19,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from lmcache_pd.auth import Keyring
 from lmcache_pd.config import InstanceConfig, PDConfig
 
 OPS = ("lookup", "pin", "unpin", "clear")
@@ -40,13 +44,13 @@ async def _tokenize(client: httpx.AsyncClient, cfg: PDConfig, inst: InstanceConf
 
 
 async def _one(client: httpx.AsyncClient, cfg: PDConfig, inst: InstanceConfig, rank: int, op: str,
-               body: dict[str, Any] | None) -> Any:
+               body: dict[str, Any] | None, headers: dict[str, str]) -> Any:
     url = f"http://{inst.host}:{inst.cache_port + rank}/cache/{op}"
     try:
         if body is None:
             r = await client.get(url, timeout=cfg.proxy.connect_timeout_s)
         else:
-            r = await client.post(url, json=await _tokenize(client, cfg, inst, body),
+            r = await client.post(url, json=await _tokenize(client, cfg, inst, body), headers=headers,
                                   timeout=cfg.proxy.connect_timeout_s)
     except (httpx.HTTPError, ValueError) as e:
         return {"error": f"{type(e).__name__}: {e}"}
@@ -54,11 +58,13 @@ async def _one(client: httpx.AsyncClient, cfg: PDConfig, inst: InstanceConfig, r
     return data if r.status_code == 200 else {"error": data.get("error", f"HTTP {r.status_code}")}
 
 
-async def fan_out(client: httpx.AsyncClient, cfg: PDConfig, op: str, body: dict[str, Any] | None) -> JSONResponse:
+async def fan_out(client: httpx.AsyncClient, cfg: PDConfig, op: str, body: dict[str, Any] | None,
+                  keys: Keyring) -> JSONResponse:
     targets = [(inst, rank) for inst in cache_instances(cfg) for rank in range(inst.tp_size)]
     if not targets:
         return JSONResponse({"error": "no instance has a cache_port in the config"}, status_code=404)
-    answers = await asyncio.gather(*(_one(client, cfg, inst, rank, op, body) for inst, rank in targets))
+    headers = {"authorization": f"Bearer {keys.api_token}"} if keys.authenticated else {}
+    answers = await asyncio.gather(*(_one(client, cfg, inst, rank, op, body, headers) for inst, rank in targets))
     out: dict[str, dict[str, Any]] = {}
     for (inst, rank), a in zip(targets, answers):
         out.setdefault(inst.name, {})[str(rank)] = a
@@ -66,21 +72,26 @@ async def fan_out(client: httpx.AsyncClient, cfg: PDConfig, op: str, body: dict[
     return JSONResponse(out, status_code=200 if ok else 502)
 
 
-def add_cache_routes(app: FastAPI, cfg: PDConfig, client: Callable[[], httpx.AsyncClient]) -> None:
+def add_cache_routes(app: FastAPI, cfg: PDConfig, client: Callable[[], httpx.AsyncClient], keys: Keyring) -> None:
     """``client()`` returns the proxy's running httpx client."""
 
     @app.get("/cache/stats")
     async def stats() -> Response:
-        return await fan_out(client(), cfg, "stats", None)
+        return await fan_out(client(), cfg, "stats", None, keys)
 
     @app.post("/cache/{op}")
     async def operate(op: str, request: Request) -> Response:
         if op not in OPS:
             return JSONResponse({"error": f"unknown operation {op!r} (one of {', '.join(OPS)})"}, status_code=404)
+        if keys.authenticated:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), keys.api_token):
+                return JSONResponse({"error": "missing or wrong bearer token (`lmcache-pd token` prints it)"},
+                                    status_code=401)
         try:
             body = await request.json()
         except ValueError:
             return JSONResponse({"error": "the body must be JSON"}, status_code=400)
         if not isinstance(body, dict):
             return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
-        return await fan_out(client(), cfg, op, body)
+        return await fan_out(client(), cfg, op, body, keys)

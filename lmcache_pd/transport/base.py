@@ -29,6 +29,7 @@ import msgspec
 import torch
 
 from lmcache_pd._types import TransferState
+from lmcache_pd.auth import Keyring
 from lmcache_pd.layout import RangePlan
 
 RegionId = int
@@ -63,6 +64,8 @@ class TransportStats:
     failures: int = 0
     path: str = ""
     """What carried the data, where the transport can tell (nixl: the UCX transport)."""
+    refused: int = 0
+    """Connections refused by a listening receiver: a hello that did not authenticate."""
 
     @property
     def gbps(self) -> float:
@@ -128,11 +131,15 @@ class Transport(ABC):
     capabilities: ClassVar[Capabilities]
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
 
-    def __init__(self, options: msgspec.Struct, *, host: str = "127.0.0.1", port: int | None = None):
-        """``host``/``port``: where a listening receiver binds (the decode instance's data port)."""
+    def __init__(self, options: msgspec.Struct, *, host: str = "127.0.0.1", port: int | None = None,
+                 keys: Keyring | None = None):
+        """``host``/``port``: where a listening receiver binds (the decode instance's data port);
+        ``keys``: the deployment's keys, for transports that authenticate their own connections
+        (the others' descriptors travel only inside authenticated control sessions)."""
         self.options = options
         self.host = host
         self.port = port
+        self.keys = keys if keys is not None else Keyring(None)
         self.stats = TransportStats()
         self._stats_lock = threading.Lock()
 

@@ -6,9 +6,15 @@ memoryviews of its registered buffer (vLLM's paged KV cache) with ``sendmsg``. S
 copies are the kernel's own: no staging buffer, no per-page Python bytes objects.
 
 Wire format (all integers network order except the range table, which is little-endian int64):
-  hello  P->D  "LPDH" token[16] region:u64           reply D->P "LPDR" status:u8
-  batch  P->D  "LPDB" batch:u64 n:u64, n x (dst_off:i64, len:i64), then the payload bytes
-  ack    D->P  "LPDA" batch:u64 status:u8            (sent once every byte is in the pool)
+  challenge D->P "LPDC" nonce[16]                              (as soon as D accepts)
+  hello     P->D "LPDH" token[16] region:u64 nonce[16] tag[32]
+  reply     D->P "LPDR" status:u8 tag[32]
+  batch     P->D "LPDB" batch:u64 n:u64, n x (dst_off:i64, len:i64), then the payload bytes
+  ack       D->P "LPDA" batch:u64 status:u8                    (sent once every byte is in the pool)
+The hello is a challenge-response under the deployment's tcp key (auth.py): its tag covers D's
+fresh nonce, so a recorded hello opens no connection; the reply's tag covers P's nonce, so P
+knows it reached the pool it was told about. ``token`` is new per receiver process: a hello
+meant for a restarted receiver is refused. A refused hello changes nothing and is counted.
 A batch that does not fit the region is refused (status 1) and the connection closed.
 """
 
@@ -28,6 +34,7 @@ import msgspec
 import numpy as np
 import torch
 
+from lmcache_pd import auth
 from lmcache_pd._types import TransferState
 from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
@@ -35,8 +42,9 @@ from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHa
 
 log = logging.getLogger(__name__)
 
-_HELLO = struct.Struct("!4s16sQ")
-_HELLO_REPLY = struct.Struct("!4sB")
+_CHALLENGE = struct.Struct(f"!4s{auth.NONCE_BYTES}s")
+_HELLO = struct.Struct(f"!4s16sQ{auth.NONCE_BYTES}s{auth.TAG_BYTES}s")
+_HELLO_REPLY = struct.Struct(f"!4sB{auth.TAG_BYTES}s")
 _BATCH = struct.Struct("!4sQQ")
 _ACK = struct.Struct("!4sQB")
 MAX_RANGES = 1 << 20
@@ -63,6 +71,14 @@ class _Descriptor(msgspec.Struct, frozen=True):
     token: bytes
     region: int
     nbytes: int
+
+
+def _hello_parts(challenge: bytes, token: bytes, region: int, nonce: bytes) -> tuple[bytes, ...]:
+    return b"hello", challenge, token, struct.pack("!Q", region), nonce
+
+
+def _hello_tag(key: bytes, challenge: bytes, token: bytes, region: int, nonce: bytes) -> bytes:
+    return auth.tag(key, *_hello_parts(challenge, token, region, nonce))
 
 
 def _blocking(sock: socket.socket, timeout_s: float) -> None:
@@ -154,15 +170,26 @@ class _Stream:
 
     def open(self, timeout_s: float) -> None:
         sock = socket.create_connection((self.desc.host, self.desc.port), timeout=timeout_s)
+        where = f"tcp peer {self.desc.host}:{self.desc.port}"
         try:
             _tune(sock, self.transport.options.socket_buffer_bytes)
-            sock.sendall(_HELLO.pack(b"LPDH", self.desc.token, self.desc.region))
+            challenge = bytearray(_CHALLENGE.size)
+            _recv_exact(sock, memoryview(challenge))
+            magic, theirs = _CHALLENGE.unpack(challenge)
+            if magic != b"LPDC":
+                raise PeerLost(f"{where} is not an lmcache-pd receiver of this release")
+            ours = auth.nonce()
+            key = self.transport.keys.tcp
+            sock.sendall(_HELLO.pack(b"LPDH", self.desc.token, self.desc.region, ours,
+                                     _hello_tag(key, theirs, self.desc.token, self.desc.region, ours)))
             reply = bytearray(_HELLO_REPLY.size)
             _recv_exact(sock, memoryview(reply))
-            magic, status = _HELLO_REPLY.unpack(reply)
+            magic, status, tag = _HELLO_REPLY.unpack(reply)
             if magic != b"LPDR" or status != _OK:
-                raise PeerLost(f"tcp peer {self.desc.host}:{self.desc.port} refused the hello (status {status}): "
-                               "it restarted or is not this pool")
+                raise PeerLost(f"{where} refused the hello (status {status}): it restarted, is not this pool, "
+                               "or has another auth secret")
+            if not auth.check(key, tag, b"reply", ours, theirs, bytes([status])):
+                raise PeerLost(f"{where} answered the hello without our auth secret")
         except BaseException:
             sock.close()
             raise
@@ -249,8 +276,8 @@ class TcpTransport(Transport):
     capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cpu"}), listens=True)
     Options = TcpOptions
 
-    def __init__(self, options: TcpOptions, *, host: str = "127.0.0.1", port: int | None = None):
-        super().__init__(options, host=host, port=port)
+    def __init__(self, options: TcpOptions, **kwargs: object):
+        super().__init__(options, **kwargs)  # type: ignore[arg-type]
         self._token = secrets.token_bytes(16)  # new per process: a restarted receiver refuses old peers
         self._regions: dict[RegionId, memoryview] = {}
         self._region_ids = itertools.count(1)
@@ -275,6 +302,9 @@ class TcpTransport(Transport):
     def listen(self) -> None:
         if self.port is None:
             raise TransportUnavailable("tcp receiver needs a data port (decode instance data_port)")
+        if not self.keys.authenticated and not auth.is_loopback(self.host):
+            raise PermissionError(f"tcp data plane refuses to listen on {self.host} without a shared secret "
+                                  "(set auth.secret_file or LMCACHE_PD_SECRET, or bind loopback only)")
         srv = socket.create_server((self.host, self.port), reuse_port=False, backlog=64)
         srv.settimeout(0.2)
         self._listener = srv
@@ -309,13 +339,23 @@ class TcpTransport(Transport):
         try:
             _tune(conn, self.options.socket_buffer_bytes)
             _blocking(conn, self.options.io_timeout_s)
+            ours = auth.nonce()
+            conn.sendall(_CHALLENGE.pack(b"LPDC", ours))
             hello = bytearray(_HELLO.size)
             _recv_exact(conn, memoryview(hello))
-            magic, token, region = _HELLO.unpack(hello)
-            ok = magic == b"LPDH" and secrets.compare_digest(token, self._token) and region in self._regions
-            conn.sendall(_HELLO_REPLY.pack(b"LPDR", _OK if ok else _BAD_HELLO))
+            magic, token, region, theirs, tag = _HELLO.unpack(hello)
+            key = self.keys.tcp
+            ok = (magic == b"LPDH" and secrets.compare_digest(token, self._token) and region in self._regions
+                  and auth.check(key, tag, *_hello_parts(ours, token, region, theirs)))
+            status = _OK if ok else _BAD_HELLO
+            reply_tag = auth.tag(key, b"reply", theirs, ours, bytes([status])) if ok else bytes(auth.TAG_BYTES)
             if not ok:
-                log.warning("tcp: refused a connection with a bad hello (stale peer or not ours)")
+                with self._stats_lock:
+                    self.stats.refused += 1
+                log.warning("tcp: refused a connection with a bad hello (a stale peer, another auth secret, or "
+                            "not ours)")
+            conn.sendall(_HELLO_REPLY.pack(b"LPDR", status, reply_tag))
+            if not ok:
                 return
             view = self._regions[region]
             while not self._stop.is_set():

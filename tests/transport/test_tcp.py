@@ -1,4 +1,5 @@
-"""TCP-specific behaviour: deadlines against a peer that stops answering, stale peers, bad hellos."""
+"""TCP-specific behaviour: deadlines against a peer that stops answering, stale peers, bad hellos,
+the authenticated hello (another secret, a replayed hello, an impostor receiver)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,40 @@ import numpy as np
 import pytest
 import torch
 
+from lmcache_pd import auth
 from lmcache_pd import transport as transports
 from lmcache_pd._types import TransferState
 from lmcache_pd.errors import PeerLost
 from lmcache_pd.layout import coalesce
-from lmcache_pd.transport.tcp import _Descriptor
+from lmcache_pd.transport.tcp import _CHALLENGE, _HELLO, _HELLO_REPLY, _Descriptor, _hello_tag
 from tests.transport.test_contract import wait
+
+PUBLIC = auth.Keyring(None)  # what transports created without keys use
+
+
+def raw_hello(conn: socket.socket, d: _Descriptor, keys: auth.Keyring = PUBLIC) -> bytes:
+    """Say hello by hand, as a sender does; returns the receiver's reply."""
+    _, theirs = _CHALLENGE.unpack(recv_n(conn, _CHALLENGE.size))
+    ours = auth.nonce()
+    conn.sendall(_HELLO.pack(b"LPDH", d.token, d.region, ours, _hello_tag(keys.tcp, theirs, d.token, d.region, ours)))
+    return recv_n(conn, _HELLO_REPLY.size)
+
+
+def recv_n(conn: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = conn.recv(n - len(out))
+        assert chunk, "the peer closed the connection"
+        out += chunk
+    return out
+
+
+def answer_hello(conn: socket.socket, keys: auth.Keyring = PUBLIC) -> None:
+    """Play a receiver's part of the hello (accepting any token)."""
+    ours = auth.nonce()
+    conn.sendall(_CHALLENGE.pack(b"LPDC", ours))
+    _, _, _, theirs, _ = _HELLO.unpack(recv_n(conn, _HELLO.size))
+    conn.sendall(_HELLO_REPLY.pack(b"LPDR", 0, auth.tag(keys.tcp, b"reply", theirs, ours, b"\x00")))
 
 
 def blackhole(reply_hello: bool) -> tuple[socket.socket, threading.Event]:
@@ -37,8 +66,7 @@ def blackhole(reply_hello: bool) -> tuple[socket.socket, threading.Event]:
                 break
             conns.append(c)
             if reply_hello:
-                c.recv(64)
-                c.sendall(struct.pack("!4sB", b"LPDR", 0))
+                answer_hello(c)
         for c in conns:
             c.close()
 
@@ -70,10 +98,62 @@ def test_hello_with_a_stale_token_is_refused():
     stale = msgspec.msgpack.encode(msgspec.structs.replace(good, token=b"\x00" * 16))
     tx = transports.create("tcp", {})
     tx.register(torch.zeros(16, dtype=torch.uint8))
-    with pytest.raises(PeerLost, match="restarted or is not this pool"):
+    with pytest.raises(PeerLost, match="restarted, is not this pool"):
         tx.connect(stale, timeout_s=2)
+    assert rx.stats.refused == 1
     tx.close()
     rx.close()
+
+
+def test_a_sender_with_another_secret_is_refused_and_writes_nothing():
+    rx, dst, region = listening(1 << 16, io_timeout_s=2, keys=auth.Keyring(b"the decode side's secret........"))
+    tx = transports.create("tcp", {}, keys=auth.Keyring(b"another secret, not the deploy's"))
+    tx.register(torch.ones(16, dtype=torch.uint8))
+    with pytest.raises(PeerLost, match="auth secret"):
+        tx.connect(rx.export_descriptor(region), timeout_s=2)
+    assert rx.stats.refused == 1 and not dst.any()
+    tx.close()
+    rx.close()
+
+
+def test_a_recorded_hello_opens_no_connection():
+    """A hello answers one challenge: replayed on a new connection (a fresh challenge) it fails."""
+    rx, dst, region = listening(1 << 16, io_timeout_s=2)
+    d = msgspec.msgpack.decode(rx.export_descriptor(region), type=_Descriptor)
+    first = socket.create_connection((d.host, d.port))
+    recv_n(first, _CHALLENGE.size)
+    ours = auth.nonce()
+    # What an eavesdropper saw on the first connection, answering that connection's challenge:
+    c1 = socket.create_connection((d.host, d.port))
+    _, theirs = _CHALLENGE.unpack(recv_n(c1, _CHALLENGE.size))
+    recorded = _HELLO.pack(b"LPDH", d.token, d.region, ours, _hello_tag(PUBLIC.tcp, theirs, d.token, d.region, ours))
+    c1.close()
+    first.sendall(recorded)  # ... replayed on another connection, whose challenge differs
+    magic, status, _ = _HELLO_REPLY.unpack(recv_n(first, _HELLO_REPLY.size))
+    assert (magic, status) == (b"LPDR", 2) and rx.stats.refused == 1
+    first.close()
+    rx.close()
+
+
+def test_a_receiver_without_the_secret_is_not_trusted():
+    """The reply's tag proves the receiver holds the secret: an impostor that accepts every hello
+    (and would receive the KV) is refused by the sender."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def impostor() -> None:
+        c, _ = srv.accept()
+        answer_hello(c, auth.Keyring(b"the impostor does not know it..."))
+        time.sleep(0.5)
+        c.close()
+
+    threading.Thread(target=impostor, daemon=True).start()
+    tx = transports.create("tcp", {}, keys=auth.Keyring(b"the deployment's secret........."))
+    tx.register(torch.zeros(16, dtype=torch.uint8))
+    desc = msgspec.msgpack.encode(_Descriptor("127.0.0.1", srv.getsockname()[1], b"x" * 16, 1, 16))
+    with pytest.raises(PeerLost, match="without our auth secret"):
+        tx.connect(desc, timeout_s=2)
+    tx.close()
+    srv.close()
 
 
 def test_silent_peer_connect_times_out():
@@ -90,9 +170,9 @@ def test_silent_peer_connect_times_out():
     srv.close()
 
 
-def listening(nbytes: int, io_timeout_s: float):
+def listening(nbytes: int, io_timeout_s: float, keys: auth.Keyring | None = None):
     """A tcp receiver with a zeroed pool of ``nbytes``: (transport, pool, region)."""
-    rx = transports.create("tcp", {"io_timeout_s": io_timeout_s}, host="127.0.0.1", port=0)
+    rx = transports.create("tcp", {"io_timeout_s": io_timeout_s}, host="127.0.0.1", port=0, keys=keys)
     dst = torch.zeros(nbytes, dtype=torch.uint8)
     region = rx.register(dst)
     rx.listen()
@@ -110,8 +190,7 @@ def test_receiver_survives_a_sender_dying_mid_batch():
     rx, dst, region = listening(1 << 20, io_timeout_s=0.5)
     d = msgspec.msgpack.decode(rx.export_descriptor(region), type=_Descriptor)
     raw = socket.create_connection((d.host, d.port))
-    raw.sendall(struct.pack("!4s16sQ", b"LPDH", d.token, d.region))
-    assert raw.recv(5) == struct.pack("!4sB", b"LPDR", 0)
+    assert raw_hello(raw, d)[:5] == struct.pack("!4sB", b"LPDR", 0)
     table = np.zeros((8, 2), dtype="<i8")  # every batch carries at least 8 rows (empty ones pad it)
     table[0] = (0, 1 << 20)
     raw.sendall(struct.pack("!4sQQ", b"LPDB", 1, 8) + table.tobytes() + b"\x01" * 100)

@@ -11,14 +11,14 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed here (run scripts/setup)")
 
 from lmcache_pd.cli.local import free_ports  # noqa: E402
-from lmcache_pd.node.cache_api import CacheAPI  # noqa: E402
+from lmcache_pd.node.worker_api import WorkerAPI  # noqa: E402
 from tests.unit.test_cache_reuse import CHUNK, Instance, cfg_with_cache, prompt, request  # noqa: E402
 
 
 @pytest.fixture
 def served(tmp_path):
     inst = Instance(cfg_with_cache(tmp_path))
-    api = CacheAPI(inst.io, instance=inst.name, rank=0, host="127.0.0.1", port=free_ports(1)[0])
+    api = WorkerAPI(inst.io, instance=inst.name, rank=0, host="127.0.0.1", port=free_ports(1)[0])
     api.start()
     url = f"http://127.0.0.1:{api.address[1]}"
     yield inst, url

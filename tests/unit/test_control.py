@@ -1,4 +1,6 @@
-"""Control plane over real zmq sockets: handshake, allocation, queueing, refusals, garbage."""
+"""Control plane over real zmq sockets: handshake, allocation, queueing, refusals, garbage.
+
+Authentication, replays and liveness are in test_control_auth.py; random frames in test_fuzz.py."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd._types import PageState
 from lmcache_pd.control.allocator import PagePool
@@ -18,12 +21,14 @@ from lmcache_pd.control.server import ControlServer
 from lmcache_pd.errors import IncompatiblePeer, PeerLost, PoolExhausted, TransferError, TransferTimeout
 from tests.unit.test_protocol import COMPAT
 
+KEYS = auth.Keyring(b"the deployment's test secret....")
+
 
 @pytest.fixture
 def server():
     pool = PagePool(8, lease_s=30)
     srv = ControlServer(pool, bind="tcp://127.0.0.1:0", compat=COMPAT, incarnation="dec-1", page_bytes=65536,
-                        descriptor=b"pool-descriptor", max_alloc_wait_s=5.0, prefix=Holder(0))
+                        descriptor=b"pool-descriptor", max_alloc_wait_s=5.0, keys=KEYS, prefix=Holder(0))
     srv.start()
     yield srv
     srv.close()
@@ -33,17 +38,21 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
 
 
-async def client_for(srv: ControlServer, identity: str = "prefill-0/0/x") -> tuple[zmq.asyncio.Context, ControlClient]:
+async def client_for(srv: ControlServer, identity: str = "prefill-0/0/x",
+                     keys: auth.Keyring = KEYS) -> tuple[zmq.asyncio.Context, ControlClient]:
     ctx = zmq.asyncio.Context()
-    c = ControlClient(ctx, endpoint=srv.endpoint, identity=identity, peer="decode-0")
+    c = ControlClient(ctx, endpoint=srv.endpoint, identity=identity, peer="decode-0", keys=keys)
     c.start()
     return ctx, c
 
 
-async def handshake(c: ControlClient, compat: P.CompatInfo = COMPAT) -> P.Message:
-    msg = P.Handshake(msg_id=c.next_id(), peer="prefill-0", incarnation="pre-1", compat_hash=compat.digest(),
-                      compat=compat, payload=b"")
-    return await c.request(msg, timeout_s=5, config_field="timeouts.handshake_s", what="handshake")
+def handshake_msg(compat: P.CompatInfo = COMPAT, peer: str = "prefill-0", incarnation: str = "pre-1") -> P.Handshake:
+    return P.Handshake(msg_id=0, peer=peer, incarnation=incarnation, compat_hash=compat.digest(), compat=compat,
+                       payload=b"", nonce=b"", cookie=b"")
+
+
+async def handshake(c: ControlClient, compat: P.CompatInfo = COMPAT, timeout_s: float = 5.0) -> P.Message:
+    return await c.open_session(handshake_msg(compat), timeout_s=timeout_s)
 
 
 def alloc(c: ControlClient, tid: str, n: int, wait_s: float = 1.0) -> P.Allocate:
@@ -84,10 +93,10 @@ def test_incompatible_peer_is_refused_naming_the_field(server):
         assert set(e.value.fields) == {"block_size", "dtype"}
         assert "block_size: prefill 16 != decode 128" in str(e.value)
         # A forged hash over a different compat is refused too.
-        forged = P.Handshake(msg_id=c.next_id(), peer="p", incarnation="i", compat_hash=COMPAT.digest(),
-                             compat=bad, payload=b"")
+        forged = P.Handshake(msg_id=0, peer="p", incarnation="i", compat_hash=COMPAT.digest(),
+                             compat=bad, payload=b"", nonce=b"", cookie=b"")
         with pytest.raises(IncompatiblePeer):
-            await req(c, forged)
+            await c.open_session(forged, timeout_s=5)
         await c.close()
         ctx.term()
     run(go())
@@ -97,13 +106,17 @@ def test_incompatible_peer_is_refused_naming_the_field(server):
 def test_requests_before_handshake_change_nothing(server):
     async def go():
         ctx, c = await client_for(server)
-        with pytest.raises(PeerLost, match="no handshake"):
+        with pytest.raises(PeerLost, match="no session"):  # the client does not even send them
             await req(c, alloc(c, "t1", 1))
-        with pytest.raises(PeerLost):
-            await req(c, P.Cancel(msg_id=c.next_id(), transfer_id="t1", reason="x"))
         await c.close()
         ctx.term()
     run(go())
+    peer = RawPeer(server)  # one that does: a session frame without a session is dropped unanswered
+    peer.send(P.Allocate(msg_id=1, transfer_id="t1", num_pages=1, num_tokens=1, prompt_digest="d", wait_s=1),
+              session=auth.DirectionKeys(b"k" * 32, b"k" * 32))
+    assert peer.recv(0.5) is None
+    peer.close()
+    assert server.stats.unauthenticated == 1
     assert server.pool.free_pages == 8 and server.pool.lookup("t1") is None
 
 
@@ -179,63 +192,106 @@ def test_peers_cannot_touch_each_others_transfers(server):
     assert server.pool.lookup("mine").state == PageState.ALLOCATED
 
 
-def raw_dealer(srv: ControlServer) -> tuple[zmq.Context, zmq.Socket]:
+def raw_dealer(srv: ControlServer, identity: bytes = b"prefill-0/0/raw") -> tuple[zmq.Context, zmq.Socket]:
     """A bare DEALER, for sending frames no well-behaved client would."""
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.RCVTIMEO, 2000)
+    s.setsockopt(zmq.ROUTING_ID, identity)
     s.connect(srv.endpoint)
     return ctx, s
 
 
-def test_garbled_frames_are_counted_and_change_nothing(server):
-    ctx, s = raw_dealer(server)
+class RawPeer:
+    """Speaks the protocol by hand over a bare DEALER, and keeps every frame it sent (to replay)."""
+
+    def __init__(self, srv: ControlServer, identity: bytes = b"prefill-0/0/raw", keys: auth.Keyring = KEYS):
+        self.ctx, self.sock = raw_dealer(srv, identity)
+        self.identity = identity
+        self.keys = keys
+        self.session: auth.DirectionKeys | None = None
+        self.seq = 0
+        self.sent: list[list[bytes]] = []
+
+    def send(self, msg: P.Message, session: auth.DirectionKeys | None = None, seq: int | None = None) -> None:
+        session = session or (None if isinstance(msg, (P.Hello, P.Handshake)) else self.session)
+        if session is None:
+            frames = P.seal(msg, self.keys.control.to_decode, key_class=P.KEY_DEPLOYMENT, seq=0)
+        else:
+            self.seq = self.seq + 1 if seq is None else seq
+            frames = P.seal(msg, session.to_decode, key_class=P.KEY_SESSION, seq=self.seq)
+        self.send_raw(frames)
+
+    def send_raw(self, frames: list[bytes]) -> None:
+        self.sent.append(frames)
+        self.sock.send_multipart(frames)
+
+    def recv(self, timeout_s: float = 2.0) -> P.Message | None:
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return None
+        return P.decode_unverified(self.sock.recv_multipart())
+
+    def open(self, compat: P.CompatInfo = COMPAT, peer: str = "prefill-0", incarnation: str = "pre-1") -> P.Message:
+        nonce = auth.nonce()
+        self.send(P.Hello(msg_id=1, peer=peer, incarnation=incarnation, nonce=nonce))
+        ch = self.recv()
+        assert isinstance(ch, P.Challenge) and ch.nonce == nonce, ch
+        self.send(P.Handshake(msg_id=2, peer=peer, incarnation=incarnation, compat_hash=compat.digest(),
+                              compat=compat, payload=b"", nonce=nonce, cookie=ch.cookie))
+        self.session, self.seq = self.keys.session(self.identity, nonce, ch.cookie), 0
+        return self.recv()
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+def test_garbled_frames_are_counted_dropped_and_change_nothing(server):
+    peer = RawPeer(server)
+    good = P.seal(P.Hello(msg_id=1, peer="p", incarnation="i", nonce=b"n" * 16), KEYS.control.to_decode,
+                  key_class=P.KEY_DEPLOYMENT, seq=0)
     garbage = [
         [b"just one frame"],
-        [P.HEADER, b"\xc1\xc1"],
-        [b"\x00" * 6, b"x"],
-        [P.HEADER, msgspec.msgpack.encode({"type": "Allocate", "msg_id": 1})],
-        P.encode(P.Allocated(msg_id=9, transfer_id="t", pages=[1], lease_s=1.0)),  # a reply, not a request
+        [P.HEADER, b"\xc1\xc1"],                     # two frames: a peer of version 3
+        [b"\x00" * 6, b"x", b"y"],
+        [good[0], good[1][:-1], good[2]],             # the body cut short: its tag fails
+        [good[0], good[1], good[2][:-1] + b"\x00"],   # a wrong tag
     ]
     for frames in garbage:
-        s.send_multipart(frames)
-    replies = []
-    for _ in range(3):  # frames with our header get an Error reply; foreign ones are dropped silently
-        replies.append(P.decode(s.recv_multipart()))
-    assert all(isinstance(r, P.Error) for r in replies)
-    s.close()
-    ctx.term()
-    assert server.stats.malformed >= 3
-    assert server.pool.free_pages == 8
+        peer.send_raw(frames)
+    assert peer.recv(0.5) is None  # nothing is answered
+    peer.close()
+    assert server.stats.malformed == 3 and server.stats.unauthenticated == 2
+    assert server.pool.free_pages == 8 and server.sessions == 0
 
 
 def test_request_to_a_silent_peer_times_out_naming_the_field():
     async def go():
         ctx = zmq.asyncio.Context()
-        c = ControlClient(ctx, endpoint="tcp://127.0.0.1:9", identity="p/0/x", peer="decode-9")
+        c = ControlClient(ctx, endpoint="tcp://127.0.0.1:9", identity="p/0/x", peer="decode-9", keys=KEYS)
         c.start()
         t0 = time.monotonic()
         with pytest.raises(TransferTimeout, match="timeouts.handshake_s") as e:
-            msg = P.Handshake(msg_id=1, peer="p", incarnation="i", compat_hash=COMPAT.digest(), compat=COMPAT,
-                              payload=b"")
-            await c.request(msg, timeout_s=0.3, config_field="timeouts.handshake_s", what="handshake")
+            await handshake(c, timeout_s=0.3)
         assert 0.25 < time.monotonic() - t0 < 2 and e.value.config_field == "timeouts.handshake_s"
         await c.close()
         ctx.term()
     run(go())
 
 
-def test_version_mismatch_gets_a_version_error(server):
+def test_an_authentic_frame_of_another_version_gets_a_version_error(server):
     import struct
-    ctx, s = raw_dealer(server)
-    s.send_multipart([struct.pack("!4sH", P.MAGIC, 99), b"anything"])
-    # The reply is in our version; decode its body directly.
-    header, body = s.recv_multipart()
-    reply = msgspec.msgpack.decode(body, type=P.Message)
+    peer = RawPeer(server)
+    other = struct.pack("!4sH", P.MAGIC, 99)
+    head = struct.pack("!BQ", P.KEY_DEPLOYMENT, 0)
+    body = b"anything"
+    peer.send_raw([other, body, head + auth.tag(KEYS.control.to_decode, other, head, body)])
+    reply = peer.recv()
     assert isinstance(reply, P.Error) and reply.code == P.ErrorCode.VERSION and "99" in reply.message
-    s.close()
-    ctx.term()
+    wrong_key = auth.tag(auth.Keyring(None).control.to_decode, other, head, body)
+    peer.send_raw([other, body, head + wrong_key])  # not authentic: not answered
+    assert peer.recv(0.5) is None
+    peer.close()
 
 
 class Holder:
@@ -259,7 +315,7 @@ class Holder:
 
 def holder_server(holder: Holder, pages: int = 8) -> ControlServer:
     srv = ControlServer(PagePool(pages, lease_s=30), bind="tcp://127.0.0.1:0", compat=COMPAT, incarnation="dec-1",
-                        page_bytes=65536, descriptor=b"d", max_alloc_wait_s=5.0, prefix=holder)
+                        page_bytes=65536, descriptor=b"d", max_alloc_wait_s=5.0, keys=KEYS, prefix=holder)
     srv.start()
     return srv
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import zmq
 
+from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd.cache.keys import ChunkKey, chain_hashes
 from lmcache_pd.node.cache_io import CacheIO, CacheSaveSpec
@@ -235,12 +236,19 @@ class FakeDecode:
         self._thread.start()
 
     def _run(self) -> None:
+        keys, session, seq = auth.Keyring(None), None, 0  # the sender under test has no secret
         while not self._stop.is_set():
             if not self._sock.poll(20):
                 continue
             identity, *frames = self._sock.recv_multipart()
-            msg = P.decode(frames)
+            msg = P.decode_unverified(frames)
+            if isinstance(msg, P.Hello):
+                self._sock.send_multipart([identity, *P.seal(P.Challenge(msg_id=msg.msg_id, nonce=msg.nonce,
+                                                                         cookie=b"c" * 16), keys.control.to_prefill,
+                                                             key_class=P.KEY_DEPLOYMENT, seq=0)])
+                continue
             if isinstance(msg, P.Handshake):
+                session = keys.session(identity, msg.nonce, msg.cookie)
                 out = P.HandshakeReply(msg_id=msg.msg_id, incarnation="x", page_bytes=PAGE, num_pages=16,
                                        payload=self.descriptor)
             elif isinstance(msg, P.Allocate):
@@ -249,7 +257,8 @@ class FakeDecode:
                 if isinstance(msg, P.Cancel):
                     self.cancels.append(msg.transfer_id)
                 out = P.Ack(msg_id=msg.msg_id, incarnation="x")
-            self._sock.send_multipart([identity, *P.encode(out)])
+            seq += 1
+            self._sock.send_multipart([identity, *P.seal(out, session.to_prefill, key_class=P.KEY_SESSION, seq=seq)])
 
     def close(self) -> None:
         self._stop.set()

@@ -1,15 +1,22 @@
-"""HTTP control API and Prometheus metrics of one worker's prefix cache (thread ``pd-cache-api``).
+"""HTTP API and Prometheus metrics of one worker (thread ``pd-worker-api``).
 
 Served on ``<instance host>:<cache_port + rank>`` (the proxy's ``/cache/*`` routes fan out to
-every instance). Prompts are given as token ids (the proxy tokenizes text) and an optional
-``tenant`` (the requests' ``cache_salt``):
+every instance). The hand-off path's state, always:
+
+  GET  /pd/stats                                 pool pages, control-plane counters, links, held blocks
+  GET  /metrics                                  the same, and the cache's counters, for Prometheus
+
+and the prefix cache's control API (``cache.enabled``). Prompts are given as token ids (the proxy
+tokenizes text) and an optional ``tenant`` (the requests' ``cache_salt``):
 
   GET  /cache/stats                              tier sizes, hit/miss tokens, reads, writes, evictions
   POST /cache/lookup  {token_ids, tenant}        how many leading tokens are cached, and in which tier
   POST /cache/pin     {token_ids, tenant}        keep the prompt's cached chunks from eviction
   POST /cache/unpin   {token_ids, tenant}
   POST /cache/clear   {token_ids, tenant} | {tenant} | {all: true}
-  GET  /metrics                                  the same counters for Prometheus
+
+With a shared secret configured, every POST needs ``Authorization: Bearer <token>``
+(``lmcache-pd token`` prints it); without one the API binds loopback only (config.check_exposure).
 
 Clearing a prefix deletes that prefix's chunks; every longer prompt that extends it is then
 unreachable too (a lookup stops at the first missing chunk) and its chunks age out.
@@ -17,15 +24,18 @@ unreachable too (a lookup stops at the first missing chunk) and its chunks age o
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from lmcache_pd.auth import Keyring
 from lmcache_pd.cache import chain_hashes, chunk_keys, tenant_tag
 from lmcache_pd.node.cache_io import CacheIO
 
@@ -34,14 +44,21 @@ log = logging.getLogger(__name__)
 MAX_BODY = 16 << 20
 
 
-class CacheAPI:
-    def __init__(self, io: CacheIO, *, instance: str, rank: int, host: str, port: int):
+class WorkerAPI:
+    def __init__(self, io: CacheIO | None, *, instance: str, rank: int, host: str, port: int,
+                 keys: Keyring | None = None, status: Callable[[], dict[str, Any]] | None = None):
+        """``io``: the worker's prefix cache, or None (cache off: only /pd/* and /metrics);
+        ``status``: the hand-off path's state for /pd/stats (a dict of sections of numbers)."""
         self.io = io
         self.instance = instance
         self.rank = rank
         self.address = (host, port)
+        self.keys = keys if keys is not None else Keyring(None)
+        self.status = status or (lambda: {})
         self.registry = CollectorRegistry()
-        self.registry.register(_Collector(self))
+        self.registry.register(_StatusCollector(self))
+        if io is not None:
+            self.registry.register(_Collector(self))
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -55,9 +72,15 @@ class CacheAPI:
         self._server = ThreadingHTTPServer(self.address, Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="pd-cache-api", daemon=True)
+                                        name="pd-worker-api", daemon=True)
         self._thread.start()
-        log.info("cache API of %s rank %d on http://%s:%d", self.instance, self.rank, *self.address)
+        log.info("worker API of %s rank %d on http://%s:%d", self.instance, self.rank, *self.address)
+
+    def authorized(self, header: str | None) -> bool:
+        if not self.keys.authenticated:
+            return True
+        scheme, _, token = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.keys.api_token)
 
     def close(self) -> None:
         if self._server is not None:
@@ -67,44 +90,50 @@ class CacheAPI:
             self._thread.join(timeout=5)
 
     # --- operations (also called directly by tests) -----------------------------------------
+    @property
+    def cache(self) -> CacheIO:
+        if self.io is None:
+            raise LookupError("the prefix cache is off on this instance (cache.enabled)")
+        return self.io
+
     def keys_of(self, body: dict[str, Any]) -> list:
         ids = body.get("token_ids")
         if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
             raise ValueError("token_ids must be a list of integers")
         tenant = _tenant(body)
-        chains = chain_hashes(ids, self.io.cfg.chunk_tokens, tenant=tenant)
-        return chunk_keys(self.io.salt, chains, tenant)
+        chains = chain_hashes(ids, self.cache.cfg.chunk_tokens, tenant=tenant)
+        return chunk_keys(self.cache.salt, chains, tenant)
 
     def stats(self) -> dict[str, Any]:
-        s = self.io.cache.stats()
-        return {"instance": self.instance, "rank": self.rank, "chunk_tokens": self.io.cfg.chunk_tokens,
+        s = self.cache.cache.stats()
+        return {"instance": self.instance, "rank": self.rank, "chunk_tokens": self.cache.cfg.chunk_tokens,
                 "tiers": {name: t.as_dict() for name, t in s.tiers.items()},
                 "hit_tokens": s.hit_tokens, "miss_tokens": s.miss_tokens,
                 "queued_bytes": s.queued_bytes, "dropped_writes": s.dropped_writes, "holds": s.holds}
 
     def lookup(self, body: dict[str, Any]) -> dict[str, Any]:
         keys = self.keys_of(body)
-        found = self.io.cache.lookup(keys, record=False)
+        found = self.cache.cache.lookup(keys, record=False)
         per_tier: dict[str, int] = {}
         for i in found.tiers:
-            name = self.io.cache.tiers[i].name
-            per_tier[name] = per_tier.get(name, 0) + self.io.cfg.chunk_tokens
-        return {"cached_tokens": found.hits * self.io.cfg.chunk_tokens, "chunks": found.hits,
+            name = self.cache.cache.tiers[i].name
+            per_tier[name] = per_tier.get(name, 0) + self.cache.cfg.chunk_tokens
+        return {"cached_tokens": found.hits * self.cache.cfg.chunk_tokens, "chunks": found.hits,
                 "full_chunks": len(keys), "tiers": per_tier}
 
     def pin(self, body: dict[str, Any], *, pin: bool = True) -> dict[str, Any]:
         keys = self.keys_of(body)
-        (self.io.cache.pin if pin else self.io.cache.unpin)(keys)
+        (self.cache.cache.pin if pin else self.cache.cache.unpin)(keys)
         return {"chunks": len(keys)}
 
     def clear(self, body: dict[str, Any]) -> dict[str, Any]:
         given = [k for k in ("token_ids", "all") if body.get(k) is not None]
         if given == ["token_ids"]:
-            return {"removed": self.io.cache.delete(self.keys_of(body))}
+            return {"removed": self.cache.cache.delete(self.keys_of(body))}
         if given == ["all"] and body["all"] is True and "tenant" not in body:
-            return {"removed": self.io.cache.clear()}
+            return {"removed": self.cache.cache.clear()}
         if not given and _tenant(body):
-            return {"removed": self.io.cache.clear(tenant_tag(_tenant(body)))}
+            return {"removed": self.cache.cache.clear(tenant_tag(_tenant(body)))}
         raise ValueError("give token_ids (with an optional tenant), or only a tenant, or {\"all\": true}")
 
 
@@ -116,7 +145,7 @@ def _tenant(body: dict[str, Any]) -> str | None:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    api: CacheAPI
+    api: WorkerAPI
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
@@ -133,8 +162,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode())
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
-        if self.path == "/cache/stats":
-            self._json(200, self.api.stats())
+        if self.path == "/pd/stats":
+            self._json(200, self.api.status())
+        elif self.path == "/cache/stats":
+            try:
+                self._json(200, self.api.stats())
+            except LookupError as e:
+                self._json(404, {"error": str(e)})
         elif self.path == "/metrics":
             self._send(200, generate_latest(self.api.registry), "text/plain; version=0.0.4")
         else:
@@ -147,6 +181,9 @@ class _Handler(BaseHTTPRequestHandler):
         if op is None:
             self._json(404, {"error": f"no route {self.path}"})
             return
+        if not self.api.authorized(self.headers.get("authorization")):
+            self._json(401, {"error": "missing or wrong bearer token (`lmcache-pd token` prints it)"})
+            return
         try:
             n = int(self.headers.get("content-length") or 0)
             if n > MAX_BODY:
@@ -157,19 +194,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, op(body))
         except (ValueError, json.JSONDecodeError) as e:
             self._json(400, {"error": str(e)})
+        except LookupError as e:
+            self._json(404, {"error": str(e)})
 
 
 class _Collector:
     """Reads the cache's counters at scrape time (no second set of counters to keep in step)."""
 
-    def __init__(self, api: CacheAPI):
+    def __init__(self, api: WorkerAPI):
         self.api = api
 
     def describe(self) -> list:
         return []
 
     def collect(self):
-        s = self.api.io.cache.stats()
+        s = self.api.cache.cache.stats()
         labels = ["instance", "rank", "tier"]
         base = [self.api.instance, str(self.api.rank)]
 
@@ -211,3 +250,31 @@ class _Collector:
         yield dropped
         yield queued
         yield holds
+
+
+class _StatusCollector:
+    """/pd/stats as Prometheus samples: ``lmcache_pd_<section>_<field>{instance, rank}``.
+    Fields that only grow (``*_total`` and the control-plane counters) are counters."""
+
+    COUNTERS = ("control",)
+
+    def __init__(self, api: WorkerAPI):
+        self.api = api
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        base = [self.api.instance, str(self.api.rank)]
+        for section, fields in self.api.status().items():
+            if not isinstance(fields, dict):
+                continue
+            for field, value in fields.items():
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                counter = section in self.COUNTERS or field.endswith("_total")
+                name = f"lmcache_pd_{section}_{field.removesuffix('_total')}"
+                fam = (CounterMetricFamily if counter else GaugeMetricFamily)(
+                    name, f"{section}.{field} of /pd/stats", labels=["instance", "rank"])
+                fam.add_metric(base, value)
+                yield fam
