@@ -154,13 +154,14 @@ class PagePool:
     # --- either side ----------------------------------------------------------------------
     def abort(self, transfer_id: TransferId, *, reason: str, now: float, owner: str | None = None) -> bool:
         """End a reservation (prefill cancel, consumer give-up). A tombstone is left even for an
-        unknown id, so that a late ``reserve`` for a hand-off nobody waits for is refused."""
+        unknown id: a late ``reserve`` for a hand-off nobody waits for is refused, and a load
+        waiting for a hand-off its prefill gave up before allocating ends at once."""
         with self.cond:
             r = self._live.get(transfer_id)
             if r is None:
-                if transfer_id not in self._ended and owner is None:
-                    self._ended[transfer_id] = (Reservation(transfer_id, [], 0, "", "", PageState.ABORTED, now,
-                                                            reason=reason), now)
+                if transfer_id not in self._ended:
+                    self._ended[transfer_id] = (Reservation(transfer_id, [], 0, "", owner or "", PageState.ABORTED,
+                                                            now, reason=reason), now)
                 return False
             if owner is not None and r.owner != owner:
                 raise TransferError("transfer belongs to another peer", transfer_id=transfer_id)

@@ -124,6 +124,7 @@ class ControlServer:
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._stop = threading.Event()
         self._next_expiry = 0.0
+        self._last_turn: float | None = None
         self._warned: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="pd-control-server", daemon=True)
         self._ctx: zmq.Context | None = None
@@ -390,6 +391,7 @@ class ControlServer:
 
     def _housekeeping(self, sock: zmq.Socket) -> None:
         now = self.clock()
+        self._forgive_own_stall(now)
         if now >= self._next_expiry:
             self._next_expiry = now + _EXPIRE_EVERY_S
             for tid in self.pool.expire(now):
@@ -420,6 +422,15 @@ class ControlServer:
                 break
             self._waiting.popleft()
             self._reply(sock, w, self._allocated(w.msg, pages, w.skip or 0))
+
+    def _forgive_own_stall(self, now: float) -> None:
+        """A peer is silent only while this loop listens: if the loop itself did not run for a
+        while (this process was stopped, swapped out), that gap is not the peers' silence, and
+        the heartbeats they sent meanwhile are still queued, unread."""
+        last, self._last_turn = self._last_turn, now
+        if last is not None and now - last > 1.0:
+            for s in self._sessions.values():
+                s.last_seen += now - last  # the silence before the stall still counts
 
     def _reply(self, sock: zmq.Socket, w: _Waiting, msg: P.Message) -> None:
         """Answer a queued allocation in its session (none: the peer's session was dropped, and

@@ -38,18 +38,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
-import zmq.asyncio
 
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
 from lmcache_pd._types import BlockId, PeerName, ReqId, TransferId, TransferState
 from lmcache_pd.config import PDConfig
-from lmcache_pd.control import curve
-from lmcache_pd.control.client import ControlClient
 from lmcache_pd.errors import PDError, PeerLost, PoolExhausted, TransferError, TransferTimeout
-from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
+from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
 from lmcache_pd.node.handoff_log import HandoffLog
+from lmcache_pd.node.links import Link, Links
 from lmcache_pd.node.loop import LoopThread
 
 log = logging.getLogger(__name__)
@@ -104,27 +102,9 @@ class SendResult:
 class _Grant:
     """Decode pages for one hand-off: ``pages[i]`` receives block ``skip + i`` of the prompt."""
 
-    link: _Link
+    link: Link
     pages: list[int]
     skip: int
-
-
-@dataclass
-class _Link:
-    client: ControlClient
-    peer_id: int
-    pool: PoolLayout
-    incarnation: str
-    inflight: set[TransferId]
-    waiting: int = 0
-    """Hand-offs (and reservations) of this link waiting for their Allocated reply."""
-
-
-def control_endpoint(cfg: PDConfig, peer: PeerName, tp_rank: int) -> str:
-    inst = cfg.instance(peer)
-    if cfg.role_of(peer) != "decode" or inst.control_port is None:
-        raise PeerLost(f"{peer!r} is not a decode instance of this deployment", peer=peer)
-    return f"tcp://{inst.host}:{inst.control_port + tp_rank}"
 
 
 class KVSender:
@@ -143,13 +123,10 @@ class KVSender:
         self._chunk_blocks = max(1, cfg.cache.chunk_tokens // compat.block_size)
         """Blocks per cache chunk: the decode side skips whole chunks only."""
         self.transport = transports.create(cfg.transport.name, cfg.transport.options, keys=self.keys)
-        self._curve_key = curve.server_keys(self.keys)[0] if cfg.auth.encrypt else None
         self.region = -1
         self._loop = LoopThread(f"pd-sender-{tp_rank}")
-        self._ctx: zmq.asyncio.Context | None = None
-        self._links: dict[PeerName, _Link] = {}
-        self._link_locks: dict[PeerName, asyncio.Lock] = {}
-        self._down_until: dict[PeerName, tuple[float, str]] = {}
+        self.links = Links(cfg, instance=instance, tp_rank=tp_rank, incarnation=self.incarnation, compat=compat,
+                           kv=kv, keys=self.keys, transport=self.transport, region=lambda: self.region)
         self._results: list[SendResult] = []
         self._results_lock = threading.Lock()
         self._sent = self._failed = 0
@@ -164,7 +141,7 @@ class KVSender:
         self._loop.call(self._start(), 5.0)
 
     async def _start(self) -> None:
-        self._ctx = zmq.asyncio.Context()
+        self.links.start()
         self._beats = asyncio.get_running_loop().create_task(self._heartbeats(), name="pd-heartbeat")
 
     def submit(self, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
@@ -196,7 +173,7 @@ class KVSender:
     def status(self) -> dict[str, dict[str, int]]:
         """Links, hand-offs and transport counters (for the worker API; thread-safe)."""
         async def links() -> dict[str, int]:
-            ls = list(self._links.values())
+            ls = self.links.up()
             return {"peers": len(ls), "inflight": sum(len(link.inflight) for link in ls),
                     "waiting_for_pages": sum(link.waiting for link in ls), "reserved": len(self._reserved),
                     "dropped_replies_total": sum(link.client.malformed for link in ls)}
@@ -230,11 +207,7 @@ class KVSender:
             else:  # still queued for pages: stop waiting (the decode side's lease covers a late grant)
                 task.cancel()
         self._reserved.clear()
-        for link in self._links.values():
-            await link.client.close()
-        self._links.clear()
-        if self._ctx is not None:
-            self._ctx.term()
+        await self.links.close()
 
     # --- reservations ---------------------------------------------------------------------
     async def _reserve(self, spec: ReserveSpec) -> None:
@@ -260,7 +233,7 @@ class KVSender:
         except Exception:  # noqa: BLE001 - nothing was granted, nothing to give back
             return
         grant.link.inflight.discard(transfer_id)
-        await self._cancel(grant.link, transfer_id, reason)
+        await self.links.cancel(grant.link, transfer_id, reason)
 
     async def _take_reservation(self, spec: SendSpec, n_pages: int) -> tuple[_Grant, bool]:
         """The pages reserved for this hand-off (and True), else allocated now (and False)."""
@@ -270,7 +243,7 @@ class KVSender:
         grant = await entry[1]  # its failure is this hand-off's failure (no second wait)
         if grant.skip + len(grant.pages) != n_pages:  # both come from the same request: a bug if ever seen
             grant.link.inflight.discard(spec.transfer_id)
-            await self._cancel(grant.link, spec.transfer_id, "reservation of the wrong size")
+            await self.links.cancel(grant.link, spec.transfer_id, "reservation of the wrong size")
             raise TransferError(f"reserved {grant.skip} + {len(grant.pages)} pages, the hand-off needs {n_pages}",
                                 transfer_id=spec.transfer_id)
         return grant, True
@@ -278,24 +251,20 @@ class KVSender:
     # --- one hand-off ---------------------------------------------------------------------
     async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
         t0 = time.monotonic()
-        link: _Link | None = None
-        allocated = False
+        link: Link | None = None
         limit = self.handoff_deadline_s()
         try:
             async with asyncio.timeout(limit):
-                link, allocated = await self._send_steps(spec, ready, t0)
+                link = await self._send_steps(spec, ready, t0)
         except TimeoutError:  # a step outlived its own deadline: a bug, but the blocks must come back
             log.error("hand-off %s outlived %.1f s (the sum of its timeouts.*): abandoned", spec.transfer_id, limit)
-            link = link or self._links.get(spec.peer)
             if link is not None:
                 link.inflight.discard(spec.transfer_id)
-                await self._cancel(link, spec.transfer_id, "hand-off abandoned")
+            await self._cancel_any(link, spec, "hand-off abandoned")
             self._result(SendResult(spec.req_id, spec.transfer_id, False, error=f"hand-off took over {limit:g} s"))
 
-    async def _send_steps(self, spec: SendSpec, ready: torch.cuda.Event | None,
-                          t0: float) -> tuple[_Link | None, bool]:
-        link: _Link | None = None
-        allocated = False
+    async def _send_steps(self, spec: SendSpec, ready: torch.cuda.Event | None, t0: float) -> Link | None:
+        link: Link | None = None
         try:
             n_pages = blocks_for_tokens(spec.num_tokens, self.compat.block_size)
             if len(spec.block_ids) < n_pages:
@@ -305,7 +274,6 @@ class KVSender:
             grant, reserved = await self._take_reservation(spec, n_pages)
             link, pages = grant.link, grant.pages
             t_alloc = time.monotonic()
-            allocated = True
             blocks = spec.block_ids[grant.skip:n_pages]  # the decode side holds the first ones
             ends = self._group_ends(len(pages))
             plans = [plan_cache_to_pool(self.kv, link.pool, blocks=blocks[a:b], pages=pages[a:b])
@@ -327,18 +295,24 @@ class KVSender:
                                     skipped_pages=grant.skip))
         except (PDError, OSError) as e:
             log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.transfer_id, spec.peer, e)
-            if allocated and link is not None:
-                await self._cancel(link, spec.transfer_id, str(e))
+            await self._cancel_any(link, spec, str(e))
             self._result(SendResult(spec.req_id, spec.transfer_id, False, error=str(e)))
         except Exception as e:  # noqa: BLE001 - a bug must not leave vLLM's blocks held forever
             log.exception("hand-off %s crashed", spec.transfer_id)
-            if allocated and link is not None:
-                await self._cancel(link, spec.transfer_id, repr(e))
+            await self._cancel_any(link, spec, repr(e))
             self._result(SendResult(spec.req_id, spec.transfer_id, False, error=repr(e)))
         finally:
             if link is not None:
                 link.inflight.discard(spec.transfer_id)
-        return link, allocated
+        return link
+
+    async def _cancel_any(self, link: Link | None, spec: SendSpec, reason: str) -> None:
+        """Tell the decode side the hand-off will not come, whether or not pages were granted
+        (none granted: the Cancel leaves a tombstone, so its load recomputes at once instead of
+        waiting for timeouts.transfer_s). Only over a link that is up: this never opens one."""
+        link = link or self.links.find(spec.peer)
+        if link is not None:
+            await self.links.cancel(link, spec.transfer_id, reason)
 
     def _result(self, r: SendResult) -> None:
         with self._results_lock:
@@ -351,7 +325,7 @@ class KVSender:
 
     async def _allocate(self, spec: SendSpec | ReserveSpec, n_pages: int) -> _Grant:
         for attempt in (1, 2):
-            link = await self._link(spec.peer)
+            link = await self.links.get(spec.peer)
             bound = self.cfg.backpressure.prefill_queue
             if link.waiting >= bound:
                 raise PoolExhausted(f"{link.waiting} hand-offs already wait for pages of {spec.peer} "
@@ -367,7 +341,7 @@ class KVSender:
                                                   transfer_id=spec.transfer_id)
             except PeerLost:
                 # The decode instance restarted (it does not know us): re-handshake once.
-                await self._drop_link(spec.peer, link)
+                await self.links.drop(spec.peer, link)
                 if attempt == 2:
                     raise
                 continue
@@ -378,7 +352,7 @@ class KVSender:
             if (not 0 <= skip < n_pages or skip % self._chunk_blocks or skip > len(spec.chains) * self._chunk_blocks
                     or len(reply.pages) != n_pages - skip
                     or any(not 0 <= p < link.pool.num_pages for p in reply.pages)):
-                await self._cancel(link, spec.transfer_id, "bad Allocated reply")  # its pages come back now
+                await self.links.cancel(link, spec.transfer_id, "bad Allocated reply")  # its pages come back now
                 raise TransferError(f"decode replied with bad pages ({len(reply.pages)} pages, {skip} skipped, "
                                     f"{n_pages} blocks)", transfer_id=spec.transfer_id)
             return _Grant(link, reply.pages, skip)
@@ -390,7 +364,7 @@ class KVSender:
         per = max(1, (mib << 20) // self.kv.page_bytes) if mib else n_pages
         return tuple(min(a + per, n_pages) for a in range(0, n_pages, per))
 
-    async def _transfer(self, link: _Link, plans: list[RangePlan], ends: tuple[int, ...], spec: SendSpec,
+    async def _transfer(self, link: Link, plans: list[RangePlan], ends: tuple[int, ...], spec: SendSpec,
                         ready: torch.cuda.Event | None = None) -> None:
         """Submit every group's plan at once; as each group (in order) is in the pool, tell the
         decode side with a one-way Landed so that it can scatter it while the rest is in flight."""
@@ -442,76 +416,6 @@ class KVSender:
             raise TransferError(f"transport {self.transport.name}: {handle.error or state.name}",
                                 transfer_id=spec.transfer_id, peer=spec.peer)
 
-    async def _cancel(self, link: _Link, transfer_id: TransferId, reason: str) -> None:
-        if link.client.lost is not None:  # its session is gone with the connection: nothing to cancel in it
-            return
-        msg = P.Cancel(msg_id=link.client.next_id(), transfer_id=transfer_id, reason=reason[:200])
-        try:
-            await link.client.request(msg, timeout_s=self.t.control_s, config_field="timeouts.control_s",
-                                      what="cancel", transfer_id=transfer_id)
-        except PDError as e:  # the lease reclaims the pages anyway
-            log.debug("cancel of %s not acknowledged: %s", transfer_id, e)
-
-    # --- links to decode peers ------------------------------------------------------------
-    async def _link(self, peer: PeerName) -> _Link:
-        link = self._links.get(peer)
-        if link is not None and link.client.lost is None:
-            return link
-        lock = self._link_locks.setdefault(peer, asyncio.Lock())
-        async with lock:
-            link = self._links.get(peer)
-            if link is not None and link.client.lost is not None:
-                await self._drop_link(peer, link)
-            elif link is not None:
-                return link
-            down = self._down_until.get(peer)
-            if down and time.monotonic() < down[0]:
-                raise PeerLost(f"decode peer is down ({down[1]}); next try in {down[0] - time.monotonic():.1f} s",
-                               peer=peer)
-            try:
-                link = await self._handshake(peer)
-            except PDError as e:
-                # Fail fast for a while instead of making every request wait for the handshake deadline.
-                self._down_until[peer] = (time.monotonic() + self.t.handshake_s, str(e))
-                raise
-            self._down_until.pop(peer, None)
-            self._links[peer] = link
-            return link
-
-    async def _handshake(self, peer: PeerName) -> _Link:
-        assert self._ctx is not None
-        client = ControlClient(self._ctx, endpoint=control_endpoint(self.cfg, peer, self.tp_rank),
-                               identity=f"{self.instance}/{self.tp_rank}/{self.incarnation}", peer=peer,
-                               keys=self.keys, curve_server_key=self._curve_key)
-        client.start()
-        try:
-            msg = P.Handshake(msg_id=0, peer=self.instance, incarnation=self.incarnation,
-                              compat_hash=self.compat.digest(), compat=self.compat,
-                              payload=self.transport.export_descriptor(self.region)
-                              if self.transport.capabilities.exports_source else b"", nonce=b"", cookie=b"")
-            reply = await client.open_session(msg, timeout_s=self.t.handshake_s)
-            if reply.page_bytes != self.kv.page_bytes:
-                raise TransferError(f"decode page size {reply.page_bytes} != ours {self.kv.page_bytes}", peer=peer)
-            loop = asyncio.get_running_loop()
-            peer_id = await loop.run_in_executor(None, self.transport.connect, reply.payload, self.t.handshake_s)
-        except BaseException:
-            await client.close()
-            raise
-        pool = PoolLayout(self.kv.num_layers, reply.num_pages, self.kv.block_bytes)
-        log.info("linked to decode peer %s (incarnation %s, %d pages of %d B, transport %s)",
-                 peer, reply.incarnation, reply.num_pages, reply.page_bytes, self.transport.name)
-        return _Link(client, peer_id, pool, reply.incarnation, set())
-
-    async def _drop_link(self, peer: PeerName, link: _Link | None = None) -> None:
-        """Forget a peer's link (``link``: only if it is still that one; another coroutine may
-        have re-linked meanwhile)."""
-        if link is not None and self._links.get(peer) is not link:
-            return
-        link = self._links.pop(peer, None)
-        if link is not None:
-            self.transport.disconnect(link.peer_id)
-            await link.client.close()
-
     async def _heartbeats(self) -> None:
         """Keep every link alive and renew the decode-side leases of its in-flight hand-offs;
         detect restarted or vanished peers; drop reservations no hand-off took within
@@ -524,21 +428,7 @@ class KVSender:
                             self.t.transfer_s)
                 # Not awaited here: a reservation still queued for pages must not stall heartbeats.
                 self._spawn(self._give_back(self._reserved.pop(tid)[1], tid, "reservation unused"))
-            for peer, link in list(self._links.items()):
-                self._spawn(self._heartbeat(peer, link))  # concurrently: a silent peer delays no other
-
-    async def _heartbeat(self, peer: PeerName, link: _Link) -> None:
-        msg = P.Heartbeat(msg_id=link.client.next_id(), transfer_ids=sorted(link.inflight))
-        try:
-            ack = await link.client.request(msg, timeout_s=self.t.control_s, config_field="timeouts.control_s",
-                                            what="heartbeat")
-        except PDError as e:
-            log.warning("decode peer %s lost (%s): link dropped, the next hand-off re-links", peer, e)
-            await self._drop_link(peer, link)
-            return
-        if isinstance(ack, P.Ack) and ack.incarnation != link.incarnation:
-            log.warning("decode peer %s restarted (new incarnation); re-linking", peer)
-            await self._drop_link(peer, link)
+            self.links.beat(self._spawn)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -37,6 +37,22 @@ from lmcache_pd.proxy.routing import Backend, Router
 
 log = logging.getLogger(__name__)
 _FORWARD_HEADERS = ("authorization",)
+_KEEPALIVE_S = 2.0
+"""Pooled connections are dropped after this much idleness, well before vLLM's server closes
+them (uvicorn's keep-alive, 5 s): a request sent on a connection the server is closing fails."""
+_RESEND = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+"""Failures before any response byte, typical of a kept-alive connection the server had just
+closed: the request is sent once more, on a new connection. (benchmarks/load.py once saw a 502
+in 1,123 requests at 32 clients, before this and the shorter keep-alive.)"""
+
+
+async def _send_once_more(send, what: str):
+    """``send()``, and once more if it failed before a response started (see _RESEND)."""
+    try:
+        return await send()
+    except _RESEND as e:
+        log.warning("%s failed before a response (%s: %s); sending it once more", what, type(e).__name__, e)
+        return await send()
 
 
 class _Metrics:
@@ -76,7 +92,7 @@ class Proxy:
         self._health: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=_KEEPALIVE_S)
         self.client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(self.cfg.proxy.decode_timeout_s,
                                                                              connect=self.cfg.proxy.connect_timeout_s))
         self._health = asyncio.get_running_loop().create_task(self.router.health_loop(self.client))
@@ -125,14 +141,15 @@ class Proxy:
         t0 = time.monotonic()
         timeout = httpx.Timeout(self.cfg.proxy.prefill_timeout_s, connect=self.cfg.proxy.connect_timeout_s)
         try:
-            r = await self.client.post(f"{prefill.url}{path}", json=pbody, headers=headers, timeout=timeout)
+            r = await _send_once_more(lambda: self.client.post(f"{prefill.url}{path}", json=pbody, headers=headers,
+                                                               timeout=timeout), f"prefill request to {prefill.name}")
         except httpx.TimeoutException:
             self.metrics.fallbacks.labels("prefill_timeout").inc()
             log.warning("prefill %s passed proxy.prefill_timeout_s=%g s; decode recomputes", prefill.name,
                         self.cfg.proxy.prefill_timeout_s)
             return None
         except httpx.HTTPError as e:
-            prefill.mark_down(str(e) or type(e).__name__)
+            prefill.mark_down(f"{type(e).__name__}: {e}")
             self.metrics.fallbacks.labels("prefill_unreachable").inc()
             return None
         self.metrics.prefill_seconds.observe(time.monotonic() - t0)
@@ -155,15 +172,17 @@ class Proxy:
         dbody = dict(body, kv_transfer_params=kv) if kv is not None else body
         deadline = time.monotonic() + self.cfg.proxy.decode_timeout_s
         try:
-            upstream = await self.client.send(
-                self.client.build_request("POST", f"{decode.url}{path}", json=dbody, headers=headers), stream=True)
+            upstream = await _send_once_more(lambda: self.client.send(
+                self.client.build_request("POST", f"{decode.url}{path}", json=dbody, headers=headers), stream=True),
+                f"decode request to {decode.name}")
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
             decode.mark_down(str(e) or type(e).__name__)
             return await self._fallback(path, body, headers, req_id, tried | {decode.name})
         except httpx.TimeoutException:
             return _error(504, f"decode {decode.name} did not answer within proxy.decode_timeout_s", "timeout")
         except httpx.HTTPError as e:
-            return _error(502, f"decode {decode.name} failed: {e}", "bad_gateway")
+            log.warning("decode request to %s failed: %s: %s", decode.name, type(e).__name__, e)
+            return _error(502, f"decode {decode.name} failed: {type(e).__name__}: {e}", "bad_gateway")
         out_headers = {"X-Request-Id": req_id}
         if upstream.status_code != 200 or not body.get("stream"):
             try:

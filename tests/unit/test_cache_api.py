@@ -103,3 +103,58 @@ def test_stats_and_prometheus_metrics(served):
     assert any(ln.startswith("lmcache_pd_cache_evictions_total{") for ln in lines)
     assert any(ln.startswith('lmcache_pd_cache_up{') and ln.endswith(" 1.0") for ln in lines)
     assert any(ln.startswith('lmcache_pd_cache_holds{') and ln.endswith(" 1.0") for ln in lines)
+
+
+def test_with_a_secret_every_post_needs_the_token(tmp_path):
+    from lmcache_pd import auth
+
+    keys = auth.Keyring(b"the deployment's secret for http")
+    inst = Instance(cfg_with_cache(tmp_path))
+    api = WorkerAPI(inst.io, instance=inst.name, rank=0, host="127.0.0.1", port=free_ports(1)[0], keys=keys)
+    api.start()
+    url = f"http://127.0.0.1:{api.address[1]}"
+    try:
+        toks = prompt(2 * CHUNK + 1)
+        save(inst, toks)
+
+        def clear(headers: dict) -> int:
+            req = urllib.request.Request(url + "/cache/clear", json.dumps({"all": True}).encode(),
+                                         {"content-type": "application/json", **headers})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        for bad in ({}, {"authorization": "Bearer nope"}, {"authorization": f"Basic {keys.api_token}"},
+                    {"authorization": f"Bearer {auth.Keyring(b'another secret for the http api').api_token}"}):
+            assert clear(bad) == 401
+        assert call(url, "/cache/lookup", {"token_ids": toks})[0] == 401  # every POST
+        assert inst.io.cache.stats().tiers["memory"].entries == 2  # nothing was cleared
+        assert call(url, "/cache/stats")[0] == 200  # reads stay open for monitoring
+        assert clear({"authorization": f"Bearer {keys.api_token}"}) == 200
+        assert inst.io.cache.stats().tiers["memory"].entries == 0
+    finally:
+        api.close()
+        inst.close()
+
+
+def test_hand_off_state_and_its_metrics_without_a_cache():
+    status = {"pool": {"pages": 8, "free_pages": 6, "expired_total": 2}, "control": {"unauthenticated": 3},
+              "blocks": {"held_requests": 1}}
+    api = WorkerAPI(None, instance="decode-0", rank=0, host="127.0.0.1", port=free_ports(1)[0],
+                    status=lambda: status)
+    api.start()
+    url = f"http://127.0.0.1:{api.address[1]}"
+    try:
+        assert call(url, "/pd/stats") == (200, status)
+        code, text = call(url, "/metrics")
+        lines = text.splitlines()
+        assert code == 200
+        assert 'lmcache_pd_pool_free_pages{instance="decode-0",rank="0"} 6.0' in lines
+        assert 'lmcache_pd_pool_expired_total{instance="decode-0",rank="0"} 2.0' in lines
+        assert 'lmcache_pd_control_unauthenticated_total{instance="decode-0",rank="0"} 3.0' in lines
+        assert call(url, "/cache/stats")[0] == 404  # the cache is off here
+        assert call(url, "/cache/lookup", {"token_ids": [1]})[0] == 404
+    finally:
+        api.close()

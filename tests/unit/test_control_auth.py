@@ -20,7 +20,7 @@ from lmcache_pd._types import PageState
 from lmcache_pd.control import curve
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.control.client import ControlClient
-from lmcache_pd.control.server import ControlServer
+from lmcache_pd.control.server import ControlServer, _Session
 from lmcache_pd.errors import PeerLost, PoolExhausted, TransferTimeout
 from tests.unit.test_control import KEYS, RawPeer, alloc, client_for, handshake, handshake_msg, req, run
 from tests.unit.test_protocol import COMPAT
@@ -265,3 +265,22 @@ def test_cookies_expire_and_are_redeemed_once():
     now[0] += 25
     assert not cookies.redeem(b"id", b"n" * 16, late)
     assert not auth.Cookies(10.0, clock=lambda: now[0]).redeem(b"id", b"n" * 16, cookies.issue(b"id", b"n" * 16))
+
+
+def test_the_decode_side_does_not_blame_peers_for_its_own_stall():
+    now = [100.0]
+    srv = ControlServer(PagePool(4, lease_s=30), bind="tcp://127.0.0.1:0", compat=COMPAT, incarnation="d",
+                        page_bytes=1, descriptor=b"", max_alloc_wait_s=1, keys=KEYS, peer_s=3.0,
+                        clock=lambda: now[0])
+    srv._sessions[b"p/0/i"] = _Session("prefill-0", 0, "i", KEYS.control, last_seen=now[0])
+    def listen(seconds: float) -> None:  # the loop turns every few ms; here every 0.1 s
+        for _ in range(round(seconds / 0.1)):
+            now[0] += 0.1
+            srv._housekeeping(None)  # never sends: nothing waits
+
+    listen(2.0)  # the peer was silent 2 s while we listened ...
+    now[0] += 10.0  # ... then this process was stopped for 10 s
+    srv._housekeeping(None)
+    assert srv.sessions == 1, "our own stall was taken for the peer's silence"
+    listen(1.2)  # but silence while we listen counts: 2 + 1.2 s
+    assert srv.sessions == 0 and srv.stats.peers_lost == 1

@@ -1,0 +1,196 @@
+"""The prefill side's links to decode peers (L5): one authenticated control session and one
+transport connection per decode worker, on the sender's asyncio loop.
+
+Life of a link:
+  1. ``get(peer)`` opens it on first use: Hello and Handshake (``ControlClient.open_session``),
+     then the transport connects to the descriptor in the reply; a peer that fails this is
+     marked down for ``timeouts.handshake_s`` (later hand-offs fail at once meanwhile);
+  2. ``beat()``, every ``timeouts.heartbeat_s``, heartbeats every link (one heartbeat in flight
+     per link), which renews the leases of its in-flight transfers;
+  3. the link is dropped when its connection drops (the client is ``lost``), a heartbeat goes
+     unanswered (``timeouts.control_s``), or the peer answers with a new incarnation; the next
+     ``get`` opens a new one.
+``cancel`` tells a peer a hand-off is over, once per transfer, over a link that is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq.asyncio
+
+from lmcache_pd import auth
+from lmcache_pd import protocol as P
+from lmcache_pd._types import PeerName, TransferId
+from lmcache_pd.config import PDConfig
+from lmcache_pd.control import curve
+from lmcache_pd.control.client import ControlClient
+from lmcache_pd.errors import PDError, PeerLost, TransferError
+from lmcache_pd.layout import KVLayout, PoolLayout
+from lmcache_pd.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Link:
+    client: ControlClient
+    peer_id: int
+    pool: PoolLayout
+    incarnation: str
+    inflight: set[TransferId]
+    waiting: int = 0
+    """Hand-offs (and reservations) of this link waiting for their Allocated reply."""
+    beating: bool = False
+    """A heartbeat is in flight (the next one waits for it: one unanswered is enough)."""
+    canceled: collections.OrderedDict[TransferId, None] = field(default_factory=collections.OrderedDict)
+    """The last transfer ids cancelled over this link (a Cancel goes out once per transfer)."""
+
+
+def control_endpoint(cfg: PDConfig, peer: PeerName, tp_rank: int) -> str:
+    inst = cfg.instance(peer)
+    if cfg.role_of(peer) != "decode" or inst.control_port is None:
+        raise PeerLost(f"{peer!r} is not a decode instance of this deployment", peer=peer)
+    return f"tcp://{inst.host}:{inst.control_port + tp_rank}"
+
+
+class Links:
+    def __init__(self, cfg: PDConfig, *, instance: str, tp_rank: int, incarnation: str, compat: P.CompatInfo,
+                 kv: KVLayout, keys: auth.Keyring, transport: Transport, region: Callable[[], int]):
+        """``region``: the sender's registered region (known once it started)."""
+        self.cfg = cfg
+        self.t = cfg.timeouts
+        self.instance = instance
+        self.tp_rank = tp_rank
+        self.incarnation = incarnation
+        self.compat = compat
+        self.kv = kv
+        self.keys = keys
+        self.transport = transport
+        self.region = region
+        self._curve_key = curve.server_keys(keys)[0] if cfg.auth.encrypt else None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._links: dict[PeerName, Link] = {}
+        self._locks: dict[PeerName, asyncio.Lock] = {}
+        self._down_until: dict[PeerName, tuple[float, str]] = {}
+
+    def start(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+
+    async def close(self) -> None:
+        for link in self._links.values():
+            await link.client.close()
+        self._links.clear()
+        if self._ctx is not None:
+            self._ctx.term()
+
+    def up(self) -> list[Link]:
+        return list(self._links.values())
+
+    def find(self, peer: PeerName) -> Link | None:
+        """The link to ``peer`` if there is one (never opens one)."""
+        return self._links.get(peer)
+
+    async def get(self, peer: PeerName) -> Link:
+        link = self._links.get(peer)
+        if link is not None and link.client.lost is None:
+            return link
+        async with self._locks.setdefault(peer, asyncio.Lock()):
+            link = self._links.get(peer)
+            if link is not None and link.client.lost is not None:
+                await self.drop(peer, link)
+            elif link is not None:
+                return link
+            down = self._down_until.get(peer)
+            if down and time.monotonic() < down[0]:
+                raise PeerLost(f"decode peer is down ({down[1]}); next try in {down[0] - time.monotonic():.1f} s",
+                               peer=peer)
+            try:
+                link = await self._open(peer)
+            except PDError as e:
+                # Fail fast for a while instead of making every request wait for the handshake deadline.
+                self._down_until[peer] = (time.monotonic() + self.t.handshake_s, str(e))
+                raise
+            self._down_until.pop(peer, None)
+            self._links[peer] = link
+            return link
+
+    async def _open(self, peer: PeerName) -> Link:
+        assert self._ctx is not None
+        client = ControlClient(self._ctx, endpoint=control_endpoint(self.cfg, peer, self.tp_rank),
+                               identity=f"{self.instance}/{self.tp_rank}/{self.incarnation}", peer=peer,
+                               keys=self.keys, curve_server_key=self._curve_key)
+        client.start()
+        try:
+            msg = P.Handshake(msg_id=0, peer=self.instance, incarnation=self.incarnation,
+                              compat_hash=self.compat.digest(), compat=self.compat,
+                              payload=self.transport.export_descriptor(self.region())
+                              if self.transport.capabilities.exports_source else b"", nonce=b"", cookie=b"")
+            reply = await client.open_session(msg, timeout_s=self.t.handshake_s)
+            if reply.page_bytes != self.kv.page_bytes:
+                raise TransferError(f"decode page size {reply.page_bytes} != ours {self.kv.page_bytes}", peer=peer)
+            loop = asyncio.get_running_loop()
+            peer_id = await loop.run_in_executor(None, self.transport.connect, reply.payload, self.t.handshake_s)
+        except BaseException:
+            await client.close()
+            raise
+        pool = PoolLayout(self.kv.num_layers, reply.num_pages, self.kv.block_bytes)
+        log.info("linked to decode peer %s (incarnation %s, %d pages of %d B, transport %s)",
+                 peer, reply.incarnation, reply.num_pages, reply.page_bytes, self.transport.name)
+        return Link(client, peer_id, pool, reply.incarnation, set())
+
+    async def drop(self, peer: PeerName, link: Link | None = None) -> None:
+        """Forget a peer's link (``link``: only if it is still that one; another coroutine may
+        have re-linked meanwhile)."""
+        if link is not None and self._links.get(peer) is not link:
+            return
+        link = self._links.pop(peer, None)
+        if link is not None:
+            self.transport.disconnect(link.peer_id)
+            await link.client.close()
+
+    async def cancel(self, link: Link, transfer_id: TransferId, reason: str) -> None:
+        """Best effort: the pages come back at once (or, for a transfer the peer never granted,
+        its load recomputes at once); without an answer the lease reclaims them anyway."""
+        if link.client.lost is not None:  # its session is gone with the connection: nothing to cancel in it
+            return
+        if transfer_id in link.canceled:
+            return
+        link.canceled[transfer_id] = None
+        if len(link.canceled) > 1024:
+            link.canceled.popitem(last=False)
+        msg = P.Cancel(msg_id=link.client.next_id(), transfer_id=transfer_id, reason=reason[:200])
+        try:
+            await link.client.request(msg, timeout_s=self.t.control_s, config_field="timeouts.control_s",
+                                      what="cancel", transfer_id=transfer_id)
+        except PDError as e:
+            log.debug("cancel of %s not acknowledged: %s", transfer_id, e)
+
+    def beat(self, spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+        """Start a heartbeat on every link that has none in flight (concurrently: a silent peer
+        delays no other)."""
+        for peer, link in list(self._links.items()):
+            if not link.beating:
+                link.beating = True
+                spawn(self._beat(peer, link))
+
+    async def _beat(self, peer: PeerName, link: Link) -> None:
+        msg = P.Heartbeat(msg_id=link.client.next_id(), transfer_ids=sorted(link.inflight))
+        try:
+            ack = await link.client.request(msg, timeout_s=self.t.control_s, config_field="timeouts.control_s",
+                                            what="heartbeat")
+        except PDError as e:
+            log.warning("decode peer %s lost (%s): link dropped, the next hand-off re-links", peer, e)
+            await self.drop(peer, link)
+            return
+        finally:
+            link.beating = False
+        if isinstance(ack, P.Ack) and ack.incarnation != link.incarnation:
+            log.warning("decode peer %s restarted (new incarnation); re-linking", peer)
+            await self.drop(peer, link)
