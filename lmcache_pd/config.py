@@ -122,8 +122,8 @@ class AuthConfig(_Section):
     ignored; ``lmcache-pd secret FILE`` writes one). The environment variable LMCACHE_PD_SECRET
     may hold the secret instead. With neither, every instance and the proxy bind loopback only."""
     encrypt: bool = False
-    """Encrypt the control plane with CurveZMQ (keys derived from the secret). The tcp data plane
-    stays unencrypted: see docs/security.md."""
+    """Encrypt the control plane (CurveZMQ) and the tcp data plane (AES-256-GCM), with keys derived
+    from the secret; the same on every instance. nixl cannot, and refuses it (docs/security.md)."""
 
 
 class BackpressureConfig(_Section):

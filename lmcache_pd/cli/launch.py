@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 from lmcache_pd import transport as transports
 from lmcache_pd.config import InstanceConfig, PDConfig, check_exposure, configure_logging, keyring
+from lmcache_pd.errors import ConfigError
 
 
 def vllm_command(cfg: PDConfig, name: str, *, python: str = sys.executable) -> list[str]:
@@ -62,6 +63,9 @@ def pinned(argv: list[str], cpus: str | int | None) -> list[str]:
 
 def launch(cfg: PDConfig, role: str, instance: str | None) -> int:
     transports.parse_options(cfg.transport.name, cfg.transport.options)  # fail before vLLM's slow start
+    if cfg.auth.encrypt and not transports.get_class(cfg.transport.name).capabilities.encrypts:
+        raise ConfigError(f"transport {cfg.transport.name!r} cannot encrypt its data plane: use tcp, or turn "
+                          "encryption off (docs/security.md)", field="auth.encrypt")
     keys = keyring(cfg)  # the secret is readable and long enough, and without one nothing binds beyond loopback
     if role == "proxy":
         check_exposure(cfg, keys, None)

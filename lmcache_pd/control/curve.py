@@ -2,8 +2,8 @@
 
 Every holder of the secret derives the decode side's key pair, so prefill workers pin the
 decode's public key without any exchange; each client uses a fresh key pair of its own (it is
-authenticated by the session tags, not by its Curve key). Curve encrypts the control plane only:
-see docs/security.md for the data planes.
+authenticated by the session tags, not by its Curve key). Curve encrypts the control plane; the
+tcp data plane encrypts its own records (transport/_sealed.py); docs/security.md.
 """
 
 from __future__ import annotations

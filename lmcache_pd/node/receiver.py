@@ -141,7 +141,8 @@ class KVReceiver:
             raise TransferError(f"pool.size_mib={cfg.pool.size_mib} is below one page ({kv.page_bytes} B)")
         self.pool = PagePool(self.pool_layout.num_pages, lease_s=cfg.timeouts.lease_s)
         self.transport = transports.create(cfg.transport.name, cfg.transport.options, host=inst.host,
-                                           port=inst.data_port + tp_rank, keys=self.keys)
+                                           port=inst.data_port + tp_rank, keys=self.keys,
+                                           encrypt=cfg.auth.encrypt)
         # Pre-allocated (and zeroed, so touched) now: the first hand-off pays no page faults.
         self.pool_buffer = self.transport.allocate(self.pool_layout.nbytes, kv_buffer.device)
         self.region = self.transport.register(self.pool_buffer)
@@ -235,7 +236,7 @@ class KVReceiver:
             out["control"] = {**dataclasses.asdict(self.server.stats), "sessions": self.server.sessions}
         t = self.transport.stats
         out["transport"] = {"batches_total": t.batches, "bytes_total": t.bytes, "failures_total": t.failures,
-                            "refused_total": t.refused}
+                            "refused_total": t.refused, "encrypted": int(self.transport.encrypt)}
         return out
 
     # --- decode-side reuse (called by the control server's thread) ----------------------------

