@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from _common import sync
 
-from lmcache_pd import TransferState, coalesce, config_from_dict
+from lmcache_pd import Keyring, TransferState, coalesce, config_from_dict
 from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
 
@@ -34,8 +34,16 @@ RANGE_BYTES = HEADS * BLOCK * C * 2  # one block of one layer
 
 
 # --- the transport alone ------------------------------------------------------------------------
-def _raw_receiver(conn, name: str, options: dict, size: int, device: str) -> None:
-    rx = transports.create(name, options, host="127.0.0.1", port=0)
+BENCH_SECRET = b"benchmarks' own shared secret...."
+
+
+def security(encrypt: bool) -> dict:
+    """Transport keywords for ``auth.encrypt`` (both sides derive their keys from one secret)."""
+    return {"keys": Keyring(BENCH_SECRET), "encrypt": True} if encrypt else {}
+
+
+def _raw_receiver(conn, name: str, options: dict, size: int, device: str, encrypt: bool = False) -> None:
+    rx = transports.create(name, options, host="127.0.0.1", port=0, **security(encrypt))
     pool = rx.allocate(size, torch.device(device))
     region = rx.register(pool)
     if rx.capabilities.listens:
@@ -58,15 +66,17 @@ def plan_for(layout: str, size: int, rng: np.random.Generator):
 class RawPair:
     """Buffers of ``size`` bytes on both sides; ``once(plan)`` times one batch of any plan within."""
 
-    def __init__(self, name: str, options: dict, size: int, src_device: str, dst_device: str):
+    def __init__(self, name: str, options: dict, size: int, src_device: str, dst_device: str,
+                 encrypt: bool = False):
         self.parent, child = mp.Pipe()
         self.proc = mp.get_context("spawn").Process(target=_raw_receiver,
-                                                    args=(child, name, options, size, dst_device), daemon=True)
+                                                    args=(child, name, options, size, dst_device, encrypt),
+                                                    daemon=True)
         self.proc.start()
         if not self.parent.poll(300):
             raise RuntimeError("receiver did not start")
         desc = self.parent.recv()
-        self.tx = transports.create(name, options)
+        self.tx = transports.create(name, options, **security(encrypt))
         self.src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=src_device)
         sync(src_device)
         self.region = self.tx.register(self.src)

@@ -16,6 +16,7 @@ A progress bar runs on stderr; the table prints at the end; ``--out DIR`` also w
 
     python benchmarks/transfer.py                              # every available transport
     python benchmarks/transfer.py --transports tcp,nixl --sizes 1M,16M,256M
+    python benchmarks/transfer.py --transports tcp --encrypt --no-handoff   # tcp clear and encrypted
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      "transport can use GPU memory and a GPU exists)")
     ap.add_argument("--options", default="{}", help="transport options as JSON (applied to every transport)")
     ap.add_argument("--out", type=Path, default=None, help="write transfer.md, transfer.json, transfer.png here")
+    ap.add_argument("--encrypt", action="store_true", help="also time each transport that can encrypt with "
+                                                          "auth.encrypt on (the raw transport; rows '<name>+encrypted')")
     args = ap.parse_args(argv)
     names = args.transports.split(",") if args.transports else [n for n in transports.names() if n != "loopback"]
     runnable = []
@@ -164,18 +167,25 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{time.strftime('%Y-%m-%d')}{gpu}, {mp.cpu_count()} cpus, python {sys.version.split()[0]}, "
              f"torch {torch.__version__}; median of {args.repeat}")
     print(f"# {title}")
-    progress = _Progress(len(runnable) * len(sizes))
+    runs = [(name, False) for name in runnable]
+    if args.encrypt:
+        runs += [(name, True) for name in runnable if transports.get_class(name).capabilities.encrypts]
+    progress = _Progress(len(runs) * len(sizes))
     rows: list[dict] = []
-    for name in runnable:
+    for name, encrypt in runs:
         src, dst = pick_devices(name, args.devices)
         max_tokens = max(sizes) // TOKEN_BYTES
-        raw = RawPair(name, options, max(sizes), src, dst)
-        handoff = None if args.no_handoff or max_tokens < BLOCK else HandoffPair(name, options, max_tokens, src, dst)
+        raw = RawPair(name, options, max(sizes), src, dst, encrypt=encrypt)
+        handoff = None if args.no_handoff or encrypt or max_tokens < BLOCK else \
+            HandoffPair(name, options, max_tokens, src, dst)
         try:
             first = len(rows)
             for size in sizes:
-                rows += measure_size(name, size, args.repeat, args.layout.split(","), src, dst, raw, handoff)
-                progress.step(f"{name} {human(size)}")
+                got = measure_size(name, size, args.repeat, args.layout.split(","), src, dst, raw, handoff)
+                for r in got:
+                    r["transport"] += "+encrypted" if encrypt else ""
+                rows += got
+                progress.step(f"{name}{'+encrypted' if encrypt else ''} {human(size)}")
             time.sleep(0.6)  # nixl reads UCX's report in the background, twice a second
             for r in rows[first:]:
                 r["path"] = r["path"] or raw.path

@@ -6,6 +6,7 @@ not import torch, zmq or vLLM.
 """
 
 from lmcache_pd._types import PageState, Role, TransferState
+from lmcache_pd.auth import Keyring
 from lmcache_pd.config import PDConfig, config_from_dict, load_config
 from lmcache_pd.errors import (
     ConfigError,
@@ -23,7 +24,7 @@ from lmcache_pd.protocol import PROTOCOL_VERSION
 
 __version__ = "0.1.0"
 __all__ = [
-    "PROTOCOL_VERSION", "ConfigError", "IncompatiblePeer", "KVLayout", "PDConfig", "PDError", "PageState", "PeerLost",
+    "PROTOCOL_VERSION", "ConfigError", "IncompatiblePeer", "KVLayout", "Keyring", "PDConfig", "PDError", "PageState", "PeerLost",
     "PoolExhausted", "PoolLayout", "ProtocolError", "RangePlan", "Role", "TransferError", "TransferState",
     "TransferTimeout", "TransportUnavailable", "__version__", "coalesce", "config_from_dict", "load_config",
     "plan_cache_to_pool",
