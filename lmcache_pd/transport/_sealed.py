@@ -17,7 +17,6 @@ and AES-GCM on the host (AES-NI); benchmarks/transfer.py measures it beside the 
 
 from __future__ import annotations
 
-import socket
 import struct
 
 from cryptography.exceptions import InvalidTag
@@ -52,18 +51,6 @@ class Channel:
             return self._recv.decrypt(nonce, bytes(record), aad)
         except InvalidTag:
             raise SealError("a tcp record failed its tag (garbled, forged or replayed): connection dropped") from None
-
-    def recv_open(self, sock: socket.socket, nbytes: int, aad: bytes | None = None) -> bytes:
-        """Receive one record of ``nbytes`` plaintext bytes and open it."""
-        buf = bytearray(nbytes + TAG)
-        view = memoryview(buf)
-        got = 0
-        while got < len(buf):
-            n = sock.recv_into(view[got:])
-            if n == 0:
-                raise ConnectionError("peer closed the connection")
-            got += n
-        return self.open(buf, aad)
 
 
 def channel(keys: Keyring, *, sender: bool, receiver_nonce: bytes, sender_nonce: bytes) -> Channel:

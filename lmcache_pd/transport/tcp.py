@@ -126,6 +126,13 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
+def _recv_record(sock: socket.socket, ch: _sealed.Channel, nbytes: int, aad: bytes | None = None) -> bytes:
+    """Receive one encrypted record of ``nbytes`` plaintext bytes and open it (raises SealError)."""
+    buf = bytearray(nbytes + _sealed.TAG)
+    _recv_exact(sock, memoryview(buf))
+    return ch.open(buf, aad)
+
+
 def _send_all(sock: socket.socket, buffers: list[memoryview]) -> None:
     """sendmsg until every buffer is out (sendmsg may send part of the list)."""
     buffers = [b for b in buffers if len(b)]  # an empty buffer would never be "consumed"
@@ -257,7 +264,7 @@ class _Stream:
                 sock.sendall(head + ch.seal(table.tobytes(), aad=head))
                 for piece in pieces:
                     sock.sendall(ch.seal(piece))
-                ack = ch.recv_open(sock, _ACK.size)
+                ack = _recv_record(sock, ch, _ACK.size)
             magic, batch, status = _ACK.unpack(ack)
             if magic != b"LPDA" or batch != handle.id or status != _OK:
                 raise ConnectionError(f"bad ack (magic {magic!r}, batch {batch}, status {status})")
@@ -415,7 +422,7 @@ class TcpTransport(Transport):
             raw[:16 * _MIN_RANGES] = memoryview(head)[_BATCH.size:]
             _recv_exact(conn, raw[16 * _MIN_RANGES:])
         else:
-            table = np.frombuffer(ch.recv_open(conn, 16 * n, aad=bytes(head)), dtype="<i8").reshape(n, 2)
+            table = np.frombuffer(_recv_record(conn, ch, 16 * n, aad=bytes(head)), dtype="<i8").reshape(n, 2)
         dst, lengths = table[:, 0], table[:, 1]
         if dst.min() < 0 or lengths.min() < 0 or int((dst + lengths).max()) > len(view):  # n >= 8 rows
             log.warning("tcp: refused batch %d writing outside the pool", batch)
@@ -427,7 +434,7 @@ class TcpTransport(Transport):
             _recv_scatter(conn, pieces)
         else:
             for piece in pieces:  # each lands in the pool only once its tag verified
-                piece[:] = ch.recv_open(conn, len(piece))
+                piece[:] = _recv_record(conn, ch, len(piece))
         self._ack(conn, ch, batch, _OK)
         with self._stats_lock:
             self.stats.batches += 1
