@@ -97,6 +97,21 @@ class Keyring:
         """Bearer token of the HTTP control APIs (cache API on workers, /cache/* on the proxy)."""
         return self.derive(b"http-api").hex()
 
+    def authorizes(self, header: str | None) -> bool:
+        """Whether an HTTP ``Authorization`` header carries the API token (any header does when
+        there is no secret: the API then binds loopback only)."""
+        if not self.authenticated:
+            return True
+        scheme, _, token = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.api_token)
+
+    def refuse_exposure(self, host: str, what: str) -> None:
+        """Raise PermissionError if ``what`` would listen on ``host`` beyond loopback without a
+        secret (anyone reaching it could sign); config.check_exposure says the same, by field."""
+        if not self.authenticated and not is_loopback(host):
+            raise PermissionError(f"{what} refuses to listen on {host} without a shared secret "
+                                  "(set auth.secret_file or LMCACHE_PD_SECRET, or bind loopback only)")
+
     def curve_server_secret(self) -> bytes:
         """32 raw bytes: the decode side's CurveZMQ secret key, which every holder of the secret
         can derive (and from it the public key that clients pin)."""

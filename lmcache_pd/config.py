@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import msgspec
 import yaml
 
-from lmcache_pd.auth import Keyring, is_loopback
+from lmcache_pd.auth import MIN_SECRET_BYTES, Keyring, is_loopback
 from lmcache_pd.errors import ConfigError
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
@@ -373,8 +373,6 @@ def read_secret(cfg: PDConfig, *, environ: Mapping[str, str] | None = None) -> b
         if mode & 0o077:
             logging.getLogger(__name__).warning("%s is readable by other users (mode %o): chmod 600 it",
                                                 path, mode & 0o777)
-    from lmcache_pd.auth import MIN_SECRET_BYTES
-
     if secret is not None and len(secret) < MIN_SECRET_BYTES:
         raise ConfigError(f"the secret in {where} has {len(secret)} bytes; at least {MIN_SECRET_BYTES} are "
                           "needed (`lmcache-pd secret FILE` writes a random one)", field="auth.secret_file")

@@ -1,9 +1,9 @@
 """KV layout and transfer plans: the only model-specific arithmetic (L1; numpy only).
 
-vLLM hands each worker per-layer views ``[num_blocks, H, N, C]`` into ONE backing buffer
-(vllm_connector.md s7). With the layer-outer layouts (LBNHC, LBHNC) block ``b`` of layer ``l``
-is one contiguous run of ``block_bytes`` at ``layer_offsets[l] + b * block_stride`` bytes from
-the start of that buffer. We copy whole blocks as bytes, so the page content format (token- or
+vLLM hands each worker block-outer per-layer views (``[num_blocks, ...]``): vLLM 0.32 into
+one backing buffer, vLLM 0.24 one buffer per layer. Either way block ``b`` of layer ``l`` is one
+contiguous run of ``block_bytes`` at ``layer_offsets[l] + b * block_stride`` bytes from the
+start of the lowest buffer (``extents`` lists the buffers when there are several). We copy whole blocks as bytes, so the page content format (token- or
 head-major, CPU ISA packing) does not matter as long as both sides agree (the compat hash).
 
 The decode pool is laid out layer-major, ``[num_layers][num_pages][block_bytes]``: a *page*
@@ -30,6 +30,9 @@ class KVLayout:
     """Bytes between block b and b+1 of one layer."""
     layer_offsets: tuple[int, ...]
     """Byte offset of block 0 of each layer from the buffer start."""
+    extents: tuple[tuple[int, int], ...] = ()
+    """(offset, bytes) of each separate buffer inside the span, when the layers live in several
+    (vLLM 0.24 allocates one per layer); empty: one buffer, all of it memory."""
 
     @property
     def page_bytes(self) -> int:

@@ -38,23 +38,50 @@ def flat_bytes(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage, 0, (storage.nbytes(),))
 
 
-def kv_layout_of(layers: Sequence[torch.Tensor]) -> tuple[KVLayout, torch.Tensor]:
-    """Describe vLLM's per-layer KV views ``[B, H, N, C]`` as byte offsets into one buffer.
+class _CudaSpan:
+    """``__cuda_array_interface__`` of ``nbytes`` bytes at ``address`` (torch.as_tensor takes it)."""
 
-    Returns the layout and a flat uint8 view of that buffer. Raises ValueError for layouts we
-    cannot copy block-wise (blocks not contiguous, layers in different buffers).
+    def __init__(self, address: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False),
+                                         "version": 3, "strides": None}
+
+
+def span_bytes(address: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A flat uint8 tensor over ``nbytes`` bytes at ``address``, owning nothing.
+
+    For vLLM's KV memory in several buffers (one per layer): the span from the lowest buffer to
+    the end of the highest. Bytes between the buffers are not ours and may be unmapped: nothing
+    may touch them. Every plan over KV memory is built from a KVLayout, whose block ids are
+    checked (layout.plan_cache_to_pool), so it addresses blocks only; transports that register
+    memory with a driver register ``KVLayout.extents``, never the span."""
+    if device.type == "cuda":
+        return torch.as_tensor(_CudaSpan(address, nbytes), device=device)
+    array = (ctypes.c_uint8 * nbytes).from_address(address)  # no byte is read
+    return torch.frombuffer(array, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+
+
+def kv_layout_of(layers: Sequence[torch.Tensor]) -> tuple[KVLayout, torch.Tensor]:
+    """Describe vLLM's per-layer KV views as byte offsets from one base address.
+
+    Each layer's view is block-outer (``[B, ...]``, one block of one layer a contiguous run):
+    vLLM 0.32 passes views into one buffer, vLLM 0.24 one buffer per layer (connector/compat.py).
+    Returns the layout and a flat uint8 tensor from the lowest buffer's first byte: the buffer
+    itself when there is one, else a span over all of them (``span_bytes``; ``extents`` then
+    says which bytes are memory). Raises ValueError for layouts we cannot copy block-wise.
     """
     if not layers:
         raise ValueError("no KV cache layers registered")
     first = layers[0]
-    base_ptr = first.untyped_storage().data_ptr()
-    offsets: list[int] = []
+    storages: dict[int, int] = {}  # start address -> bytes, one per backing buffer
     for t in layers:
-        if t.untyped_storage().data_ptr() != base_ptr:
-            raise ValueError("KV layers live in different buffers; only one backing buffer is supported")
         if t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype:
             raise ValueError("KV layers differ in shape, stride or dtype (hybrid models are not supported yet)")
-        offsets.append(t.data_ptr() - base_ptr)
+        if t.device != first.device:
+            raise ValueError(f"KV layers on different devices ({first.device}, {t.device})")
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    base_ptr = min(storages)
+    offsets = [t.data_ptr() - base_ptr for t in layers]
     if first.dim() < 2:
         raise ValueError(f"unexpected KV tensor rank {first.dim()}")
     itemsize = first.element_size()
@@ -66,16 +93,25 @@ def kv_layout_of(layers: Sequence[torch.Tensor]) -> tuple[KVLayout, torch.Tensor
         if size != 1 and stride != expect:
             raise ValueError(f"KV blocks are not contiguous (shape {tuple(first.shape)}, stride {first.stride()})")
         expect *= size
+    extents = tuple((start - base_ptr, n) for start, n in sorted(storages.items()))
     layout = KVLayout(
         num_layers=len(layers),
         num_blocks=int(first.shape[0]),
         block_bytes=block_elems * itemsize,
         block_stride=int(first.stride(0)) * itemsize,
         layer_offsets=tuple(offsets),
+        extents=extents if len(extents) > 1 else (),
     )
     if layout.block_stride < layout.block_bytes:
         raise ValueError("KV blocks overlap (block stride below block size)")
-    return layout, flat_bytes(first)
+    for off in offsets:  # every block of every layer inside its own buffer
+        start, n = next(e for e in extents if e[0] <= off < e[0] + e[1])
+        if off + layout.block_stride * (layout.num_blocks - 1) + layout.block_bytes > start + n:
+            raise ValueError("a KV layer's blocks run past the end of its buffer")
+    if len(extents) == 1:
+        return layout, flat_bytes(first)
+    span = extents[-1][0] + extents[-1][1]
+    return layout, span_bytes(base_ptr, span, first.device)
 
 
 def copy_ranges_ref(src: torch.Tensor, dst: torch.Tensor, plan: RangePlan) -> None:

@@ -240,6 +240,17 @@ def verified(frame: Frame, key: bytes) -> bool:
     return auth.check(key, frame.tag, frame.header, _AUTH.pack(frame.key_class, frame.seq), frame.body)
 
 
+def refusal(frame: Frame, *, deployment_key: bytes, session_key: bytes | None, last_seq: int) -> str | None:
+    """Why a received frame must be dropped, or None: ``"unauthenticated"`` when its tag does not
+    verify (a session frame with no session counts so), ``"stale"`` when a session frame's
+    sequence number is not above ``last_seq``. Both ends apply this before decoding anything."""
+    if frame.key_class == KEY_SESSION:
+        if session_key is None or not verified(frame, session_key):
+            return "unauthenticated"
+        return "stale" if frame.seq <= last_seq else None
+    return None if verified(frame, deployment_key) else "unauthenticated"
+
+
 def decode_body(frame: Frame, allowed: dict[int, tuple[type, ...]]) -> Message:
     """Decode a verified frame's body; only the types ``allowed`` under its key class pass."""
     if frame.version != PROTOCOL_VERSION:

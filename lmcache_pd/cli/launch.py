@@ -61,6 +61,17 @@ def pinned(argv: list[str], cpus: str | int | None) -> list[str]:
     return argv
 
 
+def check_vllm() -> None:
+    """Refuse, before vLLM's slow start, a vLLM this connector does not support (or none)."""
+    from lmcache_pd.connector.compat import SUPPORTED, check_supported, installed_version
+
+    version = installed_version()
+    if version is None:
+        raise ConfigError(f"vLLM is not installed in this environment ({sys.executable}); lmcache-pd supports "
+                          f"vLLM {SUPPORTED} (scripts/setup installs one)", field="vllm")
+    check_supported(version)
+
+
 def launch(cfg: PDConfig, role: str, instance: str | None) -> int:
     transports.parse_options(cfg.transport.name, cfg.transport.options)  # fail before vLLM's slow start
     if cfg.auth.encrypt and not transports.get_class(cfg.transport.name).capabilities.encrypts:
@@ -82,6 +93,7 @@ def launch(cfg: PDConfig, role: str, instance: str | None) -> int:
         raise SystemExit(f"instance {name!r} is not a {role} instance")
     inst = cfg.instance(name)
     check_exposure(cfg, keys, name)
+    check_vllm()
     argv = pinned(vllm_command(cfg, name), inst.cpus)
     env = instance_env(cfg, inst, os.environ)
     print("lmcache-pd: exec", " ".join(a if " " not in a and "{" not in a else repr(a) for a in argv),

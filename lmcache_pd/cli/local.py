@@ -64,6 +64,32 @@ def local_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[s
     return path
 
 
+def engine_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[str], *, transport: str,
+                  vllm_args: list[str], pool_mib: int, max_model_len: int, cpus: tuple[str, str] | None = None,
+                  kv_cache_gib: int | None = None, timeouts: dict[str, float] | None = None) -> Path:
+    """A 1P1D config for one machine whose instances share a GPU (or, with ``cpus``, pinned CPU
+    cores): prefill-0, decode-0 (both with a worker API) and a proxy on free loopback ports."""
+    http_p, http_d, ctrl, data, proxy, api_p, api_d = free_ports(7)
+    work = Path(workdir)
+    host = {"kv_cache_gib": kv_cache_gib} if kv_cache_gib else {}
+    cfg: dict[str, Any] = {
+        "model": {"path": str(model_dir), "served_name": "tiny", "max_model_len": max_model_len},
+        "prefill": [{"name": "prefill-0", "http_port": http_p, "cache_port": api_p, "vllm_args": list(vllm_args),
+                     **({"cpus": cpus[0]} if cpus else {}), **host}],
+        "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data,
+                    "cache_port": api_d, "vllm_args": list(vllm_args), **({"cpus": cpus[1]} if cpus else {}), **host}],
+        "proxy": {"port": proxy},
+        "transport": {"name": transport},
+        "pool": {"size_mib": pool_mib},
+        "timeouts": {"transfer_s": 30, "lease_s": 10, **(timeouts or {})},
+        "handoff_log": str(work / "handoffs-{instance}.jsonl"),
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "pd.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
 @dataclass
 class Process:
     name: str

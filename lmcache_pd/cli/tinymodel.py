@@ -27,6 +27,13 @@ SPEC = {
 }
 """A large initializer_range spreads the logits so that greedy decoding is decisive."""
 
+LLAMA3_8B_ATTENTION = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 8, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "max_position_embeddings": 16384,
+}
+"""Overrides for the GPU engine tests: Llama-3-8B's layer shape (head dim 128, 8 KV heads:
+32 KiB of bf16 KV per token over 8 layers), random weights, the small trained vocabulary."""
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -47,9 +54,10 @@ def _corpus() -> list[str]:
 
 
 def build_tiny_model(out_dir: str | os.PathLike[str], *, seed: int = 0,
-                     overrides: dict[str, Any] | None = None) -> Path:
+                     overrides: dict[str, Any] | None = None, device: str = "cpu") -> Path:
     """``overrides``: of :data:`SPEC` (benchmarks use a larger model, so that computing a prompt
-    costs enough to see what the cache saves)."""
+    costs enough to see what the cache saves). ``device``: where the weights are drawn (a GPU
+    draws a large model's in seconds; the result does not depend on it being reused)."""
     out = Path(out_dir)
     stamp = out / "lmcache_pd_tiny.json"
     spec = {**SPEC, **(overrides or {})}
@@ -79,7 +87,8 @@ def build_tiny_model(out_dir: str | os.PathLike[str], *, seed: int = 0,
         max_position_embeddings=spec["max_position_embeddings"], initializer_range=spec["initializer_range"],
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     with tempfile.TemporaryDirectory(dir=out) as tmp:  # write then move: no half-written model
         model.save_pretrained(tmp, safe_serialization=True)
         fast.save_pretrained(tmp)

@@ -25,6 +25,7 @@ import torch
 from lmcache_pd import protocol as P
 from lmcache_pd._types import ReqId
 from lmcache_pd.config import PDConfig, check_exposure, keyring
+from lmcache_pd.connector import compat as vllm_compat
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
 from lmcache_pd.layout import KVLayout
 from lmcache_pd.node.cache_io import CacheIO, CacheSaveSpec, lookup_hold
@@ -47,7 +48,9 @@ def describe_kv(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor], *, 
     unique: dict[int, torch.Tensor] = {}
     for t in kv_caches.values():  # shared-KV layers appear twice with the same tensor
         unique.setdefault(t.data_ptr(), t)
-    layers = [unique[k] for k in sorted(unique)]
+    layers = list(unique.values())  # vLLM's layer order: the same in every process of one model
+    if len({t.untyped_storage().data_ptr() for t in layers}) == 1:
+        layers.sort(key=lambda t: t.data_ptr())  # one buffer: its own order, as cache records always had
     layout, buffer = kv_layout_of(layers)
     first = layers[0]
     cache = vllm_config.cache_config
@@ -56,7 +59,7 @@ def describe_kv(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor], *, 
         model=f"{model}|{getattr(hf, 'architectures', ['?'])[0]}|{getattr(hf, 'hidden_size', 0)}"
               f"|{getattr(hf, 'vocab_size', 0)}",
         dtype=f"{first.dtype}/{cache.cache_dtype}",
-        kv_layout=_layout_name(cache),
+        kv_layout=vllm_compat.resolved_layout_name(cache),
         block_size=int(first.shape[2]),
         num_layers=layout.num_layers,
         num_kv_heads=int(first.shape[1]),
@@ -69,13 +72,6 @@ def describe_kv(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor], *, 
         vllm_version=vllm.__version__,
     )
     return layout, buffer, compat
-
-
-def _layout_name(cache: Any) -> str:
-    try:
-        return cache.get_resolved_kv_cache_layout().name
-    except Exception:  # noqa: BLE001 - older vLLM: fall back to the unresolved name
-        return str(getattr(cache, "kv_cache_layout", "unknown"))
 
 
 def _attn_backend(t: torch.Tensor) -> str:
@@ -105,6 +101,11 @@ class WorkerRole:
     def build_worker_meta(self) -> PDWorkerMeta | None:
         return None
 
+    def take_failed_blocks(self) -> set[int]:
+        """Blocks of the loads that failed since the last call (how vLLM 0.24 learns of a failed
+        load, connector/compat.py); empty on roles that load nothing."""
+        return set()
+
     def shutdown(self) -> None:
         pass
 
@@ -120,6 +121,20 @@ class _PDWorker(WorkerRole):
         self.cache_io: CacheIO | None = None
         self.api: WorkerAPI | None = None
         self.users = _BlockUsers()
+        self._load_blocks: dict[ReqId, tuple[int, ...]] = {}  # blocks each submitted load fills
+        self._failed_blocks: set[int] = set()
+
+    def _loading(self, req_id: ReqId, block_ids: tuple[int, ...]) -> None:
+        self._load_blocks[req_id] = block_ids
+
+    def _loaded(self, req_id: ReqId, ok: bool) -> None:
+        blocks = self._load_blocks.pop(req_id, ())
+        if not ok:
+            self._failed_blocks.update(blocks)
+
+    def take_failed_blocks(self) -> set[int]:
+        out, self._failed_blocks = self._failed_blocks, set()
+        return out
 
     def describe(self, kv_caches: dict[str, torch.Tensor]) -> tuple[KVLayout, torch.Tensor, P.CompatInfo]:
         model = self.cfg.model.served_name or self.cfg.model.path
@@ -222,8 +237,9 @@ class PrefillWorker(_PDWorker):
         self.sender.start()
         self._start_cache(layout, buffer, compat)
         self._start_api()
-        log.info("prefill worker %d: %d layers, page %d B, transport %s, cache %s", self.tp_rank,
-                 layout.num_layers, layout.page_bytes, self.cfg.transport.name, self._cache_tiers())
+        log.info("prefill worker %d: %d layers in %d buffer(s), page %d B, transport %s, cache %s", self.tp_rank,
+                 layout.num_layers, len(layout.extents) or 1, layout.page_bytes, self.cfg.transport.name,
+                 self._cache_tiers())
 
     def start_load_kv(self, meta: PDConnectorMetadata) -> None:
         if self.sender is None:
@@ -234,6 +250,7 @@ class PrefillWorker(_PDWorker):
             self.sender.unreserve(tid)
         if self.cache_io is not None:
             for load in meta.cache_loads:
+                self._loading(load.req_id, load.block_ids)
                 self.cache_io.submit_load(load)
             for req_id in meta.cache_releases:
                 self.cache_io.release(lookup_hold(req_id))
@@ -265,6 +282,7 @@ class PrefillWorker(_PDWorker):
                 self.users.end(c.req_id)
                 continue
             recving.add(c.req_id)
+            self._loaded(c.req_id, c.ok)
             if not c.ok:
                 failed.add(c.req_id)
                 log.info("cache load for %s failed (%s): vLLM recomputes it", c.req_id, c.error)
@@ -289,8 +307,9 @@ class DecodeWorker(_PDWorker):
                                    kv=layout, kv_buffer=buffer, cache=self.cache_io, keys=self.keys)
         self.receiver.start()
         self._start_api()
-        log.info("decode worker %d: %d layers, page %d B, transport %s, cache %s", self.tp_rank,
-                 layout.num_layers, layout.page_bytes, self.cfg.transport.name, self._cache_tiers())
+        log.info("decode worker %d: %d layers in %d buffer(s), page %d B, transport %s, cache %s", self.tp_rank,
+                 layout.num_layers, len(layout.extents) or 1, layout.page_bytes, self.cfg.transport.name,
+                 self._cache_tiers())
 
     def start_load_kv(self, meta: PDConnectorMetadata) -> None:
         if self.receiver is None:
@@ -298,6 +317,7 @@ class DecodeWorker(_PDWorker):
         for tid in meta.discards:
             self.receiver.discard(tid, "decode will not load it")
         for spec in meta.loads:
+            self._loading(spec.req_id, spec.block_ids)
             self.receiver.submit_load(spec)
         for req_id in meta.cancels:
             self.receiver.cancel_load(req_id)
@@ -317,6 +337,7 @@ class DecodeWorker(_PDWorker):
         failed: set[str] = set()
         for r in self.receiver.drain():
             recving.add(r.req_id)
+            self._loaded(r.req_id, r.ok)
             if not r.ok:
                 failed.add(r.req_id)
             self._outcomes[r.req_id] = LoadOutcome(r.ok, r.num_bytes, r.transfer_s, r.waited_s, r.error,

@@ -159,15 +159,14 @@ class ControlClient:
         except ProtocolError as e:
             self._refuse(f"not an lmcache-pd reply of protocol version {P.PROTOCOL_VERSION}: {e}")
             return None
-        session = self._session if frame.key_class == P.KEY_SESSION else None
-        key = session.to_prefill if session is not None else self.keys.control.to_prefill
-        if (frame.key_class == P.KEY_SESSION and session is None) or not P.verified(frame, key):
-            self._refuse("its tag does not verify: the decode instance has another auth secret")
+        why = P.refusal(frame, deployment_key=self.keys.control.to_prefill,
+                        session_key=self._session.to_prefill if self._session is not None else None,
+                        last_seq=self._recv_seq)
+        if why is not None:
+            self._refuse("a replayed reply" if why == "stale"
+                         else "its tag does not verify: the decode instance has another auth secret")
             return None
-        if session is not None:
-            if frame.seq <= self._recv_seq:
-                self._refuse("a replayed reply")
-                return None
+        if frame.key_class == P.KEY_SESSION:
             self._recv_seq = frame.seq
         try:
             return P.decode_body(frame, P.TO_PREFILL)

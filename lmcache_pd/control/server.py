@@ -133,10 +133,7 @@ class ControlServer:
         self.endpoint: str | None = None
 
     def start(self, timeout_s: float = 5.0) -> None:
-        host = self.bind.removeprefix("tcp://").rpartition(":")[0].strip("[]")
-        if not self.keys.authenticated and not auth.is_loopback(host):
-            raise PermissionError(f"control plane refuses to bind {self.bind} without a shared secret "
-                                  "(set auth.secret_file or LMCACHE_PD_SECRET, or bind loopback only)")
+        self.keys.refuse_exposure(self.bind.removeprefix("tcp://").rpartition(":")[0].strip("[]"), "control plane")
         self._thread.start()
         if not self._bound.wait(timeout_s):
             raise TimeoutError(f"control server did not bind {self.bind} within {timeout_s} s")
@@ -206,17 +203,19 @@ class ControlServer:
             self._warn("malformed", "control: dropped a frame that is not ours: %s", e)
             return
         session = self._sessions.get(identity) if frame.key_class == P.KEY_SESSION else None
-        key = session.keys.to_decode if session is not None else self.keys.control.to_decode
-        if (frame.key_class == P.KEY_SESSION and session is None) or not P.verified(frame, key):
+        why = P.refusal(frame, deployment_key=self.keys.control.to_decode,
+                        session_key=session.keys.to_decode if session is not None else None,
+                        last_seq=session.recv_seq if session is not None else 0)
+        if why == "unauthenticated":
             self.stats.unauthenticated += 1
-            self._warn("unauthenticated", "control: dropped an unauthenticated frame from %r (another auth "
-                       "secret, garbled, or a session this process never opened)", identity[:64])
+            self._warn(why, "control: dropped an unauthenticated frame from %r (another auth secret, garbled, "
+                       "or a session this process never opened)", identity[:64])
+            return
+        if why == "stale":
+            self.stats.stale += 1
+            self._warn(why, "control: dropped a replayed frame from %r", identity[:64])
             return
         if session is not None:
-            if frame.seq <= session.recv_seq:
-                self.stats.stale += 1
-                self._warn("stale", "control: dropped a replayed frame from %s", session.peer)
-                return
             session.recv_seq = frame.seq
             session.last_seen = self.clock()
         try:

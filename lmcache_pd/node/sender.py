@@ -137,7 +137,7 @@ class KVSender:
         self._handoff_log = HandoffLog(cfg.handoff_log, instance=instance, rank=tp_rank, role="prefill")
 
     def start(self) -> None:
-        self.region = self.transport.register(self.kv_buffer)
+        self.region = self.transport.register(self.kv_buffer, self.kv.extents)
         self._loop.start()
         self._loop.call(self._start(), 5.0)
 
@@ -253,19 +253,17 @@ class KVSender:
     # --- one hand-off ---------------------------------------------------------------------
     async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
         t0 = time.monotonic()
-        link: Link | None = None
         limit = self.handoff_deadline_s()
         try:
             async with asyncio.timeout(limit):
-                link = await self._send_steps(spec, ready, t0)
+                await self._send_steps(spec, ready, t0)
         except TimeoutError:  # a step outlived its own deadline: a bug, but the blocks must come back
+            # (the steps' own ``finally`` already took the transfer off its link's heartbeats)
             log.error("hand-off %s outlived %.1f s (the sum of its timeouts.*): abandoned", spec.transfer_id, limit)
-            if link is not None:
-                link.inflight.discard(spec.transfer_id)
-            await self._cancel_any(link, spec, "hand-off abandoned")
+            await self._cancel_any(None, spec, "hand-off abandoned")
             self._result(SendResult(spec.req_id, spec.transfer_id, False, error=f"hand-off took over {limit:g} s"))
 
-    async def _send_steps(self, spec: SendSpec, ready: torch.cuda.Event | None, t0: float) -> Link | None:
+    async def _send_steps(self, spec: SendSpec, ready: torch.cuda.Event | None, t0: float) -> None:
         link: Link | None = None
         try:
             n_pages = blocks_for_tokens(spec.num_tokens, self.compat.block_size)
@@ -306,7 +304,6 @@ class KVSender:
         finally:
             if link is not None:
                 link.inflight.discard(spec.transfer_id)
-        return link
 
     async def _cancel_any(self, link: Link | None, spec: SendSpec, reason: str) -> None:
         """Tell the decode side the hand-off will not come, whether or not pages were granted
@@ -342,7 +339,7 @@ class KVSender:
                                                   config_field="timeouts.alloc_s", what="page allocation",
                                                   transfer_id=spec.transfer_id)
             except PeerLost:
-                # The decode instance restarted (it does not know us): re-handshake once.
+                # The connection dropped (the decode instance died or restarted): open a new session once.
                 await self.links.drop(spec.peer, link)
                 if attempt == 2:
                     raise

@@ -24,7 +24,6 @@ unreachable too (a lookup stops at the first missing chunk) and its chunks age o
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import threading
@@ -75,12 +74,6 @@ class WorkerAPI:
                                         name="pd-worker-api", daemon=True)
         self._thread.start()
         log.info("worker API of %s rank %d on http://%s:%d", self.instance, self.rank, *self.address)
-
-    def authorized(self, header: str | None) -> bool:
-        if not self.keys.authenticated:
-            return True
-        scheme, _, token = (header or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.keys.api_token)
 
     def close(self) -> None:
         if self._server is not None:
@@ -181,7 +174,7 @@ class _Handler(BaseHTTPRequestHandler):
         if op is None:
             self._json(404, {"error": f"no route {self.path}"})
             return
-        if not self.api.authorized(self.headers.get("authorization")):
+        if not self.api.keys.authorizes(self.headers.get("authorization")):
             self._json(401, {"error": "missing or wrong bearer token (`lmcache-pd token` prints it)"})
             return
         try:

@@ -11,7 +11,6 @@ With a shared secret configured, the POST routes need ``Authorization: Bearer <t
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Callable
 from typing import Any
 
@@ -83,11 +82,9 @@ def add_cache_routes(app: FastAPI, cfg: PDConfig, client: Callable[[], httpx.Asy
     async def operate(op: str, request: Request) -> Response:
         if op not in OPS:
             return JSONResponse({"error": f"unknown operation {op!r} (one of {', '.join(OPS)})"}, status_code=404)
-        if keys.authenticated:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), keys.api_token):
-                return JSONResponse({"error": "missing or wrong bearer token (`lmcache-pd token` prints it)"},
-                                    status_code=401)
+        if not keys.authorizes(request.headers.get("authorization")):
+            return JSONResponse({"error": "missing or wrong bearer token (`lmcache-pd token` prints it)"},
+                                status_code=401)
         try:
             body = await request.json()
         except ValueError:

@@ -6,7 +6,7 @@ Call sequence, decode side (receiver):
   3. ``export_descriptor(region)`` -> bytes, sent to each prefill peer in the handshake reply;
   4. ``close()`` at shutdown.
 Prefill side (sender):
-  1. ``register(kv_cache_buffer)`` once -> RegionId;
+  1. ``register(kv_cache_buffer, extents)`` once -> RegionId;
   2. ``connect(descriptor, timeout_s)`` once per peer -> PeerId (re-done if the peer restarts);
   3. per transfer: ``submit(peer, region, plan, timeout_s[, after])`` -> TransferHandle, then ``poll`` until
      a terminal state, then ``release`` (always, also on failure: it frees per-transfer state);
@@ -167,8 +167,10 @@ class Transport(ABC):
         return torch.zeros(nbytes, dtype=torch.uint8, device=device)
 
     @abstractmethod
-    def register(self, buffer: torch.Tensor) -> RegionId:
-        """Register a flat uint8 buffer for the life of the transport."""
+    def register(self, buffer: torch.Tensor, extents: tuple[tuple[int, int], ...] = ()) -> RegionId:
+        """Register a flat uint8 buffer for the life of the transport. ``extents``: (offset,
+        bytes) of the separate allocations inside it, when it spans several (vLLM's per-layer
+        KV buffers, ops.span_bytes); only those are memory. Empty: all of it is."""
 
     def listen(self) -> None:
         """Start accepting writes into registered regions (receivers of listening transports)."""

@@ -103,7 +103,7 @@ class CudaIpcTransport(Transport):
         array = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
         return torch.as_tensor(array, device=torch.device("cuda", index))
 
-    def register(self, buffer: torch.Tensor) -> RegionId:
+    def register(self, buffer: torch.Tensor, extents: tuple[tuple[int, int], ...] = ()) -> RegionId:
         if not buffer.is_cuda or buffer.dtype != torch.uint8 or buffer.dim() != 1:
             raise ValueError("cuda_ipc registers flat uint8 CUDA tensors only")
         rid = next(self._ids)

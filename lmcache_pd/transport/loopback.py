@@ -52,7 +52,7 @@ class LoopbackTransport(Transport):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pd-loopback")
         self._closed = False
 
-    def register(self, buffer: torch.Tensor) -> RegionId:
+    def register(self, buffer: torch.Tensor, extents: tuple[tuple[int, int], ...] = ()) -> RegionId:
         key = uuid.uuid4().hex
         with _regions_lock:
             _regions[key] = buffer

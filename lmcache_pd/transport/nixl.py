@@ -177,13 +177,16 @@ class NixlTransport(Transport):
         return True, ""
 
     # --- both sides ---------------------------------------------------------------------------
-    def register(self, buffer: torch.Tensor) -> RegionId:
+    def register(self, buffer: torch.Tensor, extents: tuple[tuple[int, int], ...] = ()) -> RegionId:
         if buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous():
             raise ValueError("nixl registers flat contiguous uint8 tensors only")
         mem = "VRAM" if buffer.is_cuda else "DRAM"
         device = (buffer.device.index or 0) if buffer.is_cuda else 0
+        # A span over several allocations: UCX registers each one (descriptors then name
+        # addresses inside them); the bytes between them are not memory.
+        memory = [buffer[o:o + n] for o, n in extents] if extents else buffer
         with self._lock:
-            reg = self._agent.register_memory(buffer)
+            reg = self._agent.register_memory(memory)
             if self._thread.ident is None and not self._stop.is_set():
                 self._thread.start()
         rid = next(self._ids)

@@ -320,7 +320,7 @@ class TcpTransport(Transport):
         return hasattr(socket.socket, "sendmsg"), "socket.sendmsg is missing on this platform"
 
     # --- receiver -----------------------------------------------------------------------
-    def register(self, buffer: torch.Tensor) -> RegionId:
+    def register(self, buffer: torch.Tensor, extents: tuple[tuple[int, int], ...] = ()) -> RegionId:
         rid = next(self._region_ids)
         self._regions[rid] = _as_view(buffer)
         return rid
@@ -328,9 +328,7 @@ class TcpTransport(Transport):
     def listen(self) -> None:
         if self.port is None:
             raise TransportUnavailable("tcp receiver needs a data port (decode instance data_port)")
-        if not self.keys.authenticated and not auth.is_loopback(self.host):
-            raise PermissionError(f"tcp data plane refuses to listen on {self.host} without a shared secret "
-                                  "(set auth.secret_file or LMCACHE_PD_SECRET, or bind loopback only)")
+        self.keys.refuse_exposure(self.host, "tcp data plane")
         srv = socket.create_server((self.host, self.port), reuse_port=False, backlog=64)
         srv.settimeout(0.2)
         self._listener = srv

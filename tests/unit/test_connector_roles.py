@@ -202,3 +202,38 @@ def test_worker_meta_aggregates_tp_ranks():
     b = PDWorkerMeta({"r": LoadOutcome(False, 10, 0.3, 0.1, "boom"), "s": LoadOutcome(True, 1, 0, 0, "")})
     m = a.aggregate(b)
     assert m.loads["r"] == LoadOutcome(False, 20, 0.3, 0.2, "boom") and m.loads["s"].ok
+
+
+def test_a_failed_load_reports_its_blocks_once_and_a_good_one_none():
+    # vLLM 0.24 learns of a failed load only from its blocks (get_block_ids_with_load_errors);
+    # 0.32 from failed_recving. The worker keeps both, each reported once (connector/compat.py).
+    import time
+
+    from lmcache_pd.connector.metadata import PDConnectorMetadata
+    from lmcache_pd.connector.worker_side import DecodeWorker
+    from lmcache_pd.node.receiver import LoadSpec
+    from lmcache_pd.node.sender import SendSpec
+    from tests.unit.test_node import BLOCK, Node
+
+    node = Node(make_cfg(transfer_s=1))
+    worker = DecodeWorker(None, node.cfg, instance="decode-0")
+    worker.receiver = node.receiver
+    try:
+        node.sender.submit(SendSpec("p-ok", "ok", "decode-0", (5, 6), 2 * BLOCK, "d" * 32))
+        worker.start_load_kv(PDConnectorMetadata(loads=[
+            LoadSpec("d-ok", "ok", 2 * BLOCK, "d" * 32, (11, 12)),
+            LoadSpec("d-never", "never", 3 * BLOCK, "d" * 32, (3, 4, 5))]))  # no prefill sends it
+        recving: set[str] = set()
+        failed: set[str] = set()
+        deadline = time.monotonic() + 10
+        while recving != {"d-ok", "d-never"}:
+            assert time.monotonic() < deadline, recving
+            _, r, f = worker.get_transfer_results(set())
+            recving |= r
+            failed |= f
+            time.sleep(0.02)
+        assert failed == {"d-never"}
+        assert worker.take_failed_blocks() == {3, 4, 5}
+        assert worker.take_failed_blocks() == set()
+    finally:
+        node.close()

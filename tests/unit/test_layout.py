@@ -30,6 +30,52 @@ def vllm_like_cache(num_layers: int, num_blocks: int, heads: int, block: int, c:
     return layers
 
 
+def per_layer_cache(num_layers: int, num_blocks: int, heads: int, block: int, head_size: int, dtype: torch.dtype,
+                    device: str | torch.device = "cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """vLLM 0.24's KV memory: one buffer per layer, FlashAttention's ``[B, 2, N, H, hs]``, random
+    bytes; between consecutive layers a spacer allocation (random too), so that the span over
+    the layers holds memory that is not theirs. Returns (layers, spacers)."""
+    g = torch.Generator().manual_seed(11)
+    layers, spacers = [], []
+    for _ in range(num_layers):
+        raw = torch.randint(-128, 127, (num_blocks * 2 * block * heads * head_size
+                                        * torch.tensor([], dtype=dtype).element_size(),),
+                            dtype=torch.int8, generator=g).to(device)
+        layers.append(raw.view(dtype).view(num_blocks, 2, block, heads, head_size))
+        spacers.append(torch.randint(0, 255, (4096,), dtype=torch.uint8, generator=g).to(device))
+    return layers, spacers
+
+
+def test_per_layer_buffers_round_trip_bitwise_and_touch_nothing_else():
+    src, src_spacers = per_layer_cache(4, 20, 2, 16, 8, torch.bfloat16)
+    dst, dst_spacers = per_layer_cache(4, 24, 2, 16, 8, torch.bfloat16)
+    kv_src, src_buf = kv_layout_of(src)
+    kv_dst, dst_buf = kv_layout_of(dst)
+    assert len(kv_src.extents) == 4 and kv_src.block_bytes == 2 * 16 * 2 * 8 * 2
+    assert src_buf.data_ptr() == min(t.data_ptr() for t in src)
+    spacers_before = [t.clone() for t in src_spacers + dst_spacers]
+    dst_before = [t.clone() for t in dst]
+    pool = PoolLayout.sized(kv_src, 10 * kv_src.page_bytes)
+    pool_buf = torch.full((pool.nbytes,), 0xAB, dtype=torch.uint8)
+    blocks, pages, dst_blocks = [3, 17, 4, 9], [0, 7, 1, 2], [1, 23, 5, 6]
+    copy_ranges(src_buf, pool_buf, plan_cache_to_pool(kv_src, pool, blocks=blocks, pages=pages))
+    copy_ranges(pool_buf, dst_buf, plan_cache_to_pool(kv_dst, pool, blocks=dst_blocks, pages=pages).swapped())
+    for s_layer, d_layer, d_before in zip(src, dst, dst_before):
+        for b, d in zip(blocks, dst_blocks):
+            assert torch.equal(s_layer[b].view(torch.uint8), d_layer[d].view(torch.uint8))
+        others = [i for i in range(24) if i not in dst_blocks]
+        assert torch.equal(d_layer[others].view(torch.uint8), d_before[others].view(torch.uint8))
+    assert all(torch.equal(a, b) for a, b in zip(src_spacers + dst_spacers, spacers_before))
+
+
+def test_layers_in_order_of_their_buffers_need_not_be_in_address_order():
+    layers, _ = per_layer_cache(3, 8, 2, 16, 8, torch.float16)
+    kv, buf = kv_layout_of(layers[::-1])  # the lowest address need not be layer 0
+    lowest = min(t.data_ptr() for t in layers)
+    assert kv.layer_offsets == tuple(t.data_ptr() - lowest for t in layers[::-1])
+    assert buf.data_ptr() == lowest and buf.numel() == max(t.data_ptr() + t.numel() * 2 for t in layers) - lowest
+
+
 @pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.uint8])
 def test_round_trip_through_the_pool_is_bitwise(layout, dtype):
@@ -108,8 +154,8 @@ def test_unsupported_kv_layouts_are_refused():
     t = torch.zeros(4, 2, 8, 6)[:, :, :, :4]  # blocks not contiguous
     with pytest.raises(ValueError, match="not contiguous"):
         kv_layout_of([t])
-    with pytest.raises(ValueError, match="different buffers"):
-        kv_layout_of([torch.zeros(4, 2, 8, 4), torch.zeros(4, 2, 8, 4)])
+    with pytest.raises(ValueError, match="differ in shape"):
+        kv_layout_of([torch.zeros(4, 2, 8, 4), torch.zeros(5, 2, 8, 4)])
 
 
 def test_flat_bytes_covers_the_whole_storage():

