@@ -97,17 +97,34 @@ class Colocated:
                 os.killpg(self.proc.pid, 9)
 
 
-def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int) -> dict[str, dict[int, float]]:
-    """Median TTFT (ms) per target and prompt length; targets take turns, so drift hits all alike."""
+def prefill_leg(proxy: str) -> tuple[float, float]:
+    """The proxy's own account of its prefill requests: (seconds summed, count)."""
+    with urllib.request.urlopen(f"{proxy}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = {k: float(v) for k, v in (line.split()[:2] for line in text.splitlines()
+                                      if line.startswith("lmcache_pd_proxy_prefill_seconds_"))}
+    return found.get("lmcache_pd_proxy_prefill_seconds_sum", 0.0), found.get("lmcache_pd_proxy_prefill_seconds_count", 0.0)
+
+
+def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int) -> tuple[dict, dict]:
+    """Median TTFT (ms) per target and prompt length; targets take turns, so drift hits all alike.
+    Also, per P/D target, the mean time of the proxy's prefill request (the rest of P/D's TTFT is
+    the hand-off and the decode's request)."""
     out: dict[str, dict[int, list[float]]] = {t: {n: [] for n in lens} for t in targets}
+    legs: dict[str, dict[int, float]] = {t: {} for t in targets if t.startswith("pd-")}
     for n in lens:
         for i in range(repeat + 2):
+            if i == 2:
+                before = {t: prefill_leg(targets[t]) for t in legs}
             ids = prompt_ids(n, seed=i)  # a new prompt each time: no prefix-cache hit
             for name, url in targets.items():
                 s = ttft_s(url, ids)
                 if i >= 2:  # two warm-ups per length (graph capture sizes, allocator)
                     out[name][n].append(s * 1e3)
-    return {t: {n: statistics.median(v) for n, v in per.items()} for t, per in out.items()}
+        for t in legs:
+            (s0, c0), (s1, c1) = before[t], prefill_leg(targets[t])
+            legs[t][n] = (s1 - s0) / (c1 - c0) * 1e3 if c1 > c0 else float("nan")
+    return {t: {n: statistics.median(v) for n, v in per.items()} for t, per in out.items()}, legs
 
 
 def bench_serve(url: str, model: Path, concurrency: int, prompts: int, input_len: int, output_len: int,
@@ -168,8 +185,9 @@ def main() -> int:
         results["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__,
                                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
         targets = {"colocated": colo.url, **{f"pd-{t}": d.procs["proxy"].url for t, d in deps.items()}}
-        ttft = measure_ttft(targets, lens, a.repeat)
+        ttft, legs = measure_ttft(targets, lens, a.repeat)
         results["ttft_ms"] = ttft
+        results["prefill_leg_ms"] = legs
         serve: dict = {}
         goodput = a.goodput.split(",")
         for c in [int(x) for x in a.concurrency.split(",") if x]:  # --concurrency "": no `vllm bench serve`
@@ -209,6 +227,18 @@ def render(r: dict, lens: list[int]) -> str:
             p = ttft[f"pd-{t}"][n]
             row += f" {p:.2f} | {p - c:+.2f} | {p / c:.3f} |"
         lines.append(row)
+    legs = r.get("prefill_leg_ms", {})
+    if legs:
+        lines += ["", "Where P/D's TTFT goes: the proxy's prefill request (mean ms), and the rest (hand-off, "
+                  "decode request, first token):", "",
+                  "| prompt tokens | " + " | ".join(f"{t} prefill leg | rest" for t in r["transports"]) + " |",
+                  "|---:|" + "---:|---:|" * len(r["transports"])]
+        for n in lens:
+            row = f"| {n} |"
+            for t in r["transports"]:
+                leg = legs[f"pd-{t}"][n]
+                row += f" {leg:.2f} | {ttft[f'pd-{t}'][n] - leg:.2f} |"
+            lines.append(row)
     lines += ["", "`vllm bench serve` (random dataset):", "",
               "| target | concurrency | req/s | output tok/s | goodput req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |",
               "|---|---:|---:|---:|---:|---:|---:|"]
