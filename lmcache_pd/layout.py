@@ -3,8 +3,9 @@
 vLLM hands each worker block-outer per-layer views (``[num_blocks, ...]``): vLLM 0.32 into
 one backing buffer, vLLM 0.24 one buffer per layer. Either way block ``b`` of layer ``l`` is one
 contiguous run of ``block_bytes`` at ``layer_offsets[l] + b * block_stride`` bytes from the
-start of the lowest buffer (``extents`` lists the buffers when there are several). We copy whole blocks as bytes, so the page content format (token- or
-head-major, CPU ISA packing) does not matter as long as both sides agree (the compat hash).
+start of the lowest buffer (``extents`` lists the buffers when there are several). We copy
+whole blocks as bytes, so the page content format (token- or head-major, CPU ISA packing) does
+not matter as long as both sides agree (the compat hash).
 
 The decode pool is laid out layer-major, ``[num_layers][num_pages][block_bytes]``: a *page*
 holds one block of every layer, and consecutive pages of one layer are adjacent in memory, so a

@@ -127,15 +127,16 @@ class PDConnector(KVConnectorBase_V1):
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
         # vLLM's prompt_tokens_cached_by_source metric: which tier (or the hand-off) supplied them.
-        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+        # Only vLLMs that have CacheHitSource call this (compat.py).
+        from lmcache_pd.connector.compat import cache_hit_kinds
 
         by_name = self._sched.hit_sources(request, num_external_tokens)
-        if not by_name:
+        kinds = cache_hit_kinds()
+        if not by_name or kinds is None:
             return super().get_external_cache_hit_sources(request, num_external_tokens)
-        kinds = {"memory": CacheHitSource.HOST, "disk": CacheHitSource.DISK, "p2p": CacheHitSource.P2P}
         out: dict[Any, int] = {}
         for name, n in by_name.items():
-            kind = kinds.get(name, CacheHitSource.EXTERNAL_UNSPECIFIED)
+            kind = kinds.get(name, kinds[""])
             out[kind] = out.get(kind, 0) + n
         return out
 
