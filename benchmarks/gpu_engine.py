@@ -6,7 +6,10 @@ Starts, all on the one GPU (scripts/gpu-vllm bench runs this on the lent H200):
 Same model (Llama-3-8B's layer shape, 8 layers, random weights), same engine mode (CUDA graphs
 with torch.compile by default; ``--eager``), same flags. Then:
   1. TTFT of a streamed request at each prompt length, median of ``--repeat`` (after warm-ups),
-     P/D through the proxy beside the colocated vLLM, their difference and ratio;
+     P/D through the proxy (both ``proxy.dispatch`` modes: ``pd-<transport>`` concurrent,
+     ``pd-<transport>-seq`` sequential) beside the colocated vLLM, their difference and ratio;
+     and where P/D's time goes: each request's timeline from the client's clock and both
+     hand-off logs (SEGMENTS);
   2. ``vllm bench serve`` (random dataset, each concurrency, ``--goodput``) against the proxy
      and against the colocated vLLM.
 Writes results.json and summary.md to ``--out`` and prints the summary.
@@ -36,6 +39,7 @@ from lmcache_pd.cli.local import LocalDeployment, engine_config, free_ports  # n
 from lmcache_pd.cli.tinymodel import LLAMA3_8B_ATTENTION, build_tiny_model  # noqa: E402
 
 GPU_ARGS = ["--gpu-memory-utilization", "0.12", "--kv-cache-memory-bytes", str(8 << 30)]
+CPU_ARGS = ["--gpu-memory-utilization", "0.25"]
 
 
 def prompt_ids(n: int, seed: int) -> list[int]:
@@ -43,10 +47,12 @@ def prompt_ids(n: int, seed: int) -> list[int]:
     return [int(x) for x in np.random.default_rng([n, seed]).integers(6, 506, n)]
 
 
-def ttft_s(url: str, ids: list[int]) -> float:
-    """Seconds from sending a streamed completion to its first token."""
+def ttft_s(url: str, ids: list[int], req_id: str = "") -> tuple[float, float, float]:
+    """A streamed completion: (seconds to its first token, wall clock at send, at first token)."""
     body = json.dumps({"model": "tiny", "prompt": ids, "max_tokens": 8, "temperature": 0, "stream": True}).encode()
-    req = urllib.request.Request(f"{url}/v1/completions", body, {"content-type": "application/json"})
+    headers = {"content-type": "application/json", **({"x-request-id": req_id} if req_id else {})}
+    req = urllib.request.Request(f"{url}/v1/completions", body, headers)
+    sent = time.time()
     t0 = time.perf_counter()
     with urllib.request.urlopen(req, timeout=300) as r:
         for raw in r:
@@ -56,7 +62,7 @@ def ttft_s(url: str, ids: list[int]) -> float:
                 if "error" in event:
                     raise RuntimeError(event["error"])
                 if event["choices"] and event["choices"][0].get("text") is not None:
-                    return time.perf_counter() - t0
+                    return time.perf_counter() - t0, sent, time.time()
     raise RuntimeError("no token came")
 
 
@@ -106,25 +112,72 @@ def prefill_leg(proxy: str) -> tuple[float, float]:
     return found.get("lmcache_pd_proxy_prefill_seconds_sum", 0.0), found.get("lmcache_pd_proxy_prefill_seconds_count", 0.0)
 
 
-def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int) -> tuple[dict, dict]:
+def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int) -> tuple[dict, dict, dict]:
     """Median TTFT (ms) per target and prompt length; targets take turns, so drift hits all alike.
-    Also, per P/D target, the mean time of the proxy's prefill request (the rest of P/D's TTFT is
-    the hand-off and the decode's request)."""
+    Also, per P/D target, the mean time of the proxy's prefill request, and each measured
+    request's (id, wall clock at send, at first token) for the hand-off timeline."""
     out: dict[str, dict[int, list[float]]] = {t: {n: [] for n in lens} for t in targets}
     legs: dict[str, dict[int, float]] = {t: {} for t in targets if t.startswith("pd-")}
+    sent: dict[str, dict[int, list[tuple[str, float, float]]]] = {t: {n: [] for n in lens} for t in legs}
     for n in lens:
         for i in range(repeat + 2):
             if i == 2:
                 before = {t: prefill_leg(targets[t]) for t in legs}
             ids = prompt_ids(n, seed=i)  # a new prompt each time: no prefix-cache hit
             for name, url in targets.items():
-                s = ttft_s(url, ids)
+                req_id = f"{name}-{n}-{i}"
+                s, at, first = ttft_s(url, ids, req_id)
                 if i >= 2:  # two warm-ups per length (graph capture sizes, allocator)
                     out[name][n].append(s * 1e3)
+                    if name in sent:
+                        sent[name][n].append((req_id, at, first))
         for t in legs:
             (s0, c0), (s1, c1) = before[t], prefill_leg(targets[t])
             legs[t][n] = (s1 - s0) / (c1 - c0) * 1e3 if c1 > c0 else float("nan")
-    return {t: {n: statistics.median(v) for n, v in per.items()} for t, per in out.items()}, legs
+    ttft = {t: {n: statistics.median(v) for n, v in per.items()} for t, per in out.items()}
+    return ttft, legs, sent
+
+
+SEGMENTS = {
+    "to_load": "client sends -> decode asks for the KV (its request scheduled)",
+    "to_handoff": "client sends -> prefill's hand-off starts (prefill computed)",
+    "transfer": "hand-off starts -> all pages in the decode pool",
+    "scatter": "pages in the pool -> in vLLM's blocks",
+    "after": "scattered -> first token at the client (report, schedule, forward, stream)",
+}
+
+
+def handoff_records(path: Path) -> dict[str, dict]:
+    """A hand-off log's records by transfer id."""
+    if not path.exists():
+        return {}
+    return {r["transfer_id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def timelines(sent: dict, logs: dict[str, Path]) -> dict:
+    """Median ms of each timeline segment (SEGMENTS) per P/D target and length, from the
+    client's wall clock and both hand-off logs (one machine: one clock). Transfer ids start with
+    the client's request id."""
+    out: dict = {}
+    for target, per in sent.items():
+        work = logs[target]
+        sender, loader = handoff_records(work / "handoffs-prefill-0.jsonl"), handoff_records(
+            work / "handoffs-decode-0.jsonl")
+        for n, reqs in per.items():
+            seg: dict[str, list[float]] = {k: [] for k in SEGMENTS}
+            for req_id, at, first in reqs:
+                p = next((r for tid, r in sender.items() if tid.startswith(req_id + "-")), None)
+                d = next((r for tid, r in loader.items() if tid.startswith(req_id + "-")), None)
+                if not (p and d and p["ok"] and d["ok"] and d.get("ready_at")):
+                    continue
+                seg["to_load"].append(d["submitted_at"] - at)
+                seg["to_handoff"].append(p["started_at"] - at)
+                seg["transfer"].append(d["ready_at"] - p["started_at"])
+                seg["scatter"].append(d["done_at"] - d["ready_at"])
+                seg["after"].append(first - d["done_at"])
+            out.setdefault(target, {})[n] = {k: statistics.median(v) * 1e3 if v else float("nan")
+                                             for k, v in seg.items()} | {"requests": len(seg["after"])}
+    return out
 
 
 def bench_serve(url: str, model: Path, concurrency: int, prompts: int, input_len: int, output_len: int,
@@ -162,7 +215,9 @@ def main() -> int:
     lens = [int(x) for x in a.lens.split(",")]
     transports = ["tcp"] if a.cpu else a.transports.split(",")
     max_len = max(lens) + 256
-    args = ([] if a.cpu else list(GPU_ARGS)) + (["--enforce-eager"] if a.eager or a.cpu else [])
+    # On CPU the memory "utilization" is checked against what is free when each vLLM starts: three
+    # start at once, so each asks for a quarter.
+    args = (CPU_ARGS if a.cpu else list(GPU_ARGS)) + (["--enforce-eager"] if a.eager or a.cpu else [])
     model = build_tiny_model(a.workdir / "model",
                              overrides={"max_position_embeddings": 16384} if a.cpu else LLAMA3_8B_ATTENTION,
                              device="cpu" if a.cpu else "cuda")
@@ -171,6 +226,8 @@ def main() -> int:
                                              pool_mib=256 if a.cpu else 4096, max_model_len=max_len,
                                              cpus=("0", "1") if a.cpu else None, kv_cache_gib=2 if a.cpu else None),
                                 a.workdir / f"bench-{t}") for t in transports}
+    for d in deps.values():  # the same deployment behind a proxy of each dispatch mode
+        d.add_proxy("proxy-sequential", "proxy.dispatch=sequential")
     results: dict = {"date": date.today().isoformat(), "transports": transports, "eager": a.eager or a.cpu}
     try:
         t0 = time.monotonic()
@@ -184,10 +241,17 @@ def main() -> int:
 
         results["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__,
                                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-        targets = {"colocated": colo.url, **{f"pd-{t}": d.procs["proxy"].url for t, d in deps.items()}}
-        ttft, legs = measure_ttft(targets, lens, a.repeat)
+        pd = {f"pd-{t}": d.procs["proxy"].url for t, d in deps.items()}
+        pd.update({f"pd-{t}-seq": d.procs["proxy-sequential"].url for t, d in deps.items()})
+        targets = {"colocated": colo.url, **pd}
+        results["pd_targets"] = list(pd)
+        ttft, legs, sent = measure_ttft(targets, lens, a.repeat)
         results["ttft_ms"] = ttft
         results["prefill_leg_ms"] = legs
+        results["timeline_ms"] = timelines(sent, {t: deps[t.removeprefix("pd-").removesuffix("-seq")].workdir
+                                                  for t in pd})
+        # `vllm bench serve`: the default dispatch only (the sequential proxies are for TTFT).
+        targets = {"colocated": colo.url, **{k: v for k, v in pd.items() if not k.endswith("-seq")}}
         serve: dict = {}
         goodput = a.goodput.split(",")
         for c in [int(x) for x in a.concurrency.split(",") if x]:  # --concurrency "": no `vllm bench serve`
@@ -214,31 +278,39 @@ def main() -> int:
 
 def render(r: dict, lens: list[int]) -> str:
     v = r.get("versions", {})
+    pd = r.get("pd_targets") or [f"pd-{t}" for t in r["transports"]]
     lines = [f"# P/D inside vLLM's engine against colocated, {r['date']}, {v.get('device')}, vLLM {v.get('vllm')}, "
              f"torch {v.get('torch')}, {'eager' if r['eager'] else 'CUDA graphs'}", "",
-             "TTFT, median ms (streamed, 8 tokens):", "",
-             "| prompt tokens | colocated | " + " | ".join(f"{t} P/D | diff | ratio" for t in r["transports"]) + " |",
-             "|---:|---:|" + "---:|---:|---:|" * len(r["transports"])]
+             "TTFT, median ms (streamed, 8 tokens); pd-<transport>: proxy.dispatch=concurrent, -seq: sequential:",
+             "", "| prompt tokens | colocated | " + " | ".join(f"{t} | diff | ratio" for t in pd) + " |",
+             "|---:|---:|" + "---:|---:|---:|" * len(pd)]
     ttft = r.get("ttft_ms", {})
     for n in lens:
         c = ttft["colocated"][n]
         row = f"| {n} | {c:.2f} |"
-        for t in r["transports"]:
-            p = ttft[f"pd-{t}"][n]
+        for t in pd:
+            p = ttft[t][n]
             row += f" {p:.2f} | {p - c:+.2f} | {p / c:.3f} |"
         lines.append(row)
     legs = r.get("prefill_leg_ms", {})
     if legs:
-        lines += ["", "Where P/D's TTFT goes: the proxy's prefill request (mean ms), and the rest (hand-off, "
-                  "decode request, first token):", "",
-                  "| prompt tokens | " + " | ".join(f"{t} prefill leg | rest" for t in r["transports"]) + " |",
-                  "|---:|" + "---:|---:|" * len(r["transports"])]
+        lines += ["", "The proxy's prefill request (mean ms) and the rest of P/D's TTFT:", "",
+                  "| prompt tokens | " + " | ".join(f"{t} prefill leg | rest" for t in pd) + " |",
+                  "|---:|" + "---:|---:|" * len(pd)]
         for n in lens:
-            row = f"| {n} |"
-            for t in r["transports"]:
-                leg = legs[f"pd-{t}"][n]
-                row += f" {leg:.2f} | {ttft[f'pd-{t}'][n] - leg:.2f} |"
-            lines.append(row)
+            lines.append(f"| {n} |" + "".join(f" {legs[t][n]:.2f} | {ttft[t][n] - legs[t][n]:.2f} |" for t in pd))
+    tl = r.get("timeline_ms", {})
+    if tl:
+        lines += ["", "Timeline of a hand-off, median ms per segment (" + "; ".join(
+            f"{k}: {d}" for k, d in SEGMENTS.items()) + "):", "",
+            "| target | prompt tokens | requests | " + " | ".join(SEGMENTS) + " |",
+            "|---|---:|---:|" + "---:|" * len(SEGMENTS)]
+        for t in pd:
+            for n in lens:
+                row = tl.get(t, {}).get(n)
+                if row:
+                    lines.append(f"| {t} | {n} | {row['requests']} | " + " | ".join(
+                        f"{row[k]:.2f}" for k in SEGMENTS) + " |")
     lines += ["", "`vllm bench serve` (random dataset):", "",
               "| target | concurrency | req/s | output tok/s | goodput req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |",
               "|---|---:|---:|---:|---:|---:|---:|"]

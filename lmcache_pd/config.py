@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -170,6 +170,10 @@ class ProxyConfig(_Section):
     """Whole prefill request (compute of the prompt); past it the decode recomputes."""
     decode_timeout_s: Seconds = 600.0
     """Whole decode request (until the last token)."""
+    dispatch: Literal["concurrent", "sequential"] = "concurrent"
+    """``concurrent``: the decode request is sent together with the prefill request and waits
+    for the KV on the decode instance (its HTTP, tokenization and scheduling overlap the
+    prefill's compute); ``sequential``: it is sent after the prefill answered."""
     health_interval_s: Seconds = 2.0
     prefills: tuple[str, ...] = ()
     """Names of the prefill instances this proxy routes to (empty: all of them)."""

@@ -295,7 +295,11 @@ class PrefillParams(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class DecodeParams(msgspec.Struct, frozen=True, kw_only=True):
-    """What the prefill returns (request_finished) and the proxy forwards to the decode."""
+    """What the prefill returns (request_finished) and the proxy forwards to the decode.
+
+    With ``proxy.dispatch=concurrent`` the proxy sends the decode request before the prefill
+    has answered: ``num_tokens`` is then 0 and ``prompt_digest`` empty (not known yet), and the
+    decode's loader alone checks its prompt against the one the prefill reserved pages for."""
 
     do_remote_prefill: bool = True
     do_remote_decode: bool = False
@@ -303,6 +307,11 @@ class DecodeParams(msgspec.Struct, frozen=True, kw_only=True):
     num_tokens: int
     prompt_digest: str
     prefill_peer: str
+
+    @property
+    def early(self) -> bool:
+        """Sent before the prefill answered (its prompt not known to the proxy)."""
+        return self.num_tokens == 0
 
 
 def params_from_dict(data: object, kind: type[PrefillParams] | type[DecodeParams]):

@@ -10,7 +10,9 @@ Prefill (kv_producer), per request carrying ``PrefillParams``:
      A request that ends any other way after its reservation gets an unreserve instead.
 Decode (kv_consumer), per request carrying ``DecodeParams``:
   1. ``get_num_new_matched_tokens`` claims the prompt (minus local prefix hits) as external,
-     loaded asynchronously: vLLM parks the request in WAITING_FOR_REMOTE_KVS;
+     loaded asynchronously: vLLM parks the request in WAITING_FOR_REMOTE_KVS. Parameters from
+     the prefill's answer are checked against the prompt here; early ones (the proxy's
+     ``dispatch=concurrent``: sent before the prefill answered) only by the loader;
   2. ``update_state_after_alloc`` queues a LoadSpec with the request's new blocks (once: a
      failed load is recomputed by vLLM, never loaded twice);
   3. the workers report ``finished_recving`` (and ``failed_recving`` on failure -> vLLM
@@ -220,13 +222,19 @@ class DecodeScheduler(SchedulerRole):
             return None  # not ours, or already attempted (a failed load is recomputed, not retried)
         return params
 
-    def _same_prompt(self, request: Request, params: P.DecodeParams) -> bool:
-        if request.num_prompt_tokens != params.num_tokens or request.prompt_token_ids is None:
-            return False
+    def _digest(self, request: Request) -> str:
+        assert request.prompt_token_ids is not None
         digest = self._digests.get(request.request_id)
-        if digest is None:  # this method is called repeatedly: hash each prompt once
+        if digest is None:  # vLLM asks about a waiting request at every step: hash each prompt once
             digest = self._digests[request.request_id] = P.prompt_digest(request.prompt_token_ids)
-        return digest == params.prompt_digest
+        return digest
+
+    def _same_prompt(self, request: Request, params: P.DecodeParams) -> bool:
+        if request.prompt_token_ids is None:
+            return False
+        if params.early:  # the prefill has not said what it computes: the loader checks it
+            return True
+        return request.num_prompt_tokens == params.num_tokens and self._digest(request) == params.prompt_digest
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         params = self._params(request)
@@ -243,6 +251,7 @@ class DecodeScheduler(SchedulerRole):
         if params is None:
             return
         same = self._same_prompt(request, params)
+        digest = self._digest(request) if same else ""
         self._digests.pop(request.request_id, None)
         req = _DecodeReq(params.transfer_id, request.num_prompt_tokens)
         self._reqs[request.request_id] = req
@@ -251,7 +260,8 @@ class DecodeScheduler(SchedulerRole):
             self._discards.append(params.transfer_id)
             return
         req.loading = True
-        self._loads.append(LoadSpec(request.request_id, params.transfer_id, params.num_tokens, params.prompt_digest,
+        # The loader compares this decode's own prompt (count, digest) with the reservation's.
+        self._loads.append(LoadSpec(request.request_id, params.transfer_id, request.num_prompt_tokens, digest,
                                     tuple(blocks.get_unhashed_block_ids()), prompt_chains(self.cfg, request),
                                     request.cache_salt))
 

@@ -80,6 +80,13 @@ class LoadResult:
     """The last copy was planned (on a GPU, uploaded) while the pages were still in flight."""
     cache_tokens: int = 0
     """Prompt tokens copied from this instance's own cache tiers instead of transferred."""
+    submitted_at: float = 0.0
+    """Wall clock (``time.time()``) when the decode worker asked for the KV (its request was
+    scheduled); with the prefill's ``started_at``/``done_at``, a hand-off's timeline."""
+    ready_at: float = 0.0
+    """Wall clock when the loader found every page in the pool (READY); 0 if never."""
+    done_at: float = 0.0
+    """Wall clock when the load ended (pages in vLLM's blocks, or failed)."""
 
 
 @dataclass
@@ -87,6 +94,8 @@ class _Load:
     spec: LoadSpec
     t0: float
     deadline: float
+    submitted_at: float = 0.0
+    ready_at: float = 0.0
     local: int = 0
     """Leading blocks of the prompt vLLM holds already (its own prefix cache)."""
     bound: bool = False
@@ -190,7 +199,7 @@ class KVReceiver:
         # The blocks are the tail of the prompt's pages (a local prefix hit covers the rest).
         local = max(0, blocks_for_tokens(spec.num_tokens, self.kv_block_size) - len(spec.block_ids))
         with self.pool.cond:
-            self._loads[spec.req_id] = _Load(spec, now, now + self.cfg.timeouts.transfer_s, local=local)
+            self._loads[spec.req_id] = _Load(spec, now, now + self.cfg.timeouts.transfer_s, time.time(), local=local)
             self.pool.cond.notify_all()
 
     def cancel_load(self, req_id: ReqId) -> None:
@@ -334,7 +343,8 @@ class KVReceiver:
         self.pool.abort(load.spec.transfer_id, reason=error, now=now)  # frees pages or leaves a tombstone
         self.release(load.spec.transfer_id)
         log.warning("load of %s for %s failed, recomputing: %s", load.spec.transfer_id, load.spec.req_id, error)
-        self._record(LoadResult(load.spec.req_id, load.spec.transfer_id, False, waited_s=now - load.t0, error=error))
+        self._record(LoadResult(load.spec.req_id, load.spec.transfer_id, False, waited_s=now - load.t0, error=error,
+                                submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time()))
 
     def _validate(self, load: _Load, r) -> None:
         """Check once that the reservation holds this request's prompt."""
@@ -449,6 +459,7 @@ class KVReceiver:
 
     def _scatter(self, load: _Load) -> None:
         spec = load.spec
+        load.ready_at = time.time()
         try:
             r = self.pool.claim(spec.transfer_id)
         except PDError as e:
@@ -464,7 +475,8 @@ class KVReceiver:
         self.pool.release(spec.transfer_id, now=now)
         self._record(LoadResult(spec.req_id, spec.transfer_id, True, load.nbytes, r.seconds,
                                 now - load.t0, scatter_s=load.scatter_s, groups=load.groups,
-                                planned_ahead=load.planned_ahead, cache_tokens=load.cache_tokens))
+                                planned_ahead=load.planned_ahead, cache_tokens=load.cache_tokens,
+                                submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time()))
 
     def _copy(self, plan: RangePlan, prepared: PreparedCopy | None = None) -> None:
         """Scatter pool pages into vLLM's blocks; on a GPU, complete before the pages go back.

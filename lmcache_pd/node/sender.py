@@ -30,6 +30,7 @@ Results are collected with :meth:`drain`, which the connector calls once per eng
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -96,6 +97,10 @@ class SendResult:
     """The pages came from a reservation made while the last prompt chunk computed."""
     skipped_pages: int = 0
     """Leading blocks not sent: the decode side's own cache holds them."""
+    started_at: float = 0.0
+    """Wall clock (``time.time()``) when the sender took the hand-off up: the timeline's start."""
+    done_at: float = 0.0
+    """Wall clock when it ended (TransferDone acknowledged, or failed)."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,7 @@ class KVSender:
                            kv=kv, keys=self.keys, transport=self.transport, region=lambda: self.region)
         self._results: list[SendResult] = []
         self._results_lock = threading.Lock()
+        self._started: dict[TransferId, float] = {}  # wall clock at each hand-off's start (timeline)
         self._sent = self._failed = 0
         self._reserved: dict[TransferId, tuple[float, asyncio.Task[_Grant]]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -253,6 +259,7 @@ class KVSender:
     # --- one hand-off ---------------------------------------------------------------------
     async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
         t0 = time.monotonic()
+        self._started[spec.transfer_id] = time.time()
         limit = self.handoff_deadline_s()
         try:
             async with asyncio.timeout(limit):
@@ -314,6 +321,7 @@ class KVSender:
             await self.links.cancel(link, spec.transfer_id, reason)
 
     def _result(self, r: SendResult) -> None:
+        r = dataclasses.replace(r, started_at=self._started.pop(r.transfer_id, 0.0), done_at=time.time())
         with self._results_lock:
             self._results.append(r)
             if r.ok:

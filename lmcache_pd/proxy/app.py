@@ -5,10 +5,16 @@ Life of a request (``/v1/completions`` or ``/v1/chat/completions``):
      (hand-off parameters are ours to set);
   2. pick a decode instance D and a prefill instance P; send P the request with max_tokens=1,
      no streaming, and ``PrefillParams`` (a fresh transfer id and D's *name*);
-  3. send D the original request plus the ``kv_transfer_params`` P returned, and pass D's
-     answer (streamed or not) back to the client;
+  3. send D the original request with ``DecodeParams`` for that transfer, and pass D's answer
+     (streamed or not) back to the client. ``proxy.dispatch`` says when:
+     - ``concurrent`` (default): together with P's request, with the parameters the proxy
+       knows (transfer id, P's name); D tokenizes, schedules and waits for the KV while P
+       computes, so only the hand-off itself lies between P's forward and D's first token;
+     - ``sequential``: after P answered, with the parameters P returned (token count, digest);
   4. if P fails or times out (``proxy.prefill_timeout_s``), D serves the request alone (it
-     recomputes the prompt); if D cannot be reached, another decode instance or P serves it.
+     recomputes the prompt): sent concurrently, D's waiting request is dropped (closing it
+     aborts it in vLLM) and sent again without parameters, unless D already answered; if D
+     cannot be reached, another decode instance or P serves it.
 Requests P/D cannot split (n > 1, several prompts, echo, prompt logprobs) go to D directly.
 No torch, no vllm: this runs on any small box.
 """
@@ -16,12 +22,14 @@ No torch, no vllm: this runs on any small box.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -64,6 +72,9 @@ class _Metrics:
                                  ["reason"], registry=self.registry)
         self.prefill_seconds = Histogram("lmcache_pd_proxy_prefill_seconds", "Prefill request time",
                                          registry=self.registry)
+        self.first_byte_seconds = Histogram(
+            "lmcache_pd_proxy_first_byte_seconds", "From the client's request to the answer's first byte "
+            "(first streamed chunk, else the whole answer)", registry=self.registry)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -83,11 +94,64 @@ def _splittable(body: dict[str, Any]) -> bool:
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
 
 
+class _Unreachable:
+    """D could not be connected to (marked down): the request goes to another instance."""
+
+
+@dataclass
+class _Split:
+    """One client request split into a prefill and a decode leg."""
+
+    prefill: Backend
+    decode: Backend
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    req_id: str
+    t0: float
+    """When the proxy received it (monotonic)."""
+    transfer_id: str = ""
+
+    def __post_init__(self) -> None:
+        self.transfer_id = self.transfer_id or f"{self.req_id}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class _Opened:
+    """D's answer, its first part read: the first streamed chunk (``chunks`` yields the rest), or
+    the whole body (``stream`` false; the response is closed)."""
+
+    upstream: httpx.Response
+    first: bytes
+    stream: bool
+    at: float
+    """When the first part was read (monotonic)."""
+    chunks: AsyncIterator[bytes] | None = None
+
+
+def _no_handoff(leg: asyncio.Task) -> bool:
+    """The prefill leg ended without a hand-off (failed, refused, crashed)."""
+    if not leg.done():
+        return False
+    if leg.cancelled():
+        return True
+    if leg.exception() is not None:
+        log.warning("prefill leg failed: %r", leg.exception())
+        return True
+    return leg.result() is None
+
+
+async def _close(upstream: httpx.Response | None) -> None:
+    if upstream is not None:
+        await upstream.aclose()
+
+
 class Proxy:
     def __init__(self, cfg: PDConfig):
         self.cfg = cfg
         self.router = Router(cfg)
         self.metrics = _Metrics()
+        self._split = {"concurrent": self._concurrent, "sequential": self._sequential}[cfg.proxy.dispatch]
         self.client: httpx.AsyncClient | None = None
         self._health: asyncio.Task[None] | None = None
 
@@ -115,34 +179,72 @@ class Proxy:
         headers = {"X-Request-Id": req_id}
         headers.update({k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS})
         body.pop("kv_transfer_params", None)
+        t0 = time.monotonic()
         decode = self.router.pick_decode()
         if decode is None:
             return _error(503, "no decode instance configured", "service_unavailable")
-        kv = None
-        mode = "direct"
-        if _splittable(body):
-            prefill = self.router.pick_prefill()
-            if prefill is not None:
-                kv = await self._prefill(prefill, decode, path, body, headers)
-                mode = "pd" if kv is not None else "fallback"
-        self.metrics.requests.labels(path, mode).inc()
-        return await self._decode(decode, path, body, kv, headers, req_id, tried=set())
+        prefill = self.router.pick_prefill() if _splittable(body) else None
+        if prefill is None:
+            self.metrics.requests.labels(path, "direct").inc()
+            return await self._decode(decode, path, body, None, headers, req_id, tried=set(), t0=t0)
+        return await self._split(_Split(prefill, decode, path, body, headers, req_id, t0))
 
-    async def _prefill(self, prefill: Backend, decode: Backend, path: str, body: dict[str, Any],
-                       headers: dict[str, str]) -> dict[str, Any] | None:
+    async def _sequential(self, s: _Split) -> Response:
+        """P first; D gets P's answer (its token count and digest are checked before loading)."""
+        kv = await self._prefill(s)
+        self.metrics.requests.labels(s.path, "pd" if kv is not None else "fallback").inc()
+        return await self._decode(s.decode, s.path, s.body, kv, s.headers, s.req_id, tried=set(), t0=s.t0)
+
+    async def _concurrent(self, s: _Split) -> Response:
+        """P and D at once; D's request waits on D for the KV P pushes (see the module doc)."""
+        early = P.DecodeParams(transfer_id=s.transfer_id, num_tokens=0, prompt_digest="",
+                               prefill_peer=s.prefill.name)
+        loop = asyncio.get_running_loop()
+        p_leg = loop.create_task(self._prefill(s))
+        d_leg = loop.create_task(self._reach(s.decode, s.path, dict(s.body, kv_transfer_params=msgspec.to_builtins(
+            early)), s.headers, s.t0))
+        try:
+            await asyncio.wait((p_leg, d_leg), return_when=asyncio.FIRST_COMPLETED)
+            if not d_leg.done() and _no_handoff(p_leg):
+                # No hand-off is coming and D has not answered: it would wait timeouts.transfer_s
+                # for one. Dropping its request (the connection closes) aborts it in vLLM; D then
+                # serves it again, computing the prompt itself.
+                d_leg.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await d_leg
+                self.metrics.requests.labels(s.path, "fallback").inc()
+                return await self._decode(s.decode, s.path, s.body, None, s.headers, s.req_id, set(), s.t0)
+            opened = await d_leg
+        except BaseException:
+            p_leg.cancel()
+            d_leg.cancel()
+            raise
+        if not isinstance(opened, _Opened) or opened.upstream.status_code != 200:
+            p_leg.cancel()  # D cannot take it: P's compute would be for nothing
+            self.metrics.requests.labels(s.path, "fallback").inc()
+            if isinstance(opened, _Unreachable):
+                return await self._fallback(s.path, s.body, s.headers, s.req_id, {s.decode.name}, s.t0)
+            return self._deliver(opened, s.decode.name, s.req_id, s.t0)
+        self.metrics.requests.labels(s.path, "pd").inc()
+        # D answers: the prefill leg has no say any more; it is dropped when the answer ends.
+        return self._deliver(opened, s.decode.name, s.req_id, s.t0, leg=p_leg)
+
+    async def _prefill(self, s: _Split) -> dict[str, Any] | None:
+        """P's leg; the DecodeParams it returned, or None (a fallback counted by its cause)."""
         assert self.client is not None
-        params = P.PrefillParams(transfer_id=f"{headers['X-Request-Id']}-{uuid.uuid4().hex[:8]}",
-                                 decode_peer=decode.name)
-        pbody = dict(body, kv_transfer_params=msgspec.to_builtins(params), stream=False, max_tokens=1)
+        params = P.PrefillParams(transfer_id=s.transfer_id, decode_peer=s.decode.name)
+        pbody = dict(s.body, kv_transfer_params=msgspec.to_builtins(params), stream=False, max_tokens=1)
         if "max_completion_tokens" in pbody:
             pbody["max_completion_tokens"] = 1
         for key in ("stream_options", "min_tokens", "min_completion_tokens"):
             pbody.pop(key, None)
         t0 = time.monotonic()
         timeout = httpx.Timeout(self.cfg.proxy.prefill_timeout_s, connect=self.cfg.proxy.connect_timeout_s)
+        prefill = s.prefill
         try:
-            r = await _send_once_more(lambda: self.client.post(f"{prefill.url}{path}", json=pbody, headers=headers,
-                                                               timeout=timeout), f"prefill request to {prefill.name}")
+            r = await _send_once_more(lambda: self.client.post(f"{prefill.url}{s.path}", json=pbody,
+                                                               headers=s.headers, timeout=timeout),
+                                      f"prefill request to {prefill.name}")
         except httpx.TimeoutException:
             self.metrics.fallbacks.labels("prefill_timeout").inc()
             log.warning("prefill %s passed proxy.prefill_timeout_s=%g s; decode recomputes", prefill.name,
@@ -161,66 +263,105 @@ class Proxy:
             kv = r.json().get("kv_transfer_params")
         except (json.JSONDecodeError, AttributeError):
             kv = None
-        if not isinstance(kv, dict) or P.params_from_dict(kv, P.DecodeParams) is None:
+        got = P.params_from_dict(kv, P.DecodeParams)
+        if got is None or got.transfer_id != s.transfer_id:
             self.metrics.fallbacks.labels("no_handoff").inc()
             return None
         return kv
 
-    async def _decode(self, decode: Backend, path: str, body: dict[str, Any], kv: dict[str, Any] | None,
-                      headers: dict[str, str], req_id: str, tried: set[str]) -> Response:
+    async def _reach(self, decode: Backend, path: str, dbody: dict[str, Any], headers: dict[str, str],
+                     t0: float) -> _Opened | Response | _Unreachable:
+        """Send D its request and read the answer's first part: the first streamed chunk (the
+        rest is relayed later), else the whole answer. Or an error answer; or _Unreachable."""
         assert self.client is not None
-        dbody = dict(body, kv_transfer_params=kv) if kv is not None else body
-        deadline = time.monotonic() + self.cfg.proxy.decode_timeout_s
+        stream = bool(dbody.get("stream"))
+        upstream: httpx.Response | None = None
         try:
-            upstream = await _send_once_more(lambda: self.client.send(
-                self.client.build_request("POST", f"{decode.url}{path}", json=dbody, headers=headers), stream=True),
-                f"decode request to {decode.name}")
+            async with asyncio.timeout(max(0.001, t0 + self.cfg.proxy.decode_timeout_s - time.monotonic())):
+                upstream = await _send_once_more(lambda: self.client.send(
+                    self.client.build_request("POST", f"{decode.url}{path}", json=dbody, headers=headers),
+                    stream=True), f"decode request to {decode.name}")
+                if upstream.status_code != 200 or not stream:
+                    body = await upstream.aread()
+                    await upstream.aclose()
+                    return _Opened(upstream, body, False, time.monotonic())
+                chunks = upstream.aiter_raw()
+                first = b""
+                async for first in chunks:
+                    if first:
+                        break
+                return _Opened(upstream, first, True, time.monotonic(), chunks)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
             decode.mark_down(str(e) or type(e).__name__)
-            return await self._fallback(path, body, headers, req_id, tried | {decode.name})
-        except httpx.TimeoutException:
-            return _error(504, f"decode {decode.name} did not answer within proxy.decode_timeout_s", "timeout")
+            return _Unreachable()
+        except (TimeoutError, httpx.TimeoutException) as e:
+            await _close(upstream)
+            return _error(504, f"decode {decode.name} did not answer within proxy.decode_timeout_s ({e})",
+                          "timeout")
         except httpx.HTTPError as e:
+            await _close(upstream)
             log.warning("decode request to %s failed: %s: %s", decode.name, type(e).__name__, e)
             return _error(502, f"decode {decode.name} failed: {type(e).__name__}: {e}", "bad_gateway")
-        out_headers = {"X-Request-Id": req_id}
-        if upstream.status_code != 200 or not body.get("stream"):
-            try:
-                content = await asyncio.wait_for(upstream.aread(), max(0.001, deadline - time.monotonic()))
-            except (TimeoutError, httpx.HTTPError) as e:
-                return _error(504, f"decode {decode.name} did not finish within proxy.decode_timeout_s ({e})",
-                              "timeout")
-            finally:
-                await upstream.aclose()
-            return Response(content, status_code=upstream.status_code, headers=out_headers,
-                            media_type=upstream.headers.get("content-type", "application/json"))
-        return StreamingResponse(self._relay(upstream, deadline, decode.name), headers=out_headers,
-                                 media_type=upstream.headers.get("content-type", "text/event-stream"))
+        except BaseException:  # dropped (cancelled): closing the connection aborts it in vLLM
+            await _close(upstream)
+            raise
 
-    async def _relay(self, upstream: httpx.Response, deadline: float, name: str) -> AsyncIterator[bytes]:
+    async def _decode(self, decode: Backend, path: str, body: dict[str, Any], kv: dict[str, Any] | None,
+                      headers: dict[str, str], req_id: str, tried: set[str], t0: float) -> Response:
+        dbody = dict(body, kv_transfer_params=kv) if kv is not None else body
+        opened = await self._reach(decode, path, dbody, headers, t0)
+        if isinstance(opened, _Unreachable):
+            return await self._fallback(path, body, headers, req_id, tried | {decode.name}, t0)
+        return self._deliver(opened, decode.name, req_id, t0)
+
+    def _deliver(self, opened: _Opened | Response, name: str, req_id: str, t0: float,
+                 leg: asyncio.Task | None = None) -> Response:
+        """D's answer to the client, whole or relayed as it streams (``leg``: the prefill leg,
+        dropped when the answer has ended)."""
+        if isinstance(opened, Response):
+            return opened
+        self.metrics.first_byte_seconds.observe(opened.at - t0)
+        up = opened.upstream
+        out_headers = {"X-Request-Id": req_id}
+        if not opened.stream:
+            if leg is not None:
+                leg.cancel()
+            return Response(opened.first, status_code=up.status_code, headers=out_headers,
+                            media_type=up.headers.get("content-type", "application/json"))
+        deadline = t0 + self.cfg.proxy.decode_timeout_s
+        return StreamingResponse(self._relay(opened, deadline, name, leg), headers=out_headers,
+                                 media_type=up.headers.get("content-type", "text/event-stream"))
+
+    async def _relay(self, opened: _Opened, deadline: float, name: str,
+                     leg: asyncio.Task | None) -> AsyncIterator[bytes]:
         try:
+            if opened.first:
+                yield opened.first
+            assert opened.chunks is not None
             async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
-                async for chunk in upstream.aiter_raw():
+                async for chunk in opened.chunks:
                     yield chunk
         except (TimeoutError, httpx.HTTPError) as e:
             msg = {"error": {"message": f"decode {name} stream ended early: {type(e).__name__}: {e}", "type":
                              "timeout" if isinstance(e, TimeoutError) else "bad_gateway"}}
             yield f"data: {json.dumps(msg)}\n\n".encode()
         finally:
-            await upstream.aclose()
+            await opened.upstream.aclose()
+            if leg is not None:
+                leg.cancel()
 
     async def _fallback(self, path: str, body: dict[str, Any], headers: dict[str, str], req_id: str,
-                        tried: set[str]) -> Response:
+                        tried: set[str], t0: float) -> Response:
         """D is unreachable: another decode instance, else a prefill instance, serves it whole."""
         other = self.router.pick_decode(exclude=tried)
         if other is not None and other.name not in tried:
             self.metrics.fallbacks.labels("decode_unreachable").inc()
-            return await self._decode(other, path, body, None, headers, req_id, tried)
+            return await self._decode(other, path, body, None, headers, req_id, tried, t0)
         prefill = self.router.pick_prefill(exclude=tried)
         if prefill is None:
             return _error(503, "no decode or prefill instance could be reached", "service_unavailable")
         self.metrics.fallbacks.labels("decode_unreachable_served_by_prefill").inc()
-        return await self._decode(prefill, path, body, None, headers, req_id, tried)
+        return await self._decode(prefill, path, body, None, headers, req_id, tried, t0)
 
     async def forward_get(self, path: str) -> Response:
         assert self.client is not None

@@ -2,8 +2,11 @@
 
 Other modules start deployments of their own (module-scoped, so at most one runs at a time).
 
-``decode-ghost`` is in the config but never started: a decode instance that is not running.
-The main proxy routes to decode-0; ``proxy-ghost`` routes only to decode-ghost.
+``decode-ghost`` and ``prefill-ghost`` are in the config but never started: instances that are
+not running. The main proxy (``proxy.dispatch=concurrent``, the default) routes to prefill-0 and
+decode-0; ``proxy-sequential`` the same, sending the decode request after the prefill answered;
+``proxy-ghost`` (sequential) and ``proxy-ghost-concurrent`` route only to decode-ghost;
+``proxy-no-prefill`` routes only to prefill-ghost.
 Tests that cannot run here skip with the reason (no vLLM installed).
 """
 
@@ -38,23 +41,27 @@ def tiny_model_or_skip(tmp_path_factory, name: str) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     work, model = tiny_model_or_skip(tmp_path_factory, "pd")
-    ghost_http, ghost_ctrl, ghost_data = free_ports(3)
+    ghost_http, ghost_ctrl, ghost_data, ghost_prefill = free_ports(4)
     cfg = local_config(model, work, extra={
         "pool.size_mib": 1,  # 16 pages of 64 KiB = 2048 tokens: a 3000-token prompt cannot fit
         "timeouts.transfer_s": TRANSFER_S, "timeouts.handshake_s": 2.0, "timeouts.alloc_s": 2.0,
-        "proxy.decodes": ["decode-0"],
+        "proxy.decodes": ["decode-0"], "proxy.prefills": ["prefill-0"],
     })
-    # Add the ghost decode instance to the generated file.
+    # Add the ghost instances to the generated file.
     import yaml
     data = yaml.safe_load(cfg.read_text())
     data["decode"].append({"name": "decode-ghost", "http_port": ghost_http, "control_port": ghost_ctrl,
                            "data_port": ghost_data})
+    data["prefill"].append({"name": "prefill-ghost", "http_port": ghost_prefill})
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
     dep = LocalDeployment(cfg, work)
-    dep.add_proxy("proxy-ghost", "proxy.decodes=[decode-ghost]")
+    dep.add_proxy("proxy-sequential", "proxy.dispatch=sequential")
+    dep.add_proxy("proxy-ghost", "proxy.decodes=[decode-ghost]", "proxy.dispatch=sequential")
+    dep.add_proxy("proxy-ghost-concurrent", "proxy.decodes=[decode-ghost]")
+    dep.add_proxy("proxy-no-prefill", "proxy.prefills=[prefill-ghost]")
     dep.add_proxy("proxy-impatient", f"proxy.prefill_timeout_s={PREFILL_TIMEOUT_S}")
     try:
-        dep.start_all(timeout_s=600, skip=("decode-ghost",))
+        dep.start_all(timeout_s=600, skip=("decode-ghost", "prefill-ghost"))
         yield dep
     finally:
         dep.stop_all()

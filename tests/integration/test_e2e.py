@@ -53,10 +53,13 @@ def handoff_record(dep, instance: str, transfer_prefix: str, timeout_s: float = 
     return found[0]
 
 
-@pytest.mark.parametrize("n", [20, 127, 128, 129, 1000, 1900])
-def test_outputs_match_colocated_and_decode_computes_one_prompt_token(deployment, n):
-    proxy, prefill, decode = (deployment.procs[k].url for k in ("proxy", "prefill-0", "decode-0"))
-    ids = prompt_ids(n, seed=n)
+@pytest.mark.parametrize("via,n", [*(("proxy", n) for n in (20, 127, 128, 129, 1000, 1900)),
+                                   ("proxy-sequential", 129), ("proxy-sequential", 1000)])
+def test_outputs_match_colocated_and_decode_computes_one_prompt_token(deployment, via, n):
+    """``proxy`` sends the decode request with the prefill's (proxy.dispatch=concurrent),
+    ``proxy-sequential`` after the prefill answered."""
+    proxy, prefill, decode = (deployment.procs[k].url for k in (via, "prefill-0", "decode-0"))
+    ids = prompt_ids(n, seed=n if via == "proxy" else n + 7)  # unseen prompts: no prefix-cache hit on decode
     reference, _ = completion(prefill, ids)
     before = metrics(decode)
     got, headers = completion(proxy, ids)
@@ -185,6 +188,40 @@ def test_decode_not_running_is_served_by_local_recompute_within_deadline(deploym
     # The prefill's hand-off to the dead peer ends within timeouts.handshake_s (its blocks are freed).
     sent = handoff_record(deployment, "prefill-0", "to-the-ghost-", deployment.cfg.timeouts.handshake_s + 5)
     assert not sent["ok"] and "decode-ghost" in sent["error"]
+
+
+def test_decode_unreachable_with_concurrent_dispatch_drops_the_prefill_leg(deployment):
+    """proxy-ghost-concurrent sends prefill-0 and decode-ghost (not running) at once: the request
+    is served by another instance, and whatever the prefill leg started leaves nothing held."""
+    proxy, prefill = deployment.procs["proxy-ghost-concurrent"].url, deployment.procs["prefill-0"].url
+    ids = prompt_ids(400, seed=23)
+    reference, _ = completion(prefill, ids)
+    t0 = time.monotonic()
+    got, _ = completion(proxy, ids, headers={"x-request-id": "ghost-concurrent"})
+    assert token_ids(got) == token_ids(reference)
+    assert time.monotonic() - t0 < deployment.cfg.timeouts.handshake_s + 5
+    wait_for(lambda: counter(metrics(prefill), "vllm:kv_cache_usage_perc") == 0, 15,
+             "prefill-0 still holds KV blocks")
+    m = metrics(proxy)
+    assert counter(m, "lmcache_pd_proxy_fallbacks_total", reason="decode_unreachable_served_by_prefill") >= 1
+
+
+def test_prefill_unreachable_with_concurrent_dispatch_recomputes_at_once(deployment):
+    """proxy-no-prefill routes to prefill-ghost (not running): the decode request it sent at the
+    same time is dropped at once (not left waiting timeouts.transfer_s) and sent again alone."""
+    proxy, prefill = deployment.procs["proxy-no-prefill"].url, deployment.procs["prefill-0"].url
+    ids = prompt_ids(600, seed=25)
+    reference, _ = completion(prefill, ids)
+    t0 = time.monotonic()
+    got, _ = completion(proxy, ids, headers={"x-request-id": "no-prefill-1"})
+    elapsed = time.monotonic() - t0
+    assert token_ids(got) == token_ids(reference)
+    assert report(got) == {}  # the second request: no hand-off parameters
+    assert elapsed < TRANSFER_S - 1, elapsed
+    # The first decode request waited for the KV and was aborted when the prefill leg failed.
+    rec = handoff_record(deployment, "decode-0", "no-prefill-1-")
+    assert not rec["ok"] and rec["error"] == "request aborted", rec
+    assert counter(metrics(proxy), "lmcache_pd_proxy_fallbacks_total", reason="prefill_unreachable") >= 1
 
 
 def test_handoff_that_never_arrives_is_recomputed_within_transfer_s(deployment):

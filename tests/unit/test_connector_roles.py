@@ -152,6 +152,20 @@ def test_decode_refuses_kv_for_another_prompt(decode):
     assert decode.get_num_new_matched_tokens(r2, 0) == (0, False)
 
 
+def test_decode_sent_before_the_prefill_answered_loads_its_own_prompt(decode):
+    """proxy.dispatch=concurrent: no token count or digest yet; the load carries the decode's own,
+    for the loader to compare with what the prefill reserved pages for."""
+    early = {**decode_params(40), "num_tokens": 0, "prompt_digest": ""}
+    r = request("d1", 40, early)
+    assert decode.get_num_new_matched_tokens(r, 0) == (40, True)
+    decode.update_state_after_alloc(r, blocks([7, 8, 9]), 40)
+    (spec,) = decode.build_connector_meta(SchedulerOutput.make_empty()).loads
+    assert (spec.num_tokens, spec.prompt_digest) == (40, P.prompt_digest(list(range(10, 10 + 40))))
+    # A late answer's parameters are still checked here: another prompt is refused before loading.
+    r2 = request("d2", 41, decode_params(40, "t2"))
+    assert decode.get_num_new_matched_tokens(r2, 0) == (0, False)
+
+
 def test_decode_discards_pages_when_vllm_overrides_the_count(decode):
     r = request("d1", 40, decode_params(40))
     decode.update_state_after_alloc(r, blocks([]), 0)  # e.g. prompt logprobs: vLLM loads nothing
