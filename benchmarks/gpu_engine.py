@@ -112,30 +112,58 @@ def prefill_leg(proxy: str) -> tuple[float, float]:
     return found.get("lmcache_pd_proxy_prefill_seconds_sum", 0.0), found.get("lmcache_pd_proxy_prefill_seconds_count", 0.0)
 
 
-def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int) -> tuple[dict, dict, dict]:
+ENGINE_TIMES = ("time_to_first_token", "request_queue_time", "request_prefill_time")
+
+
+def engine_times(url: str) -> dict[str, tuple[float, float]]:
+    """vLLM's own request-phase histograms on one instance: name -> (sum s, count)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {k: [0.0, 0.0] for k in ENGINE_TIMES}
+    for line in text.splitlines():
+        for k in ENGINE_TIMES:
+            for part, i in (("_sum", 0), ("_count", 1)):
+                if line.startswith(f"vllm:{k}_seconds{part}"):
+                    out[k][i] += float(line.rsplit(" ", 1)[1])
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int,
+                 engines: dict[str, str] | None = None, settle_s: float = 0.0) -> tuple[dict, dict, dict, dict]:
     """Median TTFT (ms) per target and prompt length; targets take turns, so drift hits all alike.
     Also, per P/D target, the mean time of the proxy's prefill request, and each measured
     request's (id, wall clock at send, at first token) for the hand-off timeline."""
     out: dict[str, dict[int, list[float]]] = {t: {n: [] for n in lens} for t in targets}
     legs: dict[str, dict[int, float]] = {t: {} for t in targets if t.startswith("pd-")}
     sent: dict[str, dict[int, list[tuple[str, float, float]]]] = {t: {n: [] for n in lens} for t in legs}
+    engines = engines or {}
+    inside: dict[str, dict[int, dict[str, float]]] = {}
+    """Mean ms of vLLM's own phases per engine (``engines``: name -> URL) and length."""
     for n in lens:
         for i in range(repeat + 2):
             if i == 2:
                 before = {t: prefill_leg(targets[t]) for t in legs}
-            ids = prompt_ids(n, seed=i)  # a new prompt each time: no prefix-cache hit
-            for name, url in targets.items():
+                base = {name: engine_times(url) for name, url in engines.items()}
+            for k, (name, url) in enumerate(targets.items()):
+                # A new prompt for each request: targets sharing an instance (the two dispatch
+                # modes) must not find each other's prompts in its prefix cache.
+                ids = prompt_ids(n, seed=1000 * i + k)
+                time.sleep(settle_s)
                 req_id = f"{name}-{n}-{i}"
                 s, at, first = ttft_s(url, ids, req_id)
                 if i >= 2:  # two warm-ups per length (graph capture sizes, allocator)
                     out[name][n].append(s * 1e3)
                     if name in sent:
                         sent[name][n].append((req_id, at, first))
+        for name, url in engines.items():
+            after = engine_times(url)
+            inside.setdefault(name, {})[n] = {k: (after[k][0] - base[name][k][0]) / max(1, after[k][1] - base[name][k][1])
+                                              * 1e3 for k in after}
         for t in legs:
             (s0, c0), (s1, c1) = before[t], prefill_leg(targets[t])
             legs[t][n] = (s1 - s0) / (c1 - c0) * 1e3 if c1 > c0 else float("nan")
     ttft = {t: {n: statistics.median(v) for n, v in per.items()} for t, per in out.items()}
-    return ttft, legs, sent
+    return ttft, legs, sent, inside
 
 
 SEGMENTS = {
@@ -166,8 +194,9 @@ def timelines(sent: dict, logs: dict[str, Path]) -> dict:
         for n, reqs in per.items():
             seg: dict[str, list[float]] = {k: [] for k in SEGMENTS}
             for req_id, at, first in reqs:
-                p = next((r for tid, r in sender.items() if tid.startswith(req_id + "-")), None)
-                d = next((r for tid, r in loader.items() if tid.startswith(req_id + "-")), None)
+                # The last record of this request id: a workdir reused by an earlier run holds older ones.
+                p = next((r for tid, r in reversed(sender.items()) if tid.startswith(req_id + "-")), None)
+                d = next((r for tid, r in reversed(loader.items()) if tid.startswith(req_id + "-")), None)
                 if not (p and d and p["ok"] and d["ok"] and d.get("ready_at")):
                     continue
                 seg["to_load"].append(d["submitted_at"] - at)
@@ -245,7 +274,12 @@ def main() -> int:
         pd.update({f"pd-{t}-seq": d.procs["proxy-sequential"].url for t, d in deps.items()})
         targets = {"colocated": colo.url, **pd}
         results["pd_targets"] = list(pd)
-        ttft, legs, sent = measure_ttft(targets, lens, a.repeat)
+        engines = {"colocated": colo.url, **{f"decode-{t}": d.procs["decode-0"].url for t, d in deps.items()},
+                   **{f"prefill-{t}": d.procs["prefill-0"].url for t, d in deps.items()}}
+        # On CPU, let the last request's OpenMP threads stop spinning (they would take the cores of
+        # the next target's instances for a while: a 256-token prefill then took 10x longer).
+        ttft, legs, sent, inside = measure_ttft(targets, lens, a.repeat, engines, settle_s=0.5 if a.cpu else 0.0)
+        results["engine_ms"] = inside
         results["ttft_ms"] = ttft
         results["prefill_leg_ms"] = legs
         results["timeline_ms"] = timelines(sent, {t: deps[t.removeprefix("pd-").removesuffix("-seq")].workdir
@@ -311,6 +345,13 @@ def render(r: dict, lens: list[int]) -> str:
                 if row:
                     lines.append(f"| {t} | {n} | {row['requests']} | " + " | ".join(
                         f"{row[k]:.2f}" for k in SEGMENTS) + " |")
+    eng = r.get("engine_ms", {})
+    if eng:
+        lines += ["", "vLLM's own request phases, mean ms over both dispatch modes (" + ", ".join(ENGINE_TIMES) + "):",
+                  "", "| engine | prompt tokens | " + " | ".join(ENGINE_TIMES) + " |", "|---|---:|" + "---:|" * len(ENGINE_TIMES)]
+        for name, per in eng.items():
+            for n, row in per.items():
+                lines.append(f"| {name} | {n} | " + " | ".join(f"{row[k]:.2f}" for k in ENGINE_TIMES) + " |")
     lines += ["", "`vllm bench serve` (random dataset):", "",
               "| target | concurrency | req/s | output tok/s | goodput req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |",
               "|---|---:|---:|---:|---:|---:|---:|"]
