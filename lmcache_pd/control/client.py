@@ -123,8 +123,11 @@ class ControlClient:
         fut: asyncio.Future[P.Message] = asyncio.get_running_loop().create_future()
         self._pending[msg.msg_id] = fut
         try:
-            await self._sock.send_multipart(self._seal(msg))
-            reply = await asyncio.wait_for(fut, timeout_s)
+            # The send is inside the deadline too: a DEALER with no live connection (a peer whose
+            # Curve handshake failed, one not reachable yet) blocks in send_multipart.
+            async with asyncio.timeout(timeout_s):
+                await self._sock.send_multipart(self._seal(msg))
+                reply = await fut
         except TimeoutError:
             why = f" (its last reply was dropped: {self.last_refusal})" if self.last_refusal else ""
             raise TransferTimeout(f"{what} to {self.peer}{why}", config_field=config_field, seconds=timeout_s,
