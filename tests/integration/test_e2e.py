@@ -53,6 +53,17 @@ def handoff_record(dep, instance: str, transfer_prefix: str, timeout_s: float = 
     return found[0]
 
 
+def served_as_colocated(dep, via: str, ids: list[int], req_id: str) -> tuple[dict, float]:
+    """The answer through proxy ``via``, checked token for token against prefill-0 serving the same
+    request alone (colocated), and the seconds the proxy took."""
+    reference, _ = completion(dep.procs["prefill-0"].url, ids)
+    t0 = time.monotonic()
+    got, _ = completion(dep.procs[via].url, ids, headers={"x-request-id": req_id})
+    elapsed = time.monotonic() - t0
+    assert token_ids(got) == token_ids(reference)
+    return got, elapsed
+
+
 @pytest.mark.parametrize("via,n", [*(("proxy", n) for n in (20, 127, 128, 129, 1000, 1900)),
                                    ("proxy-sequential", 129), ("proxy-sequential", 1000)])
 def test_outputs_match_colocated_and_decode_computes_one_prompt_token(deployment, via, n):
@@ -177,13 +188,7 @@ def test_unsplittable_request_is_served_by_decode_alone(deployment):
 
 def test_decode_not_running_is_served_by_local_recompute_within_deadline(deployment):
     """proxy-ghost routes to decode-ghost, which is not running: the client still gets the right answer."""
-    ghost_proxy, prefill = deployment.procs["proxy-ghost"].url, deployment.procs["prefill-0"].url
-    ids = prompt_ids(500, seed=21)
-    reference, _ = completion(prefill, ids)
-    t0 = time.monotonic()
-    got, _ = completion(ghost_proxy, ids, headers={"x-request-id": "to-the-ghost"})
-    elapsed = time.monotonic() - t0
-    assert token_ids(got) == token_ids(reference)
+    _, elapsed = served_as_colocated(deployment, "proxy-ghost", prompt_ids(500, seed=21), "to-the-ghost")
     assert elapsed < deployment.cfg.timeouts.handshake_s + 5
     # The prefill's hand-off to the dead peer ends within timeouts.handshake_s (its blocks are freed).
     sent = handoff_record(deployment, "prefill-0", "to-the-ghost-", deployment.cfg.timeouts.handshake_s + 5)
@@ -193,33 +198,24 @@ def test_decode_not_running_is_served_by_local_recompute_within_deadline(deploym
 def test_decode_unreachable_with_concurrent_dispatch_drops_the_prefill_leg(deployment):
     """proxy-ghost-concurrent sends prefill-0 and decode-ghost (not running) at once: the request
     is served by another instance, and whatever the prefill leg started leaves nothing held."""
-    proxy, prefill = deployment.procs["proxy-ghost-concurrent"].url, deployment.procs["prefill-0"].url
-    ids = prompt_ids(400, seed=23)
-    reference, _ = completion(prefill, ids)
-    t0 = time.monotonic()
-    got, _ = completion(proxy, ids, headers={"x-request-id": "ghost-concurrent"})
-    assert token_ids(got) == token_ids(reference)
-    assert time.monotonic() - t0 < deployment.cfg.timeouts.handshake_s + 5
-    wait_for(lambda: counter(metrics(prefill), "vllm:kv_cache_usage_perc") == 0, 15,
+    _, elapsed = served_as_colocated(deployment, "proxy-ghost-concurrent", prompt_ids(400, seed=23),
+                                     "ghost-concurrent")
+    assert elapsed < deployment.cfg.timeouts.handshake_s + 5
+    wait_for(lambda: counter(metrics(deployment.procs["prefill-0"].url), "vllm:kv_cache_usage_perc") == 0, 15,
              "prefill-0 still holds KV blocks")
-    m = metrics(proxy)
+    m = metrics(deployment.procs["proxy-ghost-concurrent"].url)
     assert counter(m, "lmcache_pd_proxy_fallbacks_total", reason="decode_unreachable_served_by_prefill") >= 1
 
 
 def test_prefill_unreachable_with_concurrent_dispatch_recomputes_at_once(deployment):
     """proxy-no-prefill routes to prefill-ghost (not running): the decode request it sent at the
     same time is dropped at once (not left waiting timeouts.transfer_s) and sent again alone."""
-    proxy, prefill = deployment.procs["proxy-no-prefill"].url, deployment.procs["prefill-0"].url
-    ids = prompt_ids(600, seed=25)
-    reference, _ = completion(prefill, ids)
-    t0 = time.monotonic()
-    got, _ = completion(proxy, ids, headers={"x-request-id": "no-prefill-1"})
-    elapsed = time.monotonic() - t0
-    assert token_ids(got) == token_ids(reference)
+    got, elapsed = served_as_colocated(deployment, "proxy-no-prefill", prompt_ids(600, seed=25), "no-prefill-1")
     assert report(got) == {}  # the second request: no hand-off parameters
     # Not after the first decode request's wait for its KV (timeouts.transfer_s): it was dropped.
     assert elapsed < TRANSFER_S - 1, elapsed
-    assert counter(metrics(proxy), "lmcache_pd_proxy_fallbacks_total", reason="prefill_unreachable") >= 1
+    assert counter(metrics(deployment.procs["proxy-no-prefill"].url), "lmcache_pd_proxy_fallbacks_total",
+                   reason="prefill_unreachable") >= 1
     # Dropped, it leaves nothing waiting on decode-0. If vLLM had scheduled it before it was dropped
     # (the prefill's connection error can come first), its load ended as aborted.
     api = f"http://127.0.0.1:{deployment.cfg.instance('decode-0').cache_port}/pd/stats"
