@@ -103,13 +103,22 @@ class Colocated:
                 os.killpg(self.proc.pid, 9)
 
 
+def histograms(url: str, names: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """Prometheus histograms from ``url``/metrics: name -> (sum, count), summed over labels."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {k: [0.0, 0.0] for k in names}
+    for line in text.splitlines():
+        for k in names:
+            for part, i in (("_sum", 0), ("_count", 1)):
+                if line.startswith(f"{k}{part}"):
+                    out[k][i] += float(line.rsplit(" ", 1)[1])
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
 def prefill_leg(proxy: str) -> tuple[float, float]:
     """The proxy's own account of its prefill requests: (seconds summed, count)."""
-    with urllib.request.urlopen(f"{proxy}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    found = {k: float(v) for k, v in (line.split()[:2] for line in text.splitlines()
-                                      if line.startswith("lmcache_pd_proxy_prefill_seconds_"))}
-    return found.get("lmcache_pd_proxy_prefill_seconds_sum", 0.0), found.get("lmcache_pd_proxy_prefill_seconds_count", 0.0)
+    return histograms(proxy, ("lmcache_pd_proxy_prefill_seconds",))["lmcache_pd_proxy_prefill_seconds"]
 
 
 ENGINE_TIMES = ("time_to_first_token", "request_queue_time", "request_prefill_time")
@@ -117,15 +126,8 @@ ENGINE_TIMES = ("time_to_first_token", "request_queue_time", "request_prefill_ti
 
 def engine_times(url: str) -> dict[str, tuple[float, float]]:
     """vLLM's own request-phase histograms on one instance: name -> (sum s, count)."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {k: [0.0, 0.0] for k in ENGINE_TIMES}
-    for line in text.splitlines():
-        for k in ENGINE_TIMES:
-            for part, i in (("_sum", 0), ("_count", 1)):
-                if line.startswith(f"vllm:{k}_seconds{part}"):
-                    out[k][i] += float(line.rsplit(" ", 1)[1])
-    return {k: (v[0], v[1]) for k, v in out.items()}
+    found = histograms(url, tuple(f"vllm:{k}_seconds" for k in ENGINE_TIMES))
+    return {k: found[f"vllm:{k}_seconds"] for k in ENGINE_TIMES}
 
 
 def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int,
@@ -176,10 +178,11 @@ SEGMENTS = {
 
 
 def handoff_records(path: Path) -> dict[str, dict]:
-    """A hand-off log's records by transfer id."""
+    """A hand-off log's records by request id (a transfer id is ``<request id>-<8 hex>``); the
+    last record wins: a workdir reused by an earlier run holds older ones."""
     if not path.exists():
         return {}
-    return {r["transfer_id"]: r for r in map(json.loads, path.read_text().splitlines())}
+    return {r["transfer_id"].rsplit("-", 1)[0]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
 def timelines(sent: dict, logs: dict[str, Path]) -> dict:
@@ -194,9 +197,7 @@ def timelines(sent: dict, logs: dict[str, Path]) -> dict:
         for n, reqs in per.items():
             seg: dict[str, list[float]] = {k: [] for k in SEGMENTS}
             for req_id, at, first in reqs:
-                # The last record of this request id: a workdir reused by an earlier run holds older ones.
-                p = next((r for tid, r in reversed(sender.items()) if tid.startswith(req_id + "-")), None)
-                d = next((r for tid, r in reversed(loader.items()) if tid.startswith(req_id + "-")), None)
+                p, d = sender.get(req_id), loader.get(req_id)
                 if not (p and d and p["ok"] and d["ok"] and d.get("ready_at")):
                     continue
                 seg["to_load"].append(d["submitted_at"] - at)
@@ -276,8 +277,8 @@ def main() -> int:
         results["pd_targets"] = list(pd)
         engines = {"colocated": colo.url, **{f"decode-{t}": d.procs["decode-0"].url for t, d in deps.items()},
                    **{f"prefill-{t}": d.procs["prefill-0"].url for t, d in deps.items()}}
-        # On CPU, let the last request's OpenMP threads stop spinning (they would take the cores of
-        # the next target's instances for a while: a 256-token prefill then took 10x longer).
+        # On CPU, a pause before each request: what the last one left busy (spinning threads) would
+        # otherwise share the next target's cores (docs/benchmarks.md, the CPU dry run).
         ttft, legs, sent, inside = measure_ttft(targets, lens, a.repeat, engines, settle_s=0.5 if a.cpu else 0.0)
         results["engine_ms"] = inside
         results["ttft_ms"] = ttft
