@@ -24,6 +24,11 @@ PROTOCOL_VERSION history:
   4: authenticated frames (third frame: key class, sequence number, HMAC tag); Hello and
      Challenge open a session; Handshake carries the nonce and the cookie; errors to
      unauthenticated frames are no longer sent (they are dropped and counted).
+  5: write admission: HandshakeReply gives the session a ``data_token`` (its data connections
+     name it, so the decode side knows whose batch it reads); Allocated names the
+     reservation's ``generation`` (every data batch names its hand-off by transfer id and
+     generation); Ended (one-way, decode -> prefill): the decode side ended a hand-off the
+     prefill was still writing, so the prefill stops, and confirms with a Cancel.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import msgspec
 from lmcache_pd import auth
 from lmcache_pd.errors import ProtocolError
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAGIC = b"LMPD"
 _HEADER = struct.Struct("!4sH")
 HEADER = _HEADER.pack(MAGIC, PROTOCOL_VERSION)
@@ -127,6 +132,9 @@ class HandshakeReply(_Msg):
     num_pages: int
     payload: bytes
     """The decode side's transport descriptor (its pool region)."""
+    data_token: bytes = b""
+    """Names this session on the data plane: the prefill's transport connections present it,
+    and the decode side admits their batches only into this session's reservations."""
 
 
 class Allocate(_Msg):
@@ -151,6 +159,10 @@ class Allocated(_Msg):
     lease_s: float
     skip_pages: int = 0
     """Leading blocks of the prompt the decode side holds already (whole chunks): not sent."""
+    generation: int = 0
+    """The reservation's number, new for every reservation of this pool: each data batch names
+    it with the transfer id, so a batch of an ended hand-off is never admitted into pages that
+    went to another."""
 
 
 class TransferDone(_Msg):
@@ -172,6 +184,16 @@ class Cancel(_Msg):
     reason: str
 
 
+class Ended(_Msg):
+    """One-way (decode -> prefill, no reply): the decode side ended this hand-off while the
+    prefill was still writing it (the request was aborted, a deadline or the lease passed).
+    The prefill stops writing and answers with a Cancel: its pages may then be reused."""
+
+    transfer_id: str
+    generation: int
+    reason: str
+
+
 class Heartbeat(_Msg):
     transfer_ids: list[str]
 
@@ -187,11 +209,25 @@ class Error(_Msg):
 
 
 Message = (Hello | Challenge | Handshake | HandshakeReply | Allocate | Allocated | TransferDone | Landed | Cancel
-           | Heartbeat | Ack | Error)
+           | Ended | Heartbeat | Ack | Error)
 
 # Which message may come under which key, in which direction: anything else is refused.
 TO_DECODE = {KEY_DEPLOYMENT: (Hello, Handshake), KEY_SESSION: (Allocate, TransferDone, Landed, Cancel, Heartbeat)}
-TO_PREFILL = {KEY_DEPLOYMENT: (Challenge, Error), KEY_SESSION: (HandshakeReply, Allocated, Ack, Error)}
+TO_PREFILL = {KEY_DEPLOYMENT: (Challenge, Error), KEY_SESSION: (HandshakeReply, Allocated, Ended, Ack, Error)}
+
+def ticket(transfer_id: str, generation: int) -> bytes:
+    """What a data batch names its hand-off by (opaque to transports, checked by the pool)."""
+    return _encoder.encode((transfer_id, generation))
+
+
+def read_ticket(raw: bytes) -> tuple[str, int]:
+    """The (transfer id, generation) a data batch names; raises ProtocolError if it names none."""
+    try:
+        tid, generation = msgspec.msgpack.decode(raw, type=tuple[str, int])
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+        raise ProtocolError(f"a data batch without a readable ticket: {e}") from None
+    return tid, generation
+
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -12,6 +12,14 @@ Life of a reservation (one per hand-off, named by its transfer id):
 A reader guard (``begin_read``) defers the return of pages that the consumer is copying from:
 an abort or expiry meanwhile ends the reservation at once, but its pages go back to the free
 list only at the last ``end_read``, so a new hand-off never overwrites them mid-copy.
+Writers are guarded the same way, so that no byte of an ended hand-off lands in pages that went
+to another: a transport that sees each batch (tcp) admits it only with ``begin_write``, which
+names the transfer id, its generation (new per reservation) and the owner, and accepts only
+the pages of that live reservation in ALLOCATED; its pages come back at the last
+``end_write``. A transport that writes without the receiver's help (cuda_ipc, nixl) cannot be
+gated: the pages of a reservation ended while ALLOCATED stay out of use (quarantine) until the
+owner confirms that it stopped (its Cancel, ``confirm_end``) or ``quarantine_s`` passes.
+The owner is told of every such end (``take_notices``: the control server sends Ended).
 Ended reservations leave a tombstone for ``tombstone_s`` so that late messages and late
 consumers get a definite answer (ABORTED/EXPIRED) instead of waiting for their deadline.
 Time is passed in (``now``) so that tests control it; the lock makes the pool safe to share
@@ -20,6 +28,7 @@ between the control-plane thread and the decode loader thread.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,6 +57,13 @@ class Reservation:
     skip_pages: int = 0
     """Leading blocks of the prompt the decode side supplies from its own cache tiers: the
     pages cover the blocks after them."""
+    generation: int = 0
+    """New for every reservation of this pool: data batches name it with the transfer id."""
+    writers: int = 0
+    """Data batches being written into its pages now (admitted by ``begin_write``)."""
+    held_until: float = 0.0
+    """Ended while being written by a transport the receiver cannot gate: its pages stay out of
+    use until then, or until the owner confirms it stopped."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +78,20 @@ class PoolStats:
 
 
 class PagePool:
-    def __init__(self, num_pages: int, *, lease_s: float, tombstone_s: float | None = None):
+    def __init__(self, num_pages: int, *, lease_s: float, tombstone_s: float | None = None,
+                 quarantine_s: float = 0.0):
+        """``quarantine_s``: how long the pages of a reservation ended while being written stay
+        out of use without the owner's confirmation; 0 when the transport admits every batch
+        (tcp: ``begin_write``), else ``timeouts.data_s`` (a sender's transfers end by then)."""
         if num_pages <= 0:
             raise ValueError("the pool needs at least one page (raise pool.size_mib)")
         self.num_pages = num_pages
         self.lease_s = lease_s
+        self.quarantine_s = quarantine_s
+        self._generations = itertools.count(1)
+        self._notices: list[tuple[str, TransferId, int, str]] = []
+        self._held: dict[TransferId, Reservation] = {}  # ended, pages still out of use
+        self._now = 0.0  # the latest time passed in (end_read is given none)
         self.tombstone_s = tombstone_s if tombstone_s is not None else 4 * lease_s
         self._free: list[PageIdx] = list(range(num_pages - 1, -1, -1))  # pop() yields 0, 1, 2 ...
         self._live: dict[TransferId, Reservation] = {}
@@ -91,7 +116,8 @@ class PagePool:
                 return None
             pages = self._take(num_pages)
             self._live[transfer_id] = Reservation(transfer_id, pages, num_tokens, prompt_digest, owner,
-                                                  PageState.ALLOCATED, now + self.lease_s, skip_pages=skip_pages)
+                                                  PageState.ALLOCATED, now + self.lease_s, skip_pages=skip_pages,
+                                                  generation=next(self._generations))
             self.cond.notify_all()
             return pages
 
@@ -165,8 +191,20 @@ class PagePool:
                 return False
             if owner is not None and r.owner != owner:
                 raise TransferError("transfer belongs to another peer", transfer_id=transfer_id)
-            self._end(r, PageState.ABORTED, reason, now)
+            # The owner's own Cancel comes after it stopped writing: nothing to hold, nobody to tell.
+            self._end(r, PageState.ABORTED, reason, now, by_owner=owner is not None)
             self._aborted_total += 1
+            return True
+
+    def confirm_end(self, transfer_id: TransferId, *, owner: str, now: float) -> bool:
+        """The owner says it stopped writing an ended reservation (its Cancel after our Ended):
+        its held pages may be reused now (once nobody reads or writes them)."""
+        with self.cond:
+            r = self._held.get(transfer_id)
+            if r is None or r.owner != owner:
+                return False
+            r.held_until = 0.0
+            self._free_if_unused(r, now)
             return True
 
     def abort_writing(self, owner: str, *, reason: str, now: float) -> list[TransferId]:
@@ -175,19 +213,68 @@ class PagePool:
         with self.cond:
             gone = [r for r in self._live.values() if r.owner == owner and r.state == PageState.ALLOCATED]
             for r in gone:
-                self._end(r, PageState.ABORTED, reason, now)
+                self._end(r, PageState.ABORTED, reason, now, notify=False)  # its session is gone
                 self._aborted_total += 1
             return [r.transfer_id for r in gone]
 
-    def _end(self, r: Reservation, state: PageState, reason: str, now: float) -> None:
+    def _end(self, r: Reservation, state: PageState, reason: str, now: float, *, by_owner: bool = False,
+             notify: bool = True) -> None:
         del self._live[r.transfer_id]
         r.ended = True
-        if r.readers == 0:  # else the last end_read returns them
-            self._free.extend(r.pages)
-            r.freed = True
+        if r.state == PageState.ALLOCATED and not by_owner:  # the owner may still be writing
+            if self.quarantine_s > 0:
+                r.held_until = now + self.quarantine_s
+            if notify:
+                self._notices.append((r.owner, r.transfer_id, r.generation, reason))
+                del self._notices[:-4096]  # the server drains them every turn; never unbounded
         r.state, r.reason = state, reason
         self._ended[r.transfer_id] = (r, now)
+        self._free_if_unused(r, now)
         self.cond.notify_all()
+
+    def _free_if_unused(self, r: Reservation, now: float) -> None:
+        """Return an ended reservation's pages once nobody reads or writes them and no write we
+        cannot see may still come (else the last end_read/end_write, or expire, returns them)."""
+        self._now = max(self._now, now)
+        if r.freed or r.readers or r.writers or r.held_until > now:
+            if not r.freed:
+                self._held[r.transfer_id] = r
+            return
+        self._free.extend(r.pages)
+        r.freed = True
+        self._held.pop(r.transfer_id, None)
+        self.cond.notify_all()
+
+    def take_notices(self) -> list[tuple[str, TransferId, int, str]]:
+        """(owner, transfer id, generation, reason) of reservations ended while their owner was
+        writing them, since the last call: the control server tells each owner (Ended)."""
+        with self.cond:
+            out, self._notices = self._notices, []
+            return out
+
+    # --- data plane (a transport that sees each batch) --------------------------------------
+    def begin_write(self, transfer_id: TransferId, generation: int, *, owner: str,
+                    pages: Iterable[PageIdx]) -> Reservation:
+        """Admit one data batch into ``pages``: only those of the live reservation the batch
+        names, of this owner and generation, while ALLOCATED. Pair with :meth:`end_write`."""
+        with self.cond:
+            r = self._owned(transfer_id, owner)
+            if r.generation != generation:
+                raise TransferError(f"generation {generation} is not this reservation's", transfer_id=transfer_id)
+            if r.state != PageState.ALLOCATED:
+                raise TransferError(f"cannot write in state {r.state.name}", transfer_id=transfer_id)
+            stray = set(pages).difference(r.pages)
+            if stray:
+                raise TransferError(f"{len(stray)} page(s) outside the reservation (e.g. {min(stray)})",
+                                    transfer_id=transfer_id)
+            r.writers += 1
+            return r
+
+    def end_write(self, r: Reservation, *, now: float) -> None:
+        with self.cond:
+            r.writers -= 1
+            if r.ended:
+                self._free_if_unused(r, now)
 
     def expire(self, now: float) -> list[TransferId]:
         """Reclaim reservations whose lease passed; drop old tombstones."""
@@ -198,8 +285,10 @@ class PagePool:
                     self._end(r, PageState.EXPIRED, f"lease of {self.lease_s:g} s passed (timeouts.lease_s)", now)
                     self._expired_total += 1
                     gone.append(r.transfer_id)
+            for r in list(self._held.values()):
+                self._free_if_unused(r, now)
             for tid, (_, when) in list(self._ended.items()):
-                if now - when > self.tombstone_s:
+                if now - when > self.tombstone_s and tid not in self._held:
                     del self._ended[tid]
         return gone
 
@@ -228,10 +317,8 @@ class PagePool:
     def end_read(self, r: Reservation) -> None:
         with self.cond:
             r.readers -= 1
-            if r.readers == 0 and r.ended and not r.freed:
-                self._free.extend(r.pages)
-                r.freed = True
-                self.cond.notify_all()
+            if r.ended:
+                self._free_if_unused(r, self._now)
 
     def claim(self, transfer_id: TransferId) -> Reservation:
         with self.cond:

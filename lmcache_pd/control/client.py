@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 
 import zmq
 import zmq.asyncio
@@ -75,6 +76,8 @@ class ControlClient:
         """Why the last dropped reply was dropped (named in timeout errors: a peer of another
         release, or with another secret, looks silent otherwise)."""
         self.lost: str | None = None
+        self.on_ended: Callable[[P.Ended], None] | None = None
+        """Called (on the loop) when the decode side says it ended a hand-off we write."""
 
     def start(self) -> None:
         self._sock.connect(self.endpoint)
@@ -185,6 +188,10 @@ class ControlClient:
                 return
             msg = self.on_frames(frames)
             if msg is None:
+                continue
+            if isinstance(msg, P.Ended):  # one-way, never a reply
+                if self.on_ended is not None:
+                    self.on_ended(msg)
                 continue
             fut = self._pending.get(msg.msg_id)
             if fut is not None and not fut.done():

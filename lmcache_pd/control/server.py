@@ -5,7 +5,8 @@ One thread (``pd-control-server``) owns the socket. Each loop turn it:
   2. authenticates each (its tag under the deployment's control key or its session's key, and a
      sequence number above the last; auth.py) and only then decodes and answers it (hello,
      handshake, allocate, transfer done, cancel, heartbeat; Landed is one-way),
-  3. expires leases, drops sessions of peers that stayed silent for ``timeouts.peer_s`` (their
+  3. tells owners of the hand-offs this side ended while they wrote them (Ended, one-way),
+     expires leases, drops sessions of peers that stayed silent for ``timeouts.peer_s`` (their
      reservations still being written are aborted: the decode side recomputes at once), and
      serves queued allocations (FIFO, all-or-nothing, at most ``max_waiting``) as pages return.
 A frame that is garbled, unauthenticated, replayed or not a request changes no state: it is
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +48,9 @@ class _Session:
     incarnation: str
     keys: auth.DirectionKeys
     last_seen: float
+    data_token: bytes = b""
+    """Names this session on the data plane (HandshakeReply): its batches are admitted only
+    into its own reservations."""
     recv_seq: int = 0
     send_seq: int = 0
 
@@ -89,6 +94,8 @@ class ServerStats:
     """Authentic frames seen before: replayed session frames, Handshakes with a spent cookie."""
     rejected: int = 0
     """Authentic requests refused (another peer's transfer, a Landed out of order)."""
+    ended_sent: int = 0
+    """Ended notices sent: hand-offs this side ended while their prefill was still writing."""
     peers_lost: int = 0
     """Sessions dropped: the peer stayed silent for timeouts.peer_s, or restarted."""
     crashes: int = 0
@@ -121,6 +128,7 @@ class ControlServer:
         self.cookies = auth.Cookies(max(peer_s, 1.0), clock=clock)
         self.stats = ServerStats()
         self._sessions: dict[bytes, _Session] = {}
+        self._owners: dict[bytes, str] = {}  # data token -> owner; read by the data plane's threads
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._stop = threading.Event()
         self._next_expiry = 0.0
@@ -148,6 +156,10 @@ class ControlServer:
     @property
     def sessions(self) -> int:
         return len(self._sessions)
+
+    def owner_of(self, data_token: bytes) -> str | None:
+        """The owner (control identity) of the live session with this data token (any thread)."""
+        return self._owners.get(data_token)
 
     # --- loop -----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -279,6 +291,7 @@ class ControlServer:
                 if dropped or (r is not None and r.owner == owner):  # not another peer's Cancel
                     self._release(msg.transfer_id)
                 self.pool.abort(msg.transfer_id, reason=f"canceled by prefill: {msg.reason}", now=now, owner=owner)
+                self.pool.confirm_end(msg.transfer_id, owner=owner, now=now)  # it stopped writing
                 return P.Ack(msg_id=msg.msg_id, incarnation=self.incarnation)
             if isinstance(msg, P.Heartbeat):
                 self.pool.renew(msg.transfer_ids, owner=owner, now=now)
@@ -310,11 +323,17 @@ class ControlServer:
             if other != identity and (s.peer, s.rank) == (msg.peer, msg.compat.tp_rank) \
                     and s.incarnation != msg.incarnation:
                 self._drop_session(other, f"prefill worker {s.peer}/{s.rank} restarted")
-        self._sessions[identity] = _Session(msg.peer, msg.compat.tp_rank, msg.incarnation,
-                                            self.keys.session(identity, msg.nonce, msg.cookie), self.clock())
+        old = self._sessions.get(identity)
+        if old is not None:
+            self._owners.pop(old.data_token, None)
+        session = _Session(msg.peer, msg.compat.tp_rank, msg.incarnation,
+                           self.keys.session(identity, msg.nonce, msg.cookie), self.clock(),
+                           data_token=secrets.token_bytes(16))
+        self._sessions[identity] = session
+        self._owners[session.data_token] = identity.decode(errors="replace")
         self.stats.handshakes += 1
         return P.HandshakeReply(msg_id=msg.msg_id, incarnation=self.incarnation, page_bytes=self.page_bytes,
-                                num_pages=self.pool.num_pages, payload=self.descriptor)
+                                num_pages=self.pool.num_pages, payload=self.descriptor, data_token=session.data_token)
 
     def _drop_session(self, identity: bytes, why: str) -> None:
         """Forget a peer; abort what it was still writing (the decode side recomputes those at
@@ -322,6 +341,7 @@ class ControlServer:
         session = self._sessions.pop(identity, None)
         if session is None:
             return
+        self._owners.pop(session.data_token, None)
         self.stats.peers_lost += 1
         owner = identity.decode(errors="replace")
         now = self.clock()
@@ -352,8 +372,9 @@ class ControlServer:
 
     def _allocated(self, msg: P.Allocate, pages: list[int], skip: int) -> P.Allocated:
         self.stats.allocations += 1
+        r = self.pool.lookup(msg.transfer_id)
         return P.Allocated(msg_id=msg.msg_id, transfer_id=msg.transfer_id, pages=pages, lease_s=self.pool.lease_s,
-                           skip_pages=skip)
+                           skip_pages=skip, generation=r.generation if r is not None else 0)
 
     def _release(self, transfer_id: str, asked: bool = True) -> None:
         if self.prefix is not None and asked:
@@ -391,6 +412,7 @@ class ControlServer:
     def _housekeeping(self, sock: zmq.Socket) -> None:
         now = self.clock()
         self._forgive_own_stall(now)
+        self._tell_ended(sock)
         if now >= self._next_expiry:
             self._next_expiry = now + _EXPIRE_EVERY_S
             for tid in self.pool.expire(now):
@@ -421,6 +443,17 @@ class ControlServer:
                 break
             self._waiting.popleft()
             self._reply(sock, w, self._allocated(w.msg, pages, w.skip or 0))
+
+    def _tell_ended(self, sock: zmq.Socket) -> None:
+        """Tell each owner of a hand-off this side ended while it was writing: it stops, and its
+        Cancel confirms it (the pages of a one-sided transport are held until then)."""
+        for owner, tid, generation, reason in self.pool.take_notices():
+            identity = owner.encode()
+            session = self._sessions.get(identity)
+            if session is not None:
+                self.stats.ended_sent += 1
+                self._send(sock, identity, P.Ended(msg_id=0, transfer_id=tid, generation=generation,
+                                                   reason=reason[:200]), session)
 
     def _forgive_own_stall(self, now: float) -> None:
         """A peer is silent only while this loop listens: if the loop itself did not run for a

@@ -45,6 +45,8 @@ class Link:
     pool: PoolLayout
     incarnation: str
     inflight: set[TransferId]
+    data_token: bytes = b""
+    """This session's name on the data plane (its batches go only into its own reservations)."""
     waiting: int = 0
     """Hand-offs (and reservations) of this link waiting for their Allocated reply."""
     beating: bool = False
@@ -62,8 +64,11 @@ def control_endpoint(cfg: PDConfig, peer: PeerName, tp_rank: int) -> str:
 
 class Links:
     def __init__(self, cfg: PDConfig, *, instance: str, tp_rank: int, incarnation: str, compat: P.CompatInfo,
-                 kv: KVLayout, keys: auth.Keyring, transport: Transport, region: Callable[[], int]):
-        """``region``: the sender's registered region (known once it started)."""
+                 kv: KVLayout, keys: auth.Keyring, transport: Transport, region: Callable[[], int],
+                 on_ended: Callable[[PeerName, P.Ended], None] | None = None):
+        """``region``: the sender's registered region (known once it started); ``on_ended``:
+        called when a decode peer ended a hand-off this side was writing (P.Ended)."""
+        self.on_ended = on_ended
         self.cfg = cfg
         self.t = cfg.timeouts
         self.instance = instance
@@ -126,6 +131,9 @@ class Links:
         client = ControlClient(self._ctx, endpoint=control_endpoint(self.cfg, peer, self.tp_rank),
                                identity=f"{self.instance}/{self.tp_rank}/{self.incarnation}", peer=peer,
                                keys=self.keys, curve_server_key=self._curve_key)
+        on_ended = self.on_ended
+        if on_ended is not None:
+            client.on_ended = lambda msg: on_ended(peer, msg)
         client.start()
         try:
             msg = P.Handshake(msg_id=0, peer=self.instance, incarnation=self.incarnation,
@@ -136,14 +144,15 @@ class Links:
             if reply.page_bytes != self.kv.page_bytes:
                 raise TransferError(f"decode page size {reply.page_bytes} != ours {self.kv.page_bytes}", peer=peer)
             loop = asyncio.get_running_loop()
-            peer_id = await loop.run_in_executor(None, self.transport.connect, reply.payload, self.t.handshake_s)
+            peer_id = await loop.run_in_executor(None, self.transport.connect, reply.payload, self.t.handshake_s,
+                                                 reply.data_token)
         except BaseException:
             await client.close()
             raise
         pool = PoolLayout(self.kv.num_layers, reply.num_pages, self.kv.block_bytes)
         log.info("linked to decode peer %s (incarnation %s, %d pages of %d B, transport %s)",
                  peer, reply.incarnation, reply.num_pages, reply.page_bytes, self.transport.name)
-        return Link(client, peer_id, pool, reply.incarnation, set())
+        return Link(client, peer_id, pool, reply.incarnation, set(), data_token=reply.data_token)
 
     async def drop(self, peer: PeerName, link: Link | None = None) -> None:
         """Forget a peer's link (``link``: only if it is still that one; another coroutine may

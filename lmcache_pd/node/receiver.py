@@ -43,6 +43,7 @@ from lmcache_pd.errors import PDError, TransferError
 from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
 from lmcache_pd.node.cache_io import CacheIO, CacheLoadSpec, CacheMiss
 from lmcache_pd.node.handoff_log import HandoffLog
+from lmcache_pd.node.write_gate import PoolGate
 from lmcache_pd.ops import PreparedCopy, copy_ranges, prepare_copy, run_copy
 
 log = logging.getLogger(__name__)
@@ -148,10 +149,13 @@ class KVReceiver:
         self.pool_layout = PoolLayout.sized(kv, cfg.pool.size_mib << 20)
         if self.pool_layout.num_pages == 0:
             raise TransferError(f"pool.size_mib={cfg.pool.size_mib} is below one page ({kv.page_bytes} B)")
-        self.pool = PagePool(self.pool_layout.num_pages, lease_s=cfg.timeouts.lease_s)
         self.transport = transports.create(cfg.transport.name, cfg.transport.options, host=inst.host,
                                            port=inst.data_port + tp_rank, keys=self.keys,
                                            encrypt=cfg.auth.encrypt)
+        # Pages of a hand-off ended mid-write: a transport that admits each batch holds them
+        # only while a batch writes; one-sided ones until the prefill confirms or data_s passes.
+        self.pool = PagePool(self.pool_layout.num_pages, lease_s=cfg.timeouts.lease_s,
+                             quarantine_s=0.0 if self.transport.capabilities.admits_writes else cfg.timeouts.data_s)
         # Pre-allocated (and zeroed, so touched) now: the first hand-off pays no page faults.
         self.pool_buffer = self.transport.allocate(self.pool_layout.nbytes, kv_buffer.device)
         self.region = self.transport.register(self.pool_buffer)
@@ -169,7 +173,8 @@ class KVReceiver:
 
     def start(self) -> None:
         if self.transport.capabilities.listens:
-            self.transport.listen()
+            self.transport.listen(PoolGate(self.pool, self.pool_layout,
+                                           lambda token: self.server.owner_of(token) if self.server else None))
         self.server = ControlServer(self.pool, bind=self.bind, compat=self.compat, incarnation=self.incarnation,
                                     page_bytes=self.pool_layout.page_bytes,
                                     descriptor=self.transport.export_descriptor(self.region),
@@ -245,7 +250,8 @@ class KVReceiver:
             out["control"] = {**dataclasses.asdict(self.server.stats), "sessions": self.server.sessions}
         t = self.transport.stats
         out["transport"] = {"batches_total": t.batches, "bytes_total": t.bytes, "failures_total": t.failures,
-                            "refused_total": t.refused, "encrypted": int(self.transport.encrypt)}
+                            "refused_total": t.refused, "refused_batches_total": t.refused_batches,
+                            "encrypted": int(self.transport.encrypt)}
         return out
 
     # --- decode-side reuse (called by the control server's thread) ----------------------------

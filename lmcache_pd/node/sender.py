@@ -30,6 +30,7 @@ Results are collected with :meth:`drain`, which the connector calls once per eng
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import threading
@@ -110,6 +111,8 @@ class _Grant:
     link: Link
     pages: list[int]
     skip: int
+    generation: int = 0
+    """The reservation's generation: with the transfer id, every data batch names it."""
 
 
 class KVSender:
@@ -132,7 +135,10 @@ class KVSender:
         self.region = -1
         self._loop = LoopThread(f"pd-sender-{tp_rank}")
         self.links = Links(cfg, instance=instance, tp_rank=tp_rank, incarnation=self.incarnation, compat=compat,
-                           kv=kv, keys=self.keys, transport=self.transport, region=lambda: self.region)
+                           kv=kv, keys=self.keys, transport=self.transport, region=lambda: self.region,
+                           on_ended=self._on_ended)
+        self._ended: collections.OrderedDict[tuple[PeerName, TransferId], str] = collections.OrderedDict()
+        """Hand-offs the decode side ended while we wrote them (P.Ended): stop, and confirm."""
         self._results: list[SendResult] = []
         self._results_lock = threading.Lock()
         self._started: dict[TransferId, float] = {}  # wall clock at each hand-off's start (timeline)
@@ -217,6 +223,19 @@ class KVSender:
         self._reserved.clear()
         await self.links.close()
 
+    def _on_ended(self, peer: PeerName, msg: P.Ended) -> None:
+        """The decode side ended a hand-off we may still be writing (on the loop thread): the
+        hand-off stops at its next check and its Cancel confirms that no more bytes come."""
+        self._ended[(peer, msg.transfer_id)] = msg.reason
+        while len(self._ended) > 4096:
+            self._ended.popitem(last=False)
+
+    def _check_ended(self, spec: SendSpec) -> None:
+        reason = self._ended.get((spec.peer, spec.transfer_id))
+        if reason is not None:
+            raise TransferError(f"the decode side ended the hand-off: {reason}", transfer_id=spec.transfer_id,
+                                peer=spec.peer)
+
     # --- reservations ---------------------------------------------------------------------
     async def _reserve(self, spec: ReserveSpec) -> None:
         entry = self._reserved.get(spec.transfer_id)
@@ -280,6 +299,7 @@ class KVSender:
                                     transfer_id=spec.transfer_id)
             grant, reserved = await self._take_reservation(spec, n_pages)
             link, pages = grant.link, grant.pages
+            self._check_ended(spec)
             t_alloc = time.monotonic()
             blocks = spec.block_ids[grant.skip:n_pages]  # the decode side holds the first ones
             ends = self._group_ends(len(pages))
@@ -287,7 +307,7 @@ class KVSender:
                      for a, b in zip((0, *ends[:-1]), ends)]
             nbytes = sum(p.nbytes for p in plans)
             t_data = time.monotonic()
-            await self._transfer(link, plans, ends, spec, ready)
+            await self._transfer(link, plans, ends, spec, P.ticket(spec.transfer_id, grant.generation), ready)
             seconds = time.monotonic() - t_data
             done = P.TransferDone(msg_id=link.client.next_id(), transfer_id=spec.transfer_id,
                                   num_bytes=nbytes, seconds=seconds)
@@ -362,7 +382,7 @@ class KVSender:
                 await self.links.cancel(link, spec.transfer_id, "bad Allocated reply")  # its pages come back now
                 raise TransferError(f"decode replied with bad pages ({len(reply.pages)} pages, {skip} skipped, "
                                     f"{n_pages} blocks)", transfer_id=spec.transfer_id)
-            return _Grant(link, reply.pages, skip)
+            return _Grant(link, reply.pages, skip, reply.generation)
         raise AssertionError("unreachable")
 
     def _group_ends(self, n_pages: int) -> tuple[int, ...]:
@@ -372,7 +392,7 @@ class KVSender:
         return tuple(min(a + per, n_pages) for a in range(0, n_pages, per))
 
     async def _transfer(self, link: Link, plans: list[RangePlan], ends: tuple[int, ...], spec: SendSpec,
-                        ready: torch.cuda.Event | None = None) -> None:
+                        ticket: bytes, ready: torch.cuda.Event | None = None) -> None:
         """Submit every group's plan at once; as each group (in order) is in the pool, tell the
         decode side with a one-way Landed so that it can scatter it while the rest is in flight."""
         loop = asyncio.get_running_loop()
@@ -380,6 +400,7 @@ class KVSender:
         deadline = time.monotonic() + self.t.data_s
         if ready is not None and not self.transport.capabilities.stream_ordered:
             while not ready.query():  # the forward that wrote the blocks is still running
+                self._check_ended(spec)
                 if time.monotonic() > deadline:
                     raise TransferTimeout("waiting for the prefill forward", config_field="timeouts.data_s",
                                           seconds=self.t.data_s, transfer_id=spec.transfer_id, peer=spec.peer)
@@ -388,7 +409,8 @@ class KVSender:
         handles = []
         try:
             for plan in plans:
-                handle = self.transport.submit(link.peer_id, self.region, plan, timeout_s=self.t.data_s, after=ready)
+                handle = self.transport.submit(link.peer_id, self.region, plan, timeout_s=self.t.data_s, after=ready,
+                                               ticket=ticket)
                 handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
                 handles.append(handle)
             landed = 0
@@ -402,6 +424,7 @@ class KVSender:
                                                         pages=ends[landed - 1]))
                 if landed == len(handles):
                     return
+                self._check_ended(spec)  # raising releases (so stops) what is still in flight
                 if time.monotonic() > deadline:
                     raise TransferTimeout("data transfer", config_field="timeouts.data_s", seconds=self.t.data_s,
                                           transfer_id=spec.transfer_id, peer=spec.peer)

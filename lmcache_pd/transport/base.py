@@ -2,13 +2,17 @@
 
 Call sequence, decode side (receiver):
   1. ``allocate(nbytes, device)`` then ``register(pool)`` once -> RegionId;
-  2. ``listen()`` once (transports with ``capabilities.listens``);
+  2. ``listen(gate)`` once (transports with ``capabilities.listens``); transports with
+     ``capabilities.admits_writes`` ask the gate before each batch touches the region;
   3. ``export_descriptor(region)`` -> bytes, sent to each prefill peer in the handshake reply;
   4. ``close()`` at shutdown.
 Prefill side (sender):
   1. ``register(kv_cache_buffer, extents)`` once -> RegionId;
-  2. ``connect(descriptor, timeout_s)`` once per peer -> PeerId (re-done if the peer restarts);
-  3. per transfer: ``submit(peer, region, plan, timeout_s[, after])`` -> TransferHandle, then ``poll`` until
+  2. ``connect(descriptor, timeout_s, session)`` once per control session -> PeerId (re-done if the
+     peer restarts); ``session``: the token the decode side gave that session (its batches are
+     admitted only into that session's reservations);
+  3. per transfer: ``submit(peer, region, plan, timeout_s[, after], ticket=...)`` -> TransferHandle
+     (``ticket``: the hand-off the batch belongs to, opaque here), then ``poll`` until
      a terminal state, then ``release`` (always, also on failure: it frees per-transfer state);
   4. ``disconnect(peer)``; ``close()``.
 ``poll`` never blocks. DONE means the bytes are in the peer's memory (not merely sent): the
@@ -23,7 +27,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import msgspec
 import torch
@@ -53,6 +57,19 @@ class Capabilities:
     encrypts: bool = False
     """With ``auth.encrypt``, no byte crosses a network in clear: encrypted (tcp), or it never
     leaves the node (cuda_ipc, loopback). Transports without it refuse ``encrypt=True``."""
+    admits_writes: bool = False
+    """The receiver sees every batch before its bytes land and asks the ``WriteGate`` (tcp).
+    Without it the peer writes on its own (one-sided: cuda_ipc, nixl, loopback), and the pool
+    holds the pages of a hand-off ended mid-write until the writer confirms it stopped."""
+
+
+class WriteGate(Protocol):
+    """The receiver's admission of data batches (implemented above this layer, by the pool)."""
+
+    def admit(self, session: bytes, ticket: bytes, dst_offsets: list[int], lengths: list[int]) -> Callable[[], None]:
+        """Admit a batch of ``session`` (the token its connection presented) for the hand-off
+        ``ticket`` names into those ranges of the region, or raise ``TransferError`` saying why.
+        Returns the function to call once the batch's bytes stopped landing (done or failed)."""
 
 
 class NoOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -70,6 +87,8 @@ class TransportStats:
     """What carried the data, where the transport can tell (nixl: the UCX transport)."""
     refused: int = 0
     """Connections refused by a listening receiver: a hello that did not authenticate."""
+    refused_batches: int = 0
+    """Batches refused unread: not into a live reservation of their session, or outside the pool."""
 
     @property
     def gbps(self) -> float:
@@ -172,24 +191,27 @@ class Transport(ABC):
         bytes) of the separate allocations inside it, when it spans several (vLLM's per-layer
         KV buffers, ops.span_bytes); only those are memory. Empty: all of it is."""
 
-    def listen(self) -> None:
-        """Start accepting writes into registered regions (receivers of listening transports)."""
+    def listen(self, gate: WriteGate | None = None) -> None:
+        """Start accepting writes into registered regions (receivers of listening transports);
+        ``gate``: admits each batch (transports with ``admits_writes``; None admits all)."""
 
     @abstractmethod
     def export_descriptor(self, region: RegionId) -> bytes:
         """Opaque bytes a peer passes to ``connect`` to write into ``region``."""
 
     @abstractmethod
-    def connect(self, descriptor: bytes, timeout_s: float) -> PeerId:
-        """Import a peer's descriptor; raises PeerLost (or TransferTimeout) if unreachable."""
+    def connect(self, descriptor: bytes, timeout_s: float, session: bytes = b"") -> PeerId:
+        """Import a peer's descriptor; raises PeerLost (or TransferTimeout) if unreachable.
+        ``session``: the control session's data token, presented by admitting transports."""
 
     @abstractmethod
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
-               after: torch.cuda.Event | None = None) -> TransferHandle:
+               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> TransferHandle:
         """Start writing ``plan`` (src offsets in ``region``, dst offsets in the peer's region).
 
         ``after``: the source bytes are complete once this CUDA event has completed (recorded on
         the producer's stream); given only to transports with ``capabilities.stream_ordered``.
+        ``ticket``: names the hand-off (admitting transports send it with the batch).
         """
 
     def poll(self, handle: TransferHandle) -> TransferState:

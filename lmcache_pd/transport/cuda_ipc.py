@@ -125,7 +125,7 @@ class CudaIpcTransport(Transport):
         return msgspec.msgpack.encode(_Descriptor(bytes(handle), r.nbytes, os.getpid(), r.address, self._token))
 
     # --- prefill side ---------------------------------------------------------------------
-    def connect(self, descriptor: bytes, timeout_s: float) -> PeerId:
+    def connect(self, descriptor: bytes, timeout_s: float, session: bytes = b"") -> PeerId:
         import cupy
 
         try:
@@ -161,7 +161,7 @@ class CudaIpcTransport(Transport):
         return stream
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
-               after: torch.cuda.Event | None = None) -> TransferHandle:
+               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> TransferHandle:
         src = self._regions[region]
         p = self._peers[peer]
         handle = TransferHandle(self, plan.nbytes, time.monotonic())

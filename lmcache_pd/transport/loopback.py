@@ -3,6 +3,8 @@
 Both ends live in one process: a descriptor names a registered buffer in a process-wide
 table. Behaviour is scripted by options, not by patching: ``delay_s`` delays each batch,
 ``fail_every`` fails every N-th batch, ``refuse_connect`` makes ``connect`` fail.
+It writes one-sided (the receiver never sees a batch), like cuda_ipc and nixl: a batch released
+before its copy began never copies, and ``release`` waits for a copy that began.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class LoopbackTransport(Transport):
         self._batches = itertools.count(1)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pd-loopback")
         self._closed = False
+        self._lock = threading.Lock()
+        self._copying: set[int] = set()  # handle ids whose copy runs now
 
     def register(self, buffer: torch.Tensor, extents: tuple[tuple[int, int], ...] = ()) -> RegionId:
         key = uuid.uuid4().hex
@@ -64,7 +68,7 @@ class LoopbackTransport(Transport):
         key, buf = self._local[region]
         return msgspec.msgpack.encode(_Descriptor(key, buf.numel()))
 
-    def connect(self, descriptor: bytes, timeout_s: float) -> PeerId:
+    def connect(self, descriptor: bytes, timeout_s: float, session: bytes = b"") -> PeerId:
         if self.options.refuse_connect:
             raise PeerLost("loopback peer refused (refuse_connect option)")
         try:
@@ -79,7 +83,7 @@ class LoopbackTransport(Transport):
         return pid
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
-               after: torch.cuda.Event | None = None) -> TransferHandle:
+               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> TransferHandle:
         handle = TransferHandle(self, plan.nbytes, time.monotonic())
         src = self._local[region][1]
         key = self._peers[peer]
@@ -103,16 +107,29 @@ class LoopbackTransport(Transport):
             self._finish(handle, TransferState.FAILED, time.monotonic(),
                          "scripted failure" if fail else "peer region is gone")
             return
+        with self._lock:
+            released = handle.state != TransferState.IN_FLIGHT
+            if not released:
+                self._copying.add(handle.id)
+        if released:  # while it waited: not a byte is written
+            self._finish(handle, TransferState.CANCELED, time.monotonic(), "released before its copy")
+            return
         try:
             copy_ranges(src, dst, plan)
         except ValueError as e:
             self._finish(handle, TransferState.FAILED, time.monotonic(), str(e))
             return
+        finally:
+            with self._lock:
+                self._copying.discard(handle.id)
         self._finish(handle, TransferState.DONE, time.monotonic())
 
     def release(self, handle: TransferHandle) -> None:
-        if not handle.state.terminal:
-            handle.state = TransferState.CANCELED
+        with self._lock:
+            if not handle.state.terminal:
+                handle.state = TransferState.CANCELED
+        while handle.id in self._copying:  # a copy that began cannot be recalled: wait for it
+            time.sleep(0.0005)
 
     def disconnect(self, peer: PeerId) -> None:
         self._peers.pop(peer, None)

@@ -204,7 +204,7 @@ class NixlTransport(Transport):
         return msgspec.msgpack.encode(_Descriptor(self._name, md, r.address, r.nbytes, r.device, r.mem))
 
     # --- prefill side -------------------------------------------------------------------------
-    def connect(self, descriptor: bytes, timeout_s: float) -> PeerId:
+    def connect(self, descriptor: bytes, timeout_s: float, session: bytes = b"") -> PeerId:
         try:
             d = msgspec.msgpack.decode(descriptor, type=_Descriptor)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -234,7 +234,7 @@ class NixlTransport(Transport):
         return pid
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
-               after: torch.cuda.Event | None = None) -> TransferHandle:
+               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> TransferHandle:
         src = self._regions[region]
         p = self._peers.get(peer)
         handle = TransferHandle(self, plan.nbytes, time.monotonic())

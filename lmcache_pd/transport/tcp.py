@@ -7,15 +7,20 @@ copies are the kernel's own: no staging buffer, no per-page Python bytes objects
 
 Wire format (all integers network order except the range table, which is little-endian int64):
   challenge D->P "LPDC" nonce[16]                              (as soon as D accepts)
-  hello     P->D "LPDH" token[16] region:u64 nonce[16] flags:u8 tag[32]     (flags bit 0: encrypted)
+  hello     P->D "LPDH" token[16] region:u64 nonce[16] flags:u8 session[16] tag[32]  (flags bit 0: encrypted)
   reply     D->P "LPDR" status:u8 tag[32]
-  batch     P->D "LPDB" batch:u64 n:u64, n x (dst_off:i64, len:i64), then the payload bytes
+  batch     P->D "LPDB" batch:u64 n:u64 t:u16, n x (dst_off:i64, len:i64), ticket[t], then the payload
   ack       D->P "LPDA" batch:u64 status:u8                    (sent once every byte is in the pool)
 The hello is a challenge-response under the deployment's tcp key (auth.py): its tag covers D's
 fresh nonce, so a recorded hello opens no connection; the reply's tag covers P's nonce, so P
 knows it reached the pool it was told about. ``token`` is new per receiver process: a hello
 meant for a restarted receiver is refused. A refused hello changes nothing and is counted.
-A batch that does not fit the region is refused (status 1) and the connection closed.
+``session`` is the data token of the prefill's control session (zeros: none). Before a batch's
+payload is read, the receiver's gate admits it (the pool, ``listen(gate)``): the ticket names
+the hand-off, and only the pages of a live reservation of that session, still being written,
+are accepted; the pages stay out of use until the batch's last byte landed or failed. A batch
+that is not admitted, or does not fit the region, is refused (status 1) and the connection
+closed, before any of its bytes lands.
 With ``auth.encrypt`` both ends say so in the hello (a mismatch is refused, status 3), and every
 batch and ack travels as AES-256-GCM records under keys of that connection (``_sealed.py``).
 """
@@ -38,17 +43,18 @@ import torch
 
 from lmcache_pd import auth
 from lmcache_pd._types import TransferState
-from lmcache_pd.errors import PeerLost, TransportUnavailable
+from lmcache_pd.errors import PeerLost, TransferError, TransportUnavailable
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.transport import _sealed
-from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport
+from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport, WriteGate
 
 log = logging.getLogger(__name__)
 
 _CHALLENGE = struct.Struct(f"!4s{auth.NONCE_BYTES}s")
-_HELLO = struct.Struct(f"!4s16sQ{auth.NONCE_BYTES}sB{auth.TAG_BYTES}s")
+_HELLO = struct.Struct(f"!4s16sQ{auth.NONCE_BYTES}sB16s{auth.TAG_BYTES}s")
 _HELLO_REPLY = struct.Struct(f"!4sB{auth.TAG_BYTES}s")
-_BATCH = struct.Struct("!4sQQ")
+_BATCH = struct.Struct("!4sQQH")
+MAX_TICKET = 1024
 _ACK = struct.Struct("!4sQB")
 MAX_RANGES = 1 << 20
 _MIN_RANGES = 8
@@ -77,12 +83,14 @@ class _Descriptor(msgspec.Struct, frozen=True):
     nbytes: int
 
 
-def _hello_parts(challenge: bytes, token: bytes, region: int, nonce: bytes, flags: int) -> tuple[bytes, ...]:
-    return b"hello", challenge, token, struct.pack("!QB", region, flags), nonce
+def _hello_parts(challenge: bytes, token: bytes, region: int, nonce: bytes, flags: int,
+                 session: bytes) -> tuple[bytes, ...]:
+    return b"hello", challenge, token, struct.pack("!QB", region, flags), nonce, session
 
 
-def _hello_tag(key: bytes, challenge: bytes, token: bytes, region: int, nonce: bytes, flags: int = 0) -> bytes:
-    return auth.tag(key, *_hello_parts(challenge, token, region, nonce, flags))
+def _hello_tag(key: bytes, challenge: bytes, token: bytes, region: int, nonce: bytes, flags: int = 0,
+               session: bytes = bytes(16)) -> bytes:
+    return auth.tag(key, *_hello_parts(challenge, token, region, nonce, flags, session))
 
 
 def _blocking(sock: socket.socket, timeout_s: float) -> None:
@@ -170,10 +178,11 @@ def _as_view(buffer: torch.Tensor) -> memoryview:
 class _Stream:
     """One sender connection and the thread that drives it, one batch at a time."""
 
-    def __init__(self, transport: TcpTransport, desc: _Descriptor, name: str):
+    def __init__(self, transport: TcpTransport, desc: _Descriptor, name: str, session: bytes):
         self.transport = transport
         self.desc = desc
         self.name = name
+        self.session = session
         self.sock: socket.socket | None = None
         self.channel: _sealed.Channel | None = None
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -193,8 +202,9 @@ class _Stream:
             ours = auth.nonce()
             t = self.transport
             key, flags = t.keys.tcp, _ENCRYPTED if t.encrypt else 0
-            sock.sendall(_HELLO.pack(b"LPDH", self.desc.token, self.desc.region, ours, flags,
-                                     _hello_tag(key, theirs, self.desc.token, self.desc.region, ours, flags)))
+            sock.sendall(_HELLO.pack(b"LPDH", self.desc.token, self.desc.region, ours, flags, self.session,
+                                     _hello_tag(key, theirs, self.desc.token, self.desc.region, ours, flags,
+                                                self.session)))
             reply = bytearray(_HELLO_REPLY.size)
             _recv_exact(sock, memoryview(reply))
             magic, status, tag = _HELLO_REPLY.unpack(reply)
@@ -217,6 +227,9 @@ class _Stream:
         sock = self.sock
         if sock is not None:
             try:
+                # Reset, not FIN, when the stream thread closes it: what the kernel still buffers
+                # for this batch is dropped instead of delivered (the decode side ended it).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
@@ -234,7 +247,7 @@ class _Stream:
         if self.sock is not None:
             self.sock.close()
 
-    def _run(self, handle: TransferHandle, src: memoryview, plan: RangePlan, deadline: float) -> None:
+    def _run(self, handle: TransferHandle, src: memoryview, plan: RangePlan, deadline: float, ticket: bytes) -> None:
         if handle.state != TransferState.IN_FLIGHT:
             return  # canceled while queued
         self.busy = handle
@@ -252,20 +265,24 @@ class _Stream:
             table = np.zeros((rows, 2), dtype="<i8")
             table[:len(plan), 0] = plan.dst_offsets
             table[:len(plan), 1] = plan.lengths
-            head = _BATCH.pack(b"LPDB", handle.id, rows)
+            head = _BATCH.pack(b"LPDB", handle.id, rows, len(ticket))
             pieces = _pieces(src, plan.src_offsets.tolist(), plan.lengths.tolist(), t.options.piece_bytes)
             _blocking(sock, deadline - time.monotonic())  # each call below: at most this long
             ch = self.channel
             if ch is None:
-                _send_all(sock, [memoryview(head), memoryview(table.view(np.uint8).reshape(-1)), *pieces])
+                _send_all(sock, [memoryview(head), memoryview(table.view(np.uint8).reshape(-1)), memoryview(ticket),
+                                 *pieces])
                 ack = bytearray(_ACK.size)
                 _recv_exact(sock, memoryview(ack))
             else:  # encrypted: header in clear (authenticated), then one record for the table and per piece
-                sock.sendall(head + ch.seal(table.tobytes(), aad=head))
+                sock.sendall(head + ch.seal(table.tobytes() + ticket, aad=head))
                 for piece in pieces:
                     sock.sendall(ch.seal(piece))
                 ack = _recv_record(sock, ch, _ACK.size)
             magic, batch, status = _ACK.unpack(ack)
+            if magic == b"LPDA" and batch == handle.id and status == _BAD_BATCH:
+                raise ConnectionError("the receiver refused the batch: not into a live reservation of this "
+                                      "session (the decode side ended the hand-off), or outside its pool")
             if magic != b"LPDA" or batch != handle.id or status != _OK:
                 raise ConnectionError(f"bad ack (magic {magic!r}, batch {batch}, status {status})")
             t._finish(handle, TransferState.DONE, time.monotonic())
@@ -299,11 +316,13 @@ class _Peer:
 
 class TcpTransport(Transport):
     name = "tcp"
-    capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cpu"}), listens=True, encrypts=True)
+    capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cpu"}), listens=True, encrypts=True,
+                                admits_writes=True)
     Options = TcpOptions
 
     def __init__(self, options: TcpOptions, **kwargs: object):
         super().__init__(options, **kwargs)  # type: ignore[arg-type]
+        self._gate: WriteGate | None = None
         self._token = secrets.token_bytes(16)  # new per process: a restarted receiver refuses old peers
         self._regions: dict[RegionId, memoryview] = {}
         self._region_ids = itertools.count(1)
@@ -325,7 +344,8 @@ class TcpTransport(Transport):
         self._regions[rid] = _as_view(buffer)
         return rid
 
-    def listen(self) -> None:
+    def listen(self, gate: WriteGate | None = None) -> None:
+        self._gate = gate
         if self.port is None:
             raise TransportUnavailable("tcp receiver needs a data port (decode instance data_port)")
         self.keys.refuse_exposure(self.host, "tcp data plane")
@@ -367,10 +387,10 @@ class TcpTransport(Transport):
             conn.sendall(_CHALLENGE.pack(b"LPDC", ours))
             hello = bytearray(_HELLO.size)
             _recv_exact(conn, memoryview(hello))
-            magic, token, region, theirs, flags, tag = _HELLO.unpack(hello)
+            magic, token, region, theirs, flags, session, tag = _HELLO.unpack(hello)
             key = self.keys.tcp
             ok = (magic == b"LPDH" and secrets.compare_digest(token, self._token) and region in self._regions
-                  and auth.check(key, tag, *_hello_parts(ours, token, region, theirs, flags)))
+                  and auth.check(key, tag, *_hello_parts(ours, token, region, theirs, flags, session)))
             status = _OK if ok else _BAD_HELLO
             if ok and flags != (_ENCRYPTED if self.encrypt else 0):
                 ok, status = False, _BAD_MODE
@@ -387,7 +407,7 @@ class TcpTransport(Transport):
             ch = (_sealed.channel(self.keys, sender=False, receiver_nonce=ours, sender_nonce=theirs)
                   if self.encrypt else None)
             while not self._stop.is_set():
-                if not self._serve_batch(conn, view, ch):
+                if not self._serve_batch(conn, view, ch, session):
                     return
         except (OSError, ConnectionError) as e:
             log.debug("tcp receiver connection ended: %s", e)
@@ -396,7 +416,8 @@ class TcpTransport(Transport):
                 self._conns.discard(conn)
             conn.close()
 
-    def _serve_batch(self, conn: socket.socket, view: memoryview, ch: _sealed.Channel | None = None) -> bool:
+    def _serve_batch(self, conn: socket.socket, view: memoryview, ch: _sealed.Channel | None = None,
+                     session: bytes = bytes(16)) -> bool:
         # The socket stays blocking with a kernel receive timeout of io_timeout_s (set once in
         # _serve): no per-batch mode switches, and Python polls nothing before each call. An idle
         # connection just times out and waits again; close() shuts it down to end the wait.
@@ -410,8 +431,8 @@ class TcpTransport(Transport):
         if first == 0:
             return False
         _recv_exact(conn, memoryview(head)[first:])
-        magic, batch, n = _BATCH.unpack_from(head)
-        if magic != b"LPDB" or not _MIN_RANGES <= n <= MAX_RANGES:
+        magic, batch, n, t = _BATCH.unpack_from(head)
+        if magic != b"LPDB" or not _MIN_RANGES <= n <= MAX_RANGES or t > MAX_TICKET:
             self._ack(conn, ch, batch, _BAD_BATCH)
             return False
         if ch is None:
@@ -419,26 +440,45 @@ class TcpTransport(Transport):
             raw = memoryview(table.view(np.uint8).reshape(-1))
             raw[:16 * _MIN_RANGES] = memoryview(head)[_BATCH.size:]
             _recv_exact(conn, raw[16 * _MIN_RANGES:])
+            ticket = bytearray(t)
+            _recv_exact(conn, memoryview(ticket))
         else:
-            table = np.frombuffer(_recv_record(conn, ch, 16 * n, aad=bytes(head)), dtype="<i8").reshape(n, 2)
-        dst, lengths = table[:, 0], table[:, 1]
-        if dst.min() < 0 or lengths.min() < 0 or int((dst + lengths).max()) > len(view):  # n >= 8 rows
-            log.warning("tcp: refused batch %d writing outside the pool", batch)
-            self._ack(conn, ch, batch, _BAD_BATCH)
-            return False
+            record = _recv_record(conn, ch, 16 * n + t, aad=bytes(head))
+            table, ticket = np.frombuffer(record[:16 * n], dtype="<i8").reshape(n, 2), record[16 * n:]
+        # Python integers: int64 sums could wrap past the checks.
+        dst, lengths = table[:, 0].tolist(), table[:, 1].tolist()
+        if any(d < 0 or n < 0 or d + n > len(view) for d, n in zip(dst, lengths)):
+            return self._refuse_batch(conn, ch, batch, "writing outside the pool")
+        done = None
+        if self._gate is not None:
+            try:
+                done = self._gate.admit(session, bytes(ticket), dst, lengths)
+            except TransferError as e:
+                return self._refuse_batch(conn, ch, batch, str(e))
         t0 = time.monotonic()
-        pieces = _pieces(view, dst.tolist(), lengths.tolist(), self.options.piece_bytes)
-        if ch is None:
-            _recv_scatter(conn, pieces)
-        else:
-            for piece in pieces:  # each lands in the pool only once its tag verified
-                piece[:] = _recv_record(conn, ch, len(piece))
+        try:
+            pieces = _pieces(view, dst, lengths, self.options.piece_bytes)
+            if ch is None:
+                _recv_scatter(conn, pieces)
+            else:
+                for piece in pieces:  # each lands in the pool only once its tag verified
+                    piece[:] = _recv_record(conn, ch, len(piece))
+        finally:  # done or failed: no more of its bytes can land
+            if done is not None:
+                done()
         self._ack(conn, ch, batch, _OK)
         with self._stats_lock:
             self.stats.batches += 1
-            self.stats.bytes += int(lengths.sum())
+            self.stats.bytes += sum(lengths)
             self.stats.seconds += time.monotonic() - t0
         return True
+
+    def _refuse_batch(self, conn: socket.socket, ch: _sealed.Channel | None, batch: int, why: str) -> bool:
+        with self._stats_lock:
+            self.stats.refused_batches += 1
+        log.warning("tcp: refused batch %d: %s", batch, why)
+        self._ack(conn, ch, batch, _BAD_BATCH)
+        return False
 
     @staticmethod
     def _ack(conn: socket.socket, ch: _sealed.Channel | None, batch: int, status: int) -> None:
@@ -446,13 +486,14 @@ class TcpTransport(Transport):
         conn.sendall(ack if ch is None else ch.seal(ack))
 
     # --- sender -------------------------------------------------------------------------
-    def connect(self, descriptor: bytes, timeout_s: float) -> PeerId:
+    def connect(self, descriptor: bytes, timeout_s: float, session: bytes = b"") -> PeerId:
         try:
             desc = msgspec.msgpack.decode(descriptor, type=_Descriptor)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise PeerLost(f"not a tcp descriptor: {e}") from None
         pid = next(self._peer_ids)
-        streams = [_Stream(self, desc, f"pd-tcp-send-{pid}.{i}") for i in range(self.options.streams)]
+        session = session[:16].ljust(16, b"\0")
+        streams = [_Stream(self, desc, f"pd-tcp-send-{pid}.{i}", session) for i in range(self.options.streams)]
         deadline = time.monotonic() + timeout_s
         try:
             for s in streams:
@@ -471,12 +512,14 @@ class TcpTransport(Transport):
         return pid
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
-               after: torch.cuda.Event | None = None) -> TransferHandle:
+               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> TransferHandle:
+        if len(ticket) > MAX_TICKET:
+            raise ValueError(f"a ticket of {len(ticket)} B (at most {MAX_TICKET})")
         p = self._peers[peer]
         handle = TransferHandle(self, plan.nbytes, time.monotonic())
         handle.state = TransferState.IN_FLIGHT
         stream = p.streams[next(p.next)]
-        stream.queue.put((handle, self._regions[region], plan, handle.t_submit + timeout_s))
+        stream.queue.put((handle, self._regions[region], plan, handle.t_submit + timeout_s, ticket))
         return handle
 
     def release(self, handle: TransferHandle) -> None:

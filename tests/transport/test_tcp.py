@@ -16,7 +16,7 @@ import torch
 from lmcache_pd import auth
 from lmcache_pd import transport as transports
 from lmcache_pd._types import TransferState
-from lmcache_pd.errors import PeerLost
+from lmcache_pd.errors import PeerLost, TransferError
 from lmcache_pd.layout import coalesce
 from lmcache_pd.transport.tcp import _CHALLENGE, _HELLO, _HELLO_REPLY, _Descriptor, _hello_tag
 from tests.integration.relay import pump
@@ -29,7 +29,8 @@ def raw_hello(conn: socket.socket, d: _Descriptor, keys: auth.Keyring = PUBLIC) 
     """Say hello by hand, as a sender does; returns the receiver's reply."""
     _, theirs = _CHALLENGE.unpack(recv_n(conn, _CHALLENGE.size))
     ours = auth.nonce()
-    conn.sendall(_HELLO.pack(b"LPDH", d.token, d.region, ours, 0, _hello_tag(keys.tcp, theirs, d.token, d.region, ours)))
+    conn.sendall(_HELLO.pack(b"LPDH", d.token, d.region, ours, 0, bytes(16),
+                             _hello_tag(keys.tcp, theirs, d.token, d.region, ours)))
     return recv_n(conn, _HELLO_REPLY.size)
 
 
@@ -46,7 +47,7 @@ def answer_hello(conn: socket.socket, keys: auth.Keyring = PUBLIC) -> None:
     """Play a receiver's part of the hello (accepting any token)."""
     ours = auth.nonce()
     conn.sendall(_CHALLENGE.pack(b"LPDC", ours))
-    _, _, _, theirs, _, _ = _HELLO.unpack(recv_n(conn, _HELLO.size))
+    _, _, _, theirs, _, _, _ = _HELLO.unpack(recv_n(conn, _HELLO.size))
     conn.sendall(_HELLO_REPLY.pack(b"LPDR", 0, auth.tag(keys.tcp, b"reply", theirs, ours, b"\x00")))
 
 
@@ -127,8 +128,8 @@ def test_a_recorded_hello_opens_no_connection():
     # What an eavesdropper saw on the first connection, answering that connection's challenge:
     c1 = socket.create_connection((d.host, d.port))
     _, theirs = _CHALLENGE.unpack(recv_n(c1, _CHALLENGE.size))
-    recorded = _HELLO.pack(b"LPDH", d.token, d.region, ours, 0, _hello_tag(PUBLIC.tcp, theirs, d.token, d.region,
-                                                                            ours))
+    recorded = _HELLO.pack(b"LPDH", d.token, d.region, ours, 0, bytes(16),
+                           _hello_tag(PUBLIC.tcp, theirs, d.token, d.region, ours))
     c1.close()
     first.sendall(recorded)  # ... replayed on another connection, whose challenge differs
     magic, status, _ = _HELLO_REPLY.unpack(recv_n(first, _HELLO_REPLY.size))
@@ -195,7 +196,7 @@ def test_receiver_survives_a_sender_dying_mid_batch():
     assert raw_hello(raw, d)[:5] == struct.pack("!4sB", b"LPDR", 0)
     table = np.zeros((8, 2), dtype="<i8")  # every batch carries at least 8 rows (empty ones pad it)
     table[0] = (0, 1 << 20)
-    raw.sendall(struct.pack("!4sQQ", b"LPDB", 1, 8) + table.tobytes() + b"\x01" * 100)
+    raw.sendall(struct.pack("!4sQQH", b"LPDB", 1, 8, 0) + table.tobytes() + b"\x01" * 100)
     raw.close()  # dies with the batch half sent
     tx, sid, peer = sender_to(rx, region, torch.full((1 << 20,), 7, dtype=torch.uint8))
     h = tx.submit(peer, sid, coalesce(np.array([0]), np.array([0]), np.array([1 << 20])), timeout_s=5)
@@ -281,3 +282,67 @@ def test_a_transport_that_cannot_encrypt_refuses_to():
         pytest.skip(f"nixl unavailable here: {why}")
     with pytest.raises(TransportUnavailable, match="auth.encrypt"):
         transports.create("nixl", {}, encrypt=True)
+
+
+class Gate:
+    """The receiver's write admission as the pool would answer (session b"s" * 16 owns ticket b"ok")."""
+
+    def __init__(self) -> None:
+        self.writing = 0
+        self.admitted = 0
+
+    def admit(self, session: bytes, ticket: bytes, dst: list[int], lengths: list[int]):
+        if session != b"s" * 16:
+            raise TransferError("its connection names no live control session")
+        if ticket != b"ok":
+            raise TransferError("not a live reservation of this session")
+        self.writing += 1
+        self.admitted += 1
+
+        def done() -> None:
+            self.writing -= 1
+        return done
+
+
+def test_every_batch_is_admitted_by_the_gate_and_a_refused_one_writes_nothing():
+    gate = Gate()
+    rx = transports.create("tcp", {"io_timeout_s": 2}, host="127.0.0.1", port=0)
+    dst = torch.full((1 << 20,), 0xEE, dtype=torch.uint8)
+    region = rx.register(dst)
+    rx.listen(gate)
+    src = torch.full((1 << 20,), 7, dtype=torch.uint8)
+    tx = transports.create("tcp", {})
+    sid = tx.register(src)
+    peer = tx.connect(rx.export_descriptor(region), timeout_s=2, session=b"s" * 16)
+    plan = coalesce(np.array([0]), np.array([0]), np.array([1 << 16]))
+    assert wait(tx, tx.submit(peer, sid, plan, timeout_s=3, ticket=b"ok")) == TransferState.DONE
+    assert (dst[:1 << 16] == 7).all() and gate.admitted == 1 and gate.writing == 0  # its write ended
+    # A batch of a hand-off that is not (or no longer) the session's: refused before a byte lands.
+    later = coalesce(np.array([0]), np.array([1 << 16]), np.array([1 << 16]))
+    h = tx.submit(peer, sid, later, timeout_s=3, ticket=b"stale")
+    assert wait(tx, h) == TransferState.FAILED and "refused the batch" in h.error
+    assert rx.stats.refused_batches == 1 and (dst[1 << 16:] == 0xEE).all()
+    # A stranger's connection (another session's token, the deployment's secret) is counted too.
+    other = transports.create("tcp", {})
+    osid = other.register(src)
+    opeer = other.connect(rx.export_descriptor(region), timeout_s=2, session=b"x" * 16)
+    h = other.submit(opeer, osid, later, timeout_s=3, ticket=b"ok")
+    assert wait(other, h) == TransferState.FAILED
+    assert rx.stats.refused_batches == 2 and (dst[1 << 16:] == 0xEE).all() and gate.admitted == 1
+    other.close()
+    tx.close()
+    rx.close()
+
+
+def test_a_range_table_that_wraps_int64_is_refused():
+    rx, dst, region = listening(1 << 16, io_timeout_s=2)
+    d = msgspec.msgpack.decode(rx.export_descriptor(region), type=_Descriptor)
+    raw = socket.create_connection((d.host, d.port))
+    assert raw_hello(raw, d)[:5] == struct.pack("!4sB", b"LPDR", 0)
+    table = np.zeros((8, 2), dtype="<i8")
+    table[0] = (1 << 62, 1 << 62)  # the sum wraps negative in int64: a check in int64 lets it pass
+    raw.sendall(struct.pack("!4sQQH", b"LPDB", 1, 8, 0) + table.tobytes())
+    magic, batch, status = struct.unpack("!4sQB", recv_n(raw, 13))
+    assert (magic, batch, status) == (b"LPDA", 1, 1) and rx.stats.refused_batches == 1
+    raw.close()
+    rx.close()

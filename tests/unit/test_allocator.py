@@ -175,3 +175,65 @@ def test_reader_guard_refuses_claimed_and_unknown_reservations():
     assert pool.begin_read("a") is None
     pool.release("a", now=2)
     assert pool.free_pages == 4
+
+
+# --- write admission (issue 15, item 1) ------------------------------------------------------
+
+def test_a_write_is_admitted_only_into_its_own_live_reservation():
+    pool = PagePool(8, lease_s=10)
+    reserve(pool, "a", 2)
+    reserve(pool, "b", 2, owner="other")
+    gen = pool.lookup("a").generation
+    assert gen and pool.lookup("b").generation != gen  # a generation per reservation
+    with pytest.raises(TransferError, match="another peer"):
+        pool.begin_write("a", gen, owner="other", pages=[0])
+    with pytest.raises(TransferError, match="generation"):
+        pool.begin_write("a", gen + 1, owner="p", pages=[0])
+    with pytest.raises(TransferError, match="outside the reservation"):
+        pool.begin_write("a", gen, owner="p", pages=[0, 2])  # page 2 is b's
+    with pytest.raises(TransferError, match="unknown"):
+        pool.begin_write("zz", gen, owner="p", pages=[0])
+    r = pool.begin_write("a", gen, owner="p", pages=[0, 1])
+    pool.end_write(r, now=1)
+    pool.mark_ready("a", owner="p", num_bytes=1, seconds=0.1, now=1)
+    with pytest.raises(TransferError, match="cannot write in state READY"):
+        pool.begin_write("a", gen, owner="p", pages=[0])
+
+
+def test_pages_of_a_reservation_ended_mid_write_come_back_only_after_the_write():
+    """The critical race: the decode ends a hand-off while a batch of it is still landing. Its
+    pages must not go to the next reservation before that batch's bytes stopped."""
+    pool = PagePool(2, lease_s=10)
+    reserve(pool, "a", 2)
+    r = pool.begin_write("a", pool.lookup("a").generation, owner="p", pages=[0, 1])
+    assert pool.abort("a", reason="request aborted", now=1)
+    assert pool.free_pages == 0 and reserve(pool, "b", 2, now=1) is None  # still being written
+    with pytest.raises(TransferError, match="ended"):
+        pool.begin_write("a", r.generation, owner="p", pages=[0])  # no new batch of it
+    pool.end_write(r, now=2)
+    assert pool.free_pages == 2 and reserve(pool, "b", 2, now=2) == [0, 1]
+    assert pool.take_notices() == [("p", "a", r.generation, "request aborted")]  # the owner is told
+
+
+def test_one_sided_writes_are_quarantined_until_the_owner_confirms_or_time_passes():
+    pool = PagePool(4, lease_s=10, quarantine_s=5)
+    reserve(pool, "a", 2)
+    reserve(pool, "b", 2)
+    pool.abort("a", reason="deadline", now=1)   # the decode ended them: the prefill may still write
+    pool.expire(now=1)
+    assert pool.free_pages == 0
+    assert not pool.confirm_end("a", owner="intruder", now=2)
+    assert pool.confirm_end("a", owner="p", now=2) and pool.free_pages == 2  # its Cancel: it stopped
+    pool.abort("b", reason="deadline", now=2)
+    pool.expire(now=6.9)
+    assert pool.free_pages == 2
+    pool.expire(now=7.1)                           # quarantine_s passed: no write can still land
+    assert pool.free_pages == 4
+    assert [n[1] for n in pool.take_notices()] == ["a", "b"]
+
+
+def test_the_owners_own_cancel_needs_no_quarantine_and_no_notice():
+    pool = PagePool(2, lease_s=10, quarantine_s=5)
+    reserve(pool, "a", 2)
+    pool.abort("a", reason="canceled by prefill", now=1, owner="p")
+    assert pool.free_pages == 2 and pool.take_notices() == []

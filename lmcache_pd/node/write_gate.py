@@ -1,0 +1,56 @@
+"""Admission of data batches into the decode pool (L5): the transport's ``WriteGate``.
+
+A transport that sees each batch before its bytes land (tcp) asks :meth:`PoolGate.admit`. The
+batch is admitted only when its connection presented the data token of a live control session,
+its ticket names a live reservation of that session (transfer id and generation) still being
+written, and every byte it carries lies in that reservation's pages. While admitted it counts
+as a writer of the reservation (``PagePool.begin_write``): if the reservation ends meanwhile,
+its pages go back only when the batch's bytes stopped landing. So no byte of an ended hand-off
+ever lands in pages another hand-off was given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from lmcache_pd import protocol as P
+from lmcache_pd.control.allocator import PagePool
+from lmcache_pd.errors import ProtocolError, TransferError
+from lmcache_pd.layout import PoolLayout
+
+
+def pages_of(layout: PoolLayout, dst_offsets: list[int], lengths: list[int]) -> set[int]:
+    """The pool pages a batch writes (the pool is ``[layer][page][block]``); raises if a range
+    is not whole blocks of the pool (our senders write whole blocks only)."""
+    bb, n_pages = layout.block_bytes, layout.num_pages
+    if sum(lengths) > layout.nbytes:
+        raise TransferError(f"a batch of {sum(lengths)} B into a pool of {layout.nbytes} B")
+    pages: set[int] = set()
+    for d, n in zip(dst_offsets, lengths):
+        if n == 0:
+            continue  # the padding rows of a short table
+        if d % bb or n % bb or d < 0 or d + n > layout.nbytes:
+            raise TransferError(f"range [{d}, {d + n}) is not whole blocks of the pool")
+        pages.update(u % n_pages for u in range(d // bb, (d + n) // bb))
+    return pages
+
+
+class PoolGate:
+    def __init__(self, pool: PagePool, layout: PoolLayout, owner_of: Callable[[bytes], str | None]):
+        """``owner_of``: the owner of the live control session with a data token (the server)."""
+        self.pool = pool
+        self.layout = layout
+        self.owner_of = owner_of
+
+    def admit(self, session: bytes, ticket: bytes, dst_offsets: list[int], lengths: list[int]) -> Callable[[], None]:
+        owner = self.owner_of(session)
+        if owner is None:
+            raise TransferError("its connection names no live control session (the session ended or never was)")
+        try:
+            transfer_id, generation = P.read_ticket(ticket)
+        except ProtocolError as e:
+            raise TransferError(str(e)) from None
+        r = self.pool.begin_write(transfer_id, generation, owner=owner,
+                                  pages=pages_of(self.layout, dst_offsets, lengths))
+        return lambda: self.pool.end_write(r, now=time.monotonic())
