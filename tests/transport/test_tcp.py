@@ -18,7 +18,7 @@ from lmcache_pd import transport as transports
 from lmcache_pd._types import TransferState
 from lmcache_pd.errors import PeerLost, TransferError
 from lmcache_pd.layout import coalesce
-from lmcache_pd.transport.tcp import _CHALLENGE, _HELLO, _HELLO_REPLY, _Descriptor, _hello_tag
+from lmcache_pd.transport._tcp_wire import _CHALLENGE, _HELLO, _HELLO_REPLY, _Descriptor, _hello_tag
 from tests.integration.relay import pump
 from tests.transport.test_contract import wait
 
