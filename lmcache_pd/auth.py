@@ -103,7 +103,9 @@ class Keyring:
         if not self.authenticated:
             return True
         scheme, _, token = (header or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.api_token)
+        # Bytes: compare_digest raises on a str that is not ASCII (any client can send one).
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("utf-8", "replace"),
+                                                                  self.api_token.encode())
 
     def refuse_exposure(self, host: str, what: str) -> None:
         """Raise PermissionError if ``what`` would listen on ``host`` beyond loopback without a

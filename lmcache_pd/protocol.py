@@ -36,7 +36,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import msgspec
 
@@ -55,6 +55,14 @@ KEY_SESSION = 1
 """Every other frame: tagged with the session's key, sequence numbers from 1."""
 MAX_BODY_BYTES = 1 << 20
 """Larger bodies are refused unread: no legitimate control message comes close."""
+
+
+Name = Annotated[str, msgspec.Meta(max_length=256)]
+"""Ids and names on the wire (transfer ids, peers, incarnations, digests): bounded, so that no
+peer makes this side keep megabytes per entry (tombstones, sessions)."""
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
+Blob = Annotated[bytes, msgspec.Meta(max_length=64)]
+"""Nonces, cookies, tokens, chain hashes."""
 
 
 class CompatInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -102,58 +110,58 @@ class _Msg(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
 class Hello(_Msg):
     """Asks for a cookie (the decode side keeps no state for it)."""
 
-    peer: str
-    incarnation: str
-    nonce: bytes
+    peer: Name
+    incarnation: Name
+    nonce: Blob
 
 
 class Challenge(_Msg):
-    nonce: bytes
+    nonce: Blob
     """The Hello's nonce, echoed: the prefill side takes only an answer to its own Hello."""
-    cookie: bytes
+    cookie: Blob
 
 
 class Handshake(_Msg):
-    peer: str
-    incarnation: str
-    compat_hash: str
+    peer: Name
+    incarnation: Name
+    compat_hash: Name
     compat: CompatInfo
     payload: bytes
     """The prefill side's transport descriptor; opaque here, decoded only after the hash matched."""
-    nonce: bytes
+    nonce: Blob
     """The Hello's nonce and the Challenge's cookie: the cookie is redeemed once, so a recorded
     Handshake cannot open a session again; both also seed the session's keys."""
-    cookie: bytes
+    cookie: Blob
 
 
 class HandshakeReply(_Msg):
-    incarnation: str
+    incarnation: Name
     page_bytes: int
     num_pages: int
     payload: bytes
     """The decode side's transport descriptor (its pool region)."""
-    data_token: bytes = b""
+    data_token: Blob = b""
     """Names this session on the data plane: the prefill's transport connections present it,
     and the decode side admits their batches only into this session's reservations."""
 
 
 class Allocate(_Msg):
-    transfer_id: str
+    transfer_id: Name
     num_pages: int
     num_tokens: int
-    prompt_digest: str
+    prompt_digest: Name
     wait_s: float
     """How long the decode side may queue this request for free pages (the sender's deadline)."""
-    chains: list[bytes] = []
+    chains: Annotated[list[Blob], msgspec.Meta(max_length=1 << 16)] = []
     """Chain hashes of the prompt's full chunks (``cache.chunk_tokens`` each; cache/keys.py),
     empty when the prefix cache is off. The decode side only uses them to look into its own
     tiers: what it loads from them is keyed by the chains of its own copy of the prompt."""
-    tenant: str | None = None
+    tenant: Name | None = None
     """The request's cache namespace (vLLM's ``cache_salt``)."""
 
 
 class Allocated(_Msg):
-    transfer_id: str
+    transfer_id: Name
     pages: list[int]
     """One page per block of the prompt after the skipped ones, in block order."""
     lease_s: float
@@ -166,7 +174,7 @@ class Allocated(_Msg):
 
 
 class TransferDone(_Msg):
-    transfer_id: str
+    transfer_id: Name
     num_bytes: int
     seconds: float
 
@@ -175,13 +183,13 @@ class Landed(_Msg):
     """One-way (no reply): pages ``[0, pages)`` of the reservation, in the order of its
     Allocated reply, hold their final bytes. Only ever grows; TransferDone still ends the write."""
 
-    transfer_id: str
+    transfer_id: Name
     pages: int
 
 
 class Cancel(_Msg):
-    transfer_id: str
-    reason: str
+    transfer_id: Name
+    reason: Text
 
 
 class Ended(_Msg):
@@ -189,23 +197,23 @@ class Ended(_Msg):
     prefill was still writing it (the request was aborted, a deadline or the lease passed).
     The prefill stops writing and answers with a Cancel: its pages may then be reused."""
 
-    transfer_id: str
+    transfer_id: Name
     generation: int
-    reason: str
+    reason: Text
 
 
 class Heartbeat(_Msg):
-    transfer_ids: list[str]
+    transfer_ids: Annotated[list[Name], msgspec.Meta(max_length=1 << 16)]
 
 
 class Ack(_Msg):
-    incarnation: str
+    incarnation: Name
 
 
 class Error(_Msg):
     code: ErrorCode
-    message: str
-    fields: list[str] = []
+    message: Text
+    fields: Annotated[list[Name], msgspec.Meta(max_length=64)] = []
 
 
 Message = (Hello | Challenge | Handshake | HandshakeReply | Allocate | Allocated | TransferDone | Landed | Cancel
@@ -223,7 +231,7 @@ def ticket(transfer_id: str, generation: int) -> bytes:
 def read_ticket(raw: bytes) -> tuple[str, int]:
     """The (transfer id, generation) a data batch names; raises ProtocolError if it names none."""
     try:
-        tid, generation = msgspec.msgpack.decode(raw, type=tuple[str, int])
+        tid, generation = msgspec.msgpack.decode(raw, type=tuple[Name, int])
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
         raise ProtocolError(f"a data batch without a readable ticket: {e}") from None
     return tid, generation
@@ -325,8 +333,8 @@ class PrefillParams(msgspec.Struct, frozen=True, kw_only=True):
 
     do_remote_decode: bool = True
     do_remote_prefill: bool = False
-    transfer_id: str
-    decode_peer: str
+    transfer_id: Name
+    decode_peer: Name
     """Name of the decode instance (resolved in the prefill's own config, never an address)."""
 
 
@@ -339,10 +347,10 @@ class DecodeParams(msgspec.Struct, frozen=True, kw_only=True):
 
     do_remote_prefill: bool = True
     do_remote_decode: bool = False
-    transfer_id: str
+    transfer_id: Name
     num_tokens: int
-    prompt_digest: str
-    prefill_peer: str
+    prompt_digest: Name
+    prefill_peer: Name
 
     @property
     def early(self) -> bool:

@@ -88,6 +88,7 @@ class PagePool:
         self.num_pages = num_pages
         self.lease_s = lease_s
         self.quarantine_s = quarantine_s
+        self.max_tombstones = max(1024, 16 * num_pages)
         self._generations = itertools.count(1)
         self._notices: list[tuple[str, TransferId, int, str]] = []
         self._held: dict[TransferId, Reservation] = {}  # ended, pages still out of use
@@ -104,14 +105,16 @@ class PagePool:
     def reserve(self, transfer_id: TransferId, num_pages: int, *, num_tokens: int, prompt_digest: str,
                 owner: str, now: float, skip_pages: int = 0) -> list[PageIdx] | None:
         """All ``num_pages`` pages, or None if they are not free now. Raises if it can never fit."""
-        if num_pages > self.num_pages:
-            raise PoolExhausted(f"request needs {num_pages} pages but the whole pool has {self.num_pages} "
-                                "(raise pool.size_mib)", too_large=True, transfer_id=transfer_id)
-        if num_pages <= 0:
-            raise TransferError("a reservation needs at least one page", transfer_id=transfer_id)
         with self.cond:
+            # First: a known id is refused as such, never as "too large" (whose tombstone would
+            # end the reservation of whoever owns that id).
             if transfer_id in self._live or transfer_id in self._ended:
                 raise TransferError("transfer id is already known", transfer_id=transfer_id)
+            if num_pages > self.num_pages:
+                raise PoolExhausted(f"request needs {num_pages} pages but the whole pool has {self.num_pages} "
+                                    "(raise pool.size_mib)", too_large=True, transfer_id=transfer_id)
+            if num_pages <= 0:
+                raise TransferError("a reservation needs at least one page", transfer_id=transfer_id)
             if len(self._free) < num_pages:
                 return None
             pages = self._take(num_pages)
@@ -188,6 +191,7 @@ class PagePool:
                 if transfer_id not in self._ended:
                     self._ended[transfer_id] = (Reservation(transfer_id, [], 0, "", owner or "", PageState.ABORTED,
                                                             now, reason=reason), now)
+                    self._bound_tombstones()
                 return False
             if owner is not None and r.owner != owner:
                 raise TransferError("transfer belongs to another peer", transfer_id=transfer_id)
@@ -229,8 +233,16 @@ class PagePool:
                 del self._notices[:-4096]  # the server drains them every turn; never unbounded
         r.state, r.reason = state, reason
         self._ended[r.transfer_id] = (r, now)
+        self._bound_tombstones()
         self._free_if_unused(r, now)
         self.cond.notify_all()
+
+    def _bound_tombstones(self) -> None:
+        """At most ``max_tombstones``: a flood of Cancels for ids nobody uses must not grow them
+        without bound (the oldest go first; held reservations stay until their pages return)."""
+        excess = len(self._ended) - self.max_tombstones
+        for tid in [t for t in self._ended if t not in self._held][:max(0, excess)]:
+            del self._ended[tid]
 
     def _free_if_unused(self, r: Reservation, now: float) -> None:
         """Return an ended reservation's pages once nobody reads or writes them and no write we

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import secrets
 import threading
 import time
@@ -297,8 +298,9 @@ class ControlServer:
                 self.pool.renew(msg.transfer_ids, owner=owner, now=now)
                 return P.Ack(msg_id=msg.msg_id, incarnation=self.incarnation)
         except PoolExhausted as e:
-            # Leave a tombstone: the decode request for this hand-off recomputes at once.
-            self.pool.abort(msg.transfer_id, reason=str(e), now=now)
+            # Leave a tombstone: the decode request for this hand-off recomputes at once. (An id
+            # someone else owns was refused before this as already known.)
+            self.pool.abort(msg.transfer_id, reason=str(e), now=now, owner=owner)
             code = P.ErrorCode.POOL_TOO_SMALL if e.too_large else P.ErrorCode.POOL_TIMEOUT
             return P.Error(msg_id=msg.msg_id, code=code, message=str(e))
         except TransferError as e:
@@ -398,7 +400,8 @@ class ControlServer:
             raise
         if pages is not None:
             return self._allocated(msg, pages, skip)
-        wait = min(max(msg.wait_s, 0.0), self.max_alloc_wait_s)
+        # NaN compares false both ways: it would never time out.
+        wait = min(max(msg.wait_s, 0.0), self.max_alloc_wait_s) if math.isfinite(msg.wait_s) else 0.0
         self._waiting.append(_Waiting(identity, msg, owner, now + wait, asked))
         self.stats.queued_allocations += 1
         return None  # answered later by _housekeeping

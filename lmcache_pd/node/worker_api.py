@@ -41,13 +41,20 @@ from lmcache_pd.node.cache_io import CacheIO
 log = logging.getLogger(__name__)
 
 MAX_BODY = 16 << 20
+SOCKET_TIMEOUT_S = 10.0
+"""A client that sends nothing (or too slowly) for this long is dropped: it holds a thread."""
+MAX_CONNECTIONS = 64
+"""Connections served at once; more wait in the listen backlog (each holds a thread)."""
 
 
 class WorkerAPI:
     def __init__(self, io: CacheIO | None, *, instance: str, rank: int, host: str, port: int,
-                 keys: Keyring | None = None, status: Callable[[], dict[str, Any]] | None = None):
+                 keys: Keyring | None = None, status: Callable[[], dict[str, Any]] | None = None,
+                 io_timeout_s: float = SOCKET_TIMEOUT_S):
         """``io``: the worker's prefix cache, or None (cache off: only /pd/* and /metrics);
-        ``status``: the hand-off path's state for /pd/stats (a dict of sections of numbers)."""
+        ``status``: the hand-off path's state for /pd/stats (a dict of sections of numbers);
+        ``io_timeout_s``: a connection silent this long is dropped."""
+        self.io_timeout_s = io_timeout_s
         self.io = io
         self.instance = instance
         self.rank = rank
@@ -68,7 +75,8 @@ class WorkerAPI:
             pass
 
         Handler.api = api
-        self._server = ThreadingHTTPServer(self.address, Handler)
+        Handler.timeout = self.io_timeout_s
+        self._server = _BoundedServer(self.address, Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="pd-worker-api", daemon=True)
@@ -137,9 +145,33 @@ def _tenant(body: dict[str, Any]) -> str | None:
     return t or None
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """At most MAX_CONNECTIONS handler threads; the accept loop waits for a free one instead of
+    starting threads without bound."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class _Handler(BaseHTTPRequestHandler):
     api: WorkerAPI
     protocol_version = "HTTP/1.1"
+    timeout = SOCKET_TIMEOUT_S  # every read and write of the connection (StreamRequestHandler)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("cache API: " + format, *args)
@@ -179,13 +211,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             n = int(self.headers.get("content-length") or 0)
-            if n > MAX_BODY:
-                raise ValueError(f"body larger than {MAX_BODY} bytes")
+            if not 0 <= n <= MAX_BODY:  # a negative length would read to the end of the stream
+                raise ValueError(f"content-length {n} outside [0, {MAX_BODY}]")
             body = json.loads(self.rfile.read(n) or b"{}")
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
             self._json(200, op(body))
         except (ValueError, json.JSONDecodeError) as e:
+            self.close_connection = True  # what is left of its body would be read as a request
             self._json(400, {"error": str(e)})
         except LookupError as e:
             self._json(404, {"error": str(e)})

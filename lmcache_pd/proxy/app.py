@@ -113,7 +113,8 @@ class _Split:
     transfer_id: str = ""
 
     def __post_init__(self) -> None:
-        self.transfer_id = self.transfer_id or f"{self.req_id}-{uuid.uuid4().hex[:8]}"
+        # The client's request id, cut to what the wire takes (protocol.Name), keeps logs joinable.
+        self.transfer_id = self.transfer_id or f"{_printable(self.req_id)[:64]}-{uuid.uuid4().hex[:8]}"
 
 
 @dataclass
@@ -418,3 +419,8 @@ def create_app(cfg: PDConfig) -> FastAPI:
         return Response(generate_latest(proxy.metrics.registry), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _printable(text: str) -> str:
+    """Letters, digits and ``-_.:`` of a client-chosen id (it goes into transfer ids and logs)."""
+    return "".join(c for c in text if c.isascii() and (c.isalnum() or c in "-_.:"))

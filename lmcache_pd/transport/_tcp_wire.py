@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 
 import msgspec
 import torch
@@ -78,6 +79,20 @@ def _recv_scatter(sock: socket.socket, views: list[memoryview]) -> None:
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
     got = 0
     while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("peer closed the connection")
+        got += n
+
+
+def _recv_exact_by(sock: socket.socket, view: memoryview, deadline: float) -> None:
+    """Fill ``view`` before ``deadline`` (monotonic), however the peer paces its bytes."""
+    got = 0
+    while got < len(view):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the peer did not send it in time")
+        _blocking(sock, left)
         n = sock.recv_into(view[got:])
         if n == 0:
             raise ConnectionError("peer closed the connection")

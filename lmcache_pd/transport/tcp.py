@@ -66,6 +66,7 @@ from lmcache_pd.transport._tcp_wire import (
     _hello_tag,
     _pieces,
     _recv_exact,
+    _recv_exact_by,
     _recv_record,
     _recv_scatter,
     _send_all,
@@ -85,6 +86,9 @@ class TcpOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Ranges go to the kernel in pieces of at most this size (see docs/benchmarks.md)."""
     socket_buffer_bytes: int = 0
     """SO_SNDBUF/SO_RCVBUF; 0 leaves them to the kernel's autotuning (fastest on loopback)."""
+    max_connections: int = 256
+    """Connections a receiver serves at once (a thread each); beyond it a new one is closed at
+    once (counted in ``refused``). Each prefill worker opens ``streams`` per decode worker."""
 
 
 class _Stream:
@@ -235,6 +239,7 @@ class TcpTransport(Transport):
     def __init__(self, options: TcpOptions, **kwargs: object):
         super().__init__(options, **kwargs)  # type: ignore[arg-type]
         self._gate: WriteGate | None = None
+        self._last_refusal_log = -1e9
         self._token = secrets.token_bytes(16)  # new per process: a restarted receiver refuses old peers
         self._regions: dict[RegionId, memoryview] = {}
         self._region_ids = itertools.count(1)
@@ -288,17 +293,41 @@ class TcpTransport(Transport):
             except OSError:
                 break
             with self._lock:
-                self._conns.add(conn)
-            self._spawn(self._serve, f"pd-tcp-recv-{next(n)}", conn)
+                full = len(self._conns) >= self.options.max_connections
+                if not full:
+                    self._conns.add(conn)
+            if full:
+                self._refuse_conn(conn, f"{self.options.max_connections} connections are served already "
+                                        "(transport.options.max_connections)")
+                continue
+            try:
+                self._spawn(self._serve, f"pd-tcp-recv-{next(n)}", conn)
+            except RuntimeError as e:  # can't start new thread: refuse this one, keep accepting
+                with self._lock:
+                    self._conns.discard(conn)
+                self._refuse_conn(conn, str(e))
+
+    def _refuse_conn(self, conn: socket.socket, why: str) -> None:
+        with self._stats_lock:
+            self.stats.refused += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log > 10.0:  # a flood must not flood the log
+            self._last_refusal_log = now
+            log.warning("tcp: refused a connection: %s", why)
+        conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
             _tune(conn, self.options.socket_buffer_bytes)
-            _blocking(conn, self.options.io_timeout_s)
             ours = auth.nonce()
+            # The whole hello within io_timeout_s: a peer sending a byte now and then must not
+            # hold this thread for minutes (each receive would restart a per-call timeout).
+            deadline = time.monotonic() + self.options.io_timeout_s
+            _blocking(conn, self.options.io_timeout_s)
             conn.sendall(_CHALLENGE.pack(b"LPDC", ours))
             hello = bytearray(_HELLO.size)
-            _recv_exact(conn, memoryview(hello))
+            _recv_exact_by(conn, memoryview(hello), deadline)
+            _blocking(conn, self.options.io_timeout_s)
             magic, token, region, theirs, flags, session, tag = _HELLO.unpack(hello)
             key = self.keys.tcp
             ok = (magic == b"LPDH" and secrets.compare_digest(token, self._token) and region in self._regions

@@ -346,3 +346,61 @@ def test_a_range_table_that_wraps_int64_is_refused():
     assert (magic, batch, status) == (b"LPDA", 1, 1) and rx.stats.refused_batches == 1
     raw.close()
     rx.close()
+
+
+def test_a_hello_dribbled_byte_by_byte_is_cut_at_io_timeout_s():
+    rx, dst, region = listening(1 << 16, io_timeout_s=1.0)
+    d = msgspec.msgpack.decode(rx.export_descriptor(region), type=_Descriptor)
+    c = socket.create_connection((d.host, d.port))
+    recv_n(c, _CHALLENGE.size)
+    t0 = time.monotonic()
+    closed = None
+    for _ in range(_HELLO.size):  # one byte every 0.2 s: each alone is well within io_timeout_s
+        try:
+            c.sendall(b"L")
+        except OSError:
+            closed = time.monotonic() - t0
+            break
+        time.sleep(0.2)
+        c.settimeout(0.001)
+        try:
+            if c.recv(1) == b"":
+                closed = time.monotonic() - t0
+                break
+        except (TimeoutError, BlockingIOError):
+            pass
+        except OSError:
+            closed = time.monotonic() - t0
+            break
+    assert closed is not None and closed < 2.0, f"the receiver held the dribbling hello for {closed} s"
+    c.close()
+    rx.close()
+
+
+def test_connections_beyond_the_bound_are_refused_and_counted_and_service_goes_on():
+    rx = transports.create("tcp", {"io_timeout_s": 5, "max_connections": 3}, host="127.0.0.1", port=0)
+    dst = torch.zeros(1 << 16, dtype=torch.uint8)
+    region = rx.register(dst)
+    rx.listen()
+    d = msgspec.msgpack.decode(rx.export_descriptor(region), type=_Descriptor)
+    idle = [socket.create_connection((d.host, d.port)) for _ in range(5)]  # strangers saying nothing
+    time.sleep(0.3)
+    assert rx.stats.refused == 2
+    closed = 0
+    for c in idle:
+        c.settimeout(0.5)
+        try:
+            data = c.recv(64)
+        except TimeoutError:
+            continue
+        closed += data == b""
+    assert closed == 2  # the two beyond the bound, at once; the three others got their challenge
+    for c in idle:
+        c.close()
+    time.sleep(0.3)  # their threads end with their connections
+    tx, sid, peer = sender_to(rx, region, torch.full((1 << 16,), 5, dtype=torch.uint8))
+    plan = coalesce(np.array([0]), np.array([0]), np.array([1 << 16]))
+    assert wait(tx, tx.submit(peer, sid, plan, timeout_s=5)) == TransferState.DONE
+    assert (dst == 5).all()
+    tx.close()
+    rx.close()

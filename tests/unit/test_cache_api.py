@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -156,5 +157,45 @@ def test_hand_off_state_and_its_metrics_without_a_cache():
         assert 'lmcache_pd_control_unauthenticated_total{instance="decode-0",rank="0"} 3.0' in lines
         assert call(url, "/cache/stats")[0] == 404  # the cache is off here
         assert call(url, "/cache/lookup", {"token_ids": [1]})[0] == 404
+    finally:
+        api.close()
+
+
+def raw_http(port: int, data: bytes, timeout_s: float = 3.0) -> bytes:
+    """Send raw bytes, return what comes back until the server closes or ``timeout_s`` passes."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except TimeoutError:
+            pass
+    return out
+
+
+def test_hostile_http_clients_get_clear_answers_and_hold_nothing(tmp_path):
+    """A negative Content-Length, a non-ASCII bearer token, a client that sends nothing."""
+    from lmcache_pd import auth
+
+    keys = auth.Keyring(b"the deployment's secret for http")
+    api = WorkerAPI(None, instance="decode-0", rank=0, host="127.0.0.1", port=free_ports(1)[0], keys=keys,
+                    io_timeout_s=0.5)
+    api.start()
+    port = api.address[1]
+    try:
+        t0 = time.monotonic()
+        out = raw_http(port, f"POST /cache/lookup HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {keys.api_token}\r\n"
+                             "content-length: -1\r\n\r\n{}".encode())
+        assert out.startswith(b"HTTP/1.1 400") and b"content-length -1" in out, out[:200]
+        assert time.monotonic() - t0 < 2.5  # answered and closed, not read to the stream's end
+        out = raw_http(port, "POST /cache/clear HTTP/1.1\r\nhost: x\r\nauthorization: Bearer \u00e9t\u00e9\r\n"
+                             "content-length: 2\r\n\r\n{}".encode())
+        assert out.startswith(b"HTTP/1.1 401"), out[:200]
+        t0 = time.monotonic()
+        assert raw_http(port, b"", timeout_s=5) == b""  # says nothing: dropped after io_timeout_s
+        assert time.monotonic() - t0 < 2.5
     finally:
         api.close()

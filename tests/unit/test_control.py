@@ -385,3 +385,58 @@ def test_refused_queued_or_cancelled_allocations_end_their_holds():
     with_client(srv, body)
     assert holder.asked == ["big", "a", "late"]
     assert holder.released == ["big", "late", "a"]
+
+
+# --- bounded by a peer that holds the secret (issue 15, item 4) -------------------------------
+
+def test_an_oversized_allocate_for_another_peers_id_leaves_that_reservation_alone(server):
+    async def go():
+        ctx, a = await client_for(server, "prefill-0/0/a")
+        _, b = await client_for(server, "prefill-1/0/b")
+        await handshake(a)
+        await handshake(b)
+        await req(a, alloc(a, "mine", 2))
+        with pytest.raises(TransferError, match="already known"):  # not "too large": that would tombstone it
+            await req(b, alloc(b, "mine", 99))
+        await a.close()
+        await b.close()
+        ctx.term()
+    run(go())
+    r = server.pool.lookup("mine")
+    assert r.state == PageState.ALLOCATED and r.owner == "prefill-0/0/a"
+
+
+def test_a_nan_wait_is_no_wait_at_all(server):
+    async def go():
+        ctx, c = await client_for(server)
+        await handshake(c)
+        await req(c, alloc(c, "fill", 8))  # the pool is full now: the next one queues
+        t0 = time.monotonic()
+        with pytest.raises(PoolExhausted):
+            await req(c, alloc(c, "nan", 1, wait_s=float("nan")), timeout_s=3)
+        assert time.monotonic() - t0 < 1.0
+        await c.close()
+        ctx.term()
+    run(go())
+
+
+def test_overlong_ids_are_refused_unread_and_counted(server):
+    peer = RawPeer(server)
+    assert isinstance(peer.open(), P.HandshakeReply)
+    malformed = server.stats.malformed
+    peer.send(P.Cancel(msg_id=3, transfer_id="x" * 100_000, reason="a 100 kB tombstone"))
+    peer.send(P.Heartbeat(msg_id=4, transfer_ids=[]))
+    assert isinstance(peer.recv(), P.Ack)  # handled after the Cancel, which was dropped
+    assert server.stats.malformed == malformed + 1 and server.pool.lookup("x" * 100_000) is None
+    peer.close()
+
+
+def test_cancels_of_unknown_ids_keep_a_bounded_number_of_tombstones():
+    pool = PagePool(4, lease_s=30)
+    reserve_one = pool.reserve("live", 1, num_tokens=1, prompt_digest="d", owner="p", now=0)
+    assert reserve_one == [0]
+    pool.abort("live", reason="ended", now=0)
+    for i in range(5 * pool.max_tombstones):
+        pool.abort(f"unknown-{i}", reason="never was", now=1)
+    assert len(pool._ended) <= pool.max_tombstones
+    assert pool.lookup(f"unknown-{5 * pool.max_tombstones - 1}") is not None  # the newest stay
