@@ -175,6 +175,12 @@ class ProxyConfig(_Section):
     for the KV on the decode instance (its HTTP, tokenization and scheduling overlap the
     prefill's compute); ``sequential``: it is sent after the prefill answered."""
     health_interval_s: Seconds = 2.0
+    max_body_mib: Positive = 32
+    """Largest request body the proxy reads (a larger one is answered 413, unread)."""
+    handoff_report: bool = False
+    """Diagnostics: put the decode's hand-off report (loaded or not, bytes, times, the error) of a
+    non-streamed answer into the header ``x-lmcache-pd-handoff``. Off: answers carry nothing of
+    the hand-off (transfer ids and error texts are for operators; the hand-off log has them)."""
     prefills: tuple[str, ...] = ()
     """Names of the prefill instances this proxy routes to (empty: all of them)."""
     decodes: tuple[str, ...] = ()

@@ -47,7 +47,7 @@ def local_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[s
                      "kv_cache_gib": 1}],
         "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data,
                     "cache_port": cache_d, "cpus": str(ncpu - 1), "kv_cache_gib": 1}],
-        "proxy": {"port": proxy},
+        "proxy": {"port": proxy, "handoff_report": True},  # a local deployment: show how each request went
         "transport": {"name": "tcp"},
         "pool": {"size_mib": 64},
         "handoff_log": str(work / "handoffs-{instance}.jsonl"),
@@ -78,7 +78,7 @@ def engine_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[
                      **({"cpus": cpus[0]} if cpus else {}), **host}],
         "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data,
                     "cache_port": api_d, "vllm_args": list(vllm_args), **({"cpus": cpus[1]} if cpus else {}), **host}],
-        "proxy": {"port": proxy},
+        "proxy": {"port": proxy, "handoff_report": True},
         "transport": {"name": transport},
         "pool": {"size_mib": pool_mib},
         "timeouts": {"transfer_s": 30, "lease_s": 10, **(timeouts or {})},

@@ -1,8 +1,8 @@
 """The proxy: one OpenAI-style endpoint in front of prefill and decode instances.
 
 Life of a request (``/v1/completions`` or ``/v1/chat/completions``):
-  1. keep the client's ``X-Request-Id`` (or make one) and drop any client ``kv_transfer_params``
-     (hand-off parameters are ours to set);
+  1. read the body (at most ``proxy.max_body_mib``), keep the client's ``X-Request-Id`` (or make
+     one) and drop any client ``kv_transfer_params`` (hand-off parameters are ours to set);
   2. pick a decode instance D and a prefill instance P; send P the request with max_tokens=1,
      no streaming, and ``PrefillParams`` (a fresh transfer id and D's *name*);
   3. send D the original request with ``DecodeParams`` for that transfer, and pass D's answer
@@ -16,6 +16,10 @@ Life of a request (``/v1/completions`` or ``/v1/chat/completions``):
      aborts it in vLLM) and sent again without parameters, unless D already answered; if D
      cannot be reached, another decode instance or P serves it.
 Requests P/D cannot split (n > 1, several prompts, echo, prompt logprobs) go to D directly.
+Answers reach the client without ``kv_transfer_params`` (answers.py). A client that goes away
+before its answer started has its backend requests dropped (vLLM aborts them); once an answer
+streams, Starlette ends the relay, which closes D's request. A request is sent again only when
+it cannot have reached the backend (``_RESEND``).
 No torch, no vllm: this runs on any small box.
 """
 
@@ -40,6 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from lmcache_pd import protocol as P
 from lmcache_pd.config import PDConfig, check_exposure, keyring
+from lmcache_pd.proxy.answers import REPORT_HEADER, BodyError, read_json, scrub, scrub_events
 from lmcache_pd.proxy.cache_admin import add_cache_routes
 from lmcache_pd.proxy.routing import Backend, Router
 
@@ -48,10 +53,14 @@ _FORWARD_HEADERS = ("authorization",)
 _KEEPALIVE_S = 2.0
 """Pooled connections are dropped after this much idleness, well before vLLM's server closes
 them (uvicorn's keep-alive, 5 s): a request sent on a connection the server is closing fails."""
-_RESEND = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
-"""Failures before any response byte, typical of a kept-alive connection the server had just
-closed: the request is sent once more, on a new connection. (benchmarks/load.py once saw a 502
-in 1,123 requests at 32 clients, before this and the shorter keep-alive.)"""
+_RESEND = (httpx.WriteError,)
+"""Failures that prove the backend did not get the whole request, so cannot have processed it:
+only those are sent once more, on a new connection. A connection that fails after the request
+was sent (read error, no response) may have been processed: a completion is not sent twice.
+(Pooled connections expire after _KEEPALIVE_S, before vLLM's server closes them, so a request
+rarely meets a connection the server is closing.)"""
+_WATCH_S = 0.1
+"""How often a waiting request checks that its client is still there."""
 
 
 async def _send_once_more(send, what: str):
@@ -72,6 +81,9 @@ class _Metrics:
                                  ["reason"], registry=self.registry)
         self.prefill_seconds = Histogram("lmcache_pd_proxy_prefill_seconds", "Prefill request time",
                                          registry=self.registry)
+        self.client_gone = Counter("lmcache_pd_proxy_client_gone", "Requests whose client went away before "
+                                   "the answer started (their backend requests were dropped)",
+                                   registry=self.registry)
         self.first_byte_seconds = Histogram(
             "lmcache_pd_proxy_first_byte_seconds", "From the client's request to the answer's first byte "
             "(first streamed chunk, else the whole answer)", registry=self.registry)
@@ -170,12 +182,24 @@ class Proxy:
 
     # --- one request ------------------------------------------------------------------------
     async def serve(self, request: Request, path: str) -> Response:
+        """Route one request; drop its backend requests if the client goes away meanwhile."""
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "request body is not valid JSON")
-        if not isinstance(body, dict):
-            return _error(400, "request body must be a JSON object")
+            body = await read_json(request, self.cfg.proxy.max_body_mib << 20)
+        except BodyError as e:
+            return _error(e.status, str(e))
+        task = asyncio.get_running_loop().create_task(self._route(request, path, body))
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_WATCH_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()  # closes what it opened: vLLM aborts those requests
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                self.metrics.client_gone.inc()
+                return Response(status_code=499)
+
+    async def _route(self, request: Request, path: str, body: dict[str, Any]) -> Response:
         req_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         headers = {"X-Request-Id": req_id}
         headers.update({k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS})
@@ -327,7 +351,11 @@ class Proxy:
         if not opened.stream:
             if leg is not None:
                 leg.cancel()
-            return Response(opened.first, status_code=up.status_code, headers=out_headers,
+            body, params = scrub(opened.first)
+            report = params.get("lmcache_pd") if isinstance(params, dict) else None
+            if self.cfg.proxy.handoff_report and report is not None:
+                out_headers[REPORT_HEADER] = json.dumps(report)
+            return Response(body, status_code=up.status_code, headers=out_headers,
                             media_type=up.headers.get("content-type", "application/json"))
         deadline = t0 + self.cfg.proxy.decode_timeout_s
         return StreamingResponse(self._relay(opened, deadline, name, leg), headers=out_headers,
@@ -336,11 +364,9 @@ class Proxy:
     async def _relay(self, opened: _Opened, deadline: float, name: str,
                      leg: asyncio.Task | None) -> AsyncIterator[bytes]:
         try:
-            if opened.first:
-                yield opened.first
             assert opened.chunks is not None
             async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
-                async for chunk in opened.chunks:
+                async for chunk in scrub_events(opened.first, opened.chunks):
                     yield chunk
         except (TimeoutError, httpx.HTTPError) as e:
             msg = {"error": {"message": f"decode {name} stream ended early: {type(e).__name__}: {e}", "type":
@@ -364,13 +390,15 @@ class Proxy:
         self.metrics.fallbacks.labels("decode_unreachable_served_by_prefill").inc()
         return await self._decode(prefill, path, body, None, headers, req_id, tried, t0)
 
-    async def forward_get(self, path: str) -> Response:
+    async def forward_get(self, request: Request, path: str) -> Response:
+        """A GET route of vLLM's, with the client's Authorization (vLLM's ``--api-key``)."""
         assert self.client is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS}
         for b in (*self.router.decodes, *self.router.prefills):
             if not b.healthy:
                 continue
             try:
-                r = await self.client.get(f"{b.url}{path}", timeout=self.cfg.proxy.connect_timeout_s)
+                r = await self.client.get(f"{b.url}{path}", headers=headers, timeout=self.cfg.proxy.connect_timeout_s)
             except httpx.HTTPError:
                 continue
             return Response(r.content, status_code=r.status_code, media_type="application/json")
@@ -402,8 +430,8 @@ def create_app(cfg: PDConfig) -> FastAPI:
         return await proxy.serve(request, "/v1/chat/completions")
 
     @app.get("/v1/models")
-    async def models() -> Response:
-        return await proxy.forward_get("/v1/models")
+    async def models(request: Request) -> Response:
+        return await proxy.forward_get(request, "/v1/models")
 
     add_cache_routes(app, cfg, lambda: proxy.client, keys)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.gpu_engine.conftest import PROFILE
-from tests.integration.conftest import counter, metrics, post, wait_for
+from tests.integration.conftest import HANDOFF, counter, metrics, post, wait_for
 
 pytestmark = pytest.mark.gpu
 PROMPT_LENS = (1, 15, 16, 17, 255, 256, 257, 1023, 4095, 8191)
@@ -45,7 +45,7 @@ def token_ids(resp: dict) -> list[int]:
 
 
 def report(resp: dict) -> dict:
-    return (resp.get("kv_transfer_params") or {}).get("lmcache_pd", {})
+    return resp.get(HANDOFF) or (resp.get("kv_transfer_params") or {}).get("lmcache_pd", {})
 
 
 def first_difference(got: dict, ref: dict) -> tuple[int, float | None] | None:

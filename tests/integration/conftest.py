@@ -25,6 +25,7 @@ import pytest
 
 from lmcache_pd.cli.local import LocalDeployment, free_ports, local_config
 from lmcache_pd.cli.tinymodel import build_tiny_model
+from lmcache_pd.proxy.answers import REPORT_HEADER
 
 TRANSFER_S = 4.0
 PREFILL_TIMEOUT_S = 2.0
@@ -67,11 +68,19 @@ def deployment(tmp_path_factory):
         dep.stop_all()
 
 
+HANDOFF = "_handoff_report"
+"""Where ``post`` puts the hand-off report the proxy sent as a header (never a key of vLLM's)."""
+
+
 def post(url: str, body: dict, headers: dict | None = None, timeout: float = 120) -> tuple[dict, dict]:
     req = urllib.request.Request(url, json.dumps(body).encode(),
                                  {"content-type": "application/json", **(headers or {})})
     with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.load(r), dict(r.headers)
+        data = json.load(r)
+        report = r.headers.get(REPORT_HEADER)  # the proxy's (proxy.handoff_report)
+        if report is not None:
+            data[HANDOFF] = json.loads(report)
+        return data, dict(r.headers)
 
 
 def metrics(url: str) -> dict[str, float]:

@@ -17,7 +17,16 @@ import urllib.request
 import pytest
 
 from lmcache_pd import protocol as P
-from tests.integration.conftest import PREFILL_TIMEOUT_S, TRANSFER_S, counter, metrics, post, prompt_ids, wait_for
+from tests.integration.conftest import (
+    HANDOFF,
+    PREFILL_TIMEOUT_S,
+    TRANSFER_S,
+    counter,
+    metrics,
+    post,
+    prompt_ids,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 MAX_TOKENS = 16
@@ -34,7 +43,9 @@ def token_ids(resp: dict) -> list[int]:
 
 
 def report(resp: dict) -> dict:
-    return (resp.get("kv_transfer_params") or {}).get("lmcache_pd", {})
+    """The decode's hand-off report: the proxy's header (``post``), or vLLM's own answer field when
+    the request went to the decode instance itself."""
+    return resp.get(HANDOFF) or (resp.get("kv_transfer_params") or {}).get("lmcache_pd", {})
 
 
 def handoff_record(dep, instance: str, transfer_prefix: str, timeout_s: float = 10.0) -> dict:
@@ -77,6 +88,7 @@ def test_outputs_match_colocated_and_decode_computes_one_prompt_token(deployment
 
     assert token_ids(got) == token_ids(reference), "P/D output differs from the colocated output"
     assert len(token_ids(got)) == MAX_TOKENS
+    assert "kv_transfer_params" not in got  # the hand-off is ours: its report only in the header
     r = report(got)
     assert r["loaded"] is True, r
     assert r["prompt_tokens"] == n
