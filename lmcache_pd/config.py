@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -33,12 +34,24 @@ NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 ENV_PREFIX = "LMCACHE_PD__"
 SECRET_ENV = "LMCACHE_PD_SECRET"
+RESOLVED_ENV = "LMCACHE_PD_RESOLVED_CONFIG"
 ENV_VARS: dict[str, str] = {
     "LMCACHE_PD_CONFIG": "path of the YAML config file, when no --config is given",
+    RESOLVED_ENV: "the resolved config as JSON, set by the launcher for vLLM (it may hold passwords: "
+                  "an environment is private to its user, a command line is not)",
     "LMCACHE_PD_INSTANCE": "name of this instance in the config (set by the launcher for vLLM)",
     SECRET_ENV: "the deployment's shared secret (instead of auth.secret_file; never on a command line)",
     ENV_PREFIX + "<SECTION>__<FIELD>": "override one field, e.g. LMCACHE_PD__POOL__SIZE_MIB=512",
 }
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*:)[^@\s/]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it (``scheme://user:password@``) replaced by ***:
+    for every log line and error that may show a configured URL (Redis, Valkey)."""
+    return _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", text)
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

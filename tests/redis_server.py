@@ -20,14 +20,15 @@ def free_port() -> int:
 class RedisServer:
     """``start()`` / ``kill()`` / ``start()`` again on the same port; ``url`` stays valid."""
 
-    def __init__(self, *extra_args: str):
+    def __init__(self, *extra_args: str, password: str | None = None):
+        """``password``: the server requires it (``requirepass``); ``url`` then carries it."""
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RuntimeError("redis-server is not installed: scripts/setup installs the Debian package "
                                "redis-server (apt-get install redis-server)")
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.extra_args = extra_args
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
+        self.extra_args = (*extra_args, *(("--requirepass", password) if password else ()))
         self.dir = tempfile.mkdtemp(prefix="lmcache-pd-redis-")
         self.proc: subprocess.Popen | None = None
 

@@ -19,7 +19,7 @@ import msgspec
 
 from lmcache_pd.cache.keys import ChunkKey
 from lmcache_pd.cache.tier import Buffer, Tier, TierStats, decode_record, encode_record
-from lmcache_pd.config import NonNegative, Seconds
+from lmcache_pd.config import NonNegative, Seconds, redact
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,15 @@ class RedisTier(Tier):
             if first:
                 log.warning("redis tier %s is unreachable (%s): serving from the other tiers and by recompute; "
                             "retrying every %g s (`cache.tiers[].options.retry_s`, command deadline "
-                            "`cache.tiers[].options.timeout_s`)", self.options.url, e, self.options.retry_s)
+                            "`cache.tiers[].options.timeout_s`)", redact(self.options.url), redact(str(e)),
+                            self.options.retry_s)
             return default
         with self._lock:
             was_down, self._down_since = self._down_since, None
         if was_down is not None:
             with self._stats_lock:
                 self._stats.up = True
-            log.warning("redis tier %s is reachable again after %.1f s", self.options.url, now - was_down)
+            log.warning("redis tier %s is reachable again after %.1f s", redact(self.options.url), now - was_down)
         return out
 
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 
 from lmcache_pd import transport as transports
-from lmcache_pd.config import InstanceConfig, PDConfig, check_exposure, configure_logging, keyring
+from lmcache_pd.config import RESOLVED_ENV, InstanceConfig, PDConfig, check_exposure, configure_logging, keyring
 from lmcache_pd.errors import ConfigError
 
 
@@ -28,8 +28,9 @@ def vllm_command(cfg: PDConfig, name: str, *, python: str = sys.executable) -> l
         "kv_connector_module_path": "lmcache_pd.connector",
         "kv_role": "kv_producer" if role == "prefill" else "kv_consumer",
         "kv_load_failure_policy": "recompute",
-        # The resolved config travels inline: every vLLM process sees the same one.
-        "kv_connector_extra_config": {"config": cfg.to_dict(), "instance": name},
+        # The resolved config travels in the environment (instance_env), not on the command line:
+        # every local user can read a command line (/proc/*/cmdline), and vLLM logs its arguments.
+        "kv_connector_extra_config": {"config_env": RESOLVED_ENV, "instance": name},
     }
     argv = [python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", m.path, "--served-model-name", m.served_name or m.path,
@@ -47,6 +48,7 @@ def vllm_command(cfg: PDConfig, name: str, *, python: str = sys.executable) -> l
 def instance_env(cfg: PDConfig, inst: InstanceConfig, base: Mapping[str, str]) -> dict[str, str]:
     env = dict(base)
     env["LMCACHE_PD_INSTANCE"] = inst.name
+    env[RESOLVED_ENV] = json.dumps(cfg.to_dict())  # every vLLM process of it sees the same config
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(inst.kv_cache_gib))
     if inst.cpus is not None:
         # vLLM's CPU worker binds its OpenMP threads itself; give it our cores, not "auto".

@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.cmd == "check-config":
                 import yaml
 
-                print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                from lmcache_pd.config import redact
+
+                print(redact(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))  # URL passwords: ***
                 return 0
             from lmcache_pd.cli.launch import launch
 

@@ -6,8 +6,10 @@
                            "kv_load_failure_policy": "recompute",
                            "kv_connector_extra_config": {"config_file": "pd.yaml", "instance": "prefill-0"}}'
 
-``kv_connector_extra_config`` takes ``config_file`` (a path) or ``config`` (the same content
-inline), and ``instance`` (else LMCACHE_PD_INSTANCE). This facade only picks the role object
+``kv_connector_extra_config`` takes ``config_file`` (a path), ``config`` (the same content
+inline: it is then on vLLM's command line and in its log, so keep passwords out of it) or
+``config_env`` (the name of an environment variable holding it as JSON: what the launcher
+uses), and ``instance`` (else LMCACHE_PD_INSTANCE). This facade only picks the role object
 (prefill/decode x scheduler/worker, see scheduler_side.py and worker_side.py) and delegates;
 importing it is cheap, because vLLM's API server imports it only to call classmethods.
 Supported vLLM versions, and what differs between them, are in compat.py.
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PDConnector"]
 
-_EXTRA_KEYS = {"config_file", "config", "instance"}
+_EXTRA_KEYS = {"config_file", "config", "config_env", "instance"}
 
 
 def load_settings(vllm_config: VllmConfig) -> tuple[Any, str, str]:
@@ -55,7 +57,20 @@ def load_settings(vllm_config: VllmConfig) -> tuple[Any, str, str]:
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_EXTRA_KEYS)}",
                           field="kv_connector_extra_config")
-    if "config" in extra:
+    if "config_env" in extra:
+        import json
+        import os
+
+        name = str(extra["config_env"])
+        if name not in os.environ:
+            raise ConfigError(f"the environment has no {name} (the launcher sets it)",
+                              field="kv_connector_extra_config.config_env")
+        try:
+            data = json.loads(os.environ[name])
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{name} is not JSON: {e}", field="kv_connector_extra_config.config_env") from None
+        cfg = config_from_dict(data, source=f"environment {name}")
+    elif "config" in extra:
         cfg = config_from_dict(extra["config"], source="kv_connector_extra_config.config")
     else:
         cfg = load_config(extra.get("config_file"))

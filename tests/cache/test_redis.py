@@ -104,3 +104,24 @@ def test_a_server_down_at_start_does_not_fail_the_start():
     assert not t.stats().up
     assert t.get(key(1)) is None
     t.close()
+
+
+def test_the_tier_logs_its_url_without_the_password(caplog):
+    server = RedisServer(password="pw-51c0ffee").start()
+    try:
+        with caplog.at_level(logging.INFO, logger="lmcache_pd"):
+            t = _tier(server.url, timeout_s=0.5, retry_s=0.5)
+            assert t.put(key(1), value(1))  # the password is right: the tier works
+            server.kill()
+            assert t.get(key(1)) is None
+            server.start()
+            deadline = time.monotonic() + 5
+            while not t.put(key(2), value(2)):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        text = "\n".join(r.getMessage() for r in caplog.records)
+        assert "unreachable" in text and "reachable again" in text and "redis://:***@" in text
+        assert "pw-51c0ffee" not in text
+        t.close()
+    finally:
+        server.stop()

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -27,12 +30,13 @@ from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 CHUNK = 128  # vLLM's CPU block size: one block per chunk
+REDIS_PASSWORD = "pw-" + "7f3a9c01e6b2"  # the Redis tier's URL carries it: no command line or log may
 
 
 @pytest.fixture(scope="module")
 def cache_deployment(tmp_path_factory):
     work, model = tiny_model_or_skip(tmp_path_factory, "pd-cache")
-    redis = RedisServer().start()
+    redis = RedisServer(password=REDIS_PASSWORD).start()
     cfg = local_config(model, work, extra={
         "proxy.prefills": ["prefill-0"],
         "cache": {"enabled": True, "chunk_tokens": CHUNK, "tiers": [
@@ -207,3 +211,29 @@ def _proxy_sees(dep, proxy: str, instance: str) -> bool:
     except OSError:
         return False
     return bool(body["instances"].get(instance, {}).get("healthy"))
+
+
+def test_the_redis_password_is_on_no_command_line_and_in_no_log(cache_deployment):
+    """The Redis tier's URL carries a password (the server requires it: the tier works only with
+    it). After the module's requests, no process's command line holds it, nor does any log of
+    the deployment (vLLM's, the proxy's, the hand-off logs), nor `lmcache-pd check-config`."""
+    dep = cache_deployment
+    assert dep.redis.client().ping()  # authenticated, so the password is right
+    assert dep.redis.client().dbsize() > 0  # and the tier has written through it
+    seen = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended meanwhile
+            continue
+        if "redis-server" in text:
+            continue  # the test's own server, started with --requirepass
+        if REDIS_PASSWORD in text:
+            seen.append(f"{cmdline.parent.name}: {text[:200]}")
+    assert not seen, f"the password is on command lines: {seen}"
+    logs = [p for p in dep.workdir.rglob("*") if p.is_file() and p.suffix in (".log", ".jsonl")]
+    assert any(p.name == "decode-0.log" for p in logs)
+    assert not [p.name for p in logs if REDIS_PASSWORD.encode() in p.read_bytes()]
+    shown = subprocess.run([sys.executable, "-m", "lmcache_pd.cli.main", "check-config", "--config",
+                            str(dep.config_path)], capture_output=True, text=True, check=True).stdout
+    assert "redis://:***@" in shown and REDIS_PASSWORD not in shown

@@ -1,0 +1,58 @@
+"""What the launcher hands vLLM: the config through the environment, never the command line
+(issue 15, item 3: every local user can read /proc/*/cmdline, and vLLM logs its arguments)."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+from lmcache_pd.cli.launch import instance_env, vllm_command
+from lmcache_pd.config import RESOLVED_ENV, config_from_dict, redact
+from lmcache_pd.errors import ConfigError
+
+PASSWORD = "pw-0d6f1e2a9b"
+
+
+def cfg_with_a_password():
+    return config_from_dict({
+        "model": {"path": "tiny"},
+        "prefill": [{"name": "prefill-0", "http_port": 18001}],
+        "decode": [{"name": "decode-0", "http_port": 18002, "control_port": 18003, "data_port": 18004}],
+        "cache": {"enabled": True, "tiers": [{"name": "redis", "options": {"url": f"redis://:{PASSWORD}@db:6379/0"}}]},
+    }, source="test")
+
+
+def test_the_command_line_names_where_the_config_is_and_holds_none_of_it():
+    cfg = cfg_with_a_password()
+    argv = vllm_command(cfg, "prefill-0", python="python")
+    assert PASSWORD not in " ".join(argv)
+    ktc = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+    assert ktc["kv_connector_extra_config"] == {"config_env": RESOLVED_ENV, "instance": "prefill-0"}
+    env = instance_env(cfg, cfg.instance("prefill-0"), {"PATH": "/bin"})
+    assert config_from_dict(json.loads(env[RESOLVED_ENV]), source="env") == cfg
+
+
+def test_the_connector_reads_the_config_from_the_environment(monkeypatch):
+    pytest.importorskip("vllm", reason="the connector facade needs vLLM")
+    from lmcache_pd.connector import compat
+    from lmcache_pd.connector.facade import load_settings
+
+    cfg = cfg_with_a_password()
+    ktc = types.SimpleNamespace(kv_connector_extra_config={"config_env": RESOLVED_ENV, "instance": "decode-0"},
+                                kv_role="kv_consumer")
+    vllm_config = types.SimpleNamespace(kv_transfer_config=ktc)
+    monkeypatch.setattr(compat, "check_supported", lambda v: None)
+    monkeypatch.setenv(RESOLVED_ENV, json.dumps(cfg.to_dict()))
+    got, instance, role = load_settings(vllm_config)
+    assert (got, instance, role) == (cfg, "decode-0", "decode")
+    monkeypatch.delenv(RESOLVED_ENV)
+    with pytest.raises(ConfigError, match="config_env"):
+        load_settings(vllm_config)
+
+
+def test_urls_in_logs_lose_their_password():
+    assert redact(f"redis tier redis://:{PASSWORD}@db:6379/0 is down") == "redis tier redis://:***@db:6379/0 is down"
+    assert redact(f"rediss://user:{PASSWORD}@db/1") == "rediss://user:***@db/1"
+    assert redact("redis://db:6379/0") == "redis://db:6379/0"
