@@ -93,6 +93,11 @@ class Keyring:
         return self.derive(b"tcp-hello")
 
     @property
+    def records_key(self) -> bytes:
+        """Seals cache records that leave the process (disk and Redis tiers, cache/tier.py)."""
+        return self.derive(b"cache-records")
+
+    @property
     def api_token(self) -> str:
         """Bearer token of the HTTP control APIs (cache API on workers, /cache/* on the proxy)."""
         return self.derive(b"http-api").hex()

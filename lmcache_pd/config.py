@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -426,6 +427,16 @@ def check_exposure(cfg: PDConfig, keys: Keyring, name: str | None) -> None:
         raise ConfigError(f"{host!r} is reachable beyond this machine, and no shared secret is configured: set "
                           f"auth.secret_file or {SECRET_ENV} (`lmcache-pd secret FILE` writes one), or bind "
                           "127.0.0.1", field=field)
+    if name is not None and cfg.cache.enabled:
+        for i, tier in enumerate(cfg.cache.tiers):
+            url = str(tier.options.get("url", "")) if tier.name == "redis" else ""
+            server = urllib.parse.urlsplit(url).hostname if url else None
+            if server is not None and not is_loopback(server):
+                # Records are sealed with a key derived from the secret: without one, anybody
+                # who can write to that server could plant KV that every instance loads.
+                raise ConfigError(f"the Redis tier {redact(url)!r} is beyond this machine, and no shared secret "
+                                  f"is configured to seal its records: set auth.secret_file or {SECRET_ENV}",
+                                  field=f"cache.tiers.{i}.options.url")
 
 
 def resolve_instance(explicit: str | None, *, environ: Mapping[str, str] | None = None) -> str:

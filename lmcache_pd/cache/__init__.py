@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from lmcache_pd.cache.keys import ChunkKey, cache_salt, chain_hashes, chunk_keys, tenant_tag
 from lmcache_pd.cache.store import CacheStats, Lookup, TieredCache
-from lmcache_pd.cache.tier import Tier, TierStats
+from lmcache_pd.cache.tier import Records, Tier, TierStats
 from lmcache_pd.config import CacheConfig
 from lmcache_pd.errors import ConfigError
 from lmcache_pd.registry import Registry
@@ -36,7 +36,12 @@ def create_tier(cfg: CacheConfig, index: int, *, instance: str, rank: int) -> Ti
     return cls(_registry.parse_options(t.name, t.options, field=f"{field}.options"), instance=instance, rank=rank)
 
 
-def build_cache(cfg: CacheConfig, *, instance: str, rank: int) -> TieredCache:
-    """The (not yet started) cache of one worker, as ``cache`` in the config describes it."""
+def build_cache(cfg: CacheConfig, *, instance: str, rank: int, record_key: bytes | None = None) -> TieredCache:
+    """The (not yet started) cache of one worker, as ``cache`` in the config describes it.
+    ``record_key``: seals the records of tiers whose bytes leave the process (from the
+    deployment's secret: ``Keyring.derive(b"cache-records")``); None keeps the public key."""
     tiers = [create_tier(cfg, i, instance=instance, rank=rank) for i in range(len(cfg.tiers))]
+    if record_key is not None:
+        for t in tiers:
+            t.records = Records(record_key)
     return TieredCache(tiers, chunk_tokens=cfg.chunk_tokens, write_queue_bytes=cfg.write_queue_mib << 20)

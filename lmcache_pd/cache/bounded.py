@@ -41,6 +41,9 @@ class LruIndex:
         self._sizes[key] = size
         self.bytes += size
 
+    def size(self, key: ChunkKey) -> int | None:
+        return self._sizes.get(key)
+
     def pop(self, key: ChunkKey) -> int | None:
         size = self._sizes.pop(key, None)
         if size is not None:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 import msgspec
 
 from lmcache_pd.cache.keys import ChunkKey
-from lmcache_pd.cache.tier import Buffer, Tier, TierStats, decode_record, encode_record
+from lmcache_pd.cache.tier import Buffer, Tier, TierStats
 from lmcache_pd.config import NonNegative, Seconds, redact
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class RedisTier(Tier):
         if record is None:
             self._count(misses=1)
             return None
-        payload = decode_record(key, record)
+        payload = self.records.decode(key, record)
         if payload is None:
             log.warning("redis tier: %s failed its checksum; deleted, treated as a miss", self._name(key))
             self._call(lambda c: c.delete(self._name(key)), default=0)
@@ -119,7 +119,7 @@ class RedisTier(Tier):
         return payload
 
     def put(self, key: ChunkKey, value: Buffer) -> bool:
-        head, payload = encode_record(key, value)
+        head, payload = self.records.encode(key, value)
         record = b"".join((head, payload))  # one SET value: redis-py takes one buffer
         ttl = self.options.ttl_s or None
         ok = self._call(lambda c: c.set(self._name(key), record, ex=ttl), default=False)

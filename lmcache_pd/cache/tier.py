@@ -17,9 +17,9 @@ Values handed to ``put`` belong to the tier afterwards (the memory tier keeps th
 
 from __future__ import annotations
 
+import hmac
 import struct
 import threading
-import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
@@ -64,11 +64,16 @@ class Tier(ABC):
     """Reached over the network (a server shared by instances), as opposed to this host's
     memory or disk. The decode side skips transfers only for chunks in local tiers."""
 
+    records: Records
+    """How this tier's bytes are sealed when they leave the process (disk, remote): set by
+    build_cache from the deployment's secret, public until then."""
+
     def __init__(self, options: Any, *, instance: str, rank: int):
         """``instance`` and TP ``rank`` name this worker (for paths and logs)."""
         self.options = options
         self.instance = instance
         self.rank = rank
+        self.records = PUBLIC_RECORDS
         self._stats = TierStats()
         self._stats_lock = threading.Lock()
 
@@ -118,31 +123,52 @@ class Tier(ABC):
 
 
 # --- record format, for tiers whose bytes leave this process (disk, remote) ------------------
-# magic, format version, key digest, payload length, crc32 of (key digest + payload).
+# magic, format version, key digest, payload length, then an HMAC-SHA256 tag over all of that
+# and the payload, under a key derived from the deployment's secret (``Records``). Keys of
+# chunks are computable by anyone (they hash the prompt): the tag is what makes a record ours.
 RECORD_MAGIC = b"LPDC"
-RECORD_VERSION = 1
-_HEAD = struct.Struct(f"<4sB3x{DIGEST_BYTES}sQI")
-RECORD_HEADER_BYTES = _HEAD.size
+RECORD_VERSION = 2
+_HEAD = struct.Struct(f"<4sB3x{DIGEST_BYTES}sQ")
+_TAG_BYTES = 32
+RECORD_HEADER_BYTES = _HEAD.size + _TAG_BYTES
 
 
-def encode_record(key: ChunkKey, payload: Buffer) -> list[Buffer]:
-    """Header and payload as two buffers (writers send them without joining)."""
-    crc = zlib.crc32(payload, zlib.crc32(key.digest))
-    return [_HEAD.pack(RECORD_MAGIC, RECORD_VERSION, key.digest, len(memoryview(payload)), crc), payload]
+class Records:
+    """Encodes and checks records under one key (``Keyring.derive(b"cache-records")``).
+
+    With a secret, nobody without it can plant a record that an instance loads; without one the
+    key is public, so the tag only catches damage, and the tiers' storage must be private."""
+
+    def __init__(self, key: bytes):
+        self.key = key
+
+    def _tag(self, head: bytes, payload: Buffer) -> bytes:
+        h = hmac.new(self.key, head, "sha256")
+        h.update(payload)
+        return h.digest()
+
+    def encode(self, key: ChunkKey, payload: Buffer) -> list[Buffer]:
+        """Header (with its tag) and payload as two buffers (writers send them without joining)."""
+        head = _HEAD.pack(RECORD_MAGIC, RECORD_VERSION, key.digest, len(memoryview(payload)))
+        return [head + self._tag(head, payload), payload]
+
+    def decode(self, key: ChunkKey, record: Buffer) -> memoryview | None:
+        """The payload of a record stored under ``key``, or None if it is not exactly that record.
+
+        Checks magic, version, that it was written for this very key (a file copied or renamed
+        to another key is caught), its length, and its tag (damage, or a record not ours)."""
+        view = memoryview(record)
+        if len(view) < RECORD_HEADER_BYTES:
+            return None
+        magic, version, digest, length = _HEAD.unpack_from(view)
+        if magic != RECORD_MAGIC or version != RECORD_VERSION or digest != key.digest:
+            return None
+        payload = view[RECORD_HEADER_BYTES:]
+        if len(payload) != length:
+            return None
+        head, tag = bytes(view[:_HEAD.size]), bytes(view[_HEAD.size:RECORD_HEADER_BYTES])
+        return payload if hmac.compare_digest(self._tag(head, payload), tag) else None
 
 
-def decode_record(key: ChunkKey, record: Buffer) -> memoryview | None:
-    """The payload of a record stored under ``key``, or None if it is not exactly that record.
-
-    Checks magic, version, that it was written for this very key (a file copied or renamed to
-    another key is caught), its length, and the checksum."""
-    view = memoryview(record)
-    if len(view) < RECORD_HEADER_BYTES:
-        return None
-    magic, version, digest, length, crc = _HEAD.unpack_from(view)
-    if magic != RECORD_MAGIC or version != RECORD_VERSION or digest != key.digest:
-        return None
-    payload = view[RECORD_HEADER_BYTES:]
-    if len(payload) != length or zlib.crc32(payload, zlib.crc32(digest)) != crc:
-        return None
-    return payload
+PUBLIC_RECORDS = Records(b"lmcache-pd: cache records without a secret")
+"""What tiers use until they are given the deployment's (build_cache)."""

@@ -146,7 +146,7 @@ class _PDWorker(WorkerRole):
             return
         self.cache_io = CacheIO(self.cfg.cache, instance=self.instance, rank=self.tp_rank,
                                 compat=msgspec.structs.asdict(compat), kv=layout, kv_buffer=buffer,
-                                block_size=compat.block_size)
+                                block_size=compat.block_size, record_key=self.keys.records_key)
         self.cache_io.start()
 
     def _start_api(self) -> None:

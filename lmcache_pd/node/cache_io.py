@@ -88,14 +88,17 @@ def chunk_blocks_of(cfg: CacheConfig, block_size: int) -> int:
 
 class CacheIO:
     def __init__(self, cfg: CacheConfig, *, instance: str, rank: int, compat: dict[str, object], kv: KVLayout,
-                 kv_buffer: torch.Tensor, block_size: int, cache: TieredCache | None = None):
+                 kv_buffer: torch.Tensor, block_size: int, cache: TieredCache | None = None,
+                 record_key: bytes | None = None):
+        """``record_key``: seals records leaving the process (build_cache); from the secret."""
         self.cfg = cfg
         self.kv = kv
         self.kv_buffer = kv_buffer
         self.chunk_blocks = chunk_blocks_of(cfg, block_size)
         self.chunk_layout = PoolLayout(kv.num_layers, self.chunk_blocks, kv.block_bytes)
         self.salt = cache_salt(compat, chunk_tokens=cfg.chunk_tokens)
-        self.cache = cache if cache is not None else build_cache(cfg, instance=instance, rank=rank)
+        self.cache = cache if cache is not None else build_cache(cfg, instance=instance, rank=rank,
+                                                                 record_key=record_key)
         self.lookups = LookupServer(instance, rank, self.resolve)
         self._work: collections.deque[tuple[str, object, torch.cuda.Event | None]] = collections.deque()
         self._done: list[CacheIOResult] = []
