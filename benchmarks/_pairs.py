@@ -155,7 +155,7 @@ class HandoffPair:
     """Hand-offs of up to ``max_tokens`` tokens; random block tables on both sides."""
 
     def __init__(self, transport: str, options: dict, max_tokens: int, p_dev: str, d_dev: str,
-                 group_mib: int | None = None, reserve: bool = True):
+                 group_mib: int | None = None, reserve: bool = True, verify: bool = False):
         from lmcache_pd.cli.local import free_ports
         from lmcache_pd.node.sender import KVSender
         from lmcache_pd.ops import kv_layout_of
@@ -172,6 +172,7 @@ class HandoffPair:
                           **({} if group_mib is None else {"group_mib": group_mib})},
             "pool": {"size_mib": max_blocks * page // 2**20 + 64},
             "timeouts": {"data_s": 120, "transfer_s": 180},
+            "integrity": {"verify": verify},
         }
         ctx = mp.get_context("spawn")
         self.parent, child = ctx.Pipe()

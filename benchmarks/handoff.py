@@ -8,8 +8,10 @@ groups are scattered as they land, overlapped with the transfer of the next ones
 Shape: Llama-3-8B KV (128 KiB per token), random block tables on both sides. The ceiling is a copy of the same bytes between the same
 devices in one process, measured in this run. The last repeat of each size is checked bitwise.
 benchmarks/transfer.py runs the same hand-off inside its sweep; this one takes token counts.
+``--verify`` times every size twice, with ``integrity.verify`` off and on (a second pair of
+processes), and prints what the check costs.
 
-    python benchmarks/handoff.py --transport cuda_ipc --tokens 128,1024,8192,32768 [--group-mib 0]
+    python benchmarks/handoff.py --transport cuda_ipc --tokens 128,1024,8192,32768 [--group-mib 0] [--verify]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                          "default: the config default)")
     ap.add_argument("--no-reserve", action="store_true",
                     help="allocate the decode pages inside the timed hand-off (no reservation ahead)")
+    ap.add_argument("--verify", action="store_true", help="also time each size with integrity.verify on")
     args = ap.parse_args(argv)
     from lmcache_pd import transport as transports
 
@@ -46,15 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     tokens = [int(t) for t in args.tokens.split(",")]
     pair = HandoffPair(args.transport, {}, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
                        reserve=not args.no_reserve)
+    checked = (HandoffPair(args.transport, {}, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
+                           reserve=not args.no_reserve, verify=True) if args.verify else None)
     where = f"{p_dev} -> {d_dev}" + (f" ({torch.cuda.get_device_name(0)})" if "cuda" in p_dev else "")
     print(f"# {args.transport} hand-off, {where}; python {sys.version.split()[0]}, torch {torch.__version__}")
     print("# Llama-3-8B KV (32 layers, 8 heads, head 128, bf16, block 16); median of", args.repeat,
           "; pages", "allocated in the hand-off" if args.no_reserve else "reserved ahead")
     print(f"{'tokens':>7} {'bytes':>9} {'hand-off ms':>12} {'GB/s':>8} {'ceiling GB/s':>13} {'ratio':>6}  check    "
-          f"| ms: allocate  transfer  after-transfer | scatter (overlapped)  groups")
+          f"| ms: allocate  transfer  after-transfer | scatter (overlapped)  groups"
+          + ("  | verify on: ms  ratio  check" if checked else ""))
     status = 0
     try:
         pair.once(tokens[0])  # links the peers (handshake, IPC open) and builds the kernels
+        if checked is not None:
+            checked.once(tokens[0])
         for n_tok in tokens:
             nbytes = n_tok * TOKEN_BYTES
             methods = list(ceilings_for(args.transport, nbytes, p_dev, d_dev).values())
@@ -62,23 +70,33 @@ def main(argv: list[str] | None = None) -> int:
             for other in methods:
                 if other is not ceiling:
                     other.close()
-            times, copies = [], []
+            times, copies, verified = [], [], []
             pair.phases.clear()
-            for _ in range(args.repeat):
+            for _ in range(args.repeat):  # the two modes take turns: both meet the same machine state
                 times.append(pair.once(n_tok))
                 copies.append(ceiling.once())
+                if checked is not None:
+                    verified.append(checked.once(n_tok))
             ceiling.close()
             ok = pair.check_last()
             status |= not ok
+            extra = ""
+            if checked is not None:
+                v_ok = checked.check_last()
+                status |= not v_ok
+                v = statistics.median(verified)
+                extra = f"  | {v * 1e3:>13.3f} {v / statistics.median(times):>6.2f}  {'bitwise' if v_ok else 'MISMATCH'}"
             t, c = statistics.median(times), statistics.median(copies)
             ph = {k: statistics.median(p[k] for p in pair.phases) * (1 if k == "groups" else 1e3)
                   for k in pair.phases[0]}
             print(f"{n_tok:>7} {nbytes / 2**20:>7.0f}Mi {t * 1e3:>12.3f} {nbytes / t / 1e9:>8.1f} "
                   f"{nbytes / c / 1e9:>13.1f} {c / t:>6.2f}  {'bitwise ' if ok else 'MISMATCH'} "
                   f"| {ph['allocate']:>12.3f} {ph['transfer']:>9.3f} {ph['after transfer']:>15.3f} "
-                  f"| {ph['scatter']:>20.3f} {ph['groups']:>7.0f}", flush=True)
+                  f"| {ph['scatter']:>20.3f} {ph['groups']:>7.0f}{extra}", flush=True)
     finally:
         pair.close()
+        if checked is not None:
+            checked.close()
     return status
 
 

@@ -108,6 +108,14 @@ class PoolConfig(_Section):
     """Decode-side receive pool, pre-allocated at start, per TP rank."""
 
 
+class IntegrityConfig(_Section):
+    verify: bool = False
+    """End-to-end check of every hand-off's bytes: the prefill sends a digest of what it sent
+    (a fast non-cryptographic sum over the blocks, ops.cache_digest) and the decode checks the
+    pool pages against it before loading; on a mismatch vLLM recomputes the prompt (counted).
+    Costs a read of the hand-off's bytes on each side (docs/benchmarks.md)."""
+
+
 class TimeoutsConfig(_Section):
     handshake_s: Seconds = 5.0
     """Prefill waits this long for a decode peer's handshake reply."""
@@ -212,6 +220,7 @@ class PDConfig(_Section):
     auth: AuthConfig = AuthConfig()
     backpressure: BackpressureConfig = BackpressureConfig()
     cache: CacheConfig = CacheConfig()
+    integrity: IntegrityConfig = IntegrityConfig()
     log_level: str = "info"
     handoff_log: str | None = None
     """If set, each decode worker appends one JSON line per hand-off (outcome, bytes, times) to

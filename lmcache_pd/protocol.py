@@ -28,7 +28,8 @@ PROTOCOL_VERSION history:
      name it, so the decode side knows whose batch it reads); Allocated names the
      reservation's ``generation`` (every data batch names its hand-off by transfer id and
      generation); Ended (one-way, decode -> prefill): the decode side ended a hand-off the
-     prefill was still writing, so the prefill stops, and confirms with a Cancel.
+     prefill was still writing, so the prefill stops, and confirms with a Cancel;
+     TransferDone may carry a ``digest`` of the hand-off's bytes (``integrity.verify``).
 """
 
 from __future__ import annotations
@@ -177,6 +178,8 @@ class TransferDone(_Msg):
     transfer_id: Name
     num_bytes: int
     seconds: float
+    digest: int | None = None
+    """With ``integrity.verify``: ops.cache_digest of the bytes sent, checked by the decode."""
 
 
 class Landed(_Msg):

@@ -61,6 +61,8 @@ class Reservation:
     """New for every reservation of this pool: data batches name it with the transfer id."""
     writers: int = 0
     """Data batches being written into its pages now (admitted by ``begin_write``)."""
+    digest: int | None = None
+    """What the prefill said the pages hold (TransferDone, ``integrity.verify``)."""
     held_until: float = 0.0
     """Ended while being written by a transport the receiver cannot gate: its pages stay out of
     use until then, or until the owner confirms it stopped."""
@@ -137,12 +139,12 @@ class PagePool:
         return [self._free.pop() for _ in range(n)]
 
     def mark_ready(self, transfer_id: TransferId, *, owner: str, num_bytes: int, seconds: float,
-                   now: float) -> None:
+                   now: float, digest: int | None = None) -> None:
         with self.cond:
             r = self._owned(transfer_id, owner)
             if r.state != PageState.ALLOCATED:
                 raise TransferError(f"cannot mark ready in state {r.state.name}", transfer_id=transfer_id)
-            r.state, r.num_bytes, r.seconds = PageState.READY, num_bytes, seconds
+            r.state, r.num_bytes, r.seconds, r.digest = PageState.READY, num_bytes, seconds, digest
             r.landed = len(r.pages)
             r.lease_deadline = now + self.lease_s  # now the consumer has lease_s to claim it
             self.cond.notify_all()

@@ -277,7 +277,7 @@ class ControlServer:
                 return self._allocate(identity, owner, msg, now)
             if isinstance(msg, P.TransferDone):
                 self.pool.mark_ready(msg.transfer_id, owner=owner, num_bytes=msg.num_bytes,
-                                     seconds=msg.seconds, now=now)
+                                     seconds=msg.seconds, now=now, digest=msg.digest)
                 return P.Ack(msg_id=msg.msg_id, incarnation=self.incarnation)
             if isinstance(msg, P.Landed):  # one-way: no reply, even to a refusal
                 try:

@@ -27,14 +27,13 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 
 import torch
 
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
-from lmcache_pd._types import BlockId, PageState, ReqId, TransferId
+from lmcache_pd._types import PageState, ReqId, TransferId
 from lmcache_pd.config import PDConfig
 from lmcache_pd.control import curve
 from lmcache_pd.control.allocator import PagePool, PoolStats
@@ -43,91 +42,11 @@ from lmcache_pd.errors import PDError, TransferError
 from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
 from lmcache_pd.node.cache_io import CacheIO, CacheLoadSpec, CacheMiss
 from lmcache_pd.node.handoff_log import HandoffLog
+from lmcache_pd.node.loads import LoadResult, LoadSpec, LoadState, PreparedScatter
 from lmcache_pd.node.write_gate import PoolGate
-from lmcache_pd.ops import PreparedCopy, copy_ranges, prepare_copy, run_copy
+from lmcache_pd.ops import PreparedCopy, copy_ranges, pool_digest, prepare_copy, run_copy
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    req_id: ReqId
-    transfer_id: TransferId
-    num_tokens: int
-    prompt_digest: str
-    block_ids: tuple[BlockId, ...]
-    """Decode blocks to fill: the tail of the prompt's blocks (a local prefix hit covers the rest)."""
-    chains: tuple[bytes, ...] = ()
-    """Chain hashes of this prompt's full chunks, computed by the decode side itself."""
-    tenant: str | None = None
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    req_id: ReqId
-    transfer_id: TransferId
-    ok: bool
-    num_bytes: int = 0
-    transfer_s: float = 0.0
-    """Data-plane time measured by the prefill side."""
-    waited_s: float = 0.0
-    """From submit_load to the pages being in vLLM's blocks."""
-    error: str = ""
-    scatter_s: float = 0.0
-    """Time spent copying pool pages into vLLM's blocks (summed over the groups)."""
-    groups: int = 0
-    """Copies it took: 1, or more when groups were scattered while the rest was in flight."""
-    planned_ahead: bool = False
-    """The last copy was planned (on a GPU, uploaded) while the pages were still in flight."""
-    cache_tokens: int = 0
-    """Prompt tokens copied from this instance's own cache tiers instead of transferred."""
-    submitted_at: float = 0.0
-    """Wall clock (``time.time()``) when the decode worker asked for the KV (its request was
-    scheduled); with the prefill's ``started_at``/``done_at``, a hand-off's timeline."""
-    ready_at: float = 0.0
-    """Wall clock when the loader found every page in the pool (READY); 0 if never."""
-    done_at: float = 0.0
-    """Wall clock when the load ended (pages in vLLM's blocks, or failed)."""
-
-
-@dataclass
-class _Load:
-    spec: LoadSpec
-    t0: float
-    deadline: float
-    submitted_at: float = 0.0
-    ready_at: float = 0.0
-    local: int = 0
-    """Leading blocks of the prompt vLLM holds already (its own prefix cache)."""
-    bound: bool = False
-    """``next_page`` was set from the reservation (its skipped pages known)."""
-    next_page: int = 0
-    """Index into the reservation's pages of the first page not scattered yet."""
-    cached: bool = False
-    """The blocks the decode's own cache supplies were copied in (or there were none)."""
-    cache_tokens: int = 0
-    checked: bool = False
-    """The reservation was found to hold this request's prompt."""
-    scatter_s: float = 0.0
-    groups: int = 0
-    nbytes: int = 0
-    prepared: _Prepared | None = None
-    """The scatter of the pages still to come, planned while waiting for them."""
-    planned: bool = False
-    """Planning ahead was tried (once per load)."""
-    planned_ahead: bool = False
-    busy: bool = False
-    """The loader is copying into this load's blocks right now (landed pages, cached chunks)."""
-    canceled: str | None = None
-    """Canceled while busy: the loader ends it as soon as its copy is done."""
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    first: int
-    upto: int
-    plan: RangePlan
-    copy: PreparedCopy | None  # uploaded on the loader's stream (GPU), else None
 
 
 class KVReceiver:
@@ -162,7 +81,7 @@ class KVReceiver:
         self.server: ControlServer | None = None
         self.compat = compat
         self.bind = f"tcp://{inst.host}:{inst.control_port + tp_rank}"
-        self._loads: dict[ReqId, _Load] = {}
+        self._loads: dict[ReqId, LoadState] = {}
         self._results: list[LoadResult] = []
         self._lock = threading.Lock()
         self._recorded = threading.Condition(self._lock)
@@ -170,6 +89,7 @@ class KVReceiver:
         self._loader = threading.Thread(target=self._run, name=f"pd-loader-{tp_rank}", daemon=True)
         self._stream: torch.cuda.Stream | None = None  # the loader's CUDA stream, made on first use
         self.cache = cache if cfg.cache.decode_skip else None
+        self.digests_verified = self.digest_mismatches = 0  # integrity.verify
 
     def start(self) -> None:
         if self.transport.capabilities.listens:
@@ -204,7 +124,7 @@ class KVReceiver:
         # The blocks are the tail of the prompt's pages (a local prefix hit covers the rest).
         local = max(0, blocks_for_tokens(spec.num_tokens, self.kv_block_size) - len(spec.block_ids))
         with self.pool.cond:
-            self._loads[spec.req_id] = _Load(spec, now, now + self.cfg.timeouts.transfer_s, time.time(), local=local)
+            self._loads[spec.req_id] = LoadState(spec, now, now + self.cfg.timeouts.transfer_s, time.time(), local=local)
             self.pool.cond.notify_all()
 
     def cancel_load(self, req_id: ReqId) -> None:
@@ -246,6 +166,9 @@ class KVReceiver:
             "consuming": p.consuming, "expired_total": p.expired_total, "aborted_total": p.aborted_total}}
         with self.pool.cond:
             out["loads"] = {"waiting": len(self._loads)}
+        with self._lock:
+            out["loads"].update(digests_verified_total=self.digests_verified,
+                                digest_mismatches_total=self.digest_mismatches)
         if self.server is not None:
             out["control"] = {**dataclasses.asdict(self.server.stats), "sessions": self.server.sessions}
         t = self.transport.stats
@@ -270,10 +193,10 @@ class KVReceiver:
     # --- loader thread --------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            ready: list[_Load] = []
-            landed: list[_Load] = []
-            granted: list[_Load] = []
-            failed: list[tuple[_Load, str]] = []
+            ready: list[LoadState] = []
+            landed: list[LoadState] = []
+            granted: list[LoadState] = []
+            failed: list[tuple[LoadState, str]] = []
             with self.pool.cond:
                 now = time.monotonic()
                 for req_id, load in list(self._loads.items()):
@@ -305,7 +228,7 @@ class KVReceiver:
                 self._guarded(load, self._prepare)
                 self._idle(load)
 
-    def _idle(self, load: _Load) -> None:
+    def _idle(self, load: LoadState) -> None:
         """The loader is done copying into the load's blocks for now: a cancel that came
         meanwhile takes effect."""
         with self.pool.cond:
@@ -316,7 +239,7 @@ class KVReceiver:
         if canceled is not None:
             self._fail(load, canceled, time.monotonic())
 
-    def _guarded(self, load: _Load, step) -> None:
+    def _guarded(self, load: LoadState, step) -> None:
         try:
             step(load)
         except Exception as e:  # noqa: BLE001 - the loader must outlive a bug, or every load would hang
@@ -325,7 +248,7 @@ class KVReceiver:
                 self._loads.pop(load.spec.req_id, None)
             self._fail(load, f"internal error: {e!r}", time.monotonic())
 
-    def _check(self, load: _Load, now: float) -> str | None:
+    def _check(self, load: LoadState, now: float) -> str | None:
         """'' when ready to claim, 'landed' when new pages landed, 'granted' when its pages are
         known and its scatter not yet planned, an error text when it failed, None to keep waiting."""
         r = self.pool.lookup(load.spec.transfer_id)
@@ -345,14 +268,14 @@ class KVReceiver:
             return "granted"
         return None
 
-    def _fail(self, load: _Load, error: str, now: float) -> None:
+    def _fail(self, load: LoadState, error: str, now: float) -> None:
         self.pool.abort(load.spec.transfer_id, reason=error, now=now)  # frees pages or leaves a tombstone
         self.release(load.spec.transfer_id)
         log.warning("load of %s for %s failed, recomputing: %s", load.spec.transfer_id, load.spec.req_id, error)
         self._record(LoadResult(load.spec.req_id, load.spec.transfer_id, False, waited_s=now - load.t0, error=error,
                                 submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time()))
 
-    def _validate(self, load: _Load, r) -> None:
+    def _validate(self, load: LoadState, r) -> None:
         """Check once that the reservation holds this request's prompt."""
         spec = load.spec
         if load.checked:
@@ -366,7 +289,7 @@ class KVReceiver:
                                 f"{spec.num_tokens} tokens", transfer_id=spec.transfer_id)
         load.checked = True
 
-    def _load_cached(self, load: _Load, r) -> None:
+    def _load_cached(self, load: LoadState, r) -> None:
         """Copy the blocks the prefill side skipped (whole chunks held here) from this worker's
         tiers into the request's blocks, once. They are keyed by the decode's own chain hashes:
         a prefill side that named other chunks makes the load miss and vLLM recompute."""
@@ -393,7 +316,7 @@ class KVReceiver:
             self.release(spec.transfer_id)
         load.cache_tokens = (skip - load.local) * self.kv_block_size
 
-    def _scatter_pages(self, load: _Load, r, upto: int) -> None:
+    def _scatter_pages(self, load: LoadState, r, upto: int) -> None:
         """Copy the reservation's pages ``[load.next_page, upto)`` into the load's blocks."""
         self._validate(load, r)
         self._load_cached(load, r)
@@ -415,13 +338,13 @@ class KVReceiver:
         load.nbytes += plan.nbytes
         load.next_page = upto
 
-    def _plan(self, load: _Load, r, first: int, upto: int) -> RangePlan:
+    def _plan(self, load: LoadState, r, first: int, upto: int) -> RangePlan:
         """Pool pages ``[first, upto)`` of the reservation -> the load's blocks."""
         offset = len(r.pages) - len(load.spec.block_ids)
         return plan_cache_to_pool(self.kv, self.pool_layout, blocks=load.spec.block_ids[first - offset:upto - offset],
                                   pages=r.pages[first:upto]).swapped()
 
-    def _prepare(self, load: _Load) -> None:
+    def _prepare(self, load: LoadState) -> None:
         """Plan (and on a GPU upload) the scatter of all pages still to come, while they fly."""
         load.planned = True
         r = self.pool.lookup(load.spec.transfer_id)
@@ -444,9 +367,9 @@ class KVReceiver:
         if self.kv_buffer.is_cuda:
             copy = prepare_copy(self.pool_buffer.data_ptr(), self.kv_buffer.data_ptr(), plan,
                                 device=self.kv_buffer.device, stream=self._loader_stream())
-        load.prepared = _Prepared(first, upto, plan, copy)
+        load.prepared = PreparedScatter(first, upto, plan, copy)
 
-    def _scatter_landed(self, load: _Load) -> None:
+    def _scatter_landed(self, load: LoadState) -> None:
         """Scatter the pages that landed so far, while the prefill side is still writing."""
         r = self.pool.begin_read(load.spec.transfer_id)
         if r is None:  # ended or READY meanwhile: the next check says which
@@ -463,7 +386,7 @@ class KVReceiver:
                 self._loads.pop(load.spec.req_id, None)
             self._fail(load, error, time.monotonic())
 
-    def _scatter(self, load: _Load) -> None:
+    def _scatter(self, load: LoadState) -> None:
         spec = load.spec
         load.ready_at = time.time()
         try:
@@ -472,6 +395,7 @@ class KVReceiver:
             self._fail(load, str(e), time.monotonic())
             return
         try:
+            self._verify(r)
             self._scatter_pages(load, r, len(r.pages))
         except (PDError, ValueError) as e:
             self.pool.release(spec.transfer_id, now=time.monotonic())
@@ -483,6 +407,21 @@ class KVReceiver:
                                 now - load.t0, scatter_s=load.scatter_s, groups=load.groups,
                                 planned_ahead=load.planned_ahead, cache_tokens=load.cache_tokens,
                                 submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time()))
+
+    def _verify(self, r) -> None:
+        """With ``integrity.verify``: the pool pages hold what the prefill said it sent."""
+        if not self.cfg.integrity.verify:
+            return
+        if r.digest is None:
+            raise TransferError("the prefill sent no digest (set integrity.verify the same on every instance)",
+                                transfer_id=r.transfer_id)
+        if pool_digest(self.pool_layout, self.pool_buffer, r.pages) != r.digest:
+            with self._lock:
+                self.digest_mismatches += 1
+            raise TransferError("the pages differ from what the prefill sent (integrity.verify)",
+                                transfer_id=r.transfer_id)
+        with self._lock:
+            self.digests_verified += 1
 
     def _copy(self, plan: RangePlan, prepared: PreparedCopy | None = None) -> None:
         """Scatter pool pages into vLLM's blocks; on a GPU, complete before the pages go back.

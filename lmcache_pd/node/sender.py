@@ -51,6 +51,7 @@ from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens, plan_cache
 from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.links import Link, Links
 from lmcache_pd.node.loop import LoopThread
+from lmcache_pd.ops import cache_digest
 
 log = logging.getLogger(__name__)
 
@@ -307,10 +308,12 @@ class KVSender:
                      for a, b in zip((0, *ends[:-1]), ends)]
             nbytes = sum(p.nbytes for p in plans)
             t_data = time.monotonic()
+            digest = self._digest(blocks, pages, link, ready)  # reads the blocks while they fly
             await self._transfer(link, plans, ends, spec, P.ticket(spec.transfer_id, grant.generation), ready)
             seconds = time.monotonic() - t_data
             done = P.TransferDone(msg_id=link.client.next_id(), transfer_id=spec.transfer_id,
-                                  num_bytes=nbytes, seconds=seconds)
+                                  num_bytes=nbytes, seconds=seconds,
+                                  digest=await digest if digest is not None else None)
             t_done = time.monotonic()
             await link.client.request(done, timeout_s=self.t.control_s, config_field="timeouts.control_s",
                                       what="transfer-done", transfer_id=spec.transfer_id)
@@ -384,6 +387,19 @@ class KVSender:
                                     f"{n_pages} blocks)", transfer_id=spec.transfer_id)
             return _Grant(link, reply.pages, skip, reply.generation)
         raise AssertionError("unreachable")
+
+    def _digest(self, blocks: tuple[BlockId, ...], pages: list[int], link: Link,
+                ready: torch.cuda.Event | None) -> asyncio.Future[int] | None:
+        """With ``integrity.verify``: the digest of what this hand-off sends, computed on a worker
+        thread while the transfer runs (after the forward that wrote the blocks)."""
+        if not self.cfg.integrity.verify:
+            return None
+
+        def compute() -> int:
+            if ready is not None:
+                ready.synchronize()
+            return cache_digest(self.kv, self.kv_buffer, blocks, link.pool, pages)
+        return asyncio.get_running_loop().run_in_executor(None, compute)
 
     def _group_ends(self, n_pages: int) -> tuple[int, ...]:
         """Where each group of a streamed hand-off ends (exclusive page counts, increasing)."""

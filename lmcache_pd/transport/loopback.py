@@ -2,7 +2,8 @@
 
 Both ends live in one process: a descriptor names a registered buffer in a process-wide
 table. Behaviour is scripted by options, not by patching: ``delay_s`` delays each batch,
-``fail_every`` fails every N-th batch, ``refuse_connect`` makes ``connect`` fail.
+``fail_every`` fails every N-th batch, ``refuse_connect`` makes ``connect`` fail,
+``corrupt_every`` flips one bit in every N-th batch it reports done (bytes damaged on the way).
 It writes one-sided (the receiver never sees a batch), like cuda_ipc and nixl: a batch released
 before its copy began never copies, and ``release`` waits for a copy that began.
 """
@@ -33,6 +34,7 @@ class LoopbackOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     delay_s: float = 0.0
     fail_every: int = 0
     refuse_connect: bool = False
+    corrupt_every: int = 0
 
 
 class _Descriptor(msgspec.Struct, frozen=True):
@@ -89,12 +91,13 @@ class LoopbackTransport(Transport):
         key = self._peers[peer]
         n = next(self._batches)
         fail = self.options.fail_every > 0 and n % self.options.fail_every == 0
+        corrupt = self.options.corrupt_every > 0 and n % self.options.corrupt_every == 0
         handle.state = TransferState.IN_FLIGHT
-        self._pool.submit(self._run, handle, src, key, plan, fail, timeout_s)
+        self._pool.submit(self._run, handle, src, key, plan, fail, timeout_s, corrupt)
         return handle
 
     def _run(self, handle: TransferHandle, src: torch.Tensor, key: str, plan: RangePlan, fail: bool,
-             timeout_s: float) -> None:
+             timeout_s: float, corrupt: bool = False) -> None:
         if handle.state != TransferState.IN_FLIGHT:
             return  # released (canceled) before it ran
         if self.options.delay_s:
@@ -116,6 +119,9 @@ class LoopbackTransport(Transport):
             return
         try:
             copy_ranges(src, dst, plan)
+            if corrupt and len(plan):  # one bit, in the middle of the last range
+                at = int(plan.dst_offsets[-1] + plan.lengths[-1] // 2)
+                dst[at] ^= 1
         except ValueError as e:
             self._finish(handle, TransferState.FAILED, time.monotonic(), str(e))
             return

@@ -1,0 +1,101 @@
+"""``integrity.verify`` (issue 15, item 6): the decode checks each hand-off's bytes against the
+prefill's digest before loading them; damaged bytes are never loaded (vLLM recomputes), and
+each mismatch is counted. Without it the same damage goes through unseen."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+import torch
+
+from lmcache_pd.config import IntegrityConfig
+from lmcache_pd.layout import PoolLayout, plan_cache_to_pool
+from lmcache_pd.ops import cache_digest, copy_ranges, kv_layout_of, pool_digest
+from tests.unit.test_layout import vllm_like_cache
+from tests.unit.test_node import BLOCK, Node, make_cfg
+
+
+def node(verify: bool, corrupt_every: int = 0, transport: str = "loopback") -> Node:
+    cfg = make_cfg(transport, options={"corrupt_every": corrupt_every} if corrupt_every else {})
+    return Node(msgspec.structs.replace(cfg, integrity=IntegrityConfig(verify=verify)))
+
+
+@pytest.mark.parametrize("name", ["tcp", "nixl", "cuda_ipc"])
+def test_verified_handoffs_load_over_every_transport(name):
+    from lmcache_pd import transport as transports
+
+    ok, why = transports.available(name)
+    if not ok:
+        pytest.skip(f"transport {name!r} unavailable here: {why}")
+    n = node(verify=True, transport=name)
+    try:
+        n.handoff("v1", [5, 6, 7, 30], [11, 12, 13, 40], num_tokens=3 * BLOCK + 5)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        n.assert_moved([5, 6, 7, 30], [11, 12, 13, 40])
+        assert n.receiver.status()["loads"]["digests_verified_total"] == 1
+    finally:
+        n.close()
+
+
+def test_damaged_bytes_are_refused_and_counted():
+    n = node(verify=True, corrupt_every=2)  # the second hand-off's bytes are damaged on the way
+    try:
+        n.handoff("clean", [1, 2, 3], [4, 5, 6], num_tokens=3 * BLOCK)
+        n.handoff("damaged", [7, 8], [9, 10], num_tokens=2 * BLOCK)
+        sends, loads = n.results(2, 2)
+        by = {ld.transfer_id: ld for ld in loads}
+        assert by["clean"].ok, by["clean"].error
+        n.assert_moved([1, 2, 3], [4, 5, 6])
+        assert not by["damaged"].ok and "integrity.verify" in by["damaged"].error
+        assert all(torch.all(layer[b].view(torch.uint8) == 0xEE) for layer in n.d_layers for b in (9, 10))
+        status = n.receiver.status()["loads"]
+        assert status["digests_verified_total"] == 1 and status["digest_mismatches_total"] == 1
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
+def test_without_verify_the_same_damage_is_loaded():
+    n = node(verify=False, corrupt_every=1)
+    try:
+        n.handoff("damaged", [7, 8], [9, 10], num_tokens=2 * BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert ld.ok  # nothing looked
+        differs = any(not torch.equal(pl[pb].view(torch.uint8), dl[db].view(torch.uint8))
+                      for pl, dl in zip(n.p_layers, n.d_layers) for pb, db in ((7, 9), (8, 10)))
+        assert differs
+    finally:
+        n.close()
+
+
+def test_the_digest_sees_one_flipped_bit_and_one_misplaced_block():
+    layers = vllm_like_cache(2, 20, 2, 16, 64, torch.bfloat16, "LBHNC", "cpu")
+    kv, buf = kv_layout_of(layers)
+    pool = PoolLayout(kv.num_layers, 12, kv.block_bytes)
+    pbuf = torch.zeros(pool.nbytes, dtype=torch.uint8)
+    blocks, pages = [3, 17, 5, 9], [10, 2, 7, 0]
+    copy_ranges(buf, pbuf, plan_cache_to_pool(kv, pool, blocks=blocks, pages=pages))
+    want = cache_digest(kv, buf, blocks, pool, pages)
+    assert pool_digest(pool, pbuf, pages) == want
+    flipped = pbuf.clone()
+    flipped[(pool.num_pages + 7) * pool.block_bytes + 77] ^= 0x10
+    assert pool_digest(pool, flipped, pages) != want
+    swapped = torch.zeros_like(pbuf)  # the right bytes, two blocks in each other's places
+    copy_ranges(buf, swapped, plan_cache_to_pool(kv, pool, blocks=blocks, pages=[2, 10, 7, 0]))
+    assert pool_digest(pool, swapped, pages) != want
+
+
+def test_the_gpu_formula_sees_one_changed_word_and_two_swapped_blocks():
+    """ops._digest, what cache_digest and pool_digest use on a GPU, run here on CPU tensors."""
+    from lmcache_pd.ops import _digest
+
+    g = torch.Generator().manual_seed(3)
+    units = torch.randint(0, 256, (6, 4096), dtype=torch.uint8, generator=g)
+    places = torch.tensor([0, 4096, 12288, 40960, 8192, 65536], dtype=torch.int64)
+    want = _digest(units, places)
+    assert _digest(units[[2, 0, 5, 1, 4, 3]], places[[2, 0, 5, 1, 4, 3]]) == want  # any order of blocks
+    changed = units.clone()
+    changed[4, 1000] ^= 0x80
+    assert _digest(changed, places) != want
+    assert _digest(units, places[[1, 0, 2, 3, 4, 5]]) != want  # blocks 0 and 1 in each other's place
