@@ -21,6 +21,7 @@ import collections
 import logging
 import math
 import secrets
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,8 @@ _EXPIRE_EVERY_S = 0.1
 """Lease expiry scans every reservation and tombstone; leases are seconds long, so once per
 100 ms is precise enough and keeps the scan off the per-message path."""
 _WARN_EVERY_S = 10.0
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 @dataclass
@@ -90,7 +93,9 @@ class ServerStats:
     malformed: int = 0
     """Frames that are not ours (count, header, sizes), or authentic ones whose body does not decode."""
     unauthenticated: int = 0
-    """Frames whose tag does not verify (another secret, garbled, or no session for this peer)."""
+    """Frames whose tag does not verify (another secret, garbled, or no session for this peer),
+    and, with ``auth.encrypt``, connections whose CurveZMQ handshake failed (no Curve, or not
+    this deployment's key): those never deliver a frame at all."""
     stale: int = 0
     """Authentic frames seen before: replayed session frames, Handshakes with a spent cookie."""
     rejected: int = 0
@@ -182,19 +187,43 @@ class ControlServer:
             self._ctx.term()
             return
         self._bound.set()
+        # A stranger refused by CurveZMQ never reaches a handler: zmq reports it as an event.
+        monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED) if self.curve_secret is not None else None
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if sock.poll(_POLL_MS, zmq.POLLIN):
+                ready = dict(poller.poll(_POLL_MS))
+                if sock in ready:
                     for _ in range(64):
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
                         self._on_frames(sock, frames)
+                if monitor is not None and monitor in ready:
+                    self._on_monitor(monitor)
                 self._housekeeping(sock)
         finally:
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(linger=0)
             sock.close()
             self._ctx.term()
+
+    def _on_monitor(self, monitor: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = struct.unpack_from("=H", frames[0])[0] if frames and len(frames[0]) >= 2 else 0
+            if event & _HANDSHAKE_FAILED:
+                self.stats.unauthenticated += 1
+                self._warn("curve", "control: refused a connection whose CurveZMQ handshake failed (no Curve, or "
+                           "not this deployment's key)")
 
     def _warn(self, what: str, text: str, *args: object) -> None:
         """A warning per kind at most every 10 s: a flood of bad frames must not flood the log."""

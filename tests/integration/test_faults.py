@@ -12,6 +12,7 @@ finally the deployment serves a request by hand-off again.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -138,6 +139,44 @@ def finished(out: dict, timeout_s: float) -> dict:
     return out
 
 
+class Bystander:
+    """An unrelated request sent while a fault happens, checked token for token against the
+    colocated answer (taken before the fault from ``ref_from``): a fault must not touch it."""
+
+    def __init__(self, dep, seed: int, via: str = "proxy", ref_from: str = "decode-0"):
+        # prompt_ids(seed) repeats every 500 seeds: + 101 keeps clear of the tests' own prompts
+        self.ids = prompt_ids(250, seed=seed + 101)
+        self.ref = token_ids(completion(dep.procs[ref_from].url, self.ids)[0])
+        self.url = dep.procs[via].url
+        self.req: dict | None = None
+
+    def start(self) -> Bystander:
+        self.req = in_thread(completion, self.url, self.ids)
+        return self
+
+    def check(self, timeout_s: float = 90) -> None:
+        assert self.req is not None, "the bystander was never sent"
+        out = finished(self.req, timeout_s)
+        assert "error" not in out, f"the unrelated request failed: {out.get('error')!r}"
+        assert token_ids(out["result"][0]) == self.ref, "the unrelated request's answer differs"
+
+
+def data_bytes_queued(port: int) -> int:
+    """Bytes the kernel holds for a reader of a TCP connection whose local port is ``port``
+    (/proc/net/tcp's rx_queue): sent by the peer, not yet read."""
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01":  # ESTABLISHED
+                total += int(f[4].split(":")[1], 16)
+    return total
+
+
 def answered_while(dep, ids: list[int], fault) -> dict:
     """A completion through the proxy, with ``fault()`` done while it is in flight: it must end
     within a minute with an answer (returned), not an error."""
@@ -163,34 +202,55 @@ def test_prefill_killed_before_the_transfer(faults):
     computes the prompt itself. The client sees only a correct answer."""
     ids = prompt_ids(1500, seed=2)
     reference, _ = completion(faults.procs["decode-0"].url, ids)
+    bystander = Bystander(faults, seed=2)
     faults.signal("prefill-0", signal.SIGSTOP)  # hold it inside the prefill request
 
     def kill() -> None:
         time.sleep(1.0)
         faults.signal("prefill-0", signal.SIGKILL)
+        bystander.start()
 
     got = answered_while(faults, ids, kill)
     assert token_ids(got) == token_ids(reference) and report(got) == {}  # served without a hand-off
+    bystander.check()
     restart(faults, "prefill-0")
     assert_clean(faults, T["peer_s"] + 5)
     serves_by_handoff(faults, seed=3)
 
 
 def test_prefill_killed_while_writing(faults):
-    """Killed after decode-0 granted its pages, before TransferDone: decode-0 notices the silence
-    (timeouts.peer_s) and frees the pages; the client gets a correct answer (decode-0 computes)."""
+    """Killed while its hand-off's bytes are in flight, before TransferDone: decode-0 notices the
+    silence (timeouts.peer_s) and frees the pages; the client gets a correct answer (decode-0
+    computes). To catch the bytes in flight, decode-0 is stopped once its pages are granted:
+    prefill-0's batch then waits in the kernel (the data connection's receive queue), and
+    prefill-0 is killed with those bytes not yet in the pool."""
     ids = prompt_ids(3000, seed=4)
     reference, _ = completion(faults.procs["decode-0"].url, ids)
+    bystander = Bystander(faults, seed=4)
+    data_port = faults.cfg.decode[0].data_port
+    queued: list[int] = []
 
-    def kill_once_granted() -> None:
-        # The pages are granted while the prompt's (one) chunk computes: poll tightly, kill at once.
+    def kill_while_writing() -> None:
+        # The pages are granted while the prompt's (one) chunk computes: poll tightly.
         deadline = time.monotonic() + 60
         while pd_stats(faults, "decode-0")["pool"]["allocated"] < 1:
             assert time.monotonic() < deadline, "no pages were granted"
-        faults.signal("prefill-0", signal.SIGKILL)
+        faults.signal("decode-0", signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 30
+            while not (n := data_bytes_queued(data_port)):
+                assert time.monotonic() < deadline, "prefill-0 sent no byte of its hand-off"
+                time.sleep(0.005)
+            faults.signal("prefill-0", signal.SIGKILL)
+            queued.append(n)
+        finally:
+            faults.signal("decode-0", signal.SIGCONT)
+        bystander.start()
 
-    got = answered_while(faults, ids, kill_once_granted)
+    got = answered_while(faults, ids, kill_while_writing)
+    assert queued and queued[0] > 0  # bytes of the batch were between the two when it died
     assert token_ids(got) == token_ids(reference)
+    bystander.check()
     t0 = time.monotonic()
     wait_for(lambda: pd_stats(faults, "decode-0")["pool"]["allocated"] == 0, T["peer_s"] + 3,
              "decode-0 kept the dead prefill's pages")
@@ -224,9 +284,15 @@ def test_prefill_killed_after_the_transfer(faults):
     """The decode has the KV: it answers in full although the prefill is gone."""
     ids = prompt_ids(800, seed=6)
     ref, _ = completion(faults.procs["prefill-0"].url, ids, max_tokens=48)
-    got, error = stream(faults.procs["proxy"].url, ids, 48,
-                        on_first=lambda: faults.signal("prefill-0", signal.SIGKILL))
+    bystander = Bystander(faults, seed=6)
+
+    def kill() -> None:
+        faults.signal("prefill-0", signal.SIGKILL)
+        bystander.start()
+
+    got, error = stream(faults.procs["proxy"].url, ids, 48, on_first=kill)
     assert error is None and got == token_ids(ref)
+    bystander.check()
     restart(faults, "prefill-0")
     assert_clean(faults, 10)
     serves_by_handoff(faults, seed=7)
@@ -236,8 +302,14 @@ def test_decode_killed_mid_stream_then_restarted(faults):
     """The client's stream ends with a clear error event; until decode-0 is back, requests are
     served whole by prefill-0; then hand-offs resume (prefill-0 re-links to the new decode-0)."""
     ids = prompt_ids(600, seed=8)
-    got, error = stream(faults.procs["proxy"].url, ids, 200,
-                        on_first=lambda: faults.signal("decode-0", signal.SIGKILL))
+    bystander = Bystander(faults, seed=8, via="prefill-0", ref_from="prefill-0")
+
+    def kill() -> None:
+        faults.signal("decode-0", signal.SIGKILL)
+        bystander.start()
+
+    got, error = stream(faults.procs["proxy"].url, ids, 200, on_first=kill)
+    bystander.check()
     assert error is not None and "decode-0" in error and "ended early" in error, error
     t0 = time.monotonic()
     other = prompt_ids(300, seed=9)
@@ -265,7 +337,9 @@ def test_proxy_killed_and_restarted(faults):
     hand-off made and not yet loaded never is, and decode-0's pages return after timeouts.lease_s."""
     ids = [prompt_ids(700, seed=20 + i) for i in range(3)]
     sent = pd_stats(faults, "prefill-0")["handoffs"]["sent_total"]
-    reqs = [in_thread(completion, faults.procs["proxy"].url, x, max_tokens=100) for x in ids]
+    bystander = Bystander(faults, seed=20, via="decode-0")  # the proxy is the fault: straight to decode-0
+    # Long answers: none can be complete when the proxy dies, whatever the machine's speed.
+    reqs = [in_thread(completion, faults.procs["proxy"].url, x, max_tokens=1000, ignore_eos=True) for x in ids]
 
     def handed_off() -> bool:  # pages granted, or (a fast machine) a hand-off already done
         pool = pd_stats(faults, "decode-0")["pool"]
@@ -273,9 +347,12 @@ def test_proxy_killed_and_restarted(faults):
                 or pd_stats(faults, "prefill-0")["handoffs"]["sent_total"] > sent)
     wait_for(handed_off, 60, "no hand-off started")
     faults.signal("proxy", signal.SIGKILL)
+    bystander.start()
     for r in reqs:
         out = finished(r, 10)
-        assert "error" in out or "result" in out  # a connection error (or an answer that beat the kill)
+        assert isinstance(out.get("error"), (urllib.error.URLError, ConnectionError, http.client.HTTPException)), \
+            f"a client of the killed proxy got {out.get('result') or out.get('error')!r}, not a connection error"
+    bystander.check()
     faults.stop("proxy")
     faults.start("proxy")
     faults.wait_healthy(["proxy"], 60)
@@ -289,11 +366,14 @@ def test_control_plane_partition(faults):
     hand-off again."""
     ids = prompt_ids(500, seed=30)
     reference, _ = completion(faults.procs["prefill-0"].url, ids)
+    bystander = Bystander(faults, seed=30)
     os.killpg(faults.relay.pid, signal.SIGSTOP)
     try:
+        bystander.start()
         t0 = time.monotonic()
         got, _ = completion(faults.procs["proxy"].url, ids)
         elapsed = time.monotonic() - t0
+        bystander.check()
         assert token_ids(got) == token_ids(reference)
         r = report(got)
         assert r["loaded"] is False and r["prompt_tokens_computed"] == 500, r
@@ -314,14 +394,17 @@ def test_slow_decode_delays_but_loses_nothing(faults):
     """decode-0 stopped for a while (SIGSTOP): requests wait for it, then complete correctly."""
     ids = prompt_ids(300, seed=40)
     reference, _ = completion(faults.procs["prefill-0"].url, ids)
+    bystander = Bystander(faults, seed=40)
     faults.signal("decode-0", signal.SIGSTOP)
 
     def resume() -> None:
+        bystander.start()
         time.sleep(4.0)
         faults.signal("decode-0", signal.SIGCONT)
 
     got = answered_while(faults, ids, resume)
     assert token_ids(got) == token_ids(reference)
+    bystander.check()
     assert_clean(faults, T["lease_s"] + 5)
     serves_by_handoff(faults, seed=41)
 
@@ -337,6 +420,7 @@ def test_a_forged_handoff_and_strangers_change_nothing(faults):
 
     d = faults.cfg.decode[0]
     before = pd_stats(faults, "decode-0")["control"]
+    bystander = Bystander(faults, seed=50).start()
     ctx = zmq.Context()
     for server_key in (None, curve.server_keys(auth.Keyring(b"a guess at the deployment's key"))[0]):
         s = ctx.socket(zmq.DEALER)
@@ -350,8 +434,11 @@ def test_a_forged_handoff_and_strangers_change_nothing(faults):
         assert not s.poll(1000), "a stranger's Hello was answered"
         s.close()
     ctx.term()
+    bystander.check()
     after = pd_stats(faults, "decode-0")["control"]
     assert after["handshakes"] == before["handshakes"] and after["sessions"] == before["sessions"]
+    # Seen and counted, not only kept out: each stranger's failed Curve handshake.
+    assert after["unauthenticated"] >= before["unauthenticated"] + 2, (before, after)
     ids = prompt_ids(300, seed=50)
     forged = {"do_remote_prefill": True, "do_remote_decode": False, "transfer_id": "forged-1", "num_tokens": 300,
               "prompt_digest": P.prompt_digest(ids), "prefill_peer": "prefill-0"}

@@ -335,9 +335,7 @@ def test_every_batch_is_admitted_by_the_gate_and_a_refused_one_writes_nothing():
 
 
 def test_a_range_table_that_wraps_int64_is_refused():
-    rx, dst, region = listening(1 << 16, io_timeout_s=2)
-    d = msgspec.msgpack.decode(rx.export_descriptor(region), type=_Descriptor)
-    raw = socket.create_connection((d.host, d.port))
+    rx, d, raw = bare_connection(2.0)
     assert raw_hello(raw, d)[:5] == struct.pack("!4sB", b"LPDR", 0)
     table = np.zeros((8, 2), dtype="<i8")
     table[0] = (1 << 62, 1 << 62)  # the sum wraps negative in int64: a check in int64 lets it pass
@@ -348,10 +346,15 @@ def test_a_range_table_that_wraps_int64_is_refused():
     rx.close()
 
 
-def test_a_hello_dribbled_byte_by_byte_is_cut_at_io_timeout_s():
-    rx, dst, region = listening(1 << 16, io_timeout_s=1.0)
+def bare_connection(io_timeout_s: float) -> tuple[object, _Descriptor, socket.socket]:
+    """A tcp receiver (64 KiB pool) and a bare connection to it: (receiver, descriptor, socket)."""
+    rx, _dst, region = listening(1 << 16, io_timeout_s=io_timeout_s)
     d = msgspec.msgpack.decode(rx.export_descriptor(region), type=_Descriptor)
-    c = socket.create_connection((d.host, d.port))
+    return rx, d, socket.create_connection((d.host, d.port))
+
+
+def test_a_hello_dribbled_byte_by_byte_is_cut_at_io_timeout_s():
+    rx, _d, c = bare_connection(1.0)
     recv_n(c, _CHALLENGE.size)
     t0 = time.monotonic()
     closed = None
