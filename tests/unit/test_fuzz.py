@@ -96,6 +96,11 @@ class Harness:
         return (live, ended, free, sessions, [w.msg.transfer_id for w in srv._waiting], dict(srv.cookies._used),
                 srv.stats.handshakes, srv.stats.allocations, len(self.sock.sent))
 
+    def dropped(self) -> int:
+        """Frames the server dropped, by every cause it counts."""
+        st = self.srv.stats
+        return st.malformed + st.unauthenticated + st.stale + st.rejected
+
     def check_invariants(self) -> None:
         pool = self.srv.pool
         with pool.cond:
@@ -169,9 +174,10 @@ def test_mutated_frames_change_no_state(harness, data):
     if frames == base and kind == "session":
         return  # a mutation that changed nothing leaves an authentic frame
     identity = data.draw(st.sampled_from([IDENTITY, b"prefill-1/0/other", b"", b"\xff" * 300]))
-    before = h.state()
+    before, dropped = h.state(), h.dropped()
     h.feed(frames, identity)
     assert h.state() == before, (kind, frames)
+    assert h.dropped() == dropped + 1, (kind, frames)  # seen and counted, not only ignored
     h.check_invariants()
 
 
@@ -185,9 +191,10 @@ def test_mutated_frames_change_no_state(harness, data):
               .map(lambda t: t[0] + t[1])).map(list),
 ))
 def test_random_frames_change_no_state(harness, frames):
-    before = harness.state()
+    before, dropped = harness.state(), harness.dropped()
     harness.feed(frames)
     assert harness.state() == before
+    assert harness.dropped() == dropped + 1, frames  # seen and counted, not only ignored
     harness.check_invariants()
 
 
