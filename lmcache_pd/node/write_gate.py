@@ -53,4 +53,8 @@ class PoolGate:
             raise TransferError(str(e)) from None
         r = self.pool.begin_write(transfer_id, generation, owner=owner,
                                   pages=pages_of(self.layout, dst_offsets, lengths))
+        if sum(lengths) > len(r.pages) * self.layout.page_bytes:  # the same pages over and over
+            self.pool.end_write(r, now=time.monotonic())
+            raise TransferError(f"a batch of {sum(lengths)} B into a reservation of {len(r.pages)} pages",
+                                transfer_id=transfer_id)
         return lambda: self.pool.end_write(r, now=time.monotonic())

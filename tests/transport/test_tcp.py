@@ -407,3 +407,29 @@ def test_connections_beyond_the_bound_are_refused_and_counted_and_service_goes_o
     assert (dst == 5).all()
     tx.close()
     rx.close()
+
+
+def test_the_accept_loop_survives_a_thread_that_cannot_start(monkeypatch):
+    """``can't start new thread`` (the process is at its limit) refuses that one connection; the
+    receiver keeps accepting. (The limit itself is not reachable safely here: the failure is
+    scripted into the receiver's thread spawner.)"""
+    rx, dst, region = listening(1 << 16, io_timeout_s=2)
+    spawn = rx._spawn
+    failed: list[str] = []
+
+    def at_the_limit(target, name, *args):
+        if name.startswith("pd-tcp-recv") and not failed:
+            failed.append(name)
+            raise RuntimeError("can't start new thread")
+        return spawn(target, name, *args)
+
+    monkeypatch.setattr(rx, "_spawn", at_the_limit)
+    d = msgspec.msgpack.decode(rx.export_descriptor(region), type=_Descriptor)
+    with socket.create_connection((d.host, d.port), timeout=2) as c:
+        assert c.recv(64) == b""  # closed at once, no challenge
+    assert failed and rx.stats.refused == 1
+    tx, sid, peer = sender_to(rx, region, torch.full((1 << 16,), 9, dtype=torch.uint8))
+    plan = coalesce(np.array([0]), np.array([0]), np.array([1 << 16]))
+    assert wait(tx, tx.submit(peer, sid, plan, timeout_s=5)) == TransferState.DONE and (dst == 9).all()
+    tx.close()
+    rx.close()

@@ -1,0 +1,57 @@
+"""The pool's admission of data batches (node/write_gate.py), without a transport: who may
+write, where, and how much."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmcache_pd import protocol as P
+from lmcache_pd.control.allocator import PagePool
+from lmcache_pd.errors import TransferError
+from lmcache_pd.layout import PoolLayout
+from lmcache_pd.node.write_gate import PoolGate
+
+LAYOUT = PoolLayout(num_layers=2, num_pages=8, block_bytes=1024)
+
+
+def gate_with(tid: str = "t", n: int = 2) -> tuple[PoolGate, PagePool, int]:
+    pool = PagePool(LAYOUT.num_pages, lease_s=30)
+    pool.reserve(tid, n, num_tokens=n * 16, prompt_digest="d", owner="p/0/a", now=0)
+    owners = {b"s" * 16: "p/0/a", b"o" * 16: "p/0/b"}
+    return PoolGate(pool, LAYOUT, owners.get), pool, pool.lookup(tid).generation
+
+
+def page_range(layer: int, page: int, pages: int = 1) -> tuple[int, int]:
+    return (layer * LAYOUT.num_pages + page) * LAYOUT.block_bytes, pages * LAYOUT.block_bytes
+
+
+def test_a_batch_of_its_session_into_its_pages_is_admitted_and_counted_as_a_writer():
+    gate, pool, gen = gate_with()
+    ranges = [page_range(0, 0, 2), page_range(1, 0, 2)]  # pages 0 and 1, both layers
+    done = gate.admit(b"s" * 16, P.ticket("t", gen), [d for d, _ in ranges], [n for _, n in ranges])
+    assert pool.lookup("t").writers == 1
+    done()
+    assert pool.lookup("t").writers == 0
+
+
+@pytest.mark.parametrize("session,ticket,ranges,why", [
+    (b"x" * 16, ("t", 0), [page_range(0, 0)], "no live control session"),
+    (b"o" * 16, ("t", 0), [page_range(0, 0)], "another peer"),
+    (b"s" * 16, ("t", 99), [page_range(0, 0)], "generation"),
+    (b"s" * 16, ("gone", 0), [page_range(0, 0)], "unknown"),
+    (b"s" * 16, ("t", 0), [page_range(0, 2)], "outside the reservation"),
+    (b"s" * 16, ("t", 0), [(100, 1024)], "whole blocks"),
+    (b"s" * 16, ("t", 0), [page_range(0, 0)] * 5, "reservation of 2 pages"),  # one page, over and over
+])
+def test_anything_else_is_refused(session, ticket, ranges, why):
+    gate, pool, gen = gate_with()
+    tid, g = ticket
+    with pytest.raises(TransferError, match=why):
+        gate.admit(session, P.ticket(tid, g or gen), [d for d, _ in ranges], [n for _, n in ranges])
+    assert pool.lookup("t").writers == 0
+
+
+def test_a_garbled_ticket_is_refused():
+    gate, _, _ = gate_with()
+    with pytest.raises(TransferError, match="ticket"):
+        gate.admit(b"s" * 16, b"\xc1not msgpack", [0], [1024])
