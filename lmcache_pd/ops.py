@@ -387,13 +387,29 @@ def cache_digest(kv: KVLayout, buffer: torch.Tensor, blocks: Sequence[int], pool
         places = [((layer * pool.num_pages + page) * pool.block_bytes, base + block * kv.block_stride)
                   for layer, base in enumerate(kv.layer_offsets) for block, page in zip(blocks, pages)]
         return _crc_in_place_order(buffer, places, kv.block_bytes)
+    return _cache_sum(kv, buffer, blocks, pool, pages)
+
+
+def _cache_sum(kv: KVLayout, buffer: torch.Tensor, blocks: Sequence[int], pool: PoolLayout,
+               pages: Sequence[int]) -> int:
+    """cache_digest's device formula: one gather over all layers when the layers are evenly
+    spaced in the buffer (one allocation), else one per layer (vLLM 0.24: one per layer)."""
     dev = buffer.device
     b = torch.as_tensor(np.asarray(blocks, dtype=np.int64), device=dev)
     p = torch.as_tensor(np.asarray(pages, dtype=np.int64), device=dev)
+    offs = kv.layer_offsets
+    places = (torch.arange(kv.num_layers, device=dev)[:, None] * pool.num_pages + p[None, :]) * pool.block_bytes
+    gaps = {o2 - o1 for o1, o2 in zip(offs, offs[1:])}
+    if len(gaps) <= 1:
+        step = gaps.pop() if gaps else 0
+        grid = torch.as_strided(buffer, (kv.num_layers, kv.num_blocks, kv.block_bytes), (step, kv.block_stride, 1),
+                                offs[0])
+        units = grid.index_select(1, b)  # [L, n, block]
+        return int(_digest(units.reshape(-1, kv.block_bytes), places.reshape(-1)).item())
     total = torch.zeros((), dtype=torch.int64, device=dev)
-    for layer, base in enumerate(kv.layer_offsets):
+    for layer, base in enumerate(offs):
         rows = torch.as_strided(buffer, (kv.num_blocks, kv.block_bytes), (kv.block_stride, 1), base)
-        total += _digest(rows.index_select(0, b), (layer * pool.num_pages + p) * pool.block_bytes)
+        total += _digest(rows.index_select(0, b), places[layer])
     return int(total.item())
 
 
@@ -403,10 +419,14 @@ def pool_digest(pool: PoolLayout, buffer: torch.Tensor, pages: Sequence[int]) ->
         places = [((layer * pool.num_pages + page) * pool.block_bytes,) * 2
                   for layer in range(pool.num_layers) for page in pages]
         return _crc_in_place_order(buffer, places, pool.block_bytes)
+    return _pool_sum(pool, buffer, pages)
+
+
+def _pool_sum(pool: PoolLayout, buffer: torch.Tensor, pages: Sequence[int]) -> int:
+    """pool_digest's device formula: one gather over every layer."""
     dev = buffer.device
     p = torch.as_tensor(np.asarray(pages, dtype=np.int64), device=dev)
     grid = buffer[:pool.nbytes].view(pool.num_layers, pool.num_pages, pool.block_bytes)
-    total = torch.zeros((), dtype=torch.int64, device=dev)
-    for layer in range(pool.num_layers):
-        total += _digest(grid[layer].index_select(0, p), (layer * pool.num_pages + p) * pool.block_bytes)
-    return int(total.item())
+    places = (torch.arange(pool.num_layers, device=dev)[:, None] * pool.num_pages + p[None, :]) * pool.block_bytes
+    units = grid.index_select(1, p)  # [L, n, block]
+    return int(_digest(units.reshape(-1, pool.block_bytes), places.reshape(-1)).item())

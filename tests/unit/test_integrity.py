@@ -99,3 +99,25 @@ def test_the_gpu_formula_sees_one_changed_word_and_two_swapped_blocks():
     changed[4, 1000] ^= 0x80
     assert _digest(changed, places) != want
     assert _digest(units, places[[1, 0, 2, 3, 4, 5]]) != want  # blocks 0 and 1 in each other's place
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_the_gpu_formulas_agree_between_cache_and_pool(per_layer):
+    """cache_digest's and pool_digest's device formulas (one gather over all layers, or one per
+    layer where vLLM keeps a buffer per layer), run here on CPU tensors."""
+    from lmcache_pd.ops import _cache_sum, _pool_sum
+    from tests.unit.test_layout import per_layer_cache
+
+    if per_layer:
+        layers, _spacers = per_layer_cache(3, 20, 2, 16, 64, torch.bfloat16, "cpu")
+    else:
+        layers = vllm_like_cache(3, 20, 2, 16, 64, torch.bfloat16, "LBHNC", "cpu")
+    kv, buf = kv_layout_of(layers)
+    assert (len(kv.extents) > 1) == per_layer
+    pool = PoolLayout(kv.num_layers, 12, kv.block_bytes)
+    pbuf = torch.zeros(pool.nbytes, dtype=torch.uint8)
+    blocks, pages = [3, 17, 5, 9], [10, 2, 7, 0]
+    copy_ranges(buf, pbuf, plan_cache_to_pool(kv, pool, blocks=blocks, pages=pages))
+    assert _cache_sum(kv, buf, blocks, pool, pages) == _pool_sum(pool, pbuf, pages)
+    pbuf[(2 * pool.num_pages + 2) * pool.block_bytes + 5] ^= 1
+    assert _cache_sum(kv, buf, blocks, pool, pages) != _pool_sum(pool, pbuf, pages)
