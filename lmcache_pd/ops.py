@@ -400,13 +400,16 @@ def _cache_sum(kv: KVLayout, buffer: torch.Tensor, blocks: Sequence[int], pool: 
     offs = kv.layer_offsets
     places = (torch.arange(kv.num_layers, device=dev)[:, None] * pool.num_pages + p[None, :]) * pool.block_bytes
     gaps = {o2 - o1 for o1, o2 in zip(offs, offs[1:])}
+    total = torch.zeros((), dtype=torch.int64, device=dev)
     if len(gaps) <= 1:
         step = gaps.pop() if gaps else 0
         grid = torch.as_strided(buffer, (kv.num_layers, kv.num_blocks, kv.block_bytes), (step, kv.block_stride, 1),
                                 offs[0])
-        units = grid.index_select(1, b)  # [L, n, block]
-        return int(_digest(units.reshape(-1, kv.block_bytes), places.reshape(-1)).item())
-    total = torch.zeros((), dtype=torch.int64, device=dev)
+        per = _rows_per_slice(kv.num_layers * kv.block_bytes)
+        for i in range(0, len(b), per):  # slices: the temporaries stay small whatever the hand-off
+            units = grid.index_select(1, b[i:i + per])  # [L, k, block]
+            total += _digest(units.reshape(-1, kv.block_bytes), places[:, i:i + per].reshape(-1))
+        return int(total.item())
     for layer, base in enumerate(offs):
         rows = torch.as_strided(buffer, (kv.num_blocks, kv.block_bytes), (kv.block_stride, 1), base)
         total += _digest(rows.index_select(0, b), places[layer])
@@ -428,5 +431,18 @@ def _pool_sum(pool: PoolLayout, buffer: torch.Tensor, pages: Sequence[int]) -> i
     p = torch.as_tensor(np.asarray(pages, dtype=np.int64), device=dev)
     grid = buffer[:pool.nbytes].view(pool.num_layers, pool.num_pages, pool.block_bytes)
     places = (torch.arange(pool.num_layers, device=dev)[:, None] * pool.num_pages + p[None, :]) * pool.block_bytes
-    units = grid.index_select(1, p)  # [L, n, block]
-    return int(_digest(units.reshape(-1, pool.block_bytes), places.reshape(-1)).item())
+    total = torch.zeros((), dtype=torch.int64, device=dev)
+    per = _rows_per_slice(pool.page_bytes)
+    for i in range(0, len(p), per):  # slices: the temporaries stay small whatever the hand-off
+        units = grid.index_select(1, p[i:i + per])  # [L, k, block]
+        total += _digest(units.reshape(-1, pool.block_bytes), places[:, i:i + per].reshape(-1))
+    return int(total.item())
+
+
+_SLICE_BYTES = 64 << 20
+
+
+def _rows_per_slice(page_bytes: int) -> int:
+    """Pages per slice of a digest: its gathered bytes and the words' product (8x) stay near
+    _SLICE_BYTES, so a 4 GiB hand-off needs no 4 GiB temporaries."""
+    return max(1, _SLICE_BYTES // page_bytes)

@@ -101,12 +101,17 @@ def test_the_gpu_formula_sees_one_changed_word_and_two_swapped_blocks():
     assert _digest(units, places[[1, 0, 2, 3, 4, 5]]) != want  # blocks 0 and 1 in each other's place
 
 
-@pytest.mark.parametrize("per_layer", [False, True])
-def test_the_gpu_formulas_agree_between_cache_and_pool(per_layer):
-    """cache_digest's and pool_digest's device formulas (one gather over all layers, or one per
-    layer where vLLM keeps a buffer per layer), run here on CPU tensors."""
+@pytest.mark.parametrize("per_layer,sliced", [(False, False), (False, True), (True, False)])
+def test_the_gpu_formulas_agree_between_cache_and_pool(per_layer, sliced, monkeypatch):
+    """cache_digest's and pool_digest's device formulas (one gather over all layers, in slices
+    for large hand-offs, or one per layer where vLLM keeps a buffer per layer), run here on CPU
+    tensors."""
+    from lmcache_pd import ops
     from lmcache_pd.ops import _cache_sum, _pool_sum
     from tests.unit.test_layout import per_layer_cache
+
+    if sliced:
+        monkeypatch.setattr(ops, "_SLICE_BYTES", 1)  # one page per slice
 
     if per_layer:
         layers, _spacers = per_layer_cache(3, 20, 2, 16, 64, torch.bfloat16, "cpu")
