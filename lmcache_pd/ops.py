@@ -294,7 +294,7 @@ class _Kernels:
     def __init__(self, index: int):
         import cupy
 
-        code = (_CSRC / "copy_ranges.cu").read_text()
+        code = (_CSRC / "copy_ranges.cu").read_text() + (_CSRC / "digest.cu").read_text()
         # Inline plans need 32 KiB launch parameters: CUDA 12.1+ in both NVRTC and the driver.
         inline = cupy.cuda.runtime.driverGetVersion() >= 12010 and cupy.cuda.nvrtc.getVersion() >= (12, 1)
         with cupy.cuda.Device(index):
@@ -304,6 +304,18 @@ class _Kernels:
         self.inline_rows = INLINE_ROWS if inline else ()
         self.sms = torch.cuda.get_device_properties(index).multi_processor_count
         self._functions: dict[str, Any] = {}  # the Function objects keep their handles valid
+        self._raw: dict[str, Any] = {}  # cupy Functions launched through launch()
+
+    def launch(self, name: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
+        """Launch kernel ``name`` on the current torch stream (``args``: numpy scalars)."""
+        import cupy
+
+        with cupy.cuda.Device(self.index):
+            fn = self._raw.get(name)
+            if fn is None:
+                fn = self._raw[name] = self.module.get_function(name)
+            with cupy.cuda.ExternalStream(torch.cuda.current_stream(self.index).cuda_stream):
+                fn(grid, block, args)
 
     def get(self, name: str) -> int:
         fn = self._functions.get(name)
@@ -387,7 +399,35 @@ def cache_digest(kv: KVLayout, buffer: torch.Tensor, blocks: Sequence[int], pool
         places = [((layer * pool.num_pages + page) * pool.block_bytes, base + block * kv.block_stride)
                   for layer, base in enumerate(kv.layer_offsets) for block, page in zip(blocks, pages)]
         return _crc_in_place_order(buffer, places, kv.block_bytes)
+    if cuda_kernels_available()[0]:
+        offs = (np.asarray(kv.layer_offsets, dtype=np.int64)[:, None]
+                + np.asarray(blocks, dtype=np.int64)[None, :] * kv.block_stride)
+        return _kernel_digest(buffer, offs.reshape(-1), _places(pool, pages), kv.block_bytes)
     return _cache_sum(kv, buffer, blocks, pool, pages)
+
+
+def _places(pool: PoolLayout, pages: Sequence[int]) -> np.ndarray:
+    """Byte offsets in the pool of pages ``pages`` of every layer, layer-major."""
+    layers = np.arange(pool.num_layers, dtype=np.int64)[:, None] * pool.num_pages
+    return ((layers + np.asarray(pages, dtype=np.int64)[None, :]) * pool.block_bytes).reshape(-1)
+
+
+def _kernel_digest(buffer: torch.Tensor, offsets: np.ndarray, places: np.ndarray, unit_bytes: int) -> int:
+    """The digest in one pass over the bytes (csrc/digest.cu), on the current stream; the same
+    value as the torch formula (``_digest``), as a signed 64-bit integer."""
+    if unit_bytes % 8:
+        raise ValueError("digest units must be whole 8-byte words")
+    dev = buffer.device
+    offs = torch.as_tensor(offsets, device=dev)
+    pl = torch.as_tensor(places, device=dev)
+    out = torch.zeros(1, dtype=torch.int64, device=dev)
+    n = len(offsets)
+    if n:
+        k = _kernels_for(dev.index if dev.index is not None else torch.cuda.current_device())
+        k.launch("digest_units", (min(n, 65535),), (256,),
+                 (np.uint64(buffer.data_ptr()), np.uint64(offs.data_ptr()), np.uint64(pl.data_ptr()), np.int64(n),
+                  np.int64(unit_bytes // 8), np.uint64(out.data_ptr())))
+    return int(out.item())
 
 
 def _cache_sum(kv: KVLayout, buffer: torch.Tensor, blocks: Sequence[int], pool: PoolLayout,
@@ -422,6 +462,9 @@ def pool_digest(pool: PoolLayout, buffer: torch.Tensor, pages: Sequence[int]) ->
         places = [((layer * pool.num_pages + page) * pool.block_bytes,) * 2
                   for layer in range(pool.num_layers) for page in pages]
         return _crc_in_place_order(buffer, places, pool.block_bytes)
+    if cuda_kernels_available()[0]:
+        places = _places(pool, pages)
+        return _kernel_digest(buffer, places, places, pool.block_bytes)
     return _pool_sum(pool, buffer, pages)
 
 

@@ -126,3 +126,29 @@ def test_the_gpu_formulas_agree_between_cache_and_pool(per_layer, sliced, monkey
     assert _cache_sum(kv, buf, blocks, pool, pages) == _pool_sum(pool, pbuf, pages)
     pbuf[(2 * pool.num_pages + 2) * pool.block_bytes + 5] ^= 1
     assert _cache_sum(kv, buf, blocks, pool, pages) != _pool_sum(pool, pbuf, pages)
+
+
+def test_the_digest_kernel_equals_the_formula_on_both_sides():
+    """csrc/digest.cu (one pass over the bytes) gives the torch formula's value, for vLLM's two
+    KV layouts, and sees a flipped bit in the pool."""
+    from lmcache_pd.ops import _cache_sum, _pool_sum, cuda_kernels_available, pool_digest
+    from tests.unit.test_layout import per_layer_cache
+
+    ok, why = cuda_kernels_available()
+    if not ok:
+        pytest.skip(f"the digest kernel needs CUDA: {why}")
+    for per_layer in (False, True):
+        if per_layer:
+            layers, _spacers = per_layer_cache(4, 40, 8, 16, 128, torch.bfloat16, "cuda")
+        else:
+            layers = vllm_like_cache(4, 40, 8, 16, 128, torch.bfloat16, "LBHNC", "cuda")
+        kv, buf = kv_layout_of(layers)
+        pool = PoolLayout(kv.num_layers, 24, kv.block_bytes)
+        pbuf = torch.zeros(pool.nbytes, dtype=torch.uint8, device="cuda")
+        blocks, pages = [3, 17, 5, 9, 33, 21], [10, 2, 7, 0, 23, 11]
+        copy_ranges(buf, pbuf, plan_cache_to_pool(kv, pool, blocks=blocks, pages=pages))
+        want = _cache_sum(kv, buf, blocks, pool, pages)
+        assert cache_digest(kv, buf, blocks, pool, pages) == want == pool_digest(pool, pbuf, pages) \
+            == _pool_sum(pool, pbuf, pages), per_layer
+        pbuf[(3 * pool.num_pages + 23) * pool.block_bytes + 4000] ^= 4
+        assert pool_digest(pool, pbuf, pages) != want
