@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import threading
+import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -314,7 +315,10 @@ class _Kernels:
             fn = self._raw.get(name)
             if fn is None:
                 fn = self._raw[name] = self.module.get_function(name)
-            with cupy.cuda.ExternalStream(torch.cuda.current_stream(self.index).cuda_stream):
+            with warnings.catch_warnings():  # newer cupy prefers Stream.from_external; this works on both
+                warnings.simplefilter("ignore", DeprecationWarning)
+                stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(self.index).cuda_stream)
+            with stream:
                 fn(grid, block, args)
 
     def get(self, name: str) -> int:
