@@ -89,6 +89,11 @@ class _Metrics:
             "(first streamed chunk, else the whole answer)", registry=self.registry)
 
 
+def _forwarded(request: Request) -> dict[str, str]:
+    """The client's headers that go on to vLLM (its ``--api-key``)."""
+    return {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS}
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
@@ -202,7 +207,7 @@ class Proxy:
     async def _route(self, request: Request, path: str, body: dict[str, Any]) -> Response:
         req_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         headers = {"X-Request-Id": req_id}
-        headers.update({k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS})
+        headers.update(_forwarded(request))
         body.pop("kv_transfer_params", None)
         t0 = time.monotonic()
         decode = self.router.pick_decode()
@@ -393,7 +398,7 @@ class Proxy:
     async def forward_get(self, request: Request, path: str) -> Response:
         """A GET route of vLLM's, with the client's Authorization (vLLM's ``--api-key``)."""
         assert self.client is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS}
+        headers = _forwarded(request)
         for b in (*self.router.decodes, *self.router.prefills):
             if not b.healthy:
                 continue

@@ -108,12 +108,14 @@ def counter(m: dict[str, float], name: str, **labels: str) -> float:
     return total
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> None:
+def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.2):
+    """``predicate()``'s first truthy value, asked every ``every_s`` for up to ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while not predicate():
+    while not (out := predicate()):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} within {timeout_s} s")
-        time.sleep(0.2)
+        time.sleep(every_s)
+    return out
 
 
 def prompt_ids(n: int, seed: int = 0) -> list[int]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import wait_for
 from tests.integration.nsnode import BLOCK
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,16 +98,6 @@ class Proc:
                 self.p.kill()
 
 
-def wait_for(what: str, fn, timeout_s: float):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        out = fn()
-        if out:
-            return out
-        time.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout_s} s")
-
-
 def test_a_late_write_of_a_cancelled_handoff_never_lands_in_the_next_ones_pages(namespaces, tmp_path):
     ns_p, ns_d, addr_d = namespaces
     secret = tmp_path / "secret"
@@ -137,13 +128,14 @@ def test_a_late_write_of_a_cancelled_handoff_never_lands_in_the_next_ones_pages(
         decode("load", req="dA", tid="A", num_tokens=TOKENS, digest="a" * 32, blocks=blocks)
         slow("send", req="pA", tid="A", peer="decode-0", num_tokens=TOKENS, digest="a" * 32, blocks=blocks)
         # ... and gives up while A's bytes are arriving: its first pages hold them, its last not yet.
-        wait_for("A's first bytes in the pool", lambda: decode("pool_fill", layer=0, page=2, byte=0xAA) == 1.0, 30)
+        wait_for(lambda: decode("pool_fill", layer=0, page=2, byte=0xAA) == 1.0, 30, "A's first bytes in the pool",
+                 every_s=0.02)
         assert decode("pool_fill", layer=1, page=PAGES - 1, byte=0xAA) == 0.0, "A arrived before it was cancelled"
         decode("cancel", req="dA")
 
         # B: at once, from worker 2, unthrottled; it needs every page, so it gets A's.
         fast("send", req="pB", tid="B", peer="decode-0", num_tokens=TOKENS, digest="b" * 32, blocks=blocks)
-        (sent_b,) = wait_for("B's hand-off to end", lambda: fast("results"), 40)
+        (sent_b,) = wait_for(lambda: fast("results"), 40, "B's hand-off to end", every_s=0.02)
         assert sent_b["ok"], sent_b["error"]
         time.sleep(0.5)  # B's pages sit READY: before the fix, A's stream kept writing into them
         decode("load", req="dB", tid="B", num_tokens=TOKENS, digest="b" * 32, blocks=[PAGES + b for b in blocks])
@@ -153,7 +145,7 @@ def test_a_late_write_of_a_cancelled_handoff_never_lands_in_the_next_ones_pages(
             loads.update((r["req_id"], r) for r in decode("results", wait_s=0.1))
             return len(loads) == 2
 
-        wait_for("both loads to end", both_loads, 40)
+        wait_for(both_loads, 40, "both loads to end", every_s=0.02)
 
         assert loads["dB"]["ok"], loads["dB"]["error"]
         assert decode("digest", blocks=[PAGES + b for b in blocks]) == fast("digest", blocks=blocks), \
@@ -161,12 +153,12 @@ def test_a_late_write_of_a_cancelled_handoff_never_lands_in_the_next_ones_pages(
         assert not loads["dA"]["ok"] and "aborted" in loads["dA"]["error"]
 
         # The decode told worker 1 (Ended), which stopped writing A and said so (its Cancel).
-        (sent_a,) = wait_for("A's hand-off to end at worker 1", lambda: slow("results"), 40)
+        (sent_a,) = wait_for(lambda: slow("results"), 40, "A's hand-off to end at worker 1", every_s=0.02)
         assert not sent_a["ok"] and "decode side ended the hand-off" in sent_a["error"], sent_a["error"]
         status = decode("status")
         assert status["control"]["ended_sent"] >= 1
-        assert wait_for("the pool to be whole again",
-                        lambda: decode("status")["pool"]["free_pages"] == PAGES, 10)
+        wait_for(lambda: decode("status")["pool"]["free_pages"] == PAGES, 10, "the pool to be whole again",
+                 every_s=0.02)
     finally:
         for p in procs:
             p.close()
