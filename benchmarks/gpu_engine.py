@@ -5,11 +5,12 @@ Starts, all on the one GPU (scripts/gpu-vllm bench runs this on the lent H200):
   - one 1P1D deployment per transport (prefill-0, decode-0, proxy; ``lmcache-pd launch``).
 Same model (Llama-3-8B's layer shape, 8 layers, random weights), same engine mode (CUDA graphs
 with torch.compile by default; ``--eager``), same flags. Then:
-  1. TTFT of a streamed request at each prompt length, median of ``--repeat`` (after warm-ups),
-     P/D through the proxy (both ``proxy.dispatch`` modes: ``pd-<transport>`` concurrent,
-     ``pd-<transport>-seq`` sequential) beside the colocated vLLM, their difference and ratio;
-     and where P/D's time goes: each request's timeline from the client's clock and both
-     hand-off logs (SEGMENTS);
+  1. TTFT (and the time to the second token) of a streamed request at each prompt length,
+     median of ``--repeat`` (after warm-ups), P/D through the proxy (``pd-<transport>``: the
+     prefill's first token, ``proxy.first_token=prefill``, the default; ``pd-<transport>-dec``:
+     the decode samples it, ``first_token=decode`` with ``dispatch=concurrent``) beside the
+     colocated vLLM, their difference and ratio; and where P/D's time goes: each request's
+     timeline from the client's clock and both hand-off logs (SEGMENTS);
   2. ``vllm bench serve`` (random dataset, each concurrency, ``--goodput``) against the proxy
      and against the colocated vLLM.
 Writes results.json and summary.md to ``--out`` and prints the summary.
@@ -47,13 +48,15 @@ def prompt_ids(n: int, seed: int) -> list[int]:
     return [int(x) for x in np.random.default_rng([n, seed]).integers(6, 506, n)]
 
 
-def ttft_s(url: str, ids: list[int], req_id: str = "") -> tuple[float, float, float]:
-    """A streamed completion: (seconds to its first token, wall clock at send, at first token)."""
+def ttft_s(url: str, ids: list[int], req_id: str = "") -> tuple[float, float, float, float]:
+    """A streamed completion: (seconds to its first token, wall clock at send, at first token,
+    seconds to its second token)."""
     body = json.dumps({"model": "tiny", "prompt": ids, "max_tokens": 8, "temperature": 0, "stream": True}).encode()
     headers = {"content-type": "application/json", **({"x-request-id": req_id} if req_id else {})}
     req = urllib.request.Request(f"{url}/v1/completions", body, headers)
     sent = time.time()
     t0 = time.perf_counter()
+    first: tuple[float, float] | None = None
     with urllib.request.urlopen(req, timeout=300) as r:
         for raw in r:
             line = raw.decode().strip()
@@ -62,8 +65,10 @@ def ttft_s(url: str, ids: list[int], req_id: str = "") -> tuple[float, float, fl
                 if "error" in event:
                     raise RuntimeError(event["error"])
                 if event["choices"] and event["choices"][0].get("text") is not None:
-                    return time.perf_counter() - t0, sent, time.time()
-    raise RuntimeError("no token came")
+                    if first is not None:
+                        return first[0], sent, first[1], time.perf_counter() - t0
+                    first = time.perf_counter() - t0, time.time()
+    raise RuntimeError("fewer than two tokens came")
 
 
 class Colocated:
@@ -136,6 +141,7 @@ def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int,
     Also, per P/D target, the mean time of the proxy's prefill request, and each measured
     request's (id, wall clock at send, at first token) for the hand-off timeline."""
     out: dict[str, dict[int, list[float]]] = {t: {n: [] for n in lens} for t in targets}
+    second: dict[str, dict[int, list[float]]] = {t: {n: [] for n in lens} for t in targets}
     legs: dict[str, dict[int, float]] = {t: {} for t in targets if t.startswith("pd-")}
     sent: dict[str, dict[int, list[tuple[str, float, float]]]] = {t: {n: [] for n in lens} for t in legs}
     engines = engines or {}
@@ -152,9 +158,10 @@ def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int,
                 ids = prompt_ids(n, seed=1000 * i + k)
                 time.sleep(settle_s)
                 req_id = f"{name}-{n}-{i}"
-                s, at, first = ttft_s(url, ids, req_id)
+                s, at, first, s2 = ttft_s(url, ids, req_id)
                 if i >= 2:  # two warm-ups per length (graph capture sizes, allocator)
                     out[name][n].append(s * 1e3)
+                    second[name][n].append(s2 * 1e3)
                     if name in sent:
                         sent[name][n].append((req_id, at, first))
         for name, url in engines.items():
@@ -165,7 +172,8 @@ def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int,
             (s0, c0), (s1, c1) = before[t], prefill_leg(targets[t])
             legs[t][n] = (s1 - s0) / (c1 - c0) * 1e3 if c1 > c0 else float("nan")
     ttft = {t: {n: statistics.median(v) for n, v in per.items()} for t, per in out.items()}
-    return ttft, legs, sent, inside
+    tt2 = {t: {n: statistics.median(v) for n, v in per.items()} for t, per in second.items()}
+    return ttft, legs, sent, inside, tt2
 
 
 SEGMENTS = {
@@ -173,7 +181,8 @@ SEGMENTS = {
     "to_handoff": "client sends -> prefill's hand-off starts (prefill computed)",
     "transfer": "hand-off starts -> all pages in the decode pool",
     "scatter": "pages in the pool -> in vLLM's blocks",
-    "after": "scattered -> first token at the client (report, schedule, forward, stream)",
+    "after": "scattered -> first token at the client (report, schedule, forward, stream; negative "
+             "where the prefill's token came first)",
 }
 
 
@@ -256,8 +265,8 @@ def main() -> int:
                                              pool_mib=256 if a.cpu else 4096, max_model_len=max_len,
                                              cpus=("0", "1") if a.cpu else None, kv_cache_gib=2 if a.cpu else None),
                                 a.workdir / f"bench-{t}") for t in transports}
-    for d in deps.values():  # the same deployment behind a proxy of each dispatch mode
-        d.add_proxy("proxy-sequential", "proxy.dispatch=sequential")
+    for d in deps.values():  # the same deployment behind a proxy where the decode samples the first token
+        d.add_proxy("proxy-decode-first", "proxy.first_token=decode")
     results: dict = {"date": date.today().isoformat(), "transports": transports, "eager": a.eager or a.cpu}
     try:
         t0 = time.monotonic()
@@ -272,21 +281,23 @@ def main() -> int:
         results["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__,
                                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
         pd = {f"pd-{t}": d.procs["proxy"].url for t, d in deps.items()}
-        pd.update({f"pd-{t}-seq": d.procs["proxy-sequential"].url for t, d in deps.items()})
+        pd.update({f"pd-{t}-dec": d.procs["proxy-decode-first"].url for t, d in deps.items()})
         targets = {"colocated": colo.url, **pd}
         results["pd_targets"] = list(pd)
         engines = {"colocated": colo.url, **{f"decode-{t}": d.procs["decode-0"].url for t, d in deps.items()},
                    **{f"prefill-{t}": d.procs["prefill-0"].url for t, d in deps.items()}}
         # On CPU, a pause before each request: what the last one left busy (spinning threads) would
         # otherwise share the next target's cores (docs/benchmarks.md, the CPU dry run).
-        ttft, legs, sent, inside = measure_ttft(targets, lens, a.repeat, engines, settle_s=0.5 if a.cpu else 0.0)
+        ttft, legs, sent, inside, tt2 = measure_ttft(targets, lens, a.repeat, engines,
+                                                     settle_s=0.5 if a.cpu else 0.0)
         results["engine_ms"] = inside
         results["ttft_ms"] = ttft
+        results["second_token_ms"] = tt2
         results["prefill_leg_ms"] = legs
-        results["timeline_ms"] = timelines(sent, {t: deps[t.removeprefix("pd-").removesuffix("-seq")].workdir
+        results["timeline_ms"] = timelines(sent, {t: deps[t.removeprefix("pd-").removesuffix("-dec")].workdir
                                                   for t in pd})
-        # `vllm bench serve`: the default dispatch only (the sequential proxies are for TTFT).
-        targets = {"colocated": colo.url, **{k: v for k, v in pd.items() if not k.endswith("-seq")}}
+        # `vllm bench serve`: the default proxies only (pd-<transport>-dec are for TTFT).
+        targets = {"colocated": colo.url, **{k: v for k, v in pd.items() if not k.endswith("-dec")}}
         serve: dict = {}
         goodput = a.goodput.split(",")
         for c in [int(x) for x in a.concurrency.split(",") if x]:  # --concurrency "": no `vllm bench serve`
@@ -316,7 +327,8 @@ def render(r: dict, lens: list[int]) -> str:
     pd = r.get("pd_targets") or [f"pd-{t}" for t in r["transports"]]
     lines = [f"# P/D inside vLLM's engine against colocated, {r['date']}, {v.get('device')}, vLLM {v.get('vllm')}, "
              f"torch {v.get('torch')}, {'eager' if r['eager'] else 'CUDA graphs'}", "",
-             "TTFT, median ms (streamed, 8 tokens); pd-<transport>: proxy.dispatch=concurrent, -seq: sequential:",
+             "TTFT, median ms (streamed, 8 tokens); pd-<transport>: proxy.first_token=prefill (the default), "
+             "-dec: first_token=decode, dispatch=concurrent:",
              "", "| prompt tokens | colocated | " + " | ".join(f"{t} | diff | ratio" for t in pd) + " |",
              "|---:|---:|" + "---:|---:|---:|" * len(pd)]
     ttft = r.get("ttft_ms", {})
@@ -327,6 +339,14 @@ def render(r: dict, lens: list[int]) -> str:
             p = ttft[t][n]
             row += f" {p:.2f} | {p - c:+.2f} | {p / c:.3f} |"
         lines.append(row)
+    tt2 = r.get("second_token_ms", {})
+    if tt2:
+        lines += ["", "Time to the second token, median ms (the same requests):", "",
+                  "| prompt tokens | colocated | " + " | ".join(f"{t} | diff" for t in pd) + " |",
+                  "|---:|---:|" + "---:|---:|" * len(pd)]
+        for n in lens:
+            c = tt2["colocated"][n]
+            lines.append(f"| {n} | {c:.2f} |" + "".join(f" {tt2[t][n]:.2f} | {tt2[t][n] - c:+.2f} |" for t in pd))
     legs = r.get("prefill_leg_ms", {})
     if legs:
         lines += ["", "The proxy's prefill request (mean ms) and the rest of P/D's TTFT:", "",
@@ -348,7 +368,7 @@ def render(r: dict, lens: list[int]) -> str:
                         f"{row[k]:.2f}" for k in SEGMENTS) + " |")
     eng = r.get("engine_ms", {})
     if eng:
-        lines += ["", "vLLM's own request phases, mean ms over both dispatch modes (" + ", ".join(ENGINE_TIMES) + "):",
+        lines += ["", "vLLM's own request phases, mean ms over both proxies (" + ", ".join(ENGINE_TIMES) + "):",
                   "", "| engine | prompt tokens | " + " | ".join(ENGINE_TIMES) + " |", "|---|---:|" + "---:|" * len(ENGINE_TIMES)]
         for name, per in eng.items():
             for n, row in per.items():

@@ -196,6 +196,13 @@ class ProxyConfig(_Section):
     """``concurrent``: the decode request is sent together with the prefill request and waits
     for the KV on the decode instance (its HTTP, tokenization and scheduling overlap the
     prefill's compute); ``sequential``: it is sent after the prefill answered."""
+    first_token: Literal["prefill", "decode"] = "prefill"
+    """Who gives the client its first token. ``prefill``: the prefill's sampled token goes to the
+    client as soon as the prefill answers, and the decode continues from it (its prompt is the
+    prompt plus that token, whose KV it computes; it computes no prompt token). ``decode``: the
+    decode recomputes the last prompt token and samples the first token itself. Requests the
+    proxy cannot continue exactly (chat, stop strings, bad words, seeds, presence or frequency
+    penalties, structured output; docs/config.md) take the ``decode`` path, as ``dispatch`` says."""
     health_interval_s: Seconds = 2.0
     max_body_mib: Positive = 32
     """Largest request body the proxy reads (a larger one is answered 413, unread)."""

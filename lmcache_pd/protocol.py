@@ -346,7 +346,9 @@ class DecodeParams(msgspec.Struct, frozen=True, kw_only=True):
 
     With ``proxy.dispatch=concurrent`` the proxy sends the decode request before the prefill
     has answered: ``num_tokens`` is then 0 and ``prompt_digest`` empty (not known yet), and the
-    decode's loader alone checks its prompt against the one the prefill reserved pages for."""
+    decode's loader alone checks its prompt against the one the prefill reserved pages for.
+    The decode's prompt may be longer than ``num_tokens`` (``proxy.first_token=prefill``: the
+    proxy appends the prefill's sampled token); its first ``num_tokens`` must match the digest."""
 
     do_remote_prefill: bool = True
     do_remote_decode: bool = False

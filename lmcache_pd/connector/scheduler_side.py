@@ -12,7 +12,9 @@ Decode (kv_consumer), per request carrying ``DecodeParams``:
   1. ``get_num_new_matched_tokens`` claims the prompt (minus local prefix hits) as external,
      loaded asynchronously: vLLM parks the request in WAITING_FOR_REMOTE_KVS. Parameters from
      the prefill's answer are checked against the prompt here; early ones (the proxy's
-     ``dispatch=concurrent``: sent before the prefill answered) only by the loader;
+     ``dispatch=concurrent``: sent before the prefill answered) only by the loader. The
+     prefill's prompt may be a prefix of this one: with ``proxy.first_token=prefill`` the
+     proxy appends the token the prefill sampled, and the decode computes only that token;
   2. ``update_state_after_alloc`` queues a LoadSpec with the request's new blocks (once: a
      failed load is recomputed by vLLM, never loaded twice);
   3. the workers report ``finished_recving`` (and ``failed_recving`` on failure -> vLLM
@@ -92,14 +94,16 @@ class _PrefillReq:
     reserved: bool = False
 
 
-def prompt_chains(cfg: PDConfig, request: Request) -> tuple[bytes, ...]:
-    """Chain hashes of every full chunk of the prompt, for decode-side reuse (else empty).
-    The prefill side takes them from its CacheScheduler, which hashes each prompt once."""
+def prompt_chains(cfg: PDConfig, request: Request, num_tokens: int | None = None) -> tuple[bytes, ...]:
+    """Chain hashes of every full chunk of the prompt's first ``num_tokens`` (default: all), for
+    decode-side reuse (else empty). The prefill side takes them from its CacheScheduler, which
+    hashes each prompt once."""
     c = cfg.cache
     if not (c.enabled and c.decode_skip) or request.prompt_token_ids is None:
         return ()
+    n = request.num_prompt_tokens if num_tokens is None else num_tokens
     return tuple(chain_hashes(request.prompt_token_ids, c.chunk_tokens, tenant=request.cache_salt,
-                              max_chunks=request.num_prompt_tokens // c.chunk_tokens))
+                              max_chunks=n // c.chunk_tokens))
 
 
 class PrefillScheduler(SchedulerRole):
@@ -222,25 +226,35 @@ class DecodeScheduler(SchedulerRole):
             return None  # not ours, or already attempted (a failed load is recomputed, not retried)
         return params
 
-    def _digest(self, request: Request) -> str:
+    def _digest(self, request: Request, num_tokens: int) -> str:
+        """Digest of the prompt's first ``num_tokens`` (the same count for every call of a request)."""
         assert request.prompt_token_ids is not None
         digest = self._digests.get(request.request_id)
         if digest is None:  # vLLM asks about a waiting request at every step: hash each prompt once
-            digest = self._digests[request.request_id] = P.prompt_digest(request.prompt_token_ids)
+            digest = self._digests[request.request_id] = P.prompt_digest(request.prompt_token_ids[:num_tokens])
         return digest
 
-    def _same_prompt(self, request: Request, params: P.DecodeParams) -> bool:
+    def _handed(self, request: Request, params: P.DecodeParams) -> int:
+        """Leading prompt tokens whose KV the hand-off brings; 0: it does not match this prompt.
+
+        The prefill's prompt is this one or a prefix of it: with ``proxy.first_token=prefill``
+        the proxy appends the token the prefill sampled, which this instance computes (as the
+        first step of a colocated decode would). Early parameters (``dispatch=concurrent``) do
+        not say yet: the whole prompt is claimed, and the loader checks it."""
         if request.prompt_token_ids is None:
-            return False
-        if params.early:  # the prefill has not said what it computes: the loader checks it
-            return True
-        return request.num_prompt_tokens == params.num_tokens and self._digest(request) == params.prompt_digest
+            return 0
+        if params.early:
+            return request.num_prompt_tokens
+        n = params.num_tokens
+        if not 0 < n <= request.num_prompt_tokens or self._digest(request, n) != params.prompt_digest:
+            return 0
+        return n
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         params = self._params(request)
-        if params is None or not self._same_prompt(request, params):
+        if params is None:
             return 0, False
-        n = request.num_prompt_tokens - num_computed_tokens
+        n = self._handed(request, params) - num_computed_tokens
         return (n, True) if n > 0 else (0, False)
 
     def hit_sources(self, request: Request, num_external_tokens: int) -> dict[str, int]:
@@ -250,19 +264,19 @@ class DecodeScheduler(SchedulerRole):
         params = self._params(request)
         if params is None:
             return
-        same = self._same_prompt(request, params)
-        digest = self._digest(request) if same else ""
+        handed = self._handed(request, params)
+        digest = self._digest(request, handed) if handed else ""
         self._digests.pop(request.request_id, None)
         req = _DecodeReq(params.transfer_id, request.num_prompt_tokens)
         self._reqs[request.request_id] = req
-        if num_external_tokens <= 0 or not same:
+        if num_external_tokens <= 0 or not handed:
             # vLLM overrode our count (e.g. prompt logprobs) or the prompt differs: free the pages now.
             self._discards.append(params.transfer_id)
             return
         req.loading = True
         # The loader compares this decode's own prompt (count, digest) with the reservation's.
-        self._loads.append(LoadSpec(request.request_id, params.transfer_id, request.num_prompt_tokens, digest,
-                                    tuple(blocks.get_unhashed_block_ids()), prompt_chains(self.cfg, request),
+        self._loads.append(LoadSpec(request.request_id, params.transfer_id, handed, digest,
+                                    tuple(blocks.get_unhashed_block_ids()), prompt_chains(self.cfg, request, handed),
                                     request.cache_salt))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:

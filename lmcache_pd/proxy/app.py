@@ -11,6 +11,9 @@ Life of a request (``/v1/completions`` or ``/v1/chat/completions``):
        knows (transfer id, P's name); D tokenizes, schedules and waits for the KV while P
        computes, so only the hand-off itself lies between P's forward and D's first token;
      - ``sequential``: after P answered, with the parameters P returned (token count, digest);
+     With ``proxy.first_token=prefill`` (the default) and a request D can continue exactly
+     (first_token.py), P's sampled token goes to the client as soon as P answers, and D is
+     sent the prompt's token ids plus that token (after P answered: it needs the token);
   4. if P fails or times out (``proxy.prefill_timeout_s``), D serves the request alone (it
      recomputes the prompt): sent concurrently, D's waiting request is dropped (closing it
      aborts it in vLLM) and sent again without parameters, unless D already answered; if D
@@ -40,62 +43,25 @@ import httpx
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import generate_latest
 
 from lmcache_pd import protocol as P
 from lmcache_pd.config import PDConfig, check_exposure, keyring
+from lmcache_pd.proxy import first_token
 from lmcache_pd.proxy.answers import REPORT_HEADER, BodyError, read_json, scrub, scrub_events
 from lmcache_pd.proxy.cache_admin import add_cache_routes
+from lmcache_pd.proxy.legs import KEEPALIVE_S, Metrics, Opened, Unreachable, error, reach, send_once_more
 from lmcache_pd.proxy.routing import Backend, Router
 
 log = logging.getLogger(__name__)
 _FORWARD_HEADERS = ("authorization",)
-_KEEPALIVE_S = 2.0
-"""Pooled connections are dropped after this much idleness, well before vLLM's server closes
-them (uvicorn's keep-alive, 5 s): a request sent on a connection the server is closing fails."""
-_RESEND = (httpx.WriteError,)
-"""Failures that prove the backend did not get the whole request, so cannot have processed it:
-only those are sent once more, on a new connection. A connection that fails after the request
-was sent (read error, no response) may have been processed: a completion is not sent twice.
-(Pooled connections expire after _KEEPALIVE_S, before vLLM's server closes them, so a request
-rarely meets a connection the server is closing.)"""
 _WATCH_S = 0.1
 """How often a waiting request checks that its client is still there."""
-
-
-async def _send_once_more(send, what: str):
-    """``send()``, and once more if it failed before a response started (see _RESEND)."""
-    try:
-        return await send()
-    except _RESEND as e:
-        log.warning("%s failed before a response (%s: %s); sending it once more", what, type(e).__name__, e)
-        return await send()
-
-
-class _Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("lmcache_pd_proxy_requests", "Requests by how they were served",
-                                ["endpoint", "mode"], registry=self.registry)
-        self.fallbacks = Counter("lmcache_pd_proxy_fallbacks", "Requests served without a hand-off, by cause",
-                                 ["reason"], registry=self.registry)
-        self.prefill_seconds = Histogram("lmcache_pd_proxy_prefill_seconds", "Prefill request time",
-                                         registry=self.registry)
-        self.client_gone = Counter("lmcache_pd_proxy_client_gone", "Requests whose client went away before "
-                                   "the answer started (their backend requests were dropped)",
-                                   registry=self.registry)
-        self.first_byte_seconds = Histogram(
-            "lmcache_pd_proxy_first_byte_seconds", "From the client's request to the answer's first byte "
-            "(first streamed chunk, else the whole answer)", registry=self.registry)
 
 
 def _forwarded(request: Request) -> dict[str, str]:
     """The client's headers that go on to vLLM (its ``--api-key``)."""
     return {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS}
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
 def _splittable(body: dict[str, Any]) -> bool:
@@ -109,10 +75,6 @@ def _splittable(body: dict[str, Any]) -> bool:
     if isinstance(prompt, str):
         return True
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
-
-
-class _Unreachable:
-    """D could not be connected to (marked down): the request goes to another instance."""
 
 
 @dataclass
@@ -134,19 +96,6 @@ class _Split:
         self.transfer_id = self.transfer_id or f"{_printable(self.req_id)[:64]}-{uuid.uuid4().hex[:8]}"
 
 
-@dataclass
-class _Opened:
-    """D's answer, its first part read: the first streamed chunk (``chunks`` yields the rest), or
-    the whole body (``stream`` false; the response is closed)."""
-
-    upstream: httpx.Response
-    first: bytes
-    stream: bool
-    at: float
-    """When the first part was read (monotonic)."""
-    chunks: AsyncIterator[bytes] | None = None
-
-
 def _no_handoff(leg: asyncio.Task) -> bool:
     """The prefill leg ended without a hand-off (failed, refused, crashed)."""
     if not leg.done():
@@ -159,22 +108,19 @@ def _no_handoff(leg: asyncio.Task) -> bool:
     return leg.result() is None
 
 
-async def _close(upstream: httpx.Response | None) -> None:
-    if upstream is not None:
-        await upstream.aclose()
-
-
 class Proxy:
     def __init__(self, cfg: PDConfig):
         self.cfg = cfg
         self.router = Router(cfg)
-        self.metrics = _Metrics()
+        self.metrics = Metrics()
         self._split = {"concurrent": self._concurrent, "sequential": self._sequential}[cfg.proxy.dispatch]
+        self._first = cfg.proxy.first_token == "prefill"
+        self._background: set[asyncio.Task] = set()
         self.client: httpx.AsyncClient | None = None
         self._health: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=_KEEPALIVE_S)
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=KEEPALIVE_S)
         self.client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(self.cfg.proxy.decode_timeout_s,
                                                                              connect=self.cfg.proxy.connect_timeout_s))
         self._health = asyncio.get_running_loop().create_task(self.router.health_loop(self.client))
@@ -191,7 +137,7 @@ class Proxy:
         try:
             body = await read_json(request, self.cfg.proxy.max_body_mib << 20)
         except BodyError as e:
-            return _error(e.status, str(e))
+            return error(e.status, str(e))
         task = asyncio.get_running_loop().create_task(self._route(request, path, body))
         while True:
             done, _ = await asyncio.wait({task}, timeout=_WATCH_S)
@@ -212,17 +158,24 @@ class Proxy:
         t0 = time.monotonic()
         decode = self.router.pick_decode()
         if decode is None:
-            return _error(503, "no decode instance configured", "service_unavailable")
+            return error(503, "no decode instance configured", "service_unavailable")
         prefill = self.router.pick_prefill() if _splittable(body) else None
         if prefill is None:
             self.metrics.requests.labels(path, "direct").inc()
             return await self._decode(decode, path, body, None, headers, req_id, tried=set(), t0=t0)
-        return await self._split(_Split(prefill, decode, path, body, headers, req_id, t0))
+        s = _Split(prefill, decode, path, body, headers, req_id, t0)
+        if self._first:
+            why = first_token.refusal(path, body)
+            if why is None:
+                return await self._first_token(s)
+            self.metrics.first_tokens.labels("decode", why).inc()
+        return await self._split(s)
 
     async def _sequential(self, s: _Split) -> Response:
         """P first; D gets P's answer (its token count and digest are checked before loading)."""
-        kv = await self._prefill(s)
-        self.metrics.requests.labels(s.path, "pd" if kv is not None else "fallback").inc()
+        got = await self._prefill(s)
+        self.metrics.requests.labels(s.path, "pd" if got is not None else "fallback").inc()
+        kv = got[0] if got is not None else None
         return await self._decode(s.decode, s.path, s.body, kv, s.headers, s.req_id, tried=set(), t0=s.t0)
 
     async def _concurrent(self, s: _Split) -> Response:
@@ -249,30 +202,116 @@ class Proxy:
             p_leg.cancel()
             d_leg.cancel()
             raise
-        if not isinstance(opened, _Opened) or opened.upstream.status_code != 200:
+        if not isinstance(opened, Opened) or opened.upstream.status_code != 200:
             p_leg.cancel()  # D cannot take it: P's compute would be for nothing
             self.metrics.requests.labels(s.path, "fallback").inc()
-            if isinstance(opened, _Unreachable):
+            if isinstance(opened, Unreachable):
                 return await self._fallback(s.path, s.body, s.headers, s.req_id, {s.decode.name}, s.t0)
             return self._deliver(opened, s.decode.name, s.req_id, s.t0)
         self.metrics.requests.labels(s.path, "pd").inc()
         # D answers: the prefill leg has no say any more; it is dropped when the answer ends.
         return self._deliver(opened, s.decode.name, s.req_id, s.t0, leg=p_leg)
 
-    async def _prefill(self, s: _Split) -> dict[str, Any] | None:
-        """P's leg; the DecodeParams it returned, or None (a fallback counted by its cause)."""
+    async def _first_token(self, s: _Split) -> Response:
+        """P samples the first token and the client gets it at once; D continues (first_token.py)."""
+        if first_token.max_new(s.body) == 1:  # all of it is P's: no hand-off
+            self.metrics.requests.labels(s.path, "prefill_only").inc()
+            return await self._decode(s.prefill, s.path, s.body, None, s.headers, s.req_id, {s.decode.name}, s.t0)
+        got = await self._prefill(s, first=True)
+        cont = None
+        if got is not None:
+            try:
+                cont = first_token.Continuation(s.body, got[1])
+            except first_token.BadAnswer as e:
+                log.warning("prefill %s: %s; decode recomputes", s.prefill.name, e)
+                self.metrics.fallbacks.labels("no_first_token").inc()
+        if got is None or cont is None:
+            self.metrics.requests.labels(s.path, "fallback").inc()
+            return await self._decode(s.decode, s.path, s.body, None, s.headers, s.req_id, set(), s.t0)
+        self.metrics.requests.labels(s.path, "pd").inc()
+        self.metrics.first_tokens.labels("prefill", "").inc()
+        stream = bool(s.body.get("stream"))
+        if cont.finished:
+            # Nothing left to generate. D holds P's pages for this hand-off: a one-token request
+            # loads (and so frees) them now, rather than at the lease's end.
+            self._spawn(self._reach(s.decode, s.path, dict(cont.decode_body(got[0]), max_tokens=1, stream=False),
+                                    s.headers, s.t0))
+            self.metrics.first_byte_seconds.observe(time.monotonic() - s.t0)
+            if stream:
+                return StreamingResponse(_aiter(cont.alone_events()), headers={"X-Request-Id": s.req_id},
+                                         media_type="text/event-stream")
+            return JSONResponse(cont.alone(), headers={"X-Request-Id": s.req_id})
+        if stream:
+            return StreamingResponse(self._continue_stream(s, cont, got[0]), headers={"X-Request-Id": s.req_id},
+                                     media_type="text/event-stream")
+        opened = await self._continue(s, cont, got[0])
+        if isinstance(opened, Opened) and opened.upstream.status_code == 200:
+            try:
+                answer = json.loads(opened.first)
+                report = answer.get("kv_transfer_params")  # the decode's report: _deliver's to keep or drop
+                opened.first = json.dumps(cont.whole(answer) | {"kv_transfer_params": report}).encode()
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as e:
+                return error(502, f"decode {s.decode.name} answered what is not a completion: {e}", "bad_gateway")
+        return self._deliver(opened, s.decode.name, s.req_id, s.t0)
+
+    async def _continue(self, s: _Split, cont: first_token.Continuation,
+                        kv: dict[str, Any]) -> Opened | Response:
+        """D's answer continuing from the first token; if D cannot be reached, another decode
+        instance's, else P's (they compute the prompt: no hand-off for them)."""
+        opened = await self._reach(s.decode, s.path, cont.decode_body(kv), s.headers, s.t0)
+        tried = {s.decode.name}
+        while isinstance(opened, Unreachable):
+            other = self.router.pick_decode(exclude=tried) or self.router.pick_prefill(exclude=tried)
+            if other is None or other.name in tried:
+                return error(503, "no decode or prefill instance could be reached", "service_unavailable")
+            self.metrics.fallbacks.labels("decode_unreachable").inc()
+            tried.add(other.name)
+            opened = await self._reach(other, s.path, cont.decode_body(None), s.headers, s.t0)
+        return opened
+
+    async def _continue_stream(self, s: _Split, cont: first_token.Continuation,
+                               kv: dict[str, Any]) -> AsyncIterator[bytes]:
+        """The first token at once, then D's stream continuing it."""
+        d_leg = asyncio.get_running_loop().create_task(self._continue(s, cont, kv))
+        opened: Opened | Response | None = None
+        try:
+            yield cont.first_event()
+            self.metrics.first_byte_seconds.observe(time.monotonic() - s.t0)
+            opened = await d_leg
+            if isinstance(opened, Response) or opened.upstream.status_code != 200 or not opened.stream:
+                text = opened.body if isinstance(opened, Response) else opened.first
+                yield b"data: " + _one_line(bytes(text)) + b"\n\n"
+                return
+            assert opened.chunks is not None
+            async with asyncio.timeout(max(0.001, s.t0 + self.cfg.proxy.decode_timeout_s - time.monotonic())):
+                async for chunk in cont.events(scrub_events(opened.first, opened.chunks)):
+                    yield chunk
+        except (TimeoutError, httpx.HTTPError) as e:
+            msg = {"error": {"message": f"decode {s.decode.name} stream ended early: {type(e).__name__}: {e}",
+                             "type": "timeout" if isinstance(e, TimeoutError) else "bad_gateway"}}
+            yield f"data: {json.dumps(msg)}\n\n".encode()
+        finally:
+            d_leg.cancel()
+            if isinstance(opened, Opened):
+                await opened.upstream.aclose()
+
+    def _spawn(self, coro) -> None:
+        """Run ``coro`` beyond this request (kept referenced until it ends)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _prefill(self, s: _Split, first: bool = False) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """P's leg: the DecodeParams it returned and its whole answer, or None (a fallback counted
+        by its cause). ``first``: P's token goes to the client (first_token.py)."""
         assert self.client is not None
         params = P.PrefillParams(transfer_id=s.transfer_id, decode_peer=s.decode.name)
-        pbody = dict(s.body, kv_transfer_params=msgspec.to_builtins(params), stream=False, max_tokens=1)
-        if "max_completion_tokens" in pbody:
-            pbody["max_completion_tokens"] = 1
-        for key in ("stream_options", "min_tokens", "min_completion_tokens"):
-            pbody.pop(key, None)
+        pbody = first_token.prefill_body(s.body, msgspec.to_builtins(params), first_token=first)
         t0 = time.monotonic()
         timeout = httpx.Timeout(self.cfg.proxy.prefill_timeout_s, connect=self.cfg.proxy.connect_timeout_s)
         prefill = s.prefill
         try:
-            r = await _send_once_more(lambda: self.client.post(f"{prefill.url}{s.path}", json=pbody,
+            r = await send_once_more(lambda: self.client.post(f"{prefill.url}{s.path}", json=pbody,
                                                                headers=s.headers, timeout=timeout),
                                       f"prefill request to {prefill.name}")
         except httpx.TimeoutException:
@@ -290,61 +329,30 @@ class Proxy:
             log.warning("prefill %s answered %d: %s", prefill.name, r.status_code, r.text[:200])
             return None
         try:
-            kv = r.json().get("kv_transfer_params")
+            answer = r.json()
+            kv = answer.get("kv_transfer_params")
         except (json.JSONDecodeError, AttributeError):
-            kv = None
+            answer = kv = None
         got = P.params_from_dict(kv, P.DecodeParams)
         if got is None or got.transfer_id != s.transfer_id:
             self.metrics.fallbacks.labels("no_handoff").inc()
             return None
-        return kv
+        return kv, answer
 
-    async def _reach(self, decode: Backend, path: str, dbody: dict[str, Any], headers: dict[str, str],
-                     t0: float) -> _Opened | Response | _Unreachable:
-        """Send D its request and read the answer's first part: the first streamed chunk (the
-        rest is relayed later), else the whole answer. Or an error answer; or _Unreachable."""
+    async def _reach(self, backend: Backend, path: str, body: dict[str, Any], headers: dict[str, str],
+                     t0: float) -> Opened | Response | Unreachable:
         assert self.client is not None
-        stream = bool(dbody.get("stream"))
-        upstream: httpx.Response | None = None
-        try:
-            async with asyncio.timeout(max(0.001, t0 + self.cfg.proxy.decode_timeout_s - time.monotonic())):
-                upstream = await _send_once_more(lambda: self.client.send(
-                    self.client.build_request("POST", f"{decode.url}{path}", json=dbody, headers=headers),
-                    stream=True), f"decode request to {decode.name}")
-                if upstream.status_code != 200 or not stream:
-                    body = await upstream.aread()
-                    await upstream.aclose()
-                    return _Opened(upstream, body, False, time.monotonic())
-                chunks = upstream.aiter_raw()
-                first = b""
-                async for first in chunks:
-                    if first:
-                        break
-                return _Opened(upstream, first, True, time.monotonic(), chunks)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-            decode.mark_down(str(e) or type(e).__name__)
-            return _Unreachable()
-        except (TimeoutError, httpx.TimeoutException) as e:
-            await _close(upstream)
-            return _error(504, f"decode {decode.name} did not answer within proxy.decode_timeout_s ({e})",
-                          "timeout")
-        except httpx.HTTPError as e:
-            await _close(upstream)
-            log.warning("decode request to %s failed: %s: %s", decode.name, type(e).__name__, e)
-            return _error(502, f"decode {decode.name} failed: {type(e).__name__}: {e}", "bad_gateway")
-        except BaseException:  # dropped (cancelled): closing the connection aborts it in vLLM
-            await _close(upstream)
-            raise
+        return await reach(self.client, backend, path, body, headers, t0 + self.cfg.proxy.decode_timeout_s)
 
     async def _decode(self, decode: Backend, path: str, body: dict[str, Any], kv: dict[str, Any] | None,
                       headers: dict[str, str], req_id: str, tried: set[str], t0: float) -> Response:
         dbody = dict(body, kv_transfer_params=kv) if kv is not None else body
         opened = await self._reach(decode, path, dbody, headers, t0)
-        if isinstance(opened, _Unreachable):
+        if isinstance(opened, Unreachable):
             return await self._fallback(path, body, headers, req_id, tried | {decode.name}, t0)
         return self._deliver(opened, decode.name, req_id, t0)
 
-    def _deliver(self, opened: _Opened | Response, name: str, req_id: str, t0: float,
+    def _deliver(self, opened: Opened | Response, name: str, req_id: str, t0: float,
                  leg: asyncio.Task | None = None) -> Response:
         """D's answer to the client, whole or relayed as it streams (``leg``: the prefill leg,
         dropped when the answer has ended)."""
@@ -366,7 +374,7 @@ class Proxy:
         return StreamingResponse(self._relay(opened, deadline, name, leg), headers=out_headers,
                                  media_type=up.headers.get("content-type", "text/event-stream"))
 
-    async def _relay(self, opened: _Opened, deadline: float, name: str,
+    async def _relay(self, opened: Opened, deadline: float, name: str,
                      leg: asyncio.Task | None) -> AsyncIterator[bytes]:
         try:
             assert opened.chunks is not None
@@ -391,7 +399,7 @@ class Proxy:
             return await self._decode(other, path, body, None, headers, req_id, tried, t0)
         prefill = self.router.pick_prefill(exclude=tried)
         if prefill is None:
-            return _error(503, "no decode or prefill instance could be reached", "service_unavailable")
+            return error(503, "no decode or prefill instance could be reached", "service_unavailable")
         self.metrics.fallbacks.labels("decode_unreachable_served_by_prefill").inc()
         return await self._decode(prefill, path, body, None, headers, req_id, tried, t0)
 
@@ -407,7 +415,7 @@ class Proxy:
             except httpx.HTTPError:
                 continue
             return Response(r.content, status_code=r.status_code, media_type="application/json")
-        return _error(503, "no instance is reachable", "service_unavailable")
+        return error(503, "no instance is reachable", "service_unavailable")
 
 
 def create_app(cfg: PDConfig) -> FastAPI:
@@ -457,3 +465,16 @@ def create_app(cfg: PDConfig) -> FastAPI:
 def _printable(text: str) -> str:
     """Letters, digits and ``-_.:`` of a client-chosen id (it goes into transfer ids and logs)."""
     return "".join(c for c in text if c.isascii() and (c.isalnum() or c in "-_.:"))
+
+
+async def _aiter(items: list[bytes]) -> AsyncIterator[bytes]:
+    for item in items:
+        yield item
+
+
+def _one_line(text: bytes) -> bytes:
+    """An answer's body as one server-sent event's data (an error in the middle of a stream)."""
+    try:
+        return json.dumps(json.loads(text), separators=(",", ":")).encode()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return json.dumps({"error": {"message": text.decode(errors="replace")[:500], "type": "bad_gateway"}}).encode()

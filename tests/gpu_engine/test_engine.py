@@ -26,12 +26,13 @@ PROMPT_LENS = (1, 15, 16, 17, 255, 256, 257, 1023, 4095, 8191)
 MIXED = (1, 15, 16, 17, 100, 255, 256, 257, 600, 1023, 1500, 2048, 3000, 4095, 6000, 8191)
 MAX_TOKENS = 16
 NEAR_TIE = PROFILE.near_tie if PROFILE else 0.5
-"""nats. The decode computes the last prompt token in a forward of its own, and batches decode
-steps as its load allows, so its logits round differently from the colocated run's; where the
-colocated top-2 are this close, greedy decoding may pick the other (measured on the H200 with
-the 8B-shape model: flips at margins of 0.0, 0.0, 0.25 and 0.5 nats, none above). Prompts are
-therefore drawn so that the colocated answer has no near-tie (``tie_free``), and every answer
-must then be identical."""
+"""nats. The decode batches decode steps as its load allows (and, with proxy.first_token=decode,
+computes the last prompt token in a forward of its own), so its logits round differently from
+the colocated run's; where the colocated top-2 are this close, greedy decoding may pick the
+other (measured on the H200 with the 8B-shape model and the decode sampling the first token:
+flips at margins of 0.0, 0.0, 0.25 and 0.5 nats, none above). Prompts are therefore drawn so
+that the colocated answer has no near-tie (``tie_free``), and every answer must then be
+identical."""
 
 
 def completion(url: str, ids: list[int], **extra) -> dict:
@@ -77,16 +78,17 @@ def prompt_sources(url: str) -> dict[str, float]:
 
 
 def assert_decode_computed_no_prompt(decode: str, before: dict[str, float], lens: list[int]) -> None:
-    """vLLM's own counters on the decode instance: no prompt token computed there beyond the last.
-    vLLM counts the recomputed last token as transferred, except in a 1-token prompt, where
-    recomputing it is computing the whole prompt (counted as local_compute)."""
+    """vLLM's own counters on the decode instance: no prompt token computed there. The proxy
+    gives the client the prefill's first token (proxy.first_token=prefill) and the decode's
+    prompt is the client's plus that token: every client prompt token is transferred, and the
+    one token each request computes (counted as local_compute) is the sampled token."""
     def delta() -> dict[str, float]:
         after = prompt_sources(decode)
         return {k: after[k] - before[k] for k in after}
-    total, ones = sum(lens), lens.count(1)
-    wait_for(lambda: sum(delta().values()) >= total, 10, "decode-0's prompt token counters did not move")
+    total = sum(lens)
+    wait_for(lambda: sum(delta().values()) >= total + len(lens), 10, "decode-0's prompt token counters did not move")
     d = delta()
-    assert d == {"local_compute": ones, "local_cache_hit": 0, "external_kv_transfer": total - ones}, d
+    assert d == {"local_compute": len(lens), "local_cache_hit": 0, "external_kv_transfer": total}, d
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -124,8 +126,8 @@ def test_greedy_tokens_equal_colocated_and_the_decode_computes_no_prompt_token(e
     got = completion(proxy, ids)
     assert_same_tokens(got, ref, f"{n} tokens")
     r = report(got)
-    assert r.get("loaded") is True and r["prompt_tokens"] == n, r
-    assert r["prompt_tokens_computed"] == 1, r  # vLLM's scheduling on the decode: the last token only
+    assert r.get("loaded") is True and r["prompt_tokens"] == n + 1, r  # the client's and the first token
+    assert r["prompt_tokens_computed"] == 1, r  # vLLM's scheduling on the decode: the first token only
     assert_decode_computed_no_prompt(decode, before, [n])
 
 

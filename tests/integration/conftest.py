@@ -3,10 +3,13 @@
 Other modules start deployments of their own (module-scoped, so at most one runs at a time).
 
 ``decode-ghost`` and ``prefill-ghost`` are in the config but never started: instances that are
-not running. The main proxy (``proxy.dispatch=concurrent``, the default) routes to prefill-0 and
-decode-0; ``proxy-sequential`` the same, sending the decode request after the prefill answered;
-``proxy-ghost`` (sequential) and ``proxy-ghost-concurrent`` route only to decode-ghost;
-``proxy-no-prefill`` routes only to prefill-ghost.
+not running. The main proxy (``proxy.first_token=prefill``, the default: the prefill's token goes
+to the client and decode-0 continues from it) routes to prefill-0 and decode-0;
+``proxy-decode-first`` the same with the decode sampling the first token (``dispatch=concurrent``,
+the default), ``proxy-sequential`` likewise, sending the decode request after the prefill answered;
+``proxy-ghost`` (sequential), ``proxy-ghost-concurrent`` and ``proxy-ghost-first`` (the prefill's
+first token) route only to decode-ghost; ``proxy-no-prefill`` routes only to prefill-ghost; all but
+``proxy`` and ``proxy-ghost-first`` let the decode sample the first token.
 Tests that cannot run here skip with the reason (no vLLM installed).
 """
 
@@ -56,10 +59,13 @@ def deployment(tmp_path_factory):
     data["prefill"].append({"name": "prefill-ghost", "http_port": ghost_prefill})
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
     dep = LocalDeployment(cfg, work)
-    dep.add_proxy("proxy-sequential", "proxy.dispatch=sequential")
-    dep.add_proxy("proxy-ghost", "proxy.decodes=[decode-ghost]", "proxy.dispatch=sequential")
-    dep.add_proxy("proxy-ghost-concurrent", "proxy.decodes=[decode-ghost]")
-    dep.add_proxy("proxy-no-prefill", "proxy.prefills=[prefill-ghost]")
+    dep.add_proxy("proxy-decode-first", "proxy.first_token=decode")
+    dep.add_proxy("proxy-sequential", "proxy.dispatch=sequential", "proxy.first_token=decode")
+    dep.add_proxy("proxy-ghost", "proxy.decodes=[decode-ghost]", "proxy.dispatch=sequential",
+                  "proxy.first_token=decode")
+    dep.add_proxy("proxy-ghost-concurrent", "proxy.decodes=[decode-ghost]", "proxy.first_token=decode")
+    dep.add_proxy("proxy-ghost-first", "proxy.decodes=[decode-ghost]")
+    dep.add_proxy("proxy-no-prefill", "proxy.prefills=[prefill-ghost]", "proxy.first_token=decode")
     dep.add_proxy("proxy-impatient", f"proxy.prefill_timeout_s={PREFILL_TIMEOUT_S}")
     try:
         dep.start_all(timeout_s=600, skip=("decode-ghost", "prefill-ghost"))

@@ -76,12 +76,16 @@ def served_as_colocated(dep, via: str, ids: list[int], req_id: str) -> tuple[dic
 
 
 @pytest.mark.parametrize("via,n", [*(("proxy", n) for n in (20, 127, 128, 129, 1000, 1900)),
-                                   ("proxy-sequential", 129), ("proxy-sequential", 1000)])
+                                   *((v, n) for v in ("proxy-decode-first", "proxy-sequential") for n in (129, 1000))])
 def test_outputs_match_colocated_and_decode_computes_one_prompt_token(deployment, via, n):
-    """``proxy`` sends the decode request with the prefill's (proxy.dispatch=concurrent),
-    ``proxy-sequential`` after the prefill answered."""
+    """``proxy``: the prefill's token goes to the client and the decode continues from it
+    (proxy.first_token=prefill); ``proxy-decode-first``: the decode request goes with the
+    prefill's and the decode samples the first token (first_token=decode, dispatch=concurrent);
+    ``proxy-sequential`` the same, sent after the prefill answered."""
     proxy, prefill, decode = (deployment.procs[k].url for k in (via, "prefill-0", "decode-0"))
-    ids = prompt_ids(n, seed=n if via == "proxy" else n + 7)  # unseen prompts: no prefix-cache hit on decode
+    # Unseen prompts: no prefix-cache hit on decode.
+    ids = prompt_ids(n, seed={"proxy": n, "proxy-decode-first": n + 13, "proxy-sequential": n + 7}[via])
+    first = via == "proxy"  # the decode's prompt is the client's plus the prefill's token
     reference, _ = completion(prefill, ids)
     before = metrics(decode)
     got, headers = completion(proxy, ids)
@@ -91,20 +95,23 @@ def test_outputs_match_colocated_and_decode_computes_one_prompt_token(deployment
     assert "kv_transfer_params" not in got  # the hand-off is ours: its report only in the header
     r = report(got)
     assert r["loaded"] is True, r
-    assert r["prompt_tokens"] == n
-    # vLLM's own scheduling decision on the decode instance: only the last prompt token ran.
+    assert r["prompt_tokens"] == n + first
+    # vLLM's own scheduling decision on the decode instance: one token ran before the first
+    # decode step: the last prompt token, or (first_token=prefill) the prefill's sampled token.
     assert r["prompt_tokens_computed"] == 1
     assert r["bytes"] == -(-n // 128) * 65536  # every block of the prompt, all layers
-    # vLLM's own counters on the decode instance: no prompt token computed locally, all external.
-    # (The frontend updates them as it processes outputs: give it a moment after the response.)
+    # vLLM's own counters on the decode instance: no prompt token of the client's computed
+    # locally, all external. (vLLM counts a recomputed last token as external; the prefill's
+    # sampled token, part of the decode's prompt, as computed.) The frontend updates them as it
+    # processes outputs: give it a moment after the response.
     def delta() -> dict[str, float]:
         after = metrics(decode)
         return {k: counter(after, "vllm:prompt_tokens_by_source_total", source=k)
                 - counter(before, "vllm:prompt_tokens_by_source_total", source=k)
                 for k in ("local_compute", "local_cache_hit", "external_kv_transfer")}
-    wait_for(lambda: sum(delta().values()) >= n, 5, "decode-0's prompt token counters did not move")
+    wait_for(lambda: sum(delta().values()) >= n + first, 5, "decode-0's prompt token counters did not move")
     d = delta()
-    assert d == {"local_compute": 0, "local_cache_hit": 0, "external_kv_transfer": n}, d
+    assert d == {"local_compute": int(first), "local_cache_hit": 0, "external_kv_transfer": n}, d
     # Both ends recorded the hand-off as ended (the prefill then reported finished_sending).
     sent = handoff_record(deployment, "prefill-0", r["transfer_id"])
     loaded = handoff_record(deployment, "decode-0", r["transfer_id"])
@@ -224,6 +231,21 @@ def test_decode_unreachable_with_concurrent_dispatch_drops_the_prefill_leg(deplo
     assert tried == [], tried
     m = metrics(deployment.procs["proxy-ghost-concurrent"].url)
     assert counter(m, "lmcache_pd_proxy_fallbacks_total", reason="decode_unreachable_served_by_prefill") >= 1
+
+
+def test_decode_unreachable_after_the_first_token_is_continued_by_the_prefill_instance(deployment):
+    """proxy-ghost-first (first_token=prefill): prefill-0 samples the first token, decode-ghost
+    cannot be reached, so prefill-0 continues the request itself; the client's tokens are the
+    colocated ones, and the hand-off to the ghost ends (failed) within timeouts.handshake_s."""
+    _, elapsed = served_as_colocated(deployment, "proxy-ghost-first", prompt_ids(450, seed=24), "ghost-first")
+    assert elapsed < deployment.cfg.timeouts.handshake_s + 5
+    sent = handoff_record(deployment, "prefill-0", "ghost-first-", deployment.cfg.timeouts.handshake_s + 5)
+    assert not sent["ok"] and "decode-ghost" in sent["error"]
+    m = metrics(deployment.procs["proxy-ghost-first"].url)
+    assert counter(m, "lmcache_pd_proxy_first_tokens_total", source="prefill") == 1
+    assert counter(m, "lmcache_pd_proxy_fallbacks_total", reason="decode_unreachable") == 1
+    wait_for(lambda: counter(metrics(deployment.procs["prefill-0"].url), "vllm:kv_cache_usage_perc") == 0, 15,
+             "prefill-0 still holds KV blocks")
 
 
 def test_prefill_unreachable_with_concurrent_dispatch_recomputes_at_once(deployment):

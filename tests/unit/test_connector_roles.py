@@ -148,8 +148,22 @@ def test_decode_claims_the_prompt_and_loads_once(decode):
 def test_decode_refuses_kv_for_another_prompt(decode):
     r = request("d1", 40, {**decode_params(40), "prompt_digest": "f" * 32})
     assert decode.get_num_new_matched_tokens(r, 0) == (0, False)
-    r2 = request("d2", 41, decode_params(40))  # token count differs
+    r2 = request("d2", 39, decode_params(40))  # shorter than what the prefill computed
     assert decode.get_num_new_matched_tokens(r2, 0) == (0, False)
+    r3 = Request("d3", [99, *range(11, 51)], r.sampling_params, None)  # 41 tokens, the first 40 differ
+    r3.kv_transfer_params = decode_params(40)
+    assert decode.get_num_new_matched_tokens(r3, 0) == (0, False)
+
+
+def test_decode_continues_a_prompt_the_prefill_computed_a_prefix_of(decode):
+    """proxy.first_token=prefill: the decode's prompt is the prefill's plus the token it sampled.
+    The hand-off covers the prefill's 40 tokens; vLLM computes the 41st (the sampled token)."""
+    r = request("d1", 41, decode_params(40))
+    assert decode.get_num_new_matched_tokens(r, 0) == (40, True)
+    assert decode.get_num_new_matched_tokens(r, 16) == (24, True)  # a local prefix hit of one block
+    decode.update_state_after_alloc(r, blocks([7, 8, 9]), 40)
+    (spec,) = decode.build_connector_meta(SchedulerOutput.make_empty()).loads
+    assert (spec.num_tokens, spec.prompt_digest) == (40, P.prompt_digest(list(range(10, 50))))
 
 
 def test_decode_sent_before_the_prefill_answered_loads_its_own_prompt(decode):
@@ -162,7 +176,7 @@ def test_decode_sent_before_the_prefill_answered_loads_its_own_prompt(decode):
     (spec,) = decode.build_connector_meta(SchedulerOutput.make_empty()).loads
     assert (spec.num_tokens, spec.prompt_digest) == (40, P.prompt_digest(list(range(10, 10 + 40))))
     # A late answer's parameters are still checked here: another prompt is refused before loading.
-    r2 = request("d2", 41, decode_params(40, "t2"))
+    r2 = request("d2", 39, decode_params(40, "t2"))
     assert decode.get_num_new_matched_tokens(r2, 0) == (0, False)
 
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -55,7 +53,9 @@ class Backend:
             self.seen.append(body)
             kv = body.get("kv_transfer_params") or {}
             if kv.get("do_remote_decode"):  # the prefill leg
-                return {"choices": [{"text": "x"}], "kv_transfer_params": {
+                return {"id": "cmpl-1", "created": 1, "model": "tiny", "choices": [{
+                    "index": 0, "text": "x", "finish_reason": "length", "token_ids": [7],
+                    "prompt_token_ids": [1, 2, 3]}], "kv_transfer_params": {
                     "do_remote_prefill": True, "do_remote_decode": False, "transfer_id": kv["transfer_id"],
                     "num_tokens": 3, "prompt_digest": "d" * 32, "prefill_peer": "prefill-0"}}
             if self.hold:  # the decode leg, which never answers: watch for the proxy dropping it
@@ -72,27 +72,13 @@ class Backend:
             return {"choices": [{"text": "ab"}], "kv_transfer_params": REPORT}
 
 
-class Served:
-    def __init__(self, app, port: int):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
-
-
 @pytest.fixture
-def proxied():
+def proxied(serve):
     """(proxy url, backend, proxy config dict) with handoff_report off, as by default."""
     backend = Backend()
     b_port, b2_port, p_port, d_ctrl, d_data = free_ports(5)
-    served = [Served(backend.app, b_port), Served(backend.app, b2_port)]  # the prefill, the decode
+    serve(backend.app, b_port)  # the prefill
+    serve(backend.app, b2_port)  # the decode
     made = []
 
     def make(**proxy):
@@ -102,26 +88,26 @@ def proxied():
             "decode": [{"name": "decode-0", "http_port": b2_port, "control_port": d_ctrl, "data_port": d_data}],
             "proxy": {"port": p_port + len(made), **proxy},
         }, source="test")
-        served.append(Served(create_app(cfg), p_port + len(made)))
+        serve(create_app(cfg), p_port + len(made))
         made.append(1)
         return f"http://127.0.0.1:{p_port + len(made) - 1}"
 
     yield make, backend
-    for s in served:
-        s.close()
 
 
 def test_answers_reach_the_client_without_kv_transfer_params(proxied):
     make, backend = proxied
     url = make()
     r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ab"
+    # (proxy.first_token=prefill: the prefill's token "x", then the decode's "ab")
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "xab"
     assert "kv_transfer_params" not in r.json() and REPORT_HEADER not in r.headers
-    assert any(b["kv_transfer_params"].get("do_remote_prefill") for b in backend.seen)  # the decode got its params
+    assert any((b.get("kv_transfer_params") or {}).get("do_remote_prefill") for b in backend.seen)  # the decode's
     with httpx.stream("POST", f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2,
                                                               "stream": True}) as s:
         text = b"".join(s.iter_raw()).decode()
-    assert '"text": "a"' in text and '"text": "b"' in text and "[DONE]" in text
+    events = [json.loads(e[6:]) for e in text.split("\n\n") if e.startswith("data: {")]
+    assert [e["choices"][0]["text"] for e in events] == ["x", "a", "b"] and "[DONE]" in text
     assert "kv_transfer_params" not in text and "t-1" not in text
 
 

@@ -11,7 +11,7 @@ import threading
 import httpx
 import pytest
 
-from lmcache_pd.proxy.app import _RESEND, _send_once_more
+from lmcache_pd.proxy.legs import RESEND, send_once_more
 
 
 def flaky_server(drop_first: int) -> tuple[socket.socket, list[int]]:
@@ -42,7 +42,7 @@ def test_a_request_the_backend_read_is_never_sent_again(drops):
 
     async def go():
         async with httpx.AsyncClient() as client:
-            return await _send_once_more(lambda: client.post(url, json={"x": 1}), "test request")
+            return await send_once_more(lambda: client.post(url, json={"x": 1}), "test request")
 
     try:
         if drops == 0:
@@ -64,5 +64,5 @@ def test_a_request_that_could_not_be_written_is_sent_once_more():
             raise httpx.WriteError("connection reset while writing the request")
         return "answered"
 
-    assert asyncio.run(_send_once_more(send, "test request")) == "answered" and len(calls) == 2
-    assert _RESEND == (httpx.WriteError,)
+    assert asyncio.run(send_once_more(send, "test request")) == "answered" and len(calls) == 2
+    assert RESEND == (httpx.WriteError,)
