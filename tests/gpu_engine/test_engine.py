@@ -41,6 +41,15 @@ def completion(url: str, ids: list[int], **extra) -> dict:
     return post(f"{url}/v1/completions", body, timeout=300)[0]
 
 
+def ended_at_first_token(resp: dict) -> bool:
+    """The first token ended the answer (end of sequence): the proxy answered with the prefill's
+    token alone (proxy.first_token=prefill), before the decode took the hand-off, so the answer
+    carries no hand-off report; the decode still loads it (a one-token request the proxy sends,
+    which vLLM's counters see)."""
+    choice = resp["choices"][0]
+    return len(choice["token_ids"]) == 1 and choice["finish_reason"] == "stop"
+
+
 def token_ids(resp: dict) -> list[int]:
     return resp["choices"][0]["token_ids"]
 
@@ -139,6 +148,8 @@ def test_sixteen_concurrent_requests_of_mixed_lengths(engine):
     with concurrent.futures.ThreadPoolExecutor(len(picked)) as ex:
         got = list(ex.map(lambda p: completion(proxy, p[0]), picked))
     for n, g in zip(MIXED, got):
+        if ended_at_first_token(g):  # the prefill's answer alone: the decode loads it unseen
+            continue
         assert report(g).get("loaded") is True, (n, report(g))
     assert_decode_computed_no_prompt(decode, before, list(MIXED))
     differ = [i for i, (g, (_, ref)) in enumerate(zip(got, picked)) if first_difference(g, ref)]
