@@ -271,12 +271,13 @@ class Proxy:
 
     async def _continue_stream(self, s: _Split, cont: first_token.Continuation,
                                kv: dict[str, Any]) -> AsyncIterator[bytes]:
-        """The first token at once, then D's stream continuing it."""
+        """The first token at once, then D's stream continuing it (D's request goes out once the
+        first token has: building and sending it would delay the first token's write)."""
+        yield cont.first_event()
+        self.metrics.first_byte_seconds.observe(time.monotonic() - s.t0)
         d_leg = asyncio.get_running_loop().create_task(self._continue(s, cont, kv))
         opened: Opened | Response | None = None
         try:
-            yield cont.first_event()
-            self.metrics.first_byte_seconds.observe(time.monotonic() - s.t0)
             opened = await d_leg
             if isinstance(opened, Response) or opened.upstream.status_code != 200 or not opened.stream:
                 text = opened.body if isinstance(opened, Response) else opened.first

@@ -59,10 +59,18 @@ def max_new(body: dict[str, Any]) -> int | None:
     return n if isinstance(n, int) else None
 
 
+def _ids_known(body: dict[str, Any]) -> bool:
+    """The client's prompt is token ids (the proxy checked them) and it asked for no logprobs: the
+    prefill need not send the prompt back (8192 tokens are some 40 KB each way, on the path to the
+    first token); its sampled token's id comes in its logprobs (``return_tokens_as_token_ids``)."""
+    return isinstance(body.get("prompt"), list) and body.get("logprobs") is None
+
+
 def prefill_body(body: dict[str, Any], params: dict[str, Any], *, first_token: bool) -> dict[str, Any]:
     """The prefill's request: one token, not streamed, with the hand-off parameters. For the first
-    token it also returns the token ids and keeps ``min_tokens`` (end of sequence may not come
-    first if the client asked for at least one token)."""
+    token it also returns the token ids (the sampled one, and the prompt's where the proxy does
+    not know them) and keeps ``min_tokens`` (end of sequence may not come first if the client
+    asked for at least one token)."""
     out = dict(body, kv_transfer_params=params, stream=False, max_tokens=1)
     if "max_completion_tokens" in out:
         out["max_completion_tokens"] = 1
@@ -70,7 +78,11 @@ def prefill_body(body: dict[str, Any], params: dict[str, Any], *, first_token: b
     for key in ("stream_options", "min_tokens", "min_completion_tokens"):
         out.pop(key, None)
     if first_token:
-        out["return_token_ids"] = True
+        if _ids_known(body):
+            out.pop("return_token_ids", None)
+            out["logprobs"], out["return_tokens_as_token_ids"] = 0, True
+        else:
+            out["return_token_ids"] = True
         if isinstance(min_tokens, int) and min_tokens > 0:
             out["min_tokens"] = 1
     return out
@@ -87,10 +99,19 @@ class Continuation:
         try:
             choice = answer["choices"][0]
             self.text: str = choice["text"]
-            self.token_ids: list[int] = list(choice["token_ids"])
-            self.prompt_ids: list[int] = list(choice["prompt_token_ids"])
             self.finish_reason: str | None = choice.get("finish_reason")
-        except (KeyError, IndexError, TypeError) as e:
+            if _ids_known(body):
+                token = choice["logprobs"]["tokens"]
+                if len(token) != 1 or not isinstance(token[0], str) or not token[0].startswith("token_id:"):
+                    raise BadAnswer(f"prefill answer with tokens {token[:2]!r}, not one 'token_id:N'")
+                self.token_ids: list[int] = [int(token[0].removeprefix("token_id:"))]
+                self.prompt_ids: list[int] = body["prompt"]
+                self.logprobs: dict[str, Any] | None = None  # asked for by the proxy, not the client
+            else:
+                self.token_ids = list(choice["token_ids"])
+                self.prompt_ids = list(choice["prompt_token_ids"])
+                self.logprobs = choice.get("logprobs")
+        except (KeyError, IndexError, TypeError, ValueError) as e:
             raise BadAnswer(f"prefill answer without {e}") from None
         if len(self.token_ids) != 1 or not all(isinstance(t, int) for t in (*self.token_ids, *self.prompt_ids)):
             raise BadAnswer(f"prefill answer with {len(self.token_ids)} tokens, not 1")
@@ -145,6 +166,7 @@ class Continuation:
         out.pop("kv_transfer_params", None)
         choice = out["choices"][0]
         self._ids(choice, self.token_ids)
+        choice["logprobs"] = self.logprobs
         if self.want_ids:
             choice["prompt_token_ids"] = self.prompt_ids
         if self.finish_reason is None:
@@ -158,7 +180,7 @@ class Continuation:
         choice = answer["choices"][0]
         choice["text"] = self.text + choice.get("text", "")
         self._logprobs(choice)
-        first = self.answer["choices"][0].get("logprobs")
+        first = self.logprobs
         if isinstance(first, dict) and isinstance(rest := choice.get("logprobs"), dict):
             choice["logprobs"] = {k: list(first.get(k) or ()) + list(rest.get(k) or ()) for k in rest}
         self._ids(choice, self.token_ids + list(choice.get("token_ids") or ()))
@@ -169,7 +191,7 @@ class Continuation:
 
     def first_event(self, finished: bool = False) -> bytes:
         """The stream's first event: the first token (and its end, if it ended the answer)."""
-        choice: dict[str, Any] = {"index": 0, "text": self.text, "logprobs": self.answer["choices"][0].get("logprobs"),
+        choice: dict[str, Any] = {"index": 0, "text": self.text, "logprobs": self.logprobs,
                                   "finish_reason": (self.finish_reason or "length") if finished else None,
                                   "stop_reason": self.answer["choices"][0].get("stop_reason") if finished else None}
         if self.want_ids:

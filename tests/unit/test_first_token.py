@@ -53,8 +53,10 @@ class Prefill:
             choice = {"index": 0, "text": "x", "finish_reason": self.finish_reason, "stop_reason": None}
             if body.get("return_token_ids") and self.token_ids:
                 choice |= {"token_ids": [FIRST], "prompt_token_ids": PROMPT_IDS}
-            if body.get("logprobs"):
+            if body.get("logprobs") is not None:
                 choice["logprobs"] = logprobs("x", 0)
+                if body.get("return_tokens_as_token_ids"):
+                    choice["logprobs"]["tokens"] = [f"token_id:{FIRST}"]
             answer = {"id": "cmpl-req", "created": 100, "model": "tiny", "choices": [choice],
                       "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
             if kv.get("do_remote_decode"):
@@ -223,6 +225,27 @@ def test_a_first_token_that_ends_the_answer_is_the_whole_answer(deployment, stre
         assert time.monotonic() < deadline, "the decode was not asked to take the hand-off's pages"
         time.sleep(0.02)
     assert decode.seen[0]["max_tokens"] == 1 and decode.seen[0]["kv_transfer_params"]["num_tokens"] == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_of_token_ids_is_not_sent_back_by_the_prefill(deployment, stream):
+    """The proxy knows the ids: the prefill returns only its token's id (in logprobs the proxy
+    asked for and the client does not see), not the prompt's ids."""
+    make, prefill, decode = deployment
+    url = make()
+    r = httpx.post(f"{url}/v1/completions", json=body(prompt=[4, 5], return_token_ids=True, stream=stream), timeout=30)
+    (p,) = prefill.seen
+    assert "return_token_ids" not in p and (p["logprobs"], p["return_tokens_as_token_ids"]) == (0, True)
+    assert decode.seen[0]["prompt"] == [4, 5, FIRST]
+    if stream:
+        events = events_of(r.text)
+        assert events[0]["choices"][0]["prompt_token_ids"] == [4, 5]
+        assert [e["choices"][0]["token_ids"] for e in events if e["choices"]] == [[FIRST], [8], [9]]
+        assert all(e["choices"][0]["logprobs"] is None for e in events if e["choices"])
+    else:
+        (choice,) = r.json()["choices"]
+        assert (choice["text"], choice["token_ids"], choice["prompt_token_ids"]) == ("xab", [FIRST, 8, 9], [4, 5])
+        assert choice["logprobs"] is None
 
 
 def test_one_token_requests_are_the_prefills_alone(deployment):
