@@ -234,8 +234,7 @@ class Proxy:
         if cont.finished:
             # Nothing left to generate. D holds P's pages for this hand-off: a one-token request
             # loads (and so frees) them now, rather than at the lease's end.
-            self._spawn(self._reach(s.decode, s.path, dict(cont.decode_body(got[0]), max_tokens=1, stream=False),
-                                    s.headers, s.t0))
+            self._spawn(self._reach(s.decode, s.path, cont.drain_body(got[0]), s.headers, s.t0))
             self.metrics.first_byte_seconds.observe(time.monotonic() - s.t0)
             if stream:
                 return StreamingResponse(_aiter(cont.alone_events()), headers={"X-Request-Id": s.req_id},

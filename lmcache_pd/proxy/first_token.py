@@ -138,6 +138,14 @@ class Continuation:
             out["kv_transfer_params"] = kv
         return out
 
+    def drain_body(self, kv: dict[str, Any]) -> dict[str, Any]:
+        """A one-token request that makes the decode load (and so free) the hand-off's pages when
+        the first token ended the answer; its own answer is dropped."""
+        out = dict(self.decode_body(kv), max_tokens=1, stream=False)
+        for key in ("stream_options", "min_tokens", "return_token_ids"):
+            out.pop(key, None)
+        return out
+
     # --- answers -------------------------------------------------------------------------
     def _ids(self, choice: dict[str, Any], token_ids: list[int] | None) -> None:
         """The token id fields of a choice as vLLM fills them: only if the client asked."""

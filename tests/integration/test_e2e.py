@@ -149,6 +149,28 @@ def test_logprobs_through_the_first_token_from_the_prefill_match_colocated(deplo
     assert counter(m, "lmcache_pd_proxy_first_tokens_total", source="prefill") >= 1 + stream
 
 
+def test_a_first_token_that_ends_the_answer_is_answered_at_once_and_its_pages_loaded(deployment):
+    """The prefill's token is a stop token: the client's answer is that token alone, streamed as
+    soon as the prefill answered; decode-0 still takes the hand-off (a one-token request the
+    proxy sends), so its pages are freed now, not at the lease's end."""
+    proxy, prefill = deployment.procs["proxy"].url, deployment.procs["prefill-0"].url
+    ids = prompt_ids(300, seed=34)
+    first = token_ids(completion(prefill, ids)[0])[0]
+    reference, _ = completion(prefill, ids, stop_token_ids=[first])
+    assert token_ids(reference) == [first] and reference["choices"][0]["finish_reason"] == "stop"
+    body = {"model": "tiny", "prompt": ids, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
+            "stop_token_ids": [first], "return_token_ids": True, "stream_options": {"include_usage": True}}
+    req = urllib.request.Request(f"{proxy}/v1/completions", json.dumps(body).encode(),
+                                 {"content-type": "application/json", "x-request-id": "ends-at-first"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        events = [json.loads(c[6:]) for c in r.read().decode().split("\n\n") if c.startswith("data: {")]
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    assert [c["token_ids"] for c in choices] == [[first]] and choices[0]["finish_reason"] == "stop"
+    assert events[-1]["usage"]["completion_tokens"] == 1 and events[-1]["usage"]["prompt_tokens"] == 300
+    loaded = handoff_record(deployment, "decode-0", "ends-at-first-")
+    assert loaded["ok"], loaded
+
+
 def test_streaming_completion_is_well_formed(deployment):
     proxy, prefill = deployment.procs["proxy"].url, deployment.procs["prefill-0"].url
     ids = prompt_ids(300, seed=11)

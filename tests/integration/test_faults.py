@@ -223,8 +223,11 @@ def test_prefill_killed_while_writing(faults):
     silence (timeouts.peer_s) and frees the pages; the client gets a correct answer (decode-0
     computes). To catch the bytes in flight, decode-0 is stopped once its pages are granted:
     prefill-0's batch then waits in the kernel (the data connection's receive queue), and
-    prefill-0 is killed with those bytes not yet in the pool."""
-    ids = prompt_ids(3000, seed=4)
+    prefill-0 is killed with those bytes not yet in the pool. The pages are granted while the
+    prompt's one chunk computes, and a stopped decode-0 loses its link after timeouts.control_s
+    (2 s here) of unanswered heartbeats: the prompt is short enough for prefill-0 to compute it
+    well within that, even on a just restarted, cold prefill-0 (3000 tokens once took longer)."""
+    ids = prompt_ids(1200, seed=4)
     reference, _ = completion(faults.procs["decode-0"].url, ids)
     bystander = Bystander(faults, seed=4)
     data_port = faults.cfg.decode[0].data_port
@@ -261,8 +264,10 @@ def test_prefill_killed_while_writing(faults):
     serves_by_handoff(faults, seed=5)
 
 
-def stream(url: str, ids: list[int], max_tokens: int, on_first=None) -> tuple[list[int], str | None]:
-    """Token ids of a streamed completion, and the error event if the stream ended with one."""
+def stream(url: str, ids: list[int], max_tokens: int, on_decode=None) -> tuple[list[int], str | None]:
+    """Token ids of a streamed completion, and the error event if the stream ended with one.
+    ``on_decode`` is called once the decode streams: at the second token (the first is the
+    prefill's, proxy.first_token=prefill), so the decode has taken the hand-off by then."""
     body = {"model": "tiny", "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "return_token_ids": True}
     req = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(),
@@ -272,9 +277,9 @@ def stream(url: str, ids: list[int], max_tokens: int, on_first=None) -> tuple[li
         for event in sse_events(req, 120):
             for c in event["choices"]:
                 got += c.get("token_ids") or []
-            if on_first is not None and got:
-                on_first()
-                on_first = None
+            if on_decode is not None and len(got) >= 2:
+                on_decode()
+                on_decode = None
     except RuntimeError as e:  # the stream ended with an error event
         return got, e.args[0]["message"]
     return got, None
@@ -290,7 +295,7 @@ def test_prefill_killed_after_the_transfer(faults):
         faults.signal("prefill-0", signal.SIGKILL)
         bystander.start()
 
-    got, error = stream(faults.procs["proxy"].url, ids, 48, on_first=kill)
+    got, error = stream(faults.procs["proxy"].url, ids, 48, on_decode=kill)
     assert error is None and got == token_ids(ref)
     bystander.check()
     restart(faults, "prefill-0")
@@ -308,7 +313,7 @@ def test_decode_killed_mid_stream_then_restarted(faults):
         faults.signal("decode-0", signal.SIGKILL)
         bystander.start()
 
-    got, error = stream(faults.procs["proxy"].url, ids, 200, on_first=kill)
+    got, error = stream(faults.procs["proxy"].url, ids, 200, on_decode=kill)
     bystander.check()
     assert error is not None and "decode-0" in error and "ended early" in error, error
     t0 = time.monotonic()
@@ -376,7 +381,8 @@ def test_control_plane_partition(faults):
         bystander.check()
         assert token_ids(got) == token_ids(reference)
         r = report(got)
-        assert r["loaded"] is False and r["prompt_tokens_computed"] == 500, r
+        # decode-0 computed it all: the prompt and the prefill's first token (proxy.first_token=prefill).
+        assert r["loaded"] is False and r["prompt_tokens_computed"] == 500 + 1, r
         assert elapsed < T["transfer_s"] + 10
     finally:
         os.killpg(faults.relay.pid, signal.SIGCONT)

@@ -224,7 +224,9 @@ def test_a_first_token_that_ends_the_answer_is_the_whole_answer(deployment, stre
     while not decode.seen:
         assert time.monotonic() < deadline, "the decode was not asked to take the hand-off's pages"
         time.sleep(0.02)
-    assert decode.seen[0]["max_tokens"] == 1 and decode.seen[0]["kv_transfer_params"]["num_tokens"] == 3
+    drain = decode.seen[0]
+    assert drain["max_tokens"] == 1 and drain["kv_transfer_params"]["num_tokens"] == 3
+    assert drain["stream"] is False and "stream_options" not in drain  # vLLM refuses stream_options unstreamed
 
 
 @pytest.mark.parametrize("stream", [False, True])
