@@ -113,7 +113,9 @@ class Continuation:
                 self.logprobs = choice.get("logprobs")
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise BadAnswer(f"prefill answer without {e}") from None
-        if len(self.token_ids) != 1 or not all(isinstance(t, int) for t in (*self.token_ids, *self.prompt_ids)):
+        # (A prompt of the client's own ids was checked by the proxy: only the prefill's are.)
+        theirs = self.token_ids if self.prompt_ids is body.get("prompt") else (*self.token_ids, *self.prompt_ids)
+        if len(self.token_ids) != 1 or not all(isinstance(t, int) for t in theirs):
             raise BadAnswer(f"prefill answer with {len(self.token_ids)} tokens, not 1")
         self.body = body
         self.answer = answer
