@@ -29,13 +29,11 @@ FIRST = 7
 DECODE_DELAY_S = 1.0
 
 
-class Prefill:
-    """A prefill instance: one token (``FIRST``), its ids, the hand-off parameters."""
+class Scripted:
+    """A vLLM-like instance: keeps every completion request's body and answers it (``answer``)."""
 
     def __init__(self) -> None:
         self.app, self.seen = FastAPI(), []
-        self.finish_reason = "length"
-        self.token_ids = True
 
         @self.app.get("/health")
         async def health() -> dict:
@@ -45,25 +43,40 @@ class Prefill:
         async def completions(request: Request):
             body = await request.json()
             self.seen.append(body)
-            if body.get("stream"):  # serving a request whole (a fallback): one event
-                choice = {"index": 0, "text": "x", "finish_reason": "length"}
-                return StreamingResponse(iter([b"data: " + json.dumps({"id": "cmpl-req", "choices": [choice]}).encode()
-                                               + b"\n\ndata: [DONE]\n\n"]), media_type="text/event-stream")
-            kv = body.get("kv_transfer_params") or {}
-            choice = {"index": 0, "text": "x", "finish_reason": self.finish_reason, "stop_reason": None}
-            if body.get("return_token_ids") and self.token_ids:
-                choice |= {"token_ids": [FIRST], "prompt_token_ids": PROMPT_IDS}
-            if body.get("logprobs") is not None:
-                choice["logprobs"] = logprobs("x", 0)
-                if body.get("return_tokens_as_token_ids"):
-                    choice["logprobs"]["tokens"] = [f"token_id:{FIRST}"]
-            answer = {"id": "cmpl-req", "created": 100, "model": "tiny", "choices": [choice],
-                      "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
-            if kv.get("do_remote_decode"):
-                answer["kv_transfer_params"] = {
-                    "do_remote_prefill": True, "do_remote_decode": False, "transfer_id": kv["transfer_id"],
-                    "num_tokens": 3, "prompt_digest": "d" * 32, "prefill_peer": "prefill-0"}
-            return answer
+            return await self.answer(body)
+
+    async def answer(self, body: dict):
+        raise NotImplementedError
+
+
+class Prefill(Scripted):
+    """A prefill instance: one token (``FIRST``), its ids, the hand-off parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finish_reason = "length"
+        self.token_ids = True
+
+    async def answer(self, body: dict):
+        if body.get("stream"):  # serving a request whole (a fallback): one event
+            choice = {"index": 0, "text": "x", "finish_reason": "length"}
+            return StreamingResponse(iter([b"data: " + json.dumps({"id": "cmpl-req", "choices": [choice]}).encode()
+                                           + b"\n\ndata: [DONE]\n\n"]), media_type="text/event-stream")
+        kv = body.get("kv_transfer_params") or {}
+        choice = {"index": 0, "text": "x", "finish_reason": self.finish_reason, "stop_reason": None}
+        if body.get("return_token_ids") and self.token_ids:
+            choice |= {"token_ids": [FIRST], "prompt_token_ids": PROMPT_IDS}
+        if body.get("logprobs") is not None:
+            choice["logprobs"] = logprobs("x", 0)
+            if body.get("return_tokens_as_token_ids"):
+                choice["logprobs"]["tokens"] = [f"token_id:{FIRST}"]
+        answer = {"id": "cmpl-req", "created": 100, "model": "tiny", "choices": [choice],
+                  "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+        if kv.get("do_remote_decode"):
+            answer["kv_transfer_params"] = {
+                "do_remote_prefill": True, "do_remote_decode": False, "transfer_id": kv["transfer_id"],
+                "num_tokens": 3, "prompt_digest": "d" * 32, "prefill_peer": "prefill-0"}
+        return answer
 
 
 def logprobs(text: str, offset: int) -> dict:
@@ -72,49 +85,42 @@ def logprobs(text: str, offset: int) -> dict:
             "top_logprobs": [{c: -0.5, "z": -1.5} for c in text], "text_offset": list(range(offset, offset + len(text)))}
 
 
-class Decode:
+class Decode(Scripted):
     """A decode instance: answers "ab" (token ids 8, 9) after DECODE_DELAY_S, whole or streamed."""
 
     def __init__(self) -> None:
-        self.app, self.seen = FastAPI(), []
+        super().__init__()
         self.answered_at: float | None = None
 
-        @self.app.get("/health")
-        async def health() -> dict:
-            return {}
+    async def answer(self, body: dict):
+        await asyncio.sleep(DECODE_DELAY_S)
+        self.answered_at = time.monotonic()
+        ids = body.get("return_token_ids")
+        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": 2,
+                 "total_tokens": len(body["prompt"]) + 2}
+        report = {"lmcache_pd": {"loaded": True}}
+        lp = body.get("logprobs")
+        if not body.get("stream"):
+            return {"id": "cmpl-req", "created": 101, "model": "tiny", "usage": usage,
+                    "choices": [{"index": 0, "text": "ab", "finish_reason": "length", "stop_reason": None,
+                                 "logprobs": logprobs("ab", 0) if lp else None,
+                                 "token_ids": [8, 9] if ids else None,
+                                 "prompt_token_ids": body["prompt"] if ids else None}],
+                    "kv_transfer_params": report}
 
-        @self.app.post("/v1/completions")
-        async def completions(request: Request):
-            body = await request.json()
-            self.seen.append(body)
-            await asyncio.sleep(DECODE_DELAY_S)
-            self.answered_at = time.monotonic()
-            ids = body.get("return_token_ids")
-            usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": 2,
-                     "total_tokens": len(body["prompt"]) + 2}
-            report = {"lmcache_pd": {"loaded": True}}
-            lp = body.get("logprobs")
-            if not body.get("stream"):
-                return {"id": "cmpl-req", "created": 101, "model": "tiny", "usage": usage,
-                        "choices": [{"index": 0, "text": "ab", "finish_reason": "length", "stop_reason": None,
-                                     "logprobs": logprobs("ab", 0) if lp else None,
-                                     "token_ids": [8, 9] if ids else None,
-                                     "prompt_token_ids": body["prompt"] if ids else None}],
-                        "kv_transfer_params": report}
+        def event(text, tok, first=False, finish=None):
+            choice = {"index": 0, "text": text, "finish_reason": finish, "token_ids": [tok] if ids else None,
+                      "logprobs": logprobs(text, 0 if first else 1) if lp else None,
+                      "prompt_token_ids": body["prompt"] if ids and first else None}
+            return b"data: " + json.dumps({"id": "cmpl-req", "created": 101, "model": "tiny",
+                                           "choices": [choice]}).encode() + b"\n\n"
 
-            def event(text, tok, first=False, finish=None):
-                choice = {"index": 0, "text": text, "finish_reason": finish, "token_ids": [tok] if ids else None,
-                          "logprobs": logprobs(text, 0 if first else 1) if lp else None,
-                          "prompt_token_ids": body["prompt"] if ids and first else None}
-                return b"data: " + json.dumps({"id": "cmpl-req", "created": 101, "model": "tiny",
-                                               "choices": [choice]}).encode() + b"\n\n"
-
-            async def events():
-                yield event("a", 8, first=True)
-                yield event("b", 9, finish="length")
-                yield b"data: " + json.dumps({"id": "cmpl-req", "choices": [], "usage": usage,
-                                              "kv_transfer_params": report}).encode() + b"\n\ndata: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
+        async def events():
+            yield event("a", 8, first=True)
+            yield event("b", 9, finish="length")
+            yield b"data: " + json.dumps({"id": "cmpl-req", "choices": [], "usage": usage,
+                                          "kv_transfer_params": report}).encode() + b"\n\ndata: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
 
 
 @pytest.fixture
