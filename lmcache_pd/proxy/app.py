@@ -287,9 +287,7 @@ class Proxy:
                 async for chunk in cont.events(scrub_events(opened.first, opened.chunks)):
                     yield chunk
         except (TimeoutError, httpx.HTTPError) as e:
-            msg = {"error": {"message": f"decode {s.decode.name} stream ended early: {type(e).__name__}: {e}",
-                             "type": "timeout" if isinstance(e, TimeoutError) else "bad_gateway"}}
-            yield f"data: {json.dumps(msg)}\n\n".encode()
+            yield _ended_early(s.decode.name, e)
         finally:
             d_leg.cancel()
             if isinstance(opened, Opened):
@@ -382,9 +380,7 @@ class Proxy:
                 async for chunk in scrub_events(opened.first, opened.chunks):
                     yield chunk
         except (TimeoutError, httpx.HTTPError) as e:
-            msg = {"error": {"message": f"decode {name} stream ended early: {type(e).__name__}: {e}", "type":
-                             "timeout" if isinstance(e, TimeoutError) else "bad_gateway"}}
-            yield f"data: {json.dumps(msg)}\n\n".encode()
+            yield _ended_early(name, e)
         finally:
             await opened.upstream.aclose()
             if leg is not None:
@@ -465,6 +461,13 @@ def create_app(cfg: PDConfig) -> FastAPI:
 def _printable(text: str) -> str:
     """Letters, digits and ``-_.:`` of a client-chosen id (it goes into transfer ids and logs)."""
     return "".join(c for c in text if c.isascii() and (c.isalnum() or c in "-_.:"))
+
+
+def _ended_early(name: str, e: BaseException) -> bytes:
+    """The error event that ends a stream the decode stopped answering (past its deadline, or broken)."""
+    msg = {"error": {"message": f"decode {name} stream ended early: {type(e).__name__}: {e}",
+                     "type": "timeout" if isinstance(e, TimeoutError) else "bad_gateway"}}
+    return f"data: {json.dumps(msg)}\n\n".encode()
 
 
 async def _aiter(items: list[bytes]) -> AsyncIterator[bytes]:
