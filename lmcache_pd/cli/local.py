@@ -7,6 +7,7 @@ Each instance runs ``lmcache-pd launch`` in its own process group, logging to a 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,15 +25,43 @@ from lmcache_pd.config import PDConfig, load_config
 
 
 def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+    """``n`` loopback ports that bind now and were never handed out before by this process.
+
+    Two hazards made tests collide: the kernel hands a just-closed port 0 to the next ``bind(0)``
+    (so two calls could return the same port for a config that binds neither yet), and an outgoing
+    connection takes its local port from the same ephemeral range. So ports are drawn at random
+    below that range and remembered."""
+    low = _EPHEMERAL_LOW
+    ports: list[int] = []
+    for _ in range(100 * n):
+        if len(ports) == n:
+            return ports
+        port = _RANDOM.randrange(_LOWEST, low) if low - _LOWEST >= 1000 else 0
+        if port in _HANDED:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        if port not in _HANDED:
+            _HANDED.add(port)
+            ports.append(port)
+    raise RuntimeError(f"found only {len(ports)} of {n} free loopback ports below {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_LOWEST = 10000
+_EPHEMERAL_LOW = _ephemeral_low()
+_HANDED: set[int] = set()
+_RANDOM = random.Random()
 
 
 def local_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[str], *,

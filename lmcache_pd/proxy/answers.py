@@ -13,12 +13,36 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from starlette.requests import Request
 
 FIELD = "kv_transfer_params"
 _NEEDLE = FIELD.encode()
 REPORT_HEADER = "x-lmcache-pd-handoff"
 """With ``proxy.handoff_report``, a non-streamed answer carries the decode's hand-off report here."""
+
+
+JSON_HEADERS = {"content-type": "application/json"}
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder()
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    """A request body as JSON. msgspec, not the json module: a prompt of 8192 token ids is some
+    45 KB, written on the way to the first token; msgspec writes it in a tenth of the time."""
+    return _ENCODER.encode(body)
+
+
+def token_ids(prompt: Any) -> bool:
+    """``prompt`` is a non-empty list of token ids (integers; JSON's true and false are not),
+    checked without a Python loop over 8192 items."""
+    if not isinstance(prompt, list) or not prompt:
+        return False
+    try:
+        msgspec.convert(prompt, list[int], strict=True)
+    except msgspec.ValidationError:
+        return False
+    return True
 
 
 class BodyError(ValueError):
@@ -42,9 +66,9 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
         if len(raw) > max_bytes:  # chunked, or a length that lied: stop reading
             raise BodyError(413, too_large)
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BodyError(400, "request body is not valid JSON") from None
+        body = _DECODER.decode(raw)  # strict JSON (no NaN); a third of json.loads's time
+    except msgspec.DecodeError as e:
+        raise BodyError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise BodyError(400, "request body must be a JSON object")
     return body

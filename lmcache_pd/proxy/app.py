@@ -48,7 +48,16 @@ from prometheus_client import generate_latest
 from lmcache_pd import protocol as P
 from lmcache_pd.config import PDConfig, check_exposure, keyring
 from lmcache_pd.proxy import first_token
-from lmcache_pd.proxy.answers import REPORT_HEADER, BodyError, read_json, scrub, scrub_events
+from lmcache_pd.proxy.answers import (
+    JSON_HEADERS,
+    REPORT_HEADER,
+    BodyError,
+    encode,
+    read_json,
+    scrub,
+    scrub_events,
+    token_ids,
+)
 from lmcache_pd.proxy.cache_admin import add_cache_routes
 from lmcache_pd.proxy.legs import KEEPALIVE_S, Metrics, Opened, Unreachable, error, reach, send_once_more
 from lmcache_pd.proxy.routing import Backend, Router
@@ -74,7 +83,7 @@ def _splittable(body: dict[str, Any]) -> bool:
         return True
     if isinstance(prompt, str):
         return True
-    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
+    return token_ids(prompt)
 
 
 @dataclass
@@ -309,8 +318,9 @@ class Proxy:
         timeout = httpx.Timeout(self.cfg.proxy.prefill_timeout_s, connect=self.cfg.proxy.connect_timeout_s)
         prefill = s.prefill
         try:
-            r = await send_once_more(lambda: self.client.post(f"{prefill.url}{s.path}", json=pbody,
-                                                               headers=s.headers, timeout=timeout),
+            content, headers = encode(pbody), s.headers | JSON_HEADERS
+            r = await send_once_more(lambda: self.client.post(f"{prefill.url}{s.path}", content=content,
+                                                               headers=headers, timeout=timeout),
                                       f"prefill request to {prefill.name}")
         except httpx.TimeoutException:
             self.metrics.fallbacks.labels("prefill_timeout").inc()

@@ -19,6 +19,7 @@ import httpx
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from lmcache_pd.proxy.answers import JSON_HEADERS, encode
 from lmcache_pd.proxy.routing import Backend
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,12 @@ async def reach(client: httpx.AsyncClient, backend: Backend, path: str, body: di
     else the whole answer. Or an error answer (past ``deadline``, monotonic: 504, named after
     proxy.decode_timeout_s; a failed connection: 502); or Unreachable."""
     stream = bool(body.get("stream"))
+    content, headers = encode(body), headers | JSON_HEADERS
     upstream: httpx.Response | None = None
     try:
         async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
             upstream = await send_once_more(lambda: client.send(
-                client.build_request("POST", f"{backend.url}{path}", json=body, headers=headers),
+                client.build_request("POST", f"{backend.url}{path}", content=content, headers=headers),
                 stream=True), f"decode request to {backend.name}")
             if upstream.status_code != 200 or not stream:
                 whole = await upstream.aread()

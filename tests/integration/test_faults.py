@@ -226,7 +226,9 @@ def test_prefill_killed_while_writing(faults):
     prefill-0 is killed with those bytes not yet in the pool. The pages are granted while the
     prompt's one chunk computes, and a stopped decode-0 loses its link after timeouts.control_s
     (2 s here) of unanswered heartbeats: the prompt is short enough for prefill-0 to compute it
-    well within that, even on a just restarted, cold prefill-0 (3000 tokens once took longer)."""
+    well within that, even on a just restarted, cold prefill-0 (3000 tokens once took longer).
+    decode-0 is stopped once the grant reached prefill-0, not once decode-0 made it: stopped in
+    between, decode-0 never sends it (a CI run waited 30 s for bytes that could not come)."""
     ids = prompt_ids(1200, seed=4)
     reference, _ = completion(faults.procs["decode-0"].url, ids)
     bystander = Bystander(faults, seed=4)
@@ -234,9 +236,11 @@ def test_prefill_killed_while_writing(faults):
     queued: list[int] = []
 
     def kill_while_writing() -> None:
-        # The pages are granted while the prompt's (one) chunk computes: poll tightly.
+        # The pages are granted while the prompt's (one) chunk computes: poll tightly. The grant
+        # must have reached prefill-0 (its link counts the hand-off), not only been made on
+        # decode-0: stopped between the two, decode-0 never sends it, and no byte ever comes.
         deadline = time.monotonic() + 60
-        while pd_stats(faults, "decode-0")["pool"]["allocated"] < 1:
+        while pd_stats(faults, "prefill-0")["links"]["inflight"] < 1:
             assert time.monotonic() < deadline, "no pages were granted"
         faults.signal("decode-0", signal.SIGSTOP)
         try:

@@ -136,6 +136,33 @@ def test_bodies_beyond_max_body_mib_are_refused_unread(proxied):
     assert r.status_code == 413 and not backend.seen
 
 
+@pytest.mark.parametrize("raw, says", [
+    (b'{"model": "tiny", "prompt": [1, 2], "temperature": NaN}', "not valid JSON"),  # strict JSON
+    (b'{"model": "tiny", "prompt": [1, 2]', "not valid JSON"),
+    (b'[{"model": "tiny"}]', "must be a JSON object"),
+])
+def test_bodies_that_are_not_json_objects_are_refused_and_reach_no_backend(proxied, raw, says):
+    make, backend = proxied
+    url = make()
+    r = httpx.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+    assert not backend.seen
+
+
+def test_only_a_prompt_of_integers_is_split_as_token_ids(proxied):
+    """JSON's true is no token id (Python's bool is an int): such a prompt goes to the decode
+    whole, whose vLLM answers it, and no prefill computes it."""
+    make, backend = proxied
+    url = make()
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [1, True, 3], "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ab"
+    assert [b.get("kv_transfer_params") for b in backend.seen] == [None]
+    backend.seen.clear()
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2})
+    assert r.status_code == 200  # (this backend's prefill answer names no token: the decode computes)
+    assert backend.seen[0]["kv_transfer_params"]["do_remote_decode"] and backend.seen[0]["prompt"] == [1, 2, 3]
+
+
 def test_a_non_streaming_client_that_goes_away_drops_the_backend_request(proxied):
     make, backend = proxied
     url = make()
