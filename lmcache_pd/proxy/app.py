@@ -39,7 +39,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -59,7 +59,17 @@ from lmcache_pd.proxy.answers import (
     token_ids,
 )
 from lmcache_pd.proxy.cache_admin import add_cache_routes
-from lmcache_pd.proxy.legs import KEEPALIVE_S, Metrics, Opened, Unreachable, error, reach, send_once_more
+from lmcache_pd.proxy.legs import (
+    NOT_CONNECTED,
+    Metrics,
+    Opened,
+    Unreachable,
+    close,
+    error,
+    reach,
+    send_once_more,
+    session,
+)
 from lmcache_pd.proxy.routing import Backend, Router
 
 log = logging.getLogger(__name__)
@@ -125,20 +135,18 @@ class Proxy:
         self._split = {"concurrent": self._concurrent, "sequential": self._sequential}[cfg.proxy.dispatch]
         self._first = cfg.proxy.first_token == "prefill"
         self._background: set[asyncio.Task] = set()
-        self.client: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
         self._health: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=KEEPALIVE_S)
-        self.client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(self.cfg.proxy.decode_timeout_s,
-                                                                             connect=self.cfg.proxy.connect_timeout_s))
+        self.client = session(self.cfg.proxy.connect_timeout_s)
         self._health = asyncio.get_running_loop().create_task(self.router.health_loop(self.client))
 
     async def stop(self) -> None:
         if self._health is not None:
             self._health.cancel()
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.close()
 
     # --- one request ------------------------------------------------------------------------
     async def serve(self, request: Request, path: str) -> Response:
@@ -211,7 +219,7 @@ class Proxy:
             p_leg.cancel()
             d_leg.cancel()
             raise
-        if not isinstance(opened, Opened) or opened.upstream.status_code != 200:
+        if not isinstance(opened, Opened) or opened.upstream.status != 200:
             p_leg.cancel()  # D cannot take it: P's compute would be for nothing
             self.metrics.requests.labels(s.path, "fallback").inc()
             if isinstance(opened, Unreachable):
@@ -253,7 +261,7 @@ class Proxy:
             return StreamingResponse(self._continue_stream(s, cont, got[0]), headers={"X-Request-Id": s.req_id},
                                      media_type="text/event-stream")
         opened = await self._continue(s, cont, got[0])
-        if isinstance(opened, Opened) and opened.upstream.status_code == 200:
+        if isinstance(opened, Opened) and opened.upstream.status == 200:
             try:
                 answer = json.loads(opened.first)
                 report = answer.get("kv_transfer_params")  # the decode's report: _deliver's to keep or drop
@@ -287,7 +295,7 @@ class Proxy:
         opened: Opened | Response | None = None
         try:
             opened = await d_leg
-            if isinstance(opened, Response) or opened.upstream.status_code != 200 or not opened.stream:
+            if isinstance(opened, Response) or opened.upstream.status != 200 or not opened.stream:
                 text = opened.body if isinstance(opened, Response) else opened.first
                 yield b"data: " + _one_line(bytes(text)) + b"\n\n"
                 return
@@ -295,12 +303,12 @@ class Proxy:
             async with asyncio.timeout(max(0.001, s.t0 + self.cfg.proxy.decode_timeout_s - time.monotonic())):
                 async for chunk in cont.events(scrub_events(opened.first, opened.chunks)):
                     yield chunk
-        except (TimeoutError, httpx.HTTPError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             yield _ended_early(s.decode.name, e)
         finally:
             d_leg.cancel()
             if isinstance(opened, Opened):
-                await opened.upstream.aclose()
+                close(opened.upstream)
 
     def _spawn(self, coro) -> None:
         """Run ``coro`` beyond this request (kept referenced until it ends)."""
@@ -315,31 +323,37 @@ class Proxy:
         params = P.PrefillParams(transfer_id=s.transfer_id, decode_peer=s.decode.name)
         pbody = first_token.prefill_body(s.body, msgspec.to_builtins(params), first_token=first)
         t0 = time.monotonic()
-        timeout = httpx.Timeout(self.cfg.proxy.prefill_timeout_s, connect=self.cfg.proxy.connect_timeout_s)
         prefill = s.prefill
+        content, headers = encode(pbody), s.headers | JSON_HEADERS
         try:
-            content, headers = encode(pbody), s.headers | JSON_HEADERS
-            r = await send_once_more(lambda: self.client.post(f"{prefill.url}{s.path}", content=content,
-                                                               headers=headers, timeout=timeout),
-                                      f"prefill request to {prefill.name}")
-        except httpx.TimeoutException:
+            async with asyncio.timeout(self.cfg.proxy.prefill_timeout_s):
+                r = await send_once_more(lambda: self.client.post(f"{prefill.url}{s.path}", data=content,
+                                                                   headers=headers),
+                                          f"prefill request to {prefill.name}")
+                async with r:  # (dropped on the way, e.g. the client gone: the connection closes, vLLM aborts)
+                    raw = await r.read()
+        except NOT_CONNECTED as e:  # (before TimeoutError: a connect timeout is one too)
+            prefill.mark_down(f"{type(e).__name__}: {e}")
+            self.metrics.fallbacks.labels("prefill_unreachable").inc()
+            return None
+        except TimeoutError:
             self.metrics.fallbacks.labels("prefill_timeout").inc()
             log.warning("prefill %s passed proxy.prefill_timeout_s=%g s; decode recomputes", prefill.name,
                         self.cfg.proxy.prefill_timeout_s)
             return None
-        except httpx.HTTPError as e:
+        except aiohttp.ClientError as e:
             prefill.mark_down(f"{type(e).__name__}: {e}")
             self.metrics.fallbacks.labels("prefill_unreachable").inc()
             return None
         self.metrics.prefill_seconds.observe(time.monotonic() - t0)
-        if r.status_code != 200:
-            self.metrics.fallbacks.labels(f"prefill_http_{r.status_code}").inc()
-            log.warning("prefill %s answered %d: %s", prefill.name, r.status_code, r.text[:200])
+        if r.status != 200:
+            self.metrics.fallbacks.labels(f"prefill_http_{r.status}").inc()
+            log.warning("prefill %s answered %d: %s", prefill.name, r.status, raw[:200].decode(errors="replace"))
             return None
         try:
-            answer = r.json()
+            answer = json.loads(raw)
             kv = answer.get("kv_transfer_params")
-        except (json.JSONDecodeError, AttributeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             answer = kv = None
         got = P.params_from_dict(kv, P.DecodeParams)
         if got is None or got.transfer_id != s.transfer_id:
@@ -376,7 +390,7 @@ class Proxy:
             report = params.get("lmcache_pd") if isinstance(params, dict) else None
             if self.cfg.proxy.handoff_report and report is not None:
                 out_headers[REPORT_HEADER] = json.dumps(report)
-            return Response(body, status_code=up.status_code, headers=out_headers,
+            return Response(body, status_code=up.status, headers=out_headers,
                             media_type=up.headers.get("content-type", "application/json"))
         deadline = t0 + self.cfg.proxy.decode_timeout_s
         return StreamingResponse(self._relay(opened, deadline, name, leg), headers=out_headers,
@@ -389,10 +403,10 @@ class Proxy:
             async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
                 async for chunk in scrub_events(opened.first, opened.chunks):
                     yield chunk
-        except (TimeoutError, httpx.HTTPError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             yield _ended_early(name, e)
         finally:
-            await opened.upstream.aclose()
+            close(opened.upstream)
             if leg is not None:
                 leg.cancel()
 
@@ -417,10 +431,12 @@ class Proxy:
             if not b.healthy:
                 continue
             try:
-                r = await self.client.get(f"{b.url}{path}", headers=headers, timeout=self.cfg.proxy.connect_timeout_s)
-            except httpx.HTTPError:
+                async with asyncio.timeout(self.cfg.proxy.connect_timeout_s), \
+                        self.client.get(f"{b.url}{path}", headers=headers) as r:
+                    content = await r.read()
+            except (TimeoutError, aiohttp.ClientError):
                 continue
-            return Response(r.content, status_code=r.status_code, media_type="application/json")
+            return Response(content, status_code=r.status, media_type="application/json")
         return error(503, "no instance is reachable", "service_unavailable")
 
 

@@ -11,10 +11,11 @@ With a shared secret configured, the POST routes need ``Authorization: Bearer <t
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -28,36 +29,42 @@ def cache_instances(cfg: PDConfig) -> list[InstanceConfig]:
     return [i for i in (*cfg.prefill, *cfg.decode) if i.cache_port is not None]
 
 
-async def _tokenize(client: httpx.AsyncClient, cfg: PDConfig, inst: InstanceConfig, body: dict[str, Any]) -> dict:
+async def _tokenize(client: aiohttp.ClientSession, cfg: PDConfig, inst: InstanceConfig,
+                    body: dict[str, Any]) -> dict:
     if "prompt" not in body:
         return body
     if not isinstance(body["prompt"], str):
         raise ValueError("prompt must be a string (or give token_ids)")
-    r = await client.post(f"http://{inst.host}:{inst.http_port}/tokenize",
-                          json={"model": cfg.model.served_name or cfg.model.path, "prompt": body["prompt"],
-                                "add_special_tokens": True}, timeout=cfg.proxy.connect_timeout_s)
-    r.raise_for_status()
-    out = {k: v for k, v in body.items() if k != "prompt"}
-    out["token_ids"] = r.json()["tokens"]
-    return out
+    async with client.post(f"http://{inst.host}:{inst.http_port}/tokenize", json={
+            "model": cfg.model.served_name or cfg.model.path, "prompt": body["prompt"],
+            "add_special_tokens": True}, raise_for_status=True) as r:
+        tokens = (await r.json(content_type=None))["tokens"]
+    return {k: v for k, v in body.items() if k != "prompt"} | {"token_ids": tokens}
 
 
-async def _one(client: httpx.AsyncClient, cfg: PDConfig, inst: InstanceConfig, rank: int, op: str,
+async def _one(client: aiohttp.ClientSession, cfg: PDConfig, inst: InstanceConfig, rank: int, op: str,
                body: dict[str, Any] | None, headers: dict[str, str]) -> Any:
     url = f"http://{inst.host}:{inst.cache_port + rank}/cache/{op}"
     try:
-        if body is None:
-            r = await client.get(url, timeout=cfg.proxy.connect_timeout_s)
-        else:
-            r = await client.post(url, json=await _tokenize(client, cfg, inst, body), headers=headers,
-                                  timeout=cfg.proxy.connect_timeout_s)
-    except (httpx.HTTPError, ValueError) as e:
+        async with asyncio.timeout(cfg.proxy.connect_timeout_s):
+            if body is None:
+                request = client.get(url)
+            else:
+                request = client.post(url, json=await _tokenize(client, cfg, inst, body), headers=headers)
+            async with request as r:
+                status, raw = r.status, await r.read()
+                is_json = r.headers.get("content-type", "").startswith("application/json")
+    except (TimeoutError, aiohttp.ClientError, ValueError, KeyError) as e:
         return {"error": f"{type(e).__name__}: {e}"}
-    data = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-    return data if r.status_code == 200 else {"error": data.get("error", f"HTTP {r.status_code}")}
+    try:
+        data = json.loads(raw) if is_json else {}
+    except ValueError:
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    return data if status == 200 else {"error": data.get("error", f"HTTP {status}")}
 
 
-async def fan_out(client: httpx.AsyncClient, cfg: PDConfig, op: str, body: dict[str, Any] | None,
+async def fan_out(client: aiohttp.ClientSession, cfg: PDConfig, op: str, body: dict[str, Any] | None,
                   keys: Keyring) -> JSONResponse:
     targets = [(inst, rank) for inst in cache_instances(cfg) for rank in range(inst.tp_size)]
     if not targets:
@@ -71,8 +78,9 @@ async def fan_out(client: httpx.AsyncClient, cfg: PDConfig, op: str, body: dict[
     return JSONResponse(out, status_code=200 if ok else 502)
 
 
-def add_cache_routes(app: FastAPI, cfg: PDConfig, client: Callable[[], httpx.AsyncClient], keys: Keyring) -> None:
-    """``client()`` returns the proxy's running httpx client."""
+def add_cache_routes(app: FastAPI, cfg: PDConfig, client: Callable[[], aiohttp.ClientSession],
+                     keys: Keyring) -> None:
+    """``client()`` returns the proxy's running HTTP client."""
 
     @app.get("/cache/stats")
     async def stats() -> Response:

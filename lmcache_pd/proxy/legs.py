@@ -1,9 +1,13 @@
 """One leg of a request: sending it to one vLLM instance and reading the answer's first part
-(L6, no torch, no vllm); and the proxy's metrics.
+(L6, no torch, no vllm); the proxy's HTTP client; and the proxy's metrics.
 
 ``reach`` is the only place that sends a request whose answer the client gets: it reads the
 first streamed chunk (the rest is relayed later by the caller) or the whole answer, and turns
 every way that can fail into an answer (504, 502) or :class:`Unreachable` (try elsewhere).
+
+The client is aiohttp's: a POST to a local server cost httpx (the earlier client) about 1.1 ms
+more than aiohttp, measured on this project's machine, and every request meets it on its way
+to the first token (benchmarks/proxy_path.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -26,12 +30,28 @@ log = logging.getLogger(__name__)
 KEEPALIVE_S = 2.0
 """Pooled connections are dropped after this much idleness, well before vLLM's server closes
 them (uvicorn's keep-alive, 5 s): a request sent on a connection the server is closing fails."""
-RESEND = (httpx.WriteError,)
+RESEND = (getattr(aiohttp, "ClientConnectionResetError", ConnectionResetError),)
 """Failures that prove the backend did not get the whole request, so cannot have processed it:
-only those are sent once more, on a new connection. A connection that fails after the request
+only those are sent once more, on a new connection. (aiohttp raises this one when it is about
+to write to a connection that is closing: the request, or its body, was not written; before
+aiohttp 3.10 it was a plain ConnectionResetError.) A connection that fails after the request
 was sent (read error, no response) may have been processed: a completion is not sent twice.
 (Pooled connections expire after KEEPALIVE_S, before vLLM's server closes them, so a request
 rarely meets a connection the server is closing.)"""
+
+
+def session(connect_s: float) -> aiohttp.ClientSession:
+    """The proxy's pooled client (in a running loop). No overall timeout: each caller sets its own
+    deadline (``asyncio.timeout``); connecting (and waiting for a pooled connection) is bounded
+    by ``proxy.connect_timeout_s``, whose expiry means the instance cannot be reached."""
+    connector = aiohttp.TCPConnector(limit=1024, keepalive_timeout=KEEPALIVE_S)
+    timeout = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+
+
+NOT_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+"""The instance could not be connected to (refused, no route, past proxy.connect_timeout_s).
+(ConnectionTimeoutError is also a TimeoutError: catch these before a deadline's TimeoutError.)"""
 
 
 async def send_once_more(send, what: str):
@@ -76,7 +96,7 @@ class Opened:
     """An answer, its first part read: the first streamed chunk (``chunks`` yields the rest), or
     the whole body (``stream`` false; the response is closed)."""
 
-    upstream: httpx.Response
+    upstream: aiohttp.ClientResponse
     first: bytes
     stream: bool
     at: float
@@ -84,44 +104,50 @@ class Opened:
     chunks: AsyncIterator[bytes] | None = None
 
 
-async def close(upstream: httpx.Response | None) -> None:
-    if upstream is not None:
-        await upstream.aclose()
+def close(upstream: aiohttp.ClientResponse | None) -> None:
+    """Done with an answer: its connection goes back to the pool if it was read to its end, else
+    it is closed (vLLM aborts a request whose connection closes)."""
+    if upstream is None:
+        return
+    if upstream.content.at_eof():
+        upstream.release()
+    else:
+        upstream.close()
 
 
-async def reach(client: httpx.AsyncClient, backend: Backend, path: str, body: dict[str, Any],
+async def reach(client: aiohttp.ClientSession, backend: Backend, path: str, body: dict[str, Any],
                 headers: dict[str, str], deadline: float) -> Opened | Response | Unreachable:
     """Send ``backend`` its request and read the answer's first part: the first streamed chunk,
     else the whole answer. Or an error answer (past ``deadline``, monotonic: 504, named after
     proxy.decode_timeout_s; a failed connection: 502); or Unreachable."""
     stream = bool(body.get("stream"))
     content, headers = encode(body), headers | JSON_HEADERS
-    upstream: httpx.Response | None = None
+    upstream: aiohttp.ClientResponse | None = None
     try:
         async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
-            upstream = await send_once_more(lambda: client.send(
-                client.build_request("POST", f"{backend.url}{path}", content=content, headers=headers),
-                stream=True), f"decode request to {backend.name}")
-            if upstream.status_code != 200 or not stream:
-                whole = await upstream.aread()
-                await upstream.aclose()
+            upstream = await send_once_more(lambda: client.post(f"{backend.url}{path}", data=content,
+                                                                headers=headers),
+                                            f"decode request to {backend.name}")
+            if upstream.status != 200 or not stream:
+                whole = await upstream.read()
+                upstream.release()
                 return Opened(upstream, whole, False, time.monotonic())
-            chunks = upstream.aiter_raw()
+            chunks = upstream.content.iter_any()
             first = b""
             async for first in chunks:
                 if first:
                     break
             return Opened(upstream, first, True, time.monotonic(), chunks)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+    except NOT_CONNECTED as e:
         backend.mark_down(str(e) or type(e).__name__)
         return Unreachable()
-    except (TimeoutError, httpx.TimeoutException) as e:
-        await close(upstream)
+    except TimeoutError as e:
+        close(upstream)
         return error(504, f"decode {backend.name} did not answer within proxy.decode_timeout_s ({e})", "timeout")
-    except httpx.HTTPError as e:
-        await close(upstream)
+    except aiohttp.ClientError as e:
+        close(upstream)
         log.warning("decode request to %s failed: %s: %s", backend.name, type(e).__name__, e)
         return error(502, f"decode {backend.name} failed: {type(e).__name__}: {e}", "bad_gateway")
     except BaseException:  # dropped (cancelled): closing the connection aborts it in vLLM
-        await close(upstream)
+        close(upstream)
         raise

@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from lmcache_pd.config import InstanceConfig, PDConfig
 
@@ -65,13 +65,14 @@ class Router:
         return {b.name: {"role": b.role, "url": b.url, "healthy": b.healthy, "error": b.last_error}
                 for b in (*self.prefills, *self.decodes)}
 
-    async def check(self, client: httpx.AsyncClient) -> None:
+    async def check(self, client: aiohttp.ClientSession) -> None:
         async def one(b: Backend) -> None:
             try:
-                r = await client.get(f"{b.url}/health", timeout=self.cfg.proxy.connect_timeout_s)
-                ok = r.status_code == 200
-                err = "" if ok else f"/health answered {r.status_code}"
-            except httpx.HTTPError as e:
+                async with asyncio.timeout(self.cfg.proxy.connect_timeout_s), client.get(f"{b.url}/health") as r:
+                    await r.read()
+                ok = r.status == 200
+                err = "" if ok else f"/health answered {r.status}"
+            except (TimeoutError, aiohttp.ClientError) as e:
                 ok, err = False, f"{type(e).__name__}: {e}"
             if ok and not b.healthy:
                 log.info("%s instance %s is healthy again", b.role, b.name)
@@ -79,7 +80,7 @@ class Router:
 
         await asyncio.gather(*(one(b) for b in (*self.prefills, *self.decodes)))
 
-    async def health_loop(self, client: httpx.AsyncClient) -> None:
+    async def health_loop(self, client: aiohttp.ClientSession) -> None:
         while True:
             await self.check(client)
             await asyncio.sleep(self.cfg.proxy.health_interval_s)
