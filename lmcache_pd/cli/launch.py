@@ -1,8 +1,8 @@
-"""``lmcache-pd launch``: start one instance of a deployment from its config.
+"""``lmcache-pd launch --role prefill|decode``: start one vLLM instance of a deployment.
 
-prefill/decode: exec vLLM's OpenAI server with everything derived from the config (model,
-ports, KV connector, CPU pinning); the launcher process *becomes* vLLM, so signals reach it.
-proxy: run the proxy in this process with uvicorn.
+Exec vLLM's OpenAI server with everything derived from the config (model, ports, KV connector,
+CPU pinning); the launcher process *becomes* vLLM, so signals reach it. (``--role proxy`` is
+``launch_proxy.py``: it imports neither this module nor torch.)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 
 from lmcache_pd import transport as transports
-from lmcache_pd.config import RESOLVED_ENV, InstanceConfig, PDConfig, check_exposure, configure_logging, keyring
+from lmcache_pd.config import RESOLVED_ENV, InstanceConfig, PDConfig, check_exposure, keyring
 from lmcache_pd.errors import ConfigError
 
 
@@ -75,20 +75,12 @@ def check_vllm() -> None:
 
 
 def launch(cfg: PDConfig, role: str, instance: str | None) -> int:
+    """Exec vLLM as instance ``instance`` (else the role's first) of ``role`` (prefill or decode)."""
     transports.parse_options(cfg.transport.name, cfg.transport.options)  # fail before vLLM's slow start
     if cfg.auth.encrypt and not transports.get_class(cfg.transport.name).capabilities.encrypts:
         raise ConfigError(f"transport {cfg.transport.name!r} cannot encrypt its data plane: use tcp, or turn "
                           "encryption off (docs/security.md)", field="auth.encrypt")
     keys = keyring(cfg)  # the secret is readable and long enough, and without one nothing binds beyond loopback
-    if role == "proxy":
-        check_exposure(cfg, keys, None)
-        import uvicorn
-
-        from lmcache_pd.proxy.app import create_app
-
-        configure_logging(cfg.log_level)
-        uvicorn.run(create_app(cfg), host=cfg.proxy.host, port=cfg.proxy.port, log_level=cfg.log_level.lower())
-        return 0
     group = cfg.prefill if role == "prefill" else cfg.decode
     name = instance or group[0].name
     if cfg.role_of(name) != role:

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
                 print(redact(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))  # URL passwords: ***
                 return 0
+            if args.role == "proxy":  # (its own module: the proxy's path never imports torch)
+                from lmcache_pd.cli import launch_proxy
+
+                return launch_proxy.launch(cfg)
             from lmcache_pd.cli.launch import launch
 
             return launch(cfg, args.role, args.instance)
