@@ -1,10 +1,12 @@
-"""The proxy installed alone, outside this checkout, in an environment without torch or vLLM.
+"""The package installed outside this checkout: the proxy alone, in an environment without torch
+or vLLM; and the CUDA kernels' sources inside the installed package.
 
 The wheel is built from a copy of this checkout's files and installed with its dependencies into
 a new virtual environment (from the package index; pip's cache makes it quick after the first
 time). torch must not be importable there, and ``lmcache-pd launch --role proxy``, run from that
 environment in a folder outside the checkout, must serve completions in front of two scripted
 instances: the first token from the prefill, the rest from the decode.
+(Not here: a hand-off from an installed package, which needs torch in the new environment.)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -53,6 +56,10 @@ def installed(tmp_path_factory) -> Path:
                   str(work / "dist"), str(src)])
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (work / "dist").glob("lmcache_pd-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    missing = {f"lmcache_pd/csrc/{f}" for f in ("copy_ranges.cu", "digest.cu", "ops.h")} - names
+    assert not missing, f"the wheel lacks the CUDA kernels' sources (ops.py builds them at run time): {missing}"
     env = work / "env"
     made = _run([sys.executable, "-m", "venv", str(env)])
     assert made.returncode == 0, made.stderr
@@ -98,6 +105,8 @@ def test_the_proxy_installed_without_torch_serves_completions(installed, serve, 
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr, "torch is in the environment"
     where = _run([str(python), "-c", "import lmcache_pd; print(lmcache_pd.__file__)"], cwd=tmp_path)
     assert where.returncode == 0 and str(installed) in where.stdout, where  # the installed copy, not the checkout
+    kernel = Path(where.stdout.strip()).parent / "csrc" / "copy_ranges.cu"  # where ops.py looks first
+    assert kernel.is_file() and not kernel.is_symlink() and "__global__" in kernel.read_text()
 
     prefill, decode = Instance(), Instance()
     p_port, d_port, x_port, ctrl, data = free_ports(5)
