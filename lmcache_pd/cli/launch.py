@@ -46,7 +46,10 @@ def vllm_command(cfg: PDConfig, name: str, *, python: str = sys.executable) -> l
 
 
 def instance_env(cfg: PDConfig, inst: InstanceConfig, base: Mapping[str, str]) -> dict[str, str]:
-    env = dict(base)
+    """The instance's environment: ``base``, what its transport's libraries read at start-up (where
+    ``base`` does not set it: ``Transport.environment``), ours, then the instance's ``env``."""
+    options = transports.parse_options(cfg.transport.name, cfg.transport.options)
+    env = transports.get_class(cfg.transport.name).environment(options) | dict(base)
     env["LMCACHE_PD_INSTANCE"] = inst.name
     env[RESOLVED_ENV] = json.dumps(cfg.to_dict())  # every vLLM process of it sees the same config
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(inst.kv_cache_gib))

@@ -177,6 +177,13 @@ class Transport(ABC):
         """Whether this transport can run here, and why not."""
         return True, ""
 
+    @classmethod
+    def environment(cls, options: msgspec.Struct) -> dict[str, str]:
+        """Variables this transport's libraries read once, when they start (UCX's), derived from its
+        options. ``lmcache-pd launch`` puts them in the instance's environment, where a value the
+        operator set wins; a transport never writes its process's environment itself."""
+        return {}
+
     def allocate(self, nbytes: int, device: torch.device) -> torch.Tensor:
         """A zeroed flat uint8 buffer this transport can register and export (the decode pool).
 

@@ -77,7 +77,8 @@ def _import_nixl() -> ModuleType:
 class NixlOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backend: str = "UCX"
     ucx_tls: str = ""
-    """Sets UCX_TLS before UCX starts, unless the environment already sets it; empty: UCX chooses."""
+    """UCX_TLS for the instance (``lmcache-pd launch`` sets it, unless the environment already
+    does: ``NixlTransport.environment``); empty: UCX chooses."""
     progress_thread: bool = False
     """NIXL's own progress thread (spins one core; worth it only where RDMA needs it)."""
     num_threads: int = 0
@@ -133,11 +134,18 @@ class NixlTransport(Transport):
     capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cpu", "cuda"}), listens=False)
     Options = NixlOptions
 
+    @classmethod
+    def environment(cls, options: msgspec.Struct) -> dict[str, str]:
+        assert isinstance(options, NixlOptions)
+        return {"UCX_TLS": options.ucx_tls} if options.ucx_tls else {}
+
     def __init__(self, options: NixlOptions, **kwargs: object):
         super().__init__(options, **kwargs)  # type: ignore[arg-type]
         self._nixl = _import_nixl()
-        if options.ucx_tls:
-            os.environ.setdefault("UCX_TLS", options.ucx_tls)
+        if options.ucx_tls and os.environ.get("UCX_TLS") != options.ucx_tls:
+            log.warning("transport.options.ucx_tls=%r is not this process's UCX_TLS (%r): lmcache-pd launch "
+                        "sets it; started another way, set UCX_TLS yourself", options.ucx_tls,
+                        os.environ.get("UCX_TLS"))
         self._report = route_ucx_report() if options.report_path else None
         self._name = f"lmcache-pd-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}"
         conf = self._nixl.nixl_agent_config(

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+import os
 import types
 
 import pytest
 
+from lmcache_pd import transport as transports
 from lmcache_pd.cli.launch import instance_env, vllm_command
 from lmcache_pd.config import RESOLVED_ENV, config_from_dict, redact
 from lmcache_pd.errors import ConfigError
@@ -56,3 +58,26 @@ def test_urls_in_logs_lose_their_password():
     assert redact(f"redis tier redis://:{PASSWORD}@db:6379/0 is down") == "redis tier redis://:***@db:6379/0 is down"
     assert redact(f"rediss://user:{PASSWORD}@db/1") == "rediss://user:***@db/1"
     assert redact("redis://db:6379/0") == "redis://db:6379/0"
+
+
+def test_the_transports_environment_is_set_by_the_launcher_and_the_operators_value_wins(monkeypatch):
+    """transport.options.ucx_tls reaches UCX through the instance's environment, which the
+    launcher builds (the transport never writes os.environ); UCX_TLS set by the operator, in the
+    launcher's environment or the instance's ``env``, wins."""
+    monkeypatch.delenv("UCX_TLS", raising=False)
+    cfg = config_from_dict({
+        "model": {"path": "tiny"},
+        "prefill": [{"name": "prefill-0", "http_port": 18001}],
+        "decode": [{"name": "decode-0", "http_port": 18002, "control_port": 18003, "data_port": 18004,
+                    "env": {"UCX_TLS": "tcp"}}],
+        "transport": {"name": "nixl", "options": {"ucx_tls": "cuda_ipc,cuda_copy,tcp"}},
+    }, source="test")
+    assert instance_env(cfg, cfg.instance("prefill-0"), {"PATH": "/bin"})["UCX_TLS"] == "cuda_ipc,cuda_copy,tcp"
+    assert instance_env(cfg, cfg.instance("prefill-0"), {"UCX_TLS": "rc,cuda_copy"})["UCX_TLS"] == "rc,cuda_copy"
+    assert instance_env(cfg, cfg.instance("decode-0"), {})["UCX_TLS"] == "tcp"
+    tcp = config_from_dict({**cfg.to_dict(), "transport": {"name": "tcp"}}, source="test")
+    assert "UCX_TLS" not in instance_env(tcp, tcp.instance("prefill-0"), {})
+    if transports.available("nixl")[0]:  # constructing it leaves the process's environment alone
+        t = transports.create("nixl", {"ucx_tls": "tcp"})
+        t.close()
+        assert "UCX_TLS" not in os.environ
