@@ -6,7 +6,12 @@ a new virtual environment (from the package index; pip's cache makes it quick af
 time). torch must not be importable there, and ``lmcache-pd launch --role proxy``, run from that
 environment in a folder outside the checkout, must serve completions in front of two scripted
 instances: the first token from the prefill, the rest from the decode.
-(Not here: a hand-off from an installed package, which needs torch in the new environment.)
+
+A second environment holds the same wheel and reaches torch and the other dependencies in the
+environment running these tests (a path file; that environment's own lmcache_pd, an editable
+install of this checkout, is not reachable through it): from there ``handoff_installed.py`` runs
+a hand-off over tcp, bitwise, and the kernel loader's CPU fallback with the sources found inside
+the installed package.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 import zipfile
@@ -47,9 +53,9 @@ def _index_reachable() -> bool:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Path:
-    """A fresh virtual environment holding the package and its dependencies, and nothing else."""
-    work = tmp_path_factory.mktemp("install")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel, built from a copy of this checkout's files."""
+    work = tmp_path_factory.mktemp("wheel")
     src = work / "src"
     shutil.copytree(ROOT, src, ignore=_NOT_COPIED)
     built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
@@ -60,7 +66,13 @@ def installed(tmp_path_factory) -> Path:
         names = set(z.namelist())
     missing = {f"lmcache_pd/csrc/{f}" for f in ("copy_ranges.cu", "digest.cu", "ops.h")} - names
     assert not missing, f"the wheel lacks the CUDA kernels' sources (ops.py builds them at run time): {missing}"
-    env = work / "env"
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    """A fresh virtual environment holding the package and its dependencies, and nothing else."""
+    env = tmp_path_factory.mktemp("install") / "env"
     made = _run([sys.executable, "-m", "venv", str(env)])
     assert made.returncode == 0, made.stderr
     got = _run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)])
@@ -151,3 +163,20 @@ def test_the_proxy_installed_without_torch_serves_completions(installed, serve, 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(10)
+
+
+def test_an_installed_package_hands_off_bitwise_and_finds_its_kernels(wheel, tmp_path):
+    env = tmp_path / "env"
+    made = _run([sys.executable, "-m", "venv", str(env)])
+    assert made.returncode == 0, made.stderr
+    python = env / "bin" / "python"
+    got = _run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)])
+    assert got.returncode == 0, got.stderr[-3000:]
+    site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    (site / "deps-of-the-test-environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    script = tmp_path / "handoff_installed.py"  # run from outside the checkout
+    shutil.copy(Path(__file__).with_name("handoff_installed.py"), script)
+    env_vars = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    ran = _run([str(python), str(script), str(site)], cwd=tmp_path, env=env_vars)
+    assert ran.returncode == 0 and ran.stdout.startswith("OK "), ran.stdout[-2000:] + ran.stderr[-3000:]
+    print(ran.stdout.strip())
