@@ -67,7 +67,9 @@ Blob = Annotated[bytes, msgspec.Meta(max_length=64)]
 
 
 class CompatInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What must match for a byte copy of KV pages to be correct (see vllm_connector.md s7)."""
+    """What must match for a byte copy of KV pages to be correct: whole pages copy safely only
+    between the same attention backend (and, on CPU, instruction set: its page format differs),
+    dtype, block size, layout and TP."""
 
     model: str
     dtype: str
@@ -328,7 +330,8 @@ def peek_version(header: bytes) -> int | None:
 
 # --- kv_transfer_params: what travels client -> proxy -> P -> proxy -> D --------------------
 # The key names do_remote_decode / do_remote_prefill are vLLM's own convention: vLLM's serving
-# layer reads them (vllm_connector.md s5.6), so we keep them.
+# layer reads them (the scheduler's remote_prefill_cached_tokens, a decode request rejected
+# before the engine still reaching the connector's request_finished), so we keep them.
 
 
 class PrefillParams(msgspec.Struct, frozen=True, kw_only=True):

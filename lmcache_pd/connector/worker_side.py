@@ -75,7 +75,8 @@ def describe_kv(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor], *, 
 
 
 def _attn_backend(t: torch.Tensor) -> str:
-    """Byte format of a page: CPU attention packs pages per ISA (vllm_connector.md s7)."""
+    """Byte format of a page. vLLM's CPU attention writes pages in a format of its instruction set
+    (amx, vec, vec16, neon: ``_get_attn_isa``), so CPU pages copy only between the same ISA."""
     if t.device.type != "cpu":
         return f"{t.device.type}"
     try:
