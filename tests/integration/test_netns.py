@@ -1,4 +1,4 @@
-"""No byte of an ended hand-off lands in pages another hand-off was given (issue 15, item 1).
+"""No byte of an ended hand-off lands in pages another hand-off was given.
 
 Real processes, the real control plane and tcp transport, real TCP between two network
 namespaces joined by a veth pair whose prefill-to-decode direction is throttled (``tc tbf``).

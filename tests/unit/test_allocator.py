@@ -177,7 +177,7 @@ def test_reader_guard_refuses_claimed_and_unknown_reservations():
     assert pool.free_pages == 4
 
 
-# --- write admission (issue 15, item 1) ------------------------------------------------------
+# --- write admission ------------------------------------------------------
 
 def test_a_write_is_admitted_only_into_its_own_live_reservation():
     pool = PagePool(8, lease_s=10)

@@ -387,7 +387,7 @@ def test_refused_queued_or_cancelled_allocations_end_their_holds():
     assert holder.released == ["big", "late", "a"]
 
 
-# --- bounded by a peer that holds the secret (issue 15, item 4) -------------------------------
+# --- bounded by a peer that holds the secret -------------------------------
 
 def test_an_oversized_allocate_for_another_peers_id_leaves_that_reservation_alone(server):
     async def go():

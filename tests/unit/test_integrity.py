@@ -1,4 +1,4 @@
-"""``integrity.verify`` (issue 15, item 6): the decode checks each hand-off's bytes against the
+"""``integrity.verify``: the decode checks each hand-off's bytes against the
 prefill's digest before loading them; damaged bytes are never loaded (vLLM recomputes), and
 each mismatch is counted. Without it the same damage goes through unseen."""
 

@@ -1,5 +1,5 @@
 """What the launcher hands vLLM: the config through the environment, never the command line
-(issue 15, item 3: every local user can read /proc/*/cmdline, and vLLM logs its arguments)."""
+(every local user can read /proc/*/cmdline, and vLLM logs its arguments)."""
 
 from __future__ import annotations
 

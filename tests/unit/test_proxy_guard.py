@@ -1,4 +1,4 @@
-"""The proxy towards clients (issue 15, item 5), over real sockets: the proxy and a scripted
+"""The proxy towards clients, over real sockets: the proxy and a scripted
 vLLM-like backend (FastAPI, serving both the prefill and the decode role) each run by uvicorn.
 
 Answers carry no ``kv_transfer_params``; bodies are bounded; a client that goes away drops its

@@ -1,5 +1,5 @@
 """No byte of an ended hand-off lands in pages another hand-off was given, over one-sided
-transports (issue 15, item 1): the decode side ends hand-off A while A's write is still coming,
+transports: the decode side ends hand-off A while A's write is still coming,
 hand-off B from another prefill worker is granted A's pages, and B's KV must arrive bitwise.
 
 loopback delays A's copy (``delay_s``); cuda_ipc (GPU) orders A's copy after a CUDA event that
