@@ -1,12 +1,10 @@
-from __future__ import annotations
+"""Fixtures of the cache tests: a real redis-server for the session, and each tier in turn."""
 
-import uuid
+from __future__ import annotations
 
 import pytest
 
-from lmcache_pd.cache.disk import DiskOptions, DiskTier
-from lmcache_pd.cache.memory import MemoryOptions, MemoryTier
-from lmcache_pd.cache.remote import RedisOptions, RedisTier
+from tests.cache.tiers import make_tier
 from tests.redis_server import RedisServer
 
 TIERS = ["memory", "disk", "redis"]
@@ -17,20 +15,6 @@ def redis_server():
     server = RedisServer().start()
     yield server
     server.stop()
-
-
-def make_tier(name: str, *, tmp_path, redis_url: str | None, size_mib: int = 4, opened: bool = True, **opts):
-    if name == "memory":
-        tier = MemoryTier(MemoryOptions(size_mib=size_mib), instance="t", rank=0)
-    elif name == "disk":
-        tier = DiskTier(DiskOptions(path=str(tmp_path / "{instance}.{rank}"), size_mib=size_mib, **opts),
-                        instance="t", rank=0)
-    else:  # each test gets its own key prefix on the shared server
-        tier = RedisTier(RedisOptions(url=redis_url, key_prefix=f"test-{uuid.uuid4().hex[:8]}:", **opts),
-                         instance="t", rank=0)
-    if opened:
-        tier.open()
-    return tier
 
 
 @pytest.fixture(params=TIERS)

@@ -6,7 +6,7 @@ import os
 import time
 
 from lmcache_pd.cache.disk import DiskOptions, DiskTier
-from tests.cache.test_tier_contract import key, value
+from tests.cache.tiers import key, value
 
 
 def _tier(tmp_path, size_mib=16):

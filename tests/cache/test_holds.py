@@ -6,8 +6,7 @@ import pytest
 
 from lmcache_pd.cache import TieredCache
 from lmcache_pd.cache.holds import Holds
-from tests.cache.conftest import make_tier
-from tests.cache.test_tier_contract import key, value
+from tests.cache.tiers import key, make_tier, value
 
 
 class Clock:

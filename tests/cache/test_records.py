@@ -19,7 +19,7 @@ from lmcache_pd.cache.remote import RedisOptions, RedisTier
 from lmcache_pd.cache.tier import PUBLIC_RECORDS, Records
 from lmcache_pd.config import CacheConfig, TierConfig, config_from_dict
 from lmcache_pd.errors import ConfigError
-from tests.cache.test_tier_contract import key, value
+from tests.cache.tiers import key, value
 
 OURS = Records(auth.Keyring(b"the deployment's secret, 32 bytes").records_key)
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from lmcache_pd.cache.remote import RedisOptions, RedisTier
-from tests.cache.test_tier_contract import key, value
+from tests.cache.tiers import key, value
 from tests.redis_server import RedisServer
 
 

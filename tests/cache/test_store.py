@@ -14,8 +14,7 @@ from lmcache_pd.cache.memory import MemoryOptions, MemoryTier
 from lmcache_pd.cache.tier import Buffer, Tier
 from lmcache_pd.config import CacheConfig, TierConfig
 from lmcache_pd.errors import ConfigError
-from tests.cache.conftest import make_tier
-from tests.cache.test_tier_contract import key, value
+from tests.cache.tiers import key, make_tier, value
 from tests.redis_server import RedisServer
 
 

@@ -8,18 +8,10 @@ import threading
 import numpy as np
 import pytest
 
-from lmcache_pd.cache.keys import ChunkKey, tenant_tag
-from tests.cache.conftest import make_tier
+from lmcache_pd.cache.keys import tenant_tag
+from tests.cache.tiers import key, make_tier, value
 
 MiB = 1 << 20
-
-
-def key(i: int, tenant: str = "-") -> ChunkKey:
-    return ChunkKey(tenant, i.to_bytes(4, "little") * 8)
-
-
-def value(i: int, size: int = 4096) -> bytes:
-    return np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).tobytes()
 
 
 def test_put_then_get_is_bitwise(tier):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.gpu_engine.conftest import PROFILE
-from tests.integration.conftest import HANDOFF, counter, metrics, post, wait_for
+from tests.integration.client import HANDOFF, counter, metrics, post, wait_for
 
 pytestmark = pytest.mark.gpu
 PROMPT_LENS = (1, 15, 16, 17, 255, 256, 257, 1023, 4095, 8191)

@@ -16,19 +16,13 @@ Tests that cannot run here skip with the reason (no vLLM installed).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import re
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from lmcache_pd.cli.local import LocalDeployment, free_ports, local_config
 from lmcache_pd.cli.tinymodel import build_tiny_model
-from lmcache_pd.proxy.answers import REPORT_HEADER
 
 TRANSFER_S = 4.0
 PREFILL_TIMEOUT_S = 2.0
@@ -74,59 +68,3 @@ def deployment(tmp_path_factory):
         dep.stop_all()
 
 
-HANDOFF = "_handoff_report"
-"""Where ``post`` puts the hand-off report the proxy sent as a header (never a key of vLLM's)."""
-
-
-def post(url: str, body: dict, headers: dict | None = None, timeout: float = 120) -> tuple[dict, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(),
-                                 {"content-type": "application/json", **(headers or {})})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        data = json.load(r)
-        report = r.headers.get(REPORT_HEADER)  # the proxy's (proxy.handoff_report)
-        if report is not None:
-            data[HANDOFF] = json.loads(report)
-        return data, dict(r.headers)
-
-
-def metrics(url: str) -> dict[str, float]:
-    """vLLM's Prometheus counters, keyed 'name{labels}'."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) ([0-9.eE+-]+|NaN)$", line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
-
-
-def counter(m: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of a metric's samples with these labels; a metric that is absent fails the test."""
-    total, seen = 0.0, False
-    for key, value in m.items():
-        if not key.startswith(name + "{") and key != name:
-            continue
-        if all(f'{k}="{v}"' in key for k, v in labels.items()):
-            total += value
-            seen = True
-    assert seen, f"metric {name}{labels or ''} is not exported (vLLM renamed it?)"
-    return total
-
-
-def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.2):
-    """``predicate()``'s first truthy value, asked every ``every_s`` for up to ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not (out := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout_s} s")
-        time.sleep(every_s)
-    return out
-
-
-def prompt_ids(n: int, seed: int = 0) -> list[int]:
-    """n token ids of ordinary vocabulary (the tokenizer's special ids are 0-5)."""
-    return [6 + (i * 7919 + seed * 104729 + (i * i) % 13) % 500 for i in range(n)]
-
-
-__all__ = ["PREFILL_TIMEOUT_S", "TRANSFER_S", "counter", "metrics", "post", "prompt_ids", "wait_for", "urllib"]

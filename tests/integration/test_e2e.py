@@ -17,51 +17,21 @@ import urllib.request
 import pytest
 
 from lmcache_pd import protocol as P
-from tests.integration.conftest import (
-    HANDOFF,
-    PREFILL_TIMEOUT_S,
-    TRANSFER_S,
+from tests.integration.client import (
+    MAX_TOKENS,
+    completion,
     counter,
+    handoff_record,
     metrics,
     post,
     prompt_ids,
+    report,
+    token_ids,
     wait_for,
 )
+from tests.integration.conftest import PREFILL_TIMEOUT_S, TRANSFER_S
 
 pytestmark = pytest.mark.e2e
-MAX_TOKENS = 16
-
-
-def completion(url: str, prompt, headers: dict | None = None, **extra) -> tuple[dict, dict]:
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-            "return_token_ids": True, **extra}
-    return post(f"{url}/v1/completions", body, headers)
-
-
-def token_ids(resp: dict) -> list[int]:
-    return resp["choices"][0]["token_ids"]
-
-
-def report(resp: dict) -> dict:
-    """The decode's hand-off report: the proxy's header (``post``), or vLLM's own answer field when
-    the request went to the decode instance itself."""
-    return resp.get(HANDOFF) or (resp.get("kv_transfer_params") or {}).get("lmcache_pd", {})
-
-
-def handoff_record(dep, instance: str, transfer_prefix: str, timeout_s: float = 10.0) -> dict:
-    """The instance's handoff_log line for a transfer: written when the hand-off ended there."""
-    found: list[dict] = []
-
-    def seen() -> bool:
-        path = dep.workdir / f"handoffs-{instance}.jsonl"
-        if path.exists():
-            found[:] = [r for r in map(json.loads, path.read_text().splitlines())
-                        if r["transfer_id"].startswith(transfer_prefix)]
-        return bool(found)
-
-    wait_for(seen, timeout_s, f"{instance} recorded no end of hand-off {transfer_prefix}")
-    assert len(found) == 1, found
-    return found[0]
 
 
 def served_as_colocated(dep, via: str, ids: list[int], req_id: str) -> tuple[dict, float]:

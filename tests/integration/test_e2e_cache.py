@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from lmcache_pd.cli.local import LocalDeployment, local_config
-from tests.integration.conftest import counter, metrics, post, prompt_ids, tiny_model_or_skip, wait_for
-from tests.integration.test_e2e import completion, report, token_ids
+from tests.integration.client import completion, counter, metrics, post, prompt_ids, report, token_ids, wait_for
+from tests.integration.conftest import tiny_model_or_skip
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e

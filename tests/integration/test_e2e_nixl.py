@@ -11,8 +11,17 @@ import pytest
 
 from lmcache_pd import transport as transports
 from lmcache_pd.cli.local import LocalDeployment, local_config
-from tests.integration.conftest import counter, metrics, prompt_ids, tiny_model_or_skip, wait_for
-from tests.integration.test_e2e import completion, handoff_record, report, token_ids
+from tests.integration.client import (
+    completion,
+    counter,
+    handoff_record,
+    metrics,
+    prompt_ids,
+    report,
+    token_ids,
+    wait_for,
+)
+from tests.integration.conftest import tiny_model_or_skip
 
 pytestmark = pytest.mark.e2e
 

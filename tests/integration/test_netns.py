@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import wait_for
+from tests.integration.client import wait_for
 from tests.integration.nsnode import BLOCK
 
 ROOT = Path(__file__).resolve().parents[2]

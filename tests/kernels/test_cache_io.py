@@ -10,8 +10,7 @@ import torch
 from lmcache_pd.config import CacheConfig, TierConfig
 from lmcache_pd.node.cache_io import CacheIO, CacheLoadSpec, CacheSaveSpec
 from lmcache_pd.ops import kv_layout_of
-from tests.unit.test_layout import vllm_like_cache
-from tests.unit.test_protocol import COMPAT
+from tests.unit.kv import COMPAT, vllm_like_cache
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

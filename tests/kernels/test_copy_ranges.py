@@ -21,7 +21,7 @@ from lmcache_pd.ops import (
     prepare_copy,
     run_copy,
 )
-from tests.unit.test_layout import vllm_like_cache
+from tests.unit.kv import vllm_like_cache
 
 _ok, _why = cuda_kernels_available()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"GPU kernel tests need CUDA and cupy: {_why}")

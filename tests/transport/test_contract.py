@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -13,14 +12,7 @@ from lmcache_pd._types import TransferState
 from lmcache_pd.errors import PeerLost
 from lmcache_pd.layout import coalesce
 from lmcache_pd.transport import Transport
-
-
-def wait(t: Transport, handle, timeout_s: float = 10.0) -> TransferState:
-    deadline = time.monotonic() + timeout_s
-    while not (state := t.poll(handle)).terminal:
-        assert time.monotonic() < deadline, f"{handle} did not end within {timeout_s} s"
-        time.sleep(0.001)
-    return state
+from tests.transport.handles import wait
 
 
 def device_for(t: Transport) -> torch.device:

@@ -10,7 +10,7 @@ from lmcache_pd import transport as transports
 from lmcache_pd._types import TransferState
 from lmcache_pd.errors import PeerLost
 from lmcache_pd.layout import coalesce
-from tests.transport.test_contract import wait
+from tests.transport.handles import wait
 
 ONE = coalesce(np.array([0]), np.array([0]), np.array([8]))
 

@@ -16,7 +16,7 @@ from lmcache_pd import transport as transports
 from lmcache_pd._types import TransferState
 from lmcache_pd.errors import ConfigError, PeerLost
 from lmcache_pd.layout import coalesce
-from tests.transport.test_contract import wait
+from tests.transport.handles import wait
 
 _ok, _why = transports.available("nixl")
 pytestmark = pytest.mark.skipif(not _ok, reason=f"nixl unavailable here: {_why}")

@@ -20,7 +20,7 @@ from lmcache_pd.errors import PeerLost, TransferError
 from lmcache_pd.layout import coalesce
 from lmcache_pd.transport._tcp_wire import _CHALLENGE, _HELLO, _HELLO_REPLY, _Descriptor, _hello_tag
 from tests.integration.relay import pump
-from tests.transport.test_contract import wait
+from tests.transport.handles import wait
 
 PUBLIC = auth.Keyring(None)  # what transports created without keys use
 

@@ -13,7 +13,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here (run scripts/setu
 
 from lmcache_pd.cli.local import free_ports  # noqa: E402
 from lmcache_pd.node.worker_api import WorkerAPI  # noqa: E402
-from tests.unit.test_cache_reuse import CHUNK, Instance, cfg_with_cache, prompt, request  # noqa: E402
+from tests.unit.cache_instances import CHUNK, Instance, cfg_with_cache, prompt, request  # noqa: E402
 
 
 @pytest.fixture

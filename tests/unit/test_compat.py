@@ -10,7 +10,7 @@ import pytest
 from lmcache_pd.cli import launch as launcher
 from lmcache_pd.connector import compat
 from lmcache_pd.errors import ConfigError
-from tests.unit.test_node import make_cfg
+from tests.unit.nodes import make_cfg
 
 
 @pytest.mark.parametrize("text, want", [("0.24.0", (0, 24)), ("0.32.1+cpu", (0, 32)), ("0.33.0rc1", (0, 33)),

@@ -19,7 +19,7 @@ from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from lmcache_pd import protocol as P  # noqa: E402
 from lmcache_pd.connector.metadata import LoadOutcome, PDWorkerMeta  # noqa: E402
 from lmcache_pd.connector.scheduler_side import DecodeScheduler, PrefillScheduler  # noqa: E402
-from tests.unit.test_node import make_cfg  # noqa: E402
+from tests.unit.nodes import make_cfg  # noqa: E402
 
 BS = 16
 
@@ -241,7 +241,7 @@ def test_a_failed_load_reports_its_blocks_once_and_a_good_one_none():
     from lmcache_pd.connector.worker_side import DecodeWorker
     from lmcache_pd.node.receiver import LoadSpec
     from lmcache_pd.node.sender import SendSpec
-    from tests.unit.test_node import BLOCK, Node
+    from tests.unit.nodes import BLOCK, Node
 
     node = Node(make_cfg(transfer_s=1))
     worker = DecodeWorker(None, node.cfg, instance="decode-0")

@@ -22,8 +22,8 @@ from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.control.client import ControlClient
 from lmcache_pd.control.server import ControlServer, _Session
 from lmcache_pd.errors import PeerLost, PoolExhausted, TransferTimeout
-from tests.unit.test_control import KEYS, RawPeer, alloc, client_for, handshake, handshake_msg, req, run
-from tests.unit.test_protocol import COMPAT
+from tests.unit.control_peers import KEYS, RawPeer, alloc, client_for, handshake, handshake_msg, req, run
+from tests.unit.kv import COMPAT
 
 
 def make_server(pages: int = 8, **kwargs) -> ControlServer:

@@ -19,8 +19,8 @@ from lmcache_pd.node.cache_io import CacheIO, CacheSaveSpec
 from lmcache_pd.node.receiver import KVReceiver, LoadSpec
 from lmcache_pd.node.sender import KVSender, SendSpec
 from lmcache_pd.ops import kv_layout_of
-from tests.unit.test_layout import vllm_like_cache
-from tests.unit.test_node import BLOCK, CPT, HEADS, LAYERS, PAGE, C, make_cfg
+from tests.unit.kv import vllm_like_cache
+from tests.unit.nodes import BLOCK, CPT, HEADS, LAYERS, PAGE, C, make_cfg
 
 CHUNK = 2 * BLOCK  # two blocks per chunk
 DIGEST = "d" * 32

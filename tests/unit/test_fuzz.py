@@ -27,7 +27,7 @@ from lmcache_pd import protocol as P
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.control.client import ControlClient
 from lmcache_pd.control.server import ControlServer
-from tests.unit.test_protocol import COMPAT
+from tests.unit.kv import COMPAT
 
 KEYS = auth.Keyring(b"the fuzzed deployment's secret..")
 IDENTITY = b"prefill-0/0/fuzz"

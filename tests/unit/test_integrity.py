@@ -11,8 +11,8 @@ import torch
 from lmcache_pd.config import IntegrityConfig
 from lmcache_pd.layout import PoolLayout, plan_cache_to_pool
 from lmcache_pd.ops import cache_digest, copy_ranges, kv_layout_of, pool_digest
-from tests.unit.test_layout import vllm_like_cache
-from tests.unit.test_node import BLOCK, Node, make_cfg
+from tests.unit.kv import vllm_like_cache
+from tests.unit.nodes import BLOCK, Node, make_cfg
 
 
 def node(verify: bool, corrupt_every: int = 0, transport: str = "loopback") -> Node:
@@ -108,7 +108,7 @@ def test_the_gpu_formulas_agree_between_cache_and_pool(per_layer, sliced, monkey
     tensors."""
     from lmcache_pd import ops
     from lmcache_pd.ops import _cache_sum, _pool_sum
-    from tests.unit.test_layout import per_layer_cache
+    from tests.unit.kv import per_layer_cache
 
     if sliced:
         monkeypatch.setattr(ops, "_SLICE_BYTES", 1)  # one page per slice
@@ -132,7 +132,7 @@ def test_the_digest_kernel_equals_the_formula_on_both_sides():
     """csrc/digest.cu (one pass over the bytes) gives the torch formula's value, for vLLM's two
     KV layouts, and sees a flipped bit in the pool."""
     from lmcache_pd.ops import _cache_sum, _pool_sum, cuda_kernels_available, pool_digest
-    from tests.unit.test_layout import per_layer_cache
+    from tests.unit.kv import per_layer_cache
 
     ok, why = cuda_kernels_available()
     if not ok:

@@ -14,7 +14,7 @@ from lmcache_pd.cli.local import free_ports
 from lmcache_pd.config import config_from_dict
 from lmcache_pd.node.receiver import KVReceiver, LoadSpec
 from lmcache_pd.node.sender import ReserveSpec, SendSpec
-from tests.unit.test_node import BLOCK, CPT, Node, make_cfg
+from tests.unit.nodes import BLOCK, CPT, Node, make_cfg
 
 _DEAD: list[object] = []
 """Senders stopped dead (their loop, not their sockets): kept until the process exits, because

@@ -13,105 +13,10 @@ import msgspec
 import pytest
 import torch
 
-from lmcache_pd import protocol as P
-from lmcache_pd.cli.local import free_ports
-from lmcache_pd.config import PDConfig, config_from_dict
 from lmcache_pd.layout import blocks_for_tokens
-from lmcache_pd.node.receiver import KVReceiver, LoadResult, LoadSpec
-from lmcache_pd.node.sender import KVSender, SendResult, SendSpec
-from lmcache_pd.ops import kv_layout_of
-from tests.unit.test_layout import per_layer_cache, vllm_like_cache
-from tests.unit.test_protocol import COMPAT
-
-BLOCK, LAYERS, HEADS, C = 16, 2, 2, 1024
-PAGE = LAYERS * HEADS * BLOCK * C * 2  # bf16: 128 KiB, so pool.size_mib=1 is 8 pages
-CPT = msgspec.structs.replace(COMPAT, block_size=BLOCK, num_layers=LAYERS, page_bytes=PAGE)
-
-
-def make_cfg(transport: str = "tcp", *, options: dict | None = None, pool_mib: int = 1, group_mib: int = 128,
-             cache: dict | None = None, **timeouts) -> PDConfig:
-    http_p, http_d, ctrl, data = free_ports(4)
-    t = {"handshake_s": 2, "control_s": 2, "alloc_s": 2, "transfer_s": 3, "data_s": 3, "lease_s": 5,
-         "heartbeat_s": 0.5, **timeouts}
-    return config_from_dict({
-        "model": {"path": "tiny"},
-        "prefill": [{"name": "prefill-0", "http_port": http_p}],
-        "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data}],
-        "transport": {"name": transport, "options": options or {}, "group_mib": group_mib},
-        "pool": {"size_mib": pool_mib},
-        "timeouts": t,
-        **({"cache": cache} if cache else {}),
-    }, source="test")
-
-
-class Node:
-    """One prefill sender and one decode receiver with vLLM-like KV caches."""
-
-    def __init__(self, cfg: PDConfig, *, start_receiver: bool = True, compat: P.CompatInfo = CPT,
-                 device: str | None = None, per_layer: bool = False):
-        self.cfg = cfg
-        device = device or ("cuda" if cfg.transport.name == "cuda_ipc" else "cpu")
-        if per_layer:  # vLLM 0.24: one buffer per layer, with memory that is not ours between them
-            self.p_layers, self._spacers = per_layer_cache(LAYERS, 40, HEADS, BLOCK, C // 2, torch.bfloat16, device)
-            self.d_layers, spacers = per_layer_cache(LAYERS, 48, HEADS, BLOCK, C // 2, torch.bfloat16, device)
-            self._spacers += spacers
-        else:
-            self.p_layers = vllm_like_cache(LAYERS, 40, HEADS, BLOCK, C, torch.bfloat16, "LBHNC", device)
-            self.d_layers = vllm_like_cache(LAYERS, 48, HEADS, BLOCK, C, torch.bfloat16, "LBHNC", device)
-        for t in self.d_layers:
-            t.view(torch.uint8).fill_(0xEE)
-        p_kv, p_buf = kv_layout_of(self.p_layers)
-        d_kv, d_buf = kv_layout_of(self.d_layers)
-        self.receiver = KVReceiver(cfg, instance="decode-0", tp_rank=0, compat=CPT, kv=d_kv, kv_buffer=d_buf)
-        if start_receiver:
-            self.receiver.start()
-        self.sender = KVSender(cfg, instance="prefill-0", tp_rank=0, compat=compat, kv=p_kv, kv_buffer=p_buf)
-        self.sender.start()
-
-    def close(self) -> None:
-        self.sender.close()
-        self.receiver.close()
-
-    def handoff(self, tid: str, p_blocks: list[int], d_blocks: list[int], num_tokens: int,
-                digest: str = "d" * 32, load_digest: str | None = None) -> None:
-        self.sender.submit(SendSpec(f"p-{tid}", tid, "decode-0", tuple(p_blocks), num_tokens, digest))
-        self.receiver.submit_load(LoadSpec(f"d-{tid}", tid, num_tokens, load_digest or digest, tuple(d_blocks)))
-
-    def results(self, n_send: int, n_load: int, timeout_s: float = 15) -> tuple[list[SendResult], list[LoadResult]]:
-        sends: list[SendResult] = []
-        loads: list[LoadResult] = []
-        deadline = time.monotonic() + timeout_s
-        while len(sends) < n_send or len(loads) < n_load:
-            assert time.monotonic() < deadline, f"only {len(sends)} sends / {len(loads)} loads ended"
-            sends += self.sender.drain()
-            loads += self.receiver.drain()
-            time.sleep(0.005)
-        return sends, loads
-
-    def assert_moved(self, p_blocks: list[int], d_blocks: list[int]) -> None:
-        for pl, dl in zip(self.p_layers, self.d_layers):
-            for pb, db in zip(p_blocks, d_blocks):
-                assert torch.equal(pl[pb].view(torch.uint8), dl[db].view(torch.uint8)), (pb, db)
-
-    def pool_full(self, timeout_s: float = 2.0) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.receiver.pool.free_pages == self.receiver.pool.num_pages:
-                return True
-            time.sleep(0.01)
-        return False
-
-
-@pytest.fixture(params=["tcp", "loopback", "nixl", "cuda_ipc"])
-def node(request):
-    from lmcache_pd import transport as transports
-
-    ok, why = transports.available(request.param)
-    if not ok:
-        pytest.skip(f"transport {request.param!r} unavailable here: {why}")
-    n = Node(make_cfg(request.param))
-    yield n
-    n.close()
+from lmcache_pd.node.receiver import KVReceiver, LoadSpec
+from lmcache_pd.node.sender import SendSpec
+from tests.unit.nodes import BLOCK, CPT, LAYERS, PAGE, Node, make_cfg
 
 
 def test_handoff_is_bitwise(node):

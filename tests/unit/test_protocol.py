@@ -10,10 +10,7 @@ import pytest
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd.errors import ProtocolError
-
-COMPAT = P.CompatInfo(model="tiny", dtype="torch.bfloat16/auto", kv_layout="LBHNC", block_size=128, num_layers=2,
-                      num_kv_heads=2, head_size=64, page_bytes=65536, tp_size=1, tp_rank=0, transport="tcp",
-                      attn_backend="cpu_attn/vec", vllm_version="0.32.0")
+from tests.unit.kv import COMPAT
 
 KEYS = auth.Keyring(b"a test secret of 32 bytes......")
 KEY = KEYS.control.to_decode

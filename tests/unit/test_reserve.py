@@ -12,7 +12,7 @@ import pytest
 
 from lmcache_pd.errors import PDError
 from lmcache_pd.node.sender import ReserveSpec
-from tests.unit.test_node import BLOCK, PAGE, Node, make_cfg, node  # noqa: F401 - node is a fixture
+from tests.unit.nodes import BLOCK, Node, make_cfg
 
 
 def held(n: Node) -> int:

@@ -22,8 +22,8 @@ from lmcache_pd.config import config_from_dict
 from lmcache_pd.node.receiver import KVReceiver, LoadSpec
 from lmcache_pd.node.sender import KVSender, SendSpec
 from lmcache_pd.ops import kv_layout_of
-from tests.unit.test_layout import vllm_like_cache
-from tests.unit.test_node import BLOCK, CPT, HEADS, LAYERS, C
+from tests.unit.kv import vllm_like_cache
+from tests.unit.nodes import BLOCK, CPT, HEADS, LAYERS, C
 
 PAGES = 8  # the pool (1 MiB of 128 KiB pages): A and B each need all of it
 DELAY_S = 0.6

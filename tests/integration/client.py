@@ -1,0 +1,100 @@
+"""Test helpers: a client of a deployment (requests, vLLM's metrics, hand-off reports and records),
+prompts, and waiting for a condition."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+
+from lmcache_pd.proxy.answers import REPORT_HEADER
+
+MAX_TOKENS = 16
+
+
+HANDOFF = "_handoff_report"
+"""Where ``post`` puts the hand-off report the proxy sent as a header (never a key of vLLM's)."""
+
+
+def post(url: str, body: dict, headers: dict | None = None, timeout: float = 120) -> tuple[dict, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"content-type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        data = json.load(r)
+        report = r.headers.get(REPORT_HEADER)  # the proxy's (proxy.handoff_report)
+        if report is not None:
+            data[HANDOFF] = json.loads(report)
+        return data, dict(r.headers)
+
+
+def metrics(url: str) -> dict[str, float]:
+    """vLLM's Prometheus counters, keyed 'name{labels}'."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) ([0-9.eE+-]+|NaN)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def counter(m: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of a metric's samples with these labels; a metric that is absent fails the test."""
+    total, seen = 0.0, False
+    for key, value in m.items():
+        if not key.startswith(name + "{") and key != name:
+            continue
+        if all(f'{k}="{v}"' in key for k, v in labels.items()):
+            total += value
+            seen = True
+    assert seen, f"metric {name}{labels or ''} is not exported (vLLM renamed it?)"
+    return total
+
+
+def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.2):
+    """``predicate()``'s first truthy value, asked every ``every_s`` for up to ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not (out := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout_s} s")
+        time.sleep(every_s)
+    return out
+
+
+def prompt_ids(n: int, seed: int = 0) -> list[int]:
+    """n token ids of ordinary vocabulary (the tokenizer's special ids are 0-5)."""
+    return [6 + (i * 7919 + seed * 104729 + (i * i) % 13) % 500 for i in range(n)]
+
+
+def completion(url: str, prompt, headers: dict | None = None, **extra) -> tuple[dict, dict]:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "return_token_ids": True, **extra}
+    return post(f"{url}/v1/completions", body, headers)
+
+
+def token_ids(resp: dict) -> list[int]:
+    return resp["choices"][0]["token_ids"]
+
+
+def report(resp: dict) -> dict:
+    """The decode's hand-off report: the proxy's header (``post``), or vLLM's own answer field when
+    the request went to the decode instance itself."""
+    return resp.get(HANDOFF) or (resp.get("kv_transfer_params") or {}).get("lmcache_pd", {})
+
+
+def handoff_record(dep, instance: str, transfer_prefix: str, timeout_s: float = 10.0) -> dict:
+    """The instance's handoff_log line for a transfer: written when the hand-off ended there."""
+    found: list[dict] = []
+
+    def seen() -> bool:
+        path = dep.workdir / f"handoffs-{instance}.jsonl"
+        if path.exists():
+            found[:] = [r for r in map(json.loads, path.read_text().splitlines())
+                        if r["transfer_id"].startswith(transfer_prefix)]
+        return bool(found)
+
+    wait_for(seen, timeout_s, f"{instance} recorded no end of hand-off {transfer_prefix}")
+    assert len(found) == 1, found
+    return found[0]
