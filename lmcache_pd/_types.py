@@ -22,16 +22,6 @@ PageIdx = int
 BlockId = int
 """vLLM's KV block id (manager view)."""
 
-Incarnation = str
-"""Random id of one process lifetime; a restarted peer has a new one."""
-
-
-class Role(enum.StrEnum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-    PROXY = "proxy"
-
-
 class TransferState(enum.IntEnum):
     """Life of one transport batch, ordered so that ``max`` keeps the most advanced state.
 
