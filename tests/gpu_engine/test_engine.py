@@ -18,7 +18,7 @@ import urllib.parse
 import numpy as np
 import pytest
 
-from tests.gpu_engine.conftest import PROFILE
+from tests.gpu_engine.profile import PROFILE
 from tests.integration.client import HANDOFF, counter, metrics, post, wait_for
 
 pytestmark = pytest.mark.gpu

@@ -29,7 +29,7 @@ from tests.integration.client import (
     token_ids,
     wait_for,
 )
-from tests.integration.conftest import PREFILL_TIMEOUT_S, TRANSFER_S
+from tests.integration.deployments import PREFILL_TIMEOUT_S, TRANSFER_S
 
 pytestmark = pytest.mark.e2e
 

@@ -25,7 +25,7 @@ import yaml
 
 from lmcache_pd.cli.local import LocalDeployment, local_config
 from tests.integration.client import completion, counter, metrics, post, prompt_ids, report, token_ids, wait_for
-from tests.integration.conftest import tiny_model_or_skip
+from tests.integration.deployments import tiny_model_or_skip
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e

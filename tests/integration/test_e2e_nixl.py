@@ -21,7 +21,7 @@ from tests.integration.client import (
     token_ids,
     wait_for,
 )
-from tests.integration.conftest import tiny_model_or_skip
+from tests.integration.deployments import tiny_model_or_skip
 
 pytestmark = pytest.mark.e2e
 

@@ -31,7 +31,7 @@ from lmcache_pd.cli.demo import sse_events
 from lmcache_pd.cli.load import references, run_load
 from lmcache_pd.cli.local import LocalDeployment, free_ports, local_config
 from tests.integration.client import completion, metrics, post, prompt_ids, report, token_ids, wait_for
-from tests.integration.conftest import tiny_model_or_skip
+from tests.integration.deployments import tiny_model_or_skip
 
 pytestmark = pytest.mark.e2e
 
