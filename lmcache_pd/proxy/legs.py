@@ -49,9 +49,11 @@ def session(connect_s: float) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
 
 
-NOT_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+NOT_CONNECTED = (aiohttp.ClientConnectorError, getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ServerTimeoutError))
 """The instance could not be connected to (refused, no route, past proxy.connect_timeout_s).
-(ConnectionTimeoutError is also a TimeoutError: catch these before a deadline's TimeoutError.)"""
+(The timeout is also a TimeoutError: catch these before a deadline's TimeoutError. Before
+aiohttp 3.10 a connect timeout was a plain ServerTimeoutError; no read timeout is set here, so
+that one means connecting too.)"""
 
 
 async def send_once_more(send, what: str):
