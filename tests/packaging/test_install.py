@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fastapi import FastAPI, Request
 
 from lmcache_pd.cli.local import free_ports
+from tests.scripted import Scripted
 
 ROOT = Path(__file__).resolve().parents[2]
 _NOT_COPIED = shutil.ignore_patterns(".git", ".venv*", ".gpu*", "build", "dist", "*.egg-info", "__pycache__",
@@ -83,32 +83,22 @@ def installed(wheel, tmp_path_factory) -> Path:
     return env
 
 
-class Instance:
+class Instance(Scripted):
     """A scripted vLLM: as a prefill, one token ("x", id 7) and hand-off parameters; as a decode, "ab"."""
 
-    def __init__(self) -> None:
-        self.app, self.seen = FastAPI(), []
-
-        @self.app.get("/health")
-        async def health() -> dict:
-            return {}
-
-        @self.app.post("/v1/completions")
-        async def completions(request: Request) -> dict:
-            body = await request.json()
-            self.seen.append(body)
-            kv = body.get("kv_transfer_params") or {}
-            if kv.get("do_remote_decode"):
-                return {"id": "cmpl-1", "created": 1, "model": "tiny", "choices": [{
-                    "index": 0, "text": "x", "finish_reason": "length", "token_ids": [7],
-                    "prompt_token_ids": [1, 2, 3]}], "usage": {"prompt_tokens": 3, "completion_tokens": 1,
-                                                                "total_tokens": 4},
-                    "kv_transfer_params": {"do_remote_prefill": True, "do_remote_decode": False,
-                                           "transfer_id": kv["transfer_id"], "num_tokens": 3,
-                                           "prompt_digest": "d" * 32, "prefill_peer": "prefill-0"}}
-            return {"id": "cmpl-2", "created": 2, "model": "tiny", "choices": [{
-                "index": 0, "text": "ab", "finish_reason": "length", "token_ids": [8, 9]}],
-                "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}}
+    async def answer(self, body: dict) -> dict:
+        kv = body.get("kv_transfer_params") or {}
+        if kv.get("do_remote_decode"):
+            return {"id": "cmpl-1", "created": 1, "model": "tiny", "choices": [{
+                "index": 0, "text": "x", "finish_reason": "length", "token_ids": [7],
+                "prompt_token_ids": [1, 2, 3]}], "usage": {"prompt_tokens": 3, "completion_tokens": 1,
+                                                            "total_tokens": 4},
+                "kv_transfer_params": {"do_remote_prefill": True, "do_remote_decode": False,
+                                       "transfer_id": kv["transfer_id"], "num_tokens": 3,
+                                       "prompt_digest": "d" * 32, "prefill_peer": "prefill-0"}}
+        return {"id": "cmpl-2", "created": 2, "model": "tiny", "choices": [{
+            "index": 0, "text": "ab", "finish_reason": "length", "token_ids": [8, 9]}],
+            "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}}
 
 
 def test_the_proxy_installed_without_torch_serves_completions(installed, serve, tmp_path):

@@ -16,37 +16,17 @@ import time
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from lmcache_pd.cli.local import free_ports
 from lmcache_pd.config import config_from_dict
 from lmcache_pd.proxy.app import create_app
 from lmcache_pd.proxy.first_token import refusal
+from tests.scripted import Scripted
 
 PROMPT_IDS = [1, 2, 3]
 FIRST = 7
 DECODE_DELAY_S = 1.0
-
-
-class Scripted:
-    """A vLLM-like instance: keeps every completion request's body and answers it (``answer``)."""
-
-    def __init__(self) -> None:
-        self.app, self.seen = FastAPI(), []
-
-        @self.app.get("/health")
-        async def health() -> dict:
-            return {}
-
-        @self.app.post("/v1/completions")
-        async def completions(request: Request):
-            body = await request.json()
-            self.seen.append(body)
-            return await self.answer(body)
-
-    async def answer(self, body: dict):
-        raise NotImplementedError
 
 
 class Prefill(Scripted):
