@@ -6,13 +6,14 @@ import threading
 import time
 
 import pytest
-import uvicorn
 
 
 class _Served:
     """An ASGI app served by uvicorn on a thread, on a real socket."""
 
     def __init__(self, app, port: int):
+        import uvicorn  # here, not at the top: the GPU machine's tests (scripts/gpu-check) run without it
+
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
