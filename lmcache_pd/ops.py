@@ -29,8 +29,9 @@ MIN_CHUNK_BYTES = 4 << 10
 _THREADS = 512
 _BLOCKS_PER_SM = 4
 _CHUNKS_PER_WARP = 2  # for small copies: enough chunks to give every warp of the grid work
-_CSRC = next((d for d in (Path(__file__).resolve().parent / "csrc", Path(__file__).resolve().parent.parent / "csrc")
-              if (d / "copy_ranges.cu").is_file()), Path(__file__).resolve().parent / "csrc")
+_PACKAGE = Path(__file__).resolve().parent
+_CSRC = next((d for d in (_PACKAGE / "csrc", _PACKAGE.parent / "csrc") if (d / "copy_ranges.cu").is_file()),
+             _PACKAGE / "csrc")
 """The kernel sources: inside the package, where the wheel puts them (package data, through the
 package's ``csrc`` link to the checkout's ``csrc/``), so an installed package has its kernels; else
 the checkout's ``csrc/`` beside the package (a copy of the tree that dropped the link)."""
