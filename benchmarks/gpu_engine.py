@@ -51,15 +51,20 @@ def prompt_ids(n: int, seed: int) -> list[int]:
 def ttft_s(url: str, ids: list[int], req_id: str = "") -> tuple[float, float, float, float]:
     """A streamed completion: (seconds to its first token, wall clock at send, at first token,
     seconds to its second token)."""
-    body = json.dumps({"model": "tiny", "prompt": ids, "max_tokens": 8, "temperature": 0, "stream": True}).encode()
+    # ignore_eos: a random-weight model's greedy token is sometimes its end of sequence, and the
+    # second token is measured too.
+    body = json.dumps({"model": "tiny", "prompt": ids, "max_tokens": 8, "temperature": 0, "stream": True,
+                       "ignore_eos": True}).encode()
     headers = {"content-type": "application/json", **({"x-request-id": req_id} if req_id else {})}
     req = urllib.request.Request(f"{url}/v1/completions", body, headers)
     sent = time.time()
     t0 = time.perf_counter()
     first: tuple[float, float] | None = None
+    seen: list[str] = []
     with urllib.request.urlopen(req, timeout=300) as r:
         for raw in r:
             line = raw.decode().strip()
+            seen.append(line[:300])
             if line.startswith("data:") and line != "data: [DONE]":
                 event = json.loads(line[5:])
                 if "error" in event:
@@ -68,7 +73,7 @@ def ttft_s(url: str, ids: list[int], req_id: str = "") -> tuple[float, float, fl
                     if first is not None:
                         return first[0], sent, first[1], time.perf_counter() - t0
                     first = time.perf_counter() - t0, time.time()
-    raise RuntimeError("fewer than two tokens came")
+    raise RuntimeError(f"fewer than two tokens came from {url} ({req_id}): {[x for x in seen if x]}")
 
 
 class Colocated:

@@ -19,10 +19,10 @@ Life of a request (``/v1/completions`` or ``/v1/chat/completions``):
      aborts it in vLLM) and sent again without parameters, unless D already answered; if D
      cannot be reached, another decode instance or P serves it.
 Requests P/D cannot split (n > 1, several prompts, echo, prompt logprobs) go to D directly.
-Answers reach the client without ``kv_transfer_params`` (answers.py). A client that goes away
-before its answer started has its backend requests dropped (vLLM aborts them); once an answer
-streams, Starlette ends the relay, which closes D's request. A request is sent again only when
-it cannot have reached the backend (``_RESEND``).
+Answers reach the client without ``kv_transfer_params`` (answers.py). A client that goes away,
+before its answer or while it streams, has its backend requests dropped (front.py cancels the
+request's work; closing them aborts them in vLLM). A request is sent again only when it cannot
+have reached the backend (``_RESEND``).
 No torch, no vllm: this runs on any small box.
 """
 
@@ -51,31 +51,30 @@ from lmcache_pd.proxy import first_token
 from lmcache_pd.proxy.answers import (
     JSON_HEADERS,
     REPORT_HEADER,
-    BodyError,
     encode,
-    read_json,
     scrub,
     scrub_events,
     token_ids,
 )
 from lmcache_pd.proxy.cache_admin import add_cache_routes
+from lmcache_pd.proxy.front import Front
 from lmcache_pd.proxy.legs import (
-    NOT_CONNECTED,
+    KEEPALIVE_S,
     Metrics,
     Opened,
     Unreachable,
     close,
     error,
     reach,
-    send_once_more,
     session,
 )
+from lmcache_pd.proxy.post import Broken, NotConnected, Posts
 from lmcache_pd.proxy.routing import Backend, Router
 
 log = logging.getLogger(__name__)
 _FORWARD_HEADERS = ("authorization",)
-_WATCH_S = 0.1
-"""How often a waiting request checks that its client is still there."""
+MAX_PREFILL_ANSWER = 64 << 20
+"""The largest prefill answer read (a prompt's token ids come back in it when the client sent text)."""
 
 
 def _forwarded(request: Request) -> dict[str, str]:
@@ -136,6 +135,7 @@ class Proxy:
         self._first = cfg.proxy.first_token == "prefill"
         self._background: set[asyncio.Task] = set()
         self.client: aiohttp.ClientSession | None = None
+        self.posts = Posts(cfg.proxy.connect_timeout_s, KEEPALIVE_S, MAX_PREFILL_ANSWER)
         self._health: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -147,27 +147,12 @@ class Proxy:
             self._health.cancel()
         if self.client is not None:
             await self.client.close()
+        self.posts.close()
 
     # --- one request ------------------------------------------------------------------------
-    async def serve(self, request: Request, path: str) -> Response:
-        """Route one request; drop its backend requests if the client goes away meanwhile."""
-        try:
-            body = await read_json(request, self.cfg.proxy.max_body_mib << 20)
-        except BodyError as e:
-            return error(e.status, str(e))
-        task = asyncio.get_running_loop().create_task(self._route(request, path, body))
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=_WATCH_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()  # closes what it opened: vLLM aborts those requests
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                self.metrics.client_gone.inc()
-                return Response(status_code=499)
-
-    async def _route(self, request: Request, path: str, body: dict[str, Any]) -> Response:
+    async def answer(self, request: Request, path: str, body: dict[str, Any]) -> Response:
+        """Route one request (its body read: front.py, which also drops the request's work when
+        the client goes away)."""
         req_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         headers = {"X-Request-Id": req_id}
         headers.update(_forwarded(request))
@@ -327,13 +312,9 @@ class Proxy:
         content, headers = encode(pbody), s.headers | JSON_HEADERS
         try:
             async with asyncio.timeout(self.cfg.proxy.prefill_timeout_s):
-                r = await send_once_more(lambda: self.client.post(f"{prefill.url}{s.path}", data=content,
-                                                                   headers=headers),
-                                          f"prefill request to {prefill.name}")
-                async with r:  # (dropped on the way, e.g. the client gone: the connection closes, vLLM aborts)
-                    raw = await r.read()
-        except NOT_CONNECTED as e:  # (before TimeoutError: a connect timeout is one too)
-            prefill.mark_down(f"{type(e).__name__}: {e}")
+                r = await self.posts.post(prefill.host, prefill.port, s.path, content, headers)
+        except NotConnected as e:  # (a connect timeout too: before the deadline's TimeoutError)
+            prefill.mark_down(str(e))
             self.metrics.fallbacks.labels("prefill_unreachable").inc()
             return None
         except TimeoutError:
@@ -341,14 +322,15 @@ class Proxy:
             log.warning("prefill %s passed proxy.prefill_timeout_s=%g s; decode recomputes", prefill.name,
                         self.cfg.proxy.prefill_timeout_s)
             return None
-        except aiohttp.ClientError as e:
-            prefill.mark_down(f"{type(e).__name__}: {e}")
+        except Broken as e:
+            prefill.mark_down(str(e))
             self.metrics.fallbacks.labels("prefill_unreachable").inc()
             return None
+        status, raw = r
         self.metrics.prefill_seconds.observe(time.monotonic() - t0)
-        if r.status != 200:
-            self.metrics.fallbacks.labels(f"prefill_http_{r.status}").inc()
-            log.warning("prefill %s answered %d: %s", prefill.name, r.status, raw[:200].decode(errors="replace"))
+        if status != 200:
+            self.metrics.fallbacks.labels(f"prefill_http_{status}").inc()
+            log.warning("prefill %s answered %d: %s", prefill.name, status, raw[:200].decode(errors="replace"))
             return None
         try:
             answer = json.loads(raw)
@@ -440,7 +422,8 @@ class Proxy:
         return error(503, "no instance is reachable", "service_unavailable")
 
 
-def create_app(cfg: PDConfig) -> FastAPI:
+def create_app(cfg: PDConfig) -> Front:
+    """The proxy's ASGI app: the completion routes (front.py) in front of a FastAPI app with the rest."""
     keys = keyring(cfg)
     check_exposure(cfg, keys, None)
     proxy = Proxy(cfg)
@@ -455,14 +438,6 @@ def create_app(cfg: PDConfig) -> FastAPI:
 
     app = FastAPI(title="lmcache-pd proxy", lifespan=lifespan)
     app.state.proxy = proxy
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await proxy.serve(request, "/v1/completions")
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await proxy.serve(request, "/v1/chat/completions")
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -481,7 +456,7 @@ def create_app(cfg: PDConfig) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(proxy.metrics.registry), media_type="text/plain; version=0.0.4")
 
-    return app
+    return Front(app, proxy.answer, proxy.metrics, cfg.proxy.max_body_mib << 20)
 
 
 def _printable(text: str) -> str:

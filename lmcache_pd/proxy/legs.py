@@ -6,8 +6,9 @@ first streamed chunk (the rest is relayed later by the caller) or the whole answ
 every way that can fail into an answer (504, 502) or :class:`Unreachable` (try elsewhere).
 
 The client is aiohttp's: a POST to a local server cost httpx (the earlier client) about 1.1 ms
-more than aiohttp, measured on this project's machine, and every request meets it on its way
-to the first token (benchmarks/proxy_path.py, docs/benchmarks.md).
+more than aiohttp, measured on this project's machine (benchmarks/proxy_path.py,
+docs/benchmarks.md). The prefill leg, whose whole answer lies on the way to the first token,
+has a narrower and lighter client of its own (post.py).
 """
 
 from __future__ import annotations

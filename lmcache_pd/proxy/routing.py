@@ -24,6 +24,8 @@ class Backend:
     name: str
     url: str
     role: str
+    host: str = ""
+    port: int = 0
     healthy: bool = True
     last_error: str = ""
     checked_at: float = field(default=0.0)
@@ -36,7 +38,7 @@ class Backend:
 
 def _backend(inst: InstanceConfig, role: str) -> Backend:
     host = "127.0.0.1" if inst.host in ("0.0.0.0", "") else inst.host
-    return Backend(inst.name, f"http://{host}:{inst.http_port}", role)
+    return Backend(inst.name, f"http://{host}:{inst.http_port}", role, host, inst.http_port)
 
 
 class Router:

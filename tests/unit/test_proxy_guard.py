@@ -186,6 +186,44 @@ def test_a_non_streaming_client_that_goes_away_drops_the_backend_request(proxied
     assert "lmcache_pd_proxy_client_gone_total 1.0" in stats
 
 
+def test_a_streaming_client_that_goes_away_after_its_first_token_drops_the_decode_request(proxied):
+    """The first token (the prefill's) reached the client; the decode's stream has not started
+    when the client goes: the proxy closes the decode request (vLLM would abort it). The answer had
+    started, so the client is not counted as gone before it."""
+    make, backend = proxied
+    url = make()
+    backend.hold = True
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 4, "stream": True}).encode()
+    c = socket.create_connection(("127.0.0.1", port), timeout=5)
+    c.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+              b"content-length: %d\r\n\r\n" % len(body) + body)
+    got = b""
+    while b"data: {" not in got:
+        got += c.recv(65536)
+    assert b'"text":"x"' in got  # the prefill's token
+    deadline = time.monotonic() + 5
+    while len(backend.seen) < 2:  # the decode leg was sent and waits
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    left = time.monotonic()
+    c.close()
+    while backend.gone_at is None:
+        assert time.monotonic() < left + 3, "the decode request was not dropped with its client"
+        time.sleep(0.02)
+    assert backend.gone_at - left < 1.5
+    assert "lmcache_pd_proxy_client_gone_total 0.0" in httpx.get(f"{url}/metrics").text
+
+
+def test_the_completion_routes_take_post_only(proxied):
+    make, _ = proxied
+    url = make()
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        r = httpx.get(f"{url}{path}")
+        assert r.status_code == 405 and r.headers["allow"] == "POST" and "POST" in r.json()["error"]["message"]
+    assert httpx.get(f"{url}/v1/nothing").status_code == 404
+
+
 def test_get_routes_forward_the_clients_authorization(proxied):
     make, backend = proxied
     url = make()
