@@ -128,7 +128,8 @@ def compat(kv_page_bytes: int, transport: str) -> P.CompatInfo:
 
 
 def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: str) -> None:
-    from lmcache_pd.node.receiver import KVReceiver, LoadSpec
+    from lmcache_pd.handoff import Handoff, LoadSpec
+    from lmcache_pd.node.receiver import KVReceiver
     from lmcache_pd.ops import kv_layout_of
 
     cfg = config_from_dict(cfg_dict, source="benchmark")
@@ -143,7 +144,8 @@ def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: 
         if kind == "hash":
             conn.send(blocks_hash(layers, args))
             continue
-        rx.submit_load(LoadSpec(*args))
+        req_id, tid, n_tok, digest, blocks = args
+        rx.submit_load(LoadSpec(req_id, Handoff(tid, "prefill-0", n_tok, digest), blocks))
         conn.send("submitted")
         while not (done := rx.drain(wait_s=1.0)):  # blocks: a polling loop would compete for the GIL
             pass
@@ -201,7 +203,7 @@ class HandoffPair:
         and, overlapping those, scatter (pool -> decode blocks, all groups) and groups (count)."""
 
     def once(self, n_tok: int) -> float:
-        from lmcache_pd.node.sender import ReserveSpec, SendSpec
+        from lmcache_pd.handoff import Handoff, SendSpec
 
         n = -(-n_tok // BLOCK)
         p_blocks = [int(b) for b in self.rng.choice(np.arange(self.num_blocks), n, replace=False)]
@@ -212,9 +214,9 @@ class HandoffPair:
         self.parent.send(("load", (f"d-{tid}", tid, n_tok, digest, tuple(d_blocks))))
         assert self.parent.recv() == "submitted"
         if self.reserve:
-            self.tx.reserve(ReserveSpec(tid, "decode-0", n_tok, digest)).result(60)
+            self.tx.reserve(Handoff(tid, "decode-0", n_tok, digest)).result(60)
         t0 = time.monotonic()
-        self.tx.submit(SendSpec(f"p-{tid}", tid, "decode-0", tuple(p_blocks), n_tok, digest))
+        self.tx.submit(SendSpec(f"p-{tid}", Handoff(tid, "decode-0", n_tok, digest), tuple(p_blocks)))
         t_done, ok, error, scatter_s, groups = self.parent.recv()
         sent = []
         while not sent:

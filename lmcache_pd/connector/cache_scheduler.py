@@ -26,7 +26,7 @@ from lmcache_pd.cache.lookup import LookupClient
 from lmcache_pd.cache.store import Lookup
 from lmcache_pd.config import PDConfig
 from lmcache_pd.errors import ConfigError
-from lmcache_pd.node.cache_io import CacheLoadSpec, CacheSaveSpec, lookup_hold
+from lmcache_pd.handoff import CacheLoadSpec, CacheSaveSpec, lookup_hold
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks

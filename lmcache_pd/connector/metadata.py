@@ -11,16 +11,14 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
 from lmcache_pd._types import ReqId, TransferId
-from lmcache_pd.node.cache_io import CacheLoadSpec, CacheSaveSpec
-from lmcache_pd.node.receiver import LoadSpec
-from lmcache_pd.node.sender import ReserveSpec, SendSpec
+from lmcache_pd.handoff import CacheLoadSpec, CacheSaveSpec, Handoff, LoadSpec, SendSpec
 
 
 @dataclass
 class PDConnectorMetadata(KVConnectorMetadata):
     sends: list[SendSpec] = field(default_factory=list)
     """Prefill: hand-offs to start (their requests finished; vLLM holds their blocks for us)."""
-    reserves: list[ReserveSpec] = field(default_factory=list)
+    reserves: list[Handoff] = field(default_factory=list)
     """Prefill: hand-offs whose last prompt chunk this step computes: allocate their decode
     pages now, while the forward runs."""
     unreserves: list[TransferId] = field(default_factory=list)

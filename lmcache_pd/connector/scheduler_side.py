@@ -2,7 +2,7 @@
 
 Prefill (kv_producer), per request carrying ``PrefillParams``:
   1. the request computes its prompt normally and finishes (max_tokens=1); the step that
-     computes its last prompt chunk also carries a ReserveSpec, so that the workers allocate
+     computes its last prompt chunk also carries its Handoff, so that the workers allocate
      the decode pages while that forward runs;
   2. ``request_finished`` returns delay_free=True and the ``DecodeParams`` the proxy forwards to
      the decode instance, and queues a SendSpec for the workers (next step's metadata);
@@ -39,9 +39,7 @@ from lmcache_pd.cache.keys import chain_hashes
 from lmcache_pd.config import PDConfig
 from lmcache_pd.connector.cache_scheduler import CacheScheduler, save_spec
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
-from lmcache_pd.node.cache_io import CacheSaveSpec
-from lmcache_pd.node.receiver import LoadSpec
-from lmcache_pd.node.sender import ReserveSpec, SendSpec
+from lmcache_pd.handoff import CacheSaveSpec, Handoff, LoadSpec, SendSpec
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -85,12 +83,7 @@ def scheduled_spans(so: SchedulerOutput) -> dict[ReqId, tuple[int, int]]:
 
 @dataclass
 class _PrefillReq:
-    transfer_id: TransferId
-    peer: str
-    num_prompt_tokens: int
-    digest: str
-    chains: tuple[bytes, ...] = ()
-    tenant: str | None = None
+    handoff: Handoff
     reserved: bool = False
 
 
@@ -118,7 +111,7 @@ class PrefillScheduler(SchedulerRole):
         self._decode_peers = {d.name for d in cfg.decode}
         self._reqs: dict[ReqId, _PrefillReq] = {}
         self._sends: list[SendSpec] = []
-        self._reserves: list[ReserveSpec] = []
+        self._reserves: list[Handoff] = []
         self._unreserves: list[TransferId] = []
 
     def _params(self, request: Request) -> P.PrefillParams | None:
@@ -153,10 +146,9 @@ class PrefillScheduler(SchedulerRole):
         if self._reqs:
             for req_id, (start, n) in scheduled_spans(scheduler_output).items():
                 r = self._reqs.get(req_id)
-                if r is not None and not r.reserved and start + n >= r.num_prompt_tokens:
+                if r is not None and not r.reserved and start + n >= r.handoff.num_tokens:
                     r.reserved = True
-                    self._reserves.append(ReserveSpec(r.transfer_id, r.peer, r.num_prompt_tokens, r.digest,
-                                                      r.chains, r.tenant))
+                    self._reserves.append(r.handoff)
         meta = PDConnectorMetadata(sends=self._sends, reserves=self._reserves, unreserves=self._unreserves)
         self._sends, self._reserves, self._unreserves = [], [], []
         if self.cache is not None:
@@ -166,14 +158,14 @@ class PrefillScheduler(SchedulerRole):
     def _track(self, request: Request, params: P.PrefillParams) -> _PrefillReq:
         assert request.prompt_token_ids is not None
         chains = tuple(self.cache.chains(request)) if self.cache is not None and self.cfg.cache.decode_skip else ()
-        return _PrefillReq(params.transfer_id, params.decode_peer, request.num_prompt_tokens,
-                           P.prompt_digest(request.prompt_token_ids), chains, request.cache_salt)
+        return _PrefillReq(Handoff(params.transfer_id, params.decode_peer, request.num_prompt_tokens,
+                                   P.prompt_digest(request.prompt_token_ids), chains, request.cache_salt))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         r = self._reqs.pop(request.request_id, None)
         out = self._hand_off(request, block_ids, r)
         if out is None and r is not None and r.reserved:
-            self._unreserves.append(r.transfer_id)
+            self._unreserves.append(r.handoff.transfer_id)
         # The workers report the request in finished_sending once the hand-off and the save
         # (both, if both) are done with its blocks.
         saving = self.cache is not None and self.cache.on_finished(request, block_ids)
@@ -190,11 +182,11 @@ class PrefillScheduler(SchedulerRole):
             r = self._track(request, params)
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
             return None  # aborted or errored: nothing to hand off, free the blocks now
-        if len(block_ids) * self.block_size < r.num_prompt_tokens:
+        h = r.handoff
+        if len(block_ids) * self.block_size < h.num_tokens:
             return None
-        self._sends.append(SendSpec(request.request_id, r.transfer_id, r.peer, tuple(block_ids),
-                                    r.num_prompt_tokens, r.digest, r.chains, r.tenant))
-        out = P.DecodeParams(transfer_id=r.transfer_id, num_tokens=r.num_prompt_tokens, prompt_digest=r.digest,
+        self._sends.append(SendSpec(request.request_id, h, tuple(block_ids)))
+        out = P.DecodeParams(transfer_id=h.transfer_id, num_tokens=h.num_tokens, prompt_digest=h.prompt_digest,
                              prefill_peer=self.instance)
         return {f: getattr(out, f) for f in out.__struct_fields__}
 
@@ -275,9 +267,9 @@ class DecodeScheduler(SchedulerRole):
             return
         req.loading = True
         # The loader compares this decode's own prompt (count, digest) with the reservation's.
-        self._loads.append(LoadSpec(request.request_id, params.transfer_id, handed, digest,
-                                    tuple(blocks.get_unhashed_block_ids()), prompt_chains(self.cfg, request, handed),
-                                    request.cache_salt))
+        handoff = Handoff(params.transfer_id, params.prefill_peer, handed, digest,
+                          prompt_chains(self.cfg, request, handed), request.cache_salt)
+        self._loads.append(LoadSpec(request.request_id, handoff, tuple(blocks.get_unhashed_block_ids())))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
         self._count_prompt_compute(scheduler_output)

@@ -27,8 +27,9 @@ from lmcache_pd._types import ReqId
 from lmcache_pd.config import PDConfig, check_exposure, keyring
 from lmcache_pd.connector import compat as vllm_compat
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
+from lmcache_pd.handoff import CacheSaveSpec, lookup_hold
 from lmcache_pd.layout import KVLayout
-from lmcache_pd.node.cache_io import CacheIO, CacheSaveSpec, lookup_hold
+from lmcache_pd.node.cache_io import CacheIO
 from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.sender import KVSender
 from lmcache_pd.node.worker_api import WorkerAPI

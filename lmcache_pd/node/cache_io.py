@@ -31,40 +31,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmcache_pd._types import BlockId, ReqId
+from lmcache_pd._types import ReqId
 from lmcache_pd.cache import TieredCache, build_cache, cache_salt, chunk_keys
 from lmcache_pd.cache.lookup import LookupServer
 from lmcache_pd.cache.store import Lookup
 from lmcache_pd.config import CacheConfig
 from lmcache_pd.errors import ConfigError
+from lmcache_pd.handoff import CacheLoadSpec, CacheSaveSpec, lookup_hold
 from lmcache_pd.layout import KVLayout, PoolLayout, plan_cache_to_pool
 from lmcache_pd.ops import copy_ranges
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CacheLoadSpec:
-    req_id: ReqId
-    chains: tuple[bytes, ...]
-    """Chain hashes of the chunks to read, in prompt order."""
-    tenant: str | None
-    skip_blocks: int
-    """Leading blocks of the first chunk that vLLM already holds (its own prefix cache)."""
-    block_ids: tuple[BlockId, ...]
-    """Destination blocks: every block of these chunks after the skipped ones, in order."""
-    hold: str = ""
-    """The hold on these chunks to end once they are loaded (or the load failed)."""
-
-
-@dataclass(frozen=True)
-class CacheSaveSpec:
-    req_id: ReqId
-    chains: tuple[bytes, ...]
-    """Chain hashes of the chunks to store."""
-    tenant: str | None
-    block_ids: tuple[BlockId, ...]
-    """Their blocks, ``chunk_blocks`` per chunk, in order."""
 
 
 @dataclass(frozen=True)
@@ -251,6 +228,3 @@ class CacheMiss(Exception):
     that evicted it): an expected race, not a bug."""
 
 
-def lookup_hold(req_id: ReqId) -> str:
-    """The owner of the hold a scheduler lookup puts on the chunks it found."""
-    return f"lookup/{req_id}"

@@ -1,26 +1,14 @@
-"""What a decode load is: the worker's request (LoadSpec), its outcome (LoadResult), and the
-loader's own state of it (L5; the loader is receiver.py)."""
+"""What a decode load is: its outcome (LoadResult) and the loader's own state of the worker's
+request (LoadSpec, handoff.py) (L5; the loader is receiver.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmcache_pd._types import BlockId, ReqId, TransferId
+from lmcache_pd._types import ReqId, TransferId
+from lmcache_pd.handoff import LoadSpec
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import PreparedCopy
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    req_id: ReqId
-    transfer_id: TransferId
-    num_tokens: int
-    prompt_digest: str
-    block_ids: tuple[BlockId, ...]
-    """Decode blocks to fill: the tail of the prompt's blocks (a local prefix hit covers the rest)."""
-    chains: tuple[bytes, ...] = ()
-    """Chain hashes of this prompt's full chunks, computed by the decode side itself."""
-    tenant: str | None = None
 
 
 @dataclass(frozen=True)

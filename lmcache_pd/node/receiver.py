@@ -39,10 +39,11 @@ from lmcache_pd.control import curve
 from lmcache_pd.control.allocator import PagePool, PoolStats
 from lmcache_pd.control.server import ControlServer
 from lmcache_pd.errors import PDError, TransferError
+from lmcache_pd.handoff import CacheLoadSpec, LoadSpec
 from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
-from lmcache_pd.node.cache_io import CacheIO, CacheLoadSpec, CacheMiss
+from lmcache_pd.node.cache_io import CacheIO, CacheMiss
 from lmcache_pd.node.handoff_log import HandoffLog
-from lmcache_pd.node.loads import LoadResult, LoadSpec, LoadState, PreparedScatter
+from lmcache_pd.node.loads import LoadResult, LoadState, PreparedScatter
 from lmcache_pd.node.write_gate import PoolGate
 from lmcache_pd.ops import PreparedCopy, copy_ranges, pool_digest, prepare_copy, run_copy
 
@@ -122,7 +123,7 @@ class KVReceiver:
     def submit_load(self, spec: LoadSpec) -> None:
         now = time.monotonic()
         # The blocks are the tail of the prompt's pages (a local prefix hit covers the rest).
-        local = max(0, blocks_for_tokens(spec.num_tokens, self.kv_block_size) - len(spec.block_ids))
+        local = max(0, blocks_for_tokens(spec.handoff.num_tokens, self.kv_block_size) - len(spec.block_ids))
         with self.pool.cond:
             self._loads[spec.req_id] = LoadState(spec, now, now + self.cfg.timeouts.transfer_s, time.time(), local=local)
             self.pool.cond.notify_all()
@@ -243,7 +244,7 @@ class KVReceiver:
         try:
             step(load)
         except Exception as e:  # noqa: BLE001 - the loader must outlive a bug, or every load would hang
-            log.exception("loader crashed on %s", load.spec.transfer_id)
+            log.exception("loader crashed on %s", load.spec.handoff.transfer_id)
             with self.pool.cond:
                 self._loads.pop(load.spec.req_id, None)
             self._fail(load, f"internal error: {e!r}", time.monotonic())
@@ -251,7 +252,7 @@ class KVReceiver:
     def _check(self, load: LoadState, now: float) -> str | None:
         """'' when ready to claim, 'landed' when new pages landed, 'granted' when its pages are
         known and its scatter not yet planned, an error text when it failed, None to keep waiting."""
-        r = self.pool.lookup(load.spec.transfer_id)
+        r = self.pool.lookup(load.spec.handoff.transfer_id)
         if r is not None and not load.bound:
             # Pages cover the blocks after the skipped ones; vLLM may hold more than those.
             load.next_page, load.bound = max(0, load.local - r.skip_pages), True
@@ -269,10 +270,10 @@ class KVReceiver:
         return None
 
     def _fail(self, load: LoadState, error: str, now: float) -> None:
-        self.pool.abort(load.spec.transfer_id, reason=error, now=now)  # frees pages or leaves a tombstone
-        self.release(load.spec.transfer_id)
-        log.warning("load of %s for %s failed, recomputing: %s", load.spec.transfer_id, load.spec.req_id, error)
-        self._record(LoadResult(load.spec.req_id, load.spec.transfer_id, False, waited_s=now - load.t0, error=error,
+        self.pool.abort(load.spec.handoff.transfer_id, reason=error, now=now)  # frees pages or leaves a tombstone
+        self.release(load.spec.handoff.transfer_id)
+        log.warning("load of %s for %s failed, recomputing: %s", load.spec.handoff.transfer_id, load.spec.req_id, error)
+        self._record(LoadResult(load.spec.req_id, load.spec.handoff.transfer_id, False, waited_s=now - load.t0, error=error,
                                 submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time()))
 
     def _validate(self, load: LoadState, r) -> None:
@@ -280,13 +281,13 @@ class KVReceiver:
         spec = load.spec
         if load.checked:
             return
-        if r.num_tokens != spec.num_tokens or r.prompt_digest != spec.prompt_digest:
+        if r.num_tokens != spec.handoff.num_tokens or r.prompt_digest != spec.handoff.prompt_digest:
             raise TransferError("prefill computed a different prompt (token count or digest differs)",
-                                transfer_id=spec.transfer_id)
-        n_pages = blocks_for_tokens(spec.num_tokens, self.kv_block_size)
+                                transfer_id=spec.handoff.transfer_id)
+        n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.kv_block_size)
         if r.skip_pages + len(r.pages) != n_pages or not 0 < len(spec.block_ids) <= n_pages:
             raise TransferError(f"{r.skip_pages} + {len(r.pages)} pages and {len(spec.block_ids)} blocks for "
-                                f"{spec.num_tokens} tokens", transfer_id=spec.transfer_id)
+                                f"{spec.handoff.num_tokens} tokens", transfer_id=spec.handoff.transfer_id)
         load.checked = True
 
     def _load_cached(self, load: LoadState, r) -> None:
@@ -298,22 +299,22 @@ class KVReceiver:
         load.cached = True
         skip, spec = r.skip_pages, load.spec
         if skip <= load.local:  # nothing to copy: vLLM holds those blocks already
-            self.release(spec.transfer_id)
+            self.release(spec.handoff.transfer_id)
             return
         assert self.cache is not None  # only a cache grants skipped pages
         per = self.cache.chunk_blocks
         first, last = load.local // per, skip // per
         try:
-            if len(spec.chains) < last:
-                raise TransferError(f"the prefill side skipped {last} chunks, this prompt has {len(spec.chains)}",
-                                    transfer_id=spec.transfer_id)
+            if len(spec.handoff.chains) < last:
+                raise TransferError(f"the prefill side skipped {last} chunks, this prompt has {len(spec.handoff.chains)}",
+                                    transfer_id=spec.handoff.transfer_id)
             try:
-                self.cache.load_now(CacheLoadSpec(spec.req_id, spec.chains[first:last], spec.tenant,
+                self.cache.load_now(CacheLoadSpec(spec.req_id, spec.handoff.chains[first:last], spec.handoff.tenant,
                                                   load.local % per, spec.block_ids[:skip - load.local]))
             except (CacheMiss, ValueError) as e:
-                raise TransferError(f"decode cache: {e}", transfer_id=spec.transfer_id) from None
+                raise TransferError(f"decode cache: {e}", transfer_id=spec.handoff.transfer_id) from None
         finally:
-            self.release(spec.transfer_id)
+            self.release(spec.handoff.transfer_id)
         load.cache_tokens = (skip - load.local) * self.kv_block_size
 
     def _scatter_pages(self, load: LoadState, r, upto: int) -> None:
@@ -347,7 +348,7 @@ class KVReceiver:
     def _prepare(self, load: LoadState) -> None:
         """Plan (and on a GPU upload) the scatter of all pages still to come, while they fly."""
         load.planned = True
-        r = self.pool.lookup(load.spec.transfer_id)
+        r = self.pool.lookup(load.spec.handoff.transfer_id)
         if r is None or r.state != PageState.ALLOCATED:
             return
         try:
@@ -371,7 +372,7 @@ class KVReceiver:
 
     def _scatter_landed(self, load: LoadState) -> None:
         """Scatter the pages that landed so far, while the prefill side is still writing."""
-        r = self.pool.begin_read(load.spec.transfer_id)
+        r = self.pool.begin_read(load.spec.handoff.transfer_id)
         if r is None:  # ended or READY meanwhile: the next check says which
             return
         error = None
@@ -390,7 +391,7 @@ class KVReceiver:
         spec = load.spec
         load.ready_at = time.time()
         try:
-            r = self.pool.claim(spec.transfer_id)
+            r = self.pool.claim(spec.handoff.transfer_id)
         except PDError as e:
             self._fail(load, str(e), time.monotonic())
             return
@@ -398,12 +399,12 @@ class KVReceiver:
             self._verify(r)
             self._scatter_pages(load, r, len(r.pages))
         except (PDError, ValueError) as e:
-            self.pool.release(spec.transfer_id, now=time.monotonic())
+            self.pool.release(spec.handoff.transfer_id, now=time.monotonic())
             self._fail(load, str(e), time.monotonic())
             return
         now = time.monotonic()
-        self.pool.release(spec.transfer_id, now=now)
-        self._record(LoadResult(spec.req_id, spec.transfer_id, True, load.nbytes, r.seconds,
+        self.pool.release(spec.handoff.transfer_id, now=now)
+        self._record(LoadResult(spec.req_id, spec.handoff.transfer_id, True, load.nbytes, r.seconds,
                                 now - load.t0, scatter_s=load.scatter_s, groups=load.groups,
                                 planned_ahead=load.planned_ahead, cache_tokens=load.cache_tokens,
                                 submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time()))

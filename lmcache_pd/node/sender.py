@@ -47,6 +47,7 @@ from lmcache_pd import transport as transports
 from lmcache_pd._types import BlockId, PeerName, ReqId, TransferId, TransferState
 from lmcache_pd.config import PDConfig
 from lmcache_pd.errors import PDError, PeerLost, PoolExhausted, TransferError, TransferTimeout
+from lmcache_pd.handoff import Handoff, SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
 from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.links import Link, Links
@@ -54,31 +55,6 @@ from lmcache_pd.node.loop import LoopThread
 from lmcache_pd.ops import cache_digest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SendSpec:
-    req_id: ReqId
-    transfer_id: TransferId
-    peer: PeerName
-    block_ids: tuple[BlockId, ...]
-    num_tokens: int
-    prompt_digest: str
-    chains: tuple[bytes, ...] = ()
-    """Chain hashes of the prompt's full chunks (prefix cache on), for decode-side reuse."""
-    tenant: str | None = None
-
-
-@dataclass(frozen=True)
-class ReserveSpec:
-    """Pages for a hand-off that has not started yet (its last prompt chunk is computing)."""
-
-    transfer_id: TransferId
-    peer: PeerName
-    num_tokens: int
-    prompt_digest: str
-    chains: tuple[bytes, ...] = ()
-    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,13 +143,13 @@ class KVSender:
         """
         self._loop.submit(self._send(spec, ready))
 
-    def reserve(self, spec: ReserveSpec) -> Future[None]:
+    def reserve(self, handoff: Handoff) -> Future[None]:
         """Allocate a coming hand-off's decode pages now (thread-safe, returns at once).
 
         The hand-off with the same transfer id then finds its pages granted. The future ends
         when the pages are granted, or with the allocation's error (the hand-off then fails
         the same way, and the decode side recomputes)."""
-        return self._loop.submit(self._reserve(spec))
+        return self._loop.submit(self._reserve(handoff))
 
     def unreserve(self, transfer_id: TransferId) -> None:
         """The hand-off will not come (request aborted): give its reserved pages back."""
@@ -231,23 +207,23 @@ class KVSender:
         while len(self._ended) > 4096:
             self._ended.popitem(last=False)
 
-    def _check_ended(self, spec: SendSpec) -> None:
-        reason = self._ended.get((spec.peer, spec.transfer_id))
+    def _check_ended(self, h: Handoff) -> None:
+        reason = self._ended.get((h.peer, h.transfer_id))
         if reason is not None:
-            raise TransferError(f"the decode side ended the hand-off: {reason}", transfer_id=spec.transfer_id,
-                                peer=spec.peer)
+            raise TransferError(f"the decode side ended the hand-off: {reason}", transfer_id=h.transfer_id,
+                                peer=h.peer)
 
     # --- reservations ---------------------------------------------------------------------
-    async def _reserve(self, spec: ReserveSpec) -> None:
-        entry = self._reserved.get(spec.transfer_id)
+    async def _reserve(self, h: Handoff) -> None:
+        entry = self._reserved.get(h.transfer_id)
         if entry is None:  # a preempted request reaches its last chunk twice: one reservation
-            task = asyncio.get_running_loop().create_task(self._allocate_pages(spec))
-            entry = self._reserved[spec.transfer_id] = (time.monotonic(), task)
+            task = asyncio.get_running_loop().create_task(self._allocate_pages(h))
+            entry = self._reserved[h.transfer_id] = (time.monotonic(), task)
         await asyncio.shield(entry[1])
 
-    async def _allocate_pages(self, spec: ReserveSpec | SendSpec) -> _Grant:
-        grant = await self._allocate(spec, blocks_for_tokens(spec.num_tokens, self.compat.block_size))
-        grant.link.inflight.add(spec.transfer_id)  # heartbeats renew the pages' lease until the hand-off ends
+    async def _allocate_pages(self, h: Handoff) -> _Grant:
+        grant = await self._allocate(h, blocks_for_tokens(h.num_tokens, self.compat.block_size))
+        grant.link.inflight.add(h.transfer_id)  # heartbeats renew the pages' lease until the hand-off ends
         return grant
 
     async def _unreserve(self, transfer_id: TransferId, reason: str) -> None:
@@ -265,42 +241,42 @@ class KVSender:
 
     async def _take_reservation(self, spec: SendSpec, n_pages: int) -> tuple[_Grant, bool]:
         """The pages reserved for this hand-off (and True), else allocated now (and False)."""
-        entry = self._reserved.pop(spec.transfer_id, None)
+        entry = self._reserved.pop(spec.handoff.transfer_id, None)
         if entry is None:
-            return await self._allocate_pages(spec), False
+            return await self._allocate_pages(spec.handoff), False
         grant = await entry[1]  # its failure is this hand-off's failure (no second wait)
         if grant.skip + len(grant.pages) != n_pages:  # both come from the same request: a bug if ever seen
-            grant.link.inflight.discard(spec.transfer_id)
-            await self.links.cancel(grant.link, spec.transfer_id, "reservation of the wrong size")
+            grant.link.inflight.discard(spec.handoff.transfer_id)
+            await self.links.cancel(grant.link, spec.handoff.transfer_id, "reservation of the wrong size")
             raise TransferError(f"reserved {grant.skip} + {len(grant.pages)} pages, the hand-off needs {n_pages}",
-                                transfer_id=spec.transfer_id)
+                                transfer_id=spec.handoff.transfer_id)
         return grant, True
 
     # --- one hand-off ---------------------------------------------------------------------
     async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
         t0 = time.monotonic()
-        self._started[spec.transfer_id] = time.time()
+        self._started[spec.handoff.transfer_id] = time.time()
         limit = self.handoff_deadline_s()
         try:
             async with asyncio.timeout(limit):
                 await self._send_steps(spec, ready, t0)
         except TimeoutError:  # a step outlived its own deadline: a bug, but the blocks must come back
             # (the steps' own ``finally`` already took the transfer off its link's heartbeats)
-            log.error("hand-off %s outlived %.1f s (the sum of its timeouts.*): abandoned", spec.transfer_id, limit)
-            await self._cancel_any(None, spec, "hand-off abandoned")
-            self._result(SendResult(spec.req_id, spec.transfer_id, False, error=f"hand-off took over {limit:g} s"))
+            log.error("hand-off %s outlived %.1f s (the sum of its timeouts.*): abandoned", spec.handoff.transfer_id, limit)
+            await self._cancel_any(None, spec.handoff, "hand-off abandoned")
+            self._result(SendResult(spec.req_id, spec.handoff.transfer_id, False, error=f"hand-off took over {limit:g} s"))
 
     async def _send_steps(self, spec: SendSpec, ready: torch.cuda.Event | None, t0: float) -> None:
         link: Link | None = None
         try:
-            n_pages = blocks_for_tokens(spec.num_tokens, self.compat.block_size)
+            n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.compat.block_size)
             if len(spec.block_ids) < n_pages:
-                await self._unreserve(spec.transfer_id, "hand-off refused")
-                raise TransferError(f"{len(spec.block_ids)} blocks for {spec.num_tokens} tokens",
-                                    transfer_id=spec.transfer_id)
+                await self._unreserve(spec.handoff.transfer_id, "hand-off refused")
+                raise TransferError(f"{len(spec.block_ids)} blocks for {spec.handoff.num_tokens} tokens",
+                                    transfer_id=spec.handoff.transfer_id)
             grant, reserved = await self._take_reservation(spec, n_pages)
             link, pages = grant.link, grant.pages
-            self._check_ended(spec)
+            self._check_ended(spec.handoff)
             t_alloc = time.monotonic()
             blocks = spec.block_ids[grant.skip:n_pages]  # the decode side holds the first ones
             ends = self._group_ends(len(pages))
@@ -309,39 +285,39 @@ class KVSender:
             nbytes = sum(p.nbytes for p in plans)
             t_data = time.monotonic()
             digest = self._digest(blocks, pages, link, ready)  # reads the blocks while they fly
-            await self._transfer(link, plans, ends, spec, P.ticket(spec.transfer_id, grant.generation), ready)
+            await self._transfer(link, plans, ends, spec, P.ticket(spec.handoff.transfer_id, grant.generation), ready)
             seconds = time.monotonic() - t_data
-            done = P.TransferDone(msg_id=link.client.next_id(), transfer_id=spec.transfer_id,
+            done = P.TransferDone(msg_id=link.client.next_id(), transfer_id=spec.handoff.transfer_id,
                                   num_bytes=nbytes, seconds=seconds,
                                   digest=await digest if digest is not None else None)
             t_done = time.monotonic()
             await link.client.request(done, timeout_s=self.t.control_s, config_field="timeouts.control_s",
-                                      what="transfer-done", transfer_id=spec.transfer_id)
+                                      what="transfer-done", transfer_id=spec.handoff.transfer_id)
             log.info("sent %s: %d B in %.2f ms (%.2f GB/s, %d groups; %d of %d blocks held by the decode side), "
-                     "hand-off %.2f ms", spec.transfer_id, nbytes, seconds * 1e3, nbytes / max(seconds, 1e-9) / 1e9,
+                     "hand-off %.2f ms", spec.handoff.transfer_id, nbytes, seconds * 1e3, nbytes / max(seconds, 1e-9) / 1e9,
                      len(plans), grant.skip, n_pages, (time.monotonic() - t0) * 1e3)
-            self._result(SendResult(spec.req_id, spec.transfer_id, True, nbytes, seconds,
+            self._result(SendResult(spec.req_id, spec.handoff.transfer_id, True, nbytes, seconds,
                                     allocate_s=t_alloc - t0, done_s=time.monotonic() - t_done, reserved=reserved,
                                     skipped_pages=grant.skip))
         except (PDError, OSError) as e:
-            log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.transfer_id, spec.peer, e)
-            await self._cancel_any(link, spec, str(e))
-            self._result(SendResult(spec.req_id, spec.transfer_id, False, error=str(e)))
+            log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.handoff.transfer_id, spec.handoff.peer, e)
+            await self._cancel_any(link, spec.handoff, str(e))
+            self._result(SendResult(spec.req_id, spec.handoff.transfer_id, False, error=str(e)))
         except Exception as e:  # noqa: BLE001 - a bug must not leave vLLM's blocks held forever
-            log.exception("hand-off %s crashed", spec.transfer_id)
-            await self._cancel_any(link, spec, repr(e))
-            self._result(SendResult(spec.req_id, spec.transfer_id, False, error=repr(e)))
+            log.exception("hand-off %s crashed", spec.handoff.transfer_id)
+            await self._cancel_any(link, spec.handoff, repr(e))
+            self._result(SendResult(spec.req_id, spec.handoff.transfer_id, False, error=repr(e)))
         finally:
             if link is not None:
-                link.inflight.discard(spec.transfer_id)
+                link.inflight.discard(spec.handoff.transfer_id)
 
-    async def _cancel_any(self, link: Link | None, spec: SendSpec, reason: str) -> None:
+    async def _cancel_any(self, link: Link | None, h: Handoff, reason: str) -> None:
         """Tell the decode side the hand-off will not come, whether or not pages were granted
         (none granted: the Cancel leaves a tombstone, so its load recomputes at once instead of
         waiting for timeouts.transfer_s). Only over a link that is up: this never opens one."""
-        link = link or self.links.find(spec.peer)
+        link = link or self.links.find(h.peer)
         if link is not None:
-            await self.links.cancel(link, spec.transfer_id, reason)
+            await self.links.cancel(link, h.transfer_id, reason)
 
     def _result(self, r: SendResult) -> None:
         r = dataclasses.replace(r, started_at=self._started.pop(r.transfer_id, 0.0), done_at=time.time())
@@ -353,25 +329,25 @@ class KVSender:
                 self._failed += 1
         self._handoff_log.append(r)
 
-    async def _allocate(self, spec: SendSpec | ReserveSpec, n_pages: int) -> _Grant:
+    async def _allocate(self, h: Handoff, n_pages: int) -> _Grant:
         for attempt in (1, 2):
-            link = await self.links.get(spec.peer)
+            link = await self.links.get(h.peer)
             bound = self.cfg.backpressure.prefill_queue
             if link.waiting >= bound:
-                raise PoolExhausted(f"{link.waiting} hand-offs already wait for pages of {spec.peer} "
+                raise PoolExhausted(f"{link.waiting} hand-offs already wait for pages of {h.peer} "
                                     "(backpressure.prefill_queue): this one is not queued",
-                                    transfer_id=spec.transfer_id, peer=spec.peer)
-            msg = P.Allocate(msg_id=link.client.next_id(), transfer_id=spec.transfer_id, num_pages=n_pages,
-                             num_tokens=spec.num_tokens, prompt_digest=spec.prompt_digest, wait_s=self.t.alloc_s,
-                             chains=list(spec.chains), tenant=spec.tenant)
+                                    transfer_id=h.transfer_id, peer=h.peer)
+            msg = P.Allocate(msg_id=link.client.next_id(), transfer_id=h.transfer_id, num_pages=n_pages,
+                             num_tokens=h.num_tokens, prompt_digest=h.prompt_digest, wait_s=self.t.alloc_s,
+                             chains=list(h.chains), tenant=h.tenant)
             link.waiting += 1
             try:
                 reply = await link.client.request(msg, timeout_s=self.t.alloc_s + self.t.control_s,
                                                   config_field="timeouts.alloc_s", what="page allocation",
-                                                  transfer_id=spec.transfer_id)
+                                                  transfer_id=h.transfer_id)
             except PeerLost:
                 # The connection dropped (the decode instance died or restarted): open a new session once.
-                await self.links.drop(spec.peer, link)
+                await self.links.drop(h.peer, link)
                 if attempt == 2:
                     raise
                 continue
@@ -379,12 +355,12 @@ class KVSender:
                 link.waiting -= 1
             assert isinstance(reply, P.Allocated)
             skip = reply.skip_pages
-            if (not 0 <= skip < n_pages or skip % self._chunk_blocks or skip > len(spec.chains) * self._chunk_blocks
+            if (not 0 <= skip < n_pages or skip % self._chunk_blocks or skip > len(h.chains) * self._chunk_blocks
                     or len(reply.pages) != n_pages - skip
                     or any(not 0 <= p < link.pool.num_pages for p in reply.pages)):
-                await self.links.cancel(link, spec.transfer_id, "bad Allocated reply")  # its pages come back now
+                await self.links.cancel(link, h.transfer_id, "bad Allocated reply")  # its pages come back now
                 raise TransferError(f"decode replied with bad pages ({len(reply.pages)} pages, {skip} skipped, "
-                                    f"{n_pages} blocks)", transfer_id=spec.transfer_id)
+                                    f"{n_pages} blocks)", transfer_id=h.transfer_id)
             return _Grant(link, reply.pages, skip, reply.generation)
         raise AssertionError("unreachable")
 
@@ -416,10 +392,10 @@ class KVSender:
         deadline = time.monotonic() + self.t.data_s
         if ready is not None and not self.transport.capabilities.stream_ordered:
             while not ready.query():  # the forward that wrote the blocks is still running
-                self._check_ended(spec)
+                self._check_ended(spec.handoff)
                 if time.monotonic() > deadline:
                     raise TransferTimeout("waiting for the prefill forward", config_field="timeouts.data_s",
-                                          seconds=self.t.data_s, transfer_id=spec.transfer_id, peer=spec.peer)
+                                          seconds=self.t.data_s, transfer_id=spec.handoff.transfer_id, peer=spec.handoff.peer)
                 await asyncio.sleep(0.0002)
             ready = None
         handles = []
@@ -436,14 +412,14 @@ class KVSender:
                     self._check_state(state, handles[landed], spec)
                     landed += 1
                     if landed < len(handles):
-                        await link.client.post(P.Landed(msg_id=link.client.next_id(), transfer_id=spec.transfer_id,
+                        await link.client.post(P.Landed(msg_id=link.client.next_id(), transfer_id=spec.handoff.transfer_id,
                                                         pages=ends[landed - 1]))
                 if landed == len(handles):
                     return
-                self._check_ended(spec)  # raising releases (so stops) what is still in flight
+                self._check_ended(spec.handoff)  # raising releases (so stops) what is still in flight
                 if time.monotonic() > deadline:
                     raise TransferTimeout("data transfer", config_field="timeouts.data_s", seconds=self.t.data_s,
-                                          transfer_id=spec.transfer_id, peer=spec.peer)
+                                          transfer_id=spec.handoff.transfer_id, peer=spec.handoff.peer)
                 # Woken by the transport's callback; the short timeout keeps polling transports
                 # that make progress only inside poll().
                 try:
@@ -457,10 +433,10 @@ class KVSender:
     def _check_state(self, state: TransferState, handle, spec: SendSpec) -> None:
         if state == TransferState.TIMEOUT:
             raise TransferTimeout("data transfer", config_field="timeouts.data_s", seconds=self.t.data_s,
-                                  transfer_id=spec.transfer_id, peer=spec.peer)
+                                  transfer_id=spec.handoff.transfer_id, peer=spec.handoff.peer)
         if state != TransferState.DONE:
             raise TransferError(f"transport {self.transport.name}: {handle.error or state.name}",
-                                transfer_id=spec.transfer_id, peer=spec.peer)
+                                transfer_id=spec.handoff.transfer_id, peer=spec.handoff.peer)
 
     async def _heartbeats(self) -> None:
         """Keep every link alive and renew the decode-side leases of its in-flight hand-offs;

@@ -18,8 +18,9 @@ import torch
 
 from lmcache_pd import protocol as P
 from lmcache_pd.config import config_from_dict, keyring
-from lmcache_pd.node.receiver import KVReceiver, LoadSpec
-from lmcache_pd.node.sender import KVSender, SendSpec
+from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
+from lmcache_pd.node.receiver import KVReceiver
+from lmcache_pd.node.sender import KVSender
 from lmcache_pd.ops import kv_layout_of
 
 LAYERS, HEADS, BLOCK, C = 2, 2, 16, 1024
@@ -54,7 +55,7 @@ def digest(layers: list[torch.Tensor], blocks: list[int]) -> str:
 def _decode(receiver: KVReceiver, layers: list[torch.Tensor], cmd: dict) -> object:
     op = cmd["op"]
     if op == "load":
-        receiver.submit_load(LoadSpec(cmd["req"], cmd["tid"], cmd["num_tokens"], cmd["digest"], tuple(cmd["blocks"])))
+        receiver.submit_load(LoadSpec(cmd["req"], Handoff(cmd["tid"], "prefill-0", cmd["num_tokens"], cmd["digest"]), tuple(cmd["blocks"])))
         return True
     if op == "cancel":
         receiver.cancel_load(cmd["req"])
@@ -76,8 +77,7 @@ def _decode(receiver: KVReceiver, layers: list[torch.Tensor], cmd: dict) -> obje
 def _prefill(sender: KVSender, layers: list[torch.Tensor], cmd: dict) -> object:
     op = cmd["op"]
     if op == "send":
-        sender.submit(SendSpec(cmd["req"], cmd["tid"], cmd["peer"], tuple(cmd["blocks"]), cmd["num_tokens"],
-                               cmd["digest"]))
+        sender.submit(SendSpec(cmd["req"], Handoff(cmd["tid"], cmd["peer"], cmd["num_tokens"], cmd["digest"]), tuple(cmd["blocks"])))
         return True
     if op == "results":
         return [dataclasses.asdict(r) for r in sender.drain()]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lmcache_pd.config import CacheConfig, TierConfig
-from lmcache_pd.node.cache_io import CacheIO, CacheLoadSpec, CacheSaveSpec
+from lmcache_pd.handoff import CacheLoadSpec, CacheSaveSpec
+from lmcache_pd.node.cache_io import CacheIO
 from lmcache_pd.ops import kv_layout_of
 from tests.unit.kv import COMPAT, vllm_like_cache
 

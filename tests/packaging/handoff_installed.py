@@ -17,9 +17,10 @@ from lmcache_pd import ops
 from lmcache_pd import protocol as P
 from lmcache_pd.cli.local import free_ports
 from lmcache_pd.config import config_from_dict
+from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.layout import RangePlan
-from lmcache_pd.node.receiver import KVReceiver, LoadSpec
-from lmcache_pd.node.sender import KVSender, SendSpec
+from lmcache_pd.node.receiver import KVReceiver
+from lmcache_pd.node.sender import KVSender
 
 BLOCK, LAYERS, HEADS, C, BLOCKS = 16, 2, 2, 512, 24
 
@@ -68,8 +69,8 @@ def main(where: str) -> None:
     sender.start()
     try:
         p_blocks, d_blocks, tokens = (3, 4, 9), (20, 1, 7), 2 * BLOCK + 5
-        sender.submit(SendSpec("p-1", "t-1", "decode-0", p_blocks, tokens, "d" * 32))
-        receiver.submit_load(LoadSpec("d-1", "t-1", tokens, "d" * 32, d_blocks))
+        sender.submit(SendSpec("p-1", Handoff("t-1", "decode-0", tokens, "d" * 32), p_blocks))
+        receiver.submit_load(LoadSpec("d-1", Handoff("t-1", "prefill-0", tokens, "d" * 32), d_blocks))
         sends, loads, deadline = [], [], time.monotonic() + 30
         while not (sends and loads):
             assert time.monotonic() < deadline, "the hand-off did not end within 30 s"

@@ -20,7 +20,8 @@ from vllm.v1.request import Request, RequestStatus  # noqa: E402
 
 from lmcache_pd.config import config_from_dict  # noqa: E402
 from lmcache_pd.connector.scheduler_side import PrefillScheduler  # noqa: E402
-from lmcache_pd.node.cache_io import CacheIO, lookup_hold  # noqa: E402
+from lmcache_pd.handoff import lookup_hold
+from lmcache_pd.node.cache_io import CacheIO  # noqa: E402
 from lmcache_pd.ops import kv_layout_of  # noqa: E402
 from tests.unit.kv import vllm_like_cache  # noqa: E402
 from tests.unit.nodes import BLOCK, CPT, HEADS, LAYERS, C  # noqa: E402

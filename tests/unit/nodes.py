@@ -11,8 +11,9 @@ import torch
 from lmcache_pd import protocol as P
 from lmcache_pd.cli.local import free_ports
 from lmcache_pd.config import PDConfig, config_from_dict
-from lmcache_pd.node.receiver import KVReceiver, LoadResult, LoadSpec
-from lmcache_pd.node.sender import KVSender, SendResult, SendSpec
+from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
+from lmcache_pd.node.receiver import KVReceiver, LoadResult
+from lmcache_pd.node.sender import KVSender, SendResult
 from lmcache_pd.ops import kv_layout_of
 from tests.unit.kv import COMPAT, per_layer_cache, vllm_like_cache
 
@@ -67,8 +68,8 @@ class Node:
 
     def handoff(self, tid: str, p_blocks: list[int], d_blocks: list[int], num_tokens: int,
                 digest: str = "d" * 32, load_digest: str | None = None) -> None:
-        self.sender.submit(SendSpec(f"p-{tid}", tid, "decode-0", tuple(p_blocks), num_tokens, digest))
-        self.receiver.submit_load(LoadSpec(f"d-{tid}", tid, num_tokens, load_digest or digest, tuple(d_blocks)))
+        self.sender.submit(SendSpec(f"p-{tid}", Handoff(tid, "decode-0", num_tokens, digest), tuple(p_blocks)))
+        self.receiver.submit_load(LoadSpec(f"d-{tid}", Handoff(tid, "prefill-0", num_tokens, load_digest or digest), tuple(d_blocks)))
 
     def results(self, n_send: int, n_load: int, timeout_s: float = 15) -> tuple[list[SendResult], list[LoadResult]]:
         sends: list[SendResult] = []

@@ -58,7 +58,7 @@ def test_prefill_hands_off_finished_requests_only(prefill):
     assert P.params_from_dict(params, P.DecodeParams) == P.DecodeParams(
         transfer_id="t1", num_tokens=40, prompt_digest=P.prompt_digest(list(range(10, 50))), prefill_peer="prefill-0")
     meta = prefill.build_connector_meta(SchedulerOutput.make_empty())
-    assert [(s.req_id, s.block_ids, s.num_tokens) for s in meta.sends] == [("p1", (4, 5, 6), 40)]
+    assert [(s.req_id, s.block_ids, s.handoff.num_tokens) for s in meta.sends] == [("p1", (4, 5, 6), 40)]
     assert prefill.build_connector_meta(SchedulerOutput.make_empty()).sends == []  # reset every step
 
 
@@ -103,7 +103,7 @@ def test_prefill_reserves_decode_pages_with_the_last_prompt_chunk_once(prefill):
     r.status = RequestStatus.FINISHED_LENGTH_CAPPED
     assert prefill.request_finished(r, [4, 5, 6])[0] is True
     meta = prefill.build_connector_meta(SchedulerOutput.make_empty())
-    assert [s.transfer_id for s in meta.sends] == ["t1"] and meta.unreserves == []
+    assert [s.handoff.transfer_id for s in meta.sends] == ["t1"] and meta.unreserves == []
 
 
 def test_prefill_gives_reserved_pages_back_when_the_request_ends_otherwise(prefill):
@@ -138,7 +138,7 @@ def test_decode_claims_the_prompt_and_loads_once(decode):
     assert decode.get_num_new_matched_tokens(r, 16) == (24, True)
     decode.update_state_after_alloc(r, blocks([7, 8, 9]), 40)
     meta = decode.build_connector_meta(SchedulerOutput.make_empty())
-    assert [(s.req_id, s.transfer_id, s.block_ids) for s in meta.loads] == [("d1", "t1", (7, 8, 9))]
+    assert [(s.req_id, s.handoff.transfer_id, s.block_ids) for s in meta.loads] == [("d1", "t1", (7, 8, 9))]
     # After the load (or a failed one), vLLM asks again: never a second load.
     assert decode.get_num_new_matched_tokens(r, 0) == (0, False)
     decode.update_state_after_alloc(r, blocks([7, 8, 9]), 0)
@@ -163,7 +163,7 @@ def test_decode_continues_a_prompt_the_prefill_computed_a_prefix_of(decode):
     assert decode.get_num_new_matched_tokens(r, 16) == (24, True)  # a local prefix hit of one block
     decode.update_state_after_alloc(r, blocks([7, 8, 9]), 40)
     (spec,) = decode.build_connector_meta(SchedulerOutput.make_empty()).loads
-    assert (spec.num_tokens, spec.prompt_digest) == (40, P.prompt_digest(list(range(10, 50))))
+    assert (spec.handoff.num_tokens, spec.handoff.prompt_digest) == (40, P.prompt_digest(list(range(10, 50))))
 
 
 def test_decode_sent_before_the_prefill_answered_loads_its_own_prompt(decode):
@@ -174,7 +174,7 @@ def test_decode_sent_before_the_prefill_answered_loads_its_own_prompt(decode):
     assert decode.get_num_new_matched_tokens(r, 0) == (40, True)
     decode.update_state_after_alloc(r, blocks([7, 8, 9]), 40)
     (spec,) = decode.build_connector_meta(SchedulerOutput.make_empty()).loads
-    assert (spec.num_tokens, spec.prompt_digest) == (40, P.prompt_digest(list(range(10, 10 + 40))))
+    assert (spec.handoff.num_tokens, spec.handoff.prompt_digest) == (40, P.prompt_digest(list(range(10, 10 + 40))))
     # A late answer's parameters are still checked here: another prompt is refused before loading.
     r2 = request("d2", 39, decode_params(40, "t2"))
     assert decode.get_num_new_matched_tokens(r2, 0) == (0, False)
@@ -239,18 +239,17 @@ def test_a_failed_load_reports_its_blocks_once_and_a_good_one_none():
 
     from lmcache_pd.connector.metadata import PDConnectorMetadata
     from lmcache_pd.connector.worker_side import DecodeWorker
-    from lmcache_pd.node.receiver import LoadSpec
-    from lmcache_pd.node.sender import SendSpec
+    from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
     from tests.unit.nodes import BLOCK, Node
 
     node = Node(make_cfg(transfer_s=1))
     worker = DecodeWorker(None, node.cfg, instance="decode-0")
     worker.receiver = node.receiver
     try:
-        node.sender.submit(SendSpec("p-ok", "ok", "decode-0", (5, 6), 2 * BLOCK, "d" * 32))
+        node.sender.submit(SendSpec("p-ok", Handoff("ok", "decode-0", 2 * BLOCK, "d" * 32), (5, 6)))
         worker.start_load_kv(PDConnectorMetadata(loads=[
-            LoadSpec("d-ok", "ok", 2 * BLOCK, "d" * 32, (11, 12)),
-            LoadSpec("d-never", "never", 3 * BLOCK, "d" * 32, (3, 4, 5))]))  # no prefill sends it
+            LoadSpec("d-ok", Handoff("ok", "prefill-0", 2 * BLOCK, "d" * 32), (11, 12)),
+            LoadSpec("d-never", Handoff("never", "prefill-0", 3 * BLOCK, "d" * 32), (3, 4, 5))]))  # no prefill sends it
         recving: set[str] = set()
         failed: set[str] = set()
         deadline = time.monotonic() + 10

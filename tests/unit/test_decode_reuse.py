@@ -15,9 +15,10 @@ import zmq
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd.cache.keys import ChunkKey, chain_hashes
-from lmcache_pd.node.cache_io import CacheIO, CacheSaveSpec
-from lmcache_pd.node.receiver import KVReceiver, LoadSpec
-from lmcache_pd.node.sender import KVSender, SendSpec
+from lmcache_pd.handoff import CacheSaveSpec, Handoff, LoadSpec, SendSpec
+from lmcache_pd.node.cache_io import CacheIO
+from lmcache_pd.node.receiver import KVReceiver
+from lmcache_pd.node.sender import KVSender
 from lmcache_pd.ops import kv_layout_of
 from tests.unit.kv import vllm_like_cache
 from tests.unit.nodes import BLOCK, CPT, HEADS, LAYERS, PAGE, C, make_cfg
@@ -62,10 +63,8 @@ class Pair:
     def handoff(self, tid: str, toks: list[int], p_blocks: list[int], d_blocks: list[int], *,
                 sent_chains: tuple[bytes, ...] | None = None, own_chains: tuple[bytes, ...] | None = None):
         n = len(toks)
-        self.sender.submit(SendSpec(f"p-{tid}", tid, "decode-0", tuple(p_blocks), n, DIGEST,
-                                    chains(toks) if sent_chains is None else sent_chains))
-        self.receiver.submit_load(LoadSpec(f"d-{tid}", tid, n, DIGEST, tuple(d_blocks),
-                                           chains(toks) if own_chains is None else own_chains))
+        self.sender.submit(SendSpec(f"p-{tid}", Handoff(tid, "decode-0", n, DIGEST, chains(toks) if sent_chains is None else sent_chains), tuple(p_blocks)))
+        self.receiver.submit_load(LoadSpec(f"d-{tid}", Handoff(tid, "prefill-0", n, DIGEST, chains(toks) if own_chains is None else own_chains), tuple(d_blocks)))
         sends, loads = [], []
         deadline = time.monotonic() + 15
         while not sends or not loads:
@@ -290,7 +289,7 @@ def test_a_bad_allocated_reply_fails_the_handoff_and_gives_the_pages_back(reply)
     sender.start()
     try:
         toks = tokens(4 * BLOCK + 5)  # 5 blocks, 2 chunks named
-        sender.submit(SendSpec("p", "t", "decode-0", (1, 2, 3, 4, 5), len(toks), DIGEST, chains(toks)[:1]))
+        sender.submit(SendSpec("p", Handoff("t", "decode-0", len(toks), DIGEST, chains(toks)[:1]), (1, 2, 3, 4, 5)))
         deadline = time.monotonic() + 10
         while not (out := sender.drain()):
             assert time.monotonic() < deadline

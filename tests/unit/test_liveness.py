@@ -12,8 +12,8 @@ import pytest
 
 from lmcache_pd.cli.local import free_ports
 from lmcache_pd.config import config_from_dict
-from lmcache_pd.node.receiver import KVReceiver, LoadSpec
-from lmcache_pd.node.sender import ReserveSpec, SendSpec
+from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
+from lmcache_pd.node.receiver import KVReceiver
 from tests.unit.nodes import BLOCK, CPT, Node, make_cfg
 
 _DEAD: list[object] = []
@@ -45,7 +45,7 @@ def two_decodes_cfg(**timeouts):
 
 def fill(n: Node, tid: str = "filler", pages: int = 8) -> None:
     """Take the whole decode pool with a reservation nobody will use before the test ends."""
-    n.sender.reserve(ReserveSpec(tid, "decode-0", pages * BLOCK, "d" * 32)).result(5)
+    n.sender.reserve(Handoff(tid, "decode-0", pages * BLOCK, "d" * 32)).result(5)
     assert n.receiver.pool.free_pages == 0
 
 
@@ -58,18 +58,18 @@ def test_a_full_decode_pool_bounds_the_prefill_queue_and_starves_no_other_decode
     try:
         fill(n)
         for i in range(2):  # these wait for decode-0's pages (queued there)
-            n.sender.submit(SendSpec(f"p-w{i}", f"w{i}", "decode-0", (1,), BLOCK, "d" * 32))
+            n.sender.submit(SendSpec(f"p-w{i}", Handoff(f"w{i}", "decode-0", BLOCK, "d" * 32), (1,)))
         time.sleep(0.3)
         t0 = time.monotonic()
-        n.receiver.submit_load(LoadSpec("d-over", "over", BLOCK, "d" * 32, (1,)))
-        n.sender.submit(SendSpec("p-over", "over", "decode-0", (1,), BLOCK, "d" * 32))
+        n.receiver.submit_load(LoadSpec("d-over", Handoff("over", "prefill-0", BLOCK, "d" * 32), (1,)))
+        n.sender.submit(SendSpec("p-over", Handoff("over", "decode-0", BLOCK, "d" * 32), (1,)))
         (s,), (ld,) = n.results(1, 1, timeout_s=2)
         assert s.transfer_id == "over" and not s.ok and "backpressure.prefill_queue" in s.error
         assert not ld.ok and "backpressure.prefill_queue" in ld.error  # its decode recomputes at once too
         assert time.monotonic() - t0 < 1.5  # refused at once (not after timeouts.alloc_s = 3 s): blocks freed now
         # decode-1 is served meanwhile, at full speed.
-        n.sender.submit(SendSpec("p-o", "o1", "decode-1", (2, 3), 2 * BLOCK, "d" * 32))
-        other.submit_load(LoadSpec("d-o", "o1", 2 * BLOCK, "d" * 32, (4, 5)))
+        n.sender.submit(SendSpec("p-o", Handoff("o1", "decode-1", 2 * BLOCK, "d" * 32), (2, 3)))
+        other.submit_load(LoadSpec("d-o", Handoff("o1", "prefill-0", 2 * BLOCK, "d" * 32), (4, 5)))
         deadline = time.monotonic() + 3
         got = []
         while not got and time.monotonic() < deadline:
@@ -92,7 +92,7 @@ def test_a_decode_that_dies_fails_waiting_handoffs_within_the_handshake_deadline
     n = Node(make_cfg(alloc_s=10, control_s=10, handshake_s=1))
     try:
         fill(n)
-        n.sender.submit(SendSpec("p-1", "t1", "decode-0", (1,), BLOCK, "d" * 32))
+        n.sender.submit(SendSpec("p-1", Handoff("t1", "decode-0", BLOCK, "d" * 32), (1,)))
         time.sleep(0.3)  # queued for pages on the decode side
         t0 = time.monotonic()
         n.receiver.close()  # the decode process dies: its sockets close
@@ -105,8 +105,8 @@ def test_a_decode_that_dies_fails_waiting_handoffs_within_the_handshake_deadline
 def test_a_prefill_that_stops_loses_what_it_was_writing_and_the_decode_recomputes_at_once():
     n = Node(make_cfg(transfer_s=30, heartbeat_s=0.2, peer_s=1))
     try:
-        n.sender.reserve(ReserveSpec("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
-        n.receiver.submit_load(LoadSpec("d-1", "t1", 2 * BLOCK, "d" * 32, (1, 2)))
+        n.sender.reserve(Handoff("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
+        n.receiver.submit_load(LoadSpec("d-1", Handoff("t1", "prefill-0", 2 * BLOCK, "d" * 32), (1, 2)))
         t0 = time.monotonic()
         stop_dead(n.sender)
         (ld,) = n.receiver.drain(5)
@@ -121,8 +121,8 @@ def test_a_restarted_prefill_frees_what_its_predecessor_was_writing():
     cfg = make_cfg(transfer_s=30, peer_s=30)
     n = Node(cfg)
     try:
-        n.sender.reserve(ReserveSpec("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
-        n.receiver.submit_load(LoadSpec("d-1", "t1", 2 * BLOCK, "d" * 32, (1, 2)))
+        n.sender.reserve(Handoff("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
+        n.receiver.submit_load(LoadSpec("d-1", Handoff("t1", "prefill-0", 2 * BLOCK, "d" * 32), (1, 2)))
         old = n.sender
         stop_dead(old)
         n.sender = type(old)(cfg, instance="prefill-0", tp_rank=0, compat=CPT, kv=old.kv, kv_buffer=old.kv_buffer)
@@ -158,7 +158,7 @@ def test_a_handoff_never_outlives_the_sum_of_its_deadlines():
 def test_a_load_canceled_while_the_loader_copies_ends_after_the_copy():
     n = Node(make_cfg())
     try:
-        n.receiver.submit_load(LoadSpec("d-1", "t1", BLOCK, "d" * 32, (1,)))
+        n.receiver.submit_load(LoadSpec("d-1", Handoff("t1", "prefill-0", BLOCK, "d" * 32), (1,)))
         with n.receiver.pool.cond:
             load = n.receiver._loads["d-1"]
             load.busy = True  # as the loader marks it while scattering landed pages into its blocks
@@ -189,7 +189,7 @@ def test_a_peer_without_the_secret_gets_nothing_in(where):
             assert n.receiver.transport.stats.refused == 1
         else:
             evil.start()
-            evil.submit(SendSpec("p-e", "e1", "decode-0", (1,), BLOCK, "d" * 32))
+            evil.submit(SendSpec("p-e", Handoff("e1", "decode-0", BLOCK, "d" * 32), (1,)))
             deadline = time.monotonic() + 5
             out = []
             while not out and time.monotonic() < deadline:

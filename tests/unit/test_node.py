@@ -13,9 +13,9 @@ import msgspec
 import pytest
 import torch
 
+from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.layout import blocks_for_tokens
-from lmcache_pd.node.receiver import KVReceiver, LoadSpec
-from lmcache_pd.node.sender import SendSpec
+from lmcache_pd.node.receiver import KVReceiver
 from tests.unit.nodes import BLOCK, CPT, LAYERS, PAGE, Node, make_cfg
 
 
@@ -79,8 +79,8 @@ def test_gpu_copy_waits_for_the_forward_that_wrote_the_blocks(name):
             ready = torch.cuda.Event()
             ready.record(forward)
         assert not ready.query(), "the forward ended before the hand-off started: the test proves nothing"
-        n.sender.submit(SendSpec("p-ev", "ev", "decode-0", (4, 9), 2 * BLOCK, "e" * 32), ready)
-        n.receiver.submit_load(LoadSpec("d-ev", "ev", 2 * BLOCK, "e" * 32, (1, 2)))
+        n.sender.submit(SendSpec("p-ev", Handoff("ev", "decode-0", 2 * BLOCK, "e" * 32), (4, 9)), ready)
+        n.receiver.submit_load(LoadSpec("d-ev", Handoff("ev", "prefill-0", 2 * BLOCK, "e" * 32), (1, 2)))
         (s,), (ld,) = n.results(1, 1)
         assert s.ok and ld.ok, (s.error, ld.error)
         torch.cuda.synchronize()
@@ -131,8 +131,8 @@ def test_scatter_is_planned_while_the_pages_fly():
     # The loopback transfer takes 0.3 s: the loader has the pages' ids long before they land.
     n = Node(make_cfg("loopback", options={"delay_s": 0.3}, pool_mib=4, group_mib=0))
     try:
-        n.receiver.submit_load(LoadSpec("d-t1", "t1", 20 * BLOCK, "d" * 32, tuple(range(21, 41))))
-        n.sender.submit(SendSpec("p-t1", "t1", "decode-0", tuple(range(1, 21)), 20 * BLOCK, "d" * 32))
+        n.receiver.submit_load(LoadSpec("d-t1", Handoff("t1", "prefill-0", 20 * BLOCK, "d" * 32), tuple(range(21, 41))))
+        n.sender.submit(SendSpec("p-t1", Handoff("t1", "decode-0", 20 * BLOCK, "d" * 32), tuple(range(1, 21))))
         (s,), (ld,) = n.results(1, 1)
         assert s.ok and ld.ok, (s.error, ld.error)
         assert ld.planned_ahead, "the scatter was planned only after the pages had landed"
@@ -169,9 +169,9 @@ def test_decode_with_a_local_prefix_hit_loads_only_the_tail(node):
 
 
 def test_load_may_be_asked_before_the_prefill_sends(node):
-    node.receiver.submit_load(LoadSpec("d-early", "early", BLOCK, "x" * 32, (3,)))
+    node.receiver.submit_load(LoadSpec("d-early", Handoff("early", "prefill-0", BLOCK, "x" * 32), (3,)))
     time.sleep(0.3)
-    node.sender.submit(SendSpec("p-early", "early", "decode-0", (9,), BLOCK, "x" * 32))
+    node.sender.submit(SendSpec("p-early", Handoff("early", "decode-0", BLOCK, "x" * 32), (9,)))
     (s,), (ld,) = node.results(1, 1)
     assert s.ok and ld.ok
     node.assert_moved([9], [3])
@@ -212,11 +212,11 @@ def test_no_prefill_ever_comes_times_out_naming_the_field():
     n = Node(make_cfg(transfer_s=0.5))
     try:
         t0 = time.monotonic()
-        n.receiver.submit_load(LoadSpec("d-x", "never", BLOCK, "d" * 32, (1,)))
+        n.receiver.submit_load(LoadSpec("d-x", Handoff("never", "prefill-0", BLOCK, "d" * 32), (1,)))
         _, (ld,) = n.results(0, 1)
         assert not ld.ok and "timeouts.transfer_s" in ld.error and 0.45 < time.monotonic() - t0 < 2
         # A prefill arriving after the decode gave up is refused: no pages are taken for nobody.
-        n.sender.submit(SendSpec("p-x", "never", "decode-0", (1,), BLOCK, "d" * 32))
+        n.sender.submit(SendSpec("p-x", Handoff("never", "decode-0", BLOCK, "d" * 32), (1,)))
         (s,), _ = n.results(1, 0)
         assert not s.ok and n.pool_full()
     finally:
@@ -227,11 +227,11 @@ def test_decode_not_running_fails_within_the_handshake_deadline_then_fast():
     n = Node(make_cfg(handshake_s=0.5), start_receiver=False)
     try:
         t0 = time.monotonic()
-        n.sender.submit(SendSpec("p-1", "t1", "decode-0", (1,), BLOCK, "d" * 32))
+        n.sender.submit(SendSpec("p-1", Handoff("t1", "decode-0", BLOCK, "d" * 32), (1,)))
         (s,), _ = n.results(1, 0)
         assert not s.ok and "timeouts.handshake_s" in s.error and time.monotonic() - t0 < 2
         t1 = time.monotonic()
-        n.sender.submit(SendSpec("p-2", "t2", "decode-0", (1,), BLOCK, "d" * 32))
+        n.sender.submit(SendSpec("p-2", Handoff("t2", "decode-0", BLOCK, "d" * 32), (1,)))
         (s2,), _ = n.results(1, 0)
         assert not s2.ok and "down" in s2.error and time.monotonic() - t1 < 0.3
     finally:
@@ -241,7 +241,7 @@ def test_decode_not_running_fails_within_the_handshake_deadline_then_fast():
 def test_unknown_decode_peer_fails_at_once():
     n = Node(make_cfg())
     try:
-        n.sender.submit(SendSpec("p-1", "t1", "decode-7", (1,), BLOCK, "d" * 32))
+        n.sender.submit(SendSpec("p-1", Handoff("t1", "decode-7", BLOCK, "d" * 32), (1,)))
         (s,), _ = n.results(1, 0, timeout_s=2)
         assert not s.ok and "decode-7" in s.error
     finally:

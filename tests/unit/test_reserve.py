@@ -11,7 +11,7 @@ import time
 import pytest
 
 from lmcache_pd.errors import PDError
-from lmcache_pd.node.sender import ReserveSpec
+from lmcache_pd.handoff import Handoff
 from tests.unit.nodes import BLOCK, Node, make_cfg
 
 
@@ -21,9 +21,9 @@ def held(n: Node) -> int:
 
 def test_reserved_handoff_takes_its_reserved_pages(node):  # noqa: F811 - the fixture
     n_tok = 3 * BLOCK + 5
-    node.sender.reserve(ReserveSpec("t1", "decode-0", n_tok, "d" * 32)).result(5)
+    node.sender.reserve(Handoff("t1", "decode-0", n_tok, "d" * 32)).result(5)
     assert held(node) == 4, "the reservation holds the hand-off's pages"
-    node.sender.reserve(ReserveSpec("t1", "decode-0", n_tok, "d" * 32)).result(5)  # again: e.g. after preemption
+    node.sender.reserve(Handoff("t1", "decode-0", n_tok, "d" * 32)).result(5)  # again: e.g. after preemption
     assert held(node) == 4, "a second reservation of the same hand-off must not take more pages"
     node.handoff("t1", [5, 6, 7, 30], [11, 12, 13, 40], num_tokens=n_tok)
     (s,), (ld,) = node.results(1, 1)
@@ -37,7 +37,7 @@ def test_reserved_handoff_takes_its_reserved_pages(node):  # noqa: F811 - the fi
 def test_unreserve_gives_the_pages_back():
     n = Node(make_cfg("loopback", lease_s=30))
     try:
-        n.sender.reserve(ReserveSpec("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
+        n.sender.reserve(Handoff("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
         assert held(n) == 2
         n.sender.unreserve("t1")
         assert n.pool_full(), "unreserved pages must return at once, not after their lease"
@@ -55,7 +55,7 @@ def test_reservation_nobody_takes_is_dropped_after_transfer_s():
     # The lease alone would hold the pages 30 s (heartbeats renew it); transfer_s bounds it.
     n = Node(make_cfg("loopback", lease_s=30, transfer_s=1, heartbeat_s=0.2))
     try:
-        n.sender.reserve(ReserveSpec("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
+        n.sender.reserve(Handoff("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
         assert held(n) == 2
         t0 = time.monotonic()
         assert n.pool_full(timeout_s=5), "an unused reservation must not hold pages past timeouts.transfer_s"
@@ -68,7 +68,7 @@ def test_failed_reservation_fails_its_handoff_with_the_cause():
     n = Node(make_cfg("loopback", handshake_s=0.5), start_receiver=False)
     try:
         with pytest.raises(PDError, match="timeouts.handshake_s"):
-            n.sender.reserve(ReserveSpec("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
+            n.sender.reserve(Handoff("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
         n.handoff("t1", [1, 2], [3, 4], num_tokens=2 * BLOCK)
         (s,) = n.results(1, 0)[0]
         assert not s.ok and "handshake" in s.error, s.error
@@ -79,13 +79,13 @@ def test_failed_reservation_fails_its_handoff_with_the_cause():
 def test_shutdown_does_not_wait_for_a_queued_reservation():
     n = Node(make_cfg("loopback", alloc_s=3, lease_s=2, heartbeat_s=0.2))
     try:
-        n.sender.reserve(ReserveSpec("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
+        n.sender.reserve(Handoff("t1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
         n.sender.unreserve("t1")  # the sender is linked; its pages are back
         assert n.pool_full()
         # Another prefill holds the whole pool (its lease runs out after lease_s).
         assert n.receiver.pool.reserve("other", 8, num_tokens=1, prompt_digest="x", owner="someone else",
                                        now=time.monotonic())
-        queued = n.sender.reserve(ReserveSpec("t2", "decode-0", 2 * BLOCK, "d" * 32))  # waits for pages
+        queued = n.sender.reserve(Handoff("t2", "decode-0", 2 * BLOCK, "d" * 32))  # waits for pages
         time.sleep(0.2)
         assert not queued.done()
         t0 = time.monotonic()

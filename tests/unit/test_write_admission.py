@@ -19,8 +19,9 @@ import torch
 from lmcache_pd import transport as transports
 from lmcache_pd.cli.local import free_ports
 from lmcache_pd.config import config_from_dict
-from lmcache_pd.node.receiver import KVReceiver, LoadSpec
-from lmcache_pd.node.sender import KVSender, SendSpec
+from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
+from lmcache_pd.node.receiver import KVReceiver
+from lmcache_pd.node.sender import KVSender
 from lmcache_pd.ops import kv_layout_of
 from tests.unit.kv import vllm_like_cache
 from tests.unit.nodes import BLOCK, CPT, HEADS, LAYERS, C
@@ -79,20 +80,20 @@ def test_a_late_one_sided_write_never_lands_in_the_next_handoffs_pages(name):
                 torch.cuda._sleep(int(DELAY_S * 2e9))
                 ready = torch.cuda.Event()
                 ready.record(side)
-        receiver.submit_load(LoadSpec("dA", "A", PAGES * BLOCK, "a" * 32, blocks))
-        slow.submit(SendSpec("pA", "A", "decode-0", blocks, PAGES * BLOCK, "a" * 32), ready)
+        receiver.submit_load(LoadSpec("dA", Handoff("A", "prefill-0", PAGES * BLOCK, "a" * 32), blocks))
+        slow.submit(SendSpec("pA", Handoff("A", "decode-0", PAGES * BLOCK, "a" * 32), blocks), ready)
         deadline = time.monotonic() + 5
         while receiver.pool.lookup("A") is None:  # A's pages are granted: its write is coming
             assert time.monotonic() < deadline, "A was never granted pages"
             time.sleep(0.005)
         receiver.cancel_load("dA")  # the decode request was aborted while A's bytes were coming
 
-        fast.submit(SendSpec("pB", "B", "decode-0", blocks, PAGES * BLOCK, "b" * 32))
+        fast.submit(SendSpec("pB", Handoff("B", "decode-0", PAGES * BLOCK, "b" * 32), blocks))
         sent_b = _one(fast.drain, 10)
         assert sent_b.ok, sent_b.error
         time.sleep(DELAY_S + 0.3)  # before the fix, A's copy landed in B's pages meanwhile
         d_blocks = tuple(PAGES + b for b in blocks)
-        receiver.submit_load(LoadSpec("dB", "B", PAGES * BLOCK, "b" * 32, d_blocks))
+        receiver.submit_load(LoadSpec("dB", Handoff("B", "prefill-0", PAGES * BLOCK, "b" * 32), d_blocks))
         loads = {r.req_id: r for r in _all(receiver.drain, 2, 10)}
         assert loads["dB"].ok, loads["dB"].error
         for dl, bl in zip(d_layers, b_layers):

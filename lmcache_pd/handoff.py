@@ -1,0 +1,87 @@
+"""What the connector's scheduler half asks its worker half to do, as plain records (L1: no
+torch, no zmq, no transport).
+
+A hand-off is named by one record, :class:`Handoff`, on both instances and in both halves of
+the connector: the prefill's scheduler half builds it from the proxy's ``PrefillParams`` and
+the decode's from ``DecodeParams``; the worker half sends, reserves or loads by it. The
+records here travel in :class:`~lmcache_pd.connector.metadata.PDConnectorMetadata`, which vLLM
+pickles every engine step, so they stay small and the scheduler half names them without
+importing the worker stack (node/, transport/, ops/: torch, CUDA, sockets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmcache_pd._types import BlockId, PeerName, ReqId, TransferId
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """One prompt's KV moving from a prefill instance to a decode instance."""
+
+    transfer_id: TransferId
+    peer: PeerName
+    """The other instance: the decode's name on the prefill side, the prefill's on the decode side."""
+    num_tokens: int
+    """Prompt tokens the hand-off covers: the prefill sends all it computed; the decode loads those
+    it will not compute itself."""
+    prompt_digest: str
+    """Digest of those tokens' ids: both sides must be talking about the same prompt."""
+    chains: tuple[bytes, ...] = ()
+    """Chain hashes of the prompt's full chunks (prefix cache on): the decode side may hold some."""
+    tenant: str | None = None
+    """The cache namespace of the request (vLLM's ``cache_salt``)."""
+
+
+@dataclass(frozen=True)
+class SendSpec:
+    """Prefill: start ``handoff`` from vLLM's ``block_ids`` (its request finished; vLLM holds the
+    blocks until the hand-off ends). A hand-off whose last prompt chunk is still computing is
+    reserved first, by its :class:`Handoff` alone."""
+
+    req_id: ReqId
+    handoff: Handoff
+    block_ids: tuple[BlockId, ...]
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Decode: load ``handoff`` into vLLM's ``block_ids``."""
+
+    req_id: ReqId
+    handoff: Handoff
+    block_ids: tuple[BlockId, ...]
+    """Decode blocks to fill: the tail of the prompt's blocks (a local prefix hit covers the rest).
+    (``handoff.chains`` are computed by the decode side itself.)"""
+
+
+@dataclass(frozen=True)
+class CacheLoadSpec:
+    """Copy prefix chunks from the cache tiers into new blocks (not a hand-off)."""
+
+    req_id: ReqId
+    chains: tuple[bytes, ...]
+    """Chain hashes of the chunks to read, in prompt order."""
+    tenant: str | None
+    skip_blocks: int
+    """Leading blocks of the first chunk that vLLM already holds (its own prefix cache)."""
+    block_ids: tuple[BlockId, ...]
+    """Destination blocks: every block of these chunks after the skipped ones, in order."""
+    hold: str = ""
+    """The hold on these chunks to end once they are loaded (or the load failed)."""
+
+
+@dataclass(frozen=True)
+class CacheSaveSpec:
+    req_id: ReqId
+    chains: tuple[bytes, ...]
+    """Chain hashes of the chunks to store."""
+    tenant: str | None
+    block_ids: tuple[BlockId, ...]
+    """Their blocks, ``chunk_blocks`` per chunk, in order."""
+
+
+def lookup_hold(req_id: ReqId) -> str:
+    """The owner of the hold a scheduler lookup puts on the chunks it found."""
+    return f"lookup/{req_id}"
