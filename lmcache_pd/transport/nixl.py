@@ -10,9 +10,9 @@ memory; the sender then tells the decode side over the control plane.
 
 Threads: NIXL's own progress thread spins a full core (its Python API hard-codes the delay to
 0, docs/transports.md), so it is off by default; one completion thread of ours polls in-flight
-transfers every ``poll_interval_us`` and, when idle, progresses the worker every
-``idle_progress_ms`` (receivers on UCX's tcp transport need target-side progress). All agent
-calls hold one lock.
+transfers every ``poll_interval_us`` and, when idle on the decode side, progresses the worker
+every ``idle_progress_ms`` (receivers on UCX's tcp transport need target-side progress); idle on
+the prefill side, it sleeps until a transfer is posted. All agent calls hold one lock.
 
 Which UCX transport carried the data (cma, sysv, cuda_ipc, rc_mlx5, tcp...) is read from UCX's
 protocol-selection report (``UCX_PROTO_INFO``), which this module routes to a log file before
@@ -50,6 +50,8 @@ from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHa
 log = logging.getLogger(__name__)
 _MODULES = ("nixl_cu13", "nixl_cu12", "nixl")  # the CUDA 13 / 12 wheels, or a source build
 _live: weakref.WeakSet[NixlTransport] = weakref.WeakSet()
+_TIDY_S = 0.1
+"""The prefill side's idle wake-up while something is left to tidy (parked requests, UCX's report)."""
 
 
 @atexit.register
@@ -86,7 +88,8 @@ class NixlOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     poll_interval_us: int = 20
     """Sleep between polls of in-flight transfers."""
     idle_progress_ms: float = 1.0
-    """Worker progress period when nothing is in flight (target-side progress)."""
+    """Worker progress period when nothing is in flight, on the decode side (target-side
+    progress; the prefill side does not wake when idle)."""
     report_path: bool = True
     """Route UCX's protocol report to a file to learn which UCX transport carried the data."""
     stage_ranges: int = 64
@@ -171,6 +174,7 @@ class NixlTransport(Transport):
         self._report_size = -1
         self._report_text = ""
         self._parked: list[Any] = []  # xfer handles NIXL could not release yet
+        self._target = False  # peers write into a region of ours (export_descriptor): progress when idle
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pd-nixl", daemon=True)  # started by register
@@ -209,6 +213,9 @@ class NixlTransport(Transport):
         r = self._regions[region]
         with self._lock:
             md = self._agent.get_agent_metadata()
+        with self._wake:
+            self._target = True
+            self._wake.notify()
         return msgspec.msgpack.encode(_Descriptor(self._name, md, r.address, r.nbytes, r.device, r.mem))
 
     # --- prefill side -------------------------------------------------------------------------
@@ -308,8 +315,10 @@ class NixlTransport(Transport):
 
     def _done(self, handle: TransferHandle, peer: PeerId, src_mem: str) -> None:
         p = self._peers.get(peer)
-        if self._report and p is not None and p.report_tries >= 0:
+        if self._report and p is not None and p.report_tries >= 0 and peer not in self._unreported:
             self._unreported[peer] = src_mem  # read later, off the transfer's path
+            with self._wake:
+                self._wake.notify()  # (a prefill side asleep with nothing in flight: see _idle_s)
         self._finish(handle, TransferState.DONE, time.monotonic())
 
     def _maybe_report(self) -> None:
@@ -347,13 +356,24 @@ class NixlTransport(Transport):
             del self._unreported[peer]
 
     # --- completion thread --------------------------------------------------------------------
+    def _idle_s(self) -> float | None:
+        """How long the completion thread sleeps with nothing in flight (None: until woken).
+
+        Only a target (the decode side, whose pool peers write into) needs its UCX worker
+        progressed when idle (``idle_progress_ms``). The prefill side posts writes and polls them
+        while they fly; idle, it wakes only for what is left to tidy (parked requests, UCX's
+        report), else not at all: every wake-up takes the GIL of vLLM's engine process, whose
+        own thread then waits (1000 a second at the default 1 ms)."""
+        if self._target:
+            return self.options.idle_progress_ms / 1000.0  # type: ignore[attr-defined]
+        return _TIDY_S if self._parked or self._unreported else None
+
     def _run(self) -> None:
-        idle_s = self.options.idle_progress_ms / 1000.0  # type: ignore[attr-defined]
         poll_s = self.options.poll_interval_us / 1e6  # type: ignore[attr-defined]
         while not self._stop.is_set():
             with self._wake:
-                if not self._inflight:
-                    self._wake.wait(idle_s)
+                if not self._inflight and not self._stop.is_set():
+                    self._wake.wait(self._idle_s())
                 batch = list(self._inflight)
             try:
                 if not batch:
@@ -414,9 +434,12 @@ class NixlTransport(Transport):
         # A request NIXL cannot release yet (a timed-out one still in flight) is parked and
         # released once it ends, so no UCX request is leaked.
         with self._lock:
-            if not self._try_release(xfer):
-                log.debug("nixl could not release a transfer yet; parked")
-                self._parked.append(xfer)
+            if self._try_release(xfer):
+                return
+            log.debug("nixl could not release a transfer yet; parked")
+            self._parked.append(xfer)
+        with self._wake:
+            self._wake.notify()  # (retried while idle: see _idle_s)
 
     def _retry_parked(self) -> None:
         if not self._parked:

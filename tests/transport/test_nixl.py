@@ -143,6 +143,43 @@ def test_idle_transport_does_not_spin_a_core():
         rx.close()
 
 
+class _Counting:
+    """A NIXL agent whose ``get_new_notifs`` calls (the idle progress) are counted."""
+
+    def __init__(self, agent):
+        self.agent, self.idle_calls = agent, 0
+
+    def __getattr__(self, name):
+        return getattr(self.agent, name)
+
+    def get_new_notifs(self):
+        self.idle_calls += 1
+        return self.agent.get_new_notifs()
+
+
+def test_only_the_decode_side_progresses_while_idle_and_the_prefill_side_still_sends():
+    """The prefill side (writes, never written to) must not wake while idle: each wake-up takes
+    the GIL of vLLM's engine process. The decode side (written to) progresses its worker every
+    idle_progress_ms. A write posted after a long idle still completes, bitwise."""
+    tx = transports.create("nixl", {})
+    rx = transports.create("nixl", {})
+    try:
+        src = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+        rid = tx.register(src)
+        pool = torch.zeros(1 << 20, dtype=torch.uint8)
+        peer = tx.connect(rx.export_descriptor(rx.register(pool)), timeout_s=10)
+        tx._agent, rx._agent = _Counting(tx._agent), _Counting(rx._agent)
+        time.sleep(0.5)
+        assert tx._agent.idle_calls == 0, f"the prefill side woke {tx._agent.idle_calls} times while idle"
+        assert rx._agent.idle_calls >= 50, f"the decode side progressed only {rx._agent.idle_calls} times in 0.5 s"
+        h = tx.submit(peer, rid, coalesce(np.array([0]), np.array([0]), np.array([1 << 20])), timeout_s=5)
+        assert wait(tx, h, 10) == TransferState.DONE
+        assert torch.equal(pool, src)
+    finally:
+        tx.close()
+        rx.close()
+
+
 def test_a_killed_peer_fails_the_transfer_in_bounded_time_and_others_still_work():
     # The decode process dies with SIGKILL after the handshake: the write must end (failed or
     # timed out) within its deadline, and the same transport keeps serving a live peer.
