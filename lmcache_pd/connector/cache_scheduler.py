@@ -57,6 +57,7 @@ class CacheScheduler:
         self.chunk = c.chunk_tokens
         self.block_size = block_size
         self.tier_names = [t.name for t in c.tiers]
+        self.decode_skip = c.decode_skip
         self.client = LookupClient(instance, tp_size, timeout_s=c.lookup_timeout_s)
         self._reqs: dict[ReqId, _Req] = {}
         self._loads: list[CacheLoadSpec] = []
@@ -75,6 +76,13 @@ class CacheScheduler:
     def chains(self, request: Request) -> list[bytes]:
         """Chain hashes of every full chunk of the prompt (hashed once per request)."""
         return self._req(request).chains if request.prompt_token_ids is not None else []
+
+    def handoff_chains(self, request: Request) -> tuple[bytes, ...]:
+        """What a hand-off of this prompt carries for decode-side reuse (``cache.decode_skip``)."""
+        return tuple(self.chains(request)) if self.decode_skip else ()
+
+    def close(self) -> None:
+        self.client.close()
 
     def matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         if request.prompt_token_ids is None:

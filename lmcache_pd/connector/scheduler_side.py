@@ -21,10 +21,11 @@ Decode (kv_consumer), per request carrying ``DecodeParams``:
      recomputes, kv_load_failure_policy=recompute); vLLM recomputes only the last prompt token;
   4. ``request_finished`` returns what happened (bytes, times, prompt tokens computed here) in
      the response's ``kv_transfer_params.lmcache_pd``.
-With the prefix cache on (``cache.enabled``), both roles also hash each prompt's full chunks:
-the prefill side sends the chain hashes in its Allocate, and the decode side, which copies
-the chunks its own tiers hold instead of receiving them, verifies them against its own;
+With decode-side reuse on (``cache.decode_skip``), both roles also hash each prompt's full
+chunks: the prefill side sends the chain hashes in its Allocate, and the decode side, which
+copies the chunks its own tiers hold instead of receiving them, verifies them against its own;
 a decode request that ends normally saves its prompt's new chunks (blocks held until saved).
+The roles ask prefix reuse through one seam each (prefix.py), never the config.
 """
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 from lmcache_pd import protocol as P
 from lmcache_pd._types import ReqId, TransferId
-from lmcache_pd.cache.keys import chain_hashes
 from lmcache_pd.config import PDConfig
-from lmcache_pd.connector.cache_scheduler import CacheScheduler, save_spec
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
+from lmcache_pd.connector.prefix import PrefixReuse, ReceivedReuse, prefix_reuse, received_reuse
 from lmcache_pd.handoff import CacheSaveSpec, Handoff, LoadSpec, SendSpec
 
 if TYPE_CHECKING:
@@ -87,27 +87,13 @@ class _PrefillReq:
     reserved: bool = False
 
 
-def prompt_chains(cfg: PDConfig, request: Request, num_tokens: int | None = None) -> tuple[bytes, ...]:
-    """Chain hashes of every full chunk of the prompt's first ``num_tokens`` (default: all), for
-    decode-side reuse (else empty). The prefill side takes them from its CacheScheduler, which
-    hashes each prompt once."""
-    c = cfg.cache
-    if not (c.enabled and c.decode_skip) or request.prompt_token_ids is None:
-        return ()
-    n = request.num_prompt_tokens if num_tokens is None else num_tokens
-    return tuple(chain_hashes(request.prompt_token_ids, c.chunk_tokens, tenant=request.cache_salt,
-                              max_chunks=n // c.chunk_tokens))
-
-
 class PrefillScheduler(SchedulerRole):
-    def __init__(self, cfg: PDConfig, *, instance: str, block_size: int):
+    def __init__(self, cfg: PDConfig, *, instance: str, block_size: int, prefix: PrefixReuse | None = None):
+        """``prefix``: prefix reuse (prefix.py; default: what ``cfg.cache`` asks for)."""
         self.cfg = cfg
         self.instance = instance
         self.block_size = block_size
-        self.cache: CacheScheduler | None = None
-        if cfg.cache.enabled:
-            self.cache = CacheScheduler(cfg, instance=instance, block_size=block_size,
-                                        tp_size=cfg.instance(instance).tp_size)
+        self.prefix = prefix if prefix is not None else prefix_reuse(cfg, instance=instance, block_size=block_size)
         self._decode_peers = {d.name for d in cfg.decode}
         self._reqs: dict[ReqId, _PrefillReq] = {}
         self._sends: list[SendSpec] = []
@@ -125,16 +111,13 @@ class PrefillScheduler(SchedulerRole):
         return params
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        if self.cache is None:
-            return 0, False
-        return self.cache.matched_tokens(request, num_computed_tokens)
+        return self.prefix.matched_tokens(request, num_computed_tokens)
 
     def hit_sources(self, request: Request, num_external_tokens: int) -> dict[str, int]:
-        return self.cache.hit_sources(request, num_external_tokens) if self.cache is not None else {}
+        return self.prefix.hit_sources(request, num_external_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        if self.cache is not None:
-            self.cache.after_alloc(request, blocks, num_external_tokens)
+        self.prefix.after_alloc(request, blocks, num_external_tokens)
         # Called when vLLM schedules the request (again, after a preemption): track it once.
         if request.request_id in self._reqs or request.prompt_token_ids is None:
             return
@@ -151,15 +134,14 @@ class PrefillScheduler(SchedulerRole):
                     self._reserves.append(r.handoff)
         meta = PDConnectorMetadata(sends=self._sends, reserves=self._reserves, unreserves=self._unreserves)
         self._sends, self._reserves, self._unreserves = [], [], []
-        if self.cache is not None:
-            meta.cache_loads, meta.cache_saves, meta.cache_releases = self.cache.take()
+        meta.cache_loads, meta.cache_saves, meta.cache_releases = self.prefix.take()
         return meta
 
     def _track(self, request: Request, params: P.PrefillParams) -> _PrefillReq:
         assert request.prompt_token_ids is not None
-        chains = tuple(self.cache.chains(request)) if self.cache is not None and self.cfg.cache.decode_skip else ()
         return _PrefillReq(Handoff(params.transfer_id, params.decode_peer, request.num_prompt_tokens,
-                                   P.prompt_digest(request.prompt_token_ids), chains, request.cache_salt))
+                                   P.prompt_digest(request.prompt_token_ids), self.prefix.handoff_chains(request),
+                                   request.cache_salt))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         r = self._reqs.pop(request.request_id, None)
@@ -168,7 +150,7 @@ class PrefillScheduler(SchedulerRole):
             self._unreserves.append(r.handoff.transfer_id)
         # The workers report the request in finished_sending once the hand-off and the save
         # (both, if both) are done with its blocks.
-        saving = self.cache is not None and self.cache.on_finished(request, block_ids)
+        saving = self.prefix.on_finished(request, block_ids)
         return out is not None or saving, out
 
     def _hand_off(self, request: Request, block_ids: list[int], r: _PrefillReq | None) -> dict[str, Any] | None:
@@ -201,10 +183,12 @@ class _DecodeReq:
 
 
 class DecodeScheduler(SchedulerRole):
-    def __init__(self, cfg: PDConfig, *, instance: str, block_size: int):
+    def __init__(self, cfg: PDConfig, *, instance: str, block_size: int, reuse: ReceivedReuse | None = None):
+        """``reuse``: decode-side reuse of received prompts (prefix.py; default: what ``cfg.cache`` asks for)."""
         self.cfg = cfg
         self.instance = instance
         self.block_size = block_size
+        self.reuse = reuse if reuse is not None else received_reuse(cfg, block_size=block_size)
         self._reqs: dict[ReqId, _DecodeReq] = {}
         self._digests: dict[ReqId, str] = {}
         self._loads: list[LoadSpec] = []
@@ -268,7 +252,7 @@ class DecodeScheduler(SchedulerRole):
         req.loading = True
         # The loader compares this decode's own prompt (count, digest) with the reservation's.
         handoff = Handoff(params.transfer_id, params.prefill_peer, handed, digest,
-                          prompt_chains(self.cfg, request, handed), request.cache_salt)
+                          self.reuse.chains(request, handed), request.cache_salt)
         self._loads.append(LoadSpec(request.request_id, handoff, tuple(blocks.get_unhashed_block_ids())))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
@@ -332,11 +316,10 @@ class DecodeScheduler(SchedulerRole):
         (loaded, or recomputed after a failed load); an aborted request's may not."""
         from vllm.v1.request import RequestStatus
 
-        c = self.cfg.cache
-        if (not (c.enabled and c.decode_skip) or req.outcome is None
-                or request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)):
+        if req.outcome is None or request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED,
+                                                          RequestStatus.FINISHED_STOPPED):
             return False
-        save = save_spec(request, block_ids, c.chunk_tokens, self.block_size)
+        save = self.reuse.save(request, block_ids)
         if save is not None:
             self._saves.append(save)
         return save is not None

@@ -29,7 +29,7 @@ from lmcache_pd.connector import compat as vllm_compat
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
 from lmcache_pd.handoff import CacheSaveSpec, lookup_hold
 from lmcache_pd.layout import KVLayout
-from lmcache_pd.node.cache_io import CacheIO
+from lmcache_pd.node.cache_io import CacheIO, NoCacheIO
 from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.sender import KVSender
 from lmcache_pd.node.worker_api import WorkerAPI
@@ -120,7 +120,7 @@ class _PDWorker(WorkerRole):
         self.tp_rank = _tp_rank()
         self.keys = keyring(cfg)
         check_exposure(cfg, self.keys, instance)  # before any port is bound
-        self.cache_io: CacheIO | None = None
+        self.cache_io: CacheIO | NoCacheIO = NoCacheIO()  # the real one once started, if cache.enabled
         self.api: WorkerAPI | None = None
         self.users = _BlockUsers()
         self._load_blocks: dict[ReqId, tuple[int, ...]] = {}  # blocks each submitted load fills
@@ -155,7 +155,8 @@ class _PDWorker(WorkerRole):
         """The worker's HTTP API (hand-off state, metrics, the cache's control API), if it has a port."""
         inst = self.cfg.instance(self.instance)
         if inst.cache_port is not None:
-            self.api = WorkerAPI(self.cache_io, instance=self.instance, rank=self.tp_rank, host=inst.host,
+            self.api = WorkerAPI(self.cache_io if self.cache_io.enabled else None, instance=self.instance,
+                                 rank=self.tp_rank, host=inst.host,
                                  port=inst.cache_port + self.tp_rank, keys=self.keys, status=self.status)
             self.api.start()
 
@@ -164,13 +165,12 @@ class _PDWorker(WorkerRole):
         return {"blocks": {"held_requests": self.users.held}}
 
     def _cache_tiers(self) -> str:
-        return "+".join(t.name for t in self.cfg.cache.tiers) if self.cache_io else "off"
+        return self.cache_io.tiers
 
     def _submit_saves(self, saves: list[CacheSaveSpec], ready: torch.cuda.Event | None) -> None:
         for save in saves:
-            if self.cache_io is not None:
-                self.users.add(save.req_id)
-                self.cache_io.submit_save(save, ready)
+            self.users.add(save.req_id)
+            self.cache_io.submit_save(save, ready)
 
     def _ready_event(self, buffer: torch.Tensor) -> torch.cuda.Event | None:
         """An event after the work queued so far on vLLM's stream (the forwards that wrote the
@@ -184,8 +184,7 @@ class _PDWorker(WorkerRole):
     def _stop_cache(self) -> None:
         if self.api is not None:
             self.api.close()
-        if self.cache_io is not None:
-            self.cache_io.close()
+        self.cache_io.close()
 
 
 class _BlockUsers:
@@ -250,12 +249,11 @@ class PrefillWorker(_PDWorker):
             self.sender.reserve(r)
         for tid in meta.unreserves:
             self.sender.unreserve(tid)
-        if self.cache_io is not None:
-            for load in meta.cache_loads:
-                self._loading(load.req_id, load.block_ids)
-                self.cache_io.submit_load(load)
-            for req_id in meta.cache_releases:
-                self.cache_io.release(lookup_hold(req_id))
+        for load in meta.cache_loads:
+            self._loading(load.req_id, load.block_ids)
+            self.cache_io.submit_load(load)
+        for req_id in meta.cache_releases:
+            self.cache_io.release(lookup_hold(req_id))
         if not meta.sends and not meta.cache_saves:
             return
         # Called on vLLM's thread before this step's forward: the blocks were written by earlier
@@ -279,7 +277,7 @@ class PrefillWorker(_PDWorker):
             self.users.end(r.req_id)
         recving: set[str] = set()
         failed: set[str] = set()
-        for c in self.cache_io.drain() if self.cache_io is not None else ():
+        for c in self.cache_io.drain():
             if c.kind == "save":
                 self.users.end(c.req_id)
                 continue
@@ -306,7 +304,8 @@ class DecodeWorker(_PDWorker):
         layout, buffer, compat = self.describe(kv_caches)
         self._start_cache(layout, buffer, compat)
         self.receiver = KVReceiver(self.cfg, instance=self.instance, tp_rank=self.tp_rank, compat=compat,
-                                   kv=layout, kv_buffer=buffer, cache=self.cache_io, keys=self.keys)
+                                   kv=layout, kv_buffer=buffer,
+                                   cache=self.cache_io if self.cache_io.enabled else None, keys=self.keys)
         self.receiver.start()
         self._start_api()
         log.info("decode worker %d: %d layers in %d buffer(s), page %d B, transport %s, cache %s", self.tp_rank,
@@ -344,7 +343,7 @@ class DecodeWorker(_PDWorker):
                 failed.add(r.req_id)
             self._outcomes[r.req_id] = LoadOutcome(r.ok, r.num_bytes, r.transfer_s, r.waited_s, r.error,
                                                    r.cache_tokens)
-        for c in self.cache_io.drain() if self.cache_io is not None else ():
+        for c in self.cache_io.drain():
             if c.kind == "save":  # the decode side submits no cache loads of its own
                 self.users.end(c.req_id)
         return self.users.sending(finished_req_ids), recving, failed

@@ -63,7 +63,33 @@ def chunk_blocks_of(cfg: CacheConfig, block_size: int) -> int:
     return cfg.chunk_tokens // block_size
 
 
+class NoCacheIO:
+    """``cache.enabled`` off: a worker's prefix cache that holds nothing. The scheduler half
+    (connector/prefix.py, its null seams) then queues no cache loads or saves, so being asked
+    for one is a bug, said as such rather than a load that never ends."""
+
+    enabled = False
+    tiers = "off"
+
+    def submit_load(self, spec: CacheLoadSpec) -> None:
+        raise AssertionError(f"a cache load for {spec.req_id} with the prefix cache off (cache.enabled)")
+
+    def submit_save(self, spec: CacheSaveSpec, ready: torch.cuda.Event | None) -> None:
+        raise AssertionError(f"a cache save for {spec.req_id} with the prefix cache off (cache.enabled)")
+
+    def release(self, owner: str) -> None:
+        pass
+
+    def drain(self, wait_s: float = 0.0) -> list[CacheIOResult]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
 class CacheIO:
+    enabled = True
+
     def __init__(self, cfg: CacheConfig, *, instance: str, rank: int, compat: dict[str, object], kv: KVLayout,
                  kv_buffer: torch.Tensor, block_size: int, cache: TieredCache | None = None,
                  record_key: bytes | None = None):
@@ -73,6 +99,7 @@ class CacheIO:
         self.kv_buffer = kv_buffer
         self.chunk_blocks = chunk_blocks_of(cfg, block_size)
         self.chunk_layout = PoolLayout(kv.num_layers, self.chunk_blocks, kv.block_bytes)
+        self.tiers = "+".join(t.name for t in cfg.tiers)
         self.salt = cache_salt(compat, chunk_tokens=cfg.chunk_tokens)
         self.cache = cache if cache is not None else build_cache(cfg, instance=instance, rank=rank,
                                                                  record_key=record_key)

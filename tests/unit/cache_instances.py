@@ -104,8 +104,7 @@ class Instance:
 
     def close(self):
         self.io.close()
-        if self.sched.cache is not None:
-            self.sched.cache.client.close()
+        self.sched.prefix.close()
 
 
 def prompt(n, seed=0):

@@ -152,7 +152,7 @@ def test_lookup_without_a_worker_gives_up_at_its_deadline_naming_the_field(tmp_p
             time.sleep(0.01)
     assert got == (0, False) and 0.3 <= time.monotonic() - t0 < 1.5
     assert any("cache.lookup_timeout_s" in rec.getMessage() for rec in caplog.records)
-    sched.cache.client.close()
+    sched.prefix.close()
 
 
 def test_chunk_size_must_be_a_multiple_of_the_block_size(tmp_path):

@@ -264,3 +264,30 @@ def test_a_failed_load_reports_its_blocks_once_and_a_good_one_none():
         assert worker.take_failed_blocks() == set()
     finally:
         node.close()
+
+
+def test_prefix_reuse_is_one_seam_null_when_the_cache_is_off():
+    """The roles ask prefix reuse (connector/prefix.py) and never the config: with the cache off
+    they hold the null seams; an injected one decides what vLLM is told and what a hand-off
+    carries."""
+    from lmcache_pd.connector.prefix import NoPrefixReuse, NoReceivedReuse
+
+    cfg = make_cfg()
+    assert not cfg.cache.enabled
+    assert isinstance(PrefillScheduler(cfg, instance="prefill-0", block_size=BS).prefix, NoPrefixReuse)
+    assert isinstance(DecodeScheduler(cfg, instance="decode-0", block_size=BS).reuse, NoReceivedReuse)
+
+    class Stub(NoPrefixReuse):
+        def matched_tokens(self, request, num_computed_tokens):
+            return 32, True
+
+        def handoff_chains(self, request):
+            return (b"c1", b"c2")
+
+    prefill = PrefillScheduler(cfg, instance="prefill-0", block_size=BS, prefix=Stub())
+    r = request("p1", 40, {"do_remote_decode": True, "transfer_id": "t1", "decode_peer": "decode-0"})
+    assert prefill.get_num_new_matched_tokens(r, 0) == (32, True)
+    r.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    prefill.request_finished(r, [4, 5, 6])
+    (send,) = prefill.build_connector_meta(SchedulerOutput.make_empty()).sends
+    assert send.handoff.chains == (b"c1", b"c2")
