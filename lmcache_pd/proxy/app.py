@@ -313,7 +313,7 @@ class Proxy:
         try:
             async with asyncio.timeout(self.cfg.proxy.prefill_timeout_s):
                 r = await self.posts.post(prefill.host, prefill.port, s.path, content, headers)
-        except NotConnected as e:  # (a connect timeout too: before the deadline's TimeoutError)
+        except (NotConnected, Broken) as e:  # (a connect timeout is NotConnected, not the deadline's)
             prefill.mark_down(str(e))
             self.metrics.fallbacks.labels("prefill_unreachable").inc()
             return None
@@ -321,10 +321,6 @@ class Proxy:
             self.metrics.fallbacks.labels("prefill_timeout").inc()
             log.warning("prefill %s passed proxy.prefill_timeout_s=%g s; decode recomputes", prefill.name,
                         self.cfg.proxy.prefill_timeout_s)
-            return None
-        except Broken as e:
-            prefill.mark_down(str(e))
-            self.metrics.fallbacks.labels("prefill_unreachable").inc()
             return None
         status, raw = r
         self.metrics.prefill_seconds.observe(time.monotonic() - t0)

@@ -22,13 +22,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class Backend:
     name: str
-    url: str
     role: str
-    host: str = ""
-    port: int = 0
+    host: str
+    port: int
     healthy: bool = True
     last_error: str = ""
     checked_at: float = field(default=0.0)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
     def mark_down(self, error: str) -> None:
         if self.healthy:
@@ -38,7 +41,7 @@ class Backend:
 
 def _backend(inst: InstanceConfig, role: str) -> Backend:
     host = "127.0.0.1" if inst.host in ("0.0.0.0", "") else inst.host
-    return Backend(inst.name, f"http://{host}:{inst.http_port}", role, host, inst.http_port)
+    return Backend(inst.name, role, host, inst.http_port)
 
 
 class Router:
