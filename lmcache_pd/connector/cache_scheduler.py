@@ -165,5 +165,5 @@ def save_spec(request: Request, block_ids: list[int], chunk: int, block_size: in
     if chains is None or len(chains) < n:
         chains = chain_hashes(request.prompt_token_ids, chunk, tenant=request.cache_salt, max_chunks=n)
     per = chunk // block_size
-    return CacheSaveSpec(request.request_id, tuple(chains[have:]), request.cache_salt,
+    return CacheSaveSpec(request.request_id, tuple(chains[have:n]), request.cache_salt,
                          tuple(block_ids[have * per:n * per]))

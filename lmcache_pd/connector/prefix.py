@@ -68,7 +68,7 @@ def prefix_reuse(cfg: PDConfig, *, instance: str, block_size: int) -> PrefixReus
 
 class ReceivedReuse(Protocol):
     def chains(self, request: Request, num_tokens: int) -> tuple[bytes, ...]: ...
-    def save(self, request: Request, block_ids: list[int]) -> CacheSaveSpec | None: ...
+    def save(self, request: Request, block_ids: list[int], chains: tuple[bytes, ...]) -> CacheSaveSpec | None: ...
 
 
 class NoReceivedReuse:
@@ -77,7 +77,7 @@ class NoReceivedReuse:
     def chains(self, request: Request, num_tokens: int) -> tuple[bytes, ...]:
         return ()
 
-    def save(self, request: Request, block_ids: list[int]) -> CacheSaveSpec | None:
+    def save(self, request: Request, block_ids: list[int], chains: tuple[bytes, ...]) -> CacheSaveSpec | None:
         return None
 
 
@@ -95,8 +95,11 @@ class SavedPrompts:
         return tuple(chain_hashes(request.prompt_token_ids, self.chunk, tenant=request.cache_salt,
                                   max_chunks=num_tokens // self.chunk))
 
-    def save(self, request: Request, block_ids: list[int]) -> CacheSaveSpec | None:
-        return save_spec(request, block_ids, self.chunk, self.block_size)
+    def save(self, request: Request, block_ids: list[int], chains: tuple[bytes, ...]) -> CacheSaveSpec | None:
+        """The save of a finished request's prompt chunks; ``chains``: those hashed when it was
+        received (``chains()``), so that they are not hashed again unless the prompt's computed
+        part has more full chunks."""
+        return save_spec(request, block_ids, self.chunk, self.block_size, chains=chains or None)
 
 
 def received_reuse(cfg: PDConfig, *, block_size: int) -> ReceivedReuse:

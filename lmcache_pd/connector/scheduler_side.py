@@ -180,6 +180,8 @@ class _DecodeReq:
     loading: bool = False
     outcome: LoadOutcome | None = None
     prompt_tokens_computed: int = 0
+    chains: tuple[bytes, ...] = ()
+    """The received prompt's chain hashes (decode-side reuse): its save needs them again."""
 
 
 class DecodeScheduler(SchedulerRole):
@@ -253,6 +255,7 @@ class DecodeScheduler(SchedulerRole):
         # The loader compares this decode's own prompt (count, digest) with the reservation's.
         handoff = Handoff(params.transfer_id, params.prefill_peer, handed, digest,
                           self.reuse.chains(request, handed), request.cache_salt)
+        req.chains = handoff.chains
         self._loads.append(LoadSpec(request.request_id, handoff, tuple(blocks.get_unhashed_block_ids())))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
@@ -319,7 +322,7 @@ class DecodeScheduler(SchedulerRole):
         if req.outcome is None or request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED,
                                                           RequestStatus.FINISHED_STOPPED):
             return False
-        save = self.reuse.save(request, block_ids)
+        save = self.reuse.save(request, block_ids, req.chains)
         if save is not None:
             self._saves.append(save)
         return save is not None
