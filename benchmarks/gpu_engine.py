@@ -241,11 +241,31 @@ def bench_serve(url: str, model: Path, concurrency: int, prompts: int, input_len
     return json.loads((out_dir / fname).read_text())
 
 
+def parse_variant(text: str) -> tuple[str, tuple[str, dict]]:
+    """``NAME=TRANSPORT:KEY=VALUE,...`` -> (NAME, (TRANSPORT, options))."""
+    import yaml
+
+    name, _, rest = text.partition("=")
+    transport, _, opts = rest.partition(":")
+    if not name or not transport:
+        raise SystemExit(f"--variant {text!r}: expected NAME=TRANSPORT:KEY=VALUE,...")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--variant {text!r}: {item!r} is not KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return name, (transport, options)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("/tmp/gpu-vllm-out"))
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("LMCACHE_PD_ENGINE_WORKDIR", "/tmp/gpu-engine")))
     ap.add_argument("--transports", default="cuda_ipc,nixl")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=TRANSPORT:KEY=VALUE,...",
+                    help="one more deployment, named NAME, over TRANSPORT with these transport.options "
+                         "(values read as YAML), e.g. nixl-poll500=nixl:poll_interval_us=500; repeatable")
     ap.add_argument("--eager", action="store_true", help="--enforce-eager everywhere (default: CUDA graphs)")
     ap.add_argument("--lens", default="256,1024,8192")
     ap.add_argument("--repeat", type=int, default=10)
@@ -261,6 +281,7 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     lens = [int(x) for x in a.lens.split(",")]
     transports = ["tcp"] if a.cpu else a.transports.split(",")
+    setups = {t: (t, {}) for t in transports} | dict(parse_variant(v) for v in a.variant)
     max_len = max(lens) + 256
     # On CPU the memory "utilization" is checked against what is free when each vLLM starts: three
     # start at once, so each asks for a quarter.
@@ -269,13 +290,15 @@ def main() -> int:
                              overrides={"max_position_embeddings": 16384} if a.cpu else LLAMA3_8B_ATTENTION,
                              device="cpu" if a.cpu else "cuda")
     colo = Colocated(model, a.workdir / "bench-colocated", args + (["--block-size", "128"] if a.cpu else []), max_len)
-    deps = {t: LocalDeployment(engine_config(model, a.workdir / f"bench-{t}", transport=t, vllm_args=args,
-                                             pool_mib=256 if a.cpu else 4096, max_model_len=max_len,
-                                             cpus=("0", "1") if a.cpu else None, kv_cache_gib=2 if a.cpu else None),
-                                a.workdir / f"bench-{t}") for t in transports}
+    deps = {name: LocalDeployment(engine_config(model, a.workdir / f"bench-{name}", transport=t, vllm_args=args,
+                                                pool_mib=256 if a.cpu else 4096, max_model_len=max_len,
+                                                cpus=("0", "1") if a.cpu else None, kv_cache_gib=2 if a.cpu else None,
+                                                transport_options=options),
+                                  a.workdir / f"bench-{name}") for name, (t, options) in setups.items()}
     for d in deps.values():  # the same deployment behind a proxy where the decode samples the first token
         d.add_proxy("proxy-decode-first", "proxy.first_token=decode")
-    results: dict = {"date": date.today().isoformat(), "transports": transports, "eager": a.eager or a.cpu}
+    results: dict = {"date": date.today().isoformat(), "transports": transports, "eager": a.eager or a.cpu,
+                     "variants": {n: {"transport": t, "options": o} for n, (t, o) in setups.items() if o}}
     try:
         t0 = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(len(deps) + 1) as ex:

@@ -25,15 +25,9 @@ from tests.gpu_engine.profile import COMBOS, PROFILE, SKIP_WHY, Profile
 START_S = 480.0
 
 
-def batch_invariant(dep: LocalDeployment) -> bool:
-    """Whether the deployment runs vLLM's batch-invariant mode: its outputs then do not depend
-    on which requests share a batch, so concurrent requests must equal one-at-a-time ones."""
-    return dep.env.get("VLLM_BATCH_INVARIANT") == "1"
-
-
 def deployment_config(model: Path, work: Path, transport: str, mode: str, profile: Profile) -> Path:
     """``mode``: ``graphs`` (vLLM's default: CUDA graphs, torch.compile) or ``eager``; ``+bi``
-    adds vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1, see batch_invariant())."""
+    adds vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1, see profile.batch_invariant())."""
     cpu = profile.device == "cpu"
     return engine_config(model, work, transport=transport,
                          vllm_args=list(profile.vllm_args) + (["--enforce-eager"] if mode.startswith("eager") else []),

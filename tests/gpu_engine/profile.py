@@ -7,8 +7,12 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lmcache_pd.cli.tinymodel import LLAMA3_8B_ATTENTION
+
+if TYPE_CHECKING:
+    from lmcache_pd.cli.local import LocalDeployment
 
 
 @dataclass(frozen=True)
@@ -52,3 +56,9 @@ PROFILE, SKIP_WHY = _profile()
 _pick = {k: os.environ.get(f"LMCACHE_PD_ENGINE_{k.upper()}", "") for k in ("transports", "modes")}
 COMBOS = [f"{t}-{m}" for t in (PROFILE or GPU).transports for m in (PROFILE or GPU).modes
           if t in (_pick["transports"] or t).split(",") and m in (_pick["modes"] or "graphs,eager").split(",")]
+
+
+def batch_invariant(dep: LocalDeployment) -> bool:
+    """Whether the deployment runs vLLM's batch-invariant mode: its outputs then do not depend
+    on which requests share a batch, so concurrent requests must equal one-at-a-time ones."""
+    return dep.env.get("VLLM_BATCH_INVARIANT") == "1"

@@ -9,6 +9,7 @@ engine mode, on the same GPU.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import http.client
 import json
 import signal
@@ -18,7 +19,7 @@ import urllib.parse
 import numpy as np
 import pytest
 
-from tests.gpu_engine.profile import PROFILE
+from tests.gpu_engine.profile import PROFILE, batch_invariant
 from tests.integration.client import HANDOFF, counter, metrics, post, wait_for
 
 pytestmark = pytest.mark.gpu
@@ -141,7 +142,14 @@ def test_greedy_tokens_equal_colocated_and_the_decode_computes_no_prompt_token(e
 
 
 def test_sixteen_concurrent_requests_of_mixed_lengths(engine):
-    """16 hand-offs at once; each answer equals its prompt's colocated answer computed alone."""
+    """16 hand-offs at once; each answer equals its prompt's colocated answer computed alone.
+
+    Under vLLM's batch-invariant mode (``+bi``) every answer must be identical. Without it, vLLM's
+    kernels round differently with what shares a batch, so a colocated answer computed alone is
+    not what the same instance answers to the same 16 at once (measured: eager, the 2048- and
+    6000-token prompts). There a P/D answer may differ only where the evidence says the batch,
+    not the KV, made the difference: that prompt handed off alone through P/D is identical, and
+    the colocated instance itself, sent the 16 at once, does not give its alone answer either."""
     proxy, prefill, decode = urls(engine)
     picked = [tie_free(prefill, n, seed=100_000 + i) for i, n in enumerate(MIXED)]
     before = prompt_sources(decode)
@@ -153,28 +161,44 @@ def test_sixteen_concurrent_requests_of_mixed_lengths(engine):
         assert report(g).get("loaded") is True, (n, report(g))
     assert_decode_computed_no_prompt(decode, before, list(MIXED))
     differ = [i for i, (g, (_, ref)) in enumerate(zip(got, picked)) if first_difference(g, ref)]
+    explained: set[int] = set()
     if differ:
-        print(diagnose(proxy, prefill, picked, got, differ))
-    for n, g, (_, ref) in zip(MIXED, got, picked):
-        assert_same_tokens(g, ref, f"{n} tokens, 16 at once")
+        evidence = batch_evidence(proxy, prefill, picked, got, differ)
+        print("\n".join(e.line for e in evidence))
+        if not batch_invariant(engine):
+            explained = {e.index for e in evidence if e.alone is None and e.crowd is not None}
+    for i, (n, g, (_, ref)) in enumerate(zip(MIXED, got, picked)):
+        if i not in explained:
+            assert_same_tokens(g, ref, f"{n} tokens, 16 at once")
 
 
-def diagnose(proxy: str, prefill: str, picked: list, got: list[dict], differ: list[int]) -> str:
-    """What a concurrent difference is (printed; the test fails all the same): the same prompt
-    handed off alone, and the 16 prompts sent at once straight to the colocated instance."""
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    index: int
+    alone: tuple | None
+    """The same prompt handed off alone through P/D: its first difference from colocated, or None."""
+    crowd: tuple | None
+    """The colocated instance's answer to the 16 sent at once: its first difference, or None."""
+    line: str
+
+
+def batch_evidence(proxy: str, prefill: str, picked: list, got: list[dict], differ: list[int]) -> list[Evidence]:
+    """What each concurrent difference is: the same prompt handed off alone, and the 16 prompts
+    sent at once straight to the colocated instance."""
     with concurrent.futures.ThreadPoolExecutor(len(picked)) as ex:
         colocated_at_once = list(ex.map(lambda p: completion(prefill, p[0]), picked))
-    lines = []
+    out = []
     for i in differ:
         ids, ref = picked[i]
         step, margin = first_difference(got[i], ref)
         alone = first_difference(completion(proxy, ids), ref)
         crowd = first_difference(colocated_at_once[i], ref)
-        lines.append(f"{MIXED[i]} tokens: 16 at once through P/D differ at step {step} (colocated top-2 margin "
-                     f"{margin}); alone through P/D: {'identical' if alone is None else f'differ at {alone}'}; "
-                     f"colocated with 16 at once: {'identical' if crowd is None else f'differ at {crowd}'}; "
-                     f"P/D at once == colocated at once: {token_ids(got[i]) == token_ids(colocated_at_once[i])}")
-    return "\n".join(lines)
+        out.append(Evidence(i, alone, crowd, (
+            f"{MIXED[i]} tokens: 16 at once through P/D differ at step {step} (colocated top-2 margin "
+            f"{margin}); alone through P/D: {'identical' if alone is None else f'differ at {alone}'}; "
+            f"colocated with 16 at once: {'identical' if crowd is None else f'differ at {crowd}'}; "
+            f"P/D at once == colocated at once: {token_ids(got[i]) == token_ids(colocated_at_once[i])}")))
+    return out
 
 
 # --- a client gone during the hand-off ------------------------------------------------------
