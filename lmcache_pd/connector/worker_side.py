@@ -305,7 +305,7 @@ class DecodeWorker(_PDWorker):
         self._start_cache(layout, buffer, compat)
         self.receiver = KVReceiver(self.cfg, instance=self.instance, tp_rank=self.tp_rank, compat=compat,
                                    kv=layout, kv_buffer=buffer,
-                                   cache=self.cache_io if self.cache_io.enabled else None, keys=self.keys)
+                                   cache=self.cache_io, keys=self.keys)
         self.receiver.start()
         self._start_api()
         log.info("decode worker %d: %d layers in %d buffer(s), page %d B, transport %s, cache %s", self.tp_rank,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from lmcache_pd._types import PageIdx, PageState, TransferId
@@ -102,6 +102,17 @@ class PagePool:
         self._expired_total = 0
         self._aborted_total = 0
         self.cond = threading.Condition()
+        self._watchers: list[Callable[[], None]] = []
+
+    def watch(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` after every change of a reservation (the decode loader's wake-up). It runs
+        under the pool's lock: it must only signal (set an event), never call back into the pool."""
+        self._watchers.append(fn)
+
+    def _changed(self) -> None:
+        self.cond.notify_all()
+        for fn in self._watchers:
+            fn()
 
     # --- prefill-driven transitions (control plane) ---------------------------------------
     def reserve(self, transfer_id: TransferId, num_pages: int, *, num_tokens: int, prompt_digest: str,
@@ -123,7 +134,7 @@ class PagePool:
             self._live[transfer_id] = Reservation(transfer_id, pages, num_tokens, prompt_digest, owner,
                                                   PageState.ALLOCATED, now + self.lease_s, skip_pages=skip_pages,
                                                   generation=next(self._generations))
-            self.cond.notify_all()
+            self._changed()
             return pages
 
     def _take(self, n: int) -> list[PageIdx]:
@@ -147,7 +158,7 @@ class PagePool:
             r.state, r.num_bytes, r.seconds, r.digest = PageState.READY, num_bytes, seconds, digest
             r.landed = len(r.pages)
             r.lease_deadline = now + self.lease_s  # now the consumer has lease_s to claim it
-            self.cond.notify_all()
+            self._changed()
 
     def mark_landed(self, transfer_id: TransferId, *, owner: str, pages: int, now: float) -> None:
         """The first ``pages`` pages hold their bytes (streamed hand-off); also renews the lease."""
@@ -160,7 +171,7 @@ class PagePool:
                                     transfer_id=transfer_id)
             r.landed = pages
             r.lease_deadline = now + self.lease_s
-            self.cond.notify_all()
+            self._changed()
 
     def renew(self, transfer_ids: Iterable[TransferId], *, owner: str, now: float) -> int:
         n = 0
@@ -237,7 +248,7 @@ class PagePool:
         self._ended[r.transfer_id] = (r, now)
         self._bound_tombstones()
         self._free_if_unused(r, now)
-        self.cond.notify_all()
+        self._changed()
 
     def _bound_tombstones(self) -> None:
         """At most ``max_tombstones``: a flood of Cancels for ids nobody uses must not grow them
@@ -257,7 +268,7 @@ class PagePool:
         self._free.extend(r.pages)
         r.freed = True
         self._held.pop(r.transfer_id, None)
-        self.cond.notify_all()
+        self._changed()
 
     def take_notices(self) -> list[tuple[str, TransferId, int, str]]:
         """(owner, transfer id, generation, reason) of reservations ended while their owner was

@@ -1,8 +1,10 @@
-"""What a decode load is: its outcome (LoadResult) and the loader's own state of the worker's
-request (LoadSpec, handoff.py) (L5; the loader is receiver.py)."""
+"""What a decode load is: its outcome (LoadResult), its phases (LoadPhase, with the moves
+between them) and the loader's own state of the worker's request (LoadSpec, handoff.py) (L5;
+the loader is loader.py)."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from lmcache_pd._types import ReqId, TransferId
@@ -39,8 +41,42 @@ class LoadResult:
     """Wall clock when the load ended (pages in vLLM's blocks, or failed)."""
 
 
+class LoadPhase(enum.Enum):
+    """Where a load stands (the loader, loader.py, moves it; ``NEXT`` says where it may go)."""
+
+    WAITING = "waiting"
+    """Asked for; no pages granted to its transfer id yet (the prefill's Allocate has not come,
+    or waits for pages)."""
+    GRANTED = "granted"
+    """Pages granted; the loader checks that the reservation holds this request's prompt, copies
+    the chunks the decode's own tiers hold (held_prefix.py) and plans the scatter of the rest."""
+    LANDING = "landing"
+    """Planned; groups of pages the prefill reports landed are scattered as they land, under the
+    pool's reader guard, while the rest is in flight."""
+    SCATTERING = "scattering"
+    """Every page READY and claimed: the last copy into vLLM's blocks, then the pages go back."""
+    DONE = "done"
+    FAILED = "failed"
+    """Ended without the KV (failed hand-off, wrong prompt, deadline, request aborted): vLLM
+    recomputes the prompt."""
+
+
+NEXT: dict[LoadPhase, frozenset[LoadPhase]] = {
+    LoadPhase.WAITING: frozenset({LoadPhase.GRANTED, LoadPhase.FAILED}),
+    LoadPhase.GRANTED: frozenset({LoadPhase.LANDING, LoadPhase.SCATTERING, LoadPhase.FAILED}),
+    LoadPhase.LANDING: frozenset({LoadPhase.SCATTERING, LoadPhase.FAILED}),
+    LoadPhase.SCATTERING: frozenset({LoadPhase.DONE, LoadPhase.FAILED}),
+    LoadPhase.DONE: frozenset(),
+    LoadPhase.FAILED: frozenset(),
+}
+"""The allowed moves, in order: WAITING -> GRANTED -> LANDING -> SCATTERING -> DONE (GRANTED goes
+straight to SCATTERING when every page is READY by then); any phase but the last two -> FAILED."""
+
+
 @dataclass
 class LoadState:
+    """The loader's own state of one load; guarded by the loader's lock."""
+
     spec: LoadSpec
     t0: float
     deadline: float
@@ -48,27 +84,27 @@ class LoadState:
     ready_at: float = 0.0
     local: int = 0
     """Leading blocks of the prompt vLLM holds already (its own prefix cache)."""
-    bound: bool = False
-    """``next_page`` was set from the reservation (its skipped pages known)."""
+    phase: LoadPhase = LoadPhase.WAITING
+    busy: bool = False
+    """The loader works on this load outside its lock (copying into its blocks): a cancel
+    meanwhile is kept in ``canceled`` and takes effect when that work ends."""
+    canceled: str | None = None
     next_page: int = 0
     """Index into the reservation's pages of the first page not scattered yet."""
-    cached: bool = False
-    """The blocks the decode's own cache supplies were copied in (or there were none)."""
     cache_tokens: int = 0
-    checked: bool = False
-    """The reservation was found to hold this request's prompt."""
+    """Prompt tokens copied from this instance's own tiers instead of transferred."""
     scatter_s: float = 0.0
     groups: int = 0
     nbytes: int = 0
     prepared: PreparedScatter | None = None
     """The scatter of the pages still to come, planned while waiting for them."""
-    planned: bool = False
-    """Planning ahead was tried (once per load)."""
     planned_ahead: bool = False
-    busy: bool = False
-    """The loader is copying into this load's blocks right now (landed pages, cached chunks)."""
-    canceled: str | None = None
-    """Canceled while busy: the loader ends it as soon as its copy is done."""
+
+    def move(self, phase: LoadPhase) -> None:
+        if phase not in NEXT[self.phase]:
+            raise AssertionError(f"load of {self.spec.handoff.transfer_id}: {self.phase.name} -> {phase.name} "
+                                 "is not a move of LoadPhase (loads.NEXT)")
+        self.phase = phase
 
 
 @dataclass(frozen=True)

@@ -209,13 +209,13 @@ def test_the_hold_keeps_chunks_from_eviction_until_released(pair):
     t1, _ = first_turn(pair)
     memory = pair.io.cache.tiers[0]
     held = set(memory._index.keys())
-    assert pair.receiver.hold(P.Allocate(msg_id=1, transfer_id="tx", num_pages=5, num_tokens=69, prompt_digest="d",
+    assert pair.receiver.prefix.hold(P.Allocate(msg_id=1, transfer_id="tx", num_pages=5, num_tokens=69, prompt_digest="d",
                                          wait_s=1, chains=list(chains(t1)))) == 4
     memory._index.capacity = memory._index.bytes  # full: a new chunk has to evict one
     other = ChunkKey(held.pop().tenant, b"\1" * 32)
     held = set(memory._index.keys())
     assert not memory.put(other, b"x" * 16) and set(memory._index.keys()) == held
-    pair.receiver.release("tx")
+    pair.receiver.prefix.release("tx")
     assert pair.io.cache.holds.owners() == 0
     assert memory.put(other, b"x" * 16) and other in set(memory._index.keys())
 

@@ -159,12 +159,13 @@ def test_a_load_canceled_while_the_loader_copies_ends_after_the_copy():
     n = Node(make_cfg())
     try:
         n.receiver.submit_load(LoadSpec("d-1", Handoff("t1", "prefill-0", BLOCK, "d" * 32), (1,)))
-        with n.receiver.pool.cond:
-            load = n.receiver._loads["d-1"]
+        loader = n.receiver.loader
+        with loader._lock:
+            load = loader._loads["d-1"]
             load.busy = True  # as the loader marks it while scattering landed pages into its blocks
         n.receiver.cancel_load("d-1")
         assert n.receiver.drain(0.3) == [], "reported while the loader may still write into the blocks"
-        n.receiver._idle(load)  # the loader's copy ended
+        loader._settle(load)  # the loader's copy ended
         (ld,) = n.receiver.drain(1)
         assert not ld.ok and ld.error == "request aborted"
     finally:

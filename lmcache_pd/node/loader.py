@@ -1,0 +1,380 @@
+"""The decode loader (L5): one thread that moves each requested hand-off from the pool into
+vLLM's blocks.
+
+A *load* is the decode worker asking for the KV of one request (``LoadSpec``). It goes through
+the phases of ``loads.LoadPhase``, in order, each move checked against ``loads.NEXT``::
+
+    WAITING --> GRANTED --> LANDING --> SCATTERING --> DONE
+       |           |  \\________________^   |
+       +-----------+-----------+-----------+------> FAILED
+
+- WAITING: until the reservation named by the transfer id appears in the pool (the prefill's
+  Allocate was granted), or ``timeouts.transfer_s`` passes (FAILED; the reservation is aborted
+  so that a late one is refused).
+- GRANTED (the loader, outside its lock): check the reservation holds the same prompt (token
+  count, digest, page count); copy the chunks the decode's own tiers hold (``HeldPrefix.fill``);
+  plan, and on a GPU upload, the scatter of the pages still to come. Then LANDING, or straight
+  to SCATTERING when every page is READY already.
+- LANDING: each group of pages the prefill reports landed (streamed hand-off) is scattered at
+  once, under the pool's reader guard (an abort meanwhile cannot hand those pages to anyone
+  else); READY -> SCATTERING; a failed reservation or the deadline -> FAILED.
+- SCATTERING (outside the lock): claim the reservation, verify its digest
+  (``integrity.verify``), copy the pages not yet scattered, give the pages back -> DONE.
+Any error -> FAILED: the pages are aborted (or left as a tombstone), the result says why, and
+vLLM recomputes the prompt.
+
+Threads: vLLM's forward loop calls :meth:`Loader.submit`, :meth:`Loader.cancel` and
+:meth:`Loader.drain`, which never block; the loader thread does every move and copy; the control
+server's thread changes reservations in the pool, which wakes the loader (``PagePool.watch``).
+The loader's lock guards the loads and their phases. Lock order: the loader's lock, then the
+pool's (the loader looks reservations up while holding its own); the pool never calls back
+under its lock except to set the loader's wake-up event. A cancel that comes while the loader
+copies into the load's blocks (``busy``) takes effect when the copy ends: the blocks are
+reported free only once nothing writes into them.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+
+import torch
+
+from lmcache_pd._types import PageState, ReqId
+from lmcache_pd.control.allocator import PagePool, Reservation
+from lmcache_pd.errors import PDError, TransferError
+from lmcache_pd.handoff import LoadSpec
+from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
+from lmcache_pd.node.handoff_log import HandoffLog
+from lmcache_pd.node.held_prefix import HeldPrefix
+from lmcache_pd.node.loads import LoadPhase, LoadResult, LoadState, PreparedScatter
+from lmcache_pd.ops import PreparedCopy, copy_ranges, pool_digest, prepare_copy, run_copy
+
+log = logging.getLogger(__name__)
+_IDLE_S = 0.5
+"""The longest the loader sleeps with nothing to do (it wakes earlier for a deadline or a change)."""
+
+
+class _Step(enum.Enum):
+    """What the loader does next for a load, decided under its lock, done outside it."""
+
+    GRANT = "grant"
+    LAND = "land"
+    SCATTER = "scatter"
+
+
+class Loader:
+    def __init__(self, pool: PagePool, pool_layout: PoolLayout, pool_buffer: torch.Tensor, *, kv: KVLayout,
+                 kv_buffer: torch.Tensor, block_size: int, prefix: HeldPrefix, transfer_s: float, group_bytes: int,
+                 verify: bool, handoff_log: HandoffLog, name: str = "pd-loader"):
+        """``transfer_s``: ``timeouts.transfer_s``, the longest a load waits for its pages;
+        ``group_bytes``: ``transport.group_mib`` in bytes (a hand-off larger than that is
+        streamed: its groups are scattered as they land, each planned then); ``verify``:
+        ``integrity.verify``."""
+        self.pool = pool
+        self.pool_layout = pool_layout
+        self.pool_buffer = pool_buffer
+        self.kv = kv
+        self.kv_buffer = kv_buffer
+        self.block_size = block_size
+        self.prefix = prefix
+        self.transfer_s = transfer_s
+        self.group_bytes = group_bytes
+        self.verify = verify
+        self._handoff_log = handoff_log
+        self._loads: dict[ReqId, LoadState] = {}
+        self._results: list[LoadResult] = []
+        self._lock = threading.Lock()
+        self._recorded = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._stream: torch.cuda.Stream | None = None  # the loader's CUDA stream, made on first use
+        self.digests_verified = self.digest_mismatches = 0  # integrity.verify
+        pool.watch(self._wake.set)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+
+    # --- vLLM's forward loop (never blocks) ---------------------------------------------------
+    def submit(self, spec: LoadSpec) -> None:
+        now = time.monotonic()
+        # The blocks are the tail of the prompt's pages (a local prefix hit covers the rest).
+        local = max(0, blocks_for_tokens(spec.handoff.num_tokens, self.block_size) - len(spec.block_ids))
+        with self._lock:
+            self._loads[spec.req_id] = LoadState(spec, now, now + self.transfer_s, time.time(), local=local)
+        self._wake.set()
+
+    def cancel(self, req_id: ReqId, reason: str = "request aborted") -> None:
+        """End a load now (reported as failed), or, while the loader copies into its blocks, as
+        soon as that copy is done."""
+        with self._lock:
+            load = self._loads.get(req_id)
+            if load is not None and load.busy:
+                load.canceled = reason
+                return
+            self._loads.pop(req_id, None)
+        if load is not None:
+            self._fail(load, reason)
+
+    def drain(self, wait_s: float = 0.0) -> list[LoadResult]:
+        """Results of ended loads. ``wait_s`` > 0 blocks up to that long for one (benchmarks and
+        tests; vLLM's loop never waits)."""
+        with self._lock:
+            if wait_s > 0 and not self._results:
+                self._recorded.wait_for(lambda: bool(self._results), wait_s)
+            out, self._results = self._results, []
+        return out
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._loads)
+
+    # --- the loader thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()  # before looking: a change from here on wakes the next wait
+            steps, failed, wait = self._next_steps()
+            for load, error in failed:
+                self._fail(load, error)
+            for load, step in steps:
+                self._guarded(load, step)
+            if not steps and not failed:
+                self._wake.wait(wait)
+
+    def _next_steps(self) -> tuple[list[tuple[LoadState, _Step]], list[tuple[LoadState, str]], float]:
+        """Under the lock: each load's next step (it is then busy), the loads that failed (no
+        longer listed), and how long to sleep when there is nothing to do."""
+        steps: list[tuple[LoadState, _Step]] = []
+        failed: list[tuple[LoadState, str]] = []
+        with self._lock:
+            now = time.monotonic()
+            for req_id, load in list(self._loads.items()):
+                if load.busy:  # (only between a step's decision and its end)
+                    continue
+                r = self.pool.lookup(load.spec.handoff.transfer_id)
+                outcome = self._decide(load, r, now)
+                if isinstance(outcome, _Step):
+                    load.busy = True
+                    steps.append((load, outcome))
+                elif outcome is not None:
+                    del self._loads[req_id]
+                    failed.append((load, outcome))
+            deadline = min((ld.deadline for ld in self._loads.values()), default=now + _IDLE_S)
+        # Ready loads first, then landed groups, then planning: the copy a request waits on goes first.
+        steps.sort(key=lambda s: (_Step.SCATTER, _Step.LAND, _Step.GRANT).index(s[1]))
+        return steps, failed, max(0.001, min(deadline - now, _IDLE_S))
+
+    def _decide(self, load: LoadState, r: Reservation | None, now: float) -> _Step | str | None:
+        """A load's next step, an error text when it failed, or None to keep waiting."""
+        if r is not None and r.state.failed:
+            return f"hand-off ended: {r.reason}"
+        if load.phase is LoadPhase.WAITING and r is not None:
+            return _Step.GRANT
+        if load.phase is LoadPhase.LANDING and r is not None and r.state == PageState.READY:
+            return _Step.SCATTER
+        if now >= load.deadline:
+            return f"no KV from prefill within {self.transfer_s:g} s (raise `timeouts.transfer_s` to wait longer)"
+        if load.phase is LoadPhase.LANDING and r is not None and r.landed > load.next_page:
+            return _Step.LAND
+        return None
+
+    def _guarded(self, load: LoadState, step: _Step) -> None:
+        try:
+            if step is _Step.GRANT:
+                self._grant(load)
+            elif step is _Step.LAND:
+                self._land(load)
+            else:
+                self._scatter(load)
+        except (PDError, ValueError) as e:  # a hand-off that does not add up (ValueError: its plan)
+            self._end_busy(load, str(e))
+        except Exception as e:  # noqa: BLE001 - the loader must outlive a bug, or every load would hang
+            log.exception("loader crashed on %s", load.spec.handoff.transfer_id)
+            self._end_busy(load, f"internal error: {e!r}")
+        else:
+            self._settle(load)
+
+    def _settle(self, load: LoadState) -> None:
+        """The loader is done with the load for now: a DONE load leaves the list (a cancel that
+        came during its last copy is too late: the KV is in, and reported), and a cancel that came
+        meanwhile ends any other."""
+        with self._lock:
+            load.busy = False
+            ours = self._loads.get(load.spec.req_id) is load
+            canceled = load.canceled if ours and load.phase is not LoadPhase.DONE else None
+            if ours and (canceled is not None or load.phase is LoadPhase.DONE):
+                del self._loads[load.spec.req_id]
+        if canceled is not None:
+            self._fail(load, canceled)
+
+    def _end_busy(self, load: LoadState, error: str) -> None:
+        """A step raised: the load fails with its error (unless it had ended already)."""
+        with self._lock:
+            load.busy = False
+            if self._loads.get(load.spec.req_id) is load:
+                del self._loads[load.spec.req_id]
+        if load.phase is LoadPhase.DONE:  # the error came after the KV was in and reported
+            log.error("loader: %s after the load of %s ended", error, load.spec.handoff.transfer_id)
+            return
+        self._fail(load, error)
+
+    # --- the steps (outside the lock; the load is busy) -------------------------------------
+    def _grant(self, load: LoadState) -> None:
+        """GRANTED: check the reservation, copy the held prefix, plan the scatter while the
+        pages fly; then LANDING, or SCATTERING if every page is READY already."""
+        load.move(LoadPhase.GRANTED)
+        r = self.pool.lookup(load.spec.handoff.transfer_id)
+        if r is None or r.state.failed:  # ended since the loader looked
+            raise TransferError(f"hand-off ended: {r.reason if r is not None else 'its reservation is gone'}",
+                                transfer_id=load.spec.handoff.transfer_id)
+        # Pages cover the blocks after the skipped ones; vLLM may hold more than those.
+        load.next_page = max(0, load.local - r.skip_pages)
+        self._validate(load, r)
+        try:
+            load.cache_tokens = self.prefix.fill(load.spec, load.local, r.skip_pages)
+        finally:
+            self.prefix.release(load.spec.handoff.transfer_id)
+        if r.state == PageState.READY:
+            self._scatter(load)
+            return
+        load.move(LoadPhase.LANDING)
+        first, upto = load.next_page, len(r.pages)
+        if self.group_bytes and (upto - first) * self.pool_layout.page_bytes > self.group_bytes:
+            return  # streamed: its groups are scattered as they land, each planned then
+        plan = self._plan(load, r, first, upto)
+        copy = None
+        if self.kv_buffer.is_cuda:
+            copy = prepare_copy(self.pool_buffer.data_ptr(), self.kv_buffer.data_ptr(), plan,
+                                device=self.kv_buffer.device, stream=self._loader_stream())
+        load.prepared = PreparedScatter(first, upto, plan, copy)
+
+    def _land(self, load: LoadState) -> None:
+        """LANDING: scatter the pages that landed so far, while the prefill side still writes."""
+        r = self.pool.begin_read(load.spec.handoff.transfer_id)
+        if r is None:  # ended or READY meanwhile: the next look says which
+            return
+        try:
+            self._scatter_pages(load, r, r.landed)
+        finally:
+            self.pool.end_read(r)  # whatever happened: a leaked guard would hold the pages forever
+
+    def _scatter(self, load: LoadState) -> None:
+        """SCATTERING: claim the READY reservation, copy what is left, give the pages back."""
+        load.move(LoadPhase.SCATTERING)
+        spec = load.spec
+        load.ready_at = time.time()
+        r = self.pool.claim(spec.handoff.transfer_id)
+        try:
+            self._verify(r)
+            self._scatter_pages(load, r, len(r.pages))
+        finally:
+            self.pool.release(spec.handoff.transfer_id, now=time.monotonic())
+        load.move(LoadPhase.DONE)
+        self._record(LoadResult(spec.req_id, spec.handoff.transfer_id, True, load.nbytes, r.seconds,
+                                time.monotonic() - load.t0, scatter_s=load.scatter_s, groups=load.groups,
+                                planned_ahead=load.planned_ahead, cache_tokens=load.cache_tokens,
+                                submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time()))
+
+    def _validate(self, load: LoadState, r: Reservation) -> None:
+        """The reservation holds this request's prompt."""
+        spec = load.spec
+        if r.num_tokens != spec.handoff.num_tokens or r.prompt_digest != spec.handoff.prompt_digest:
+            raise TransferError("prefill computed a different prompt (token count or digest differs)",
+                                transfer_id=spec.handoff.transfer_id)
+        n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.block_size)
+        if r.skip_pages + len(r.pages) != n_pages or not 0 < len(spec.block_ids) <= n_pages:
+            raise TransferError(f"{r.skip_pages} + {len(r.pages)} pages and {len(spec.block_ids)} blocks for "
+                                f"{spec.handoff.num_tokens} tokens", transfer_id=spec.handoff.transfer_id)
+
+    def _scatter_pages(self, load: LoadState, r: Reservation, upto: int) -> None:
+        """Copy the reservation's pages ``[load.next_page, upto)`` into the load's blocks."""
+        first = load.next_page
+        if upto <= first:
+            return
+        t0 = time.monotonic()
+        p = load.prepared
+        if p is not None and (p.first, p.upto) == (first, upto):
+            plan = p.plan
+            self._copy(plan, p.copy)
+            load.planned_ahead = True
+        else:
+            plan = self._plan(load, r, first, upto)
+            self._copy(plan)
+        load.prepared = None
+        load.scatter_s += time.monotonic() - t0
+        load.groups += 1
+        load.nbytes += plan.nbytes
+        load.next_page = upto
+
+    def _plan(self, load: LoadState, r: Reservation, first: int, upto: int) -> RangePlan:
+        """Pool pages ``[first, upto)`` of the reservation -> the load's blocks."""
+        offset = len(r.pages) - len(load.spec.block_ids)
+        return plan_cache_to_pool(self.kv, self.pool_layout, blocks=load.spec.block_ids[first - offset:upto - offset],
+                                  pages=r.pages[first:upto]).swapped()
+
+    def _verify(self, r: Reservation) -> None:
+        """With ``integrity.verify``: the pool pages hold what the prefill said it sent."""
+        if not self.verify:
+            return
+        if r.digest is None:
+            raise TransferError("the prefill sent no digest (set integrity.verify the same on every instance)",
+                                transfer_id=r.transfer_id)
+        if pool_digest(self.pool_layout, self.pool_buffer, r.pages) != r.digest:
+            with self._lock:
+                self.digest_mismatches += 1
+            raise TransferError("the pages differ from what the prefill sent (integrity.verify)",
+                                transfer_id=r.transfer_id)
+        with self._lock:
+            self.digests_verified += 1
+
+    def _copy(self, plan: RangePlan, prepared: PreparedCopy | None = None) -> None:
+        """Scatter pool pages into vLLM's blocks; on a GPU, complete before the pages go back.
+
+        The copy runs on the loader's own stream: the target blocks belong to this request
+        alone and the pages are READY (or landed, under the reader guard), so it needs no order
+        against vLLM's stream, and vLLM reads the blocks only after the load is reported, which
+        happens after this returns.
+        """
+        if not self.kv_buffer.is_cuda:
+            copy_ranges(self.pool_buffer, self.kv_buffer, plan)
+            return
+        stream = self._loader_stream()
+        if prepared is not None:  # planned and uploaded on this stream while the pages flew
+            run_copy(prepared, stream)
+        else:
+            with torch.cuda.stream(stream):
+                copy_ranges(self.pool_buffer, self.kv_buffer, plan)
+        stream.synchronize()
+
+    def _loader_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.kv_buffer.device)
+        return self._stream
+
+    # --- outcomes -------------------------------------------------------------------------
+    def _fail(self, load: LoadState, error: str) -> None:
+        """FAILED: the pages go back (or a tombstone refuses a late reservation), the hold ends."""
+        load.move(LoadPhase.FAILED)
+        now = time.monotonic()
+        tid = load.spec.handoff.transfer_id
+        self.pool.abort(tid, reason=error, now=now)
+        self.prefix.release(tid)
+        log.warning("load of %s for %s failed, recomputing: %s", tid, load.spec.req_id, error)
+        self._record(LoadResult(load.spec.req_id, tid, False, waited_s=now - load.t0, error=error,
+                                submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time()))
+
+    def _record(self, result: LoadResult) -> None:
+        with self._lock:
+            self._results.append(result)
+            self._recorded.notify_all()
+        self._handoff_log.append(result)
+
