@@ -11,8 +11,9 @@ A receiver checks sizes, then the tag, then the sequence number, and decodes the
 all of them pass: a frame that fails any is dropped and counted, and changes no state.
 A session opens in two round trips: Hello(nonce) -> Challenge(cookie) -> Handshake(nonce,
 cookie) -> HandshakeReply, the reply already tagged with the session's keys (derived from the
-nonce and the cookie). The handshake is two-phase: the decode side compares ``compat_hash``
-first and decodes the opaque ``payload`` (the transport descriptor) only when it matches.
+nonce and the cookie). The decode side compares ``compat_hash`` (and recomputes it from
+``compat``) before it grants a session; only then does the prefill side get the decode's
+transport descriptor (opaque bytes, decoded by the transport).
 
 PROTOCOL_VERSION history:
   1: first version (handshake, allocate, transfer done, cancel, heartbeat, ack, error).
@@ -30,6 +31,8 @@ PROTOCOL_VERSION history:
      generation); Ended (one-way, decode -> prefill): the decode side ended a hand-off the
      prefill was still writing, so the prefill stops, and confirms with a Cancel;
      TransferDone may carry a ``digest`` of the hand-off's bytes (``integrity.verify``).
+  6: Handshake no longer carries a transport descriptor of the prefill side (no transport
+     needed one); HandshakeReply's is named ``descriptor``.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import msgspec
 from lmcache_pd import auth
 from lmcache_pd.errors import ProtocolError
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAGIC = b"LMPD"
 _HEADER = struct.Struct("!4sH")
 HEADER = _HEADER.pack(MAGIC, PROTOCOL_VERSION)
@@ -129,8 +132,6 @@ class Handshake(_Msg):
     incarnation: Name
     compat_hash: Name
     compat: CompatInfo
-    payload: bytes
-    """The prefill side's transport descriptor; opaque here, decoded only after the hash matched."""
     nonce: Blob
     """The Hello's nonce and the Challenge's cookie: the cookie is redeemed once, so a recorded
     Handshake cannot open a session again; both also seed the session's keys."""
@@ -141,8 +142,9 @@ class HandshakeReply(_Msg):
     incarnation: Name
     page_bytes: int
     num_pages: int
-    payload: bytes
-    """The decode side's transport descriptor (its pool region)."""
+    descriptor: bytes
+    """The decode side's transport descriptor (its pool region; opaque here, decoded by the
+    transport)."""
     data_token: Blob = b""
     """Names this session on the data plane: the prefill's transport connections present it,
     and the decode side admits their batches only into this session's reservations."""

@@ -102,7 +102,7 @@ class ControlClient:
         self._session = self.keys.session(self.identity.encode(), hello.nonce, challenge.cookie)
         self._send_seq = self._recv_seq = 0
         msg = P.Handshake(msg_id=self.next_id(), peer=handshake.peer, incarnation=handshake.incarnation,
-                          compat_hash=handshake.compat_hash, compat=handshake.compat, payload=handshake.payload,
+                          compat_hash=handshake.compat_hash, compat=handshake.compat,
                           nonce=hello.nonce, cookie=challenge.cookie)
         reply = await self.request(msg, timeout_s=max(0.001, deadline - loop.time()),
                                    config_field="timeouts.handshake_s", what="handshake")

@@ -364,7 +364,7 @@ class ControlServer:
         self._owners[session.data_token] = identity.decode(errors="replace")
         self.stats.handshakes += 1
         return P.HandshakeReply(msg_id=msg.msg_id, incarnation=self.incarnation, page_bytes=self.page_bytes,
-                                num_pages=self.pool.num_pages, payload=self.descriptor, data_token=session.data_token)
+                                num_pages=self.pool.num_pages, descriptor=self.descriptor, data_token=session.data_token)
 
     def _drop_session(self, identity: bytes, why: str) -> None:
         """Forget a peer; abort what it was still writing (the decode side recomputes those at

@@ -1,58 +1,39 @@
-"""The prefill side's links to decode peers (L5): one authenticated control session and one
-transport connection per decode worker, on the sender's asyncio loop.
+"""The prefill side's links to decode peers (L5): which decode workers this prefill worker has
+a session with (``peer.DecodePeer``: an authenticated control session and a transport
+connection each), on the sender's asyncio loop.
 
 Life of a link:
   1. ``get(peer)`` opens it on first use: Hello and Handshake (``ControlClient.open_session``),
      then the transport connects to the descriptor in the reply; a peer that fails this is
      marked down for ``timeouts.handshake_s`` (later hand-offs fail at once meanwhile);
-  2. ``beat()``, every ``timeouts.heartbeat_s``, heartbeats every link (one heartbeat in flight
-     per link), which renews the leases of its in-flight transfers;
+  2. ``beat()``, every ``timeouts.heartbeat_s``, heartbeats every peer (one heartbeat in flight
+     per peer), which renews the leases of its in-flight hand-offs;
   3. the link is dropped when its connection drops (the client is ``lost``), a heartbeat goes
      unanswered (``timeouts.control_s``), or the peer answers with a new incarnation; the next
      ``get`` opens a new one.
-``cancel`` tells a peer a hand-off is over, once per transfer, over a link that is up.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
 import zmq.asyncio
 
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
-from lmcache_pd._types import PeerName, TransferId
+from lmcache_pd._types import PeerName
 from lmcache_pd.config import PDConfig
 from lmcache_pd.control import curve
 from lmcache_pd.control.client import ControlClient
 from lmcache_pd.errors import PDError, PeerLost, TransferError
 from lmcache_pd.layout import KVLayout, PoolLayout
+from lmcache_pd.node.peer import DecodePeer
 from lmcache_pd.transport import Transport
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Link:
-    client: ControlClient
-    peer_id: int
-    pool: PoolLayout
-    incarnation: str
-    inflight: set[TransferId]
-    data_token: bytes = b""
-    """This session's name on the data plane (its batches go only into its own reservations)."""
-    waiting: int = 0
-    """Hand-offs (and reservations) of this link waiting for their Allocated reply."""
-    beating: bool = False
-    """A heartbeat is in flight (the next one waits for it: one unanswered is enough)."""
-    canceled: collections.OrderedDict[TransferId, None] = field(default_factory=collections.OrderedDict)
-    """The last transfer ids cancelled over this link (a Cancel goes out once per transfer)."""
 
 
 def control_endpoint(cfg: PDConfig, peer: PeerName, tp_rank: int) -> str:
@@ -64,10 +45,9 @@ def control_endpoint(cfg: PDConfig, peer: PeerName, tp_rank: int) -> str:
 
 class Links:
     def __init__(self, cfg: PDConfig, *, instance: str, tp_rank: int, incarnation: str, compat: P.CompatInfo,
-                 kv: KVLayout, keys: auth.Keyring, transport: Transport, region: Callable[[], int],
+                 kv: KVLayout, keys: auth.Keyring, transport: Transport,
                  on_ended: Callable[[PeerName, P.Ended], None] | None = None):
-        """``region``: the sender's registered region (known once it started); ``on_ended``:
-        called when a decode peer ended a hand-off this side was writing (P.Ended)."""
+        """``on_ended``: called when a decode peer ended a hand-off this side was writing (P.Ended)."""
         self.on_ended = on_ended
         self.cfg = cfg
         self.t = cfg.timeouts
@@ -78,31 +58,35 @@ class Links:
         self.kv = kv
         self.keys = keys
         self.transport = transport
-        self.region = region
+        self._chunk_blocks = max(1, cfg.cache.chunk_tokens // compat.block_size)
+        """Blocks per cache chunk: a decode peer skips whole chunks only."""
         self._curve_key = curve.server_keys(keys)[0] if cfg.auth.encrypt else None
         self._ctx: zmq.asyncio.Context | None = None
-        self._links: dict[PeerName, Link] = {}
+        self._links: dict[PeerName, DecodePeer] = {}
         self._locks: dict[PeerName, asyncio.Lock] = {}
         self._down_until: dict[PeerName, tuple[float, str]] = {}
+        self._beats: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._ctx = zmq.asyncio.Context()
 
     async def close(self) -> None:
+        for task in list(self._beats):
+            task.cancel()
         for link in self._links.values():
-            await link.client.close()
+            await link.close()
         self._links.clear()
         if self._ctx is not None:
             self._ctx.term()
 
-    def up(self) -> list[Link]:
+    def up(self) -> list[DecodePeer]:
         return list(self._links.values())
 
-    def find(self, peer: PeerName) -> Link | None:
+    def find(self, peer: PeerName) -> DecodePeer | None:
         """The link to ``peer`` if there is one (never opens one)."""
         return self._links.get(peer)
 
-    async def get(self, peer: PeerName) -> Link:
+    async def get(self, peer: PeerName) -> DecodePeer:
         link = self._links.get(peer)
         if link is not None and link.client.lost is None:
             return link
@@ -126,7 +110,7 @@ class Links:
             self._links[peer] = link
             return link
 
-    async def _open(self, peer: PeerName) -> Link:
+    async def _open(self, peer: PeerName) -> DecodePeer:
         assert self._ctx is not None
         client = ControlClient(self._ctx, endpoint=control_endpoint(self.cfg, peer, self.tp_rank),
                                identity=f"{self.instance}/{self.tp_rank}/{self.incarnation}", peer=peer,
@@ -137,14 +121,12 @@ class Links:
         client.start()
         try:
             msg = P.Handshake(msg_id=0, peer=self.instance, incarnation=self.incarnation,
-                              compat_hash=self.compat.digest(), compat=self.compat,
-                              payload=self.transport.export_descriptor(self.region())
-                              if self.transport.capabilities.exports_source else b"", nonce=b"", cookie=b"")
+                              compat_hash=self.compat.digest(), compat=self.compat, nonce=b"", cookie=b"")
             reply = await client.open_session(msg, timeout_s=self.t.handshake_s)
             if reply.page_bytes != self.kv.page_bytes:
                 raise TransferError(f"decode page size {reply.page_bytes} != ours {self.kv.page_bytes}", peer=peer)
             loop = asyncio.get_running_loop()
-            peer_id = await loop.run_in_executor(None, self.transport.connect, reply.payload, self.t.handshake_s,
+            peer_id = await loop.run_in_executor(None, self.transport.connect, reply.descriptor, self.t.handshake_s,
                                                  reply.data_token)
         except BaseException:
             await client.close()
@@ -152,9 +134,11 @@ class Links:
         pool = PoolLayout(self.kv.num_layers, reply.num_pages, self.kv.block_bytes)
         log.info("linked to decode peer %s (incarnation %s, %d pages of %d B, transport %s)",
                  peer, reply.incarnation, reply.num_pages, reply.page_bytes, self.transport.name)
-        return Link(client, peer_id, pool, reply.incarnation, set(), data_token=reply.data_token)
+        return DecodePeer(peer, client, peer_id=peer_id, pool=pool, incarnation=reply.incarnation,
+                          data_token=reply.data_token, timeouts=self.t, chunk_blocks=self._chunk_blocks,
+                          queue_bound=self.cfg.backpressure.prefill_queue)
 
-    async def drop(self, peer: PeerName, link: Link | None = None) -> None:
+    async def drop(self, peer: PeerName, link: DecodePeer | None = None) -> None:
         """Forget a peer's link (``link``: only if it is still that one; another coroutine may
         have re-linked meanwhile)."""
         if link is not None and self._links.get(peer) is not link:
@@ -162,44 +146,24 @@ class Links:
         link = self._links.pop(peer, None)
         if link is not None:
             self.transport.disconnect(link.peer_id)
-            await link.client.close()
+            await link.close()
 
-    async def cancel(self, link: Link, transfer_id: TransferId, reason: str) -> None:
-        """Best effort: the pages come back at once (or, for a transfer the peer never granted,
-        its load recomputes at once); without an answer the lease reclaims them anyway."""
-        if link.client.lost is not None:  # its session is gone with the connection: nothing to cancel in it
-            return
-        if transfer_id in link.canceled:
-            return
-        link.canceled[transfer_id] = None
-        if len(link.canceled) > 1024:
-            link.canceled.popitem(last=False)
-        msg = P.Cancel(msg_id=link.client.next_id(), transfer_id=transfer_id, reason=reason[:200])
-        try:
-            await link.client.request(msg, timeout_s=self.t.control_s, config_field="timeouts.control_s",
-                                      what="cancel", transfer_id=transfer_id)
-        except PDError as e:
-            log.debug("cancel of %s not acknowledged: %s", transfer_id, e)
-
-    def beat(self, spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
-        """Start a heartbeat on every link that has none in flight (concurrently: a silent peer
+    def beat(self) -> None:
+        """Start a heartbeat on every peer that has none in flight (concurrently: a silent peer
         delays no other)."""
-        for peer, link in list(self._links.items()):
+        loop = asyncio.get_running_loop()
+        for name, link in list(self._links.items()):
             if not link.beating:
                 link.beating = True
-                spawn(self._beat(peer, link))
+                task = loop.create_task(self._beat(name, link))
+                self._beats.add(task)
+                task.add_done_callback(self._beats.discard)
 
-    async def _beat(self, peer: PeerName, link: Link) -> None:
-        msg = P.Heartbeat(msg_id=link.client.next_id(), transfer_ids=sorted(link.inflight))
+    async def _beat(self, name: PeerName, link: DecodePeer) -> None:
         try:
-            ack = await link.client.request(msg, timeout_s=self.t.control_s, config_field="timeouts.control_s",
-                                            what="heartbeat")
-        except PDError as e:
-            log.warning("decode peer %s lost (%s): link dropped, the next hand-off re-links", peer, e)
-            await self.drop(peer, link)
-            return
+            why = await link.heartbeat()
         finally:
             link.beating = False
-        if isinstance(ack, P.Ack) and ack.incarnation != link.incarnation:
-            log.warning("decode peer %s restarted (new incarnation); re-linking", peer)
-            await self.drop(peer, link)
+        if why is not None:
+            log.warning("decode peer %s lost (%s): link dropped, the next hand-off re-links", name, why)
+            await self.drop(name, link)

@@ -25,6 +25,8 @@ Every link is kept alive by heartbeats (``timeouts.heartbeat_s``), which also re
 its pages; a link whose heartbeat goes unanswered, whose connection drops, or whose peer
 answers with a new incarnation is dropped, and the next hand-off opens a new session.
 Results are collected with :meth:`drain`, which the connector calls once per engine step.
+Every message to a decode peer goes through its ``DecodePeer`` (peer.py), which also owns the
+peer's in-flight hand-offs; ``Links`` (links.py) opens and drops peers.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
 from lmcache_pd._types import BlockId, PeerName, ReqId, TransferId, TransferState
 from lmcache_pd.config import PDConfig
-from lmcache_pd.errors import PDError, PeerLost, PoolExhausted, TransferError, TransferTimeout
+from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
 from lmcache_pd.handoff import Handoff, SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
 from lmcache_pd.node.handoff_log import HandoffLog
-from lmcache_pd.node.links import Link, Links
+from lmcache_pd.node.links import Links
 from lmcache_pd.node.loop import LoopThread
+from lmcache_pd.node.peer import DecodePeer, Grant
 from lmcache_pd.ops import cache_digest
 
 log = logging.getLogger(__name__)
@@ -81,17 +84,6 @@ class SendResult:
     """Wall clock when it ended (TransferDone acknowledged, or failed)."""
 
 
-@dataclass(frozen=True)
-class _Grant:
-    """Decode pages for one hand-off: ``pages[i]`` receives block ``skip + i`` of the prompt."""
-
-    link: Link
-    pages: list[int]
-    skip: int
-    generation: int = 0
-    """The reservation's generation: with the transfer id, every data batch names it."""
-
-
 class KVSender:
     def __init__(self, cfg: PDConfig, *, instance: str, tp_rank: int, compat: P.CompatInfo,
                  kv: KVLayout, kv_buffer: torch.Tensor, keys: auth.Keyring | None = None):
@@ -105,22 +97,19 @@ class KVSender:
         self.kv = kv
         self.kv_buffer = kv_buffer
         self.incarnation = uuid.uuid4().hex[:16]
-        self._chunk_blocks = max(1, cfg.cache.chunk_tokens // compat.block_size)
-        """Blocks per cache chunk: the decode side skips whole chunks only."""
         self.transport = transports.create(cfg.transport.name, cfg.transport.options, keys=self.keys,
                                            encrypt=cfg.auth.encrypt)
         self.region = -1
         self._loop = LoopThread(f"pd-sender-{tp_rank}")
         self.links = Links(cfg, instance=instance, tp_rank=tp_rank, incarnation=self.incarnation, compat=compat,
-                           kv=kv, keys=self.keys, transport=self.transport, region=lambda: self.region,
-                           on_ended=self._on_ended)
+                           kv=kv, keys=self.keys, transport=self.transport, on_ended=self._on_ended)
         self._ended: collections.OrderedDict[tuple[PeerName, TransferId], str] = collections.OrderedDict()
         """Hand-offs the decode side ended while we wrote them (P.Ended): stop, and confirm."""
         self._results: list[SendResult] = []
         self._results_lock = threading.Lock()
         self._started: dict[TransferId, float] = {}  # wall clock at each hand-off's start (timeline)
         self._sent = self._failed = 0
-        self._reserved: dict[TransferId, tuple[float, asyncio.Task[_Grant]]] = {}
+        self._reserved: dict[TransferId, tuple[float, asyncio.Task[Grant]]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._beats: asyncio.Task[None] | None = None
         self._handoff_log = HandoffLog(cfg.handoff_log, instance=instance, rank=tp_rank, role="prefill")
@@ -164,9 +153,9 @@ class KVSender:
         """Links, hand-offs and transport counters (for the worker API; thread-safe)."""
         async def links() -> dict[str, int]:
             ls = self.links.up()
-            return {"peers": len(ls), "inflight": sum(len(link.inflight) for link in ls),
-                    "waiting_for_pages": sum(link.waiting for link in ls), "reserved": len(self._reserved),
-                    "dropped_replies_total": sum(link.client.malformed for link in ls)}
+            return {"peers": len(ls), "inflight": sum(peer.inflight for peer in ls),
+                    "waiting_for_pages": sum(peer.waiting for peer in ls), "reserved": len(self._reserved),
+                    "dropped_replies_total": sum(peer.client.malformed for peer in ls)}
         try:
             out = {"links": self._loop.call(links(), 2.0)}
         except Exception:  # noqa: BLE001 - a busy or stopped loop: report what is known
@@ -221,9 +210,9 @@ class KVSender:
             entry = self._reserved[h.transfer_id] = (time.monotonic(), task)
         await asyncio.shield(entry[1])
 
-    async def _allocate_pages(self, h: Handoff) -> _Grant:
+    async def _allocate_pages(self, h: Handoff) -> Grant:
         grant = await self._allocate(h, blocks_for_tokens(h.num_tokens, self.compat.block_size))
-        grant.link.inflight.add(h.transfer_id)  # heartbeats renew the pages' lease until the hand-off ends
+        grant.peer.track(h.transfer_id)  # heartbeats renew the pages' lease until the hand-off ends
         return grant
 
     async def _unreserve(self, transfer_id: TransferId, reason: str) -> None:
@@ -231,23 +220,23 @@ class KVSender:
         if entry is not None:
             await self._give_back(entry[1], transfer_id, reason)
 
-    async def _give_back(self, task: asyncio.Task[_Grant], transfer_id: TransferId, reason: str) -> None:
+    async def _give_back(self, task: asyncio.Task[Grant], transfer_id: TransferId, reason: str) -> None:
         try:
             grant = await task
         except Exception:  # noqa: BLE001 - nothing was granted, nothing to give back
             return
-        grant.link.inflight.discard(transfer_id)
-        await self.links.cancel(grant.link, transfer_id, reason)
+        grant.peer.untrack(transfer_id)
+        await grant.peer.cancel(transfer_id, reason)
 
-    async def _take_reservation(self, spec: SendSpec, n_pages: int) -> tuple[_Grant, bool]:
+    async def _take_reservation(self, spec: SendSpec, n_pages: int) -> tuple[Grant, bool]:
         """The pages reserved for this hand-off (and True), else allocated now (and False)."""
         entry = self._reserved.pop(spec.handoff.transfer_id, None)
         if entry is None:
             return await self._allocate_pages(spec.handoff), False
         grant = await entry[1]  # its failure is this hand-off's failure (no second wait)
         if grant.skip + len(grant.pages) != n_pages:  # both come from the same request: a bug if ever seen
-            grant.link.inflight.discard(spec.handoff.transfer_id)
-            await self.links.cancel(grant.link, spec.handoff.transfer_id, "reservation of the wrong size")
+            grant.peer.untrack(spec.handoff.transfer_id)
+            await grant.peer.cancel(spec.handoff.transfer_id, "reservation of the wrong size")
             raise TransferError(f"reserved {grant.skip} + {len(grant.pages)} pages, the hand-off needs {n_pages}",
                                 transfer_id=spec.handoff.transfer_id)
         return grant, True
@@ -267,7 +256,7 @@ class KVSender:
             self._result(SendResult(spec.req_id, spec.handoff.transfer_id, False, error=f"hand-off took over {limit:g} s"))
 
     async def _send_steps(self, spec: SendSpec, ready: torch.cuda.Event | None, t0: float) -> None:
-        link: Link | None = None
+        peer: DecodePeer | None = None
         try:
             n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.compat.block_size)
             if len(spec.block_ids) < n_pages:
@@ -275,24 +264,21 @@ class KVSender:
                 raise TransferError(f"{len(spec.block_ids)} blocks for {spec.handoff.num_tokens} tokens",
                                     transfer_id=spec.handoff.transfer_id)
             grant, reserved = await self._take_reservation(spec, n_pages)
-            link, pages = grant.link, grant.pages
+            peer, pages = grant.peer, grant.pages
             self._check_ended(spec.handoff)
             t_alloc = time.monotonic()
             blocks = spec.block_ids[grant.skip:n_pages]  # the decode side holds the first ones
             ends = self._group_ends(len(pages))
-            plans = [plan_cache_to_pool(self.kv, link.pool, blocks=blocks[a:b], pages=pages[a:b])
+            plans = [plan_cache_to_pool(self.kv, peer.pool, blocks=blocks[a:b], pages=pages[a:b])
                      for a, b in zip((0, *ends[:-1]), ends)]
             nbytes = sum(p.nbytes for p in plans)
             t_data = time.monotonic()
-            digest = self._digest(blocks, pages, link, ready)  # reads the blocks while they fly
-            await self._transfer(link, plans, ends, spec, P.ticket(spec.handoff.transfer_id, grant.generation), ready)
+            digest = self._digest(blocks, pages, peer, ready)  # reads the blocks while they fly
+            await self._transfer(peer, plans, ends, spec, P.ticket(spec.handoff.transfer_id, grant.generation), ready)
             seconds = time.monotonic() - t_data
-            done = P.TransferDone(msg_id=link.client.next_id(), transfer_id=spec.handoff.transfer_id,
-                                  num_bytes=nbytes, seconds=seconds,
-                                  digest=await digest if digest is not None else None)
+            checked = await digest if digest is not None else None
             t_done = time.monotonic()
-            await link.client.request(done, timeout_s=self.t.control_s, config_field="timeouts.control_s",
-                                      what="transfer-done", transfer_id=spec.handoff.transfer_id)
+            await peer.transfer_done(spec.handoff.transfer_id, nbytes, seconds, checked)
             log.info("sent %s: %d B in %.2f ms (%.2f GB/s, %d groups; %d of %d blocks held by the decode side), "
                      "hand-off %.2f ms", spec.handoff.transfer_id, nbytes, seconds * 1e3, nbytes / max(seconds, 1e-9) / 1e9,
                      len(plans), grant.skip, n_pages, (time.monotonic() - t0) * 1e3)
@@ -301,23 +287,23 @@ class KVSender:
                                     skipped_pages=grant.skip))
         except (PDError, OSError) as e:
             log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.handoff.transfer_id, spec.handoff.peer, e)
-            await self._cancel_any(link, spec.handoff, str(e))
+            await self._cancel_any(peer, spec.handoff, str(e))
             self._result(SendResult(spec.req_id, spec.handoff.transfer_id, False, error=str(e)))
         except Exception as e:  # noqa: BLE001 - a bug must not leave vLLM's blocks held forever
             log.exception("hand-off %s crashed", spec.handoff.transfer_id)
-            await self._cancel_any(link, spec.handoff, repr(e))
+            await self._cancel_any(peer, spec.handoff, repr(e))
             self._result(SendResult(spec.req_id, spec.handoff.transfer_id, False, error=repr(e)))
         finally:
-            if link is not None:
-                link.inflight.discard(spec.handoff.transfer_id)
+            if peer is not None:
+                peer.untrack(spec.handoff.transfer_id)
 
-    async def _cancel_any(self, link: Link | None, h: Handoff, reason: str) -> None:
+    async def _cancel_any(self, peer: DecodePeer | None, h: Handoff, reason: str) -> None:
         """Tell the decode side the hand-off will not come, whether or not pages were granted
         (none granted: the Cancel leaves a tombstone, so its load recomputes at once instead of
         waiting for timeouts.transfer_s). Only over a link that is up: this never opens one."""
-        link = link or self.links.find(h.peer)
-        if link is not None:
-            await self.links.cancel(link, h.transfer_id, reason)
+        peer = peer or self.links.find(h.peer)
+        if peer is not None:
+            await peer.cancel(h.transfer_id, reason)
 
     def _result(self, r: SendResult) -> None:
         r = dataclasses.replace(r, started_at=self._started.pop(r.transfer_id, 0.0), done_at=time.time())
@@ -329,42 +315,19 @@ class KVSender:
                 self._failed += 1
         self._handoff_log.append(r)
 
-    async def _allocate(self, h: Handoff, n_pages: int) -> _Grant:
+    async def _allocate(self, h: Handoff, n_pages: int) -> Grant:
         for attempt in (1, 2):
-            link = await self.links.get(h.peer)
-            bound = self.cfg.backpressure.prefill_queue
-            if link.waiting >= bound:
-                raise PoolExhausted(f"{link.waiting} hand-offs already wait for pages of {h.peer} "
-                                    "(backpressure.prefill_queue): this one is not queued",
-                                    transfer_id=h.transfer_id, peer=h.peer)
-            msg = P.Allocate(msg_id=link.client.next_id(), transfer_id=h.transfer_id, num_pages=n_pages,
-                             num_tokens=h.num_tokens, prompt_digest=h.prompt_digest, wait_s=self.t.alloc_s,
-                             chains=list(h.chains), tenant=h.tenant)
-            link.waiting += 1
+            peer = await self.links.get(h.peer)
             try:
-                reply = await link.client.request(msg, timeout_s=self.t.alloc_s + self.t.control_s,
-                                                  config_field="timeouts.alloc_s", what="page allocation",
-                                                  transfer_id=h.transfer_id)
+                return await peer.allocate(h, n_pages)
             except PeerLost:
                 # The connection dropped (the decode instance died or restarted): open a new session once.
-                await self.links.drop(h.peer, link)
+                await self.links.drop(h.peer, peer)
                 if attempt == 2:
                     raise
-                continue
-            finally:
-                link.waiting -= 1
-            assert isinstance(reply, P.Allocated)
-            skip = reply.skip_pages
-            if (not 0 <= skip < n_pages or skip % self._chunk_blocks or skip > len(h.chains) * self._chunk_blocks
-                    or len(reply.pages) != n_pages - skip
-                    or any(not 0 <= p < link.pool.num_pages for p in reply.pages)):
-                await self.links.cancel(link, h.transfer_id, "bad Allocated reply")  # its pages come back now
-                raise TransferError(f"decode replied with bad pages ({len(reply.pages)} pages, {skip} skipped, "
-                                    f"{n_pages} blocks)", transfer_id=h.transfer_id)
-            return _Grant(link, reply.pages, skip, reply.generation)
         raise AssertionError("unreachable")
 
-    def _digest(self, blocks: tuple[BlockId, ...], pages: list[int], link: Link,
+    def _digest(self, blocks: tuple[BlockId, ...], pages: list[int], peer: DecodePeer,
                 ready: torch.cuda.Event | None) -> asyncio.Future[int] | None:
         """With ``integrity.verify``: the digest of what this hand-off sends, computed on a worker
         thread while the transfer runs (after the forward that wrote the blocks)."""
@@ -374,7 +337,7 @@ class KVSender:
         def compute() -> int:
             if ready is not None:
                 ready.synchronize()
-            return cache_digest(self.kv, self.kv_buffer, blocks, link.pool, pages)
+            return cache_digest(self.kv, self.kv_buffer, blocks, peer.pool, pages)
         return asyncio.get_running_loop().run_in_executor(None, compute)
 
     def _group_ends(self, n_pages: int) -> tuple[int, ...]:
@@ -383,7 +346,7 @@ class KVSender:
         per = max(1, (mib << 20) // self.kv.page_bytes) if mib else n_pages
         return tuple(min(a + per, n_pages) for a in range(0, n_pages, per))
 
-    async def _transfer(self, link: Link, plans: list[RangePlan], ends: tuple[int, ...], spec: SendSpec,
+    async def _transfer(self, peer: DecodePeer, plans: list[RangePlan], ends: tuple[int, ...], spec: SendSpec,
                         ticket: bytes, ready: torch.cuda.Event | None = None) -> None:
         """Submit every group's plan at once; as each group (in order) is in the pool, tell the
         decode side with a one-way Landed so that it can scatter it while the rest is in flight."""
@@ -401,7 +364,7 @@ class KVSender:
         handles = []
         try:
             for plan in plans:
-                handle = self.transport.submit(link.peer_id, self.region, plan, timeout_s=self.t.data_s, after=ready,
+                handle = self.transport.submit(peer.peer_id, self.region, plan, timeout_s=self.t.data_s, after=ready,
                                                ticket=ticket)
                 handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
                 handles.append(handle)
@@ -412,8 +375,7 @@ class KVSender:
                     self._check_state(state, handles[landed], spec)
                     landed += 1
                     if landed < len(handles):
-                        await link.client.post(P.Landed(msg_id=link.client.next_id(), transfer_id=spec.handoff.transfer_id,
-                                                        pages=ends[landed - 1]))
+                        await peer.landed(spec.handoff.transfer_id, ends[landed - 1])
                 if landed == len(handles):
                     return
                 self._check_ended(spec.handoff)  # raising releases (so stops) what is still in flight
@@ -450,7 +412,7 @@ class KVSender:
                             self.t.transfer_s)
                 # Not awaited here: a reservation still queued for pages must not stall heartbeats.
                 self._spawn(self._give_back(self._reserved.pop(tid)[1], tid, "reservation unused"))
-            self.links.beat(self._spawn)
+            self.links.beat()
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -49,8 +49,6 @@ class Capabilities:
     """Device types of registrable memory: {"cpu"}, {"cpu", "cuda"}."""
     listens: bool
     """The receiver listens on a data port (``data_port`` of the decode instance)."""
-    exports_source: bool = False
-    """The decode side needs the prefill side's descriptor too (sent in the handshake)."""
     stream_ordered: bool = False
     """``submit(after=event)`` orders the copy after a CUDA event on the GPU itself. Others are
     handed the source only once the event has completed (the sender waits, off vLLM's thread)."""

@@ -31,7 +31,7 @@ async def client_for(srv: ControlServer, identity: str = "prefill-0/0/x",
 
 def handshake_msg(compat: P.CompatInfo = COMPAT, peer: str = "prefill-0", incarnation: str = "pre-1") -> P.Handshake:
     return P.Handshake(msg_id=0, peer=peer, incarnation=incarnation, compat_hash=compat.digest(), compat=compat,
-                       payload=b"", nonce=b"", cookie=b"")
+                       nonce=b"", cookie=b"")
 
 
 async def handshake(c: ControlClient, compat: P.CompatInfo = COMPAT, timeout_s: float = 5.0) -> P.Message:
@@ -92,7 +92,7 @@ class RawPeer:
         ch = self.recv()
         assert isinstance(ch, P.Challenge) and ch.nonce == nonce, ch
         self.send(P.Handshake(msg_id=2, peer=peer, incarnation=incarnation, compat_hash=compat.digest(),
-                              compat=compat, payload=b"", nonce=nonce, cookie=ch.cookie))
+                              compat=compat, nonce=nonce, cookie=ch.cookie))
         self.session, self.seq = self.keys.session(self.identity, nonce, ch.cookie), 0
         return self.recv()
 

@@ -46,7 +46,7 @@ def test_handshake_allocate_and_ready(server):
         ctx, c = await client_for(server)
         reply = await handshake(c)
         assert isinstance(reply, P.HandshakeReply)
-        assert (reply.incarnation, reply.num_pages, reply.payload) == ("dec-1", 8, b"pool-descriptor")
+        assert (reply.incarnation, reply.num_pages, reply.descriptor) == ("dec-1", 8, b"pool-descriptor")
         got = await req(c, alloc(c, "t1", 3))
         assert isinstance(got, P.Allocated) and got.pages == [0, 1, 2]
         assert server.pool.lookup("t1").state == PageState.ALLOCATED
@@ -71,7 +71,7 @@ def test_incompatible_peer_is_refused_naming_the_field(server):
         assert "block_size: prefill 16 != decode 128" in str(e.value)
         # A forged hash over a different compat is refused too.
         forged = P.Handshake(msg_id=0, peer="p", incarnation="i", compat_hash=COMPAT.digest(),
-                             compat=bad, payload=b"", nonce=b"", cookie=b"")
+                             compat=bad, nonce=b"", cookie=b"")
         with pytest.raises(IncompatiblePeer):
             await c.open_session(forged, timeout_s=5)
         await c.close()

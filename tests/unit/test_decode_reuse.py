@@ -249,7 +249,7 @@ class FakeDecode:
             if isinstance(msg, P.Handshake):
                 session = keys.session(identity, msg.nonce, msg.cookie)
                 out = P.HandshakeReply(msg_id=msg.msg_id, incarnation="x", page_bytes=PAGE, num_pages=16,
-                                       payload=self.descriptor)
+                                       descriptor=self.descriptor)
             elif isinstance(msg, P.Allocate):
                 out = P.Allocated(msg_id=msg.msg_id, transfer_id=msg.transfer_id, lease_s=5, **self.reply)
             else:

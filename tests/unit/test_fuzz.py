@@ -65,7 +65,7 @@ class Harness:
                          key_class=P.KEY_DEPLOYMENT, seq=0))
         cookie = P.decode_unverified(self.sock.sent[-1][1:]).cookie
         self.handshake = P.seal(P.Handshake(msg_id=2, peer="prefill-0", incarnation="i", compat_hash=COMPAT.digest(),
-                                            compat=COMPAT, payload=b"", nonce=nonce, cookie=cookie),
+                                            compat=COMPAT, nonce=nonce, cookie=cookie),
                                 KEYS.control.to_decode, key_class=P.KEY_DEPLOYMENT, seq=0)
         self.feed(self.handshake)
         self.keys = KEYS.session(IDENTITY, nonce, cookie)
