@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from _common import sync
 
-from lmcache_pd import Keyring, TransferState, coalesce, config_from_dict
+from lmcache_pd import BatchState, Keyring, coalesce, config_from_dict
 from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
 
@@ -90,8 +90,8 @@ class RawPair:
         while not (state := self.tx.poll(h)).terminal:
             ended.wait(0.001)
         dt = time.perf_counter() - t0
-        h.release()
-        if state != TransferState.DONE:
+        h.close()
+        if state != BatchState.DONE:
             raise RuntimeError(f"transfer failed: {h.error}")
         return dt
 

@@ -65,7 +65,7 @@ def same_process(size: int, repeat: int, src: str, dst: str) -> dict:
             if i:
                 times.append(time.perf_counter() - t0)
             assert h.state.name == "DONE", h.error
-            h.release()
+            h.close()
         return {"size": size, "kind": "raw/contiguous", "gbps": size / float(np.median(times)) / 1e9,
                 "path": tx.stats.path}
     finally:

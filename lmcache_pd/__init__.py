@@ -5,7 +5,7 @@ plan helpers, and the transport registry (``lmcache_pd.transport``). Importing t
 not import torch, zmq or vLLM.
 """
 
-from lmcache_pd._types import PageState, TransferState
+from lmcache_pd._types import BatchState, ReservationState
 from lmcache_pd.auth import Keyring
 from lmcache_pd.config import PDConfig, config_from_dict, load_config
 from lmcache_pd.errors import (
@@ -24,8 +24,8 @@ from lmcache_pd.protocol import PROTOCOL_VERSION
 
 __version__ = "0.1.0"
 __all__ = [
-    "PROTOCOL_VERSION", "ConfigError", "IncompatiblePeer", "KVLayout", "Keyring", "PDConfig", "PDError", "PageState", "PeerLost",
-    "PoolExhausted", "PoolLayout", "ProtocolError", "RangePlan", "TransferError", "TransferState",
+    "PROTOCOL_VERSION", "BatchState", "ConfigError", "IncompatiblePeer", "KVLayout", "Keyring", "PDConfig", "PDError",
+    "PeerLost", "PoolExhausted", "PoolLayout", "ProtocolError", "RangePlan", "ReservationState", "TransferError",
     "TransferTimeout", "TransportUnavailable", "__version__", "coalesce", "config_from_dict", "load_config",
     "plan_cache_to_pool",
 ]

@@ -22,7 +22,7 @@ PageIdx = int
 BlockId = int
 """vLLM's KV block id (manager view)."""
 
-class TransferState(enum.IntEnum):
+class BatchState(enum.IntEnum):
     """Life of one transport batch, ordered so that ``max`` keeps the most advanced state.
 
     FAILED, TIMEOUT and CANCELED are terminal and sticky.
@@ -37,13 +37,13 @@ class TransferState(enum.IntEnum):
 
     @property
     def terminal(self) -> bool:
-        return self >= TransferState.DONE
+        return self >= BatchState.DONE
 
 
-class PageState(enum.IntEnum):
+class ReservationState(enum.IntEnum):
     """State of a reservation (and of all its pages) in the decode-side pool.
 
-    ALLOCATED -> READY -> CONSUMING -> released; or -> ABORTED / EXPIRED (released).
+    ALLOCATED -> READY -> CONSUMING -> freed (``PagePool.free``); or -> ABORTED / EXPIRED (freed).
     Nothing may read a page before READY.
     """
 
@@ -55,4 +55,4 @@ class PageState(enum.IntEnum):
 
     @property
     def failed(self) -> bool:
-        return self in (PageState.ABORTED, PageState.EXPIRED)
+        return self in (ReservationState.ABORTED, ReservationState.EXPIRED)

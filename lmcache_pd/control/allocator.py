@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from lmcache_pd._types import PageIdx, PageState, TransferId
+from lmcache_pd._types import PageIdx, ReservationState, TransferId
 from lmcache_pd.errors import PoolExhausted, TransferError
 
 
@@ -44,7 +44,7 @@ class Reservation:
     num_tokens: int
     prompt_digest: str
     owner: str
-    state: PageState
+    state: ReservationState
     lease_deadline: float
     num_bytes: int = 0
     seconds: float = 0.0
@@ -132,7 +132,7 @@ class PagePool:
                 return None
             pages = self._take(num_pages)
             self._live[transfer_id] = Reservation(transfer_id, pages, num_tokens, prompt_digest, owner,
-                                                  PageState.ALLOCATED, now + self.lease_s, skip_pages=skip_pages,
+                                                  ReservationState.ALLOCATED, now + self.lease_s, skip_pages=skip_pages,
                                                   generation=next(self._generations))
             self._changed()
             return pages
@@ -153,9 +153,9 @@ class PagePool:
                    now: float, digest: int | None = None) -> None:
         with self.cond:
             r = self._owned(transfer_id, owner)
-            if r.state != PageState.ALLOCATED:
+            if r.state != ReservationState.ALLOCATED:
                 raise TransferError(f"cannot mark ready in state {r.state.name}", transfer_id=transfer_id)
-            r.state, r.num_bytes, r.seconds, r.digest = PageState.READY, num_bytes, seconds, digest
+            r.state, r.num_bytes, r.seconds, r.digest = ReservationState.READY, num_bytes, seconds, digest
             r.landed = len(r.pages)
             r.lease_deadline = now + self.lease_s  # now the consumer has lease_s to claim it
             self._changed()
@@ -164,7 +164,7 @@ class PagePool:
         """The first ``pages`` pages hold their bytes (streamed hand-off); also renews the lease."""
         with self.cond:
             r = self._owned(transfer_id, owner)
-            if r.state != PageState.ALLOCATED:
+            if r.state != ReservationState.ALLOCATED:
                 raise TransferError(f"cannot mark pages landed in state {r.state.name}", transfer_id=transfer_id)
             if not r.landed <= pages <= len(r.pages):
                 raise TransferError(f"landed pages {pages} outside [{r.landed}, {len(r.pages)}]",
@@ -178,7 +178,7 @@ class PagePool:
         with self.cond:
             for tid in transfer_ids:
                 r = self._live.get(tid)
-                if r is not None and r.owner == owner and r.state in (PageState.ALLOCATED, PageState.READY):
+                if r is not None and r.owner == owner and r.state in (ReservationState.ALLOCATED, ReservationState.READY):
                     r.lease_deadline = now + self.lease_s
                     n += 1
         return n
@@ -202,14 +202,14 @@ class PagePool:
             r = self._live.get(transfer_id)
             if r is None:
                 if transfer_id not in self._ended:
-                    self._ended[transfer_id] = (Reservation(transfer_id, [], 0, "", owner or "", PageState.ABORTED,
+                    self._ended[transfer_id] = (Reservation(transfer_id, [], 0, "", owner or "", ReservationState.ABORTED,
                                                             now, reason=reason), now)
                     self._bound_tombstones()
                 return False
             if owner is not None and r.owner != owner:
                 raise TransferError("transfer belongs to another peer", transfer_id=transfer_id)
             # The owner's own Cancel comes after it stopped writing: nothing to hold, nobody to tell.
-            self._end(r, PageState.ABORTED, reason, now, by_owner=owner is not None)
+            self._end(r, ReservationState.ABORTED, reason, now, by_owner=owner is not None)
             self._aborted_total += 1
             return True
 
@@ -228,17 +228,17 @@ class PagePool:
         """End every reservation ``owner`` is still writing (ALLOCATED): the peer is gone.
         Those it finished (READY) stay for their consumer, until their lease."""
         with self.cond:
-            gone = [r for r in self._live.values() if r.owner == owner and r.state == PageState.ALLOCATED]
+            gone = [r for r in self._live.values() if r.owner == owner and r.state == ReservationState.ALLOCATED]
             for r in gone:
-                self._end(r, PageState.ABORTED, reason, now, notify=False)  # its session is gone
+                self._end(r, ReservationState.ABORTED, reason, now, notify=False)  # its session is gone
                 self._aborted_total += 1
             return [r.transfer_id for r in gone]
 
-    def _end(self, r: Reservation, state: PageState, reason: str, now: float, *, by_owner: bool = False,
+    def _end(self, r: Reservation, state: ReservationState, reason: str, now: float, *, by_owner: bool = False,
              notify: bool = True) -> None:
         del self._live[r.transfer_id]
         r.ended = True
-        if r.state == PageState.ALLOCATED and not by_owner:  # the owner may still be writing
+        if r.state == ReservationState.ALLOCATED and not by_owner:  # the owner may still be writing
             if self.quarantine_s > 0:
                 r.held_until = now + self.quarantine_s
             if notify:
@@ -286,7 +286,7 @@ class PagePool:
             r = self._owned(transfer_id, owner)
             if r.generation != generation:
                 raise TransferError(f"generation {generation} is not this reservation's", transfer_id=transfer_id)
-            if r.state != PageState.ALLOCATED:
+            if r.state != ReservationState.ALLOCATED:
                 raise TransferError(f"cannot write in state {r.state.name}", transfer_id=transfer_id)
             stray = set(pages).difference(r.pages)
             if stray:
@@ -306,8 +306,8 @@ class PagePool:
         gone: list[TransferId] = []
         with self.cond:
             for r in list(self._live.values()):
-                if r.state != PageState.CONSUMING and r.lease_deadline <= now:
-                    self._end(r, PageState.EXPIRED, f"lease of {self.lease_s:g} s passed (timeouts.lease_s)", now)
+                if r.state != ReservationState.CONSUMING and r.lease_deadline <= now:
+                    self._end(r, ReservationState.EXPIRED, f"lease of {self.lease_s:g} s passed (timeouts.lease_s)", now)
                     self._expired_total += 1
                     gone.append(r.transfer_id)
             for r in list(self._held.values()):
@@ -334,7 +334,7 @@ class PagePool:
         """
         with self.cond:
             r = self._live.get(transfer_id)
-            if r is None or r.state not in (PageState.ALLOCATED, PageState.READY):
+            if r is None or r.state not in (ReservationState.ALLOCATED, ReservationState.READY):
                 return None
             r.readers += 1
             return r
@@ -348,24 +348,24 @@ class PagePool:
     def claim(self, transfer_id: TransferId) -> Reservation:
         with self.cond:
             r = self._owned(transfer_id, None)
-            if r.state != PageState.READY:
+            if r.state != ReservationState.READY:
                 raise TransferError(f"pages are not ready ({r.state.name})", transfer_id=transfer_id)
-            r.state = PageState.CONSUMING
+            r.state = ReservationState.CONSUMING
             return r
 
-    def release(self, transfer_id: TransferId, *, now: float) -> None:
+    def free(self, transfer_id: TransferId, *, now: float) -> None:
         """Return a claimed reservation's pages (consumed)."""
         with self.cond:
             r = self._owned(transfer_id, None)
-            if r.state != PageState.CONSUMING:
+            if r.state != ReservationState.CONSUMING:
                 raise TransferError(f"release of an unclaimed reservation ({r.state.name})", transfer_id=transfer_id)
-            self._end(r, PageState.CONSUMING, "consumed", now)
+            self._end(r, ReservationState.CONSUMING, "consumed", now)
 
     def stats(self) -> PoolStats:
         with self.cond:
             states = [r.state for r in self._live.values()]
-            return PoolStats(self.num_pages, len(self._free), states.count(PageState.ALLOCATED),
-                             states.count(PageState.READY), states.count(PageState.CONSUMING),
+            return PoolStats(self.num_pages, len(self._free), states.count(ReservationState.ALLOCATED),
+                             states.count(ReservationState.READY), states.count(ReservationState.CONSUMING),
                              self._expired_total, self._aborted_total)
 
     @property

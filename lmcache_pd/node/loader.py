@@ -42,7 +42,7 @@ import time
 
 import torch
 
-from lmcache_pd._types import PageState, ReqId
+from lmcache_pd._types import ReqId, ReservationState
 from lmcache_pd.control.allocator import PagePool, Reservation
 from lmcache_pd.errors import PDError, TransferError
 from lmcache_pd.handoff import LoadSpec
@@ -179,7 +179,7 @@ class Loader:
             return f"hand-off ended: {r.reason}"
         if load.phase is LoadPhase.WAITING and r is not None:
             return _Step.GRANT
-        if load.phase is LoadPhase.LANDING and r is not None and r.state == PageState.READY:
+        if load.phase is LoadPhase.LANDING and r is not None and r.state == ReservationState.READY:
             return _Step.SCATTER
         if now >= load.deadline:
             return f"no KV from prefill within {self.transfer_s:g} s (raise `timeouts.transfer_s` to wait longer)"
@@ -243,7 +243,7 @@ class Loader:
             load.cache_tokens = self.prefix.fill(load.spec, load.local, r.skip_pages)
         finally:
             self.prefix.release(load.spec.handoff.transfer_id)
-        if r.state == PageState.READY:
+        if r.state == ReservationState.READY:
             self._scatter(load)
             return
         load.move(LoadPhase.LANDING)
@@ -277,7 +277,7 @@ class Loader:
             self._verify(r)
             self._scatter_pages(load, r, len(r.pages))
         finally:
-            self.pool.release(spec.handoff.transfer_id, now=time.monotonic())
+            self.pool.free(spec.handoff.transfer_id, now=time.monotonic())
         load.move(LoadPhase.DONE)
         self._record(LoadResult(spec.req_id, spec.handoff.transfer_id, True, load.nbytes, r.seconds,
                                 time.monotonic() - load.t0, scatter_s=load.scatter_s, groups=load.groups,

@@ -46,7 +46,7 @@ import torch
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
-from lmcache_pd._types import BlockId, PeerName, ReqId, TransferId, TransferState
+from lmcache_pd._types import BatchState, BlockId, PeerName, ReqId, TransferId
 from lmcache_pd.config import PDConfig
 from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
 from lmcache_pd.handoff import Handoff, SendSpec
@@ -390,13 +390,13 @@ class KVSender:
                     pass
         finally:
             for handle in handles:
-                handle.release()  # cancels groups still in flight after a failure
+                handle.close()  # cancels groups still in flight after a failure
 
-    def _check_state(self, state: TransferState, handle, spec: SendSpec) -> None:
-        if state == TransferState.TIMEOUT:
+    def _check_state(self, state: BatchState, handle, spec: SendSpec) -> None:
+        if state == BatchState.TIMEOUT:
             raise TransferTimeout("data transfer", config_field="timeouts.data_s", seconds=self.t.data_s,
                                   transfer_id=spec.handoff.transfer_id, peer=spec.handoff.peer)
-        if state != TransferState.DONE:
+        if state != BatchState.DONE:
             raise TransferError(f"transport {self.transport.name}: {handle.error or state.name}",
                                 transfer_id=spec.handoff.transfer_id, peer=spec.handoff.peer)
 

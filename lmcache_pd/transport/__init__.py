@@ -12,10 +12,10 @@ import msgspec
 
 from lmcache_pd.errors import TransportUnavailable
 from lmcache_pd.registry import Registry
-from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport, TransportStats
+from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport, TransportStats
 
 __all__ = [
-    "Capabilities", "PeerId", "RegionId", "TransferHandle", "Transport", "TransportStats",
+    "Capabilities", "PeerId", "RegionId", "BatchHandle", "Transport", "TransportStats",
     "available", "create", "get_class", "names", "register",
 ]
 

@@ -46,7 +46,7 @@ class Stager:
 
     def gather(self, src: Region, plan: RangePlan) -> tuple[Region, RangePlan]:
         """Copy ``plan``'s sources into a staging buffer in destination order (one kernel, done
-        on return). Returns the buffer, held until ``release``, and the plan from it."""
+        on return). Returns the buffer, held until ``put_back``, and the plan from it."""
         from lmcache_pd.ops import launch_copy
 
         order = np.argsort(plan.dst_offsets, kind="stable")
@@ -62,7 +62,7 @@ class Stager:
                         device=device, stream=self._stream)
             self._stream.synchronize()  # UCX reads the stage from its own streams
         except BaseException:
-            self.release(stage)
+            self.put_back(stage)
             raise
         return stage, coalesce(staged, plan.dst_offsets[order], lengths)
 
@@ -81,7 +81,7 @@ class Stager:
         log.info("nixl: staging buffer of %d MiB on cuda:%d", size >> 20, src.device)
         return st
 
-    def release(self, stage: Region | None) -> None:
+    def put_back(self, stage: Region | None) -> None:
         if stage is not None:
             with self._lock:
                 self._busy.discard(stage)

@@ -11,9 +11,10 @@ Prefill side (sender):
   2. ``connect(descriptor, timeout_s, session)`` once per control session -> PeerId (re-done if the
      peer restarts); ``session``: the token the decode side gave that session (its batches are
      admitted only into that session's reservations);
-  3. per transfer: ``submit(peer, region, plan, timeout_s[, after], ticket=...)`` -> TransferHandle
+  3. per transfer: ``submit(peer, region, plan, timeout_s[, after], ticket=...)`` -> BatchHandle
      (``ticket``: the hand-off the batch belongs to, opaque here), then ``poll`` until
-     a terminal state, then ``release`` (always, also on failure: it frees per-transfer state);
+     a terminal state, then ``close_batch`` (``handle.close()``; always, also on failure: it frees
+     per-batch state);
   4. ``disconnect(peer)``; ``close()``.
 ``poll`` never blocks. DONE means the bytes are in the peer's memory (not merely sent): the
 sender may then tell the decode side so over the control plane.
@@ -32,7 +33,7 @@ from typing import ClassVar, Protocol
 import msgspec
 import torch
 
-from lmcache_pd._types import TransferState
+from lmcache_pd._types import BatchState
 from lmcache_pd.auth import Keyring
 from lmcache_pd.errors import TransportUnavailable
 from lmcache_pd.layout import RangePlan
@@ -93,26 +94,26 @@ class TransportStats:
         return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
 
 
-class TransferHandle:
-    """One submitted batch. ``release()`` it when done; usable as a context manager."""
+class BatchHandle:
+    """One submitted batch. ``close()`` it when done; usable as a context manager."""
 
-    __slots__ = ("id", "nbytes", "_owner", "_released", "state", "error", "t_submit", "t_done", "_callbacks",
+    __slots__ = ("id", "nbytes", "_owner", "_closed", "state", "error", "t_submit", "t_done", "_callbacks",
                  "_cb_lock")
     _ids = itertools.count(1)
 
     def __init__(self, owner: Transport, nbytes: int, t_submit: float):
-        self.id = next(TransferHandle._ids)
+        self.id = next(BatchHandle._ids)
         self.nbytes = nbytes
         self._owner = owner
-        self._released = False
-        self.state = TransferState.PENDING
+        self._closed = False
+        self.state = BatchState.PENDING
         self.error: str | None = None
         self.t_submit = t_submit
         self.t_done: float | None = None
-        self._callbacks: list[Callable[[TransferHandle], None]] = []
+        self._callbacks: list[Callable[[BatchHandle], None]] = []
         self._cb_lock = threading.Lock()
 
-    def add_done_callback(self, fn: Callable[[TransferHandle], None]) -> None:
+    def add_done_callback(self, fn: Callable[[BatchHandle], None]) -> None:
         """Call ``fn(handle)`` once the transport finishes it (at once if it already has).
 
         Transports that complete in their own threads call it from there, so a waiter can sleep
@@ -130,19 +131,20 @@ class TransferHandle:
         for fn in callbacks:
             fn(self)
 
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._owner.release(self)
+    def close(self) -> None:
+        """Free the batch's state; cancels it if it is still in flight (``Transport.close_batch``)."""
+        if not self._closed:
+            self._closed = True
+            self._owner.close_batch(self)
 
-    def __enter__(self) -> TransferHandle:
+    def __enter__(self) -> BatchHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.release()
+        self.close()
 
     def __repr__(self) -> str:
-        return f"<TransferHandle #{self.id} {self.state.name} {self.nbytes} B>"
+        return f"<BatchHandle #{self.id} {self.state.name} {self.nbytes} B>"
 
 
 class Transport(ABC):
@@ -211,7 +213,7 @@ class Transport(ABC):
 
     @abstractmethod
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
-               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> TransferHandle:
+               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> BatchHandle:
         """Start writing ``plan`` (src offsets in ``region``, dst offsets in the peer's region).
 
         ``after``: the source bytes are complete once this CUDA event has completed (recorded on
@@ -219,10 +221,10 @@ class Transport(ABC):
         ``ticket``: names the hand-off (admitting transports send it with the batch).
         """
 
-    def poll(self, handle: TransferHandle) -> TransferState:
+    def poll(self, handle: BatchHandle) -> BatchState:
         return handle.state
 
-    def release(self, handle: TransferHandle) -> None:
+    def close_batch(self, handle: BatchHandle) -> None:
         """Free per-transfer state; cancels the transfer if it is still in flight."""
 
     def disconnect(self, peer: PeerId) -> None:
@@ -231,12 +233,12 @@ class Transport(ABC):
     def close(self) -> None:
         """Stop threads and close sockets. Idempotent."""
 
-    def _finish(self, handle: TransferHandle, state: TransferState, t_done: float, error: str | None = None) -> None:
+    def _finish(self, handle: BatchHandle, state: BatchState, t_done: float, error: str | None = None) -> None:
         handle.error = error
         handle.t_done = t_done
         with self._stats_lock:
             self.stats.batches += 1
-            if state == TransferState.DONE:
+            if state == BatchState.DONE:
                 self.stats.bytes += handle.nbytes
                 self.stats.seconds += t_done - handle.t_submit
             else:

@@ -26,11 +26,11 @@ import time
 import msgspec
 import torch
 
-from lmcache_pd._types import TransferState
+from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import cuda_kernels_available, launch_copy
-from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport
+from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport
 
 log = logging.getLogger(__name__)
 _LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
@@ -161,13 +161,13 @@ class CudaIpcTransport(Transport):
         return stream
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
-               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> TransferHandle:
+               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> BatchHandle:
         src = self._regions[region]
         p = self._peers[peer]
-        handle = TransferHandle(self, plan.nbytes, time.monotonic())
+        handle = BatchHandle(self, plan.nbytes, time.monotonic())
         if len(plan) and (int((plan.dst_offsets + plan.lengths).max()) > p.nbytes or int(plan.dst_offsets.min()) < 0
                           or int((plan.src_offsets + plan.lengths).max()) > src.nbytes):
-            self._finish(handle, TransferState.FAILED, time.monotonic(), "range plan outside a registered region")
+            self._finish(handle, BatchState.FAILED, time.monotonic(), "range plan outside a registered region")
             return handle
         stream = self._stream(src.device)
         # Our own stream keeps copies off vLLM's; it waits, on the GPU, for the producer: the
@@ -176,7 +176,7 @@ class CudaIpcTransport(Transport):
             stream.wait_event(after)
         else:
             stream.wait_stream(torch.cuda.current_stream(src.device))
-        handle.state = TransferState.IN_FLIGHT
+        handle.state = BatchState.IN_FLIGHT
         table = launch_copy(src.address, p.address, plan, device=src.device, stream=stream)
         event = torch.cuda.Event()
         event.record(stream)
@@ -192,17 +192,17 @@ class CudaIpcTransport(Transport):
             handle, event, _table = item
             try:
                 event.synchronize()  # releases the GIL while it waits
-                state, error = TransferState.DONE, None
+                state, error = BatchState.DONE, None
             except RuntimeError as e:
-                state, error = TransferState.FAILED, f"CUDA error: {e}"
-            if handle.state == TransferState.CANCELED:
-                state = TransferState.CANCELED
+                state, error = BatchState.FAILED, f"CUDA error: {e}"
+            if handle.state == BatchState.CANCELED:
+                state = BatchState.CANCELED
             self._finish(handle, state, time.monotonic(), error)
 
-    def release(self, handle: TransferHandle) -> None:
+    def close_batch(self, handle: BatchHandle) -> None:
         # A launched kernel cannot be recalled: wait for it, so that the peer never reuses pages
         # our kernel is still writing.
-        while handle.state == TransferState.IN_FLIGHT:
+        while handle.state == BatchState.IN_FLIGHT:
             time.sleep(0.0005)
 
     def disconnect(self, peer: PeerId) -> None:

@@ -4,8 +4,8 @@ Both ends live in one process: a descriptor names a registered buffer in a proce
 table. Behaviour is scripted by options, not by patching: ``delay_s`` delays each batch,
 ``fail_every`` fails every N-th batch, ``refuse_connect`` makes ``connect`` fail,
 ``corrupt_every`` flips one bit in every N-th batch it reports done (bytes damaged on the way).
-It writes one-sided (the receiver never sees a batch), like cuda_ipc and nixl: a batch released
-before its copy began never copies, and ``release`` waits for a copy that began.
+It writes one-sided (the receiver never sees a batch), like cuda_ipc and nixl: a batch closed
+before its copy began never copies, and ``close_batch`` waits for a copy that began.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 import torch
 
-from lmcache_pd._types import TransferState
+from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import copy_ranges
-from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport
+from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport
 
 _regions: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
 _regions_lock = threading.Lock()
@@ -85,37 +85,37 @@ class LoopbackTransport(Transport):
         return pid
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
-               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> TransferHandle:
-        handle = TransferHandle(self, plan.nbytes, time.monotonic())
+               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> BatchHandle:
+        handle = BatchHandle(self, plan.nbytes, time.monotonic())
         src = self._local[region][1]
         key = self._peers[peer]
         n = next(self._batches)
         fail = self.options.fail_every > 0 and n % self.options.fail_every == 0
         corrupt = self.options.corrupt_every > 0 and n % self.options.corrupt_every == 0
-        handle.state = TransferState.IN_FLIGHT
+        handle.state = BatchState.IN_FLIGHT
         self._pool.submit(self._run, handle, src, key, plan, fail, timeout_s, corrupt)
         return handle
 
-    def _run(self, handle: TransferHandle, src: torch.Tensor, key: str, plan: RangePlan, fail: bool,
+    def _run(self, handle: BatchHandle, src: torch.Tensor, key: str, plan: RangePlan, fail: bool,
              timeout_s: float, corrupt: bool = False) -> None:
-        if handle.state != TransferState.IN_FLIGHT:
+        if handle.state != BatchState.IN_FLIGHT:
             return  # released (canceled) before it ran
         if self.options.delay_s:
             time.sleep(self.options.delay_s)
         if self.options.delay_s > timeout_s:
-            self._finish(handle, TransferState.TIMEOUT, time.monotonic(), "loopback delay exceeded the deadline")
+            self._finish(handle, BatchState.TIMEOUT, time.monotonic(), "loopback delay exceeded the deadline")
             return
         dst = _regions.get(key)
         if fail or dst is None:
-            self._finish(handle, TransferState.FAILED, time.monotonic(),
+            self._finish(handle, BatchState.FAILED, time.monotonic(),
                          "scripted failure" if fail else "peer region is gone")
             return
         with self._lock:
-            released = handle.state != TransferState.IN_FLIGHT
+            released = handle.state != BatchState.IN_FLIGHT
             if not released:
                 self._copying.add(handle.id)
         if released:  # while it waited: not a byte is written
-            self._finish(handle, TransferState.CANCELED, time.monotonic(), "released before its copy")
+            self._finish(handle, BatchState.CANCELED, time.monotonic(), "closed before its copy")
             return
         try:
             copy_ranges(src, dst, plan)
@@ -123,17 +123,17 @@ class LoopbackTransport(Transport):
                 at = int(plan.dst_offsets[-1] + plan.lengths[-1] // 2)
                 dst[at] ^= 1
         except ValueError as e:
-            self._finish(handle, TransferState.FAILED, time.monotonic(), str(e))
+            self._finish(handle, BatchState.FAILED, time.monotonic(), str(e))
             return
         finally:
             with self._lock:
                 self._copying.discard(handle.id)
-        self._finish(handle, TransferState.DONE, time.monotonic())
+        self._finish(handle, BatchState.DONE, time.monotonic())
 
-    def release(self, handle: TransferHandle) -> None:
+    def close_batch(self, handle: BatchHandle) -> None:
         with self._lock:
             if not handle.state.terminal:
-                handle.state = TransferState.CANCELED
+                handle.state = BatchState.CANCELED
         while handle.id in self._copying:  # a copy that began cannot be recalled: wait for it
             time.sleep(0.0005)
 

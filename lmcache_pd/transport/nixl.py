@@ -40,12 +40,12 @@ import msgspec
 import numpy as np
 import torch
 
-from lmcache_pd._types import TransferState
+from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.transport._staging import Region, Stager
 from lmcache_pd.transport._ucx_report import flush_c_streams, route_ucx_report, ucx_write_paths
-from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport
+from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport
 
 log = logging.getLogger(__name__)
 _MODULES = ("nixl_cu13", "nixl_cu12", "nixl")  # the CUDA 13 / 12 wheels, or a source build
@@ -124,7 +124,7 @@ class _Peer:
 
 @dataclass
 class _InFlight:
-    handle: TransferHandle
+    handle: BatchHandle
     xfer: Any  # nixl_xfer_handle
     deadline: float
     peer: PeerId
@@ -249,19 +249,19 @@ class NixlTransport(Transport):
         return pid
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
-               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> TransferHandle:
+               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> BatchHandle:
         src = self._regions[region]
         p = self._peers.get(peer)
-        handle = TransferHandle(self, plan.nbytes, time.monotonic())
+        handle = BatchHandle(self, plan.nbytes, time.monotonic())
         if p is None:
-            self._finish(handle, TransferState.FAILED, time.monotonic(), "nixl peer was disconnected")
+            self._finish(handle, BatchState.FAILED, time.monotonic(), "nixl peer was disconnected")
             return handle
         if not len(plan):
-            self._finish(handle, TransferState.DONE, time.monotonic())
+            self._finish(handle, BatchState.DONE, time.monotonic())
             return handle
         if (int((plan.dst_offsets + plan.lengths).max()) > p.nbytes or int(plan.dst_offsets.min()) < 0
                 or int((plan.src_offsets + plan.lengths).max()) > src.nbytes or int(plan.src_offsets.min()) < 0):
-            self._finish(handle, TransferState.FAILED, time.monotonic(), "range plan outside a registered region")
+            self._finish(handle, BatchState.FAILED, time.monotonic(), "range plan outside a registered region")
             return handle
         if src.mem == "VRAM":
             # UCX copies on streams of its own, so the bytes must be complete before the post
@@ -273,7 +273,7 @@ class NixlTransport(Transport):
                 stage, plan = self._stager.gather(src, plan)
                 src = stage
             except Exception as e:  # noqa: BLE001 - CUDA or NIXL registration errors
-                self._finish(handle, TransferState.FAILED, time.monotonic(), f"nixl staging failed: {e}")
+                self._finish(handle, BatchState.FAILED, time.monotonic(), f"nixl staging failed: {e}")
                 return handle
         n = len(plan)
         error = "nixl transfer failed at post"
@@ -296,30 +296,30 @@ class NixlTransport(Transport):
                 error = f"nixl refused the transfer: {e}"
                 status = "ERR"
         if xfer is None:
-            self._stager.release(stage)
-            self._finish(handle, TransferState.FAILED, time.monotonic(), error)
+            self._stager.put_back(stage)
+            self._finish(handle, BatchState.FAILED, time.monotonic(), error)
             return handle
         if status in ("DONE", "ERR"):
             self._release_xfer(xfer)
-            self._stager.release(stage)
+            self._stager.put_back(stage)
             if status == "DONE":
                 self._done(handle, peer, src.mem)
             else:
-                self._finish(handle, TransferState.FAILED, time.monotonic(), error)
+                self._finish(handle, BatchState.FAILED, time.monotonic(), error)
             return handle
-        handle.state = TransferState.IN_FLIGHT
+        handle.state = BatchState.IN_FLIGHT
         with self._wake:
             self._inflight.append(_InFlight(handle, xfer, handle.t_submit + timeout_s, peer, src.mem, stage))
             self._wake.notify()
         return handle
 
-    def _done(self, handle: TransferHandle, peer: PeerId, src_mem: str) -> None:
+    def _done(self, handle: BatchHandle, peer: PeerId, src_mem: str) -> None:
         p = self._peers.get(peer)
         if self._report and p is not None and p.report_tries >= 0 and peer not in self._unreported:
             self._unreported[peer] = src_mem  # read later, off the transfer's path
             with self._wake:
                 self._wake.notify()  # (a prefill side asleep with nothing in flight: see _idle_s)
-        self._finish(handle, TransferState.DONE, time.monotonic())
+        self._finish(handle, BatchState.DONE, time.monotonic())
 
     def _maybe_report(self) -> None:
         """Learn from UCX's report which transport carried the data (completion thread, at most
@@ -390,25 +390,25 @@ class NixlTransport(Transport):
 
     def _poll(self, batch: list[_InFlight]) -> None:
         now = time.monotonic()
-        ended: list[tuple[_InFlight, TransferState, str | None]] = []
+        ended: list[tuple[_InFlight, BatchState, str | None]] = []
         with self._lock:
             for item in batch:
                 try:
                     status, err = self._agent.check_xfer_state(item.xfer), "peer gone or memory not registered"
                 except Exception as e:  # noqa: BLE001
                     status, err = "ERR", str(e)
-                if item.handle.state == TransferState.CANCELED:
+                if item.handle.state == BatchState.CANCELED:
                     # Ended only once NIXL has released the request (aborted) or it has finished:
                     # the peer must not reuse pages a write is still landing in. Bounded by the
                     # transfer's deadline, after which the request is parked.
                     if status != "PROC" or self._try_release(item.xfer) or now > item.deadline:
-                        ended.append((item, TransferState.CANCELED, "canceled"))
+                        ended.append((item, BatchState.CANCELED, "canceled"))
                 elif status == "DONE":
-                    ended.append((item, TransferState.DONE, None))
+                    ended.append((item, BatchState.DONE, None))
                 elif status == "ERR":
-                    ended.append((item, TransferState.FAILED, f"nixl transfer failed: {err}"))
+                    ended.append((item, BatchState.FAILED, f"nixl transfer failed: {err}"))
                 elif now > item.deadline:
-                    ended.append((item, TransferState.TIMEOUT, "nixl transfer passed its deadline"))
+                    ended.append((item, BatchState.TIMEOUT, "nixl transfer passed its deadline"))
         if not ended:
             return
         with self._wake:
@@ -416,8 +416,8 @@ class NixlTransport(Transport):
             self._inflight = [i for i in self._inflight if id(i) not in gone]
         for item, state, error in ended:
             self._release_xfer(item.xfer)
-            self._stager.release(item.stage)
-            if state == TransferState.DONE:
+            self._stager.put_back(item.stage)
+            if state == BatchState.DONE:
                 self._done(item.handle, item.peer, item.src_mem)
             else:
                 self._finish(item.handle, state, time.monotonic(), error)
@@ -447,12 +447,12 @@ class NixlTransport(Transport):
         with self._lock:
             self._parked = [x for x in self._parked if not self._try_release(x)]
 
-    def release(self, handle: TransferHandle) -> None:
+    def close_batch(self, handle: BatchHandle) -> None:
         if handle.state.terminal:
             return
         # Cancel: the completion thread ends it (releasing the NIXL request; one NIXL cannot
         # abort is parked until it ends). Wait for that, so pages are not reused under a write.
-        handle.state = TransferState.CANCELED
+        handle.state = BatchState.CANCELED
         with self._wake:
             self._wake.notify()
         while handle.t_done is None and not self._stop.is_set():
@@ -483,7 +483,7 @@ class NixlTransport(Transport):
             left, self._inflight = self._inflight, []
         for item in left:
             self._release_xfer(item.xfer)
-            self._finish(item.handle, TransferState.CANCELED, time.monotonic(), "transport closed")
+            self._finish(item.handle, BatchState.CANCELED, time.monotonic(), "transport closed")
         for pid in list(self._peers):
             self.disconnect(pid)
         with self._lock:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from lmcache_pd import auth
-from lmcache_pd._types import TransferState
+from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost, TransferError, TransportUnavailable
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.transport import _sealed
@@ -72,7 +72,7 @@ from lmcache_pd.transport._tcp_wire import (
     _send_all,
     _tune,
 )
-from lmcache_pd.transport.base import Capabilities, PeerId, RegionId, TransferHandle, Transport, WriteGate
+from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport, WriteGate
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class _Stream:
         self.sock: socket.socket | None = None
         self.channel: _sealed.Channel | None = None
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.busy: TransferHandle | None = None
+        self.busy: BatchHandle | None = None
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def open(self, timeout_s: float) -> None:
@@ -163,8 +163,8 @@ class _Stream:
         if self.sock is not None:
             self.sock.close()
 
-    def _run(self, handle: TransferHandle, src: memoryview, plan: RangePlan, deadline: float, ticket: bytes) -> None:
-        if handle.state != TransferState.IN_FLIGHT:
+    def _run(self, handle: BatchHandle, src: memoryview, plan: RangePlan, deadline: float, ticket: bytes) -> None:
+        if handle.state != BatchState.IN_FLIGHT:
             return  # canceled while queued
         self.busy = handle
         t = self.transport
@@ -201,18 +201,18 @@ class _Stream:
                                       "session (the decode side ended the hand-off), or outside its pool")
             if magic != b"LPDA" or batch != handle.id or status != _OK:
                 raise ConnectionError(f"bad ack (magic {magic!r}, batch {batch}, status {status})")
-            t._finish(handle, TransferState.DONE, time.monotonic())
+            t._finish(handle, BatchState.DONE, time.monotonic())
         except (TimeoutError, BlockingIOError):  # EAGAIN: the kernel timeout fired
             self._drop()
-            t._finish(handle, TransferState.TIMEOUT, time.monotonic(), "tcp transfer passed its deadline")
+            t._finish(handle, BatchState.TIMEOUT, time.monotonic(), "tcp transfer passed its deadline")
         except (OSError, ConnectionError, PeerLost) as e:
             self._drop()
-            state = TransferState.CANCELED if handle.state == TransferState.CANCELED else TransferState.FAILED
+            state = BatchState.CANCELED if handle.state == BatchState.CANCELED else BatchState.FAILED
             t._finish(handle, state, time.monotonic(), f"tcp transfer failed: {e}")
         except Exception as e:  # noqa: BLE001 - a bug must end the handle, never leave it in flight
             log.exception("tcp stream %s crashed on batch %d", self.name, handle.id)
             self._drop()
-            t._finish(handle, TransferState.FAILED, time.monotonic(), f"tcp transfer crashed: {e!r}")
+            t._finish(handle, BatchState.FAILED, time.monotonic(), f"tcp transfer crashed: {e!r}")
         finally:
             self.busy = None
 
@@ -453,20 +453,20 @@ class TcpTransport(Transport):
         return pid
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
-               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> TransferHandle:
+               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> BatchHandle:
         if len(ticket) > MAX_TICKET:
             raise ValueError(f"a ticket of {len(ticket)} B (at most {MAX_TICKET})")
         p = self._peers[peer]
-        handle = TransferHandle(self, plan.nbytes, time.monotonic())
-        handle.state = TransferState.IN_FLIGHT
+        handle = BatchHandle(self, plan.nbytes, time.monotonic())
+        handle.state = BatchState.IN_FLIGHT
         stream = p.streams[next(p.next)]
         stream.queue.put((handle, self._regions[region], plan, handle.t_submit + timeout_s, ticket))
         return handle
 
-    def release(self, handle: TransferHandle) -> None:
+    def close_batch(self, handle: BatchHandle) -> None:
         if handle.state.terminal:
             return
-        handle.state = TransferState.CANCELED
+        handle.state = BatchState.CANCELED
         for p in self._peers.values():
             for s in p.streams:
                 if s.busy is handle:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from lmcache_pd._types import TransferState
+from lmcache_pd._types import BatchState
 from lmcache_pd.transport import Transport
 
 
-def wait(t: Transport, handle, timeout_s: float = 10.0) -> TransferState:
+def wait(t: Transport, handle, timeout_s: float = 10.0) -> BatchState:
     deadline = time.monotonic() + timeout_s
     while not (state := t.poll(handle)).terminal:
         assert time.monotonic() < deadline, f"{handle} did not end within {timeout_s} s"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmcache_pd._types import TransferState
+from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost
 from lmcache_pd.layout import coalesce
 from lmcache_pd.transport import Transport
@@ -44,7 +44,7 @@ def test_plan_arrives_bitwise_and_nothing_else_changes(pair):
     sender, receiver, src, dst, sid, peer = setup(pair)
     plan = random_plan(np.random.default_rng(0), 40, 4096, 1 << 20)
     with sender.submit(peer, sid, plan, timeout_s=10) as h:
-        assert wait(sender, h) == TransferState.DONE, h.error
+        assert wait(sender, h) == BatchState.DONE, h.error
     expect = torch.full_like(dst, 0xEE)
     for s, d, n in zip(plan.src_offsets, plan.dst_offsets, plan.lengths):
         expect[d:d + n] = src[s:s + n]
@@ -56,8 +56,8 @@ def test_large_single_range(pair):
     sender, receiver, src, dst, sid, peer = setup(pair, 32 << 20, 32 << 20, seed=1)
     plan = coalesce(np.array([0]), np.array([0]), np.array([32 << 20]))
     h = sender.submit(peer, sid, plan, timeout_s=30)
-    assert wait(sender, h, 30) == TransferState.DONE, h.error
-    h.release()
+    assert wait(sender, h, 30) == BatchState.DONE, h.error
+    h.close()
     assert torch.equal(src, dst)
 
 
@@ -65,26 +65,26 @@ def test_write_outside_the_peer_region_is_refused_and_the_peer_survives(pair):
     sender, receiver, src, dst, sid, peer = setup(pair, dst_bytes=1 << 16)
     bad = coalesce(np.array([0]), np.array([(1 << 16) - 100]), np.array([200]))
     h = sender.submit(peer, sid, bad, timeout_s=5)
-    assert wait(sender, h) == TransferState.FAILED
-    h.release()
+    assert wait(sender, h) == BatchState.FAILED
+    h.close()
     assert torch.all(dst == 0xEE)
     good = coalesce(np.array([100]), np.array([0]), np.array([1000]))
     h = sender.submit(peer, sid, good, timeout_s=5)
-    assert wait(sender, h) == TransferState.DONE, h.error
-    h.release()
+    assert wait(sender, h) == BatchState.DONE, h.error
+    h.close()
     assert torch.equal(dst[:1000], src[100:1100])
 
 
 def test_concurrent_submits_from_many_threads(pair):
     sender, receiver, src, dst, sid, peer = setup(pair, 1 << 20, 1 << 20, seed=2)
-    states: list[TransferState] = []
+    states: list[BatchState] = []
     lock = threading.Lock()
 
     def one(k: int) -> None:
         plan = coalesce(np.array([k * 65536]), np.array([k * 65536]), np.array([65536]))
         h = sender.submit(peer, sid, plan, timeout_s=10)
         s = wait(sender, h)
-        h.release()
+        h.close()
         with lock:
             states.append(s)
 
@@ -93,7 +93,7 @@ def test_concurrent_submits_from_many_threads(pair):
         t.start()
     for t in threads:
         t.join()
-    assert states == [TransferState.DONE] * 16
+    assert states == [BatchState.DONE] * 16
     assert torch.equal(src, dst)
 
 
@@ -113,16 +113,16 @@ def test_a_closed_peer_is_refused_or_fails(pair):
     except PeerLost:
         return
     h = sender.submit(peer2, sid, coalesce(np.array([0]), np.array([0]), np.array([10])), timeout_s=2)
-    assert wait(sender, h) in (TransferState.FAILED, TransferState.TIMEOUT)
-    h.release()
+    assert wait(sender, h) in (BatchState.FAILED, BatchState.TIMEOUT)
+    h.close()
 
 
 def test_empty_plan_is_done(pair):
     sender, receiver, src, dst, sid, peer = setup(pair)
     empty = coalesce(np.array([], dtype=np.int64), np.array([], dtype=np.int64), np.array([], dtype=np.int64))
     h = sender.submit(peer, sid, empty, timeout_s=5)
-    assert wait(sender, h) == TransferState.DONE
-    h.release()
+    assert wait(sender, h) == BatchState.DONE
+    h.close()
 
 
 def test_close_is_idempotent(pair):

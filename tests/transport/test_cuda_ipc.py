@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmcache_pd import transport as transports
-from lmcache_pd._types import TransferState
+from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost
 from lmcache_pd.layout import coalesce
 
@@ -52,8 +52,8 @@ def test_two_processes_bitwise():
         while not tx.poll(h).terminal:
             assert time.monotonic() < deadline
             time.sleep(0.001)
-        assert h.state == TransferState.DONE, h.error
-        h.release()
+        assert h.state == BatchState.DONE, h.error
+        h.close()
         expect = torch.full((64 << 20,), 0xEE, dtype=torch.uint8)
         host = src.cpu()
         for s, d, n in zip(plan.src_offsets, plan.dst_offsets, plan.lengths):

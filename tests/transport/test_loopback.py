@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmcache_pd import transport as transports
-from lmcache_pd._types import TransferState
+from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost
 from lmcache_pd.layout import coalesce
 from tests.transport.handles import wait
@@ -27,7 +27,7 @@ def test_fail_every_nth_batch():
     tx, rx, sid, desc = pair(fail_every=2)
     peer = tx.connect(desc, 1)
     states = [wait(tx, tx.submit(peer, sid, ONE, 1)) for _ in range(4)]
-    assert states == [TransferState.DONE, TransferState.FAILED] * 2
+    assert states == [BatchState.DONE, BatchState.FAILED] * 2
     tx.close()
     rx.close()
 
@@ -35,12 +35,12 @@ def test_fail_every_nth_batch():
 def test_delay_past_deadline_times_out_and_release_cancels():
     tx, rx, sid, desc = pair(delay_s=0.3)
     peer = tx.connect(desc, 1)
-    assert wait(tx, tx.submit(peer, sid, ONE, timeout_s=0.1)) == TransferState.TIMEOUT
+    assert wait(tx, tx.submit(peer, sid, ONE, timeout_s=0.1)) == BatchState.TIMEOUT
     h = tx.submit(peer, sid, ONE, timeout_s=5)
     h2 = tx.submit(peer, sid, ONE, timeout_s=5)
-    h2.release()  # queued behind h: canceled before it runs
-    assert h2.state == TransferState.CANCELED
-    assert wait(tx, h) == TransferState.DONE
+    h2.close()  # queued behind h: canceled before it runs
+    assert h2.state == BatchState.CANCELED
+    assert wait(tx, h) == BatchState.DONE
     tx.close()
     rx.close()
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmcache_pd import transport as transports
-from lmcache_pd._types import TransferState
+from lmcache_pd._types import BatchState
 from lmcache_pd.errors import ConfigError, PeerLost
 from lmcache_pd.layout import coalesce
 from tests.transport.handles import wait
@@ -61,8 +61,8 @@ def test_two_processes_bitwise_and_the_ucx_path_is_reported(src_dev, dst_dev, op
         plan = coalesce(rng.permutation(1024)[:700].astype(np.int64) * 65536,
                         np.arange(700, dtype=np.int64) * 65536, np.full(700, 65536, dtype=np.int64))
         h = tx.submit(peer, rid, plan, timeout_s=30)
-        assert wait(tx, h, 30) == TransferState.DONE, h.error
-        h.release()
+        assert wait(tx, h, 30) == BatchState.DONE, h.error
+        h.close()
         expect = torch.full((nbytes,), 0xEE, dtype=torch.uint8)
         host = src.cpu()
         for s, d, n in zip(plan.src_offsets, plan.dst_offsets, plan.lengths):
@@ -173,7 +173,7 @@ def test_only_the_decode_side_progresses_while_idle_and_the_prefill_side_still_s
         assert tx._agent.idle_calls == 0, f"the prefill side woke {tx._agent.idle_calls} times while idle"
         assert rx._agent.idle_calls >= 50, f"the decode side progressed only {rx._agent.idle_calls} times in 0.5 s"
         h = tx.submit(peer, rid, coalesce(np.array([0]), np.array([0]), np.array([1 << 20])), timeout_s=5)
-        assert wait(tx, h, 10) == TransferState.DONE
+        assert wait(tx, h, 10) == BatchState.DONE
         assert torch.equal(pool, src)
     finally:
         tx.close()
@@ -205,12 +205,12 @@ def test_a_killed_peer_fails_the_transfer_in_bounded_time_and_others_still_work(
         plan = coalesce(np.array([0]), np.array([0]), np.array([8 << 20]))
         h = tx.submit(dead, rid, plan, timeout_s=3)
         wait(tx, h, 10)  # a write to a dead peer must end
-        assert h.state in (TransferState.FAILED, TransferState.TIMEOUT), h.state
-        h.release()
+        assert h.state in (BatchState.FAILED, BatchState.TIMEOUT), h.state
+        h.close()
         tx.disconnect(dead)
         h = tx.submit(alive, rid, plan, timeout_s=10)
-        assert wait(tx, h) == TransferState.DONE, h.error
-        h.release()
+        assert wait(tx, h) == BatchState.DONE, h.error
+        h.close()
         assert torch.equal(pool2, src)
     finally:
         tx.close()

@@ -15,7 +15,7 @@ import torch
 
 from lmcache_pd import auth
 from lmcache_pd import transport as transports
-from lmcache_pd._types import TransferState
+from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost, TransferError
 from lmcache_pd.layout import coalesce
 from lmcache_pd.transport._tcp_wire import _CHALLENGE, _HELLO, _HELLO_REPLY, _Descriptor, _hello_tag
@@ -84,9 +84,9 @@ def test_a_peer_that_never_acks_times_out_within_the_deadline():
     peer = tx.connect(desc, timeout_s=2)
     t0 = time.monotonic()
     h = tx.submit(peer, sid, coalesce(np.array([0]), np.array([0]), np.array([1024])), timeout_s=0.5)
-    assert wait(tx, h, 5) == TransferState.TIMEOUT
+    assert wait(tx, h, 5) == BatchState.TIMEOUT
     assert 0.4 < time.monotonic() - t0 < 2
-    h.release()
+    h.close()
     tx.close()
     stop.set()
     srv.close()
@@ -200,7 +200,7 @@ def test_receiver_survives_a_sender_dying_mid_batch():
     raw.close()  # dies with the batch half sent
     tx, sid, peer = sender_to(rx, region, torch.full((1 << 20,), 7, dtype=torch.uint8))
     h = tx.submit(peer, sid, coalesce(np.array([0]), np.array([0]), np.array([1 << 20])), timeout_s=5)
-    assert wait(tx, h) == TransferState.DONE, h.error
+    assert wait(tx, h) == BatchState.DONE, h.error
     assert torch.all(dst == 7)
     tx.close()
     rx.close()
@@ -213,12 +213,12 @@ def test_an_idle_connection_outlives_the_io_timeout():
     src = torch.arange(1 << 16, dtype=torch.int64).to(torch.uint8)
     tx, sid, peer = sender_to(rx, region, src)
     plan = coalesce(np.array([0]), np.array([0]), np.array([1 << 15]))
-    assert wait(tx, tx.submit(peer, sid, plan, timeout_s=5)) == TransferState.DONE
+    assert wait(tx, tx.submit(peer, sid, plan, timeout_s=5)) == BatchState.DONE
     sock = tx._peers[peer].streams[0].sock
     time.sleep(0.7)  # several receive timeouts on the decode side
     plan = coalesce(np.array([1 << 15]), np.array([1 << 15]), np.array([1 << 15]))
     h = tx.submit(peer, sid, plan, timeout_s=5)
-    assert wait(tx, h) == TransferState.DONE, h.error
+    assert wait(tx, h) == BatchState.DONE, h.error
     assert tx._peers[peer].streams[0].sock is sock, "the connection was dropped and re-opened"
     assert torch.equal(dst, src)
     tx.close()
@@ -255,7 +255,7 @@ def test_encrypted_batches_tampered_on_the_wire_never_reach_the_pool():
     sid = tx.register(torch.full((1 << 20,), 7, dtype=torch.uint8))
     peer = tx.connect(msgspec.msgpack.encode(msgspec.structs.replace(d, port=relay.getsockname()[1])), 2)
     h = tx.submit(peer, sid, coalesce(np.array([0]), np.array([0]), np.array([1 << 17])), timeout_s=3)
-    assert wait(tx, h) in (TransferState.FAILED, TransferState.TIMEOUT)
+    assert wait(tx, h) in (BatchState.FAILED, BatchState.TIMEOUT)
     assert (dst[:1 << 16] == 0xEE).all(), "the tampered piece was written into the pool"  # not even in part
     tx.close()
     rx.close()
@@ -315,19 +315,19 @@ def test_every_batch_is_admitted_by_the_gate_and_a_refused_one_writes_nothing():
     sid = tx.register(src)
     peer = tx.connect(rx.export_descriptor(region), timeout_s=2, session=b"s" * 16)
     plan = coalesce(np.array([0]), np.array([0]), np.array([1 << 16]))
-    assert wait(tx, tx.submit(peer, sid, plan, timeout_s=3, ticket=b"ok")) == TransferState.DONE
+    assert wait(tx, tx.submit(peer, sid, plan, timeout_s=3, ticket=b"ok")) == BatchState.DONE
     assert (dst[:1 << 16] == 7).all() and gate.admitted == 1 and gate.writing == 0  # its write ended
     # A batch of a hand-off that is not (or no longer) the session's: refused before a byte lands.
     later = coalesce(np.array([0]), np.array([1 << 16]), np.array([1 << 16]))
     h = tx.submit(peer, sid, later, timeout_s=3, ticket=b"stale")
-    assert wait(tx, h) == TransferState.FAILED and "refused the batch" in h.error
+    assert wait(tx, h) == BatchState.FAILED and "refused the batch" in h.error
     assert rx.stats.refused_batches == 1 and (dst[1 << 16:] == 0xEE).all()
     # A stranger's connection (another session's token, the deployment's secret) is counted too.
     other = transports.create("tcp", {})
     osid = other.register(src)
     opeer = other.connect(rx.export_descriptor(region), timeout_s=2, session=b"x" * 16)
     h = other.submit(opeer, osid, later, timeout_s=3, ticket=b"ok")
-    assert wait(other, h) == TransferState.FAILED
+    assert wait(other, h) == BatchState.FAILED
     assert rx.stats.refused_batches == 2 and (dst[1 << 16:] == 0xEE).all() and gate.admitted == 1
     other.close()
     tx.close()
@@ -403,7 +403,7 @@ def test_connections_beyond_the_bound_are_refused_and_counted_and_service_goes_o
     time.sleep(0.3)  # their threads end with their connections
     tx, sid, peer = sender_to(rx, region, torch.full((1 << 16,), 5, dtype=torch.uint8))
     plan = coalesce(np.array([0]), np.array([0]), np.array([1 << 16]))
-    assert wait(tx, tx.submit(peer, sid, plan, timeout_s=5)) == TransferState.DONE
+    assert wait(tx, tx.submit(peer, sid, plan, timeout_s=5)) == BatchState.DONE
     assert (dst == 5).all()
     tx.close()
     rx.close()
@@ -430,6 +430,6 @@ def test_the_accept_loop_survives_a_thread_that_cannot_start(monkeypatch):
     assert failed and rx.stats.refused == 1
     tx, sid, peer = sender_to(rx, region, torch.full((1 << 16,), 9, dtype=torch.uint8))
     plan = coalesce(np.array([0]), np.array([0]), np.array([1 << 16]))
-    assert wait(tx, tx.submit(peer, sid, plan, timeout_s=5)) == TransferState.DONE and (dst == 9).all()
+    assert wait(tx, tx.submit(peer, sid, plan, timeout_s=5)) == BatchState.DONE and (dst == 9).all()
     tx.close()
     rx.close()

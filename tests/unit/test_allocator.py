@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from lmcache_pd._types import PageState
+from lmcache_pd._types import ReservationState
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.errors import PoolExhausted, TransferError
 
@@ -39,10 +39,10 @@ def test_no_read_before_ready_and_release_returns_pages():
     with pytest.raises(TransferError, match="cannot mark ready"):
         pool.mark_ready("a", owner="p", num_bytes=10, seconds=0.5, now=1)
     r = pool.claim("a")
-    assert r.state == PageState.CONSUMING and r.num_bytes == 10
+    assert r.state == ReservationState.CONSUMING and r.num_bytes == 10
     with pytest.raises(TransferError):
         pool.claim("a")
-    pool.release("a", now=2)
+    pool.free("a", now=2)
     assert pool.free_pages == 4
     with pytest.raises(TransferError, match="ended"):
         pool.claim("a")
@@ -59,7 +59,7 @@ def test_lease_expiry_and_renewal():
     pool.mark_ready("a", owner="p", num_bytes=1, seconds=0.0, now=12)  # lease restarts for the consumer
     assert pool.expire(now=21) == []
     assert pool.expire(now=23) == ["a"]
-    assert pool.lookup("a").state == PageState.EXPIRED and "lease" in pool.lookup("a").reason
+    assert pool.lookup("a").state == ReservationState.EXPIRED and "lease" in pool.lookup("a").reason
     assert pool.stats().expired_total == 2 and pool.free_pages == 4
 
 
@@ -69,7 +69,7 @@ def test_claimed_pages_never_expire():
     pool.mark_ready("a", owner="p", num_bytes=1, seconds=0.0, now=0)
     pool.claim("a")
     assert pool.expire(now=100) == []
-    pool.release("a", now=100)
+    pool.free("a", now=100)
     assert pool.free_pages == 2
 
 
@@ -77,7 +77,7 @@ def test_abort_frees_and_tombstones_refuse_late_reservations():
     pool = PagePool(4, lease_s=10, tombstone_s=5)
     reserve(pool, "a", 3)
     assert pool.abort("a", reason="canceled", now=1)
-    assert pool.free_pages == 4 and pool.lookup("a").state == PageState.ABORTED
+    assert pool.free_pages == 4 and pool.lookup("a").state == ReservationState.ABORTED
     # The consumer gave up before the prefill asked: a late reservation is refused.
     assert not pool.abort("late", reason="consumer timed out", now=1)
     with pytest.raises(TransferError):
@@ -91,7 +91,7 @@ def test_abort_by_another_owner_is_refused():
     reserve(pool, "a", 1, owner="p1")
     with pytest.raises(TransferError, match="another peer"):
         pool.abort("a", reason="x", now=0, owner="p2")
-    assert pool.lookup("a").state == PageState.ALLOCATED
+    assert pool.lookup("a").state == ReservationState.ALLOCATED
 
 
 def test_concurrent_reservations_never_share_pages():
@@ -173,7 +173,7 @@ def test_reader_guard_refuses_claimed_and_unknown_reservations():
     pool.end_read(r)
     pool.claim("a")
     assert pool.begin_read("a") is None
-    pool.release("a", now=2)
+    pool.free("a", now=2)
     assert pool.free_pages == 4
 
 

@@ -14,7 +14,7 @@ import zmq.asyncio
 
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
-from lmcache_pd._types import PageState
+from lmcache_pd._types import ReservationState
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.control.client import ControlClient
 from lmcache_pd.control.server import ControlServer
@@ -49,13 +49,13 @@ def test_handshake_allocate_and_ready(server):
         assert (reply.incarnation, reply.num_pages, reply.descriptor) == ("dec-1", 8, b"pool-descriptor")
         got = await req(c, alloc(c, "t1", 3))
         assert isinstance(got, P.Allocated) and got.pages == [0, 1, 2]
-        assert server.pool.lookup("t1").state == PageState.ALLOCATED
+        assert server.pool.lookup("t1").state == ReservationState.ALLOCATED
         assert await c.post(P.Landed(msg_id=c.next_id(), transfer_id="t1", pages=2))
         await req(c, P.Heartbeat(msg_id=c.next_id(), transfer_ids=["t1"]))  # handled in order after it
         assert server.pool.lookup("t1").landed == 2
         ack = await req(c, P.TransferDone(msg_id=c.next_id(), transfer_id="t1", num_bytes=3, seconds=0.1))
         assert isinstance(ack, P.Ack) and ack.incarnation == "dec-1"
-        assert server.pool.lookup("t1").state == PageState.READY
+        assert server.pool.lookup("t1").state == ReservationState.READY
         await c.close()
         ctx.term()
     run(go())
@@ -108,7 +108,7 @@ def test_too_large_is_refused_at_once_and_leaves_a_tombstone(server):
         await c.close()
         ctx.term()
     run(go())
-    assert server.pool.lookup("big").state == PageState.ABORTED
+    assert server.pool.lookup("big").state == ReservationState.ABORTED
 
 
 def test_queued_allocation_is_served_fifo_when_pages_return(server):
@@ -142,7 +142,7 @@ def test_queued_allocation_times_out_with_a_named_field(server):
         await c.close()
         ctx.term()
     run(go())
-    assert server.stats.alloc_timeouts == 1 and server.pool.lookup("b").state == PageState.ABORTED
+    assert server.stats.alloc_timeouts == 1 and server.pool.lookup("b").state == ReservationState.ABORTED
 
 
 def test_peers_cannot_touch_each_others_transfers(server):
@@ -166,7 +166,7 @@ def test_peers_cannot_touch_each_others_transfers(server):
         await b.close()
         ctx.term()
     run(go())
-    assert server.pool.lookup("mine").state == PageState.ALLOCATED
+    assert server.pool.lookup("mine").state == ReservationState.ALLOCATED
 
 
 def test_garbled_frames_are_counted_dropped_and_change_nothing(server):
@@ -326,7 +326,7 @@ def test_an_oversized_allocate_for_another_peers_id_leaves_that_reservation_alon
         ctx.term()
     run(go())
     r = server.pool.lookup("mine")
-    assert r.state == PageState.ALLOCATED and r.owner == "prefill-0/0/a"
+    assert r.state == ReservationState.ALLOCATED and r.owner == "prefill-0/0/a"
 
 
 def test_a_nan_wait_is_no_wait_at_all(server):

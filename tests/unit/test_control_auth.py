@@ -16,7 +16,7 @@ import zmq.asyncio
 
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
-from lmcache_pd._types import PageState
+from lmcache_pd._types import ReservationState
 from lmcache_pd.control import curve
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.control.client import ControlClient
@@ -80,7 +80,7 @@ def test_replayed_hello_handshake_and_session_frames_change_nothing(server):
     peer.send(P.Heartbeat(msg_id=9, transfer_ids=["t1"]))
     assert isinstance(peer.recv(), P.Ack)
     peer.close()
-    assert server.pool.lookup("t1").state == PageState.ALLOCATED
+    assert server.pool.lookup("t1").state == ReservationState.ALLOCATED
 
 
 def test_a_session_belongs_to_one_identity(server):
@@ -124,9 +124,9 @@ def test_a_silent_peer_loses_what_it_was_writing_but_not_what_it_finished():
         assert isinstance(peer.recv(), P.Ack)
         time.sleep(1.0)  # no heartbeat
         assert srv.sessions == 0 and srv.stats.peers_lost == 1
-        assert srv.pool.lookup("writing").state == PageState.ABORTED
+        assert srv.pool.lookup("writing").state == ReservationState.ABORTED
         assert "timeouts.peer_s" in srv.pool.lookup("writing").reason
-        assert srv.pool.lookup("finished").state == PageState.READY  # its decode request may still come
+        assert srv.pool.lookup("finished").state == ReservationState.READY  # its decode request may still come
         peer.send(P.Heartbeat(msg_id=13, transfer_ids=[]))  # too late: the session is gone
         assert peer.recv(0.5) is None
         peer.close()
@@ -145,7 +145,7 @@ def test_heartbeats_keep_a_quiet_peer_alive():
             time.sleep(0.2)
             peer.send(P.Heartbeat(msg_id=20 + i, transfer_ids=["t1"]))
             assert isinstance(peer.recv(), P.Ack)
-        assert srv.sessions == 1 and srv.pool.lookup("t1").state == PageState.ALLOCATED
+        assert srv.sessions == 1 and srv.pool.lookup("t1").state == ReservationState.ALLOCATED
         peer.close()
     finally:
         srv.close()
@@ -163,8 +163,8 @@ def test_a_restarted_prefill_worker_ends_its_predecessors_session(server):
     new = RawPeer(server, b"prefill-0/0/new")
     assert isinstance(new.open(incarnation="new"), P.HandshakeReply)
     assert server.sessions == 2 and server.stats.peers_lost == 1
-    assert server.pool.lookup("t1").state == PageState.ABORTED and "restarted" in server.pool.lookup("t1").reason
-    assert server.pool.lookup("t2").state == PageState.ALLOCATED
+    assert server.pool.lookup("t1").state == ReservationState.ABORTED and "restarted" in server.pool.lookup("t1").reason
+    assert server.pool.lookup("t2").state == ReservationState.ALLOCATED
     for p in (old, other, new):
         p.close()
 
@@ -212,7 +212,7 @@ def test_the_allocation_queue_is_bounded():
         run(go())
     finally:
         srv.close()
-    assert srv.stats.queue_full == 1 and srv.pool.lookup("over").state == PageState.ABORTED
+    assert srv.stats.queue_full == 1 and srv.pool.lookup("over").state == ReservationState.ABORTED
 
 
 def test_no_secret_binds_loopback_only():

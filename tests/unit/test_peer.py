@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from lmcache_pd._types import PageState
+from lmcache_pd._types import ReservationState
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from tests.unit.nodes import BLOCK, Node, make_cfg
 
@@ -19,7 +19,7 @@ def test_heartbeats_keep_a_reserved_handoffs_pages_past_their_lease():
         n.sender.reserve(h).result(5)
         time.sleep(1.2)  # three leases
         r = n.receiver.pool.lookup("t1")
-        assert r is not None and r.state == PageState.ALLOCATED, r
+        assert r is not None and r.state == ReservationState.ALLOCATED, r
         n.sender.submit(SendSpec("p-t1", h, (2,)))
         n.receiver.submit_load(LoadSpec("d-t1", Handoff("t1", "prefill-0", BLOCK, "d" * 32), (2,)))
         (s,), (ld,) = n.results(1, 1)
