@@ -101,7 +101,7 @@ class PagePool:
         self._ended: dict[TransferId, tuple[Reservation, float]] = {}
         self._expired_total = 0
         self._aborted_total = 0
-        self.cond = threading.Condition()
+        self._lock = threading.RLock()  # (a Condition before: reentrant, as it was)
         self._watchers: list[Callable[[], None]] = []
 
     def watch(self, fn: Callable[[], None]) -> None:
@@ -110,7 +110,6 @@ class PagePool:
         self._watchers.append(fn)
 
     def _changed(self) -> None:
-        self.cond.notify_all()
         for fn in self._watchers:
             fn()
 
@@ -118,7 +117,7 @@ class PagePool:
     def reserve(self, transfer_id: TransferId, num_pages: int, *, num_tokens: int, prompt_digest: str,
                 owner: str, now: float, skip_pages: int = 0) -> list[PageIdx] | None:
         """All ``num_pages`` pages, or None if they are not free now. Raises if it can never fit."""
-        with self.cond:
+        with self._lock:
             # First: a known id is refused as such, never as "too large" (whose tombstone would
             # end the reservation of whoever owns that id).
             if transfer_id in self._live or transfer_id in self._ended:
@@ -151,7 +150,7 @@ class PagePool:
 
     def mark_ready(self, transfer_id: TransferId, *, owner: str, num_bytes: int, seconds: float,
                    now: float, digest: int | None = None) -> None:
-        with self.cond:
+        with self._lock:
             r = self._owned(transfer_id, owner)
             if r.state != ReservationState.ALLOCATED:
                 raise TransferError(f"cannot mark ready in state {r.state.name}", transfer_id=transfer_id)
@@ -162,7 +161,7 @@ class PagePool:
 
     def mark_landed(self, transfer_id: TransferId, *, owner: str, pages: int, now: float) -> None:
         """The first ``pages`` pages hold their bytes (streamed hand-off); also renews the lease."""
-        with self.cond:
+        with self._lock:
             r = self._owned(transfer_id, owner)
             if r.state != ReservationState.ALLOCATED:
                 raise TransferError(f"cannot mark pages landed in state {r.state.name}", transfer_id=transfer_id)
@@ -175,7 +174,7 @@ class PagePool:
 
     def renew(self, transfer_ids: Iterable[TransferId], *, owner: str, now: float) -> int:
         n = 0
-        with self.cond:
+        with self._lock:
             for tid in transfer_ids:
                 r = self._live.get(tid)
                 if r is not None and r.owner == owner and r.state in (ReservationState.ALLOCATED, ReservationState.READY):
@@ -198,7 +197,7 @@ class PagePool:
         """End a reservation (prefill cancel, consumer give-up). A tombstone is left even for an
         unknown id: a late ``reserve`` for a hand-off nobody waits for is refused, and a load
         waiting for a hand-off its prefill gave up before allocating ends at once."""
-        with self.cond:
+        with self._lock:
             r = self._live.get(transfer_id)
             if r is None:
                 if transfer_id not in self._ended:
@@ -216,7 +215,7 @@ class PagePool:
     def confirm_end(self, transfer_id: TransferId, *, owner: str, now: float) -> bool:
         """The owner says it stopped writing an ended reservation (its Cancel after our Ended):
         its held pages may be reused now (once nobody reads or writes them)."""
-        with self.cond:
+        with self._lock:
             r = self._held.get(transfer_id)
             if r is None or r.owner != owner:
                 return False
@@ -227,7 +226,7 @@ class PagePool:
     def abort_writing(self, owner: str, *, reason: str, now: float) -> list[TransferId]:
         """End every reservation ``owner`` is still writing (ALLOCATED): the peer is gone.
         Those it finished (READY) stay for their consumer, until their lease."""
-        with self.cond:
+        with self._lock:
             gone = [r for r in self._live.values() if r.owner == owner and r.state == ReservationState.ALLOCATED]
             for r in gone:
                 self._end(r, ReservationState.ABORTED, reason, now, notify=False)  # its session is gone
@@ -273,7 +272,7 @@ class PagePool:
     def take_notices(self) -> list[tuple[str, TransferId, int, str]]:
         """(owner, transfer id, generation, reason) of reservations ended while their owner was
         writing them, since the last call: the control server tells each owner (Ended)."""
-        with self.cond:
+        with self._lock:
             out, self._notices = self._notices, []
             return out
 
@@ -282,7 +281,7 @@ class PagePool:
                     pages: Iterable[PageIdx]) -> Reservation:
         """Admit one data batch into ``pages``: only those of the live reservation the batch
         names, of this owner and generation, while ALLOCATED. Pair with :meth:`end_write`."""
-        with self.cond:
+        with self._lock:
             r = self._owned(transfer_id, owner)
             if r.generation != generation:
                 raise TransferError(f"generation {generation} is not this reservation's", transfer_id=transfer_id)
@@ -296,7 +295,7 @@ class PagePool:
             return r
 
     def end_write(self, r: Reservation, *, now: float) -> None:
-        with self.cond:
+        with self._lock:
             r.writers -= 1
             if r.ended:
                 self._free_if_unused(r, now)
@@ -304,7 +303,7 @@ class PagePool:
     def expire(self, now: float) -> list[TransferId]:
         """Reclaim reservations whose lease passed; drop old tombstones."""
         gone: list[TransferId] = []
-        with self.cond:
+        with self._lock:
             for r in list(self._live.values()):
                 if r.state != ReservationState.CONSUMING and r.lease_deadline <= now:
                     self._end(r, ReservationState.EXPIRED, f"lease of {self.lease_s:g} s passed (timeouts.lease_s)", now)
@@ -320,7 +319,7 @@ class PagePool:
     # --- consumer (decode worker) ---------------------------------------------------------
     def lookup(self, transfer_id: TransferId) -> Reservation | None:
         """The live or ended reservation (a snapshot's state may change right after)."""
-        with self.cond:
+        with self._lock:
             r = self._live.get(transfer_id)
             if r is None and transfer_id in self._ended:
                 r = self._ended[transfer_id][0]
@@ -332,7 +331,7 @@ class PagePool:
         Returns the live reservation (read ``landed`` from it), or None if it is not live or
         already claimed. Every non-None result must be paired with :meth:`end_read`.
         """
-        with self.cond:
+        with self._lock:
             r = self._live.get(transfer_id)
             if r is None or r.state not in (ReservationState.ALLOCATED, ReservationState.READY):
                 return None
@@ -340,13 +339,13 @@ class PagePool:
             return r
 
     def end_read(self, r: Reservation) -> None:
-        with self.cond:
+        with self._lock:
             r.readers -= 1
             if r.ended:
                 self._free_if_unused(r, self._now)
 
     def claim(self, transfer_id: TransferId) -> Reservation:
-        with self.cond:
+        with self._lock:
             r = self._owned(transfer_id, None)
             if r.state != ReservationState.READY:
                 raise TransferError(f"pages are not ready ({r.state.name})", transfer_id=transfer_id)
@@ -355,14 +354,14 @@ class PagePool:
 
     def free(self, transfer_id: TransferId, *, now: float) -> None:
         """Return a claimed reservation's pages (consumed)."""
-        with self.cond:
+        with self._lock:
             r = self._owned(transfer_id, None)
             if r.state != ReservationState.CONSUMING:
                 raise TransferError(f"release of an unclaimed reservation ({r.state.name})", transfer_id=transfer_id)
             self._end(r, ReservationState.CONSUMING, "consumed", now)
 
     def stats(self) -> PoolStats:
-        with self.cond:
+        with self._lock:
             states = [r.state for r in self._live.values()]
             return PoolStats(self.num_pages, len(self._free), states.count(ReservationState.ALLOCATED),
                              states.count(ReservationState.READY), states.count(ReservationState.CONSUMING),
@@ -370,5 +369,5 @@ class PagePool:
 
     @property
     def free_pages(self) -> int:
-        with self.cond:
+        with self._lock:
             return len(self._free)
