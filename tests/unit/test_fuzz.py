@@ -87,7 +87,7 @@ class Harness:
 
     def state(self):
         srv, pool = self.srv, self.srv.pool
-        with pool.cond:
+        with pool._lock:
             live = sorted((r.transfer_id, r.state, r.landed, r.lease_deadline, tuple(r.pages), r.owner)
                           for r in pool._live.values())
             ended = sorted(pool._ended)
@@ -103,7 +103,7 @@ class Harness:
 
     def check_invariants(self) -> None:
         pool = self.srv.pool
-        with pool.cond:
+        with pool._lock:
             held = [p for r in pool._live.values() for p in r.pages]
             assert len(held) == len(set(held)) and not set(held) & set(pool._free)
             assert len(held) + len(pool._free) == pool.num_pages
