@@ -130,12 +130,13 @@ def compat(kv_page_bytes: int, transport: str) -> P.CompatInfo:
 def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: str) -> None:
     from lmcache_pd.handoff import Handoff, LoadSpec
     from lmcache_pd.node.receiver import KVReceiver
+    from lmcache_pd.node.worker import NodeConfig, Worker
     from lmcache_pd.ops import kv_layout_of
 
     cfg = config_from_dict(cfg_dict, source="benchmark")
     layers = cache(num_blocks, device, seed=2)
     kv, buf = kv_layout_of(layers)
-    rx = KVReceiver(cfg, instance="decode-0", tp_rank=0, compat=compat(kv.page_bytes, transport), kv=kv,
+    rx = KVReceiver(Worker("decode-0", 0, compat(kv.page_bytes, transport)), NodeConfig.of(cfg), kv=kv,
                     kv_buffer=buf)
     rx.start()
     conn.send("ready")
@@ -160,6 +161,7 @@ class HandoffPair:
                  group_mib: int | None = None, reserve: bool = True, verify: bool = False):
         from lmcache_pd.cli.local import free_ports
         from lmcache_pd.node.sender import KVSender
+        from lmcache_pd.node.worker import NodeConfig, Worker
         from lmcache_pd.ops import kv_layout_of
 
         max_blocks = -(-max_tokens // BLOCK)
@@ -186,7 +188,7 @@ class HandoffPair:
         cfg = config_from_dict(cfg_dict, source="benchmark")
         self.layers = cache(self.num_blocks, p_dev, seed=1)
         kv, buf = kv_layout_of(self.layers)
-        self.tx = KVSender(cfg, instance="prefill-0", tp_rank=0, compat=compat(kv.page_bytes, transport), kv=kv,
+        self.tx = KVSender(Worker("prefill-0", 0, compat(kv.page_bytes, transport)), NodeConfig.of(cfg), kv=kv,
                            kv_buffer=buf)
         self.tx.start()
         self.reserve = reserve

@@ -32,6 +32,7 @@ from lmcache_pd.layout import KVLayout
 from lmcache_pd.node.cache_io import CacheIO, NoCacheIO
 from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.sender import KVSender
+from lmcache_pd.node.worker import NodeConfig, Worker
 from lmcache_pd.node.worker_api import WorkerAPI
 from lmcache_pd.ops import kv_layout_of
 
@@ -155,7 +156,7 @@ class _PDWorker(WorkerRole):
         """The worker's HTTP API (hand-off state, metrics, the cache's control API), if it has a port."""
         inst = self.cfg.instance(self.instance)
         if inst.cache_port is not None:
-            self.api = WorkerAPI(self.cache_io if self.cache_io.enabled else None, instance=self.instance,
+            self.api = WorkerAPI(self.cache_io, instance=self.instance,
                                  rank=self.tp_rank, host=inst.host,
                                  port=inst.cache_port + self.tp_rank, keys=self.keys, status=self.status)
             self.api.start()
@@ -233,7 +234,7 @@ class PrefillWorker(_PDWorker):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout, buffer, compat = self.describe(kv_caches)
-        self.sender = KVSender(self.cfg, instance=self.instance, tp_rank=self.tp_rank, compat=compat,
+        self.sender = KVSender(Worker(self.instance, self.tp_rank, compat), NodeConfig.of(self.cfg),
                                kv=layout, kv_buffer=buffer, keys=self.keys)
         self.sender.start()
         self._start_cache(layout, buffer, compat)
@@ -303,9 +304,8 @@ class DecodeWorker(_PDWorker):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout, buffer, compat = self.describe(kv_caches)
         self._start_cache(layout, buffer, compat)
-        self.receiver = KVReceiver(self.cfg, instance=self.instance, tp_rank=self.tp_rank, compat=compat,
-                                   kv=layout, kv_buffer=buffer,
-                                   cache=self.cache_io, keys=self.keys)
+        self.receiver = KVReceiver(Worker(self.instance, self.tp_rank, compat), NodeConfig.of(self.cfg),
+                                   kv=layout, kv_buffer=buffer, cache=self.cache_io, keys=self.keys)
         self.receiver.start()
         self._start_api()
         log.info("decode worker %d: %d layers in %d buffer(s), page %d B, transport %s, cache %s", self.tp_rank,

@@ -81,6 +81,19 @@ class PrefixHolder(Protocol):
         """The allocation was refused: end the hold now."""
 
 
+class NothingHeld:
+    """No decode-side reuse (``cache.decode_skip`` off): every page of a prompt is sent."""
+
+    def hold(self, msg: P.Allocate) -> int:
+        return 0
+
+    def release(self, transfer_id: str) -> None:
+        pass
+
+
+NOTHING_HELD = NothingHeld()
+
+
 @dataclass
 class ServerStats:
     handshakes: int = 0
@@ -113,7 +126,7 @@ class ControlServer:
                  page_bytes: int, descriptor: bytes, max_alloc_wait_s: float,
                  keys: auth.Keyring | None = None, peer_s: float = 10.0, max_waiting: int = 1024,
                  curve_secret: bytes | None = None, clock: Callable[[], float] = time.monotonic,
-                 prefix: PrefixHolder | None = None):
+                 prefix: PrefixHolder = NOTHING_HELD):
         """``keys``: from the deployment's secret (None: none configured, loopback only);
         ``peer_s``: silence that ends a session; ``max_waiting``: allocations queued at most;
         ``curve_secret``: this side's CurveZMQ secret key (z85) to encrypt the control plane."""
@@ -388,7 +401,7 @@ class ControlServer:
     def _skip(self, msg: P.Allocate) -> int | None:
         """Leading pages the decode's cache holds (held for the transfer id), or None when it
         was not asked (nothing to release)."""
-        if self.prefix is None or not msg.chains or msg.num_pages <= 1 or self.pool.lookup(msg.transfer_id):
+        if not msg.chains or msg.num_pages <= 1 or self.pool.lookup(msg.transfer_id):
             return None  # (a known transfer id is refused below; its hold must stay the first one's)
         try:
             skip = self.prefix.hold(msg)
@@ -408,7 +421,7 @@ class ControlServer:
                            skip_pages=skip, generation=r.generation if r is not None else 0)
 
     def _release(self, transfer_id: str, asked: bool = True) -> None:
-        if self.prefix is not None and asked:
+        if asked:
             self.prefix.release(transfer_id)
 
     def _allocate(self, identity: bytes, owner: str, msg: P.Allocate, now: float) -> P.Message | None:

@@ -16,6 +16,7 @@ from typing import Protocol
 from lmcache_pd import protocol as P
 from lmcache_pd._types import TransferId
 from lmcache_pd.config import CacheConfig
+from lmcache_pd.control.server import NothingHeld
 from lmcache_pd.errors import TransferError
 from lmcache_pd.handoff import CacheLoadSpec, LoadSpec
 from lmcache_pd.node.cache_io import CacheIO, CacheMiss, NoCacheIO
@@ -35,14 +36,8 @@ class HeldPrefix(Protocol):
         Raises TransferError when they cannot be (the load then fails and vLLM recomputes)."""
 
 
-class NoHeldPrefix:
+class NoHeldPrefix(NothingHeld):
     """``cache.decode_skip`` off (or no cache): nothing held, every page is sent."""
-
-    def hold(self, msg: P.Allocate) -> int:
-        return 0
-
-    def release(self, transfer_id: TransferId) -> None:
-        pass
 
     def fill(self, spec: LoadSpec, local: int, skip: int) -> int:
         if skip > local:  # never granted here: a reservation that says so is not ours

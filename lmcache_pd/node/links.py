@@ -25,40 +25,29 @@ import zmq.asyncio
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd._types import PeerName
-from lmcache_pd.config import PDConfig
 from lmcache_pd.control import curve
 from lmcache_pd.control.client import ControlClient
 from lmcache_pd.errors import PDError, PeerLost, TransferError
 from lmcache_pd.layout import KVLayout, PoolLayout
 from lmcache_pd.node.peer import DecodePeer
+from lmcache_pd.node.worker import NodeConfig, Worker
 from lmcache_pd.transport import Transport
 
 log = logging.getLogger(__name__)
 
 
-def control_endpoint(cfg: PDConfig, peer: PeerName, tp_rank: int) -> str:
-    inst = cfg.instance(peer)
-    if cfg.role_of(peer) != "decode" or inst.control_port is None:
-        raise PeerLost(f"{peer!r} is not a decode instance of this deployment", peer=peer)
-    return f"tcp://{inst.host}:{inst.control_port + tp_rank}"
-
-
 class Links:
-    def __init__(self, cfg: PDConfig, *, instance: str, tp_rank: int, incarnation: str, compat: P.CompatInfo,
-                 kv: KVLayout, keys: auth.Keyring, transport: Transport,
+    def __init__(self, worker: Worker, cfg: NodeConfig, *, kv: KVLayout, keys: auth.Keyring, transport: Transport,
                  on_ended: Callable[[PeerName, P.Ended], None] | None = None):
         """``on_ended``: called when a decode peer ended a hand-off this side was writing (P.Ended)."""
         self.on_ended = on_ended
+        self.worker = worker
         self.cfg = cfg
         self.t = cfg.timeouts
-        self.instance = instance
-        self.tp_rank = tp_rank
-        self.incarnation = incarnation
-        self.compat = compat
         self.kv = kv
         self.keys = keys
         self.transport = transport
-        self._chunk_blocks = max(1, cfg.cache.chunk_tokens // compat.block_size)
+        self._chunk_blocks = max(1, cfg.cache.chunk_tokens // worker.compat.block_size)
         """Blocks per cache chunk: a decode peer skips whole chunks only."""
         self._curve_key = curve.server_keys(keys)[0] if cfg.auth.encrypt else None
         self._ctx: zmq.asyncio.Context | None = None
@@ -112,16 +101,17 @@ class Links:
 
     async def _open(self, peer: PeerName) -> DecodePeer:
         assert self._ctx is not None
-        client = ControlClient(self._ctx, endpoint=control_endpoint(self.cfg, peer, self.tp_rank),
-                               identity=f"{self.instance}/{self.tp_rank}/{self.incarnation}", peer=peer,
+        client = ControlClient(self._ctx, endpoint=self.cfg.control_endpoint(peer, self.worker.rank),
+                               identity=self.worker.identity, peer=peer,
                                keys=self.keys, curve_server_key=self._curve_key)
         on_ended = self.on_ended
         if on_ended is not None:
             client.on_ended = lambda msg: on_ended(peer, msg)
         client.start()
         try:
-            msg = P.Handshake(msg_id=0, peer=self.instance, incarnation=self.incarnation,
-                              compat_hash=self.compat.digest(), compat=self.compat, nonce=b"", cookie=b"")
+            w = self.worker
+            msg = P.Handshake(msg_id=0, peer=w.instance, incarnation=w.incarnation,
+                              compat_hash=w.compat.digest(), compat=w.compat, nonce=b"", cookie=b"")
             reply = await client.open_session(msg, timeout_s=self.t.handshake_s)
             if reply.page_bytes != self.kv.page_bytes:
                 raise TransferError(f"decode page size {reply.page_bytes} != ours {self.kv.page_bytes}", peer=peer)

@@ -17,15 +17,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import uuid
 
 import torch
 
 from lmcache_pd import auth
-from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
 from lmcache_pd._types import ReqId, TransferId
-from lmcache_pd.config import PDConfig
 from lmcache_pd.control import curve
 from lmcache_pd.control.allocator import PagePool, PoolStats
 from lmcache_pd.control.server import ControlServer
@@ -37,33 +34,30 @@ from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.held_prefix import held_prefix
 from lmcache_pd.node.loader import Loader
 from lmcache_pd.node.loads import LoadResult
+from lmcache_pd.node.worker import NodeConfig, Worker
 from lmcache_pd.node.write_gate import PoolGate
 
 log = logging.getLogger(__name__)
 
 
 class KVReceiver:
-    def __init__(self, cfg: PDConfig, *, instance: str, tp_rank: int, compat: P.CompatInfo,
-                 kv: KVLayout, kv_buffer: torch.Tensor, cache: CacheIO | NoCacheIO | None = None,
-                 keys: auth.Keyring | None = None):
+    def __init__(self, worker: Worker, cfg: NodeConfig, *, kv: KVLayout, kv_buffer: torch.Tensor,
+                 cache: CacheIO | NoCacheIO | None = None, keys: auth.Keyring | None = None):
         """``cache``: this worker's prefix cache (started by the caller), for decode-side reuse
         (``cache.decode_skip``);
         ``keys``: derived from the deployment's secret (config.keyring); None: no secret."""
-        inst = cfg.instance(instance)
-        assert inst.control_port is not None and inst.data_port is not None  # checked by the config
+        at = cfg.listener(worker.instance)
+        self.worker = worker
         self.cfg = cfg
-        self.instance = instance
-        self.tp_rank = tp_rank
-        self._handoff_log = HandoffLog(cfg.handoff_log, instance=instance, rank=tp_rank, role="decode")
+        self._handoff_log = HandoffLog(cfg.handoff_log, instance=worker.instance, rank=worker.rank, role="decode")
         self.kv = kv
         self.kv_buffer = kv_buffer
-        self.incarnation = uuid.uuid4().hex[:16]
         self.keys = keys if keys is not None else auth.Keyring(None)
         self.pool_layout = PoolLayout.sized(kv, cfg.pool.size_mib << 20)
         if self.pool_layout.num_pages == 0:
             raise TransferError(f"pool.size_mib={cfg.pool.size_mib} is below one page ({kv.page_bytes} B)")
-        self.transport = transports.create(cfg.transport.name, cfg.transport.options, host=inst.host,
-                                           port=inst.data_port + tp_rank, keys=self.keys,
+        self.transport = transports.create(cfg.transport.name, cfg.transport.options, host=at.host,
+                                           port=at.data_port + worker.rank, keys=self.keys,
                                            encrypt=cfg.auth.encrypt)
         # Pages of a hand-off ended mid-write: a transport that admits each batch holds them
         # only while a batch writes; one-sided ones until the prefill confirms or data_s passes.
@@ -73,19 +67,19 @@ class KVReceiver:
         self.pool_buffer = self.transport.allocate(self.pool_layout.nbytes, kv_buffer.device)
         self.region = self.transport.register(self.pool_buffer)
         self.server: ControlServer | None = None
-        self.compat = compat
-        self.bind = f"tcp://{inst.host}:{inst.control_port + tp_rank}"
-        self.prefix = held_prefix(cfg.cache, cache, compat.block_size)
+        self.bind = cfg.control_endpoint(worker.instance, worker.rank)
+        self.prefix = held_prefix(cfg.cache, cache, worker.compat.block_size)
         self.loader = Loader(self.pool, self.pool_layout, self.pool_buffer, kv=kv, kv_buffer=kv_buffer,
-                             block_size=compat.block_size, prefix=self.prefix, transfer_s=cfg.timeouts.transfer_s,
+                             block_size=worker.compat.block_size, prefix=self.prefix, transfer_s=cfg.timeouts.transfer_s,
                              group_bytes=cfg.transport.group_mib << 20, verify=cfg.integrity.verify,
-                             handoff_log=self._handoff_log, name=f"pd-loader-{tp_rank}")
+                             handoff_log=self._handoff_log, name=f"pd-loader-{worker.rank}")
 
     def start(self) -> None:
         if self.transport.capabilities.listens:
             self.transport.listen(PoolGate(self.pool, self.pool_layout,
                                            lambda token: self.server.owner_of(token) if self.server else None))
-        self.server = ControlServer(self.pool, bind=self.bind, compat=self.compat, incarnation=self.incarnation,
+        self.server = ControlServer(self.pool, bind=self.bind, compat=self.worker.compat,
+                                    incarnation=self.worker.incarnation,
                                     page_bytes=self.pool_layout.page_bytes,
                                     descriptor=self.transport.export_descriptor(self.region),
                                     max_alloc_wait_s=self.cfg.timeouts.alloc_s, keys=self.keys,

@@ -37,7 +37,6 @@ import dataclasses
 import logging
 import threading
 import time
-import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -47,7 +46,6 @@ from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
 from lmcache_pd._types import BatchState, BlockId, PeerName, ReqId, TransferId
-from lmcache_pd.config import PDConfig
 from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
 from lmcache_pd.handoff import Handoff, SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
@@ -55,6 +53,7 @@ from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.links import Links
 from lmcache_pd.node.loop import LoopThread
 from lmcache_pd.node.peer import DecodePeer, Grant
+from lmcache_pd.node.worker import NodeConfig, Worker
 from lmcache_pd.ops import cache_digest
 
 log = logging.getLogger(__name__)
@@ -85,24 +84,20 @@ class SendResult:
 
 
 class KVSender:
-    def __init__(self, cfg: PDConfig, *, instance: str, tp_rank: int, compat: P.CompatInfo,
-                 kv: KVLayout, kv_buffer: torch.Tensor, keys: auth.Keyring | None = None):
+    def __init__(self, worker: Worker, cfg: NodeConfig, *, kv: KVLayout, kv_buffer: torch.Tensor,
+                 keys: auth.Keyring | None = None):
         """``keys``: derived from the deployment's secret (config.keyring); None: no secret."""
+        self.worker = worker
         self.cfg = cfg
         self.keys = keys if keys is not None else auth.Keyring(None)
         self.t = cfg.timeouts
-        self.instance = instance
-        self.tp_rank = tp_rank
-        self.compat = compat
         self.kv = kv
         self.kv_buffer = kv_buffer
-        self.incarnation = uuid.uuid4().hex[:16]
         self.transport = transports.create(cfg.transport.name, cfg.transport.options, keys=self.keys,
                                            encrypt=cfg.auth.encrypt)
         self.region = -1
-        self._loop = LoopThread(f"pd-sender-{tp_rank}")
-        self.links = Links(cfg, instance=instance, tp_rank=tp_rank, incarnation=self.incarnation, compat=compat,
-                           kv=kv, keys=self.keys, transport=self.transport, on_ended=self._on_ended)
+        self._loop = LoopThread(f"pd-sender-{worker.rank}")
+        self.links = Links(worker, cfg, kv=kv, keys=self.keys, transport=self.transport, on_ended=self._on_ended)
         self._ended: collections.OrderedDict[tuple[PeerName, TransferId], str] = collections.OrderedDict()
         """Hand-offs the decode side ended while we wrote them (P.Ended): stop, and confirm."""
         self._results: list[SendResult] = []
@@ -112,7 +107,7 @@ class KVSender:
         self._reserved: dict[TransferId, tuple[float, asyncio.Task[Grant]]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._beats: asyncio.Task[None] | None = None
-        self._handoff_log = HandoffLog(cfg.handoff_log, instance=instance, rank=tp_rank, role="prefill")
+        self._handoff_log = HandoffLog(cfg.handoff_log, instance=worker.instance, rank=worker.rank, role="prefill")
 
     def start(self) -> None:
         self.region = self.transport.register(self.kv_buffer, self.kv.extents)
@@ -211,7 +206,7 @@ class KVSender:
         await asyncio.shield(entry[1])
 
     async def _allocate_pages(self, h: Handoff) -> Grant:
-        grant = await self._allocate(h, blocks_for_tokens(h.num_tokens, self.compat.block_size))
+        grant = await self._allocate(h, blocks_for_tokens(h.num_tokens, self.worker.compat.block_size))
         grant.peer.track(h.transfer_id)  # heartbeats renew the pages' lease until the hand-off ends
         return grant
 
@@ -258,7 +253,7 @@ class KVSender:
     async def _send_steps(self, spec: SendSpec, ready: torch.cuda.Event | None, t0: float) -> None:
         peer: DecodePeer | None = None
         try:
-            n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.compat.block_size)
+            n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.worker.compat.block_size)
             if len(spec.block_ids) < n_pages:
                 await self._unreserve(spec.handoff.transfer_id, "hand-off refused")
                 raise TransferError(f"{len(spec.block_ids)} blocks for {spec.handoff.num_tokens} tokens",

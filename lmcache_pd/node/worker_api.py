@@ -36,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lmcache_pd.auth import Keyring
 from lmcache_pd.cache import chain_hashes, chunk_keys, tenant_tag
-from lmcache_pd.node.cache_io import CacheIO
+from lmcache_pd.node.cache_io import CacheIO, NoCacheIO
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,10 @@ MAX_CONNECTIONS = 64
 
 
 class WorkerAPI:
-    def __init__(self, io: CacheIO | None, *, instance: str, rank: int, host: str, port: int,
+    def __init__(self, io: CacheIO | NoCacheIO, *, instance: str, rank: int, host: str, port: int,
                  keys: Keyring | None = None, status: Callable[[], dict[str, Any]] | None = None,
                  io_timeout_s: float = SOCKET_TIMEOUT_S):
-        """``io``: the worker's prefix cache, or None (cache off: only /pd/* and /metrics);
+        """``io``: the worker's prefix cache (``NoCacheIO`` when it is off: only /pd/* and /metrics);
         ``status``: the hand-off path's state for /pd/stats (a dict of sections of numbers);
         ``io_timeout_s``: a connection silent this long is dropped."""
         self.io_timeout_s = io_timeout_s
@@ -63,7 +63,7 @@ class WorkerAPI:
         self.status = status or (lambda: {})
         self.registry = CollectorRegistry()
         self.registry.register(_StatusCollector(self))
-        if io is not None:
+        if io.enabled:
             self.registry.register(_Collector(self))
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -93,7 +93,7 @@ class WorkerAPI:
     # --- operations (also called directly by tests) -----------------------------------------
     @property
     def cache(self) -> CacheIO:
-        if self.io is None:
+        if not isinstance(self.io, CacheIO):
             raise LookupError("the prefix cache is off on this instance (cache.enabled)")
         return self.io
 

@@ -21,6 +21,7 @@ from lmcache_pd.config import config_from_dict, keyring
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.sender import KVSender
+from lmcache_pd.node.worker import NodeConfig, Worker
 from lmcache_pd.ops import kv_layout_of
 
 LAYERS, HEADS, BLOCK, C = 2, 2, 16, 1024
@@ -94,12 +95,12 @@ def main() -> None:
     layers = kv_cache(spec["blocks"], spec.get("fill"), spec.get("seed", 0))
     kv, buf = kv_layout_of(layers)
     if spec["role"] == "decode":
-        node = KVReceiver(cfg, instance=spec["instance"], tp_rank=0, compat=compat(), kv=kv, kv_buffer=buf,
+        node = KVReceiver(Worker(spec["instance"], 0, compat()), NodeConfig.of(cfg), kv=kv, kv_buffer=buf,
                           keys=keyring(cfg))
         node.start()
         serve = _decode
     else:
-        node = KVSender(cfg, instance=spec["instance"], tp_rank=0, compat=compat(), kv=kv, kv_buffer=buf,
+        node = KVSender(Worker(spec["instance"], 0, compat()), NodeConfig.of(cfg), kv=kv, kv_buffer=buf,
                         keys=keyring(cfg))
         node.start()
         serve = _prefill

@@ -21,6 +21,7 @@ from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.sender import KVSender
+from lmcache_pd.node.worker import NodeConfig, Worker
 
 BLOCK, LAYERS, HEADS, C, BLOCKS = 16, 2, 2, 512, 24
 
@@ -62,9 +63,9 @@ def main(where: str) -> None:
     p_layers, d_layers = cache(1), cache(2)
     p_kv, p_buf = ops.kv_layout_of(p_layers)
     d_kv, d_buf = ops.kv_layout_of(d_layers)
-    receiver = KVReceiver(cfg, instance="decode-0", tp_rank=0, compat=compat, kv=d_kv, kv_buffer=d_buf)
+    receiver = KVReceiver(Worker("decode-0", 0, compat), NodeConfig.of(cfg), kv=d_kv, kv_buffer=d_buf)
     receiver.start()
-    sender = KVSender(cfg, instance="prefill-0", tp_rank=0, compat=msgspec.structs.replace(compat), kv=p_kv,
+    sender = KVSender(Worker("prefill-0", 0, msgspec.structs.replace(compat)), NodeConfig.of(cfg), kv=p_kv,
                       kv_buffer=p_buf)
     sender.start()
     try:

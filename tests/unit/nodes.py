@@ -14,6 +14,7 @@ from lmcache_pd.config import PDConfig, config_from_dict
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.node.receiver import KVReceiver, LoadResult
 from lmcache_pd.node.sender import KVSender, SendResult
+from lmcache_pd.node.worker import NodeConfig, Worker
 from lmcache_pd.ops import kv_layout_of
 from tests.unit.kv import COMPAT, per_layer_cache, vllm_like_cache
 
@@ -56,10 +57,10 @@ class Node:
             t.view(torch.uint8).fill_(0xEE)
         p_kv, p_buf = kv_layout_of(self.p_layers)
         d_kv, d_buf = kv_layout_of(self.d_layers)
-        self.receiver = KVReceiver(cfg, instance="decode-0", tp_rank=0, compat=CPT, kv=d_kv, kv_buffer=d_buf)
+        self.receiver = KVReceiver(Worker("decode-0", 0, CPT), NodeConfig.of(cfg), kv=d_kv, kv_buffer=d_buf)
         if start_receiver:
             self.receiver.start()
-        self.sender = KVSender(cfg, instance="prefill-0", tp_rank=0, compat=compat, kv=p_kv, kv_buffer=p_buf)
+        self.sender = KVSender(Worker("prefill-0", 0, compat), NodeConfig.of(cfg), kv=p_kv, kv_buffer=p_buf)
         self.sender.start()
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed here (run scripts/setup)")
 
 from lmcache_pd.cli.local import free_ports  # noqa: E402
+from lmcache_pd.node.cache_io import NoCacheIO  # noqa: E402
 from lmcache_pd.node.worker_api import WorkerAPI  # noqa: E402
 from tests.unit.cache_instances import CHUNK, Instance, cfg_with_cache, prompt, request  # noqa: E402
 
@@ -143,7 +144,7 @@ def test_with_a_secret_every_post_needs_the_token(tmp_path):
 def test_hand_off_state_and_its_metrics_without_a_cache():
     status = {"pool": {"pages": 8, "free_pages": 6, "expired_total": 2}, "control": {"unauthenticated": 3},
               "blocks": {"held_requests": 1}}
-    api = WorkerAPI(None, instance="decode-0", rank=0, host="127.0.0.1", port=free_ports(1)[0],
+    api = WorkerAPI(NoCacheIO(), instance="decode-0", rank=0, host="127.0.0.1", port=free_ports(1)[0],
                     status=lambda: status)
     api.start()
     url = f"http://127.0.0.1:{api.address[1]}"
@@ -181,7 +182,7 @@ def test_hostile_http_clients_get_clear_answers_and_hold_nothing(tmp_path):
     from lmcache_pd import auth
 
     keys = auth.Keyring(b"the deployment's secret for http")
-    api = WorkerAPI(None, instance="decode-0", rank=0, host="127.0.0.1", port=free_ports(1)[0], keys=keys,
+    api = WorkerAPI(NoCacheIO(), instance="decode-0", rank=0, host="127.0.0.1", port=free_ports(1)[0], keys=keys,
                     io_timeout_s=0.5)
     api.start()
     port = api.address[1]

@@ -19,6 +19,7 @@ from lmcache_pd.handoff import CacheSaveSpec, Handoff, LoadSpec, SendSpec
 from lmcache_pd.node.cache_io import CacheIO
 from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.sender import KVSender
+from lmcache_pd.node.worker import NodeConfig, Worker
 from lmcache_pd.ops import kv_layout_of
 from tests.unit.kv import vllm_like_cache
 from tests.unit.nodes import BLOCK, CPT, HEADS, LAYERS, PAGE, C, make_cfg
@@ -49,10 +50,10 @@ class Pair:
         self.io = CacheIO(self.cfg.cache, instance="decode-0", rank=0, compat=msgspec.structs.asdict(CPT), kv=d_kv,
                           kv_buffer=d_buf, block_size=BLOCK)
         self.io.start()
-        self.receiver = KVReceiver(self.cfg, instance="decode-0", tp_rank=0, compat=CPT, kv=d_kv, kv_buffer=d_buf,
+        self.receiver = KVReceiver(Worker("decode-0", 0, CPT), NodeConfig.of(self.cfg), kv=d_kv, kv_buffer=d_buf,
                                    cache=self.io)
         self.receiver.start()
-        self.sender = KVSender(self.cfg, instance="prefill-0", tp_rank=0, compat=CPT, kv=p_kv, kv_buffer=p_buf)
+        self.sender = KVSender(Worker("prefill-0", 0, CPT), NodeConfig.of(self.cfg), kv=p_kv, kv_buffer=p_buf)
         self.sender.start()
 
     def close(self) -> None:
@@ -285,7 +286,7 @@ def test_a_bad_allocated_reply_fails_the_handoff_and_gives_the_pages_back(reply)
     fake = FakeDecode(f"tcp://127.0.0.1:{cfg.decode[0].control_port}", reply, rx.export_descriptor(region))
     layers = vllm_like_cache(LAYERS, 8, HEADS, BLOCK, C, torch.bfloat16, "LBHNC")
     kv, buf = kv_layout_of(layers)
-    sender = KVSender(cfg, instance="prefill-0", tp_rank=0, compat=CPT, kv=kv, kv_buffer=buf)
+    sender = KVSender(Worker("prefill-0", 0, CPT), NodeConfig.of(cfg), kv=kv, kv_buffer=buf)
     sender.start()
     try:
         toks = tokens(4 * BLOCK + 5)  # 5 blocks, 2 chunks named

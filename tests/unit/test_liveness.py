@@ -14,6 +14,7 @@ from lmcache_pd.cli.local import free_ports
 from lmcache_pd.config import config_from_dict
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.node.receiver import KVReceiver
+from lmcache_pd.node.worker import NodeConfig, Worker
 from tests.unit.nodes import BLOCK, CPT, Node, make_cfg
 
 _DEAD: list[object] = []
@@ -52,7 +53,7 @@ def fill(n: Node, tid: str = "filler", pages: int = 8) -> None:
 def test_a_full_decode_pool_bounds_the_prefill_queue_and_starves_no_other_decode():
     cfg = two_decodes_cfg()
     n = Node(cfg)
-    other = KVReceiver(cfg, instance="decode-1", tp_rank=0, compat=CPT, kv=n.receiver.kv,
+    other = KVReceiver(Worker("decode-1", 0, CPT), NodeConfig.of(cfg), kv=n.receiver.kv,
                        kv_buffer=n.receiver.kv_buffer.clone())
     other.start()
     try:
@@ -125,7 +126,7 @@ def test_a_restarted_prefill_frees_what_its_predecessor_was_writing():
         n.receiver.submit_load(LoadSpec("d-1", Handoff("t1", "prefill-0", 2 * BLOCK, "d" * 32), (1, 2)))
         old = n.sender
         stop_dead(old)
-        n.sender = type(old)(cfg, instance="prefill-0", tp_rank=0, compat=CPT, kv=old.kv, kv_buffer=old.kv_buffer)
+        n.sender = type(old)(Worker("prefill-0", 0, CPT), NodeConfig.of(cfg), kv=old.kv, kv_buffer=old.kv_buffer)
         n.sender.start()
         t0 = time.monotonic()
         n.handoff("t2", [3], [3], BLOCK)  # its first hand-off links: the decode sees the new incarnation
@@ -180,7 +181,7 @@ def test_a_peer_without_the_secret_gets_nothing_in(where):
     cfg = make_cfg()
     n = Node(cfg)
     try:
-        evil = KVSender(cfg, instance="prefill-0", tp_rank=0, compat=CPT, kv=n.sender.kv,
+        evil = KVSender(Worker("prefill-0", 0, CPT), NodeConfig.of(cfg), kv=n.sender.kv,
                         kv_buffer=n.sender.kv_buffer, keys=auth.Keyring(b"a secret that is not ours......"))
         if where == "data":  # it even got the descriptor somehow: the tcp hello still refuses it
             evil.transport = type(evil.transport)(evil.transport.options, keys=evil.keys)

@@ -13,9 +13,11 @@ import msgspec
 import pytest
 import torch
 
+from lmcache_pd.errors import PeerLost
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.layout import blocks_for_tokens
 from lmcache_pd.node.receiver import KVReceiver
+from lmcache_pd.node.worker import NodeConfig, Worker
 from tests.unit.nodes import BLOCK, CPT, LAYERS, PAGE, Node, make_cfg
 
 
@@ -292,9 +294,9 @@ def test_restarted_decode_is_re_handshaken():
         assert s.ok and ld.ok
         old = n.receiver
         old.close()
-        n.receiver = KVReceiver(cfg, instance="decode-0", tp_rank=0, compat=CPT, kv=old.kv, kv_buffer=old.kv_buffer)
+        n.receiver = KVReceiver(Worker("decode-0", 0, CPT), NodeConfig.of(cfg), kv=old.kv, kv_buffer=old.kv_buffer)
         n.receiver.start()
-        assert n.receiver.incarnation != old.incarnation
+        assert n.receiver.worker.incarnation != old.worker.incarnation
         n.handoff("t2", [2, 3], [2, 3], 2 * BLOCK)
         (s,), (ld,) = n.results(1, 1)
         assert s.ok and ld.ok, (s.error, ld.error)
@@ -322,3 +324,19 @@ def test_handoff_log_records_both_ends(tmp_path):
             [("decode", "logged", True, 2 * PAGE)]
     finally:
         n.close()
+
+
+def test_node_objects_read_a_worker_identity_and_the_node_config_only():
+    cfg = make_cfg()
+    node_cfg = NodeConfig.of(cfg)
+    d = cfg.decode[0]
+    assert [name for name, _ in node_cfg.decodes] == ["decode-0"]  # prefills are never addressed
+    assert node_cfg.control_endpoint("decode-0", 2) == f"tcp://{d.host}:{d.control_port + 2}"
+    with pytest.raises(PeerLost, match="'prefill-0' is not a decode instance"):
+        node_cfg.listener("prefill-0")
+    a, b = Worker("prefill-0", 1, CPT), Worker("prefill-0", 1, CPT)
+    assert a.incarnation != b.incarnation and a.identity == f"prefill-0/1/{a.incarnation}"
+    with pytest.raises(AttributeError):
+        a.rank = 2  # frozen: a node object's identity cannot drift
+    with pytest.raises(PeerLost, match="'prefill-0' is not a decode instance"):
+        KVReceiver(a, node_cfg, kv=None, kv_buffer=None)  # a receiver only runs on a decode instance

@@ -22,6 +22,7 @@ from lmcache_pd.config import config_from_dict
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.sender import KVSender
+from lmcache_pd.node.worker import NodeConfig, Worker
 from lmcache_pd.ops import kv_layout_of
 from tests.unit.kv import vllm_like_cache
 from tests.unit.nodes import BLOCK, CPT, HEADS, LAYERS, C
@@ -65,10 +66,10 @@ def test_a_late_one_sided_write_never_lands_in_the_next_handoffs_pages(name):
     d_layers, d_kv, d_buf = cache(1)
     a_layers, a_kv, a_buf = cache(2)
     b_layers, b_kv, b_buf = cache(3)
-    receiver = KVReceiver(cfg, instance="decode-0", tp_rank=0, compat=CPT, kv=d_kv, kv_buffer=d_buf)
+    receiver = KVReceiver(Worker("decode-0", 0, CPT), NodeConfig.of(cfg), kv=d_kv, kv_buffer=d_buf)
     receiver.start()
-    slow = KVSender(slow_cfg, instance="prefill-1", tp_rank=0, compat=CPT, kv=a_kv, kv_buffer=a_buf)
-    fast = KVSender(cfg, instance="prefill-2", tp_rank=0, compat=CPT, kv=b_kv, kv_buffer=b_buf)
+    slow = KVSender(Worker("prefill-1", 0, CPT), NodeConfig.of(slow_cfg), kv=a_kv, kv_buffer=a_buf)
+    fast = KVSender(Worker("prefill-2", 0, CPT), NodeConfig.of(cfg), kv=b_kv, kv_buffer=b_buf)
     slow.start()
     fast.start()
     try:
