@@ -35,14 +35,15 @@ from dataclasses import dataclass
 
 from lmcache_pd._types import PageIdx, ReservationState, TransferId
 from lmcache_pd.errors import PoolExhausted, TransferError
+from lmcache_pd.handoff import Handoff
 
 
 @dataclass
 class Reservation:
-    transfer_id: TransferId
+    claim: Handoff
+    """The hand-off as the prefill's Allocate described it (``peer``: the prefill instance):
+    the decode's own load must name the same token count and prompt digest."""
     pages: list[PageIdx]
-    num_tokens: int
-    prompt_digest: str
     owner: str
     state: ReservationState
     lease_deadline: float
@@ -58,6 +59,10 @@ class Reservation:
     """Leading blocks of the prompt the decode side supplies from its own cache tiers: the
     pages cover the blocks after them."""
     generation: int = 0
+
+    @property
+    def transfer_id(self) -> TransferId:
+        return self.claim.transfer_id
     """New for every reservation of this pool: data batches name it with the transfer id."""
     writers: int = 0
     """Data batches being written into its pages now (admitted by ``begin_write``)."""
@@ -114,9 +119,11 @@ class PagePool:
             fn()
 
     # --- prefill-driven transitions (control plane) ---------------------------------------
-    def reserve(self, transfer_id: TransferId, num_pages: int, *, num_tokens: int, prompt_digest: str,
-                owner: str, now: float, skip_pages: int = 0) -> list[PageIdx] | None:
-        """All ``num_pages`` pages, or None if they are not free now. Raises if it can never fit."""
+    def reserve(self, claim: Handoff, num_pages: int, *, owner: str, now: float,
+                skip_pages: int = 0) -> list[PageIdx] | None:
+        """All ``num_pages`` pages for hand-off ``claim``, or None if they are not free now.
+        Raises if it can never fit."""
+        transfer_id = claim.transfer_id
         with self._lock:
             # First: a known id is refused as such, never as "too large" (whose tombstone would
             # end the reservation of whoever owns that id).
@@ -130,8 +137,8 @@ class PagePool:
             if len(self._free) < num_pages:
                 return None
             pages = self._take(num_pages)
-            self._live[transfer_id] = Reservation(transfer_id, pages, num_tokens, prompt_digest, owner,
-                                                  ReservationState.ALLOCATED, now + self.lease_s, skip_pages=skip_pages,
+            self._live[transfer_id] = Reservation(claim, pages, owner, ReservationState.ALLOCATED, now + self.lease_s,
+                                                  skip_pages=skip_pages,
                                                   generation=next(self._generations))
             self._changed()
             return pages
@@ -201,8 +208,8 @@ class PagePool:
             r = self._live.get(transfer_id)
             if r is None:
                 if transfer_id not in self._ended:
-                    self._ended[transfer_id] = (Reservation(transfer_id, [], 0, "", owner or "", ReservationState.ABORTED,
-                                                            now, reason=reason), now)
+                    self._ended[transfer_id] = (Reservation(Handoff(transfer_id, "", 0, ""), [], owner or "",
+                                                            ReservationState.ABORTED, now, reason=reason), now)
                     self._bound_tombstones()
                 return False
             if owner is not None and r.owner != owner:

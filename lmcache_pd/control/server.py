@@ -34,6 +34,7 @@ from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.errors import PDError, PoolExhausted, ProtocolError, TransferError
+from lmcache_pd.handoff import Handoff
 
 log = logging.getLogger(__name__)
 _POLL_MS = 20
@@ -410,9 +411,11 @@ class ControlServer:
             return 0
         return skip if 0 <= skip < msg.num_pages else 0
 
-    def _reserve(self, msg: P.Allocate, owner: str, skip: int, now: float) -> list[int] | None:
-        return self.pool.reserve(msg.transfer_id, msg.num_pages - skip, num_tokens=msg.num_tokens,
-                                 prompt_digest=msg.prompt_digest, owner=owner, now=now, skip_pages=skip)
+    def _reserve(self, identity: bytes, msg: P.Allocate, owner: str, skip: int, now: float) -> list[int] | None:
+        session = self._sessions.get(identity)
+        claim = Handoff(msg.transfer_id, session.peer if session is not None else "", msg.num_tokens,
+                        msg.prompt_digest, tuple(msg.chains), msg.tenant)
+        return self.pool.reserve(claim, msg.num_pages - skip, owner=owner, now=now, skip_pages=skip)
 
     def _allocated(self, msg: P.Allocate, pages: list[int], skip: int) -> P.Allocated:
         self.stats.allocations += 1
@@ -430,9 +433,9 @@ class ControlServer:
         pages = None
         try:
             if not self._waiting:  # FIFO: nobody may overtake a queued request
-                pages = self._reserve(msg, owner, skip, now)
+                pages = self._reserve(identity, msg, owner, skip, now)
             elif msg.num_pages - skip > self.pool.num_pages:
-                self._reserve(msg, owner, skip, now)  # raises too_large
+                self._reserve(identity, msg, owner, skip, now)  # raises too_large
             if pages is None and len(self._waiting) >= self.max_waiting:
                 self.stats.queue_full += 1
                 raise PoolExhausted(f"decode pool is full and {len(self._waiting)} allocations already wait "
@@ -478,7 +481,7 @@ class ControlServer:
                     message=f"decode pool stayed full for {w.msg.wait_s:g} s (timeouts.alloc_s; or raise pool.size_mib)"))
                 continue
             try:
-                pages = self._reserve(w.msg, w.owner, w.skip or 0, now)
+                pages = self._reserve(w.identity, w.msg, w.owner, w.skip or 0, now)
             except TransferError as e:
                 self._waiting.popleft()
                 self._release(w.msg.transfer_id, w.skip is not None)

@@ -287,7 +287,7 @@ class Loader:
     def _validate(self, load: LoadState, r: Reservation) -> None:
         """The reservation holds this request's prompt."""
         spec = load.spec
-        if r.num_tokens != spec.handoff.num_tokens or r.prompt_digest != spec.handoff.prompt_digest:
+        if r.claim.num_tokens != spec.handoff.num_tokens or r.claim.prompt_digest != spec.handoff.prompt_digest:
             raise TransferError("prefill computed a different prompt (token count or digest differs)",
                                 transfer_id=spec.handoff.transfer_id)
         n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.block_size)

@@ -9,10 +9,11 @@ import pytest
 from lmcache_pd._types import ReservationState
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.errors import PoolExhausted, TransferError
+from lmcache_pd.handoff import Handoff
 
 
 def reserve(pool: PagePool, tid: str, n: int, now: float = 0.0, owner: str = "p"):
-    return pool.reserve(tid, n, num_tokens=n * 16, prompt_digest="d", owner=owner, now=now)
+    return pool.reserve(Handoff(tid, "p", n * 16, "d"), n, owner=owner, now=now)
 
 
 def test_all_or_nothing_and_consecutive_pages():

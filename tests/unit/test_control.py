@@ -19,6 +19,7 @@ from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.control.client import ControlClient
 from lmcache_pd.control.server import ControlServer
 from lmcache_pd.errors import IncompatiblePeer, PeerLost, PoolExhausted, TransferError, TransferTimeout
+from lmcache_pd.handoff import Handoff
 from tests.unit.control_peers import (
     KEYS,
     RawPeer,
@@ -49,7 +50,10 @@ def test_handshake_allocate_and_ready(server):
         assert (reply.incarnation, reply.num_pages, reply.descriptor) == ("dec-1", 8, b"pool-descriptor")
         got = await req(c, alloc(c, "t1", 3))
         assert isinstance(got, P.Allocated) and got.pages == [0, 1, 2]
-        assert server.pool.lookup("t1").state == ReservationState.ALLOCATED
+        r = server.pool.lookup("t1")
+        assert r.state == ReservationState.ALLOCATED
+        # The reservation holds the hand-off as the session's peer described it.
+        assert (r.claim.peer, r.claim.num_tokens, r.claim.prompt_digest) == ("prefill-0", 3 * 128, "d")
         assert await c.post(P.Landed(msg_id=c.next_id(), transfer_id="t1", pages=2))
         await req(c, P.Heartbeat(msg_id=c.next_id(), transfer_ids=["t1"]))  # handled in order after it
         assert server.pool.lookup("t1").landed == 2
@@ -356,7 +360,7 @@ def test_overlong_ids_are_refused_unread_and_counted(server):
 
 def test_cancels_of_unknown_ids_keep_a_bounded_number_of_tombstones():
     pool = PagePool(4, lease_s=30)
-    reserve_one = pool.reserve("live", 1, num_tokens=1, prompt_digest="d", owner="p", now=0)
+    reserve_one = pool.reserve(Handoff("live", "p", 1, "d"), 1, owner="p", now=0)
     assert reserve_one == [0]
     pool.abort("live", reason="ended", now=0)
     for i in range(5 * pool.max_tombstones):

@@ -83,7 +83,7 @@ def test_shutdown_does_not_wait_for_a_queued_reservation():
         n.sender.unreserve("t1")  # the sender is linked; its pages are back
         assert n.pool_full()
         # Another prefill holds the whole pool (its lease runs out after lease_s).
-        assert n.receiver.pool.reserve("other", 8, num_tokens=1, prompt_digest="x", owner="someone else",
+        assert n.receiver.pool.reserve(Handoff("other", "p", 1, "x"), 8, owner="someone else",
                                        now=time.monotonic())
         queued = n.sender.reserve(Handoff("t2", "decode-0", 2 * BLOCK, "d" * 32))  # waits for pages
         time.sleep(0.2)

@@ -8,6 +8,7 @@ import pytest
 from lmcache_pd import protocol as P
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.errors import TransferError
+from lmcache_pd.handoff import Handoff
 from lmcache_pd.layout import PoolLayout
 from lmcache_pd.node.write_gate import PoolGate
 
@@ -16,7 +17,7 @@ LAYOUT = PoolLayout(num_layers=2, num_pages=8, block_bytes=1024)
 
 def gate_with(tid: str = "t", n: int = 2) -> tuple[PoolGate, PagePool, int]:
     pool = PagePool(LAYOUT.num_pages, lease_s=30)
-    pool.reserve(tid, n, num_tokens=n * 16, prompt_digest="d", owner="p/0/a", now=0)
+    pool.reserve(Handoff(tid, "p", n * 16, "d"), n, owner="p/0/a", now=0)
     owners = {b"s" * 16: "p/0/a", b"o" * 16: "p/0/b"}
     return PoolGate(pool, LAYOUT, owners.get), pool, pool.lookup(tid).generation
 
