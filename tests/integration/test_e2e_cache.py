@@ -25,7 +25,7 @@ import yaml
 
 from lmcache_pd.cli.local import LocalDeployment, local_config
 from tests.integration.client import completion, counter, metrics, post, prompt_ids, report, token_ids, wait_for
-from tests.integration.deployments import tiny_model_or_skip
+from tests.integration.deployments import engine_for_tests, tiny_model_or_skip
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -47,9 +47,11 @@ def cache_deployment(tmp_path_factory):
     data = yaml.safe_load(cfg.read_text())
     data["prefill"][0]["vllm_args"] = ["--no-enable-prefix-caching"]
     data["decode"][0]["vllm_args"] = ["--no-enable-prefix-caching"]
-    data["prefill"].append({**data["prefill"][0], "name": "prefill-1", "http_port": _port(), "cache_port": _port()})
+    # prefill-1 on the decode's core: it starts while prefill-0 restarts (test_restarted_prefill_...).
+    data["prefill"].append({**data["prefill"][0], "name": "prefill-1", "http_port": _port(), "cache_port": _port(),
+                            "cpus": data["decode"][0]["cpus"]})
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
-    dep = LocalDeployment(cfg, work)
+    dep = LocalDeployment(engine_for_tests(cfg), work)
     dep.add_proxy("proxy-p1", "proxy.prefills=[prefill-1]")
     dep.redis = redis
     try:
@@ -176,6 +178,7 @@ def test_restarted_prefill_reuses_the_disk_tier(cache_deployment):
     conv, answer = _continued(dep)
     dep.stop("prefill-0")
     dep.start("prefill-0")
+    _start_second_prefill(dep)  # for the next test: its start overlaps this one's restart
     dep.wait_healthy(["prefill-0"], 300)
     wait_for(lambda: _proxy_sees(dep, "proxy", "prefill-0"), 30, "the proxy did not see prefill-0 again")
     history = len(conv.prompt)
@@ -187,15 +190,21 @@ def test_restarted_prefill_reuses_the_disk_tier(cache_deployment):
 def test_second_prefill_instance_reuses_the_shared_redis_tier(cache_deployment):
     dep = cache_deployment
     conv, answer = _continued(dep)
+    _start_second_prefill(dep)
     dep.stop("prefill-0")  # keep the machine to two vLLM instances
-    dep.start("prefill-1")
-    dep.start("proxy-p1")
     dep.wait_healthy(["prefill-1", "proxy-p1"], 300)
     wait_for(lambda: _proxy_sees(dep, "proxy-p1", "prefill-1"), 30, "proxy-p1 did not see prefill-1")
     history = len(conv.prompt)
     prompt = conv.next_prompt(answer)
     run_turn(dep, dep.procs["proxy-p1"].url, dep.procs["prefill-1"].url, prompt,
              expect_cached=history, source="external_unspecified")
+
+
+def _start_second_prefill(dep) -> None:
+    """Start prefill-1 and its proxy, unless they are started already."""
+    for name in ("prefill-1", "proxy-p1"):
+        if dep.procs[name].popen is None:
+            dep.start(name)
 
 
 def _continued(dep):
