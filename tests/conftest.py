@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
+
+# The longest modules first. scripts/test runs the suite on two workers (pytest-xdist, one module
+# at a time each, in this order): a long module started last would run alone at the end.
+LONGEST_FIRST = (
+    "tests/integration/test_faults.py",
+    "tests/integration/test_e2e_cache.py",
+    "tests/integration/test_e2e.py",
+    "tests/packaging/test_install.py",
+    "tests/integration/test_e2e_nixl.py",
+)
+
+
+def pytest_configure(config):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under xdist
+    if worker:  # parallel workers hand out disjoint ports (lmcache_pd.cli.local.free_ports)
+        os.environ["LMCACHE_PD_PORT_SLICE"] = f"{int(worker[2:])}/{os.environ['PYTEST_XDIST_WORKER_COUNT']}"
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.partition("::")[0], len(rank)))  # stable: order within a module stays
 
 
 class _Served:
