@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 from lmcache_pd.cli.local import LocalDeployment, free_ports, local_config
-from tests.integration.deployments import PREFILL_TIMEOUT_S, TRANSFER_S, engine_for_tests, tiny_model_or_skip
+from tests.integration.deployments import PREFILL_TIMEOUT_S, TRANSFER_S, tiny_model_or_skip
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def deployment(tmp_path_factory):
                            "data_port": ghost_data})
     data["prefill"].append({"name": "prefill-ghost", "http_port": ghost_prefill})
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
-    dep = LocalDeployment(engine_for_tests(cfg), work)
+    dep = LocalDeployment(cfg, work)
     dep.add_proxy("proxy-decode-first", "proxy.first_token=decode")
     dep.add_proxy("proxy-sequential", "proxy.dispatch=sequential", "proxy.first_token=decode")
     dep.add_proxy("proxy-ghost", "proxy.decodes=[decode-ghost]", "proxy.dispatch=sequential",

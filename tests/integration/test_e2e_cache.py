@@ -25,7 +25,7 @@ import yaml
 
 from lmcache_pd.cli.local import LocalDeployment, local_config
 from tests.integration.client import completion, counter, metrics, post, prompt_ids, report, token_ids, wait_for
-from tests.integration.deployments import engine_for_tests, tiny_model_or_skip
+from tests.integration.deployments import tiny_model_or_skip
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +51,7 @@ def cache_deployment(tmp_path_factory):
     data["prefill"].append({**data["prefill"][0], "name": "prefill-1", "http_port": _port(), "cache_port": _port(),
                             "cpus": data["decode"][0]["cpus"]})
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
-    dep = LocalDeployment(engine_for_tests(cfg), work)
+    dep = LocalDeployment(cfg, work)
     dep.add_proxy("proxy-p1", "proxy.prefills=[prefill-1]")
     dep.redis = redis
     try:

@@ -21,7 +21,7 @@ from tests.integration.client import (
     token_ids,
     wait_for,
 )
-from tests.integration.deployments import engine_for_tests, tiny_model_or_skip
+from tests.integration.deployments import tiny_model_or_skip
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +33,7 @@ def nixl_deployment(tmp_path_factory):
         pytest.skip(f"nixl unavailable here: {why}")
     work, model = tiny_model_or_skip(tmp_path_factory, "pd-nixl")
     cfg = local_config(model, work, extra={"transport.name": "nixl", "pool.size_mib": 4})
-    dep = LocalDeployment(engine_for_tests(cfg), work)
+    dep = LocalDeployment(cfg, work)
     try:
         dep.start_all(timeout_s=600)
         yield dep

@@ -32,7 +32,7 @@ from lmcache_pd.cli.demo import sse_events
 from lmcache_pd.cli.load import references, run_load
 from lmcache_pd.cli.local import LocalDeployment, free_ports, local_config
 from tests.integration.client import completion, metrics, post, prompt_ids, report, token_ids, wait_for
-from tests.integration.deployments import engine_for_tests, tiny_model_or_skip
+from tests.integration.deployments import tiny_model_or_skip
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +59,7 @@ def faults(tmp_path_factory):
     data["prefill"][0]["vllm_args"] = ["--max-num-batched-tokens", "4096"]
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
     ctrl = data["decode"][0]["control_port"]
-    dep = LocalDeployment(engine_for_tests(cfg), work)
+    dep = LocalDeployment(cfg, work)
     # prefill-0 reaches decode-0's control plane through the relay; decode-0 binds its own port.
     dep.procs["prefill-0"].overrides = (f"decode.0.control_port={relay_port}",)
     relay = subprocess.Popen([sys.executable, "-m", "tests.integration.relay", str(relay_port), str(ctrl)],
