@@ -30,16 +30,13 @@ def free_ports(n: int) -> list[int]:
     Two hazards made tests collide: the kernel hands a just-closed port 0 to the next ``bind(0)``
     (so two calls could return the same port for a config that binds neither yet), and an outgoing
     connection takes its local port from the same ephemeral range. So ports are drawn at random
-    below that range and remembered. Processes that run at once (the test suite's workers) each
-    draw from a slice of their own: ``LMCACHE_PD_PORT_SLICE=k/n`` takes the ports ``p % n == k``."""
+    below that range and remembered."""
     low = _EPHEMERAL_LOW
-    k, of = _port_slice()
-    first = _LOWEST + (k - _LOWEST) % of  # the lowest port of this slice
     ports: list[int] = []
     for _ in range(100 * n):
         if len(ports) == n:
             break
-        port = first + of * _RANDOM.randrange((low - first) // of) if low - _LOWEST >= 1000 * of else 0
+        port = _RANDOM.randrange(_LOWEST, low) if low - _LOWEST >= 1000 else 0
         if port in _HANDED:
             continue
         with socket.socket() as s:
@@ -54,17 +51,6 @@ def free_ports(n: int) -> list[int]:
     if len(ports) < n:
         raise RuntimeError(f"found only {len(ports)} of {n} free loopback ports below {low}")
     return ports
-
-
-def _port_slice() -> tuple[int, int]:
-    k, _, of = os.environ.get("LMCACHE_PD_PORT_SLICE", "0/1").partition("/")
-    try:
-        k_, of_ = int(k), int(of)
-    except ValueError:
-        raise ValueError(f"LMCACHE_PD_PORT_SLICE={os.environ['LMCACHE_PD_PORT_SLICE']!r} is not k/n") from None
-    if not 0 <= k_ < of_:
-        raise ValueError(f"LMCACHE_PD_PORT_SLICE={os.environ['LMCACHE_PD_PORT_SLICE']!r}: need 0 <= k < n")
-    return k_, of_
 
 
 def _ephemeral_low() -> int:

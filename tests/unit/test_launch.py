@@ -81,16 +81,3 @@ def test_the_transports_environment_is_set_by_the_launcher_and_the_operators_val
         t = transports.create("nixl", {"ucx_tls": "tcp"})
         t.close()
         assert "UCX_TLS" not in os.environ
-
-
-def test_parallel_test_workers_hand_out_disjoint_ports(monkeypatch):
-    from lmcache_pd.cli.local import free_ports
-
-    seen = {}
-    for k in range(3):
-        monkeypatch.setenv("LMCACHE_PD_PORT_SLICE", f"{k}/3")
-        seen[k] = free_ports(40)
-        assert all(p % 3 == k for p in seen[k]), seen[k]
-    monkeypatch.setenv("LMCACHE_PD_PORT_SLICE", "3/3")
-    with pytest.raises(ValueError, match="LMCACHE_PD_PORT_SLICE='3/3'"):
-        free_ports(1)
