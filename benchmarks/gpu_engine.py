@@ -31,6 +31,7 @@ import time
 import urllib.request
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -38,7 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmcache_pd.cli.local import LocalDeployment, engine_config, free_ports  # noqa: E402
 from lmcache_pd.cli.tinymodel import LLAMA3_8B_ATTENTION, build_tiny_model  # noqa: E402
+from lmcache_pd.node.timeline import hidden_fraction  # noqa: E402
 
+CPU_SHAPES = {
+    "tiny": {"max_position_embeddings": 16384},
+    # 8 layers x K and V x 8 heads x 64 x 2 bytes: 16 KiB of KV per token
+    "mid": {"num_hidden_layers": 8, "hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "max_position_embeddings": 16384},
+}
 GPU_ARGS = ["--gpu-memory-utilization", "0.12", "--kv-cache-memory-bytes", str(8 << 30)]
 CPU_ARGS = ["--gpu-memory-utilization", "0.25"]
 
@@ -79,7 +87,8 @@ def ttft_s(url: str, ids: list[int], req_id: str = "") -> tuple[float, float, fl
 class Colocated:
     """One plain vLLM (no connector) with the same flags: the ceiling P/D is compared with."""
 
-    def __init__(self, model: Path, work: Path, args: list[str], max_model_len: int):
+    def __init__(self, model: Path, work: Path, args: list[str], max_model_len: int, cpus: str | None = None):
+        """``cpus``: pin it (and its OpenMP threads) to these cores, as the launcher pins an instance."""
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = work / "colocated.log"
@@ -87,8 +96,13 @@ class Colocated:
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                 "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port),
                 "--max-model-len", str(max_model_len), "--dtype", "bfloat16", "--seed", "0", *args]
+        env = dict(os.environ)
+        env.setdefault("VLLM_USE_AOT_COMPILE", "0")  # as the launcher sets it (cli/launch.py)
+        if cpus is not None:
+            argv = ["taskset", "-c", cpus, *argv]
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
     def wait(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -183,8 +197,10 @@ def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int,
 
 SEGMENTS = {
     "to_load": "client sends -> decode asks for the KV (its request scheduled)",
-    "to_handoff": "client sends -> prefill's hand-off starts (prefill computed)",
+    "to_computed": "client sends -> the prefill's prompt computed (its scheduler saw it finish)",
+    "to_handoff": "client sends -> prefill's hand-off starts",
     "transfer": "hand-off starts -> all pages in the decode pool",
+    "exposed": "prompt computed -> last byte in the decode pool (the transfer not hidden under the prefill)",
     "scatter": "pages in the pool -> in vLLM's blocks",
     "after": "scattered -> first token at the client (report, schedule, forward, stream; negative "
              "where the prefill's token came first)",
@@ -209,18 +225,24 @@ def timelines(sent: dict, logs: dict[str, Path]) -> dict:
         sender, loader = handoff_records(work / "handoffs-prefill-0.jsonl"), handoff_records(
             work / "handoffs-decode-0.jsonl")
         for n, reqs in per.items():
-            seg: dict[str, list[float]] = {k: [] for k in SEGMENTS}
+            seg: dict[str, list[float]] = {k: [] for k in (*SEGMENTS, "hidden")}
             for req_id, at, first in reqs:
                 p, d = sender.get(req_id), loader.get(req_id)
                 if not (p and d and p["ok"] and d["ok"] and d.get("ready_at")):
                     continue
                 seg["to_load"].append(d["submitted_at"] - at)
+                seg["to_computed"].append(p.get("computed_at", 0.0) - at if p.get("computed_at") else float("nan"))
                 seg["to_handoff"].append(p["started_at"] - at)
                 seg["transfer"].append(d["ready_at"] - p["started_at"])
+                seg["exposed"].append(p["last_byte_at"] - p["computed_at"] if p.get("computed_at") and
+                                      p.get("last_byte_at") else float("nan"))
+                seg["hidden"].append(hidden_fraction(SimpleNamespace(**p)) if "computed_at" in p else float("nan"))
                 seg["scatter"].append(d["done_at"] - d["ready_at"])
                 seg["after"].append(first - d["done_at"])
+            hidden = seg.pop("hidden")
             out.setdefault(target, {})[n] = {k: statistics.median(v) * 1e3 if v else float("nan")
-                                             for k, v in seg.items()} | {"requests": len(seg["after"])}
+                                             for k, v in seg.items()} | {"requests": len(seg["after"]),
+                                                                         "hidden": statistics.median(hidden) if hidden else float("nan")}
     return out
 
 
@@ -274,6 +296,9 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--goodput", default="ttft:50,tpot:10", help="SLOs in ms for --goodput")
     ap.add_argument("--cpu", action="store_true", help="vllm-cpu, tcp, the tiny model (a dry run)")
+    ap.add_argument("--shape", choices=sorted(CPU_SHAPES), default="tiny",
+                    help="with --cpu: the model's shape (mid: 8 layers, 16 KiB of KV per token; prefill on "
+                         "core 0, decode on core 1, colocated on core 0)")
     ap.add_argument("--settle-ms", type=float, default=None,
                     help="pause before each TTFT request, so that it meets idle instances (the one before "
                          "is dropped after its second token and its engine may still step; default 0, 500 on CPU)")
@@ -286,10 +311,11 @@ def main() -> int:
     # On CPU the memory "utilization" is checked against what is free when each vLLM starts: three
     # start at once, so each asks for a quarter.
     args = (CPU_ARGS if a.cpu else list(GPU_ARGS)) + (["--enforce-eager"] if a.eager or a.cpu else [])
-    model = build_tiny_model(a.workdir / "model",
-                             overrides={"max_position_embeddings": 16384} if a.cpu else LLAMA3_8B_ATTENTION,
+    model = build_tiny_model(a.workdir / f"model-{a.shape}" if a.cpu else a.workdir / "model",
+                             overrides=CPU_SHAPES[a.shape] if a.cpu else LLAMA3_8B_ATTENTION,
                              device="cpu" if a.cpu else "cuda")
-    colo = Colocated(model, a.workdir / "bench-colocated", args + (["--block-size", "128"] if a.cpu else []), max_len)
+    colo = Colocated(model, a.workdir / "bench-colocated", args + (["--block-size", "128"] if a.cpu else []), max_len,
+                     cpus="0" if a.cpu else None)
     deps = {name: LocalDeployment(engine_config(model, a.workdir / f"bench-{name}", transport=t, vllm_args=args,
                                                 pool_mib=256 if a.cpu else 4096, max_model_len=max_len,
                                                 cpus=("0", "1") if a.cpu else None, kv_cache_gib=2 if a.cpu else None,
@@ -298,6 +324,7 @@ def main() -> int:
     for d in deps.values():  # the same deployment behind a proxy where the decode samples the first token
         d.add_proxy("proxy-decode-first", "proxy.first_token=decode")
     results: dict = {"date": date.today().isoformat(), "transports": transports, "eager": a.eager or a.cpu,
+                     "shape": a.shape if a.cpu else "llama3-8b-attention",
                      "variants": {n: {"transport": t, "options": o} for n, (t, o) in setups.items() if o}}
     try:
         t0 = time.monotonic()
@@ -358,7 +385,7 @@ def render(r: dict, lens: list[int]) -> str:
     v = r.get("versions", {})
     pd = r.get("pd_targets") or [f"pd-{t}" for t in r["transports"]]
     lines = [f"# P/D inside vLLM's engine against colocated, {r['date']}, {v.get('device')}, vLLM {v.get('vllm')}, "
-             f"torch {v.get('torch')}, {'eager' if r['eager'] else 'CUDA graphs'}, "
+             f"torch {v.get('torch')}, model {r.get('shape')}, {'eager' if r['eager'] else 'CUDA graphs'}, "
              f"{r.get('settle_ms', 0):g} ms between requests", "",
              "TTFT, median ms (streamed, 8 tokens); pd-<transport>: proxy.first_token=prefill (the default), "
              "-dec: first_token=decode, dispatch=concurrent:",
@@ -391,14 +418,14 @@ def render(r: dict, lens: list[int]) -> str:
     if tl:
         lines += ["", "Timeline of a hand-off, median ms per segment (" + "; ".join(
             f"{k}: {d}" for k, d in SEGMENTS.items()) + "):", "",
-            "| target | prompt tokens | requests | " + " | ".join(SEGMENTS) + " |",
-            "|---|---:|---:|" + "---:|" * len(SEGMENTS)]
+            "| target | prompt tokens | requests | " + " | ".join(SEGMENTS) + " | transfer hidden under the prefill |",
+            "|---|---:|---:|" + "---:|" * (len(SEGMENTS) + 1)]
         for t in pd:
             for n in lens:
                 row = tl.get(t, {}).get(n)
                 if row:
                     lines.append(f"| {t} | {n} | {row['requests']} | " + " | ".join(
-                        f"{row[k]:.2f}" for k in SEGMENTS) + " |")
+                        f"{row.get(k, float('nan')):.2f}" for k in SEGMENTS) + f" | {row.get('hidden', float('nan')):.0%} |")
     eng = r.get("engine_ms", {})
     if eng:
         lines += ["", "vLLM's own request phases, mean ms over both proxies (" + ", ".join(ENGINE_TIMES) + "):",

@@ -43,6 +43,9 @@ class SendSpec:
     req_id: ReqId
     handoff: Handoff
     block_ids: tuple[BlockId, ...]
+    computed_at: float = 0.0
+    """Wall clock (``time.time()``) when the scheduler saw the request finish: its last prompt
+    chunk computed. The hand-off's timeline starts here (node/timeline.py); 0: not known."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ The roles ask prefix reuse through one seam each (prefix.py), never the config.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -167,7 +168,7 @@ class PrefillScheduler(SchedulerRole):
         h = r.handoff
         if len(block_ids) * self.block_size < h.num_tokens:
             return None
-        self._sends.append(SendSpec(request.request_id, h, tuple(block_ids)))
+        self._sends.append(SendSpec(request.request_id, h, tuple(block_ids), computed_at=time.time()))
         out = P.DecodeParams(transfer_id=h.transfer_id, num_tokens=h.num_tokens, prompt_digest=h.prompt_digest,
                              prefill_peer=self.instance)
         return {f: getattr(out, f) for f in out.__struct_fields__}

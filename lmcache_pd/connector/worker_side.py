@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import torch
+from prometheus_client.registry import Collector
 
 from lmcache_pd import protocol as P
 from lmcache_pd._types import ReqId
@@ -158,12 +159,17 @@ class _PDWorker(WorkerRole):
         if inst.cache_port is not None:
             self.api = WorkerAPI(self.cache_io, instance=self.instance,
                                  rank=self.tp_rank, host=inst.host,
-                                 port=inst.cache_port + self.tp_rank, keys=self.keys, status=self.status)
+                                 port=inst.cache_port + self.tp_rank, keys=self.keys, status=self.status,
+                                 collectors=self._collectors())
             self.api.start()
 
     def status(self) -> dict[str, Any]:
         """What /pd/stats shows: this worker's hand-off path (sections of numbers)."""
         return {"blocks": {"held_requests": self.users.held}}
+
+    def _collectors(self) -> tuple[Collector, ...]:
+        """More for /metrics: the hand-off timeline's histograms, once the role's node exists."""
+        return ()
 
     def _cache_tiers(self) -> str:
         return self.cache_io.tiers
@@ -271,6 +277,9 @@ class PrefillWorker(_PDWorker):
             out.update(self.sender.status())
         return out
 
+    def _collectors(self) -> tuple[Collector, ...]:
+        return (self.sender.timeline.collector,) if self.sender is not None else ()
+
     def get_transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         if self.sender is None:
             return set(), set(), set()
@@ -330,6 +339,9 @@ class DecodeWorker(_PDWorker):
         if self.receiver is not None:
             out.update(self.receiver.status())
         return out
+
+    def _collectors(self) -> tuple[Collector, ...]:
+        return (self.receiver.timeline.collector,) if self.receiver is not None else ()
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         if self.receiver is None:

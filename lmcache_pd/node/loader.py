@@ -50,6 +50,7 @@ from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, blocks_for_tokens
 from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.held_prefix import HeldPrefix
 from lmcache_pd.node.loads import LoadPhase, LoadResult, LoadState, PreparedScatter
+from lmcache_pd.node.timeline import Timeline
 from lmcache_pd.ops import PreparedCopy, copy_ranges, pool_digest, prepare_copy, run_copy
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class _Step(enum.Enum):
 class Loader:
     def __init__(self, pool: PagePool, pool_layout: PoolLayout, pool_buffer: torch.Tensor, *, kv: KVLayout,
                  kv_buffer: torch.Tensor, block_size: int, prefix: HeldPrefix, transfer_s: float, group_bytes: int,
-                 verify: bool, handoff_log: HandoffLog, name: str = "pd-loader"):
+                 verify: bool, handoff_log: HandoffLog, timeline: Timeline, name: str = "pd-loader"):
         """``transfer_s``: ``timeouts.transfer_s``, the longest a load waits for its pages;
         ``group_bytes``: ``transport.group_mib`` in bytes (a hand-off larger than that is
         streamed: its groups are scattered as they land, each planned then); ``verify``:
@@ -84,6 +85,7 @@ class Loader:
         self.group_bytes = group_bytes
         self.verify = verify
         self._handoff_log = handoff_log
+        self._timeline = timeline
         self._loads: dict[ReqId, LoadState] = {}
         self._results: list[LoadResult] = []
         self._lock = threading.Lock()
@@ -376,5 +378,6 @@ class Loader:
         with self._lock:
             self._results.append(result)
             self._recorded.notify_all()
+        self._timeline.observe(result)
         self._handoff_log.append(result)
 

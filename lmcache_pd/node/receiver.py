@@ -34,6 +34,7 @@ from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.held_prefix import held_prefix
 from lmcache_pd.node.loader import Loader
 from lmcache_pd.node.loads import LoadResult
+from lmcache_pd.node.timeline import Timeline
 from lmcache_pd.node.worker import NodeConfig, Worker
 from lmcache_pd.node.write_gate import PoolGate
 
@@ -50,6 +51,7 @@ class KVReceiver:
         self.worker = worker
         self.cfg = cfg
         self._handoff_log = HandoffLog(cfg.handoff_log, instance=worker.instance, rank=worker.rank, role="decode")
+        self.timeline = Timeline.decode()
         self.kv = kv
         self.kv_buffer = kv_buffer
         self.keys = keys if keys is not None else auth.Keyring(None)
@@ -72,7 +74,7 @@ class KVReceiver:
         self.loader = Loader(self.pool, self.pool_layout, self.pool_buffer, kv=kv, kv_buffer=kv_buffer,
                              block_size=worker.compat.block_size, prefix=self.prefix, transfer_s=cfg.timeouts.transfer_s,
                              group_bytes=cfg.transport.group_mib << 20, verify=cfg.integrity.verify,
-                             handoff_log=self._handoff_log, name=f"pd-loader-{worker.rank}")
+                             handoff_log=self._handoff_log, timeline=self.timeline, name=f"pd-loader-{worker.rank}")
 
     def start(self) -> None:
         if self.transport.capabilities.listens:

@@ -53,6 +53,7 @@ from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.links import Links
 from lmcache_pd.node.loop import LoopThread
 from lmcache_pd.node.peer import DecodePeer, Grant
+from lmcache_pd.node.timeline import Timeline
 from lmcache_pd.node.worker import NodeConfig, Worker
 from lmcache_pd.ops import cache_digest
 
@@ -81,6 +82,14 @@ class SendResult:
     """Wall clock (``time.time()``) when the sender took the hand-off up: the timeline's start."""
     done_at: float = 0.0
     """Wall clock when it ended (TransferDone acknowledged, or failed)."""
+    computed_at: float = 0.0
+    """Wall clock when the prefill's forward over the last prompt chunk was done (SendSpec)."""
+    granted_at: float = 0.0
+    """Wall clock when the decode pages were granted to it (taken up, if reserved ahead)."""
+    first_byte_at: float = 0.0
+    """Wall clock when its first group was submitted to the transport."""
+    last_byte_at: float = 0.0
+    """Wall clock when its last group was in the decode pool."""
 
 
 class KVSender:
@@ -108,6 +117,7 @@ class KVSender:
         self._background: set[asyncio.Task[None]] = set()
         self._beats: asyncio.Task[None] | None = None
         self._handoff_log = HandoffLog(cfg.handoff_log, instance=worker.instance, rank=worker.rank, role="prefill")
+        self.timeline = Timeline.prefill()
 
     def start(self) -> None:
         self.region = self.transport.register(self.kv_buffer, self.kv.extents)
@@ -261,7 +271,7 @@ class KVSender:
             grant, reserved = await self._take_reservation(spec, n_pages)
             peer, pages = grant.peer, grant.pages
             self._check_ended(spec.handoff)
-            t_alloc = time.monotonic()
+            t_alloc, granted_at = time.monotonic(), time.time()
             blocks = spec.block_ids[grant.skip:n_pages]  # the decode side holds the first ones
             ends = self._group_ends(len(pages))
             plans = [plan_cache_to_pool(self.kv, peer.pool, blocks=blocks[a:b], pages=pages[a:b])
@@ -269,8 +279,9 @@ class KVSender:
             nbytes = sum(p.nbytes for p in plans)
             t_data = time.monotonic()
             digest = self._digest(blocks, pages, peer, ready)  # reads the blocks while they fly
-            await self._transfer(peer, plans, ends, spec, P.ticket(spec.handoff.transfer_id, grant.generation), ready)
-            seconds = time.monotonic() - t_data
+            first_byte_at = await self._transfer(peer, plans, ends, spec,
+                                                 P.ticket(spec.handoff.transfer_id, grant.generation), ready)
+            seconds, last_byte_at = time.monotonic() - t_data, time.time()
             checked = await digest if digest is not None else None
             t_done = time.monotonic()
             await peer.transfer_done(spec.handoff.transfer_id, nbytes, seconds, checked)
@@ -279,7 +290,8 @@ class KVSender:
                      len(plans), grant.skip, n_pages, (time.monotonic() - t0) * 1e3)
             self._result(SendResult(spec.req_id, spec.handoff.transfer_id, True, nbytes, seconds,
                                     allocate_s=t_alloc - t0, done_s=time.monotonic() - t_done, reserved=reserved,
-                                    skipped_pages=grant.skip))
+                                    skipped_pages=grant.skip, computed_at=spec.computed_at, granted_at=granted_at,
+                                    first_byte_at=first_byte_at, last_byte_at=last_byte_at))
         except (PDError, OSError) as e:
             log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.handoff.transfer_id, spec.handoff.peer, e)
             await self._cancel_any(peer, spec.handoff, str(e))
@@ -302,6 +314,7 @@ class KVSender:
 
     def _result(self, r: SendResult) -> None:
         r = dataclasses.replace(r, started_at=self._started.pop(r.transfer_id, 0.0), done_at=time.time())
+        self.timeline.observe(r)
         with self._results_lock:
             self._results.append(r)
             if r.ok:
@@ -342,9 +355,10 @@ class KVSender:
         return tuple(min(a + per, n_pages) for a in range(0, n_pages, per))
 
     async def _transfer(self, peer: DecodePeer, plans: list[RangePlan], ends: tuple[int, ...], spec: SendSpec,
-                        ticket: bytes, ready: torch.cuda.Event | None = None) -> None:
+                        ticket: bytes, ready: torch.cuda.Event | None = None) -> float:
         """Submit every group's plan at once; as each group (in order) is in the pool, tell the
-        decode side with a one-way Landed so that it can scatter it while the rest is in flight."""
+        decode side with a one-way Landed so that it can scatter it while the rest is in flight.
+        Returns the wall clock of the first submit (the timeline's first byte)."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         deadline = time.monotonic() + self.t.data_s
@@ -357,6 +371,7 @@ class KVSender:
                 await asyncio.sleep(0.0002)
             ready = None
         handles = []
+        first_byte_at = time.time()
         try:
             for plan in plans:
                 handle = self.transport.submit(peer.peer_id, self.region, plan, timeout_s=self.t.data_s, after=ready,
@@ -372,7 +387,7 @@ class KVSender:
                     if landed < len(handles):
                         await peer.landed(spec.handoff.transfer_id, ends[landed - 1])
                 if landed == len(handles):
-                    return
+                    return first_byte_at
                 self._check_ended(spec.handoff)  # raising releases (so stops) what is still in flight
                 if time.monotonic() > deadline:
                     raise TransferTimeout("data transfer", config_field="timeouts.data_s", seconds=self.t.data_s,

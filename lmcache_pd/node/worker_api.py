@@ -33,6 +33,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from lmcache_pd.auth import Keyring
 from lmcache_pd.cache import chain_hashes, chunk_keys, tenant_tag
@@ -50,9 +51,10 @@ MAX_CONNECTIONS = 64
 class WorkerAPI:
     def __init__(self, io: CacheIO | NoCacheIO, *, instance: str, rank: int, host: str, port: int,
                  keys: Keyring | None = None, status: Callable[[], dict[str, Any]] | None = None,
-                 io_timeout_s: float = SOCKET_TIMEOUT_S):
+                 collectors: tuple[Collector, ...] = (), io_timeout_s: float = SOCKET_TIMEOUT_S):
         """``io``: the worker's prefix cache (``NoCacheIO`` when it is off: only /pd/* and /metrics);
         ``status``: the hand-off path's state for /pd/stats (a dict of sections of numbers);
+        ``collectors``: more for /metrics (the hand-off timeline's histograms, node/timeline.py);
         ``io_timeout_s``: a connection silent this long is dropped."""
         self.io_timeout_s = io_timeout_s
         self.io = io
@@ -63,6 +65,8 @@ class WorkerAPI:
         self.status = status or (lambda: {})
         self.registry = CollectorRegistry()
         self.registry.register(_StatusCollector(self))
+        for c in collectors:
+            self.registry.register(c)
         if io.enabled:
             self.registry.register(_Collector(self))
         self._server: ThreadingHTTPServer | None = None

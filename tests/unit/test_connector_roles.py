@@ -6,6 +6,8 @@ tests show the whole path, these pin down the edge cases one by one.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (run scripts/setup)")
@@ -53,12 +55,15 @@ def test_prefill_hands_off_finished_requests_only(prefill):
     r = request("p1", 40, kv)
     assert prefill.get_num_new_matched_tokens(r, 0) == (0, False)
     r.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    before = time.time()
     delay, params = prefill.request_finished(r, [4, 5, 6])
+    after = time.time()
     assert delay is True
     assert P.params_from_dict(params, P.DecodeParams) == P.DecodeParams(
         transfer_id="t1", num_tokens=40, prompt_digest=P.prompt_digest(list(range(10, 50))), prefill_peer="prefill-0")
     meta = prefill.build_connector_meta(SchedulerOutput.make_empty())
     assert [(s.req_id, s.block_ids, s.handoff.num_tokens) for s in meta.sends] == [("p1", (4, 5, 6), 40)]
+    assert before <= meta.sends[0].computed_at <= after  # the hand-off's timeline starts when its prompt is computed
     assert prefill.build_connector_meta(SchedulerOutput.make_empty()).sends == []  # reset every step
 
 

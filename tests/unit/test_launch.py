@@ -81,3 +81,11 @@ def test_the_transports_environment_is_set_by_the_launcher_and_the_operators_val
         t = transports.create("nixl", {"ucx_tls": "tcp"})
         t.close()
         assert "UCX_TLS" not in os.environ
+
+
+def test_vllm_starts_from_its_working_compile_cache_unless_the_operator_says_otherwise():
+    """vLLM 0.32's AOT-compiled artifacts fail to load on torch 2.13, so each start compiled again:
+    the launcher turns AOT compilation off by default; the operator's value wins."""
+    cfg = cfg_with_a_password()
+    assert instance_env(cfg, cfg.instance("prefill-0"), {})["VLLM_USE_AOT_COMPILE"] == "0"
+    assert instance_env(cfg, cfg.instance("prefill-0"), {"VLLM_USE_AOT_COMPILE": "1"})["VLLM_USE_AOT_COMPILE"] == "1"

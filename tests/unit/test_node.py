@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 
 import msgspec
 import pytest
 import torch
+from prometheus_client import generate_latest
 
 from lmcache_pd.errors import PeerLost
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.layout import blocks_for_tokens
+from lmcache_pd.node.cache_io import NoCacheIO
 from lmcache_pd.node.receiver import KVReceiver
+from lmcache_pd.node.timeline import DECODE_PHASES, PREFILL_PHASES, decode_phases, hidden_fraction, prefill_phases
 from lmcache_pd.node.worker import NodeConfig, Worker
+from lmcache_pd.node.worker_api import WorkerAPI
 from tests.unit.nodes import BLOCK, CPT, LAYERS, PAGE, Node, make_cfg
 
 
@@ -324,6 +329,41 @@ def test_handoff_log_records_both_ends(tmp_path):
             [("decode", "logged", True, 2 * PAGE)]
     finally:
         n.close()
+
+
+def test_every_handoff_records_its_timeline_in_order_and_in_the_metrics():
+    """Both ends mark each phase on one clock, in order; each worker's /metrics shows the phases
+    (node/timeline.py) of the hand-offs that succeeded."""
+    n = Node(make_cfg())
+    try:
+        computed = time.time()
+        n.sender.submit(SendSpec("p-t", Handoff("t", "decode-0", 2 * BLOCK, "d" * 32), (1, 2), computed_at=computed))
+        n.receiver.submit_load(LoadSpec("d-t", Handoff("t", "prefill-0", 2 * BLOCK, "d" * 32), (3, 4)))
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok
+        assert computed == s.computed_at <= s.started_at <= s.granted_at <= s.first_byte_at <= s.last_byte_at \
+            <= s.done_at
+        assert ld.submitted_at <= ld.ready_at <= ld.done_at
+        assert s.last_byte_at <= ld.ready_at  # the decode side sees the pages only after they all landed
+        assert set(prefill_phases(s)) == set(PREFILL_PHASES) and set(decode_phases(ld)) == set(DECODE_PHASES)
+        assert hidden_fraction(s) == 0.0  # sent after its prompt was computed: nothing hidden
+        for role, collector, phases in (("prefill", n.sender.timeline.collector, PREFILL_PHASES),
+                                        ("decode", n.receiver.timeline.collector, DECODE_PHASES)):
+            text = generate_latest(WorkerAPI(NoCacheIO(), instance="x", rank=0, host="127.0.0.1", port=0,
+                                             collectors=(collector,)).registry).decode()
+            for phase in phases:
+                assert f'lmcache_pd_handoff_phase_seconds_count{{phase="{phase}",role="{role}"}} 1.0' in text, text
+    finally:
+        n.close()
+
+
+def test_the_hidden_fraction_is_the_transfer_run_before_the_prompt_was_computed():
+    def marks(first: float, last: float, computed: float) -> SimpleNamespace:
+        return SimpleNamespace(first_byte_at=first, last_byte_at=last, computed_at=computed)
+    assert hidden_fraction(marks(10.0, 12.0, 13.0)) == 1.0  # all of it under the prefill's compute
+    assert hidden_fraction(marks(10.0, 12.0, 11.5)) == 0.75
+    assert hidden_fraction(marks(10.0, 12.0, 9.0)) == 0.0
+    assert hidden_fraction(marks(10.0, 12.0, 0.0)) is None  # not known
 
 
 def test_node_objects_read_a_worker_identity_and_the_node_config_only():
