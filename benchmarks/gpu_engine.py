@@ -43,8 +43,8 @@ from lmcache_pd.node.timeline import hidden_fraction  # noqa: E402
 
 CPU_SHAPES = {
     "tiny": {"max_position_embeddings": 16384},
-    # 8 layers x K and V x 8 heads x 64 x 2 bytes: 16 KiB of KV per token
-    "mid": {"num_hidden_layers": 8, "hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32,
+    # 8 layers x K and V x 8 KV heads x 64 x 2 bytes: 16 KiB of KV per token, a small compute per token
+    "mid": {"num_hidden_layers": 8, "hidden_size": 512, "intermediate_size": 1408, "num_attention_heads": 8,
             "num_key_value_heads": 8, "max_position_embeddings": 16384},
 }
 GPU_ARGS = ["--gpu-memory-utilization", "0.12", "--kv-cache-memory-bytes", str(8 << 30)]
@@ -301,7 +301,7 @@ def main() -> int:
                          "core 0, decode on core 1, colocated on core 0)")
     ap.add_argument("--settle-ms", type=float, default=None,
                     help="pause before each TTFT request, so that it meets idle instances (the one before "
-                         "is dropped after its second token and its engine may still step; default 0, 500 on CPU)")
+                         "is dropped after its second token and its engine may still step; default 0; 2000 on CPU, where 500 let the previous target's leftover work double the next prefill)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     lens = [int(x) for x in a.lens.split(",")]
@@ -346,7 +346,7 @@ def main() -> int:
                    **{f"prefill-{t}": d.procs["prefill-0"].url for t, d in deps.items()}}
         # On CPU, a pause before each request: what the last one left busy (spinning threads) would
         # otherwise share the next target's cores (docs/benchmarks.md, the CPU dry run).
-        settle_ms = a.settle_ms if a.settle_ms is not None else (500.0 if a.cpu else 0.0)
+        settle_ms = a.settle_ms if a.settle_ms is not None else (2000.0 if a.cpu else 0.0)
         results["settle_ms"] = settle_ms
         ttft, legs, sent, inside, tt2 = measure_ttft(targets, lens, a.repeat, engines, settle_s=settle_ms / 1e3)
         results["engine_ms"] = inside
