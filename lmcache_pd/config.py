@@ -101,6 +101,10 @@ class TransportConfig(_Section):
     scatters each group as soon as it has landed, while the next ones are in flight. 0 (default)
     sends every hand-off as one group: on one H100 streaming measured slower, because each group
     costs host time (docs/benchmarks.md); measure with ``benchmarks/handoff.py --group-mib``."""
+    layerwise: bool = False
+    """Send each layer of a prompt's KV as soon as the prefill's forward over its last chunk has
+    computed it, while the next layers compute (node/layered.py), instead of all of it after the
+    request finished. ``group_mib`` does not apply to such a hand-off."""
 
 
 class PoolConfig(_Section):

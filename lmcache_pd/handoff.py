@@ -46,6 +46,9 @@ class SendSpec:
     computed_at: float = 0.0
     """Wall clock (``time.time()``) when the scheduler saw the request finish: its last prompt
     chunk computed. The hand-off's timeline starts here (node/timeline.py); 0: not known."""
+    layered: bool = False
+    """Sent layer by layer during the forward over the last prompt chunk (``transport.layerwise``,
+    node/layered.py): the spec comes in that step's metadata, before the request finished."""
 
 
 @dataclass(frozen=True)

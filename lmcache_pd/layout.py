@@ -86,8 +86,9 @@ class RangePlan:
 
 
 def plan_cache_to_pool(kv: KVLayout, pool: PoolLayout, *, blocks: np.ndarray | list[int],
-                       pages: np.ndarray | list[int]) -> RangePlan:
-    """Ranges copying vLLM blocks ``blocks[i]`` (all layers) into pool page ``pages[i]``.
+                       pages: np.ndarray | list[int], layers: range | list[int] | None = None) -> RangePlan:
+    """Ranges copying vLLM blocks ``blocks[i]`` into pool page ``pages[i]``: every layer, or only
+    ``layers`` (a layered hand-off sends each layer as it is computed).
 
     Adjacent ranges are merged, so consecutive blocks to consecutive pages cost one range
     per layer. Raises ValueError on out-of-range ids rather than producing a wild copy.
@@ -102,9 +103,12 @@ def plan_cache_to_pool(kv: KVLayout, pool: PoolLayout, *, blocks: np.ndarray | l
         raise ValueError(f"block id out of range [0, {kv.num_blocks})")
     if len(pages) and (pages.min() < 0 or pages.max() >= pool.num_pages):
         raise ValueError(f"page index out of range [0, {pool.num_pages})")
-    layer_off = np.asarray(kv.layer_offsets, dtype=np.int64)[:, None]          # [L, 1]
+    which = np.arange(kv.num_layers, dtype=np.int64) if layers is None else np.asarray(layers, dtype=np.int64)
+    if len(which) and (which.min() < 0 or which.max() >= kv.num_layers):
+        raise ValueError(f"layer out of range [0, {kv.num_layers})")
+    layer_off = np.asarray(kv.layer_offsets, dtype=np.int64)[which][:, None]  # [L, 1]
     src = layer_off + blocks[None, :] * kv.block_stride                       # [L, n]
-    dst = (np.arange(kv.num_layers, dtype=np.int64)[:, None] * pool.num_pages + pages[None, :]) * kv.block_bytes
+    dst = (which[:, None] * pool.num_pages + pages[None, :]) * kv.block_bytes
     lengths = np.full(src.shape, kv.block_bytes, dtype=np.int64)
     return coalesce(src.reshape(-1), dst.reshape(-1), lengths.reshape(-1), owned=True)
 

@@ -10,6 +10,7 @@ installed vLLM has (a module, a class), never guessed from the number, and live 
 | KV memory handed to ``register_kv_caches`` | one buffer per layer | one buffer for all layers |
 | a failed asynchronous load | its blocks in ``get_block_ids_with_load_errors`` | ``failed_recving`` in ``get_transfer_results`` |
 | where prompt tokens came from (``get_external_cache_hit_sources``) | not asked | asked |
+| a step's requests resumed after preemption | ``resumed_from_preemption`` flags | ``resumed_req_ids`` set |
 
 Both hand the connector block-outer per-layer views, so one block of one layer is one contiguous
 run in either (ops.kv_layout_of checks it on the tensors themselves).
@@ -115,3 +116,14 @@ def cache_hit_kinds() -> dict[str, Any] | None:
 
     return {"memory": CacheHitSource.HOST, "disk": CacheHitSource.DISK, "p2p": CacheHitSource.P2P,
             "": CacheHitSource.EXTERNAL_UNSPECIFIED}
+
+
+def resumed_requests(cached: Any) -> set[str]:
+    """Requests of a step's ``scheduled_cached_reqs`` whose ``new_block_ids`` replace their block
+    list (resumed after a preemption) instead of extending it: a set in 0.32
+    (``resumed_req_ids``), a list of flags beside ``req_ids`` before."""
+    resumed = getattr(cached, "resumed_req_ids", None)
+    if resumed is not None:
+        return set(resumed)
+    flags = getattr(cached, "resumed_from_preemption", None) or ()
+    return {r for r, flag in zip(cached.req_ids, flags) if flag}

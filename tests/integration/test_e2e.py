@@ -87,8 +87,10 @@ def test_outputs_match_colocated_and_decode_computes_one_prompt_token(deployment
     loaded = handoff_record(deployment, "decode-0", r["transfer_id"])
     assert sent["ok"] and loaded["ok"] and sent["num_bytes"] == loaded["num_bytes"] == r["bytes"]
     # The decode pages were reserved by the step that computed the prompt (its last chunk), not
-    # allocated after the prefill finished (test_connector_roles covers several chunks).
-    assert sent["reserved"], sent
+    # allocated after the prefill finished (test_connector_roles covers several chunks), and the
+    # hand-off went layer by layer from that step on (prompts over 512 tokens: chunked prefill).
+    assert sent["reserved"] and sent["layered"], sent
+    assert sent["granted_at"] <= sent["first_byte_at"] <= sent["last_byte_at"] <= sent["done_at"], sent
 
 
 @pytest.mark.parametrize("stream", [False, True])

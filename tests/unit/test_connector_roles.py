@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (run scripts/setup)")
@@ -296,3 +297,56 @@ def test_prefix_reuse_is_one_seam_null_when_the_cache_is_off():
     prefill.request_finished(r, [4, 5, 6])
     (send,) = prefill.build_connector_meta(SchedulerOutput.make_empty()).sends
     assert send.handoff.chains == (b"c1", b"c2")
+
+
+def layered_prefill() -> PrefillScheduler:
+    cfg = make_cfg()
+    return PrefillScheduler(msgspec.structs.replace(cfg, transport=msgspec.structs.replace(cfg.transport, layerwise=True)),
+                            instance="prefill-0", block_size=BS)
+
+
+def scheduled_with_blocks(req_id: str, computed: int, n: int, block_ids: list[int], *, new: bool = False,
+                          resumed: bool = False) -> SchedulerOutput:
+    """``scheduled`` with the step's block ids: all of a new request's, a running one's new ones."""
+    so = scheduled(req_id, computed, n, new=new)
+    if new:
+        so.scheduled_new_reqs[-1].block_ids = (list(block_ids),)
+    else:
+        so.scheduled_cached_reqs.new_block_ids.append((list(block_ids),))
+        if resumed:
+            so.scheduled_cached_reqs.resumed_req_ids.add(req_id)
+    return so
+
+
+def test_layerwise_starts_the_handoff_in_the_step_of_the_last_chunk_with_every_block():
+    """Chunked prefill: the blocks of every chunk (a resumed request's replaced) go in the spec
+    of the step whose forward computes the last chunk; the finished request then queues no
+    second hand-off, and vLLM keeps its blocks (the hand-off reads them)."""
+    prefill = layered_prefill()
+    kv = {"do_remote_decode": True, "transfer_id": "t1", "decode_peer": "decode-0"}
+    r = request("p1", 40, kv)
+    prefill.update_state_after_alloc(r, blocks([4]), 0)
+    assert prefill.build_connector_meta(scheduled_with_blocks("p1", 0, 16, [4], new=True)).sends == []
+    # Preempted after its first chunk, resumed with new blocks: those replace the old ones.
+    assert prefill.build_connector_meta(scheduled_with_blocks("p1", 0, 16, [7], resumed=True)).sends == []
+    meta = prefill.build_connector_meta(scheduled_with_blocks("p1", 16, 24, [8, 9]))  # the last chunk
+    assert [(s.req_id, s.block_ids, s.layered, s.handoff.transfer_id) for s in meta.sends] == [
+        ("p1", (7, 8, 9), True, "t1")]
+    assert [h.transfer_id for h in meta.reserves] == ["t1"]
+    r.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    delay, params = prefill.request_finished(r, [7, 8, 9])
+    assert delay is True and params["transfer_id"] == "t1"
+    meta = prefill.build_connector_meta(SchedulerOutput.make_empty())
+    assert meta.sends == [] and meta.unreserves == []
+
+
+def test_an_aborted_layered_handoff_is_stopped_and_its_blocks_kept_until_it_stopped():
+    prefill = layered_prefill()
+    kv = {"do_remote_decode": True, "transfer_id": "t1", "decode_peer": "decode-0"}
+    r = request("p1", 40, kv)
+    prefill.update_state_after_alloc(r, blocks([4, 5, 6]), 0)
+    assert prefill.build_connector_meta(scheduled_with_blocks("p1", 0, 40, [4, 5, 6], new=True)).sends[0].layered
+    r.status = RequestStatus.FINISHED_ABORTED
+    assert prefill.request_finished(r, [4, 5, 6]) == (True, None)  # the sender still reads them
+    meta = prefill.build_connector_meta(SchedulerOutput.make_empty())
+    assert meta.sends == [] and meta.unreserves == ["t1"]

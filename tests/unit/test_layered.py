@@ -1,0 +1,111 @@
+"""Layered hand-offs (``transport.layerwise``, node/layered.py): sender and receiver in one process
+(real zmq, real transports), the forward played by the test, which writes and marks each layer.
+
+A layer goes as soon as it is marked computed, arrives bitwise, and the hand-off's timeline shows
+bytes in flight before the forward ended; a forward that stops, or a request aborted mid-way,
+ends the hand-off in bounded time with the decode pool full again.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lmcache_pd import transport as transports
+from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
+from lmcache_pd.layout import KVLayout, PoolLayout, plan_cache_to_pool
+from lmcache_pd.node.layered import LayerMarks
+from lmcache_pd.node.timeline import hidden_fraction
+from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node, make_cfg
+
+
+def layered(n: Node, tid: str, p_blocks: list[int], d_blocks: list[int], num_tokens: int) -> LayerMarks:
+    marks = LayerMarks(LAYERS)
+    h = Handoff(tid, "decode-0", num_tokens, "d" * 32)
+    n.sender.reserve(h)
+    n.sender.submit_layered(SendSpec(f"p-{tid}", h, tuple(p_blocks), layered=True), marks)
+    n.receiver.submit_load(LoadSpec(f"d-{tid}", Handoff(tid, "prefill-0", num_tokens, "d" * 32), tuple(d_blocks)))
+    return marks
+
+
+def wait_until(cond, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("name", ["tcp", "loopback"])
+def test_each_layer_goes_as_it_is_computed_and_arrives_bitwise(name):
+    ok, why = transports.available(name)
+    if not ok:
+        pytest.skip(f"transport {name!r} unavailable here: {why}")
+    n = Node(make_cfg(name))
+    try:
+        p_blocks, d_blocks = [5, 6, 30], [11, 12, 40]
+        marks = layered(n, "l1", p_blocks, d_blocks, 2 * BLOCK + 3)  # the prompt ends inside its last block
+        marks.layer(0)
+        wait_until(lambda: n.sender.transport.stats.batches >= 1)  # layer 0 is in the pool ...
+        assert n.sender.transport.stats.batches == 1
+        for b in p_blocks:  # ... while the forward computes layer 1 (new content, written now)
+            n.p_layers[1][b].view(torch.uint8).copy_(torch.randint(0, 256, n.p_layers[1][b].view(torch.uint8).shape,
+                                                                   dtype=torch.uint8))
+        marks.layer(1)
+        time.sleep(0.05)
+        marks.forward_done()
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        assert s.num_bytes == ld.num_bytes == 3 * PAGE
+        n.assert_moved(p_blocks, d_blocks)  # layer 1 as written after layer 0 had landed
+        assert s.first_byte_at < s.computed_at and hidden_fraction(s) > 0.5, s
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
+def test_a_forward_that_stops_fails_the_handoff_naming_data_s_and_the_decode_recomputes():
+    n = Node(make_cfg(data_s=0.5))
+    try:
+        marks = layered(n, "stall", [5, 6], [11, 12], 2 * BLOCK)
+        marks.layer(0)  # layer 1 never comes
+        (s,), (ld,) = n.results(1, 1, timeout_s=10)
+        assert not s.ok and "timeouts.data_s" in s.error, s.error
+        assert not ld.ok
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
+def test_an_aborted_request_stops_its_layered_handoff_and_the_pages_return():
+    n = Node(make_cfg())
+    try:
+        marks = layered(n, "gone", [5, 6], [11, 12], 2 * BLOCK)
+        marks.layer(0)
+        wait_until(lambda: n.sender.transport.stats.batches >= 1)
+        t0 = time.monotonic()
+        n.sender.unreserve("gone")  # the scheduler's unreserve of an aborted request
+        (s,), (ld,) = n.results(1, 1, timeout_s=5)
+        assert not s.ok and not ld.ok
+        assert time.monotonic() - t0 < 2.0
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
+def test_per_layer_plans_add_up_to_the_whole_plan():
+    kv = KVLayout(num_layers=3, num_blocks=10, block_bytes=64, block_stride=64, layer_offsets=(0, 640, 1280))
+    pool = PoolLayout(3, 8, 64)
+    whole = plan_cache_to_pool(kv, pool, blocks=[2, 3, 7], pages=[0, 1, 5])
+    parts = [plan_cache_to_pool(kv, pool, blocks=[2, 3, 7], pages=[0, 1, 5], layers=[i]) for i in range(3)]
+
+    def bytes_of(plans) -> set[tuple[int, int]]:  # (src byte, dst byte) pairs the plans copy
+        return {(s + k, d + k) for p in plans for s, d, n in zip(p.src_offsets, p.dst_offsets, p.lengths)
+                for k in range(0, int(n), 16)}
+    assert bytes_of(parts) == bytes_of([whole])
+    assert sum(p.nbytes for p in parts) == whole.nbytes
+    assert set(np.concatenate([p.dst_offsets for p in parts[1:2]]) // (8 * 64)) == {1}  # layer 1's pool rows only
+    with pytest.raises(ValueError, match="layer out of range"):
+        plan_cache_to_pool(kv, pool, blocks=[2], pages=[0], layers=[3])
