@@ -111,16 +111,19 @@ async def send_layers(transport, peer_id: str, region: int, plans: list[RangePla
             for h, state in zip(handles, states):
                 if state.terminal and state != BatchState.DONE:
                     failed(state, h)
-            if len(handles) == len(plans) and all(s == BatchState.DONE for s in states):
+            in_flight = not all(s == BatchState.DONE for s in states)
+            if len(handles) == len(plans) and not in_flight:
                 return first_byte_at
             check()
             if time.monotonic() - progress > data_s:
                 what = "the prefill's forward to compute the next layer" if seen < len(plans) else "data transfer"
                 raise TransferTimeout(what, config_field="timeouts.data_s", seconds=data_s)
             # Woken by a mark or a transport callback; the short timeout keeps polling
-            # transports that progress only inside poll(), and events without a callback.
+            # transports that progress only inside poll(), and events without a callback. Between
+            # layers, with nothing in flight, only a mark wakes it: a wake-up costs the forward
+            # (vLLM's thread, on the same core on CPU) the GIL.
             try:
-                await asyncio.wait_for(wake.wait(), 0.005 if handles or waiting else 0.05)
+                await asyncio.wait_for(wake.wait(), 0.005 if in_flight or waiting else 0.25)
             except TimeoutError:
                 pass
     finally:
