@@ -8,7 +8,7 @@ hand-off report shows. vLLM's own prefix cache is off on both instances, so ever
 is ours. Outputs are judged against the same prompt sent straight to decode-0 (a plain
 colocated vLLM instance for requests without hand-off parameters). The conversation then
 continues on the restarted prefill instance (disk tier) and on a second prefill instance that
-shares only the Redis tier.
+shares only the Redis tier. Hand-offs go layer by layer (``transport.layerwise``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def cache_deployment(tmp_path_factory):
     redis = RedisServer(password=REDIS_PASSWORD).start()
     cfg = local_config(model, work, extra={
         "proxy.prefills": ["prefill-0"],
+        "transport.layerwise": True,  # layered hand-offs skip the pages decode-0's tiers hold
         "cache": {"enabled": True, "chunk_tokens": CHUNK, "tiers": [
             {"name": "memory", "options": {"size_mib": 64}},
             {"name": "disk", "options": {"path": str(work / "disk" / "{instance}.{rank}"), "size_mib": 256}},
