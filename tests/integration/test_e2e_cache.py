@@ -24,7 +24,17 @@ import pytest
 import yaml
 
 from lmcache_pd.cli.local import LocalDeployment, local_config
-from tests.integration.client import completion, counter, metrics, post, prompt_ids, report, token_ids, wait_for
+from tests.integration.client import (
+    completion,
+    counter,
+    handoff_record,
+    metrics,
+    post,
+    prompt_ids,
+    report,
+    token_ids,
+    wait_for,
+)
 from tests.integration.deployments import tiny_model_or_skip
 from tests.redis_server import RedisServer
 
@@ -113,6 +123,10 @@ def run_turn(dep, proxy: str, prefill: str, prompt: list[int], *, expect_cached:
     if not held:  # the first turn sends everything: bytes per token of this model
         dep.bytes_per_token = rep["bytes"] / n
     assert rep["bytes"] == dep.bytes_per_token * (n - held), (rep, dep.bytes_per_token)
+    # The prefill sent it layer by layer, skipping the pages decode-0's tiers held.
+    name = next(k for k, p in dep.procs.items() if p.url == prefill)
+    sent = handoff_record(dep, name, rep["transfer_id"])
+    assert sent["ok"] and sent["layered"] and sent["skipped_pages"] * CHUNK == held, sent
 
     def delta() -> dict[str, float]:
         after = prefill_counters(prefill)
