@@ -150,7 +150,7 @@ def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: 
         conn.send("submitted")
         while not (done := rx.drain(wait_s=1.0)):  # blocks: a polling loop would compete for the GIL
             pass
-        conn.send((time.monotonic(), done[0].ok, done[0].error, done[0].scatter_s, done[0].groups))
+        conn.send((time.monotonic(), done[0].ok, done[0].error, done[0].scatter_s, done[0].groups, done[0].signaled))
     rx.close()
 
 
@@ -219,7 +219,7 @@ class HandoffPair:
             self.tx.reserve(Handoff(tid, "decode-0", n_tok, digest)).result(60)
         t0 = time.monotonic()
         self.tx.submit(SendSpec(f"p-{tid}", Handoff(tid, "decode-0", n_tok, digest), tuple(p_blocks)))
-        t_done, ok, error, scatter_s, groups = self.parent.recv()
+        t_done, ok, error, scatter_s, groups, signaled = self.parent.recv()
         sent = []
         while not sent:
             sent = self.tx.drain()
@@ -231,7 +231,7 @@ class HandoffPair:
         s = sent[0]
         self.phases.append({"allocate": s.allocate_s, "transfer": s.seconds,
                             "after transfer": total - s.allocate_s - s.seconds, "scatter": scatter_s,
-                            "groups": groups})
+                            "groups": groups, "signaled": int(signaled), "on_caller": int(s.on_caller)})
         return total
 
     def check_last(self) -> bool:

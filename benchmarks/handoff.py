@@ -9,7 +9,11 @@ Shape: Llama-3-8B KV (128 KiB per token), random block tables on both sides. The
 devices in one process, measured in this run. The last repeat of each size is checked bitwise.
 benchmarks/transfer.py runs the same hand-off inside its sweep; this one takes token counts.
 ``--verify`` times every size twice, with ``integrity.verify`` off and on (a second pair of
-processes), and prints what the check costs.
+processes), and prints what the check costs. ``--against JSON`` does the same with a second pair
+whose transport options are JSON (``'{"signals": false}'``: cuda_ipc's decode scatter waiting for
+TransferDone on the host instead of the copy's device-side signal).
+Columns *signaled*: hand-offs whose decode scatter ran behind the device-side signal;
+*on caller*: planned and submitted on the submitting thread (pages granted ahead).
 
     python benchmarks/handoff.py --transport cuda_ipc --tokens 128,1024,8192,32768 [--group-mib 0] [--verify]
 """
@@ -17,6 +21,7 @@ processes), and prints what the check costs.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 
@@ -38,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-reserve", action="store_true",
                     help="allocate the decode pages inside the timed hand-off (no reservation ahead)")
     ap.add_argument("--verify", action="store_true", help="also time each size with integrity.verify on")
+    ap.add_argument("--against", default=None, metavar="JSON",
+                    help="also time each size with these transport options (a second pair of processes)")
+    ap.add_argument("--options", default="{}", metavar="JSON", help="transport options of the main pair")
     args = ap.parse_args(argv)
+    if args.verify and args.against:
+        ap.error("--verify and --against each need the second pair: give one")
     from lmcache_pd import transport as transports
 
     ok, why = transports.available(args.transport)
@@ -47,17 +57,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p_dev, d_dev = pick_devices(args.transport, args.devices)
     tokens = [int(t) for t in args.tokens.split(",")]
-    pair = HandoffPair(args.transport, {}, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
+    options = json.loads(args.options)
+    pair = HandoffPair(args.transport, options, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
                        reserve=not args.no_reserve)
-    checked = (HandoffPair(args.transport, {}, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
-                           reserve=not args.no_reserve, verify=True) if args.verify else None)
+    checked = None
+    if args.verify or args.against:
+        checked = HandoffPair(args.transport, json.loads(args.against) if args.against else options, max(tokens),
+                              p_dev, d_dev, group_mib=args.group_mib, reserve=not args.no_reserve,
+                              verify=args.verify)
+    second = "verify on" if args.verify else f"options {args.against}"
     where = f"{p_dev} -> {d_dev}" + (f" ({torch.cuda.get_device_name(0)})" if "cuda" in p_dev else "")
     print(f"# {args.transport} hand-off, {where}; python {sys.version.split()[0]}, torch {torch.__version__}")
     print("# Llama-3-8B KV (32 layers, 8 heads, head 128, bf16, block 16); median of", args.repeat,
-          "; pages", "allocated in the hand-off" if args.no_reserve else "reserved ahead")
+          "; pages", "allocated in the hand-off" if args.no_reserve else "reserved ahead", "; options", options)
     print(f"{'tokens':>7} {'bytes':>9} {'hand-off ms':>12} {'GB/s':>8} {'ceiling GB/s':>13} {'ratio':>6}  check    "
-          f"| ms: allocate  transfer  after-transfer | scatter (overlapped)  groups"
-          + ("  | verify on: ms  ratio  check" if checked else ""))
+          f"| ms: allocate  transfer  after-transfer | scatter (overlapped)  groups  signaled  on-caller"
+          + (f"  | {second}: ms  ratio  check  signaled" if checked else ""))
     status = 0
     try:
         pair.once(tokens[0])  # links the peers (handshake, IPC open) and builds the kernels
@@ -85,14 +100,19 @@ def main(argv: list[str] | None = None) -> int:
                 v_ok = checked.check_last()
                 status |= not v_ok
                 v = statistics.median(verified)
-                extra = f"  | {v * 1e3:>13.3f} {v / statistics.median(times):>6.2f}  {'bitwise' if v_ok else 'MISMATCH'}"
+                extra = (f"  | {v * 1e3:>13.3f} {v / statistics.median(times):>6.2f}  {'bitwise' if v_ok else 'MISMATCH'}"
+                         f"  {sum(p['signaled'] for p in checked.phases[-args.repeat:]):>2.0f}/{args.repeat}")
             t, c = statistics.median(times), statistics.median(copies)
-            ph = {k: statistics.median(p[k] for p in pair.phases) * (1 if k == "groups" else 1e3)
+            counts = ("groups", "signaled", "on_caller")
+            ph = {k: statistics.median(p[k] for p in pair.phases) * (1 if k in counts else 1e3)
                   for k in pair.phases[0]}
+            signaled = sum(p["signaled"] for p in pair.phases)
+            on_caller = sum(p["on_caller"] for p in pair.phases)
             print(f"{n_tok:>7} {nbytes / 2**20:>7.0f}Mi {t * 1e3:>12.3f} {nbytes / t / 1e9:>8.1f} "
                   f"{nbytes / c / 1e9:>13.1f} {c / t:>6.2f}  {'bitwise ' if ok else 'MISMATCH'} "
                   f"| {ph['allocate']:>12.3f} {ph['transfer']:>9.3f} {ph['after transfer']:>15.3f} "
-                  f"| {ph['scatter']:>20.3f} {ph['groups']:>7.0f}{extra}", flush=True)
+                  f"| {ph['scatter']:>20.3f} {ph['groups']:>7.0f} {signaled:>6}/{len(pair.phases)} "
+                  f"{on_caller:>6}/{len(pair.phases)}{extra}", flush=True)
     finally:
         pair.close()
         if checked is not None:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmcache_pd import host_copy
 from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan
 
 CHUNK_BYTES = 64 << 10
@@ -149,10 +150,14 @@ def copy_ranges(src: torch.Tensor, dst: torch.Tensor, plan: RangePlan) -> None:
 
 
 def _copy_ranges_host(src: torch.Tensor, dst: torch.Tensor, plan: RangePlan) -> None:
-    """Host memory: one memmove per range (bounds checked by the caller). A torch slice copy
-    costs more per range than a 64 KiB memmove and holds the GIL; ctypes releases it, so the
-    transport's and control plane's threads run meanwhile (measured: 1.5x on 64 KiB ranges)."""
+    """Host memory (bounds checked by the caller): one call of the compiled loop (host_copy.py),
+    else one memmove per range. Both release the GIL while they copy."""
     s0, d0 = src.data_ptr(), dst.data_ptr()
+    fn = host_copy.compiled()
+    if fn is not None:
+        host_copy.copy(fn, s0, d0, plan.src_offsets, plan.dst_offsets, plan.lengths,
+                       same_buffer=src.untyped_storage().data_ptr() == dst.untyped_storage().data_ptr())
+        return
     for s, d, n in zip(plan.src_offsets.tolist(), plan.dst_offsets.tolist(), plan.lengths.tolist()):
         ctypes.memmove(d0 + d, s0 + s, n)
 

@@ -163,6 +163,9 @@ class Allocate(_Msg):
     tiers: what it loads from them is keyed by the chains of its own copy of the prompt."""
     tenant: Name | None = None
     """The request's cache namespace (vLLM's ``cache_salt``)."""
+    signals: bool = False
+    """The sender's last data batch ends with the reservation's device-side signal (transport
+    ``capabilities.signals``): the decode may queue its scatter on the GPU behind it."""
 
 
 class Allocated(_Msg):

@@ -8,6 +8,9 @@ Life of a reservation (one per hand-off, named by its transfer id):
      *landed* pages may be read (``mark_landed``: the first pages of a streamed hand-off), and
      only inside ``begin_read``/``end_read``; ``claim`` refuses.
   4. ``claim`` by the consumer (the decode worker): CONSUMING; never expires while claimed.
+     ``claim_signaled`` claims it before READY when a device-side signal, written by the
+     writer's GPU stream after its bytes, proved them in (its TransferDone then finds the
+     reservation consumed, and is answered as done).
   5. ``release`` returns the pages. ``abort`` and lease expiry also return them.
 A reader guard (``begin_read``) defers the return of pages that the consumer is copying from:
 an abort or expiry meanwhile ends the reservation at once, but its pages go back to the free
@@ -71,6 +74,10 @@ class Reservation:
     held_until: float = 0.0
     """Ended while being written by a transport the receiver cannot gate: its pages stay out of
     use until then, or until the owner confirms it stopped."""
+    signals: bool = False
+    """Its writer ends its last batch with the reservation's device-side signal (Allocate)."""
+    signaled: bool = False
+    """Claimed on the proof of a device-side signal (``claim_signaled``), before TransferDone."""
 
 
 @dataclass(frozen=True)
@@ -120,9 +127,9 @@ class PagePool:
 
     # --- prefill-driven transitions (control plane) ---------------------------------------
     def reserve(self, claim: Handoff, num_pages: int, *, owner: str, now: float,
-                skip_pages: int = 0) -> list[PageIdx] | None:
+                skip_pages: int = 0, signals: bool = False) -> list[PageIdx] | None:
         """All ``num_pages`` pages for hand-off ``claim``, or None if they are not free now.
-        Raises if it can never fit."""
+        Raises if it can never fit. ``signals``: its writer ends with the device-side signal."""
         transfer_id = claim.transfer_id
         with self._lock:
             # First: a known id is refused as such, never as "too large" (whose tombstone would
@@ -138,7 +145,7 @@ class PagePool:
                 return None
             pages = self._take(num_pages)
             self._live[transfer_id] = Reservation(claim, pages, owner, ReservationState.ALLOCATED, now + self.lease_s,
-                                                  skip_pages=skip_pages,
+                                                  skip_pages=skip_pages, signals=signals,
                                                   generation=next(self._generations))
             self._changed()
             return pages
@@ -158,6 +165,10 @@ class PagePool:
     def mark_ready(self, transfer_id: TransferId, *, owner: str, num_bytes: int, seconds: float,
                    now: float, digest: int | None = None) -> None:
         with self._lock:
+            r = self._live.get(transfer_id) or self._ended.get(transfer_id, (None, 0.0))[0]
+            if r is not None and r.signaled and r.owner == owner:  # consumed already, on its signal
+                r.num_bytes, r.seconds = num_bytes, seconds
+                return
             r = self._owned(transfer_id, owner)
             if r.state != ReservationState.ALLOCATED:
                 raise TransferError(f"cannot mark ready in state {r.state.name}", transfer_id=transfer_id)
@@ -357,6 +368,20 @@ class PagePool:
             if r.state != ReservationState.READY:
                 raise TransferError(f"pages are not ready ({r.state.name})", transfer_id=transfer_id)
             r.state = ReservationState.CONSUMING
+            return r
+
+    def claim_signaled(self, transfer_id: TransferId, generation: int) -> Reservation | None:
+        """Claim a reservation whose bytes a device-side signal proved in (its writer's stream
+        wrote ``generation`` after them), READY or not yet: CONSUMING. None if it is no longer
+        live as that generation: it ended meanwhile, so its pages may have gone to another
+        hand-off, and what was read from them is not to be trusted."""
+        with self._lock:
+            r = self._live.get(transfer_id)
+            if r is None or r.generation != generation or r.state not in (ReservationState.ALLOCATED,
+                                                                           ReservationState.READY):
+                return None
+            r.state, r.signaled, r.landed = ReservationState.CONSUMING, True, len(r.pages)
+            self._changed()
             return r
 
     def free(self, transfer_id: TransferId, *, now: float) -> None:

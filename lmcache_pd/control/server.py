@@ -415,7 +415,8 @@ class ControlServer:
         session = self._sessions.get(identity)
         claim = Handoff(msg.transfer_id, session.peer if session is not None else "", msg.num_tokens,
                         msg.prompt_digest, tuple(msg.chains), msg.tenant)
-        return self.pool.reserve(claim, msg.num_pages - skip, owner=owner, now=now, skip_pages=skip)
+        return self.pool.reserve(claim, msg.num_pages - skip, owner=owner, now=now, skip_pages=skip,
+                                 signals=msg.signals)
 
     def _allocated(self, msg: P.Allocate, pages: list[int], skip: int) -> P.Allocated:
         self.stats.allocations += 1

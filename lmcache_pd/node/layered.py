@@ -71,7 +71,8 @@ class LayerMarks:
 
 async def send_layers(transport, peer_id: str, region: int, plans: list[RangePlan], marks: LayerMarks, *,
                       data_s: float, ticket: bytes, check: Callable[[], None],
-                      failed: Callable[[BatchState, object], None]) -> float:
+                      failed: Callable[[BatchState, object], None],
+                      signal: tuple[int, int] | None = None) -> float:
     """Submit each layer's plan (``plans[layer]``) as soon as ``marks`` says it is computed, and
     return when every layer is in the peer's pool (the wall clock of the first submit).
 
@@ -80,7 +81,8 @@ async def send_layers(transport, peer_id: str, region: int, plans: list[RangePla
     must have landed within ``data_s`` of the last submit. ``check`` raises when the hand-off
     must stop (the decode side ended it); ``failed`` raises for a batch that ended otherwise than
     DONE. On a GPU a layer goes after its event: ordered on the device by a stream-ordered
-    transport, else once the event completed."""
+    transport, else once the event completed. ``signal``: the device-side signal the last
+    layer's batch ends with (node/armed.py)."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
     marks.bind(lambda: loop.call_soon_threadsafe(wake.set))
@@ -101,8 +103,9 @@ async def send_layers(transport, peer_id: str, region: int, plans: list[RangePla
                 if ready is not None and not ordered and not ready.query():
                     continue
                 waiting.remove(item)
+                last = {"signal": signal} if signal is not None and len(handles) == len(plans) - 1 else {}
                 handle = transport.submit(peer_id, region, plans[index], timeout_s=data_s,
-                                          after=ready if ordered else None, ticket=ticket)
+                                          after=ready if ordered else None, ticket=ticket, **last)
                 handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
                 handles.append(handle)
                 first_byte_at = first_byte_at or time.time()

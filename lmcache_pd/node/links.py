@@ -126,7 +126,8 @@ class Links:
                  peer, reply.incarnation, reply.num_pages, reply.page_bytes, self.transport.name)
         return DecodePeer(peer, client, peer_id=peer_id, pool=pool, incarnation=reply.incarnation,
                           data_token=reply.data_token, timeouts=self.t, chunk_blocks=self._chunk_blocks,
-                          queue_bound=self.cfg.backpressure.prefill_queue)
+                          queue_bound=self.cfg.backpressure.prefill_queue,
+                          signals=self.transport.signals_to(peer_id))
 
     async def drop(self, peer: PeerName, link: DecodePeer | None = None) -> None:
         """Forget a peer's link (``link``: only if it is still that one; another coroutine may

@@ -22,6 +22,10 @@ the phases of ``loads.LoadPhase``, in order, each move checked against ``loads.N
   (``integrity.verify``), copy the pages not yet scattered, give the pages back -> DONE.
 Any error -> FAILED: the pages are aborted (or left as a tombstone), the result says why, and
 vLLM recomputes the prompt.
+*Armed* loads (a GPU pool whose transport has device-side signals, armed.py): at GRANTED the
+scatter is queued on the GPU behind the reservation's signal, and the load stays LANDING until
+the watcher thread sees that scatter done (``claim_signaled``, DONE) or released (FAILED); the
+loader thread only watches its reservation and deadline, and releases it if either ends it.
 
 Threads: vLLM's forward loop calls :meth:`Loader.submit`, :meth:`Loader.cancel` and
 :meth:`Loader.drain`, which never block; the loader thread does every move and copy; the control
@@ -47,11 +51,13 @@ from lmcache_pd.control.allocator import PagePool, Reservation
 from lmcache_pd.errors import PDError, TransferError
 from lmcache_pd.handoff import LoadSpec
 from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
+from lmcache_pd.node.armed import Armed, SignalWaits, signal_of
 from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.held_prefix import HeldPrefix
 from lmcache_pd.node.loads import LoadPhase, LoadResult, LoadState, PreparedScatter
 from lmcache_pd.node.timeline import Timeline
 from lmcache_pd.ops import PreparedCopy, copy_ranges, pool_digest, prepare_copy, run_copy
+from lmcache_pd.transport import Transport
 
 log = logging.getLogger(__name__)
 _IDLE_S = 0.5
@@ -69,11 +75,13 @@ class _Step(enum.Enum):
 class Loader:
     def __init__(self, pool: PagePool, pool_layout: PoolLayout, pool_buffer: torch.Tensor, *, kv: KVLayout,
                  kv_buffer: torch.Tensor, block_size: int, prefix: HeldPrefix, transfer_s: float, group_bytes: int,
-                 verify: bool, handoff_log: HandoffLog, timeline: Timeline, name: str = "pd-loader"):
+                 verify: bool, handoff_log: HandoffLog, timeline: Timeline, name: str = "pd-loader",
+                 signals: Transport | None = None):
         """``transfer_s``: ``timeouts.transfer_s``, the longest a load waits for its pages;
         ``group_bytes``: ``transport.group_mib`` in bytes (a hand-off larger than that is
         streamed: its groups are scattered as they land, each planned then); ``verify``:
-        ``integrity.verify``."""
+        ``integrity.verify``; ``signals``: the pool's transport, when it keeps device-side
+        signals for it (armed loads; not with ``verify``, whose check needs TransferDone's digest)."""
         self.pool = pool
         self.pool_layout = pool_layout
         self.pool_buffer = pool_buffer
@@ -95,6 +103,8 @@ class Loader:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._stream: torch.cuda.Stream | None = None  # the loader's CUDA stream, made on first use
         self.digests_verified = self.digest_mismatches = 0  # integrity.verify
+        self._signals = (SignalWaits(signals, kv_buffer.device, self._armed_done)
+                         if signals is not None and kv_buffer.is_cuda and not verify else None)
         pool.watch(self._wake.set)
 
     def start(self) -> None:
@@ -105,6 +115,8 @@ class Loader:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(5.0)
+        if self._signals is not None:
+            self._signals.close()
 
     # --- vLLM's forward loop (never blocks) ---------------------------------------------------
     def submit(self, spec: LoadSpec) -> None:
@@ -122,6 +134,9 @@ class Loader:
             load = self._loads.get(req_id)
             if load is not None and load.busy:
                 load.canceled = reason
+                return
+            if load is not None and load.armed is not None:  # the watcher ends it once released
+                self._release(load, reason)
                 return
             self._loads.pop(req_id, None)
         if load is not None:
@@ -163,6 +178,10 @@ class Loader:
                 if load.busy:  # (only between a step's decision and its end)
                     continue
                 r = self.pool.lookup(load.spec.handoff.transfer_id)
+                if load.armed is not None:  # the watcher ends it; released if the hand-off ends first
+                    if load.armed.reason is None and (why := self._armed_failure(load, r, now)):
+                        self._release(load, why)
+                    continue
                 outcome = self._decide(load, r, now)
                 if isinstance(outcome, _Step):
                     load.busy = True
@@ -170,7 +189,8 @@ class Loader:
                 elif outcome is not None:
                     del self._loads[req_id]
                     failed.append((load, outcome))
-            deadline = min((ld.deadline for ld in self._loads.values()), default=now + _IDLE_S)
+            deadline = min((ld.deadline for ld in self._loads.values()
+                            if ld.armed is None or ld.armed.reason is None), default=now + _IDLE_S)
         # Ready loads first, then landed groups, then planning: the copy a request waits on goes first.
         steps.sort(key=lambda s: (_Step.SCATTER, _Step.LAND, _Step.GRANT).index(s[1]))
         return steps, failed, max(0.001, min(deadline - now, _IDLE_S))
@@ -188,6 +208,22 @@ class Loader:
         if load.phase is LoadPhase.LANDING and r is not None and r.landed > load.next_page:
             return _Step.LAND
         return None
+
+    def _armed_failure(self, load: LoadState, r: Reservation | None, now: float) -> str | None:
+        if r is None or r.state.failed:
+            return f"hand-off ended: {r.reason if r is not None else 'its reservation is gone'}"
+        if now >= load.deadline:
+            return f"no KV from prefill within {self.transfer_s:g} s (raise `timeouts.transfer_s` to wait longer)"
+        return None
+
+    def _release(self, load: LoadState, reason: str) -> None:
+        """Let an armed load's scatter run now; the watcher then reports the load failed
+        (under the loader's lock, or from the thread that armed it)."""
+        a = load.armed
+        assert a is not None and self._signals is not None
+        if a.reason is None:
+            a.reason = reason
+            self._signals.release(a)
 
     def _guarded(self, load: LoadState, step: _Step) -> None:
         try:
@@ -213,6 +249,9 @@ class Loader:
             load.busy = False
             ours = self._loads.get(load.spec.req_id) is load
             canceled = load.canceled if ours and load.phase is not LoadPhase.DONE else None
+            if canceled is not None and load.armed is not None:  # the watcher ends it
+                self._release(load, canceled)
+                return
             if ours and (canceled is not None or load.phase is LoadPhase.DONE):
                 del self._loads[load.spec.req_id]
         if canceled is not None:
@@ -254,6 +293,15 @@ class Loader:
             return  # streamed: its groups are scattered as they land, each planned then
         plan = self._plan(load, r, first, upto)
         copy = None
+        if self._signals is not None and r.signals and r.pages:
+            stream = self._signals.stream()
+            copy = prepare_copy(self.pool_buffer.data_ptr(), self.kv_buffer.data_ptr(), plan,
+                                device=self.kv_buffer.device, stream=stream)
+            if copy is not None:
+                load.nbytes, load.next_page = plan.nbytes, upto
+                load.armed = Armed(*signal_of(r.pages, r.generation), r.generation, stream, copy)
+                self._signals.arm(load, load.armed)  # (the watcher may end it from here on)
+                return
         if self.kv_buffer.is_cuda:
             copy = prepare_copy(self.pool_buffer.data_ptr(), self.kv_buffer.data_ptr(), plan,
                                 device=self.kv_buffer.device, stream=self._loader_stream())
@@ -285,6 +333,31 @@ class Loader:
                                 time.monotonic() - load.t0, scatter_s=load.scatter_s, groups=load.groups,
                                 planned_ahead=load.planned_ahead, cache_tokens=load.cache_tokens,
                                 submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time()))
+
+    def _armed_done(self, owner: object) -> None:
+        """The watcher thread: an armed load's scatter ran. Its bytes are this hand-off's if it
+        was not released and its reservation is still live as the same generation."""
+        load = owner
+        assert isinstance(load, LoadState) and load.armed is not None
+        a: Armed = load.armed
+        spec = load.spec
+        with self._lock:
+            if self._loads.get(spec.req_id) is load:
+                del self._loads[spec.req_id]
+            reason = a.reason
+        if reason is None and self.pool.claim_signaled(spec.handoff.transfer_id, a.generation) is None:
+            reason = "hand-off ended while its scatter waited for the bytes"
+        if reason is not None:
+            self._fail(load, reason)
+            return
+        self.pool.free(spec.handoff.transfer_id, now=time.monotonic())
+        load.ready_at = time.time()
+        load.move(LoadPhase.SCATTERING)
+        load.move(LoadPhase.DONE)
+        self._record(LoadResult(spec.req_id, spec.handoff.transfer_id, True, load.nbytes, 0.0,
+                                time.monotonic() - load.t0, groups=1, planned_ahead=True, signaled=True,
+                                cache_tokens=load.cache_tokens, submitted_at=load.submitted_at,
+                                ready_at=load.ready_at, done_at=load.ready_at))
 
     def _validate(self, load: LoadState, r: Reservation) -> None:
         """The reservation holds this request's prompt."""

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lmcache_pd._types import ReqId, TransferId
 from lmcache_pd.handoff import LoadSpec
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import PreparedCopy
+
+if TYPE_CHECKING:
+    from lmcache_pd.node.armed import Armed
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,9 @@ class LoadResult:
     """Wall clock when the loader found every page in the pool (READY); 0 if never."""
     done_at: float = 0.0
     """Wall clock when the load ended (pages in vLLM's blocks, or failed)."""
+    signaled: bool = False
+    """Scattered on the GPU behind the prefill's device-side signal (node/armed.py), before
+    TransferDone came; its ``transfer_s`` is then unknown here (0)."""
 
 
 class LoadPhase(enum.Enum):
@@ -99,6 +106,8 @@ class LoadState:
     prepared: PreparedScatter | None = None
     """The scatter of the pages still to come, planned while waiting for them."""
     planned_ahead: bool = False
+    armed: Armed | None = None
+    """Its scatter is queued on the GPU behind the reservation's signal (node/armed.py)."""
 
     def move(self, phase: LoadPhase) -> None:
         if phase not in NEXT[self.phase]:

@@ -40,10 +40,12 @@ class Grant:
 
 class DecodePeer:
     def __init__(self, name: PeerName, client: ControlClient, *, peer_id: int, pool: PoolLayout, incarnation: str,
-                 data_token: bytes, timeouts: TimeoutsConfig, chunk_blocks: int, queue_bound: int):
+                 data_token: bytes, timeouts: TimeoutsConfig, chunk_blocks: int, queue_bound: int,
+                 signals: bool = False):
         """``peer_id``: the transport's connection to the peer's pool; ``chunk_blocks``: blocks per
         cache chunk (the peer may skip whole chunks only); ``queue_bound``:
-        ``backpressure.prefill_queue``, hand-offs that may wait for this peer's pages at once."""
+        ``backpressure.prefill_queue``, hand-offs that may wait for this peer's pages at once;
+        ``signals``: our transport writes this peer's device-side signals (its Allocates say so)."""
         self.name = name
         self.client = client
         self.peer_id = peer_id
@@ -53,6 +55,7 @@ class DecodePeer:
         self.t = timeouts
         self.chunk_blocks = chunk_blocks
         self.queue_bound = queue_bound
+        self.signals = signals
         self.waiting = 0
         """Hand-offs (and reservations) waiting for their Allocated reply."""
         self.beating = False
@@ -91,7 +94,7 @@ class DecodePeer:
                                 transfer_id=h.transfer_id, peer=self.name)
         msg = P.Allocate(msg_id=self.client.next_id(), transfer_id=h.transfer_id, num_pages=n_pages,
                          num_tokens=h.num_tokens, prompt_digest=h.prompt_digest, wait_s=self.t.alloc_s,
-                         chains=list(h.chains), tenant=h.tenant)
+                         chains=list(h.chains), tenant=h.tenant, signals=self.signals)
         self.waiting += 1
         try:
             reply = await self.client.request(msg, timeout_s=self.t.alloc_s + self.t.control_s,

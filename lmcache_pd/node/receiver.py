@@ -68,13 +68,16 @@ class KVReceiver:
         # Pre-allocated (and zeroed, so touched) now: the first hand-off pays no page faults.
         self.pool_buffer = self.transport.allocate(self.pool_layout.nbytes, kv_buffer.device)
         self.region = self.transport.register(self.pool_buffer)
+        # One signal word per page (a reservation's is its first page's: node/armed.py).
+        signals = self.transport.enable_signals(self.pool_layout.num_pages) if kv_buffer.is_cuda else False
         self.server: ControlServer | None = None
         self.bind = cfg.control_endpoint(worker.instance, worker.rank)
         self.prefix = held_prefix(cfg.cache, cache, worker.compat.block_size)
         self.loader = Loader(self.pool, self.pool_layout, self.pool_buffer, kv=kv, kv_buffer=kv_buffer,
                              block_size=worker.compat.block_size, prefix=self.prefix, transfer_s=cfg.timeouts.transfer_s,
                              group_bytes=cfg.transport.group_mib << 20, verify=cfg.integrity.verify,
-                             handoff_log=self._handoff_log, timeline=self.timeline, name=f"pd-loader-{worker.rank}")
+                             handoff_log=self._handoff_log, timeline=self.timeline, name=f"pd-loader-{worker.rank}",
+                             signals=self.transport if signals else None)
 
     def start(self) -> None:
         if self.transport.capabilities.listens:

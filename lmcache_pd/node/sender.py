@@ -45,15 +45,18 @@ import torch
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
-from lmcache_pd._types import BatchState, BlockId, PeerName, ReqId, TransferId
+from lmcache_pd._types import BatchState, BlockId, PeerName, TransferId
 from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
 from lmcache_pd.handoff import Handoff, SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
+from lmcache_pd.node.armed import signal_of
 from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.layered import LayerMarks, send_layers
 from lmcache_pd.node.links import Links
 from lmcache_pd.node.loop import LoopThread
 from lmcache_pd.node.peer import DecodePeer, Grant
+from lmcache_pd.node.reservations import Reservations
+from lmcache_pd.node.send_result import SendResult
 from lmcache_pd.node.timeline import Timeline
 from lmcache_pd.node.worker import NodeConfig, Worker
 from lmcache_pd.ops import cache_digest
@@ -62,37 +65,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SendResult:
-    req_id: ReqId
-    transfer_id: TransferId
-    ok: bool
-    num_bytes: int = 0
-    seconds: float = 0.0
-    """Data-plane time: submit to the transport until the bytes are in the peer's pool."""
-    error: str = ""
-    allocate_s: float = 0.0
-    """From the hand-off's start to pages granted (link, Allocate round trip, any queueing;
-    with a reservation, only what of it was still outstanding)."""
-    done_s: float = 0.0
-    """TransferDone round trip (the decode side may read the pages from its first half on)."""
-    reserved: bool = False
-    """The pages came from a reservation made while the last prompt chunk computed."""
-    skipped_pages: int = 0
-    """Leading blocks not sent: the decode side's own cache holds them."""
-    started_at: float = 0.0
-    """Wall clock (``time.time()``) when the sender took the hand-off up: the timeline's start."""
-    done_at: float = 0.0
-    """Wall clock when it ended (TransferDone acknowledged, or failed)."""
-    computed_at: float = 0.0
-    """Wall clock when the prefill's forward over the last prompt chunk was done (SendSpec)."""
-    granted_at: float = 0.0
-    """Wall clock when the decode pages were granted to it (taken up, if reserved ahead)."""
-    first_byte_at: float = 0.0
-    """Wall clock when its first group was submitted to the transport."""
-    last_byte_at: float = 0.0
-    """Wall clock when its last group was in the decode pool."""
-    layered: bool = False
-    """Sent layer by layer during the prefill's forward (``transport.layerwise``)."""
+class _Launched:
+    """A hand-off planned and submitted on the caller's thread (KVSender._launch)."""
+
+    grant: Grant
+    plan: RangePlan
+    handle: object
+    t0: float
+    started_at: float
+    first_byte_at: float
 
 
 class KVSender:
@@ -116,13 +97,14 @@ class KVSender:
         self._results_lock = threading.Lock()
         self._started: dict[TransferId, float] = {}  # wall clock at each hand-off's start (timeline)
         self._sent = self._failed = 0
-        self._reserved: dict[TransferId, tuple[float, asyncio.Task[Grant]]] = {}
+        self._reserved = Reservations(self._allocate_pages)
         self._background: set[asyncio.Task[None]] = set()
         self._beats: asyncio.Task[None] | None = None
         self._handoff_log = HandoffLog(cfg.handoff_log, instance=worker.instance, rank=worker.rank, role="prefill")
         self.timeline = Timeline.prefill()
         self._layered: dict[TransferId, Handoff] = {}
         """Layered hand-offs under way (loop thread): an unreserve stops them."""
+        self._launch_here = not cfg.integrity.verify  # (whose digest is computed on the loop's side)
 
     def start(self) -> None:
         self.region = self.transport.register(self.kv_buffer, self.kv.extents)
@@ -139,8 +121,43 @@ class KVSender:
         ``ready``: a CUDA event recorded on vLLM's stream after the forward that wrote these
         blocks; the copy is ordered after it (on the GPU by stream-ordered transports, else by
         waiting for it here, on the sender's thread).
+        With its pages reserved and granted, the hand-off is planned and submitted here, on the
+        caller's thread (:meth:`_launch`; on a GPU only by a stream-ordered transport, which
+        orders it after ``ready`` on the device); the sender's loop then only waits for it and
+        sends TransferDone.
         """
-        self._loop.submit(self._send(spec, ready))
+        launched = self._launch(spec, ready) if self._launch_here else None
+        self._loop.submit(self._send(spec, ready, launched=launched))
+
+    def _launch(self, spec: SendSpec, ready: torch.cuda.Event | None) -> _Launched | None:
+        """Plan and submit a one-group hand-off whose reserved pages are granted, now. None when
+        it cannot go this way (not reserved or granted yet, several groups, an error): the
+        sender's loop then does every step."""
+        if ready is not None and not self.transport.capabilities.stream_ordered:
+            return None  # the loop waits for the forward's event first
+        tid = spec.handoff.transfer_id
+        n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.worker.compat.block_size)
+        grant = self._reserved.take_granted(tid)
+        if grant is None:
+            return None
+        if (len(spec.block_ids) < n_pages or grant.skip + len(grant.pages) != n_pages
+                or len(self._group_ends(len(grant.pages))) != 1):
+            self._reserved.put_back(tid, grant)  # the loop's steps refuse it, or stream it, as usual
+            return None
+        t0, started_at = time.monotonic(), time.time()
+        try:
+            blocks = spec.block_ids[grant.skip:n_pages]
+            plan = plan_cache_to_pool(self.kv, grant.peer.pool, blocks=blocks, pages=grant.pages)
+            last = ({"signal": signal_of(grant.pages, grant.generation)}
+                    if grant.peer.signals and grant.pages else {})
+            first_byte_at = time.time()
+            handle = self.transport.submit(grant.peer.peer_id, self.region, plan, timeout_s=self.t.data_s,
+                                           after=ready, ticket=P.ticket(tid, grant.generation), **last)
+        except Exception:  # noqa: BLE001 - e.g. the link was re-made meanwhile: the loop's steps say why
+            log.debug("hand-off %s not launched on the caller's thread", tid, exc_info=True)
+            self._reserved.put_back(tid, grant)
+            return None
+        return _Launched(grant, plan, handle, t0, started_at, first_byte_at)
 
     def submit_layered(self, spec: SendSpec, marks: LayerMarks) -> None:
         """Start a layered hand-off (thread-safe, returns at once): each layer goes as ``marks``
@@ -153,7 +170,7 @@ class KVSender:
         The hand-off with the same transfer id then finds its pages granted. The future ends
         when the pages are granted, or with the allocation's error (the hand-off then fails
         the same way, and the decode side recomputes)."""
-        return self._loop.submit(self._reserve(handoff))
+        return self._loop.submit(self._reserved.reserve(handoff))
 
     def unreserve(self, transfer_id: TransferId) -> None:
         """The hand-off will not come (request aborted): give its reserved pages back, and stop
@@ -197,12 +214,7 @@ class KVSender:
             self._beats.cancel()
         for task in list(self._background):
             task.cancel()
-        for tid, (_since, task) in list(self._reserved.items()):
-            if task.done():  # granted (or failed): give the pages back now
-                await self._unreserve(tid, "prefill instance shutting down")
-            else:  # still queued for pages: stop waiting (the decode side's lease covers a late grant)
-                task.cancel()
-        self._reserved.clear()
+        await self._reserved.close("prefill instance shutting down")
         await self.links.close()
 
     def _on_ended(self, peer: PeerName, msg: P.Ended) -> None:
@@ -218,14 +230,7 @@ class KVSender:
             raise TransferError(f"the decode side ended the hand-off: {reason}", transfer_id=h.transfer_id,
                                 peer=h.peer)
 
-    # --- reservations ---------------------------------------------------------------------
-    async def _reserve(self, h: Handoff) -> None:
-        entry = self._reserved.get(h.transfer_id)
-        if entry is None:  # a preempted request reaches its last chunk twice: one reservation
-            task = asyncio.get_running_loop().create_task(self._allocate_pages(h))
-            entry = self._reserved[h.transfer_id] = (time.monotonic(), task)
-        await asyncio.shield(entry[1])
-
+    # --- reservations (reservations.py) ---------------------------------------------------
     async def _allocate_pages(self, h: Handoff) -> Grant:
         grant = await self._allocate(h, blocks_for_tokens(h.num_tokens, self.worker.compat.block_size))
         grant.peer.track(h.transfer_id)  # heartbeats renew the pages' lease until the hand-off ends
@@ -235,24 +240,13 @@ class KVSender:
         layered = self._layered.get(transfer_id)
         if layered is not None:  # it stops at its next check, and its Cancel returns the pages
             self._ended[(layered.peer, transfer_id)] = reason
-        entry = self._reserved.pop(transfer_id, None)
-        if entry is not None:
-            await self._give_back(entry[1], transfer_id, reason)
-
-    async def _give_back(self, task: asyncio.Task[Grant], transfer_id: TransferId, reason: str) -> None:
-        try:
-            grant = await task
-        except Exception:  # noqa: BLE001 - nothing was granted, nothing to give back
-            return
-        grant.peer.untrack(transfer_id)
-        await grant.peer.cancel(transfer_id, reason)
+        await self._reserved.give_back(transfer_id, reason)
 
     async def _take_reservation(self, spec: SendSpec, n_pages: int) -> tuple[Grant, bool]:
         """The pages reserved for this hand-off (and True), else allocated now (and False)."""
-        entry = self._reserved.pop(spec.handoff.transfer_id, None)
-        if entry is None:
+        grant = await self._reserved.take(spec.handoff.transfer_id)
+        if grant is None:
             return await self._allocate_pages(spec.handoff), False
-        grant = await entry[1]  # its failure is this hand-off's failure (no second wait)
         if grant.skip + len(grant.pages) != n_pages:  # both come from the same request: a bug if ever seen
             grant.peer.untrack(spec.handoff.transfer_id)
             await grant.peer.cancel(spec.handoff.transfer_id, "reservation of the wrong size")
@@ -262,16 +256,16 @@ class KVSender:
 
     # --- one hand-off ---------------------------------------------------------------------
     async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None,
-                    marks: LayerMarks | None = None) -> None:
-        t0 = time.monotonic()
-        self._started[spec.handoff.transfer_id] = time.time()
+                    marks: LayerMarks | None = None, launched: _Launched | None = None) -> None:
+        t0 = launched.t0 if launched is not None else time.monotonic()
+        self._started[spec.handoff.transfer_id] = launched.started_at if launched is not None else time.time()
         # A layered hand-off also waits for the forward that computes its layers (data_s more).
         limit = self.handoff_deadline_s() + (self.t.data_s if marks is not None else 0.0)
         if marks is not None:
             self._layered[spec.handoff.transfer_id] = spec.handoff
         try:
             async with asyncio.timeout(limit):
-                await self._send_steps(spec, ready, t0, marks)
+                await self._send_steps(spec, ready, t0, marks, launched)
         except TimeoutError:  # a step outlived its own deadline: a bug, but the blocks must come back
             # (the steps' own ``finally`` already took the transfer off its link's heartbeats)
             log.error("hand-off %s outlived %.1f s (the sum of its timeouts.*): abandoned", spec.handoff.transfer_id, limit)
@@ -281,9 +275,17 @@ class KVSender:
             self._layered.pop(spec.handoff.transfer_id, None)
 
     async def _send_steps(self, spec: SendSpec, ready: torch.cuda.Event | None, t0: float,
-                          marks: LayerMarks | None) -> None:
+                          marks: LayerMarks | None, launched: _Launched | None) -> None:
         peer: DecodePeer | None = None
         try:
+            if launched is not None:  # planned and submitted on the caller's thread
+                self._reserved.forget(spec.handoff.transfer_id)
+                peer = launched.grant.peer
+                plans, ends = [launched.plan], (len(launched.grant.pages),)
+                await self._transfer(peer, plans, ends, spec, b"", submitted=[launched.handle])
+                await self._done(spec, launched.grant, True, plans, None, t0, launched.t0, launched.started_at,
+                                 launched.first_byte_at, time.monotonic() - launched.t0, None, on_caller=True)
+                return
             n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.worker.compat.block_size)
             if len(spec.block_ids) < n_pages:
                 await self._unreserve(spec.handoff.transfer_id, "hand-off refused")
@@ -295,35 +297,27 @@ class KVSender:
             t_alloc, granted_at = time.monotonic(), time.time()
             blocks = spec.block_ids[grant.skip:n_pages]  # the decode side holds the first ones
             ticket = P.ticket(spec.handoff.transfer_id, grant.generation)
+            # The last batch ends with the reservation's device-side signal: the decode's scatter
+            # waits for it on the GPU (node/armed.py).
+            signal = signal_of(pages, grant.generation) if peer.signals and pages else None
             t_data = time.monotonic()
             if marks is None:
                 ends = self._group_ends(len(pages))
                 plans = [plan_cache_to_pool(self.kv, peer.pool, blocks=blocks[a:b], pages=pages[a:b])
                          for a, b in zip((0, *ends[:-1]), ends)]
                 digest = self._digest(blocks, pages, peer, ready)  # reads the blocks while they fly
-                first_byte_at = await self._transfer(peer, plans, ends, spec, ticket, ready)
+                first_byte_at = await self._transfer(peer, plans, ends, spec, ticket, ready, signal)
             else:
                 plans = [plan_cache_to_pool(self.kv, peer.pool, blocks=blocks, pages=pages, layers=[layer])
                          for layer in range(self.kv.num_layers)]
                 first_byte_at = await send_layers(
                     self.transport, peer.peer_id, self.region, plans, marks, data_s=self.t.data_s, ticket=ticket,
+                    signal=signal,
                     check=lambda: self._check_ended(spec.handoff),
                     failed=lambda state, handle: self._check_state(state, handle, spec))
                 digest = self._digest(blocks, pages, peer, None)  # every layer is computed by now
-            nbytes = sum(p.nbytes for p in plans)
-            seconds, last_byte_at = time.monotonic() - t_data, time.time()
-            checked = await digest if digest is not None else None
-            t_done = time.monotonic()
-            await peer.transfer_done(spec.handoff.transfer_id, nbytes, seconds, checked)
-            log.info("sent %s: %d B in %.2f ms (%.2f GB/s, %d %s; %d of %d blocks held by the decode side), "
-                     "hand-off %.2f ms", spec.handoff.transfer_id, nbytes, seconds * 1e3, nbytes / max(seconds, 1e-9) / 1e9,
-                     len(plans), "layers" if marks is not None else "groups", grant.skip, n_pages,
-                     (time.monotonic() - t0) * 1e3)
-            self._result(SendResult(spec.req_id, spec.handoff.transfer_id, True, nbytes, seconds,
-                                    allocate_s=t_alloc - t0, done_s=time.monotonic() - t_done, reserved=reserved,
-                                    skipped_pages=grant.skip, granted_at=granted_at,
-                                    computed_at=self._computed_at(spec, marks),
-                                    first_byte_at=first_byte_at, last_byte_at=last_byte_at, layered=marks is not None))
+            await self._done(spec, grant, reserved, plans, digest, t0, t_alloc, granted_at, first_byte_at,
+                             time.monotonic() - t_data, marks)
         except (PDError, OSError) as e:
             log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.handoff.transfer_id, spec.handoff.peer, e)
             await self._cancel_any(peer, spec.handoff, str(e))
@@ -335,6 +329,26 @@ class KVSender:
         finally:
             if peer is not None:
                 peer.untrack(spec.handoff.transfer_id)
+
+    async def _done(self, spec: SendSpec, grant: Grant, reserved: bool, plans: list[RangePlan],
+                    digest: asyncio.Future[int] | None, t0: float, t_alloc: float, granted_at: float,
+                    first_byte_at: float, seconds: float, marks: LayerMarks | None, *, on_caller: bool = False) -> None:
+        """Every byte is in the decode pool: TransferDone, then the result."""
+        nbytes = sum(p.nbytes for p in plans)
+        last_byte_at = time.time()
+        checked = await digest if digest is not None else None
+        t_done = time.monotonic()
+        await grant.peer.transfer_done(spec.handoff.transfer_id, nbytes, seconds, checked)
+        log.info("sent %s: %d B in %.2f ms (%.2f GB/s, %d %s; %d of %d blocks held by the decode side), "
+                 "hand-off %.2f ms", spec.handoff.transfer_id, nbytes, seconds * 1e3, nbytes / max(seconds, 1e-9) / 1e9,
+                 len(plans), "layers" if marks is not None else "groups", grant.skip, grant.skip + len(grant.pages),
+                 (time.monotonic() - t0) * 1e3)
+        self._result(SendResult(spec.req_id, spec.handoff.transfer_id, True, nbytes, seconds,
+                                allocate_s=t_alloc - t0, done_s=time.monotonic() - t_done, reserved=reserved,
+                                skipped_pages=grant.skip, granted_at=granted_at,
+                                computed_at=self._computed_at(spec, marks),
+                                first_byte_at=first_byte_at, last_byte_at=last_byte_at, layered=marks is not None,
+                                on_caller=on_caller))
 
     @staticmethod
     def _computed_at(spec: SendSpec, marks: LayerMarks | None) -> float:
@@ -395,10 +409,12 @@ class KVSender:
         return tuple(min(a + per, n_pages) for a in range(0, n_pages, per))
 
     async def _transfer(self, peer: DecodePeer, plans: list[RangePlan], ends: tuple[int, ...], spec: SendSpec,
-                        ticket: bytes, ready: torch.cuda.Event | None = None) -> float:
+                        ticket: bytes, ready: torch.cuda.Event | None = None,
+                        signal: tuple[int, int] | None = None, submitted: list | None = None) -> float:
         """Submit every group's plan at once; as each group (in order) is in the pool, tell the
         decode side with a one-way Landed so that it can scatter it while the rest is in flight.
-        Returns the wall clock of the first submit (the timeline's first byte)."""
+        Returns the wall clock of the first submit (the timeline's first byte).
+        ``submitted``: the groups' handles, submitted already (on the caller's thread)."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         deadline = time.monotonic() + self.t.data_s
@@ -410,12 +426,15 @@ class KVSender:
                                           seconds=self.t.data_s, transfer_id=spec.handoff.transfer_id, peer=spec.handoff.peer)
                 await asyncio.sleep(0.0002)
             ready = None
-        handles = []
+        handles = list(submitted or [])
         first_byte_at = time.time()
         try:
-            for plan in plans:
+            for handle in handles:
+                handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
+            for i, plan in enumerate(plans if submitted is None else []):
+                last = {"signal": signal} if signal is not None and i == len(plans) - 1 else {}
                 handle = self.transport.submit(peer.peer_id, self.region, plan, timeout_s=self.t.data_s, after=ready,
-                                               ticket=ticket)
+                                               ticket=ticket, **last)
                 handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
                 handles.append(handle)
             landed = 0
@@ -457,11 +476,11 @@ class KVSender:
         while True:
             await asyncio.sleep(self.t.heartbeat_s)
             stale = time.monotonic() - self.t.transfer_s
-            for tid in [t for t, (since, _) in self._reserved.items() if since < stale]:
+            for tid, give_back in self._reserved.stale(stale):
                 log.warning("reservation %s unused for timeouts.transfer_s=%.1f s: pages given back", tid,
                             self.t.transfer_s)
                 # Not awaited here: a reservation still queued for pages must not stall heartbeats.
-                self._spawn(self._give_back(self._reserved.pop(tid)[1], tid, "reservation unused"))
+                self._spawn(give_back)
             self.links.beat()
 
     def _spawn(self, coro) -> None:

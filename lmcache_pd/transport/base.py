@@ -60,6 +60,11 @@ class Capabilities:
     """The receiver sees every batch before its bytes land and asks the ``WriteGate`` (tcp).
     Without it the peer writes on its own (one-sided: cuda_ipc, nixl, loopback), and the pool
     holds the pages of a hand-off ended mid-write until the writer confirms it stopped."""
+    signals: bool = False
+    """A batch can end with a device-side signal (``submit(..., signal=(slot, value))``): after
+    its bytes, the GPU writes ``value`` into a slot kept beside the peer's region, and the
+    receiver can queue its own GPU work behind it (``wait_signal``): no host hop between the
+    bytes landing and that work (cuda_ipc)."""
 
 
 class WriteGate(Protocol):
@@ -219,10 +224,32 @@ class Transport(ABC):
         ``after``: the source bytes are complete once this CUDA event has completed (recorded on
         the producer's stream); given only to transports with ``capabilities.stream_ordered``.
         ``ticket``: names the hand-off (admitting transports send it with the batch).
+        Transports with ``capabilities.signals`` also take ``signal=(slot, value)``: written into
+        the peer's signal slot once the batch's bytes are there (ignored by a peer without slots).
         """
 
     def poll(self, handle: BatchHandle) -> BatchState:
         return handle.state
+
+    # --- device-side signals (``capabilities.signals``) ------------------------------------
+    def signals_to(self, peer: PeerId) -> bool:
+        """Sender: ``submit(signal=...)`` writes into this peer's signal slots (it exported some)."""
+        return False
+
+    def enable_signals(self, slots: int) -> bool:
+        """Before ``export_descriptor``: keep ``slots`` signal words (zero) beside the registered
+        region, exported with it. False: this transport, or its options, has none."""
+        return False
+
+    def wait_signal(self, slot: int, value: int, stream: torch.cuda.Stream) -> None:
+        """Queue on ``stream`` a wait, on the GPU, until ``slot`` holds ``value``."""
+        raise NotImplementedError(f"transport {self.name!r} has no device-side signals")
+
+    def raise_signal(self, slot: int, value: int) -> None:
+        """Write ``value`` into ``slot`` from here, so that a wait queued for a batch that will
+        never come ends (what that stream runs after the wait then reads garbage: the caller
+        must treat it as such). Returns at once; the write is queued on the GPU."""
+        raise NotImplementedError(f"transport {self.name!r} has no device-side signals")
 
     def close_batch(self, handle: BatchHandle) -> None:
         """Free per-transfer state; cancels the transfer if it is still in flight."""

@@ -9,6 +9,11 @@ into the peer's pool pages: no staging copy. An event after the launch marks com
 completion thread waits on it and finishes the handle, so DONE means the bytes are in the
 peer's memory.
 
+With ``signals`` (the default), the receiver also keeps one 32-bit word per pool page in a second
+allocation, exported the same way: a batch submitted with ``signal=(slot, value)`` ends with the
+GPU writing ``value`` into the peer's slot, right after its copy on the same stream, and the
+decode's loader queues its scatter behind a GPU-side wait for that value (device_signals.py).
+
 Both ends in one process (tests): the descriptor carries the pid and the raw address, and the
 address is used directly (a process cannot open its own IPC handle).
 """
@@ -30,6 +35,7 @@ from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import cuda_kernels_available, launch_copy
+from lmcache_pd.transport import device_signals as _signals
 from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport
 
 log = logging.getLogger(__name__)
@@ -38,7 +44,9 @@ _exported_here: set[tuple[bytes, int]] = set()  # (token, address) still alive i
 
 
 class CudaIpcOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    pass
+    signals: bool = True
+    """Order the decode's scatter after the copy on the GPU (a signal word the copy stream writes);
+    false: the decode scatters once TransferDone has come over the control plane."""
 
 
 class _Descriptor(msgspec.Struct, frozen=True):
@@ -47,6 +55,10 @@ class _Descriptor(msgspec.Struct, frozen=True):
     pid: int
     address: int
     token: bytes
+    signal_handle: bytes = b""
+    """The IPC handle of the signal words (empty: none), one per ``signal_slots``."""
+    signal_address: int = 0
+    signal_slots: int = 0
 
 
 class _Region:
@@ -62,12 +74,16 @@ class _Peer:
         self.address = address
         self.nbytes = nbytes
         self.opened = opened  # an IPC mapping to close on disconnect
+        self.signals = 0  # the address of its signal words (0: none)
+        self.signal_slots = 0
+        self.signals_opened = False
 
 
 class CudaIpcTransport(Transport):
     name = "cuda_ipc"
     capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cuda"}), listens=False, stream_ordered=True,
-                                encrypts=True)  # GPU to GPU on one node: nothing crosses a network
+                                encrypts=True,  # GPU to GPU on one node: nothing crosses a network
+                                signals=True)
     Options = CudaIpcOptions
 
     def __init__(self, options: CudaIpcOptions, **kwargs: object):
@@ -83,6 +99,10 @@ class CudaIpcTransport(Transport):
         self._start_lock = threading.Lock()
         # Started by the first register (threads never start in constructors).
         self._waiter = threading.Thread(target=self._complete, name="pd-cuda-ipc-done", daemon=True)
+        self._signals = 0  # receiver: the address of its signal words (0: none)
+        self._signal_slots = 0
+        self._signal_device = 0
+        self._release: torch.cuda.Stream | None = None  # where raise_signal writes
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -95,13 +115,45 @@ class CudaIpcTransport(Transport):
         if device.type != "cuda":
             raise TransportUnavailable(f"cuda_ipc needs the pool on a CUDA device, not {device}")
         index = device.index if device.index is not None else torch.cuda.current_device()
+        address = self._malloc(index, nbytes)
+        mem = cupy.cuda.UnownedMemory(address, nbytes, owner=self, device_id=index)
+        array = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
+        return torch.as_tensor(array, device=torch.device("cuda", index))
+
+    def _malloc(self, index: int, nbytes: int) -> int:
+        import cupy
+
         with cupy.cuda.Device(index):
             address = cupy.cuda.runtime.malloc(nbytes)  # plain cudaMalloc: exportable as a whole
             cupy.cuda.runtime.memset(address, 0, nbytes)
         self._owned.append((index, address))
-        mem = cupy.cuda.UnownedMemory(address, nbytes, owner=self, device_id=index)
-        array = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
-        return torch.as_tensor(array, device=torch.device("cuda", index))
+        return address
+
+    def enable_signals(self, slots: int) -> bool:
+        if not self.options.signals or slots <= 0:
+            return False
+        device = self._local_device()
+        self._signal_device = device.index if device.index is not None else torch.cuda.current_device()
+        self._signals = self._malloc(self._signal_device, 4 * slots)
+        self._signal_slots = slots
+        return True
+
+    def _signal_address(self, slot: int) -> int:
+        if not 0 <= slot < self._signal_slots:
+            raise ValueError(f"signal slot {slot} outside [0, {self._signal_slots})")
+        return self._signals + 4 * slot
+
+    def signals_to(self, peer: PeerId) -> bool:
+        p = self._peers.get(peer)
+        return p is not None and p.signal_slots > 0
+
+    def wait_signal(self, slot: int, value: int, stream: torch.cuda.Stream) -> None:
+        _signals.wait(self._signal_device, stream.cuda_stream, self._signal_address(slot), value)
+
+    def raise_signal(self, slot: int, value: int) -> None:
+        if self._release is None:
+            self._release = torch.cuda.Stream(device=torch.device("cuda", self._signal_device))
+        _signals.write(self._signal_device, self._release.cuda_stream, self._signal_address(slot), value)
 
     def register(self, buffer: torch.Tensor, extents: tuple[tuple[int, int], ...] = ()) -> RegionId:
         if not buffer.is_cuda or buffer.dtype != torch.uint8 or buffer.dim() != 1:
@@ -119,10 +171,15 @@ class CudaIpcTransport(Transport):
         r = self._regions[region]
         if not any(addr == r.address for _, addr in self._owned):
             raise TransportUnavailable("cuda_ipc exports only memory from its own allocate()")
+        signal_handle = b""
         with cupy.cuda.Device(r.device.index):
             handle = cupy.cuda.runtime.ipcGetMemHandle(r.address)
+            if self._signals:
+                signal_handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(self._signals))
+                _exported_here.add((self._token, self._signals))
         _exported_here.add((self._token, r.address))
-        return msgspec.msgpack.encode(_Descriptor(bytes(handle), r.nbytes, os.getpid(), r.address, self._token))
+        return msgspec.msgpack.encode(_Descriptor(bytes(handle), r.nbytes, os.getpid(), r.address, self._token,
+                                                  signal_handle, self._signals, self._signal_slots))
 
     # --- prefill side ---------------------------------------------------------------------
     def connect(self, descriptor: bytes, timeout_s: float, session: bytes = b"") -> PeerId:
@@ -144,6 +201,18 @@ class CudaIpcTransport(Transport):
             except cupy.cuda.runtime.CUDARuntimeError as e:
                 raise PeerLost(f"cannot open the peer's CUDA IPC handle (another node, or it restarted): {e}") from None
             peer = _Peer(address, d.nbytes, opened=True)
+        if d.signal_slots > 0 and self.options.signals:
+            peer.signal_slots = d.signal_slots
+            if d.pid == os.getpid():
+                peer.signals = d.signal_address
+            else:
+                try:
+                    with cupy.cuda.Device(local.index):
+                        peer.signals = cupy.cuda.runtime.ipcOpenMemHandle(d.signal_handle, _LAZY_ENABLE_PEER_ACCESS)
+                    peer.signals_opened = True
+                except cupy.cuda.runtime.CUDARuntimeError as e:
+                    self._close_mapping(peer.address if peer.opened else 0)
+                    raise PeerLost(f"cannot open the peer's CUDA IPC signal words: {e}") from None
         pid = next(self._ids)
         self._peers[pid] = peer
         return pid
@@ -161,7 +230,8 @@ class CudaIpcTransport(Transport):
         return stream
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
-               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> BatchHandle:
+               after: torch.cuda.Event | None = None, *, ticket: bytes = b"",
+               signal: tuple[int, int] | None = None) -> BatchHandle:
         src = self._regions[region]
         p = self._peers[peer]
         handle = BatchHandle(self, plan.nbytes, time.monotonic())
@@ -178,6 +248,9 @@ class CudaIpcTransport(Transport):
             stream.wait_stream(torch.cuda.current_stream(src.device))
         handle.state = BatchState.IN_FLIGHT
         table = launch_copy(src.address, p.address, plan, device=src.device, stream=stream)
+        if signal is not None and 0 <= signal[0] < p.signal_slots:
+            # After the copy on the same stream, with a barrier: the peer's wait sees the bytes first.
+            _signals.write(src.device.index, stream.cuda_stream, p.signals + 4 * signal[0], signal[1])
         event = torch.cuda.Event()
         event.record(stream)
         self._pending.put((handle, event, table))
@@ -207,15 +280,22 @@ class CudaIpcTransport(Transport):
 
     def disconnect(self, peer: PeerId) -> None:
         p = self._peers.pop(peer, None)
-        if p is not None and p.opened:
-            import cupy
-
+        if p is not None and (p.opened or p.signals_opened):
             for s in self._streams.values():
                 s.synchronize()
-            try:
-                cupy.cuda.runtime.ipcCloseMemHandle(p.address)
-            except cupy.cuda.runtime.CUDARuntimeError as e:
-                log.debug("closing an IPC mapping failed: %s", e)
+            self._close_mapping(p.address if p.opened else 0)
+            self._close_mapping(p.signals if p.signals_opened else 0)
+
+    @staticmethod
+    def _close_mapping(address: int) -> None:
+        import cupy
+
+        if not address:
+            return
+        try:
+            cupy.cuda.runtime.ipcCloseMemHandle(address)
+        except cupy.cuda.runtime.CUDARuntimeError as e:
+            log.debug("closing an IPC mapping failed: %s", e)
 
     def close(self) -> None:
         if self._stop.is_set():

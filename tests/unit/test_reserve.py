@@ -29,9 +29,26 @@ def test_reserved_handoff_takes_its_reserved_pages(node):  # noqa: F811 - the fi
     (s,), (ld,) = node.results(1, 1)
     assert s.ok and ld.ok, (s.error, ld.error)
     assert s.reserved
+    assert s.on_caller, "granted pages: the hand-off is planned and submitted on the caller's thread"
     node.assert_moved([5, 6, 7, 30], [11, 12, 13, 40])
     # Had the hand-off allocated again, the reserved pages would stay held until their lease.
     assert node.pool_full(), f"{held(node)} pages still held"
+
+
+def test_a_handoff_whose_pages_are_not_granted_yet_or_that_streams_goes_through_the_senders_loop():
+    n = Node(make_cfg("loopback", pool_mib=4, group_mib=1))
+    try:
+        n.handoff("t0", [1, 2], [3, 4], num_tokens=2 * BLOCK)  # not reserved
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok and not s.on_caller and not s.reserved
+        n.sender.reserve(Handoff("t1", "decode-0", 20 * BLOCK, "d" * 32)).result(5)
+        n.handoff("t1", list(range(1, 21)), list(range(21, 41)), num_tokens=20 * BLOCK)  # 3 groups of 1 MiB
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok and s.reserved and not s.on_caller, (s.error, ld.error)
+        n.assert_moved(list(range(1, 21)), list(range(21, 41)))
+        assert n.pool_full()
+    finally:
+        n.close()
 
 
 def test_unreserve_gives_the_pages_back():

@@ -1,0 +1,108 @@
+"""Decode pages allocated ahead of their hand-offs (the sender's helper; L5).
+
+The connector reserves a hand-off's pages while the forward that computes the prompt's last
+chunk runs (``KVSender.reserve``), so that the Allocate round trip is off the hand-off's path.
+A reservation is an asyncio task on the sender's loop that ends with a ``Grant``; once granted,
+the grant is also listed for the caller's thread, which may take it and launch the hand-off at
+once (``KVSender._launch``). Whoever takes a grant owns it: the caller's thread
+(:meth:`Reservations.take_granted`) or the loop (:meth:`Reservations.take`); a give-back
+(abort, reservation unused for ``timeouts.transfer_s``, shutdown) returns only a grant nobody
+took, so pages a hand-off is writing are never given back under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+
+from lmcache_pd._types import TransferId
+from lmcache_pd.errors import TransferError
+from lmcache_pd.handoff import Handoff
+from lmcache_pd.node.peer import Grant
+
+
+class Reservations:
+    def __init__(self, allocate: Callable[[Handoff], Awaitable[Grant]]):
+        """``allocate``: the pages for a hand-off (the sender's Allocate, its pages tracked)."""
+        self._allocate = allocate
+        self._tasks: dict[TransferId, tuple[float, asyncio.Task[Grant]]] = {}  # loop thread only
+        self._granted: dict[TransferId, Grant] = {}  # either thread, under the lock
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    # --- the loop thread ----------------------------------------------------------------------
+    async def reserve(self, h: Handoff) -> None:
+        """Allocate ``h``'s pages (once: a preempted request reaches its last chunk twice)."""
+        entry = self._tasks.get(h.transfer_id)
+        if entry is None:
+            task = asyncio.get_running_loop().create_task(self._granting(h))
+            entry = self._tasks[h.transfer_id] = (time.monotonic(), task)
+        await asyncio.shield(entry[1])
+
+    async def _granting(self, h: Handoff) -> Grant:
+        grant = await self._allocate(h)
+        with self._lock:
+            self._granted[h.transfer_id] = grant
+        return grant
+
+    async def take(self, transfer_id: TransferId) -> Grant | None:
+        """The hand-off's reserved pages (its allocation's error is raised), or None if it has
+        no reservation."""
+        entry = self._tasks.pop(transfer_id, None)
+        if entry is None:
+            return None
+        await entry[1]  # its failure is the hand-off's failure (no second wait)
+        grant = self.take_granted(transfer_id)
+        if grant is None:
+            raise TransferError("its reservation was taken by another hand-off of the same id",
+                                transfer_id=transfer_id)
+        return grant
+
+    def forget(self, transfer_id: TransferId) -> None:
+        """The hand-off took its grant on the caller's thread: drop the reservation's task."""
+        self._tasks.pop(transfer_id, None)
+
+    async def give_back(self, transfer_id: TransferId, reason: str) -> None:
+        """Return a reservation's pages (a queued one stops waiting), unless a hand-off took them."""
+        entry = self._tasks.pop(transfer_id, None)
+        if entry is not None:
+            await self._give_back(entry[1], transfer_id, reason)
+
+    async def _give_back(self, task: asyncio.Task[Grant], transfer_id: TransferId, reason: str) -> None:
+        try:
+            grant = await task
+        except Exception:  # noqa: BLE001 - nothing was granted, nothing to give back
+            return
+        if self.take_granted(transfer_id) is None:  # its hand-off took it: that one ends it
+            return
+        grant.peer.untrack(transfer_id)
+        await grant.peer.cancel(transfer_id, reason)
+
+    def stale(self, older_than: float) -> list[tuple[TransferId, Awaitable[None]]]:
+        """Give-backs of the reservations made before ``older_than`` (monotonic) and not taken:
+        to be run in the background (one still queued for pages must not stall the caller)."""
+        tids = [t for t, (since, _) in self._tasks.items() if since < older_than]
+        return [(t, self._give_back(self._tasks.pop(t)[1], t, "reservation unused")) for t in tids]
+
+    async def close(self, reason: str) -> None:
+        for tid, (_since, task) in list(self._tasks.items()):
+            if task.done():  # granted (or failed): give the pages back now
+                await self.give_back(tid, reason)
+            else:  # still queued for pages: stop waiting (the decode side's lease covers a late grant)
+                task.cancel()
+        self._tasks.clear()
+
+    # --- any thread -----------------------------------------------------------------------------
+    def take_granted(self, transfer_id: TransferId) -> Grant | None:
+        """Take a granted reservation's pages (None: not granted yet, or taken)."""
+        with self._lock:
+            return self._granted.pop(transfer_id, None)
+
+    def put_back(self, transfer_id: TransferId, grant: Grant) -> None:
+        """Undo :meth:`take_granted` (the caller's thread could not launch the hand-off)."""
+        with self._lock:
+            self._granted[transfer_id] = grant

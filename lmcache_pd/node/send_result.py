@@ -1,0 +1,43 @@
+"""What a prefill-side hand-off reports (KVSender.drain): its outcome and its timeline (L5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmcache_pd._types import ReqId, TransferId
+
+
+@dataclass(frozen=True)
+class SendResult:
+    req_id: ReqId
+    transfer_id: TransferId
+    ok: bool
+    num_bytes: int = 0
+    seconds: float = 0.0
+    """Data-plane time: submit to the transport until the bytes are in the peer's pool."""
+    error: str = ""
+    allocate_s: float = 0.0
+    """From the hand-off's start to pages granted (link, Allocate round trip, any queueing;
+    with a reservation, only what of it was still outstanding)."""
+    done_s: float = 0.0
+    """TransferDone round trip (the decode side may read the pages from its first half on)."""
+    reserved: bool = False
+    """The pages came from a reservation made while the last prompt chunk computed."""
+    skipped_pages: int = 0
+    """Leading blocks not sent: the decode side's own cache holds them."""
+    started_at: float = 0.0
+    """Wall clock (``time.time()``) when the sender took the hand-off up: the timeline's start."""
+    done_at: float = 0.0
+    """Wall clock when it ended (TransferDone acknowledged, or failed)."""
+    computed_at: float = 0.0
+    """Wall clock when the prefill's forward over the last prompt chunk was done (SendSpec)."""
+    granted_at: float = 0.0
+    """Wall clock when the decode pages were granted to it (taken up, if reserved ahead)."""
+    first_byte_at: float = 0.0
+    """Wall clock when its first group was submitted to the transport."""
+    last_byte_at: float = 0.0
+    """Wall clock when its last group was in the decode pool."""
+    layered: bool = False
+    """Sent layer by layer during the prefill's forward (``transport.layerwise``)."""
+    on_caller: bool = False
+    """Planned and submitted on the thread that submitted the hand-off (its pages were granted)."""
