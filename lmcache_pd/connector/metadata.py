@@ -36,6 +36,9 @@ class PDConnectorMetadata(KVConnectorMetadata):
     """Decode: loads whose request was aborted; end them now (still reported as finished)."""
     discards: list[TransferId] = field(default_factory=list)
     """Decode: hand-offs that will never be loaded; free their pool pages now."""
+    first_steps: list[TransferId] = field(default_factory=list)
+    """Decode: hand-offs whose request computes its first token in this step (loaded, now
+    scheduled): the last mark of the hand-off's timeline."""
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,8 @@ class _DecodeReq:
     prompt_tokens_computed: int = 0
     chains: tuple[bytes, ...] = ()
     """The received prompt's chain hashes (decode-side reuse): its save needs them again."""
+    first_step: bool = False
+    """Its first step after the load (the one that computes its first token) was marked."""
 
 
 class DecodeScheduler(SchedulerRole):
@@ -299,24 +301,31 @@ class DecodeScheduler(SchedulerRole):
         self._loads.append(LoadSpec(request.request_id, handoff, tuple(blocks.get_unhashed_block_ids())))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
-        self._count_prompt_compute(scheduler_output)
+        first_steps = self._count_prompt_compute(scheduler_output)
         meta = PDConnectorMetadata(loads=self._loads, cancels=self._cancels, discards=self._discards,
-                                   cache_saves=self._saves)
+                                   cache_saves=self._saves, first_steps=first_steps)
         self._loads, self._cancels, self._discards, self._saves = [], [], [], []
         return meta
 
-    def _count_prompt_compute(self, so: SchedulerOutput) -> None:
+    def _count_prompt_compute(self, so: SchedulerOutput) -> list[str]:
         """Record how many prompt tokens vLLM schedules for each hand-off request on this instance.
 
         This is vLLM's own scheduling decision (``num_scheduled_tokens``), which its prompt-token
         metrics do not show: they count the recomputed last token as transferred.
+        Returns the transfer ids of the loaded requests scheduled for the first time since their
+        load ended: this step computes their first token.
         """
         if not self._reqs:  # called every engine step: nothing to count without hand-offs
-            return
+            return []
+        first: list[str] = []
         for req_id, (start, n_sched) in scheduled_spans(so).items():
             req = self._reqs.get(req_id)
             if req is not None:
                 req.prompt_tokens_computed += max(0, min(start + n_sched, req.num_prompt_tokens) - start)
+                if req.outcome is not None and req.outcome.ok and not req.first_step:
+                    req.first_step = True
+                    first.append(req.transfer_id)
+        return first
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta

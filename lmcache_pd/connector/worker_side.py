@@ -373,6 +373,8 @@ class DecodeWorker(_PDWorker):
         super().__init__(vllm_config, cfg, instance=instance)
         self.receiver: KVReceiver | None = None
         self._outcomes: dict[ReqId, LoadOutcome] = {}
+        self._first_steps: list[tuple[str, torch.cuda.Event | None]] = []
+        """Hand-offs whose first token a step computes: marked once that step's forward ended."""
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout, buffer, compat = self.describe(kv_caches)
@@ -397,6 +399,7 @@ class DecodeWorker(_PDWorker):
             self.receiver.cancel_load(req_id)
         if meta.cache_saves:
             self._submit_saves(meta.cache_saves, self._ready_event(self.receiver.kv_buffer))
+        self._first_steps += [(tid, None) for tid in meta.first_steps]
 
     def status(self) -> dict[str, Any]:
         out = super().status()
@@ -410,6 +413,7 @@ class DecodeWorker(_PDWorker):
     def get_transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         if self.receiver is None:
             return set(), set(), set()
+        self._mark_first_tokens()
         recving: set[str] = set()
         failed: set[str] = set()
         for r in self.receiver.drain():
@@ -423,6 +427,24 @@ class DecodeWorker(_PDWorker):
             if c.kind == "save":  # the decode side submits no cache loads of its own
                 self.users.end(c.req_id)
         return self.users.sending(finished_req_ids), recving, failed
+
+    def _mark_first_tokens(self) -> None:
+        """After the step's forward (vLLM calls get_finished last): on CPU it has run, so now is
+        its end; on a GPU it may still run, so an event recorded now says when, and its mark is
+        taken at the first step that finds it complete (at most a step late)."""
+        if not self._first_steps:
+            return
+        assert self.receiver is not None
+        now, left = time.time(), []
+        for tid, event in self._first_steps:
+            if event is None and self.receiver.kv_buffer.is_cuda:
+                event = torch.cuda.Event()
+                event.record()
+            if event is None or event.query():
+                self.receiver.first_token(tid, now)
+            else:
+                left.append((tid, event))
+        self._first_steps = left
 
     def build_worker_meta(self) -> PDWorkerMeta | None:
         if not self._outcomes:

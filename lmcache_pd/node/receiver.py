@@ -14,6 +14,7 @@ tiers into the request's blocks.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -41,6 +42,17 @@ from lmcache_pd.node.write_gate import PoolGate
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class FirstToken:
+    """The hand-off log's record of a decode's first token after its load."""
+
+    transfer_id: TransferId
+    loaded_at: float
+    """Wall clock when the KV was in vLLM's blocks (``LoadResult.done_at``)."""
+    first_token_at: float
+    event: str = "first_token"
+
+
 class KVReceiver:
     def __init__(self, worker: Worker, cfg: NodeConfig, *, kv: KVLayout, kv_buffer: torch.Tensor,
                  cache: CacheIO | NoCacheIO | None = None, keys: auth.Keyring | None = None):
@@ -52,6 +64,8 @@ class KVReceiver:
         self.cfg = cfg
         self._handoff_log = HandoffLog(cfg.handoff_log, instance=worker.instance, rank=worker.rank, role="decode")
         self.timeline = Timeline.decode()
+        self._loaded_at: collections.OrderedDict[TransferId, float] = collections.OrderedDict()
+        """Loads reported done, by transfer id, until their request's first token (first_token)."""
         self.kv = kv
         self.kv_buffer = kv_buffer
         self.keys = keys if keys is not None else auth.Keyring(None)
@@ -122,7 +136,22 @@ class KVReceiver:
     def drain(self, wait_s: float = 0.0) -> list[LoadResult]:
         """Results of ended loads. ``wait_s`` > 0 blocks up to that long for one (benchmarks and
         tests; vLLM's loop never waits)."""
-        return self.loader.drain(wait_s)
+        out = self.loader.drain(wait_s)
+        for r in out:
+            if r.ok:
+                self._loaded_at[r.transfer_id] = r.done_at
+        while len(self._loaded_at) > 4096:  # requests that never computed a token (aborted)
+            self._loaded_at.popitem(last=False)
+        return out
+
+    def first_token(self, transfer_id: TransferId, at: float) -> None:
+        """The decode computed the first token of this hand-off's request (wall clock ``at``):
+        the timeline's last phase, into the metrics and the hand-off log."""
+        loaded_at = self._loaded_at.pop(transfer_id, 0.0)
+        if not loaded_at:
+            return
+        self.timeline.observe_span("first_token", loaded_at, at)
+        self._handoff_log.append(FirstToken(transfer_id, loaded_at, at))
 
     def pool_stats(self) -> PoolStats:
         return self.pool.stats()

@@ -16,7 +16,9 @@ Prefill phases (a mark of 0 means "never reached"; that phase is not observed):
   - ``done``: last byte in the pool -> TransferDone acknowledged.
 Decode phases:
   - ``wait``: the decode asked for the KV (its request scheduled) -> every page in the pool;
-  - ``scatter``: every page in the pool -> the KV in vLLM's blocks.
+  - ``scatter``: every page in the pool -> the KV in vLLM's blocks;
+  - ``first_token``: the KV in vLLM's blocks -> the end of the step that computed the request's
+    first token on the decode (observed separately, ``Timeline.observe_span``, once that step ran).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 from prometheus_client import Histogram
 
 PREFILL_PHASES = ("after_compute", "pages", "transfer", "exposed", "done")
-DECODE_PHASES = ("wait", "scatter")
+DECODE_PHASES = ("wait", "scatter", "first_token")
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -84,6 +86,12 @@ class Timeline:
     @classmethod
     def decode(cls) -> Timeline:
         return cls("decode", decode_phases, DECODE_PHASES)
+
+    def observe_span(self, phase: str, start: float, end: float) -> None:
+        """One phase whose marks come after the hand-off's result (the decode's first token)."""
+        seconds = _span(start, end)
+        if seconds is not None:
+            self.collector.labels(self.role, phase).observe(seconds)
 
     def observe(self, result: Any) -> None:
         if not result.ok:

@@ -84,15 +84,16 @@ def report(resp: dict) -> dict:
     return resp.get(HANDOFF) or (resp.get("kv_transfer_params") or {}).get("lmcache_pd", {})
 
 
-def handoff_record(dep, instance: str, transfer_prefix: str, timeout_s: float = 10.0) -> dict:
-    """The instance's handoff_log line for a transfer: written when the hand-off ended there."""
+def handoff_record(dep, instance: str, transfer_prefix: str, timeout_s: float = 10.0, event: str | None = None) -> dict:
+    """The instance's handoff_log line for a transfer: written when the hand-off ended there
+    (``event``: a later mark's line instead, e.g. ``first_token`` on the decode)."""
     found: list[dict] = []
 
     def seen() -> bool:
         path = dep.workdir / f"handoffs-{instance}.jsonl"
         if path.exists():
             found[:] = [r for r in map(json.loads, path.read_text().splitlines())
-                        if r["transfer_id"].startswith(transfer_prefix)]
+                        if r["transfer_id"].startswith(transfer_prefix) and r.get("event") == event]
         return bool(found)
 
     wait_for(seen, timeout_s, f"{instance} recorded no end of hand-off {transfer_prefix}")

@@ -91,6 +91,9 @@ def test_outputs_match_colocated_and_decode_computes_one_prompt_token(deployment
     # hand-off went layer by layer from that step on (prompts over 512 tokens: chunked prefill).
     assert sent["reserved"] and sent["layered"], sent
     assert sent["granted_at"] <= sent["first_byte_at"] <= sent["last_byte_at"] <= sent["done_at"], sent
+    # The timeline's last mark: the decode step that computed the request's first token, after the load.
+    first_token = handoff_record(deployment, "decode-0", r["transfer_id"], event="first_token")
+    assert first_token["loaded_at"] == loaded["done_at"] < first_token["first_token_at"], (first_token, loaded)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -231,6 +231,28 @@ def test_decode_reports_the_outcome_and_prompt_tokens_it_computed(decode):
                                     "cache_tokens": 0}
 
 
+def test_decode_marks_the_step_that_computes_a_loaded_requests_first_token_once(decode):
+    from types import SimpleNamespace
+
+    def step(*req_ids: str):
+        so = SchedulerOutput.make_empty()
+        for rid in req_ids:
+            so.scheduled_cached_reqs.req_ids.append(rid)
+            so.scheduled_cached_reqs.num_computed_tokens.append(39)
+            so.num_scheduled_tokens[rid] = 1
+        return decode.build_connector_meta(so)
+
+    ok, bad = request("d1", 40, decode_params(40)), request("d2", 40, {**decode_params(40), "transfer_id": "t2"})
+    for r in (ok, bad):
+        decode.update_state_after_alloc(r, blocks([1, 2, 3]), 40)
+    assert step().first_steps == []  # loading: nothing computes yet
+    decode.update_connector_output(SimpleNamespace(kv_connector_worker_meta=PDWorkerMeta(
+        {"d1": LoadOutcome(True, 3 * 1024, 0.01, 0.02, ""), "d2": LoadOutcome(False, 0, 0, 0.02, "boom")})))
+    assert step().first_steps == []  # loaded, not scheduled in this step
+    assert step("d1", "d2").first_steps == ["t1"]  # a failed load's first token is no hand-off's
+    assert step("d1", "d2").first_steps == []  # once
+
+
 def test_worker_meta_aggregates_tp_ranks():
     a = PDWorkerMeta({"r": LoadOutcome(True, 10, 0.1, 0.2, "")})
     b = PDWorkerMeta({"r": LoadOutcome(False, 10, 0.3, 0.1, "boom"), "s": LoadOutcome(True, 1, 0, 0, "")})
