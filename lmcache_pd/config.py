@@ -71,6 +71,15 @@ class ModelConfig(_Section):
     seed: int = 0
 
 
+def host_port(text: str, ranks: int = 1, *, field: str = "", source: str = "") -> tuple[str, int]:
+    """``"host:port"`` as (host, port); ConfigError naming ``field`` if it is not one (with
+    ``ranks`` ports from it)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65536 - ranks:
+        raise ConfigError(f"{text!r} is not host:port (a port for each of {ranks} rank(s))", field=field, source=source)
+    return host.strip("[]"), int(port)
+
+
 class InstanceConfig(_Section):
     name: str
     http_port: Port
@@ -79,6 +88,10 @@ class InstanceConfig(_Section):
     """Decode only: zmq control plane (allocation) port of TP rank 0; rank r uses +r."""
     data_port: Port | None = None
     """Decode only: data-plane port of TP rank 0 for transports that listen (tcp); rank r uses +r."""
+    data_advertise: str | None = None
+    """Decode only: ``host:port`` that prefill workers connect to for the data plane (TP rank 0;
+    rank r: port + r), when it is not where this instance listens (a relay, NAT, a port
+    forward). None: the listening address."""
     cache_port: Port | None = None
     """HTTP port of the prefix cache's control API and metrics, TP rank 0; rank r uses +r.
     None: no API (the cache still works). Served by prefill instances with ``cache.enabled``."""
@@ -366,6 +379,8 @@ def _check_semantics(cfg: PDConfig, source: str) -> None:
                     if port is None:
                         raise ConfigError("required for a decode instance", field=f"{where}.{fld}", source=source)
                     ports += [(fld, port + r) for r in range(inst.tp_size)]
+                if inst.data_advertise is not None:
+                    host_port(inst.data_advertise, inst.tp_size, field=f"{where}.data_advertise", source=source)
             for fld, port in ports:
                 other = endpoints.setdefault((inst.host, port), f"{where}.{fld}")
                 if other != f"{where}.{fld}":

@@ -74,7 +74,9 @@ class KVReceiver:
             raise TransferError(f"pool.size_mib={cfg.pool.size_mib} is below one page ({kv.page_bytes} B)")
         self.transport = transports.create(cfg.transport.name, cfg.transport.options, host=at.host,
                                            port=at.data_port + worker.rank, keys=self.keys,
-                                           encrypt=cfg.auth.encrypt)
+                                           encrypt=cfg.auth.encrypt,
+                                           advertise=(at.advertise[0], at.advertise[1] + worker.rank)
+                                           if at.advertise else None)
         # Pages of a hand-off ended mid-write: a transport that admits each batch holds them
         # only while a batch writes; one-sided ones until the prefill confirms or data_s passes.
         self.pool = PagePool(self.pool_layout.num_pages, lease_s=cfg.timeouts.lease_s,

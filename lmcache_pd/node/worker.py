@@ -23,6 +23,7 @@ from lmcache_pd.config import (
     PoolConfig,
     TimeoutsConfig,
     TransportConfig,
+    host_port,
 )
 from lmcache_pd.errors import PeerLost
 
@@ -55,6 +56,8 @@ class Listener:
     host: str
     control_port: int
     data_port: int
+    advertise: tuple[str, int] | None = None
+    """Where prefill workers connect for the data plane, when not (host, data_port)."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,9 @@ class NodeConfig:
 
     @classmethod
     def of(cls, cfg: PDConfig) -> NodeConfig:
-        decodes = tuple((d.name, Listener(d.host, d.control_port, d.data_port)) for d in cfg.decode
+        decodes = tuple((d.name, Listener(d.host, d.control_port, d.data_port,
+                                          host_port(d.data_advertise) if d.data_advertise else None))
+                        for d in cfg.decode
                         if d.control_port is not None and d.data_port is not None)  # the config requires both
         return cls(timeouts=cfg.timeouts, transport=cfg.transport, auth=cfg.auth, pool=cfg.pool,
                    backpressure=cfg.backpressure, cache=cfg.cache, integrity=cfg.integrity,

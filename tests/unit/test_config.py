@@ -42,6 +42,8 @@ def test_good_config_has_defaults(tmp_path):
     ((", control_port: 5700", ""), "decode.0.control_port"),
     (("data_port: 5800", "data_port: 8100"), "decode.0.data_port"),
     (("name: decode-0", "name: prefill-0"), "decode.0.name"),
+    (("data_port: 5800", "data_port: 5800, data_advertise: 10.0.0.7"), "decode.0.data_advertise"),
+    (("data_port: 5800", "data_port: 5800, data_advertise: '10.0.0.7:99999'"), "decode.0.data_advertise"),
 ])
 def test_bad_field_is_named_with_its_file(tmp_path, patch, field):
     path = write(tmp_path, GOOD.replace(*patch))

@@ -388,3 +388,38 @@ def test_node_objects_read_a_worker_identity_and_the_node_config_only():
         a.rank = 2  # frozen: a node object's identity cannot drift
     with pytest.raises(PeerLost, match="'prefill-0' is not a decode instance"):
         KVReceiver(a, node_cfg, kv=None, kv_buffer=None)  # a receiver only runs on a decode instance
+
+
+def test_a_decode_advertises_the_data_address_its_config_names_and_prefills_connect_there():
+    # decode-0 listens on its data_port; prefill workers reach it through a relay on another
+    # port (data_advertise): the hand-off's bytes go through the relay.
+    import socket
+    import threading
+
+    from lmcache_pd.config import config_from_dict
+    from tests.integration.relay import pump
+
+    cfg = make_cfg("tcp")
+    relay = socket.create_server(("127.0.0.1", 0))
+    relayed: list[int] = []
+
+    def serve() -> None:
+        conn, _ = relay.accept()
+        relayed.append(1)
+        up = socket.create_connection(("127.0.0.1", cfg.decode[0].data_port))
+        for a, b in ((conn, up), (up, conn)):
+            threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    data = msgspec.to_builtins(cfg)
+    data["decode"][0]["data_advertise"] = f"127.0.0.1:{relay.getsockname()[1]}"
+    n = Node(config_from_dict(data, source="test"))
+    try:
+        n.handoff("adv", [1, 2], [3, 4], num_tokens=2 * BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        assert relayed, "the prefill connected to the listening port, not to the advertised one"
+        n.assert_moved([1, 2], [3, 4])
+    finally:
+        n.close()
+        relay.close()
