@@ -74,6 +74,8 @@ class SignalWaits:
         self._notifier = Notifier()
         self._stop = False
         self._thread = threading.Thread(target=self._watch, name="pd-loader-signals", daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     def stream(self) -> torch.cuda.Stream:
@@ -119,7 +121,8 @@ class SignalWaits:
             self.release(a)
         self._stop = True
         self._notifier.post()
-        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
 
     def _watch(self) -> None:
         while True:

@@ -108,6 +108,8 @@ class Loader:
         pool.watch(self._wake.set)
 
     def start(self) -> None:
+        if self._signals is not None:
+            self._signals.start()
         self._thread.start()
 
     def close(self) -> None:
