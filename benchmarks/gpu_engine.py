@@ -202,17 +202,20 @@ SEGMENTS = {
     "transfer": "hand-off starts -> all pages in the decode pool",
     "exposed": "prompt computed -> last byte in the decode pool (the transfer not hidden under the prefill)",
     "scatter": "pages in the pool -> in vLLM's blocks",
+    "decode_first": "in vLLM's blocks -> the decode step that computed the first token ended (its own mark)",
     "after": "scattered -> first token at the client (report, schedule, forward, stream; negative "
              "where the prefill's token came first)",
 }
 
 
-def handoff_records(path: Path) -> dict[str, dict]:
+def handoff_records(path: Path, event: str | None = None) -> dict[str, dict]:
     """A hand-off log's records by request id (a transfer id is ``<request id>-<8 hex>``); the
-    last record wins: a workdir reused by an earlier run holds older ones."""
+    last record wins: a workdir reused by an earlier run holds older ones. ``event``: the
+    records of a later mark instead of the hand-off's end (``first_token`` on the decode)."""
     if not path.exists():
         return {}
-    return {r["transfer_id"].rsplit("-", 1)[0]: r for r in map(json.loads, path.read_text().splitlines())}
+    return {r["transfer_id"].rsplit("-", 1)[0]: r for r in map(json.loads, path.read_text().splitlines())
+            if r.get("event") == event}
 
 
 def timelines(sent: dict, logs: dict[str, Path]) -> dict:
@@ -224,6 +227,7 @@ def timelines(sent: dict, logs: dict[str, Path]) -> dict:
         work = logs[target]
         sender, loader = handoff_records(work / "handoffs-prefill-0.jsonl"), handoff_records(
             work / "handoffs-decode-0.jsonl")
+        firsts = handoff_records(work / "handoffs-decode-0.jsonl", event="first_token")
         for n, reqs in per.items():
             seg: dict[str, list[float]] = {k: [] for k in (*SEGMENTS, "hidden")}
             for req_id, at, first in reqs:
@@ -238,6 +242,8 @@ def timelines(sent: dict, logs: dict[str, Path]) -> dict:
                                       p.get("last_byte_at") else float("nan"))
                 seg["hidden"].append(hidden_fraction(SimpleNamespace(**p)) if "computed_at" in p else float("nan"))
                 seg["scatter"].append(d["done_at"] - d["ready_at"])
+                f = firsts.get(req_id)
+                seg["decode_first"].append(f["first_token_at"] - f["loaded_at"] if f else float("nan"))
                 seg["after"].append(first - d["done_at"])
             hidden = seg.pop("hidden")
             out.setdefault(target, {})[n] = {k: statistics.median(v) * 1e3 if v else float("nan")
