@@ -150,7 +150,9 @@ def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: 
         conn.send("submitted")
         while not (done := rx.drain(wait_s=1.0)):  # blocks: a polling loop would compete for the GIL
             pass
-        conn.send((time.monotonic(), done[0].ok, done[0].error, done[0].scatter_s, done[0].groups, done[0].signaled))
+        woken = time.time()  # this thread (the worker's, in a deployment) learns that the load ended
+        conn.send((time.monotonic(), done[0].ok, done[0].error, done[0].scatter_s, done[0].groups, done[0].signaled,
+                   done[0].done_at, woken))
     rx.close()
 
 
@@ -217,9 +219,9 @@ class HandoffPair:
         assert self.parent.recv() == "submitted"
         if self.reserve:
             self.tx.reserve(Handoff(tid, "decode-0", n_tok, digest)).result(60)
-        t0 = time.monotonic()
+        t0, t0_wall = time.monotonic(), time.time()
         self.tx.submit(SendSpec(f"p-{tid}", Handoff(tid, "decode-0", n_tok, digest), tuple(p_blocks)))
-        t_done, ok, error, scatter_s, groups, signaled = self.parent.recv()
+        t_done, ok, error, scatter_s, groups, signaled, loaded_at, woken = self.parent.recv()
         sent = []
         while not sent:
             sent = self.tx.drain()
@@ -231,7 +233,13 @@ class HandoffPair:
         s = sent[0]
         self.phases.append({"allocate": s.allocate_s, "transfer": s.seconds,
                             "after transfer": total - s.allocate_s - s.seconds, "scatter": scatter_s,
-                            "groups": groups, "signaled": int(signaled), "on_caller": int(s.on_caller)})
+                            "groups": groups, "signaled": int(signaled), "on_caller": int(s.on_caller),
+                            # Wall-clock marks (one machine): plan and launch on the caller's
+                            # thread; from the launch to the decode loader's end of the load (the
+                            # GPU's copy and scatter and the wake-ups between); to the worker's
+                            # thread learning of it.
+                            "launch": s.first_byte_at - t0_wall, "to_loaded": loaded_at - s.first_byte_at,
+                            "to_woken": woken - loaded_at})
         return total
 
     def check_last(self) -> bool:

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
           "; pages", "allocated in the hand-off" if args.no_reserve else "reserved ahead", "; options", options)
     print(f"{'tokens':>7} {'bytes':>9} {'hand-off ms':>12} {'GB/s':>8} {'ceiling GB/s':>13} {'ratio':>6}  check    "
           f"| ms: allocate  transfer  after-transfer | scatter (overlapped)  groups  signaled  on-caller"
+          f" | ms: launch  to-loaded  to-woken"
           + (f"  | {second}: ms  ratio  check  signaled" if checked else ""))
     status = 0
     try:
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{nbytes / c / 1e9:>13.1f} {c / t:>6.2f}  {'bitwise ' if ok else 'MISMATCH'} "
                   f"| {ph['allocate']:>12.3f} {ph['transfer']:>9.3f} {ph['after transfer']:>15.3f} "
                   f"| {ph['scatter']:>20.3f} {ph['groups']:>7.0f} {signaled:>6}/{len(pair.phases)} "
-                  f"{on_caller:>6}/{len(pair.phases)}{extra}", flush=True)
+                  f"{on_caller:>6}/{len(pair.phases)} | {ph['launch']:>10.3f} {ph['to_loaded']:>10.3f} "
+                  f"{ph['to_woken']:>9.3f}{extra}", flush=True)
     finally:
         pair.close()
         if checked is not None:

@@ -18,8 +18,11 @@ otherwise (its hand-off failed, its deadline passed, the request was aborted, sh
 hold, and the load is reported failed only after that (vLLM then recomputes into its blocks).
 
 What an armed wait costs: a device-wide synchronization in the decode process (cudaFree,
-``torch.cuda.synchronize()``) waits for it, that is, for the bytes or the release; vLLM's
-serving loop makes none. ``transport.options.signals: false`` turns arming off.
+``torch.cuda.synchronize()``) waits for it, that is, for the bytes or the release. vLLM 0.32's
+GPU model runner makes one in every step that returns prompt logprobs (and in pooling models'
+steps): with a load armed while its prefill still computes, such a step would wait for that
+prefill. So arming is opt-in (``transport.options.signals``, cuda_ipc), until loads are armed only
+once their bytes are on their way.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ into the peer's pool pages: no staging copy. An event after the launch marks com
 completion thread waits on it and finishes the handle, so DONE means the bytes are in the
 peer's memory.
 
-With ``signals`` (the default), the receiver also keeps one 32-bit word per pool page in a second
+With ``signals``, the receiver also keeps one 32-bit word per pool page in a second
 allocation, exported the same way: a batch submitted with ``signal=(slot, value)`` ends with the
 GPU writing ``value`` into the peer's slot, right after its copy on the same stream, and the
 decode's loader queues its scatter behind a GPU-side wait for that value (device_signals.py).
@@ -44,9 +44,11 @@ _exported_here: set[tuple[bytes, int]] = set()  # (token, address) still alive i
 
 
 class CudaIpcOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    signals: bool = True
-    """Order the decode's scatter after the copy on the GPU (a signal word the copy stream writes);
-    false: the decode scatters once TransferDone has come over the control plane."""
+    signals: bool = False
+    """Order the decode's scatter after the copy on the GPU (a signal word the copy stream writes)
+    instead of after TransferDone on the host. Off by default: while a load waits for its bytes,
+    a device-wide synchronization in the decode process waits too, and vLLM makes one for every
+    step that returns prompt logprobs (node/armed.py)."""
 
 
 class _Descriptor(msgspec.Struct, frozen=True):

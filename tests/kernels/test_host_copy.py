@@ -4,6 +4,7 @@ back to when there is none."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -56,6 +57,6 @@ assert torch.equal(out, ref) and int(out.count_nonzero()) > 0
 print("ok")
 """
     env = {"PATH": "/nonexistent", "CC": "/nonexistent/cc", "LMCACHE_PD_CACHE_DIR": str(tmp_path),
-           "HOME": str(tmp_path)}
+           "HOME": str(tmp_path), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

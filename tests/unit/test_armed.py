@@ -54,6 +54,7 @@ def _node(**kw) -> Node:
     ok, why = transports.available("cuda_ipc")
     if not ok or not torch.cuda.is_available():
         pytest.skip(f"needs CUDA and cuda_ipc: {why or 'no CUDA device'}")
+    kw.setdefault("options", {"signals": True})
     return Node(make_cfg("cuda_ipc", **kw), device="cuda")
 
 
@@ -88,12 +89,12 @@ def test_an_armed_scatter_waits_on_the_gpu_for_the_bytes_and_arrives_bitwise():
     try:
         n.handoff("warm", [1], [5], num_tokens=BLOCK)  # links the peers, builds the kernels
         assert all(r.ok for r in sum(n.results(1, 1), []))
-        _arm(n, "a1", (11, 12), 2 * BLOCK)
         # The prefill's forward writes the blocks late on its own stream; the copy waits for it
         # on the GPU, and the decode's scatter for the copy's signal: a scatter that did not wait
         # would copy the pool's stale bytes.
         values = [torch.randn(t[4].shape, device="cuda").to(t.dtype) for t in n.p_layers]
-        torch.cuda.synchronize()
+        torch.cuda.synchronize()  # before arming: a device-wide synchronize waits for armed loads
+        _arm(n, "a1", (11, 12), 2 * BLOCK)
         forward = torch.cuda.Stream()
         with torch.cuda.stream(forward):
             torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU time
@@ -214,5 +215,24 @@ def test_a_layered_handoff_signals_after_its_last_layer_only():
         torch.cuda.synchronize()
         n.assert_moved([4, 9], [11, 12])
         assert n.pool_full()
+    finally:
+        n.close()
+
+
+def test_a_device_wide_synchronize_waits_for_an_armed_load_until_it_is_released():
+    # Why arming is opt-in: the decode process's torch.cuda.synchronize() (vLLM makes one in steps
+    # that return prompt logprobs) waits for an armed load's bytes; the deadline's release bounds it.
+    n = _node(transfer_s=1.5)
+    try:
+        n.handoff("warm", [1], [5], num_tokens=BLOCK)
+        assert all(r.ok for r in sum(n.results(1, 1), []))
+        _arm(n, "held", (11, 12), 2 * BLOCK)
+        t0 = time.monotonic()
+        torch.cuda.synchronize()
+        waited = time.monotonic() - t0
+        assert 0.5 < waited < 5, f"synchronize returned after {waited:.2f} s"
+        _, (ld,) = n.results(0, 1)
+        assert not ld.ok and "timeouts.transfer_s" in ld.error
+        n.sender.unreserve("held")
     finally:
         n.close()
