@@ -95,3 +95,25 @@ class Node:
                 return True
             time.sleep(0.01)
         return False
+
+
+def late_forward(n: Node, blocks: tuple[int, ...], values: list[torch.Tensor]) -> torch.cuda.Event:
+    """A "forward" on a stream of its own that sleeps about 0.5 s of GPU time, then writes
+    ``values`` (one per layer, made beforehand: nothing here may block the host) into the
+    prefill's ``blocks``; returns the event recorded after it."""
+    forward = torch.cuda.Stream()
+    with torch.cuda.stream(forward):
+        torch.cuda._sleep(1_000_000_000)
+        for t, v in zip(n.p_layers, values):
+            for b in blocks:
+                t[b].copy_(v)
+        ready = torch.cuda.Event()
+        ready.record(forward)
+    assert not ready.query(), "the forward ended before the hand-off started: the test proves nothing"
+    return ready
+
+
+def warm(n: Node) -> None:
+    """One hand-off first: links the peers and builds the kernels."""
+    n.handoff("warm", [1], [5], num_tokens=BLOCK)
+    assert all(r.ok for r in sum(n.results(1, 1), []))

@@ -14,7 +14,7 @@ from lmcache_pd._types import ReservationState
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.errors import TransferError
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
-from tests.unit.nodes import BLOCK, Node, make_cfg
+from tests.unit.nodes import BLOCK, Node, late_forward, make_cfg, warm
 
 
 # --- the pool (no GPU) ----------------------------------------------------------------------------
@@ -87,23 +87,14 @@ def _device_idle(timeout_s: float = 5.0) -> bool:
 def test_an_armed_scatter_waits_on_the_gpu_for_the_bytes_and_arrives_bitwise():
     n = _node()
     try:
-        n.handoff("warm", [1], [5], num_tokens=BLOCK)  # links the peers, builds the kernels
-        assert all(r.ok for r in sum(n.results(1, 1), []))
+        warm(n)
         # The prefill's forward writes the blocks late on its own stream; the copy waits for it
         # on the GPU, and the decode's scatter for the copy's signal: a scatter that did not wait
         # would copy the pool's stale bytes.
         values = [torch.randn(t[4].shape, device="cuda").to(t.dtype) for t in n.p_layers]
         torch.cuda.synchronize()  # before arming: a device-wide synchronize waits for armed loads
         _arm(n, "a1", (11, 12), 2 * BLOCK)
-        forward = torch.cuda.Stream()
-        with torch.cuda.stream(forward):
-            torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU time
-            for t, v in zip(n.p_layers, values):
-                t[4].copy_(v)
-                t[9].copy_(v)
-            ready = torch.cuda.Event()
-            ready.record(forward)
-        assert not ready.query(), "the forward ended before the hand-off started: the test proves nothing"
+        ready = late_forward(n, (4, 9), values)
         n.sender.submit(SendSpec("p-a1", Handoff("a1", "decode-0", 2 * BLOCK, "d" * 32), (4, 9)), ready)
         (s,), (ld,) = n.results(1, 1)
         assert s.ok and ld.ok, (s.error, ld.error)
@@ -117,8 +108,7 @@ def test_an_armed_scatter_waits_on_the_gpu_for_the_bytes_and_arrives_bitwise():
 def test_an_armed_load_whose_bytes_never_come_is_released_and_fails_naming_its_deadline():
     n = _node(transfer_s=1.5)
     try:
-        n.handoff("warm", [1], [5], num_tokens=BLOCK)
-        assert all(r.ok for r in sum(n.results(1, 1), []))
+        warm(n)
         t0 = time.monotonic()
         _arm(n, "stall", (11, 12), 2 * BLOCK)  # reserved; the prefill never sends
         _, (ld,) = n.results(0, 1, timeout_s=10)
@@ -138,8 +128,7 @@ def test_an_armed_load_whose_bytes_never_come_is_released_and_fails_naming_its_d
 def test_an_armed_load_canceled_ends_at_once_and_leaves_no_stream_waiting():
     n = _node(transfer_s=30)
     try:
-        n.handoff("warm", [1], [5], num_tokens=BLOCK)
-        assert all(r.ok for r in sum(n.results(1, 1), []))
+        warm(n)
         _arm(n, "c1", (11, 12), 2 * BLOCK)
         t0 = time.monotonic()
         n.receiver.cancel_load("d-c1")
@@ -153,8 +142,7 @@ def test_an_armed_load_canceled_ends_at_once_and_leaves_no_stream_waiting():
 def test_a_later_armed_load_is_not_held_up_by_an_earlier_one_still_waiting():
     n = _node(transfer_s=30)
     try:
-        n.handoff("warm", [1], [5], num_tokens=BLOCK)
-        assert all(r.ok for r in sum(n.results(1, 1), []))
+        warm(n)
         _arm(n, "slow", (11, 12), 2 * BLOCK)  # its bytes never come while the next one runs
         _arm(n, "fast", (20, 21), 2 * BLOCK)
         n.sender.submit(SendSpec("p-fast", Handoff("fast", "decode-0", 2 * BLOCK, "d" * 32), (2, 3)))
@@ -173,8 +161,7 @@ def test_a_later_armed_load_is_not_held_up_by_an_earlier_one_still_waiting():
 def test_with_signals_off_the_load_waits_for_transfer_done():
     n = _node(options={"signals": False})
     try:
-        n.handoff("warm", [1], [5], num_tokens=BLOCK)
-        assert all(r.ok for r in sum(n.results(1, 1), []))
+        warm(n)
         n.receiver.submit_load(LoadSpec("d-o1", Handoff("o1", "prefill-0", 2 * BLOCK, "d" * 32), (11, 12)))
         n.sender.reserve(Handoff("o1", "decode-0", 2 * BLOCK, "d" * 32)).result(5)
         n.sender.submit(SendSpec("p-o1", Handoff("o1", "decode-0", 2 * BLOCK, "d" * 32), (2, 3)))
@@ -191,8 +178,7 @@ def test_a_layered_handoff_signals_after_its_last_layer_only():
 
     n = _node()
     try:
-        n.handoff("warm", [1], [5], num_tokens=BLOCK)
-        assert all(r.ok for r in sum(n.results(1, 1), []))
+        warm(n)
         _arm(n, "L1", (11, 12), 2 * BLOCK)
         marks = LayerMarks(LAYERS)
         n.sender.submit_layered(SendSpec("p-L1", Handoff("L1", "decode-0", 2 * BLOCK, "d" * 32), (4, 9),
@@ -224,8 +210,7 @@ def test_a_device_wide_synchronize_waits_for_an_armed_load_until_it_is_released(
     # that return prompt logprobs) waits for an armed load's bytes; the deadline's release bounds it.
     n = _node(transfer_s=1.5)
     try:
-        n.handoff("warm", [1], [5], num_tokens=BLOCK)
-        assert all(r.ok for r in sum(n.results(1, 1), []))
+        warm(n)
         _arm(n, "held", (11, 12), 2 * BLOCK)
         t0 = time.monotonic()
         torch.cuda.synchronize()

@@ -23,7 +23,7 @@ from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.timeline import DECODE_PHASES, PREFILL_PHASES, decode_phases, hidden_fraction, prefill_phases
 from lmcache_pd.node.worker import NodeConfig, Worker
 from lmcache_pd.node.worker_api import WorkerAPI
-from tests.unit.nodes import BLOCK, CPT, LAYERS, PAGE, Node, make_cfg
+from tests.unit.nodes import BLOCK, CPT, LAYERS, PAGE, Node, late_forward, make_cfg
 
 
 def test_handoff_is_bitwise(node):
@@ -77,15 +77,7 @@ def test_gpu_copy_waits_for_the_forward_that_wrote_the_blocks(name):
         # from pageable memory would, and the hand-off would then start after the forward).
         values = [torch.randn(t[4].shape, device="cuda").to(t.dtype) for t in n.p_layers]
         torch.cuda.synchronize()
-        forward = torch.cuda.Stream()
-        with torch.cuda.stream(forward):
-            torch.cuda._sleep(1_000_000_000)  # a long forward: ~0.5 s of GPU time
-            for t, v in zip(n.p_layers, values):
-                t[4].copy_(v)
-                t[9].copy_(v)
-            ready = torch.cuda.Event()
-            ready.record(forward)
-        assert not ready.query(), "the forward ended before the hand-off started: the test proves nothing"
+        ready = late_forward(n, (4, 9), values)
         n.sender.submit(SendSpec("p-ev", Handoff("ev", "decode-0", 2 * BLOCK, "e" * 32), (4, 9)), ready)
         n.receiver.submit_load(LoadSpec("d-ev", Handoff("ev", "prefill-0", 2 * BLOCK, "e" * 32), (1, 2)))
         (s,), (ld,) = n.results(1, 1)
