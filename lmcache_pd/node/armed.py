@@ -17,12 +17,18 @@ otherwise (its hand-off failed, its deadline passed, the request was aborted, sh
 *released*: the receiver writes the value itself, the scatter runs over whatever the pages
 hold, and the load is reported failed only after that (vLLM then recomputes into its blocks).
 
-What an armed wait costs: a device-wide synchronization in the decode process (cudaFree,
-``torch.cuda.synchronize()``) waits for it, that is, for the bytes or the release. vLLM 0.32's
-GPU model runner makes one in every step that returns prompt logprobs (and in pooling models'
-steps): with a load armed while its prefill still computes, such a step would wait for that
-prefill. So arming is opt-in (``transport.options.signals``, cuda_ipc), until loads are armed only
-once their bytes are on their way.
+What an armed wait costs, and why arming is experimental and off (``transport.options.signals``,
+cuda_ipc):
+- a device-wide synchronization in the decode process (cudaFree, ``torch.cuda.synchronize()``)
+  waits for it, that is, for the bytes or the release. vLLM 0.32's GPU model runner makes one
+  in every step that returns prompt logprobs (and in pooling models' steps);
+- the driver multiplexes a process's streams onto a few hardware queues
+  (CUDA_DEVICE_MAX_CONNECTIONS, 8 by default), and a stream blocked in ``cuStreamWaitValue32``
+  blocks the queue: any other stream of the decode put on it waits too, the release's write
+  included. On the H200 a test with both ends in one process hung this way (test_armed.py).
+Both grow with how long a load stays armed. Making it safe needs loads armed only once their
+bytes are on their way (a wait of a copy's length), or no decode-side wait at all (the prefill
+writing into the decode's blocks).
 """
 
 from __future__ import annotations

@@ -45,10 +45,11 @@ _exported_here: set[tuple[bytes, int]] = set()  # (token, address) still alive i
 
 class CudaIpcOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     signals: bool = False
-    """Order the decode's scatter after the copy on the GPU (a signal word the copy stream writes)
-    instead of after TransferDone on the host. Off by default: while a load waits for its bytes,
-    a device-wide synchronization in the decode process waits too, and vLLM makes one for every
-    step that returns prompt logprobs (node/armed.py)."""
+    """Experimental, off: order the decode's scatter after the copy on the GPU (a signal word the
+    copy stream writes) instead of after TransferDone on the host. While a load waits for its
+    bytes, a device-wide synchronization in the decode process waits too (vLLM makes one for
+    every step that returns prompt logprobs), and so may any of its streams that the driver put
+    on the same hardware queue as the wait (node/armed.py)."""
 
 
 class _Descriptor(msgspec.Struct, frozen=True):
