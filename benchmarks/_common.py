@@ -42,16 +42,20 @@ def sync(device: str | torch.device) -> None:
 
 
 def host_seconds(fn: Callable[[], object], repeat: int, *, sync: bool = True, warmup: int = 1) -> float:
-    """Median host time of ``fn`` (until the GPU is done when ``sync``), after ``warmup`` calls."""
+    """Median host time of ``fn`` (until the GPU is done when ``sync``), after ``warmup`` calls.
+    Without CUDA there is nothing to wait for."""
+    gpu = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if gpu:
+        torch.cuda.synchronize()
     out = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        if sync:
+        if sync and gpu:
             torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
+    if gpu:
+        torch.cuda.synchronize()
     return statistics.median(out)

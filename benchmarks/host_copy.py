@@ -11,28 +11,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import statistics
-import time
 
 import numpy as np
 import torch
+from _common import host_seconds, parse_size
 
 from lmcache_pd import host_copy
 from lmcache_pd.layout import RangePlan
-
-
-def _bytes(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
-
-
-def _timed(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -47,8 +32,8 @@ def main() -> None:
     print(f"{'size':>6} {'range':>6} {'ranges':>7} {'compiled ms':>12} {'python loop ms':>15} "
           f"{'memcpy ms':>10} {'compiled GB/s':>14} {'memcpy GB/s':>12} {'ratio':>6}")
     rng = np.random.default_rng(0)
-    for size in map(_bytes, args.sizes.split(",")):
-        for length in map(_bytes, args.ranges.split(",")):
+    for size in map(parse_size, args.sizes.split(",")):
+        for length in map(parse_size, args.ranges.split(",")):
             _row(fn, size, length, rng, args.repeat)
 
 
@@ -68,13 +53,14 @@ def _row(fn, size: int, length: int, rng: np.random.Generator, repeat: int) -> N
 
     compiled = float("nan")
     if fn is not None:
-        compiled = _timed(lambda: host_copy.copy(fn, s0, d0, plan.src_offsets, plan.dst_offsets, plan.lengths), repeat)
+        compiled = host_seconds(lambda: host_copy.copy(fn, s0, d0, plan.src_offsets, plan.dst_offsets, plan.lengths),
+                                repeat, sync=False, warmup=0)
         check = torch.zeros_like(dst)
         for s, d, m in offsets:
             check[d:d + m] = src[s:s + m]
         assert torch.equal(check, dst), "the compiled loop's copy differs from slice copies"
-    python = _timed(loop, repeat)
-    memcpy = _timed(lambda: ctypes.memmove(d0, s0, size), repeat)
+    python = host_seconds(loop, repeat, sync=False, warmup=0)
+    memcpy = host_seconds(lambda: ctypes.memmove(d0, s0, size), repeat, sync=False, warmup=0)
     print(f"{size >> 20:>5}M {length >> 10:>5}K {n:>7} {compiled * 1e3:>12.2f} {python * 1e3:>15.2f} "
           f"{memcpy * 1e3:>10.2f} {size / compiled / 1e9:>14.2f} {size / memcpy / 1e9:>12.2f} "
           f"{memcpy / compiled:>6.2f}", flush=True)

@@ -295,18 +295,17 @@ class Loader:
             return  # streamed: its groups are scattered as they land, each planned then
         plan = self._plan(load, r, first, upto)
         copy = None
-        if self._signals is not None and r.signals and r.pages:
-            stream = self._signals.stream()
+        if self.kv_buffer.is_cuda:
+            # Armed: planned on a stream of the load's own, its scatter queued behind the signal.
+            arming = self._signals is not None and r.signals and plan.nbytes > 0
+            stream = self._signals.stream() if arming else self._loader_stream()
             copy = prepare_copy(self.pool_buffer.data_ptr(), self.kv_buffer.data_ptr(), plan,
                                 device=self.kv_buffer.device, stream=stream)
-            if copy is not None:
+            if arming and copy is not None:  # (a plan with bytes always has a copy)
                 load.nbytes, load.next_page = plan.nbytes, upto
                 load.armed = Armed(*signal_of(r.pages, r.generation), r.generation, stream, copy)
                 self._signals.arm(load, load.armed)  # (the watcher may end it from here on)
                 return
-        if self.kv_buffer.is_cuda:
-            copy = prepare_copy(self.pool_buffer.data_ptr(), self.kv_buffer.data_ptr(), plan,
-                                device=self.kv_buffer.device, stream=self._loader_stream())
         load.prepared = PreparedScatter(first, upto, plan, copy)
 
     def _land(self, load: LoadState) -> None:
