@@ -206,8 +206,18 @@ class HandoffPair:
         the scatter not overlapped with the transfer, wake-ups, the benchmark's own polling);
         and, overlapping those, scatter (pool -> decode blocks, all groups) and groups (count)."""
 
-    def once(self, n_tok: int) -> float:
+    def once(self, n_tok: int, forward_us: float = 0.0, layered: bool = False) -> float:
+        """One hand-off; its seconds from the submit to the decode's blocks holding it.
+
+        ``forward_us`` > 0: a stand-in for the forward over the prompt's last chunk runs first on
+        a stream of its own, ``forward_us`` per layer (a spinning kernel, then an event per
+        layer); the hand-off goes after it (``layered``: each layer as its event completes, on
+        the device, through ``KVSender.submit_layered``; else the whole hand-off once the
+        forward ended, as a request that finished). Then the phases also hold "forward",
+        "exposed" (the forward's end -> the decode's end of the load) and "transfer_exposed"
+        (the forward's end -> the sender seeing the last byte in the decode pool)."""
         from lmcache_pd.handoff import Handoff, SendSpec
+        from lmcache_pd.node.layered import LayerMarks
 
         n = -(-n_tok // BLOCK)
         p_blocks = [int(b) for b in self.rng.choice(np.arange(self.num_blocks), n, replace=False)]
@@ -219,8 +229,28 @@ class HandoffPair:
         assert self.parent.recv() == "submitted"
         if self.reserve:
             self.tx.reserve(Handoff(tid, "decode-0", n_tok, digest)).result(60)
+        spec = SendSpec(f"p-{tid}", Handoff(tid, "decode-0", n_tok, digest), tuple(p_blocks))
+        forward_end = 0.0
+        if forward_us > 0:
+            marks = LayerMarks(LAYERS) if layered else None
+            forward_start = time.time()
+            if marks is not None:
+                self.tx.submit_layered(spec, marks)
+            stream = self._forward_stream()
+            with torch.cuda.stream(stream):
+                for i in range(LAYERS):
+                    torch.cuda._sleep(int(forward_us * self._cycles_per_us()))
+                    ready = torch.cuda.Event()
+                    ready.record(stream)
+                    if marks is not None:
+                        marks.layer(i, ready)
+            ready.synchronize()
+            forward_end = time.time()
+            if marks is not None:
+                marks.forward_done(forward_end)
         t0, t0_wall = time.monotonic(), time.time()
-        self.tx.submit(SendSpec(f"p-{tid}", Handoff(tid, "decode-0", n_tok, digest), tuple(p_blocks)))
+        if forward_us <= 0 or not layered:
+            self.tx.submit(spec)
         t_done, ok, error, scatter_s, groups, signaled, loaded_at, woken = self.parent.recv()
         sent = []
         while not sent:
@@ -239,8 +269,28 @@ class HandoffPair:
                             # GPU's copy and scatter and the wake-ups between); to the worker's
                             # thread learning of it.
                             "launch": s.first_byte_at - t0_wall, "to_loaded": loaded_at - s.first_byte_at,
-                            "to_woken": woken - loaded_at})
+                            "to_woken": woken - loaded_at,
+                            **({"forward": forward_end - forward_start, "exposed": loaded_at - forward_end,
+                                  "transfer_exposed": s.last_byte_at - forward_end}
+                               if forward_us > 0 else {})})
         return total
+
+    def _forward_stream(self) -> torch.cuda.Stream:
+        if getattr(self, "_fwd", None) is None:
+            self._fwd = torch.cuda.Stream(device=self.layers[0].device)
+        return self._fwd
+
+    def _cycles_per_us(self) -> float:
+        """The spinning kernel's clock (``torch.cuda._sleep`` counts cycles), measured once."""
+        if getattr(self, "_cycles", None) is None:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(1000)
+            start.record()
+            torch.cuda._sleep(10_000_000)
+            end.record()
+            end.synchronize()
+            self._cycles = 10_000_000 / (start.elapsed_time(end) * 1e3)
+        return self._cycles
 
     def check_last(self) -> bool:
         """The decode's blocks of the last hand-off equal the prefill's, bitwise (sha256)."""

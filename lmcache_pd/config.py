@@ -114,10 +114,17 @@ class TransportConfig(_Section):
     scatters each group as soon as it has landed, while the next ones are in flight. 0 (default)
     sends every hand-off as one group: on one H100 streaming measured slower, because each group
     costs host time (docs/benchmarks.md); measure with ``benchmarks/handoff.py --group-mib``."""
-    layerwise: bool = False
+    layerwise: bool = True
     """Send each layer of a prompt's KV as soon as the prefill's forward over its last chunk has
     computed it, while the next layers compute (node/layered.py), instead of all of it after the
-    request finished. ``group_mib`` does not apply to such a hand-off."""
+    request finished. ``group_mib`` does not apply to such a hand-off. On by default: it measured
+    faster from 16 MiB on, on CPU and on one H200 (docs/benchmarks.md). On a GPU the prefill
+    instance then runs vLLM's piecewise CUDA graphs (a full graph runs no per-layer hook)."""
+    layerwise_min_mib: NonNegative = 8
+    """With ``layerwise``, a hand-off smaller than this goes whole instead, as soon as the forward
+    that computed its last chunk ended (still a step earlier than without ``layerwise``): a batch
+    per layer cost more than it hid for small ones (2 MiB: 0.13 ms slower layered on one H200).
+    0: every hand-off goes layer by layer."""
 
 
 class PoolConfig(_Section):

@@ -98,9 +98,10 @@ def local_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[s
 def engine_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[str], *, transport: str,
                   vllm_args: list[str], pool_mib: int, max_model_len: int, cpus: tuple[str, str] | None = None,
                   kv_cache_gib: int | None = None, timeouts: dict[str, float] | None = None,
-                  transport_options: dict[str, Any] | None = None, layerwise: bool = False) -> Path:
+                  transport_options: dict[str, Any] | None = None, layerwise: bool | None = None) -> Path:
     """A 1P1D config for one machine whose instances share a GPU (or, with ``cpus``, pinned CPU
-    cores): prefill-0, decode-0 (both with a worker API) and a proxy on free loopback ports."""
+    cores): prefill-0, decode-0 (both with a worker API) and a proxy on free loopback ports.
+    ``layerwise``: ``transport.layerwise`` (None: its default)."""
     http_p, http_d, ctrl, data, proxy, api_p, api_d = free_ports(7)
     work = Path(workdir)
     host = {"kv_cache_gib": kv_cache_gib} if kv_cache_gib else {}
@@ -112,7 +113,7 @@ def engine_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[
                     "cache_port": api_d, "vllm_args": list(vllm_args), **({"cpus": cpus[1]} if cpus else {}), **host}],
         "proxy": {"port": proxy, "handoff_report": True},
         "transport": {"name": transport, **({"options": transport_options} if transport_options else {}),
-                      **({"layerwise": True} if layerwise else {})},
+                      **({} if layerwise is None else {"layerwise": layerwise})},
         "pool": {"size_mib": pool_mib},
         "timeouts": {"transfer_s": 30, "lease_s": 10, **(timeouts or {})},
         "handoff_log": str(work / "handoffs-{instance}.jsonl"),

@@ -127,10 +127,16 @@ class PDConnector(KVConnectorBase_V1):
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
-        # Layered hand-offs need vLLM's per-layer hooks, which a full CUDA graph skips.
+        # Layered hand-offs need vLLM's per-layer hooks, which a full CUDA graph skips. Only a
+        # prefill instance sends them: a decode instance keeps its full graphs (its small batches
+        # are where they pay).
+        from lmcache_pd.config import resolve_instance
+
         try:
-            return bool(config_of(dict(extra_config or {})).transport.layerwise)
-        except Exception:  # noqa: BLE001 - an unreadable config fails the connector's start, with its field named
+            extra = dict(extra_config or {})
+            cfg = config_of(extra)
+            return cfg.transport.layerwise and cfg.role_of(resolve_instance(extra.get("instance"))) == "prefill"
+        except Exception:  # noqa: BLE001 - an unreadable config or a nameless instance fails the connector's start, with its field named
             return False
 
     @classmethod

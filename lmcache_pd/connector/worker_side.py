@@ -15,6 +15,7 @@ in ``finished_sending`` once the save has copied them (as a prefill's hand-off i
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -29,8 +30,8 @@ from lmcache_pd._types import ReqId
 from lmcache_pd.config import PDConfig, check_exposure, keyring
 from lmcache_pd.connector import compat as vllm_compat
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
-from lmcache_pd.handoff import CacheSaveSpec, lookup_hold
-from lmcache_pd.layout import KVLayout
+from lmcache_pd.handoff import CacheSaveSpec, SendSpec, lookup_hold
+from lmcache_pd.layout import KVLayout, blocks_for_tokens
 from lmcache_pd.node.cache_io import CacheIO, NoCacheIO
 from lmcache_pd.node.layered import LayerMarks
 from lmcache_pd.node.receiver import KVReceiver
@@ -261,6 +262,9 @@ class PrefillWorker(_PDWorker):
         self._layer_of: dict[str, int] = {}
         self._forward: list[LayerMarks] = []
         """Layered hand-offs whose layers this step's forward computes (vLLM's thread only)."""
+        self._at_end: list[SendSpec] = []
+        """Hand-offs below ``transport.layerwise_min_mib`` whose last chunk this step's forward
+        computes: they go whole once it ended (vLLM's thread only)."""
         self._begun: PDConnectorMetadata | None = None
         """The step whose reservations and layered hand-offs have started."""
 
@@ -288,6 +292,9 @@ class PrefillWorker(_PDWorker):
         for spec in meta.sends:
             if spec.layered:
                 self.users.add(spec.req_id)
+                if self._small(spec):
+                    self._at_end.append(spec)
+                    continue
                 marks = LayerMarks(self.sender.kv.num_layers)
                 self._forward.append(marks)
                 self.sender.submit_layered(spec, marks)
@@ -322,10 +329,16 @@ class PrefillWorker(_PDWorker):
         for marks in self._forward:
             marks.layer(index, ready)
 
+    def _small(self, spec: SendSpec) -> bool:
+        """Below ``transport.layerwise_min_mib``: one batch per layer would cost more than it hides."""
+        assert self.sender is not None
+        pages = blocks_for_tokens(spec.handoff.num_tokens, self.sender.worker.compat.block_size)
+        return pages * self.sender.kv.page_bytes < self.cfg.transport.layerwise_min_mib * 2**20
+
     def wait_for_save(self) -> None:
         """The forward ended: every layer is computed, whether or not its hook ran (a full CUDA
-        graph runs none), so the layers not marked yet go now."""
-        if not self._forward or self.sender is None:
+        graph runs none), so the layers not marked yet go now, and the small hand-offs whole."""
+        if not (self._forward or self._at_end) or self.sender is None:
             return
         ready = self._ready_event(self.sender.kv_buffer)
         done_at = time.time()
@@ -333,7 +346,9 @@ class PrefillWorker(_PDWorker):
             for index in range(marks.num_layers):
                 marks.layer(index, ready)
             marks.forward_done(done_at)
-        self._forward = []
+        for spec in self._at_end:
+            self.sender.submit(dataclasses.replace(spec, layered=False, computed_at=done_at), ready)
+        self._forward, self._at_end = [], []
 
     def status(self) -> dict[str, Any]:
         out = super().status()

@@ -31,6 +31,7 @@ def deployment(tmp_path_factory):
         "timeouts.transfer_s": TRANSFER_S, "timeouts.handshake_s": 2.0, "timeouts.alloc_s": 2.0,
         "proxy.decodes": ["decode-0"], "proxy.prefills": ["prefill-0"],
         "transport.layerwise": True,  # each layer goes as the prefill's forward computes it
+        "transport.layerwise_min_mib": 0,  # the tiny model's hand-offs are small: layered all the same
     })
     # Add the ghost instances to the generated file.
     import yaml

@@ -50,6 +50,7 @@ def cache_deployment(tmp_path_factory):
     cfg = local_config(model, work, extra={
         "proxy.prefills": ["prefill-0"],
         "transport.layerwise": True,  # layered hand-offs skip the pages decode-0's tiers hold
+        "transport.layerwise_min_mib": 0,
         "cache": {"enabled": True, "chunk_tokens": CHUNK, "tiers": [
             {"name": "memory", "options": {"size_mib": 64}},
             {"name": "disk", "options": {"path": str(work / "disk" / "{instance}.{rank}"), "size_mib": 256}},

@@ -54,6 +54,7 @@ def faults(tmp_path_factory):
     cfg = local_config(model, work, extra={
         "timeouts": T, "pool.size_mib": 4, "auth.secret_file": str(secret), "auth.encrypt": True,
         "transport.layerwise": True,
+        "transport.layerwise_min_mib": 0,
         "proxy.prefill_timeout_s": PREFILL_TIMEOUT_S, "proxy.decode_timeout_s": 120.0,
         "proxy.health_interval_s": 0.5, "proxy.connect_timeout_s": 2.0,
     })

@@ -372,3 +372,55 @@ def test_an_aborted_layered_handoff_is_stopped_and_its_blocks_kept_until_it_stop
     assert prefill.request_finished(r, [4, 5, 6]) == (True, None)  # the sender still reads them
     meta = prefill.build_connector_meta(SchedulerOutput.make_empty())
     assert meta.sends == [] and meta.unreserves == ["t1"]
+
+
+def test_a_small_layered_handoff_goes_whole_at_the_forwards_end_and_a_large_one_layer_by_layer():
+    """``transport.layerwise_min_mib``: a hand-off under it, whose last chunk this forward
+    computes, goes whole once the forward ended (``wait_for_save``: one batch instead of one per
+    layer); one at or over it goes layer by layer as vLLM's forward marks its layers. Both land
+    bitwise (real sender and receiver, tcp)."""
+    import dataclasses
+
+    from lmcache_pd.connector.metadata import PDConnectorMetadata
+    from lmcache_pd.connector.worker_side import PrefillWorker
+    from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
+    from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node
+
+    cfg = make_cfg(pool_mib=2, layerwise=True)
+    cfg = msgspec.structs.replace(cfg, transport=msgspec.structs.replace(cfg.transport, layerwise_min_mib=1))
+    node = Node(cfg)
+    worker = PrefillWorker(None, cfg, instance="prefill-0")
+    worker.sender = node.sender
+    worker._layer_of = {f"model.layers.{i}.attn": i for i in range(LAYERS)}
+    n_large = 2**20 // PAGE  # exactly 1 MiB: layered
+    small = Handoff("small", "decode-0", 2 * BLOCK, "d" * 32)
+    large = Handoff("large", "decode-0", n_large * BLOCK, "d" * 32)
+    p_small, d_small = [3, 4], [20, 21]
+    p_large, d_large = list(range(10, 10 + n_large)), list(range(30, 30 + n_large))
+    try:
+        for h, blocks_ in ((small, d_small), (large, d_large)):
+            node.receiver.submit_load(LoadSpec(f"d-{h.transfer_id}", dataclasses.replace(h, peer="prefill-0"),
+                                               tuple(blocks_)))
+        meta = PDConnectorMetadata(sends=[SendSpec("p-small", small, tuple(p_small), layered=True),
+                                          SendSpec("p-large", large, tuple(p_large), layered=True)],
+                                   reserves=[small, large])
+        for i in range(LAYERS):  # the forward over the last chunk: its first hook starts the step
+            worker.save_kv_layer(f"model.layers.{i}.attn", meta)
+        sends: list = []
+        deadline = time.monotonic() + 15
+        while not any(s.transfer_id == "large" for s in sends):  # every layer marked: it ends
+            assert time.monotonic() < deadline, sends
+            sends += node.sender.drain()
+            time.sleep(0.005)
+        assert [s.transfer_id for s in sends] == ["large"], "the small one went before the forward ended"
+        worker.wait_for_save()  # the forward ended
+        more, loads = node.results(1, 2)
+        by_id = {s.transfer_id: s for s in sends + more}
+        assert by_id["large"].ok and by_id["large"].layered
+        assert by_id["small"].ok and not by_id["small"].layered
+        assert by_id["small"].computed_at > 0  # its timeline starts at the forward's end
+        assert all(r.ok for r in loads), loads
+        node.assert_moved(p_small, d_small)
+        node.assert_moved(p_large, d_large)
+    finally:
+        node.close()

@@ -54,6 +54,25 @@ def test_the_connector_reads_the_config_from_the_environment(monkeypatch):
         load_settings(vllm_config)
 
 
+def test_only_a_prefill_instance_with_layered_handoffs_gives_up_full_cuda_graphs(monkeypatch):
+    """Layered hand-offs need vLLM's per-layer hooks (a full CUDA graph runs none), so the
+    connector asks vLLM for piecewise graphs; only where layers are sent: the decode instance of
+    the same deployment keeps its full graphs."""
+    pytest.importorskip("vllm", reason="the connector facade needs vLLM")
+    from lmcache_pd.connector.facade import PDConnector
+
+    monkeypatch.delenv("LMCACHE_PD_INSTANCE", raising=False)
+    layered = cfg_with_a_password().to_dict()
+    layered["transport"]["layerwise"] = True
+    whole = cfg_with_a_password().to_dict()
+    whole["transport"]["layerwise"] = False
+    assert PDConnector.requires_piecewise_for_cudagraph({"config": layered, "instance": "prefill-0"})
+    assert not PDConnector.requires_piecewise_for_cudagraph({"config": layered, "instance": "decode-0"})
+    assert not PDConnector.requires_piecewise_for_cudagraph({"config": whole, "instance": "prefill-0"})
+    monkeypatch.setenv("LMCACHE_PD_INSTANCE", "prefill-0")  # the name from the environment
+    assert PDConnector.requires_piecewise_for_cudagraph({"config": layered})
+
+
 def test_urls_in_logs_lose_their_password():
     assert redact(f"redis tier redis://:{PASSWORD}@db:6379/0 is down") == "redis tier redis://:***@db:6379/0 is down"
     assert redact(f"rediss://user:{PASSWORD}@db/1") == "rediss://user:***@db/1"
