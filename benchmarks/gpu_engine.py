@@ -37,6 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _nixl_connector import NixlConnectorPD  # noqa: E402
+
 from lmcache_pd.cli.local import LocalDeployment, engine_config, free_ports  # noqa: E402
 from lmcache_pd.cli.tinymodel import LLAMA3_8B_ATTENTION, build_tiny_model  # noqa: E402
 from lmcache_pd.node.timeline import hidden_fraction  # noqa: E402
@@ -308,6 +310,9 @@ def main() -> int:
     ap.add_argument("--shape", choices=sorted(CPU_SHAPES), default="tiny",
                     help="with --cpu: the model's shape (mid: 8 layers, 16 KiB of KV per token; prefill on "
                          "core 0, decode on core 1, colocated on core 0)")
+    ap.add_argument("--nixl-connector", action="store_true",
+                    help="with --cpu: also vLLM's own NixlConnector as a 1P1D (vllm-nixl; the same placement, "
+                         "its UCX progress thread and CPU re-pinning tamed: benchmarks/_nixl_connector.py)")
     ap.add_argument("--settle-ms", type=float, default=None,
                     help="pause before each TTFT request, so that it meets idle instances (the one before "
                          "is dropped after its second token and its engine may still step; default 0; 2000 on CPU, where 500 let the previous target's leftover work double the next prefill)")
@@ -336,6 +341,10 @@ def main() -> int:
                                   a.workdir / f"bench-{name}") for name, (t, options) in setups.items()}
     for d in deps.values():  # the same deployment behind a proxy where the decode samples the first token
         d.add_proxy("proxy-decode-first", "proxy.first_token=decode")
+    if a.nixl_connector and not a.cpu:
+        raise SystemExit("--nixl-connector runs with --cpu only")
+    nixlc = NixlConnectorPD(model, a.workdir / "bench-vllm-nixl", args + ["--block-size", "128"], max_len,
+                            cpus=("0", "1")) if a.nixl_connector else None
     results: dict = {"date": date.today().isoformat(), "transports": transports, "eager": a.eager or a.cpu,
                      "shape": a.shape if a.cpu else "llama3-8b-attention",
                      "variants": {n: {"transport": t, "options": o} for n, (t, o) in setups.items() if o}}
@@ -343,6 +352,8 @@ def main() -> int:
         t0 = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(len(deps) + 1) as ex:
             futures = [ex.submit(colo.wait, 600)] + [ex.submit(d.start_all, 600) for d in deps.values()]
+            if nixlc is not None:
+                futures.append(ex.submit(nixlc.wait, 600))
             for f in futures:
                 f.result()
         results["start_s"] = round(time.monotonic() - t0, 1)
@@ -353,10 +364,14 @@ def main() -> int:
                                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
         pd = {f"pd-{t}": d.procs["proxy"].url for t, d in deps.items()}
         pd.update({f"pd-{t}-dec": d.procs["proxy-decode-first"].url for t, d in deps.items()})
-        targets = {"colocated": colo.url, **pd}
+        others = {"vllm-nixl": nixlc.url} if nixlc is not None else {}  # no proxy leg or hand-off log of ours
+        targets = {"colocated": colo.url, **pd, **others}
         results["pd_targets"] = list(pd)
+        results["other_targets"] = list(others)
         engines = {"colocated": colo.url, **{f"decode-{t}": d.procs["decode-0"].url for t, d in deps.items()},
                    **{f"prefill-{t}": d.procs["prefill-0"].url for t, d in deps.items()}}
+        if nixlc is not None:
+            engines |= {f"{role}-vllm-nixl": url for role, url in nixlc.urls.items()}
         # On CPU, a pause before each request: what the last one left busy (spinning threads) would
         # otherwise share the next target's cores (docs/benchmarks.md, the CPU dry run).
         settle_ms = a.settle_ms if a.settle_ms is not None else (2000.0 if a.cpu else 0.0)
@@ -369,7 +384,7 @@ def main() -> int:
         results["timeline_ms"] = timelines(sent, {t: deps[t.removeprefix("pd-").removesuffix("-dec")].workdir
                                                   for t in pd})
         # `vllm bench serve`: the default proxies only (pd-<transport>-dec are for TTFT).
-        targets = {"colocated": colo.url, **{k: v for k, v in pd.items() if not k.endswith("-dec")}}
+        targets = {"colocated": colo.url, **{k: v for k, v in pd.items() if not k.endswith("-dec")}, **others}
         serve: dict = {}
         goodput = a.goodput.split(",")
         for c in [int(x) for x in a.concurrency.split(",") if x]:  # --concurrency "": no `vllm bench serve`
@@ -387,6 +402,8 @@ def main() -> int:
         for d in deps.values():
             d.stop_all()
         colo.stop()
+        if nixlc is not None:
+            nixlc.stop()
         (a.out / "results.json").write_text(json.dumps(results, indent=1))
     summary = render(results, lens)
     (a.out / "summary.md").write_text(summary)
@@ -397,29 +414,31 @@ def main() -> int:
 def render(r: dict, lens: list[int]) -> str:
     v = r.get("versions", {})
     pd = r.get("pd_targets") or [f"pd-{t}" for t in r["transports"]]
+    compared = pd + r.get("other_targets", [])  # vllm-nixl: vLLM's NixlConnector, through its own proxy
     lines = [f"# P/D inside vLLM's engine against colocated, {r['date']}, {v.get('device')}, vLLM {v.get('vllm')}, "
              f"torch {v.get('torch')}, model {r.get('shape')}, {'eager' if r['eager'] else 'CUDA graphs'}, "
              f"{r.get('settle_ms', 0):g} ms between requests", "",
              "TTFT, median ms (streamed, 8 tokens); pd-<transport>: proxy.first_token=prefill (the default), "
              "-dec: first_token=decode, dispatch=concurrent:",
-             "", "| prompt tokens | colocated | " + " | ".join(f"{t} | diff | ratio" for t in pd) + " |",
-             "|---:|---:|" + "---:|---:|---:|" * len(pd)]
+             "", "| prompt tokens | colocated | " + " | ".join(f"{t} | diff | ratio" for t in compared) + " |",
+             "|---:|---:|" + "---:|---:|---:|" * len(compared)]
     ttft = r.get("ttft_ms", {})
     for n in lens:
         c = ttft["colocated"][n]
         row = f"| {n} | {c:.2f} |"
-        for t in pd:
+        for t in compared:
             p = ttft[t][n]
             row += f" {p:.2f} | {p - c:+.2f} | {p / c:.3f} |"
         lines.append(row)
     tt2 = r.get("second_token_ms", {})
     if tt2:
         lines += ["", "Time to the second token, median ms (the same requests):", "",
-                  "| prompt tokens | colocated | " + " | ".join(f"{t} | diff" for t in pd) + " |",
-                  "|---:|---:|" + "---:|---:|" * len(pd)]
+                  "| prompt tokens | colocated | " + " | ".join(f"{t} | diff" for t in compared) + " |",
+                  "|---:|---:|" + "---:|---:|" * len(compared)]
         for n in lens:
             c = tt2["colocated"][n]
-            lines.append(f"| {n} | {c:.2f} |" + "".join(f" {tt2[t][n]:.2f} | {tt2[t][n] - c:+.2f} |" for t in pd))
+            lines.append(f"| {n} | {c:.2f} |" + "".join(f" {tt2[t][n]:.2f} | {tt2[t][n] - c:+.2f} |"
+                                                         for t in compared))
     legs = r.get("prefill_leg_ms", {})
     if legs:
         lines += ["", "The proxy's prefill request (mean ms) and the rest of P/D's TTFT:", "",
