@@ -295,7 +295,8 @@ def main() -> int:
     ap.add_argument("--transports", default="cuda_ipc,nixl")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=TRANSPORT:KEY=VALUE,...",
                     help="one more deployment, named NAME, over TRANSPORT with these transport.options "
-                         "(values read as YAML), e.g. nixl-poll500=nixl:poll_interval_us=500; repeatable")
+                         "(values read as YAML), e.g. nixl-poll500=nixl:poll_interval_us=500; a KEY with a dot "
+                         "is a config field instead, e.g. tcp-late=tcp:pool.scatter_landed=false; repeatable")
     ap.add_argument("--eager", action="store_true", help="--enforce-eager everywhere (default: CUDA graphs)")
     ap.add_argument("--lens", default="256,1024,8192")
     ap.add_argument("--repeat", type=int, default=10)
@@ -320,11 +321,12 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     lens = [int(x) for x in a.lens.split(",")]
     transports = ["tcp"] if a.cpu else a.transports.split(",")
-    setups = {t: (t, {}) for t in transports} | dict(parse_variant(v) for v in a.variant)
+    variants = dict(parse_variant(v) for v in a.variant)
+    setups = {t: (t, {}) for t in transports} | variants
     layered = {f"{t}-layered" for t in transports} if a.layerwise or a.layerwise_only else set()
     setups |= {name: (name.removesuffix("-layered"), {}) for name in sorted(layered)}
     if a.layerwise_only:  # fewer instances sharing the cores (on CPU each one adds noise)
-        setups = {name: setup for name, setup in setups.items() if name in layered}
+        setups = {name: setup for name, setup in setups.items() if name in layered or name in variants}
     max_len = max(lens) + 256
     # On CPU the memory "utilization" is checked against what is free when each vLLM starts: three
     # start at once, so each asks for a quarter.
@@ -337,7 +339,10 @@ def main() -> int:
     deps = {name: LocalDeployment(engine_config(model, a.workdir / f"bench-{name}", transport=t, vllm_args=args,
                                                 pool_mib=256 if a.cpu else 4096, max_model_len=max_len,
                                                 cpus=("0", "1") if a.cpu else None, kv_cache_gib=2 if a.cpu else None,
-                                                transport_options=options, layerwise=name in layered),
+                                                transport_options={k: v for k, v in options.items() if "." not in k},
+                                                overrides={k: v for k, v in options.items() if "." in k},
+                                                # <transport>: whole, -layered: layered, a variant: the defaults
+                                                layerwise=True if name in layered else None if name in variants else False),
                                   a.workdir / f"bench-{name}") for name, (t, options) in setups.items()}
     for d in deps.values():  # the same deployment behind a proxy where the decode samples the first token
         d.add_proxy("proxy-decode-first", "proxy.first_token=decode")

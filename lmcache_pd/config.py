@@ -130,6 +130,11 @@ class TransportConfig(_Section):
 class PoolConfig(_Section):
     size_mib: Positive = 256
     """Decode-side receive pool, pre-allocated at start, per TP rank."""
+    scatter_landed: bool = True
+    """Scatter each layer of a hand-off into vLLM's blocks as soon as the data plane saw all of
+    its pages land (a layered hand-off's layers during the prefill's forward; a whole one's at
+    once), instead of after TransferDone. Only transports that see each batch land (tcp); the
+    others scatter after TransferDone either way."""
 
 
 class IntegrityConfig(_Section):

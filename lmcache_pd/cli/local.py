@@ -66,6 +66,16 @@ _HANDED: set[int] = set()
 _RANDOM = random.Random()
 
 
+def set_fields(cfg: dict[str, Any], fields: dict[str, Any]) -> None:
+    """Set dotted fields (``"pool.size_mib": 64``) in a config's plain data, sections made as needed."""
+    for key, value in fields.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+
+
 def local_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[str], *,
                  extra: dict[str, Any] | None = None) -> Path:
     """Write a 1P1D config on free loopback ports (prefill pinned to core 0, decode to the last)."""
@@ -83,12 +93,7 @@ def local_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[s
         "pool": {"size_mib": 64},
         "handoff_log": str(work / "handoffs-{instance}.jsonl"),
     }
-    for key, value in (extra or {}).items():
-        node = data_cfg
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+    set_fields(data_cfg, extra or {})
     work.mkdir(parents=True, exist_ok=True)
     path = work / "pd.yaml"
     path.write_text(yaml.safe_dump(data_cfg, sort_keys=False))
@@ -98,10 +103,12 @@ def local_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[s
 def engine_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[str], *, transport: str,
                   vllm_args: list[str], pool_mib: int, max_model_len: int, cpus: tuple[str, str] | None = None,
                   kv_cache_gib: int | None = None, timeouts: dict[str, float] | None = None,
-                  transport_options: dict[str, Any] | None = None, layerwise: bool | None = None) -> Path:
+                  transport_options: dict[str, Any] | None = None, layerwise: bool | None = None,
+                  overrides: dict[str, Any] | None = None) -> Path:
     """A 1P1D config for one machine whose instances share a GPU (or, with ``cpus``, pinned CPU
     cores): prefill-0, decode-0 (both with a worker API) and a proxy on free loopback ports.
-    ``layerwise``: ``transport.layerwise`` (None: its default)."""
+    ``layerwise``: ``transport.layerwise`` (None: its default); ``overrides``: dotted config
+    fields set last (``{"pool.scatter_landed": False}``)."""
     http_p, http_d, ctrl, data, proxy, api_p, api_d = free_ports(7)
     work = Path(workdir)
     host = {"kv_cache_gib": kv_cache_gib} if kv_cache_gib else {}
@@ -118,6 +125,7 @@ def engine_config(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[
         "timeouts": {"transfer_s": 30, "lease_s": 10, **(timeouts or {})},
         "handoff_log": str(work / "handoffs-{instance}.jsonl"),
     }
+    set_fields(cfg, overrides or {})
     work.mkdir(parents=True, exist_ok=True)
     path = work / "pd.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -78,6 +78,10 @@ class Reservation:
     """Its writer ends its last batch with the reservation's device-side signal (Allocate)."""
     signaled: bool = False
     """Claimed on the proof of a device-side signal (``claim_signaled``), before TransferDone."""
+    layers_landed: frozenset[int] = frozenset()
+    """Layers whose every page holds its final bytes, seen landing by the data plane (a
+    transport that gates each batch, tcp): the loader may scatter them before TransferDone.
+    Replaced, never changed in place: a reader holds a snapshot."""
 
 
 @dataclass(frozen=True)
@@ -312,11 +316,15 @@ class PagePool:
             r.writers += 1
             return r
 
-    def end_write(self, r: Reservation, *, now: float) -> None:
+    def end_write(self, r: Reservation, *, now: float, layers: Iterable[int] = ()) -> None:
+        """A batch stopped landing; ``layers``: those it landed whole (every page of ``r``)."""
         with self._lock:
             r.writers -= 1
             if r.ended:
                 self._free_if_unused(r, now)
+            elif layers:
+                r.layers_landed = r.layers_landed.union(layers)
+                self._changed()
 
     def expire(self, now: float) -> list[TransferId]:
         """Reclaim reservations whose lease passed; drop old tombstones."""

@@ -15,11 +15,16 @@ the phases of ``loads.LoadPhase``, in order, each move checked against ``loads.N
   count, digest, page count); copy the chunks the decode's own tiers hold (``HeldPrefix.fill``);
   plan, and on a GPU upload, the scatter of the pages still to come. Then LANDING, or straight
   to SCATTERING when every page is READY already.
-- LANDING: each group of pages the prefill reports landed (streamed hand-off) is scattered at
-  once, under the pool's reader guard (an abort meanwhile cannot hand those pages to anyone
-  else); READY -> SCATTERING; a failed reservation or the deadline -> FAILED.
+- LANDING: each group of pages the prefill reports landed (streamed hand-off), or each layer
+  the data plane saw land in all of the reservation's pages (``Reservation.layers_landed``,
+  ``pool.scatter_landed``: a layered hand-off's layers during the prefill's forward, a whole
+  one's all at once), is scattered at once, under the pool's reader guard (an abort meanwhile
+  cannot hand those pages to anyone else); READY -> SCATTERING; a failed reservation or the
+  deadline -> FAILED.
 - SCATTERING (outside the lock): claim the reservation, verify its digest
-  (``integrity.verify``), copy the pages not yet scattered, give the pages back -> DONE.
+  (``integrity.verify``), copy the pages (and layers) not yet scattered, give the pages back ->
+  DONE. (A layer scattered before the digest was checked is in blocks that vLLM recomputes if
+  the check fails.)
 Any error -> FAILED: the pages are aborted (or left as a tombstone), the result says why, and
 vLLM recomputes the prompt.
 *Armed* loads (a GPU pool whose transport has device-side signals, armed.py): at GRANTED the
@@ -76,12 +81,14 @@ class Loader:
     def __init__(self, pool: PagePool, pool_layout: PoolLayout, pool_buffer: torch.Tensor, *, kv: KVLayout,
                  kv_buffer: torch.Tensor, block_size: int, prefix: HeldPrefix, transfer_s: float, group_bytes: int,
                  verify: bool, handoff_log: HandoffLog, timeline: Timeline, name: str = "pd-loader",
-                 signals: Transport | None = None):
+                 signals: Transport | None = None, scatter_landed: bool = True):
         """``transfer_s``: ``timeouts.transfer_s``, the longest a load waits for its pages;
         ``group_bytes``: ``transport.group_mib`` in bytes (a hand-off larger than that is
         streamed: its groups are scattered as they land, each planned then); ``verify``:
         ``integrity.verify``; ``signals``: the pool's transport, when it keeps device-side
-        signals for it (armed loads; not with ``verify``, whose check needs TransferDone's digest)."""
+        signals for it (armed loads; not with ``verify``, whose check needs TransferDone's digest);
+        ``scatter_landed``: ``pool.scatter_landed``, scatter layers the data plane saw land whole
+        before TransferDone."""
         self.pool = pool
         self.pool_layout = pool_layout
         self.pool_buffer = pool_buffer
@@ -92,6 +99,7 @@ class Loader:
         self.transfer_s = transfer_s
         self.group_bytes = group_bytes
         self.verify = verify
+        self.scatter_landed = scatter_landed
         self._handoff_log = handoff_log
         self._timeline = timeline
         self._loads: dict[ReqId, LoadState] = {}
@@ -207,9 +215,16 @@ class Loader:
             return _Step.SCATTER
         if now >= load.deadline:
             return f"no KV from prefill within {self.transfer_s:g} s (raise `timeouts.transfer_s` to wait longer)"
-        if load.phase is LoadPhase.LANDING and r is not None and r.landed > load.next_page:
+        if load.phase is LoadPhase.LANDING and r is not None and (r.landed > load.next_page or self._new_layers(load, r)):
             return _Step.LAND
         return None
+
+    def _new_layers(self, load: LoadState, r: Reservation) -> frozenset[int]:
+        """Layers landed whole and not scattered yet (``pool.scatter_landed``; not once groups
+        of pages were: those cover every layer of their pages)."""
+        if not self.scatter_landed or r.state != ReservationState.ALLOCATED or load.groups_by_page:
+            return frozenset()
+        return r.layers_landed - load.layers_done
 
     def _armed_failure(self, load: LoadState, r: Reservation | None, now: float) -> str | None:
         if r is None or r.state.failed:
@@ -309,14 +324,39 @@ class Loader:
         load.prepared = PreparedScatter(first, upto, plan, copy)
 
     def _land(self, load: LoadState) -> None:
-        """LANDING: scatter the pages that landed so far, while the prefill side still writes."""
+        """LANDING: scatter what landed so far (groups of pages, or whole layers), while the
+        prefill side still writes."""
         r = self.pool.begin_read(load.spec.handoff.transfer_id)
         if r is None:  # ended or READY meanwhile: the next look says which
             return
         try:
-            self._scatter_pages(load, r, r.landed)
+            layers = self._new_layers(load, r)
+            if r.landed > load.next_page and not load.layers_done:
+                load.groups_by_page = True
+                self._scatter_pages(load, r, r.landed)
+            elif layers:
+                self._scatter_layers(load, r, layers)
         finally:
             self.pool.end_read(r)  # whatever happened: a leaked guard would hold the pages forever
+
+    def _scatter_layers(self, load: LoadState, r: Reservation, layers: frozenset[int]) -> None:
+        """Copy ``layers`` of the pages still to come into the load's blocks (they landed whole)."""
+        first, upto = load.next_page, len(r.pages)
+        t0 = time.monotonic()
+        p = load.prepared
+        if upto > first and len(layers) == self.kv.num_layers and p is not None and (p.first, p.upto) == (first, upto):
+            self._copy(p.plan, p.copy)  # all of it at once (a whole hand-off's one batch): as planned
+            load.planned_ahead = True
+            load.prepared = None
+            load.nbytes += p.plan.nbytes
+            load.groups += 1
+        elif upto > first:
+            plan = self._plan(load, r, first, upto, layers=sorted(layers))
+            self._copy(plan)
+            load.nbytes += plan.nbytes
+            load.groups += 1
+        load.scatter_s += time.monotonic() - t0
+        load.layers_done = load.layers_done | layers
 
     def _scatter(self, load: LoadState) -> None:
         """SCATTERING: claim the READY reservation, copy what is left, give the pages back."""
@@ -333,7 +373,8 @@ class Loader:
         self._record(LoadResult(spec.req_id, spec.handoff.transfer_id, True, load.nbytes, r.seconds,
                                 time.monotonic() - load.t0, scatter_s=load.scatter_s, groups=load.groups,
                                 planned_ahead=load.planned_ahead, cache_tokens=load.cache_tokens,
-                                submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time()))
+                                submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time(),
+                                early_layers=len(load.layers_done)))
 
     def _armed_done(self, owner: object) -> None:
         """The watcher thread: an armed load's scatter ran. Its bytes are this hand-off's if it
@@ -372,13 +413,22 @@ class Loader:
                                 f"{spec.handoff.num_tokens} tokens", transfer_id=spec.handoff.transfer_id)
 
     def _scatter_pages(self, load: LoadState, r: Reservation, upto: int) -> None:
-        """Copy the reservation's pages ``[load.next_page, upto)`` into the load's blocks."""
+        """Copy the reservation's pages ``[load.next_page, upto)`` into the load's blocks (the
+        layers not scattered yet)."""
         first = load.next_page
         if upto <= first:
             return
         t0 = time.monotonic()
         p = load.prepared
-        if p is not None and (p.first, p.upto) == (first, upto):
+        rest = [i for i in range(self.kv.num_layers) if i not in load.layers_done]
+        if not rest:  # every layer went as it landed
+            load.prepared = None
+            load.next_page = upto
+            return
+        if load.layers_done:
+            plan = self._plan(load, r, first, upto, layers=rest)
+            self._copy(plan)
+        elif p is not None and (p.first, p.upto) == (first, upto):
             plan = p.plan
             self._copy(plan, p.copy)
             load.planned_ahead = True
@@ -391,11 +441,12 @@ class Loader:
         load.nbytes += plan.nbytes
         load.next_page = upto
 
-    def _plan(self, load: LoadState, r: Reservation, first: int, upto: int) -> RangePlan:
-        """Pool pages ``[first, upto)`` of the reservation -> the load's blocks."""
+    def _plan(self, load: LoadState, r: Reservation, first: int, upto: int,
+              layers: list[int] | None = None) -> RangePlan:
+        """Pool pages ``[first, upto)`` of the reservation -> the load's blocks (every layer, or ``layers``)."""
         offset = len(r.pages) - len(load.spec.block_ids)
         return plan_cache_to_pool(self.kv, self.pool_layout, blocks=load.spec.block_ids[first - offset:upto - offset],
-                                  pages=r.pages[first:upto]).swapped()
+                                  pages=r.pages[first:upto], layers=layers).swapped()
 
     def _verify(self, r: Reservation) -> None:
         """With ``integrity.verify``: the pool pages hold what the prefill said it sent."""

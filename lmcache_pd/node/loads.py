@@ -46,6 +46,9 @@ class LoadResult:
     signaled: bool = False
     """Scattered on the GPU behind the prefill's device-side signal (node/armed.py), before
     TransferDone came; its ``transfer_s`` is then unknown here (0)."""
+    early_layers: int = 0
+    """Layers scattered as soon as the data plane saw them land, before TransferDone came
+    (``pool.scatter_landed``; a layered hand-off's during the prefill's forward)."""
 
 
 class LoadPhase(enum.Enum):
@@ -108,6 +111,11 @@ class LoadState:
     planned_ahead: bool = False
     armed: Armed | None = None
     """Its scatter is queued on the GPU behind the reservation's signal (node/armed.py)."""
+    groups_by_page: bool = False
+    """Groups of pages were scattered as they landed (a streamed hand-off): no layers then."""
+    layers_done: frozenset[int] = frozenset()
+    """Layers whose pages ``[next_page, end)`` are scattered already: they landed whole before
+    TransferDone (``Reservation.layers_landed``)."""
 
     def move(self, phase: LoadPhase) -> None:
         if phase not in NEXT[self.phase]:

@@ -20,20 +20,26 @@ from lmcache_pd.errors import ProtocolError, TransferError
 from lmcache_pd.layout import PoolLayout
 
 
-def pages_of(layout: PoolLayout, dst_offsets: list[int], lengths: list[int]) -> set[int]:
-    """The pool pages a batch writes (the pool is ``[layer][page][block]``); raises if a range
-    is not whole blocks of the pool (our senders write whole blocks only)."""
+def layer_pages_of(layout: PoolLayout, dst_offsets: list[int], lengths: list[int]) -> dict[int, set[int]]:
+    """The pool pages a batch writes, by layer (the pool is ``[layer][page][block]``); raises if
+    a range is not whole blocks of the pool (our senders write whole blocks only)."""
     bb, n_pages = layout.block_bytes, layout.num_pages
     if sum(lengths) > layout.nbytes:
         raise TransferError(f"a batch of {sum(lengths)} B into a pool of {layout.nbytes} B")
-    pages: set[int] = set()
+    out: dict[int, set[int]] = {}
     for d, n in zip(dst_offsets, lengths):
         if n == 0:
             continue  # the padding rows of a short table
         if d % bb or n % bb or d < 0 or d + n > layout.nbytes:
             raise TransferError(f"range [{d}, {d + n}) is not whole blocks of the pool")
-        pages.update(u % n_pages for u in range(d // bb, (d + n) // bb))
-    return pages
+        for u in range(d // bb, (d + n) // bb):
+            out.setdefault(u // n_pages, set()).add(u % n_pages)
+    return out
+
+
+def pages_of(layout: PoolLayout, dst_offsets: list[int], lengths: list[int]) -> set[int]:
+    """The pool pages a batch writes, whatever the layer."""
+    return set().union(*layer_pages_of(layout, dst_offsets, lengths).values())
 
 
 class PoolGate:
@@ -43,7 +49,12 @@ class PoolGate:
         self.layout = layout
         self.owner_of = owner_of
 
-    def admit(self, session: bytes, ticket: bytes, dst_offsets: list[int], lengths: list[int]) -> Callable[[], None]:
+    def admit(self, session: bytes, ticket: bytes, dst_offsets: list[int],
+              lengths: list[int]) -> Callable[[bool], None]:
+        """Admit one batch (see the module docstring). Its ``done(landed)`` ends the write; a
+        batch that landed every page of the reservation in some layers (a layered hand-off's
+        batch is one layer) reports those layers landed, so the loader may scatter them before
+        TransferDone comes (``Reservation.layers_landed``)."""
         owner = self.owner_of(session)
         if owner is None:
             raise TransferError("its connection names no live control session (the session ended or never was)")
@@ -51,10 +62,15 @@ class PoolGate:
             transfer_id, generation = P.read_ticket(ticket)
         except ProtocolError as e:
             raise TransferError(str(e)) from None
-        r = self.pool.begin_write(transfer_id, generation, owner=owner,
-                                  pages=pages_of(self.layout, dst_offsets, lengths))
+        by_layer = layer_pages_of(self.layout, dst_offsets, lengths)
+        r = self.pool.begin_write(transfer_id, generation, owner=owner, pages=set().union(*by_layer.values()))
         if sum(lengths) > len(r.pages) * self.layout.page_bytes:  # the same pages over and over
             self.pool.end_write(r, now=time.monotonic())
             raise TransferError(f"a batch of {sum(lengths)} B into a reservation of {len(r.pages)} pages",
                                 transfer_id=transfer_id)
-        return lambda: self.pool.end_write(r, now=time.monotonic())
+        whole = {layer for layer, pages in by_layer.items() if len(pages) == len(r.pages)}  # (pages within r's)
+
+        def done(landed: bool) -> None:
+            self.pool.end_write(r, now=time.monotonic(), layers=whole if landed else ())
+
+        return done

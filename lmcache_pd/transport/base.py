@@ -70,10 +70,12 @@ class Capabilities:
 class WriteGate(Protocol):
     """The receiver's admission of data batches (implemented above this layer, by the pool)."""
 
-    def admit(self, session: bytes, ticket: bytes, dst_offsets: list[int], lengths: list[int]) -> Callable[[], None]:
+    def admit(self, session: bytes, ticket: bytes, dst_offsets: list[int],
+              lengths: list[int]) -> Callable[[bool], None]:
         """Admit a batch of ``session`` (the token its connection presented) for the hand-off
         ``ticket`` names into those ranges of the region, or raise ``TransferError`` saying why.
-        Returns the function to call once the batch's bytes stopped landing (done or failed)."""
+        Returns the function to call once the batch's bytes stopped landing: with True when all
+        of them landed, False when it failed (the receiver may read what landed at once)."""
 
 
 class NoOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

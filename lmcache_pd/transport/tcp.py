@@ -397,6 +397,7 @@ class TcpTransport(Transport):
             except TransferError as e:
                 return self._refuse_batch(conn, ch, batch, str(e))
         t0 = time.monotonic()
+        landed = False
         try:
             pieces = _pieces(view, dst, lengths, self.options.piece_bytes)
             if ch is None:
@@ -404,9 +405,10 @@ class TcpTransport(Transport):
             else:
                 for piece in pieces:  # each lands in the pool only once its tag verified
                     piece[:] = _recv_record(conn, ch, len(piece))
+            landed = True
         finally:  # done or failed: no more of its bytes can land
             if done is not None:
-                done()
+                done(landed)
         self._ack(conn, ch, batch, _OK)
         with self._stats_lock:
             self.stats.batches += 1

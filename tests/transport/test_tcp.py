@@ -290,6 +290,7 @@ class Gate:
     def __init__(self) -> None:
         self.writing = 0
         self.admitted = 0
+        self.landed: list[bool] = []
 
     def admit(self, session: bytes, ticket: bytes, dst: list[int], lengths: list[int]):
         if session != b"s" * 16:
@@ -299,8 +300,9 @@ class Gate:
         self.writing += 1
         self.admitted += 1
 
-        def done() -> None:
+        def done(landed: bool) -> None:
             self.writing -= 1
+            self.landed.append(landed)
         return done
 
 
@@ -317,6 +319,7 @@ def test_every_batch_is_admitted_by_the_gate_and_a_refused_one_writes_nothing():
     plan = coalesce(np.array([0]), np.array([0]), np.array([1 << 16]))
     assert wait(tx, tx.submit(peer, sid, plan, timeout_s=3, ticket=b"ok")) == BatchState.DONE
     assert (dst[:1 << 16] == 7).all() and gate.admitted == 1 and gate.writing == 0  # its write ended
+    assert gate.landed == [True]  # every byte of it landed: the receiver may read it now
     # A batch of a hand-off that is not (or no longer) the session's: refused before a byte lands.
     later = coalesce(np.array([0]), np.array([1 << 16]), np.array([1 << 16]))
     h = tx.submit(peer, sid, later, timeout_s=3, ticket=b"stale")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -61,6 +62,43 @@ def test_each_layer_goes_as_it_is_computed_and_arrives_bitwise(name):
         assert s.num_bytes == ld.num_bytes == 3 * PAGE
         n.assert_moved(p_blocks, d_blocks)  # layer 1 as written after layer 0 had landed
         assert s.first_byte_at < s.computed_at and hidden_fraction(s) > 0.5, s
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
+@pytest.mark.parametrize("scatter_landed", [True, False])
+def test_the_decode_scatters_each_layer_as_it_lands_while_the_next_is_computed(scatter_landed):
+    """``pool.scatter_landed``: tcp's receiver sees layer 0's batch land whole, and the loader
+    copies it into vLLM's blocks at once, while the prefill still computes layer 1 (so before
+    TransferDone); off, nothing reaches the blocks before TransferDone."""
+    cfg = make_cfg()
+    cfg = msgspec.structs.replace(cfg, pool=msgspec.structs.replace(cfg.pool, scatter_landed=scatter_landed))
+    n = Node(cfg)
+    try:
+        p_blocks, d_blocks = [5, 6, 30], [11, 12, 40]
+        marks = layered(n, "early", p_blocks, d_blocks, 3 * BLOCK)
+
+        def layer0_in_blocks() -> bool:
+            return all(torch.equal(n.p_layers[0][p].view(torch.uint8), n.d_layers[0][d].view(torch.uint8))
+                       for p, d in zip(p_blocks, d_blocks))
+
+        marks.layer(0)
+        wait_until(lambda: n.sender.transport.stats.batches >= 1)  # layer 0 is in the pool
+        if scatter_landed:
+            wait_until(layer0_in_blocks)  # ... and in vLLM's blocks, layer 1 not computed yet
+        else:
+            time.sleep(0.3)
+            assert not layer0_in_blocks(), "scattered before TransferDone with pool.scatter_landed off"
+        assert not any(torch.equal(n.p_layers[1][p].view(torch.uint8), n.d_layers[1][d].view(torch.uint8))
+                       for p, d in zip(p_blocks, d_blocks))
+        marks.layer(1)
+        marks.forward_done()
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        n.assert_moved(p_blocks, d_blocks)
+        assert ld.early_layers == (LAYERS if scatter_landed else 0), ld
+        assert ld.num_bytes == 3 * PAGE
         assert n.pool_full()
     finally:
         n.close()

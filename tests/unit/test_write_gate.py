@@ -31,8 +31,25 @@ def test_a_batch_of_its_session_into_its_pages_is_admitted_and_counted_as_a_writ
     ranges = [page_range(0, 0, 2), page_range(1, 0, 2)]  # pages 0 and 1, both layers
     done = gate.admit(b"s" * 16, P.ticket("t", gen), [d for d, _ in ranges], [n for _, n in ranges])
     assert pool.lookup("t").writers == 1
-    done()
+    done(True)
     assert pool.lookup("t").writers == 0
+
+
+def test_a_batch_that_lands_every_page_of_a_layer_reports_that_layer_landed_and_a_failed_one_nothing():
+    """The loader scatters a layer before TransferDone only once the data plane saw every page
+    of the reservation land in it (``Reservation.layers_landed``); a batch with part of a
+    layer's pages, or one that failed, lands no layer."""
+    gate, pool, gen = gate_with(n=2)
+    r = pool.lookup("t")
+    part = gate.admit(b"s" * 16, P.ticket("t", gen), *zip(page_range(0, r.pages[0])))  # one page of layer 0
+    part(True)
+    assert r.layers_landed == frozenset()
+    failed = gate.admit(b"s" * 16, P.ticket("t", gen), *zip(page_range(1, r.pages[0], 2)))  # layer 1, failed
+    failed(False)
+    assert r.layers_landed == frozenset()
+    layer1 = gate.admit(b"s" * 16, P.ticket("t", gen), *zip(page_range(1, r.pages[0], 2)))  # all of layer 1
+    layer1(True)
+    assert r.layers_landed == frozenset({1}) and r.writers == 0
 
 
 @pytest.mark.parametrize("session,ticket,ranges,why", [
