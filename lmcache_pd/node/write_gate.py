@@ -6,7 +6,9 @@ its ticket names a live reservation of that session (transfer id and generation)
 written, and every byte it carries lies in that reservation's pages. While admitted it counts
 as a writer of the reservation (``PagePool.begin_write``): if the reservation ends meanwhile,
 its pages go back only when the batch's bytes stopped landing. So no byte of an ended hand-off
-ever lands in pages another hand-off was given.
+ever lands in pages another hand-off was given. A batch whose bytes all landed reports the
+layers it filled in every page of its reservation (``Reservation.layers_landed``): the loader
+scatters those before TransferDone comes (``pool.scatter_landed``).
 """
 
 from __future__ import annotations
@@ -36,10 +38,6 @@ def layer_pages_of(layout: PoolLayout, dst_offsets: list[int], lengths: list[int
             out.setdefault(u // n_pages, set()).add(u % n_pages)
     return out
 
-
-def pages_of(layout: PoolLayout, dst_offsets: list[int], lengths: list[int]) -> set[int]:
-    """The pool pages a batch writes, whatever the layer."""
-    return set().union(*layer_pages_of(layout, dst_offsets, lengths).values())
 
 
 class PoolGate:
