@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -59,3 +62,20 @@ def host_seconds(fn: Callable[[], object], repeat: int, *, sync: bool = True, wa
     if gpu:
         torch.cuda.synchronize()
     return statistics.median(out)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, deadline: float, what: str = "") -> None:
+    """Until ``url``/health answers 200 (a vLLM or proxy we started), ``proc`` exits (its log's
+    end in the error) or ``deadline`` (``time.monotonic()``) passes."""
+    what = what or url
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not start (log: {log})")

