@@ -220,9 +220,10 @@ class Loader:
         return None
 
     def _new_layers(self, load: LoadState, r: Reservation) -> frozenset[int]:
-        """Layers landed whole and not scattered yet (``pool.scatter_landed``; not once groups
-        of pages were: those cover every layer of their pages)."""
-        if not self.scatter_landed or r.state != ReservationState.ALLOCATED or load.groups_by_page:
+        """Layers landed whole and not scattered yet (``pool.scatter_landed``). Not for a streamed
+        hand-off (``r.landed``: its groups of pages go every layer at once, and no batch of it
+        covers a layer's pages whole)."""
+        if not self.scatter_landed or r.state != ReservationState.ALLOCATED or r.landed:
             return frozenset()
         return r.layers_landed - load.layers_done
 
@@ -330,11 +331,9 @@ class Loader:
         if r is None:  # ended or READY meanwhile: the next look says which
             return
         try:
-            layers = self._new_layers(load, r)
-            if r.landed > load.next_page and not load.layers_done:
-                load.groups_by_page = True
+            if r.landed > load.next_page:
                 self._scatter_pages(load, r, r.landed)
-            elif layers:
+            elif layers := self._new_layers(load, r):
                 self._scatter_layers(load, r, layers)
         finally:
             self.pool.end_read(r)  # whatever happened: a leaked guard would hold the pages forever

@@ -111,8 +111,6 @@ class LoadState:
     planned_ahead: bool = False
     armed: Armed | None = None
     """Its scatter is queued on the GPU behind the reservation's signal (node/armed.py)."""
-    groups_by_page: bool = False
-    """Groups of pages were scattered as they landed (a streamed hand-off): no layers then."""
     layers_done: frozenset[int] = frozenset()
     """Layers whose pages ``[next_page, end)`` are scattered already: they landed whole before
     TransferDone (``Reservation.layers_landed``)."""
