@@ -198,6 +198,8 @@ class HandoffPair:
         forward of the last prompt chunk runs (that forward always outlasts one round trip)."""
         self.rng = np.random.default_rng(0)
         self.seq = 0
+        self._fwd: torch.cuda.Stream | None = None  # the stand-in forward's stream (once used)
+        self._cycles: float | None = None  # torch.cuda._sleep cycles per us (once measured)
         self.last: tuple[list[int], list[int]] = ([], [])
         self.phases: list[dict[str, float]] = []
         """Per hand-off, seconds: allocate (link + Allocate round trip; with a reservation, what
@@ -237,9 +239,10 @@ class HandoffPair:
             if marks is not None:
                 self.tx.submit_layered(spec, marks)
             stream = self._forward_stream()
+            cycles = int(forward_us * self._cycles_per_us())
             with torch.cuda.stream(stream):
                 for i in range(LAYERS):
-                    torch.cuda._sleep(int(forward_us * self._cycles_per_us()))
+                    torch.cuda._sleep(cycles)
                     ready = torch.cuda.Event()
                     ready.record(stream)
                     if marks is not None:
@@ -276,13 +279,13 @@ class HandoffPair:
         return total
 
     def _forward_stream(self) -> torch.cuda.Stream:
-        if getattr(self, "_fwd", None) is None:
+        if self._fwd is None:
             self._fwd = torch.cuda.Stream(device=self.layers[0].device)
         return self._fwd
 
     def _cycles_per_us(self) -> float:
         """The spinning kernel's clock (``torch.cuda._sleep`` counts cycles), measured once."""
-        if getattr(self, "_cycles", None) is None:
+        if self._cycles is None:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda._sleep(1000)
             start.record()
