@@ -47,8 +47,15 @@ class SendSpec:
     """Wall clock (``time.time()``) when the scheduler saw the request finish: its last prompt
     chunk computed. The hand-off's timeline starts here (node/timeline.py); 0: not known."""
     layered: bool = False
-    """Sent layer by layer during the forward over the last prompt chunk (``transport.layerwise``,
-    node/layered.py): the spec comes in that step's metadata, before the request finished."""
+    """Sent layer by layer while vLLM's forwards compute it (``transport.layerwise``,
+    node/layered.py): the spec comes in the metadata of a step that computes a prompt chunk,
+    before the request finished. One such spec per chunk that completes blocks (a *piece*)."""
+    first_block: int = 0
+    """A layered piece: ``block_ids[first_block:]`` are the blocks this step's forward completes
+    (``block_ids`` lists every block of the prompt so far; the earlier ones went with earlier
+    pieces). A block a chunk leaves half written goes with the next chunk's piece."""
+    final: bool = True
+    """A layered piece: this step computes the prompt's last chunk (the hand-off's last piece)."""
 
 
 @dataclass(frozen=True)

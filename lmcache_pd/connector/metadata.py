@@ -23,6 +23,10 @@ class PDConnectorMetadata(KVConnectorMetadata):
     pages now, while the forward runs."""
     unreserves: list[TransferId] = field(default_factory=list)
     """Prefill: reserved hand-offs that will not happen (request aborted): give the pages back."""
+    abandons: list[TransferId] = field(default_factory=list)
+    """Prefill: layered hand-offs whose request vLLM preempted in this step (its blocks are
+    freed, and this step's forward may write them for another request): before the forward,
+    stop reading them and give the hand-off up (the decode side recomputes)."""
     cache_loads: list[CacheLoadSpec] = field(default_factory=list)
     """Prefix chunks to copy from the cache tiers into new blocks (vLLM counts them as external hits)."""
     cache_saves: list[CacheSaveSpec] = field(default_factory=list)

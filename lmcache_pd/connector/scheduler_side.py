@@ -3,7 +3,10 @@
 Prefill (kv_producer), per request carrying ``PrefillParams``:
   1. the request computes its prompt normally and finishes (max_tokens=1); the step that
      computes its last prompt chunk also carries its Handoff, so that the workers allocate
-     the decode pages while that forward runs;
+     the decode pages while that forward runs. With ``transport.layerwise`` every step that
+     completes blocks of the prompt carries them instead (a layered piece, SendSpec): the
+     workers send each layer of them as the forward computes it, chunk after chunk; a
+     preemption gives such a hand-off up before the step's forward (``abandons``);
   2. ``request_finished`` returns delay_free=True and the ``DecodeParams`` the proxy forwards to
      the decode instance, and queues a SendSpec for the workers (next step's metadata);
   3. the workers report ``finished_sending`` when the hand-off ended (either way): blocks freed.
@@ -106,7 +109,11 @@ class _PrefillReq:
     handoff: Handoff
     reserved: bool = False
     layered: bool = False
-    """Its hand-off started layer by layer in the step that computed its last chunk."""
+    """Its hand-off is under way layer by layer (a piece went in some step's metadata)."""
+    sent_blocks: int = 0
+    """Layered: the leading blocks the pieces so far cover."""
+    abandoned: bool = False
+    """Layered: preempted with pieces out; the hand-off was given up (the decode side recomputes)."""
 
 
 class PrefillScheduler(SchedulerRole):
@@ -123,6 +130,7 @@ class PrefillScheduler(SchedulerRole):
         self._sends: list[SendSpec] = []
         self._reserves: list[Handoff] = []
         self._unreserves: list[TransferId] = []
+        self._abandons: list[TransferId] = []
 
     def _params(self, request: Request) -> P.PrefillParams | None:
         params = P.params_from_dict(request.kv_transfer_params, P.PrefillParams)
@@ -153,27 +161,61 @@ class PrefillScheduler(SchedulerRole):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PDConnectorMetadata:
         if self._reqs:
+            so = scheduler_output
+            # vLLMs that name the step's preempted requests let a hand-off go chunk by chunk:
+            # a preemption frees the blocks its pieces read, and the workers must hear of it
+            # before that step's forward (older vLLMs: the last chunk's step only).
+            chunks = self.layerwise and hasattr(so, "preempted_req_ids")
+            for req_id in getattr(so, "preempted_req_ids", None) or ():
+                self._preempted(req_id)
             if self._blocks:
-                track_blocks(scheduler_output, self._blocks)
-            for req_id, (start, n) in scheduled_spans(scheduler_output).items():
+                track_blocks(so, self._blocks)
+            for req_id, (start, n) in scheduled_spans(so).items():
                 r = self._reqs.get(req_id)
-                if r is not None and not r.reserved and start + n >= r.handoff.num_tokens:
+                if r is None or r.abandoned:
+                    continue
+                last = start + n >= r.handoff.num_tokens
+                if self.layerwise and (last or chunks):
+                    self._send_piece(req_id, r, start + n, last)
+                elif last and not r.reserved:
                     r.reserved = True
                     self._reserves.append(r.handoff)
-                    self._send_layered(req_id, r)
-        meta = PDConnectorMetadata(sends=self._sends, reserves=self._reserves, unreserves=self._unreserves)
-        self._sends, self._reserves, self._unreserves = [], [], []
+        meta = PDConnectorMetadata(sends=self._sends, reserves=self._reserves, unreserves=self._unreserves,
+                                   abandons=self._abandons)
+        self._sends, self._reserves, self._unreserves, self._abandons = [], [], [], []
         meta.cache_loads, meta.cache_saves, meta.cache_releases = self.prefix.take()
         return meta
 
-    def _send_layered(self, req_id: ReqId, r: _PrefillReq) -> None:
-        """With ``transport.layerwise``: start the hand-off in this step, the one whose forward
-        computes the prompt's last chunk, so that each layer goes as soon as it is computed."""
-        blocks = self._blocks.pop(req_id, None)
-        if blocks is None or len(blocks) * self.block_size < r.handoff.num_tokens:
-            return  # blocks not known (or too few): it goes whole once the request finished
-        r.layered = True
-        self._sends.append(SendSpec(req_id, r.handoff, tuple(blocks), layered=True))
+    def _send_piece(self, req_id: ReqId, r: _PrefillReq, computed: int, last: bool) -> None:
+        """With ``transport.layerwise``: the blocks this step's forward completes go layer by
+        layer as it computes them (the workers reserve the decode pages at the first piece).
+        A block the chunk leaves half written goes with the next chunk's piece; the last chunk's
+        piece ends the hand-off. Without its blocks known (too few), a hand-off not yet under way
+        goes whole once the request finished."""
+        blocks = self._blocks.get(req_id)
+        end = -(-r.handoff.num_tokens // self.block_size) if last else computed // self.block_size
+        if blocks is None or len(blocks) < end or (end <= r.sent_blocks and not last):
+            return
+        r.layered = r.reserved = True
+        self._sends.append(SendSpec(req_id, r.handoff, tuple(blocks[:end]), layered=True,
+                                    first_block=r.sent_blocks, final=last))
+        r.sent_blocks = end
+        if last:
+            self._blocks.pop(req_id, None)
+
+    def _preempted(self, req_id: ReqId) -> None:
+        """vLLM preempted the request in this step and freed its blocks: a layered hand-off under
+        way is given up before this step's forward reuses them (its pieces cannot be resent:
+        the decode side refuses a transfer id twice), and the decode side recomputes. One that
+        sent nothing yet starts again from the first block when the request is scheduled again."""
+        r = self._reqs.get(req_id)
+        if r is None or r.abandoned:
+            return
+        if r.layered:
+            r.abandoned = True
+            self._abandons.append(r.handoff.transfer_id)
+            self._blocks.pop(req_id, None)
+        r.sent_blocks = 0
 
     def _track(self, request: Request, params: P.PrefillParams) -> _PrefillReq:
         assert request.prompt_token_ids is not None
@@ -206,7 +248,10 @@ class PrefillScheduler(SchedulerRole):
         h = r.handoff
         if len(block_ids) * self.block_size < h.num_tokens:
             return None
-        if not r.layered:  # a layered one is under way since the step that computed its last chunk
+        if r.abandoned:  # preempted mid-way: the decode side learnt it was given up, and recomputes
+            log.info("request %s was preempted during its layered hand-off %s: the decode side recomputes it",
+                     request.request_id, h.transfer_id)
+        elif not r.layered:  # a layered one is under way since the step that computed its first chunk
             self._sends.append(SendSpec(request.request_id, h, tuple(block_ids), computed_at=time.time()))
         out = P.DecodeParams(transfer_id=h.transfer_id, num_tokens=h.num_tokens, prompt_digest=h.prompt_digest,
                              prefill_peer=self.instance)

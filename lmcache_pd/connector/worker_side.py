@@ -26,14 +26,14 @@ import torch
 from prometheus_client.registry import Collector
 
 from lmcache_pd import protocol as P
-from lmcache_pd._types import ReqId
+from lmcache_pd._types import ReqId, TransferId
 from lmcache_pd.config import PDConfig, check_exposure, keyring
 from lmcache_pd.connector import compat as vllm_compat
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
 from lmcache_pd.handoff import CacheSaveSpec, SendSpec, lookup_hold
 from lmcache_pd.layout import KVLayout, blocks_for_tokens
 from lmcache_pd.node.cache_io import CacheIO, NoCacheIO
-from lmcache_pd.node.layered import LayerMarks
+from lmcache_pd.node.layered import LayerMarks, Pieces
 from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.sender import KVSender
 from lmcache_pd.node.worker import NodeConfig, Worker
@@ -119,6 +119,9 @@ class WorkerRole:
 
     def build_worker_meta(self) -> PDWorkerMeta | None:
         return None
+
+    def before_forward(self, meta: PDConnectorMetadata) -> None:
+        """vLLM bound the step's metadata: its forward is about to start."""
 
     def save_kv_layer(self, layer_name: str, meta: PDConnectorMetadata) -> None:
         """vLLM's forward has written this layer's KV for the step (called after each attention;
@@ -261,7 +264,9 @@ class PrefillWorker(_PDWorker):
         self.sender: KVSender | None = None
         self._layer_of: dict[str, int] = {}
         self._forward: list[LayerMarks] = []
-        """Layered hand-offs whose layers this step's forward computes (vLLM's thread only)."""
+        """Layered pieces whose layers this step's forward computes (vLLM's thread only)."""
+        self._pieces: dict[TransferId, tuple[ReqId, Pieces]] = {}
+        """Layered hand-offs whose last chunk is still to come (vLLM's thread only)."""
         self._at_end: list[SendSpec] = []
         """Hand-offs below ``transport.layerwise_min_mib`` whose last chunk this step's forward
         computes: they go whole once it ended (vLLM's thread only)."""
@@ -280,10 +285,23 @@ class PrefillWorker(_PDWorker):
                  layout.num_layers, len(layout.extents) or 1, layout.page_bytes, self.cfg.transport.name,
                  self._cache_tiers())
 
+    def before_forward(self, meta: PDConnectorMetadata) -> None:
+        """Before the forward: the preempted requests' blocks may be written by it, so their
+        layered hand-offs stop reading them first (a wait only while a batch of theirs flies)."""
+        if self.sender is None:
+            return
+        for tid in meta.abandons:
+            req_id, pieces = self._pieces.pop(tid, (None, None))
+            if pieces is not None and not self.sender.abandon(tid, pieces, "request preempted: its blocks were freed"):
+                log.error("hand-off %s of preempted request %s still read its blocks after timeouts.data_s",
+                          tid, req_id)
+        self._begin(meta)
+
     def _begin(self, meta: PDConnectorMetadata) -> None:
-        """Once per step, as early as vLLM lets us (its first layer's ``save_kv_layer``; vLLM 0.32
-        calls ``start_load_kv`` only after the forward): reserve the decode pages of the hand-offs
-        whose last chunk this forward computes, and start the layered ones."""
+        """Once per step, before its forward (``bind_connector_metadata``; at the latest at its
+        first layer's ``save_kv_layer``): reserve the decode pages of the hand-offs whose last
+        chunk this forward computes, and start or extend the layered ones with this forward's
+        piece."""
         if self._begun is meta or self.sender is None:
             return
         self._begun = meta
@@ -291,13 +309,28 @@ class PrefillWorker(_PDWorker):
             self.sender.reserve(r)
         for spec in meta.sends:
             if spec.layered:
+                self._piece(spec)
+
+    def _piece(self, spec: SendSpec) -> None:
+        """A layered piece: this forward completes ``spec``'s blocks from ``first_block`` on."""
+        assert self.sender is not None
+        tid = spec.handoff.transfer_id
+        if self._small(spec):  # whole once the last chunk's forward ended
+            if spec.final:
+                self.sender.reserve(spec.handoff)
                 self.users.add(spec.req_id)
-                if self._small(spec):
-                    self._at_end.append(spec)
-                    continue
-                marks = LayerMarks(self.sender.kv.num_layers)
-                self._forward.append(marks)
-                self.sender.submit_layered(spec, marks)
+                self._at_end.append(spec)
+            return
+        marks = LayerMarks(self.sender.kv.num_layers)
+        self._forward.append(marks)
+        if tid in self._pieces:
+            self._pieces[tid][1].add(spec.block_ids, spec.first_block, marks, spec.final)
+        else:
+            self.sender.reserve(spec.handoff)  # its Allocate goes out before the forward's first layer
+            self.users.add(spec.req_id)
+            self._pieces[tid] = (spec.req_id, self.sender.submit_layered(spec, marks))
+        if spec.final:
+            del self._pieces[tid]
 
     def start_load_kv(self, meta: PDConnectorMetadata) -> None:
         if self.sender is None:

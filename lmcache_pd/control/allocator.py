@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lmcache_pd._types import PageIdx, ReservationState, TransferId
 from lmcache_pd.errors import PoolExhausted, TransferError
@@ -82,6 +82,9 @@ class Reservation:
     """Layers whose every page holds its final bytes, seen landing by the data plane (a
     transport that gates each batch, tcp): the loader may scatter them before TransferDone.
     Replaced, never changed in place: a reader holds a snapshot."""
+    pages_landed: dict[int, set[PageIdx]] = field(default_factory=dict)
+    """Per layer not landed yet, the pages landed so far (a chunked prompt's layer comes in
+    one batch per chunk); the pool's lock guards it."""
 
 
 @dataclass(frozen=True)
@@ -316,14 +319,26 @@ class PagePool:
             r.writers += 1
             return r
 
-    def end_write(self, r: Reservation, *, now: float, layers: Iterable[int] = ()) -> None:
-        """A batch stopped landing; ``layers``: those it landed whole (every page of ``r``)."""
+    def end_write(self, r: Reservation, *, now: float, landed: dict[int, set[PageIdx]] | None = None) -> None:
+        """A batch stopped landing; ``landed``: the pages it landed, by layer (None: it did not
+        land). A layer whose every page of ``r`` has landed, in this batch or earlier ones,
+        joins ``r.layers_landed``."""
         with self._lock:
             r.writers -= 1
             if r.ended:
                 self._free_if_unused(r, now)
-            elif layers:
-                r.layers_landed = r.layers_landed.union(layers)
+                return
+            whole: set[int] = set()
+            for layer, pages in (landed or {}).items():
+                if layer in r.layers_landed:
+                    continue
+                have = r.pages_landed.setdefault(layer, set())
+                have.update(pages)
+                if len(have) == len(r.pages):  # (begin_write admitted only r's pages)
+                    whole.add(layer)
+                    del r.pages_landed[layer]
+            if whole:
+                r.layers_landed = r.layers_landed.union(whole)
                 self._changed()
 
     def expire(self, now: float) -> list[TransferId]:

@@ -1,4 +1,4 @@
-"""A hand-off sent layer by layer while the prefill's forward computes it (``transport.layerwise``; L5).
+"""A hand-off sent layer by layer while the prefill's forwards compute it (``transport.layerwise``; L5).
 
 Without it a hand-off starts once the request finished, so its whole transfer runs after the
 prefill's forward (docs/benchmarks.md: on CPU, 28 ms of a 4000-token prompt's KV, all of it on
@@ -6,11 +6,17 @@ the second token's path). With it the connector's scheduler half starts the hand
 engine step that computes the prompt's last chunk, its worker half marks each layer computed as
 vLLM's forward passes it (``save_kv_layer``; on a GPU with an event recorded on vLLM's stream),
 and the sender submits that layer's pages to the transport at once, while the next layers
-compute. Still one control round trip per hand-off: the pages are allocated (reserved) as the
-forward starts, and TransferDone follows the last layer.
+compute. With chunked prefill the hand-off starts with the first chunk: each step adds a *piece*
+(the blocks its forward completes, with that forward's marks), so earlier chunks' layers go
+while later chunks compute. Still one control round trip per hand-off: the pages are allocated
+(reserved) as the first piece's forward starts, and TransferDone follows the last piece's last
+layer.
 
-:class:`LayerMarks` is the one object both threads touch: vLLM's thread marks layers and the
-forward's end, the sender's loop waits on it. :func:`send_layers` is the sender's loop over it.
+:class:`LayerMarks` (one forward) and :class:`Pieces` (one hand-off) are what both threads touch:
+vLLM's thread adds pieces and marks layers, the sender's loop waits on them.
+:func:`send_layers` is the sender's loop over them. A preemption frees the blocks a piece reads:
+:meth:`Pieces.stop` lets no new batch start, and :meth:`Pieces.wait_quiet` returns once none
+is reading them.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from lmcache_pd._types import BatchState
-from lmcache_pd.errors import TransferTimeout
-from lmcache_pd.layout import RangePlan
+from lmcache_pd._types import BatchState, BlockId
+from lmcache_pd.errors import TransferError, TransferTimeout
+from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, plan_cache_to_pool
 
 
 class LayerMarks:
@@ -69,59 +76,184 @@ class LayerMarks:
             return [(i, self._computed[i]) for i in self._order[seen:]]
 
 
-async def send_layers(transport, peer_id: str, region: int, plans: list[RangePlan], marks: LayerMarks, *,
-                      data_s: float, ticket: bytes, check: Callable[[], None],
-                      failed: Callable[[BatchState, object], None],
-                      signal: tuple[int, int] | None = None) -> float:
-    """Submit each layer's plan (``plans[layer]``) as soon as ``marks`` says it is computed, and
-    return when every layer is in the peer's pool (the wall clock of the first submit).
+@dataclass(frozen=True)
+class Piece:
+    """The blocks one forward completes: ``blocks[first:]`` (``blocks``: the prompt's so far)."""
+
+    blocks: tuple[BlockId, ...]
+    first: int
+    marks: LayerMarks
+    final: bool
+    added_at: float
+    """Wall clock when its forward's step began (the connector got its metadata)."""
+
+
+class Pieces:
+    """The pieces of one layered hand-off, added by vLLM's thread as its forwards run (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._pieces: list[Piece] = []
+        self._wake: Callable[[], None] = lambda: None
+        self.stopped = ""
+        """Why no batch may start any more (empty: it may)."""
+        self._inflight = 0
+
+    def add(self, blocks: tuple[BlockId, ...], first: int, marks: LayerMarks, final: bool) -> None:
+        """vLLM's thread: a forward that completes ``blocks[first:]`` starts (``marks``: its layers)."""
+        with self._lock:
+            self._pieces.append(Piece(blocks, first, marks, final, time.time()))
+            wake = self._wake
+        marks.bind(self._call_wake)
+        wake()
+
+    def _call_wake(self) -> None:
+        with self._lock:
+            wake = self._wake
+        wake()
+
+    def bind(self, wake: Callable[[], None]) -> None:
+        """The sender's loop: call ``wake`` (thread-safe) on every piece and mark from now on."""
+        with self._lock:
+            self._wake = wake
+
+    def since(self, seen: int) -> list[Piece]:
+        with self._lock:
+            return self._pieces[seen:]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pieces)
+
+    @property
+    def final(self) -> Piece | None:
+        """The last chunk's piece, once added."""
+        with self._lock:
+            return self._pieces[-1] if self._pieces and self._pieces[-1].final else None
+
+    def admit(self) -> bool:
+        """The sender's loop, before it submits a batch reading the blocks: False once stopped."""
+        with self._lock:
+            if self.stopped:
+                return False
+            self._inflight += 1
+            return True
+
+    def ended(self, n: int = 1) -> None:
+        """The sender's loop: ``n`` admitted batches stopped reading the blocks (terminal)."""
+        with self._lock:
+            self._inflight -= n
+            self._lock.notify_all()
+
+    def stop(self, why: str) -> None:
+        """Any thread: no batch may start from now on (the blocks are about to be reused)."""
+        with self._lock:
+            self.stopped = self.stopped or why
+            wake = self._wake
+        wake()
+
+    def wait_quiet(self, timeout_s: float) -> bool:
+        """After :meth:`stop`: wait until no admitted batch reads the blocks; False on timeout."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._inflight <= 0, timeout_s)
+
+
+def piece_plan(kv: KVLayout, pool: PoolLayout, piece: Piece, layer: int, pages: list[int],
+               skip: int) -> RangePlan | None:
+    """One layer of the blocks a piece completes into their pool pages (``pages`` hold the
+    hand-off's blocks from ``skip`` on: the decode side holds the first ones); None: none left."""
+    a, b = max(piece.first, skip), min(len(piece.blocks), skip + len(pages))
+    if a >= b:
+        return None
+    return plan_cache_to_pool(kv, pool, blocks=piece.blocks[a:b], pages=pages[a - skip:b - skip], layers=[layer])
+
+
+async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piece, int], RangePlan | None],
+                      pieces: Pieces, num_layers: int, *, data_s: float, ticket: bytes, check: Callable[[], None],
+                      failed: Callable[[BatchState, object], None], renew: Callable[[], None] = lambda: None,
+                      signal: tuple[int, int] | None = None) -> tuple[float, list[RangePlan]]:
+    """Submit each piece's layer (``plan(piece, layer)``; None: nothing of it to send) as soon as
+    its forward's marks say it is computed, and return when the final piece's every layer, and
+    every earlier piece's, is in the peer's pool: the wall clock of the first submit, and the
+    plans sent.
 
     Deadlines (``timeouts.data_s``, named in the error): each next layer must be marked within
     ``data_s`` of the last progress (a forward that stops fails the hand-off), and the bytes
-    must have landed within ``data_s`` of the last submit. ``check`` raises when the hand-off
-    must stop (the decode side ended it); ``failed`` raises for a batch that ended otherwise than
-    DONE. On a GPU a layer goes after its event: ordered on the device by a stream-ordered
-    transport, else once the event completed. ``signal``: the device-side signal the last
-    layer's batch ends with (node/armed.py)."""
+    must have landed within ``data_s`` of the last submit. ``renew`` is called for each new
+    piece (the hand-off's own deadline grows with its chunks). ``check`` raises when the
+    hand-off must stop (the decode side ended it); ``failed`` raises for a batch that ended
+    otherwise than DONE; a stopped ``pieces`` (a preemption) ends it once no batch of it is in
+    flight. On a GPU a layer goes after its event: ordered on the device by a stream-ordered
+    transport, else once the event completed. ``signal``: the device-side signal the hand-off's
+    last batch ends with (node/armed.py)."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
-    marks.bind(lambda: loop.call_soon_threadsafe(wake.set))
+    pieces.bind(lambda: loop.call_soon_threadsafe(wake.set))
     ordered = transport.capabilities.stream_ordered
     handles: list = []
-    waiting: list[tuple[int, torch.cuda.Event | None]] = []  # computed, its event not yet complete
-    seen = 0
+    open_: list = []  # admitted handles not yet seen terminal
+    sent: list[RangePlan] = []
+    known: list[tuple[Piece, int]] = []  # pieces seen, and how many of their layers were taken
+    waiting: list[tuple[Piece, int, torch.cuda.Event | None]] = []  # computed, its event not yet complete
+    pending = 0  # layers of known pieces not yet submitted (or found empty)
+    final = False
     first_byte_at = 0.0
     progress = time.monotonic()
     try:
         while True:
             wake.clear()
-            new = marks.since(seen)
-            seen += len(new)
-            waiting += new
+            for piece in pieces.since(len(known)):
+                known.append((piece, 0))
+                pending += num_layers
+                final = final or piece.final
+                renew()
+            for k, (piece, taken) in enumerate(known):
+                new = piece.marks.since(taken)
+                if new:
+                    known[k] = (piece, taken + len(new))
+                    waiting += [(piece, index, ready) for index, ready in new]
+                    progress = time.monotonic()  # the forwards move on
             for item in list(waiting):
-                index, ready = item
+                piece, index, ready = item
                 if ready is not None and not ordered and not ready.query():
                     continue
+                if pieces.stopped:
+                    break
                 waiting.remove(item)
-                last = {"signal": signal} if signal is not None and len(handles) == len(plans) - 1 else {}
-                handle = transport.submit(peer_id, region, plans[index], timeout_s=data_s,
+                pending -= 1
+                p = plan(piece, index)
+                if p is None:
+                    continue
+                if not pieces.admit():
+                    break
+                last = {"signal": signal} if signal is not None and final and not pending else {}
+                handle = transport.submit(peer_id, region, p, timeout_s=data_s,
                                           after=ready if ordered else None, ticket=ticket, **last)
                 handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
                 handles.append(handle)
+                open_.append(handle)
+                sent.append(p)
                 first_byte_at = first_byte_at or time.time()
                 progress = time.monotonic()
             states = [transport.poll(h) for h in handles]
             for h, state in zip(handles, states):
+                if state.terminal and h in open_:
+                    open_.remove(h)
+                    pieces.ended()
+            for h, state in zip(handles, states):
                 if state.terminal and state != BatchState.DONE:
                     failed(state, h)
-            in_flight = not all(s == BatchState.DONE for s in states)
-            if len(handles) == len(plans) and not in_flight:
-                return first_byte_at
-            check()
+            in_flight = bool(open_)
+            if pieces.stopped and not in_flight:
+                raise TransferError(pieces.stopped)
+            if final and not pending and not waiting and not in_flight:
+                return first_byte_at, sent
+            if not pieces.stopped:
+                check()
             if time.monotonic() - progress > data_s:
-                what = "the prefill's forward to compute the next layer" if seen < len(plans) else "data transfer"
+                what = "the prefill's forward to compute the next layer" if not in_flight else "data transfer"
                 raise TransferTimeout(what, config_field="timeouts.data_s", seconds=data_s)
-            # Woken by a mark or a transport callback; the short timeout keeps polling
+            # Woken by a mark, a piece or a transport callback; the short timeout keeps polling
             # transports that progress only inside poll(), and events without a callback. Between
             # layers, with nothing in flight, only a mark wakes it: a wake-up costs the forward
             # (vLLM's thread, on the same core on CPU) the GIL.
@@ -130,6 +262,8 @@ async def send_layers(transport, peer_id: str, region: int, plans: list[RangePla
             except TimeoutError:
                 pass
     finally:
-        marks.bind(lambda: None)
+        pieces.bind(lambda: None)
         for handle in handles:
             handle.close()  # cancels layers still in flight after a failure
+        if open_:
+            pieces.ended(len(open_))

@@ -41,3 +41,8 @@ class SendResult:
     """Sent layer by layer during the prefill's forward (``transport.layerwise``)."""
     on_caller: bool = False
     """Planned and submitted on the thread that submitted the hand-off (its pages were granted)."""
+    pieces: int = 0
+    """Layered: the forwards (prompt chunks) it was sent from, one piece each."""
+    last_chunk_at: float = 0.0
+    """Layered: wall clock when the step computing the prompt's last chunk began; bytes sent
+    before it were hidden under earlier chunks."""

@@ -51,7 +51,7 @@ from lmcache_pd.handoff import Handoff, SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
 from lmcache_pd.node.armed import signal_of
 from lmcache_pd.node.handoff_log import HandoffLog
-from lmcache_pd.node.layered import LayerMarks, send_layers
+from lmcache_pd.node.layered import LayerMarks, Pieces, piece_plan, send_layers
 from lmcache_pd.node.links import Links
 from lmcache_pd.node.loop import LoopThread
 from lmcache_pd.node.peer import DecodePeer, Grant
@@ -159,10 +159,24 @@ class KVSender:
             return None
         return _Launched(grant, plan, handle, t0, started_at, first_byte_at)
 
-    def submit_layered(self, spec: SendSpec, marks: LayerMarks) -> None:
-        """Start a layered hand-off (thread-safe, returns at once): each layer goes as ``marks``
-        says the forward over the prompt's last chunk computed it (node/layered.py)."""
-        self._loop.submit(self._send(spec, None, marks))
+    def submit_layered(self, spec: SendSpec, marks: LayerMarks) -> Pieces:
+        """Start a layered hand-off with its first piece (thread-safe, returns at once): each
+        layer of ``spec``'s blocks goes as ``marks`` says the forward computed it
+        (node/layered.py). Add the next chunks' pieces to the returned :class:`Pieces`; the
+        hand-off ends after its final one (``spec.final``)."""
+        pieces = Pieces()
+        pieces.add(spec.block_ids, spec.first_block, marks, spec.final)
+        self._loop.submit(self._send(spec, None, pieces))
+        return pieces
+
+    def abandon(self, transfer_id: TransferId, pieces: Pieces, reason: str) -> bool:
+        """vLLM is about to reuse a layered hand-off's blocks (its request was preempted): let no
+        more of its batches start, give it up (the decode side recomputes), and wait, on the
+        caller's thread, until none reads the blocks. False if some still did after
+        ``timeouts.data_s`` (every batch has that deadline)."""
+        pieces.stop(reason)
+        self.unreserve(transfer_id, reason)
+        return pieces.wait_quiet(self.t.data_s + 1.0)
 
     def reserve(self, handoff: Handoff) -> Future[None]:
         """Allocate a coming hand-off's decode pages now (thread-safe, returns at once).
@@ -172,10 +186,10 @@ class KVSender:
         the same way, and the decode side recomputes)."""
         return self._loop.submit(self._reserved.reserve(handoff))
 
-    def unreserve(self, transfer_id: TransferId) -> None:
+    def unreserve(self, transfer_id: TransferId, reason: str = "request ended without a hand-off") -> None:
         """The hand-off will not come (request aborted): give its reserved pages back, and stop
         it if it is a layered one already under way."""
-        self._loop.submit(self._unreserve(transfer_id, "request ended without a hand-off"))
+        self._loop.submit(self._unreserve(transfer_id, reason))
 
     def handoff_deadline_s(self) -> float:
         """The longest a hand-off can take: every deadline it may meet, one after the other."""
@@ -256,16 +270,19 @@ class KVSender:
 
     # --- one hand-off ---------------------------------------------------------------------
     async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None,
-                    marks: LayerMarks | None = None, launched: _Launched | None = None) -> None:
+                    pieces: Pieces | None = None, launched: _Launched | None = None) -> None:
         t0 = launched.t0 if launched is not None else time.monotonic()
         self._started[spec.handoff.transfer_id] = launched.started_at if launched is not None else time.time()
-        # A layered hand-off also waits for the forward that computes its layers (data_s more).
-        limit = self.handoff_deadline_s() + (self.t.data_s if marks is not None else 0.0)
-        if marks is not None:
+        # A layered hand-off also waits for the forwards that compute its layers: data_s more
+        # from each piece on (a chunked prompt's last piece may come many steps later).
+        limit = self.handoff_deadline_s() + (self.t.data_s if pieces is not None else 0.0)
+        if pieces is not None:
             self._layered[spec.handoff.transfer_id] = spec.handoff
         try:
-            async with asyncio.timeout(limit):
-                await self._send_steps(spec, ready, t0, marks, launched)
+            async with asyncio.timeout(limit) as deadline:
+                loop = asyncio.get_running_loop()
+                renew = lambda: deadline.reschedule(max(deadline.when() or 0.0, loop.time() + limit))  # noqa: E731
+                await self._send_steps(spec, ready, t0, pieces, launched, renew)
         except TimeoutError:  # a step outlived its own deadline: a bug, but the blocks must come back
             # (the steps' own ``finally`` already took the transfer off its link's heartbeats)
             log.error("hand-off %s outlived %.1f s (the sum of its timeouts.*): abandoned", spec.handoff.transfer_id, limit)
@@ -275,7 +292,7 @@ class KVSender:
             self._layered.pop(spec.handoff.transfer_id, None)
 
     async def _send_steps(self, spec: SendSpec, ready: torch.cuda.Event | None, t0: float,
-                          marks: LayerMarks | None, launched: _Launched | None) -> None:
+                          pieces: Pieces | None, launched: _Launched | None, renew) -> None:
         peer: DecodePeer | None = None
         try:
             if launched is not None:  # planned and submitted on the caller's thread
@@ -287,7 +304,7 @@ class KVSender:
                                  launched.first_byte_at, time.monotonic() - launched.t0, None, on_caller=True)
                 return
             n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.worker.compat.block_size)
-            if len(spec.block_ids) < n_pages:
+            if len(spec.block_ids) < n_pages and spec.final:  # (a first piece of several has fewer)
                 await self._unreserve(spec.handoff.transfer_id, "hand-off refused")
                 raise TransferError(f"{len(spec.block_ids)} blocks for {spec.handoff.num_tokens} tokens",
                                     transfer_id=spec.handoff.transfer_id)
@@ -301,23 +318,26 @@ class KVSender:
             # waits for it on the GPU (node/armed.py).
             signal = signal_of(pages, grant.generation) if peer.signals and pages else None
             t_data = time.monotonic()
-            if marks is None:
+            if pieces is None:
                 ends = self._group_ends(len(pages))
                 plans = [plan_cache_to_pool(self.kv, peer.pool, blocks=blocks[a:b], pages=pages[a:b])
                          for a, b in zip((0, *ends[:-1]), ends)]
                 digest = self._digest(blocks, pages, peer, ready)  # reads the blocks while they fly
                 first_byte_at = await self._transfer(peer, plans, ends, spec, ticket, ready, signal)
             else:
-                plans = [plan_cache_to_pool(self.kv, peer.pool, blocks=blocks, pages=pages, layers=[layer])
-                         for layer in range(self.kv.num_layers)]
-                first_byte_at = await send_layers(
-                    self.transport, peer.peer_id, self.region, plans, marks, data_s=self.t.data_s, ticket=ticket,
-                    signal=signal,
+                first_byte_at, plans = await send_layers(
+                    self.transport, peer.peer_id, self.region,
+                    lambda piece, layer: piece_plan(self.kv, peer.pool, piece, layer, pages, grant.skip),
+                    pieces, self.kv.num_layers,
+                    data_s=self.t.data_s, ticket=ticket, signal=signal, renew=renew,
                     check=lambda: self._check_ended(spec.handoff),
                     failed=lambda state, handle: self._check_state(state, handle, spec))
+                final = pieces.final
+                assert final is not None and len(final.blocks) >= n_pages
+                blocks = final.blocks[grant.skip:n_pages]
                 digest = self._digest(blocks, pages, peer, None)  # every layer is computed by now
             await self._done(spec, grant, reserved, plans, digest, t0, t_alloc, granted_at, first_byte_at,
-                             time.monotonic() - t_data, marks)
+                             time.monotonic() - t_data, pieces)
         except (PDError, OSError) as e:
             log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.handoff.transfer_id, spec.handoff.peer, e)
             await self._cancel_any(peer, spec.handoff, str(e))
@@ -332,7 +352,7 @@ class KVSender:
 
     async def _done(self, spec: SendSpec, grant: Grant, reserved: bool, plans: list[RangePlan],
                     digest: asyncio.Future[int] | None, t0: float, t_alloc: float, granted_at: float,
-                    first_byte_at: float, seconds: float, marks: LayerMarks | None, *, on_caller: bool = False) -> None:
+                    first_byte_at: float, seconds: float, pieces: Pieces | None, *, on_caller: bool = False) -> None:
         """Every byte is in the decode pool: TransferDone, then the result."""
         nbytes = sum(p.nbytes for p in plans)
         last_byte_at = time.time()
@@ -341,22 +361,24 @@ class KVSender:
         await grant.peer.transfer_done(spec.handoff.transfer_id, nbytes, seconds, checked)
         log.info("sent %s: %d B in %.2f ms (%.2f GB/s, %d %s; %d of %d blocks held by the decode side), "
                  "hand-off %.2f ms", spec.handoff.transfer_id, nbytes, seconds * 1e3, nbytes / max(seconds, 1e-9) / 1e9,
-                 len(plans), "layers" if marks is not None else "groups", grant.skip, grant.skip + len(grant.pages),
+                 len(plans), "layers" if pieces is not None else "groups", grant.skip, grant.skip + len(grant.pages),
                  (time.monotonic() - t0) * 1e3)
         self._result(SendResult(spec.req_id, spec.handoff.transfer_id, True, nbytes, seconds,
                                 allocate_s=t_alloc - t0, done_s=time.monotonic() - t_done, reserved=reserved,
                                 skipped_pages=grant.skip, granted_at=granted_at,
-                                computed_at=self._computed_at(spec, marks),
-                                first_byte_at=first_byte_at, last_byte_at=last_byte_at, layered=marks is not None,
-                                on_caller=on_caller))
+                                computed_at=self._computed_at(spec, pieces),
+                                first_byte_at=first_byte_at, last_byte_at=last_byte_at, layered=pieces is not None,
+                                on_caller=on_caller, pieces=len(pieces) if pieces is not None else 0,
+                                last_chunk_at=pieces.final.added_at if pieces is not None and pieces.final else 0.0))
 
     @staticmethod
-    def _computed_at(spec: SendSpec, marks: LayerMarks | None) -> float:
-        """When the prompt's last chunk was computed. A layered hand-off whose forward has not
-        reported its end yet landed before it: now is a lower bound (all of it hidden)."""
-        if marks is None:
+    def _computed_at(spec: SendSpec, pieces: Pieces | None) -> float:
+        """When the prompt's last chunk was computed. A layered hand-off whose last forward has
+        not reported its end yet landed before it: now is a lower bound (all of it hidden)."""
+        final = pieces.final if pieces is not None else None
+        if final is None:
             return spec.computed_at
-        return marks.computed_at or time.time()
+        return final.marks.computed_at or time.time()
 
     async def _cancel_any(self, peer: DecodePeer | None, h: Handoff, reason: str) -> None:
         """Tell the decode side the hand-off will not come, whether or not pages were granted

@@ -7,7 +7,8 @@ written, and every byte it carries lies in that reservation's pages. While admit
 as a writer of the reservation (``PagePool.begin_write``): if the reservation ends meanwhile,
 its pages go back only when the batch's bytes stopped landing. So no byte of an ended hand-off
 ever lands in pages another hand-off was given. A batch whose bytes all landed reports the
-layers it filled in every page of its reservation (``Reservation.layers_landed``): the loader
+pages it filled, by layer; a layer whose every page of the reservation has landed (in one
+batch, or one per chunk of a chunked prompt) joins ``Reservation.layers_landed``: the loader
 scatters those before TransferDone comes (``pool.scatter_landed``).
 """
 
@@ -49,9 +50,9 @@ class PoolGate:
 
     def admit(self, session: bytes, ticket: bytes, dst_offsets: list[int],
               lengths: list[int]) -> Callable[[bool], None]:
-        """Admit one batch (see the module docstring). Its ``done(landed)`` ends the write; a
-        batch that landed every page of the reservation in some layers (a layered hand-off's
-        batch is one layer) reports those layers landed, so the loader may scatter them before
+        """Admit one batch (see the module docstring). Its ``done(landed)`` ends the write, and
+        reports the pages a landed batch wrote (a layered hand-off's batch is one layer of one
+        chunk), so that the loader may scatter the layers whose every page landed before
         TransferDone comes (``Reservation.layers_landed``)."""
         owner = self.owner_of(session)
         if owner is None:
@@ -66,9 +67,8 @@ class PoolGate:
             self.pool.end_write(r, now=time.monotonic())
             raise TransferError(f"a batch of {sum(lengths)} B into a reservation of {len(r.pages)} pages",
                                 transfer_id=transfer_id)
-        whole = {layer for layer, pages in by_layer.items() if len(pages) == len(r.pages)}  # (pages within r's)
 
         def done(landed: bool) -> None:
-            self.pool.end_write(r, now=time.monotonic(), layers=whole if landed else ())
+            self.pool.end_write(r, now=time.monotonic(), landed=by_layer if landed else None)
 
         return done

@@ -86,14 +86,32 @@ def test_outputs_match_colocated_and_decode_computes_one_prompt_token(deployment
     sent = handoff_record(deployment, "prefill-0", r["transfer_id"])
     loaded = handoff_record(deployment, "decode-0", r["transfer_id"])
     assert sent["ok"] and loaded["ok"] and sent["num_bytes"] == loaded["num_bytes"] == r["bytes"]
-    # The decode pages were reserved by the step that computed the prompt (its last chunk), not
-    # allocated after the prefill finished (test_connector_roles covers several chunks), and the
-    # hand-off went layer by layer from that step on (prompts over 512 tokens: chunked prefill).
+    # The decode pages were reserved by the step that computed the prompt's first chunk (a
+    # prefix-cache hit from the colocated run leaves one), not allocated after the prefill
+    # finished, and the hand-off went layer by layer from that step on.
     assert sent["reserved"] and sent["layered"], sent
     assert sent["granted_at"] <= sent["first_byte_at"] <= sent["last_byte_at"] <= sent["done_at"], sent
     # The timeline's last mark: the decode step that computed the request's first token, after the load.
     first_token = handoff_record(deployment, "decode-0", r["transfer_id"], event="first_token")
     assert first_token["loaded_at"] == loaded["done_at"] < first_token["first_token_at"], (first_token, loaded)
+
+
+def test_a_chunked_prompts_handoff_goes_chunk_by_chunk_from_its_first_chunk_on(deployment):
+    """prefill-0 computes 512 tokens a step, so an unseen 1900-token prompt takes four forwards.
+    Its hand-off starts in the first: one piece per chunk (the blocks each forward completes),
+    the first bytes sent before the last chunk's step began (prefill-0's hand-off timeline), and
+    the output is the colocated one."""
+    proxy, prefill = deployment.procs["proxy"].url, deployment.procs["prefill-0"].url
+    ids = prompt_ids(1900, seed=1901)
+    got, _ = completion(proxy, ids)  # first: no prefix-cache hit on prefill-0, every chunk computed
+    reference, _ = completion(prefill, ids)
+    assert token_ids(got) == token_ids(reference), "P/D output differs from the colocated output"
+    r = report(got)
+    assert r["loaded"] is True and r["prompt_tokens_computed"] == 1, r
+    sent = handoff_record(deployment, "prefill-0", r["transfer_id"])
+    assert sent["ok"] and sent["layered"] and sent["pieces"] == 4, sent
+    assert sent["first_byte_at"] < sent["last_chunk_at"] < sent["computed_at"], sent
+    assert sent["num_bytes"] == r["bytes"] == -(-1900 // 128) * 65536
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -340,26 +340,79 @@ def scheduled_with_blocks(req_id: str, computed: int, n: int, block_ids: list[in
     return so
 
 
-def test_layerwise_starts_the_handoff_in_the_step_of_the_last_chunk_with_every_block():
-    """Chunked prefill: the blocks of every chunk (a resumed request's replaced) go in the spec
-    of the step whose forward computes the last chunk; the finished request then queues no
-    second hand-off, and vLLM keeps its blocks (the hand-off reads them)."""
+def pieces_of(meta) -> list[tuple]:
+    return [(s.req_id, s.block_ids, s.first_block, s.final, s.layered, s.handoff.transfer_id) for s in meta.sends]
+
+
+def test_layerwise_sends_each_chunks_completed_blocks_as_a_piece_from_the_first_chunk_on():
+    """Chunked prefill: each step's metadata carries the blocks its forward completes (a block
+    the chunk leaves half written goes with the next chunk's); the last chunk's piece ends the
+    hand-off. The finished request then queues no second hand-off, and vLLM keeps its blocks
+    (the hand-off reads them). The workers reserve the decode pages at the first piece."""
+    prefill = layered_prefill()
+    kv = {"do_remote_decode": True, "transfer_id": "t1", "decode_peer": "decode-0"}
+    r = request("p1", 40, kv)  # 3 blocks of 16, the last one ends inside
+    prefill.update_state_after_alloc(r, blocks([4, 5]), 0)
+    meta = prefill.build_connector_meta(scheduled_with_blocks("p1", 0, 20, [4, 5], new=True))
+    assert pieces_of(meta) == [("p1", (4,), 0, False, True, "t1")]  # block 5 is half written
+    assert meta.reserves == []
+    assert prefill.build_connector_meta(scheduled_with_blocks("p1", 20, 10, [])).sends == []  # no block completed
+    meta = prefill.build_connector_meta(scheduled_with_blocks("p1", 30, 10, [6]))  # the last chunk
+    assert pieces_of(meta) == [("p1", (4, 5, 6), 1, True, True, "t1")]
+    r.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    delay, params = prefill.request_finished(r, [4, 5, 6])
+    assert delay is True and params["transfer_id"] == "t1"
+    meta = prefill.build_connector_meta(SchedulerOutput.make_empty())
+    assert meta.sends == [] and meta.unreserves == [] and meta.abandons == []
+
+
+def test_a_preempted_layered_handoff_is_abandoned_before_the_forward_and_one_not_started_starts_again():
+    """vLLM frees a preempted request's blocks in the step that preempts it: a hand-off with a
+    piece out is given up in that step's metadata (the workers stop reading the blocks before
+    its forward; the decode side recomputes), and the request, scheduled again, sends no more
+    pieces. One that sent nothing yet starts again from the first block, in its new blocks."""
     prefill = layered_prefill()
     kv = {"do_remote_decode": True, "transfer_id": "t1", "decode_peer": "decode-0"}
     r = request("p1", 40, kv)
-    prefill.update_state_after_alloc(r, blocks([4]), 0)
-    assert prefill.build_connector_meta(scheduled_with_blocks("p1", 0, 16, [4], new=True)).sends == []
-    # Preempted after its first chunk, resumed with new blocks: those replace the old ones.
-    assert prefill.build_connector_meta(scheduled_with_blocks("p1", 0, 16, [7], resumed=True)).sends == []
-    meta = prefill.build_connector_meta(scheduled_with_blocks("p1", 16, 24, [8, 9]))  # the last chunk
-    assert [(s.req_id, s.block_ids, s.layered, s.handoff.transfer_id) for s in meta.sends] == [
-        ("p1", (7, 8, 9), True, "t1")]
-    assert [h.transfer_id for h in meta.reserves] == ["t1"]
+    prefill.update_state_after_alloc(r, blocks([4, 5]), 0)
+    assert pieces_of(prefill.build_connector_meta(scheduled_with_blocks("p1", 0, 20, [4, 5], new=True)))
+    so = SchedulerOutput.make_empty()
+    so.preempted_req_ids = {"p1"}
+    assert prefill.build_connector_meta(so).abandons == ["t1"]
+    prefill.update_state_after_alloc(r, blocks([7, 8]), 0)
+    assert prefill.build_connector_meta(scheduled_with_blocks("p1", 0, 20, [7, 8], resumed=True)).sends == []
+    assert prefill.build_connector_meta(scheduled_with_blocks("p1", 20, 20, [9])).sends == []
     r.status = RequestStatus.FINISHED_LENGTH_CAPPED
     delay, params = prefill.request_finished(r, [7, 8, 9])
-    assert delay is True and params["transfer_id"] == "t1"
+    assert delay is True and params["transfer_id"] == "t1"  # the decode side finds it given up: recomputes
     meta = prefill.build_connector_meta(SchedulerOutput.make_empty())
-    assert meta.sends == [] and meta.unreserves == []
+    assert meta.sends == [] and meta.abandons == []
+    # Preempted before its first block was complete: nothing to give up.
+    r2 = request("p2", 40, {**kv, "transfer_id": "t2"})
+    prefill.update_state_after_alloc(r2, blocks([4]), 0)
+    assert prefill.build_connector_meta(scheduled_with_blocks("p2", 0, 10, [4], new=True)).sends == []
+    so = SchedulerOutput.make_empty()
+    so.preempted_req_ids = {"p2"}
+    assert prefill.build_connector_meta(so).abandons == []
+    meta = prefill.build_connector_meta(scheduled_with_blocks("p2", 0, 40, [7, 8, 9], resumed=True))
+    assert pieces_of(meta) == [("p2", (7, 8, 9), 0, True, True, "t2")]
+
+
+def test_without_preemption_news_the_handoff_goes_from_the_last_chunks_step_with_every_block():
+    """A vLLM whose SchedulerOutput does not name preempted requests (older ones) cannot be
+    told in time that a piece's blocks were freed: the hand-off starts only in the step of the
+    last chunk, with every block."""
+    from types import SimpleNamespace
+
+    def old(so: SchedulerOutput) -> SimpleNamespace:
+        return SimpleNamespace(scheduled_new_reqs=so.scheduled_new_reqs, scheduled_cached_reqs=so.scheduled_cached_reqs,
+                               num_scheduled_tokens=so.num_scheduled_tokens)
+    prefill = layered_prefill()
+    r = request("p1", 40, {"do_remote_decode": True, "transfer_id": "t1", "decode_peer": "decode-0"})
+    prefill.update_state_after_alloc(r, blocks([4, 5]), 0)
+    assert prefill.build_connector_meta(old(scheduled_with_blocks("p1", 0, 20, [4, 5], new=True))).sends == []
+    meta = prefill.build_connector_meta(old(scheduled_with_blocks("p1", 20, 20, [6])))
+    assert pieces_of(meta) == [("p1", (4, 5, 6), 0, True, True, "t1")]
 
 
 def test_an_aborted_layered_handoff_is_stopped_and_its_blocks_kept_until_it_stopped():
@@ -422,5 +475,67 @@ def test_a_small_layered_handoff_goes_whole_at_the_forwards_end_and_a_large_one_
         assert all(r.ok for r in loads), loads
         node.assert_moved(p_small, d_small)
         node.assert_moved(p_large, d_large)
+    finally:
+        node.close()
+
+
+def test_the_worker_extends_a_chunked_handoff_piece_by_piece_and_abandons_a_preempted_one_before_its_forward():
+    """The prefill worker, driven as vLLM drives it (bind -> one save_kv_layer per layer ->
+    wait_for_save, per step): a chunked hand-off's first piece lands during its own step, the
+    last chunk's piece ends it, bitwise; a hand-off whose request the next step preempts is
+    given up in that step's bind, before its forward, and its blocks are reported free to vLLM
+    once vLLM says the request finished (real sender and receiver, tcp)."""
+    import dataclasses
+
+    from lmcache_pd.connector.metadata import PDConnectorMetadata
+    from lmcache_pd.connector.worker_side import PrefillWorker
+    from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
+    from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node
+
+    cfg = make_cfg(pool_mib=2, layerwise=True)
+    cfg = msgspec.structs.replace(cfg, transport=msgspec.structs.replace(cfg.transport, layerwise_min_mib=0))
+    node = Node(cfg)
+    worker = PrefillWorker(None, cfg, instance="prefill-0")
+    worker.sender = node.sender
+    worker._layer_of = {f"model.layers.{i}.attn": i for i in range(LAYERS)}
+
+    def step(meta: PDConnectorMetadata) -> None:
+        worker.before_forward(meta)
+        for i in range(LAYERS):
+            worker.save_kv_layer(f"model.layers.{i}.attn", meta)
+        worker.wait_for_save()
+
+    chunked = Handoff("chunked", "decode-0", 3 * BLOCK, "d" * 32)
+    pre = Handoff("pre", "decode-0", 3 * BLOCK, "d" * 32)
+    p_blocks, d_blocks = [3, 4, 5], [20, 21, 22]
+    try:
+        for h, blocks_ in ((chunked, d_blocks), (pre, [30, 31, 32])):
+            node.receiver.submit_load(LoadSpec(f"d-{h.transfer_id}", dataclasses.replace(h, peer="prefill-0"),
+                                               tuple(blocks_)))
+        step(PDConnectorMetadata(sends=[SendSpec("p-chunked", chunked, (3, 4), layered=True, final=False),
+                                        SendSpec("p-pre", pre, (6, 7), layered=True, final=False)]))
+        deadline = time.monotonic() + 10
+        while node.sender.transport.stats.batches < 2 * LAYERS:  # both first pieces, every layer, landed
+            assert time.monotonic() < deadline, node.sender.transport.stats
+            time.sleep(0.005)
+        step(PDConnectorMetadata(sends=[SendSpec("p-chunked", chunked, tuple(p_blocks), layered=True,
+                                                 first_block=2)], abandons=["pre"]))
+        sends: list = []
+        real_drain = node.sender.drain
+        node.sender.drain = lambda: (out := real_drain(), sends.extend(out))[0]  # what the worker drains
+        deadline = time.monotonic() + 15
+        while len(sends) < 2:
+            assert time.monotonic() < deadline, sends
+            assert worker.get_transfer_results(set())[0] == set()  # not before vLLM says they finished
+            time.sleep(0.005)
+        _, loads = node.results(0, 2)
+        by_id = {s.transfer_id: s for s in sends}
+        assert by_id["chunked"].ok and by_id["chunked"].pieces == 2 and by_id["chunked"].num_bytes == 3 * PAGE
+        assert not by_id["pre"].ok and "preempted" in by_id["pre"].error
+        assert {ld.req_id: ld.ok for ld in loads} == {"d-chunked": True, "d-pre": False}
+        node.assert_moved(p_blocks, d_blocks)
+        assert worker._pieces == {}
+        sending, _, _ = worker.get_transfer_results({"p-chunked", "p-pre"})
+        assert sending == {"p-chunked", "p-pre"}
     finally:
         node.close()

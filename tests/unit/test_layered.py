@@ -8,6 +8,8 @@ ends the hand-off in bounded time with the decode pool full again.
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 
 import msgspec
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from lmcache_pd import transport as transports
+from lmcache_pd.config import config_from_dict
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.layout import KVLayout, PoolLayout, plan_cache_to_pool
 from lmcache_pd.node.layered import LayerMarks
@@ -24,10 +27,11 @@ from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node, make_cfg
 
 
 def layered(n: Node, tid: str, p_blocks: list[int], d_blocks: list[int], num_tokens: int) -> LayerMarks:
+    """A layered hand-off in one piece (its ``Pieces``: ``layered.last_pieces``)."""
     marks = LayerMarks(LAYERS)
     h = Handoff(tid, "decode-0", num_tokens, "d" * 32)
     n.sender.reserve(h)
-    n.sender.submit_layered(SendSpec(f"p-{tid}", h, tuple(p_blocks), layered=True), marks)
+    layered.last_pieces = n.sender.submit_layered(SendSpec(f"p-{tid}", h, tuple(p_blocks), layered=True), marks)
     n.receiver.submit_load(LoadSpec(f"d-{tid}", Handoff(tid, "prefill-0", num_tokens, "d" * 32), tuple(d_blocks)))
     return marks
 
@@ -102,6 +106,129 @@ def test_the_decode_scatters_each_layer_as_it_lands_while_the_next_is_computed(s
         assert n.pool_full()
     finally:
         n.close()
+
+
+@pytest.mark.parametrize("name", ["tcp", "loopback"])
+def test_a_chunked_prompts_first_piece_lands_while_its_last_chunk_computes(name):
+    """Chunked prefill: the blocks the first chunk's forward completes go layer by layer during
+    it, and are in the decode pool before the last chunk's forward starts; the last chunk's
+    piece ends the hand-off. Everything lands bitwise, and (tcp, ``pool.scatter_landed``) each
+    layer is scattered once both chunks' pages of it landed."""
+    ok, why = transports.available(name)
+    if not ok:
+        pytest.skip(f"transport {name!r} unavailable here: {why}")
+    n = Node(make_cfg(name))
+    try:
+        p_blocks, d_blocks = [5, 6, 30, 31], [11, 12, 40, 41]
+        h = Handoff("chunked", "decode-0", 3 * BLOCK + 3, "d" * 32)
+        first = LayerMarks(LAYERS)
+        n.sender.reserve(h)
+        pieces = n.sender.submit_layered(SendSpec("p-c", h, tuple(p_blocks[:2]), layered=True, final=False), first)
+        n.receiver.submit_load(LoadSpec("d-c", Handoff("chunked", "prefill-0", 3 * BLOCK + 3, "d" * 32),
+                                        tuple(d_blocks)))
+        for i in range(LAYERS):
+            first.layer(i)
+        first.forward_done()
+        wait_until(lambda: n.sender.transport.stats.batches >= LAYERS)  # the first chunk's blocks are in the pool
+        assert n.sender.drain() == [], "the hand-off ended before its last chunk"
+        for layer in n.p_layers:  # the last chunk's forward writes its blocks now
+            for b in p_blocks[2:]:
+                layer[b].view(torch.uint8).copy_(torch.randint(0, 256, layer[b].view(torch.uint8).shape,
+                                                               dtype=torch.uint8))
+        last = LayerMarks(LAYERS)
+        pieces.add(tuple(p_blocks), 2, last, True)
+        for i in range(LAYERS):
+            last.layer(i)
+        last.forward_done()
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        assert s.num_bytes == ld.num_bytes == 4 * PAGE and s.pieces == 2
+        assert s.first_byte_at < s.last_chunk_at < s.computed_at, s  # bytes flew before the last chunk began
+        n.assert_moved(p_blocks, d_blocks)
+        if name == "tcp":
+            assert ld.early_layers == LAYERS, ld
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
+def gated_relay(target_port: int) -> tuple[socket.socket, threading.Event]:
+    """A TCP relay to ``target_port`` that moves bytes only while its gate is set."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    gate = threading.Event()
+    gate.set()
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                gate.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", target_port))
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, gate
+
+
+def test_a_preempted_handoff_stops_reading_its_blocks_before_the_forward_and_the_decode_recomputes():
+    """vLLM frees a preempted request's blocks, and the step's forward may write them: the
+    worker abandons the hand-off first (``KVSender.abandon``, on vLLM's thread). No batch starts
+    after that, and it returns only once the batch in flight (held in a relay on the data
+    plane) stopped reading; the hand-off fails naming the preemption, the decode recomputes, and
+    the pool is full again."""
+    cfg = make_cfg("tcp", pool_mib=4, data_s=5)
+    srv, gate = gated_relay(cfg.decode[0].data_port)
+    data = msgspec.to_builtins(cfg)
+    data["decode"][0]["data_advertise"] = f"127.0.0.1:{srv.getsockname()[1]}"
+    n = Node(config_from_dict(data, source="test"))
+    submitted = []
+    real_submit = n.sender.transport.submit
+
+    def spy(*args, **kwargs):
+        handle = real_submit(*args, **kwargs)
+        submitted.append(handle)
+        return handle
+    n.sender.transport.submit = spy
+    try:
+        n.handoff("warm", [1], [2], num_tokens=BLOCK)  # the data connection through the relay is open
+        assert all(r.ok for r in sum(n.results(1, 1), []))
+        gate.clear()
+        p_blocks = list(range(4, 20))
+        marks = layered(n, "pre", p_blocks, list(range(20, 36)), len(p_blocks) * BLOCK)
+        marks.layer(0)
+        wait_until(lambda: len(submitted) == 2)  # layer 0's 1 MiB is on its way, held in the relay
+        pieces = layered.last_pieces
+        out: list[bool] = []
+        t = threading.Thread(target=lambda: out.append(n.sender.abandon("pre", pieces, "request preempted")))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive(), "abandon returned while a batch still read the blocks"
+        marks.layer(1)  # the next layer is computed: it must not go
+        time.sleep(0.1)
+        assert len(submitted) == 2
+        gate.set()
+        t.join(5)
+        assert out == [True]
+        assert submitted[-1].state.terminal and submitted[-1].t_done > 0
+        (s,), (ld,) = n.results(1, 1, timeout_s=10)
+        assert not s.ok and "preempted" in s.error, s.error
+        assert not ld.ok
+        assert len(submitted) == 2
+        assert n.pool_full()
+    finally:
+        gate.set()
+        n.close()
+        srv.close()
 
 
 def test_a_forward_that_stops_fails_the_handoff_naming_data_s_and_the_decode_recomputes():

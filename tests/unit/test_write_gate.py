@@ -35,10 +35,11 @@ def test_a_batch_of_its_session_into_its_pages_is_admitted_and_counted_as_a_writ
     assert pool.lookup("t").writers == 0
 
 
-def test_a_batch_that_lands_every_page_of_a_layer_reports_that_layer_landed_and_a_failed_one_nothing():
+def test_a_layer_lands_once_every_page_of_it_landed_in_one_batch_or_several_and_a_failed_one_lands_nothing():
     """The loader scatters a layer before TransferDone only once the data plane saw every page
-    of the reservation land in it (``Reservation.layers_landed``); a batch with part of a
-    layer's pages, or one that failed, lands no layer."""
+    of the reservation land in it (``Reservation.layers_landed``): in one batch, or in one per
+    chunk of a chunked prompt; a batch with part of a layer's pages lands no layer by itself,
+    and a failed one adds nothing."""
     gate, pool, gen = gate_with(n=2)
     r = pool.lookup("t")
     part = gate.admit(b"s" * 16, P.ticket("t", gen), *zip(page_range(0, r.pages[0])))  # one page of layer 0
@@ -50,6 +51,9 @@ def test_a_batch_that_lands_every_page_of_a_layer_reports_that_layer_landed_and_
     layer1 = gate.admit(b"s" * 16, P.ticket("t", gen), *zip(page_range(1, r.pages[0], 2)))  # all of layer 1
     layer1(True)
     assert r.layers_landed == frozenset({1}) and r.writers == 0
+    rest = gate.admit(b"s" * 16, P.ticket("t", gen), *zip(page_range(0, r.pages[1])))  # layer 0's other page
+    rest(True)
+    assert r.layers_landed == frozenset({0, 1}) and r.writers == 0
 
 
 @pytest.mark.parametrize("session,ticket,ranges,why", [
