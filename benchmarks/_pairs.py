@@ -15,6 +15,8 @@ Shape: Llama-3-8B KV (32 layers, 8 KV heads, head 128, bf16, block 16): 128 KiB 
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import multiprocessing as mp
 import threading
@@ -201,6 +203,14 @@ class HandoffPair:
         self._fwd: torch.cuda.Stream | None = None  # the stand-in forward's stream (once used)
         self._cycles: float | None = None  # torch.cuda._sleep cycles per us (once measured)
         self.last: tuple[list[int], list[int]] = ([], [])
+        self._submits: list[tuple[float, object]] = []  # (wall clock, handle) of each batch submitted
+        real_submit = self.tx.transport.submit
+
+        def submit(*args, **kwargs):
+            handle = real_submit(*args, **kwargs)
+            self._submits.append((time.time(), handle))
+            return handle
+        self.tx.transport.submit = submit
         self.phases: list[dict[str, float]] = []
         """Per hand-off, seconds: allocate (link + Allocate round trip; with a reservation, what
         was left of it: taking the reserved pages), transfer (the copy into
@@ -208,16 +218,21 @@ class HandoffPair:
         the scatter not overlapped with the transfer, wake-ups, the benchmark's own polling);
         and, overlapping those, scatter (pool -> decode blocks, all groups) and groups (count)."""
 
-    def once(self, n_tok: int, forward_us: float = 0.0, layered: bool = False) -> float:
+    def once(self, n_tok: int, forward_us: float = 0.0, layered: bool = False, chunks: int = 1,
+             pieces: bool = True) -> float:
         """One hand-off; its seconds from the submit to the decode's blocks holding it.
 
-        ``forward_us`` > 0: a stand-in for the forward over the prompt's last chunk runs first on
-        a stream of its own, ``forward_us`` per layer (a spinning kernel, then an event per
-        layer); the hand-off goes after it (``layered``: each layer as its event completes, on
-        the device, through ``KVSender.submit_layered``; else the whole hand-off once the
-        forward ended, as a request that finished). Then the phases also hold "forward",
-        "exposed" (the forward's end -> the decode's end of the load) and "transfer_exposed"
-        (the forward's end -> the sender seeing the last byte in the decode pool)."""
+        ``forward_us`` > 0: a stand-in for the prefill's forward runs first on a stream of its
+        own, ``forward_us`` per layer (a spinning kernel, then an event per layer), over
+        ``chunks`` prompt chunks one after the other (chunked prefill: each chunk's forward
+        computes its share of the blocks, ``forward_us`` / ``chunks`` per layer); the hand-off
+        goes after it (``layered``: each layer as its event completes, on the device, through
+        ``KVSender.submit_layered``, one piece per chunk, or with ``pieces`` False all blocks
+        from the last chunk's forward, as vLLMs that do not name preempted requests do; else the
+        whole hand-off once the forward ended, as a request that finished). Then the phases also
+        hold "forward", "exposed" (the forward's end -> the decode's end of the load) and
+        "transfer_exposed" (the forward's end -> the sender seeing the last byte in the decode
+        pool)."""
         from lmcache_pd.handoff import Handoff, SendSpec
         from lmcache_pd.node.layered import LayerMarks
 
@@ -234,23 +249,35 @@ class HandoffPair:
         spec = SendSpec(f"p-{tid}", Handoff(tid, "decode-0", n_tok, digest), tuple(p_blocks))
         forward_end = 0.0
         if forward_us > 0:
-            marks = LayerMarks(LAYERS) if layered else None
-            forward_start = time.time()
-            if marks is not None:
-                self.tx.submit_layered(spec, marks)
             stream = self._forward_stream()
-            cycles = int(forward_us * self._cycles_per_us())
+            cycles = int(forward_us / chunks * self._cycles_per_us())
+            bounds = [n * k // chunks for k in range(chunks + 1)]  # the blocks each chunk completes
+            sent = None
+            forward_start = time.time()
             with torch.cuda.stream(stream):
-                for i in range(LAYERS):
-                    torch.cuda._sleep(cycles)
-                    ready = torch.cuda.Event()
-                    ready.record(stream)
+                for c in range(chunks):
+                    final = c == chunks - 1
+                    marks = LayerMarks(LAYERS) if layered and (pieces or final) else None
                     if marks is not None:
-                        marks.layer(i, ready)
+                        first = bounds[c] if pieces else 0
+                        blocks = tuple(p_blocks[:bounds[c + 1]])
+                        if sent is None:
+                            piece = dataclasses.replace(spec, block_ids=blocks, layered=True, first_block=first,
+                                                        final=final)
+                            sent = self.tx.submit_layered(piece, marks)
+                        else:
+                            sent.add(blocks, first, marks, final)
+                    for i in range(LAYERS):
+                        torch.cuda._sleep(cycles)
+                        ready = torch.cuda.Event()
+                        ready.record(stream)
+                        if marks is not None:
+                            marks.layer(i, ready)
             ready.synchronize()
             forward_end = time.time()
             if marks is not None:
                 marks.forward_done(forward_end)
+            submits, self._submits = self._submits, []
         t0, t0_wall = time.monotonic(), time.time()
         if forward_us <= 0 or not layered:
             self.tx.submit(spec)
@@ -274,9 +301,21 @@ class HandoffPair:
                             "launch": s.first_byte_at - t0_wall, "to_loaded": loaded_at - s.first_byte_at,
                             "to_woken": woken - loaded_at,
                             **({"forward": forward_end - forward_start, "exposed": loaded_at - forward_end,
-                                  "transfer_exposed": s.last_byte_at - forward_end}
+                                  "transfer_exposed": s.last_byte_at - forward_end,
+                                  **self._batches(submits + self._submits, forward_end)}
                                if forward_us > 0 else {})})
+        self._submits = []
         return total
+
+    @staticmethod
+    def _batches(submits: list[tuple[float, object]], forward_end: float) -> dict[str, float]:
+        """When the hand-off's batches were submitted and done, from the forward's end (seconds):
+        its last submit, and its last batch done (the transport's t_done, monotonic)."""
+        if not submits:
+            return {"last_submit": 0.0, "last_done": 0.0, "batches": 0}
+        offset = time.time() - time.monotonic()
+        return {"last_submit": max(t for t, _ in submits) - forward_end,
+                "last_done": max(h.t_done for _, h in submits) + offset - forward_end, "batches": len(submits)}
 
     def _forward_stream(self) -> torch.cuda.Stream:
         if self._fwd is None:

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layered", action="store_true",
                     help="behind a stand-in forward (--forward-us per layer per token): whole hand-off "
                          "after it against layer by layer during it (transport.layerwise), taking turns")
+    ap.add_argument("--chunks", type=int, default=1,
+                    help="with --layered: the stand-in forward is a chunked prefill of this many chunks")
     ap.add_argument("--forward-us", type=float, default=0.6,
                     help="with --layered: the stand-in forward's time per layer per prompt token, us "
                          "(0.6: Llama-3-8B at about 800 TFLOP/s), at least 20 us per layer")
@@ -131,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def layered(args) -> int:
-    """Whole against layered hand-offs behind one stand-in forward (a pair each, taking turns)."""
+    """Whole against layered hand-offs behind one stand-in forward (a pair, the modes taking
+    turns). With ``--chunks`` K > 1 the forward is a chunked prefill of K chunks, and layered
+    hand-offs go two ways: from the last chunk's forward with every block (``last chunk``), or
+    chunk by chunk, each chunk's blocks during its own forward (``chunked``)."""
     from lmcache_pd import transport as transports
 
     ok, why = transports.available(args.transport)
@@ -141,42 +146,50 @@ def layered(args) -> int:
     p_dev, d_dev = pick_devices(args.transport, args.devices)
     tokens = [int(t) for t in args.tokens.split(",")]
     options = json.loads(args.options)
+    chunks = max(1, args.chunks)
+    modes = {"whole": {"layered": False}, "layered" if chunks == 1 else "last chunk": {"layered": True, "pieces": False}}
+    if chunks > 1:
+        modes["chunked"] = {"layered": True, "pieces": True}
+    layered_modes = [m for m in modes if m != "whole"]
     pair = HandoffPair(args.transport, options, max(tokens), p_dev, d_dev, group_mib=args.group_mib)
-    print(f"# {args.transport} hand-off behind a stand-in forward of 32 layers, {p_dev} -> {d_dev} "
-          f"({torch.cuda.get_device_name(0)}); {args.forward_us} us per layer per token (at least 20); "
+    print(f"# {args.transport} hand-off behind a stand-in forward of 32 layers in {chunks} chunk(s), {p_dev} -> "
+          f"{d_dev} ({torch.cuda.get_device_name(0)}); {args.forward_us} us per layer per token (at least 20); "
           f"median of {args.repeat}; options {options}")
-    print("| tokens | bytes | forward ms | whole: forward end -> loaded ms | layered: forward end -> loaded ms "
-          "| exposed time hidden by layering | transfer after the forward: whole / layered ms "
-          "| transfer hidden, layered | check whole / layered |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| tokens | bytes | forward ms | forward end -> loaded ms: " + " / ".join(modes)
+          + " | transfer after the forward ms: " + " / ".join(modes)
+          + " | transfer hidden: " + " / ".join(layered_modes) + " | check |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
     status = 0
     try:
         pair.once(tokens[0])
-        pair.once(tokens[0], forward_us=20, layered=True)
+        pair.once(tokens[0], forward_us=20, layered=True, chunks=chunks)
         for n_tok in tokens:
             per_layer = max(20.0, args.forward_us * n_tok)
-            rows: dict[bool, list[dict]] = {False: [], True: []}
+            rows: dict[str, list[dict]] = {m: [] for m in modes}
             checks = {}
             for _ in range(args.repeat):
-                for mode in (False, True):
-                    pair.once(n_tok, forward_us=per_layer, layered=mode)
-                    rows[mode].append(pair.phases[-1])
-            for mode in (False, True):  # the last hand-off of each mode, checked bitwise
-                pair.once(n_tok, forward_us=per_layer, layered=mode)
-                checks[mode] = pair.check_last()
+                for m, kw in modes.items():
+                    pair.once(n_tok, forward_us=per_layer, chunks=chunks, **kw)
+                    rows[m].append(pair.phases[-1])
+            for m, kw in modes.items():  # the last hand-off of each mode, checked bitwise
+                pair.once(n_tok, forward_us=per_layer, chunks=chunks, **kw)
+                checks[m] = pair.check_last()
             status |= not all(checks.values())
             med = {m: {k: statistics.median(p[k] for p in rows[m]) for k in ("forward", "exposed", "transfer_exposed")}
                    for m in rows}
-            saved = 1 - med[True]["exposed"] / med[False]["exposed"]
             # The transfer's share that ran before the forward ended (as on CPU, docs/benchmarks.md):
             # the whole hand-off's transfer all runs after it.
-            hidden = 1 - max(0.0, med[True]["transfer_exposed"]) / med[False]["transfer_exposed"]
-            print(f"| {n_tok} | {n_tok * TOKEN_BYTES / 2**20:.0f} MiB | {med[False]['forward'] * 1e3:.3f} "
-                  f"| {med[False]['exposed'] * 1e3:.3f} | {med[True]['exposed'] * 1e3:.3f} | {saved:.0%} "
-                  f"| {med[False]['transfer_exposed'] * 1e3:.3f} / {med[True]['transfer_exposed'] * 1e3:.3f} "
-                  f"| {hidden:.0%} "
-                  f"| {'bitwise' if checks[False] else 'MISMATCH'} / {'bitwise' if checks[True] else 'MISMATCH'} |",
-                  flush=True)
+            hidden = {m: 1 - max(0.0, med[m]["transfer_exposed"]) / med["whole"]["transfer_exposed"]
+                      for m in layered_modes}
+            print(f"| {n_tok} | {n_tok * TOKEN_BYTES / 2**20:.0f} MiB | {med['whole']['forward'] * 1e3:.3f} | "
+                  + " / ".join(f"{med[m]['exposed'] * 1e3:.3f}" for m in modes) + " | "
+                  + " / ".join(f"{med[m]['transfer_exposed'] * 1e3:.3f}" for m in modes) + " | "
+                  + " / ".join(f"{hidden[m]:.0%}" for m in layered_modes) + " | "
+                  + ("bitwise" if all(checks.values()) else f"MISMATCH {checks}") + " |", flush=True)
+            for m in modes:  # where the time after the forward goes (sender side)
+                last = {k: statistics.median(p[k] for p in rows[m]) for k in ("last_submit", "last_done", "batches")}
+                print(f"#   {n_tok} {m}: {last['batches']:.0f} batches, last submitted {last['last_submit'] * 1e3:+.3f} ms "
+                      f"and last done {last['last_done'] * 1e3:+.3f} ms from the forward's end", flush=True)
     finally:
         pair.close()
     return status

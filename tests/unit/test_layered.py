@@ -101,7 +101,8 @@ def test_the_decode_scatters_each_layer_as_it_lands_while_the_next_is_computed(s
         (s,), (ld,) = n.results(1, 1)
         assert s.ok and ld.ok, (s.error, ld.error)
         n.assert_moved(p_blocks, d_blocks)
-        assert ld.early_layers == (LAYERS if scatter_landed else 0), ld
+        # Layer 0 at least (seen above); the last layer races its own TransferDone.
+        assert (ld.early_layers >= 1) if scatter_landed else (ld.early_layers == 0), ld
         assert ld.num_bytes == 3 * PAGE
         assert n.pool_full()
     finally:
@@ -110,9 +111,9 @@ def test_the_decode_scatters_each_layer_as_it_lands_while_the_next_is_computed(s
 
 @pytest.mark.parametrize("name", ["tcp", "loopback"])
 def test_a_chunked_prompts_first_piece_lands_while_its_last_chunk_computes(name):
-    """Chunked prefill: the blocks the first chunk's forward completes go layer by layer during
-    it, and are in the decode pool before the last chunk's forward starts; the last chunk's
-    piece ends the hand-off. Everything lands bitwise, and (tcp, ``pool.scatter_landed``) each
+    """Chunked prefill: the blocks the first chunk's forward completes go once it computed every
+    layer, in one batch, and are in the decode pool before the last chunk's forward starts; the
+    last chunk's piece goes layer by layer and ends the hand-off. Everything lands bitwise, and (tcp, ``pool.scatter_landed``) each
     layer is scattered once both chunks' pages of it landed."""
     ok, why = transports.available(name)
     if not ok:
@@ -129,7 +130,8 @@ def test_a_chunked_prompts_first_piece_lands_while_its_last_chunk_computes(name)
         for i in range(LAYERS):
             first.layer(i)
         first.forward_done()
-        wait_until(lambda: n.sender.transport.stats.batches >= LAYERS)  # the first chunk's blocks are in the pool
+        wait_until(lambda: n.sender.transport.stats.batches >= 1)  # the first chunk's blocks are in the pool:
+        assert n.sender.transport.stats.batches == 1  # one batch, every layer (only the last chunk's is on the path)
         assert n.sender.drain() == [], "the hand-off ended before its last chunk"
         for layer in n.p_layers:  # the last chunk's forward writes its blocks now
             for b in p_blocks[2:]:
@@ -137,8 +139,11 @@ def test_a_chunked_prompts_first_piece_lands_while_its_last_chunk_computes(name)
                                                                dtype=torch.uint8))
         last = LayerMarks(LAYERS)
         pieces.add(tuple(p_blocks), 2, last, True)
-        for i in range(LAYERS):
-            last.layer(i)
+        last.layer(0)
+        if name == "tcp":  # layer 0's pages landed in two batches, one per chunk: scattered at once
+            wait_until(lambda: all(torch.equal(n.p_layers[0][p].view(torch.uint8), n.d_layers[0][d].view(torch.uint8))
+                                   for p, d in zip(p_blocks, d_blocks)))
+        last.layer(1)
         last.forward_done()
         (s,), (ld,) = n.results(1, 1)
         assert s.ok and ld.ok, (s.error, ld.error)
@@ -146,7 +151,7 @@ def test_a_chunked_prompts_first_piece_lands_while_its_last_chunk_computes(name)
         assert s.first_byte_at < s.last_chunk_at < s.computed_at, s  # bytes flew before the last chunk began
         n.assert_moved(p_blocks, d_blocks)
         if name == "tcp":
-            assert ld.early_layers == LAYERS, ld
+            assert ld.early_layers >= 1, ld
         assert n.pool_full()
     finally:
         n.close()
