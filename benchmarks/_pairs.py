@@ -16,7 +16,6 @@ Shape: Llama-3-8B KV (32 layers, 8 KV heads, head 128, bf16, block 16): 128 KiB 
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import multiprocessing as mp
 import threading
