@@ -115,9 +115,8 @@ class TransportConfig(_Section):
     sends every hand-off as one group: on one H100 streaming measured slower, because each group
     costs host time (docs/benchmarks.md); measure with ``benchmarks/handoff.py --group-mib``."""
     layerwise: bool = True
-    """Send each layer of a prompt's KV as soon as the prefill's forward over its last chunk has
-    computed it, while the next layers compute (node/layered.py), instead of all of it after the
-    request finished. ``group_mib`` does not apply to such a hand-off. On by default: it measured
+    """Send each layer of a prompt's KV as soon as the prefill's forward has computed it, while
+    the next layers compute (node/layered.py), instead of all of it after the request finished. ``group_mib`` does not apply to such a hand-off. On by default: it measured
     faster from 16 MiB on, on CPU and on one H200 (docs/benchmarks.md). On a GPU the prefill
     instance then runs vLLM's piecewise CUDA graphs (a full graph runs no per-layer hook)."""
     layerwise_min_mib: NonNegative = 8
@@ -125,6 +124,12 @@ class TransportConfig(_Section):
     that computed its last chunk ended (still a step earlier than without ``layerwise``): a batch
     per layer cost more than it hid for small ones (2 MiB: 0.13 ms slower layered on one H200).
     0: every hand-off goes layer by layer."""
+    layerwise_chunks: bool = True
+    """With ``layerwise`` and chunked prefill, start the hand-off with the prompt's first chunk:
+    the blocks each chunk's forward completes go during the next (one batch each), and only the
+    last chunk's go layer by layer; a preempted request's hand-off is given up (the decode side
+    recomputes). Off: the hand-off starts with the last chunk's forward, every block layer by
+    layer. vLLMs whose scheduler does not name preempted requests always do the latter."""
 
 
 class PoolConfig(_Section):

@@ -165,7 +165,7 @@ class PrefillScheduler(SchedulerRole):
             # vLLMs that name the step's preempted requests let a hand-off go chunk by chunk:
             # a preemption frees the blocks its pieces read, and the workers must hear of it
             # before that step's forward (older vLLMs: the last chunk's step only).
-            chunks = self.layerwise and hasattr(so, "preempted_req_ids")
+            chunks = self.layerwise and self.cfg.transport.layerwise_chunks and hasattr(so, "preempted_req_ids")
             for req_id in getattr(so, "preempted_req_ids", None) or ():
                 self._preempted(req_id)
             if self._blocks:

@@ -398,16 +398,23 @@ def test_a_preempted_layered_handoff_is_abandoned_before_the_forward_and_one_not
     assert pieces_of(meta) == [("p2", (7, 8, 9), 0, True, True, "t2")]
 
 
-def test_without_preemption_news_the_handoff_goes_from_the_last_chunks_step_with_every_block():
+@pytest.mark.parametrize("why", ["older vLLM", "transport.layerwise_chunks off"])
+def test_without_preemption_news_or_with_chunks_off_the_handoff_goes_from_the_last_chunks_step(why):
     """A vLLM whose SchedulerOutput does not name preempted requests (older ones) cannot be
-    told in time that a piece's blocks were freed: the hand-off starts only in the step of the
-    last chunk, with every block."""
+    told in time that a piece's blocks were freed, and ``transport.layerwise_chunks`` off asks
+    for the same: the hand-off starts only in the step of the last chunk, with every block."""
     from types import SimpleNamespace
 
-    def old(so: SchedulerOutput) -> SimpleNamespace:
+    def old(so: SchedulerOutput) -> SimpleNamespace | SchedulerOutput:
+        if why != "older vLLM":
+            return so
         return SimpleNamespace(scheduled_new_reqs=so.scheduled_new_reqs, scheduled_cached_reqs=so.scheduled_cached_reqs,
                                num_scheduled_tokens=so.num_scheduled_tokens)
     prefill = layered_prefill()
+    if why != "older vLLM":
+        t = msgspec.structs.replace(prefill.cfg.transport, layerwise_chunks=False)
+        prefill = PrefillScheduler(msgspec.structs.replace(prefill.cfg, transport=t), instance="prefill-0",
+                                   block_size=BS)
     r = request("p1", 40, {"do_remote_decode": True, "transfer_id": "t1", "decode_peer": "decode-0"})
     prefill.update_state_after_alloc(r, blocks([4, 5]), 0)
     assert prefill.build_connector_meta(old(scheduled_with_blocks("p1", 0, 20, [4, 5], new=True))).sends == []
@@ -427,6 +434,22 @@ def test_an_aborted_layered_handoff_is_stopped_and_its_blocks_kept_until_it_stop
     assert meta.sends == [] and meta.unreserves == ["t1"]
 
 
+def prefill_worker(*, layerwise_min_mib: int):
+    """A PrefillWorker over the sender of a Node (real sender and receiver, tcp), with the
+    Node's layers named as vLLM names them; the Node's pool is 2 MiB."""
+    from lmcache_pd.connector.worker_side import PrefillWorker
+    from tests.unit.nodes import LAYERS, Node
+
+    cfg = make_cfg(pool_mib=2, layerwise=True)
+    cfg = msgspec.structs.replace(cfg, transport=msgspec.structs.replace(cfg.transport,
+                                                                       layerwise_min_mib=layerwise_min_mib))
+    node = Node(cfg)
+    worker = PrefillWorker(None, cfg, instance="prefill-0")
+    worker.sender = node.sender
+    worker._layer_of = {f"model.layers.{i}.attn": i for i in range(LAYERS)}
+    return node, worker
+
+
 def test_a_small_layered_handoff_goes_whole_at_the_forwards_end_and_a_large_one_layer_by_layer():
     """``transport.layerwise_min_mib``: a hand-off under it, whose last chunk this forward
     computes, goes whole once the forward ended (``wait_for_save``: one batch instead of one per
@@ -435,16 +458,10 @@ def test_a_small_layered_handoff_goes_whole_at_the_forwards_end_and_a_large_one_
     import dataclasses
 
     from lmcache_pd.connector.metadata import PDConnectorMetadata
-    from lmcache_pd.connector.worker_side import PrefillWorker
     from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
-    from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node
+    from tests.unit.nodes import BLOCK, LAYERS, PAGE
 
-    cfg = make_cfg(pool_mib=2, layerwise=True)
-    cfg = msgspec.structs.replace(cfg, transport=msgspec.structs.replace(cfg.transport, layerwise_min_mib=1))
-    node = Node(cfg)
-    worker = PrefillWorker(None, cfg, instance="prefill-0")
-    worker.sender = node.sender
-    worker._layer_of = {f"model.layers.{i}.attn": i for i in range(LAYERS)}
+    node, worker = prefill_worker(layerwise_min_mib=1)
     n_large = 2**20 // PAGE  # exactly 1 MiB: layered
     small = Handoff("small", "decode-0", 2 * BLOCK, "d" * 32)
     large = Handoff("large", "decode-0", n_large * BLOCK, "d" * 32)
@@ -488,16 +505,10 @@ def test_the_worker_extends_a_chunked_handoff_piece_by_piece_and_abandons_a_pree
     import dataclasses
 
     from lmcache_pd.connector.metadata import PDConnectorMetadata
-    from lmcache_pd.connector.worker_side import PrefillWorker
     from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
-    from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node
+    from tests.unit.nodes import BLOCK, LAYERS, PAGE
 
-    cfg = make_cfg(pool_mib=2, layerwise=True)
-    cfg = msgspec.structs.replace(cfg, transport=msgspec.structs.replace(cfg.transport, layerwise_min_mib=0))
-    node = Node(cfg)
-    worker = PrefillWorker(None, cfg, instance="prefill-0")
-    worker.sender = node.sender
-    worker._layer_of = {f"model.layers.{i}.attn": i for i in range(LAYERS)}
+    node, worker = prefill_worker(layerwise_min_mib=0)
 
     def step(meta: PDConnectorMetadata) -> None:
         worker.before_forward(meta)

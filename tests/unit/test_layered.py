@@ -43,7 +43,7 @@ def wait_until(cond, timeout_s: float = 5.0) -> None:
         time.sleep(0.002)
 
 
-@pytest.mark.parametrize("name", ["tcp", "loopback"])
+@pytest.mark.parametrize("name", ["tcp", "loopback", "nixl"])
 def test_each_layer_goes_as_it_is_computed_and_arrives_bitwise(name):
     ok, why = transports.available(name)
     if not ok:
@@ -109,7 +109,7 @@ def test_the_decode_scatters_each_layer_as_it_lands_while_the_next_is_computed(s
         n.close()
 
 
-@pytest.mark.parametrize("name", ["tcp", "loopback"])
+@pytest.mark.parametrize("name", ["tcp", "loopback", "nixl"])
 def test_a_chunked_prompts_first_piece_lands_while_its_last_chunk_computes(name):
     """Chunked prefill: the blocks the first chunk's forward completes go once it computed every
     layer, in one batch, and are in the decode pool before the last chunk's forward starts; the
