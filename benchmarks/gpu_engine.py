@@ -304,6 +304,8 @@ def main() -> int:
     ap.add_argument("--nixl-connector", action="store_true",
                     help="with --cpu: also vLLM's own NixlConnector as a 1P1D (vllm-nixl; the same placement, "
                          "its UCX progress thread and CPU re-pinning tamed: benchmarks/_nixl_connector.py)")
+    ap.add_argument("--chunk-tokens", type=int, default=None,
+                    help="chunked prefill of this many tokens a step everywhere (vLLM's --max-num-batched-tokens)")
     ap.add_argument("--settle-ms", type=float, default=None,
                     help="pause before each TTFT request, so that it meets idle instances (the one before "
                          "is dropped after its second token and its engine may still step; default 0; 2000 on CPU, where 500 let the previous target's leftover work double the next prefill)")
@@ -320,7 +322,8 @@ def main() -> int:
     max_len = max(lens) + 256
     # On CPU the memory "utilization" is checked against what is free when each vLLM starts: three
     # start at once, so each asks for a quarter.
-    args = (CPU_ARGS if a.cpu else list(GPU_ARGS)) + (["--enforce-eager"] if a.eager or a.cpu else [])
+    args = (CPU_ARGS if a.cpu else list(GPU_ARGS)) + (["--enforce-eager"] if a.eager or a.cpu else []) \
+        + (["--max-num-batched-tokens", str(a.chunk_tokens)] if a.chunk_tokens else [])
     model = build_tiny_model(a.workdir / f"model-{a.shape}" if a.cpu else a.workdir / "model",
                              overrides=CPU_SHAPES[a.shape] if a.cpu else LLAMA3_8B_ATTENTION,
                              device="cpu" if a.cpu else "cuda")
