@@ -276,7 +276,8 @@ class PrefillWorker(_PDWorker):
         if self.sender is None:
             return
         self._begin(meta)
-        for tid in meta.unreserves:
+        for tid in meta.unreserves:  # (an aborted request: vLLM keeps its blocks until the hand-off stopped)
+            self._pieces.pop(tid, None)
             self.sender.unreserve(tid)
         for load in meta.cache_loads:
             self._loading(load.req_id, load.block_ids)

@@ -518,24 +518,27 @@ def test_the_worker_extends_a_chunked_handoff_piece_by_piece_and_abandons_a_pree
 
     chunked = Handoff("chunked", "decode-0", 3 * BLOCK, "d" * 32)
     pre = Handoff("pre", "decode-0", 3 * BLOCK, "d" * 32)
+    gone = Handoff("gone", "decode-0", 3 * BLOCK, "d" * 32)  # aborted after its first chunk
     p_blocks, d_blocks = [3, 4, 5], [20, 21, 22]
     try:
         for h, blocks_ in ((chunked, d_blocks), (pre, [30, 31, 32])):
             node.receiver.submit_load(LoadSpec(f"d-{h.transfer_id}", dataclasses.replace(h, peer="prefill-0"),
                                                tuple(blocks_)))
         step(PDConnectorMetadata(sends=[SendSpec("p-chunked", chunked, (3, 4), layered=True, final=False),
-                                        SendSpec("p-pre", pre, (6, 7), layered=True, final=False)]))
+                                        SendSpec("p-pre", pre, (6, 7), layered=True, final=False),
+                                        SendSpec("p-gone", gone, (9,), layered=True, final=False)]))
         deadline = time.monotonic() + 10
-        while node.sender.transport.stats.batches < 2:  # both first pieces landed (one batch each)
+        while node.sender.transport.stats.batches < 3:  # the three first pieces landed (one batch each)
             assert time.monotonic() < deadline, node.sender.transport.stats
             time.sleep(0.005)
         step(PDConnectorMetadata(sends=[SendSpec("p-chunked", chunked, tuple(p_blocks), layered=True,
                                                  first_block=2)], abandons=["pre"]))
+        worker.start_load_kv(PDConnectorMetadata(unreserves=["gone"]))  # the scheduler's word of its abort
         sends: list = []
         real_drain = node.sender.drain
         node.sender.drain = lambda: (out := real_drain(), sends.extend(out))[0]  # what the worker drains
         deadline = time.monotonic() + 15
-        while len(sends) < 2:
+        while len(sends) < 3:
             assert time.monotonic() < deadline, sends
             assert worker.get_transfer_results(set())[0] == set()  # not before vLLM says they finished
             time.sleep(0.005)
@@ -543,10 +546,11 @@ def test_the_worker_extends_a_chunked_handoff_piece_by_piece_and_abandons_a_pree
         by_id = {s.transfer_id: s for s in sends}
         assert by_id["chunked"].ok and by_id["chunked"].pieces == 2 and by_id["chunked"].num_bytes == 3 * PAGE
         assert not by_id["pre"].ok and "preempted" in by_id["pre"].error
+        assert not by_id["gone"].ok
         assert {ld.req_id: ld.ok for ld in loads} == {"d-chunked": True, "d-pre": False}
         node.assert_moved(p_blocks, d_blocks)
         assert worker._pieces == {}
-        sending, _, _ = worker.get_transfer_results({"p-chunked", "p-pre"})
-        assert sending == {"p-chunked", "p-pre"}
+        sending, _, _ = worker.get_transfer_results({"p-chunked", "p-pre", "p-gone"})
+        assert sending == {"p-chunked", "p-pre", "p-gone"}
     finally:
         node.close()
