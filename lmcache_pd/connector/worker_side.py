@@ -30,7 +30,7 @@ from lmcache_pd._types import ReqId, TransferId
 from lmcache_pd.config import PDConfig, check_exposure, keyring
 from lmcache_pd.connector.kv_describe import describe_kv, layer_indices
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
-from lmcache_pd.handoff import CacheSaveSpec, SendSpec, lookup_hold
+from lmcache_pd.handoff import CacheSaveSpec, Handoff, SendSpec, lookup_hold
 from lmcache_pd.layout import KVLayout, blocks_for_tokens
 from lmcache_pd.node.cache_io import CacheIO, NoCacheIO
 from lmcache_pd.node.layered import LayerMarks, Pieces
@@ -205,8 +205,10 @@ class PrefillWorker(_PDWorker):
         self._layer_of: dict[str, int] = {}
         self._forward: list[LayerMarks] = []
         """Layered pieces whose layers this step's forward computes (vLLM's thread only)."""
-        self._pieces: dict[TransferId, tuple[ReqId, Pieces]] = {}
-        """Layered hand-offs whose last chunk is still to come (vLLM's thread only)."""
+        self._pieces: dict[TransferId, tuple[ReqId, Handoff, Pieces | None]] = {}
+        """Layered hand-offs whose last chunk is still to come, from their first piece on (None:
+        one below ``layerwise_min_mib``, which starts only with its last chunk); vLLM keeps their
+        blocks for us from then on (vLLM's thread only)."""
         self._at_end: list[SendSpec] = []
         """Hand-offs below ``transport.layerwise_min_mib`` whose last chunk this step's forward
         computes: they go whole once it ended (vLLM's thread only)."""
@@ -231,11 +233,23 @@ class PrefillWorker(_PDWorker):
         if self.sender is None:
             return
         for tid in meta.abandons:
-            req_id, pieces = self._pieces.pop(tid, (None, None))
-            if pieces is not None and not self.sender.abandon(tid, pieces, "request preempted: its blocks were freed"):
-                log.error("hand-off %s of preempted request %s still read its blocks after timeouts.data_s",
-                          tid, req_id)
+            self._give_up(tid, "request preempted: its blocks were freed")
         self._begin(meta)
+
+    def _give_up(self, tid: TransferId, why: str) -> None:
+        """End a layered hand-off before its last chunk: one under way stops reading the blocks
+        before this returns (its failed result ends its use of them); one not started yet ends
+        its use now, and the decode side hears it will not come (it recomputes at once)."""
+        assert self.sender is not None
+        entry = self._pieces.pop(tid, None)
+        if entry is None:
+            return
+        req_id, handoff, pieces = entry
+        if pieces is None:
+            self.sender.give_up(handoff, why)
+            self.users.end(req_id)
+        elif not self.sender.abandon(tid, pieces, why):
+            log.error("hand-off %s of request %s still read its blocks after timeouts.data_s", tid, req_id)
 
     def _begin(self, meta: PDConnectorMetadata) -> None:
         """Once per step, before its forward (``bind_connector_metadata``; at the latest at its
@@ -255,20 +269,22 @@ class PrefillWorker(_PDWorker):
         """A layered piece: this forward completes ``spec``'s blocks from ``first_block`` on."""
         assert self.sender is not None
         tid = spec.handoff.transfer_id
-        if self._small(spec):  # whole once the last chunk's forward ended
-            if spec.final:
-                self.sender.reserve(spec.handoff)
-                self.users.add(spec.req_id)
-                self._at_end.append(spec)
-            return
-        marks = LayerMarks(self.sender.kv.num_layers)
-        self._forward.append(marks)
-        if tid in self._pieces:
-            self._pieces[tid][1].add(spec.block_ids, spec.first_block, marks, spec.final)
-        else:
-            self.sender.reserve(spec.handoff)  # its Allocate goes out before the forward's first layer
+        entry = self._pieces.get(tid)
+        if entry is None:  # the first piece: from now on vLLM keeps the blocks until we report them
             self.users.add(spec.req_id)
-            self._pieces[tid] = (spec.req_id, self.sender.submit_layered(spec, marks))
+            entry = self._pieces[tid] = (spec.req_id, spec.handoff, None)
+        small = self._small(spec)
+        if small and spec.final:  # whole once the last chunk's forward ended
+            self.sender.reserve(spec.handoff)
+            self._at_end.append(spec)
+        elif not small:
+            marks = LayerMarks(self.sender.kv.num_layers)
+            self._forward.append(marks)
+            if entry[2] is not None:
+                entry[2].add(spec.block_ids, spec.first_block, marks, spec.final)
+            else:
+                self.sender.reserve(spec.handoff)  # its Allocate goes out before the forward's first layer
+                self._pieces[tid] = (spec.req_id, spec.handoff, self.sender.submit_layered(spec, marks))
         if spec.final:
             del self._pieces[tid]
 
@@ -277,7 +293,9 @@ class PrefillWorker(_PDWorker):
             return
         self._begin(meta)
         for tid in meta.unreserves:  # (an aborted request: vLLM keeps its blocks until the hand-off stopped)
-            self._pieces.pop(tid, None)
+            entry = self._pieces.pop(tid, None)
+            if entry is not None and entry[2] is None:  # a small one, not started: its blocks are free now
+                self.users.end(entry[0])
             self.sender.unreserve(tid)
         for load in meta.cache_loads:
             self._loading(load.req_id, load.block_ids)

@@ -12,7 +12,8 @@ Per hand-off (one coroutine on the sender's loop thread; vLLM's forward loop nev
      ``timeouts.transfer_s``;
   3. submit the range plan (vLLM blocks -> pool pages) to the transport and wait for DONE; a
      large hand-off goes as several groups of pages (``transport.group_mib``), each announced
-     with a one-way Landed as it arrives, so that the decode side scatters while the rest flies;
+     with a one-way Landed as it arrives, so that the decode side scatters while the rest flies
+     (groups.py); a layered one goes piece by piece and layer by layer (layered.py);
   4. TransferDone on the control plane: only now may the decode side read the pages.
 Any failure sends a best-effort Cancel (the pages come back at once) and ends the hand-off as
 failed; the decode side then recomputes. Every step has a deadline from ``timeouts.*``, and the
@@ -50,6 +51,7 @@ from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
 from lmcache_pd.handoff import Handoff, SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
 from lmcache_pd.node.armed import signal_of
+from lmcache_pd.node.groups import send_groups
 from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.layered import LayerMarks, Pieces, piece_plan, send_layers
 from lmcache_pd.node.links import Links
@@ -178,6 +180,17 @@ class KVSender:
         self.unreserve(transfer_id, reason)
         return pieces.wait_quiet(self.t.data_s + 1.0)
 
+    def give_up(self, handoff: Handoff, reason: str) -> None:
+        """A hand-off that never started will not come: tell its decode peer, over a link opened
+        for it if need be (thread-safe; the peer's load recomputes at once)."""
+        self._loop.submit(self._give_up(handoff, reason))
+
+    async def _give_up(self, h: Handoff, reason: str) -> None:
+        try:
+            await (await self.links.get(h.peer)).cancel(h.transfer_id, reason)
+        except (PDError, OSError) as e:  # its load there ends with timeouts.transfer_s instead
+            log.info("could not tell %s that hand-off %s will not come: %s", h.peer, h.transfer_id, e)
+
     def reserve(self, handoff: Handoff) -> Future[None]:
         """Allocate a coming hand-off's decode pages now (thread-safe, returns at once).
 
@@ -299,7 +312,8 @@ class KVSender:
                 self._reserved.forget(spec.handoff.transfer_id)
                 peer = launched.grant.peer
                 plans, ends = [launched.plan], (len(launched.grant.pages),)
-                await self._transfer(peer, plans, ends, spec, b"", submitted=[launched.handle])
+                await send_groups(self.transport, self.region, peer, plans, ends, spec.handoff, ticket=b"",
+                                  data_s=self.t.data_s, submitted=[launched.handle], **self._watch(spec))
                 await self._done(spec, launched.grant, True, plans, None, t0, launched.t0, launched.started_at,
                                  launched.first_byte_at, time.monotonic() - launched.t0, None, on_caller=True)
                 return
@@ -323,15 +337,15 @@ class KVSender:
                 plans = [plan_cache_to_pool(self.kv, peer.pool, blocks=blocks[a:b], pages=pages[a:b])
                          for a, b in zip((0, *ends[:-1]), ends)]
                 digest = self._digest(blocks, pages, peer, ready)  # reads the blocks while they fly
-                first_byte_at = await self._transfer(peer, plans, ends, spec, ticket, ready, signal)
+                first_byte_at = await send_groups(self.transport, self.region, peer, plans, ends, spec.handoff,
+                                                  ticket=ticket, data_s=self.t.data_s, ready=ready, signal=signal,
+                                                  **self._watch(spec))
             else:
                 first_byte_at, plans = await send_layers(
                     self.transport, peer.peer_id, self.region,
                     lambda piece, layer: piece_plan(self.kv, peer.pool, piece, layer, pages, grant.skip),
                     pieces, self.kv.num_layers,
-                    data_s=self.t.data_s, ticket=ticket, signal=signal, renew=renew,
-                    check=lambda: self._check_ended(spec.handoff),
-                    failed=lambda state, handle: self._check_state(state, handle, spec))
+                    data_s=self.t.data_s, ticket=ticket, signal=signal, renew=renew, **self._watch(spec))
                 final = pieces.final
                 assert final is not None and len(final.blocks) >= n_pages
                 blocks = final.blocks[grant.skip:n_pages]
@@ -430,58 +444,11 @@ class KVSender:
         per = max(1, (mib << 20) // self.kv.page_bytes) if mib else n_pages
         return tuple(min(a + per, n_pages) for a in range(0, n_pages, per))
 
-    async def _transfer(self, peer: DecodePeer, plans: list[RangePlan], ends: tuple[int, ...], spec: SendSpec,
-                        ticket: bytes, ready: torch.cuda.Event | None = None,
-                        signal: tuple[int, int] | None = None, submitted: list | None = None) -> float:
-        """Submit every group's plan at once; as each group (in order) is in the pool, tell the
-        decode side with a one-way Landed so that it can scatter it while the rest is in flight.
-        Returns the wall clock of the first submit (the timeline's first byte).
-        ``submitted``: the groups' handles, submitted already (on the caller's thread)."""
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        deadline = time.monotonic() + self.t.data_s
-        if ready is not None and not self.transport.capabilities.stream_ordered:
-            while not ready.query():  # the forward that wrote the blocks is still running
-                self._check_ended(spec.handoff)
-                if time.monotonic() > deadline:
-                    raise TransferTimeout("waiting for the prefill forward", config_field="timeouts.data_s",
-                                          seconds=self.t.data_s, transfer_id=spec.handoff.transfer_id, peer=spec.handoff.peer)
-                await asyncio.sleep(0.0002)
-            ready = None
-        handles = list(submitted or [])
-        first_byte_at = time.time()
-        try:
-            for handle in handles:
-                handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
-            for i, plan in enumerate(plans if submitted is None else []):
-                last = {"signal": signal} if signal is not None and i == len(plans) - 1 else {}
-                handle = self.transport.submit(peer.peer_id, self.region, plan, timeout_s=self.t.data_s, after=ready,
-                                               ticket=ticket, **last)
-                handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
-                handles.append(handle)
-            landed = 0
-            while True:
-                wake.clear()
-                while landed < len(handles) and (state := self.transport.poll(handles[landed])).terminal:
-                    self._check_state(state, handles[landed], spec)
-                    landed += 1
-                    if landed < len(handles):
-                        await peer.landed(spec.handoff.transfer_id, ends[landed - 1])
-                if landed == len(handles):
-                    return first_byte_at
-                self._check_ended(spec.handoff)  # raising releases (so stops) what is still in flight
-                if time.monotonic() > deadline:
-                    raise TransferTimeout("data transfer", config_field="timeouts.data_s", seconds=self.t.data_s,
-                                          transfer_id=spec.handoff.transfer_id, peer=spec.handoff.peer)
-                # Woken by the transport's callback; the short timeout keeps polling transports
-                # that make progress only inside poll().
-                try:
-                    await asyncio.wait_for(wake.wait(), 0.005)
-                except TimeoutError:
-                    pass
-        finally:
-            for handle in handles:
-                handle.close()  # cancels groups still in flight after a failure
+    def _watch(self, spec: SendSpec) -> dict:
+        """What a transfer loop (groups.py, layered.py) calls: ``check`` raises once the decode
+        side ended the hand-off, ``failed`` for a batch that ended otherwise than DONE."""
+        return {"check": lambda: self._check_ended(spec.handoff),
+                "failed": lambda state, handle: self._check_state(state, handle, spec)}
 
     def _check_state(self, state: BatchState, handle, spec: SendSpec) -> None:
         if state == BatchState.TIMEOUT:

@@ -554,3 +554,37 @@ def test_the_worker_extends_a_chunked_handoff_piece_by_piece_and_abandons_a_pree
         assert sending == {"p-chunked", "p-pre", "p-gone"}
     finally:
         node.close()
+
+
+def test_a_small_chunked_handoff_given_up_before_its_last_chunk_still_frees_its_blocks():
+    """A hand-off under ``layerwise_min_mib`` starts only with its last chunk, but vLLM keeps its
+    blocks from the first piece on (the scheduler says delay_free): aborted, or preempted,
+    before its last chunk, the worker still reports the request in finished_sending once vLLM
+    says it finished (vLLM asserts it holds every request reported), and the decode side hears
+    at once that the preempted one will not come."""
+    import dataclasses
+
+    from lmcache_pd.connector.metadata import PDConnectorMetadata
+    from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
+    from tests.unit.nodes import BLOCK
+
+    node, worker = prefill_worker(layerwise_min_mib=1)
+    aborted = Handoff("aborted", "decode-0", 3 * BLOCK, "d" * 32)
+    preempted = Handoff("preempted", "decode-0", 3 * BLOCK, "d" * 32)
+    try:
+        node.receiver.submit_load(LoadSpec("d-preempted", dataclasses.replace(preempted, peer="prefill-0"),
+                                           (30, 31, 32)))
+        meta = PDConnectorMetadata(sends=[SendSpec("p-aborted", aborted, (3,), layered=True, final=False),
+                                          SendSpec("p-preempted", preempted, (6,), layered=True, final=False)])
+        worker.before_forward(meta)
+        worker.wait_for_save()
+        assert worker.get_transfer_results(set())[0] == set()
+        t0 = time.monotonic()
+        worker.before_forward(PDConnectorMetadata(abandons=["preempted"]))
+        worker.start_load_kv(PDConnectorMetadata(unreserves=["aborted"]))
+        assert worker.get_transfer_results({"p-aborted", "p-preempted"})[0] == {"p-aborted", "p-preempted"}
+        _, (ld,) = node.results(0, 1, timeout_s=5)
+        assert not ld.ok and "preempted" in ld.error and time.monotonic() - t0 < 2.0, ld
+        assert worker._pieces == {} and node.sender.transport.stats.batches == 0
+    finally:
+        node.close()

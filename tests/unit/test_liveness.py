@@ -139,13 +139,13 @@ def test_a_restarted_prefill_frees_what_its_predecessor_was_writing():
         n.close()
 
 
-def test_a_handoff_never_outlives_the_sum_of_its_deadlines():
+def test_a_handoff_never_outlives_the_sum_of_its_deadlines(monkeypatch):
     n = Node(make_cfg(handshake_s=0.2, control_s=0.2, alloc_s=0.2, data_s=0.2))
     try:
         async def hang(*args, **kwargs):  # a transfer step that ignores its own deadline (a bug)
             await asyncio.sleep(3600)
 
-        n.sender._transfer = hang
+        monkeypatch.setattr("lmcache_pd.node.sender.send_groups", hang)
         t0 = time.monotonic()
         n.handoff("t1", [1], [1], BLOCK)
         (s,), (ld,) = n.results(1, 1, timeout_s=10)
