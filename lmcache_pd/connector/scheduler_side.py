@@ -177,7 +177,7 @@ class PrefillScheduler(SchedulerRole):
                 last = start + n >= r.handoff.num_tokens
                 if self.layerwise and (last or chunks):
                     self._send_piece(req_id, r, start + n, last)
-                elif last and not r.reserved:
+                if last and not r.reserved:  # it goes whole: its pages are reserved during this forward
                     r.reserved = True
                     self._reserves.append(r.handoff)
         meta = PDConnectorMetadata(sends=self._sends, reserves=self._reserves, unreserves=self._unreserves,

@@ -588,3 +588,18 @@ def test_a_small_chunked_handoff_given_up_before_its_last_chunk_still_frees_its_
         assert worker._pieces == {} and node.sender.transport.stats.batches == 0
     finally:
         node.close()
+
+
+def test_a_layered_handoff_whose_blocks_are_not_known_goes_whole_with_its_pages_reserved():
+    """Layered, but the scheduler does not know enough of the request's blocks at its last
+    chunk (vLLM did not list them): no piece; the decode pages are reserved during that
+    forward all the same, and the finished request's hand-off goes whole."""
+    prefill = layered_prefill()
+    r = request("p1", 40, {"do_remote_decode": True, "transfer_id": "t1", "decode_peer": "decode-0"})
+    prefill.update_state_after_alloc(r, blocks([4, 5, 6]), 0)
+    meta = prefill.build_connector_meta(scheduled_with_blocks("p1", 0, 40, [4], new=True))
+    assert meta.sends == [] and [h.transfer_id for h in meta.reserves] == ["t1"]
+    r.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    assert prefill.request_finished(r, [4, 5, 6])[0] is True
+    (send,) = prefill.build_connector_meta(SchedulerOutput.make_empty()).sends
+    assert (send.block_ids, send.layered) == ((4, 5, 6), False)
