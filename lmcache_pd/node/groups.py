@@ -19,6 +19,7 @@ from lmcache_pd._types import BatchState
 from lmcache_pd.errors import TransferTimeout
 from lmcache_pd.handoff import Handoff
 from lmcache_pd.layout import RangePlan
+from lmcache_pd.node.loop import woken
 
 if TYPE_CHECKING:
     from lmcache_pd.node.peer import DecodePeer
@@ -75,10 +76,7 @@ async def send_groups(transport, region: int, peer: DecodePeer, plans: list[Rang
                                       transfer_id=handoff.transfer_id, peer=handoff.peer)
             # Woken by the transport's callback; the short timeout keeps polling transports
             # that make progress only inside poll().
-            try:
-                await asyncio.wait_for(wake.wait(), 0.005)
-            except TimeoutError:
-                pass
+            await woken(wake, 0.005)
     finally:
         for handle in handles:
             handle.close()  # cancels groups still in flight after a failure

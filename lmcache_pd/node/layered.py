@@ -32,6 +32,7 @@ import torch
 from lmcache_pd._types import BatchState, BlockId
 from lmcache_pd.errors import TransferError, TransferTimeout
 from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, plan_cache_to_pool
+from lmcache_pd.node.loop import woken
 
 
 class LayerMarks:
@@ -267,10 +268,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
             # transports that progress only inside poll(), and events without a callback. Between
             # layers, with nothing in flight, only a mark wakes it: a wake-up costs the forward
             # (vLLM's thread, on the same core on CPU) the GIL.
-            try:
-                await asyncio.wait_for(wake.wait(), 0.005 if in_flight or waiting else 0.25)
-            except TimeoutError:
-                pass
+            await woken(wake, 0.005 if in_flight or waiting else 0.25)
     finally:
         pieces.bind(lambda: None)
         for handle in handles:

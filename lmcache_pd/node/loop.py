@@ -45,3 +45,16 @@ class LoopThread:
         self._thread.join(timeout_s)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+async def woken(wake: asyncio.Event, timeout_s: float) -> None:
+    """Wait until ``wake`` is set or ``timeout_s`` passed, whichever comes first. Unlike
+    ``asyncio.wait_for(wake.wait(), ...)`` it makes no task per call: the transfer loops wait
+    once per batch that lands, and the last one's wait is on the hand-off's path."""
+    if wake.is_set():
+        return
+    try:
+        async with asyncio.timeout(timeout_s):
+            await wake.wait()
+    except TimeoutError:
+        pass
