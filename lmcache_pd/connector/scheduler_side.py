@@ -187,11 +187,12 @@ class PrefillScheduler(SchedulerRole):
         return meta
 
     def _send_piece(self, req_id: ReqId, r: _PrefillReq, computed: int, last: bool) -> None:
-        """With ``transport.layerwise``: the blocks this step's forward completes go layer by
-        layer as it computes them (the workers reserve the decode pages at the first piece).
-        A block the chunk leaves half written goes with the next chunk's piece; the last chunk's
-        piece ends the hand-off. Without its blocks known (too few), a hand-off not yet under way
-        goes whole once the request finished."""
+        """With ``transport.layerwise``: the blocks this step's forward completes go as it
+        computes them (the workers reserve the decode pages at the first piece; an earlier
+        chunk's piece goes in one batch after its forward, the last chunk's layer by layer:
+        node/layered.py). A block the chunk leaves half written goes with the next chunk's
+        piece; the last chunk's piece ends the hand-off. Without its blocks known (too few), a
+        hand-off not yet under way goes whole once the request finished."""
         blocks = self._blocks.get(req_id)
         end = -(-r.handoff.num_tokens // self.block_size) if last else computed // self.block_size
         if blocks is None or len(blocks) < end or (end <= r.sent_blocks and not last):
