@@ -99,6 +99,7 @@ class KVSender:
         self._results_lock = threading.Lock()
         self._started: dict[TransferId, float] = {}  # wall clock at each hand-off's start (timeline)
         self._sent = self._failed = 0
+        self._abandoned = 0  # given up before the last chunk: the request was preempted
         self._reserved = Reservations(self._allocate_pages)
         self._background: set[asyncio.Task[None]] = set()
         self._beats: asyncio.Task[None] | None = None
@@ -177,12 +178,19 @@ class KVSender:
         caller's thread, until none reads the blocks. False if some still did after
         ``timeouts.data_s`` (every batch has that deadline)."""
         pieces.stop(reason)
+        self._count_abandoned()
         self.unreserve(transfer_id, reason)
         return pieces.wait_quiet(self.t.data_s + 1.0)
 
+    def _count_abandoned(self) -> None:
+        with self._results_lock:
+            self._abandoned += 1
+
     def give_up(self, handoff: Handoff, reason: str) -> None:
         """A hand-off that never started will not come: tell its decode peer, over a link opened
-        for it if need be (thread-safe; the peer's load recomputes at once)."""
+        for it if need be (thread-safe; the peer's load recomputes at once). Counted as
+        abandoned: the worker gives a hand-off up only when vLLM preempted its request."""
+        self._count_abandoned()
         self._loop.submit(self._give_up(handoff, reason))
 
     async def _give_up(self, h: Handoff, reason: str) -> None:
@@ -221,7 +229,8 @@ class KVSender:
         except Exception:  # noqa: BLE001 - a busy or stopped loop: report what is known
             out = {}
         with self._results_lock:
-            out["handoffs"] = {"sent_total": self._sent, "failed_total": self._failed}
+            out["handoffs"] = {"sent_total": self._sent, "failed_total": self._failed,
+                               "abandoned_total": self._abandoned}
         t = self.transport.stats
         out["transport"] = {"batches_total": t.batches, "bytes_total": t.bytes, "failures_total": t.failures,
                             "encrypted": int(self.transport.encrypt)}

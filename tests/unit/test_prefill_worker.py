@@ -134,6 +134,7 @@ def test_the_worker_extends_a_chunked_handoff_piece_by_piece_and_abandons_a_pree
         assert {ld.req_id: ld.ok for ld in loads} == {"d-chunked": True, "d-pre": False}
         node.assert_moved(p_blocks, d_blocks)
         assert worker._pieces == {}
+        assert node.sender.status()["handoffs"]["abandoned_total"] == 1  # the preempted one, not the aborted one
         sending, _, _ = worker.get_transfer_results({"p-chunked", "p-pre", "p-gone"})
         assert sending == {"p-chunked", "p-pre", "p-gone"}
     finally:
@@ -170,5 +171,6 @@ def test_a_small_chunked_handoff_given_up_before_its_last_chunk_still_frees_its_
         _, (ld,) = node.results(0, 1, timeout_s=5)
         assert not ld.ok and "preempted" in ld.error and time.monotonic() - t0 < 2.0, ld
         assert worker._pieces == {} and node.sender.transport.stats.batches == 0
+        assert node.sender.status()["handoffs"]["abandoned_total"] == 1
     finally:
         node.close()
