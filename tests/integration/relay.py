@@ -12,12 +12,16 @@ import sys
 import threading
 
 
-def pump(src: socket.socket, dst: socket.socket, flip_at: int | None = None) -> None:
+def pump(src: socket.socket, dst: socket.socket, flip_at: int | None = None,
+         gate: threading.Event | None = None) -> None:
     """Forward ``src`` to ``dst`` until either closes; ``flip_at``: invert the byte at that offset
-    of the stream on its way (an on-path attacker, for tests/transport/test_tcp.py)."""
+    of the stream on its way (an on-path attacker, for tests/transport/test_tcp.py); ``gate``:
+    hold what was read until it is set (bytes in flight, for tests/unit/test_layered.py)."""
     seen = 0
     try:
         while data := src.recv(1 << 16):
+            if gate is not None:
+                gate.wait()
             if flip_at is not None and seen <= flip_at < seen + len(data):
                 data = bytearray(data)
                 data[flip_at - seen] ^= 0xFF

@@ -23,6 +23,7 @@ from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.layout import KVLayout, PoolLayout, plan_cache_to_pool
 from lmcache_pd.node.layered import LayerMarks
 from lmcache_pd.node.timeline import hidden_fraction
+from tests.integration.relay import pump
 from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node, make_cfg
 
 
@@ -163,14 +164,6 @@ def gated_relay(target_port: int) -> tuple[socket.socket, threading.Event]:
     gate = threading.Event()
     gate.set()
 
-    def pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                gate.wait()
-                dst.sendall(data)
-        except OSError:
-            pass
-
     def serve() -> None:
         while True:
             try:
@@ -179,7 +172,7 @@ def gated_relay(target_port: int) -> tuple[socket.socket, threading.Event]:
                 return
             up = socket.create_connection(("127.0.0.1", target_port))
             for a, b in ((conn, up), (up, conn)):
-                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=pump, args=(a, b), kwargs={"gate": gate}, daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
     return srv, gate
