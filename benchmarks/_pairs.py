@@ -28,6 +28,7 @@ from _common import sync
 from lmcache_pd import BatchState, Keyring, coalesce, config_from_dict
 from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
+from lmcache_pd.device_clock import clock_for
 
 LAYERS, HEADS, BLOCK, C = 32, 8, 16, 256
 TOKEN_BYTES = LAYERS * HEADS * C * 2
@@ -246,7 +247,7 @@ class HandoffPair:
         if self.reserve:
             self.tx.reserve(Handoff(tid, "decode-0", n_tok, digest)).result(60)
         spec = SendSpec(f"p-{tid}", Handoff(tid, "decode-0", n_tok, digest), tuple(p_blocks))
-        forward_end = 0.0
+        forward_end = forward_end_gpu = 0.0
         if forward_us > 0:
             stream = self._forward_stream()
             cycles = int(forward_us / chunks * self._cycles_per_us())
@@ -272,10 +273,12 @@ class HandoffPair:
                         ready.record(stream)
                         if marks is not None:
                             marks.layer(i, ready)
+            end_stamp = clock_for(stream.device).stamp(stream)  # the forward's end on the GPU
             ready.synchronize()
             forward_end = time.time()
+            forward_end_gpu = end_stamp.wall()
             if marks is not None:
-                marks.forward_done(forward_end)
+                marks.forward_done(forward_end, end_stamp)
             submits, self._submits = self._submits, []
         t0, t0_wall = time.monotonic(), time.time()
         if forward_us <= 0 or not layered:
@@ -300,21 +303,27 @@ class HandoffPair:
                             "launch": s.first_byte_at - t0_wall, "to_loaded": loaded_at - s.first_byte_at,
                             "to_woken": woken - loaded_at,
                             **({"forward": forward_end - forward_start, "exposed": loaded_at - forward_end,
-                                  "transfer_exposed": s.last_byte_at - forward_end,
-                                  **self._batches(submits + self._submits, forward_end)}
+                                  # GPU stamps at both ends (device_clock.py; cuda_ipc stamps its
+                                  # batches): the transfer's last byte after the forward's last kernel.
+                                  "transfer_exposed": s.last_byte_at - forward_end_gpu,
+                                  **self._batches(submits + self._submits, forward_end, forward_end_gpu)}
                                if forward_us > 0 else {})})
         self._submits = []
         return total
 
     @staticmethod
-    def _batches(submits: list[tuple[float, object]], forward_end: float) -> dict[str, float]:
+    def _batches(submits: list[tuple[float, object]], forward_end: float, forward_end_gpu: float) -> dict[str, float]:
         """When the hand-off's batches were submitted and done, from the forward's end (seconds):
-        its last submit, and its last batch done (the transport's t_done, monotonic)."""
+        its last submit, its last batch done as the host learned it (the transport's t_done,
+        monotonic; from the host's end of the forward), and its last byte on the GPU (the batch's
+        stamp; from the forward's end on the GPU)."""
         if not submits:
-            return {"last_submit": 0.0, "last_done": 0.0, "batches": 0}
+            return {"last_submit": 0.0, "last_done": 0.0, "last_landed": 0.0, "batches": 0}
         offset = time.time() - time.monotonic()
+        landed = [h.landed_at for _, h in submits]
         return {"last_submit": max(t for t, _ in submits) - forward_end,
-                "last_done": max(h.t_done for _, h in submits) + offset - forward_end, "batches": len(submits)}
+                "last_done": max(h.t_done for _, h in submits) + offset - forward_end,
+                "last_landed": max(landed) - forward_end_gpu if all(landed) else float("nan"), "batches": len(submits)}
 
     def _forward_stream(self) -> torch.cuda.Stream:
         if self._fwd is None:

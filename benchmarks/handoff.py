@@ -187,9 +187,11 @@ def layered(args) -> int:
                   + " / ".join(f"{hidden[m]:.0%}" for m in layered_modes) + " | "
                   + ("bitwise" if all(checks.values()) else f"MISMATCH {checks}") + " |", flush=True)
             for m in modes:  # where the time after the forward goes (sender side)
-                last = {k: statistics.median(p[k] for p in rows[m]) for k in ("last_submit", "last_done", "batches")}
+                last = {k: statistics.median(p[k] for p in rows[m])
+                        for k in ("last_submit", "last_done", "last_landed", "batches")}
                 print(f"#   {n_tok} {m}: {last['batches']:.0f} batches, last submitted {last['last_submit'] * 1e3:+.3f} ms "
-                      f"and last done {last['last_done'] * 1e3:+.3f} ms from the forward's end", flush=True)
+                      f"and last done {last['last_done'] * 1e3:+.3f} ms from the forward's end (host); last byte "
+                      f"{last['last_landed'] * 1e3:+.3f} ms from it on the GPU", flush=True)
     finally:
         pair.close()
     return status

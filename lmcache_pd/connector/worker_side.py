@@ -30,6 +30,7 @@ from lmcache_pd._types import ReqId, TransferId
 from lmcache_pd.config import PDConfig, check_exposure, keyring
 from lmcache_pd.connector.kv_describe import describe_kv, layer_indices
 from lmcache_pd.connector.metadata import LoadOutcome, PDConnectorMetadata, PDWorkerMeta
+from lmcache_pd.device_clock import clock_for
 from lmcache_pd.handoff import CacheSaveSpec, Handoff, SendSpec, lookup_hold
 from lmcache_pd.layout import KVLayout, blocks_for_tokens
 from lmcache_pd.node.cache_io import CacheIO, NoCacheIO
@@ -332,12 +333,16 @@ class PrefillWorker(_PDWorker):
         graph runs none), so the layers not marked yet go now, and the small hand-offs whole."""
         if not (self._forward or self._at_end) or self.sender is None:
             return
-        ready = self._ready_event(self.sender.kv_buffer)
+        buffer = self.sender.kv_buffer
+        # On a GPU a timing event: it orders the copies, and gives the timeline the GPU's end of
+        # the forward, not this call's (the kernels may still run).
+        stamp = clock_for(buffer.device).stamp() if buffer.is_cuda else None
+        ready = stamp.event if stamp is not None else None
         done_at = time.time()
         for marks in self._forward:
             for index in range(marks.num_layers):
                 marks.layer(index, ready)
-            marks.forward_done(done_at)
+            marks.forward_done(done_at, stamp)
         for spec in self._at_end:
             self.sender.submit(dataclasses.replace(spec, layered=False, computed_at=done_at), ready)
         self._forward, self._at_end = [], []

@@ -25,12 +25,21 @@ if TYPE_CHECKING:
     from lmcache_pd.node.peer import DecodePeer
 
 
+def byte_span(handles: list, first_submit_at: float) -> tuple[float, float]:
+    """A transfer's first and last byte (wall clock): where the transport stamped every batch
+    where its copy ran (cuda_ipc: on the GPU), those stamps; else the first submit, and now (the
+    sender learning that the last batch landed)."""
+    if handles and all(h.landed_at for h in handles):
+        return min(h.began_at for h in handles), max(h.landed_at for h in handles)
+    return first_submit_at, time.time()
+
+
 async def send_groups(transport, region: int, peer: DecodePeer, plans: list[RangePlan], ends: tuple[int, ...],
                       handoff: Handoff, *, ticket: bytes, data_s: float, check: Callable[[], None],
                       failed: Callable[[BatchState, object], None], ready: torch.cuda.Event | None = None,
-                      signal: tuple[int, int] | None = None, submitted: list | None = None) -> float:
+                      signal: tuple[int, int] | None = None, submitted: list | None = None) -> tuple[float, float]:
     """Submit every group's plan (``ends``: where each group's pages end) and return once all
-    are in the peer's pool: the wall clock of the first submit (the timeline's first byte).
+    are in the peer's pool: the transfer's first and last byte (:func:`byte_span`).
 
     ``ready``: the forward that wrote the blocks (a stream-ordered transport orders the copy
     after it on the device; else this waits for it). ``submitted``: the groups' handles,
@@ -69,7 +78,7 @@ async def send_groups(transport, region: int, peer: DecodePeer, plans: list[Rang
                 if landed < len(handles):
                     await peer.landed(handoff.transfer_id, ends[landed - 1])
             if landed == len(handles):
-                return first_byte_at
+                return byte_span(handles, first_byte_at)
             check()  # raising releases (so stops) what is still in flight
             if time.monotonic() > deadline:
                 raise TransferTimeout("data transfer", config_field="timeouts.data_s", seconds=data_s,

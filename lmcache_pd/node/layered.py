@@ -30,8 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from lmcache_pd._types import BatchState, BlockId
+from lmcache_pd.device_clock import Stamp
 from lmcache_pd.errors import TransferError, TransferTimeout
 from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, plan_cache_to_pool
+from lmcache_pd.node.groups import byte_span
 from lmcache_pd.node.loop import woken
 
 
@@ -45,6 +47,8 @@ class LayerMarks:
         self._order: list[int] = []  # layers in the order they were computed
         self.computed_at = 0.0
         """Wall clock when the forward over the last prompt chunk ended (0: not yet)."""
+        self.stamp: Stamp | None = None
+        """On a GPU: a stamp after the forward's kernels (the GPU's end of it, device_clock.py)."""
         self._wake: Callable[[], None] | None = None
 
     def layer(self, index: int, ready: torch.cuda.Event | None = None) -> None:
@@ -58,10 +62,12 @@ class LayerMarks:
         if wake is not None:
             wake()
 
-    def forward_done(self, at: float | None = None) -> None:
-        """vLLM's thread: the forward ended (every layer was marked by now)."""
+    def forward_done(self, at: float | None = None, stamp: Stamp | None = None) -> None:
+        """vLLM's thread: the forward ended (every layer was marked by now); ``stamp``: where
+        it ends on the GPU."""
         with self._lock:
             self.computed_at = at if at is not None else time.time()
+            self.stamp = stamp
             wake = self._wake
         if wake is not None:
             wake()
@@ -174,11 +180,11 @@ def piece_plan(kv: KVLayout, pool: PoolLayout, piece: Piece, layer: int | None, 
 async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piece, int | None], RangePlan | None],
                       pieces: Pieces, num_layers: int, *, data_s: float, ticket: bytes, check: Callable[[], None],
                       failed: Callable[[BatchState, object], None], renew: Callable[[], None] = lambda: None,
-                      signal: tuple[int, int] | None = None) -> tuple[float, list[RangePlan]]:
+                      signal: tuple[int, int] | None = None) -> tuple[float, float, list[RangePlan]]:
     """Submit each layer of the final piece (``plan(piece, layer)``; None: nothing of it to send)
     as soon as its forward's marks say it is computed, and each earlier piece whole
     (``plan(piece, None)``) once its forward computed every layer; return when all of it is in
-    the peer's pool: the wall clock of the first submit, and the plans sent.
+    the peer's pool: the transfer's first and last byte (``groups.byte_span``), and the plans sent.
 
     An earlier chunk's piece goes in one batch because only the last chunk's forward is on the
     hand-off's path: the next chunk's forward hides the whole piece, and one batch instead of
@@ -258,7 +264,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
             if pieces.stopped and not in_flight:
                 raise TransferError(pieces.stopped)
             if final and not pending and not waiting and not in_flight:
-                return first_byte_at, sent
+                return (*byte_span(handles, first_byte_at), sent)
             if not pieces.stopped:
                 check()
             if time.monotonic() - progress > data_s:

@@ -321,10 +321,12 @@ class KVSender:
                 self._reserved.forget(spec.handoff.transfer_id)
                 peer = launched.grant.peer
                 plans, ends = [launched.plan], (len(launched.grant.pages),)
-                await send_groups(self.transport, self.region, peer, plans, ends, spec.handoff, ticket=b"",
-                                  data_s=self.t.data_s, submitted=[launched.handle], **self._watch(spec))
+                _, last_byte_at = await send_groups(self.transport, self.region, peer, plans, ends, spec.handoff,
+                                                    ticket=b"", data_s=self.t.data_s, submitted=[launched.handle],
+                                                    **self._watch(spec))
+                first_byte_at = launched.handle.began_at or launched.first_byte_at
                 await self._done(spec, launched.grant, True, plans, None, t0, launched.t0, launched.started_at,
-                                 launched.first_byte_at, time.monotonic() - launched.t0, None, on_caller=True)
+                                 (first_byte_at, last_byte_at), time.monotonic() - launched.t0, None, on_caller=True)
                 return
             n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.worker.compat.block_size)
             if len(spec.block_ids) < n_pages and spec.final:  # (a first piece of several has fewer)
@@ -346,11 +348,11 @@ class KVSender:
                 plans = [plan_cache_to_pool(self.kv, peer.pool, blocks=blocks[a:b], pages=pages[a:b])
                          for a, b in zip((0, *ends[:-1]), ends)]
                 digest = self._digest(blocks, pages, peer, ready)  # reads the blocks while they fly
-                first_byte_at = await send_groups(self.transport, self.region, peer, plans, ends, spec.handoff,
+                span = await send_groups(self.transport, self.region, peer, plans, ends, spec.handoff,
                                                   ticket=ticket, data_s=self.t.data_s, ready=ready, signal=signal,
                                                   **self._watch(spec))
             else:
-                first_byte_at, plans = await send_layers(
+                *span, plans = await send_layers(
                     self.transport, peer.peer_id, self.region,
                     lambda piece, layer: piece_plan(self.kv, peer.pool, piece, layer, pages, grant.skip),
                     pieces, self.kv.num_layers,
@@ -359,7 +361,7 @@ class KVSender:
                 assert final is not None and len(final.blocks) >= n_pages
                 blocks = final.blocks[grant.skip:n_pages]
                 digest = self._digest(blocks, pages, peer, None)  # every layer is computed by now
-            await self._done(spec, grant, reserved, plans, digest, t0, t_alloc, granted_at, first_byte_at,
+            await self._done(spec, grant, reserved, plans, digest, t0, t_alloc, granted_at, tuple(span),
                              time.monotonic() - t_data, pieces)
         except (PDError, OSError) as e:
             log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.handoff.transfer_id, spec.handoff.peer, e)
@@ -375,10 +377,11 @@ class KVSender:
 
     async def _done(self, spec: SendSpec, grant: Grant, reserved: bool, plans: list[RangePlan],
                     digest: asyncio.Future[int] | None, t0: float, t_alloc: float, granted_at: float,
-                    first_byte_at: float, seconds: float, pieces: Pieces | None, *, on_caller: bool = False) -> None:
-        """Every byte is in the decode pool: TransferDone, then the result."""
+                    span: tuple[float, float], seconds: float, pieces: Pieces | None, *,
+                    on_caller: bool = False) -> None:
+        """Every byte is in the decode pool (``span``: its first and last byte): TransferDone, then the result."""
         nbytes = sum(p.nbytes for p in plans)
-        last_byte_at = time.time()
+        first_byte_at, last_byte_at = span
         checked = await digest if digest is not None else None
         t_done = time.monotonic()
         await grant.peer.transfer_done(spec.handoff.transfer_id, nbytes, seconds, checked)
@@ -389,19 +392,27 @@ class KVSender:
         self._result(SendResult(spec.req_id, spec.handoff.transfer_id, True, nbytes, seconds,
                                 allocate_s=t_alloc - t0, done_s=time.monotonic() - t_done, reserved=reserved,
                                 skipped_pages=grant.skip, granted_at=granted_at,
-                                computed_at=self._computed_at(spec, pieces),
+                                computed_at=await self._computed_at(spec, pieces),
                                 first_byte_at=first_byte_at, last_byte_at=last_byte_at, layered=pieces is not None,
                                 on_caller=on_caller, pieces=len(pieces) if pieces is not None else 0,
                                 last_chunk_at=pieces.final.added_at if pieces is not None and pieces.final else 0.0))
 
-    @staticmethod
-    def _computed_at(spec: SendSpec, pieces: Pieces | None) -> float:
+    async def _computed_at(self, spec: SendSpec, pieces: Pieces | None) -> float:
         """When the prompt's last chunk was computed. A layered hand-off whose last forward has
-        not reported its end yet landed before it: now is a lower bound (all of it hidden)."""
+        not reported its end yet landed before it: now is a lower bound (all of it hidden). On a
+        GPU the end is the GPU's (a stamp after the forward's kernels, ``LayerMarks.stamp``),
+        not the host's return from the forward call, once it passed (within ``timeouts.data_s``)."""
         final = pieces.final if pieces is not None else None
         if final is None:
             return spec.computed_at
-        return final.marks.computed_at or time.time()
+        marks = final.marks
+        if marks.stamp is not None:
+            deadline = time.monotonic() + self.t.data_s
+            while not marks.stamp.done() and time.monotonic() < deadline:
+                await asyncio.sleep(0.0002)
+            if marks.stamp.done():
+                return marks.stamp.wall()
+        return marks.computed_at or time.time()
 
     async def _cancel_any(self, peer: DecodePeer | None, h: Handoff, reason: str) -> None:
         """Tell the decode side the hand-off will not come, whether or not pages were granted

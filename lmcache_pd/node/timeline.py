@@ -4,7 +4,11 @@ Every ended hand-off carries wall-clock marks (``time.time()``, one clock per ma
 two ends of a hand-off on one machine compare directly): the prefill's ``SendResult`` and the
 decode's ``LoadResult``. This module turns them into the phases below, observed into
 ``lmcache_pd_handoff_phase_seconds{role, phase}`` for the worker's ``/metrics``; the marks
-themselves go to the hand-off log (``handoff_log``).
+themselves go to the hand-off log (``handoff_log``). On a GPU the marks of a layered hand-off's
+forward end and of cuda_ipc's first and last byte are the GPU's own (timing events read in the
+wall clock, ``device_clock.py``), not when the host queued or learned of them: the host returns
+from vLLM's forward call while its kernels still run, so host marks make the transfer look less
+hidden than it is.
 
 Prefill phases (a mark of 0 means "never reached"; that phase is not observed):
   - ``after_compute``: the prefill's forward over the last prompt chunk done (``computed_at``,

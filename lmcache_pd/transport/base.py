@@ -105,7 +105,7 @@ class BatchHandle:
     """One submitted batch. ``close()`` it when done; usable as a context manager."""
 
     __slots__ = ("id", "nbytes", "_owner", "_closed", "state", "error", "t_submit", "t_done", "_callbacks",
-                 "_cb_lock")
+                 "_cb_lock", "began_at", "landed_at")
     _ids = itertools.count(1)
 
     def __init__(self, owner: Transport, nbytes: int, t_submit: float):
@@ -117,6 +117,10 @@ class BatchHandle:
         self.error: str | None = None
         self.t_submit = t_submit
         self.t_done: float | None = None
+        self.began_at = 0.0
+        self.landed_at = 0.0
+        """Wall clock when its first byte moved and its last landed, stamped where the copy ran
+        (cuda_ipc: on the GPU), set before it is DONE; 0: the transport does not stamp."""
         self._callbacks: list[Callable[[BatchHandle], None]] = []
         self._cb_lock = threading.Lock()
 

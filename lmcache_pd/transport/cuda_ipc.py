@@ -7,7 +7,9 @@ access enabled) and caches the mapping. A transfer is one launch of the range-co
 (csrc/copy_ranges.cu) on a dedicated stream, reading vLLM's paged cache and writing straight
 into the peer's pool pages: no staging copy. An event after the launch marks completion; a
 completion thread waits on it and finishes the handle, so DONE means the bytes are in the
-peer's memory.
+peer's memory. Timing events before and after the copy give the handle the GPU's own times of
+its first and last byte (``BatchHandle.began_at``/``landed_at``, device_clock.py): the hand-off's
+timeline uses them instead of when the host learned.
 
 With ``signals``, the receiver also keeps one 32-bit word per pool page in a second
 allocation, exported the same way: a batch submitted with ``signal=(slot, value)`` ends with the
@@ -32,6 +34,7 @@ import msgspec
 import torch
 
 from lmcache_pd._types import BatchState
+from lmcache_pd.device_clock import clock_for
 from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import cuda_kernels_available, launch_copy
@@ -250,13 +253,14 @@ class CudaIpcTransport(Transport):
         else:
             stream.wait_stream(torch.cuda.current_stream(src.device))
         handle.state = BatchState.IN_FLIGHT
+        clock = clock_for(src.device)
+        began = clock.stamp(stream)  # passed once the producer's event has: the copy's start
         table = launch_copy(src.address, p.address, plan, device=src.device, stream=stream)
         if signal is not None and 0 <= signal[0] < p.signal_slots:
             # After the copy on the same stream, with a barrier: the peer's wait sees the bytes first.
             _signals.write(src.device.index, stream.cuda_stream, p.signals + 4 * signal[0], signal[1])
-        event = torch.cuda.Event()
-        event.record(stream)
-        self._pending.put((handle, event, table))
+        landed = clock.stamp(stream)
+        self._pending.put((handle, began, landed, table))
         return handle
 
     def _complete(self) -> None:
@@ -265,10 +269,11 @@ class CudaIpcTransport(Transport):
             item = self._pending.get()
             if item is None:  # close(): everything queued before it has been finished
                 break
-            handle, event, _table = item
+            handle, began, landed, _table = item
             try:
-                event.synchronize()  # releases the GIL while it waits
+                landed.event.synchronize()  # releases the GIL while it waits
                 state, error = BatchState.DONE, None
+                handle.began_at, handle.landed_at = began.wall(), landed.wall()
             except RuntimeError as e:
                 state, error = BatchState.FAILED, f"CUDA error: {e}"
             if handle.state == BatchState.CANCELED:

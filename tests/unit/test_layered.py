@@ -37,6 +37,21 @@ def layered(n: Node, tid: str, p_blocks: list[int], d_blocks: list[int], num_tok
     return marks
 
 
+class LateStamp:
+    """Stands in for a GPU stamp (device_clock.Stamp) that the GPU passes ``after_s`` from now, at
+    wall clock ``at``."""
+
+    def __init__(self, after_s: float, at: float):
+        self.ready_at, self.at = time.monotonic() + after_s, at
+
+    def done(self) -> bool:
+        return time.monotonic() >= self.ready_at
+
+    def wall(self) -> float:
+        assert self.done(), "read before the GPU passed it"
+        return self.at
+
+
 def wait_until(cond, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
@@ -272,3 +287,56 @@ def test_per_layer_plans_add_up_to_the_whole_plan():
     assert set(np.concatenate([p.dst_offsets for p in parts[1:2]]) // (8 * 64)) == {1}  # layer 1's pool rows only
     with pytest.raises(ValueError, match="layer out of range"):
         plan_cache_to_pool(kv, pool, blocks=[2], pages=[0], layers=[3])
+
+
+def test_the_forwards_end_in_the_timeline_is_the_gpus_when_the_forward_has_a_stamp():
+    """On a GPU the host returns from the forward before its kernels end: the sender waits for
+    the stamp the worker recorded after them and takes its time as the prompt computed."""
+    n = Node(make_cfg("loopback"))
+    try:
+        marks = layered(n, "stamped", [5, 6], [11, 12], 2 * BLOCK)
+        for i in range(LAYERS):
+            marks.layer(i)
+        host_end = time.time()
+        marks.forward_done(host_end, LateStamp(0.2, host_end + 0.123))
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        assert abs(s.computed_at - (host_end + 0.123)) < 1e-6, s.computed_at - host_end
+    finally:
+        n.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU stamps untested here")
+def test_on_a_gpu_the_timeline_has_the_gpus_forward_end_and_bytes():
+    """The host marks every layer and ends the forward at once, while the GPU still spins
+    through two 20 ms layers: with host times all of the transfer would look exposed (first
+    byte at the submit, forward end at the host's); from the GPU's stamps (cuda_ipc's batches,
+    the worker's forward end) layer 0 moved before the forward ended, so most of it is hidden."""
+    from lmcache_pd.device_clock import clock_for
+    from tests.unit.test_device_clock import _spin_us
+
+    n = Node(make_cfg("cuda_ipc"))
+    try:
+        n.handoff("warm", [1], [5], num_tokens=BLOCK)
+        assert all(r.ok for r in sum(n.results(1, 1), []))
+        cycles = _spin_us(20_000)
+        forward = torch.cuda.Stream()
+        marks = layered(n, "gpu", [5, 6], [11, 12], 2 * BLOCK)
+        host_end = time.time()
+        with torch.cuda.stream(forward):
+            for i in range(LAYERS):
+                torch.cuda._sleep(cycles)
+                ready = torch.cuda.Event()
+                ready.record(forward)
+                marks.layer(i, ready)
+        stamp = clock_for(torch.device("cuda", 0)).stamp(forward)
+        marks.forward_done(host_end, stamp)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        n.assert_moved([5, 6], [11, 12])
+        span = 0.020 * LAYERS
+        assert s.computed_at - host_end >= 0.8 * span, s.computed_at - host_end
+        assert s.first_byte_at - host_end >= 0.8 * 0.020, s.first_byte_at - host_end  # after layer 0's spin
+        assert hidden_fraction(s) > 0.9, (s.first_byte_at - host_end, s.last_byte_at - host_end, s.computed_at - host_end)
+    finally:
+        n.close()

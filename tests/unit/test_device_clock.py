@@ -1,0 +1,45 @@
+"""device_clock.py: a stamp's wall clock is when the GPU passed it, not when the host queued it
+(GPU only; the hand-off's use of it: test_layered.py::test_on_a_gpu_*)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lmcache_pd.device_clock import DeviceClock
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU stamps untested here")
+
+
+def _spin_us(us: float) -> int:
+    """``torch.cuda._sleep`` cycles for about ``us`` microseconds (measured)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return int(10_000_000 * us / (start.elapsed_time(end) * 1e3))
+
+
+def test_a_stamp_reads_when_the_gpu_passed_it_before_or_after_the_anchor():
+    clock = DeviceClock(torch.device("cuda", 0))
+    cycles = _spin_us(20_000)
+    stream = torch.cuda.Stream()
+    queued = time.time()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(cycles)
+    first = clock.stamp(stream)  # recorded before the clock's first anchor: read with a negative span
+    assert not first.done()
+    stream.synchronize()
+    synced = time.time()
+    at = first.wall()
+    assert queued + 0.015 <= at <= synced + 0.001, (at - queued, synced - queued)
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(cycles)
+    second = clock.stamp(stream)  # after the anchor
+    stream.synchronize()
+    assert 0.015 <= first.seconds_to(second) <= 0.030
+    assert abs((second.wall() - at) - first.seconds_to(second)) < 50e-6
+    assert clock.bracket_s < 0.001
