@@ -218,6 +218,32 @@ class CacheConfig(_Section):
     tiers (memory, disk) hold, and those are not transferred again (docs/cache.md)."""
 
 
+class RoutingConfig(_Section):
+    """How the proxy's routing policy weighs instances (``proxy.policy``; proxy/policies.py)."""
+
+    lookup_timeout_s: Seconds = 0.05
+    """Per request, asking the instances what they hold of its prompt (tokenizing a text prompt
+    first) waits at most this long; whoever has not answered counts as holding nothing."""
+    load_interval_s: Seconds = 0.5
+    """How often the proxy reads each instance's load (vLLM's running and waiting requests, the
+    decode pool's free pages)."""
+    remote_weight: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
+    """What a prompt token found only in the shared remote tier is worth against one in the
+    instance's own tiers (it still crosses the network)."""
+    decode_alone_tokens: NonNegative = 0
+    """A request of which at most this many prompt tokens are left to compute on the chosen
+    decode instance (a short prompt, or one whose history that decode holds) is served by the
+    decode alone: no prefill, no hand-off (0: never for that reason)."""
+    decode_alone_fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    """... or of which the decode instance holds at least this fraction (1.0: never for that
+    reason)."""
+    decode_max_requests: Positive = 256
+    """A decode instance with this many requests running and waiting is overloaded: history
+    affinity no longer sends it a conversation's next turn."""
+    decode_min_free: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05
+    """... nor one whose pool has less than this fraction of its pages free."""
+
+
 class ProxyConfig(_Section):
     host: str = "127.0.0.1"
     port: Port = 8000
@@ -248,6 +274,12 @@ class ProxyConfig(_Section):
     """Names of the prefill instances this proxy routes to (empty: all of them)."""
     decodes: tuple[str, ...] = ()
     """Names of the decode instances this proxy routes to (empty: all of them)."""
+    policy: str = "round_robin"
+    """Which prefill and decode serve each request (proxy/policies.py): ``round_robin``,
+    ``kv_aware`` (the prefill that holds most of the prompt against its queued prefill work; the
+    decode that holds the conversation's history unless overloaded, else the least loaded; the
+    decode alone where ``routing`` says), or ``module:Class`` of your own (a ``Policy``)."""
+    routing: RoutingConfig = RoutingConfig()
 
 
 class PDConfig(_Section):

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.role == "proxy":  # (its own module: the proxy's path never imports torch)
                 from lmcache_pd.cli import launch_proxy
 
-                return launch_proxy.launch(cfg)
+                return launch_proxy.launch(cfg, lambda: load_config(args.config, overrides=args.set))
             from lmcache_pd.cli.launch import launch
 
             return launch(cfg, args.role, args.instance)

@@ -34,7 +34,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -68,8 +68,9 @@ from lmcache_pd.proxy.legs import (
     reach,
     session,
 )
+from lmcache_pd.proxy.membership import add_admin_routes, reload_on_sighup
 from lmcache_pd.proxy.post import Broken, NotConnected, Posts
-from lmcache_pd.proxy.routing import Backend, Router
+from lmcache_pd.proxy.routing import Backend, Router, RouterCollector
 
 log = logging.getLogger(__name__)
 _FORWARD_HEADERS = ("authorization",)
@@ -107,6 +108,8 @@ class _Split:
     req_id: str
     t0: float
     """When the proxy received it (monotonic)."""
+    tokens: int = 0
+    """The prompt's length in tokens, where the router learned it (0: not known)."""
     transfer_id: str = ""
 
     def __post_init__(self) -> None:
@@ -127,24 +130,26 @@ def _no_handoff(leg: asyncio.Task) -> bool:
 
 
 class Proxy:
-    def __init__(self, cfg: PDConfig):
+    def __init__(self, cfg: PDConfig, api_headers: dict[str, str] | None = None):
         self.cfg = cfg
-        self.router = Router(cfg)
+        self.router = Router(cfg, api_headers)
         self.metrics = Metrics()
         self._split = {"concurrent": self._concurrent, "sequential": self._sequential}[cfg.proxy.dispatch]
         self._first = cfg.proxy.first_token == "prefill"
         self._background: set[asyncio.Task] = set()
         self.client: aiohttp.ClientSession | None = None
         self.posts = Posts(cfg.proxy.connect_timeout_s, KEEPALIVE_S, MAX_PREFILL_ANSWER)
-        self._health: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         self.client = session(self.cfg.proxy.connect_timeout_s)
-        self._health = asyncio.get_running_loop().create_task(self.router.health_loop(self.client))
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(self.router.health_loop(self.client)),
+                       loop.create_task(self.router.load_loop(self.client))]
 
     async def stop(self) -> None:
-        if self._health is not None:
-            self._health.cancel()
+        for task in self._loops:
+            task.cancel()
         if self.client is not None:
             await self.client.close()
         self.posts.close()
@@ -158,14 +163,18 @@ class Proxy:
         headers.update(_forwarded(request))
         body.pop("kv_transfer_params", None)
         t0 = time.monotonic()
-        decode = self.router.pick_decode()
-        if decode is None:
-            return error(503, "no decode instance configured", "service_unavailable")
-        prefill = self.router.pick_prefill() if _splittable(body) else None
+        assert self.client is not None
+        routed = await self.router.route(self.client, body, _splittable(body))
+        if routed is None:
+            return error(503, "no decode instance can take requests (none configured, or all draining)",
+                         "service_unavailable")
+        for role, why in (("decode", routed.route.decode_reason), ("prefill", routed.route.prefill_reason)):
+            self.metrics.routes.labels(role, why).inc()
+        decode, prefill = routed.decode, routed.prefill
         if prefill is None:
             self.metrics.requests.labels(path, "direct").inc()
             return await self._decode(decode, path, body, None, headers, req_id, tried=set(), t0=t0)
-        s = _Split(prefill, decode, path, body, headers, req_id, t0)
+        s = _Split(prefill, decode, path, body, headers, req_id, t0, tokens=routed.prompt_tokens)
         if self._first:
             why = first_token.refusal(path, body)
             if why is None:
@@ -310,6 +319,7 @@ class Proxy:
         t0 = time.monotonic()
         prefill = s.prefill
         content, headers = encode(pbody), s.headers | JSON_HEADERS
+        prefill.queued_tokens += s.tokens  # the prefill work ahead of the next request routed there
         try:
             async with asyncio.timeout(self.cfg.proxy.prefill_timeout_s):
                 r = await self.posts.post(prefill.host, prefill.port, s.path, content, headers)
@@ -322,6 +332,8 @@ class Proxy:
             log.warning("prefill %s passed proxy.prefill_timeout_s=%g s; decode recomputes", prefill.name,
                         self.cfg.proxy.prefill_timeout_s)
             return None
+        finally:
+            prefill.queued_tokens -= s.tokens
         status, raw = r
         self.metrics.prefill_seconds.observe(time.monotonic() - t0)
         if status != 200:
@@ -418,18 +430,23 @@ class Proxy:
         return error(503, "no instance is reachable", "service_unavailable")
 
 
-def create_app(cfg: PDConfig) -> Front:
-    """The proxy's ASGI app: the completion routes (front.py) in front of a FastAPI app with the rest."""
+def create_app(cfg: PDConfig, reload: Callable[[], PDConfig] | None = None) -> Front:
+    """The proxy's ASGI app: the completion routes (front.py) in front of a FastAPI app with the
+    rest. ``reload``: how to read the config again on SIGHUP (membership.py; None: SIGHUP is not
+    handled)."""
     keys = keyring(cfg)
     check_exposure(cfg, keys, None)
-    proxy = Proxy(cfg)
+    proxy = Proxy(cfg, {"authorization": f"Bearer {keys.api_token}"} if keys.authenticated else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await proxy.start()
+        unhook = reload_on_sighup(proxy.router, reload) if reload is not None else None
         try:
             yield
         finally:
+            if unhook is not None:
+                unhook()
             await proxy.stop()
 
     app = FastAPI(title="lmcache-pd proxy", lifespan=lifespan)
@@ -440,13 +457,15 @@ def create_app(cfg: PDConfig) -> Front:
         return await proxy.forward_get(request, "/v1/models")
 
     add_cache_routes(app, cfg, lambda: proxy.client, keys)
+    add_admin_routes(app, proxy.router, keys)
+    proxy.metrics.registry.register(RouterCollector(proxy.router))
 
     @app.get("/health")
     async def health() -> Response:
         status = proxy.router.status()
         ok = any(b.healthy for b in (*proxy.router.decodes, *proxy.router.prefills))
-        return JSONResponse({"status": "ok" if ok else "unavailable", "instances": status},
-                            status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "unavailable", "policy": proxy.router.policy.name,
+                             "instances": status}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -1,22 +1,33 @@
-"""Which prefill and decode instance serves a request (no torch, no vllm).
+"""Which prefill and decode instance serve a request (no torch, no vllm).
 
-Round-robin over instances whose last health check passed; an instance that fails a request
-is marked down at once and comes back when a health check passes again.
+:class:`Router` keeps one :class:`Backend` per instance: its health (``/health`` every
+``proxy.health_interval_s``; an instance that fails a request is marked down at once and comes
+back when a check passes), whether it is draining, and, when the policy wants it, its load
+(every ``proxy.routing.load_interval_s``: vLLM's running and waiting requests from its
+``/metrics``, a decode's free pool pages from its worker API's ``/pd/stats``) and the prompt
+tokens this proxy has sent it and not had answered. For each request it builds the instances'
+views (with what each holds of the prompt, kv_lookup.py, when the policy asks) and lets the
+policy (policies.py, ``proxy.policy``) choose.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
+from prometheus_client.core import GaugeMetricFamily
 
 from lmcache_pd.config import InstanceConfig, PDConfig
+from lmcache_pd.proxy import kv_lookup
+from lmcache_pd.proxy.policies import Ask, InstanceView, Route, make_policy
 
 log = logging.getLogger(__name__)
+_GAUGE = re.compile(r"^(vllm:num_requests_running|vllm:num_requests_waiting)(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
 
 
 @dataclass
@@ -25,9 +36,18 @@ class Backend:
     role: str
     host: str
     port: int
+    cache_url: str | None = None
+    """Its rank-0 worker API (``cache_port``), or None."""
     healthy: bool = True
     last_error: str = ""
     checked_at: float = field(default=0.0)
+    draining: bool = False
+    running: int = 0
+    waiting: int = 0
+    free_pages: int | None = None
+    pool_pages: int | None = None
+    queued_tokens: int = 0
+    """Prompt tokens of this proxy's prefill requests to it not answered yet."""
 
     @property
     def url(self) -> str:
@@ -38,36 +58,103 @@ class Backend:
             log.warning("%s instance %s marked down: %s", self.role, self.name, error)
         self.healthy, self.last_error = False, error
 
+    def view(self, held: kv_lookup.Held | None = None) -> InstanceView:
+        held = held or kv_lookup.Held()
+        return InstanceView(self.name, self.healthy, self.draining, self.running, self.waiting, self.queued_tokens,
+                            self.free_pages, self.pool_pages, held.local_tokens, held.remote_tokens)
+
+    def load(self) -> dict[str, Any]:
+        return {"running": self.running, "waiting": self.waiting, "queued_tokens": self.queued_tokens,
+                "free_pages": self.free_pages, "pool_pages": self.pool_pages}
+
+
+def _loopback(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
 
 def _backend(inst: InstanceConfig, role: str) -> Backend:
-    host = "127.0.0.1" if inst.host in ("0.0.0.0", "") else inst.host
-    return Backend(inst.name, role, host, inst.http_port)
+    host = _loopback(inst.host)
+    cache = f"http://{host}:{inst.cache_port}" if inst.cache_port is not None else None
+    return Backend(inst.name, role, host, inst.http_port, cache)
+
+
+@dataclass
+class Routed:
+    """A request's route, with the backends it names and the prompt's length if known."""
+
+    route: Route
+    decode: Backend
+    prefill: Backend | None
+    prompt_tokens: int = 0
 
 
 class Router:
-    def __init__(self, cfg: PDConfig):
+    def __init__(self, cfg: PDConfig, api_headers: dict[str, str] | None = None):
         self.cfg = cfg
         px = cfg.proxy
         self.prefills = [_backend(i, "prefill") for i in cfg.prefill if not px.prefills or i.name in px.prefills]
         self.decodes = [_backend(i, "decode") for i in cfg.decode if not px.decodes or i.name in px.decodes]
-        self._rr_p = itertools.count()
-        self._rr_d = itertools.count()
+        self.policy = make_policy(px.policy, px.routing)
+        self._api_headers = api_headers or {}
+        """What the workers' APIs need (the bearer token, with a shared secret)."""
+        self.routes: dict[tuple[str, str], int] = {}
+        """(role, reason) -> routes so far."""
+        self.known_decodes = {i.name for i in cfg.decode}
+        """Decode instances the prefill workers can address: those of the deployment config (a
+        prefill resolves a decode's name in its own config, never an address from a request)."""
 
-    @staticmethod
-    def _pick(backends: list[Backend], rr: itertools.count, exclude: set[str]) -> Backend | None:
-        candidates = [b for b in backends if b.name not in exclude]
-        healthy = [b for b in candidates if b.healthy]
-        pool = healthy or candidates  # all down: try anyway rather than refuse outright
-        return pool[next(rr) % len(pool)] if pool else None
+    def find(self, name: str) -> Backend | None:
+        return next((b for b in (*self.prefills, *self.decodes) if b.name == name), None)
 
-    def pick_prefill(self, exclude: set[str] = frozenset()) -> Backend | None:  # type: ignore[assignment]
-        return self._pick(self.prefills, self._rr_p, exclude)
+    async def route(self, client: aiohttp.ClientSession, body: dict[str, Any], splittable: bool) -> Routed | None:
+        """Choose the decode and the prefill (or none) of one request; None: no decode instance."""
+        ids = kv_lookup.prompt_ids(body)
+        held: dict[str, kv_lookup.Held] = {}
+        if self.policy.wants_lookup and splittable and self._choice():
+            deadline = time.monotonic() + self.cfg.proxy.routing.lookup_timeout_s
+            if ids is None:
+                usable = [b for b in (*self.decodes, *self.prefills) if b.healthy and not b.draining]
+                if usable:
+                    ids = await kv_lookup.tokenize(client, usable[0].url, self.cfg.model.served_name or
+                                                   self.cfg.model.path, body, deadline)
+            urls = {b.name: b.cache_url for b in (*self.prefills, *self.decodes) if b.cache_url and b.healthy}
+            if ids and urls:
+                held = await kv_lookup.held_by(client, urls, ids, self._api_headers, deadline)
+        ask = Ask(len(ids) if ids else None, splittable)
+        route = self.policy.route(ask, [b.view(held.get(b.name)) for b in self.prefills],
+                                  [b.view(held.get(b.name)) for b in self.decodes])
+        if route is None:
+            return None
+        for key in (("decode", route.decode_reason), ("prefill", route.prefill_reason)):
+            self.routes[key] = self.routes.get(key, 0) + 1
+        decode = self.find(route.decode)
+        prefill = self.find(route.prefill) if route.prefill else None
+        assert decode is not None, f"policy {self.policy.name} chose an unknown decode {route.decode!r}"
+        return Routed(route, decode, prefill, ask.prompt_tokens or 0)
+
+    def _choice(self) -> bool:
+        """Whether a lookup can change anything: more than one instance to choose from in a role,
+        or a request that may go to the decode alone (else the round trip only delays it)."""
+        usable = lambda bs: sum(b.healthy and not b.draining for b in bs)  # noqa: E731
+        r = self.cfg.proxy.routing
+        return (usable(self.prefills) > 1 or usable(self.decodes) > 1 or r.decode_alone_tokens > 0
+                or r.decode_alone_fraction < 1.0)
 
     def pick_decode(self, exclude: set[str] = frozenset()) -> Backend | None:  # type: ignore[assignment]
-        return self._pick(self.decodes, self._rr_d, exclude)
+        """Another decode instance, for a request whose decode could not be reached."""
+        name = self.policy.pick_decode([b.view() for b in self.decodes], frozenset(exclude))
+        return self.find(name) if name else None
+
+    def pick_prefill(self, exclude: set[str] = frozenset()) -> Backend | None:  # type: ignore[assignment]
+        """A prefill instance to serve a request whole when no decode instance can be reached."""
+        left = [b for b in self.prefills if b.name not in exclude and not b.draining]
+        healthy = [b for b in left if b.healthy]
+        pool = healthy or left
+        return min(pool, key=lambda b: b.queued_tokens) if pool else None
 
     def status(self) -> dict[str, object]:
-        return {b.name: {"role": b.role, "url": b.url, "healthy": b.healthy, "error": b.last_error}
+        return {b.name: {"role": b.role, "url": b.url, "healthy": b.healthy, "draining": b.draining,
+                         "error": b.last_error, **b.load()}
                 for b in (*self.prefills, *self.decodes)}
 
     async def check(self, client: aiohttp.ClientSession) -> None:
@@ -89,3 +176,114 @@ class Router:
         while True:
             await self.check(client)
             await asyncio.sleep(self.cfg.proxy.health_interval_s)
+
+    async def read_loads(self, client: aiohttp.ClientSession) -> None:
+        """Every instance's load, from the instance itself (an instance that does not answer in
+        ``proxy.routing.load_interval_s`` keeps its last figures)."""
+        limit = self.cfg.proxy.routing.load_interval_s
+
+        async def one(b: Backend) -> None:
+            try:
+                async with asyncio.timeout(limit):
+                    async with client.get(f"{b.url}/metrics") as r:
+                        text = (await r.read()).decode(errors="replace") if r.status == 200 else ""
+                    found = {m.group(1): int(float(m.group(2))) for m in _GAUGE.finditer(text)}
+                    b.running = found.get("vllm:num_requests_running", b.running)
+                    b.waiting = found.get("vllm:num_requests_waiting", b.waiting)
+                    if b.role == "decode" and b.cache_url:
+                        async with client.get(f"{b.cache_url}/pd/stats") as r:
+                            pool = (await r.json(content_type=None)).get("pool", {}) if r.status == 200 else {}
+                        b.free_pages, b.pool_pages = pool.get("free_pages", b.free_pages), pool.get("pages", b.pool_pages)
+            except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError) as e:
+                log.debug("reading the load of %s: %r", b.name, e)
+
+        await asyncio.gather(*(one(b) for b in (*self.prefills, *self.decodes)))
+
+    async def load_loop(self, client: aiohttp.ClientSession) -> None:
+        """Loads every ``routing.load_interval_s`` for a policy that routes by them, else with the
+        health checks (``/health`` and ``/metrics`` show them, and a draining instance's requests
+        running down)."""
+        every = self.cfg.proxy.routing.load_interval_s if self.policy.wants_load else self.cfg.proxy.health_interval_s
+        while True:
+            await self.read_loads(client)
+            await asyncio.sleep(every)
+
+    # --- membership (membership.py: the admin routes and SIGHUP) -------------------------------
+    def _role(self, role: str) -> list[Backend]:
+        return self.prefills if role == "prefill" else self.decodes
+
+    def add(self, inst: InstanceConfig, role: str) -> Backend:
+        """Route to ``inst`` from now on (ValueError: the name is taken)."""
+        if self.find(inst.name) is not None:
+            raise ValueError(f"an instance named {inst.name!r} is already routed to")
+        b = _backend(inst, role)
+        self._role(role).append(b)
+        log.info("%s instance %s joined (%s)", role, b.name, b.url)
+        return b
+
+    def remove(self, name: str) -> Backend:
+        """Route nothing more to ``name`` (its requests in flight go on); KeyError if unknown."""
+        b = self.find(name)
+        if b is None:
+            raise KeyError(name)
+        self._role(b.role).remove(b)
+        log.info("%s instance %s left", b.role, name)
+        return b
+
+    def drain(self, name: str, draining: bool = True) -> Backend:
+        """A draining instance gets no new request; those it has finish. KeyError if unknown."""
+        b = self.find(name)
+        if b is None:
+            raise KeyError(name)
+        if b.draining != draining:
+            log.info("%s instance %s %s", b.role, name, "draining" if draining else "taking requests again")
+        b.draining = draining
+        return b
+
+    def reconcile(self, cfg: PDConfig) -> dict[str, list[str]]:
+        """Membership as ``cfg`` lists it (a reloaded config file): instances it no longer lists
+        leave, new ones join; those kept keep their state (draining, loads)."""
+        px = cfg.proxy
+        wanted = {"prefill": [i for i in cfg.prefill if not px.prefills or i.name in px.prefills],
+                  "decode": [i for i in cfg.decode if not px.decodes or i.name in px.decodes]}
+        joined, left = [], []
+        for role, insts in wanted.items():
+            names = {i.name for i in insts}
+            for b in list(self._role(role)):
+                if b.name not in names:
+                    left.append(self.remove(b.name).name)
+            for inst in insts:
+                known = self.find(inst.name)
+                if known is None:
+                    joined.append(self.add(inst, role).name)
+                elif (known.role, known.url) != (role, _backend(inst, role).url):
+                    self.remove(inst.name)
+                    self.add(inst, role)
+        self.known_decodes = {i.name for i in cfg.decode}
+        return {"joined": joined, "left": left}
+
+
+class RouterCollector:
+    """Each instance's state as the router sees it, for the proxy's ``/metrics``:
+    ``lmcache_pd_proxy_instance_{healthy,draining,running,waiting,queued_tokens,free_pages}``."""
+
+    FIELDS = (("healthy", "1 if its last health check passed"), ("draining", "1 while it is drained"),
+              ("running", "vLLM's running requests, as last read"), ("waiting", "vLLM's waiting requests"),
+              ("queued_tokens", "prompt tokens of this proxy's prefill requests to it not answered yet"),
+              ("free_pages", "a decode instance's free pool pages, as last read"))
+
+    def __init__(self, router: Router):
+        self.router = router
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        backends = (*self.router.prefills, *self.router.decodes)
+        for name, doc in self.FIELDS:
+            g = GaugeMetricFamily(f"lmcache_pd_proxy_instance_{name}", doc, labels=["instance", "role"])
+            for b in backends:
+                value = getattr(b, name)
+                if value is not None:
+                    g.add_metric([b.name, b.role], float(value))
+            yield g

@@ -1,0 +1,86 @@
+"""What each instance holds of one request's prompt, asked at routing time (no torch, no vllm).
+
+The routing policy (policies.py, ``wants_lookup``) scores instances by the leading tokens of the
+prompt their cache tiers hold. The proxy has no tokenizer: a prompt given as token ids is used
+as is; a text prompt or chat messages go to one instance's vLLM ``/tokenize`` (its own
+tokenizer and chat template: the ids it will serve). Then every instance with a worker API
+(``cache_port``, rank 0) is asked ``/cache/lookup`` at once. All of it shares one deadline,
+``proxy.routing.lookup_timeout_s``: an instance that has not answered by then counts as
+holding nothing, and a prompt not tokenized by then is routed on load alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from lmcache_pd.proxy.answers import token_ids
+
+log = logging.getLogger(__name__)
+REMOTE_TIERS = frozenset({"redis"})
+"""Tiers whose chunks cross the network to load (``routing.remote_weight``)."""
+
+
+@dataclass(frozen=True)
+class Held:
+    local_tokens: int = 0
+    remote_tokens: int = 0
+
+
+def prompt_ids(body: dict[str, Any]) -> list[int] | None:
+    """The prompt's token ids when the request gives them."""
+    prompt = body.get("prompt")
+    return prompt if "messages" not in body and token_ids(prompt) else None
+
+
+async def tokenize(client: aiohttp.ClientSession, url: str, model: str, body: dict[str, Any],
+                   deadline: float) -> list[int] | None:
+    """The prompt's token ids from vLLM's ``/tokenize`` at ``url`` (None: not in time, or no
+    prompt it can tokenize)."""
+    if "messages" in body:
+        req: dict[str, Any] = {"model": model, "messages": body["messages"], "add_generation_prompt": True}
+    elif isinstance(body.get("prompt"), str):
+        req = {"model": model, "prompt": body["prompt"]}
+    else:
+        return None
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())), \
+                client.post(f"{url}/tokenize", json=req) as r:
+            if r.status != 200:
+                return None
+            got = (await r.json(content_type=None)).get("tokens")
+    except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError) as e:
+        log.debug("tokenizing for routing at %s: %r", url, e)
+        return None
+    return got if token_ids(got) else None
+
+
+async def lookup(client: aiohttp.ClientSession, url: str, ids: list[int], headers: dict[str, str],
+                 deadline: float) -> Held:
+    """What the worker API at ``url`` holds of ``ids`` (nothing, if it does not answer in time)."""
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())), \
+                client.post(f"{url}/cache/lookup", json={"token_ids": ids}, headers=headers) as r:
+            if r.status != 200:
+                return Held()
+            got = await r.json(content_type=None)
+        tiers = got.get("tiers") or {}
+        remote = sum(int(n) for name, n in tiers.items() if name in REMOTE_TIERS)
+        total = int(got.get("cached_tokens", 0))
+    except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError, TypeError) as e:
+        log.debug("cache lookup for routing at %s: %r", url, e)
+        return Held()
+    return Held(max(0, total - remote), remote)
+
+
+async def held_by(client: aiohttp.ClientSession, urls: dict[str, str], ids: list[int],
+                  headers: dict[str, str], deadline: float) -> dict[str, Held]:
+    """``{name: Held}`` for every instance in ``urls`` (name -> its worker API), asked at once."""
+    names = list(urls)
+    got = await asyncio.gather(*(lookup(client, urls[n], ids, headers, deadline) for n in names))
+    return dict(zip(names, got))
