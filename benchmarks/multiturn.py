@@ -46,10 +46,11 @@ from lmcache_pd.cli.local import LocalDeployment, local_config
 from lmcache_pd.cli.tinymodel import build_tiny_model
 
 
-def stream_ttft(url: str, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
+def stream_ttft(url: str, prompt: list[int], max_tokens: int, request_id: str | None = None) -> tuple[float, list[int]]:
     body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                        "stream": True, "return_token_ids": True}).encode()
-    req = urllib.request.Request(f"{url}/v1/completions", body, {"content-type": "application/json"})
+    headers = {"content-type": "application/json", **({"x-request-id": request_id} if request_id else {})}
+    req = urllib.request.Request(f"{url}/v1/completions", body, headers)
     t0 = time.perf_counter()
     ttft = None
     ids: list[int] = []
