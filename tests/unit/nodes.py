@@ -99,6 +99,16 @@ class Node:
         return False
 
 
+def spin_cycles(us: float) -> int:
+    """``torch.cuda._sleep`` cycles for about ``us`` microseconds of GPU time (measured here)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return int(10_000_000 * us / (start.elapsed_time(end) * 1e3))
+
+
 def late_forward(n: Node, blocks: tuple[int, ...], values: list[torch.Tensor]) -> torch.cuda.Event:
     """A "forward" on a stream of its own that sleeps about 0.5 s of GPU time, then writes
     ``values`` (one per layer, made beforehand: nothing here may block the host) into the

@@ -9,23 +9,14 @@ import pytest
 import torch
 
 from lmcache_pd.device_clock import DeviceClock
+from tests.unit.nodes import spin_cycles
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU stamps untested here")
 
 
-def _spin_us(us: float) -> int:
-    """``torch.cuda._sleep`` cycles for about ``us`` microseconds (measured)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    end.synchronize()
-    return int(10_000_000 * us / (start.elapsed_time(end) * 1e3))
-
-
 def test_a_stamp_reads_when_the_gpu_passed_it_before_or_after_the_anchor():
     clock = DeviceClock(torch.device("cuda", 0))
-    cycles = _spin_us(20_000)
+    cycles = spin_cycles(20_000)
     stream = torch.cuda.Stream()
     queued = time.time()
     with torch.cuda.stream(stream):

@@ -24,7 +24,7 @@ from lmcache_pd.layout import KVLayout, PoolLayout, plan_cache_to_pool
 from lmcache_pd.node.layered import LayerMarks
 from lmcache_pd.node.timeline import hidden_fraction
 from tests.integration.relay import pump
-from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node, make_cfg
+from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node, make_cfg, spin_cycles
 
 
 def layered(n: Node, tid: str, p_blocks: list[int], d_blocks: list[int], num_tokens: int) -> LayerMarks:
@@ -313,13 +313,12 @@ def test_on_a_gpu_the_timeline_has_the_gpus_forward_end_and_bytes():
     byte at the submit, forward end at the host's); from the GPU's stamps (cuda_ipc's batches,
     the worker's forward end) layer 0 moved before the forward ended, so most of it is hidden."""
     from lmcache_pd.device_clock import clock_for
-    from tests.unit.test_device_clock import _spin_us
 
     n = Node(make_cfg("cuda_ipc"))
     try:
         n.handoff("warm", [1], [5], num_tokens=BLOCK)
         assert all(r.ok for r in sum(n.results(1, 1), []))
-        cycles = _spin_us(20_000)
+        cycles = spin_cycles(20_000)
         forward = torch.cuda.Stream()
         marks = layered(n, "gpu", [5, 6], [11, 12], 2 * BLOCK)
         host_end = time.time()
