@@ -82,8 +82,9 @@ class Metrics:
                                     "first token: the prefill (proxy.first_token=prefill) or the decode "
                                     "(and why not the prefill)", ["source", "reason"], registry=self.registry)
         self.routes = Counter("lmcache_pd_proxy_routes", "Routing decisions by role and reason (proxy.policy): "
-                              "decode affinity kept (affinity) or not (least_loaded); prefill chosen for a "
-                              "cached prefix or least work; none (decode_holds_prompt, not_splittable, no_prefill)",
+                              "decode: affinity kept (affinity), broken by load (affinity_broken), none to keep "
+                              "(least_loaded); prefill: a hit (cached_prefix), a miss (least_work), or none "
+                              "(decode_holds_prompt, short_prompt, not_splittable, no_prefill)",
                               ["role", "reason"], registry=self.registry)
         self.first_byte_seconds = Histogram(
             "lmcache_pd_proxy_first_byte_seconds", "From the client's request to the answer's first byte "

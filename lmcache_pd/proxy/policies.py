@@ -80,6 +80,7 @@ class Route:
     """None: the decode instance serves the request alone."""
     decode_reason: str
     """Why this decode (metrics): ``round_robin``, ``affinity`` (it holds most of the prompt),
+    ``affinity_broken`` (the one that holds it is overloaded: the least loaded instead),
     ``least_loaded``."""
     prefill_reason: str
     """Why this prefill, or why none: ``round_robin``, ``cached_prefix``, ``least_work``;
@@ -174,11 +175,13 @@ class KVAware(Policy):
         holder = max(fit, key=lambda d: d.local_tokens, default=None)
         if holder is not None and holder.local_tokens > 0:
             return holder, "affinity"
+        # No fit instance holds any of it: was the history on an overloaded one? (affinity broken)
+        broken = any(d.local_tokens > 0 for d in pool)
         least = min(d.load for d in (fit or pool))
         tied = [d for d in (fit or pool) if d.load == least]
         most_free = max((d.free_pages or 0) for d in tied)
         tied = [d for d in tied if (d.free_pages or 0) == most_free]
-        return tied[next(self._ties["decode"]) % len(tied)], "least_loaded"
+        return tied[next(self._ties["decode"]) % len(tied)], "affinity_broken" if broken else "least_loaded"
 
     def _work(self, p: InstanceView, prompt: int) -> float:
         local = min(p.local_tokens, prompt)

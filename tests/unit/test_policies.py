@@ -61,10 +61,10 @@ def test_kv_aware_decode_keeps_a_conversation_where_its_history_is_unless_that_o
     full = v("d1", local_tokens=800, free_pages=4, pool_pages=100)
     for d1 in (busy, full):
         r = kv.route(Ask(1024), p, [v("d0", running=5), d1, v("d2", running=2)])
-        assert (r.decode, r.decode_reason) == ("d2", "least_loaded"), d1
+        assert (r.decode, r.decode_reason) == ("d2", "affinity_broken"), d1
     # Least loaded: fewest requests, then the most free pages.
     r = kv.route(Ask(1024), p, [v("d0", running=1, free_pages=10), v("d1", running=1, free_pages=90)])
-    assert r.decode == "d1"
+    assert (r.decode, r.decode_reason) == ("d1", "least_loaded")  # (nobody held any of it)
     # Every decode overloaded: the least loaded of them, rather than none.
     r = kv.route(Ask(1024), p, [v("d0", running=300), v("d1", running=260)])
     assert r.decode == "d1"
