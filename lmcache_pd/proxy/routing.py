@@ -129,7 +129,8 @@ class Router:
             self.routes[key] = self.routes.get(key, 0) + 1
         decode = self.find(route.decode)
         prefill = self.find(route.prefill) if route.prefill else None
-        assert decode is not None, f"policy {self.policy.name} chose an unknown decode {route.decode!r}"
+        if decode is None or decode.role != "decode" or (route.prefill and (prefill is None or prefill.role != "prefill")):
+            raise ValueError(f"policy {self.policy.name!r} chose an instance it was not offered: {route}")
         return Routed(route, decode, prefill, ask.prompt_tokens or 0)
 
     def _choice(self) -> bool:
