@@ -100,8 +100,10 @@ class Node:
 
 
 def spin_cycles(us: float) -> int:
-    """``torch.cuda._sleep`` cycles for about ``us`` microseconds of GPU time (measured here)."""
+    """``torch.cuda._sleep`` cycles for about ``us`` microseconds of GPU time (measured here, after a
+    warm-up: an idle GPU runs its first spin at a lower clock, and its measure would be long)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(50_000_000)
     start.record()
     torch.cuda._sleep(10_000_000)
     end.record()
