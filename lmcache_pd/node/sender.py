@@ -349,8 +349,8 @@ class KVSender:
                          for a, b in zip((0, *ends[:-1]), ends)]
                 digest = self._digest(blocks, pages, peer, ready)  # reads the blocks while they fly
                 span = await send_groups(self.transport, self.region, peer, plans, ends, spec.handoff,
-                                                  ticket=ticket, data_s=self.t.data_s, ready=ready, signal=signal,
-                                                  **self._watch(spec))
+                                         ticket=ticket, data_s=self.t.data_s, ready=ready, signal=signal,
+                                         **self._watch(spec))
             else:
                 *span, plans = await send_layers(
                     self.transport, peer.peer_id, self.region,

@@ -168,8 +168,6 @@ class Proxy:
         if routed is None:
             return error(503, "no decode instance can take requests (none configured, or all draining)",
                          "service_unavailable")
-        for role, why in (("decode", routed.route.decode_reason), ("prefill", routed.route.prefill_reason)):
-            self.metrics.routes.labels(role, why).inc()
         decode, prefill = routed.decode, routed.prefill
         if prefill is None:
             self.metrics.requests.labels(path, "direct").inc()

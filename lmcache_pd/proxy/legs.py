@@ -81,11 +81,6 @@ class Metrics:
         self.first_tokens = Counter("lmcache_pd_proxy_first_tokens", "Split requests by who sampled the "
                                     "first token: the prefill (proxy.first_token=prefill) or the decode "
                                     "(and why not the prefill)", ["source", "reason"], registry=self.registry)
-        self.routes = Counter("lmcache_pd_proxy_routes", "Routing decisions by role and reason (proxy.policy): "
-                              "decode: affinity kept (affinity), broken by load (affinity_broken), none to keep "
-                              "(least_loaded); prefill: a hit (cached_prefix), a miss (least_work), or none "
-                              "(decode_holds_prompt, short_prompt, not_splittable, no_prefill)",
-                              ["role", "reason"], registry=self.registry)
         self.first_byte_seconds = Histogram(
             "lmcache_pd_proxy_first_byte_seconds", "From the client's request to the answer's first byte "
             "(first streamed chunk, else the whole answer)", registry=self.registry)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lmcache_pd.config import InstanceConfig, PDConfig
 from lmcache_pd.proxy import kv_lookup
@@ -98,7 +98,7 @@ class Router:
         self._api_headers = api_headers or {}
         """What the workers' APIs need (the bearer token, with a shared secret)."""
         self.routes: dict[tuple[str, str], int] = {}
-        """(role, reason) -> routes so far."""
+        """(role, reason) -> routes so far (``RouterCollector`` exports them)."""
         self.known_decodes = {i.name for i in cfg.decode}
         """Decode instances the prefill workers can address: those of the deployment config (a
         prefill resolves a decode's name in its own config, never an address from a request)."""
@@ -265,8 +265,9 @@ class Router:
 
 
 class RouterCollector:
-    """Each instance's state as the router sees it, for the proxy's ``/metrics``:
-    ``lmcache_pd_proxy_instance_{healthy,draining,running,waiting,queued_tokens,free_pages}``."""
+    """The router's state for the proxy's ``/metrics``: each instance's as it sees it,
+    ``lmcache_pd_proxy_instance_{healthy,draining,running,waiting,queued_tokens,free_pages}``, and
+    its decisions, ``lmcache_pd_proxy_routes_total{role,reason}`` (``Router.routes``)."""
 
     FIELDS = (("healthy", "1 if its last health check passed"), ("draining", "1 while it is drained"),
               ("running", "vLLM's running requests, as last read"), ("waiting", "vLLM's waiting requests"),
@@ -288,3 +289,11 @@ class RouterCollector:
                 if value is not None:
                     g.add_metric([b.name, b.role], float(value))
             yield g
+        routes = CounterMetricFamily(
+            "lmcache_pd_proxy_routes", "Routing decisions by role and reason (proxy.policy): decode: affinity "
+            "kept (affinity), broken by load (affinity_broken), none to keep (least_loaded); prefill: a hit "
+            "(cached_prefix), a miss (least_work), or none (decode_holds_prompt, short_prompt, not_splittable, "
+            "no_prefill)", labels=["reason", "role"])
+        for (role, reason), n in sorted(self.router.routes.items()):
+            routes.add_metric([reason, role], n)
+        yield routes

@@ -273,9 +273,13 @@ class CudaIpcTransport(Transport):
             try:
                 landed.event.synchronize()  # releases the GIL while it waits
                 state, error = BatchState.DONE, None
-                handle.began_at, handle.landed_at = began.wall(), landed.wall()
             except RuntimeError as e:
                 state, error = BatchState.FAILED, f"CUDA error: {e}"
+            if state == BatchState.DONE:
+                try:  # (the timeline's marks: never a reason to fail a batch that landed)
+                    handle.began_at, handle.landed_at = began.wall(), landed.wall()
+                except RuntimeError as e:
+                    log.debug("reading a batch's GPU stamps: %s", e)
             if handle.state == BatchState.CANCELED:
                 state = BatchState.CANCELED
             self._finish(handle, state, time.monotonic(), error)
