@@ -32,12 +32,6 @@ class Held:
     remote_tokens: int = 0
 
 
-def prompt_ids(body: dict[str, Any]) -> list[int] | None:
-    """The prompt's token ids when the request gives them."""
-    prompt = body.get("prompt")
-    return prompt if "messages" not in body and token_ids(prompt) else None
-
-
 async def tokenize(client: aiohttp.ClientSession, url: str, model: str, body: dict[str, Any],
                    deadline: float) -> list[int] | None:
     """The prompt's token ids from vLLM's ``/tokenize`` at ``url`` (None: not in time, or no

@@ -37,6 +37,9 @@ from lmcache_pd.proxy.routing import Router
 log = logging.getLogger(__name__)
 
 
+_UNAUTHORIZED = "missing or wrong bearer token (`lmcache-pd token` prints it)"
+
+
 def _refused(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -52,7 +55,7 @@ def add_admin_routes(app: FastAPI, router: Router, keys: Keyring) -> None:
     @app.post("/admin/instances")
     async def join(request: Request) -> Response:
         if not allowed(request):
-            return _refused(401, "missing or wrong bearer token (`lmcache-pd token` prints it)")
+            return _refused(401, _UNAUTHORIZED)
         try:
             body = await request.json()
         except ValueError:
@@ -84,7 +87,7 @@ def add_admin_routes(app: FastAPI, router: Router, keys: Keyring) -> None:
     @app.post("/admin/instances/{name}/{action}")
     async def act(name: str, action: str, request: Request) -> Response:
         if not allowed(request):
-            return _refused(401, "missing or wrong bearer token (`lmcache-pd token` prints it)")
+            return _refused(401, _UNAUTHORIZED)
         if action not in ("drain", "undrain"):
             return _refused(404, f"unknown action {action!r} (drain, undrain)")
         return _change(name, lambda n: router.drain(n, action == "drain"))
@@ -92,7 +95,7 @@ def add_admin_routes(app: FastAPI, router: Router, keys: Keyring) -> None:
     @app.delete("/admin/instances/{name}")
     async def leave(name: str, request: Request) -> Response:
         if not allowed(request):
-            return _refused(401, "missing or wrong bearer token (`lmcache-pd token` prints it)")
+            return _refused(401, _UNAUTHORIZED)
         return _change(name, router.remove)
 
 

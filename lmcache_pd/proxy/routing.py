@@ -72,6 +72,13 @@ def _loopback(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
 
+def _routed_to(cfg: PDConfig) -> dict[str, list[InstanceConfig]]:
+    """The instances of each role this proxy routes to (``proxy.prefills``/``decodes``: empty is all)."""
+    px = cfg.proxy
+    return {"prefill": [i for i in cfg.prefill if not px.prefills or i.name in px.prefills],
+            "decode": [i for i in cfg.decode if not px.decodes or i.name in px.decodes]}
+
+
 def _backend(inst: InstanceConfig, role: str) -> Backend:
     host = _loopback(inst.host)
     cache = f"http://{host}:{inst.cache_port}" if inst.cache_port is not None else None
@@ -91,10 +98,10 @@ class Routed:
 class Router:
     def __init__(self, cfg: PDConfig, api_headers: dict[str, str] | None = None):
         self.cfg = cfg
-        px = cfg.proxy
-        self.prefills = [_backend(i, "prefill") for i in cfg.prefill if not px.prefills or i.name in px.prefills]
-        self.decodes = [_backend(i, "decode") for i in cfg.decode if not px.decodes or i.name in px.decodes]
-        self.policy = make_policy(px.policy, px.routing)
+        routed = _routed_to(cfg)
+        self.prefills = [_backend(i, "prefill") for i in routed["prefill"]]
+        self.decodes = [_backend(i, "decode") for i in routed["decode"]]
+        self.policy = make_policy(cfg.proxy.policy, cfg.proxy.routing)
         self._api_headers = api_headers or {}
         """What the workers' APIs need (the bearer token, with a shared secret)."""
         self.routes: dict[tuple[str, str], int] = {}
@@ -107,8 +114,11 @@ class Router:
         return next((b for b in (*self.prefills, *self.decodes) if b.name == name), None)
 
     async def route(self, client: aiohttp.ClientSession, body: dict[str, Any], splittable: bool) -> Routed | None:
-        """Choose the decode and the prefill (or none) of one request; None: no decode instance."""
-        ids = kv_lookup.prompt_ids(body)
+        """Choose the decode and the prefill (or none) of one request; None: no decode instance.
+        ``splittable``: the proxy may split it; for a list prompt that means the proxy checked it
+        holds token ids (app.py's ``_splittable``), which are then taken as they are."""
+        prompt = body.get("prompt")
+        ids = prompt if splittable and "messages" not in body and isinstance(prompt, list) else None
         held: dict[str, kv_lookup.Held] = {}
         if self.policy.wants_lookup and splittable and self._choice():
             deadline = time.monotonic() + self.cfg.proxy.routing.lookup_timeout_s
@@ -244,11 +254,8 @@ class Router:
     def reconcile(self, cfg: PDConfig) -> dict[str, list[str]]:
         """Membership as ``cfg`` lists it (a reloaded config file): instances it no longer lists
         leave, new ones join; those kept keep their state (draining, loads)."""
-        px = cfg.proxy
-        wanted = {"prefill": [i for i in cfg.prefill if not px.prefills or i.name in px.prefills],
-                  "decode": [i for i in cfg.decode if not px.decodes or i.name in px.decodes]}
         joined, left = [], []
-        for role, insts in wanted.items():
+        for role, insts in _routed_to(cfg).items():
             names = {i.name for i in insts}
             for b in list(self._role(role)):
                 if b.name not in names:
