@@ -33,6 +33,10 @@ PROTOCOL_VERSION history:
      TransferDone may carry a ``digest`` of the hand-off's bytes (``integrity.verify``).
   6: Handshake no longer carries a transport descriptor of the prefill side (no transport
      needed one); HandshakeReply's is named ``descriptor``.
+  7: Landed may name whole ``layers`` instead of leading ``pages``: those layers hold their
+     final bytes in every page of the reservation (a layered hand-off over a transport whose
+     receiver does not see batches land: cuda_ipc, nixl), so the decode side scatters them
+     while the prefill's forward computes the next ones.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import msgspec
 from lmcache_pd import auth
 from lmcache_pd.errors import ProtocolError
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 MAGIC = b"LMPD"
 _HEADER = struct.Struct("!4sH")
 HEADER = _HEADER.pack(MAGIC, PROTOCOL_VERSION)
@@ -190,11 +194,14 @@ class TransferDone(_Msg):
 
 
 class Landed(_Msg):
-    """One-way (no reply): pages ``[0, pages)`` of the reservation, in the order of its
-    Allocated reply, hold their final bytes. Only ever grows; TransferDone still ends the write."""
+    """One-way (no reply): part of the reservation holds its final bytes; TransferDone still
+    ends the write. Either ``pages``: pages ``[0, pages)``, in the order of its Allocated reply,
+    every layer (a streamed hand-off; only ever grows), or ``layers``: those layers, in every
+    page (a layered hand-off whose receiver does not see batches land)."""
 
     transfer_id: Name
-    pages: int
+    pages: int = 0
+    layers: Annotated[list[int], msgspec.Meta(max_length=1 << 12)] = []
 
 
 class Cancel(_Msg):

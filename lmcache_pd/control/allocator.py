@@ -184,16 +184,27 @@ class PagePool:
             r.lease_deadline = now + self.lease_s  # now the consumer has lease_s to claim it
             self._changed()
 
-    def mark_landed(self, transfer_id: TransferId, *, owner: str, pages: int, now: float) -> None:
-        """The first ``pages`` pages hold their bytes (streamed hand-off); also renews the lease."""
+    def mark_landed(self, transfer_id: TransferId, *, owner: str, pages: int = 0, layers: Iterable[int] = (),
+                    num_layers: int = 0, now: float) -> None:
+        """The first ``pages`` pages hold their bytes, every layer (a streamed hand-off), or
+        ``layers`` (each in ``[0, num_layers)``) hold theirs in every page (a layered hand-off
+        written one-sided: the writer says so); also renews the lease."""
+        layers = frozenset(layers)
         with self._lock:
             r = self._owned(transfer_id, owner)
             if r.state != ReservationState.ALLOCATED:
                 raise TransferError(f"cannot mark pages landed in state {r.state.name}", transfer_id=transfer_id)
-            if not r.landed <= pages <= len(r.pages):
+            if layers:
+                if pages or r.landed:
+                    raise TransferError("landed layers and landed pages in one hand-off", transfer_id=transfer_id)
+                if min(layers) < 0 or max(layers) >= num_layers:
+                    raise TransferError(f"landed layers outside [0, {num_layers})", transfer_id=transfer_id)
+                r.layers_landed = r.layers_landed.union(layers)
+            elif not r.landed <= pages <= len(r.pages) or (pages and r.layers_landed):
                 raise TransferError(f"landed pages {pages} outside [{r.landed}, {len(r.pages)}]",
                                     transfer_id=transfer_id)
-            r.landed = pages
+            else:
+                r.landed = pages
             r.lease_deadline = now + self.lease_s
             self._changed()
 

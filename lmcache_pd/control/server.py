@@ -324,7 +324,8 @@ class ControlServer:
                 return P.Ack(msg_id=msg.msg_id, incarnation=self.incarnation)
             if isinstance(msg, P.Landed):  # one-way: no reply, even to a refusal
                 try:
-                    self.pool.mark_landed(msg.transfer_id, owner=owner, pages=msg.pages, now=now)
+                    self.pool.mark_landed(msg.transfer_id, owner=owner, pages=msg.pages, layers=msg.layers,
+                                          num_layers=self.compat.num_layers, now=now)
                 except TransferError as e:
                     self.stats.rejected += 1
                     log.debug("control: Landed refused: %s", e)

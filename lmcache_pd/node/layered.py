@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
@@ -180,7 +180,8 @@ def piece_plan(kv: KVLayout, pool: PoolLayout, piece: Piece, layer: int | None, 
 async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piece, int | None], RangePlan | None],
                       pieces: Pieces, num_layers: int, *, data_s: float, ticket: bytes, check: Callable[[], None],
                       failed: Callable[[BatchState, object], None], renew: Callable[[], None] = lambda: None,
-                      signal: tuple[int, int] | None = None) -> tuple[float, float, list[RangePlan]]:
+                      signal: tuple[int, int] | None = None,
+                      landed: Callable[[list[int]], Awaitable[None]] | None = None) -> tuple[float, float, list[RangePlan]]:
     """Submit each layer of the final piece (``plan(piece, layer)``; None: nothing of it to send)
     as soon as its forward's marks say it is computed, and each earlier piece whole
     (``plan(piece, None)``) once its forward computed every layer; return when all of it is in
@@ -199,7 +200,10 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
     otherwise than DONE; a stopped ``pieces`` (a preemption) ends it once no batch of it is in
     flight. On a GPU a layer goes after its event: ordered on the device by a stream-ordered
     transport, else once the event completed. ``signal``: the device-side signal the hand-off's
-    last batch ends with (node/armed.py)."""
+    last batch ends with (node/armed.py). ``landed(layers)``: called as layers of the final
+    piece land in every page of the hand-off (their batch and every batch before it are DONE,
+    and no earlier piece is still to be sent): the sender tells a decode side that cannot see
+    batches land (Landed), so that it scatters them while the next layers compute."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
     pieces.bind(lambda: loop.call_soon_threadsafe(wake.set))
@@ -210,6 +214,9 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
     known: list[tuple[Piece, int]] = []  # pieces seen, and how many of their layers were taken
     waiting: list[tuple[Piece, int | None, torch.cuda.Event | None]] = []  # computed, event not yet complete
     pending = 0  # batches of known pieces not yet submitted (or found empty): a layer, or a whole piece
+    earlier = 0  # earlier pieces (not final) not yet submitted (or found empty)
+    layer_of: list[int | None] = []  # per handle: its final piece's layer, if reported as landed
+    reported = 0  # handles[:reported] were DONE and their layers reported
     final = False
     first_byte_at = 0.0
     progress = time.monotonic()
@@ -219,6 +226,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
             for piece in pieces.since(len(known)):
                 known.append((piece, 0))
                 pending += num_layers if piece.final else 1
+                earlier += 0 if piece.final else 1
                 final = final or piece.final
                 renew()
             for k, (piece, taken) in enumerate(known):
@@ -239,6 +247,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                     break
                 waiting.remove(item)
                 pending -= 1
+                earlier -= 0 if piece.final else 1
                 p = plan(piece, index)
                 if p is None:
                     continue
@@ -249,6 +258,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                                           after=ready if ordered else None, ticket=ticket, **last)
                 handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
                 handles.append(handle)
+                layer_of.append(index if piece.final and not earlier else None)
                 open_.append(handle)
                 sent.append(p)
                 first_byte_at = first_byte_at or time.time()
@@ -260,6 +270,14 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                     pieces.ended()
                     if state != BatchState.DONE:
                         failed(state, h)
+            if landed is not None:
+                done: list[int] = []
+                while reported < len(handles) and handles[reported].state == BatchState.DONE:
+                    if layer_of[reported] is not None:
+                        done.append(layer_of[reported])
+                    reported += 1
+                if done and not pieces.stopped:
+                    await landed(done)
             in_flight = bool(open_)
             if pieces.stopped and not in_flight:
                 raise TransferError(pieces.stopped)

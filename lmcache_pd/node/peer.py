@@ -111,9 +111,11 @@ class DecodePeer:
                                 f"{n_pages} blocks)", transfer_id=h.transfer_id)
         return Grant(self, reply.pages, skip, reply.generation)
 
-    async def landed(self, transfer_id: TransferId, pages: int) -> None:
-        """One-way: the hand-off's first ``pages`` pages hold their final bytes."""
-        await self.client.post(P.Landed(msg_id=self.client.next_id(), transfer_id=transfer_id, pages=pages))
+    async def landed(self, transfer_id: TransferId, pages: int = 0, layers: list[int] | None = None) -> None:
+        """One-way: the hand-off's first ``pages`` pages, or its ``layers`` in every page, hold
+        their final bytes."""
+        await self.client.post(P.Landed(msg_id=self.client.next_id(), transfer_id=transfer_id, pages=pages,
+                                        layers=layers or []))
 
     async def transfer_done(self, transfer_id: TransferId, num_bytes: int, seconds: float, digest: int | None) -> None:
         """Every byte is in the peer's pool: from now on it may read the pages."""

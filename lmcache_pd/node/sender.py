@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -356,7 +357,9 @@ class KVSender:
                     self.transport, peer.peer_id, self.region,
                     lambda piece, layer: piece_plan(self.kv, peer.pool, piece, layer, pages, grant.skip),
                     pieces, self.kv.num_layers,
-                    data_s=self.t.data_s, ticket=ticket, signal=signal, renew=renew, **self._watch(spec))
+                    data_s=self.t.data_s, ticket=ticket, signal=signal, renew=renew, **self._watch(spec),
+                    landed=None if signal or self.transport.capabilities.admits_writes
+                    else functools.partial(peer.landed, spec.handoff.transfer_id, 0))
                 final = pieces.final
                 assert final is not None and len(final.blocks) >= n_pages
                 blocks = final.blocks[grant.skip:n_pages]

@@ -269,13 +269,16 @@ def test_decode_unreachable_with_concurrent_dispatch_drops_the_prefill_leg(deplo
     assert elapsed < deployment.cfg.timeouts.handshake_s + 5
     wait_for(lambda: counter(metrics(deployment.procs["prefill-0"].url), "vllm:kv_cache_usage_perc") == 0, 15,
              "prefill-0 still holds KV blocks")
-    # Dropped: prefill-0's request was aborted before it finished, so no hand-off to the ghost was
-    # tried (one would end, failed, within timeouts.handshake_s and be logged).
+    # Dropped: the proxy closed prefill-0's request. Whether vLLM aborted it before its one step
+    # ran is a race (a slow machine's engine had already finished it: CI, 2026-12-03); if a
+    # hand-off to the ghost was tried, it ended failed within timeouts.handshake_s, reserving
+    # nothing and moving no byte.
     time.sleep(deployment.cfg.timeouts.handshake_s + 1)
     path = deployment.workdir / "handoffs-prefill-0.jsonl"
     tried = [r for r in map(json.loads, path.read_text().splitlines())
              if r["transfer_id"].startswith("ghost-concurrent-")] if path.exists() else []
-    assert tried == [], tried
+    assert all(not r["ok"] and not r["reserved"] and r["num_bytes"] == 0 and "decode-ghost" in r["error"]
+               for r in tried), tried
     m = metrics(deployment.procs["proxy-ghost-concurrent"].url)
     assert counter(m, "lmcache_pd_proxy_fallbacks_total", reason="decode_unreachable_served_by_prefill") >= 1
 

@@ -145,6 +145,30 @@ def test_landed_pages_only_grow_and_ready_lands_them_all():
         pool.mark_landed("a", owner="p", pages=4, now=6)
 
 
+def test_landed_layers_join_and_bad_ones_are_refused():
+    """Landed(layers) from a one-sided writer: those layers hold their bytes in every page. A
+    layer outside the model, layers mixed with landed pages, or another peer's are refused and
+    change nothing."""
+    pool = PagePool(8, lease_s=10)
+    reserve(pool, "a", 4)
+    pool.mark_landed("a", owner="p", layers=[0, 2], num_layers=4, now=5)
+    pool.mark_landed("a", owner="p", layers=[1], num_layers=4, now=6)
+    r = pool.lookup("a")
+    assert r.layers_landed == {0, 1, 2} and r.landed == 0 and r.lease_deadline == 16
+    for bad in ([4], [-1]):
+        with pytest.raises(TransferError, match=r"outside \[0, 4\)"):
+            pool.mark_landed("a", owner="p", layers=bad, num_layers=4, now=6)
+    with pytest.raises(TransferError, match="landed pages"):
+        pool.mark_landed("a", owner="p", pages=2, now=6)
+    with pytest.raises(TransferError, match="another peer"):
+        pool.mark_landed("a", owner="intruder", layers=[3], num_layers=4, now=6)
+    reserve(pool, "b", 2)
+    pool.mark_landed("b", owner="p", pages=1, now=6)
+    with pytest.raises(TransferError, match="landed layers and landed pages"):
+        pool.mark_landed("b", owner="p", layers=[0], num_layers=4, now=6)
+    assert pool.lookup("a").layers_landed == {0, 1, 2} and pool.lookup("b").layers_landed == frozenset()
+
+
 @pytest.mark.parametrize("ending", ["abort", "expire"])
 def test_pages_under_a_reader_guard_are_not_reused_until_the_read_ends(ending):
     pool = PagePool(8, lease_s=10)

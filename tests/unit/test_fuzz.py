@@ -120,6 +120,7 @@ def _messages(h: Harness) -> list[P.Message]:
         P.Allocate(msg_id=7, transfer_id="new", num_pages=2, num_tokens=256, prompt_digest="d", wait_s=1),
         P.TransferDone(msg_id=7, transfer_id="writing", num_bytes=1, seconds=0),
         P.Landed(msg_id=7, transfer_id="writing", pages=2),
+        P.Landed(msg_id=7, transfer_id="writing", layers=[0, 1]),
         P.Cancel(msg_id=7, transfer_id="writing", reason="x"),
         P.Cancel(msg_id=7, transfer_id="queued", reason="x"),
         P.Heartbeat(msg_id=7, transfer_ids=["writing", "finished"]),

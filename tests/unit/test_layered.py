@@ -87,12 +87,17 @@ def test_each_layer_goes_as_it_is_computed_and_arrives_bitwise(name):
         n.close()
 
 
+@pytest.mark.parametrize("name", ["tcp", "loopback", "nixl"])
 @pytest.mark.parametrize("scatter_landed", [True, False])
-def test_the_decode_scatters_each_layer_as_it_lands_while_the_next_is_computed(scatter_landed):
-    """``pool.scatter_landed``: tcp's receiver sees layer 0's batch land whole, and the loader
-    copies it into vLLM's blocks at once, while the prefill still computes layer 1 (so before
-    TransferDone); off, nothing reaches the blocks before TransferDone."""
-    cfg = make_cfg()
+def test_the_decode_scatters_each_layer_as_it_lands_while_the_next_is_computed(scatter_landed, name):
+    """``pool.scatter_landed``: layer 0's batch lands whole (tcp's receiver sees it; over a
+    one-sided transport the sender says so, Landed(layers)), and the loader copies it into
+    vLLM's blocks at once, while the prefill still computes layer 1 (so before TransferDone);
+    off, nothing reaches the blocks before TransferDone."""
+    ok, why = transports.available(name)
+    if not ok:
+        pytest.skip(f"transport {name!r} unavailable here: {why}")
+    cfg = make_cfg(name)
     cfg = msgspec.structs.replace(cfg, pool=msgspec.structs.replace(cfg.pool, scatter_landed=scatter_landed))
     n = Node(cfg)
     try:
@@ -129,8 +134,8 @@ def test_the_decode_scatters_each_layer_as_it_lands_while_the_next_is_computed(s
 def test_a_chunked_prompts_first_piece_lands_while_its_last_chunk_computes(name):
     """Chunked prefill: the blocks the first chunk's forward completes go once it computed every
     layer, in one batch, and are in the decode pool before the last chunk's forward starts; the
-    last chunk's piece goes layer by layer and ends the hand-off. Everything lands bitwise, and (tcp, ``pool.scatter_landed``) each
-    layer is scattered once both chunks' pages of it landed."""
+    last chunk's piece goes layer by layer and ends the hand-off. Everything lands bitwise, and
+    (``pool.scatter_landed``) each layer is scattered once both chunks' pages of it landed.""" 
     ok, why = transports.available(name)
     if not ok:
         pytest.skip(f"transport {name!r} unavailable here: {why}")
@@ -156,9 +161,10 @@ def test_a_chunked_prompts_first_piece_lands_while_its_last_chunk_computes(name)
         last = LayerMarks(LAYERS)
         pieces.add(tuple(p_blocks), 2, last, True)
         last.layer(0)
-        if name == "tcp":  # layer 0's pages landed in two batches, one per chunk: scattered at once
-            wait_until(lambda: all(torch.equal(n.p_layers[0][p].view(torch.uint8), n.d_layers[0][d].view(torch.uint8))
-                                   for p, d in zip(p_blocks, d_blocks)))
+        # Layer 0's pages landed in two batches, one per chunk: scattered at once (tcp's receiver
+        # saw both; the others' sender said so once both were DONE).
+        wait_until(lambda: all(torch.equal(n.p_layers[0][p].view(torch.uint8), n.d_layers[0][d].view(torch.uint8))
+                               for p, d in zip(p_blocks, d_blocks)))
         last.layer(1)
         last.forward_done()
         (s,), (ld,) = n.results(1, 1)
@@ -166,8 +172,7 @@ def test_a_chunked_prompts_first_piece_lands_while_its_last_chunk_computes(name)
         assert s.num_bytes == ld.num_bytes == 4 * PAGE and s.pieces == 2
         assert s.first_byte_at < s.last_chunk_at < s.computed_at, s  # bytes flew before the last chunk began
         n.assert_moved(p_blocks, d_blocks)
-        if name == "tcp":
-            assert ld.early_layers >= 1, ld
+        assert ld.early_layers >= 1, ld
         assert n.pool_full()
     finally:
         n.close()
