@@ -135,7 +135,7 @@ def test_a_chunked_prompts_first_piece_lands_while_its_last_chunk_computes(name)
     """Chunked prefill: the blocks the first chunk's forward completes go once it computed every
     layer, in one batch, and are in the decode pool before the last chunk's forward starts; the
     last chunk's piece goes layer by layer and ends the hand-off. Everything lands bitwise, and
-    (``pool.scatter_landed``) each layer is scattered once both chunks' pages of it landed.""" 
+    (``pool.scatter_landed``) each layer is scattered once both chunks' pages of it landed."""
     ok, why = transports.available(name)
     if not ok:
         pytest.skip(f"transport {name!r} unavailable here: {why}")
