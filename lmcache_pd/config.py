@@ -130,6 +130,13 @@ class TransportConfig(_Section):
     last chunk's go layer by layer; a preempted request's hand-off is given up (the decode side
     recomputes). Off: the hand-off starts with the last chunk's forward, every block layer by
     layer. vLLMs whose scheduler does not name preempted requests always do the latter."""
+    direct: bool = False
+    """Direct hand-offs: when the decode's vLLM has allocated the request's blocks by the time the
+    prefill's Allocate comes (the proxy's concurrent dispatch sends both at once), the prefill
+    writes straight into those blocks instead of the pool, and the decode has nothing to
+    scatter (one pass over the bytes instead of two). Otherwise, or with a transport that
+    cannot (tcp: its receiver admits batches into pool pages; cuda_ipc: not yet), the pool as
+    usual. Set on both sides. Off by default until measured on a GPU (docs/transports.md)."""
 
 
 class PoolConfig(_Section):
@@ -138,8 +145,8 @@ class PoolConfig(_Section):
     scatter_landed: bool = True
     """Scatter each layer of a hand-off into vLLM's blocks as soon as the data plane saw all of
     its pages land (a layered hand-off's layers during the prefill's forward; a whole one's at
-    once), instead of after TransferDone. Only transports that see each batch land (tcp); the
-    others scatter after TransferDone either way."""
+    once), instead of after TransferDone: tcp's receiver sees each batch land; over the others
+    the prefill says which layers landed (protocol Landed)."""
 
 
 class IntegrityConfig(_Section):

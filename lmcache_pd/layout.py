@@ -113,6 +113,39 @@ def plan_cache_to_pool(kv: KVLayout, pool: PoolLayout, *, blocks: np.ndarray | l
     return coalesce(src.reshape(-1), dst.reshape(-1), lengths.reshape(-1), owned=True)
 
 
+def plan_cache_to_cache(src: KVLayout, dst: KVLayout, *, blocks: np.ndarray | list[int],
+                        to: np.ndarray | list[int], layers: range | list[int] | None = None) -> RangePlan:
+    """Ranges copying blocks ``blocks[i]`` of one paged cache into blocks ``to[i]`` of another
+    of the same geometry (a direct hand-off: the prefill writes straight into the decode's vLLM
+    blocks); every layer, or ``layers``. Layer-major like :func:`plan_cache_to_pool`, so a
+    digest over either plan's bytes agrees. Raises ValueError on out-of-range ids."""
+    blocks = np.asarray(blocks, dtype=np.int64)
+    to = np.asarray(to, dtype=np.int64)
+    if blocks.shape != to.shape or blocks.ndim != 1:
+        raise ValueError(f"blocks {blocks.shape} and destination blocks {to.shape} must be equal-length vectors")
+    if src.block_bytes != dst.block_bytes or src.num_layers != dst.num_layers:
+        raise ValueError("the two caches' geometries differ")
+    for name, ids, kv in (("block", blocks, src), ("destination block", to, dst)):
+        if len(ids) and (ids.min() < 0 or ids.max() >= kv.num_blocks):
+            raise ValueError(f"{name} id out of range [0, {kv.num_blocks})")
+    which = np.arange(src.num_layers, dtype=np.int64) if layers is None else np.asarray(layers, dtype=np.int64)
+    if len(which) and (which.min() < 0 or which.max() >= src.num_layers):
+        raise ValueError(f"layer out of range [0, {src.num_layers})")
+    s = np.asarray(src.layer_offsets, dtype=np.int64)[which][:, None] + blocks[None, :] * src.block_stride
+    d = np.asarray(dst.layer_offsets, dtype=np.int64)[which][:, None] + to[None, :] * dst.block_stride
+    lengths = np.full(s.shape, src.block_bytes, dtype=np.int64)
+    return coalesce(s.reshape(-1), d.reshape(-1), lengths.reshape(-1), owned=True)
+
+
+def plan_into(kv: KVLayout, dst: PoolLayout | KVLayout, *, blocks: np.ndarray | list[int],
+              to: np.ndarray | list[int], layers: range | list[int] | None = None) -> RangePlan:
+    """Blocks of ``kv`` into pool pages ``to`` (``dst`` a pool) or into blocks ``to`` of another
+    cache (``dst`` a KV layout: a direct hand-off)."""
+    if isinstance(dst, KVLayout):
+        return plan_cache_to_cache(kv, dst, blocks=blocks, to=to, layers=layers)
+    return plan_cache_to_pool(kv, dst, blocks=blocks, pages=to, layers=layers)
+
+
 def coalesce(src: np.ndarray, dst: np.ndarray, lengths: np.ndarray, *, owned: bool = False) -> RangePlan:
     """Merge range i into i-1 when both its source and destination continue the previous one.
 

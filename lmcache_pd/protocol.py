@@ -36,7 +36,11 @@ PROTOCOL_VERSION history:
   7: Landed may name whole ``layers`` instead of leading ``pages``: those layers hold their
      final bytes in every page of the reservation (a layered hand-off over a transport whose
      receiver does not see batches land: cuda_ipc, nixl), so the decode side scatters them
-     while the prefill's forward computes the next ones.
+     while the prefill's forward computes the next ones. Direct hand-offs (``transport.direct``):
+     HandshakeReply may carry ``blocks`` (the decode's vLLM KV cache: a second transport
+     descriptor and its geometry), Allocate says whether the prefill can write there
+     (``direct``), and Allocated may name the decode's vLLM ``blocks`` for its last pages: the
+     prefill writes those straight into them, and the decode has nothing to scatter.
 """
 
 from __future__ import annotations
@@ -142,6 +146,18 @@ class Handshake(_Msg):
     cookie: Blob
 
 
+class BlocksRegion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The decode's vLLM KV cache as a prefill may write into it (a direct hand-off): its
+    transport descriptor and its geometry (layout.KVLayout's fields)."""
+
+    descriptor: bytes
+    num_blocks: int
+    block_bytes: int
+    block_stride: int
+    layer_offsets: Annotated[list[int], msgspec.Meta(max_length=1 << 12)]
+    extents: Annotated[list[tuple[int, int]], msgspec.Meta(max_length=1 << 12)] = []
+
+
 class HandshakeReply(_Msg):
     incarnation: Name
     page_bytes: int
@@ -152,6 +168,8 @@ class HandshakeReply(_Msg):
     data_token: Blob = b""
     """Names this session on the data plane: the prefill's transport connections present it,
     and the decode side admits their batches only into this session's reservations."""
+    blocks: BlocksRegion | None = None
+    """With ``transport.direct``: the decode's vLLM KV cache, for direct hand-offs."""
 
 
 class Allocate(_Msg):
@@ -170,6 +188,9 @@ class Allocate(_Msg):
     signals: bool = False
     """The sender's last data batch ends with the reservation's device-side signal (transport
     ``capabilities.signals``): the decode may queue its scatter on the GPU behind it."""
+    direct: bool = False
+    """The sender can write into the decode's vLLM blocks (it connected to HandshakeReply's
+    ``blocks``): the decode may name them in Allocated."""
 
 
 class Allocated(_Msg):
@@ -183,6 +204,10 @@ class Allocated(_Msg):
     """The reservation's number, new for every reservation of this pool: each data batch names
     it with the transfer id, so a batch of an ended hand-off is never admitted into pages that
     went to another."""
+    blocks: Annotated[list[int], msgspec.Meta(max_length=1 << 20)] = []
+    """A direct hand-off (Allocate.direct): the decode's vLLM blocks for the last
+    ``len(blocks)`` pages, in order. The prefill writes those pages' blocks there instead of
+    into the pool, and sends none of the pages before them (the decode holds their blocks)."""
 
 
 class TransferDone(_Msg):

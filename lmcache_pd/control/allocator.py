@@ -78,6 +78,10 @@ class Reservation:
     """Its writer ends its last batch with the reservation's device-side signal (Allocate)."""
     signaled: bool = False
     """Claimed on the proof of a device-side signal (``claim_signaled``), before TransferDone."""
+    direct: tuple[int, ...] = ()
+    """A direct hand-off: the consumer's own blocks (vLLM's) for the last ``len(direct)``
+    pages, which its writer fills instead of those pages (Allocated.blocks); fixed at reserve,
+    so the consumer never scatters pages nobody wrote."""
     layers_landed: frozenset[int] = frozenset()
     """Layers whose every page holds its final bytes, seen landing by the data plane (a
     transport that gates each batch, tcp): the loader may scatter them before TransferDone.
@@ -134,9 +138,11 @@ class PagePool:
 
     # --- prefill-driven transitions (control plane) ---------------------------------------
     def reserve(self, claim: Handoff, num_pages: int, *, owner: str, now: float,
-                skip_pages: int = 0, signals: bool = False) -> list[PageIdx] | None:
+                skip_pages: int = 0, signals: bool = False, direct: tuple[int, ...] = ()) -> list[PageIdx] | None:
         """All ``num_pages`` pages for hand-off ``claim``, or None if they are not free now.
-        Raises if it can never fit. ``signals``: its writer ends with the device-side signal."""
+        Raises if it can never fit. ``signals``: its writer ends with the device-side signal;
+        ``direct``: the consumer's blocks its writer fills instead of the last pages
+        (Reservation.direct)."""
         transfer_id = claim.transfer_id
         with self._lock:
             # First: a known id is refused as such, never as "too large" (whose tombstone would
@@ -153,7 +159,8 @@ class PagePool:
             pages = self._take(num_pages)
             self._live[transfer_id] = Reservation(claim, pages, owner, ReservationState.ALLOCATED, now + self.lease_s,
                                                   skip_pages=skip_pages, signals=signals,
-                                                  generation=next(self._generations))
+                                                  generation=next(self._generations),
+                                                  direct=direct[-num_pages:] if direct else ())
             self._changed()
             return pages
 
@@ -376,6 +383,12 @@ class PagePool:
             if r is None and transfer_id in self._ended:
                 r = self._ended[transfer_id][0]
             return r
+
+    def held(self, transfer_id: TransferId) -> bool:
+        """An ended reservation whose pages are still out of use: its writer may still write
+        (not confirmed stopped, quarantine not over), or someone still reads them."""
+        with self._lock:
+            return transfer_id in self._held
 
     def begin_read(self, transfer_id: TransferId) -> Reservation | None:
         """Guard a read of landed pages while the reservation is still being written (or READY).

@@ -120,6 +120,8 @@ class ServerStats:
     """Sessions dropped: the peer stayed silent for timeouts.peer_s, or restarted."""
     crashes: int = 0
     """Handlers that raised (a bug: answered INTERNAL, logged with its traceback)."""
+    direct: int = 0
+    """Allocations answered with the decode's own blocks (direct hand-offs, transport.direct)."""
 
 
 class ControlServer:
@@ -127,10 +129,14 @@ class ControlServer:
                  page_bytes: int, descriptor: bytes, max_alloc_wait_s: float,
                  keys: auth.Keyring | None = None, peer_s: float = 10.0, max_waiting: int = 1024,
                  curve_secret: bytes | None = None, clock: Callable[[], float] = time.monotonic,
-                 prefix: PrefixHolder = NOTHING_HELD):
+                 prefix: PrefixHolder = NOTHING_HELD, blocks: P.BlocksRegion | None = None,
+                 direct: Callable[[str, int], tuple[int, ...]] = lambda transfer_id, num_pages: ()):
         """``keys``: from the deployment's secret (None: none configured, loopback only);
         ``peer_s``: silence that ends a session; ``max_waiting``: allocations queued at most;
-        ``curve_secret``: this side's CurveZMQ secret key (z85) to encrypt the control plane."""
+        ``curve_secret``: this side's CurveZMQ secret key (z85) to encrypt the control plane;
+        ``blocks``: the decode's vLLM KV cache as prefills may write into it (transport.direct),
+        and ``direct(transfer_id, num_pages)`` the blocks of that hand-off's load for its last
+        pages (empty: none known, the pages are written and scattered as usual)."""
         self.pool = pool
         self.bind = bind
         self.compat = compat
@@ -145,6 +151,8 @@ class ControlServer:
         self.curve_secret = curve_secret
         self.clock = clock
         self.prefix = prefix
+        self.blocks = blocks
+        self.direct = direct
         self.cookies = auth.Cookies(max(peer_s, 1.0), clock=clock)
         self.stats = ServerStats()
         self._sessions: dict[bytes, _Session] = {}
@@ -379,7 +387,8 @@ class ControlServer:
         self._owners[session.data_token] = identity.decode(errors="replace")
         self.stats.handshakes += 1
         return P.HandshakeReply(msg_id=msg.msg_id, incarnation=self.incarnation, page_bytes=self.page_bytes,
-                                num_pages=self.pool.num_pages, descriptor=self.descriptor, data_token=session.data_token)
+                                num_pages=self.pool.num_pages, descriptor=self.descriptor, data_token=session.data_token,
+                                blocks=self.blocks)
 
     def _drop_session(self, identity: bytes, why: str) -> None:
         """Forget a peer; abort what it was still writing (the decode side recomputes those at
@@ -416,14 +425,20 @@ class ControlServer:
         session = self._sessions.get(identity)
         claim = Handoff(msg.transfer_id, session.peer if session is not None else "", msg.num_tokens,
                         msg.prompt_digest, tuple(msg.chains), msg.tenant)
+        # Asked before the pool's lock is taken (the loader's lock comes first: loader.py). A
+        # load cancelled meanwhile leaves a tombstone, and the reserve is refused.
+        direct = self.direct(msg.transfer_id, msg.num_pages - skip) if msg.direct and self.blocks else ()
         return self.pool.reserve(claim, msg.num_pages - skip, owner=owner, now=now, skip_pages=skip,
-                                 signals=msg.signals)
+                                 signals=msg.signals and not direct, direct=direct)
 
     def _allocated(self, msg: P.Allocate, pages: list[int], skip: int) -> P.Allocated:
         self.stats.allocations += 1
         r = self.pool.lookup(msg.transfer_id)
+        if r is not None and r.direct:
+            self.stats.direct += 1
         return P.Allocated(msg_id=msg.msg_id, transfer_id=msg.transfer_id, pages=pages, lease_s=self.pool.lease_s,
-                           skip_pages=skip, generation=r.generation if r is not None else 0)
+                           skip_pages=skip, generation=r.generation if r is not None else 0,
+                           blocks=list(r.direct) if r is not None else [])
 
     def _release(self, transfer_id: str, asked: bool = True) -> None:
         if asked:

@@ -37,7 +37,8 @@ def byte_span(handles: list, first_submit_at: float) -> tuple[float, float]:
 async def send_groups(transport, region: int, peer: DecodePeer, plans: list[RangePlan], ends: tuple[int, ...],
                       handoff: Handoff, *, ticket: bytes, data_s: float, check: Callable[[], None],
                       failed: Callable[[BatchState, object], None], ready: torch.cuda.Event | None = None,
-                      signal: tuple[int, int] | None = None, submitted: list | None = None) -> tuple[float, float]:
+                      signal: tuple[int, int] | None = None, submitted: list | None = None,
+                      dest: int | None = None) -> tuple[float, float]:
     """Submit every group's plan (``ends``: where each group's pages end) and return once all
     are in the peer's pool: the transfer's first and last byte (:func:`byte_span`).
 
@@ -46,8 +47,10 @@ async def send_groups(transport, region: int, peer: DecodePeer, plans: list[Rang
     submitted already (on the caller's thread). ``check`` raises when the hand-off must stop,
     ``failed`` for a batch that ended otherwise than DONE; the bytes must land within
     ``timeouts.data_s`` (named in the error). ``signal``: the device-side signal the last batch
-    ends with (node/armed.py)."""
+    ends with (node/armed.py). ``dest``: the transport's peer to write to (a direct hand-off's:
+    the peer's vLLM blocks); default the peer's pool."""
     loop = asyncio.get_running_loop()
+    dest = peer.peer_id if dest is None else dest
     wake = asyncio.Event()
     deadline = time.monotonic() + data_s
     if ready is not None and not transport.capabilities.stream_ordered:
@@ -65,7 +68,7 @@ async def send_groups(transport, region: int, peer: DecodePeer, plans: list[Rang
             handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
         for i, plan in enumerate(plans if submitted is None else []):
             last = {"signal": signal} if signal is not None and i == len(plans) - 1 else {}
-            handle = transport.submit(peer.peer_id, region, plan, timeout_s=data_s, after=ready, ticket=ticket, **last)
+            handle = transport.submit(dest, region, plan, timeout_s=data_s, after=ready, ticket=ticket, **last)
             handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
             handles.append(handle)
         landed = 0

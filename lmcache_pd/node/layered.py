@@ -32,7 +32,7 @@ import torch
 from lmcache_pd._types import BatchState, BlockId
 from lmcache_pd.device_clock import Stamp
 from lmcache_pd.errors import TransferError, TransferTimeout
-from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, plan_cache_to_pool
+from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, plan_into
 from lmcache_pd.node.groups import byte_span
 from lmcache_pd.node.loop import woken
 
@@ -165,16 +165,17 @@ class Pieces:
             return self._lock.wait_for(lambda: self._inflight <= 0, timeout_s)
 
 
-def piece_plan(kv: KVLayout, pool: PoolLayout, piece: Piece, layer: int | None, pages: list[int],
+def piece_plan(kv: KVLayout, dst: PoolLayout | KVLayout, piece: Piece, layer: int | None, to: list[int],
                skip: int) -> RangePlan | None:
-    """One layer (None: every layer) of the blocks a piece completes into their pool pages
-    (``pages`` hold the hand-off's blocks from ``skip`` on: the decode side holds the first
-    ones); None: none left."""
-    a, b = max(piece.first, skip), min(len(piece.blocks), skip + len(pages))
+    """One layer (None: every layer) of the blocks a piece completes into their pool pages, or
+    (``dst`` a KV layout: a direct hand-off) the decode's blocks. ``to`` holds the places of
+    the hand-off's blocks from ``skip`` on (the decode side holds the first ones); None: none
+    left."""
+    a, b = max(piece.first, skip), min(len(piece.blocks), skip + len(to))
     if a >= b:
         return None
-    return plan_cache_to_pool(kv, pool, blocks=piece.blocks[a:b], pages=pages[a - skip:b - skip],
-                              layers=None if layer is None else [layer])
+    return plan_into(kv, dst, blocks=piece.blocks[a:b], to=to[a - skip:b - skip],
+                     layers=None if layer is None else [layer])
 
 
 async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piece, int | None], RangePlan | None],

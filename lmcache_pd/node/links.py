@@ -118,16 +118,39 @@ class Links:
             loop = asyncio.get_running_loop()
             peer_id = await loop.run_in_executor(None, self.transport.connect, reply.descriptor, self.t.handshake_s,
                                                  reply.data_token)
+            blocks = await self._blocks(peer, reply, peer_id)
         except BaseException:
             await client.close()
             raise
         pool = PoolLayout(self.kv.num_layers, reply.num_pages, self.kv.block_bytes)
-        log.info("linked to decode peer %s (incarnation %s, %d pages of %d B, transport %s)",
-                 peer, reply.incarnation, reply.num_pages, reply.page_bytes, self.transport.name)
+        log.info("linked to decode peer %s (incarnation %s, %d pages of %d B, transport %s%s)",
+                 peer, reply.incarnation, reply.num_pages, reply.page_bytes, self.transport.name,
+                 ", direct into its blocks" if blocks else "")
         return DecodePeer(peer, client, peer_id=peer_id, pool=pool, incarnation=reply.incarnation,
                           data_token=reply.data_token, timeouts=self.t, chunk_blocks=self._chunk_blocks,
                           queue_bound=self.cfg.backpressure.prefill_queue,
-                          signals=self.transport.signals_to(peer_id))
+                          signals=self.transport.signals_to(peer_id), blocks=blocks)
+
+    async def _blocks(self, peer: PeerName, reply: P.HandshakeReply, pool_id: int) -> tuple[int, KVLayout] | None:
+        """With ``transport.direct`` on both sides: a connection to the peer's vLLM blocks and
+        their geometry (direct hand-offs), or None. A geometry that does not match ours, or a
+        connection that fails, leaves hand-offs to the pool (logged)."""
+        b = reply.blocks
+        if b is None or not self.cfg.transport.direct or not self.transport.capabilities.direct:
+            return None
+        kv = KVLayout(self.kv.num_layers, b.num_blocks, b.block_bytes, b.block_stride, tuple(b.layer_offsets),
+                      tuple(tuple(e) for e in b.extents))
+        if (b.block_bytes != self.kv.block_bytes or len(b.layer_offsets) != self.kv.num_layers or b.num_blocks <= 0
+                or min(b.layer_offsets) < 0 or b.block_stride < b.block_bytes):
+            log.warning("decode peer %s describes blocks that do not match ours: no direct hand-offs to it", peer)
+            return None
+        try:
+            blocks_id = await asyncio.get_running_loop().run_in_executor(
+                None, self.transport.connect, b.descriptor, self.t.handshake_s, reply.data_token)
+        except PDError as e:
+            log.warning("cannot reach decode peer %s's blocks (%s): no direct hand-offs to it", peer, e)
+            return None
+        return blocks_id, kv
 
     async def drop(self, peer: PeerName, link: DecodePeer | None = None) -> None:
         """Forget a peer's link (``link``: only if it is still that one; another coroutine may
@@ -137,6 +160,8 @@ class Links:
         link = self._links.pop(peer, None)
         if link is not None:
             self.transport.disconnect(link.peer_id)
+            if link.blocks is not None:
+                self.transport.disconnect(link.blocks[0])
             await link.close()
 
     def beat(self) -> None:

@@ -32,6 +32,13 @@ scatter is queued on the GPU behind the reservation's signal, and the load stays
 the watcher thread sees that scatter done (``claim_signaled``, DONE) or released (FAILED); the
 loader thread only watches its reservation and deadline, and releases it if either ends it.
 
+*Direct* loads (``transport.direct``): a load whose spec is here when the prefill's Allocate
+comes gives the control server its blocks (:meth:`Loader.direct_blocks`), the reservation names
+them (``Reservation.direct``), and the prefill writes straight into them: GRANTED plans nothing,
+and at READY there is nothing to scatter. A direct load that fails while its prefill may still
+write (ended before READY) is reported only once the pool let go of the reservation (its writer
+confirmed it stopped, or ``timeouts.data_s`` passed): vLLM frees the blocks when it learns.
+
 Threads: vLLM's forward loop calls :meth:`Loader.submit`, :meth:`Loader.cancel` and
 :meth:`Loader.drain`, which never block; the loader thread does every move and copy; the control
 server's thread changes reservations in the pool, which wakes the loader (``PagePool.watch``).
@@ -61,7 +68,7 @@ from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.held_prefix import HeldPrefix
 from lmcache_pd.node.loads import LoadPhase, LoadResult, LoadState, PreparedScatter
 from lmcache_pd.node.timeline import Timeline
-from lmcache_pd.ops import PreparedCopy, copy_ranges, pool_digest, prepare_copy, run_copy
+from lmcache_pd.ops import PreparedCopy, cache_digest, copy_ranges, pool_digest, prepare_copy, run_copy
 from lmcache_pd.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -104,6 +111,7 @@ class Loader:
         self._timeline = timeline
         self._loads: dict[ReqId, LoadState] = {}
         self._results: list[LoadResult] = []
+        self._settling: list[tuple[str, LoadResult]] = []  # failed direct loads whose writer may still write
         self._lock = threading.Lock()
         self._recorded = threading.Condition(self._lock)
         self._wake = threading.Event()
@@ -161,6 +169,17 @@ class Loader:
             out, self._results = self._results, []
         return out
 
+    def direct_blocks(self, transfer_id: str, num_pages: int) -> tuple[int, ...]:
+        """The control server's thread, at Allocate: the blocks of the load still WAITING for
+        this hand-off, for its last ``num_pages`` pages (fewer when vLLM holds some of those
+        blocks already: the prefill sends none before them); empty: no such load."""
+        with self._lock:
+            for load in self._loads.values():
+                if load.spec.handoff.transfer_id == transfer_id and load.phase is LoadPhase.WAITING:
+                    blocks = load.spec.block_ids
+                    return tuple(blocks[len(blocks) - min(num_pages, len(blocks)):])
+        return ()
+
     def waiting(self) -> int:
         with self._lock:
             return len(self._loads)
@@ -170,6 +189,7 @@ class Loader:
         while not self._stop.is_set():
             self._wake.clear()  # before looking: a change from here on wakes the next wait
             steps, failed, wait = self._next_steps()
+            self._report_settled()
             for load, error in failed:
                 self._fail(load, error)
             for load, step in steps:
@@ -223,7 +243,7 @@ class Loader:
         """Layers landed whole and not scattered yet (``pool.scatter_landed``). Not for a streamed
         hand-off (``r.landed``: its groups of pages go every layer at once, and no batch of it
         covers a layer's pages whole)."""
-        if not self.scatter_landed or r.state != ReservationState.ALLOCATED or r.landed:
+        if not self.scatter_landed or r.state != ReservationState.ALLOCATED or r.landed or r.direct:
             return frozenset()
         return r.layers_landed - load.layers_done
 
@@ -302,6 +322,13 @@ class Loader:
             load.cache_tokens = self.prefix.fill(load.spec, load.local, r.skip_pages)
         finally:
             self.prefix.release(load.spec.handoff.transfer_id)
+        if r.direct:  # the prefill writes into the blocks themselves: nothing to plan or scatter
+            load.next_page = len(r.pages)
+            if r.state == ReservationState.READY:
+                self._scatter(load)
+            else:
+                load.move(LoadPhase.LANDING)
+            return
         if r.state == ReservationState.READY:
             self._scatter(load)
             return
@@ -366,6 +393,8 @@ class Loader:
         try:
             self._verify(r)
             self._scatter_pages(load, r, len(r.pages))
+            if r.direct:  # written into the blocks by the prefill
+                load.nbytes = r.num_bytes
         finally:
             self.pool.free(spec.handoff.transfer_id, now=time.monotonic())
         load.move(LoadPhase.DONE)
@@ -373,7 +402,7 @@ class Loader:
                                 time.monotonic() - load.t0, scatter_s=load.scatter_s, groups=load.groups,
                                 planned_ahead=load.planned_ahead, cache_tokens=load.cache_tokens,
                                 submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time(),
-                                early_layers=len(load.layers_done)))
+                                early_layers=len(load.layers_done), direct=bool(r.direct)))
 
     def _armed_done(self, owner: object) -> None:
         """The watcher thread: an armed load's scatter ran. Its bytes are this hand-off's if it
@@ -410,6 +439,10 @@ class Loader:
         if r.skip_pages + len(r.pages) != n_pages or not 0 < len(spec.block_ids) <= n_pages:
             raise TransferError(f"{r.skip_pages} + {len(r.pages)} pages and {len(spec.block_ids)} blocks for "
                                 f"{spec.handoff.num_tokens} tokens", transfer_id=spec.handoff.transfer_id)
+        n = min(len(r.pages), len(spec.block_ids))
+        if r.direct and r.direct != tuple(spec.block_ids[len(spec.block_ids) - n:]):
+            raise TransferError("the direct hand-off names other blocks than this load's",
+                                transfer_id=spec.handoff.transfer_id)
 
     def _scatter_pages(self, load: LoadState, r: Reservation, upto: int) -> None:
         """Copy the reservation's pages ``[load.next_page, upto)`` into the load's blocks (the
@@ -448,13 +481,18 @@ class Loader:
                                   pages=r.pages[first:upto], layers=layers).swapped()
 
     def _verify(self, r: Reservation) -> None:
-        """With ``integrity.verify``: the pool pages hold what the prefill said it sent."""
+        """With ``integrity.verify``: the pool pages (a direct hand-off: the blocks) hold what
+        the prefill said it sent."""
         if not self.verify:
             return
         if r.digest is None:
             raise TransferError("the prefill sent no digest (set integrity.verify the same on every instance)",
                                 transfer_id=r.transfer_id)
-        if pool_digest(self.pool_layout, self.pool_buffer, r.pages) != r.digest:
+        if r.direct:  # in the places of the pages they stand for, as the prefill digested them
+            got = cache_digest(self.kv, self.kv_buffer, r.direct, self.pool_layout, r.pages[len(r.pages) - len(r.direct):])
+        else:
+            got = pool_digest(self.pool_layout, self.pool_buffer, r.pages)
+        if got != r.digest:
             with self._lock:
                 self.digest_mismatches += 1
             raise TransferError("the pages differ from what the prefill sent (integrity.verify)",
@@ -488,15 +526,32 @@ class Loader:
 
     # --- outcomes -------------------------------------------------------------------------
     def _fail(self, load: LoadState, error: str) -> None:
-        """FAILED: the pages go back (or a tombstone refuses a late reservation), the hold ends."""
+        """FAILED: the pages go back (or a tombstone refuses a late reservation), the hold ends.
+        A direct load whose prefill may still write into its blocks is reported once it stopped."""
         load.move(LoadPhase.FAILED)
         now = time.monotonic()
         tid = load.spec.handoff.transfer_id
+        r = self.pool.lookup(tid)
         self.pool.abort(tid, reason=error, now=now)
         self.prefix.release(tid)
         log.warning("load of %s for %s failed, recomputing: %s", tid, load.spec.req_id, error)
-        self._record(LoadResult(load.spec.req_id, tid, False, waited_s=now - load.t0, error=error,
-                                submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time()))
+        result = LoadResult(load.spec.req_id, tid, False, waited_s=now - load.t0, error=error,
+                            submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time())
+        if r is not None and r.direct and self.pool.held(tid):
+            with self._lock:
+                self._settling.append((tid, result))
+            return
+        self._record(result)
+
+    def _report_settled(self) -> None:
+        """Report the failed direct loads whose writer stopped (the pool let go of their pages)."""
+        with self._lock:
+            if not self._settling:
+                return
+            done = [(tid, res) for tid, res in self._settling if not self.pool.held(tid)]
+            self._settling = [s for s in self._settling if s not in done]
+        for _, res in done:
+            self._record(res)
 
     def _record(self, result: LoadResult) -> None:
         with self._lock:

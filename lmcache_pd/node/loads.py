@@ -49,6 +49,8 @@ class LoadResult:
     early_layers: int = 0
     """Layers scattered as soon as the data plane saw them land, before TransferDone came
     (``pool.scatter_landed``; a layered hand-off's during the prefill's forward)."""
+    direct: bool = False
+    """The prefill wrote straight into the blocks (``transport.direct``): nothing was scattered."""
 
 
 class LoadPhase(enum.Enum):

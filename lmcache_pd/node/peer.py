@@ -20,7 +20,7 @@ from lmcache_pd.config import TimeoutsConfig
 from lmcache_pd.control.client import ControlClient
 from lmcache_pd.errors import PDError, PoolExhausted, TransferError
 from lmcache_pd.handoff import Handoff
-from lmcache_pd.layout import PoolLayout
+from lmcache_pd.layout import KVLayout, PoolLayout
 
 log = logging.getLogger(__name__)
 _CANCELED_KEPT = 1024
@@ -36,16 +36,30 @@ class Grant:
     skip: int
     generation: int = 0
     """The reservation's generation: with the transfer id, every data batch names it."""
+    blocks: tuple[int, ...] = ()
+    """A direct hand-off: the peer's vLLM blocks for the last ``len(blocks)`` pages, written
+    instead of those pages; the pages before them are not sent."""
+
+    def target(self) -> tuple[int, PoolLayout | KVLayout, list[int], int]:
+        """Where this hand-off's bytes go: the transport's peer, its layout, the page or block
+        of each block sent, and how many leading blocks of the prompt are not sent."""
+        if not self.blocks:
+            return self.peer.peer_id, self.peer.pool, self.pages, self.skip
+        assert self.peer.blocks is not None  # (allocate checked it)
+        blocks_id, kv = self.peer.blocks
+        return blocks_id, kv, list(self.blocks), self.skip + len(self.pages) - len(self.blocks)
 
 
 class DecodePeer:
     def __init__(self, name: PeerName, client: ControlClient, *, peer_id: int, pool: PoolLayout, incarnation: str,
                  data_token: bytes, timeouts: TimeoutsConfig, chunk_blocks: int, queue_bound: int,
-                 signals: bool = False):
+                 signals: bool = False, blocks: tuple[int, KVLayout] | None = None):
         """``peer_id``: the transport's connection to the peer's pool; ``chunk_blocks``: blocks per
         cache chunk (the peer may skip whole chunks only); ``queue_bound``:
         ``backpressure.prefill_queue``, hand-offs that may wait for this peer's pages at once;
-        ``signals``: our transport writes this peer's device-side signals (its Allocates say so)."""
+        ``signals``: our transport writes this peer's device-side signals (its Allocates say so);
+        ``blocks``: the transport's connection to the peer's vLLM blocks and their geometry
+        (direct hand-offs: its Allocates say so)."""
         self.name = name
         self.client = client
         self.peer_id = peer_id
@@ -56,6 +70,7 @@ class DecodePeer:
         self.chunk_blocks = chunk_blocks
         self.queue_bound = queue_bound
         self.signals = signals
+        self.blocks = blocks
         self.waiting = 0
         """Hand-offs (and reservations) waiting for their Allocated reply."""
         self.beating = False
@@ -94,7 +109,7 @@ class DecodePeer:
                                 transfer_id=h.transfer_id, peer=self.name)
         msg = P.Allocate(msg_id=self.client.next_id(), transfer_id=h.transfer_id, num_pages=n_pages,
                          num_tokens=h.num_tokens, prompt_digest=h.prompt_digest, wait_s=self.t.alloc_s,
-                         chains=list(h.chains), tenant=h.tenant, signals=self.signals)
+                         chains=list(h.chains), tenant=h.tenant, signals=self.signals, direct=self.blocks is not None)
         self.waiting += 1
         try:
             reply = await self.client.request(msg, timeout_s=self.t.alloc_s + self.t.control_s,
@@ -105,11 +120,13 @@ class DecodePeer:
         assert isinstance(reply, P.Allocated)
         skip = reply.skip_pages
         if (not 0 <= skip < n_pages or skip % self.chunk_blocks or skip > len(h.chains) * self.chunk_blocks
-                or len(reply.pages) != n_pages - skip or any(not 0 <= p < self.pool.num_pages for p in reply.pages)):
+                or len(reply.pages) != n_pages - skip or any(not 0 <= p < self.pool.num_pages for p in reply.pages)
+                or (reply.blocks and (self.blocks is None or len(reply.blocks) > len(reply.pages)
+                                      or any(not 0 <= b < self.blocks[1].num_blocks for b in reply.blocks)))):
             await self.cancel(h.transfer_id, "bad Allocated reply")  # its pages come back now
             raise TransferError(f"decode replied with bad pages ({len(reply.pages)} pages, {skip} skipped, "
-                                f"{n_pages} blocks)", transfer_id=h.transfer_id)
-        return Grant(self, reply.pages, skip, reply.generation)
+                                f"{n_pages} blocks, {len(reply.blocks)} direct)", transfer_id=h.transfer_id)
+        return Grant(self, reply.pages, skip, reply.generation, tuple(reply.blocks))
 
     async def landed(self, transfer_id: TransferId, pages: int = 0, layers: list[int] | None = None) -> None:
         """One-way: the hand-off's first ``pages`` pages, or its ``layers`` in every page, hold

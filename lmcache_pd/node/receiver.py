@@ -22,12 +22,13 @@ import time
 import torch
 
 from lmcache_pd import auth
+from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
 from lmcache_pd._types import ReqId, TransferId
 from lmcache_pd.control import curve
 from lmcache_pd.control.allocator import PagePool, PoolStats
 from lmcache_pd.control.server import ControlServer
-from lmcache_pd.errors import TransferError
+from lmcache_pd.errors import ConfigError, TransferError
 from lmcache_pd.handoff import LoadSpec
 from lmcache_pd.layout import KVLayout, PoolLayout
 from lmcache_pd.node.cache_io import CacheIO, NoCacheIO
@@ -84,6 +85,9 @@ class KVReceiver:
         # Pre-allocated (and zeroed, so touched) now: the first hand-off pays no page faults.
         self.pool_buffer = self.transport.allocate(self.pool_layout.nbytes, kv_buffer.device)
         self.region = self.transport.register(self.pool_buffer)
+        # Direct hand-offs: vLLM's blocks too, registered before any descriptor is exported
+        # (nixl's agent metadata names every region registered by then).
+        self.blocks_region = self._register_blocks() if cfg.transport.direct else None
         # One signal word per page (a reservation's is its first page's: node/armed.py).
         signals = self.transport.enable_signals(self.pool_layout.num_pages) if kv_buffer.is_cuda else False
         self.server: ControlServer | None = None
@@ -106,12 +110,26 @@ class KVReceiver:
                                     max_alloc_wait_s=self.cfg.timeouts.alloc_s, keys=self.keys,
                                     peer_s=self.cfg.timeouts.peer_s, max_waiting=self.cfg.backpressure.decode_queue,
                                     curve_secret=curve.server_keys(self.keys)[1] if self.cfg.auth.encrypt else None,
-                                    prefix=self.prefix)
+                                    prefix=self.prefix, blocks=self._blocks(), direct=self.loader.direct_blocks)
         self.server.start()
         self.loader.start()
         log.info("decode pool ready: %d pages of %d B (%.0f MiB), control %s, transport %s",
                  self.pool_layout.num_pages, self.pool_layout.page_bytes, self.pool_layout.nbytes / 2**20,
                  self.server.endpoint, self.transport.name)
+
+    def _register_blocks(self) -> int:
+        if not self.transport.capabilities.direct:
+            raise ConfigError(f"{self.transport.name} cannot let a prefill write into vLLM's blocks (nixl and "
+                              "loopback can); turn it off for this transport", field="transport.direct")
+        return self.transport.register(self.kv_buffer, self.kv.extents)
+
+    def _blocks(self) -> P.BlocksRegion | None:
+        """The handshake's description of vLLM's blocks (None: no direct hand-offs)."""
+        if self.blocks_region is None:
+            return None
+        kv = self.kv
+        return P.BlocksRegion(self.transport.export_descriptor(self.blocks_region), kv.num_blocks, kv.block_bytes,
+                              kv.block_stride, list(kv.layer_offsets), [tuple(e) for e in kv.extents])
 
     def close(self) -> None:
         self.loader.close()

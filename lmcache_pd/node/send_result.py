@@ -43,6 +43,8 @@ class SendResult:
     """Planned and submitted on the thread that submitted the hand-off (its pages were granted)."""
     pieces: int = 0
     """Layered: the forwards (prompt chunks) it was sent from, one piece each."""
+    direct: bool = False
+    """Written straight into the decode's vLLM blocks (``transport.direct``), not its pool."""
     last_chunk_at: float = 0.0
     """Layered: wall clock when the step computing the prompt's last chunk began; bytes sent
     before it were hidden under earlier chunks."""

@@ -50,7 +50,7 @@ from lmcache_pd import transport as transports
 from lmcache_pd._types import BatchState, BlockId, PeerName, TransferId
 from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
 from lmcache_pd.handoff import Handoff, SendSpec
-from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
+from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens, plan_into
 from lmcache_pd.node.armed import signal_of
 from lmcache_pd.node.groups import send_groups
 from lmcache_pd.node.handoff_log import HandoffLog
@@ -150,12 +150,12 @@ class KVSender:
             return None
         t0, started_at = time.monotonic(), time.time()
         try:
-            blocks = spec.block_ids[grant.skip:n_pages]
-            plan = plan_cache_to_pool(self.kv, grant.peer.pool, blocks=blocks, pages=grant.pages)
+            dest, layout, to, first = grant.target()
+            plan = plan_into(self.kv, layout, blocks=spec.block_ids[first:n_pages], to=to)
             last = ({"signal": signal_of(grant.pages, grant.generation)}
-                    if grant.peer.signals and grant.pages else {})
+                    if grant.peer.signals and grant.pages and not grant.blocks else {})
             first_byte_at = time.time()
-            handle = self.transport.submit(grant.peer.peer_id, self.region, plan, timeout_s=self.t.data_s,
+            handle = self.transport.submit(dest, self.region, plan, timeout_s=self.t.data_s,
                                            after=ready, ticket=P.ticket(tid, grant.generation), **last)
         except Exception:  # noqa: BLE001 - e.g. the link was re-made meanwhile: the loop's steps say why
             log.debug("hand-off %s not launched on the caller's thread", tid, exc_info=True)
@@ -338,32 +338,38 @@ class KVSender:
             peer, pages = grant.peer, grant.pages
             self._check_ended(spec.handoff)
             t_alloc, granted_at = time.monotonic(), time.time()
-            blocks = spec.block_ids[grant.skip:n_pages]  # the decode side holds the first ones
+            # Where the bytes go: the decode's pool pages, or (direct) its vLLM blocks for the
+            # last pages, the blocks before them not sent (the decode holds them).
+            dest, layout, to, first = grant.target()
+            blocks = spec.block_ids[first:n_pages]
+            digested = pages[len(pages) - len(to):]  # the pages the bytes sent stand for
             ticket = P.ticket(spec.handoff.transfer_id, grant.generation)
             # The last batch ends with the reservation's device-side signal: the decode's scatter
-            # waits for it on the GPU (node/armed.py).
-            signal = signal_of(pages, grant.generation) if peer.signals and pages else None
+            # waits for it on the GPU (node/armed.py). A direct hand-off has no scatter.
+            signal = signal_of(pages, grant.generation) if peer.signals and pages and not grant.blocks else None
             t_data = time.monotonic()
             if pieces is None:
-                ends = self._group_ends(len(pages))
-                plans = [plan_cache_to_pool(self.kv, peer.pool, blocks=blocks[a:b], pages=pages[a:b])
+                ends = self._group_ends(len(to)) if not grant.blocks else (len(to),)
+                plans = [plan_into(self.kv, layout, blocks=blocks[a:b], to=to[a:b])
                          for a, b in zip((0, *ends[:-1]), ends)]
-                digest = self._digest(blocks, pages, peer, ready)  # reads the blocks while they fly
+                digest = self._digest(blocks, digested, peer, ready)  # reads the blocks while they fly
                 span = await send_groups(self.transport, self.region, peer, plans, ends, spec.handoff,
                                          ticket=ticket, data_s=self.t.data_s, ready=ready, signal=signal,
-                                         **self._watch(spec))
+                                         dest=dest, **self._watch(spec))
             else:
+                # Over a one-sided transport the decode learns of each layer landed from us
+                # (Landed), to scatter it during the forward; a direct hand-off has nothing to scatter.
+                tell = not (signal or grant.blocks or self.transport.capabilities.admits_writes)
                 *span, plans = await send_layers(
-                    self.transport, peer.peer_id, self.region,
-                    lambda piece, layer: piece_plan(self.kv, peer.pool, piece, layer, pages, grant.skip),
+                    self.transport, dest, self.region,
+                    lambda piece, layer: piece_plan(self.kv, layout, piece, layer, to, first),
                     pieces, self.kv.num_layers,
                     data_s=self.t.data_s, ticket=ticket, signal=signal, renew=renew, **self._watch(spec),
-                    landed=None if signal or self.transport.capabilities.admits_writes
-                    else functools.partial(peer.landed, spec.handoff.transfer_id, 0))
+                    landed=functools.partial(peer.landed, spec.handoff.transfer_id, 0) if tell else None)
                 final = pieces.final
                 assert final is not None and len(final.blocks) >= n_pages
-                blocks = final.blocks[grant.skip:n_pages]
-                digest = self._digest(blocks, pages, peer, None)  # every layer is computed by now
+                blocks = final.blocks[first:n_pages]
+                digest = self._digest(blocks, digested, peer, None)  # every layer is computed by now
             await self._done(spec, grant, reserved, plans, digest, t0, t_alloc, granted_at, tuple(span),
                              time.monotonic() - t_data, pieces)
         except (PDError, OSError) as e:
@@ -398,6 +404,7 @@ class KVSender:
                                 computed_at=await self._computed_at(spec, pieces),
                                 first_byte_at=first_byte_at, last_byte_at=last_byte_at, layered=pieces is not None,
                                 on_caller=on_caller, pieces=len(pieces) if pieces is not None else 0,
+                                direct=bool(grant.blocks),
                                 last_chunk_at=pieces.final.added_at if pieces is not None and pieces.final else 0.0))
 
     async def _computed_at(self, spec: SendSpec, pieces: Pieces | None) -> float:

@@ -60,6 +60,9 @@ class Capabilities:
     """The receiver sees every batch before its bytes land and asks the ``WriteGate`` (tcp).
     Without it the peer writes on its own (one-sided: cuda_ipc, nixl, loopback), and the pool
     holds the pages of a hand-off ended mid-write until the writer confirms it stopped."""
+    direct: bool = False
+    """It can register and export memory that is not its own allocation (vLLM's KV cache), for
+    the peer to write a direct hand-off straight into (``transport.direct``): nixl, loopback."""
     signals: bool = False
     """A batch can end with a device-side signal (``submit(..., signal=(slot, value))``): after
     its bytes, the GPU writes ``value`` into a slot kept beside the peer's region, and the

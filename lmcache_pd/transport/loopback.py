@@ -44,7 +44,8 @@ class _Descriptor(msgspec.Struct, frozen=True):
 
 class LoopbackTransport(Transport):
     name = "loopback"
-    capabilities = Capabilities(remote=False, mem_kinds=frozenset({"cpu"}), listens=False, encrypts=True)
+    capabilities = Capabilities(remote=False, mem_kinds=frozenset({"cpu"}), listens=False, encrypts=True,
+                                direct=True)
     Options = LoopbackOptions
 
     def __init__(self, options: LoopbackOptions, **kwargs: object):

@@ -134,7 +134,7 @@ class _InFlight:
 
 class NixlTransport(Transport):
     name = "nixl"
-    capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cpu", "cuda"}), listens=False)
+    capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cpu", "cuda"}), listens=False, direct=True)
     Options = NixlOptions
 
     @classmethod

@@ -24,7 +24,8 @@ CPT = msgspec.structs.replace(COMPAT, block_size=BLOCK, num_layers=LAYERS, page_
 
 
 def make_cfg(transport: str = "tcp", *, options: dict | None = None, pool_mib: int = 1, group_mib: int = 128,
-             cache: dict | None = None, layerwise: bool = False, **timeouts) -> PDConfig:
+             cache: dict | None = None, layerwise: bool = False, direct: bool = False, verify: bool = False,
+             **timeouts) -> PDConfig:
     """A 1P1D config for in-process tests. Whole hand-offs unless ``layerwise`` (the default of
     ``transport.layerwise`` is on: the tests of layered hand-offs say so)."""
     http_p, http_d, ctrl, data = free_ports(4)
@@ -34,7 +35,9 @@ def make_cfg(transport: str = "tcp", *, options: dict | None = None, pool_mib: i
         "model": {"path": "tiny"},
         "prefill": [{"name": "prefill-0", "http_port": http_p}],
         "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data}],
-        "transport": {"name": transport, "options": options or {}, "group_mib": group_mib, "layerwise": layerwise},
+        "transport": {"name": transport, "options": options or {}, "group_mib": group_mib, "layerwise": layerwise,
+                      "direct": direct},
+        "integrity": {"verify": verify},
         "pool": {"size_mib": pool_mib},
         "timeouts": t,
         **({"cache": cache} if cache else {}),

@@ -1,0 +1,194 @@
+"""Direct hand-offs (``transport.direct``): the prefill writes straight into the decode's vLLM
+blocks, and the decode has nothing to scatter. Sender and receiver in one process (real zmq,
+real transports: loopback and nixl, both one-sided; cuda_ipc on a GPU once it exports vLLM's
+blocks).
+
+The pool's pages are reserved as usual but stay untouched (they hold the zeros ``allocate``
+wrote), which is how each test sees the bytes went direct; the counters say so too.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lmcache_pd import transport as transports
+from lmcache_pd.errors import ConfigError
+from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
+from lmcache_pd.node.layered import LayerMarks
+from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node, make_cfg
+
+ONE_SIDED = ["loopback", "nixl"]
+
+
+def need(name: str) -> None:
+    ok, why = transports.available(name)
+    if not ok:
+        pytest.skip(f"transport {name!r} unavailable here: {why}")
+
+
+def pool_untouched(n: Node) -> bool:
+    return not bool(n.receiver.pool_buffer.any())
+
+
+def load_then_send(n: Node, tid: str, p_blocks: list[int], d_blocks: list[int], num_tokens: int) -> None:
+    """The decode's load first (vLLM allocated its blocks), then the prefill's hand-off."""
+    n.receiver.submit_load(LoadSpec(f"d-{tid}", Handoff(tid, "prefill-0", num_tokens, "d" * 32), tuple(d_blocks)))
+    n.sender.submit(SendSpec(f"p-{tid}", Handoff(tid, "decode-0", num_tokens, "d" * 32), tuple(p_blocks)))
+
+
+@pytest.mark.parametrize("name", ONE_SIDED)
+def test_a_whole_handoff_lands_in_the_decodes_blocks_and_nothing_is_scattered(name):
+    need(name)
+    n = Node(make_cfg(name, direct=True))
+    try:
+        p_blocks, d_blocks = [5, 6, 30], [11, 12, 40]
+        load_then_send(n, "d1", p_blocks, d_blocks, 2 * BLOCK + 3)  # the prompt ends inside its last block
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        assert s.direct and ld.direct and ld.scatter_s == 0 and ld.groups == 0, (s, ld)
+        assert s.num_bytes == ld.num_bytes == 3 * PAGE
+        n.assert_moved(p_blocks, d_blocks)
+        assert pool_untouched(n), "bytes went through the pool"
+        assert n.receiver.server.stats.direct == 1
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
+@pytest.mark.parametrize("name", ONE_SIDED)
+def test_a_layered_chunked_handoff_goes_direct_piece_by_piece(name):
+    """The first chunk's blocks go in one batch, the last chunk's layer by layer, all of it into
+    the decode's blocks; no Landed(layers) is needed (nothing to scatter)."""
+    need(name)
+    n = Node(make_cfg(name, direct=True))
+    try:
+        p_blocks, d_blocks = [5, 6, 30, 31], [11, 12, 40, 41]
+        tid, num_tokens = "chunked", 3 * BLOCK + 3
+        n.receiver.submit_load(LoadSpec("d-c", Handoff(tid, "prefill-0", num_tokens, "d" * 32), tuple(d_blocks)))
+        h = Handoff(tid, "decode-0", num_tokens, "d" * 32)
+        n.sender.reserve(h)
+        first = LayerMarks(LAYERS)
+        pieces = n.sender.submit_layered(SendSpec("p-c", h, tuple(p_blocks[:2]), layered=True, final=False), first)
+        for i in range(LAYERS):
+            first.layer(i)
+        first.forward_done()
+        deadline = time.monotonic() + 5
+        while not all(torch.equal(n.p_layers[0][p].view(torch.uint8), n.d_layers[0][d].view(torch.uint8))
+                      for p, d in zip(p_blocks[:2], d_blocks[:2])):
+            assert time.monotonic() < deadline, "the first chunk's blocks never reached the decode's blocks"
+            time.sleep(0.002)
+        last = LayerMarks(LAYERS)
+        pieces.add(tuple(p_blocks), 2, last, True)
+        for i in range(LAYERS):
+            last.layer(i)
+        last.forward_done()
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        assert s.direct and ld.direct and s.pieces == 2 and ld.early_layers == 0, (s, ld)
+        assert s.num_bytes == ld.num_bytes == 4 * PAGE
+        n.assert_moved(p_blocks, d_blocks)
+        assert pool_untouched(n)
+    finally:
+        n.close()
+
+
+def test_blocks_the_decode_holds_already_are_not_sent():
+    """vLLM's own prefix cache holds the prompt's first block on the decode: its load names only
+    the last two blocks, and only those two go (into them)."""
+    n = Node(make_cfg("loopback", direct=True))
+    try:
+        p_blocks, d_blocks = [5, 6, 30], [40, 41]
+        load_then_send(n, "held", p_blocks, d_blocks, 3 * BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok and s.direct, (s.error, ld.error)
+        assert s.num_bytes == 2 * PAGE
+        n.assert_moved(p_blocks[1:], d_blocks)
+        assert pool_untouched(n)
+    finally:
+        n.close()
+
+
+def test_an_allocate_before_the_decode_has_its_blocks_goes_through_the_pool():
+    """The prefill reserves before the decode's vLLM scheduled the request: no blocks to name, so
+    the pool as usual (and still bitwise)."""
+    n = Node(make_cfg("loopback", direct=True))
+    try:
+        p_blocks, d_blocks = [5, 6], [11, 12]
+        h = Handoff("early", "decode-0", 2 * BLOCK, "d" * 32)
+        n.sender.reserve(h)
+        deadline = time.monotonic() + 5
+        while n.receiver.pool.lookup("early") is None:
+            assert time.monotonic() < deadline, "the reservation never came"
+            time.sleep(0.002)
+        n.receiver.submit_load(LoadSpec("d-e", Handoff("early", "prefill-0", 2 * BLOCK, "d" * 32), tuple(d_blocks)))
+        n.sender.submit(SendSpec("p-e", h, tuple(p_blocks)))
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok and not s.direct and not ld.direct, (s, ld)
+        n.assert_moved(p_blocks, d_blocks)
+        assert not pool_untouched(n) and n.receiver.server.stats.direct == 0
+    finally:
+        n.close()
+
+
+def test_with_integrity_verify_the_decode_checks_its_blocks():
+    n = Node(make_cfg("loopback", direct=True, verify=True))
+    try:
+        load_then_send(n, "checked", [5, 6], [11, 12], 2 * BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok and s.direct, (s.error, ld.error)
+        assert n.receiver.loader.digests_verified == 1 and n.receiver.loader.digest_mismatches == 0
+    finally:
+        n.close()
+
+
+def test_a_garbled_direct_write_fails_the_digest_and_the_decode_recomputes():
+    n = Node(make_cfg("loopback", options={"corrupt_every": 1}, direct=True, verify=True))
+    try:
+        load_then_send(n, "garbled", [5, 6], [11, 12], 2 * BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.direct and not ld.ok and "integrity.verify" in ld.error, ld
+        assert n.receiver.loader.digest_mismatches == 1
+    finally:
+        n.close()
+
+
+def test_an_aborted_direct_load_is_reported_only_once_its_prefill_stopped_writing():
+    """vLLM frees a request's blocks when its load is reported, so an aborted direct load is
+    reported only once its prefill can no longer write into them. Here the prefill's batch is in
+    flight (loopback: it copies 0.3 s after its submit) and its sender is busy for 0.8 s (its
+    loop stalled: it cannot stop the batch, nor confirm), when the decode request is aborted:
+    the batch still lands in the blocks, and the failure is reported after that, once the
+    prefill confirmed it stopped (its Cancel after the decode's Ended)."""
+    n = Node(make_cfg("loopback", options={"delay_s": 0.3}, direct=True))
+    try:
+        p_blocks, d_blocks = [5, 6], [11, 12]
+        load_then_send(n, "aborted", p_blocks, d_blocks, 2 * BLOCK)
+        deadline = time.monotonic() + 5
+        while not n.receiver.server.stats.direct:
+            assert time.monotonic() < deadline, "no direct Allocated"
+            time.sleep(0.002)
+        time.sleep(0.05)  # the batch is submitted: it copies 0.3 s after that
+
+        async def busy() -> None:
+            time.sleep(0.8)  # noqa: ASYNC251 - the point: the sender's loop can do nothing meanwhile
+        n.sender._loop.submit(busy())
+        n.receiver.cancel_load("d-aborted")
+        t_cancel = time.monotonic()
+        while time.monotonic() - t_cancel < 0.5:
+            assert n.receiver.drain() == [], "reported while the prefill may still write into the blocks"
+            time.sleep(0.01)
+        assert n.receiver.pool.held("aborted")
+        n.assert_moved(p_blocks, d_blocks)  # the late batch landed: had vLLM freed the blocks, in another's KV
+        (s,), (ld,) = n.results(1, 1)
+        assert not ld.ok and "aborted" in ld.error and not s.ok, (s, ld)
+        assert not n.receiver.pool.held("aborted")
+    finally:
+        n.close()
+
+
+def test_direct_with_a_transport_that_cannot_names_the_field():
+    with pytest.raises(ConfigError, match="transport.direct"):
+        Node(make_cfg("tcp", direct=True), start_receiver=False)
