@@ -2,10 +2,15 @@
 and vLLM with `transport.name: nixl` instead of tcp.
 
 A deployment of its own (prefill-0, decode-0, proxy), started once for this module after the
-main one; outputs are judged against the same request sent straight to the prefill instance.
+main one, with ``transport.direct`` on; outputs are judged against the same request sent
+straight to the prefill instance.
 """
 
 from __future__ import annotations
+
+import json
+import threading
+import urllib.request
 
 import pytest
 
@@ -32,7 +37,9 @@ def nixl_deployment(tmp_path_factory):
     if not ok:
         pytest.skip(f"nixl unavailable here: {why}")
     work, model = tiny_model_or_skip(tmp_path_factory, "pd-nixl")
-    cfg = local_config(model, work, extra={"transport.name": "nixl", "pool.size_mib": 4})
+    # Direct hand-offs on: the proxy's default flow (the decode's request after the prefill's
+    # answer) still goes through the pool; test_a_direct_handoff_* drives the direct one.
+    cfg = local_config(model, work, extra={"transport.name": "nixl", "pool.size_mib": 4, "transport.direct": True})
     dep = LocalDeployment(cfg, work)
     try:
         dep.start_all(timeout_s=600)
@@ -71,3 +78,39 @@ def test_nixl_names_the_ucx_transport_in_the_prefill_log(nixl_deployment):
     log = dep.procs["prefill-0"].log_path
     wait_for(lambda: "carried by UCX" in log.read_text(errors="replace"), 10,
              "prefill-0 did not log the UCX transport that carried the data")
+
+
+def test_a_direct_handoff_writes_into_the_decodes_vllm_blocks_and_outputs_match(nixl_deployment):
+    """The decode's request first (as the proxy's concurrent dispatch sends it), scheduled and
+    waiting for its KV; then the prefill's: its Allocate finds the decode's blocks, and the
+    prefill writes straight into vLLM's KV cache on the decode (no pool, no scatter). The
+    decode's greedy output equals the colocated one, and both sides' hand-off logs say direct."""
+    dep = nixl_deployment
+    prefill, decode = dep.procs["prefill-0"].url, dep.procs["decode-0"].url
+    stats = f"http://127.0.0.1:{dep.cfg.instance('decode-0').cache_port}/pd/stats"
+    ids = prompt_ids(700, seed=71)
+    reference, _ = completion(prefill, ids)
+    tid = "direct-e2e-1"
+    got: dict = {}
+
+    def decode_leg() -> None:
+        got["answer"] = completion(decode, ids, kv_transfer_params={
+            "do_remote_prefill": True, "transfer_id": tid, "num_tokens": 0, "prompt_digest": "",
+            "prefill_peer": "prefill-0"})[0]
+    leg = threading.Thread(target=decode_leg)
+    leg.start()
+
+    def waiting() -> int:
+        with urllib.request.urlopen(stats, timeout=5) as r:
+            return json.load(r)["loads"]["waiting"]
+    wait_for(lambda: waiting() == 1, 30, "decode-0 never scheduled the request to wait for its KV")
+    completion(prefill, ids, max_tokens=1, kv_transfer_params={"do_remote_decode": True, "transfer_id": tid,
+                                                               "decode_peer": "decode-0"})
+    leg.join(60)
+    assert not leg.is_alive(), "the decode request did not end"
+    assert token_ids(got["answer"]) == token_ids(reference), "a direct hand-off's output differs from colocated"
+    r = report(got["answer"])
+    assert r["loaded"] is True and r["prompt_tokens_computed"] == 1, r
+    sent, loaded = handoff_record(dep, "prefill-0", tid), handoff_record(dep, "decode-0", tid)
+    assert sent["ok"] and sent["direct"] and loaded["ok"] and loaded["direct"], (sent, loaded)
+    assert sent["num_bytes"] == loaded["num_bytes"] == -(-700 // 128) * 65536
