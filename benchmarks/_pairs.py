@@ -162,7 +162,7 @@ class HandoffPair:
     """Hand-offs of up to ``max_tokens`` tokens; random block tables on both sides."""
 
     def __init__(self, transport: str, options: dict, max_tokens: int, p_dev: str, d_dev: str,
-                 group_mib: int | None = None, reserve: bool = True, verify: bool = False):
+                 group_mib: int | None = None, reserve: bool = True, verify: bool = False, direct: bool = False):
         from lmcache_pd.cli.local import free_ports
         from lmcache_pd.node.sender import KVSender
         from lmcache_pd.node.worker import NodeConfig, Worker
@@ -176,7 +176,7 @@ class HandoffPair:
             "model": {"path": "none"},
             "prefill": [{"name": "prefill-0", "http_port": http_p}],
             "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data}],
-            "transport": {"name": transport, "options": options,
+            "transport": {"name": transport, "options": options, "direct": direct,
                           **({} if group_mib is None else {"group_mib": group_mib})},
             "pool": {"size_mib": max_blocks * page // 2**20 + 64},
             "timeouts": {"data_s": 120, "transfer_s": 180},
@@ -296,6 +296,7 @@ class HandoffPair:
         self.phases.append({"allocate": s.allocate_s, "transfer": s.seconds,
                             "after transfer": total - s.allocate_s - s.seconds, "scatter": scatter_s,
                             "groups": groups, "signaled": int(signaled), "on_caller": int(s.on_caller),
+                            "direct": int(s.direct),
                             # Wall-clock marks (one machine): plan and launch on the caller's
                             # thread; from the launch to the decode loader's end of the load (the
                             # GPU's copy and scatter and the wake-ups between); to the worker's

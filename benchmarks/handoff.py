@@ -9,7 +9,9 @@ Shape: Llama-3-8B KV (128 KiB per token), random block tables on both sides. The
 devices in one process, measured in this run. The last repeat of each size is checked bitwise.
 benchmarks/transfer.py runs the same hand-off inside its sweep; this one takes token counts.
 ``--verify`` times every size twice, with ``integrity.verify`` off and on (a second pair of
-processes), and prints what the check costs. ``--against JSON`` does the same with a second pair
+processes), and prints what the check costs. ``--direct`` does the same with a second pair with
+``transport.direct`` on (the decode's load is asked for before the prefill's Allocate, so the
+prefill writes straight into the decode's blocks: no pool, no scatter). ``--against JSON`` does the same with a second pair
 whose transport options are JSON (``'{"signals": false}'``: cuda_ipc's decode scatter waiting for
 TransferDone on the host instead of the copy's device-side signal).
 Columns *signaled*: hand-offs whose decode scatter ran behind the device-side signal;
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--against", default=None, metavar="JSON",
                     help="also time each size with these transport options (a second pair of processes)")
     ap.add_argument("--options", default="{}", metavar="JSON", help="transport options of the main pair")
+    ap.add_argument("--direct", action="store_true",
+                    help="also time each size with transport.direct on (a second pair; with --layered: "
+                         "the one pair has it on)")
     ap.add_argument("--layered", action="store_true",
                     help="behind a stand-in forward (--forward-us per layer per token): whole hand-off "
                          "after it against layer by layer during it (transport.layerwise), taking turns")
@@ -57,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.layered:
         return layered(args)
-    if args.verify and args.against:
-        ap.error("--verify and --against each need the second pair: give one")
+    if sum(map(bool, (args.verify, args.against, args.direct))) > 1:
+        ap.error("--verify, --against and --direct each need the second pair: give one")
     from lmcache_pd import transport as transports
 
     ok, why = transports.available(args.transport)
@@ -71,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     pair = HandoffPair(args.transport, options, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
                        reserve=not args.no_reserve)
     checked = None
-    if args.verify or args.against:
+    if args.verify or args.against or args.direct:
         checked = HandoffPair(args.transport, json.loads(args.against) if args.against else options, max(tokens),
                               p_dev, d_dev, group_mib=args.group_mib, reserve=not args.no_reserve,
-                              verify=args.verify)
-    second = "verify on" if args.verify else f"options {args.against}"
+                              verify=args.verify, direct=args.direct)
+    second = "verify on" if args.verify else "direct" if args.direct else f"options {args.against}"
     where = f"{p_dev} -> {d_dev}" + (f" ({torch.cuda.get_device_name(0)})" if "cuda" in p_dev else "")
     print(f"# {args.transport} hand-off, {where}; python {sys.version.split()[0]}, torch {torch.__version__}")
     print("# Llama-3-8B KV (32 layers, 8 heads, head 128, bf16, block 16); median of", args.repeat,
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'tokens':>7} {'bytes':>9} {'hand-off ms':>12} {'GB/s':>8} {'ceiling GB/s':>13} {'ratio':>6}  check    "
           f"| ms: allocate  transfer  after-transfer | scatter (overlapped)  groups  signaled  on-caller"
           f" | ms: launch  to-loaded  to-woken"
-          + (f"  | {second}: ms  ratio  check  signaled" if checked else ""))
+          + (f"  | {second}: ms  ratio  check  signaled  direct  scatter ms" if checked else ""))
     status = 0
     try:
         pair.once(tokens[0])  # links the peers (handshake, IPC open) and builds the kernels
@@ -112,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                 status |= not v_ok
                 v = statistics.median(verified)
                 extra = (f"  | {v * 1e3:>13.3f} {v / statistics.median(times):>6.2f}  {'bitwise' if v_ok else 'MISMATCH'}"
-                         f"  {sum(p['signaled'] for p in checked.phases[-args.repeat:]):>2.0f}/{args.repeat}")
+                         f"  {sum(p['signaled'] for p in checked.phases[-args.repeat:]):>2.0f}/{args.repeat}"
+                         f"  {sum(p['direct'] for p in checked.phases[-args.repeat:]):>2.0f}/{args.repeat}"
+                         f"  {statistics.median(p['scatter'] for p in checked.phases[-args.repeat:]) * 1e3:>9.3f}")
             t, c = statistics.median(times), statistics.median(copies)
-            counts = ("groups", "signaled", "on_caller")
+            counts = ("groups", "signaled", "on_caller", "direct")
             ph = {k: statistics.median(p[k] for p in pair.phases) * (1 if k in counts else 1e3)
                   for k in pair.phases[0]}
             signaled = sum(p["signaled"] for p in pair.phases)
@@ -151,8 +158,9 @@ def layered(args) -> int:
     if chunks > 1:
         modes["chunked"] = {"layered": True, "pieces": True}
     layered_modes = [m for m in modes if m != "whole"]
-    pair = HandoffPair(args.transport, options, max(tokens), p_dev, d_dev, group_mib=args.group_mib)
-    print(f"# {args.transport} hand-off behind a stand-in forward of 32 layers in {chunks} chunk(s), {p_dev} -> "
+    pair = HandoffPair(args.transport, options, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
+                       direct=args.direct)
+    print(f"# {args.transport}{' direct' if args.direct else ''} hand-off behind a stand-in forward of 32 layers in {chunks} chunk(s), {p_dev} -> "
           f"{d_dev} ({torch.cuda.get_device_name(0)}); {args.forward_us} us per layer per token (at least 20); "
           f"median of {args.repeat}; options {options}")
     print("| tokens | bytes | forward ms | forward end -> loaded ms: " + " / ".join(modes)

@@ -134,9 +134,10 @@ class TransportConfig(_Section):
     """Direct hand-offs: when the decode's vLLM has allocated the request's blocks by the time the
     prefill's Allocate comes (the proxy's concurrent dispatch sends both at once), the prefill
     writes straight into those blocks instead of the pool, and the decode has nothing to
-    scatter (one pass over the bytes instead of two). Otherwise, or with a transport that
-    cannot (tcp: its receiver admits batches into pool pages; cuda_ipc: not yet), the pool as
-    usual. Set on both sides. Off by default until measured on a GPU (docs/transports.md)."""
+    scatter (one pass over the bytes instead of two). Otherwise the pool as usual. nixl,
+    cuda_ipc and loopback can; tcp cannot (its receiver admits batches into pool pages only),
+    and refuses it at start. Set on both sides. Off by default until measured on a GPU
+    (docs/transports.md)."""
 
 
 class PoolConfig(_Section):

@@ -28,7 +28,7 @@ from lmcache_pd._types import ReqId, TransferId
 from lmcache_pd.control import curve
 from lmcache_pd.control.allocator import PagePool, PoolStats
 from lmcache_pd.control.server import ControlServer
-from lmcache_pd.errors import ConfigError, TransferError
+from lmcache_pd.errors import ConfigError, TransferError, TransportUnavailable
 from lmcache_pd.handoff import LoadSpec
 from lmcache_pd.layout import KVLayout, PoolLayout
 from lmcache_pd.node.cache_io import CacheIO, NoCacheIO
@@ -128,8 +128,13 @@ class KVReceiver:
         if self.blocks_region is None:
             return None
         kv = self.kv
-        return P.BlocksRegion(self.transport.export_descriptor(self.blocks_region), kv.num_blocks, kv.block_bytes,
-                              kv.block_stride, list(kv.layer_offsets), [tuple(e) for e in kv.extents])
+        try:
+            descriptor = self.transport.export_descriptor(self.blocks_region)
+        except TransportUnavailable as e:  # e.g. cuda_ipc over PyTorch's expandable segments
+            log.warning("transport.direct: vLLM's blocks cannot be exported (%s): hand-offs go through the pool", e)
+            return None
+        return P.BlocksRegion(descriptor, kv.num_blocks, kv.block_bytes, kv.block_stride, list(kv.layer_offsets),
+                              [tuple(e) for e in kv.extents])
 
     def close(self) -> None:
         self.loader.close()

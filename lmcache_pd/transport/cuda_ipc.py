@@ -16,12 +16,19 @@ allocation, exported the same way: a batch submitted with ``signal=(slot, value)
 GPU writing ``value`` into the peer's slot, right after its copy on the same stream, and the
 decode's loader queues its scatter behind a GPU-side wait for that value (device_signals.py).
 
+A region that is not ours (vLLM's KV cache, for direct hand-offs: ``transport.direct``) is
+exported piece by piece: each of its buffers (``extents``; one when vLLM keeps every layer in
+one) lies inside some allocation of PyTorch's, whose IPC handle names the whole allocation, so
+the descriptor carries the handle and the buffer's offset in it. The peer opens each
+allocation once and writes at absolute addresses, translated from the region's offsets.
+
 Both ends in one process (tests): the descriptor carries the pid and the raw address, and the
 address is used directly (a process cannot open its own IPC handle).
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import os
@@ -31,6 +38,7 @@ import threading
 import time
 
 import msgspec
+import numpy as np
 import torch
 
 from lmcache_pd._types import BatchState
@@ -65,14 +73,18 @@ class _Descriptor(msgspec.Struct, frozen=True):
     """The IPC handle of the signal words (empty: none), one per ``signal_slots``."""
     signal_address: int = 0
     signal_slots: int = 0
+    pieces: list[tuple[bytes, int, int, int]] = []
+    """A region not ours: per buffer, (IPC handle of its allocation, its offset in that
+    allocation, its offset in the region, its bytes); ``handle`` is then empty."""
 
 
 class _Region:
-    def __init__(self, buffer: torch.Tensor):
+    def __init__(self, buffer: torch.Tensor, extents: tuple[tuple[int, int], ...] = ()):
         self.buffer = buffer
         self.address = buffer.data_ptr()
         self.nbytes = buffer.numel()
         self.device = buffer.device
+        self.extents = extents or ((0, self.nbytes),)
 
 
 class _Peer:
@@ -83,13 +95,32 @@ class _Peer:
         self.signals = 0  # the address of its signal words (0: none)
         self.signal_slots = 0
         self.signals_opened = False
+        self.pieces: list[tuple[int, int, int]] = []
+        """A region not the peer's own allocation: (offset in the region, bytes, our address of it)."""
+        self.mappings: list[int] = []  # the allocations opened for ``pieces``, to close
+
+
+def _allocation_of(index: int, address: int) -> tuple[int, int]:
+    """(base, size) of the CUDA allocation that holds ``address`` (cuMemGetAddressRange)."""
+    import cupy
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    fn = getattr(cuda, "cuMemGetAddressRange_v2", None) or cuda.cuMemGetAddressRange
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    with cupy.cuda.Device(index):  # (makes the device's primary context current on this thread)
+        rc = fn(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(address))
+    if rc != 0:
+        raise TransportUnavailable(f"cuMemGetAddressRange failed ({rc}) for a region to export")
+    return base.value, size.value
 
 
 class CudaIpcTransport(Transport):
     name = "cuda_ipc"
     capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cuda"}), listens=False, stream_ordered=True,
                                 encrypts=True,  # GPU to GPU on one node: nothing crosses a network
-                                signals=True)
+                                signals=True, direct=True)
     Options = CudaIpcOptions
 
     def __init__(self, options: CudaIpcOptions, **kwargs: object):
@@ -165,7 +196,7 @@ class CudaIpcTransport(Transport):
         if not buffer.is_cuda or buffer.dtype != torch.uint8 or buffer.dim() != 1:
             raise ValueError("cuda_ipc registers flat uint8 CUDA tensors only")
         rid = next(self._ids)
-        self._regions[rid] = _Region(buffer)
+        self._regions[rid] = _Region(buffer, extents)
         with self._start_lock:
             if self._waiter.ident is None and not self._stop.is_set():
                 self._waiter.start()
@@ -176,7 +207,7 @@ class CudaIpcTransport(Transport):
 
         r = self._regions[region]
         if not any(addr == r.address for _, addr in self._owned):
-            raise TransportUnavailable("cuda_ipc exports only memory from its own allocate()")
+            return self._export_foreign(r)
         signal_handle = b""
         with cupy.cuda.Device(r.device.index):
             handle = cupy.cuda.runtime.ipcGetMemHandle(r.address)
@@ -186,6 +217,55 @@ class CudaIpcTransport(Transport):
         _exported_here.add((self._token, r.address))
         return msgspec.msgpack.encode(_Descriptor(bytes(handle), r.nbytes, os.getpid(), r.address, self._token,
                                                   signal_handle, self._signals, self._signal_slots))
+
+    def _export_foreign(self, r: _Region) -> bytes:
+        """A region in memory that is not ours (vLLM's KV cache): each buffer as its
+        allocation's handle and its offset in it."""
+        import cupy
+
+        index = r.device.index if r.device.index is not None else torch.cuda.current_device()
+        pieces = []
+        try:
+            for offset, nbytes in r.extents:
+                base, _ = _allocation_of(index, r.address + offset)
+                with cupy.cuda.Device(index):
+                    handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(base))
+                pieces.append((handle, r.address + offset - base, offset, nbytes))
+        except cupy.cuda.runtime.CUDARuntimeError as e:  # e.g. expandable segments (no IPC handle)
+            raise TransportUnavailable(f"cuda_ipc cannot export this memory: {e}") from None
+        _exported_here.add((self._token, r.address))
+        return msgspec.msgpack.encode(_Descriptor(b"", r.nbytes, os.getpid(), r.address, self._token, pieces=pieces))
+
+    def _open_pieces(self, d: _Descriptor, index: int) -> _Peer:
+        """The peer's region not its own allocation: each allocation opened once (two buffers
+        may share one), each buffer at its address here."""
+        import cupy
+
+        peer = _Peer(0, d.nbytes, opened=False)
+        opened: dict[bytes, int] = {}
+        try:
+            with cupy.cuda.Device(index):
+                for handle, in_alloc, offset, nbytes in sorted(d.pieces, key=lambda p: p[2]):
+                    if handle not in opened:
+                        opened[handle] = cupy.cuda.runtime.ipcOpenMemHandle(handle, _LAZY_ENABLE_PEER_ACCESS)
+                        peer.mappings.append(opened[handle])
+                    peer.pieces.append((offset, nbytes, opened[handle] + in_alloc))
+        except cupy.cuda.runtime.CUDARuntimeError as e:
+            for address in peer.mappings:
+                self._close_mapping(address)
+            raise PeerLost(f"cannot open the peer's CUDA IPC handles (another node, or it restarted): {e}") from None
+        return peer
+
+    def _absolute(self, p: _Peer, plan: RangePlan) -> RangePlan | None:
+        """``plan`` with the absolute addresses of a pieced region's destinations (None: a range
+        outside every piece)."""
+        starts = np.array([o for o, _, _ in p.pieces], dtype=np.int64)
+        ends = starts + np.array([n for _, n, _ in p.pieces], dtype=np.int64)
+        bases = np.array([a for _, _, a in p.pieces], dtype=np.int64)
+        k = np.searchsorted(starts, plan.dst_offsets, side="right") - 1
+        if (k < 0).any() or (plan.dst_offsets + plan.lengths > ends[np.maximum(k, 0)]).any():
+            return None
+        return RangePlan(plan.src_offsets, bases[k] + (plan.dst_offsets - starts[k]), plan.lengths)
 
     # --- prefill side ---------------------------------------------------------------------
     def connect(self, descriptor: bytes, timeout_s: float, session: bytes = b"") -> PeerId:
@@ -200,6 +280,8 @@ class CudaIpcTransport(Transport):
             if (d.token, d.address) not in _exported_here:
                 raise PeerLost("the cuda_ipc region was closed")
             peer = _Peer(d.address, d.nbytes, opened=False)
+        elif d.pieces:
+            peer = self._open_pieces(d, local.index if local.index is not None else torch.cuda.current_device())
         else:
             try:
                 with cupy.cuda.Device(local.index):
@@ -245,6 +327,14 @@ class CudaIpcTransport(Transport):
                           or int((plan.src_offsets + plan.lengths).max()) > src.nbytes):
             self._finish(handle, BatchState.FAILED, time.monotonic(), "range plan outside a registered region")
             return handle
+        if p.pieces and len(plan):
+            absolute = self._absolute(p, plan)
+            if absolute is None:
+                self._finish(handle, BatchState.FAILED, time.monotonic(), "range plan outside a registered region")
+                return handle
+            plan, dst_base = absolute, 0
+        else:
+            dst_base = p.address
         stream = self._stream(src.device)
         # Our own stream keeps copies off vLLM's; it waits, on the GPU, for the producer: the
         # event recorded after vLLM's forward, or (no event) work queued on this thread's stream.
@@ -255,7 +345,7 @@ class CudaIpcTransport(Transport):
         handle.state = BatchState.IN_FLIGHT
         clock = clock_for(src.device)
         began = clock.stamp(stream)  # passed once the producer's event has: the copy's start
-        table = launch_copy(src.address, p.address, plan, device=src.device, stream=stream)
+        table = launch_copy(src.address, dst_base, plan, device=src.device, stream=stream)
         if signal is not None and 0 <= signal[0] < p.signal_slots:
             # After the copy on the same stream, with a barrier: the peer's wait sees the bytes first.
             _signals.write(src.device.index, stream.cuda_stream, p.signals + 4 * signal[0], signal[1])
@@ -292,11 +382,13 @@ class CudaIpcTransport(Transport):
 
     def disconnect(self, peer: PeerId) -> None:
         p = self._peers.pop(peer, None)
-        if p is not None and (p.opened or p.signals_opened):
+        if p is not None and (p.opened or p.signals_opened or p.mappings):
             for s in self._streams.values():
                 s.synchronize()
             self._close_mapping(p.address if p.opened else 0)
             self._close_mapping(p.signals if p.signals_opened else 0)
+            for address in p.mappings:
+                self._close_mapping(address)
 
     @staticmethod
     def _close_mapping(address: int) -> None:

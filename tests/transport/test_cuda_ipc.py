@@ -79,3 +79,62 @@ def test_handle_of_an_exited_process_is_refused():
     with pytest.raises(PeerLost):
         tx.connect(desc, timeout_s=5)
     tx.close()
+
+
+def _foreign_side(conn) -> None:
+    """A decode's vLLM-like KV cache (one torch allocation per layer, others between them),
+    exported for direct hand-offs; answers with the bytes of asked blocks."""
+    from lmcache_pd.ops import kv_layout_of
+    from tests.unit.kv import per_layer_cache
+
+    rx = transports.create("cuda_ipc", {})
+    layers, spacers = per_layer_cache(2, 8, 2, 16, 64, torch.bfloat16, "cuda")
+    kv, buf = kv_layout_of(layers)
+    torch.cuda.synchronize()
+    conn.send((rx.export_descriptor(rx.register(buf, kv.extents)), kv.layer_offsets, kv.block_stride, kv.extents))
+    while (msg := conn.recv()) != "bye":
+        layer, block = msg
+        conn.send(layers[layer][block].view(torch.uint8).cpu().numpy().tobytes())
+    rx.close()
+
+
+def test_a_region_not_its_own_is_written_piece_by_piece_from_another_process():
+    """transport.direct: the decode's vLLM blocks (PyTorch's allocations, one per layer) are
+    exported as each allocation's handle and offset; the peer writes both layers at their
+    addresses, bitwise, and a range into the memory between them is refused."""
+    from lmcache_pd.layout import RangePlan
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_foreign_side, args=(child,), daemon=True)
+    proc.start()
+    try:
+        assert parent.poll(120), "the decode side did not start"
+        descriptor, offsets, stride, extents = parent.recv()
+        assert len(extents) == 2, extents
+        tx = transports.create("cuda_ipc", {})
+        bb = 2 * 16 * 2 * 64 * 2  # one block of one layer: [2, 16, 2, 64] bf16
+        src = torch.randint(0, 256, (4 * bb,), dtype=torch.uint8, device="cuda")
+        region = tx.register(src)
+        peer = tx.connect(descriptor, timeout_s=10)
+        plan = RangePlan(np.array([0, bb], dtype=np.int64),
+                         np.array([offsets[0] + 3 * stride, offsets[1] + 5 * stride], dtype=np.int64),
+                         np.array([bb, bb], dtype=np.int64))
+        h = tx.submit(peer, region, plan, timeout_s=10)
+        deadline = time.monotonic() + 10
+        while not tx.poll(h).terminal:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert h.state == BatchState.DONE, h
+        for (layer, block), lo in (((0, 3), 0), ((1, 5), bb)):
+            parent.send((layer, block))
+            assert parent.recv() == src[lo:lo + bb].cpu().numpy().tobytes(), (layer, block)
+        gap = extents[0][0] + extents[0][1]  # the first byte after layer 0's allocation
+        bad = tx.submit(peer, region, RangePlan(np.array([0], dtype=np.int64), np.array([gap], dtype=np.int64),
+                                                np.array([bb], dtype=np.int64)), timeout_s=10)
+        assert bad.state == BatchState.FAILED and "outside" in bad.error
+        tx.disconnect(peer)
+        tx.close()
+    finally:
+        parent.send("bye")
+        proc.join(10)

@@ -1,7 +1,6 @@
 """Direct hand-offs (``transport.direct``): the prefill writes straight into the decode's vLLM
 blocks, and the decode has nothing to scatter. Sender and receiver in one process (real zmq,
-real transports: loopback and nixl, both one-sided; cuda_ipc on a GPU once it exports vLLM's
-blocks).
+real transports, all one-sided: loopback, nixl, and on a GPU cuda_ipc).
 
 The pool's pages are reserved as usual but stay untouched (they hold the zeros ``allocate``
 wrote), which is how each test sees the bytes went direct; the counters say so too.
@@ -20,7 +19,7 @@ from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.node.layered import LayerMarks
 from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node, make_cfg
 
-ONE_SIDED = ["loopback", "nixl"]
+ONE_SIDED = ["loopback", "nixl", "cuda_ipc"]
 
 
 def need(name: str) -> None:
@@ -192,3 +191,22 @@ def test_an_aborted_direct_load_is_reported_only_once_its_prefill_stopped_writin
 def test_direct_with_a_transport_that_cannot_names_the_field():
     with pytest.raises(ConfigError, match="transport.direct"):
         Node(make_cfg("tcp", direct=True), start_receiver=False)
+
+
+def test_cuda_ipc_translates_a_pieced_regions_offsets_to_each_pieces_address():
+    """(No GPU needed: the arithmetic of cuda_ipc's direct writes.) Offsets into a region of two
+    buffers with memory between them become addresses in each buffer's own mapping; a range
+    that leaves its buffer, or starts before the first, is refused."""
+    import numpy as np
+
+    from lmcache_pd.layout import RangePlan
+    from lmcache_pd.transport.cuda_ipc import CudaIpcTransport, _Peer
+
+    p = _Peer(0, 10_000, opened=False)
+    p.pieces = [(100, 1000, 0x7000_0000), (5000, 1000, 0x9000_0000)]
+    plan = RangePlan(np.array([0, 64, 128]), np.array([100, 1050, 5936]), np.array([64, 50, 64]))
+    out = CudaIpcTransport._absolute(None, p, plan)
+    assert out is not None and list(out.dst_offsets) == [0x7000_0000, 0x7000_0000 + 950, 0x9000_0000 + 936]
+    assert list(out.src_offsets) == [0, 64, 128] and list(out.lengths) == [64, 50, 64]
+    for dst, n in ((1090, 64), (50, 8), (6000, 1), (4000, 8)):
+        assert CudaIpcTransport._absolute(None, p, RangePlan(np.array([0]), np.array([dst]), np.array([n]))) is None
