@@ -11,9 +11,11 @@ tokenizes text) and an optional ``tenant`` (the requests' ``cache_salt``):
 
   GET  /cache/stats                              tier sizes, hit/miss tokens, reads, writes, evictions
   POST /cache/lookup  {token_ids, tenant}        how many leading tokens are cached, and in which tier
+                      {chains, tenant}           the same from the prompt's chunk chain hashes (hex,
+                                                 lmcache_pd/chains.py): the proxy computes them once
   POST /cache/pin     {token_ids, tenant}        keep the prompt's cached chunks from eviction
   POST /cache/unpin   {token_ids, tenant}
-  POST /cache/clear   {token_ids, tenant} | {tenant} | {all: true}
+  POST /cache/clear   {token_ids | chains, tenant} | {tenant} | {all: true}
 
 With a shared secret configured, every POST needs ``Authorization: Bearer <token>``
 (``lmcache-pd token`` prints it); without one the API binds loopback only (config.check_exposure).
@@ -37,6 +39,7 @@ from prometheus_client.registry import Collector
 
 from lmcache_pd.auth import Keyring
 from lmcache_pd.cache import chain_hashes, chunk_keys, tenant_tag
+from lmcache_pd.chains import DIGEST_BYTES
 from lmcache_pd.node.cache_io import CacheIO, NoCacheIO
 
 log = logging.getLogger(__name__)
@@ -102,11 +105,16 @@ class WorkerAPI:
         return self.io
 
     def keys_of(self, body: dict[str, Any]) -> list:
-        ids = body.get("token_ids")
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise ValueError("token_ids must be a list of integers")
         tenant = _tenant(body)
-        chains = chain_hashes(ids, self.cache.cfg.chunk_tokens, tenant=tenant)
+        if body.get("chains") is not None:
+            if body.get("token_ids") is not None:
+                raise ValueError("give token_ids or chains, not both")
+            chains = _chains(body["chains"])
+        else:
+            ids = body.get("token_ids")
+            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                raise ValueError("token_ids must be a list of integers")
+            chains = chain_hashes(ids, self.cache.cfg.chunk_tokens, tenant=tenant)
         return chunk_keys(self.cache.salt, chains, tenant)
 
     def stats(self) -> dict[str, Any]:
@@ -132,14 +140,27 @@ class WorkerAPI:
         return {"chunks": len(keys)}
 
     def clear(self, body: dict[str, Any]) -> dict[str, Any]:
-        given = [k for k in ("token_ids", "all") if body.get(k) is not None]
-        if given == ["token_ids"]:
+        given = [k for k in ("token_ids", "chains", "all") if body.get(k) is not None]
+        if given in (["token_ids"], ["chains"]):
             return {"removed": self.cache.cache.delete(self.keys_of(body))}
         if given == ["all"] and body["all"] is True and "tenant" not in body:
             return {"removed": self.cache.cache.clear()}
         if not given and _tenant(body):
             return {"removed": self.cache.cache.clear(tenant_tag(_tenant(body)))}
-        raise ValueError("give token_ids (with an optional tenant), or only a tenant, or {\"all\": true}")
+        raise ValueError("give token_ids or chains (with an optional tenant), or only a tenant, or {\"all\": true}")
+
+
+def _chains(raw: object) -> list[bytes]:
+    """Chain hashes as the proxy sends them: hex strings of 32 bytes each."""
+    if not isinstance(raw, list) or len(raw) > MAX_BODY // 64:
+        raise ValueError("chains must be a list of hex strings")
+    try:
+        out = [bytes.fromhex(c) for c in raw]
+    except (TypeError, ValueError):
+        raise ValueError("chains must be a list of hex strings") from None
+    if any(len(c) != DIGEST_BYTES for c in out):
+        raise ValueError(f"each chain hash is {DIGEST_BYTES} bytes ({2 * DIGEST_BYTES} hex digits)")
+    return out
 
 
 def _tenant(body: dict[str, Any]) -> str | None:

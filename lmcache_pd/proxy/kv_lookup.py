@@ -3,8 +3,11 @@
 The routing policy (policies.py, ``wants_lookup``) scores instances by the leading tokens of the
 prompt their cache tiers hold. The proxy has no tokenizer: a prompt given as token ids is used
 as is; a text prompt or chat messages go to one instance's vLLM ``/tokenize`` (its own
-tokenizer and chat template: the ids it will serve). Then every instance with a worker API
-(``cache_port``, rank 0) is asked ``/cache/lookup`` at once. All of it shares one deadline,
+tokenizer and chat template: the ids it will serve). The proxy hashes the prompt's chunks
+once (their chain hashes, lmcache_pd/chains.py, under the request's ``cache_salt`` as tenant:
+what every instance's keys start from) and asks every instance with a worker API
+(``cache_port``, rank 0) ``/cache/lookup`` with them, at once: a few hundred bytes per instance
+instead of the token ids, and no instance hashes the prompt again. All of it shares one deadline,
 ``proxy.routing.lookup_timeout_s``: an instance that has not answered by then counts as
 holding nothing, and a prompt not tokenized by then is routed on load alone.
 """
@@ -19,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from lmcache_pd.chains import chain_hashes
 from lmcache_pd.proxy.answers import token_ids
 
 log = logging.getLogger(__name__)
@@ -54,12 +58,21 @@ async def tokenize(client: aiohttp.ClientSession, url: str, model: str, body: di
     return got if token_ids(got) else None
 
 
-async def lookup(client: aiohttp.ClientSession, url: str, ids: list[int], headers: dict[str, str],
+def lookup_body(ids: list[int], chunk_tokens: int, tenant: object) -> dict[str, Any]:
+    """The ``/cache/lookup`` body every instance is asked with: the chain hashes of the prompt's
+    full chunks (``cache.chunk_tokens``: the deployment's, the same on every instance) and the
+    tenant (vLLM's ``cache_salt``; not a string: none)."""
+    tenant = tenant if isinstance(tenant, str) and tenant else None
+    return {"chains": [c.hex() for c in chain_hashes(ids, chunk_tokens, tenant=tenant)], "tenant": tenant}
+
+
+async def lookup(client: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str],
                  deadline: float) -> Held:
-    """What the worker API at ``url`` holds of ``ids`` (nothing, if it does not answer in time)."""
+    """What the worker API at ``url`` holds of the prompt ``body`` names (:func:`lookup_body`;
+    nothing, if it does not answer in time)."""
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())), \
-                client.post(f"{url}/cache/lookup", json={"token_ids": ids}, headers=headers) as r:
+                client.post(f"{url}/cache/lookup", json=body, headers=headers) as r:
             if r.status != 200:
                 return Held()
             got = await r.json(content_type=None)
@@ -72,9 +85,12 @@ async def lookup(client: aiohttp.ClientSession, url: str, ids: list[int], header
     return Held(max(0, total - remote), remote)
 
 
-async def held_by(client: aiohttp.ClientSession, urls: dict[str, str], ids: list[int],
+async def held_by(client: aiohttp.ClientSession, urls: dict[str, str], body: dict[str, Any],
                   headers: dict[str, str], deadline: float) -> dict[str, Held]:
-    """``{name: Held}`` for every instance in ``urls`` (name -> its worker API), asked at once."""
+    """``{name: Held}`` for every instance in ``urls`` (name -> its worker API), asked at once
+    with one ``body`` (:func:`lookup_body`)."""
+    if not body["chains"]:  # no full chunk: nobody can hold any of it
+        return {}
     names = list(urls)
-    got = await asyncio.gather(*(lookup(client, urls[n], ids, headers, deadline) for n in names))
+    got = await asyncio.gather(*(lookup(client, urls[n], body, headers, deadline) for n in names))
     return dict(zip(names, got))

@@ -129,7 +129,8 @@ class Router:
                                                    self.cfg.model.path, body, deadline)
             urls = {b.name: b.cache_url for b in (*self.prefills, *self.decodes) if b.cache_url and b.healthy}
             if ids and urls:
-                held = await kv_lookup.held_by(client, urls, ids, self._api_headers, deadline)
+                asked = kv_lookup.lookup_body(ids, self.cfg.cache.chunk_tokens, body.get("cache_salt"))
+                held = await kv_lookup.held_by(client, urls, asked, self._api_headers, deadline)
         ask = Ask(len(ids) if ids else None, splittable)
         route = self.policy.route(ask, [b.view(held.get(b.name)) for b in self.prefills],
                                   [b.view(held.get(b.name)) for b in self.decodes])

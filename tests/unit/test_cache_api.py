@@ -67,8 +67,30 @@ def test_lookup_pin_and_clear_by_prefix_tenant_and_all(served):
     assert inst.io.cache.stats().tiers["disk"].entries == 0
 
 
+def test_a_lookup_by_chain_hashes_answers_as_one_by_token_ids(served):
+    """The proxy sends the prompt's chain hashes (computed once for every instance) instead of its
+    token ids: the same answer, per tenant; a clear by chains removes that prefix only."""
+    from lmcache_pd.chains import chain_hashes
+
+    inst, url = served
+    toks = prompt(3 * CHUNK + 5)
+    save(inst, toks)
+    save(inst, toks, salt="alice", rid="b")
+    for tenant in (None, "alice", "bob"):
+        chains = [c.hex() for c in chain_hashes(toks, CHUNK, tenant=tenant)]
+        by_ids = call(url, "/cache/lookup", {"token_ids": toks, "tenant": tenant})
+        assert call(url, "/cache/lookup", {"chains": chains, "tenant": tenant}) == by_ids
+        assert by_ids[1]["cached_tokens"] == (0 if tenant == "bob" else 3 * CHUNK)
+    alice = [c.hex() for c in chain_hashes(toks, CHUNK, tenant="alice")]
+    assert call(url, "/cache/clear", {"chains": alice[2:], "tenant": "alice"})[1]["removed"] == {"memory": 1, "disk": 1}
+    assert call(url, "/cache/lookup", {"chains": alice, "tenant": "alice"})[1]["cached_tokens"] == 2 * CHUNK
+    assert call(url, "/cache/lookup", {"token_ids": toks})[1]["cached_tokens"] == 3 * CHUNK
+
+
 @pytest.mark.parametrize("body", [{}, {"all": True, "tenant": "x"}, {"token_ids": "abc"}, {"token_ids": [1.5]},
-                                  {"tenant": 7}, {"all": "yes"}, []])
+                                  {"tenant": 7}, {"all": "yes"}, [], {"chains": "ab"}, {"chains": ["zz"]},
+                                  {"chains": ["ab" * 16]}, {"chains": [7]}, {"chains": [], "token_ids": [1]},
+                                  {"chains": ["ab" * 32], "tenant": "x", "all": True}])
 def test_bad_requests_are_refused_and_change_nothing(served, body):
     inst, url = served
     toks = prompt(2 * CHUNK + 1)

@@ -12,7 +12,9 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from lmcache_pd.chains import chain_hashes
 from lmcache_pd.config import config_from_dict
+from lmcache_pd.proxy import kv_lookup
 from lmcache_pd.proxy.routing import Router
 
 PROMPT = list(range(100, 1124))  # 1024 token ids
@@ -25,7 +27,7 @@ class Instance:
                  garbled=False):
         self.running, self.waiting, self.held, self.remote = running, waiting, held, remote
         self.free_pages, self.pages, self.delay_s, self.garbled = free_pages, pages, delay_s, garbled
-        self.lookups: list[list[int]] = []
+        self.lookups: list[dict] = []
         self.tokenized: list[dict] = []
         self.runners: list[web.AppRunner] = []
         self.http_port = self.cache_port = 0
@@ -66,7 +68,7 @@ class Instance:
 
     async def lookup(self, request: web.Request) -> web.Response:
         body = await request.json()
-        self.lookups.append(body["token_ids"])
+        self.lookups.append(body)
         await asyncio.sleep(self.delay_s)
         if self.garbled:
             return web.Response(text="{not json", content_type="application/json")
@@ -94,7 +96,20 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_the_router_reads_loads_asks_what_each_holds_and_routes_by_it():
+def chains_of(ids: list[int], tenant: str | None = None) -> dict:
+    """The lookup every instance should get: the prompt's chain hashes (chunks of 256, the
+    default cache.chunk_tokens) under the tenant."""
+    return {"chains": [c.hex() for c in chain_hashes(ids, 256, tenant=tenant)], "tenant": tenant}
+
+
+def test_the_router_reads_loads_asks_what_each_holds_and_routes_by_it(monkeypatch):
+    hashed: list[int] = []
+
+    def counted(ids, *args, **kwargs):
+        hashed.append(len(ids))
+        return chain_hashes(ids, *args, **kwargs)
+    monkeypatch.setattr(kv_lookup, "chain_hashes", counted)
+
     async def main():
         p0, p1 = Instance(held=0), Instance(held=768)
         d0, d1 = Instance(running=1, free_pages=90, pages=100), Instance(held=512, running=2, free_pages=40, pages=100)
@@ -107,9 +122,11 @@ def test_the_router_reads_loads_asks_what_each_holds_and_routes_by_it():
                 await router.read_loads(client)
                 assert router.find("decode-1").load() == {"running": 2, "waiting": 0, "queued_tokens": 0,
                                                           "free_pages": 40, "pool_pages": 100}
-                # Token ids given: no tokenizing; every instance asked for exactly those ids.
+                # Token ids given: no tokenizing; the proxy hashes them once, and every instance is
+                # asked with those chain hashes (4 chunks of 256: a few hundred bytes, not the ids).
                 got = await router.route(client, {"prompt": PROMPT, "max_tokens": 5}, True)
-                assert all(x.lookups == [PROMPT] for x in everyone)
+                assert hashed == [1024] and all(x.lookups == [chains_of(PROMPT)] for x in everyone)
+                assert len(chains_of(PROMPT)["chains"]) == 4
                 assert not any(x.tokenized for x in everyone)
                 assert (got.prefill.name, got.decode.name, got.prompt_tokens) == ("prefill-1", "decode-1", 1024)
                 assert (got.route.prefill_reason, got.route.decode_reason) == ("cached_prefix", "affinity")
@@ -120,6 +137,14 @@ def test_the_router_reads_loads_asks_what_each_holds_and_routes_by_it():
                 assert tokenized == [{"model": "tiny", "messages": messages, "add_generation_prompt": True}]
                 assert got.prefill.name == "prefill-1" and got.prompt_tokens == 1024
                 assert router.routes[("prefill", "cached_prefix")] == 2
+                # vLLM's cache_salt is the tenant: the chains are that tenant's.
+                await router.route(client, {"prompt": PROMPT, "cache_salt": "acme"}, True)
+                assert all(x.lookups[-1] == chains_of(PROMPT, "acme") for x in everyone)
+                assert chains_of(PROMPT, "acme") != chains_of(PROMPT)
+                # Under one chunk: nothing anyone could hold, nobody asked.
+                before = [len(x.lookups) for x in everyone]
+                await router.route(client, {"prompt": PROMPT[:200]}, True)
+                assert [len(x.lookups) for x in everyone] == before
         finally:
             for x in everyone:
                 await x.stop()
