@@ -85,8 +85,11 @@ def post(url: str, body: dict) -> dict:
 def routes(proxy: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{proxy}/metrics", timeout=10) as r:
         text = r.read().decode()
-    return {f"{m.group(2)}:{m.group(1)}": float(m.group(3)) for m in re.finditer(
+    out = {f"{m.group(2)}:{m.group(1)}": float(m.group(3)) for m in re.finditer(
         r'^lmcache_pd_proxy_routes_total\{reason="(\w+)",role="(\w+)"\} ([0-9.eE+-]+)$', text, re.M)}
+    for m in re.finditer(r'^lmcache_pd_proxy_routing_lookup_seconds_(count|sum) ([0-9.eE+-]+)$', text, re.M):
+        out[f"lookup:{m.group(1)}"] = float(m.group(2))  # asking the instances what they hold
+    return out
 
 
 def handed_off_bytes(dep: LocalDeployment, policy: str) -> int:
@@ -122,10 +125,12 @@ def run(dep: LocalDeployment, policy: str, args: argparse.Namespace) -> dict:
     computed = sum(after[p][0] - before[p][0] for p in PREFILLS)
     loaded = sum(after[p][1] - before[p][1] for p in PREFILLS)
     r1 = routes(proxy)
-    decided = {k: r1[k] - r0.get(k, 0.0) for k in r1 if r1[k] - r0.get(k, 0.0)}
+    decided = {k: r1[k] - r0.get(k, 0.0) for k in r1 if r1[k] - r0.get(k, 0.0) and not k.startswith("lookup:")}
     alone = sum(v for k, v in decided.items() if k in ("prefill:decode_holds_prompt", "prefill:short_prompt"))
+    asked = r1.get("lookup:count", 0.0) - r0.get("lookup:count", 0.0)
+    lookup_s = (r1.get("lookup:sum", 0.0) - r0.get("lookup:sum", 0.0)) / asked if asked else 0.0
     return {"conversations": convs, "computed": computed, "loaded": loaded, "bytes": handed_off_bytes(dep, policy),
-            "decode_alone": alone, "routes": decided}
+            "decode_alone": alone, "routes": decided, "lookups": asked, "lookup_s": lookup_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,12 +181,14 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {t + 1} | {n} | " + " | ".join(f"{ttft[p] * 1e3:.0f}" for p in POLICIES) + " | "
                      + " | ".join(f"{ttft[p] / ttft['round_robin']:.2f}" for p in POLICIES[1:]) + " |")
     lines += ["", "| policy | prompt tokens loaded / computed (prefills) | prefix hit rate | MiB handed off "
-                  "| requests without a prefill | routing reasons |", "|---|---:|---:|---:|---:|---|"]
+                  "| requests without a prefill | asking the instances: requests, mean ms | routing reasons |",
+              "|---|---:|---:|---:|---:|---:|---|"]
     for p in POLICIES:
         r = runs[p]
         total = r["loaded"] + r["computed"]
         lines.append(f"| {p} | {r['loaded']:.0f} / {r['computed']:.0f} | {r['loaded'] / total if total else 0:.0%} | "
                      f"{r['bytes'] / 2**20:.1f} | {r['decode_alone']:.0f} | "
+                     f"{r['lookups']:.0f}, {r['lookup_s'] * 1e3:.2f} | "
                      + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["routes"].items())) + " |")
     ref = [c["answer"] for conv in runs["round_robin"]["conversations"] for c in conv]
     same = {p: sum(a == b for a, b in zip(ref, [c["answer"] for conv in runs[p]["conversations"] for c in conv]))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
 from lmcache_pd.config import InstanceConfig, PDConfig
 from lmcache_pd.proxy import kv_lookup
@@ -105,6 +105,10 @@ class Router:
         self._api_headers = api_headers or {}
         """What the workers' APIs need (the bearer token, with a shared secret)."""
         self.routes: dict[tuple[str, str], int] = {}
+        self.lookups = 0
+        """Requests routed after asking what the instances hold (tokenizing, if it had to, and the lookups)."""
+        self.lookup_s = 0.0
+        """Their time in all, from the first ask to the last answer or the deadline."""
         """(role, reason) -> routes so far (``RouterCollector`` exports them)."""
         self.known_decodes = {i.name for i in cfg.decode}
         """Decode instances the prefill workers can address: those of the deployment config (a
@@ -121,7 +125,8 @@ class Router:
         ids = prompt if splittable and "messages" not in body and isinstance(prompt, list) else None
         held: dict[str, kv_lookup.Held] = {}
         if self.policy.wants_lookup and splittable and self._choice():
-            deadline = time.monotonic() + self.cfg.proxy.routing.lookup_timeout_s
+            t0 = time.monotonic()
+            deadline = t0 + self.cfg.proxy.routing.lookup_timeout_s
             if ids is None:
                 usable = [b for b in (*self.decodes, *self.prefills) if b.healthy and not b.draining]
                 if usable:
@@ -131,6 +136,8 @@ class Router:
             if ids and urls:
                 asked = kv_lookup.lookup_body(ids, self.cfg.cache.chunk_tokens, body.get("cache_salt"))
                 held = await kv_lookup.held_by(client, urls, asked, self._api_headers, deadline)
+            self.lookups += 1
+            self.lookup_s += time.monotonic() - t0
         ask = Ask(len(ids) if ids else None, splittable)
         route = self.policy.route(ask, [b.view(held.get(b.name)) for b in self.prefills],
                                   [b.view(held.get(b.name)) for b in self.decodes])
@@ -275,7 +282,8 @@ class Router:
 class RouterCollector:
     """The router's state for the proxy's ``/metrics``: each instance's as it sees it,
     ``lmcache_pd_proxy_instance_{healthy,draining,running,waiting,queued_tokens,free_pages}``, and
-    its decisions, ``lmcache_pd_proxy_routes_total{role,reason}`` (``Router.routes``)."""
+    its decisions, ``lmcache_pd_proxy_routes_total{role,reason}`` (``Router.routes``), and what
+    asking the instances cost, ``lmcache_pd_proxy_routing_lookup_seconds`` (count and sum)."""
 
     FIELDS = (("healthy", "1 if its last health check passed"), ("draining", "1 while it is drained"),
               ("running", "vLLM's running requests, as last read"), ("waiting", "vLLM's waiting requests"),
@@ -305,3 +313,7 @@ class RouterCollector:
         for (role, reason), n in sorted(self.router.routes.items()):
             routes.add_metric([reason, role], n)
         yield routes
+        yield SummaryMetricFamily(
+            "lmcache_pd_proxy_routing_lookup_seconds", "Per request routed by what the instances hold: the "
+            "time to learn it (tokenizing a text prompt, then every instance's /cache/lookup at once; at most "
+            "proxy.routing.lookup_timeout_s)", count_value=self.router.lookups, sum_value=self.router.lookup_s)

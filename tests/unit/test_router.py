@@ -15,7 +15,7 @@ from aiohttp import web
 from lmcache_pd.chains import chain_hashes
 from lmcache_pd.config import config_from_dict
 from lmcache_pd.proxy import kv_lookup
-from lmcache_pd.proxy.routing import Router
+from lmcache_pd.proxy.routing import Router, RouterCollector
 
 PROMPT = list(range(100, 1124))  # 1024 token ids
 
@@ -145,6 +145,12 @@ def test_the_router_reads_loads_asks_what_each_holds_and_routes_by_it(monkeypatc
                 before = [len(x.lookups) for x in everyone]
                 await router.route(client, {"prompt": PROMPT[:200]}, True)
                 assert [len(x.lookups) for x in everyone] == before
+                # What asking cost, for /metrics: four routes asked (the last learnt nothing).
+                summary = next(f for f in RouterCollector(router).collect()
+                               if f.name == "lmcache_pd_proxy_routing_lookup_seconds")
+                values = {s.name: s.value for s in summary.samples}
+                assert values["lmcache_pd_proxy_routing_lookup_seconds_count"] == 4 == router.lookups
+                assert 0 < values["lmcache_pd_proxy_routing_lookup_seconds_sum"] < 4 * 0.05
         finally:
             for x in everyone:
                 await x.stop()
