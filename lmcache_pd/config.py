@@ -174,6 +174,10 @@ class TimeoutsConfig(_Section):
     heartbeat_s: Seconds = 2.0
     """Prefill workers heartbeat every linked decode worker at this interval (renewing the leases
     of in-flight transfers); an unanswered heartbeat (``control_s``) drops the link."""
+    direct_wait_s: Seconds = 0.05
+    """With ``transport.direct``: a decode worker holds the Allocate of a hand-off whose decode
+    request the proxy sent at the same time (concurrent dispatch) up to this long for vLLM to
+    schedule that request, so that the prefill can write into its blocks; then the pool."""
     peer_s: Seconds = 10.0
     """A decode worker forgets a prefill worker it has not heard from for this long (killed,
     stopped, partitioned): the reservations it was still writing are aborted, and their decode

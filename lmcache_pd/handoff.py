@@ -32,6 +32,9 @@ class Handoff:
     """Chain hashes of the prompt's full chunks (prefix cache on): the decode side may hold some."""
     tenant: str | None = None
     """The cache namespace of the request (vLLM's ``cache_salt``)."""
+    decode_sent: bool = False
+    """Prefill side: the proxy sent the decode's request at the same time (a direct hand-off
+    may wait briefly for its blocks, ``timeouts.direct_wait_s``)."""
 
 
 @dataclass(frozen=True)

@@ -191,6 +191,9 @@ class Allocate(_Msg):
     direct: bool = False
     """The sender can write into the decode's vLLM blocks (it connected to HandshakeReply's
     ``blocks``): the decode may name them in Allocated."""
+    decode_sent: bool = False
+    """With ``direct``: the proxy sent the decode's request together with the prefill's, so the
+    decode side may hold this Allocate briefly (``timeouts.direct_wait_s``) for its blocks."""
 
 
 class Allocated(_Msg):
@@ -379,6 +382,8 @@ class PrefillParams(msgspec.Struct, frozen=True, kw_only=True):
     transfer_id: Name
     decode_peer: Name
     """Name of the decode instance (resolved in the prefill's own config, never an address)."""
+    decode_sent: bool = False
+    """The proxy sent the decode's request together with this one (``dispatch: concurrent``)."""
 
 
 class DecodeParams(msgspec.Struct, frozen=True, kw_only=True):

@@ -222,7 +222,7 @@ class PrefillScheduler(SchedulerRole):
         assert request.prompt_token_ids is not None
         return _PrefillReq(Handoff(params.transfer_id, params.decode_peer, request.num_prompt_tokens,
                                    P.prompt_digest(request.prompt_token_ids), self.prefix.handoff_chains(request),
-                                   request.cache_salt))
+                                   request.cache_salt, params.decode_sent))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         r = self._reqs.pop(request.request_id, None)

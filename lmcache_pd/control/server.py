@@ -122,6 +122,8 @@ class ServerStats:
     """Handlers that raised (a bug: answered INTERNAL, logged with its traceback)."""
     direct: int = 0
     """Allocations answered with the decode's own blocks (direct hand-offs, transport.direct)."""
+    direct_waits: int = 0
+    """Allocations held for their decode request's blocks (``timeouts.direct_wait_s``)."""
 
 
 class ControlServer:
@@ -130,13 +132,16 @@ class ControlServer:
                  keys: auth.Keyring | None = None, peer_s: float = 10.0, max_waiting: int = 1024,
                  curve_secret: bytes | None = None, clock: Callable[[], float] = time.monotonic,
                  prefix: PrefixHolder = NOTHING_HELD, blocks: P.BlocksRegion | None = None,
-                 direct: Callable[[str, int], tuple[int, ...]] = lambda transfer_id, num_pages: ()):
+                 direct: Callable[[str, int], tuple[int, ...]] = lambda transfer_id, num_pages: (),
+                 direct_wait_s: float = 0.0):
         """``keys``: from the deployment's secret (None: none configured, loopback only);
         ``peer_s``: silence that ends a session; ``max_waiting``: allocations queued at most;
         ``curve_secret``: this side's CurveZMQ secret key (z85) to encrypt the control plane;
         ``blocks``: the decode's vLLM KV cache as prefills may write into it (transport.direct),
         and ``direct(transfer_id, num_pages)`` the blocks of that hand-off's load for its last
-        pages (empty: none known, the pages are written and scattered as usual)."""
+        pages (empty: none known, the pages are written and scattered as usual);
+        ``direct_wait_s``: how long an Allocate whose decode request is on its way
+        (``Allocate.decode_sent``) may be held for those blocks to be known."""
         self.pool = pool
         self.bind = bind
         self.compat = compat
@@ -153,6 +158,8 @@ class ControlServer:
         self.prefix = prefix
         self.blocks = blocks
         self.direct = direct
+        self.direct_wait_s = direct_wait_s
+        self._parked: dict[str, _Waiting] = {}  # transfer id -> an Allocate held for its blocks
         self.cookies = auth.Cookies(max(peer_s, 1.0), clock=clock)
         self.stats = ServerStats()
         self._sessions: dict[bytes, _Session] = {}
@@ -217,7 +224,7 @@ class ControlServer:
             poller.register(monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                ready = dict(poller.poll(_POLL_MS))
+                ready = dict(poller.poll(1 if self._parked else _POLL_MS))  # (held Allocates: look often)
                 if sock in ready:
                     for _ in range(64):
                         try:
@@ -325,6 +332,8 @@ class ControlServer:
         owner = identity.decode(errors="replace")
         try:
             if isinstance(msg, P.Allocate):
+                if self._park(identity, owner, msg, now):
+                    return None  # answered by _housekeeping, with the blocks or at direct_wait_s
                 return self._allocate(identity, owner, msg, now)
             if isinstance(msg, P.TransferDone):
                 self.pool.mark_ready(msg.transfer_id, owner=owner, num_bytes=msg.num_bytes,
@@ -339,7 +348,7 @@ class ControlServer:
                     log.debug("control: Landed refused: %s", e)
                 return None
             if isinstance(msg, P.Cancel):
-                dropped = self._drop_waiting(msg.transfer_id, owner)
+                dropped = self._drop_waiting(msg.transfer_id, owner) or self._unpark(msg.transfer_id, owner)
                 r = self.pool.lookup(msg.transfer_id)
                 if dropped or (r is not None and r.owner == owner):  # not another peer's Cancel
                     self._release(msg.transfer_id)
@@ -349,16 +358,53 @@ class ControlServer:
             if isinstance(msg, P.Heartbeat):
                 self.pool.renew(msg.transfer_ids, owner=owner, now=now)
                 return P.Ack(msg_id=msg.msg_id, incarnation=self.incarnation)
-        except PoolExhausted as e:
+        except (PoolExhausted, TransferError) as e:
+            return self._refused(msg, owner, now, e)
+        raise AssertionError(f"unhandled {type(msg).__name__}")  # P.TO_DECODE lists only the above
+
+    def _refused(self, msg: P.Allocate | P.TransferDone | P.Cancel | P.Heartbeat, owner: str, now: float,
+                 e: TransferError | PoolExhausted) -> P.Error:
+        if isinstance(e, PoolExhausted):
             # Leave a tombstone: the decode request for this hand-off recomputes at once. (An id
             # someone else owns was refused before this as already known.)
             self.pool.abort(msg.transfer_id, reason=str(e), now=now, owner=owner)
             code = P.ErrorCode.POOL_TOO_SMALL if e.too_large else P.ErrorCode.POOL_TIMEOUT
             return P.Error(msg_id=msg.msg_id, code=code, message=str(e))
-        except TransferError as e:
-            self.stats.rejected += 1
-            return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.BAD_STATE, message=str(e))
-        raise AssertionError(f"unhandled {type(msg).__name__}")  # P.TO_DECODE lists only the above
+        self.stats.rejected += 1
+        return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.BAD_STATE, message=str(e))
+
+    def _park(self, identity: bytes, owner: str, msg: P.Allocate, now: float) -> bool:
+        """Hold a direct hand-off's Allocate whose decode request is on its way but not scheduled
+        yet (its blocks unknown), up to ``direct_wait_s``: True if held."""
+        if not (msg.direct and msg.decode_sent and self.blocks is not None and self.direct_wait_s > 0):
+            return False
+        if msg.transfer_id in self._parked or self.pool.lookup(msg.transfer_id) is not None:
+            raise TransferError("transfer id is already known", transfer_id=msg.transfer_id)
+        if self.direct(msg.transfer_id, msg.num_pages):
+            return False  # its blocks are known already
+        self._parked[msg.transfer_id] = _Waiting(identity, msg, owner, now + self.direct_wait_s, None)
+        self.stats.direct_waits += 1
+        return True
+
+    def _unpark(self, transfer_id: str, owner: str) -> bool:
+        w = self._parked.get(transfer_id)
+        if w is None or w.owner != owner:
+            return False
+        del self._parked[transfer_id]
+        return True
+
+    def _answer_parked(self, sock: zmq.Socket, now: float) -> None:
+        """Answer each held Allocate whose blocks are known now, or whose wait is over (pages)."""
+        for tid, w in list(self._parked.items()):
+            if now < w.deadline and not self.direct(tid, w.msg.num_pages):
+                continue
+            del self._parked[tid]
+            try:
+                reply = self._allocate(w.identity, w.owner, w.msg, now)
+            except (PoolExhausted, TransferError) as e:
+                reply = self._refused(w.msg, w.owner, now, e)
+            if reply is not None:
+                self._reply(sock, w, reply)
 
     def _handshake(self, identity: bytes, msg: P.Handshake) -> P.Message | None:
         if not self.cookies.redeem(identity, msg.nonce, msg.cookie):
@@ -400,8 +446,8 @@ class ControlServer:
         self.stats.peers_lost += 1
         owner = identity.decode(errors="replace")
         now = self.clock()
-        for w in [w for w in self._waiting if w.owner == owner]:
-            self._drop_waiting(w.msg.transfer_id, owner)
+        for w in [w for w in (*self._waiting, *self._parked.values()) if w.owner == owner]:
+            self._drop_waiting(w.msg.transfer_id, owner) or self._unpark(w.msg.transfer_id, owner)
             self._release(w.msg.transfer_id, w.skip is not None)
             self.pool.abort(w.msg.transfer_id, reason=why, now=now)  # a tombstone: its load recomputes at once
         aborted = self.pool.abort_writing(owner, reason=why, now=now)
@@ -478,6 +524,8 @@ class ControlServer:
         now = self.clock()
         self._forgive_own_stall(now)
         self._tell_ended(sock)
+        if self._parked:
+            self._answer_parked(sock, now)
         if now >= self._next_expiry:
             self._next_expiry = now + _EXPIRE_EVERY_S
             for tid in self.pool.expire(now):

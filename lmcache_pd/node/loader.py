@@ -495,7 +495,7 @@ class Loader:
         if got != r.digest:
             with self._lock:
                 self.digest_mismatches += 1
-            raise TransferError("the pages differ from what the prefill sent (integrity.verify)",
+            raise TransferError(f"the {'blocks' if r.direct else 'pages'} differ from what the prefill sent (integrity.verify)",
                                 transfer_id=r.transfer_id)
         with self._lock:
             self.digests_verified += 1

@@ -109,7 +109,8 @@ class DecodePeer:
                                 transfer_id=h.transfer_id, peer=self.name)
         msg = P.Allocate(msg_id=self.client.next_id(), transfer_id=h.transfer_id, num_pages=n_pages,
                          num_tokens=h.num_tokens, prompt_digest=h.prompt_digest, wait_s=self.t.alloc_s,
-                         chains=list(h.chains), tenant=h.tenant, signals=self.signals, direct=self.blocks is not None)
+                         chains=list(h.chains), tenant=h.tenant, signals=self.signals, direct=self.blocks is not None,
+                         decode_sent=h.decode_sent and self.blocks is not None)
         self.waiting += 1
         try:
             reply = await self.client.request(msg, timeout_s=self.t.alloc_s + self.t.control_s,

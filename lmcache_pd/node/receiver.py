@@ -110,7 +110,8 @@ class KVReceiver:
                                     max_alloc_wait_s=self.cfg.timeouts.alloc_s, keys=self.keys,
                                     peer_s=self.cfg.timeouts.peer_s, max_waiting=self.cfg.backpressure.decode_queue,
                                     curve_secret=curve.server_keys(self.keys)[1] if self.cfg.auth.encrypt else None,
-                                    prefix=self.prefix, blocks=self._blocks(), direct=self.loader.direct_blocks)
+                                    prefix=self.prefix, blocks=self._blocks(), direct=self.loader.direct_blocks,
+                                    direct_wait_s=self.cfg.timeouts.direct_wait_s)
         self.server.start()
         self.loader.start()
         log.info("decode pool ready: %d pages of %d B (%.0f MiB), control %s, transport %s",

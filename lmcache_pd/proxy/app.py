@@ -192,7 +192,7 @@ class Proxy:
         early = P.DecodeParams(transfer_id=s.transfer_id, num_tokens=0, prompt_digest="",
                                prefill_peer=s.prefill.name)
         loop = asyncio.get_running_loop()
-        p_leg = loop.create_task(self._prefill(s))
+        p_leg = loop.create_task(self._prefill(s, decode_sent=True))
         d_leg = loop.create_task(self._reach(s.decode, s.path, dict(s.body, kv_transfer_params=msgspec.to_builtins(
             early)), s.headers, s.t0))
         try:
@@ -308,11 +308,13 @@ class Proxy:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _prefill(self, s: _Split, first: bool = False) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    async def _prefill(self, s: _Split, first: bool = False,
+                       decode_sent: bool = False) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """P's leg: the DecodeParams it returned and its whole answer, or None (a fallback counted
-        by its cause). ``first``: P's token goes to the client (first_token.py)."""
+        by its cause). ``first``: P's token goes to the client (first_token.py); ``decode_sent``:
+        D's request goes at the same time (P may then write straight into D's blocks)."""
         assert self.client is not None
-        params = P.PrefillParams(transfer_id=s.transfer_id, decode_peer=s.decode.name)
+        params = P.PrefillParams(transfer_id=s.transfer_id, decode_peer=s.decode.name, decode_sent=decode_sent)
         pbody = first_token.prefill_body(s.body, msgspec.to_builtins(params), first_token=first)
         t0 = time.monotonic()
         prefill = s.prefill

@@ -38,9 +38,13 @@ def nixl_deployment(tmp_path_factory):
         pytest.skip(f"nixl unavailable here: {why}")
     work, model = tiny_model_or_skip(tmp_path_factory, "pd-nixl")
     # Direct hand-offs on: the proxy's default flow (the decode's request after the prefill's
-    # answer) still goes through the pool; test_a_direct_handoff_* drives the direct one.
-    cfg = local_config(model, work, extra={"transport.name": "nixl", "pool.size_mib": 4, "transport.direct": True})
+    # answer) still goes through the pool; proxy-direct sends both at once (first token from the
+    # decode), and the decode holds the Allocate for the blocks (direct_wait_s: generous, for a
+    # loaded 2-core machine).
+    cfg = local_config(model, work, extra={"transport.name": "nixl", "pool.size_mib": 4, "transport.direct": True,
+                                           "timeouts.direct_wait_s": 2.0})
     dep = LocalDeployment(cfg, work)
+    dep.add_proxy("proxy-direct", "proxy.first_token=decode")
     try:
         dep.start_all(timeout_s=600)
         yield dep
@@ -114,3 +118,20 @@ def test_a_direct_handoff_writes_into_the_decodes_vllm_blocks_and_outputs_match(
     sent, loaded = handoff_record(dep, "prefill-0", tid), handoff_record(dep, "decode-0", tid)
     assert sent["ok"] and sent["direct"] and loaded["ok"] and loaded["direct"], (sent, loaded)
     assert sent["num_bytes"] == loaded["num_bytes"] == -(-700 // 128) * 65536
+
+
+@pytest.mark.parametrize("n", [300, 1500])
+def test_through_the_proxys_concurrent_dispatch_the_handoff_goes_direct_and_outputs_match(nixl_deployment, n):
+    """proxy-direct (first token from the decode, both requests sent at once): the decode holds
+    the prefill's Allocate until vLLM scheduled its request, and the prefill writes straight
+    into its blocks. Outputs equal colocated; both hand-off logs say direct."""
+    dep = nixl_deployment
+    proxy, prefill = dep.procs["proxy-direct"].url, dep.procs["prefill-0"].url
+    ids = prompt_ids(n, seed=200 + n)
+    reference, _ = completion(prefill, ids)
+    got, _ = completion(proxy, ids)
+    assert token_ids(got) == token_ids(reference), "P/D output through a direct hand-off differs from colocated"
+    r = report(got)
+    assert r["loaded"] is True and r["prompt_tokens_computed"] == 1, r
+    sent, loaded = handoff_record(dep, "prefill-0", r["transfer_id"]), handoff_record(dep, "decode-0", r["transfer_id"])
+    assert sent["direct"] and loaded["direct"] and sent["num_bytes"] == r["bytes"], (sent, loaded)

@@ -128,6 +128,56 @@ def test_an_allocate_before_the_decode_has_its_blocks_goes_through_the_pool():
         assert s.ok and ld.ok and not s.direct and not ld.direct, (s, ld)
         n.assert_moved(p_blocks, d_blocks)
         assert not pool_untouched(n) and n.receiver.server.stats.direct == 0
+        assert n.receiver.server.stats.direct_waits == 0  # its decode request was not said to be on its way
+    finally:
+        n.close()
+
+
+def wait_until(cond, timeout_s: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"{what} not met in time"
+        time.sleep(0.002)
+
+
+def test_an_allocate_whose_decode_request_is_on_its_way_waits_for_its_blocks_and_goes_direct():
+    """The proxy sent both requests at once (``decode_sent``): the prefill's Allocate comes before
+    the decode's vLLM scheduled its request, and the decode side holds it (up to
+    timeouts.direct_wait_s) until the load names its blocks: the hand-off goes direct."""
+    n = Node(make_cfg("loopback", direct=True, direct_wait_s=2.0))
+    try:
+        p_blocks, d_blocks = [5, 6, 30], [11, 12, 40]
+        h = Handoff("waited", "decode-0", 3 * BLOCK, "d" * 32, decode_sent=True)
+        n.sender.reserve(h)
+        wait_until(lambda: n.receiver.server.stats.direct_waits == 1, what="the Allocate held")
+        time.sleep(0.05)
+        assert n.receiver.pool.lookup("waited") is None, "answered before the blocks were known"
+        n.receiver.submit_load(LoadSpec("d-w", Handoff("waited", "prefill-0", 3 * BLOCK, "d" * 32), tuple(d_blocks)))
+        n.sender.submit(SendSpec("p-w", h, tuple(p_blocks)))
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok and s.direct and ld.direct, (s, ld)
+        n.assert_moved(p_blocks, d_blocks)
+        assert pool_untouched(n) and n.receiver.server.stats.direct == 1
+    finally:
+        n.close()
+
+
+def test_a_decode_request_that_does_not_come_in_time_leaves_the_handoff_to_the_pool():
+    """Held for timeouts.direct_wait_s (0.3 s here) and no load came: pool pages then, and the
+    hand-off goes through the pool as usual once the load does come."""
+    n = Node(make_cfg("loopback", direct=True, direct_wait_s=0.3))
+    try:
+        h = Handoff("late", "decode-0", 2 * BLOCK, "d" * 32, decode_sent=True)
+        t0 = time.monotonic()
+        n.sender.reserve(h)
+        wait_until(lambda: n.receiver.pool.lookup("late") is not None, what="the pool pages")
+        assert time.monotonic() - t0 >= 0.3 and n.receiver.server.stats.direct_waits == 1
+        n.receiver.submit_load(LoadSpec("d-l", Handoff("late", "prefill-0", 2 * BLOCK, "d" * 32), (11, 12)))
+        n.sender.submit(SendSpec("p-l", h, (5, 6)))
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok and not s.direct and not ld.direct, (s, ld)
+        n.assert_moved([5, 6], [11, 12])
+        assert n.receiver.server.stats.direct == 0
     finally:
         n.close()
 
