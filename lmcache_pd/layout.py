@@ -85,6 +85,27 @@ class RangePlan:
         return RangePlan(self.dst_offsets, self.src_offsets, self.lengths)
 
 
+def _checked(kv: KVLayout, blocks: np.ndarray | list[int], to: np.ndarray | list[int], *, dst_blocks: int,
+             what: str, layers: range | list[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``blocks`` and ``to`` as int64 vectors and the layers to copy, each checked in range
+    (``what``: the destination ids, ``dst_blocks`` of them)."""
+    blocks, to = np.asarray(blocks, dtype=np.int64), np.asarray(to, dtype=np.int64)
+    if blocks.shape != to.shape or blocks.ndim != 1:
+        raise ValueError(f"blocks {blocks.shape} and their destinations {to.shape} must be equal-length vectors")
+    which = np.arange(kv.num_layers, dtype=np.int64) if layers is None else np.asarray(layers, dtype=np.int64)
+    for ids, n, name in ((blocks, kv.num_blocks, "block id"), (to, dst_blocks, what), (which, kv.num_layers, "layer")):
+        if len(ids) and (ids.min() < 0 or ids.max() >= n):
+            raise ValueError(f"{name} out of range [0, {n})")
+    return blocks, to, which
+
+
+def _from_blocks(kv: KVLayout, blocks: np.ndarray, which: np.ndarray, dst: np.ndarray) -> RangePlan:
+    """Ranges from blocks ``blocks`` of layers ``which`` to ``dst`` (``[L, n]`` byte offsets)."""
+    src = np.asarray(kv.layer_offsets, dtype=np.int64)[which][:, None] + blocks[None, :] * kv.block_stride  # [L, n]
+    lengths = np.full(src.shape, kv.block_bytes, dtype=np.int64)
+    return coalesce(src.reshape(-1), dst.reshape(-1), lengths.reshape(-1), owned=True)
+
+
 def plan_cache_to_pool(kv: KVLayout, pool: PoolLayout, *, blocks: np.ndarray | list[int],
                        pages: np.ndarray | list[int], layers: range | list[int] | None = None) -> RangePlan:
     """Ranges copying vLLM blocks ``blocks[i]`` into pool page ``pages[i]``: every layer, or only
@@ -93,24 +114,10 @@ def plan_cache_to_pool(kv: KVLayout, pool: PoolLayout, *, blocks: np.ndarray | l
     Adjacent ranges are merged, so consecutive blocks to consecutive pages cost one range
     per layer. Raises ValueError on out-of-range ids rather than producing a wild copy.
     """
-    blocks = np.asarray(blocks, dtype=np.int64)
-    pages = np.asarray(pages, dtype=np.int64)
-    if blocks.shape != pages.shape or blocks.ndim != 1:
-        raise ValueError(f"blocks {blocks.shape} and pages {pages.shape} must be equal-length vectors")
     if pool.block_bytes != kv.block_bytes or pool.num_layers != kv.num_layers:
         raise ValueError("pool geometry does not match the KV layout")
-    if len(blocks) and (blocks.min() < 0 or blocks.max() >= kv.num_blocks):
-        raise ValueError(f"block id out of range [0, {kv.num_blocks})")
-    if len(pages) and (pages.min() < 0 or pages.max() >= pool.num_pages):
-        raise ValueError(f"page index out of range [0, {pool.num_pages})")
-    which = np.arange(kv.num_layers, dtype=np.int64) if layers is None else np.asarray(layers, dtype=np.int64)
-    if len(which) and (which.min() < 0 or which.max() >= kv.num_layers):
-        raise ValueError(f"layer out of range [0, {kv.num_layers})")
-    layer_off = np.asarray(kv.layer_offsets, dtype=np.int64)[which][:, None]  # [L, 1]
-    src = layer_off + blocks[None, :] * kv.block_stride                       # [L, n]
-    dst = (which[:, None] * pool.num_pages + pages[None, :]) * kv.block_bytes
-    lengths = np.full(src.shape, kv.block_bytes, dtype=np.int64)
-    return coalesce(src.reshape(-1), dst.reshape(-1), lengths.reshape(-1), owned=True)
+    blocks, pages, which = _checked(kv, blocks, pages, dst_blocks=pool.num_pages, what="page index", layers=layers)
+    return _from_blocks(kv, blocks, which, (which[:, None] * pool.num_pages + pages[None, :]) * kv.block_bytes)
 
 
 def plan_cache_to_cache(src: KVLayout, dst: KVLayout, *, blocks: np.ndarray | list[int],
@@ -119,22 +126,12 @@ def plan_cache_to_cache(src: KVLayout, dst: KVLayout, *, blocks: np.ndarray | li
     of the same geometry (a direct hand-off: the prefill writes straight into the decode's vLLM
     blocks); every layer, or ``layers``. Layer-major like :func:`plan_cache_to_pool`, so a
     digest over either plan's bytes agrees. Raises ValueError on out-of-range ids."""
-    blocks = np.asarray(blocks, dtype=np.int64)
-    to = np.asarray(to, dtype=np.int64)
-    if blocks.shape != to.shape or blocks.ndim != 1:
-        raise ValueError(f"blocks {blocks.shape} and destination blocks {to.shape} must be equal-length vectors")
     if src.block_bytes != dst.block_bytes or src.num_layers != dst.num_layers:
         raise ValueError("the two caches' geometries differ")
-    for name, ids, kv in (("block", blocks, src), ("destination block", to, dst)):
-        if len(ids) and (ids.min() < 0 or ids.max() >= kv.num_blocks):
-            raise ValueError(f"{name} id out of range [0, {kv.num_blocks})")
-    which = np.arange(src.num_layers, dtype=np.int64) if layers is None else np.asarray(layers, dtype=np.int64)
-    if len(which) and (which.min() < 0 or which.max() >= src.num_layers):
-        raise ValueError(f"layer out of range [0, {src.num_layers})")
-    s = np.asarray(src.layer_offsets, dtype=np.int64)[which][:, None] + blocks[None, :] * src.block_stride
-    d = np.asarray(dst.layer_offsets, dtype=np.int64)[which][:, None] + to[None, :] * dst.block_stride
-    lengths = np.full(s.shape, src.block_bytes, dtype=np.int64)
-    return coalesce(s.reshape(-1), d.reshape(-1), lengths.reshape(-1), owned=True)
+    blocks, to, which = _checked(src, blocks, to, dst_blocks=dst.num_blocks, what="destination block id",
+                                 layers=layers)
+    return _from_blocks(src, blocks, which,
+                        np.asarray(dst.layer_offsets, dtype=np.int64)[which][:, None] + to[None, :] * dst.block_stride)
 
 
 def plan_into(kv: KVLayout, dst: PoolLayout | KVLayout, *, blocks: np.ndarray | list[int],
