@@ -447,7 +447,8 @@ class ControlServer:
         owner = identity.decode(errors="replace")
         now = self.clock()
         for w in [w for w in (*self._waiting, *self._parked.values()) if w.owner == owner]:
-            self._drop_waiting(w.msg.transfer_id, owner) or self._unpark(w.msg.transfer_id, owner)
+            if not self._drop_waiting(w.msg.transfer_id, owner):
+                self._unpark(w.msg.transfer_id, owner)
             self._release(w.msg.transfer_id, w.skip is not None)
             self.pool.abort(w.msg.transfer_id, reason=why, now=now)  # a tombstone: its load recomputes at once
         aborted = self.pool.abort_writing(owner, reason=why, now=now)

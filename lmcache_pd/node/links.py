@@ -118,7 +118,7 @@ class Links:
             loop = asyncio.get_running_loop()
             peer_id = await loop.run_in_executor(None, self.transport.connect, reply.descriptor, self.t.handshake_s,
                                                  reply.data_token)
-            blocks = await self._blocks(peer, reply, peer_id)
+            blocks = await self._blocks(peer, reply)
         except BaseException:
             await client.close()
             raise
@@ -131,19 +131,19 @@ class Links:
                           queue_bound=self.cfg.backpressure.prefill_queue,
                           signals=self.transport.signals_to(peer_id), blocks=blocks)
 
-    async def _blocks(self, peer: PeerName, reply: P.HandshakeReply, pool_id: int) -> tuple[int, KVLayout] | None:
+    async def _blocks(self, peer: PeerName, reply: P.HandshakeReply) -> tuple[int, KVLayout] | None:
         """With ``transport.direct`` on both sides: a connection to the peer's vLLM blocks and
         their geometry (direct hand-offs), or None. A geometry that does not match ours, or a
         connection that fails, leaves hand-offs to the pool (logged)."""
         b = reply.blocks
         if b is None or not self.cfg.transport.direct or not self.transport.capabilities.direct:
             return None
-        kv = KVLayout(self.kv.num_layers, b.num_blocks, b.block_bytes, b.block_stride, tuple(b.layer_offsets),
-                      tuple(tuple(e) for e in b.extents))
         if (b.block_bytes != self.kv.block_bytes or len(b.layer_offsets) != self.kv.num_layers or b.num_blocks <= 0
                 or min(b.layer_offsets) < 0 or b.block_stride < b.block_bytes):
             log.warning("decode peer %s describes blocks that do not match ours: no direct hand-offs to it", peer)
             return None
+        kv = KVLayout(self.kv.num_layers, b.num_blocks, b.block_bytes, b.block_stride, tuple(b.layer_offsets),
+                      tuple(tuple(e) for e in b.extents))
         try:
             blocks_id = await asyncio.get_running_loop().run_in_executor(
                 None, self.transport.connect, b.descriptor, self.t.handshake_s, reply.data_token)

@@ -322,13 +322,8 @@ class Loader:
             load.cache_tokens = self.prefix.fill(load.spec, load.local, r.skip_pages)
         finally:
             self.prefix.release(load.spec.handoff.transfer_id)
-        if r.direct:  # the prefill writes into the blocks themselves: nothing to plan or scatter
+        if r.direct:  # the prefill writes into the blocks themselves: no page left to scatter
             load.next_page = len(r.pages)
-            if r.state == ReservationState.READY:
-                self._scatter(load)
-            else:
-                load.move(LoadPhase.LANDING)
-            return
         if r.state == ReservationState.READY:
             self._scatter(load)
             return
