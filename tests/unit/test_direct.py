@@ -17,6 +17,7 @@ from lmcache_pd import transport as transports
 from lmcache_pd.errors import ConfigError
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.node.layered import LayerMarks
+from tests.integration.client import wait_for
 from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node, make_cfg
 
 ONE_SIDED = ["loopback", "nixl", "cuda_ipc"]
@@ -133,13 +134,6 @@ def test_an_allocate_before_the_decode_has_its_blocks_goes_through_the_pool():
         n.close()
 
 
-def wait_until(cond, timeout_s: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"{what} not met in time"
-        time.sleep(0.002)
-
-
 def test_an_allocate_whose_decode_request_is_on_its_way_waits_for_its_blocks_and_goes_direct():
     """The proxy sent both requests at once (``decode_sent``): the prefill's Allocate comes before
     the decode's vLLM scheduled its request, and the decode side holds it (up to
@@ -149,7 +143,7 @@ def test_an_allocate_whose_decode_request_is_on_its_way_waits_for_its_blocks_and
         p_blocks, d_blocks = [5, 6, 30], [11, 12, 40]
         h = Handoff("waited", "decode-0", 3 * BLOCK, "d" * 32, decode_sent=True)
         n.sender.reserve(h)
-        wait_until(lambda: n.receiver.server.stats.direct_waits == 1, what="the Allocate held")
+        wait_for(lambda: n.receiver.server.stats.direct_waits == 1, 5, "the Allocate held", every_s=0.002)
         time.sleep(0.05)
         assert n.receiver.pool.lookup("waited") is None, "answered before the blocks were known"
         n.receiver.submit_load(LoadSpec("d-w", Handoff("waited", "prefill-0", 3 * BLOCK, "d" * 32), tuple(d_blocks)))
@@ -170,7 +164,7 @@ def test_a_decode_request_that_does_not_come_in_time_leaves_the_handoff_to_the_p
         h = Handoff("late", "decode-0", 2 * BLOCK, "d" * 32, decode_sent=True)
         t0 = time.monotonic()
         n.sender.reserve(h)
-        wait_until(lambda: n.receiver.pool.lookup("late") is not None, what="the pool pages")
+        wait_for(lambda: n.receiver.pool.lookup("late") is not None, 5, "the pool pages", every_s=0.002)
         assert time.monotonic() - t0 >= 0.3 and n.receiver.server.stats.direct_waits == 1
         n.receiver.submit_load(LoadSpec("d-l", Handoff("late", "prefill-0", 2 * BLOCK, "d" * 32), (11, 12)))
         n.sender.submit(SendSpec("p-l", h, (5, 6)))
