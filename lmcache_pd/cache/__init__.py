@@ -22,6 +22,7 @@ _BUILTIN: dict[str, str] = {
     "memory": "lmcache_pd.cache.memory:MemoryTier",
     "disk": "lmcache_pd.cache.disk:DiskTier",
     "redis": "lmcache_pd.cache.remote:RedisTier",
+    "server": "lmcache_pd.cache.server_tier:ServerTier",
 }
 _registry = Registry("cache tier", _BUILTIN, field="cache.tiers", unavailable=ConfigError)
 register = _registry.register

@@ -132,6 +132,9 @@ class CacheDaemon:
             return W.Done(count=s.delete([_key(k) for k in req.keys]))
         if isinstance(req, W.Clear):
             return W.Done(count=s.clear(req.tenant))
+        if isinstance(req, W.Pin):
+            (s.pin if req.pinned else s.unpin)([_key(k) for k in req.keys])
+            return W.Done()
         st = s.stats()
         return W.StatsReply({f: getattr(st, f) for f in st.__dataclass_fields__} | {"clients": self.clients,
                                                                                     "garbled": self.garbled})

@@ -91,6 +91,17 @@ class DaemonClient:
         assert isinstance(reply, W.Flags)
         return reply.flags
 
+    def delete(self, keys: list[ChunkKey]) -> int:
+        reply = self._call(W.Delete([tuple(k) for k in keys]))
+        return reply.count if isinstance(reply, W.Done) else 0
+
+    def clear(self, tenant: str | None = None) -> int:
+        reply = self._call(W.Clear(tenant))
+        return reply.count if isinstance(reply, W.Done) else 0
+
+    def pin(self, keys: list[ChunkKey], pinned: bool = True) -> None:
+        self._call(W.Pin([tuple(k) for k in keys], pinned))
+
     def stats(self) -> dict[str, int]:
         reply = self._call(W.Stats())
         assert isinstance(reply, W.StatsReply)

@@ -68,6 +68,12 @@ class Clear(_Msg):
     tenant: str | None = None
 
 
+class Pin(_Msg):
+    keys: Keys
+    pinned: bool = True
+    """False: unpin."""
+
+
 class Stats(_Msg):
     pass
 
@@ -99,7 +105,7 @@ class Refused(_Msg):
     reason: str
 
 
-Request = Reserve | Commit | Abort | Acquire | Release | Contains | Delete | Clear | Stats
+Request = Reserve | Commit | Abort | Acquire | Release | Contains | Delete | Clear | Pin | Stats
 Reply = Reserved | Slots | Flags | Done | StatsReply | Refused
 _requests = msgspec.msgpack.Decoder(Request)
 _replies = msgspec.msgpack.Decoder(Reply)

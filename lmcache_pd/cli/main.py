@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("token", help="print the bearer token of the HTTP control APIs (needs the secret)")
     config_args(sp)
 
+    sp = sub.add_parser("server", help="run this node's cache daemon (docs/cache_server.md), or print its status")
+    sp.add_argument("--socket", required=True, help="its Unix socket (the server tier's options.socket)")
+    sp.add_argument("--size-mib", type=int, default=4096, help="shared memory it holds chunks in")
+    sp.add_argument("--slab-mib", type=int, default=64, help="slab size (at least one chunk)")
+    sp.add_argument("--status", action="store_true", help="print a running daemon's occupancy and clients")
+
     sp = sub.add_parser("tiny-model", help="generate the tiny random-weight test model")
     sp.add_argument("out", nargs="?", default="tiny-model")
     return p
@@ -88,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             from lmcache_pd.cli.demo import run_demo
 
             return run_demo(args.workdir, max_tokens=args.max_tokens)
+        if args.cmd == "server":
+            from lmcache_pd.cli.cache_server import serve, status
+
+            return status(args.socket) if args.status else serve(args.socket, args.size_mib, args.slab_mib)
         if args.cmd == "tiny-model":
             from lmcache_pd.cli.tinymodel import build_tiny_model
 

@@ -114,8 +114,8 @@ def cache_hit_kinds() -> dict[str, Any] | None:
         return None
     from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-    return {"memory": CacheHitSource.HOST, "disk": CacheHitSource.DISK, "p2p": CacheHitSource.P2P,
-            "": CacheHitSource.EXTERNAL_UNSPECIFIED}
+    return {"memory": CacheHitSource.HOST, "server": CacheHitSource.HOST, "disk": CacheHitSource.DISK,
+            "p2p": CacheHitSource.P2P, "": CacheHitSource.EXTERNAL_UNSPECIFIED}
 
 
 def resumed_requests(cached: Any) -> set[str]:

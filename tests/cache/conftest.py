@@ -7,7 +7,7 @@ import pytest
 from tests.cache.tiers import make_tier
 from tests.redis_server import RedisServer
 
-TIERS = ["memory", "disk", "redis"]
+TIERS = ["memory", "disk", "redis", "server"]
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +24,5 @@ def tier(request, tmp_path):
     yield t
     t.clear()
     t.close()
+    if hasattr(t, "daemon"):
+        t.daemon.close()
