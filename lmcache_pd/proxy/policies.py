@@ -179,8 +179,10 @@ class KVAware(Policy):
         broken = any(d.local_tokens > 0 for d in pool)
         least = min(d.load for d in (fit or pool))
         tied = [d for d in (fit or pool) if d.load == least]
-        most_free = max((d.free_pages or 0) for d in tied)
-        tied = [d for d in tied if (d.free_pages or 0) == most_free]
+        # Most free pool pages among those that reported theirs; one not read yet (it just
+        # joined) takes its turn rather than losing every tie until the next load read.
+        most_free = max((d.free_pages for d in tied if d.free_pages is not None), default=None)
+        tied = [d for d in tied if d.free_pages is None or d.free_pages == most_free]
         return tied[next(self._ties["decode"]) % len(tied)], "affinity_broken" if broken else "least_loaded"
 
     def _work(self, p: InstanceView, prompt: int) -> float:

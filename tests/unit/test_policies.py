@@ -65,6 +65,10 @@ def test_kv_aware_decode_keeps_a_conversation_where_its_history_is_unless_that_o
     # Least loaded: fewest requests, then the most free pages.
     r = kv.route(Ask(1024), p, [v("d0", running=1, free_pages=10), v("d1", running=1, free_pages=90)])
     assert (r.decode, r.decode_reason) == ("d1", "least_loaded")  # (nobody held any of it)
+    # One that just joined, its pool not read yet, takes its turn rather than losing every tie
+    # to one that reported free pages (CI, 2026-12-04: a rejoined decode got none of 4 requests).
+    got = {kv.route(Ask(1024), p, [v("d0", free_pages=90, pool_pages=100), v("d1")]).decode for _ in range(4)}
+    assert got == {"d0", "d1"}
     # Every decode overloaded: the least loaded of them, rather than none.
     r = kv.route(Ask(1024), p, [v("d0", running=300), v("d1", running=260)])
     assert r.decode == "d1"
