@@ -274,7 +274,7 @@ class HandoffPair:
                         if marks is not None:
                             marks.layer(i, ready)
             end_stamp = clock_for(stream.device).stamp(stream)  # the forward's end on the GPU
-            ready.synchronize()
+            end_stamp.event.synchronize()  # (recorded after the last layer's event: wait for it, not that)
             forward_end = time.time()
             forward_end_gpu = end_stamp.wall()
             if marks is not None:

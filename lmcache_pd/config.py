@@ -132,22 +132,19 @@ class TransportConfig(_Section):
     layer. vLLMs whose scheduler does not name preempted requests always do the latter."""
     direct: bool = False
     """Direct hand-offs: when the decode's vLLM has allocated the request's blocks by the time the
-    prefill's Allocate comes (the proxy's concurrent dispatch sends both at once), the prefill
-    writes straight into those blocks instead of the pool, and the decode has nothing to
-    scatter (one pass over the bytes instead of two). Otherwise the pool as usual. nixl,
-    cuda_ipc and loopback can; tcp cannot (its receiver admits batches into pool pages only),
-    and refuses it at start. Set on both sides. Off by default until measured on a GPU
-    (docs/transports.md)."""
+    prefill's Allocate comes (the proxy's concurrent dispatch), the prefill writes straight into
+    them and the decode scatters nothing (one pass instead of two: 0.81x the pool's time for 1 GiB
+    on one H200, docs/benchmarks.md). nixl, cuda_ipc and loopback can; tcp refuses it at start.
+    Set on both sides."""
 
 
 class PoolConfig(_Section):
     size_mib: Positive = 256
     """Decode-side receive pool, pre-allocated at start, per TP rank."""
     scatter_landed: bool = True
-    """Scatter each layer of a hand-off into vLLM's blocks as soon as the data plane saw all of
-    its pages land (a layered hand-off's layers during the prefill's forward; a whole one's at
-    once), instead of after TransferDone: tcp's receiver sees each batch land; over the others
-    the prefill says which layers landed (protocol Landed)."""
+    """Scatter each layer of a hand-off into vLLM's blocks as soon as all its pages landed (a
+    layered hand-off's layers during the prefill's forward), not after TransferDone: tcp's
+    receiver sees each batch land, over the others the prefill says (protocol Landed)."""
 
 
 class IntegrityConfig(_Section):
@@ -230,6 +227,24 @@ class CacheConfig(_Section):
     tiers (memory, disk) hold, and those are not transferred again (docs/cache.md)."""
 
 
+class CacheServerConfig(_Section):
+    """This node's cache daemon, as ``lmcache-pd launch --role cache-server`` starts it (docs/cache_server.md)."""
+
+    socket: str
+    """Its Unix socket; a ``server`` tier in ``cache.tiers`` without ``options.socket`` uses it."""
+    size_mib: Positive = 4096
+    slab_mib: Positive = 64
+    """Memory is handed to size classes in slabs of this size; a chunk larger than one is not cached."""
+    eviction: Literal["lru", "fifo"] = "lru"
+    chunk_tokens: Positive | None = None
+    """The node's one chunk size: engines with another ``cache.chunk_tokens`` are refused."""
+    tiers: tuple[TierConfig, ...] = ()
+    """Its own tiers below its memory (disk, redis), as in ``cache.tiers``: written through, read back."""
+    host: str = "127.0.0.1"
+    http_port: Port | None = None
+    """Its ``/metrics`` and ``/cache/*`` (none when unset)."""
+
+
 class RoutingConfig(_Section):
     """How the proxy's routing policy weighs instances (``proxy.policy``; proxy/policies.py)."""
 
@@ -305,6 +320,7 @@ class PDConfig(_Section):
     auth: AuthConfig = AuthConfig()
     backpressure: BackpressureConfig = BackpressureConfig()
     cache: CacheConfig = CacheConfig()
+    cache_server: CacheServerConfig | None = None
     integrity: IntegrityConfig = IntegrityConfig()
     log_level: str = "info"
     handoff_log: str | None = None
@@ -366,13 +382,25 @@ def load_config(
 
 def config_from_dict(data: Mapping[str, Any], *, source: str) -> PDConfig:
     """Validate a plain dict (a parsed file, or ``kv_connector_extra_config``)."""
+    data = _server_sockets(dict(data))
     try:
-        cfg = msgspec.convert(dict(data), PDConfig, strict=True)
+        cfg = msgspec.convert(data, PDConfig, strict=True)
     except msgspec.ValidationError as e:
         field, message = _split_msgspec_error(str(e))
         raise ConfigError(message, field=field, source=source) from None
     _check_semantics(cfg, source)
     return cfg
+
+
+def _server_sockets(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``server`` cache tier without ``options.socket`` reaches ``cache_server.socket``."""
+    sock, cache = (data.get("cache_server") or {}), data.get("cache")
+    if not (isinstance(sock, dict) and isinstance(sock.get("socket"), str) and isinstance(cache, dict)
+            and isinstance(cache.get("tiers"), list)):
+        return data
+    tiers = [dict(t, options={"socket": sock["socket"]} | (t.get("options") or {})) if isinstance(t, dict)
+             and t.get("name") == "server" and isinstance(t.get("options") or {}, dict) else t for t in cache["tiers"]]
+    return data | {"cache": cache | {"tiers": tiers}}
 
 
 def _apply_override(tree: dict[str, Any], item: str, origin: str) -> None:
@@ -466,6 +494,12 @@ def _check_semantics(cfg: PDConfig, source: str) -> None:
     tier_names = [tier.name for tier in cfg.cache.tiers]
     if len(set(tier_names)) != len(tier_names):
         raise ConfigError(f"each tier may appear once (got {tier_names})", field="cache.tiers", source=source)
+    cs = cfg.cache_server
+    if cs is not None and cs.slab_mib > cs.size_mib:
+        raise ConfigError("must hold a slab of cache_server.slab_mib", field="cache_server.size_mib", source=source)
+    if cs is not None and cs.chunk_tokens not in (None, cfg.cache.chunk_tokens):
+        raise ConfigError(f"the node's cache daemon serves chunks of cache_server.chunk_tokens ({cs.chunk_tokens})",
+                          field="cache.chunk_tokens", source=source)
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("one of debug, info, warning, error", field="log_level", source=source)
 

@@ -55,9 +55,14 @@ def _build() -> object | None:
                             proc.stderr.strip()[-500:])
                 return None
             os.replace(out, lib)  # atomic: another process building the same file meanwhile is harmless
-    fn = ctypes.CDLL(str(lib)).pd_copy_ranges
+    dll = ctypes.CDLL(str(lib))
+    fn = dll.pd_copy_ranges
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64]
+    summed = dll.pd_copy_ranges_sum
+    summed.restype = ctypes.c_uint64
+    summed.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
+    fn.summed = summed  # (the same library: one build, one cache key)
     return fn
 
 
@@ -89,3 +94,18 @@ def copy(fn, src_address: int, dst_address: int, src_offsets: np.ndarray, dst_of
     ln = np.ascontiguousarray(lengths, dtype=np.int64)
     stream = not same_buffer and int(ln.sum()) >= STREAM_BYTES
     fn(src_address, dst_address, so.ctypes.data, do.ctypes.data, ln.ctypes.data, len(ln), int(stream))
+
+
+def copy_summed(fn, src_address: int, dst_address: int, src_offsets: np.ndarray, dst_offsets: np.ndarray,
+                lengths: np.ndarray, *, unit_bytes: int, places_on_dst: bool, copy: bool = True) -> int:
+    """Copy the ranges (unless ``copy`` is False) and return the digest of ``ops._digest`` over
+    the bytes, in units of ``unit_bytes`` placed at their offsets on the destination side (or
+    the source's), mod 2**64, in the same pass. Ranges are whole units; bounds checked by the caller."""
+    so = np.ascontiguousarray(src_offsets, dtype=np.int64)
+    do = np.ascontiguousarray(dst_offsets, dtype=np.int64)
+    ln = np.ascontiguousarray(lengths, dtype=np.int64)
+    if unit_bytes <= 0 or unit_bytes % 8 or np.any(ln % unit_bytes):
+        raise ValueError(f"ranges of whole {unit_bytes}-byte units of 8-byte words are needed")
+    stream = copy and int(ln.sum()) >= STREAM_BYTES
+    return int(fn.summed(src_address, dst_address, so.ctypes.data, do.ctypes.data, ln.ctypes.data, len(ln),
+                         int(stream), int(places_on_dst), unit_bytes, int(copy)))

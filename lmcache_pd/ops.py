@@ -13,7 +13,7 @@ import ctypes
 import threading
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,25 @@ def _copy_ranges_host(src: torch.Tensor, dst: torch.Tensor, plan: RangePlan) -> 
         return
     for s, d, n in zip(plan.src_offsets.tolist(), plan.dst_offsets.tolist(), plan.lengths.tolist()):
         ctypes.memmove(d0 + d, s0 + s, n)
+
+
+def copy_ranges_summed(src: torch.Tensor, dst: torch.Tensor, plan: RangePlan, *, unit_bytes: int,
+                       places_on_dst: bool, copy: bool = True) -> int | None:
+    """Host memory: copy ``plan`` (unless ``copy`` is False) and return, from the same pass, the
+    digest of :func:`pool_sum` over the bytes copied, each ``unit_bytes`` unit placed at its
+    offset on the destination (``places_on_dst``) or the source, mod 2**64. None without the
+    compiled host copy (the caller computes it otherwise)."""
+    fn = host_copy.compiled()
+    if fn is None or src.is_cuda or dst.is_cuda:
+        return None
+    if len(plan) == 0:
+        return 0
+    if int((plan.src_offsets + plan.lengths).max()) > src.numel() or int(plan.src_offsets.min()) < 0:
+        raise ValueError("range plan reads outside the source buffer")
+    if copy and (int((plan.dst_offsets + plan.lengths).max()) > dst.numel() or int(plan.dst_offsets.min()) < 0):
+        raise ValueError("range plan writes outside the destination buffer")
+    return host_copy.copy_summed(fn, src.data_ptr(), dst.data_ptr(), plan.src_offsets, plan.dst_offsets,
+                                 plan.lengths, unit_bytes=unit_bytes, places_on_dst=places_on_dst, copy=copy)
 
 
 def _chunk_for(total: int, warps: int) -> int:
@@ -402,13 +421,14 @@ def _crc_in_place_order(buffer: torch.Tensor, places: list[tuple[int, int]], blo
 
 
 def cache_digest(kv: KVLayout, buffer: torch.Tensor, blocks: Sequence[int], pool: PoolLayout,
-                 pages: Sequence[int]) -> int:
+                 pages: Sequence[int], *, lazy: bool = False) -> int | torch.Tensor:
     """Digest of vLLM blocks ``blocks`` (every layer), as they are to land in pool ``pages``: the
     prefill's side of ``integrity.verify``. Equal to :func:`pool_digest` of those pages when
     every byte landed in its place; any single changed or misplaced word changes it. A fast
     check against corruption, not a cryptographic one (the session is authenticated): on a GPU
     the weighted sum of ``_digest``, in host memory CRC-32 in place order (both sides of a
-    hand-off hold their KV on the same kind of device: the handshake's compat checks it)."""
+    hand-off hold their KV on the same kind of device: the handshake's compat checks it).
+    ``lazy`` (a GPU): the sum as a device scalar, not waited for (the caller reads many at once)."""
     if not buffer.is_cuda:
         places = [((layer * pool.num_pages + page) * pool.block_bytes, base + block * kv.block_stride)
                   for layer, base in enumerate(kv.layer_offsets) for block, page in zip(blocks, pages)]
@@ -416,8 +436,10 @@ def cache_digest(kv: KVLayout, buffer: torch.Tensor, blocks: Sequence[int], pool
     if cuda_kernels_available()[0]:
         offs = (np.asarray(kv.layer_offsets, dtype=np.int64)[:, None]
                 + np.asarray(blocks, dtype=np.int64)[None, :] * kv.block_stride)
-        return _kernel_digest(buffer, offs.reshape(-1), _places(pool, pages), kv.block_bytes)
-    return _cache_sum(kv, buffer, blocks, pool, pages)
+        got = _kernel_digest(buffer, offs.reshape(-1), _places(pool, pages), kv.block_bytes)
+    else:
+        got = _cache_sum(kv, buffer, blocks, pool, pages)
+    return got if lazy else int(got.item())
 
 
 def _places(pool: PoolLayout, pages: Sequence[int]) -> np.ndarray:
@@ -426,14 +448,13 @@ def _places(pool: PoolLayout, pages: Sequence[int]) -> np.ndarray:
     return ((layers + np.asarray(pages, dtype=np.int64)[None, :]) * pool.block_bytes).reshape(-1)
 
 
-def _kernel_digest(buffer: torch.Tensor, offsets: np.ndarray, places: np.ndarray, unit_bytes: int) -> int:
+def _kernel_digest(buffer: torch.Tensor, offsets: np.ndarray, places: np.ndarray, unit_bytes: int) -> torch.Tensor:
     """The digest in one pass over the bytes (csrc/digest.cu), on the current stream; the same
-    value as the torch formula (``_digest``), as a signed 64-bit integer."""
+    value as the torch formula (``_digest``): a signed 64-bit device scalar."""
     if unit_bytes % 8:
         raise ValueError("digest units must be whole 8-byte words")
     dev = buffer.device
-    offs = torch.as_tensor(offsets, device=dev)
-    pl = torch.as_tensor(places, device=dev)
+    offs, pl = _upload(offsets, dev), _upload(places, dev)
     out = torch.zeros(1, dtype=torch.int64, device=dev)
     n = len(offsets)
     if n:
@@ -441,11 +462,25 @@ def _kernel_digest(buffer: torch.Tensor, offsets: np.ndarray, places: np.ndarray
         k.launch("digest_units", (min(n, 65535),), (256,),
                  (np.uint64(buffer.data_ptr()), np.uint64(offs.data_ptr()), np.uint64(pl.data_ptr()), np.int64(n),
                   np.int64(unit_bytes // 8), np.uint64(out.data_ptr())))
-    return int(out.item())
+    return out[0]
+
+
+def _upload(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``values`` (int64) on ``device``, through a reused pinned buffer on the current stream:
+    the host does not wait for the stream (a pageable upload would), so a caller queuing many
+    digests keeps the GPU busy."""
+    n = len(values)
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device)
+        host = _pinned.get(max(1, n))
+        host.numpy()[:n] = values
+        out = host[:n].to(device, non_blocking=True)
+        _pinned.release_after(host, stream)
+    return out
 
 
 def _cache_sum(kv: KVLayout, buffer: torch.Tensor, blocks: Sequence[int], pool: PoolLayout,
-               pages: Sequence[int]) -> int:
+               pages: Sequence[int]) -> torch.Tensor:
     """cache_digest's device formula: one gather over all layers when the layers are evenly
     spaced in the buffer (one allocation), else one per layer (vLLM 0.24: one per layer)."""
     dev = buffer.device
@@ -463,11 +498,11 @@ def _cache_sum(kv: KVLayout, buffer: torch.Tensor, blocks: Sequence[int], pool: 
         for i in range(0, len(b), per):  # slices: the temporaries stay small whatever the hand-off
             units = grid.index_select(1, b[i:i + per])  # [L, k, block]
             total += _digest(units.reshape(-1, kv.block_bytes), places[:, i:i + per].reshape(-1))
-        return int(total.item())
+        return total
     for layer, base in enumerate(offs):
         rows = torch.as_strided(buffer, (kv.num_blocks, kv.block_bytes), (kv.block_stride, 1), base)
         total += _digest(rows.index_select(0, b), places[layer])
-    return int(total.item())
+    return total
 
 
 def pool_digest(pool: PoolLayout, buffer: torch.Tensor, pages: Sequence[int]) -> int:
@@ -476,13 +511,36 @@ def pool_digest(pool: PoolLayout, buffer: torch.Tensor, pages: Sequence[int]) ->
         places = [((layer * pool.num_pages + page) * pool.block_bytes,) * 2
                   for layer in range(pool.num_layers) for page in pages]
         return _crc_in_place_order(buffer, places, pool.block_bytes)
-    if cuda_kernels_available()[0]:
+    return pool_sum(pool, buffer, pages)
+
+
+def pool_sum(pool: PoolLayout, buffer: torch.Tensor, pages: Sequence[int], *, lazy: bool = False
+             ) -> int | torch.Tensor:
+    """The device formula of the digest (``_digest``) over pool ``pages``, on any device: what
+    the GPU's digest is, computed where no kernel or compiled copy computes it. ``lazy``: a
+    device scalar, not waited for."""
+    if buffer.is_cuda and cuda_kernels_available()[0]:
         places = _places(pool, pages)
-        return _kernel_digest(buffer, places, places, pool.block_bytes)
-    return _pool_sum(pool, buffer, pages)
+        got = _kernel_digest(buffer, places, places, pool.block_bytes)
+    else:
+        got = _pool_sum(pool, buffer, pages)
+    return got if lazy else int(got.item())
 
 
-def _pool_sum(pool: PoolLayout, buffer: torch.Tensor, pages: Sequence[int]) -> int:
+def bytes_sum(buffer: torch.Tensor, unit_bytes: int) -> int:
+    """:func:`pool_sum` of a whole buffer cut into ``unit_bytes`` units, each placed at its own
+    offset (a chunk in pool layout, as the node cache daemon holds it), mod 2**64."""
+    n = buffer.numel()
+    if n % unit_bytes:
+        raise ValueError(f"{n} bytes are not whole units of {unit_bytes}")
+    one = RangePlan(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.array([n], dtype=np.int64))
+    got = copy_ranges_summed(buffer, buffer, one, unit_bytes=unit_bytes, places_on_dst=False, copy=False)
+    if got is None:
+        got = pool_sum(PoolLayout(1, n // unit_bytes, unit_bytes), buffer, range(n // unit_bytes))
+    return got % (1 << 64)
+
+
+def _pool_sum(pool: PoolLayout, buffer: torch.Tensor, pages: Sequence[int]) -> torch.Tensor:
     """pool_digest's device formula: one gather over every layer."""
     dev = buffer.device
     p = torch.as_tensor(np.asarray(pages, dtype=np.int64), device=dev)
@@ -493,7 +551,7 @@ def _pool_sum(pool: PoolLayout, buffer: torch.Tensor, pages: Sequence[int]) -> i
     for i in range(0, len(p), per):  # slices: the temporaries stay small whatever the hand-off
         units = grid.index_select(1, p[i:i + per])  # [L, k, block]
         total += _digest(units.reshape(-1, pool.block_bytes), places[:, i:i + per].reshape(-1))
-    return int(total.item())
+    return total
 
 
 _SLICE_BYTES = 64 << 20
@@ -503,3 +561,28 @@ def _rows_per_slice(page_bytes: int) -> int:
     """Pages per slice of a digest: its gathered bytes and the words' product (8x) stay near
     _SLICE_BYTES, so a 4 GiB hand-off needs no 4 GiB temporaries."""
     return max(1, _SLICE_BYTES // page_bytes)
+
+
+def register_host(address: int, nbytes: int, device: torch.device) -> Callable[[], None]:
+    """Register host memory (a shared mapping) as pinned for ``device``, so our kernels read and
+    write it in place (``span_bytes(address, n, device)``) at bus speed; returns what ends the
+    registration (call it before the memory is unmapped). Raises RuntimeError where the GPU cannot
+    use the host's own pointer for registered memory (no unified addressing)."""
+    from cupy.cuda import runtime
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if not runtime.deviceGetAttribute(_CAN_USE_HOST_POINTER, index):
+        raise RuntimeError(f"cuda:{index} cannot use host pointers of registered memory")
+    with torch.cuda.device(index):
+        runtime.hostRegister(address, nbytes, _REGISTER_PORTABLE | _REGISTER_MAPPED)
+
+    def unregister() -> None:
+        with torch.cuda.device(index):
+            torch.cuda.synchronize(index)  # no copy still touches it
+            runtime.hostUnregister(address)
+
+    return unregister
+
+
+_REGISTER_PORTABLE, _REGISTER_MAPPED = 1, 2  # cudaHostRegisterPortable, cudaHostRegisterMapped
+_CAN_USE_HOST_POINTER = 91  # cudaDevAttrCanUseHostPointerForRegisteredMem

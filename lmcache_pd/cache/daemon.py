@@ -4,11 +4,12 @@
 Each client connection gets the segment's descriptor, then is served by a thread of its own,
 one request at a time (daemon_wire.py). A connection that closes, or sends a frame that is not a
 request (counted in ``garbled``), is dropped with everything it held: its unfinished writes are
-freed (never visible) and its leases end. The socket file is created mode 600 in a folder the
-caller provides: only this user's processes connect.
+freed (never visible) and its leases end. Only this user's processes connect: the socket file is
+created mode 600, and a peer of another user (the kernel's credentials of the connection, should
+the file's mode be changed) is refused before it sees the segment, and counted in ``strangers``.
 
-Not built yet (issue 19): the ``server`` tier that engines use, the daemon's own lower tiers,
-the CLI, metrics, and authentication beyond the file mode.
+Its HTTP side (``/metrics``, ``/cache/stats``, ``/cache/clear``) is daemon_http.py; its own tiers
+below the segment (disk, Redis: written through, read through) are daemon_tiers.py.
 """
 
 from __future__ import annotations
@@ -17,25 +18,37 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 import threading
+import time
 
 import msgspec
 
 from lmcache_pd.cache import daemon_wire as W
+from lmcache_pd.cache.daemon_tiers import LowerTiers
 from lmcache_pd.cache.keys import ChunkKey
 from lmcache_pd.cache.slots import Segment, SlotStore, send_segment
+from lmcache_pd.cache.store import TieredCache
 
 log = logging.getLogger(__name__)
 
 
 class CacheDaemon:
-    def __init__(self, path: str, *, segment_bytes: int, slab_bytes: int = 64 << 20):
+    def __init__(self, path: str, *, segment_bytes: int, slab_bytes: int = 64 << 20, eviction: str = "lru",
+                 lower: TieredCache | None = None, chunk_tokens: int | None = None):
+        """``lower``: the daemon's own tiers below its memory (not started yet; it owns them);
+        ``chunk_tokens``: the one chunk size it serves (engines saying another are refused)."""
         self.path = path
+        self.chunk_tokens = chunk_tokens
+        self.store = SlotStore(segment_bytes, slab_bytes=slab_bytes, eviction=eviction)
         self.segment = Segment.create(segment_bytes)
-        self.store = SlotStore(segment_bytes, slab_bytes=slab_bytes)
+        self.lower = LowerTiers(lower, self.store, self.segment) if lower is not None else None
         self.clients = 0
         self.garbled = 0
         """Connections dropped for a frame that was not a request."""
+        self.strangers = 0
+        """Connections refused: their process runs as another user."""
+        self._info: dict[str, list] = {}  # client id -> [pid, connected at, requests]
         self._ids = 0
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
@@ -44,6 +57,8 @@ class CacheDaemon:
         self._accept: threading.Thread | None = None
 
     def start(self) -> None:
+        if self.lower is not None:
+            self.lower.start()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a socket file left by a daemon that died
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -72,6 +87,8 @@ class CacheDaemon:
             self._accept.join(5)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        if self.lower is not None:
+            self.lower.close()
         self.segment.close()
 
     def _accept_loop(self) -> None:
@@ -81,11 +98,20 @@ class CacheDaemon:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+            if uid != os.getuid():
+                with self._lock:
+                    self.strangers += 1
+                log.warning("cache daemon: refused a connection from pid %d of uid %d (not this user)", pid, uid)
+                conn.close()
+                continue
             with self._lock:
                 self._ids += 1
                 cid = f"c{self._ids}"
                 self._conns.add(conn)
                 self.clients += 1
+                self._info[cid] = [pid, time.time(), 0]
             threading.Thread(target=self._serve, args=(conn, cid), name=f"pd-cache-{cid}", daemon=True).start()
 
     def _serve(self, conn: socket.socket, cid: str) -> None:
@@ -94,19 +120,28 @@ class CacheDaemon:
             send_segment(conn, self.segment)
             while not self._stop.is_set():
                 req = W.recv_request(conn)
-                W.send(conn, self._handle(req, cid, owners))
+                self._info[cid][2] += 1
+                try:
+                    W.send(conn, self._handle(req, cid, owners))
+                except _Refuse as e:
+                    log.warning("cache daemon: refused client %s: %s", cid, e)
+                    W.send(conn, W.Refused(str(e)))
+                    return
         except (msgspec.DecodeError, ValueError) as e:
             with self._lock:
                 self.garbled += 1
             log.warning("cache daemon: dropped client %s: %s", cid, e)
         except (ConnectionError, OSError):
             pass  # it went away (or we are closing)
+        except Exception:  # noqa: BLE001 - a bug of ours: this client is dropped, the daemon serves on
+            log.exception("cache daemon: serving client %s failed", cid)
         finally:
             for owner in owners:
                 self.store.drop_owner(owner)
             with self._lock:
                 self._conns.discard(conn)
                 self.clients -= 1
+                self._info.pop(cid, None)
             conn.close()
 
     def _handle(self, req: W.Request, cid: str, owners: set[str]) -> W.Reply:
@@ -117,27 +152,75 @@ class CacheDaemon:
         if isinstance(req, W.Reserve):
             slot = s.reserve(_key(req.key), req.nbytes, owner)
             return W.Reserved(slot.offset if slot is not None else -1)
+        low = self.lower
+        if isinstance(req, W.Hello):
+            if self.chunk_tokens is not None and req.chunk_tokens != self.chunk_tokens:
+                raise _Refuse(f"this daemon serves chunks of {self.chunk_tokens} tokens "
+                              f"(cache_server.chunk_tokens), not {req.chunk_tokens} (cache.chunk_tokens)")
+            return W.Done()
         if isinstance(req, W.Commit):
-            return W.Done(s.commit(_key(req.key), owner, req.crc))
+            ok = s.commit(_key(req.key), owner, req.crc)
+            if ok and low is not None:
+                low.committed(_key(req.key))
+            return W.Done(ok)
         if isinstance(req, W.Abort):
             return W.Done(s.abort(_key(req.key), owner))
         if isinstance(req, W.Acquire):
-            return W.Slots([(x.offset, x.nbytes, x.crc) for x in s.acquire([_key(k) for k in req.keys], owner)])
+            keys = [_key(k) for k in req.keys]
+            got = s.acquire(keys, owner)
+            if low is not None:  # what the segment misses, promoted from below in order
+                for k in keys[len(got):]:
+                    if not low.promote(k, f"{owner}:promote"):
+                        break
+                    got += s.acquire([k], owner, count=False)
+            return W.Slots([(x.offset, x.nbytes, x.crc) for x in got])
         if isinstance(req, W.Release):
             s.release(owner)
             return W.Done()
         if isinstance(req, W.Contains):
-            return W.Flags(s.contains([_key(k) for k in req.keys]))
+            keys = [_key(k) for k in req.keys]
+            flags = s.contains(keys)
+            if low is not None and not all(flags):
+                below = iter(low.contains([k for k, f in zip(keys, flags) if not f]))
+                flags = [f or next(below) for f in flags]
+            return W.Flags(flags)
         if isinstance(req, W.Delete):
-            return W.Done(count=s.delete([_key(k) for k in req.keys]))
+            keys = [_key(k) for k in req.keys]
+            if low is not None:
+                low.forget(keys)
+            return W.Done(count=s.delete(keys))
         if isinstance(req, W.Clear):
-            return W.Done(count=s.clear(req.tenant))
+            return W.Done(count=self.clear(req.tenant))
         if isinstance(req, W.Pin):
-            (s.pin if req.pinned else s.unpin)([_key(k) for k in req.keys])
+            keys = [_key(k) for k in req.keys]
+            (s.pin if req.pinned else s.unpin)(keys)
+            if low is not None:
+                low.pin(keys, req.pinned)
             return W.Done()
-        st = s.stats()
-        return W.StatsReply({f: getattr(st, f) for f in st.__dataclass_fields__} | {"clients": self.clients,
-                                                                                    "garbled": self.garbled})
+        return self.stats_reply()
+
+    def clear(self, tenant: str | None = None) -> int:
+        """Remove every chunk (of one tenant tag), from the lower tiers too; returns how many the
+        segment held."""
+        if self.lower is not None:
+            self.lower.forget(None, tenant)
+        return self.store.clear(tenant)
+
+    def stats_reply(self) -> W.StatsReply:
+        """Counters, occupancy per size class, and the clients connected now."""
+        st = self.store.stats()
+        with self._lock:
+            counters = {"clients": self.clients, "garbled": self.garbled, "strangers": self.strangers}
+            clients = [W.ClientInfo(cid, pid, since, n) for cid, (pid, since, n) in self._info.items()]
+        if self.lower is not None:
+            counters |= self.lower.stats()
+        return W.StatsReply({f: getattr(st, f) for f in st.__dataclass_fields__} | counters,
+                            [W.ClassInfo(c.slot_bytes, c.slabs, c.slots, c.used) for c in self.store.classes()],
+                            clients)
+
+
+class _Refuse(Exception):
+    """A client this daemon does not serve: told why, then its connection closes."""
 
 
 def _key(k: W.Key) -> ChunkKey:

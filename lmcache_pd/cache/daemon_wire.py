@@ -30,6 +30,13 @@ class _Msg(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     pass
 
 
+class Hello(_Msg):
+    """An engine's first request: the chunk size it caches in (a daemon serving one size refuses
+    another: its chunks would share nothing)."""
+
+    chunk_tokens: int
+
+
 class Reserve(_Msg):
     key: Key
     nbytes: int
@@ -97,15 +104,33 @@ class Done(_Msg):
     count: int = 0
 
 
+class ClassInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    slot_bytes: int
+    slabs: int
+    slots: int
+    used: int
+
+
+class ClientInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: str
+    pid: int
+    """The client process (the socket's peer credentials)."""
+    since: float
+    """When it connected (seconds since the epoch)."""
+    requests: int
+
+
 class StatsReply(_Msg):
     stats: dict[str, int]
+    classes: list[ClassInfo] = []
+    clients: list[ClientInfo] = []
 
 
 class Refused(_Msg):
     reason: str
 
 
-Request = Reserve | Commit | Abort | Acquire | Release | Contains | Delete | Clear | Pin | Stats
+Request = Hello | Reserve | Commit | Abort | Acquire | Release | Contains | Delete | Clear | Pin | Stats
 Reply = Reserved | Slots | Flags | Done | StatsReply | Refused
 _requests = msgspec.msgpack.Decoder(Request)
 _replies = msgspec.msgpack.Decoder(Reply)

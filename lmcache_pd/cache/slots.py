@@ -15,13 +15,15 @@ cannot corrupt it):
 - a load is ``acquire`` (the leading chunks of a prompt, *leased* to an owner) then ``release``:
   a leased slot is never evicted, deleted for reuse, or written;
 - when a class has no free slot, its least recently used committed chunk that nobody leases,
-  pins or reserves is evicted; with none, the save is refused (the chunk is just not cached).
+  pins or reserves is evicted (``eviction="fifo"``: the oldest saved, reads do not refresh it);
+  with none, the save is refused (the chunk is just not cached).
 
 Thread-safe (one lock); no I/O under it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -45,6 +47,11 @@ class Segment:
         self.nbytes = nbytes
         self._map = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self._map)
+        probe = ctypes.c_char.from_buffer(self._map)  # (an export of the map while it lives: dropped at once)
+        self.address = ctypes.addressof(probe)
+        """Where the mapping starts in this process: for copies that take addresses (our kernels,
+        the compiled host copy) and for registering it with CUDA as pinned memory."""
+        del probe
 
     @classmethod
     def create(cls, nbytes: int, name: str = "lmcache-pd-cache") -> Segment:
@@ -121,12 +128,38 @@ class SlotStats:
     leased: int
     evictions: int
     refused: int
+    lookups: int
+    """Chunks asked of ``contains`` (engines' lookups), and how many were held."""
+    lookup_hits: int
+    reads: int
+    """Chunks asked of ``acquire`` (loads), how many were leased, and their bytes."""
+    read_hits: int
+    read_bytes: int
+    writes: int
+    """Chunks committed, and their bytes."""
+    written_bytes: int
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """One size class: its slabs, their slots, and how many hold a chunk or a write."""
+
+    slot_bytes: int
+    slabs: int
+    slots: int
+    used: int
+
+
+EVICTIONS = ("lru", "fifo")
 
 
 class SlotStore:
-    def __init__(self, segment_bytes: int, *, slab_bytes: int = 64 << 20):
+    def __init__(self, segment_bytes: int, *, slab_bytes: int = 64 << 20, eviction: str = "lru"):
         if slab_bytes <= 0 or slab_bytes % CLASS_ALIGN:
             raise ValueError(f"slab size must be a positive multiple of {CLASS_ALIGN} bytes")
+        if eviction not in EVICTIONS:
+            raise ValueError(f"eviction policy {eviction!r} is not one of {', '.join(EVICTIONS)}")
+        self._refresh = eviction == "lru"
         self.segment_bytes = segment_bytes
         self.slab_bytes = slab_bytes
         self._lock = threading.Lock()
@@ -135,9 +168,12 @@ class SlotStore:
             raise ValueError(f"a segment of {segment_bytes} B holds no slab of {slab_bytes} B")
         self._chunks: OrderedDict[ChunkKey, Slot] = OrderedDict()  # committed, least recently used first
         self._reserved: dict[ChunkKey, Slot] = {}
-        self._orphans: list[Slot] = []  # deleted while leased: freed when their last lease ends
+        self._orphans: dict[int, Slot] = {}  # by id; deleted while leased: freed when their last lease ends
         self._pinned: set[ChunkKey] = set()
+        self._leased: dict[str, dict[int, Slot]] = {}  # owner -> the slots it leases (by id): ending them is O(its own)
         self._evictions = self._refused = 0
+        self._counts = dict.fromkeys(("lookups", "lookup_hits", "reads", "read_hits", "read_bytes", "writes",
+                                      "written_bytes"), 0)
 
     # --- saves ----------------------------------------------------------------------------
     def reserve(self, key: ChunkKey, nbytes: int, owner: str) -> Slot | None:
@@ -165,6 +201,8 @@ class SlotStore:
             del self._reserved[key]
             slot.committed, slot.crc, slot.owner = True, crc, ""
             self._chunks[key] = slot
+            self._counts["writes"] += 1
+            self._counts["written_bytes"] += slot.nbytes
             return True
 
     def abort(self, key: ChunkKey, owner: str) -> bool:
@@ -180,11 +218,14 @@ class SlotStore:
     # --- loads ----------------------------------------------------------------------------
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         with self._lock:
-            return [k in self._chunks for k in keys]
+            found = [k in self._chunks for k in keys]
+            self._counts["lookups"] += len(found)
+            self._counts["lookup_hits"] += sum(found)
+            return found
 
-    def acquire(self, keys: Sequence[ChunkKey], owner: str) -> list[Slot]:
+    def acquire(self, keys: Sequence[ChunkKey], owner: str, *, count: bool = True) -> list[Slot]:
         """The leading committed chunks of ``keys``, each leased to ``owner`` (and made most
-        recently used) until :meth:`release`."""
+        recently used) until :meth:`release`; ``count``: an engine's read (in the statistics)."""
         with self._lock:
             out: list[Slot] = []
             for k in keys:
@@ -192,8 +233,14 @@ class SlotStore:
                 if slot is None:
                     break
                 slot.leases.add(owner)
-                self._chunks.move_to_end(k)
+                self._leased.setdefault(owner, {})[id(slot)] = slot
+                if self._refresh:
+                    self._chunks.move_to_end(k)
                 out.append(slot)
+            if count:
+                self._counts["reads"] += len(keys)
+                self._counts["read_hits"] += len(out)
+                self._counts["read_bytes"] += sum(s.nbytes for s in out)
             return out
 
     def release(self, owner: str, keys: Iterable[ChunkKey] | None = None) -> None:
@@ -233,7 +280,7 @@ class SlotStore:
                 self._pinned.discard(k)
                 if slot.leases:
                     slot.committed = False  # its readers still copy from it
-                    self._orphans.append(slot)
+                    self._orphans[id(slot)] = slot
                 else:
                     self._free(slot)
         return n
@@ -247,7 +294,21 @@ class SlotStore:
         with self._lock:
             return SlotStats(self.segment_bytes, len(self._slabs), sum(1 for s in self._slabs if s.slot_bytes),
                              len(self._chunks), sum(s.nbytes for s in self._chunks.values()), len(self._reserved),
-                             sum(1 for s in self._chunks.values() if s.leases), self._evictions, self._refused)
+                             sum(1 for s in self._chunks.values() if s.leases), self._evictions, self._refused,
+                             **self._counts)
+
+    def classes(self) -> list[ClassStats]:
+        """Occupancy per size class, smallest first."""
+        with self._lock:
+            out: dict[int, list[int]] = {}
+            for slab in self._slabs:
+                if slab.slot_bytes:
+                    c = out.setdefault(slab.slot_bytes, [0, 0, 0])
+                    slots = self.slab_bytes // slab.slot_bytes
+                    c[0] += 1
+                    c[1] += slots
+                    c[2] += slots - len(slab.free)
+            return [ClassStats(b, *v) for b, v in sorted(out.items())]
 
     # --- under the lock ---------------------------------------------------------------------
     def _take(self, cls: int) -> int | None:
@@ -271,9 +332,15 @@ class SlotStore:
         self._slabs[slot.offset // self.slab_bytes].free.append(slot.offset)
 
     def _end_leases(self, owner: str, keys: set[ChunkKey] | None) -> None:
-        for slot in (*self._chunks.values(), *self._orphans):
-            if owner in slot.leases and (keys is None or slot.key in keys):
-                slot.leases.discard(owner)
-        for slot in [s for s in self._orphans if not s.leases]:
-            self._orphans.remove(slot)
-            self._free(slot)
+        mine = self._leased.get(owner)
+        if not mine:
+            return
+        for sid, slot in list(mine.items()):
+            if keys is not None and slot.key not in keys:
+                continue
+            del mine[sid]
+            slot.leases.discard(owner)
+            if not slot.leases and self._orphans.pop(sid, None) is not None:  # deleted, read for the last time
+                self._free(slot)
+        if not mine:
+            del self._leased[owner]

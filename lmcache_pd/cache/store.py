@@ -121,9 +121,9 @@ class TieredCache:
                 for t in self.tiers:
                     self._miss_tokens[t.name] += c
 
-    def get(self, key: ChunkKey) -> Buffer | None:
-        """The chunk's bytes from the first tier that has them, or None."""
-        for i, tier in enumerate(self.tiers):
+    def get(self, key: ChunkKey, start: int = 0) -> Buffer | None:
+        """The chunk's bytes from the first tier (from ``start`` on) that has them, or None."""
+        for i, tier in enumerate(self.tiers[start:], start):
             value = tier.get(key)
             if value is not None:
                 if i:

@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="override a config field, e.g. --set pool.size_mib=512 (repeatable)")
 
     sp = sub.add_parser("launch", help="start one instance of the deployment")
-    sp.add_argument("--role", required=True, choices=["prefill", "decode", "proxy"])
+    sp.add_argument("--role", required=True, choices=["prefill", "decode", "proxy", "cache-server"])
     sp.add_argument("--instance", help="instance name (default: the first of its role)")
     config_args(sp)
 
@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--socket", required=True, help="its Unix socket (the server tier's options.socket)")
     sp.add_argument("--size-mib", type=int, default=4096, help="shared memory it holds chunks in")
     sp.add_argument("--slab-mib", type=int, default=64, help="slab size (at least one chunk)")
+    sp.add_argument("--eviction", choices=["lru", "fifo"], default="lru", help="which chunk goes when full")
+    sp.add_argument("--chunk-tokens", type=int, help="the one chunk size it serves (engines' cache.chunk_tokens)")
+    sp.add_argument("--http-port", type=int, help="serve /metrics and /cache/* on this port")
+    sp.add_argument("--host", default="127.0.0.1", help="the address --http-port binds (loopback)")
     sp.add_argument("--status", action="store_true", help="print a running daemon's occupancy and clients")
 
     sp = sub.add_parser("tiny-model", help="generate the tiny random-weight test model")
@@ -65,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 
                 print(redact(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))  # URL passwords: ***
                 return 0
+            if args.role == "cache-server":
+                from lmcache_pd.cli import cache_server
+
+                return cache_server.launch(cfg)
             if args.role == "proxy":  # (its own module: the proxy's path never imports torch)
                 from lmcache_pd.cli import launch_proxy
 
@@ -95,9 +103,21 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(args.workdir, max_tokens=args.max_tokens)
         if args.cmd == "server":
-            from lmcache_pd.cli.cache_server import serve, status
+            import msgspec
 
-            return status(args.socket) if args.status else serve(args.socket, args.size_mib, args.slab_mib)
+            from lmcache_pd.cli.cache_server import serve, status
+            from lmcache_pd.config import CacheServerConfig
+
+            if args.status:
+                return status(args.socket)
+            try:
+                cs = msgspec.convert({"socket": args.socket, "size_mib": args.size_mib, "slab_mib": args.slab_mib,
+                                      "eviction": args.eviction, "host": args.host, "http_port": args.http_port,
+                                      "chunk_tokens": args.chunk_tokens},
+                                     CacheServerConfig)
+            except msgspec.ValidationError as e:
+                raise ConfigError(str(e), field="lmcache-pd server") from None
+            return serve(cs, prefix="--")
         if args.cmd == "tiny-model":
             from lmcache_pd.cli.tinymodel import build_tiny_model
 

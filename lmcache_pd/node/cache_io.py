@@ -39,6 +39,7 @@ from lmcache_pd.config import CacheConfig
 from lmcache_pd.errors import ConfigError
 from lmcache_pd.handoff import CacheLoadSpec, CacheSaveSpec, lookup_hold
 from lmcache_pd.layout import KVLayout, PoolLayout, plan_cache_to_pool
+from lmcache_pd.node.cache_slots import SlotCopier
 from lmcache_pd.ops import copy_ranges
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,15 @@ class CacheIO:
         self.cache = cache if cache is not None else build_cache(cfg, instance=instance, rank=rank,
                                                                  record_key=record_key)
         self.lookups = LookupServer(instance, rank, self.resolve)
+        # A first tier in shared memory (the node cache daemon): loads and saves copy in place.
+        top = self.cache.tiers[0] if self.cache.tiers else None
+        self.shared = top if getattr(top, "shared_memory", False) else None
+        self.slots = SlotCopier(kv, kv_buffer, self.chunk_layout)
+        for t in self.cache.tiers:
+            if getattr(t, "shared_memory", False):
+                t.sum_unit_bytes, t.chunk_tokens = kv.block_bytes, cfg.chunk_tokens
+        if self.shared is not None:
+            self.shared.on_segment = self.slots.segment_hook()
         self._work: collections.deque[tuple[str, object, torch.cuda.Event | None]] = collections.deque()
         self._done: list[CacheIOResult] = []
         self._cond = threading.Condition()
@@ -192,13 +202,26 @@ class CacheIO:
                              f"blocks, got {len(spec.block_ids)}")
         nbytes = 0
         dst_blocks = iter(spec.block_ids)
-        for i, key in enumerate(keys):
-            value = self.cache.get(key)
+        wants = []  # per chunk: (its vLLM blocks, its first page)
+        for i in range(len(keys)):
+            first = spec.skip_blocks if i == 0 else 0
+            wants.append(([next(dst_blocks) for _ in range(first, self.chunk_blocks)], first))
+        done = 0
+        if self.shared is not None:  # in place, out of the daemon's slots (node/cache_slots.py)
+            with self.shared.reading(keys) as slots:
+                copied = self.slots.load([(slot, *wants[i]) for i, slot in enumerate(slots)])
+                for i, n in enumerate(copied):
+                    if n is None:
+                        self.shared.corrupt(keys[i])
+                        raise CacheMiss(f"chunk {i} of {len(keys)} failed its digest in the cache daemon")
+                    nbytes += n
+                done = len(slots)
+        for i in range(done, len(keys)):
+            blocks, first = wants[i]
+            pages = np.arange(first, self.chunk_blocks)
+            value = self.cache.get(keys[i], start=0 if self.shared is None else 1)
             if value is None:
                 raise CacheMiss(f"chunk {i} of {len(keys)} is in no tier now (deleted, or a remote tier evicted it)")
-            first = spec.skip_blocks if i == 0 else 0
-            pages = np.arange(first, self.chunk_blocks)
-            blocks = [next(dst_blocks) for _ in pages]
             plan = plan_cache_to_pool(self.kv, self.chunk_layout, blocks=blocks, pages=pages).swapped()
             src = _readonly_tensor(value)
             if self.kv_buffer.is_cuda:
@@ -220,10 +243,20 @@ class CacheIO:
         missing = self.cache.missing(keys)
         stored = 0
         pages = np.arange(self.chunk_blocks)
+
+        def blocks_of(i: int) -> Sequence[int]:
+            return spec.block_ids[i * self.chunk_blocks:(i + 1) * self.chunk_blocks]
+
+        here = [i for i in range(len(keys)) if self.shared is not None and missing[i][:1] == (0,)]
+        if here:  # in place, into the daemon's slots (node/cache_slots.py)
+            with self.shared.writing([keys[i] for i in here], self.chunk_layout.nbytes) as writes:
+                stored += self.slots.save([(w, blocks_of(i)) for i, w in zip(here, writes) if w is not None])
+            for i in here:
+                missing[i] = missing[i][1:]
         for i, key in enumerate(keys):
+            blocks = blocks_of(i)
             if not missing[i]:
                 continue
-            blocks = spec.block_ids[i * self.chunk_blocks:(i + 1) * self.chunk_blocks]
             plan = plan_cache_to_pool(self.kv, self.chunk_layout, blocks=blocks, pages=pages)
             out = torch.empty(self.chunk_layout.nbytes, dtype=torch.uint8, device=self.kv_buffer.device)
             copy_ranges(self.kv_buffer, out, plan)

@@ -54,3 +54,20 @@ def test_a_chunk_whose_bytes_fail_their_crc_is_a_miss_and_is_dropped(tmp_path):
     finally:
         t.close()
         d.close()
+
+
+def test_a_daemon_restarted_between_two_calls_is_reconnected_at_once_not_after_retry_s(tmp_path):
+    path = str(tmp_path / "cache.sock")
+    d = daemon_at(path)
+    t = ServerTier(ServerOptions(socket=path, timeout_s=1.0, retry_s=60.0), instance="t", rank=0)
+    t.open()
+    try:
+        assert t.put(key(1), value(1))
+        d.close()
+        d = daemon_at(path)  # back before the tier noticed: its connection is stale
+        assert t.put(key(2), value(2)) and bytes(t.get(key(2))) == value(2)
+        s = t.stats()
+        assert s.up and s.errors == 1  # the broken connection, counted; no retry_s wait
+    finally:
+        t.close()
+        d.close()

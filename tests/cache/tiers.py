@@ -10,7 +10,6 @@ from lmcache_pd.cache.daemon import CacheDaemon
 from lmcache_pd.cache.disk import DiskOptions, DiskTier
 from lmcache_pd.cache.keys import ChunkKey
 from lmcache_pd.cache.memory import MemoryOptions, MemoryTier
-from lmcache_pd.cache.remote import RedisOptions, RedisTier
 from lmcache_pd.cache.server_tier import ServerOptions, ServerTier
 
 
@@ -26,6 +25,8 @@ def make_tier(name: str, *, tmp_path, redis_url: str | None, size_mib: int = 4, 
         tier = DiskTier(DiskOptions(path=str(tmp_path / "{instance}.{rank}"), size_mib=size_mib, **opts),
                         instance="t", rank=0)
     else:  # each test gets its own key prefix on the shared server
+        from lmcache_pd.cache.remote import RedisOptions, RedisTier  # (here: a GPU machine may lack redis-py)
+
         tier = RedisTier(RedisOptions(url=redis_url, key_prefix=f"test-{uuid.uuid4().hex[:8]}:", **opts),
                          instance="t", rank=0)
     if opened:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.request
 
 from lmcache_pd.proxy.answers import REPORT_HEADER
+from tests.waiting import wait_for  # noqa: F401 - re-exported: the e2e tests take it from here
 
 MAX_TOKENS = 16
 
@@ -51,16 +51,6 @@ def counter(m: dict[str, float], name: str, **labels: str) -> float:
             seen = True
     assert seen, f"metric {name}{labels or ''} is not exported (vLLM renamed it?)"
     return total
-
-
-def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.2):
-    """``predicate()``'s first truthy value, asked every ``every_s`` for up to ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not (out := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout_s} s")
-        time.sleep(every_s)
-    return out
 
 
 def prompt_ids(n: int, seed: int = 0) -> list[int]:

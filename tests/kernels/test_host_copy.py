@@ -60,3 +60,34 @@ print("ok")
            "HOME": str(tmp_path), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["memmove", "streamed"])
+def test_the_summed_copy_copies_and_sums_as_the_digest_formula_does(stream):
+    """``copy_ranges_summed``: bitwise the copy, and the sum of ``ops.pool_sum`` (the GPU's
+    digest formula) over the units copied, placed on either side; additive over pages."""
+    from lmcache_pd.layout import KVLayout, PoolLayout, plan_cache_to_pool
+    from lmcache_pd.ops import copy_ranges_summed, pool_sum
+
+    if host_copy.compiled() is None:
+        pytest.skip("no C compiler here: the one-copy path sums with CRC-32 instead (test_one_copy.py)")
+    rng = np.random.default_rng(3)
+    block = 4096 if not stream else 262144  # 6 MiB a chunk: past host_copy.STREAM_BYTES
+    kv = KVLayout(num_layers=3, num_blocks=40, block_bytes=block, block_stride=block,
+                  layer_offsets=tuple(i * 40 * block for i in range(3)))
+    chunk = PoolLayout(3, 8, block)
+    cache = torch.from_numpy(rng.integers(0, 256, 3 * 40 * block, dtype=np.uint8))
+    blocks = [int(b) for b in rng.permutation(40)[:8]]
+    plan = plan_cache_to_pool(kv, chunk, blocks=blocks, pages=range(8))
+    slot = torch.full((chunk.nbytes,), 0xA5, dtype=torch.uint8)
+    saved = copy_ranges_summed(cache, slot, plan, unit_bytes=block, places_on_dst=True)
+    ref = torch.full((chunk.nbytes,), 0xA5, dtype=torch.uint8)
+    copy_ranges_ref(cache, ref, plan)
+    assert torch.equal(slot, ref)
+    assert saved == pool_sum(chunk, slot, range(8)) % (1 << 64)
+    # Back into other blocks, skipping the first 3 pages: their sum from the slot adds up.
+    back = plan_cache_to_pool(kv, chunk, blocks=blocks[:5], pages=range(3, 8)).swapped()
+    loaded = copy_ranges_summed(slot, cache, back, unit_bytes=block, places_on_dst=False)
+    assert (loaded + pool_sum(chunk, slot, range(3))) % (1 << 64) == saved
+    slot[5 * block + 17] ^= 1  # one bit anywhere changes it
+    assert copy_ranges_summed(slot, cache, back, unit_bytes=block, places_on_dst=False) != loaded

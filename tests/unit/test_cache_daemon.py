@@ -16,7 +16,7 @@ import pytest
 from lmcache_pd.cache.daemon import CacheDaemon
 from lmcache_pd.cache.daemon_client import DaemonClient, DaemonGone
 from lmcache_pd.cache.keys import ChunkKey
-from tests.integration.client import wait_for
+from tests.waiting import wait_for
 
 SLAB = 256 << 10
 CHUNK = 60_000
@@ -124,3 +124,120 @@ def test_one_client_cannot_end_anothers_leases_or_writes_under_the_same_owner_na
     finally:
         a.close()
         b.close()
+
+
+def _connect_as(path: str, uid: int, out) -> None:
+    os.setgid(uid)
+    os.setuid(uid)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(path)
+        out.put(s.recv(8))  # b"": refused before the segment
+    except OSError as e:
+        out.put(repr(e))
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root: to connect as another user")
+def test_a_process_of_another_user_is_refused_before_the_segment_and_counted():
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="pd-stranger-")  # (pytest's tmp_path is closed to other users)
+    os.chmod(folder, 0o755)
+    daemon = CacheDaemon(os.path.join(folder, "cache.sock"), segment_bytes=SLAB, slab_bytes=SLAB)
+    daemon.start()
+    try:
+        _stranger(daemon)
+    finally:
+        daemon.close()
+        os.rmdir(folder)
+
+
+def _stranger(daemon: CacheDaemon) -> None:
+    os.chmod(daemon.path, 0o666)  # the file's mode changed by mistake: the peer check still holds
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    p = ctx.Process(target=_connect_as, args=(daemon.path, 65534, out))
+    p.start()
+    got = out.get(timeout=10)
+    p.join(10)
+    assert got == b"", f"a stranger got {got!r}"
+    assert daemon.strangers == 1 and daemon.clients == 0
+    c = DaemonClient(daemon.path, timeout_s=5)  # this user still gets in
+    try:
+        assert c.status().stats["strangers"] == 1 and len(c.status().clients) == 1
+    finally:
+        c.close()
+
+
+def test_status_names_the_clients_and_counts_hits(daemon):
+    a, b = DaemonClient(daemon.path, timeout_s=5), DaemonClient(daemon.path, timeout_s=5)
+    try:
+        assert a.save(key(1), os.urandom(CHUNK), owner="w", crc=0)
+        b.contains([key(1), key(2)])
+        b.acquire([key(1), key(2)], owner="r")
+        r = a.status()
+        s = r.stats
+        assert (s["lookups"], s["lookup_hits"], s["reads"], s["read_hits"], s["writes"]) == (2, 1, 2, 1, 1)
+        assert s["read_bytes"] == s["written_bytes"] == CHUNK
+        assert sorted(c.pid for c in r.clients) == [os.getpid()] * 2
+        assert [(c.slabs, c.used) for c in r.classes] == [(1, 1)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_daemons_http_serves_metrics_and_stats_and_clears_only_with_the_token(daemon):
+    import json
+    import urllib.error
+    import urllib.request
+
+    from lmcache_pd.auth import Keyring
+    from lmcache_pd.cache.daemon_http import DaemonHTTP
+
+    keys = Keyring(b"s" * 32)
+    http = DaemonHTTP(daemon, host="127.0.0.1", port=0, keys=keys)
+    http.start()
+    c = DaemonClient(daemon.path, timeout_s=5)
+    base = f"http://127.0.0.1:{http.address[1]}"
+    try:
+        assert c.save(key(1), os.urandom(CHUNK), owner="w", crc=0)
+        metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+        assert "lmcache_pd_cache_server_writes_total 1.0" in metrics
+        assert "lmcache_pd_cache_server_clients 1.0" in metrics
+        stats = json.loads(urllib.request.urlopen(base + "/cache/stats", timeout=5).read())
+        assert stats["stats"]["chunks"] == 1 and len(stats["clients"]) == 1
+
+        def clear(body, token=None):
+            req = urllib.request.Request(base + "/cache/clear", data=json.dumps(body).encode(), method="POST")
+            if token:
+                req.add_header("authorization", f"Bearer {token}")
+            try:
+                return urllib.request.urlopen(req, timeout=5).status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert clear({"all": True}) == 401 and clear({"all": True}, "wrong") == 401
+        assert c.contains([key(1)]) == [True]
+        assert clear({"everything": 1}, keys.api_token) == 400
+        assert clear({"all": True}, keys.api_token) == 200 and c.contains([key(1)]) == [False]
+    finally:
+        c.close()
+        http.close()
+
+
+def test_a_daemon_serving_one_chunk_size_refuses_an_engine_of_another_and_names_both_fields(tmp_path):
+    from lmcache_pd.cache.daemon_client import DaemonRefused
+
+    d = CacheDaemon(str(tmp_path / "sized.sock"), segment_bytes=SLAB, slab_bytes=SLAB, chunk_tokens=256)
+    d.start()
+    try:
+        with pytest.raises(DaemonRefused, match=r"cache_server.chunk_tokens.*not 128 \(cache.chunk_tokens\)"):
+            DaemonClient(d.path, timeout_s=5, chunk_tokens=128)
+        ok = DaemonClient(d.path, timeout_s=5, chunk_tokens=256)
+        tool = DaemonClient(d.path, timeout_s=5)  # (--status says no size)
+        assert ok.save(key(1), os.urandom(CHUNK), owner="w", crc=0) and tool.stats()["clients"] == 2
+        ok.close()
+        tool.close()
+    finally:
+        d.close()

@@ -127,3 +127,33 @@ def test_instance_name_resolution():
     assert resolve_instance(None, environ={"LMCACHE_PD_INSTANCE": "prefill-0"}) == "prefill-0"
     with pytest.raises(ConfigError, match="LMCACHE_PD_INSTANCE"):
         resolve_instance(None, environ={})
+
+
+def test_the_cache_server_section_gives_server_tiers_their_socket_and_is_checked(tmp_path):
+    text = GOOD + textwrap.dedent("""
+        cache:
+          enabled: true
+          tiers: [{name: server}, {name: disk, options: {path: /tmp/x}}]
+        cache_server: {socket: /run/pd/cache.sock, size_mib: 1024, eviction: fifo}
+    """)
+    cfg = load_config(write(tmp_path, text), environ={})
+    assert cfg.cache.tiers[0].options == {"socket": "/run/pd/cache.sock"}
+    assert cfg.cache.tiers[1].options == {"path": "/tmp/x"}
+    assert cfg.cache_server.eviction == "fifo" and cfg.cache_server.slab_mib == 64
+    same = text.replace(", eviction: fifo", ", eviction: fifo, chunk_tokens: 256")  # cache.chunk_tokens' default
+    assert load_config(write(tmp_path, same), environ={}).cache_server.chunk_tokens == 256
+    mine = text.replace("tiers: [{name: server}", "tiers: [{name: server, options: {socket: /elsewhere}}")
+    assert load_config(write(tmp_path, mine), environ={}).cache.tiers[0].options == {"socket": "/elsewhere"}
+    for bad, field in [((", eviction: fifo", ", eviction: random"), "cache_server.eviction"),
+                       ((", size_mib: 1024", ", size_mib: 32"), "cache_server.size_mib"),
+                       ((", eviction: fifo", ", eviction: fifo, chunk_tokens: 128"), "cache.chunk_tokens")]:
+        with pytest.raises(ConfigError) as e:
+            load_config(write(tmp_path, text.replace(*bad)), environ={})
+        assert e.value.field == field
+
+
+def test_launching_a_cache_server_without_its_section_names_it(tmp_path, capsys):
+    from lmcache_pd.cli.main import main
+
+    assert main(["launch", "--role", "cache-server", "--config", str(write(tmp_path, GOOD))]) == 2
+    assert "field `cache_server`" in capsys.readouterr().err

@@ -17,8 +17,8 @@ from lmcache_pd import transport as transports
 from lmcache_pd.errors import ConfigError
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.node.layered import LayerMarks
-from tests.integration.client import wait_for
 from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node, make_cfg
+from tests.waiting import wait_for
 
 ONE_SIDED = ["loopback", "nixl", "cuda_ipc"]
 

@@ -123,9 +123,9 @@ def test_the_gpu_formulas_agree_between_cache_and_pool(per_layer, sliced, monkey
     pbuf = torch.zeros(pool.nbytes, dtype=torch.uint8)
     blocks, pages = [3, 17, 5, 9], [10, 2, 7, 0]
     copy_ranges(buf, pbuf, plan_cache_to_pool(kv, pool, blocks=blocks, pages=pages))
-    assert _cache_sum(kv, buf, blocks, pool, pages) == _pool_sum(pool, pbuf, pages)
+    assert int(_cache_sum(kv, buf, blocks, pool, pages)) == int(_pool_sum(pool, pbuf, pages))
     pbuf[(2 * pool.num_pages + 2) * pool.block_bytes + 5] ^= 1
-    assert _cache_sum(kv, buf, blocks, pool, pages) != _pool_sum(pool, pbuf, pages)
+    assert int(_cache_sum(kv, buf, blocks, pool, pages)) != int(_pool_sum(pool, pbuf, pages))
 
 
 def test_the_digest_kernel_equals_the_formula_on_both_sides():
@@ -147,8 +147,8 @@ def test_the_digest_kernel_equals_the_formula_on_both_sides():
         pbuf = torch.zeros(pool.nbytes, dtype=torch.uint8, device="cuda")
         blocks, pages = [3, 17, 5, 9, 33, 21], [10, 2, 7, 0, 23, 11]
         copy_ranges(buf, pbuf, plan_cache_to_pool(kv, pool, blocks=blocks, pages=pages))
-        want = _cache_sum(kv, buf, blocks, pool, pages)
+        want = int(_cache_sum(kv, buf, blocks, pool, pages))
         assert cache_digest(kv, buf, blocks, pool, pages) == want == pool_digest(pool, pbuf, pages) \
-            == _pool_sum(pool, pbuf, pages), per_layer
+            == int(_pool_sum(pool, pbuf, pages)), per_layer
         pbuf[(3 * pool.num_pages + 23) * pool.block_bytes + 4000] ^= 4
         assert pool_digest(pool, pbuf, pages) != want

@@ -94,6 +94,22 @@ def test_a_chunk_deleted_while_it_is_read_keeps_its_slot_until_the_read_ends():
     assert store.reserve(key(20), 4 * CLASS_ALIGN, "w").offset == offset
 
 
+def test_a_slot_read_by_two_owners_is_freed_when_the_last_one_releases_it_and_only_its_own_keys_end():
+    store = SlotStore(SLAB, slab_bytes=SLAB)
+    offsets = [saved(store, key(i)) for i in range(4)]
+    store.acquire([key(0), key(1)], "a")
+    store.acquire([key(0)], "b")
+    store.delete([key(0)])
+    store.release("a", keys=[key(1)])  # a still reads key(0)
+    assert store.stats().leased == 0  # key(1) is free of leases; key(0) is an orphan
+    assert store.reserve(key(8), 4 * CLASS_ALIGN, "w").offset != offsets[0]  # evicts key(1) (or 2, 3)
+    store.release("a")
+    assert store.reserve(key(9), 4 * CLASS_ALIGN, "w").offset != offsets[0]  # b still reads it
+    store.release("b")
+    store.release("b")  # twice: nothing more to end
+    assert store.reserve(key(10), 4 * CLASS_ALIGN, "w").offset == offsets[0]
+
+
 def test_clear_removes_one_tenant_or_all():
     store = SlotStore(2 * SLAB, slab_bytes=SLAB)
     for i, t in enumerate(["a", "a", "b"]):
@@ -134,3 +150,17 @@ def test_the_segment_is_shared_with_another_process_by_its_descriptor_bitwise():
         seg.close()
     with pytest.raises(OSError):  # sealed: no client can shrink it under the others
         os.ftruncate(Segment.create(SLAB).fd, 1)
+
+
+def test_fifo_eviction_takes_the_oldest_saved_even_when_it_was_read_last():
+    lru, fifo = SlotStore(SLAB, slab_bytes=SLAB), SlotStore(SLAB, slab_bytes=SLAB, eviction="fifo")
+    for store in (lru, fifo):
+        for i in range(4):
+            saved(store, key(i))
+        store.acquire([key(0)], "r")
+        store.release("r")
+        saved(store, key(9))
+    assert lru.contains([key(0), key(1)]) == [True, False]
+    assert fifo.contains([key(0), key(1)]) == [False, True]
+    with pytest.raises(ValueError, match="eviction policy"):
+        SlotStore(SLAB, slab_bytes=SLAB, eviction="random")
