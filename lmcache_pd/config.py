@@ -172,13 +172,11 @@ class TimeoutsConfig(_Section):
     """Prefill workers heartbeat every linked decode worker at this interval (renewing the leases
     of in-flight transfers); an unanswered heartbeat (``control_s``) drops the link."""
     direct_wait_s: Seconds = 0.05
-    """With ``transport.direct``: a decode worker holds the Allocate of a hand-off whose decode
-    request the proxy sent at the same time (concurrent dispatch) up to this long for vLLM to
-    schedule that request, so that the prefill can write into its blocks; then the pool."""
+    """With ``transport.direct``: a decode worker holds an Allocate whose decode request came at the
+    same time up to this long for vLLM to schedule it (the prefill then writes into its blocks)."""
     peer_s: Seconds = 10.0
-    """A decode worker forgets a prefill worker it has not heard from for this long (killed,
-    stopped, partitioned): the reservations it was still writing are aborted, and their decode
-    requests recompute at once instead of waiting for ``transfer_s``."""
+    """A decode worker forgets a prefill worker it has not heard from for this long (killed, stopped,
+    partitioned): its reservations are aborted, their requests recompute without waiting ``transfer_s``."""
 
 
 class AuthConfig(_Section):
@@ -196,15 +194,13 @@ class BackpressureConfig(_Section):
     """Hand-offs one prefill worker lets wait for pages of one decode instance; beyond it a
     hand-off fails at once (its blocks are freed, the decode side recomputes)."""
     decode_queue: Positive = 256
-    """Allocations one decode worker queues while its pool is full; beyond it they are refused
-    at once."""
+    """Allocations one decode worker queues while its pool is full; beyond it they are refused."""
 
 
 class TierConfig(_Section):
     name: str
-    """A registered cache tier: ``memory``, ``disk`` or ``redis`` (Valkey too)."""
-    options: dict[str, Any] = {}
-    """Tier-specific options, validated by the tier's own ``Options`` struct (docs/cache.md)."""
+    """A registered cache tier: ``memory``, ``disk``, ``redis`` (Valkey too) or ``server``."""
+    options: dict[str, Any] = {}  # validated by the tier's own ``Options`` struct (docs/cache.md)
 
 
 class CacheConfig(_Section):
@@ -213,15 +209,15 @@ class CacheConfig(_Section):
     chunk_tokens: Positive = 256
     """Tokens per cached chunk (the unit of keys and reuse); a multiple of vLLM's block size."""
     tiers: tuple[TierConfig, ...] = (TierConfig(name="memory"),)
-    """Fastest first. Reads go down the tiers and promote hits upward; writes go to all."""
+    """Fastest first. Reads go down the tiers and promote hits upward; writes go to all. In the
+    file, ``cache.server: <socket>`` puts the node cache daemon's tier first (docs/cache_server.md)."""
     write_queue_mib: Positive = 512
     """Chunk writes waiting for the tiers, at most; a write beyond it is dropped (not cached)."""
     lookup_timeout_s: Seconds = 2.0
     """The scheduler waits this long for the workers to say how much of a prompt is cached,
     then schedules the request without cache hits."""
     hold_s: Seconds = 60.0
-    """Chunks a lookup found are kept from eviction until their load ends, or this long if the
-    load never comes (request aborted, hand-off failed)."""
+    """Chunks a lookup found are kept from eviction until their load ends, or this long at most."""
     decode_skip: bool = True
     """Decode instances tell the prefill side which leading chunks of a prompt their own local
     tiers (memory, disk) hold, and those are not transferred again (docs/cache.md)."""
@@ -229,7 +225,6 @@ class CacheConfig(_Section):
 
 class CacheServerConfig(_Section):
     """This node's cache daemon, as ``lmcache-pd launch --role cache-server`` starts it (docs/cache_server.md)."""
-
     socket: str
     """Its Unix socket; a ``server`` tier in ``cache.tiers`` without ``options.socket`` uses it."""
     size_mib: Positive = 4096
@@ -393,8 +388,14 @@ def config_from_dict(data: Mapping[str, Any], *, source: str) -> PDConfig:
 
 
 def _server_sockets(data: dict[str, Any]) -> dict[str, Any]:
-    """A ``server`` cache tier without ``options.socket`` reaches ``cache_server.socket``."""
+    """``cache.server: <socket>`` puts a ``server`` tier first in ``cache.tiers``; a ``server``
+    tier without ``options.socket`` reaches ``cache_server.socket``."""
     sock, cache = (data.get("cache_server") or {}), data.get("cache")
+    if isinstance(cache, dict) and isinstance(cache.get("server"), str):
+        rest = [t for t in cache.get("tiers") or [] if not (isinstance(t, dict) and t.get("name") == "server")]
+        cache = {k: v for k, v in cache.items() if k != "server"} | {
+            "tiers": [{"name": "server", "options": {"socket": cache["server"]}}, *rest]}
+        data = data | {"cache": cache}
     if not (isinstance(sock, dict) and isinstance(sock.get("socket"), str) and isinstance(cache, dict)
             and isinstance(cache.get("tiers"), list)):
         return data

@@ -15,10 +15,7 @@ daemon through their ``server`` tier). With a shared secret, POST needs ``Author
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import msgspec
@@ -28,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from lmcache_pd.auth import Keyring
 from lmcache_pd.cache.daemon import CacheDaemon
 from lmcache_pd.cache.keys import tenant_tag
+from lmcache_pd.http_api import BoundedServer, JsonHandler
 
 log = logging.getLogger(__name__)
 
@@ -61,30 +59,18 @@ class DaemonHTTP:
         self.keys = keys if keys is not None else Keyring(None)
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(daemon))
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: BoundedServer | None = None
 
     def start(self) -> None:
-        api = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.api = api
-        self._server = ThreadingHTTPServer(self.address, Handler)
-        self._server.daemon_threads = True
+        handler = type("Handler", (_Handler,), {"api": self})
+        self._server = BoundedServer(self.address, handler, max_connections=16)
         self.address = self._server.server_address[:2]  # (port 0: the one the system chose)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="pd-cache-daemon-http", daemon=True)
-        self._thread.start()
+        self._server.start("pd-cache-daemon-http")
         log.info("cache daemon HTTP on http://%s:%d", *self.address)
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._server.stop()
 
     def stats(self) -> dict[str, Any]:
         return msgspec.to_builtins(self.daemon.stats_reply())
@@ -97,52 +83,22 @@ class DaemonHTTP:
         raise ValueError('give {"tenant": "<cache_salt>"} or {"all": true}')
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     api: DaemonHTTP
-    protocol_version = "HTTP/1.1"
-    timeout = 10.0  # a client that sends nothing this long is dropped: it holds a thread
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        log.debug("cache daemon HTTP: " + format, *args)
-
-    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("content-type", ctype)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj).encode())
+    what = "cache daemon HTTP"
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         if self.path == "/metrics":
-            self._send(200, generate_latest(self.api.registry), "text/plain; version=0.0.4")
+            self.send(200, generate_latest(self.api.registry), "text/plain; version=0.0.4")
         elif self.path == "/cache/stats":
-            self._json(200, self.api.stats())
+            self.json(200, self.api.stats())
         elif self.path == "/health":
-            self._json(200, {"ok": True})
+            self.json(200, {"ok": True})
         else:
-            self._json(404, {"error": f"no route {self.path}"})
+            self.json(404, {"error": f"no route {self.path}"})
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
-        if self.path != "/cache/clear":
-            self._json(404, {"error": f"no route {self.path}"})
-            return
-        if not self.api.keys.authorizes(self.headers.get("authorization")):
-            self._json(401, {"error": "missing or wrong bearer token (`lmcache-pd token` prints it)"})
-            return
-        try:
-            n = int(self.headers.get("content-length") or 0)
-            if not 0 <= n <= MAX_BODY:
-                raise ValueError(f"content-length {n} outside [0, {MAX_BODY}]")
-            body = json.loads(self.rfile.read(n) or b"{}")
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
-            self._json(200, self.api.clear(body))
-        except (ValueError, json.JSONDecodeError) as e:
-            self.close_connection = True
-            self._json(400, {"error": str(e)})
+        self.post({"/cache/clear": self.api.clear}, self.api.keys, MAX_BODY)
 
 
 class _Collector:

@@ -51,6 +51,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def head_mapping(cfg) -> list[str]:
+    """Which prefill rank sends which KV heads to which decode rank (heads.py), as YAML comments;
+    the model's head count from its ``config.json``."""
+    import json
+    from pathlib import Path
+
+    from lmcache_pd.heads import describe
+
+    p, d = cfg.prefill[0].tp_size, cfg.decode[0].tp_size
+    try:
+        model = json.loads((Path(cfg.model.path) / "config.json").read_text())
+        model = model.get("text_config", model)
+        heads = int(model.get("num_key_value_heads") or model["num_attention_heads"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return [f"# KV head mapping: not known here ({cfg.model.path}/config.json: {e})"]
+    lines = describe(heads, p, d)  # (a mapping that cannot work raises ConfigError, naming the field)
+    return [f"# KV head mapping: {heads} KV heads, prefill TP {p} -> decode TP {d}", *(f"#   {x}" for x in lines)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -68,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 from lmcache_pd.config import redact
 
                 print(redact(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))  # URL passwords: ***
+                print("\n".join(head_mapping(cfg)))
                 return 0
             if args.role == "cache-server":
                 from lmcache_pd.cli import cache_server

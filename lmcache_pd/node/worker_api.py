@@ -26,11 +26,8 @@ unreachable too (a lookup stops at the first missing chunk) and its chunks age o
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -40,6 +37,7 @@ from prometheus_client.registry import Collector
 from lmcache_pd.auth import Keyring
 from lmcache_pd.cache import chain_hashes, chunk_keys, tenant_tag
 from lmcache_pd.chains import DIGEST_BYTES
+from lmcache_pd.http_api import BoundedServer, JsonHandler
 from lmcache_pd.node.cache_io import CacheIO, NoCacheIO
 
 log = logging.getLogger(__name__)
@@ -72,30 +70,17 @@ class WorkerAPI:
             self.registry.register(c)
         if io.enabled:
             self.registry.register(_Collector(self))
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: BoundedServer | None = None
 
     def start(self) -> None:
-        api = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.api = api
-        Handler.timeout = self.io_timeout_s
-        self._server = _BoundedServer(self.address, Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="pd-worker-api", daemon=True)
-        self._thread.start()
+        handler = type("Handler", (_Handler,), {"api": self, "timeout": self.io_timeout_s})
+        self._server = BoundedServer(self.address, handler, max_connections=MAX_CONNECTIONS)
+        self._server.start("pd-worker-api")
         log.info("worker API of %s rank %d on http://%s:%d", self.instance, self.rank, *self.address)
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._server.stop()
 
     # --- operations (also called directly by tests) -----------------------------------------
     @property
@@ -170,83 +155,28 @@ def _tenant(body: dict[str, Any]) -> str | None:
     return t or None
 
 
-class _BoundedServer(ThreadingHTTPServer):
-    """At most MAX_CONNECTIONS handler threads; the accept loop waits for a free one instead of
-    starting threads without bound."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self._slots.acquire()
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     api: WorkerAPI
-    protocol_version = "HTTP/1.1"
-    timeout = SOCKET_TIMEOUT_S  # every read and write of the connection (StreamRequestHandler)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        log.debug("cache API: " + format, *args)
-
-    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("content-type", ctype)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj).encode())
+    what = "cache API"
+    timeout = SOCKET_TIMEOUT_S
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         if self.path == "/pd/stats":
-            self._json(200, self.api.status())
+            self.json(200, self.api.status())
         elif self.path == "/cache/stats":
             try:
-                self._json(200, self.api.stats())
+                self.json(200, self.api.stats())
             except LookupError as e:
-                self._json(404, {"error": str(e)})
+                self.json(404, {"error": str(e)})
         elif self.path == "/metrics":
-            self._send(200, generate_latest(self.api.registry), "text/plain; version=0.0.4")
+            self.send(200, generate_latest(self.api.registry), "text/plain; version=0.0.4")
         else:
-            self._json(404, {"error": f"no route {self.path}"})
+            self.json(404, {"error": f"no route {self.path}"})
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
-        routes = {"/cache/lookup": self.api.lookup, "/cache/pin": self.api.pin,
-                  "/cache/unpin": lambda b: self.api.pin(b, pin=False), "/cache/clear": self.api.clear}
-        op = routes.get(self.path)
-        if op is None:
-            self._json(404, {"error": f"no route {self.path}"})
-            return
-        if not self.api.keys.authorizes(self.headers.get("authorization")):
-            self._json(401, {"error": "missing or wrong bearer token (`lmcache-pd token` prints it)"})
-            return
-        try:
-            n = int(self.headers.get("content-length") or 0)
-            if not 0 <= n <= MAX_BODY:  # a negative length would read to the end of the stream
-                raise ValueError(f"content-length {n} outside [0, {MAX_BODY}]")
-            body = json.loads(self.rfile.read(n) or b"{}")
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
-            self._json(200, op(body))
-        except (ValueError, json.JSONDecodeError) as e:
-            self.close_connection = True  # what is left of its body would be read as a request
-            self._json(400, {"error": str(e)})
-        except LookupError as e:
-            self._json(404, {"error": str(e)})
+        self.post({"/cache/lookup": self.api.lookup, "/cache/pin": self.api.pin,
+                   "/cache/unpin": lambda b: self.api.pin(b, pin=False), "/cache/clear": self.api.clear},
+                  self.api.keys, MAX_BODY)
 
 
 class _Collector:

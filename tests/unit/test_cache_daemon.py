@@ -34,20 +34,16 @@ def daemon(tmp_path):
     d.close()
 
 
-def _saver(path: str, payloads: list[bytes], then_die: bool) -> None:
+def _saver(path: str, payloads: list[bytes]) -> None:
     c = DaemonClient(path, timeout_s=5)
     for i, p in enumerate(payloads):
         assert c.save(key(i), p, owner=f"req-{i}", crc=zlib.crc32(p))
-    if then_die:  # a reserved slot half written, then killed: no commit, no goodbye
-        offset = c.reserve(key(99), CHUNK, owner="req-99")
-        c.segment.view[offset:offset + 100] = b"x" * 100
-        os._exit(0)
     c.close()
 
 
 def test_chunks_saved_by_one_process_are_read_by_another_bitwise(daemon):
     payloads = [os.urandom(CHUNK) for _ in range(3)]
-    proc = mp.get_context("spawn").Process(target=_saver, args=(daemon.path, payloads, False))
+    proc = mp.get_context("spawn").Process(target=_saver, args=(daemon.path, payloads))
     proc.start()
     proc.join(60)
     assert proc.exitcode == 0
@@ -66,18 +62,83 @@ def test_chunks_saved_by_one_process_are_read_by_another_bitwise(daemon):
         c.close()
 
 
+def _writer_killed(path: str, payload: bytes, started) -> None:
+    c = DaemonClient(path, timeout_s=5)
+    assert c.save(key(0), payload, owner="req-0", crc=zlib.crc32(payload))
+    offset = c.reserve(key(99), CHUNK, owner="req-99")
+    started.set()
+    while True:  # writing its slot, over and over, until it is killed
+        c.segment.view[offset:offset + CHUNK] = payload
+
+
 def test_a_client_killed_mid_save_leaves_nothing_visible_and_its_slot_free(daemon):
-    payloads = [os.urandom(CHUNK)]
-    proc = mp.get_context("spawn").Process(target=_saver, args=(daemon.path, payloads, True))
+    payload = os.urandom(CHUNK)
+    ctx = mp.get_context("spawn")
+    started = ctx.Event()
+    proc = ctx.Process(target=_writer_killed, args=(daemon.path, payload, started))
     proc.start()
-    proc.join(60)
+    assert started.wait(60), "the writer did not start"
+    time.sleep(0.05)  # (bytes in flight: it copies into the slot in a loop)
+    os.kill(proc.pid, 9)
+    proc.join(10)
     wait_for(lambda: daemon.clients == 0, 5, "the killed client's connection ended", every_s=0.005)
     c = DaemonClient(daemon.path, timeout_s=5)
     try:
         assert c.contains([key(0), key(99)]) == [True, False]
         assert c.stats()["reserved"] == 0
+        assert c.reserve(key(99), CHUNK, owner="again") >= 0  # its slot is free again
     finally:
         c.close()
+
+
+def _payload(i: int) -> bytes:
+    return (i.to_bytes(4, "little") * (CHUNK // 4 + 1))[:CHUNK]
+
+
+def _busy_client(path: str, seed: int, out) -> None:
+    import random
+
+    rnd = random.Random(seed)
+    c = DaemonClient(path, timeout_s=10)
+    saved, checked = 0, 0
+    for n in range(120):
+        i = rnd.randrange(60)  # the clients' keys overlap: the same chunk saved by several at once
+        if rnd.random() < 0.5:
+            saved += c.save(key(i), _payload(i), owner=f"s{n}", crc=zlib.crc32(_payload(i)))
+            continue
+        for offset, size, crc in c.acquire([key(i)], owner=f"r{n}"):
+            got = bytes(c.segment.view[offset:offset + size])
+            assert got == _payload(i) and zlib.crc32(got) == crc, f"chunk {i} torn"
+            checked += 1
+        c.release(f"r{n}")
+    c.close()
+    out.put((saved, checked))
+
+
+def test_many_clients_at_once_lose_no_chunk_and_tear_none(tmp_path):
+    d = CacheDaemon(str(tmp_path / "busy.sock"), segment_bytes=8 << 20, slab_bytes=1 << 20)  # room for all 60
+    d.start()
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_busy_client, args=(d.path, seed, out)) for seed in range(4)]
+    try:
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(30)
+            assert p.exitcode == 0
+        saved = sum(r[0] for r in results)
+        assert saved == d.store.stats().writes == d.store.stats().chunks  # each save that said yes is kept
+        assert sum(r[1] for r in results) > 0
+        c = DaemonClient(d.path, timeout_s=5)
+        present = [i for i in range(60) if c.contains([key(i)])[0]]
+        for offset, size, crc in c.acquire([key(i) for i in present], owner="check"):
+            assert zlib.crc32(bytes(c.segment.view[offset:offset + size])) == crc
+        assert len(present) == saved and d.store.stats().reserved == 0
+        c.close()
+    finally:
+        d.close()
 
 
 def test_a_garbled_client_is_dropped_and_counted_and_the_others_go_on(daemon):

@@ -152,8 +152,37 @@ def test_the_cache_server_section_gives_server_tiers_their_socket_and_is_checked
         assert e.value.field == field
 
 
+def test_cache_server_puts_the_daemons_tier_first(tmp_path):
+    text = GOOD + "cache: {enabled: true, server: /run/pd/cache.sock}\n"
+    cfg = load_config(write(tmp_path, text), environ={})
+    assert [(t.name, t.options) for t in cfg.cache.tiers] == [("server", {"socket": "/run/pd/cache.sock"})]
+    text = GOOD + "cache: {server: /s.sock, tiers: [{name: disk, options: {path: /d}}]}\n"
+    assert [t.name for t in load_config(write(tmp_path, text), environ={}).cache.tiers] == ["server", "disk"]
+    assert load_config(write(tmp_path, GOOD), environ={}, overrides=["cache.server=/o.sock"]).cache.tiers[0].options \
+        == {"socket": "/o.sock"}
+
+
 def test_launching_a_cache_server_without_its_section_names_it(tmp_path, capsys):
     from lmcache_pd.cli.main import main
 
     assert main(["launch", "--role", "cache-server", "--config", str(write(tmp_path, GOOD))]) == 2
     assert "field `cache_server`" in capsys.readouterr().err
+
+
+def test_check_config_prints_the_kv_head_mapping_and_refuses_one_that_cannot_work(tmp_path, capsys):
+    import json
+
+    from lmcache_pd.cli.main import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 16, "num_key_value_heads": 8}))
+    text = GOOD.replace("/models/tiny", str(model)).replace("http_port: 8100}", "http_port: 8100, tp_size: 2}") \
+        .replace("data_port: 5800}", "data_port: 5800, tp_size: 2}")
+    assert main(["check-config", "--config", str(write(tmp_path, text))]) == 0
+    out = capsys.readouterr().out
+    assert "# KV head mapping: 8 KV heads, prefill TP 2 -> decode TP 2" in out
+    assert "prefill rank 1 -> decode rank 1: KV heads 4..7" in out
+    (model / "config.json").write_text(json.dumps({"num_key_value_heads": 3}))
+    assert main(["check-config", "--config", str(write(tmp_path, text))]) == 2
+    assert "field `prefill.0.tp_size`" in capsys.readouterr().err
