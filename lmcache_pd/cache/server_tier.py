@@ -216,17 +216,7 @@ class ServerTier(Tier):
         them all, one to end the leases. The caller checks each ``digest`` and calls
         :meth:`corrupt` for one that does not match."""
         owner = f"read-{next(self._owners)}"
-        got: list[tuple[int, int, int]] = []
-        client = None
-        for _ in range(2 if keys else 0):  # (a broken connection replaced at once, as in _call)
-            client = self._connected()
-            if client is None:
-                break
-            try:
-                got = client.acquire(list(keys), owner)
-                break
-            except DaemonGone as e:
-                self._lost(client, e)
+        client, got = self._call(lambda c: (c, c.acquire(list(keys), owner)), (None, [])) if keys else (None, [])
         self._count(hits=len(got), misses=int(len(got) < len(keys)), read_bytes=sum(n for _, n, _ in got))
         if not got:
             yield []
@@ -246,19 +236,10 @@ class ServerTier(Tier):
         chunk already, has no room, or is down): write it, then ``commit(digest)`` inside the
         block; one not committed by the end (or on an exception) is given back, never visible."""
         owner = f"write-{next(self._owners)}"
-        offsets = [-1] * len(keys)
-        client = None
-        for _ in range(2):  # (a broken connection replaced at once, as in _call)
-            client = self._connected()
-            if client is None:
-                break
-            try:
-                for i, k in enumerate(keys):
-                    offsets[i] = client.reserve(k, nbytes, owner)
-                break
-            except DaemonGone as e:
-                offsets = [-1] * len(keys)  # (the broken connection's reservations die with it)
-                self._lost(client, e)
+        # (A connection that breaks midway is replaced and every slot reserved again: the broken
+        # connection's reservations die with it.)
+        client, offsets = self._call(lambda c: (c, [c.reserve(k, nbytes, owner) for k in keys]),
+                                     (None, [-1] * len(keys)))
         if all(o < 0 for o in offsets):
             yield [None] * len(keys)
             return
