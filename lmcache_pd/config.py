@@ -26,6 +26,7 @@ import msgspec
 import yaml
 
 from lmcache_pd.auth import MIN_SECRET_BYTES, Keyring, is_loopback
+from lmcache_pd.config_text import apply_override, split_msgspec_error
 from lmcache_pd.errors import ConfigError
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
@@ -97,7 +98,8 @@ class InstanceConfig(_Section):
     None: no API (the cache still works). Served by prefill instances with ``cache.enabled``."""
     tp_size: Positive = 1
     cpus: str | int | None = None
-    """CPU list the launcher pins the instance to (``taskset -c``), e.g. ``"0-3"`` or ``1``."""
+    """CPUs the launcher pins the instance to (``taskset -c``) and binds vLLM's OpenMP threads to,
+    e.g. ``"0-3"`` or ``1``; per TP rank, separated by ``|`` (``"0|1"``: rank 0 on CPU 0, rank 1 on 1)."""
     kv_cache_gib: Positive = 1
     """CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE); GPU uses --gpu-memory-utilization."""
     vllm_args: tuple[str, ...] = ()
@@ -370,7 +372,7 @@ def load_config(
         merged = cfg.to_dict()
         for origin, sets in (("environment (LMCACHE_PD__*)", env_sets), ("--set", list(overrides))):
             for item in sets:
-                _apply_override(merged, item, origin)
+                apply_override(merged, item, origin)
         cfg = config_from_dict(merged, source=f"{source} with overrides")
     return cfg
 
@@ -381,7 +383,7 @@ def config_from_dict(data: Mapping[str, Any], *, source: str) -> PDConfig:
     try:
         cfg = msgspec.convert(data, PDConfig, strict=True)
     except msgspec.ValidationError as e:
-        field, message = _split_msgspec_error(str(e))
+        field, message = split_msgspec_error(str(e))
         raise ConfigError(message, field=field, source=source) from None
     _check_semantics(cfg, source)
     return cfg
@@ -402,49 +404,6 @@ def _server_sockets(data: dict[str, Any]) -> dict[str, Any]:
     tiers = [dict(t, options={"socket": sock["socket"]} | (t.get("options") or {})) if isinstance(t, dict)
              and t.get("name") == "server" and isinstance(t.get("options") or {}, dict) else t for t in cache["tiers"]]
     return data | {"cache": cache | {"tiers": tiers}}
-
-
-def _apply_override(tree: dict[str, Any], item: str, origin: str) -> None:
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {item!r} is not of the form section.field=value", source=origin)
-    parts = key.strip().split(".")
-    node: Any = tree
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError("no such list index", field=".".join(parts[: i + 1]), source=origin)
-            node = node[int(part)]
-        elif isinstance(node, dict):
-            node = node.setdefault(part, {})
-        else:
-            raise ConfigError("not a section", field=".".join(parts[: i + 1]), source=origin)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"value is not a YAML scalar: {e}", field=key, source=origin) from None
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError("no such list index", field=key, source=origin)
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def _split_msgspec_error(text: str) -> tuple[str | None, str]:
-    # msgspec: "Expected `int`, got `str` - at `$.pool.size_mib`" or
-    #          "Object contains unknown field `foo` - at `$.pool`"
-    message, _, at = text.partition(" - at `")
-    path = at.rstrip("`").removeprefix("$").lstrip(".") if at else ""
-    path = path.replace("[", ".").replace("]", "")
-    if message.startswith("Object contains unknown field `"):
-        name = message.split("`")[1]
-        return (f"{path}.{name}" if path else name), "unknown field"
-    if message.startswith("Object missing required field `"):
-        name = message.split("`")[1]
-        return (f"{path}.{name}" if path else name), "required field is missing"
-    return (path or None), message
 
 
 def _check_semantics(cfg: PDConfig, source: str) -> None:
@@ -471,6 +430,9 @@ def _check_semantics(cfg: PDConfig, source: str) -> None:
                     ports += [(fld, port + r) for r in range(inst.tp_size)]
                 if inst.data_advertise is not None:
                     host_port(inst.data_advertise, inst.tp_size, field=f"{where}.data_advertise", source=source)
+            if isinstance(inst.cpus, str) and "|" in inst.cpus and inst.cpus.count("|") + 1 != inst.tp_size:
+                raise ConfigError(f"{inst.cpus.count('|') + 1} per-rank CPU lists ('|') for tp_size {inst.tp_size}",
+                                  field=f"{where}.cpus", source=source)
             for fld, port in ports:
                 other = endpoints.setdefault((inst.host, port), f"{where}.{fld}")
                 if other != f"{where}.{fld}":

@@ -58,15 +58,18 @@ def instance_env(cfg: PDConfig, inst: InstanceConfig, base: Mapping[str, str]) -
     # loads. Measured on the CPU test model: a restart's engine init 18.8 s with AOT, 7.1 s without.
     env.setdefault("VLLM_USE_AOT_COMPILE", "0")
     if inst.cpus is not None:
-        # vLLM's CPU worker binds its OpenMP threads itself; give it our cores, not "auto".
+        # vLLM's CPU worker binds its OpenMP threads itself; give it our cores, not "auto" ("a|b": one
+        # list per TP rank, as vLLM reads it).
         env["VLLM_CPU_OMP_THREADS_BIND"] = str(inst.cpus)
     env.update(inst.env)
     return env
 
 
 def pinned(argv: list[str], cpus: str | int | None) -> list[str]:
+    """``argv`` under ``taskset -c``: every CPU of the instance (the per-rank form ``"0|1"`` pins
+    the instance to all ranks' CPUs; vLLM binds each rank's threads to its own list)."""
     if cpus is not None and shutil.which("taskset"):
-        return ["taskset", "-c", str(cpus), *argv]
+        return ["taskset", "-c", str(cpus).replace("|", ","), *argv]
     return argv
 
 

@@ -24,8 +24,9 @@ import yaml
 from lmcache_pd.config import PDConfig, load_config
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` loopback ports that bind now and were never handed out before by this process.
+def free_ports(n: int, *, width: int = 1) -> list[int]:
+    """``n`` loopback ports that bind now and were never handed out before by this process;
+    ``width``: each the first of that many consecutive such ports (a TP instance's per-rank ports).
 
     Two hazards made tests collide: the kernel hands a just-closed port 0 to the next ``bind(0)``
     (so two calls could return the same port for a config that binds neither yet), and an outgoing
@@ -36,21 +37,33 @@ def free_ports(n: int) -> list[int]:
     for _ in range(100 * n):
         if len(ports) == n:
             break
-        port = _RANDOM.randrange(_LOWEST, low) if low - _LOWEST >= 1000 else 0
-        if port in _HANDED:
+        port = _RANDOM.randrange(_LOWEST, low - width) if low - _LOWEST >= 1000 else 0
+        if port in _HANDED or (width > 1 and port == 0):
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            port = s.getsockname()[1]
+        run = range(port, port + width)
+        if any(p in _HANDED or not _binds(p) for p in run):
+            continue
+        if port == 0:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port, run = s.getsockname()[1], range(s.getsockname()[1], s.getsockname()[1] + 1)
         if port not in _HANDED:
-            _HANDED.add(port)
+            _HANDED.update(run)
             ports.append(port)
     if len(ports) < n:
         raise RuntimeError(f"found only {len(ports)} of {n} free loopback ports below {low}")
     return ports
+
+
+def _binds(port: int) -> bool:
+    if port == 0:
+        return True
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _ephemeral_low() -> int:

@@ -108,3 +108,28 @@ def test_vllm_starts_from_its_working_compile_cache_unless_the_operator_says_oth
     cfg = cfg_with_a_password()
     assert instance_env(cfg, cfg.instance("prefill-0"), {})["VLLM_USE_AOT_COMPILE"] == "0"
     assert instance_env(cfg, cfg.instance("prefill-0"), {"VLLM_USE_AOT_COMPILE": "1"})["VLLM_USE_AOT_COMPILE"] == "1"
+
+
+def test_per_rank_cpus_pin_the_instance_to_all_of_them_and_bind_each_rank_to_its_own():
+    """TP 2 on two cores: ``cpus: "0|1"``. taskset takes every rank's CPUs; vLLM's OpenMP binding
+    gets the per-rank form as vLLM reads it ("0|1": rank 0 on CPU 0, rank 1 on CPU 1). A count of
+    lists that is not the TP size is refused, naming the field."""
+    from lmcache_pd.cli.launch import pinned
+
+    cfg = config_from_dict({
+        "model": {"path": "tiny"},
+        "prefill": [{"name": "prefill-0", "http_port": 18001, "tp_size": 2, "cpus": "0|1"}],
+        "decode": [{"name": "decode-0", "http_port": 18002, "control_port": 18003, "data_port": 18005,
+                    "tp_size": 2, "cpus": "2-3|4-5"}],
+    }, source="test")
+    assert instance_env(cfg, cfg.instance("prefill-0"), {})["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert instance_env(cfg, cfg.instance("decode-0"), {})["VLLM_CPU_OMP_THREADS_BIND"] == "2-3|4-5"
+    if pinned(["vllm"], "0|1") != ["vllm"]:  # (no taskset on this machine: nothing pinned)
+        assert pinned(["vllm"], "0|1") == ["taskset", "-c", "0,1", "vllm"]
+        assert pinned(["vllm"], "2-3|4-5") == ["taskset", "-c", "2-3,4-5", "vllm"]
+    with pytest.raises(ConfigError, match="per-rank CPU lists") as e:
+        config_from_dict({"model": {"path": "tiny"},
+                          "prefill": [{"name": "p", "http_port": 18001, "tp_size": 2, "cpus": "0|1|2"}],
+                          "decode": [{"name": "d", "http_port": 18002, "control_port": 18003, "data_port": 18005,
+                                      "tp_size": 2}]}, source="test")
+    assert e.value.field == "prefill.0.cpus"
