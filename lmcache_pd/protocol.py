@@ -41,6 +41,14 @@ PROTOCOL_VERSION history:
      descriptor and its geometry), Allocate says whether the prefill can write there
      (``direct``), and Allocated may name the decode's vLLM ``blocks`` for its last pages: the
      prefill writes those straight into them, and the decode has nothing to scatter.
+  8: prefill and decode of different TP sizes (issue 20, heads.py): CompatInfo carries the
+     model's KV head count (``model_kv_heads``); ``compat_hash`` covers only what every rank of
+     both instances shares (``CompatInfo.shared``), and the decode side checks the per-rank
+     fields (``PER_RANK``) itself: the head mapping between the two TP sizes must work, and the prefill's rank
+     must be one that sends heads to this decode rank (``heads.senders_of``). A reservation of a
+     decode rank that merges heads from several prefill ranks is written by each of them: every
+     one Allocates the same transfer id (the later ones join the first's pages) and sends its own
+     TransferDone.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ import msgspec
 from lmcache_pd import auth
 from lmcache_pd.errors import ProtocolError
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 MAGIC = b"LMPD"
 _HEADER = struct.Struct("!4sH")
 HEADER = _HEADER.pack(MAGIC, PROTOCOL_VERSION)
@@ -80,7 +88,9 @@ Blob = Annotated[bytes, msgspec.Meta(max_length=64)]
 class CompatInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What must match for a byte copy of KV pages to be correct: whole pages copy safely only
     between the same attention backend (and, on CPU, instruction set: its page format differs),
-    dtype, block size, layout and TP."""
+    dtype, block size and layout. The per-rank fields (:data:`PER_RANK`: the rank's own heads and
+    page size, its TP size and rank) may differ between prefill and decode as long as the head
+    mapping between the two TP sizes works (heads.py): the decode side checks that itself."""
 
     model: str
     dtype: str
@@ -95,12 +105,30 @@ class CompatInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     transport: str
     attn_backend: str
     vllm_version: str
+    model_kv_heads: int = 0
+    """The model's KV heads (all ranks); 0: not known, ``num_kv_heads * tp_size``."""
+
+    @property
+    def total_kv_heads(self) -> int:
+        return self.model_kv_heads or self.num_kv_heads * self.tp_size
+
+    def shared(self) -> CompatInfo:
+        """What every rank of both instances must agree on: the per-rank fields cleared."""
+        return msgspec.structs.replace(self, **{f: 0 for f in PER_RANK})
 
     def digest(self) -> str:
-        return hashlib.sha256(msgspec.msgpack.encode(msgspec.to_builtins(self))).hexdigest()[:32]
+        """Hash of :meth:`shared`: equal between ranks of any TP size of one model and setup."""
+        return hashlib.sha256(msgspec.msgpack.encode(msgspec.to_builtins(self.shared()))).hexdigest()[:32]
 
     def differing(self, other: CompatInfo) -> tuple[str, ...]:
-        return tuple(f for f in self.__struct_fields__ if getattr(self, f) != getattr(other, f))
+        """The shared fields that differ (the per-rank ones are the decode side's own check)."""
+        return tuple(f for f in self.__struct_fields__
+                     if f not in PER_RANK and getattr(self, f) != getattr(other, f))
+
+
+PER_RANK = ("num_kv_heads", "page_bytes", "tp_size", "tp_rank", "model_kv_heads")
+"""CompatInfo's fields that differ between ranks or TP sizes, or may be unknown on one side
+(``model_kv_heads``): the decode side checks them itself (control/ranks.py)."""
 
 
 class ErrorCode(enum.IntEnum):

@@ -59,15 +59,18 @@ def head_mapping(cfg) -> list[str]:
 
     from lmcache_pd.heads import describe
 
-    p, d = cfg.prefill[0].tp_size, cfg.decode[0].tp_size
+    pairs = sorted({(p.tp_size, d.tp_size) for p in cfg.prefill for d in cfg.decode})
     try:
         model = json.loads((Path(cfg.model.path) / "config.json").read_text())
         model = model.get("text_config", model)
         heads = int(model.get("num_key_value_heads") or model["num_attention_heads"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return [f"# KV head mapping: not known here ({cfg.model.path}/config.json: {e})"]
-    lines = describe(heads, p, d)  # (a mapping that cannot work raises ConfigError, naming the field)
-    return [f"# KV head mapping: {heads} KV heads, prefill TP {p} -> decode TP {d}", *(f"#   {x}" for x in lines)]
+    out = []
+    for p, d in pairs:  # (a mapping that cannot work raises ConfigError, naming the field)
+        out += [f"# KV head mapping: {heads} KV heads, prefill TP {p} -> decode TP {d}",
+                *(f"#   {x}" for x in describe(heads, p, d))]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

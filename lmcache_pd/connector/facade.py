@@ -26,6 +26,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from lmcache_pd.connector.cpus import instance_wide
+
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
@@ -176,7 +178,8 @@ class PDConnector(KVConnectorBase_V1):
 
     # --- worker side ------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self._worker.register_kv_caches(kv_caches)
+        with instance_wide(self._worker.cfg.instance(self._worker.instance).cpus):  # (cpus.py: why)
+            self._worker.register_kv_caches(kv_caches)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

@@ -42,6 +42,7 @@ def describe_kv(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor], *, 
         transport=transport,
         attn_backend=_attn_backend(first),
         vllm_version=vllm.__version__,
+        model_kv_heads=_total_kv_heads(vllm_config),
     )
     return layout, buffer, compat
 
@@ -74,3 +75,12 @@ def _attn_backend(t: torch.Tensor) -> str:
         return f"cpu_attn/{_get_attn_isa(t.dtype, int(t.shape[2]), int(t.shape[3]) // 2)}"
     except Exception:  # noqa: BLE001 - private helper; without it both sides still agree on "cpu_attn"
         return "cpu_attn"
+
+
+def _total_kv_heads(vllm_config: VllmConfig) -> int:
+    """The model's KV heads over all TP ranks (0: vLLM cannot say; CompatInfo then assumes
+    the ranks split them without replication)."""
+    try:
+        return int(vllm_config.model_config.get_total_num_kv_heads())
+    except Exception:  # noqa: BLE001 - a model config vLLM cannot answer this for
+        return 0

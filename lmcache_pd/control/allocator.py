@@ -25,6 +25,11 @@ owner confirms that it stopped (its Cancel, ``confirm_end``) or ``quarantine_s``
 The owner is told of every such end (``take_notices``: the control server sends Ended).
 Ended reservations leave a tombstone for ``tombstone_s`` so that late messages and late
 consumers get a definite answer (ABORTED/EXPIRED) instead of waiting for their deadline.
+A decode rank whose KV heads come from several prefill ranks (a prefill of a wider TP,
+heads.py) has one reservation per hand-off with several writers: the first writer's Allocate
+reserves (``senders``: how many will write), each other one joins it (``join``) and writes its own
+heads into the same pages; the reservation is READY when every writer has marked it done, and
+any writer's Cancel, or its session's end, ends it for all (the others are told: Ended).
 Time is passed in (``now``) so that tests control it; the lock makes the pool safe to share
 between the control-plane thread and the decode loader thread.
 """
@@ -89,6 +94,20 @@ class Reservation:
     pages_landed: dict[int, set[PageIdx]] = field(default_factory=dict)
     """Per layer not landed yet, the pages landed so far (a chunked prompt's layer comes in
     one batch per chunk); the pool's lock guards it."""
+    senders: int = 1
+    """Writers this reservation expects: prefill ranks of a wider TP, each writing its own KV
+    heads into the same pages (heads.senders_of). READY once every one marked it done."""
+    cowriters: tuple[str, ...] = ()
+    """The writers that joined after ``owner`` (:meth:`PagePool.join`)."""
+    done_by: frozenset[str] = frozenset()
+    """Writers whose TransferDone came."""
+    unconfirmed: frozenset[str] = frozenset()
+    """Ended while being written: the writers that may still write until they confirm they
+    stopped (their Cancel) or the quarantine passes."""
+
+    def writes(self, owner: str) -> bool:
+        """``owner`` is one of this reservation's writers."""
+        return owner == self.owner or owner in self.cowriters
 
 
 @dataclass(frozen=True)
@@ -138,11 +157,13 @@ class PagePool:
 
     # --- prefill-driven transitions (control plane) ---------------------------------------
     def reserve(self, claim: Handoff, num_pages: int, *, owner: str, now: float,
-                skip_pages: int = 0, signals: bool = False, direct: tuple[int, ...] = ()) -> list[PageIdx] | None:
+                skip_pages: int = 0, signals: bool = False, direct: tuple[int, ...] = (),
+                senders: int = 1) -> list[PageIdx] | None:
         """All ``num_pages`` pages for hand-off ``claim``, or None if they are not free now.
         Raises if it can never fit. ``signals``: its writer ends with the device-side signal;
         ``direct``: the consumer's blocks its writer fills instead of the last pages
-        (Reservation.direct)."""
+        (Reservation.direct); ``senders``: writers expected, ``owner`` the first (the others
+        :meth:`join`)."""
         transfer_id = claim.transfer_id
         with self._lock:
             # First: a known id is refused as such, never as "too large" (whose tombstone would
@@ -160,9 +181,26 @@ class PagePool:
             self._live[transfer_id] = Reservation(claim, pages, owner, ReservationState.ALLOCATED, now + self.lease_s,
                                                   skip_pages=skip_pages, signals=signals,
                                                   generation=next(self._generations),
-                                                  direct=direct[-num_pages:] if direct else ())
+                                                  direct=direct[-num_pages:] if direct else (), senders=senders)
             self._changed()
             return pages
+
+    def join(self, claim: Handoff, num_pages: int, *, owner: str, now: float) -> Reservation:
+        """Add ``owner`` as a writer of the live reservation of ``claim``'s transfer id, which
+        expects more writers than it has: the same instance's Allocate for the same prompt
+        (``num_pages``: its blocks, skipped ones included). Raises TransferError otherwise, as
+        for any known id."""
+        with self._lock:
+            r = self._live.get(claim.transfer_id)
+            if (r is None or r.state != ReservationState.ALLOCATED or r.writes(owner)
+                    or len(r.cowriters) + 1 >= r.senders or num_pages != r.skip_pages + len(r.pages)
+                    or (r.claim.peer, r.claim.num_tokens, r.claim.prompt_digest)
+                    != (claim.peer, claim.num_tokens, claim.prompt_digest)):
+                raise TransferError("transfer id is already known", transfer_id=claim.transfer_id)
+            r.cowriters += (owner,)
+            r.lease_deadline = now + self.lease_s
+            self._changed()
+            return r
 
     def _take(self, n: int) -> list[PageIdx]:
         # Prefer a run of consecutive pages (fewer transfer ranges), else the lowest free ones.
@@ -184,9 +222,14 @@ class PagePool:
                 r.num_bytes, r.seconds = num_bytes, seconds
                 return
             r = self._owned(transfer_id, owner)
-            if r.state != ReservationState.ALLOCATED:
+            if r.state != ReservationState.ALLOCATED or owner in r.done_by:
                 raise TransferError(f"cannot mark ready in state {r.state.name}", transfer_id=transfer_id)
-            r.state, r.num_bytes, r.seconds, r.digest = ReservationState.READY, num_bytes, seconds, digest
+            r.done_by = r.done_by | {owner}
+            r.num_bytes, r.seconds = r.num_bytes + num_bytes, max(r.seconds, seconds)
+            if len(r.done_by) < r.senders:  # the other writers' heads are still to come
+                r.lease_deadline = now + self.lease_s
+                return
+            r.state, r.digest = ReservationState.READY, digest
             r.landed = len(r.pages)
             r.lease_deadline = now + self.lease_s  # now the consumer has lease_s to claim it
             self._changed()
@@ -201,6 +244,9 @@ class PagePool:
             r = self._owned(transfer_id, owner)
             if r.state != ReservationState.ALLOCATED:
                 raise TransferError(f"cannot mark pages landed in state {r.state.name}", transfer_id=transfer_id)
+            if r.senders > 1:  # one writer's heads landed: the page is not whole until all did
+                r.lease_deadline = now + self.lease_s
+                return
             if layers:
                 if pages or r.landed:
                     raise TransferError("landed layers and landed pages in one hand-off", transfer_id=transfer_id)
@@ -220,7 +266,7 @@ class PagePool:
         with self._lock:
             for tid in transfer_ids:
                 r = self._live.get(tid)
-                if r is not None and r.owner == owner and r.state in (ReservationState.ALLOCATED, ReservationState.READY):
+                if r is not None and r.writes(owner) and r.state in (ReservationState.ALLOCATED, ReservationState.READY):
                     r.lease_deadline = now + self.lease_s
                     n += 1
         return n
@@ -231,7 +277,7 @@ class PagePool:
             ended = self._ended.get(transfer_id)
             why = f"it ended ({ended[0].state.name})" if ended else "unknown transfer id"
             raise TransferError(why, transfer_id=transfer_id)
-        if owner is not None and r.owner != owner:
+        if owner is not None and not r.writes(owner):
             raise TransferError("transfer belongs to another peer", transfer_id=transfer_id)
         return r
 
@@ -248,10 +294,11 @@ class PagePool:
                                                             ReservationState.ABORTED, now, reason=reason), now)
                     self._bound_tombstones()
                 return False
-            if owner is not None and r.owner != owner:
+            if owner is not None and not r.writes(owner):
                 raise TransferError("transfer belongs to another peer", transfer_id=transfer_id)
-            # The owner's own Cancel comes after it stopped writing: nothing to hold, nobody to tell.
-            self._end(r, ReservationState.ABORTED, reason, now, by_owner=owner is not None)
+            # A writer's own Cancel comes after it stopped writing: nothing to hold for it, nothing
+            # to tell it (the other writers of a shared reservation are told).
+            self._end(r, ReservationState.ABORTED, reason, now, stopped=owner)
             self._aborted_total += 1
             return True
 
@@ -260,32 +307,39 @@ class PagePool:
         its held pages may be reused now (once nobody reads or writes them)."""
         with self._lock:
             r = self._held.get(transfer_id)
-            if r is None or r.owner != owner:
+            if r is None or owner not in r.unconfirmed:
                 return False
-            r.held_until = 0.0
+            r.unconfirmed = r.unconfirmed - {owner}
+            if not r.unconfirmed:
+                r.held_until = 0.0
             self._free_if_unused(r, now)
             return True
 
     def abort_writing(self, owner: str, *, reason: str, now: float) -> list[TransferId]:
         """End every reservation ``owner`` is still writing (ALLOCATED): the peer is gone.
-        Those it finished (READY) stay for their consumer, until their lease."""
+        Those it finished (READY, or its part of a shared one) stay for their consumer, until
+        their lease."""
         with self._lock:
-            gone = [r for r in self._live.values() if r.owner == owner and r.state == ReservationState.ALLOCATED]
+            gone = [r for r in self._live.values() if r.writes(owner) and owner not in r.done_by
+                    and r.state == ReservationState.ALLOCATED]
             for r in gone:
-                self._end(r, ReservationState.ABORTED, reason, now, notify=False)  # its session is gone
+                self._end(r, ReservationState.ABORTED, reason, now, silent=owner)  # its session is gone
                 self._aborted_total += 1
             return [r.transfer_id for r in gone]
 
-    def _end(self, r: Reservation, state: ReservationState, reason: str, now: float, *, by_owner: bool = False,
-             notify: bool = True) -> None:
+    def _end(self, r: Reservation, state: ReservationState, reason: str, now: float, *, stopped: str | None = None,
+             silent: str | None = None) -> None:
+        """``stopped``: a writer known to write no more (its Cancel); ``silent``: one that cannot
+        be told (its session is gone) but may still write."""
         del self._live[r.transfer_id]
         r.ended = True
-        if r.state == ReservationState.ALLOCATED and not by_owner:  # the owner may still be writing
-            if self.quarantine_s > 0:
-                r.held_until = now + self.quarantine_s
-            if notify:
-                self._notices.append((r.owner, r.transfer_id, r.generation, reason))
-                del self._notices[:-4096]  # the server drains them every turn; never unbounded
+        if r.state == ReservationState.ALLOCATED:  # writers that did not finish may still be writing
+            still = frozenset(w for w in (r.owner, *r.cowriters) if w != stopped and w not in r.done_by)
+            if still and self.quarantine_s > 0:
+                r.held_until, r.unconfirmed = now + self.quarantine_s, still
+            for w in sorted(still - {silent}):
+                self._notices.append((w, r.transfer_id, r.generation, reason))
+            del self._notices[:-4096]  # the server drains them every turn; never unbounded
         r.state, r.reason = state, reason
         self._ended[r.transfer_id] = (r, now)
         self._bound_tombstones()
@@ -345,6 +399,8 @@ class PagePool:
             r.writers -= 1
             if r.ended:
                 self._free_if_unused(r, now)
+                return
+            if r.senders > 1:  # one writer's heads: a page is whole only when every writer's landed
                 return
             whole: set[int] = set()
             for layer, pages in (landed or {}).items():

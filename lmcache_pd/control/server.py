@@ -26,13 +26,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import zmq
 
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd.control.allocator import PagePool
+from lmcache_pd.control.ranks import check_ranks
+from lmcache_pd.control.server_stats import NOTHING_HELD, PrefixHolder, ServerStats
 from lmcache_pd.errors import PDError, PoolExhausted, ProtocolError, TransferError
 from lmcache_pd.handoff import Handoff
 
@@ -58,6 +59,11 @@ class _Session:
     into its own reservations."""
     recv_seq: int = 0
     send_seq: int = 0
+    senders: int = 1
+    """Prefill ranks that write each of its reservations (control/ranks.py): several when this
+    decode rank merges the heads of a wider prefill's ranks."""
+    same_tp: bool = True
+    """The peer's TP size is ours: its ranks send whole blocks (direct hand-offs possible)."""
 
 
 @dataclass
@@ -68,62 +74,6 @@ class _Waiting:
     deadline: float
     skip: int | None
     """Pages the decode's cache holds; None: it was not asked (nothing to release)."""
-
-
-class PrefixHolder(Protocol):
-    """Decode-side reuse, seen from the control plane (the receiver implements it)."""
-
-    def hold(self, msg: P.Allocate) -> int:
-        """How many leading pages of the prompt this instance's own cache holds (whole chunks,
-        fewer than ``num_pages``), held for the transfer id. Runs on the server thread, so it
-        asks local tiers only."""
-
-    def release(self, transfer_id: str) -> None:
-        """The allocation was refused: end the hold now."""
-
-
-class NothingHeld:
-    """No decode-side reuse (``cache.decode_skip`` off): every page of a prompt is sent."""
-
-    def hold(self, msg: P.Allocate) -> int:
-        return 0
-
-    def release(self, transfer_id: str) -> None:
-        pass
-
-
-NOTHING_HELD = NothingHeld()
-
-
-@dataclass
-class ServerStats:
-    handshakes: int = 0
-    refused_handshakes: int = 0
-    allocations: int = 0
-    queued_allocations: int = 0
-    alloc_timeouts: int = 0
-    queue_full: int = 0
-    """Allocations refused at once: ``max_waiting`` others already waited (backpressure.decode_queue)."""
-    malformed: int = 0
-    """Frames that are not ours (count, header, sizes), or authentic ones whose body does not decode."""
-    unauthenticated: int = 0
-    """Frames whose tag does not verify (another secret, garbled, or no session for this peer),
-    and, with ``auth.encrypt``, connections whose CurveZMQ handshake failed (no Curve, or not
-    this deployment's key): those never deliver a frame at all."""
-    stale: int = 0
-    """Authentic frames seen before: replayed session frames, Handshakes with a spent cookie."""
-    rejected: int = 0
-    """Authentic requests refused (another peer's transfer, a Landed out of order)."""
-    ended_sent: int = 0
-    """Ended notices sent: hand-offs this side ended while their prefill was still writing."""
-    peers_lost: int = 0
-    """Sessions dropped: the peer stayed silent for timeouts.peer_s, or restarted."""
-    crashes: int = 0
-    """Handlers that raised (a bug: answered INTERNAL, logged with its traceback)."""
-    direct: int = 0
-    """Allocations answered with the decode's own blocks (direct hand-offs, transport.direct)."""
-    direct_waits: int = 0
-    """Allocations held for their decode request's blocks (``timeouts.direct_wait_s``)."""
 
 
 class ControlServer:
@@ -350,9 +300,14 @@ class ControlServer:
             if isinstance(msg, P.Cancel):
                 dropped = self._drop_waiting(msg.transfer_id, owner) or self._unpark(msg.transfer_id, owner)
                 r = self.pool.lookup(msg.transfer_id)
-                if dropped or (r is not None and r.owner == owner):  # not another peer's Cancel
+                # A rank of the same prefill that was to write its heads too, and will not: it
+                # ends the hand-off for its co-writers (they are told, as by any other end).
+                mate = (r is not None and session.senders > 1 and r.claim.peer == session.peer
+                        and not r.writes(owner))
+                if dropped or mate or (r is not None and r.writes(owner)):  # not another peer's Cancel
                     self._release(msg.transfer_id)
-                self.pool.abort(msg.transfer_id, reason=f"canceled by prefill: {msg.reason}", now=now, owner=owner)
+                self.pool.abort(msg.transfer_id, reason=f"canceled by prefill: {msg.reason}", now=now,
+                                owner=None if mate else owner)
                 self.pool.confirm_end(msg.transfer_id, owner=owner, now=now)  # it stopped writing
                 return P.Ack(msg_id=msg.msg_id, incarnation=self.incarnation)
             if isinstance(msg, P.Heartbeat):
@@ -376,7 +331,9 @@ class ControlServer:
     def _park(self, identity: bytes, owner: str, msg: P.Allocate, now: float) -> bool:
         """Hold a direct hand-off's Allocate whose decode request is on its way but not scheduled
         yet (its blocks unknown), up to ``direct_wait_s``: True if held."""
-        if not (msg.direct and msg.decode_sent and self.blocks is not None and self.direct_wait_s > 0):
+        session = self._sessions.get(identity)
+        if not (msg.direct and msg.decode_sent and self.blocks is not None and self.direct_wait_s > 0
+                and (session is None or session.same_tp)):
             return False
         if msg.transfer_id in self._parked or self.pool.lookup(msg.transfer_id) is not None:
             raise TransferError("transfer id is already known", transfer_id=msg.transfer_id)
@@ -419,6 +376,12 @@ class ControlServer:
             log.warning("control: refused incompatible peer %s: %s", msg.peer, detail or "hash differs")
             return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.INCOMPATIBLE,
                            message=f"incompatible peer: {detail or 'compatibility hash differs'}", fields=fields)
+        ranks = check_ranks(self.compat, msg.compat)
+        if not ranks.ok:
+            self.stats.refused_handshakes += 1
+            log.warning("control: refused peer %s: %s", msg.peer, ranks.why)
+            return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.INCOMPATIBLE, message=f"incompatible peer: {ranks.why}",
+                           fields=[ranks.field])
         for other, s in list(self._sessions.items()):  # its predecessor, if this worker restarted
             if other != identity and (s.peer, s.rank) == (msg.peer, msg.compat.tp_rank) \
                     and s.incarnation != msg.incarnation:
@@ -428,13 +391,14 @@ class ControlServer:
             self._owners.pop(old.data_token, None)
         session = _Session(msg.peer, msg.compat.tp_rank, msg.incarnation,
                            self.keys.session(identity, msg.nonce, msg.cookie), self.clock(),
-                           data_token=secrets.token_bytes(16))
+                           data_token=secrets.token_bytes(16), senders=ranks.senders,
+                           same_tp=msg.compat.tp_size == self.compat.tp_size)
         self._sessions[identity] = session
         self._owners[session.data_token] = identity.decode(errors="replace")
         self.stats.handshakes += 1
         return P.HandshakeReply(msg_id=msg.msg_id, incarnation=self.incarnation, page_bytes=self.page_bytes,
                                 num_pages=self.pool.num_pages, descriptor=self.descriptor, data_token=session.data_token,
-                                blocks=self.blocks)
+                                blocks=self.blocks if session.same_tp else None)
 
     def _drop_session(self, identity: bytes, why: str) -> None:
         """Forget a peer; abort what it was still writing (the decode side recomputes those at
@@ -459,8 +423,9 @@ class ControlServer:
     def _skip(self, msg: P.Allocate) -> int | None:
         """Leading pages the decode's cache holds (held for the transfer id), or None when it
         was not asked (nothing to release)."""
-        if not msg.chains or msg.num_pages <= 1 or self.pool.lookup(msg.transfer_id):
-            return None  # (a known transfer id is refused below; its hold must stay the first one's)
+        if (not msg.chains or msg.num_pages <= 1 or self.pool.lookup(msg.transfer_id)
+                or any(w.msg.transfer_id == msg.transfer_id for w in self._waiting)):
+            return None  # (a known transfer id is refused or joined below; its hold stays the first one's)
         try:
             skip = self.prefix.hold(msg)
         except Exception:  # noqa: BLE001 - the cache is an optimisation: without it, send everything
@@ -472,11 +437,15 @@ class ControlServer:
         session = self._sessions.get(identity)
         claim = Handoff(msg.transfer_id, session.peer if session is not None else "", msg.num_tokens,
                         msg.prompt_digest, tuple(msg.chains), msg.tenant)
+        senders = session.senders if session is not None else 1
+        if senders > 1 and self.pool.lookup(msg.transfer_id) is not None:  # another rank's heads, same pages
+            return self.pool.join(claim, msg.num_pages, owner=owner, now=now).pages
         # Asked before the pool's lock is taken (the loader's lock comes first: loader.py). A
         # load cancelled meanwhile leaves a tombstone, and the reserve is refused.
-        direct = self.direct(msg.transfer_id, msg.num_pages - skip) if msg.direct and self.blocks else ()
+        same_tp = session is None or session.same_tp
+        direct = self.direct(msg.transfer_id, msg.num_pages - skip) if msg.direct and self.blocks and same_tp else ()
         return self.pool.reserve(claim, msg.num_pages - skip, owner=owner, now=now, skip_pages=skip,
-                                 signals=msg.signals and not direct, direct=direct)
+                                 signals=msg.signals and not direct and senders == 1, direct=direct, senders=senders)
 
     def _allocated(self, msg: P.Allocate, pages: list[int], skip: int) -> P.Allocated:
         self.stats.allocations += 1
@@ -484,7 +453,8 @@ class ControlServer:
         if r is not None and r.direct:
             self.stats.direct += 1
         return P.Allocated(msg_id=msg.msg_id, transfer_id=msg.transfer_id, pages=pages, lease_s=self.pool.lease_s,
-                           skip_pages=skip, generation=r.generation if r is not None else 0,
+                           skip_pages=r.skip_pages if r is not None else skip,  # (a joiner: the first's)
+                           generation=r.generation if r is not None else 0,
                            blocks=list(r.direct) if r is not None else [])
 
     def _release(self, transfer_id: str, asked: bool = True) -> None:

@@ -16,7 +16,7 @@ from typing import Protocol
 from lmcache_pd import protocol as P
 from lmcache_pd._types import TransferId
 from lmcache_pd.config import CacheConfig
-from lmcache_pd.control.server import NothingHeld
+from lmcache_pd.control.server_stats import NothingHeld
 from lmcache_pd.errors import TransferError
 from lmcache_pd.handoff import CacheLoadSpec, LoadSpec
 from lmcache_pd.node.cache_io import CacheIO, CacheMiss, NoCacheIO

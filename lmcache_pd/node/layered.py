@@ -166,15 +166,16 @@ class Pieces:
 
 
 def piece_plan(kv: KVLayout, dst: PoolLayout | KVLayout, piece: Piece, layer: int | None, to: list[int],
-               skip: int) -> RangePlan | None:
+               skip: int, *, plan: Callable[..., RangePlan] = plan_into) -> RangePlan | None:
     """One layer (None: every layer) of the blocks a piece completes into their pool pages, or
     (``dst`` a KV layout: a direct hand-off) the decode's blocks. ``to`` holds the places of
     the hand-off's blocks from ``skip`` on (the decode side holds the first ones); None: none
-    left."""
+    left. ``plan``: how blocks become ranges (``DecodePeer.plan``: cut at head boundaries
+    between TP sizes)."""
     a, b = max(piece.first, skip), min(len(piece.blocks), skip + len(to))
     if a >= b:
         return None
-    return plan_into(kv, dst, blocks=piece.blocks[a:b], to=to[a - skip:b - skip],
+    return plan(kv, dst, blocks=piece.blocks[a:b], to=to[a - skip:b - skip],
                      layers=None if layer is None else [layer])
 
 

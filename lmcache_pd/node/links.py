@@ -3,8 +3,10 @@ a session with (``peer.DecodePeer``: an authenticated control session and a tran
 connection each), on the sender's asyncio loop.
 
 Life of a link:
-  1. ``get(peer)`` opens it on first use: Hello and Handshake (``ControlClient.open_session``),
-     then the transport connects to the descriptor in the reply; a peer that fails this is
+  1. ``get(peer)`` opens it on first use, with the peer's rank this worker hands off to (the
+     rank of its number; between TP sizes the one that holds its KV heads, :meth:`Links.lane`):
+     Hello and Handshake (``ControlClient.open_session``), then the transport connects to the
+     descriptor in the reply; a peer that fails this is
      marked down for ``timeouts.handshake_s`` (later hand-offs fail at once meanwhile);
   2. ``beat()``, every ``timeouts.heartbeat_s``, heartbeats every peer (one heartbeat in flight
      per peer), which renews the leases of its in-flight hand-offs;
@@ -22,7 +24,7 @@ from collections.abc import Callable
 
 import zmq.asyncio
 
-from lmcache_pd import auth
+from lmcache_pd import auth, heads
 from lmcache_pd import protocol as P
 from lmcache_pd._types import PeerName
 from lmcache_pd.control import curve
@@ -99,9 +101,25 @@ class Links:
             self._links[peer] = link
             return link
 
+    def lane(self, peer: PeerName) -> tuple[int, heads.HeadSlice | None]:
+        """The rank of decode instance ``peer`` this worker hands off to, and the KV heads it
+        sends there: None for all of them (equal TP sizes: whole blocks). Raises TransferError
+        where this worker has no one place to send its heads (docs/tensor_parallel.md)."""
+        c = self.worker.compat
+        decode_tp = self.cfg.listener(peer).tp_size
+        if decode_tp == c.tp_size:
+            return c.tp_rank, None
+        mine = [s for s in heads.head_map(c.total_kv_heads, c.tp_size, decode_tp) if s.src_rank == c.tp_rank]
+        if len(mine) != 1:  # (a wider decode: several ranks; replicated heads: none)
+            raise TransferError(f"prefill rank {c.tp_rank} of TP {c.tp_size} would send to {len(mine)} ranks of "
+                                f"decode TP {decode_tp}: only a decode as wide or narrower, without replicated KV "
+                                "heads, is built yet (docs/tensor_parallel.md)", peer=peer)
+        return mine[0].dst_rank, mine[0]
+
     async def _open(self, peer: PeerName) -> DecodePeer:
         assert self._ctx is not None
-        client = ControlClient(self._ctx, endpoint=self.cfg.control_endpoint(peer, self.worker.rank),
+        rank, sliced = self.lane(peer)
+        client = ControlClient(self._ctx, endpoint=self.cfg.control_endpoint(peer, rank),
                                identity=self.worker.identity, peer=peer,
                                keys=self.keys, curve_server_key=self._curve_key)
         on_ended = self.on_ended
@@ -113,8 +131,14 @@ class Links:
             msg = P.Handshake(msg_id=0, peer=w.instance, incarnation=w.incarnation,
                               compat_hash=w.compat.digest(), compat=w.compat, nonce=b"", cookie=b"")
             reply = await client.open_session(msg, timeout_s=self.t.handshake_s)
-            if reply.page_bytes != self.kv.page_bytes:
-                raise TransferError(f"decode page size {reply.page_bytes} != ours {self.kv.page_bytes}", peer=peer)
+            head_bytes = self.kv.block_bytes // max(1, w.compat.num_kv_heads)
+            if sliced is None:
+                bad = reply.page_bytes != self.kv.page_bytes
+            else:  # its pages hold its rank's heads: whole heads of ours, every layer
+                bad = reply.page_bytes <= 0 or reply.page_bytes % (self.kv.num_layers * head_bytes) != 0
+            if bad:
+                raise TransferError(f"decode page size {reply.page_bytes} does not fit ours ({self.kv.page_bytes}, "
+                                    f"{w.compat.num_kv_heads} KV heads)", peer=peer)
             loop = asyncio.get_running_loop()
             peer_id = await loop.run_in_executor(None, self.transport.connect, reply.descriptor, self.t.handshake_s,
                                                  reply.data_token)
@@ -122,14 +146,16 @@ class Links:
         except BaseException:
             await client.close()
             raise
-        pool = PoolLayout(self.kv.num_layers, reply.num_pages, self.kv.block_bytes)
-        log.info("linked to decode peer %s (incarnation %s, %d pages of %d B, transport %s%s)",
-                 peer, reply.incarnation, reply.num_pages, reply.page_bytes, self.transport.name,
-                 ", direct into its blocks" if blocks else "")
+        pool = PoolLayout(self.kv.num_layers, reply.num_pages, reply.page_bytes // self.kv.num_layers)
+        log.info("linked to decode peer %s rank %d (incarnation %s, %d pages of %d B, transport %s%s%s)",
+                 peer, rank, reply.incarnation, reply.num_pages, reply.page_bytes, self.transport.name,
+                 ", direct into its blocks" if blocks else "",
+                 f", our heads into its heads {sliced.dst_head}..{sliced.dst_head + sliced.count - 1}" if sliced else "")
         return DecodePeer(peer, client, peer_id=peer_id, pool=pool, incarnation=reply.incarnation,
                           data_token=reply.data_token, timeouts=self.t, chunk_blocks=self._chunk_blocks,
                           queue_bound=self.cfg.backpressure.prefill_queue,
-                          signals=self.transport.signals_to(peer_id), blocks=blocks)
+                          signals=self.transport.signals_to(peer_id), blocks=blocks,
+                          heads=sliced, head_bytes=head_bytes)
 
     async def _blocks(self, peer: PeerName, reply: P.HandshakeReply) -> tuple[int, KVLayout] | None:
         """With ``transport.direct`` on both sides: a connection to the peer's vLLM blocks and

@@ -20,7 +20,8 @@ from lmcache_pd.config import TimeoutsConfig
 from lmcache_pd.control.client import ControlClient
 from lmcache_pd.errors import PDError, PoolExhausted, TransferError
 from lmcache_pd.handoff import Handoff
-from lmcache_pd.layout import KVLayout, PoolLayout
+from lmcache_pd.heads import HeadSlice, plan_heads
+from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, plan_into
 
 log = logging.getLogger(__name__)
 _CANCELED_KEPT = 1024
@@ -53,13 +54,15 @@ class Grant:
 class DecodePeer:
     def __init__(self, name: PeerName, client: ControlClient, *, peer_id: int, pool: PoolLayout, incarnation: str,
                  data_token: bytes, timeouts: TimeoutsConfig, chunk_blocks: int, queue_bound: int,
-                 signals: bool = False, blocks: tuple[int, KVLayout] | None = None):
+                 signals: bool = False, blocks: tuple[int, KVLayout] | None = None,
+                 heads: HeadSlice | None = None, head_bytes: int = 0):
         """``peer_id``: the transport's connection to the peer's pool; ``chunk_blocks``: blocks per
         cache chunk (the peer may skip whole chunks only); ``queue_bound``:
         ``backpressure.prefill_queue``, hand-offs that may wait for this peer's pages at once;
         ``signals``: our transport writes this peer's device-side signals (its Allocates say so);
         ``blocks``: the transport's connection to the peer's vLLM blocks and their geometry
-        (direct hand-offs: its Allocates say so)."""
+        (direct hand-offs: its Allocates say so); ``heads``: the KV heads we send it, when our TP
+        sizes differ (None: whole blocks), ``head_bytes`` each per block and layer."""
         self.name = name
         self.client = client
         self.peer_id = peer_id
@@ -71,6 +74,8 @@ class DecodePeer:
         self.queue_bound = queue_bound
         self.signals = signals
         self.blocks = blocks
+        self.heads = heads
+        self.head_bytes = head_bytes
         self.waiting = 0
         """Hand-offs (and reservations) waiting for their Allocated reply."""
         self.beating = False
@@ -96,6 +101,17 @@ class DecodePeer:
 
     async def close(self) -> None:
         await self.client.close()
+
+    def plan(self, kv: KVLayout, dst: PoolLayout | KVLayout, *, blocks: list[int] | tuple[int, ...],
+             to: list[int], layers: list[int] | None = None) -> RangePlan:
+        """Ranges from our blocks ``blocks`` into this peer's pages (or blocks) ``to``: whole
+        blocks, or between TP sizes our heads that its rank holds, cut at head boundaries
+        straight into its pages (heads.plan_heads)."""
+        if self.heads is None:
+            return plan_into(kv, dst, blocks=blocks, to=to, layers=layers)
+        assert isinstance(dst, PoolLayout)  # (no direct hand-offs between TP sizes: the decode offers none)
+        return plan_heads(kv, dst, self.heads, head_bytes=self.head_bytes, blocks=list(blocks), pages=to,
+                          layers=layers)
 
     # --- the messages -----------------------------------------------------------------------
     async def allocate(self, h: Handoff, n_pages: int) -> Grant:

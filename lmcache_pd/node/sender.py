@@ -50,7 +50,7 @@ from lmcache_pd import transport as transports
 from lmcache_pd._types import BatchState, BlockId, PeerName, TransferId
 from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
 from lmcache_pd.handoff import Handoff, SendSpec
-from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens, plan_into
+from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens
 from lmcache_pd.node.armed import signal_of
 from lmcache_pd.node.groups import send_groups
 from lmcache_pd.node.handoff_log import HandoffLog
@@ -151,7 +151,7 @@ class KVSender:
         t0, started_at = time.monotonic(), time.time()
         try:
             dest, layout, to, first = grant.target()
-            plan = plan_into(self.kv, layout, blocks=spec.block_ids[first:n_pages], to=to)
+            plan = grant.peer.plan(self.kv, layout, blocks=spec.block_ids[first:n_pages], to=to)
             last = ({"signal": signal_of(grant.pages, grant.generation)}
                     if grant.peer.signals and grant.pages and not grant.blocks else {})
             first_byte_at = time.time()
@@ -350,7 +350,7 @@ class KVSender:
             t_data = time.monotonic()
             if pieces is None:
                 ends = self._group_ends(len(to)) if not grant.blocks else (len(to),)
-                plans = [plan_into(self.kv, layout, blocks=blocks[a:b], to=to[a:b])
+                plans = [peer.plan(self.kv, layout, blocks=blocks[a:b], to=to[a:b])
                          for a, b in zip((0, *ends[:-1]), ends)]
                 digest = self._digest(blocks, digested, peer, ready)  # reads the blocks while they fly
                 span = await send_groups(self.transport, self.region, peer, plans, ends, spec.handoff,
@@ -362,7 +362,7 @@ class KVSender:
                 tell = not (signal or grant.blocks or self.transport.capabilities.admits_writes)
                 *span, plans = await send_layers(
                     self.transport, dest, self.region,
-                    lambda piece, layer: piece_plan(self.kv, layout, piece, layer, to, first),
+                    lambda piece, layer: piece_plan(self.kv, layout, piece, layer, to, first, plan=peer.plan),
                     pieces, self.kv.num_layers,
                     data_s=self.t.data_s, ticket=ticket, signal=signal, renew=renew, **self._watch(spec),
                     landed=functools.partial(peer.landed, spec.handoff.transfer_id, 0) if tell else None)

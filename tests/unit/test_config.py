@@ -186,3 +186,29 @@ def test_check_config_prints_the_kv_head_mapping_and_refuses_one_that_cannot_wor
     (model / "config.json").write_text(json.dumps({"num_key_value_heads": 3}))
     assert main(["check-config", "--config", str(write(tmp_path, text))]) == 2
     assert "field `prefill.0.tp_size`" in capsys.readouterr().err
+
+
+def test_a_prefill_wider_than_its_decode_is_accepted_and_a_wider_decode_refused_naming_the_field(tmp_path, capsys):
+    """Between TP sizes a decode as wide as its prefills or narrower is built (docs/tensor_parallel.md):
+    check-config prints which prefill rank's heads go where; a wider decode, and integrity.verify
+    (its digests cover whole blocks), are refused naming the field."""
+    import json
+
+    from lmcache_pd.cli.main import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_key_value_heads": 8}))
+    base = GOOD.replace("/models/tiny", str(model))
+    wide_prefill = base.replace("http_port: 8100}", "http_port: 8100, tp_size: 2}")
+    assert main(["check-config", "--config", str(write(tmp_path, wide_prefill))]) == 0
+    out = capsys.readouterr().out
+    assert "prefill TP 2 -> decode TP 1" in out
+    assert "prefill rank 1 -> decode rank 0: KV heads 4..7" in out
+    wide_decode = base.replace("data_port: 5800}", "data_port: 5800, tp_size: 2}")
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, wide_decode), environ={})
+    assert e.value.field == "decode.0.tp_size" and "wider than prefill prefill-0" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, wide_prefill + "integrity: {verify: true}\n"), environ={})
+    assert e.value.field == "integrity.verify"
