@@ -14,7 +14,7 @@ import yaml
 
 from lmcache_pd.cli.local import LocalDeployment, free_ports
 from tests.integration.client import completion, prompt_counters, prompt_ids, rank_records, report, token_ids, wait_for
-from tests.integration.deployments import QUIET_OMP, tiny_model_or_skip
+from tests.integration.deployments import QUIET_OMP, tiny_model_or_skip, tp_cores_or_skip
 from tests.integration.deployments import TP_TIMEOUTS as T
 
 pytestmark = pytest.mark.e2e
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def tp(tmp_path_factory):
+    tp_cores_or_skip()
     work, model = tiny_model_or_skip(tmp_path_factory, "pd-tp-mixed")
     http_p, http_d, ctrl, data_port, proxy = free_ports(5)
     cache_p = free_ports(1, width=2)[0]
