@@ -103,3 +103,23 @@ def prompt_counters(url: str) -> dict[str, float]:
     m = metrics(url)
     return {k: counter(m, "vllm:prompt_tokens_by_source_total", source=k)
             for k in ("local_compute", "local_cache_hit", "external_kv_transfer")}
+
+
+def loaded_as_colocated(dep, via: str, decode: str, ids: list[int]) -> dict:
+    """Send ``ids`` to ``decode`` alone (the colocated reference: vLLM computes every token), then
+    through proxy ``via``: the outputs must be equal token for token, the decode must have loaded
+    the hand-off and computed only the prefill's sampled token (its report, and vLLM's own
+    prompt-token counters: the client's prompt all external). Returns the hand-off report."""
+    url = dep.procs[decode].url
+    reference, _ = completion(url, ids)
+    before = prompt_counters(url)
+    got, _ = completion(dep.procs[via].url, ids)
+    assert token_ids(got) == token_ids(reference), f"P/D output through {via} differs from {decode}'s alone"
+    r = report(got)
+    assert r["loaded"] is True and r["prompt_tokens_computed"] == 1, r
+    wait_for(lambda: sum(prompt_counters(url).values()) - sum(before.values()) >= len(ids) + 1, 10,
+             f"{decode}'s prompt token counters did not move")
+    after = prompt_counters(url)
+    assert {k: after[k] - before[k] for k in after} == {"local_compute": 1, "local_cache_hit": 0,
+                                                         "external_kv_transfer": len(ids)}
+    return r

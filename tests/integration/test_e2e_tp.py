@@ -30,7 +30,15 @@ import pytest
 import yaml
 
 from lmcache_pd.cli.local import LocalDeployment, free_ports
-from tests.integration.client import completion, prompt_counters, prompt_ids, rank_records, report, token_ids, wait_for
+from tests.integration.client import (
+    completion,
+    loaded_as_colocated,
+    prompt_ids,
+    rank_records,
+    report,
+    token_ids,
+    wait_for,
+)
 from tests.integration.deployments import QUIET_OMP, tiny_model_or_skip, tp_cores_or_skip
 from tests.integration.deployments import TP_TIMEOUTS as T
 
@@ -87,20 +95,7 @@ def test_both_ranks_hand_off_and_the_outputs_match_colocated_at_tp2(tp, n):
     """Every rank of prefill-0 sends its heads to the decode rank of its number; decode-0 loads
     both, computes no prompt token but the one the prefill sampled, and answers token for token
     as decode-0 alone does."""
-    decode = tp.procs["decode-0"].url
-    ids = prompt_ids(n, seed=20 + n)
-    reference, _ = completion(decode, ids)
-    before = prompt_counters(decode)
-    got, _ = completion(tp.procs["proxy"].url, ids)
-    assert token_ids(got) == token_ids(reference), "P/D output at TP 2 differs from the colocated output"
-    r = report(got)
-    assert r["loaded"] is True and r["prompt_tokens_computed"] == 1, r
-    # vLLM's own counters on decode-0: the client's prompt all external, the prefill's token computed.
-    wait_for(lambda: sum(prompt_counters(decode).values()) - sum(before.values()) >= n + 1, 10,
-             "decode-0's prompt token counters did not move")
-    after = prompt_counters(decode)
-    assert {k: after[k] - before[k] for k in after} == {"local_compute": 1, "local_cache_hit": 0,
-                                                         "external_kv_transfer": n}
+    r = loaded_as_colocated(tp, "proxy", "decode-0", prompt_ids(n, seed=20 + n))
     # Both ranks sent their half of every block's heads, and both decode ranks loaded theirs.
     blocks = -(-n // 128)
     wait_for(lambda: len(rank_records(tp, "prefill-0", r["transfer_id"])) == 2

@@ -13,7 +13,13 @@ import pytest
 import yaml
 
 from lmcache_pd.cli.local import LocalDeployment, free_ports
-from tests.integration.client import completion, prompt_counters, prompt_ids, rank_records, report, token_ids, wait_for
+from tests.integration.client import (
+    completion,
+    loaded_as_colocated,
+    prompt_ids,
+    rank_records,
+    wait_for,
+)
 from tests.integration.deployments import QUIET_OMP, tiny_model_or_skip, tp_cores_or_skip
 from tests.integration.deployments import TP_TIMEOUTS as T
 
@@ -60,19 +66,7 @@ def test_two_prefill_ranks_merge_their_heads_into_a_tp1_decode_and_the_outputs_m
     """TP 2 -> 1: each prefill rank sends its one KV head of every block into the same pool
     pages of decode-0's one rank; decode-0 loads the merged blocks, computes no prompt token but
     the prefill's sampled one, and answers token for token as decode-0 alone does."""
-    decode = tp.procs["decode-0"].url
-    ids = prompt_ids(n, seed=40 + n)
-    reference, _ = completion(decode, ids)
-    before = prompt_counters(decode)
-    got, _ = completion(tp.procs["proxy"].url, ids)
-    assert token_ids(got) == token_ids(reference), "P/D output TP 2 -> 1 differs from the colocated output"
-    r = report(got)
-    assert r["loaded"] is True and r["prompt_tokens_computed"] == 1, r
-    wait_for(lambda: sum(prompt_counters(decode).values()) - sum(before.values()) >= n + 1, 10,
-             "decode-0's prompt token counters did not move")
-    after = prompt_counters(decode)
-    assert {k: after[k] - before[k] for k in after} == {"local_compute": 1, "local_cache_hit": 0,
-                                                         "external_kv_transfer": n}
+    r = loaded_as_colocated(tp, "proxy", "decode-0", prompt_ids(n, seed=40 + n))
     blocks = -(-n // 128)
     wait_for(lambda: len(rank_records(tp, "prefill-0", r["transfer_id"])) == 2
              and len(rank_records(tp, "decode-0", r["transfer_id"])) == 1, 10, "not every rank recorded the hand-off")
