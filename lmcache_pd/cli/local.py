@@ -6,6 +6,7 @@ Each instance runs ``lmcache-pd launch`` in its own process group, logging to a 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -196,7 +197,26 @@ class LocalDeployment:
         names = [n for n in self.procs if n not in skip]
         for name in names:
             self.start(name)
+        deadline = time.monotonic() + timeout_s
         self.wait_healthy(names, timeout_s)
+        self.wait_routed([n for n in names if self.procs[n].role != "proxy"], max(1.0, deadline - time.monotonic()))
+
+    def wait_routed(self, instances: list[str], timeout_s: float) -> None:
+        """Until every started proxy has seen each of ``instances`` it knows healthy: a proxy checks
+        its instances every ``proxy.health_interval_s`` and routes nothing to one it has not seen up,
+        so the first requests would all go to the instances that started first."""
+        deadline = time.monotonic() + timeout_s
+        for name, proc in self.procs.items():
+            if proc.role != "proxy" or proc.popen is None:
+                continue
+            while True:
+                view = _proxy_view(proc.url)
+                down = [i for i in instances if not view.get(i, True)]
+                if not down:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"proxy {name} did not see {down} healthy within {timeout_s:g} s")
+                time.sleep(0.2)
 
     def wait_healthy(self, names: list[str], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -256,3 +276,18 @@ def _healthy(url: str) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _proxy_view(url: str) -> dict[str, bool]:
+    """Which instances a proxy sees healthy (its /health), by name; empty when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            body = json.load(r)
+    except urllib.error.HTTPError as e:  # (503 while it sees none healthy: the body says which)
+        try:
+            body = json.load(e)
+        except ValueError:
+            return {}
+    except (urllib.error.URLError, OSError, ValueError):
+        return {}
+    return {k: bool(v.get("healthy")) for k, v in (body.get("instances") or {}).items()}

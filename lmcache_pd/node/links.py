@@ -108,7 +108,7 @@ class Links:
         c = self.worker.compat
         decode_tp = self.cfg.listener(peer).tp_size
         if decode_tp == c.tp_size:
-            return c.tp_rank, None
+            return self.worker.rank, None
         mine = [s for s in heads.head_map(c.total_kv_heads, c.tp_size, decode_tp) if s.src_rank == c.tp_rank]
         if len(mine) != 1:  # (a wider decode: several ranks; replicated heads: none)
             raise TransferError(f"prefill rank {c.tp_rank} of TP {c.tp_size} would send to {len(mine)} ranks of "
