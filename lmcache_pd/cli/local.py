@@ -38,33 +38,27 @@ def free_ports(n: int, *, width: int = 1) -> list[int]:
     for _ in range(100 * n):
         if len(ports) == n:
             break
-        port = _RANDOM.randrange(_LOWEST, low - width) if low - _LOWEST >= 1000 else 0
-        if port in _HANDED or (width > 1 and port == 0):
+        first = _RANDOM.randrange(_LOWEST, low - width + 1) if low - _LOWEST >= 1000 else 0
+        if first == 0 and width > 1:
+            continue  # (no room below the ephemeral range: the kernel picks single ports only)
+        run = [_bind(p) for p in range(first, first + width)]  # (port 0: the kernel's pick)
+        if None in run or _HANDED.intersection(run):
             continue
-        run = range(port, port + width)
-        if any(p in _HANDED or not _binds(p) for p in run):
-            continue
-        if port == 0:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port, run = s.getsockname()[1], range(s.getsockname()[1], s.getsockname()[1] + 1)
-        if port not in _HANDED:
-            _HANDED.update(run)
-            ports.append(port)
+        _HANDED.update(run)
+        ports.append(run[0])
     if len(ports) < n:
         raise RuntimeError(f"found only {len(ports)} of {n} free loopback ports below {low}")
     return ports
 
 
-def _binds(port: int) -> bool:
-    if port == 0:
-        return True
+def _bind(port: int) -> int | None:
+    """The loopback port that binds now (``port``, or the kernel's pick for 0), or None."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
-            return False
-    return True
+            return None
+        return s.getsockname()[1]
 
 
 def _ephemeral_low() -> int:

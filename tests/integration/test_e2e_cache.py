@@ -196,7 +196,7 @@ def test_restarted_prefill_reuses_the_disk_tier(cache_deployment):
     dep.start("prefill-0")
     _start_second_prefill(dep)  # for the next test: its start overlaps this one's restart
     dep.wait_healthy(["prefill-0"], 300)
-    wait_for(lambda: _proxy_sees(dep, "proxy", "prefill-0"), 30, "the proxy did not see prefill-0 again")
+    dep.wait_routed(["prefill-0"], 30)  # the proxy saw it again
     history = len(conv.prompt)
     prompt = conv.next_prompt(answer)
     dep.answer = run_turn(dep, dep.procs["proxy"].url, dep.procs["prefill-0"].url, prompt,
@@ -209,7 +209,7 @@ def test_second_prefill_instance_reuses_the_shared_redis_tier(cache_deployment):
     _start_second_prefill(dep)
     dep.stop("prefill-0")  # keep the machine to two vLLM instances
     dep.wait_healthy(["prefill-1", "proxy-p1"], 300)
-    wait_for(lambda: _proxy_sees(dep, "proxy-p1", "prefill-1"), 30, "proxy-p1 did not see prefill-1")
+    dep.wait_routed(["prefill-1"], 30)  # proxy-p1 saw it
     history = len(conv.prompt)
     prompt = conv.next_prompt(answer)
     run_turn(dep, dep.procs["proxy-p1"].url, dep.procs["prefill-1"].url, prompt,
@@ -227,15 +227,6 @@ def _continued(dep):
     if not hasattr(dep, "conversation"):
         pytest.skip("needs the conversation of test_multi_turn_prefill_computes_only_new_tokens")
     return dep.conversation, dep.answer
-
-
-def _proxy_sees(dep, proxy: str, instance: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{dep.procs[proxy].url}/health", timeout=5) as r:
-            body = json.load(r)
-    except OSError:
-        return False
-    return bool(body["instances"].get(instance, {}).get("healthy"))
 
 
 def test_the_redis_password_is_on_no_command_line_and_in_no_log(cache_deployment):

@@ -148,10 +148,7 @@ def test_two_prefills_and_a_decode_share_the_daemon_which_outlives_a_killed_pref
     dep.start("prefill-0")
     dep.wait_healthy(["prefill-0"], 300)
 
-    def proxy_sees() -> bool:
-        health = _get(f"{dep.procs['proxy'].url}/health")
-        return bool(health and health["instances"]["prefill-0"]["healthy"])
-    wait_for(proxy_sees, 30, "the proxy did not see prefill-0 again")
+    dep.wait_routed(["prefill-0"], 30)  # the proxy saw it again
     history = len(prompt)
     prompt = next_prompt(prompt, answer, 2)
     for k in range(10, 14):  # until a turn lands on the restarted prefill-0
