@@ -443,15 +443,6 @@ def _check_semantics(cfg: PDConfig, source: str) -> None:
         for name in getattr(cfg.proxy, fld.split(".")[1]):
             if name not in known:
                 raise ConfigError(f"{name!r} is not one of {sorted(known)}", field=fld, source=source)
-    for i, d in enumerate(cfg.decode):  # (whether the KV heads map is checked at the handshake: heads.py)
-        wider = [p.name for p in cfg.prefill if p.tp_size < d.tp_size]
-        if wider:
-            raise ConfigError(f"TP {d.tp_size} is wider than prefill {', '.join(wider)}'s: a decode as wide as its "
-                              "prefills or narrower is built so far (docs/tensor_parallel.md)",
-                              field=f"decode.{i}.tp_size", source=source)
-        if cfg.integrity.verify and any(p.tp_size != d.tp_size for p in cfg.prefill):
-            raise ConfigError("is not applied between TP sizes yet (a rank's digest covers whole blocks)",
-                              field="integrity.verify", source=source)
     t = cfg.timeouts
     if t.heartbeat_s >= t.lease_s:
         raise ConfigError(f"must be below timeouts.lease_s ({t.lease_s:g})", field="timeouts.heartbeat_s",

@@ -527,6 +527,37 @@ def pool_sum(pool: PoolLayout, buffer: torch.Tensor, pages: Sequence[int], *, la
     return got if lazy else int(got.item())
 
 
+def plan_sum(buffer: torch.Tensor, plan: RangePlan, pool: PoolLayout) -> int:
+    """:func:`pool_sum`'s formula over the bytes a plan writes into pool ``pool`` (read from
+    ``buffer`` at the plan's sources): each 8-byte word weighted by its index in its pool block
+    and by that block's place. Any plan's sum is its words' share of the pool's, so the sums
+    of plans that together write pages whole add up (mod 2**64) to :func:`pool_sum` of those
+    pages: the digest of writers that each write part of every page (KV heads between TP sizes,
+    docs/tensor_parallel.md). Offsets and lengths must be whole words."""
+    src, dst, n = (np.asarray(a, dtype=np.int64) for a in (plan.src_offsets, plan.dst_offsets, plan.lengths))
+    bb = pool.block_bytes
+    if ((src | dst | n) % 8).any() or bb % 8:
+        raise ValueError("a summed plan needs whole 8-byte words")
+    words = buffer.view(torch.int64)
+    dev = buffer.device
+    total = torch.zeros((), dtype=torch.int64, device=dev)
+    per = max(1, (_SLICE_BYTES // 8))
+    counts = n // 8
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    for lo in range(0, int(ends[-1]) if len(ends) else 0, per):  # slices of words: bounded temporaries
+        hi = min(lo + per, int(ends[-1]))
+        k = np.arange(lo, hi, dtype=np.int64)
+        rng = np.searchsorted(ends, k, side="right")  # the range each word is in
+        within = k - starts[rng]
+        at = dst[rng] + 8 * within  # the word's place in the pool
+        place = at - at % bb
+        w = (((at % bb) // 8 + 1) * _GOLDEN | 1) * ((place * _GOLDEN) | 1)  # (numpy int64 wraps like torch)
+        got = words[torch.as_tensor(src[rng] // 8 + within, device=dev)]
+        total += (got * torch.as_tensor(w, device=dev)).sum()
+    return int(total.item())
+
+
 def bytes_sum(buffer: torch.Tensor, unit_bytes: int) -> int:
     """:func:`pool_sum` of a whole buffer cut into ``unit_bytes`` units, each placed at its own
     offset (a chunk in pool layout, as the node cache daemon holds it), mod 2**64."""

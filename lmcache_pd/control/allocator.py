@@ -101,6 +101,9 @@ class Reservation:
     """The writers that joined after ``owner`` (:meth:`PagePool.join`)."""
     done_by: frozenset[str] = frozenset()
     """Writers whose TransferDone came."""
+    summed: bool = False
+    """Its writers digest what they write with the additive formula (ops.plan_sum; a prefill of
+    another TP size): ``digest`` is the sum of theirs, mod 2**64."""
     unconfirmed: frozenset[str] = frozenset()
     """Ended while being written: the writers that may still write until they confirm they
     stopped (their Cancel) or the quarantine passes."""
@@ -158,12 +161,12 @@ class PagePool:
     # --- prefill-driven transitions (control plane) ---------------------------------------
     def reserve(self, claim: Handoff, num_pages: int, *, owner: str, now: float,
                 skip_pages: int = 0, signals: bool = False, direct: tuple[int, ...] = (),
-                senders: int = 1) -> list[PageIdx] | None:
+                senders: int = 1, summed: bool = False) -> list[PageIdx] | None:
         """All ``num_pages`` pages for hand-off ``claim``, or None if they are not free now.
         Raises if it can never fit. ``signals``: its writer ends with the device-side signal;
         ``direct``: the consumer's blocks its writer fills instead of the last pages
         (Reservation.direct); ``senders``: writers expected, ``owner`` the first (the others
-        :meth:`join`)."""
+        :meth:`join`); ``summed``: see Reservation.summed."""
         transfer_id = claim.transfer_id
         with self._lock:
             # First: a known id is refused as such, never as "too large" (whose tombstone would
@@ -181,7 +184,8 @@ class PagePool:
             self._live[transfer_id] = Reservation(claim, pages, owner, ReservationState.ALLOCATED, now + self.lease_s,
                                                   skip_pages=skip_pages, signals=signals,
                                                   generation=next(self._generations),
-                                                  direct=direct[-num_pages:] if direct else (), senders=senders)
+                                                  direct=direct[-num_pages:] if direct else (), senders=senders,
+                                                  summed=summed)
             self._changed()
             return pages
 
@@ -226,10 +230,14 @@ class PagePool:
                 raise TransferError(f"cannot mark ready in state {r.state.name}", transfer_id=transfer_id)
             r.done_by = r.done_by | {owner}
             r.num_bytes, r.seconds = r.num_bytes + num_bytes, max(r.seconds, seconds)
+            if not r.summed or len(r.done_by) == 1:
+                r.digest = digest
+            elif r.digest is not None:  # (one writer without a digest: none to check)
+                r.digest = None if digest is None else (r.digest + digest + 2**63) % 2**64 - 2**63
             if len(r.done_by) < r.senders:  # the other writers' heads are still to come
                 r.lease_deadline = now + self.lease_s
                 return
-            r.state, r.digest = ReservationState.READY, digest
+            r.state = ReservationState.READY
             r.landed = len(r.pages)
             r.lease_deadline = now + self.lease_s  # now the consumer has lease_s to claim it
             self._changed()
@@ -391,12 +399,18 @@ class PagePool:
             r.writers += 1
             return r
 
-    def end_write(self, r: Reservation, *, now: float, landed: dict[int, set[PageIdx]] | None = None) -> None:
+    def end_write(self, r: Reservation, *, now: float, landed: dict[int, set[PageIdx]] | None = None,
+                  broke: str = "") -> None:
         """A batch stopped landing; ``landed``: the pages it landed, by layer (None: it did not
         land). A layer whose every page of ``r`` has landed, in this batch or earlier ones,
-        joins ``r.layers_landed``."""
+        joins ``r.layers_landed``. ``broke``: why the batch stopped part-way (its connection
+        broke): a sender never resends a batch, so the hand-off cannot complete, and it ends
+        now instead of when the writer's session is found silent (``timeouts.peer_s``)."""
         with self._lock:
             r.writers -= 1
+            if broke and not r.ended and r.state == ReservationState.ALLOCATED:
+                self._end(r, ReservationState.ABORTED, broke, now)
+                self._aborted_total += 1
             if r.ended:
                 self._free_if_unused(r, now)
                 return

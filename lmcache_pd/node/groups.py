@@ -19,7 +19,7 @@ from lmcache_pd._types import BatchState
 from lmcache_pd.errors import TransferTimeout
 from lmcache_pd.handoff import Handoff
 from lmcache_pd.layout import RangePlan
-from lmcache_pd.node.loop import woken
+from lmcache_pd.node.loop import waker, woken
 
 if TYPE_CHECKING:
     from lmcache_pd.node.peer import DecodePeer
@@ -65,11 +65,11 @@ async def send_groups(transport, region: int, peer: DecodePeer, plans: list[Rang
     first_byte_at = time.time()
     try:
         for handle in handles:
-            handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
+            handle.add_done_callback(waker(loop, wake))
         for i, plan in enumerate(plans if submitted is None else []):
             last = {"signal": signal} if signal is not None and i == len(plans) - 1 else {}
             handle = transport.submit(dest, region, plan, timeout_s=data_s, after=ready, ticket=ticket, **last)
-            handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
+            handle.add_done_callback(waker(loop, wake))
             handles.append(handle)
         landed = 0
         while True:

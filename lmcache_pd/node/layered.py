@@ -34,7 +34,7 @@ from lmcache_pd.device_clock import Stamp
 from lmcache_pd.errors import TransferError, TransferTimeout
 from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, plan_into
 from lmcache_pd.node.groups import byte_span
-from lmcache_pd.node.loop import woken
+from lmcache_pd.node.loop import waker, woken
 
 
 class LayerMarks:
@@ -101,7 +101,8 @@ class Pieces:
     def __init__(self) -> None:
         self._lock = threading.Condition()
         self._pieces: list[Piece] = []
-        self._wake: Callable[[], None] = lambda: None
+        self._wakes: list[Callable[[], None]] = []
+        """One per loop reading the pieces: a hand-off to a wider decode sends them on several lanes."""
         self.stopped = ""
         """Why no batch may start any more (empty: it may)."""
         self._inflight = 0
@@ -110,19 +111,26 @@ class Pieces:
         """vLLM's thread: a forward that completes ``blocks[first:]`` starts (``marks``: its layers)."""
         with self._lock:
             self._pieces.append(Piece(blocks, first, marks, final, time.time()))
-            wake = self._wake
         marks.bind(self._call_wake)
-        wake()
+        self._call_wake()
 
     def _call_wake(self) -> None:
         with self._lock:
-            wake = self._wake
-        wake()
+            wakes = list(self._wakes)
+        for wake in wakes:
+            wake()
 
-    def bind(self, wake: Callable[[], None]) -> None:
-        """The sender's loop: call ``wake`` (thread-safe) on every piece and mark from now on."""
+    def bind(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """The sender's loop: call ``wake`` (thread-safe) on every piece and mark from now on,
+        until the returned unbind is called."""
         with self._lock:
-            self._wake = wake
+            self._wakes.append(wake)
+
+        def unbind() -> None:
+            with self._lock:
+                if wake in self._wakes:
+                    self._wakes.remove(wake)
+        return unbind
 
     def since(self, seen: int) -> list[Piece]:
         with self._lock:
@@ -156,8 +164,7 @@ class Pieces:
         """Any thread: no batch may start from now on (the blocks are about to be reused)."""
         with self._lock:
             self.stopped = self.stopped or why
-            wake = self._wake
-        wake()
+        self._call_wake()
 
     def wait_quiet(self, timeout_s: float) -> bool:
         """After :meth:`stop`: wait until no admitted batch reads the blocks; False on timeout."""
@@ -208,7 +215,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
     batches land (Landed), so that it scatters them while the next layers compute."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
-    pieces.bind(lambda: loop.call_soon_threadsafe(wake.set))
+    unbind = pieces.bind(waker(loop, wake))
     ordered = transport.capabilities.stream_ordered
     handles: list = []
     open_: list = []  # admitted handles not yet seen terminal
@@ -258,7 +265,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                 last = {"signal": signal} if signal is not None and final and not pending else {}
                 handle = transport.submit(peer_id, region, p, timeout_s=data_s,
                                           after=ready if ordered else None, ticket=ticket, **last)
-                handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(wake.set))
+                handle.add_done_callback(waker(loop, wake))
                 handles.append(handle)
                 layer_of.append(index if piece.final and not earlier else None)
                 open_.append(handle)
@@ -296,7 +303,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
             # (vLLM's thread, on the same core on CPU) the GIL.
             await woken(wake, 0.005 if in_flight or waiting else 0.25)
     finally:
-        pieces.bind(lambda: None)
+        unbind()
         for handle in handles:
             handle.close()  # cancels layers still in flight after a failure
         if open_:

@@ -2,10 +2,13 @@
 a session with (``peer.DecodePeer``: an authenticated control session and a transport
 connection each), on the sender's asyncio loop.
 
+A link is to one rank of a decode instance: a *lane* (:meth:`Links.lanes`). Between equal TP
+sizes a worker has one lane per peer, to the rank of its number; between TP sizes it has one
+to each rank that holds some of its KV heads (a narrower decode: one, a wider one: several, and
+none when the heads it holds are copies another rank sends; docs/tensor_parallel.md).
+
 Life of a link:
-  1. ``get(peer)`` opens it on first use, with the peer's rank this worker hands off to (the
-     rank of its number; between TP sizes the one that holds its KV heads, :meth:`Links.lane`):
-     Hello and Handshake (``ControlClient.open_session``), then the transport connects to the
+  1. ``get(peer, lane)`` opens it on first use: Hello and Handshake (``ControlClient.open_session``), then the transport connects to the
      descriptor in the reply; a peer that fails this is
      marked down for ``timeouts.handshake_s`` (later hand-offs fail at once meanwhile);
   2. ``beat()``, every ``timeouts.heartbeat_s``, heartbeats every peer (one heartbeat in flight
@@ -21,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq.asyncio
 
@@ -38,6 +42,15 @@ from lmcache_pd.transport import Transport
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Lane:
+    """Where this worker sends its part of a hand-off to one decode instance: that instance's
+    ``rank``, and the KV heads it sends there (None: all of them, as whole blocks)."""
+
+    rank: int
+    heads: heads.HeadSlice | None = None
+
+
 class Links:
     def __init__(self, worker: Worker, cfg: NodeConfig, *, kv: KVLayout, keys: auth.Keyring, transport: Transport,
                  on_ended: Callable[[PeerName, P.Ended], None] | None = None):
@@ -53,9 +66,9 @@ class Links:
         """Blocks per cache chunk: a decode peer skips whole chunks only."""
         self._curve_key = curve.server_keys(keys)[0] if cfg.auth.encrypt else None
         self._ctx: zmq.asyncio.Context | None = None
-        self._links: dict[PeerName, DecodePeer] = {}
-        self._locks: dict[PeerName, asyncio.Lock] = {}
-        self._down_until: dict[PeerName, tuple[float, str]] = {}
+        self._links: dict[tuple[PeerName, int], DecodePeer] = {}  # (peer, its rank)
+        self._locks: dict[tuple[PeerName, int], asyncio.Lock] = {}
+        self._down_until: dict[tuple[PeerName, int], tuple[float, str]] = {}
         self._beats: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
@@ -73,52 +86,54 @@ class Links:
     def up(self) -> list[DecodePeer]:
         return list(self._links.values())
 
-    def find(self, peer: PeerName) -> DecodePeer | None:
-        """The link to ``peer`` if there is one (never opens one)."""
-        return self._links.get(peer)
+    def find(self, peer: PeerName, rank: int | None = None) -> DecodePeer | None:
+        """The link to ``peer``'s ``rank`` (None: its first lane's) if there is one (never opens one)."""
+        if rank is None:
+            lanes = self.lanes(peer)
+            rank = lanes[0].rank if lanes else -1
+        return self._links.get((peer, rank))
 
-    async def get(self, peer: PeerName) -> DecodePeer:
-        link = self._links.get(peer)
+    async def get(self, peer: PeerName, lane: Lane) -> DecodePeer:
+        key = (peer, lane.rank)
+        link = self._links.get(key)
         if link is not None and link.client.lost is None:
             return link
-        async with self._locks.setdefault(peer, asyncio.Lock()):
-            link = self._links.get(peer)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            link = self._links.get(key)
             if link is not None and link.client.lost is not None:
-                await self.drop(peer, link)
+                await self.drop(link)
             elif link is not None:
                 return link
-            down = self._down_until.get(peer)
+            down = self._down_until.get(key)
             if down and time.monotonic() < down[0]:
                 raise PeerLost(f"decode peer is down ({down[1]}); next try in {down[0] - time.monotonic():.1f} s",
                                peer=peer)
             try:
-                link = await self._open(peer)
+                link = await self._open(peer, lane)
             except PDError as e:
                 # Fail fast for a while instead of making every request wait for the handshake deadline.
-                self._down_until[peer] = (time.monotonic() + self.t.handshake_s, str(e))
+                self._down_until[key] = (time.monotonic() + self.t.handshake_s, str(e))
                 raise
-            self._down_until.pop(peer, None)
-            self._links[peer] = link
+            self._down_until.pop(key, None)
+            self._links[key] = link
             return link
 
-    def lane(self, peer: PeerName) -> tuple[int, heads.HeadSlice | None]:
-        """The rank of decode instance ``peer`` this worker hands off to, and the KV heads it
-        sends there: None for all of them (equal TP sizes: whole blocks). Raises TransferError
-        where this worker has no one place to send its heads (docs/tensor_parallel.md)."""
+    def lanes(self, peer: PeerName) -> list[Lane]:
+        """The ranks of decode instance ``peer`` this worker hands off to, in rank order, and the
+        KV heads it sends each: its own rank, whole blocks, between equal TP sizes; else one
+        lane per decode rank that receives some of its heads from it (heads.head_map): one for
+        a narrower decode, several for a wider one, none where the heads this rank holds are
+        copies of another rank's (that rank sends them)."""
         c = self.worker.compat
         decode_tp = self.cfg.listener(peer).tp_size
         if decode_tp == c.tp_size:
-            return self.worker.rank, None
-        mine = [s for s in heads.head_map(c.total_kv_heads, c.tp_size, decode_tp) if s.src_rank == c.tp_rank]
-        if len(mine) != 1:  # (a wider decode: several ranks; replicated heads: none)
-            raise TransferError(f"prefill rank {c.tp_rank} of TP {c.tp_size} would send to {len(mine)} ranks of "
-                                f"decode TP {decode_tp}: only a decode as wide or narrower, without replicated KV "
-                                "heads, is built yet (docs/tensor_parallel.md)", peer=peer)
-        return mine[0].dst_rank, mine[0]
+            return [Lane(self.worker.rank)]
+        return [Lane(s.dst_rank, s) for s in heads.head_map(c.total_kv_heads, c.tp_size, decode_tp)
+                if s.src_rank == c.tp_rank]
 
-    async def _open(self, peer: PeerName) -> DecodePeer:
+    async def _open(self, peer: PeerName, lane: Lane) -> DecodePeer:
         assert self._ctx is not None
-        rank, sliced = self.lane(peer)
+        rank, sliced = lane.rank, lane.heads
         client = ControlClient(self._ctx, endpoint=self.cfg.control_endpoint(peer, rank),
                                identity=self.worker.identity, peer=peer,
                                keys=self.keys, curve_server_key=self._curve_key)
@@ -151,7 +166,7 @@ class Links:
                  peer, rank, reply.incarnation, reply.num_pages, reply.page_bytes, self.transport.name,
                  ", direct into its blocks" if blocks else "",
                  f", our heads into its heads {sliced.dst_head}..{sliced.dst_head + sliced.count - 1}" if sliced else "")
-        return DecodePeer(peer, client, peer_id=peer_id, pool=pool, incarnation=reply.incarnation,
+        return DecodePeer(peer, client, rank=rank, peer_id=peer_id, pool=pool, incarnation=reply.incarnation,
                           data_token=reply.data_token, timeouts=self.t, chunk_blocks=self._chunk_blocks,
                           queue_bound=self.cfg.backpressure.prefill_queue,
                           signals=self.transport.signals_to(peer_id), blocks=blocks,
@@ -178,34 +193,35 @@ class Links:
             return None
         return blocks_id, kv
 
-    async def drop(self, peer: PeerName, link: DecodePeer | None = None) -> None:
-        """Forget a peer's link (``link``: only if it is still that one; another coroutine may
-        have re-linked meanwhile)."""
-        if link is not None and self._links.get(peer) is not link:
+    async def drop(self, link: DecodePeer) -> None:
+        """Forget a link, if it is still the one to its peer's rank (another coroutine may have
+        re-linked meanwhile)."""
+        key = (link.name, link.rank)
+        if self._links.get(key) is not link:
             return
-        link = self._links.pop(peer, None)
-        if link is not None:
-            self.transport.disconnect(link.peer_id)
-            if link.blocks is not None:
-                self.transport.disconnect(link.blocks[0])
-            await link.close()
+        del self._links[key]
+        self.transport.disconnect(link.peer_id)
+        if link.blocks is not None:
+            self.transport.disconnect(link.blocks[0])
+        await link.close()
 
     def beat(self) -> None:
         """Start a heartbeat on every peer that has none in flight (concurrently: a silent peer
         delays no other)."""
         loop = asyncio.get_running_loop()
-        for name, link in list(self._links.items()):
+        for link in list(self._links.values()):
             if not link.beating:
                 link.beating = True
-                task = loop.create_task(self._beat(name, link))
+                task = loop.create_task(self._beat(link))
                 self._beats.add(task)
                 task.add_done_callback(self._beats.discard)
 
-    async def _beat(self, name: PeerName, link: DecodePeer) -> None:
+    async def _beat(self, link: DecodePeer) -> None:
         try:
             why = await link.heartbeat()
         finally:
             link.beating = False
         if why is not None:
-            log.warning("decode peer %s lost (%s): link dropped, the next hand-off re-links", name, why)
-            await self.drop(name, link)
+            log.warning("decode peer %s rank %d lost (%s): link dropped, the next hand-off re-links", link.name,
+                        link.rank, why)
+            await self.drop(link)

@@ -68,7 +68,7 @@ from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.held_prefix import HeldPrefix
 from lmcache_pd.node.loads import LoadPhase, LoadResult, LoadState, PreparedScatter
 from lmcache_pd.node.timeline import Timeline
-from lmcache_pd.ops import PreparedCopy, cache_digest, copy_ranges, pool_digest, prepare_copy, run_copy
+from lmcache_pd.ops import PreparedCopy, cache_digest, copy_ranges, pool_digest, pool_sum, prepare_copy, run_copy
 from lmcache_pd.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -485,6 +485,8 @@ class Loader:
                                 transfer_id=r.transfer_id)
         if r.direct:  # in the places of the pages they stand for, as the prefill digested them
             got = cache_digest(self.kv, self.kv_buffer, r.direct, self.pool_layout, r.pages[len(r.pages) - len(r.direct):])
+        elif r.summed:  # writers of another TP size: the sum of their heads' shares (ops.plan_sum)
+            got = pool_sum(self.pool_layout, self.pool_buffer, r.pages)
         else:
             got = pool_digest(self.pool_layout, self.pool_buffer, r.pages)
         if got != r.digest:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -58,3 +58,15 @@ async def woken(wake: asyncio.Event, timeout_s: float) -> None:
             await wake.wait()
     except TimeoutError:
         pass
+
+
+def waker(loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> Callable[..., None]:
+    """A callback for another thread (a transport's batch done, vLLM's layer marks) that sets
+    ``wake`` on ``loop``; once the loop is closed (the sender shut down while a batch still
+    ran) it does nothing instead of raising in that thread."""
+    def call(*_args: object) -> None:
+        try:
+            loop.call_soon_threadsafe(wake.set)
+        except RuntimeError:  # the loop is closed
+            pass
+    return call

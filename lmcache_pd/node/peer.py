@@ -52,11 +52,11 @@ class Grant:
 
 
 class DecodePeer:
-    def __init__(self, name: PeerName, client: ControlClient, *, peer_id: int, pool: PoolLayout, incarnation: str,
+    def __init__(self, name: PeerName, client: ControlClient, *, rank: int = 0, peer_id: int, pool: PoolLayout, incarnation: str,
                  data_token: bytes, timeouts: TimeoutsConfig, chunk_blocks: int, queue_bound: int,
                  signals: bool = False, blocks: tuple[int, KVLayout] | None = None,
                  heads: HeadSlice | None = None, head_bytes: int = 0):
-        """``peer_id``: the transport's connection to the peer's pool; ``chunk_blocks``: blocks per
+        """``rank``: the peer's TP rank this link is to; ``peer_id``: the transport's connection to the peer's pool; ``chunk_blocks``: blocks per
         cache chunk (the peer may skip whole chunks only); ``queue_bound``:
         ``backpressure.prefill_queue``, hand-offs that may wait for this peer's pages at once;
         ``signals``: our transport writes this peer's device-side signals (its Allocates say so);
@@ -64,6 +64,7 @@ class DecodePeer:
         (direct hand-offs: its Allocates say so); ``heads``: the KV heads we send it, when our TP
         sizes differ (None: whole blocks), ``head_bytes`` each per block and layer."""
         self.name = name
+        self.rank = rank
         self.client = client
         self.peer_id = peer_id
         self.pool = pool

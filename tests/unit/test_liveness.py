@@ -6,8 +6,11 @@ canceled while the loader copies into its blocks. docs/failures.md states what e
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 
+import msgspec
 import pytest
 
 from lmcache_pd.cli.local import free_ports
@@ -145,7 +148,7 @@ def test_a_handoff_never_outlives_the_sum_of_its_deadlines(monkeypatch):
         async def hang(*args, **kwargs):  # a transfer step that ignores its own deadline (a bug)
             await asyncio.sleep(3600)
 
-        monkeypatch.setattr("lmcache_pd.node.sender.send_groups", hang)
+        monkeypatch.setattr("lmcache_pd.node.lanes.send_groups", hang)
         t0 = time.monotonic()
         n.handoff("t1", [1], [1], BLOCK)
         (s,), (ld,) = n.results(1, 1, timeout_s=10)
@@ -203,3 +206,91 @@ def test_a_peer_without_the_secret_gets_nothing_in(where):
         assert n.pool_full()
     finally:
         n.close()
+
+
+class CutRelay:
+    """A TCP relay to ``target`` for the prefill's data connections: after :meth:`hold` it
+    passes ``after`` more bytes towards the decode and holds the rest; :meth:`cut` then closes
+    both sides, as a prefill host that dies mid-batch does."""
+
+    def __init__(self, target: int):
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self.target = target
+        self.budget: int | None = None
+        self.forwarded = 0
+        self.socks: list[socket.socket] = []
+        self._cut = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def hold(self, after: int) -> None:
+        self.forwarded, self.budget = 0, after
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.target))
+            self.socks += [conn, up]
+            threading.Thread(target=self._pump, args=(conn, up, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, conn, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, towards_decode: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if towards_decode and self.budget is not None:
+                    data = data[:max(0, self.budget - self.forwarded)]
+                    self.forwarded += len(data)
+                    if not data:
+                        self._cut.wait()
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        self._cut.set()
+        for s in self.socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.srv.close()
+
+
+def test_a_prefill_that_dies_mid_batch_ends_its_reservation_at_once():
+    """The prefill stops dead with a batch part-way on the wire (held in a relay on the data
+    plane), then its connection closes (the host is gone): the decode sees the batch break,
+    ends the reservation (it can never complete: no batch is ever resent) and recomputes at
+    once, not after timeouts.peer_s (30 s here), and its pages come back."""
+    cfg = make_cfg("tcp", pool_mib=4, transfer_s=30, peer_s=30, lease_s=60, data_s=10)
+    relay = CutRelay(cfg.decode[0].data_port)
+    data = msgspec.to_builtins(cfg)
+    data["decode"][0]["data_advertise"] = f"127.0.0.1:{relay.port}"
+    n = Node(config_from_dict(data, source="test"))
+    try:
+        n.handoff("warm", [1], [2], num_tokens=BLOCK)  # the data connection through the relay is open
+        assert all(r.ok for r in sum(n.results(1, 1), []))
+        relay.hold(after=300_000)  # the batch's header and part of its 2 MiB
+        n.handoff("t1", list(range(4, 20)), list(range(20, 36)), num_tokens=16 * BLOCK)
+        deadline = time.monotonic() + 5
+        while relay.forwarded < 300_000:
+            assert time.monotonic() < deadline, "the batch never reached the decode"
+            time.sleep(0.005)
+        stop_dead(n.sender)
+        time.sleep(0.2)
+        assert not n.receiver.drain(), "the load ended before the prefill's connection closed"
+        t0 = time.monotonic()
+        relay.cut()
+        (ld,) = n.receiver.drain(5)
+        assert not ld.ok and "mid-batch" in ld.error, ld.error
+        assert time.monotonic() - t0 < 3
+        deadline = time.monotonic() + 5
+        while not n.pool_full():
+            assert time.monotonic() < deadline, "the pages stayed held"
+            time.sleep(0.01)
+    finally:
+        relay.cut()
+        n.receiver.close()

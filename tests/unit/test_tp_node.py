@@ -1,8 +1,14 @@
-"""A prefill of TP 2 handing off to a decode of TP 1, in one process (issue 20): two prefill
-workers, each holding one of the model's two KV heads, write their heads straight into the same
-pool pages of the one decode worker (heads.plan_heads; one reservation, two writers: the second
-joins the first's pages), and the decode's blocks end up bitwise equal to the full cache's.
-Real zmq, every transport that runs here (cuda_ipc: two writers into one GPU pool, on the H200)."""
+"""Prefill and decode of different TP sizes in one process (issue 20): every prefill rank writes
+the KV heads each decode rank holds straight into that rank's pool pages (heads.plan_heads), and
+every decode rank's blocks end up bitwise equal to the full cache's heads it holds.
+
+- TP 2 -> 1: two prefill ranks merge their heads into the same pages of one decode rank (one
+  reservation, two writers: the second joins the first's pages);
+- TP 1 -> 2 and wider: one prefill rank sends to several decode ranks, a lane each (its own
+  pages, transfer and TransferDone; node/lanes.py), the hand-off ok only when every lane is;
+- replicated heads (TP above the model's KV heads): a decode rank holding a copy gets it from
+  the first prefill rank that holds the head; a prefill rank holding only copies sends nothing.
+Real zmq, every transport that runs here (cuda_ipc: the GPU path, on the H200)."""
 
 from __future__ import annotations
 
@@ -12,58 +18,87 @@ import msgspec
 import pytest
 import torch
 
+from lmcache_pd import heads as H
 from lmcache_pd import transport as transports
 from lmcache_pd.cli.local import free_ports
 from lmcache_pd.config import config_from_dict
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
+from lmcache_pd.node.layered import LayerMarks
 from lmcache_pd.node.receiver import KVReceiver
 from lmcache_pd.node.sender import KVSender
 from lmcache_pd.node.worker import NodeConfig, Worker
 from lmcache_pd.ops import kv_layout_of
 from tests.unit.kv import vllm_like_cache
-from tests.unit.nodes import BLOCK, CPT, LAYERS, PAGE
+from tests.unit.nodes import BLOCK, CPT, LAYERS
 
-C = 1024  # (nodes.py's shape: 2 heads of BLOCK x C bf16 per block and layer)
+C = 1024  # (nodes.py's shape: heads of BLOCK x C bf16 per block and layer)
+HEAD = BLOCK * C * 2
+"""Bytes of one KV head per block and layer."""
+
+
+def rank_cache(full, first: int, n: int, num_blocks: int, dev: str, fill: int | None = None):
+    """A rank's vLLM-like cache holding heads ``first..first+n-1`` of ``full`` (or ``fill`` bytes)."""
+    layers = vllm_like_cache(LAYERS, num_blocks, n, BLOCK, C, torch.bfloat16, "LBHNC", dev)
+    for mine, whole in zip(layers, full):
+        if fill is None:
+            mine.copy_(whole[:, first:first + n])
+        else:
+            mine.view(torch.uint8).fill_(fill)
+    return layers
 
 
 class TPNode:
-    """Prefill ranks 0 and 1 of TP 2 (one KV head each) and one decode worker of TP 1 (both heads)."""
+    """Prefill-0 of TP ``p`` and decode-0 of TP ``d``, every rank a worker of its own, for a model
+    of ``heads`` KV heads."""
 
-    def __init__(self, *, group_mib: int = 128, transport: str = "tcp"):
-        http_p, http_d, ctrl, data = free_ports(4)
+    def __init__(self, p: int = 2, d: int = 1, heads: int = 2, *, group_mib: int = 128, transport: str = "tcp",
+                 layerwise: bool = False, verify: bool = False, options: dict | None = None, **timeouts):
+        (http_p, http_d), (ctrl, data) = free_ports(2), free_ports(2, width=d)
         t = {"handshake_s": 5, "control_s": 5, "alloc_s": 5, "transfer_s": 5, "data_s": 5, "lease_s": 10,
-             "heartbeat_s": 0.5}
+             "heartbeat_s": 0.5, **timeouts}
         cfg = config_from_dict({
             "model": {"path": "tiny"},
-            "prefill": [{"name": "prefill-0", "http_port": http_p, "tp_size": 2}],
-            "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data}],
-            "transport": {"name": transport, "group_mib": group_mib, "layerwise": False},
-            "pool": {"size_mib": 4}, "timeouts": t}, source="test")
+            "prefill": [{"name": "prefill-0", "http_port": http_p, "tp_size": p}],
+            "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data,
+                        "tp_size": d}],
+            "transport": {"name": transport, "group_mib": group_mib, "layerwise": layerwise, "options": options or {}},
+            "integrity": {"verify": verify}, "pool": {"size_mib": 8}, "timeouts": t}, source="test")
         dev = "cuda" if transport == "cuda_ipc" else "cpu"
-        self.full = vllm_like_cache(LAYERS, 40, 2, BLOCK, C, torch.bfloat16, "LBHNC", dev)  # what TP 1 would hold
-        self.d_layers = vllm_like_cache(LAYERS, 48, 2, BLOCK, C, torch.bfloat16, "LBHNC", dev)
-        for t_ in self.d_layers:
-            t_.view(torch.uint8).fill_(0xEE)
-        d_kv, d_buf = kv_layout_of(self.d_layers)
-        self.receiver = KVReceiver(Worker("decode-0", 0, CPT), NodeConfig.of(cfg), kv=d_kv, kv_buffer=d_buf)
-        self.receiver.start()
-        self.senders = []
-        self.p_layers = []
-        for r in range(2):
-            layers = vllm_like_cache(LAYERS, 40, 1, BLOCK, C, torch.bfloat16, "LBHNC", dev)  # rank r holds head r
-            for mine, whole in zip(layers, self.full):
-                mine.copy_(whole[:, r:r + 1])
+        self.full = vllm_like_cache(LAYERS, 40, heads, BLOCK, C, torch.bfloat16, "LBHNC", dev)  # what TP 1 holds
+        self.d_heads = H.rank_heads(heads, d)
+        self.d_layers, self.receivers = [], []
+        for r, (first, n) in enumerate(self.d_heads):
+            layers = rank_cache(self.full, first, n, 48, dev, fill=0xEE)
+            self.d_layers.append(layers)
+            kv, buf = kv_layout_of(layers)
+            compat = self.compat(d, r, n, heads)
+            receiver = KVReceiver(Worker("decode-0", r, compat), NodeConfig.of(cfg), kv=kv, kv_buffer=buf)
+            receiver.start()
+            self.receivers.append(receiver)
+        self.senders, self.p_layers = [], []
+        for r, (first, n) in enumerate(H.rank_heads(heads, p)):
+            layers = rank_cache(self.full, first, n, 40, dev)
             self.p_layers.append(layers)
             kv, buf = kv_layout_of(layers)
-            compat = msgspec.structs.replace(CPT, tp_size=2, tp_rank=r, num_kv_heads=1, page_bytes=PAGE // 2)
-            sender = KVSender(Worker("prefill-0", r, compat), NodeConfig.of(cfg), kv=kv, kv_buffer=buf)
+            sender = KVSender(Worker("prefill-0", r, self.compat(p, r, n, heads)), NodeConfig.of(cfg), kv=kv,
+                              kv_buffer=buf)
             sender.start()
             self.senders.append(sender)
+
+    @staticmethod
+    def compat(tp: int, rank: int, n: int, heads: int):
+        return msgspec.structs.replace(CPT, tp_size=tp, tp_rank=rank, num_kv_heads=n, model_kv_heads=heads,
+                                       page_bytes=LAYERS * n * HEAD)
+
+    @property
+    def receiver(self) -> KVReceiver:
+        return self.receivers[0]
 
     def close(self) -> None:
         for s in self.senders:
             s.close()
-        self.receiver.close()
+        for r in self.receivers:
+            r.close()
 
     def results(self, n_send: int, n_load: int, timeout_s: float = 15):
         sends, loads = [], []
@@ -72,9 +107,24 @@ class TPNode:
             assert time.monotonic() < deadline, f"only {len(sends)} sends / {len(loads)} loads ended"
             for s in self.senders:
                 sends += s.drain()
-            loads += self.receiver.drain()
+            for r in self.receivers:
+                loads += r.drain()
             time.sleep(0.005)
         return sends, loads
+
+    def load_all(self, tid: str, tokens: int, d_blocks: list[int]) -> None:
+        for r in self.receivers:
+            r.submit_load(LoadSpec(f"d{r.worker.rank}", handoff(tid, tokens, "prefill-0"), tuple(d_blocks)))
+
+    def assert_landed(self, p_blocks: list[int], d_blocks: list[int]) -> None:
+        """Every decode rank's blocks hold the full cache's heads it holds, bitwise."""
+        for r, (first, n) in enumerate(self.d_heads):
+            for whole, got in zip(self.full, self.d_layers[r]):
+                for pb, db in zip(p_blocks, d_blocks):
+                    assert torch.equal(whole[pb, first:first + n].contiguous().view(torch.uint8),
+                                       got[db].contiguous().view(torch.uint8)), (r, pb, db)
+        for r in self.receivers:
+            assert r.pool.free_pages == r.pool.num_pages
 
 
 @pytest.fixture
@@ -88,31 +138,120 @@ def handoff(tid: str, tokens: int, peer: str) -> Handoff:
     return Handoff(tid, peer, tokens, "d" * 32)
 
 
-@pytest.mark.parametrize("name,group_mib", [("tcp", 128), ("tcp", 1), ("loopback", 1), ("cuda_ipc", 128),
-                                            ("cuda_ipc", 1), ("nixl", 1)])
-def test_two_prefill_ranks_merge_their_heads_into_one_decode_rank_bitwise(name, group_mib):
-    """Both ranks' heads land in the decode's pages (one reservation, READY after both
-    TransferDones), which it scatters into its blocks: bitwise the full cache's blocks. Whole,
-    and streamed in 1 MiB groups (each announced as it lands, and seen landing by the tcp data
-    plane): neither may let the decode read a page whose other heads are still on their way."""
+SHAPES = [(2, 1, 2), (1, 2, 2), (1, 4, 4), (4, 1, 4), (2, 4, 4), (1, 4, 2), (4, 2, 2)]
+"""(prefill TP, decode TP, the model's KV heads): merged, split, both four ways, split with
+replicated decode heads (1 -> 4 of 2 heads: each head on two decode ranks), and replicated
+prefill heads (4 -> 2 of 2 heads: prefill ranks 1 and 3 hold copies and send nothing)."""
+
+
+def expected_bytes(n: TPNode, pages: int) -> int:
+    return pages * LAYERS * HEAD * sum(k for _, k in n.d_heads)
+
+
+@pytest.mark.parametrize("name,group_mib,shape", [
+    *[("tcp", 128, s) for s in SHAPES], ("tcp", 1, (2, 1, 2)), ("tcp", 1, (1, 2, 2)),
+    *[(t, g, s) for t in ("loopback", "cuda_ipc", "nixl") for g in (128, 1) for s in ((2, 1, 2), (1, 2, 2))]])
+def test_heads_land_bitwise_between_tp_sizes(name, group_mib, shape):
+    """Every decode rank's blocks hold the full cache's heads it holds, bitwise, and every
+    rank's pool is free again; every prefill rank's hand-off is ok, one that holds only copies
+    with nothing sent. Whole, and streamed in 1 MiB groups (each announced as it lands, and seen
+    landing by the tcp data plane): merged pages may not be read while another rank's heads are
+    on their way."""
     ok, why = transports.available(name)
     if not ok:
         pytest.skip(f"transport {name!r} unavailable here: {why}")
-    n = TPNode(group_mib=group_mib, transport=name)
+    p, d, heads = shape
+    n = TPNode(p, d, heads, group_mib=group_mib, transport=name)
     try:
         p_blocks, d_blocks = list(range(3, 23)), list(range(20, 40))  # 20 blocks: 20 pages of the decode's
         tokens = 20 * BLOCK - 5  # the last block partly filled
         for r, s in enumerate(n.senders):
             s.submit(SendSpec(f"p{r}", handoff("t", tokens, "decode-0"), tuple(p_blocks)))
-        n.receiver.submit_load(LoadSpec("d", handoff("t", tokens, "prefill-0"), tuple(d_blocks)))
-        sends, loads = n.results(2, 1)
-        assert all(s.ok for s in sends) and loads[0].ok, (sends, loads)
-        assert sum(s.num_bytes for s in sends) == 20 * PAGE  # each rank half of every page
-        for whole, got in zip(n.full, n.d_layers):
-            for pb, db in zip(p_blocks, d_blocks):
-                assert torch.equal(whole[pb].view(torch.uint8), got[db].view(torch.uint8)), (pb, db)
-        assert n.receiver.pool.free_pages == n.receiver.pool.num_pages
+        n.load_all("t", tokens, d_blocks)
+        sends, loads = n.results(p, d)
+        assert all(s.ok for s in sends) and all(x.ok for x in loads), (sends, loads)
+        assert sum(s.num_bytes for s in sends) == expected_bytes(n, 20)
+        senders = {sl.src_rank for sl in H.head_map(heads, p, d)}
+        assert sorted(s.req_id for s in sends if s.num_bytes == 0) == [f"p{r}" for r in range(p) if r not in senders]
+        n.assert_landed(p_blocks, d_blocks)
     finally:
+        n.close()
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 2), (1, 2, 2), (4, 2, 2), (2, 4, 4)])
+@pytest.mark.parametrize("damaged", [False, True])
+def test_integrity_verify_between_tp_sizes_loads_what_was_sent_and_refuses_damage(shape, damaged):
+    """``integrity.verify`` between TP sizes: each writer digests the bytes of its heads at
+    their places in the decode's pages (ops.plan_sum), the decode adds its writers' digests up
+    and checks them against its pages; damaged bytes (every batch, on the way) are refused and
+    counted on every decode rank, never loaded."""
+    p, d, heads = shape
+    n = TPNode(p, d, heads, transport="loopback", verify=True, options={"corrupt_every": 1} if damaged else None)
+    try:
+        p_blocks, d_blocks = list(range(3, 9)), list(range(20, 26))
+        tokens = 6 * BLOCK - 3
+        for r, s in enumerate(n.senders):
+            s.submit(SendSpec(f"p{r}", handoff("tv", tokens, "decode-0"), tuple(p_blocks)))
+        n.load_all("tv", tokens, d_blocks)
+        sends, loads = n.results(p, d)
+        assert all(s.ok for s in sends), sends
+        stats = [r.status()["loads"] for r in n.receivers]
+        if damaged:
+            assert not any(x.ok for x in loads) and all("integrity.verify" in x.error for x in loads), loads
+            assert [(x["digests_verified_total"], x["digest_mismatches_total"]) for x in stats] == [(0, 1)] * d
+            assert all(torch.all(t[b].view(torch.uint8) == 0xEE) for layers in n.d_layers for t in layers
+                       for b in d_blocks)
+        else:
+            assert all(x.ok for x in loads), loads
+            assert [(x["digests_verified_total"], x["digest_mismatches_total"]) for x in stats] == [(1, 0)] * d
+            n.assert_landed(p_blocks, d_blocks)
+    finally:
+        n.close()
+
+
+def test_a_layered_handoff_goes_to_every_lane_as_its_layers_compute():
+    """TP 1 -> 2, layer by layer: each layer the forward marks goes to both decode ranks (the
+    pieces feed both lanes), bitwise, and nothing waits for a layer not marked yet."""
+    n = TPNode(1, 2, 2, layerwise=True)
+    try:
+        p_blocks, d_blocks = list(range(3, 11)), list(range(20, 28))
+        tokens = 8 * BLOCK
+        h = handoff("tl", tokens, "decode-0")
+        n.senders[0].reserve(h)
+        marks = LayerMarks(LAYERS)
+        n.senders[0].submit_layered(SendSpec("pl", h, tuple(p_blocks), layered=True), marks)
+        n.load_all("tl", tokens, d_blocks)
+        for layer in range(LAYERS):
+            time.sleep(0.05)
+            assert not n.senders[0].drain(), "ended before its layers were computed"
+            marks.layer(layer)
+        marks.forward_done()
+        sends, loads = n.results(1, 2)
+        assert sends[0].ok and sends[0].layered and all(x.ok for x in loads), (sends, loads)
+        assert sends[0].num_bytes == expected_bytes(n, 8)
+        n.assert_landed(p_blocks, d_blocks)
+    finally:
+        n.close()
+
+
+def test_a_lane_that_fails_fails_the_handoff_on_every_lane():
+    """TP 1 -> 2 with decode rank 1 gone: the hand-off fails (naming the deadline), decode rank
+    0 is told (its load fails at once, vLLM recomputes) and its pages come back."""
+    n = TPNode(1, 2, 2, handshake_s=1)
+    try:
+        n.receivers[1].close()
+        tokens = 4 * BLOCK
+        n.receivers[0].submit_load(LoadSpec("d0", handoff("tf", tokens, "prefill-0"), (1, 2, 3, 4)))
+        n.senders[0].submit(SendSpec("p0", handoff("tf", tokens, "decode-0"), (5, 6, 7, 8)))
+        sends, loads = n.results(1, 1)
+        assert not sends[0].ok and "timeouts.handshake_s" in sends[0].error, sends
+        assert not loads[0].ok, loads
+        wait = time.monotonic() + 5
+        while n.receivers[0].pool.free_pages != n.receivers[0].pool.num_pages:
+            assert time.monotonic() < wait, "decode rank 0's pages stayed held"
+            time.sleep(0.01)
+    finally:
+        n.receivers.pop(1)
         n.close()
 
 

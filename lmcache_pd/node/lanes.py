@@ -1,0 +1,129 @@
+"""A hand-off's transfer, lane by lane (L5): a prefill rank that hands off to a wider decode
+sends its KV heads to each decode rank that holds some of them (links.Lane), each with its own
+pages, transfer and TransferDone; the hand-off is ok only when every lane is
+(docs/tensor_parallel.md). Between equal TP sizes, or to a narrower decode, it has one lane.
+
+:func:`send_lane` is one lane's transfer (whole, in groups of pages: groups.py; or layer by
+layer: layered.py, the same pieces feeding every lane). :func:`each` runs one step on every
+lane at once, and a lane that fails stops the others (their transfers are released before the
+failure is raised, so the Cancel that follows comes after their last byte); with one lane the
+step runs inline: no task, no cost on the hand-off's path. :class:`LaneSent` is what one lane's
+transfer leaves for TransferDone and the hand-off's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from lmcache_pd import protocol as P
+from lmcache_pd.handoff import SendSpec
+from lmcache_pd.layout import KVLayout, RangePlan
+from lmcache_pd.node.armed import signal_of
+from lmcache_pd.node.groups import send_groups
+from lmcache_pd.node.layered import Pieces, piece_plan, send_layers
+from lmcache_pd.node.peer import DecodePeer, Grant
+from lmcache_pd.transport import Transport
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LaneSent:
+    """One lane's bytes are in its decode rank's pool: what TransferDone and the result need."""
+
+    grant: Grant
+    plans: list[RangePlan]
+    digest: asyncio.Future[int] | None
+    span: tuple[float, float]
+    """Wall clock of its first and last byte."""
+    seconds: float
+    """Data-plane time: its first submit until its bytes were in the pool."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.plans)
+
+
+async def each(steps: Sequence[Awaitable[T]], undo: Callable[[T], Awaitable[None]] | None = None) -> list[T]:
+    """Await every step at once, results in order. The first failure cancels the others and
+    waits until they stopped, then ``undo`` is awaited for each that had succeeded (e.g. give
+    back its pages), and the failure is raised."""
+    if len(steps) == 1:
+        return [await steps[0]]
+    tasks = [asyncio.ensure_future(s) for s in steps]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        if undo is not None:
+            for t, out in zip(tasks, outcomes):
+                if not t.cancelled() and not isinstance(out, BaseException):
+                    await undo(out)
+        raise
+
+
+@dataclass
+class LaneIO:
+    """What a lane's transfer uses of its sender: the transport and our registered blocks
+    (``region``, set once registered), the deadline, the group size, and the sender's
+    ``digest(blocks, pages, peer, ready, plans)`` (``integrity.verify``) and ``watch(spec)``
+    (``check`` and ``failed`` for the transfer loops)."""
+
+    transport: Transport
+    kv: KVLayout
+    data_s: float
+    group_mib: int
+    digest: Callable[..., asyncio.Future[int] | None]
+    watch: Callable[[SendSpec], dict]
+    region: int = -1
+
+    def group_ends(self, n_pages: int) -> tuple[int, ...]:
+        """Where each group of a streamed hand-off ends (exclusive page counts, increasing)."""
+        per = max(1, (self.group_mib << 20) // self.kv.page_bytes) if self.group_mib else n_pages
+        return tuple(min(a + per, n_pages) for a in range(0, n_pages, per))
+
+
+async def send_lane(io: LaneIO, spec: SendSpec, grant: Grant, n_pages: int, ready: torch.cuda.Event | None,
+                    pieces: Pieces | None, renew: Callable[[], None]) -> LaneSent:
+    """One lane's transfer: the hand-off's blocks (between TP sizes, the heads its decode rank
+    holds) into the pages granted there, whole or layer by layer (``pieces``)."""
+    peer: DecodePeer = grant.peer
+    pages = grant.pages
+    # Where the bytes go: the decode's pool pages, or (direct) its vLLM blocks for the last
+    # pages, the blocks before them not sent (the decode holds them).
+    dest, layout, to, first = grant.target()
+    digested = pages[len(pages) - len(to):]  # the pages the bytes sent stand for
+    ticket = P.ticket(spec.handoff.transfer_id, grant.generation)
+    # The last batch ends with the reservation's device-side signal: the decode's scatter waits
+    # for it on the GPU (node/armed.py). A direct hand-off has no scatter.
+    signal = signal_of(pages, grant.generation) if peer.signals and pages and not grant.blocks else None
+    t_data = time.monotonic()
+    if pieces is None:
+        blocks = spec.block_ids[first:n_pages]
+        ends = io.group_ends(len(to)) if not grant.blocks else (len(to),)
+        plans = [peer.plan(io.kv, layout, blocks=blocks[a:b], to=to[a:b]) for a, b in zip((0, *ends[:-1]), ends)]
+        digest = io.digest(blocks, digested, peer, ready, plans)  # reads the blocks while they fly
+        span = await send_groups(io.transport, io.region, peer, plans, ends, spec.handoff, ticket=ticket,
+                                 data_s=io.data_s, ready=ready, signal=signal, dest=dest, **io.watch(spec))
+        return LaneSent(grant, plans, digest, span, time.monotonic() - t_data)
+    # Over a one-sided transport the decode learns of each layer landed from us (Landed), to
+    # scatter it during the forward; a direct hand-off has nothing to scatter.
+    tell = not (signal or grant.blocks or io.transport.capabilities.admits_writes)
+    *span, plans = await send_layers(
+        io.transport, dest, io.region,
+        lambda piece, layer: piece_plan(io.kv, layout, piece, layer, to, first, plan=peer.plan),
+        pieces, io.kv.num_layers, data_s=io.data_s, ticket=ticket, signal=signal, renew=renew, **io.watch(spec),
+        landed=functools.partial(peer.landed, spec.handoff.transfer_id, 0) if tell else None)
+    final = pieces.final
+    assert final is not None and len(final.blocks) >= n_pages
+    digest = io.digest(final.blocks[first:n_pages], digested, peer, None, plans)  # every layer is computed by now
+    return LaneSent(grant, plans, digest, (span[0], span[1]), time.monotonic() - t_data)
