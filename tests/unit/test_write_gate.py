@@ -35,18 +35,14 @@ def test_a_batch_of_its_session_into_its_pages_is_admitted_and_counted_as_a_writ
     assert pool.lookup("t").writers == 0
 
 
-def test_a_layer_lands_once_every_page_of_it_landed_in_one_batch_or_several_and_a_failed_one_lands_nothing():
+def test_a_layer_lands_once_every_page_of_it_landed_in_one_batch_or_several():
     """The loader scatters a layer before TransferDone only once the data plane saw every page
     of the reservation land in it (``Reservation.layers_landed``): in one batch, or in one per
-    chunk of a chunked prompt; a batch with part of a layer's pages lands no layer by itself,
-    and a failed one adds nothing."""
+    chunk of a chunked prompt; a batch with part of a layer's pages lands no layer by itself."""
     gate, pool, gen = gate_with(n=2)
     r = pool.lookup("t")
     part = gate.admit(b"s" * 16, P.ticket("t", gen), *zip(page_range(0, r.pages[0])))  # one page of layer 0
     part(True)
-    assert r.layers_landed == frozenset()
-    failed = gate.admit(b"s" * 16, P.ticket("t", gen), *zip(page_range(1, r.pages[0], 2)))  # layer 1, failed
-    failed(False)
     assert r.layers_landed == frozenset()
     layer1 = gate.admit(b"s" * 16, P.ticket("t", gen), *zip(page_range(1, r.pages[0], 2)))  # all of layer 1
     layer1(True)
@@ -54,6 +50,21 @@ def test_a_layer_lands_once_every_page_of_it_landed_in_one_batch_or_several_and_
     rest = gate.admit(b"s" * 16, P.ticket("t", gen), *zip(page_range(0, r.pages[1])))  # layer 0's other page
     rest(True)
     assert r.layers_landed == frozenset({0, 1}) and r.writers == 0
+
+
+def test_a_batch_that_breaks_part_way_lands_nothing_and_ends_the_reservation():
+    """A batch whose connection broke part-way (a prefill that died, bytes that failed their
+    check) lands no layer, and, since a sender never resends a batch, the hand-off can never
+    complete: the reservation ends at once (its load fails and vLLM recomputes) instead of
+    when the writer's session is found silent (timeouts.peer_s); no later batch is admitted."""
+    gate, pool, gen = gate_with(n=2)
+    r = pool.lookup("t")
+    broken = gate.admit(b"s" * 16, P.ticket("t", gen), *zip(page_range(1, r.pages[0], 2)))  # all of layer 1
+    broken(False)
+    assert r.layers_landed == frozenset() and r.writers == 0
+    assert r.ended and r.state.name == "ABORTED" and "mid-batch" in r.reason
+    with pytest.raises(TransferError):
+        gate.admit(b"s" * 16, P.ticket("t", gen), *zip(page_range(0, r.pages[0])))
 
 
 @pytest.mark.parametrize("session,ticket,ranges,why", [
