@@ -24,7 +24,7 @@ from lmcache_pd.node.worker import NodeConfig, Worker
 from lmcache_pd.ops import kv_layout_of
 from tests.unit.kv import vllm_like_cache
 from tests.unit.nodes import BLOCK, LAYERS
-from tests.unit.test_tp_node import C, TPNode, rank_cache
+from tests.unit.tp_nodes import C, TPNode, rank_cache
 
 P_BLOCKS, D_BLOCKS = tuple(range(3, 23)), tuple(range(20, 40))
 TOKENS = 20 * BLOCK - 5
