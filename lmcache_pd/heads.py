@@ -86,11 +86,16 @@ def senders_of(slices: list[HeadSlice], decode_rank: int) -> list[int]:
 def describe(num_kv_heads: int, prefill_tp: int, decode_tp: int) -> list[str]:
     """The mapping in words (``check-config`` prints it)."""
     src = rank_heads(num_kv_heads, prefill_tp, field="prefill.0.tp_size")
+    slices = head_map(num_kv_heads, prefill_tp, decode_tp, prefill_field="prefill.0.tp_size",
+                      decode_field="decode.0.tp_size")
     lines = []
-    for s in head_map(num_kv_heads, prefill_tp, decode_tp, prefill_field="prefill.0.tp_size",
-                      decode_field="decode.0.tp_size"):
+    for s in slices:
         a = src[s.src_rank][0] + s.src_head
         lines.append(f"prefill rank {s.src_rank} -> decode rank {s.dst_rank}: KV heads {a}..{a + s.count - 1}")
+    idle = sorted(set(range(prefill_tp)) - {s.src_rank for s in slices})
+    if idle:  # (their heads are copies: a lower rank sends them)
+        lines.append(f"prefill rank{'s' if len(idle) > 1 else ''} {', '.join(map(str, idle))}: nothing "
+                     "(copies of heads a lower rank sends)")
     return lines
 
 

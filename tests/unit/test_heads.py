@@ -64,7 +64,8 @@ def test_replicated_heads_are_sent_once_by_the_first_rank_holding_them():
     # 2 KV heads on 8 prefill ranks (4 copies each) to 2 decode ranks: ranks 0 and 4 send.
     assert [(s.src_rank, s.dst_rank) for s in head_map(2, 8, 2)] == [(0, 0), (4, 1)]
     assert describe(2, 8, 2) == ["prefill rank 0 -> decode rank 0: KV heads 0..0",
-                                 "prefill rank 4 -> decode rank 1: KV heads 1..1"]
+                                 "prefill rank 4 -> decode rank 1: KV heads 1..1",
+                                 "prefill ranks 1, 2, 3, 5, 6, 7: nothing (copies of heads a lower rank sends)"]
     assert describe(8, 1, 2) == ["prefill rank 0 -> decode rank 0: KV heads 0..3",
                                  "prefill rank 0 -> decode rank 1: KV heads 4..7"]
 

@@ -152,3 +152,35 @@ def test_the_digest_kernel_equals_the_formula_on_both_sides():
             == int(_pool_sum(pool, pbuf, pages)), per_layer
         pbuf[(3 * pool.num_pages + 23) * pool.block_bytes + 4000] ^= 4
         assert pool_digest(pool, pbuf, pages) != want
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_plan_sums_of_writers_that_split_every_page_add_up_to_the_pages_sum(device):
+    """ops.plan_sum (integrity.verify between TP sizes): writers that each write part of every
+    page (here: the first 3 and the last 5 words of each block, from scattered sources) have
+    sums that add up, mod 2**64, to ops.pool_sum of the pages (on a GPU: the digest kernel's);
+    a word in another place, or a changed word, changes the sum."""
+    import numpy as np
+
+    from lmcache_pd.layout import RangePlan
+    from lmcache_pd.ops import plan_sum, pool_sum
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pool = PoolLayout(2, 6, 64)
+    rng = np.random.default_rng(3)
+    src = torch.from_numpy(rng.integers(0, 256, 4096, dtype=np.uint8)).to(device)
+    pages = [1, 4]
+    dst = [(layer * 6 + p) * 64 for layer in range(2) for p in pages]
+    at = rng.permutation(4096 // 64)[:len(dst)] * 64
+    buf = torch.zeros(pool.nbytes, dtype=torch.uint8, device=device)
+    head = RangePlan(np.array(at), np.array(dst), np.full(len(dst), 24))
+    tail = RangePlan(np.array(at) + 24, np.array(dst) + 24, np.full(len(dst), 40))
+    copy_ranges(src, buf, head)
+    copy_ranges(src, buf, tail)
+    total = (plan_sum(src, head, pool) + plan_sum(src, tail, pool) + 2**63) % 2**64 - 2**63
+    assert total == pool_sum(pool, buf, pages)
+    moved = RangePlan(np.array(at), np.array(dst) + 8, np.full(len(dst), 24))  # one word over
+    assert (plan_sum(src, moved, pool) + plan_sum(src, tail, pool) + 2**63) % 2**64 - 2**63 != total
+    src[at[0] + 30] ^= 1
+    assert (plan_sum(src, head, pool) + plan_sum(src, tail, pool) + 2**63) % 2**64 - 2**63 != total
