@@ -23,12 +23,14 @@ from typing import TypeVar
 import torch
 
 from lmcache_pd import protocol as P
+from lmcache_pd._types import BlockId
 from lmcache_pd.handoff import SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan
 from lmcache_pd.node.armed import signal_of
 from lmcache_pd.node.groups import send_groups
 from lmcache_pd.node.layered import Pieces, piece_plan, send_layers
 from lmcache_pd.node.peer import DecodePeer, Grant
+from lmcache_pd.ops import cache_digest, plan_sum
 from lmcache_pd.transport import Transport
 
 T = TypeVar("T")
@@ -73,16 +75,17 @@ async def each(steps: Sequence[Awaitable[T]], undo: Callable[[T], Awaitable[None
 
 @dataclass
 class LaneIO:
-    """What a lane's transfer uses of its sender: the transport and our registered blocks
-    (``region``, set once registered), the deadline, the group size, and the sender's
-    ``digest(blocks, pages, peer, ready, plans)`` (``integrity.verify``) and ``watch(spec)``
-    (``check`` and ``failed`` for the transfer loops)."""
+    """What a lane's transfer uses of its sender: the transport, our blocks (``kv``,
+    ``kv_buffer``, registered as ``region`` once started), the deadline, the group size,
+    ``integrity.verify``, and the sender's ``watch(spec)`` (``check`` and ``failed`` for the
+    transfer loops)."""
 
     transport: Transport
     kv: KVLayout
+    kv_buffer: torch.Tensor
     data_s: float
     group_mib: int
-    digest: Callable[..., asyncio.Future[int] | None]
+    verify: bool
     watch: Callable[[SendSpec], dict]
     region: int = -1
 
@@ -90,6 +93,23 @@ class LaneIO:
         """Where each group of a streamed hand-off ends (exclusive page counts, increasing)."""
         per = max(1, (self.group_mib << 20) // self.kv.page_bytes) if self.group_mib else n_pages
         return tuple(min(a + per, n_pages) for a in range(0, n_pages, per))
+
+    def digest(self, blocks: tuple[BlockId, ...], pages: list[int], peer: DecodePeer, ready: torch.cuda.Event | None,
+               plans: list[RangePlan]) -> asyncio.Future[int] | None:
+        """With ``integrity.verify``: the digest of what a lane sends, computed on a worker thread
+        while the transfer runs (after the forward that wrote the blocks): of whole blocks as
+        they land in ``pages``, or, between TP sizes, the additive sum over the bytes of
+        ``plans`` (the sums of a page's writers add up to the page's: ops.plan_sum)."""
+        if not self.verify:
+            return None
+
+        def compute() -> int:
+            if ready is not None:
+                ready.synchronize()
+            if peer.heads is not None:
+                return (sum(plan_sum(self.kv_buffer, p, peer.pool) for p in plans) + 2**63) % 2**64 - 2**63  # (int64)
+            return cache_digest(self.kv, self.kv_buffer, blocks, peer.pool, pages)
+        return asyncio.get_running_loop().run_in_executor(None, compute)
 
 
 async def send_lane(io: LaneIO, spec: SendSpec, grant: Grant, n_pages: int, ready: torch.cuda.Event | None,

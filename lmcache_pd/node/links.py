@@ -8,9 +8,10 @@ to each rank that holds some of its KV heads (a narrower decode: one, a wider on
 none when the heads it holds are copies another rank sends; docs/tensor_parallel.md).
 
 Life of a link:
-  1. ``get(peer, lane)`` opens it on first use: Hello and Handshake (``ControlClient.open_session``), then the transport connects to the
-     descriptor in the reply; a peer that fails this is
-     marked down for ``timeouts.handshake_s`` (later hand-offs fail at once meanwhile);
+  1. ``get(peer, lane)`` opens it on first use: Hello and Handshake
+     (``ControlClient.open_session``), then the transport connects to the descriptor in the
+     reply; a lane that fails this is marked down for ``timeouts.handshake_s`` (later
+     hand-offs fail at once meanwhile);
   2. ``beat()``, every ``timeouts.heartbeat_s``, heartbeats every peer (one heartbeat in flight
      per peer), which renews the leases of its in-flight hand-offs;
   3. the link is dropped when its connection drops (the client is ``lost``), a heartbeat goes

@@ -15,6 +15,9 @@ Per hand-off (one coroutine on the sender's loop thread; vLLM's forward loop nev
      with a one-way Landed as it arrives, so that the decode side scatters while the rest flies
      (groups.py); a layered one goes piece by piece and layer by layer (layered.py);
   4. TransferDone on the control plane: only now may the decode side read the pages.
+To a decode of a wider TP a hand-off has several lanes, one per decode rank that holds some
+of this rank's KV heads (links.Lane): steps 2 to 4 run on every lane at once (lanes.py), and
+the hand-off is ok only when every lane is.
 Any failure sends a best-effort Cancel (the pages come back at once) and ends the hand-off as
 failed; the decode side then recomputes. Every step has a deadline from ``timeouts.*``, and the
 whole hand-off one more (their sum, :meth:`KVSender.handoff_deadline_s`): vLLM's blocks are held
@@ -46,7 +49,7 @@ import torch
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
-from lmcache_pd._types import BatchState, BlockId, PeerName, TransferId
+from lmcache_pd._types import BatchState, PeerName, TransferId
 from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
 from lmcache_pd.handoff import Handoff, SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens
@@ -57,12 +60,11 @@ from lmcache_pd.node.lanes import LaneIO, LaneSent, each, send_lane
 from lmcache_pd.node.layered import LayerMarks, Pieces
 from lmcache_pd.node.links import Lane, Links
 from lmcache_pd.node.loop import LoopThread
-from lmcache_pd.node.peer import DecodePeer, Grant
+from lmcache_pd.node.peer import Grant
 from lmcache_pd.node.reservations import Reservations
 from lmcache_pd.node.send_result import SendResult
 from lmcache_pd.node.timeline import Timeline
 from lmcache_pd.node.worker import NodeConfig, Worker
-from lmcache_pd.ops import cache_digest, plan_sum
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +111,8 @@ class KVSender:
         self._layered: dict[TransferId, Handoff] = {}
         """Layered hand-offs under way (loop thread): an unreserve stops them."""
         self._launch_here = not cfg.integrity.verify  # (whose digest is computed on the loop's side)
-        self._io = LaneIO(self.transport, kv, data_s=self.t.data_s, group_mib=cfg.transport.group_mib,
-                          digest=self._digest, watch=self._watch)
+        self._io = LaneIO(self.transport, kv, kv_buffer, data_s=self.t.data_s, group_mib=cfg.transport.group_mib,
+                          verify=cfg.integrity.verify, watch=self._watch)
 
     def start(self) -> None:
         self.region = self._io.region = self.transport.register(self.kv_buffer, self.kv.extents)
@@ -450,23 +452,6 @@ class KVSender:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
-
-    def _digest(self, blocks: tuple[BlockId, ...], pages: list[int], peer: DecodePeer,
-                ready: torch.cuda.Event | None, plans: list[RangePlan]) -> asyncio.Future[int] | None:
-        """With ``integrity.verify``: the digest of what this hand-off sends, computed on a worker
-        thread while the transfer runs (after the forward that wrote the blocks): of whole
-        blocks as they land in ``pages``, or, between TP sizes, the additive sum over the bytes
-        of ``plans`` (its writers' sums add up to the pages': ops.plan_sum)."""
-        if not self.cfg.integrity.verify:
-            return None
-
-        def compute() -> int:
-            if ready is not None:
-                ready.synchronize()
-            if peer.heads is not None:
-                return (sum(plan_sum(self.kv_buffer, p, peer.pool) for p in plans) + 2**63) % 2**64 - 2**63  # (int64)
-            return cache_digest(self.kv, self.kv_buffer, blocks, peer.pool, pages)
-        return asyncio.get_running_loop().run_in_executor(None, compute)
 
     def _watch(self, spec: SendSpec) -> dict:
         """What a transfer loop (groups.py, layered.py) calls: ``check`` raises once the decode
