@@ -71,14 +71,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class _Launched:
-    """A hand-off planned and submitted on the caller's thread (KVSender._launch)."""
+    """A hand-off planned and submitted on the caller's thread (KVSender._launch): its grants,
+    and per lane submitted, the grant, its plan and the batch's handle."""
 
-    grant: Grant
-    plan: RangePlan
-    handle: object
+    grants: tuple[Grant, ...]
+    lanes: tuple[tuple[Grant, RangePlan, object], ...]
     t0: float
     started_at: float
     first_byte_at: float
+    error: str = ""
+    """A lane could not be submitted after others were: the hand-off fails (on the loop)."""
 
 
 class KVSender:
@@ -138,9 +140,9 @@ class KVSender:
         self._loop.submit(self._send(spec, ready, launched=launched))
 
     def _launch(self, spec: SendSpec, ready: torch.cuda.Event | None) -> _Launched | None:
-        """Plan and submit a one-group hand-off whose reserved pages are granted, now. None when
-        it cannot go this way (not reserved or granted yet, several groups, an error): the
-        sender's loop then does every step."""
+        """Plan and submit a one-group hand-off whose reserved pages are granted, now, on every
+        lane. None when it cannot go this way (not reserved or granted yet, several groups, no
+        lane, an error before any submit): the sender's loop then does every step."""
         if ready is not None and not self.transport.capabilities.stream_ordered:
             return None  # the loop waits for the forward's event first
         tid = spec.handoff.transfer_id
@@ -148,25 +150,29 @@ class KVSender:
         grants = self._reserved.take_granted(tid)
         if grants is None:
             return None
-        grant = grants[0] if len(grants) == 1 else None  # (several lanes, or none: the loop's steps)
-        if (grant is None or len(spec.block_ids) < n_pages or grant.skip + len(grant.pages) != n_pages
-                or len(self._io.group_ends(len(grant.pages))) != 1):
+        if (not grants or len(spec.block_ids) < n_pages
+                or any(g.skip + len(g.pages) != n_pages or len(self._io.group_ends(len(g.pages))) != 1 for g in grants)):
             self._reserved.put_back(tid, grants)  # the loop's steps refuse it, or stream it, as usual
             return None
-        t0, started_at = time.monotonic(), time.time()
-        try:
-            dest, layout, to, first = grant.target()
-            plan = grant.peer.plan(self.kv, layout, blocks=spec.block_ids[first:n_pages], to=to)
-            last = ({"signal": signal_of(grant.pages, grant.generation)}
-                    if grant.peer.signals and grant.pages and not grant.blocks else {})
-            first_byte_at = time.time()
-            handle = self.transport.submit(dest, self.region, plan, timeout_s=self.t.data_s,
-                                           after=ready, ticket=P.ticket(tid, grant.generation), **last)
-        except Exception:  # noqa: BLE001 - e.g. the link was re-made meanwhile: the loop's steps say why
-            log.debug("hand-off %s not launched on the caller's thread", tid, exc_info=True)
-            self._reserved.put_back(tid, grants)
-            return None
-        return _Launched(grant, plan, handle, t0, started_at, first_byte_at)
+        t0, started_at, first_byte_at = time.monotonic(), time.time(), time.time()
+        lanes: list[tuple[Grant, RangePlan, object]] = []
+        for grant in grants:
+            try:
+                dest, layout, to, first = grant.target()
+                plan = grant.peer.plan(self.kv, layout, blocks=spec.block_ids[first:n_pages], to=to)
+                last = ({"signal": signal_of(grant.pages, grant.generation)}
+                        if grant.peer.signals and grant.pages and not grant.blocks else {})
+                handle = self.transport.submit(dest, self.region, plan, timeout_s=self.t.data_s,
+                                               after=ready, ticket=P.ticket(tid, grant.generation), **last)
+            except Exception as e:  # noqa: BLE001 - e.g. the link was re-made meanwhile: the loop's steps say why
+                log.debug("hand-off %s not launched on the caller's thread", tid, exc_info=True)
+                if not lanes:
+                    self._reserved.put_back(tid, grants)
+                    return None
+                return _Launched(grants, tuple(lanes), t0, started_at, first_byte_at,
+                                 error=f"lane to rank {grant.peer.rank} not submitted: {e!r}")
+            lanes.append((grant, plan, handle))
+        return _Launched(grants, tuple(lanes), t0, started_at, first_byte_at)
 
     def submit_layered(self, spec: SendSpec, marks: LayerMarks) -> Pieces:
         """Start a layered hand-off with its first piece (thread-safe, returns at once): each
@@ -341,15 +347,13 @@ class KVSender:
         try:
             if launched is not None:  # planned and submitted on the caller's thread
                 self._reserved.forget(spec.handoff.transfer_id)
-                grants = (launched.grant,)
-                plans, ends = [launched.plan], (len(launched.grant.pages),)
-                _, last_byte_at = await send_groups(self.transport, self.region, launched.grant.peer, plans, ends,
-                                                    spec.handoff, ticket=b"", data_s=self.t.data_s,
-                                                    submitted=[launched.handle], **self._watch(spec))
-                first_byte_at = launched.handle.began_at or launched.first_byte_at
-                sent = LaneSent(launched.grant, plans, None, (first_byte_at, last_byte_at),
-                                time.monotonic() - launched.t0)
-                await self._done(spec, [sent], True, t0, launched.t0, launched.started_at, None, on_caller=True)
+                grants = launched.grants
+                if launched.error:  # (what was submitted stops, then every lane is told: below)
+                    for _, _, handle in launched.lanes:
+                        handle.close()
+                    raise TransferError(launched.error, transfer_id=spec.handoff.transfer_id)
+                sent = await each([self._landed(spec, launched, *lane) for lane in launched.lanes])
+                await self._done(spec, sent, True, t0, launched.t0, launched.started_at, None, on_caller=True)
                 return
             n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.worker.compat.block_size)
             if len(spec.block_ids) < n_pages and spec.final:  # (a first piece of several has fewer)
@@ -372,6 +376,15 @@ class KVSender:
         finally:
             for grant in grants:
                 grant.peer.untrack(spec.handoff.transfer_id)
+
+    async def _landed(self, spec: SendSpec, launched: _Launched, grant: Grant, plan: RangePlan,
+                      handle) -> LaneSent:
+        """A lane submitted on the caller's thread, once its bytes are in the decode's pool."""
+        _, last_byte_at = await send_groups(self.transport, self.region, grant.peer, [plan], (len(grant.pages),),
+                                            spec.handoff, ticket=b"", data_s=self.t.data_s, submitted=[handle],
+                                            **self._watch(spec))
+        return LaneSent(grant, [plan], None, (handle.began_at or launched.first_byte_at, last_byte_at),
+                        time.monotonic() - launched.t0)
 
     async def _done(self, spec: SendSpec, lanes: list[LaneSent], reserved: bool, t0: float, t_alloc: float,
                     granted_at: float, pieces: Pieces | None, *, on_caller: bool = False) -> None:

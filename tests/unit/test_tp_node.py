@@ -103,6 +103,57 @@ def test_integrity_verify_between_tp_sizes_loads_what_was_sent_and_refuses_damag
         n.close()
 
 
+def test_a_reserved_handoff_to_a_wider_decode_is_submitted_on_the_callers_thread_on_every_lane():
+    """TP 1 -> 2 with the pages reserved ahead (as the connector does): both lanes are planned
+    and submitted on the submitting thread (``SendResult.on_caller``), and land bitwise."""
+    n = TPNode(1, 2, 2)
+    try:
+        p_blocks, d_blocks = list(range(3, 11)), list(range(20, 28))
+        tokens = 8 * BLOCK - 1
+        h = handoff("tc", tokens, "decode-0")
+        n.load_all("tc", tokens, d_blocks)
+        n.senders[0].reserve(h).result(5)
+        n.senders[0].submit(SendSpec("pc", h, tuple(p_blocks)))
+        sends, loads = n.results(1, 2)
+        assert sends[0].ok and sends[0].on_caller and sends[0].reserved, sends
+        assert all(x.ok for x in loads), loads
+        n.assert_landed(p_blocks, d_blocks)
+    finally:
+        n.close()
+
+
+def test_a_lane_that_cannot_be_submitted_after_another_was_fails_the_handoff_on_both():
+    """TP 1 -> 2, reserved ahead: the transport refuses the second lane's batch after the first
+    was submitted on the caller's thread. The hand-off fails naming the lane, both decode ranks
+    are told (their loads fail at once, vLLM recomputes) and both pools are whole again."""
+    n = TPNode(1, 2, 2)
+    sender = n.senders[0]
+    real, calls = sender.transport.submit, []
+
+    def submit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("the second lane's batch is refused")
+        return real(*args, **kwargs)
+    try:
+        tokens = 4 * BLOCK
+        h = handoff("tx", tokens, "decode-0")
+        n.load_all("tx", tokens, [1, 2, 3, 4])
+        sender.reserve(h).result(5)
+        sender.transport.submit = submit
+        sender.submit(SendSpec("px", h, (5, 6, 7, 8)))
+        sends, loads = n.results(1, 2)
+        assert not sends[0].ok and "rank 1 not submitted" in sends[0].error, sends
+        assert not any(x.ok for x in loads), loads
+        deadline = time.monotonic() + 5
+        while any(r.pool.free_pages != r.pool.num_pages for r in n.receivers):
+            assert time.monotonic() < deadline, "pages stayed held"
+            time.sleep(0.01)
+    finally:
+        sender.transport.submit = real
+        n.close()
+
+
 def test_a_layered_handoff_goes_to_every_lane_as_its_layers_compute():
     """TP 1 -> 2, layer by layer: each layer the forward marks goes to both decode ranks (the
     pieces feed both lanes), bitwise, and nothing waits for a layer not marked yet."""
