@@ -28,7 +28,7 @@ import statistics
 import sys
 
 import torch
-from _ceilings import ceilings_for
+from _ceilings import best_ceiling
 from _common import pick_devices
 from _pairs import TOKEN_BYTES, HandoffPair
 
@@ -96,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             checked.once(tokens[0])
         for n_tok in tokens:
             nbytes = n_tok * TOKEN_BYTES
-            methods = list(ceilings_for(args.transport, nbytes, p_dev, d_dev).values())
-            ceiling = min(methods, key=lambda c: c.once())  # the fastest method on one probe
-            for other in methods:
-                if other is not ceiling:
-                    other.close()
+            ceiling = best_ceiling(args.transport, nbytes, p_dev, d_dev)
             times, copies, verified = [], [], []
             pair.phases.clear()
             for _ in range(args.repeat):  # the two modes take turns: both meet the same machine state

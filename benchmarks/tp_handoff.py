@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 import torch
-from _ceilings import ceilings_for
+from _ceilings import best_ceiling
 from _common import pick_devices
 from _pairs import BLOCK, HEADS, LAYERS, TOKEN_BYTES, C
 
@@ -212,11 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             shape.once(tokens[0])  # links every lane (handshakes, IPC opens)
             for n_tok in tokens:
                 nbytes = n_tok * TOKEN_BYTES
-                methods = list(ceilings_for(args.transport, nbytes, p_dev, d_dev).values())
-                ceiling = min(methods, key=lambda c: c.once())
-                for other in methods:
-                    if other is not ceiling:
-                        other.close()
+                ceiling = best_ceiling(args.transport, nbytes, p_dev, d_dev)
                 times, copies, sent = [], [], 0
                 for _ in range(args.repeat):  # taking turns: both meet the same machine state
                     t, sent = shape.once(n_tok)
