@@ -541,7 +541,7 @@ def plan_sum(buffer: torch.Tensor, plan: RangePlan, pool: PoolLayout) -> int:
     words = buffer.view(torch.int64)
     dev = buffer.device
     total = torch.zeros((), dtype=torch.int64, device=dev)
-    per = max(1, (_SLICE_BYTES // 8))
+    per = max(1, _SLICE_BYTES // 64)  # words per slice: ~8 int64 temporaries each, about _SLICE_BYTES
     counts = n // 8
     ends = np.cumsum(counts)
     starts = ends - counts

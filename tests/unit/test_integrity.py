@@ -155,7 +155,7 @@ def test_the_digest_kernel_equals_the_formula_on_both_sides():
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_plan_sums_of_writers_that_split_every_page_add_up_to_the_pages_sum(device):
+def test_plan_sums_of_writers_that_split_every_page_add_up_to_the_pages_sum(device, monkeypatch):
     """ops.plan_sum (integrity.verify between TP sizes): writers that each write part of every
     page (here: the first 3 and the last 5 words of each block, from scattered sources) have
     sums that add up, mod 2**64, to ops.pool_sum of the pages (on a GPU: the digest kernel's);
@@ -180,6 +180,11 @@ def test_plan_sums_of_writers_that_split_every_page_add_up_to_the_pages_sum(devi
     copy_ranges(src, buf, tail)
     total = (plan_sum(src, head, pool) + plan_sum(src, tail, pool) + 2**63) % 2**64 - 2**63
     assert total == pool_sum(pool, buf, pages)
+    import lmcache_pd.ops as ops
+
+    monkeypatch.setattr(ops, "_SLICE_BYTES", 320)  # 5 words a slice: slices cut ranges anywhere
+    assert (plan_sum(src, head, pool) + plan_sum(src, tail, pool) + 2**63) % 2**64 - 2**63 == total
+    monkeypatch.undo()
     moved = RangePlan(np.array(at), np.array(dst) + 8, np.full(len(dst), 24))  # one word over
     assert (plan_sum(src, moved, pool) + plan_sum(src, tail, pool) + 2**63) % 2**64 - 2**63 != total
     src[at[0] + 30] ^= 1
