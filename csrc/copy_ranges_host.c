@@ -46,7 +46,7 @@ void pd_copy_ranges(const uint8_t *src, uint8_t *dst, const int64_t *src_offsets
 #endif
 }
 
-/* The digest of ops._digest (the GPU's: csrc/digest.cu), over units of `unit_bytes` (a block):
+/* The digest of digests._digest (the GPU's: csrc/digest.cu), over units of `unit_bytes` (a block):
  * per unit, the sum of its 8-byte words times odd weights by their index in the unit, times an
  * odd multiplier drawn from the unit's place; summed mod 2**64. `place` is the unit's offset on
  * the side that is a chunk (the node cache daemon's slot). Additive over units: a load that

@@ -2,7 +2,7 @@
 //
 // digest = sum over units u of mult(place[u]) * sum over 8-byte words i of word[u][i] * weight(i),
 // all mod 2**64, with weight(i) = ((i + 1) * G) | 1 and mult(p) = (p * G) | 1, G = 0x9E3779B97F4A7C15:
-// the same value as the torch formula ops._digest, so both sides of a hand-off (and the tests)
+// the same value as the torch formula digests._digest, so both sides of a hand-off (and the tests)
 // agree. Odd factors are invertible mod 2**64: any one changed word, or a unit in another place,
 // changes the sum. One block of threads per unit (a grid-stride loop over units); consecutive
 // threads read consecutive words.

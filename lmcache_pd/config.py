@@ -152,7 +152,7 @@ class PoolConfig(_Section):
 class IntegrityConfig(_Section):
     verify: bool = False
     """End-to-end check of every hand-off's bytes: the prefill sends a digest of what it sent
-    (a fast non-cryptographic sum over the blocks, ops.cache_digest) and the decode checks the
+    (a fast non-cryptographic sum over the blocks, digests.cache_digest) and the decode checks the
     pool pages against it before loading; on a mismatch vLLM recomputes the prompt (counted).
     Costs a read of the hand-off's bytes on each side (docs/benchmarks.md)."""
 

@@ -98,7 +98,7 @@ def copy(fn, src_address: int, dst_address: int, src_offsets: np.ndarray, dst_of
 
 def copy_summed(fn, src_address: int, dst_address: int, src_offsets: np.ndarray, dst_offsets: np.ndarray,
                 lengths: np.ndarray, *, unit_bytes: int, places_on_dst: bool, copy: bool = True) -> int:
-    """Copy the ranges (unless ``copy`` is False) and return the digest of ``ops._digest`` over
+    """Copy the ranges (unless ``copy`` is False) and return the digest of ``digests._digest`` over
     the bytes, in units of ``unit_bytes`` placed at their offsets on the destination side (or
     the source's), mod 2**64, in the same pass. Ranges are whole units; bounds checked by the caller."""
     so = np.ascontiguousarray(src_offsets, dtype=np.int64)

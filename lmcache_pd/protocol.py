@@ -246,8 +246,8 @@ class TransferDone(_Msg):
     num_bytes: int
     seconds: float
     digest: int | None = None
-    """With ``integrity.verify``: ops.cache_digest of the bytes sent (between TP sizes,
-    ops.plan_sum of them, a signed 64-bit value), checked by the decode."""
+    """With ``integrity.verify``: digests.cache_digest of the bytes sent (between TP sizes,
+    digests.plan_sum of them, a signed 64-bit value), checked by the decode."""
 
 
 class Landed(_Msg):

@@ -35,7 +35,7 @@ from lmcache_pd.cache.keys import ChunkKey
 from lmcache_pd.cache.slots import Segment
 from lmcache_pd.cache.tier import Buffer, Tier, TierStats
 from lmcache_pd.config import Seconds
-from lmcache_pd.ops import bytes_sum
+from lmcache_pd.digests import bytes_sum
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ServerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
 
 
 SUM_DIGEST = 1 << 63
-"""A committed digest with this bit set is the weighted sum of ``ops.pool_sum`` over the chunk
+"""A committed digest with this bit set is the weighted sum of ``digests.pool_sum`` over the chunk
 (mod 2**64, its top bit forced): what the one-copy path computes in the copy's own pass, on a
 GPU or with the compiled host copy. Below it: CRC-32 of the chunk's bytes (``put``: a promotion
 from a tier below, a host without a compiler). The digest says how it is checked, so engines

@@ -102,7 +102,7 @@ class Reservation:
     done_by: frozenset[str] = frozenset()
     """Writers whose TransferDone came."""
     summed: bool = False
-    """Its writers digest what they write with the additive formula (ops.plan_sum; a prefill of
+    """Its writers digest what they write with the additive formula (digests.plan_sum; a prefill of
     another TP size): ``digest`` is the sum of theirs, mod 2**64."""
     unconfirmed: frozenset[str] = frozenset()
     """Ended while being written: the writers that may still write until they confirm they

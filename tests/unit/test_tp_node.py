@@ -76,7 +76,7 @@ def test_heads_land_bitwise_between_tp_sizes(name, group_mib, shape):
 @pytest.mark.parametrize("damaged", [False, True])
 def test_integrity_verify_between_tp_sizes_loads_what_was_sent_and_refuses_damage(shape, damaged):
     """``integrity.verify`` between TP sizes: each writer digests the bytes of its heads at
-    their places in the decode's pages (ops.plan_sum), the decode adds its writers' digests up
+    their places in the decode's pages (digests.plan_sum), the decode adds its writers' digests up
     and checks them against its pages; damaged bytes (every batch, on the way) are refused and
     counted on every decode rank, never loaded."""
     p, d, heads = shape
