@@ -59,7 +59,8 @@ import time
 import torch
 
 from lmcache_pd._types import ReqId, ReservationState
-from lmcache_pd.control.allocator import PagePool, Reservation
+from lmcache_pd.control.allocator import PagePool
+from lmcache_pd.control.reservation import Reservation
 from lmcache_pd.digests import cache_digest, pool_digest, pool_sum
 from lmcache_pd.errors import PDError, TransferError
 from lmcache_pd.handoff import LoadSpec

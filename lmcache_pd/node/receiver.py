@@ -26,7 +26,8 @@ from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
 from lmcache_pd._types import ReqId, TransferId
 from lmcache_pd.control import curve
-from lmcache_pd.control.allocator import PagePool, PoolStats
+from lmcache_pd.control.allocator import PagePool
+from lmcache_pd.control.reservation import PoolStats
 from lmcache_pd.control.server import ControlServer
 from lmcache_pd.errors import ConfigError, TransferError, TransportUnavailable
 from lmcache_pd.handoff import LoadSpec
