@@ -49,6 +49,9 @@ PROTOCOL_VERSION history:
      decode rank that merges heads from several prefill ranks is written by each of them: every
      one Allocates the same transfer id (the later ones join the first's pages) and sends its own
      TransferDone.
+  9: a direct hand-off takes no pool page: Allocated's ``pages`` for it are places past the
+     pool (``num_pages + i``), which name where each block stands (the digest's places) and
+     are never written.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ import msgspec
 from lmcache_pd import auth
 from lmcache_pd.errors import ProtocolError
 
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 MAGIC = b"LMPD"
 _HEADER = struct.Struct("!4sH")
 HEADER = _HEADER.pack(MAGIC, PROTOCOL_VERSION)
@@ -227,7 +230,8 @@ class Allocate(_Msg):
 class Allocated(_Msg):
     transfer_id: Name
     pages: list[int]
-    """One page per block of the prompt after the skipped ones, in block order."""
+    """One page per block of the prompt after the skipped ones, in block order (a direct
+    hand-off's: places past the pool, ``num_pages + i``, never written; version 9)."""
     lease_s: float
     skip_pages: int = 0
     """Leading blocks of the prompt the decode side holds already (whole chunks): not sent."""

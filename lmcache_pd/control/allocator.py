@@ -100,9 +100,14 @@ class PagePool:
                                     "(raise pool.size_mib)", too_large=True, transfer_id=transfer_id)
             if num_pages <= 0:
                 raise TransferError("a reservation needs at least one page", transfer_id=transfer_id)
-            if len(self._free) < num_pages:
+            if direct:  # its writer fills the consumer's blocks: no pool page is written, none is
+                # taken; its pages are places past the pool's (num_pages + i), one per block, that
+                # only name where each block stands (the digest's places), never memory.
+                pages = [self.num_pages + i for i in range(num_pages)]
+            elif len(self._free) < num_pages:
                 return None
-            pages = self._take(num_pages)
+            else:
+                pages = self._take(num_pages)
             self._live[transfer_id] = Reservation(claim, pages, owner, ReservationState.ALLOCATED, now + self.lease_s,
                                                   skip_pages=skip_pages, signals=signals,
                                                   generation=next(self._generations),
@@ -291,7 +296,8 @@ class PagePool:
             if not r.freed:
                 self._held[r.transfer_id] = r
             return
-        self._free.extend(r.pages)
+        if not r.direct:  # (a direct reservation took no page)
+            self._free.extend(r.pages)
         r.freed = True
         self._held.pop(r.transfer_id, None)
         self._changed()

@@ -51,7 +51,8 @@ class Reservation:
     direct: tuple[int, ...] = ()
     """A direct hand-off: the consumer's own blocks (vLLM's) for the last ``len(direct)``
     pages, which its writer fills instead of those pages (Allocated.blocks); fixed at reserve,
-    so the consumer never scatters pages nobody wrote."""
+    so the consumer never scatters pages nobody wrote. Such a reservation takes no pool page:
+    its ``pages`` are places past the pool (``num_pages + i``), never written or read."""
     layers_landed: frozenset[int] = frozenset()
     """Layers whose every page holds its final bytes, seen landing by the data plane (a
     transport that gates each batch, tcp): the loader may scatter them before TransferDone.

@@ -467,7 +467,8 @@ class ControlServer:
         skip = asked or 0
         pages = None
         try:
-            if not self._waiting:  # FIFO: nobody may overtake a queued request
+            # FIFO: nobody may overtake a queued request, but a direct one takes no page.
+            if not self._waiting or self._takes_no_page(identity, msg, skip):
                 pages = self._reserve(identity, msg, owner, skip, now)
             elif msg.num_pages - skip > self.pool.num_pages:
                 self._reserve(identity, msg, owner, skip, now)  # raises too_large
@@ -485,6 +486,12 @@ class ControlServer:
         self._waiting.append(_Waiting(identity, msg, owner, now + wait, asked))
         self.stats.queued_allocations += 1
         return None  # answered later by _housekeeping
+
+    def _takes_no_page(self, identity: bytes, msg: P.Allocate, skip: int) -> bool:
+        """A direct hand-off whose blocks are known now: it is reserved without pool pages."""
+        session = self._sessions.get(identity)
+        return bool(msg.direct and self.blocks and (session is None or session.same_tp)
+                    and self.direct(msg.transfer_id, msg.num_pages - skip))
 
     def _drop_waiting(self, transfer_id: str, owner: str) -> bool:
         n = len(self._waiting)

@@ -137,8 +137,10 @@ class DecodePeer:
             self.waiting -= 1
         assert isinstance(reply, P.Allocated)
         skip = reply.skip_pages
+        # A direct hand-off's pages are places past the pool (num_pages + i: no page is taken).
+        places = self.pool.num_pages * (2 if reply.blocks else 1)
         if (not 0 <= skip < n_pages or skip % self.chunk_blocks or skip > len(h.chains) * self.chunk_blocks
-                or len(reply.pages) != n_pages - skip or any(not 0 <= p < self.pool.num_pages for p in reply.pages)
+                or len(reply.pages) != n_pages - skip or any(not 0 <= p < places for p in reply.pages)
                 or (reply.blocks and (self.blocks is None or len(reply.blocks) > len(reply.pages)
                                       or any(not 0 <= b < self.blocks[1].num_blocks for b in reply.blocks)))):
             await self.cancel(h.transfer_id, "bad Allocated reply")  # its pages come back now

@@ -2,8 +2,9 @@
 blocks, and the decode has nothing to scatter. Sender and receiver in one process (real zmq,
 real transports, all one-sided: loopback, nixl, and on a GPU cuda_ipc).
 
-The pool's pages are reserved as usual but stay untouched (they hold the zeros ``allocate``
-wrote), which is how each test sees the bytes went direct; the counters say so too.
+A direct hand-off takes no pool page (its pages are places past the pool); the pool stays
+untouched (it holds the zeros ``allocate`` wrote), which is how each test sees the bytes went
+direct; the counters say so too.
 """
 
 from __future__ import annotations
@@ -107,6 +108,43 @@ def test_blocks_the_decode_holds_already_are_not_sent():
         assert s.num_bytes == 2 * PAGE
         n.assert_moved(p_blocks[1:], d_blocks)
         assert pool_untouched(n)
+    finally:
+        n.close()
+
+
+@pytest.mark.parametrize("name", ["loopback", "nixl"])
+def test_a_direct_handoff_takes_no_pool_page_so_a_full_pool_does_not_hold_it_up(name):
+    """Every pool page is held by a hand-off that went through the pool (its decode request not
+    come yet), and another waits in the queue for pages; a direct one, whose blocks the decode
+    named, needs none of them: it is granted at once, ahead of the queue (not after the other's
+    lease or timeouts.alloc_s) and lands bitwise, and the pool still holds the first, whose
+    pages come back when its load comes."""
+    need(name)
+    n = Node(make_cfg(name, direct=True))
+    try:
+        pages = n.receiver.pool.num_pages
+        big = list(range(1, pages + 1))
+        n.sender.submit(SendSpec("p-big", Handoff("big", "decode-0", pages * BLOCK, "d" * 32), tuple(big)))
+        (s,), _ = n.results(1, 0)
+        assert s.ok and not s.direct, s
+        assert n.receiver.pool.free_pages == 0
+        n.sender.submit(SendSpec("p-q", Handoff("queued", "decode-0", 2 * BLOCK, "d" * 32), (20, 21)))
+        wait_for(lambda: n.receiver.server.stats.queued_allocations == 1, 5, "the second Allocate queued")
+        p_blocks, d_blocks = [30, 31, 32], [40, 41, 42]
+        load_then_send(n, "d1", p_blocks, d_blocks, 3 * BLOCK)
+        (s,), (ld,) = n.results(1, 1, timeout_s=1.5)  # (queued behind, it would wait out alloc_s: 2 s)
+        assert s.transfer_id == "d1" and s.ok and ld.ok and s.direct and ld.direct, (s, ld)
+        n.assert_moved(p_blocks, d_blocks)
+        assert n.receiver.pool.free_pages == 0  # (still the other's)
+        n.receiver.submit_load(LoadSpec("d-big", Handoff("big", "prefill-0", pages * BLOCK, "d" * 32),
+                                        tuple(range(1, pages + 1))))
+        (ld,) = n.receiver.drain(5)
+        assert ld.ok and not ld.direct, ld
+        (q,), _ = n.results(1, 0)  # the queued one: no load came for it; it got pages, or gave up at alloc_s
+        assert q.transfer_id == "queued", q
+        n.receiver.submit_load(LoadSpec("d-q", Handoff("queued", "prefill-0", 2 * BLOCK, "d" * 32), (20, 21)))
+        n.receiver.drain(5)
+        assert n.pool_full()
     finally:
         n.close()
 
