@@ -99,6 +99,15 @@ def rank_records(dep, instance: str, transfer_id: str) -> dict[int, dict]:
     return {r["rank"]: r for r in found}
 
 
+def failed_records(dep, instance: str, *, besides: set[str] = frozenset(), transfer_id: str | None = None) -> list[dict]:
+    """The handoff_log lines of ``instance``'s failed hand-offs (any rank), leaving out the
+    transfer ids ``besides`` (those that had failed before), only ``transfer_id``'s if given."""
+    path = dep.workdir / f"handoffs-{instance}.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [r for r in map(json.loads, lines) if r.get("event") is None and not r["ok"]
+            and r["transfer_id"] not in besides and transfer_id in (None, r["transfer_id"])]
+
+
 def prompt_counters(url: str) -> dict[str, float]:
     m = metrics(url)
     return {k: counter(m, "vllm:prompt_tokens_by_source_total", source=k)

@@ -16,7 +16,6 @@ recomputed, correctly, but nothing was handed off). The data plane goes through 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -29,6 +28,7 @@ import yaml
 from lmcache_pd.cli.local import LocalDeployment, free_ports
 from tests.integration.client import (
     completion,
+    failed_records,
     loaded_as_colocated,
     prompt_ids,
     rank_records,
@@ -116,8 +116,7 @@ def test_a_prefill_rank_killed_mid_handoff_fails_it_and_the_request_is_still_ans
     reference, _ = completion(decode, ids)
     completion(tp.procs["proxy"].url, prompt_ids(300, seed=8))  # both ranks linked, their data connections open
     victim = worker_pid(tp, "prefill-0", 1)
-    log = tp.workdir / "handoffs-decode-0.jsonl"
-    failed_before = {rec["transfer_id"] for rec in map(json.loads, log.read_text().splitlines()) if not rec.get("ok", True)}
+    failed_before = {rec["transfer_id"] for rec in failed_records(tp, "decode-0")}
     for r in tp.relays:
         os.killpg(r.pid, signal.SIGSTOP)
     queued: list[int] = []
@@ -145,9 +144,5 @@ def test_a_prefill_rank_killed_mid_handoff_fails_it_and_the_request_is_still_ans
     assert r.get("loaded") is not True, r  # not served by the hand-off: recomputed
     # decode-0 ended a load of this request as failed (vLLM then recomputed it); the proxy's
     # report names the transfer unless it gave up the prefill leg first.
-    def failed() -> list[dict]:
-        path = tp.workdir / "handoffs-decode-0.jsonl"
-        return [rec for rec in map(json.loads, path.read_text().splitlines())
-                if rec.get("event") is None and not rec["ok"] and rec["transfer_id"] not in failed_before
-                and rec["transfer_id"] == r.get("transfer_id", rec["transfer_id"])]
-    wait_for(lambda: failed(), 60, "decode-0 recorded no failed load for the killed rank's hand-off")
+    wait_for(lambda: failed_records(tp, "decode-0", besides=failed_before, transfer_id=r.get("transfer_id")), 60,
+             "decode-0 recorded no failed load for the killed rank's hand-off")

@@ -15,7 +15,6 @@ for tens of seconds.)
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import signal
 import subprocess
@@ -28,6 +27,7 @@ import yaml
 from lmcache_pd.cli.local import LocalDeployment, free_ports
 from tests.integration.client import (
     completion,
+    failed_records,
     loaded_as_colocated,
     prompt_ids,
     rank_records,
@@ -126,8 +126,7 @@ def test_a_prefill_rank_killed_while_both_write_one_reservation_fails_it_and_the
     reference, _ = completion(decode, ids)
     completion(dep.procs["proxy"].url, prompt_ids(300, seed=18))  # both ranks linked, their data connections open
     victim = worker_pid(dep, "prefill-0", 1)
-    log = dep.workdir / "handoffs-decode-0.jsonl"
-    failed_before = {rec["transfer_id"] for rec in map(json.loads, log.read_text().splitlines()) if not rec.get("ok", True)}
+    failed_before = {rec["transfer_id"] for rec in failed_records(dep, "decode-0")}
     os.killpg(dep.relay.pid, signal.SIGSTOP)
     queued: list[list[int]] = []
     try:
@@ -151,8 +150,5 @@ def test_a_prefill_rank_killed_while_both_write_one_reservation_fails_it_and_the
     r = report(got)
     assert r.get("loaded") is not True, r  # not served by the hand-off: recomputed
 
-    def failed() -> list[dict]:
-        return [rec for rec in map(json.loads, log.read_text().splitlines())
-                if rec.get("event") is None and not rec["ok"] and rec["transfer_id"] not in failed_before
-                and rec["transfer_id"] == r.get("transfer_id", rec["transfer_id"])]
-    wait_for(lambda: failed(), 60, "decode-0 recorded no failed load for the killed rank's hand-off")
+    wait_for(lambda: failed_records(dep, "decode-0", besides=failed_before, transfer_id=r.get("transfer_id")), 60,
+             "decode-0 recorded no failed load for the killed rank's hand-off")
