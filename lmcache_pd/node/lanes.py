@@ -27,7 +27,6 @@ from lmcache_pd._types import BlockId
 from lmcache_pd.digests import cache_digest, plan_sum
 from lmcache_pd.handoff import SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan
-from lmcache_pd.node.armed import signal_of
 from lmcache_pd.node.groups import send_groups
 from lmcache_pd.node.layered import Pieces, piece_plan, send_layers
 from lmcache_pd.node.peer import DecodePeer, Grant
@@ -123,9 +122,7 @@ async def send_lane(io: LaneIO, spec: SendSpec, grant: Grant, n_pages: int, read
     dest, layout, to, first = grant.target()
     digested = pages[len(pages) - len(to):]  # the pages the bytes sent stand for
     ticket = P.ticket(spec.handoff.transfer_id, grant.generation)
-    # The last batch ends with the reservation's device-side signal: the decode's scatter waits
-    # for it on the GPU (node/armed.py). A direct hand-off has no scatter.
-    signal = signal_of(pages, grant.generation) if peer.signals and pages and not grant.blocks else None
+    signal = grant.signal()
     t_data = time.monotonic()
     if pieces is None:
         blocks = spec.block_ids[first:n_pages]

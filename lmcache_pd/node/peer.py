@@ -22,6 +22,7 @@ from lmcache_pd.errors import PDError, PoolExhausted, TransferError
 from lmcache_pd.handoff import Handoff
 from lmcache_pd.heads import HeadSlice, plan_heads
 from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, plan_into
+from lmcache_pd.node.armed import signal_of
 
 log = logging.getLogger(__name__)
 _CANCELED_KEPT = 1024
@@ -40,6 +41,14 @@ class Grant:
     blocks: tuple[int, ...] = ()
     """A direct hand-off: the peer's vLLM blocks for the last ``len(blocks)`` pages, written
     instead of those pages; the pages before them are not sent."""
+
+    def signal(self) -> tuple[int, int] | None:
+        """The device-side signal the hand-off's last batch ends with, where the peer's scatter
+        waits for it on the GPU (node/armed.py); None without signals, and for a direct
+        hand-off (nothing to scatter)."""
+        if self.peer.signals and self.pages and not self.blocks:
+            return signal_of(self.pages, self.generation)
+        return None
 
     def target(self) -> tuple[int, PoolLayout | KVLayout, list[int], int]:
         """Where this hand-off's bytes go: the transport's peer, its layout, the page or block

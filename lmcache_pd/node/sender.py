@@ -53,7 +53,6 @@ from lmcache_pd._types import BatchState, PeerName, TransferId
 from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
 from lmcache_pd.handoff import Handoff, SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens
-from lmcache_pd.node.armed import signal_of
 from lmcache_pd.node.groups import send_groups
 from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.lanes import LaneIO, LaneSent, each, send_lane
@@ -95,7 +94,6 @@ class KVSender:
         self.kv_buffer = kv_buffer
         self.transport = transports.create(cfg.transport.name, cfg.transport.options, keys=self.keys,
                                            encrypt=cfg.auth.encrypt)
-        self.region = -1
         self._loop = LoopThread(f"pd-sender-{worker.rank}")
         self.links = Links(worker, cfg, kv=kv, keys=self.keys, transport=self.transport, on_ended=self._on_ended)
         self._ended: collections.OrderedDict[tuple[PeerName, TransferId], str] = collections.OrderedDict()
@@ -117,7 +115,7 @@ class KVSender:
                           verify=cfg.integrity.verify, watch=self._watch)
 
     def start(self) -> None:
-        self.region = self._io.region = self.transport.register(self.kv_buffer, self.kv.extents)
+        self._io.region = self.transport.register(self.kv_buffer, self.kv.extents)
         self._loop.start()
         self._loop.call(self._start(), 5.0)
 
@@ -160,9 +158,9 @@ class KVSender:
             try:
                 dest, layout, to, first = grant.target()
                 plan = grant.peer.plan(self.kv, layout, blocks=spec.block_ids[first:n_pages], to=to)
-                last = ({"signal": signal_of(grant.pages, grant.generation)}
-                        if grant.peer.signals and grant.pages and not grant.blocks else {})
-                handle = self.transport.submit(dest, self.region, plan, timeout_s=self.t.data_s,
+                signal = grant.signal()
+                last = {"signal": signal} if signal is not None else {}
+                handle = self.transport.submit(dest, self._io.region, plan, timeout_s=self.t.data_s,
                                                after=ready, ticket=P.ticket(tid, grant.generation), **last)
             except Exception as e:  # noqa: BLE001 - e.g. the link was re-made meanwhile: the loop's steps say why
                 log.debug("hand-off %s not launched on the caller's thread", tid, exc_info=True)
@@ -380,7 +378,7 @@ class KVSender:
     async def _landed(self, spec: SendSpec, launched: _Launched, grant: Grant, plan: RangePlan,
                       handle) -> LaneSent:
         """A lane submitted on the caller's thread, once its bytes are in the decode's pool."""
-        _, last_byte_at = await send_groups(self.transport, self.region, grant.peer, [plan], (len(grant.pages),),
+        _, last_byte_at = await send_groups(self.transport, self._io.region, grant.peer, [plan], (len(grant.pages),),
                                             spec.handoff, ticket=b"", data_s=self.t.data_s, submitted=[handle],
                                             **self._watch(spec))
         return LaneSent(grant, [plan], None, (handle.began_at or launched.first_byte_at, last_byte_at),
