@@ -12,7 +12,10 @@ Within one block of one layer the KV cache lays heads outermost (``LBHNC``, the 
 connector asks vLLM for, and ``groups`` times over when K and V are sections of one block): a
 run of heads is a run of bytes, so a hand-off between different TP sizes is the same range copy
 as between equal ones, cut at head boundaries, written straight into the decode rank's pool pages
-(:func:`plan_heads`). No staging copy on either side.
+(:func:`plan_heads`). No staging copy on either side. Where several prefill ranks write the
+same pages (a narrower decode), each writes its heads into a section of its own per run of
+consecutive pages (:func:`page_sections`), so its bytes stay one range per layer and run; the
+decode's scatter reads them back from there into its blocks (:func:`plan_sections`).
 """
 
 from __future__ import annotations
@@ -101,11 +104,15 @@ def describe(num_kv_heads: int, prefill_tp: int, decode_tp: int) -> list[str]:
 
 def plan_heads(kv: KVLayout, pool: PoolLayout, piece: HeadSlice, *, head_bytes: int, groups: int = 1,
                blocks: np.ndarray | list[int], pages: np.ndarray | list[int],
-               layers: range | list[int] | None = None) -> RangePlan:
+               layers: range | list[int] | None = None, among: np.ndarray | list[int] | None = None) -> RangePlan:
     """Ranges copying ``piece``'s heads of the prefill rank's vLLM blocks ``blocks[i]`` (layout
     ``kv``: its own heads, ``head_bytes`` each per block and layer, ``groups`` sections of
     ``[heads][...]`` per block) into the decode rank's pool page ``pages[i]`` (``pool``: the decode
-    rank's heads). Raises ValueError for ids out of range or geometry that does not add up."""
+    rank's heads). A piece of all the decode rank's heads fills whole pages as any hand-off
+    does; a piece of some of them (a narrower decode: several writers per page) goes to its
+    *section* of the pages (:func:`page_sections`), ``among`` being every page of the
+    reservation (default ``pages``; a plan of some of them must name all). Raises ValueError for
+    ids out of range or geometry that does not add up."""
     src_heads, rem = divmod(kv.block_bytes, groups * head_bytes)
     dst_heads, rem2 = divmod(pool.block_bytes, groups * head_bytes)
     if rem or rem2 or pool.num_layers != kv.num_layers:
@@ -123,7 +130,58 @@ def plan_heads(kv: KVLayout, pool: PoolLayout, piece: HeadSlice, *, head_bytes: 
     g = np.arange(groups, dtype=np.int64)
     src = (np.asarray(kv.layer_offsets, dtype=np.int64)[which][:, None, None] + blocks[None, :, None] * kv.block_stride
            + g[None, None, :] * src_heads * head_bytes + piece.src_head * head_bytes)  # [L, n, groups]
-    dst = ((which[:, None, None] * pool.num_pages + pages[None, :, None]) * pool.block_bytes
-           + g[None, None, :] * dst_heads * head_bytes + piece.dst_head * head_bytes)
+    if piece.count == dst_heads:  # whole pages: the pool's own layout
+        base, group_stride = pages * pool.block_bytes, dst_heads * head_bytes
+    else:
+        base = page_sections(pool, pages, pages if among is None else among, piece.dst_head, piece.count,
+                             groups * head_bytes)
+        group_stride = piece.count * head_bytes
+    dst = (which[:, None, None] * pool.num_pages * pool.block_bytes + base[None, :, None]
+           + g[None, None, :] * group_stride)
     lengths = np.full(src.shape, piece.count * head_bytes, dtype=np.int64)
     return coalesce(src.reshape(-1), dst.reshape(-1), lengths.reshape(-1), owned=True)
+
+
+def page_sections(pool: PoolLayout, pages: np.ndarray, among: np.ndarray | list[int], dst_head: int, count: int,
+                  head_bytes: int) -> np.ndarray:
+    """Where heads ``[dst_head, dst_head + count)`` of pages ``pages`` start, in bytes from the
+    start of a layer's part of the pool, when several writers share the pages (``head_bytes``:
+    of one head across a block's groups).
+
+    Each run of consecutive page ids among the reservation's pages ``among`` (all of them the
+    reservation's, so nothing of another is inside) is cut into one section per writer, in head
+    order: a writer's heads of every page of the run, page after page. Its bytes of a run are
+    then one range per layer, as a whole-page writer's are, where heads cut into each page would
+    be one range per page, layer and group (over nixl, a descriptor each: 65,536 per GiB instead
+    of 32, docs/benchmarks.md). With all the heads (one writer) it is the pool's own layout. The
+    decode's scatter (:func:`plan_sections`) reads them from the same places."""
+    if count <= 0:
+        raise ValueError("a section of no heads")
+    runs = np.unique(np.asarray(among, dtype=np.int64))
+    at = np.searchsorted(runs, pages)
+    if len(pages) and (at.max() >= len(runs) or not np.array_equal(runs[at], pages)):
+        raise ValueError("pages outside the reservation's pages")
+    breaks = np.flatnonzero(np.diff(runs) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((starts, [len(runs)])))
+    run = np.repeat(np.arange(len(starts)), lengths)[at]
+    first, n = runs[starts][run], lengths[run]
+    return first * pool.block_bytes + n * dst_head * head_bytes + (pages - first) * count * head_bytes
+
+
+def plan_sections(kv: KVLayout, pool: PoolLayout, sections: tuple[tuple[int, int], ...] | list[tuple[int, int]], *,
+                  blocks: np.ndarray | list[int], pages: np.ndarray | list[int], among: np.ndarray | list[int],
+                  layers: range | list[int] | None = None, groups: int = 1) -> RangePlan:
+    """The decode rank's scatter of a reservation its ``sections`` writers (``(first head, how
+    many)`` of its heads each, together all of them) shared: pool pages ``pages[i]`` (of
+    ``among``, the reservation's) into its vLLM blocks ``blocks[i]``, each writer's heads from
+    its section (:func:`page_sections`) to their place in the block (``groups`` as the writers'
+    :func:`plan_heads` had it)."""
+    total = sum(n for _, n in sections)
+    head_bytes, rem = divmod(kv.block_bytes, max(1, total) * groups)
+    if rem or pool.block_bytes != kv.block_bytes:
+        raise ValueError(f"sections of {total} heads do not fill blocks of {kv.block_bytes} bytes")
+    plans = [plan_heads(kv, pool, HeadSlice(0, 0, first, first, n), head_bytes=head_bytes, groups=groups, blocks=blocks,
+                        pages=pages,
+                        layers=layers, among=among) for first, n in sections]
+    return RangePlan(*(np.concatenate([getattr(p, f) for p in plans]) for f in ("dst_offsets", "src_offsets", "lengths")))

@@ -52,6 +52,10 @@ PROTOCOL_VERSION history:
   9: a direct hand-off takes no pool page: Allocated's ``pages`` for it are places past the
      pool (``num_pages + i``), which name where each block stands (the digest's places) and
      are never written.
+  10: the writers of a reservation that several prefill ranks share (a narrower decode) write
+     their heads into sections of its pages (``heads.page_sections``: per run of consecutive
+     pages, one writer's heads of every page after the other's), no longer into each page's
+     head slots; the decode scatters from there. No message changed: what the bytes mean did.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ import msgspec
 from lmcache_pd import auth
 from lmcache_pd.errors import ProtocolError
 
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 MAGIC = b"LMPD"
 _HEADER = struct.Struct("!4sH")
 HEADER = _HEADER.pack(MAGIC, PROTOCOL_VERSION)

@@ -83,12 +83,13 @@ class PagePool:
     # --- prefill-driven transitions (control plane) ---------------------------------------
     def reserve(self, claim: Handoff, num_pages: int, *, owner: str, now: float,
                 skip_pages: int = 0, signals: bool = False, direct: tuple[int, ...] = (),
-                senders: int = 1, summed: bool = False) -> list[PageIdx] | None:
+                senders: int = 1, summed: bool = False,
+                sections: tuple[tuple[int, int], ...] = ()) -> list[PageIdx] | None:
         """All ``num_pages`` pages for hand-off ``claim``, or None if they are not free now.
         Raises if it can never fit. ``signals``: its writer ends with the device-side signal;
         ``direct``: the consumer's blocks its writer fills instead of the last pages
         (Reservation.direct); ``senders``: writers expected, ``owner`` the first (the others
-        :meth:`join`); ``summed``: see Reservation.summed."""
+        :meth:`join`); ``summed``, ``sections``: see Reservation."""
         transfer_id = claim.transfer_id
         with self._lock:
             # First: a known id is refused as such, never as "too large" (whose tombstone would
@@ -112,7 +113,7 @@ class PagePool:
                                                   skip_pages=skip_pages, signals=signals,
                                                   generation=next(self._generations),
                                                   direct=direct[-num_pages:] if direct else (), senders=senders,
-                                                  summed=summed)
+                                                  summed=summed, sections=sections)
             self._changed()
             return pages
 

@@ -23,9 +23,12 @@ SLICEABLE_LAYOUTS = ("LBHNC",)
 @dataclass(frozen=True)
 class RankCheck:
     """The handshake's verdict on a prefill rank: ``why`` it is refused (naming ``field``), or
-    ``senders``, how many prefill ranks write each reservation of this decode rank."""
+    ``senders``, how many prefill ranks write each reservation of this decode rank, and, when
+    several do, the ``sections`` they write (``(first head, how many)`` of this rank's heads
+    each: heads.page_sections)."""
 
     senders: int = 0
+    sections: tuple[tuple[int, int], ...] = ()
     why: str = ""
     field: str = ""
 
@@ -59,4 +62,5 @@ def check_ranks(decode: P.CompatInfo, prefill: P.CompatInfo) -> RankCheck:
     if prefill.tp_rank not in senders:
         return RankCheck(why=f"prefill rank {prefill.tp_rank} of TP {prefill.tp_size} sends no KV heads to decode "
                              f"rank {decode.tp_rank} of TP {decode.tp_size} (its senders: {senders})", field="tp_rank")
-    return RankCheck(senders=len(senders))
+    sections = tuple(sorted((s.dst_head, s.count) for s in slices if s.dst_rank == decode.tp_rank))
+    return RankCheck(senders=len(senders), sections=sections if len(senders) > 1 else ())

@@ -67,6 +67,10 @@ class Reservation:
     """The writers that joined after ``owner`` (:meth:`PagePool.join`)."""
     done_by: frozenset[str] = frozenset()
     """Writers whose TransferDone came."""
+    sections: tuple[tuple[int, int], ...] = ()
+    """With several writers: ``(first head, how many)`` of the decode rank's heads each writes,
+    each into its own section of every run of consecutive pages (heads.page_sections), which
+    the scatter reads them from (heads.plan_sections). Empty: whole pages, the pool's layout."""
     summed: bool = False
     """Its writers digest what they write with the additive formula (digests.plan_sum; a prefill of
     another TP size): ``digest`` is the sum of theirs, mod 2**64."""

@@ -64,6 +64,8 @@ class _Session:
     decode rank merges the heads of a wider prefill's ranks."""
     same_tp: bool = True
     """The peer's TP size is ours: its ranks send whole blocks (direct hand-offs possible)."""
+    sections: tuple[tuple[int, int], ...] = ()
+    """With ``senders`` > 1: each writer's heads, its section of the pages (Reservation.sections)."""
 
 
 @dataclass
@@ -392,7 +394,7 @@ class ControlServer:
         session = _Session(msg.peer, msg.compat.tp_rank, msg.incarnation,
                            self.keys.session(identity, msg.nonce, msg.cookie), self.clock(),
                            data_token=secrets.token_bytes(16), senders=ranks.senders,
-                           same_tp=msg.compat.tp_size == self.compat.tp_size)
+                           sections=ranks.sections, same_tp=msg.compat.tp_size == self.compat.tp_size)
         self._sessions[identity] = session
         self._owners[session.data_token] = identity.decode(errors="replace")
         self.stats.handshakes += 1
@@ -446,7 +448,7 @@ class ControlServer:
         direct = self.direct(msg.transfer_id, msg.num_pages - skip) if msg.direct and self.blocks and same_tp else ()
         return self.pool.reserve(claim, msg.num_pages - skip, owner=owner, now=now, skip_pages=skip,
                                  signals=msg.signals and not direct and senders == 1, direct=direct, senders=senders,
-                                 summed=not same_tp)
+                                 summed=not same_tp, sections=session.sections if session is not None else ())
 
     def _allocated(self, msg: P.Allocate, pages: list[int], skip: int) -> P.Allocated:
         self.stats.allocations += 1

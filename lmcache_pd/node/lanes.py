@@ -127,7 +127,8 @@ async def send_lane(io: LaneIO, spec: SendSpec, grant: Grant, n_pages: int, read
     if pieces is None:
         blocks = spec.block_ids[first:n_pages]
         ends = io.group_ends(len(to)) if not grant.blocks else (len(to),)
-        plans = [peer.plan(io.kv, layout, blocks=blocks[a:b], to=to[a:b]) for a, b in zip((0, *ends[:-1]), ends)]
+        plans = [peer.plan(io.kv, layout, blocks=blocks[a:b], to=to[a:b], among=to)
+                 for a, b in zip((0, *ends[:-1]), ends)]
         digest = io.digest(blocks, digested, peer, ready, plans)  # reads the blocks while they fly
         span = await send_groups(io.transport, io.region, peer, plans, ends, spec.handoff, ticket=ticket,
                                  data_s=io.data_s, ready=ready, signal=signal, dest=dest, **io.watch(spec))
@@ -137,7 +138,7 @@ async def send_lane(io: LaneIO, spec: SendSpec, grant: Grant, n_pages: int, read
     tell = not (signal or grant.blocks or io.transport.capabilities.admits_writes)
     *span, plans = await send_layers(
         io.transport, dest, io.region,
-        lambda piece, layer: piece_plan(io.kv, layout, piece, layer, to, first, plan=peer.plan),
+        lambda piece, layer: piece_plan(io.kv, layout, piece, layer, to, first, plan=functools.partial(peer.plan, among=to)),
         pieces, io.kv.num_layers, data_s=io.data_s, ticket=ticket, signal=signal, renew=renew, **io.watch(spec),
         landed=functools.partial(peer.landed, spec.handoff.transfer_id, 0) if tell else None)
     final = pieces.final

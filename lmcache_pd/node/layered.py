@@ -263,6 +263,8 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                 if not pieces.admit():
                     break
                 last = {"signal": signal} if signal is not None and final and not pending else {}
+                # Stamped before the submit: a transport may land the batch before it returns.
+                first_byte_at = first_byte_at or time.time()
                 handle = transport.submit(peer_id, region, p, timeout_s=data_s,
                                           after=ready if ordered else None, ticket=ticket, **last)
                 handle.add_done_callback(waker(loop, wake))
@@ -270,7 +272,6 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                 layer_of.append(index if piece.final and not earlier else None)
                 open_.append(handle)
                 sent.append(p)
-                first_byte_at = first_byte_at or time.time()
                 progress = time.monotonic()
             for h in list(open_):  # (only those in flight: a chunked prompt may have hundreds)
                 state = transport.poll(h)

@@ -64,6 +64,7 @@ from lmcache_pd.control.reservation import Reservation
 from lmcache_pd.digests import cache_digest, pool_digest, pool_sum
 from lmcache_pd.errors import PDError, TransferError
 from lmcache_pd.handoff import LoadSpec
+from lmcache_pd.heads import plan_sections
 from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
 from lmcache_pd.node.armed import Armed, SignalWaits, signal_of
 from lmcache_pd.node.handoff_log import HandoffLog
@@ -474,6 +475,9 @@ class Loader:
               layers: list[int] | None = None) -> RangePlan:
         """Pool pages ``[first, upto)`` of the reservation -> the load's blocks (every layer, or ``layers``)."""
         offset = len(r.pages) - len(load.spec.block_ids)
+        if r.sections:  # several writers, each its heads in a section of the pages
+            return plan_sections(self.kv, self.pool_layout, r.sections, blocks=load.spec.block_ids[first - offset:upto - offset],
+                                 pages=r.pages[first:upto], among=r.pages, layers=layers)
         return plan_cache_to_pool(self.kv, self.pool_layout, blocks=load.spec.block_ids[first - offset:upto - offset],
                                   pages=r.pages[first:upto], layers=layers).swapped()
 

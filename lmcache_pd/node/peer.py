@@ -113,15 +113,16 @@ class DecodePeer:
         await self.client.close()
 
     def plan(self, kv: KVLayout, dst: PoolLayout | KVLayout, *, blocks: list[int] | tuple[int, ...],
-             to: list[int], layers: list[int] | None = None) -> RangePlan:
+             to: list[int], layers: list[int] | None = None, among: list[int] | None = None) -> RangePlan:
         """Ranges from our blocks ``blocks`` into this peer's pages (or blocks) ``to``: whole
         blocks, or between TP sizes our heads that its rank holds, cut at head boundaries
-        straight into its pages (heads.plan_heads)."""
+        straight into its pages (heads.plan_heads; ``among``: every page of the hand-off there,
+        when ``to`` is some of them, since a share of the pages is written by sections)."""
         if self.heads is None:
             return plan_into(kv, dst, blocks=blocks, to=to, layers=layers)
         assert isinstance(dst, PoolLayout)  # (no direct hand-offs between TP sizes: the decode offers none)
         return plan_heads(kv, dst, self.heads, head_bytes=self.head_bytes, blocks=list(blocks), pages=to,
-                          layers=layers)
+                          layers=layers, among=among)
 
     # --- the messages -----------------------------------------------------------------------
     async def allocate(self, h: Handoff, n_pages: int) -> Grant:

@@ -24,9 +24,11 @@ from lmcache_pd.layout import PoolLayout
 
 
 def layer_pages_of(layout: PoolLayout, dst_offsets: list[int], lengths: list[int]) -> dict[int, set[int]]:
-    """The pool pages a batch writes, by layer (the pool is ``[layer][page][block]``); raises if
-    a range is neither whole blocks of the pool nor inside one block (a prefill rank of another
-    TP size writes its KV heads' share of each block: heads.plan_heads)."""
+    """The pool pages a batch writes into, by layer (the pool is ``[layer][page][block]``): every
+    page a range touches, so that admission checks each is the reservation's. A range need not
+    be whole blocks: a prefill rank of another TP size writes its KV heads' share of the pages,
+    in sections that cut across them (heads.page_sections). Such a reservation is scattered only
+    once every writer is done (Reservation.senders), so a page touched is not taken as whole."""
     bb, n_pages = layout.block_bytes, layout.num_pages
     if sum(lengths) > layout.nbytes:
         raise TransferError(f"a batch of {sum(lengths)} B into a pool of {layout.nbytes} B")
@@ -36,8 +38,6 @@ def layer_pages_of(layout: PoolLayout, dst_offsets: list[int], lengths: list[int
             continue  # the padding rows of a short table
         if d < 0 or n < 0 or d + n > layout.nbytes:
             raise TransferError(f"range [{d}, {d + n}) is outside the pool")
-        if (d % bb or n % bb) and d // bb != (d + n - 1) // bb:
-            raise TransferError(f"range [{d}, {d + n}) is neither whole blocks of the pool nor inside one")
         for u in range(d // bb, -(-(d + n) // bb)):
             out.setdefault(u // n_pages, set()).add(u % n_pages)
     return out

@@ -1,7 +1,8 @@
 """The KV head mapping between TP sizes (heads.py): for every prefill and decode TP size up to 8,
 with heads split, merged and replicated, and K/V as one or two sections of a block, the ranges
-from every prefill rank's own blocks land each decode rank's heads in its pool pages bitwise,
-every byte of them once; a mapping that cannot work is refused naming its field."""
+from every prefill rank's own blocks land each decode rank's heads in its pool pages, every byte
+of them once, and the decode's scatter puts them in its own blocks bitwise; a mapping that
+cannot work is refused naming its field."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from lmcache_pd.errors import ConfigError
-from lmcache_pd.heads import describe, head_map, plan_heads, rank_heads, senders_of
-from lmcache_pd.layout import KVLayout, PoolLayout
+from lmcache_pd.heads import describe, head_map, plan_heads, plan_sections, rank_heads, senders_of
+from lmcache_pd.layout import KVLayout, PoolLayout, plan_cache_to_pool
 from lmcache_pd.ops import copy_ranges
 
 LAYERS, BLOCKS, PAGES, HEAD_BYTES = 3, 12, 10, 64
@@ -29,15 +30,25 @@ def rank_cache(full: np.ndarray, first: int, n: int) -> tuple[KVLayout, torch.Te
     return kv, torch.from_numpy(mine.reshape(-1).copy())
 
 
+def dst_runs(plan) -> int:
+    """Runs of consecutive destination bytes in a plan (what nixl's staging posts one write each for)."""
+    order = np.argsort(plan.dst_offsets, kind="stable")
+    d, n = plan.dst_offsets[order], plan.lengths[order]
+    return 1 + int(np.count_nonzero(d[1:] != d[:-1] + n[:-1])) if len(d) else 0
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize(("heads", "p", "d"), [(h, p, d) for h in (8, 2) for p, d in itertools.product(SIZES, SIZES)])
 def test_every_decode_rank_gets_its_heads_from_the_prefill_ranks_bitwise(heads, p, d, groups):
+    """Through the pool and the decode's scatter into its own blocks; the pages (in no order) make
+    two runs of consecutive ids, where each writer of a share of them writes one range per layer
+    and run (its section, heads.page_sections)."""
     rng = np.random.default_rng(heads * 100 + p * 10 + d)
     full = rng.integers(0, 256, (LAYERS, BLOCKS, groups, heads, HEAD_BYTES), dtype=np.uint8)
     src, dst = rank_heads(heads, p), rank_heads(heads, d)
     caches = [rank_cache(full, first, n) for first, n in src]
     blocks = rng.permutation(BLOCKS)[:5]
-    pages = rng.permutation(PAGES)[:5]
+    pages = rng.permutation(np.array([1, 2, 3, 6, 7]))
     slices = head_map(heads, p, d)
     for q, (first, n) in enumerate(dst):
         pool = PoolLayout(LAYERS, PAGES, groups * n * HEAD_BYTES)
@@ -51,13 +62,44 @@ def test_every_decode_rank_gets_its_heads_from_the_prefill_ranks_bitwise(heads, 
             copy_ranges(cache, buf, plan)
             for o, ln in zip(plan.dst_offsets.tolist(), plan.lengths.tolist()):
                 written[o:o + ln] += 1
-        got = buf.numpy().reshape(LAYERS, PAGES, groups, n, HEAD_BYTES)
-        assert np.array_equal(got[:, pages], full[:, blocks, :, first:first + n, :]), (p, d, q)
+            if len(mine) > 1:  # a share of the pages: its section, one range per layer and run
+                assert dst_runs(plan) == LAYERS * 2, (p, d, q, s)
         counts = written.numpy().reshape(LAYERS, PAGES, -1)
         assert (counts[:, pages] == 1).all() and counts.sum() == LAYERS * len(pages) * groups * n * HEAD_BYTES
+        # The decode rank scatters its pages into its own blocks (whole pages, or the writers' sections).
+        dkv, _ = rank_cache(full, first, n)
+        dblocks = rng.permutation(BLOCKS)[:5]
+        if len(mine) > 1:
+            back = plan_sections(dkv, pool, [(s.dst_head, s.count) for s in mine], blocks=dblocks, pages=pages,
+                                 among=pages, groups=groups)
+        else:
+            back = plan_cache_to_pool(dkv, pool, blocks=dblocks, pages=pages).swapped()
+        got = torch.zeros(LAYERS * BLOCKS * groups * n * HEAD_BYTES, dtype=torch.uint8)
+        copy_ranges(buf, got, back)
+        got = got.numpy().reshape(LAYERS, BLOCKS, groups, n, HEAD_BYTES)
+        assert np.array_equal(got[:, dblocks], full[:, blocks, :, first:first + n, :]), (p, d, q)
         assert senders_of(slices, q) == sorted({s.src_rank for s in mine})
     if p <= heads and d <= heads:  # no replication: a decode rank hears from max(1, p / d) prefill ranks
         assert all(len(senders_of(slices, q)) == max(1, p // d) for q in range(d))
+
+
+def test_a_share_of_some_of_the_pages_goes_where_the_share_of_all_of_them_goes():
+    """A writer plans its batches of some of a hand-off's pages (group_mib, layers): with
+    ``among`` naming all of them, the places are those of one plan of all; pages outside
+    ``among`` are refused."""
+    kv, _ = rank_cache(np.zeros((LAYERS, BLOCKS, 1, 2, HEAD_BYTES), dtype=np.uint8), 0, 2)
+    pool = PoolLayout(LAYERS, PAGES, 4 * HEAD_BYTES)
+    piece = head_map(4, 2, 1)[0]  # rank 0's two heads of the decode's four
+    blocks, pages = [5, 0, 3, 9], [4, 5, 6, 8]
+    whole = plan_heads(kv, pool, piece, head_bytes=HEAD_BYTES, blocks=blocks, pages=pages)
+    parts = [plan_heads(kv, pool, piece, head_bytes=HEAD_BYTES, blocks=blocks[a:b], pages=pages[a:b], among=pages)
+             for a, b in ((0, 1), (1, 3), (3, 4))]
+    assert sorted(zip(whole.src_offsets, whole.dst_offsets)) == \
+        sorted(x for part in parts for x in zip(part.src_offsets, part.dst_offsets))
+    alone = plan_heads(kv, pool, piece, head_bytes=HEAD_BYTES, blocks=blocks[1:3], pages=pages[1:3])
+    assert sorted(alone.dst_offsets) != sorted(parts[1].dst_offsets)  # (a run of 2 pages, not 3: another place)
+    with pytest.raises(ValueError, match="outside the reservation"):
+        plan_heads(kv, pool, piece, head_bytes=HEAD_BYTES, blocks=[1], pages=[7], among=pages)
 
 
 def test_replicated_heads_are_sent_once_by_the_first_rank_holding_them():

@@ -34,6 +34,8 @@ def test_the_hash_covers_what_every_rank_shares_and_ranks_decide_who_sends():
     assert TP2[0].digest() == TP2[1].digest() == DECODE_TP1.digest()  # per-rank fields are left out
     assert msgspec.structs.replace(COMPAT, dtype="x").digest() != COMPAT.digest()
     assert check_ranks(DECODE_TP1, TP2[0]).senders == check_ranks(DECODE_TP1, TP2[1]).senders == 2  # merged
+    assert check_ranks(DECODE_TP1, TP2[1]).sections == ((0, 1), (1, 1))  # each writer's heads: its section of the pages
+    assert check_ranks(TP2[0], TP2[0]).sections == check_ranks(TP2[1], DECODE_TP1).sections == ()  # whole pages
     for r in range(2):  # equal sizes: the rank of the same number only
         assert check_ranks(TP2[r], TP2[r]).senders == 1
         other = check_ranks(TP2[r], TP2[1 - r])
@@ -43,7 +45,7 @@ def test_the_hash_covers_what_every_rank_shares_and_ranks_decide_who_sends():
     tp4 = [rank(COMPAT, r, 4, 1, model_heads=2) for r in range(4)]
     d1 = msgspec.structs.replace(DECODE_TP1, model_kv_heads=2)
     assert [check_ranks(d1, c).ok for c in tp4] == [True, False, True, False]
-    assert check_ranks(d1, tp4[0]).senders == 2
+    assert check_ranks(d1, tp4[0]).senders == 2 and check_ranks(d1, tp4[2]).sections == ((0, 1), (1, 1))
 
 
 def test_mappings_that_cannot_work_are_refused_naming_the_field():

@@ -35,6 +35,16 @@ def test_a_batch_of_its_session_into_its_pages_is_admitted_and_counted_as_a_writ
     assert pool.lookup("t").writers == 0
 
 
+def test_a_range_across_pages_of_the_reservation_is_admitted():
+    """A writer of a share of every page (a prefill rank of a wider TP) writes its section of a run
+    of consecutive pages (heads.page_sections): ranges that start and end inside pages."""
+    gate, pool, gen = gate_with()
+    done = gate.admit(b"s" * 16, P.ticket("t", gen), [100, LAYOUT.num_pages * 1024 + 700], [1024, 1100])
+    assert pool.lookup("t").writers == 1
+    done(True)
+    assert pool.lookup("t").writers == 0
+
+
 def test_a_layer_lands_once_every_page_of_it_landed_in_one_batch_or_several():
     """The loader scatters a layer before TransferDone only once the data plane saw every page
     of the reservation land in it (``Reservation.layers_landed``): in one batch, or in one per
@@ -73,7 +83,7 @@ def test_a_batch_that_breaks_part_way_lands_nothing_and_ends_the_reservation():
     (b"s" * 16, ("t", 99), [page_range(0, 0)], "generation"),
     (b"s" * 16, ("gone", 0), [page_range(0, 0)], "unknown"),
     (b"s" * 16, ("t", 0), [page_range(0, 2)], "outside the reservation"),
-    (b"s" * 16, ("t", 0), [(100, 1024)], "whole blocks"),
+    (b"s" * 16, ("t", 0), [(1024 + 100, 1024)], "outside the reservation"),  # page 1 on into page 2
     (b"s" * 16, ("t", 0), [page_range(0, 0)] * 5, "reservation of 2 pages"),  # one page, over and over
 ])
 def test_anything_else_is_refused(session, ticket, ranges, why):
