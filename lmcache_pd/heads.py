@@ -182,6 +182,5 @@ def plan_sections(kv: KVLayout, pool: PoolLayout, sections: tuple[tuple[int, int
     if rem or pool.block_bytes != kv.block_bytes:
         raise ValueError(f"sections of {total} heads do not fill blocks of {kv.block_bytes} bytes")
     plans = [plan_heads(kv, pool, HeadSlice(0, 0, first, first, n), head_bytes=head_bytes, groups=groups, blocks=blocks,
-                        pages=pages,
-                        layers=layers, among=among) for first, n in sections]
+                        pages=pages, layers=layers, among=among) for first, n in sections]
     return RangePlan(*(np.concatenate([getattr(p, f) for p in plans]) for f in ("dst_offsets", "src_offsets", "lengths")))
