@@ -187,7 +187,11 @@ class HandoffPair:
         self.proc = ctx.Process(target=_decode_side, args=(child, cfg_dict, d_dev, self.num_blocks, transport),
                                 daemon=True)
         self.proc.start()
-        if not self.parent.poll(300) or self.parent.recv() != "ready":
+        deadline = time.monotonic() + 300
+        while not self.parent.poll(0.2):  # (a decode side that died, e.g. on a config error, says so now)
+            if not self.proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"decode side did not start (exit code {self.proc.exitcode})")
+        if self.parent.recv() != "ready":
             raise RuntimeError("decode side did not start")
         cfg = config_from_dict(cfg_dict, source="benchmark")
         self.layers = cache(self.num_blocks, p_dev, seed=1)

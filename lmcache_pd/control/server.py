@@ -8,7 +8,8 @@ One thread (``pd-control-server``) owns the socket. Each loop turn it:
   3. tells owners of the hand-offs this side ended while they wrote them (Ended, one-way),
      expires leases, drops sessions of peers that stayed silent for ``timeouts.peer_s`` (their
      reservations still being written are aborted: the decode side recomputes at once), and
-     serves queued allocations (FIFO, all-or-nothing, at most ``max_waiting``) as pages return.
+     serves queued allocations (FIFO, all-or-nothing, at most ``max_waiting``) as pages return
+     (which Allocate gets pages when: admission.py).
 A frame that is garbled, unauthenticated, replayed or not a request changes no state: it is
 counted (``ServerStats``) and dropped without a reply, so the socket is no oracle for anyone
 without the secret. A Handshake from a restarted prefill worker (same instance and rank, new
@@ -17,25 +18,23 @@ incarnation) ends its predecessor's sessions and aborts the reservations it was 
 
 from __future__ import annotations
 
-import collections
 import logging
-import math
 import secrets
 import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import zmq
 
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
+from lmcache_pd.control.admission import Admission, Waiting
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.control.ranks import check_ranks
 from lmcache_pd.control.server_stats import NOTHING_HELD, PrefixHolder, ServerStats
-from lmcache_pd.errors import PDError, PoolExhausted, ProtocolError, TransferError
-from lmcache_pd.handoff import Handoff
+from lmcache_pd.control.session import Session
+from lmcache_pd.errors import PoolExhausted, ProtocolError, TransferError
 
 log = logging.getLogger(__name__)
 _POLL_MS = 20
@@ -45,37 +44,6 @@ _EXPIRE_EVERY_S = 0.1
 _WARN_EVERY_S = 10.0
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-
-
-@dataclass
-class _Session:
-    peer: str
-    rank: int
-    incarnation: str
-    keys: auth.DirectionKeys
-    last_seen: float
-    data_token: bytes = b""
-    """Names this session on the data plane (HandshakeReply): its batches are admitted only
-    into its own reservations."""
-    recv_seq: int = 0
-    send_seq: int = 0
-    senders: int = 1
-    """Prefill ranks that write each of its reservations (control/ranks.py): several when this
-    decode rank merges the heads of a wider prefill's ranks."""
-    same_tp: bool = True
-    """The peer's TP size is ours: its ranks send whole blocks (direct hand-offs possible)."""
-    sections: tuple[tuple[int, int], ...] = ()
-    """With ``senders`` > 1: each writer's heads, its section of the pages (Reservation.sections)."""
-
-
-@dataclass
-class _Waiting:
-    identity: bytes
-    msg: P.Allocate
-    owner: str
-    deadline: float
-    skip: int | None
-    """Pages the decode's cache holds; None: it was not asked (nothing to release)."""
 
 
 class ControlServer:
@@ -101,22 +69,18 @@ class ControlServer:
         self.incarnation = incarnation
         self.page_bytes = page_bytes
         self.descriptor = descriptor
-        self.max_alloc_wait_s = max_alloc_wait_s
         self.keys = keys if keys is not None else auth.Keyring(None)
         self.peer_s = peer_s
-        self.max_waiting = max_waiting
         self.curve_secret = curve_secret
         self.clock = clock
-        self.prefix = prefix
         self.blocks = blocks
-        self.direct = direct
-        self.direct_wait_s = direct_wait_s
-        self._parked: dict[str, _Waiting] = {}  # transfer id -> an Allocate held for its blocks
         self.cookies = auth.Cookies(max(peer_s, 1.0), clock=clock)
         self.stats = ServerStats()
-        self._sessions: dict[bytes, _Session] = {}
+        self._sessions: dict[bytes, Session] = {}
         self._owners: dict[bytes, str] = {}  # data token -> owner; read by the data plane's threads
-        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self.admission = Admission(pool, self.stats, session_of=self._sessions.get, prefix=prefix, blocks=blocks,
+                                   direct=direct, direct_wait_s=direct_wait_s, max_waiting=max_waiting,
+                                   max_alloc_wait_s=max_alloc_wait_s)
         self._stop = threading.Event()
         self._next_expiry = 0.0
         self._last_turn: float | None = None
@@ -176,7 +140,7 @@ class ControlServer:
             poller.register(monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                ready = dict(poller.poll(1 if self._parked else _POLL_MS))  # (held Allocates: look often)
+                ready = dict(poller.poll(1 if self.admission.parked else _POLL_MS))  # (held Allocates: look often)
                 if sock in ready:
                     for _ in range(64):
                         try:
@@ -260,7 +224,7 @@ class ControlServer:
                 session = self._sessions[identity]
             self._send(sock, identity, reply, session)
 
-    def _send(self, sock: zmq.Socket, identity: bytes, msg: P.Message, session: _Session | None) -> None:
+    def _send(self, sock: zmq.Socket, identity: bytes, msg: P.Message, session: Session | None) -> None:
         """Seal with the session's key, or with the deployment's when there is none (the answers
         to Hello and Handshake)."""
         if session is not None:
@@ -274,7 +238,7 @@ class ControlServer:
             log.debug("control: reply to %r dropped: %s", identity, e)
 
     # --- handlers -------------------------------------------------------------------------
-    def _handle(self, identity: bytes, msg: P.Message, session: _Session | None) -> P.Message | None:
+    def _handle(self, identity: bytes, msg: P.Message, session: Session | None) -> P.Message | None:
         if isinstance(msg, P.Hello):
             return P.Challenge(msg_id=msg.msg_id, nonce=msg.nonce, cookie=self.cookies.issue(identity, msg.nonce))
         if isinstance(msg, P.Handshake):
@@ -284,9 +248,7 @@ class ControlServer:
         owner = identity.decode(errors="replace")
         try:
             if isinstance(msg, P.Allocate):
-                if self._park(identity, owner, msg, now):
-                    return None  # answered by _housekeeping, with the blocks or at direct_wait_s
-                return self._allocate(identity, owner, msg, now)
+                return self.admission.admit(identity, owner, msg, now)  # None: answered by _housekeeping
             if isinstance(msg, P.TransferDone):
                 self.pool.mark_ready(msg.transfer_id, owner=owner, num_bytes=msg.num_bytes,
                                      seconds=msg.seconds, now=now, digest=msg.digest)
@@ -300,14 +262,14 @@ class ControlServer:
                     log.debug("control: Landed refused: %s", e)
                 return None
             if isinstance(msg, P.Cancel):
-                dropped = self._drop_waiting(msg.transfer_id, owner) or self._unpark(msg.transfer_id, owner)
+                dropped = self.admission.withdraw(msg.transfer_id, owner)
                 r = self.pool.lookup(msg.transfer_id)
                 # A rank of the same prefill that was to write its heads too, and will not: it
                 # ends the hand-off for its co-writers (they are told, as by any other end).
                 mate = (r is not None and session.senders > 1 and r.claim.peer == session.peer
                         and not r.writes(owner))
                 if dropped or mate or (r is not None and r.writes(owner)):  # not another peer's Cancel
-                    self._release(msg.transfer_id)
+                    self.admission.release(msg.transfer_id)
                 self.pool.abort(msg.transfer_id, reason=f"canceled by prefill: {msg.reason}", now=now,
                                 owner=None if mate else owner)
                 self.pool.confirm_end(msg.transfer_id, owner=owner, now=now)  # it stopped writing
@@ -316,54 +278,8 @@ class ControlServer:
                 self.pool.renew(msg.transfer_ids, owner=owner, now=now)
                 return P.Ack(msg_id=msg.msg_id, incarnation=self.incarnation)
         except (PoolExhausted, TransferError) as e:
-            return self._refused(msg, owner, now, e)
+            return self.admission.refused(msg, owner, now, e)
         raise AssertionError(f"unhandled {type(msg).__name__}")  # P.TO_DECODE lists only the above
-
-    def _refused(self, msg: P.Allocate | P.TransferDone | P.Cancel | P.Heartbeat, owner: str, now: float,
-                 e: TransferError | PoolExhausted) -> P.Error:
-        if isinstance(e, PoolExhausted):
-            # Leave a tombstone: the decode request for this hand-off recomputes at once. (An id
-            # someone else owns was refused before this as already known.)
-            self.pool.abort(msg.transfer_id, reason=str(e), now=now, owner=owner)
-            code = P.ErrorCode.POOL_TOO_SMALL if e.too_large else P.ErrorCode.POOL_TIMEOUT
-            return P.Error(msg_id=msg.msg_id, code=code, message=str(e))
-        self.stats.rejected += 1
-        return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.BAD_STATE, message=str(e))
-
-    def _park(self, identity: bytes, owner: str, msg: P.Allocate, now: float) -> bool:
-        """Hold a direct hand-off's Allocate whose decode request is on its way but not scheduled
-        yet (its blocks unknown), up to ``direct_wait_s``: True if held."""
-        session = self._sessions.get(identity)
-        if not (msg.direct and msg.decode_sent and self.blocks is not None and self.direct_wait_s > 0
-                and (session is None or session.same_tp)):
-            return False
-        if msg.transfer_id in self._parked or self.pool.lookup(msg.transfer_id) is not None:
-            raise TransferError("transfer id is already known", transfer_id=msg.transfer_id)
-        if self.direct(msg.transfer_id, msg.num_pages):
-            return False  # its blocks are known already
-        self._parked[msg.transfer_id] = _Waiting(identity, msg, owner, now + self.direct_wait_s, None)
-        self.stats.direct_waits += 1
-        return True
-
-    def _unpark(self, transfer_id: str, owner: str) -> bool:
-        w = self._parked.get(transfer_id)
-        if w is None or w.owner != owner:
-            return False
-        del self._parked[transfer_id]
-        return True
-
-    def _answer_parked(self, sock: zmq.Socket, now: float) -> None:
-        """Answer each held Allocate whose blocks are known now, or whose wait is over (pages)."""
-        for tid, w in list(self._parked.items()):
-            if now < w.deadline and not self.direct(tid, w.msg.num_pages):
-                continue
-            del self._parked[tid]
-            try:
-                reply = self._allocate(w.identity, w.owner, w.msg, now)
-            except (PoolExhausted, TransferError) as e:
-                reply = self._refused(w.msg, w.owner, now, e)
-            if reply is not None:
-                self._reply(sock, w, reply)
 
     def _handshake(self, identity: bytes, msg: P.Handshake) -> P.Message | None:
         if not self.cookies.redeem(identity, msg.nonce, msg.cookie):
@@ -391,7 +307,7 @@ class ControlServer:
         old = self._sessions.get(identity)
         if old is not None:
             self._owners.pop(old.data_token, None)
-        session = _Session(msg.peer, msg.compat.tp_rank, msg.incarnation,
+        session = Session(msg.peer, msg.compat.tp_rank, msg.incarnation,
                            self.keys.session(identity, msg.nonce, msg.cookie), self.clock(),
                            data_token=secrets.token_bytes(16), senders=ranks.senders,
                            sections=ranks.sections, same_tp=msg.compat.tp_size == self.compat.tp_size)
@@ -412,101 +328,18 @@ class ControlServer:
         self.stats.peers_lost += 1
         owner = identity.decode(errors="replace")
         now = self.clock()
-        for w in [w for w in (*self._waiting, *self._parked.values()) if w.owner == owner]:
-            if not self._drop_waiting(w.msg.transfer_id, owner):
-                self._unpark(w.msg.transfer_id, owner)
-            self._release(w.msg.transfer_id, w.skip is not None)
-            self.pool.abort(w.msg.transfer_id, reason=why, now=now)  # a tombstone: its load recomputes at once
+        self.admission.drop_owner(owner, why, now)
         aborted = self.pool.abort_writing(owner, reason=why, now=now)
         for tid in aborted:
-            self._release(tid)
+            self.admission.release(tid)
         log.warning("control: %s; dropped its session, aborted %d reservation(s) it was writing", why, len(aborted))
-
-    def _skip(self, msg: P.Allocate) -> int | None:
-        """Leading pages the decode's cache holds (held for the transfer id), or None when it
-        was not asked (nothing to release)."""
-        if (not msg.chains or msg.num_pages <= 1 or self.pool.lookup(msg.transfer_id)
-                or any(w.msg.transfer_id == msg.transfer_id for w in self._waiting)):
-            return None  # (a known transfer id is refused or joined below; its hold stays the first one's)
-        try:
-            skip = self.prefix.hold(msg)
-        except Exception:  # noqa: BLE001 - the cache is an optimisation: without it, send everything
-            log.exception("control: cache lookup for %s failed; the whole prompt is sent", msg.transfer_id)
-            return 0
-        return skip if 0 <= skip < msg.num_pages else 0
-
-    def _reserve(self, identity: bytes, msg: P.Allocate, owner: str, skip: int, now: float) -> list[int] | None:
-        session = self._sessions.get(identity)
-        claim = Handoff(msg.transfer_id, session.peer if session is not None else "", msg.num_tokens,
-                        msg.prompt_digest, tuple(msg.chains), msg.tenant)
-        senders = session.senders if session is not None else 1
-        if senders > 1 and self.pool.lookup(msg.transfer_id) is not None:  # another rank's heads, same pages
-            return self.pool.join(claim, msg.num_pages, owner=owner, now=now).pages
-        # Asked before the pool's lock is taken (the loader's lock comes first: loader.py). A
-        # load cancelled meanwhile leaves a tombstone, and the reserve is refused.
-        same_tp = session is None or session.same_tp
-        direct = self.direct(msg.transfer_id, msg.num_pages - skip) if msg.direct and self.blocks and same_tp else ()
-        return self.pool.reserve(claim, msg.num_pages - skip, owner=owner, now=now, skip_pages=skip,
-                                 signals=msg.signals and not direct and senders == 1, direct=direct, senders=senders,
-                                 summed=not same_tp, sections=session.sections if session is not None else ())
-
-    def _allocated(self, msg: P.Allocate, pages: list[int], skip: int) -> P.Allocated:
-        self.stats.allocations += 1
-        r = self.pool.lookup(msg.transfer_id)
-        if r is not None and r.direct:
-            self.stats.direct += 1
-        return P.Allocated(msg_id=msg.msg_id, transfer_id=msg.transfer_id, pages=pages, lease_s=self.pool.lease_s,
-                           skip_pages=r.skip_pages if r is not None else skip,  # (a joiner: the first's)
-                           generation=r.generation if r is not None else 0,
-                           blocks=list(r.direct) if r is not None else [])
-
-    def _release(self, transfer_id: str, asked: bool = True) -> None:
-        if asked:
-            self.prefix.release(transfer_id)
-
-    def _allocate(self, identity: bytes, owner: str, msg: P.Allocate, now: float) -> P.Message | None:
-        asked = self._skip(msg)
-        skip = asked or 0
-        pages = None
-        try:
-            # FIFO: nobody may overtake a queued request, but a direct one takes no page.
-            if not self._waiting or self._takes_no_page(identity, msg, skip):
-                pages = self._reserve(identity, msg, owner, skip, now)
-            elif msg.num_pages - skip > self.pool.num_pages:
-                self._reserve(identity, msg, owner, skip, now)  # raises too_large
-            if pages is None and len(self._waiting) >= self.max_waiting:
-                self.stats.queue_full += 1
-                raise PoolExhausted(f"decode pool is full and {len(self._waiting)} allocations already wait "
-                                    "(backpressure.decode_queue)", transfer_id=msg.transfer_id)
-        except PDError:
-            self._release(msg.transfer_id, asked is not None)
-            raise
-        if pages is not None:
-            return self._allocated(msg, pages, skip)
-        # NaN compares false both ways: it would never time out.
-        wait = min(max(msg.wait_s, 0.0), self.max_alloc_wait_s) if math.isfinite(msg.wait_s) else 0.0
-        self._waiting.append(_Waiting(identity, msg, owner, now + wait, asked))
-        self.stats.queued_allocations += 1
-        return None  # answered later by _housekeeping
-
-    def _takes_no_page(self, identity: bytes, msg: P.Allocate, skip: int) -> bool:
-        """A direct hand-off whose blocks are known now: it is reserved without pool pages."""
-        session = self._sessions.get(identity)
-        return bool(msg.direct and self.blocks and (session is None or session.same_tp)
-                    and self.direct(msg.transfer_id, msg.num_pages - skip))
-
-    def _drop_waiting(self, transfer_id: str, owner: str) -> bool:
-        n = len(self._waiting)
-        self._waiting = collections.deque(w for w in self._waiting
-                                          if not (w.msg.transfer_id == transfer_id and w.owner == owner))
-        return len(self._waiting) < n
 
     def _housekeeping(self, sock: zmq.Socket) -> None:
         now = self.clock()
         self._forgive_own_stall(now)
         self._tell_ended(sock)
-        if self._parked:
-            self._answer_parked(sock, now)
+        for w, reply in self.admission.answer_parked(now) if self.admission.parked else ():
+            self._reply(sock, w, reply)
         if now >= self._next_expiry:
             self._next_expiry = now + _EXPIRE_EVERY_S
             for tid in self.pool.expire(now):
@@ -515,28 +348,8 @@ class ControlServer:
                 if now - s.last_seen > self.peer_s:
                     self._drop_session(identity, f"prefill worker {s.peer}/{s.rank} silent for "
                                                  f"{self.peer_s:g} s (timeouts.peer_s)")
-        while self._waiting:
-            w = self._waiting[0]
-            if w.deadline <= now:
-                self._waiting.popleft()
-                self.stats.alloc_timeouts += 1
-                self._release(w.msg.transfer_id, w.skip is not None)
-                self.pool.abort(w.msg.transfer_id, reason="decode pool stayed full (timeouts.alloc_s)", now=now)
-                self._reply(sock, w, P.Error(
-                    msg_id=w.msg.msg_id, code=P.ErrorCode.POOL_TIMEOUT,
-                    message=f"decode pool stayed full for {w.msg.wait_s:g} s (timeouts.alloc_s; or raise pool.size_mib)"))
-                continue
-            try:
-                pages = self._reserve(w.identity, w.msg, w.owner, w.skip or 0, now)
-            except TransferError as e:
-                self._waiting.popleft()
-                self._release(w.msg.transfer_id, w.skip is not None)
-                self._reply(sock, w, P.Error(msg_id=w.msg.msg_id, code=P.ErrorCode.BAD_STATE, message=str(e)))
-                continue
-            if pages is None:
-                break
-            self._waiting.popleft()
-            self._reply(sock, w, self._allocated(w.msg, pages, w.skip or 0))
+        for w, reply in self.admission.serve_queue(now):
+            self._reply(sock, w, reply)
 
     def _tell_ended(self, sock: zmq.Socket) -> None:
         """Tell each owner of a hand-off this side ended while it was writing: it stops, and its
@@ -558,7 +371,7 @@ class ControlServer:
             for s in self._sessions.values():
                 s.last_seen += now - last  # the silence before the stall still counts
 
-    def _reply(self, sock: zmq.Socket, w: _Waiting, msg: P.Message) -> None:
+    def _reply(self, sock: zmq.Socket, w: Waiting, msg: P.Message) -> None:
         """Answer a queued allocation in its session (none: the peer's session was dropped, and
         its waiting allocations with it)."""
         session = self._sessions.get(w.identity)

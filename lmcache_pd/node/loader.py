@@ -25,6 +25,7 @@ the phases of ``loads.LoadPhase``, in order, each move checked against ``loads.N
   (``integrity.verify``), copy the pages (and layers) not yet scattered, give the pages back ->
   DONE. (A layer scattered before the digest was checked is in blocks that vLLM recomputes if
   the check fails.)
+The copies themselves (plans, ``integrity.verify``, pool -> blocks) are scatter.py's.
 Any error -> FAILED: the pages are aborted (or left as a tombstone), the result says why, and
 vLLM recomputes the prompt.
 *Armed* loads (a GPU pool whose transport has device-side signals, armed.py): at GRANTED the
@@ -61,17 +62,15 @@ import torch
 from lmcache_pd._types import ReqId, ReservationState
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.control.reservation import Reservation
-from lmcache_pd.digests import cache_digest, pool_digest, pool_sum
 from lmcache_pd.errors import PDError, TransferError
 from lmcache_pd.handoff import LoadSpec
-from lmcache_pd.heads import plan_sections
-from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, blocks_for_tokens, plan_cache_to_pool
+from lmcache_pd.layout import KVLayout, PoolLayout, blocks_for_tokens
 from lmcache_pd.node.armed import Armed, SignalWaits, signal_of
 from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.held_prefix import HeldPrefix
 from lmcache_pd.node.loads import LoadPhase, LoadResult, LoadState, PreparedScatter
+from lmcache_pd.node.scatter import Scatter
 from lmcache_pd.node.timeline import Timeline
-from lmcache_pd.ops import PreparedCopy, copy_ranges, prepare_copy, run_copy
 from lmcache_pd.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -101,14 +100,12 @@ class Loader:
         before TransferDone."""
         self.pool = pool
         self.pool_layout = pool_layout
-        self.pool_buffer = pool_buffer
         self.kv = kv
-        self.kv_buffer = kv_buffer
+        self.scatter = Scatter(pool_layout, pool_buffer, kv=kv, kv_buffer=kv_buffer, verify=verify)
         self.block_size = block_size
         self.prefix = prefix
         self.transfer_s = transfer_s
         self.group_bytes = group_bytes
-        self.verify = verify
         self.scatter_landed = scatter_landed
         self._handoff_log = handoff_log
         self._timeline = timeline
@@ -120,8 +117,6 @@ class Loader:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._stream: torch.cuda.Stream | None = None  # the loader's CUDA stream, made on first use
-        self.digests_verified = self.digest_mismatches = 0  # integrity.verify
         self._signals = (SignalWaits(signals, kv_buffer.device, self._armed_done)
                          if signals is not None and kv_buffer.is_cuda and not verify else None)
         pool.watch(self._wake.set)
@@ -186,6 +181,15 @@ class Loader:
     def waiting(self) -> int:
         with self._lock:
             return len(self._loads)
+
+    @property
+    def digests_verified(self) -> int:
+        """Hand-offs whose bytes ``integrity.verify`` found as the prefill sent them."""
+        return self.scatter.digests_verified
+
+    @property
+    def digest_mismatches(self) -> int:
+        return self.scatter.digest_mismatches
 
     # --- the loader thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -334,19 +338,16 @@ class Loader:
         first, upto = load.next_page, len(r.pages)
         if self.group_bytes and (upto - first) * self.pool_layout.page_bytes > self.group_bytes:
             return  # streamed: its groups are scattered as they land, each planned then
-        plan = self._plan(load, r, first, upto)
-        copy = None
-        if self.kv_buffer.is_cuda:
-            # Armed: planned on a stream of the load's own, its scatter queued behind the signal.
-            arming = self._signals is not None and r.signals and plan.nbytes > 0
-            stream = self._signals.stream() if arming else self._loader_stream()
-            copy = prepare_copy(self.pool_buffer.data_ptr(), self.kv_buffer.data_ptr(), plan,
-                                device=self.kv_buffer.device, stream=stream)
-            if arming and copy is not None:  # (a plan with bytes always has a copy)
-                load.nbytes, load.next_page = plan.nbytes, upto
-                load.armed = Armed(*signal_of(r.pages, r.generation), r.generation, stream, copy)
-                self._signals.arm(load, load.armed)  # (the watcher may end it from here on)
-                return
+        plan = self.scatter.plan(r, load.spec.block_ids, first, upto)
+        # Armed (a GPU's): planned on a stream of the load's own, its scatter queued behind the signal.
+        arming = self._signals is not None and r.signals and plan.nbytes > 0
+        stream = self._signals.stream() if arming and self._signals is not None else None
+        copy = self.scatter.prepare(plan, stream)
+        if stream is not None and copy is not None:  # (a plan with bytes always has a copy)
+            load.nbytes, load.next_page = plan.nbytes, upto
+            load.armed = Armed(*signal_of(r.pages, r.generation), r.generation, stream, copy)
+            self._signals.arm(load, load.armed)  # (the watcher may end it from here on)
+            return
         load.prepared = PreparedScatter(first, upto, plan, copy)
 
     def _land(self, load: LoadState) -> None:
@@ -357,30 +358,11 @@ class Loader:
             return
         try:
             if r.landed > load.next_page:
-                self._scatter_pages(load, r, r.landed)
+                self.scatter.pages(load, r, r.landed)
             elif layers := self._new_layers(load, r):
-                self._scatter_layers(load, r, layers)
+                self.scatter.layers(load, r, layers)
         finally:
             self.pool.end_read(r)  # whatever happened: a leaked guard would hold the pages forever
-
-    def _scatter_layers(self, load: LoadState, r: Reservation, layers: frozenset[int]) -> None:
-        """Copy ``layers`` of the pages still to come into the load's blocks (they landed whole)."""
-        first, upto = load.next_page, len(r.pages)
-        t0 = time.monotonic()
-        p = load.prepared
-        if upto > first and len(layers) == self.kv.num_layers and p is not None and (p.first, p.upto) == (first, upto):
-            self._copy(p.plan, p.copy)  # all of it at once (a whole hand-off's one batch): as planned
-            load.planned_ahead = True
-            load.prepared = None
-            load.nbytes += p.plan.nbytes
-            load.groups += 1
-        elif upto > first:
-            plan = self._plan(load, r, first, upto, layers=sorted(layers))
-            self._copy(plan)
-            load.nbytes += plan.nbytes
-            load.groups += 1
-        load.scatter_s += time.monotonic() - t0
-        load.layers_done = load.layers_done | layers
 
     def _scatter(self, load: LoadState) -> None:
         """SCATTERING: claim the READY reservation, copy what is left, give the pages back."""
@@ -389,8 +371,8 @@ class Loader:
         load.ready_at = time.time()
         r = self.pool.claim(spec.handoff.transfer_id)
         try:
-            self._verify(r)
-            self._scatter_pages(load, r, len(r.pages))
+            self.scatter.verify(r)
+            self.scatter.pages(load, r, len(r.pages))
             if r.direct:  # written into the blocks by the prefill
                 load.nbytes = r.num_bytes
         finally:
@@ -441,91 +423,6 @@ class Loader:
         if r.direct and r.direct != tuple(spec.block_ids[len(spec.block_ids) - n:]):
             raise TransferError("the direct hand-off names other blocks than this load's",
                                 transfer_id=spec.handoff.transfer_id)
-
-    def _scatter_pages(self, load: LoadState, r: Reservation, upto: int) -> None:
-        """Copy the reservation's pages ``[load.next_page, upto)`` into the load's blocks (the
-        layers not scattered yet)."""
-        first = load.next_page
-        if upto <= first:
-            return
-        t0 = time.monotonic()
-        p = load.prepared
-        rest = [i for i in range(self.kv.num_layers) if i not in load.layers_done]
-        if not rest:  # every layer went as it landed
-            load.prepared = None
-            load.next_page = upto
-            return
-        if load.layers_done:
-            plan = self._plan(load, r, first, upto, layers=rest)
-            self._copy(plan)
-        elif p is not None and (p.first, p.upto) == (first, upto):
-            plan = p.plan
-            self._copy(plan, p.copy)
-            load.planned_ahead = True
-        else:
-            plan = self._plan(load, r, first, upto)
-            self._copy(plan)
-        load.prepared = None
-        load.scatter_s += time.monotonic() - t0
-        load.groups += 1
-        load.nbytes += plan.nbytes
-        load.next_page = upto
-
-    def _plan(self, load: LoadState, r: Reservation, first: int, upto: int,
-              layers: list[int] | None = None) -> RangePlan:
-        """Pool pages ``[first, upto)`` of the reservation -> the load's blocks (every layer, or ``layers``)."""
-        offset = len(r.pages) - len(load.spec.block_ids)
-        if r.sections:  # several writers, each its heads in a section of the pages
-            return plan_sections(self.kv, self.pool_layout, r.sections, blocks=load.spec.block_ids[first - offset:upto - offset],
-                                 pages=r.pages[first:upto], among=r.pages, layers=layers)
-        return plan_cache_to_pool(self.kv, self.pool_layout, blocks=load.spec.block_ids[first - offset:upto - offset],
-                                  pages=r.pages[first:upto], layers=layers).swapped()
-
-    def _verify(self, r: Reservation) -> None:
-        """With ``integrity.verify``: the pool pages (a direct hand-off: the blocks) hold what
-        the prefill said it sent."""
-        if not self.verify:
-            return
-        if r.digest is None:
-            raise TransferError("the prefill sent no digest (set integrity.verify the same on every instance)",
-                                transfer_id=r.transfer_id)
-        if r.direct:  # in the places of the pages they stand for, as the prefill digested them
-            got = cache_digest(self.kv, self.kv_buffer, r.direct, self.pool_layout, r.pages[len(r.pages) - len(r.direct):])
-        elif r.summed:  # writers of another TP size: the sum of their heads' shares (digests.plan_sum)
-            got = pool_sum(self.pool_layout, self.pool_buffer, r.pages)
-        else:
-            got = pool_digest(self.pool_layout, self.pool_buffer, r.pages)
-        if got != r.digest:
-            with self._lock:
-                self.digest_mismatches += 1
-            raise TransferError(f"the {'blocks' if r.direct else 'pages'} differ from what the prefill sent (integrity.verify)",
-                                transfer_id=r.transfer_id)
-        with self._lock:
-            self.digests_verified += 1
-
-    def _copy(self, plan: RangePlan, prepared: PreparedCopy | None = None) -> None:
-        """Scatter pool pages into vLLM's blocks; on a GPU, complete before the pages go back.
-
-        The copy runs on the loader's own stream: the target blocks belong to this request
-        alone and the pages are READY (or landed, under the reader guard), so it needs no order
-        against vLLM's stream, and vLLM reads the blocks only after the load is reported, which
-        happens after this returns.
-        """
-        if not self.kv_buffer.is_cuda:
-            copy_ranges(self.pool_buffer, self.kv_buffer, plan)
-            return
-        stream = self._loader_stream()
-        if prepared is not None:  # planned and uploaded on this stream while the pages flew
-            run_copy(prepared, stream)
-        else:
-            with torch.cuda.stream(stream):
-                copy_ranges(self.pool_buffer, self.kv_buffer, plan)
-        stream.synchronize()
-
-    def _loader_stream(self) -> torch.cuda.Stream:
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=self.kv_buffer.device)
-        return self._stream
 
     # --- outcomes -------------------------------------------------------------------------
     def _fail(self, load: LoadState, error: str) -> None:

@@ -158,7 +158,7 @@ def test_peers_cannot_touch_each_others_transfers(server):
         await req(a, alloc_chains(a, "mine", 2))  # the decode cache is asked (and holds nothing)
         with pytest.raises(TransferError):
             await req(b, P.Cancel(msg_id=b.next_id(), transfer_id="mine", reason="evil"))
-        assert server.prefix.asked == ["mine"] and server.prefix.released == []  # b ends no hold of a's
+        assert server.admission.prefix.asked == ["mine"] and server.admission.prefix.released == []  # b ends no hold of a's
         with pytest.raises(TransferError):
             await req(b, P.TransferDone(msg_id=b.next_id(), transfer_id="mine", num_bytes=1, seconds=0))
         rejected = server.stats.rejected

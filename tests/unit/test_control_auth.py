@@ -20,7 +20,8 @@ from lmcache_pd._types import ReservationState
 from lmcache_pd.control import curve
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.control.client import ControlClient
-from lmcache_pd.control.server import ControlServer, _Session
+from lmcache_pd.control.server import ControlServer
+from lmcache_pd.control.session import Session
 from lmcache_pd.errors import PeerLost, PoolExhausted, TransferTimeout
 from tests.unit.control_peers import KEYS, RawPeer, alloc, client_for, handshake, handshake_msg, req, run
 from tests.unit.kv import COMPAT
@@ -277,7 +278,7 @@ def test_the_decode_side_does_not_blame_peers_for_its_own_stall():
     srv = ControlServer(PagePool(4, lease_s=30), bind="tcp://127.0.0.1:0", compat=COMPAT, incarnation="d",
                         page_bytes=1, descriptor=b"", max_alloc_wait_s=1, keys=KEYS, peer_s=3.0,
                         clock=lambda: now[0])
-    srv._sessions[b"p/0/i"] = _Session("prefill-0", 0, "i", KEYS.control, last_seen=now[0])
+    srv._sessions[b"p/0/i"] = Session("prefill-0", 0, "i", KEYS.control, last_seen=now[0])
     def listen(seconds: float) -> None:  # the loop turns every few ms; here every 0.1 s
         for _ in range(round(seconds / 0.1)):
             now[0] += 0.1

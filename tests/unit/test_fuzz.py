@@ -73,7 +73,7 @@ class Harness:
             self.send(P.Allocate(msg_id=3, transfer_id=tid, num_pages=n, num_tokens=n * 128, prompt_digest="d",
                                  wait_s=60))
         self.send(P.TransferDone(msg_id=4, transfer_id="finished", num_bytes=1, seconds=0))
-        assert self.srv.sessions == 1 and len(self.srv._waiting) == 1 and self.srv.pool.free_pages == 3
+        assert self.srv.sessions == 1 and len(self.srv.admission.waiting) == 1 and self.srv.pool.free_pages == 3
 
     def feed(self, frames: list[bytes], identity: bytes = IDENTITY) -> None:
         self.srv._on_frames(self.sock, [identity, *frames])
@@ -93,7 +93,7 @@ class Harness:
             ended = sorted(pool._ended)
             free = sorted(pool._free)
         sessions = {k: (s.recv_seq, s.send_seq, s.last_seen) for k, s in srv._sessions.items()}
-        return (live, ended, free, sessions, [w.msg.transfer_id for w in srv._waiting], dict(srv.cookies._used),
+        return (live, ended, free, sessions, [w.msg.transfer_id for w in srv.admission.waiting], dict(srv.cookies._used),
                 srv.stats.handshakes, srv.stats.allocations, len(self.sock.sent))
 
     def dropped(self) -> int:
