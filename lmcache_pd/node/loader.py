@@ -340,13 +340,13 @@ class Loader:
             return  # streamed: its groups are scattered as they land, each planned then
         plan = self.scatter.plan(r, load.spec.block_ids, first, upto)
         # Armed (a GPU's): planned on a stream of the load's own, its scatter queued behind the signal.
-        arming = self._signals is not None and r.signals and plan.nbytes > 0
-        stream = self._signals.stream() if arming and self._signals is not None else None
+        signals = self._signals if r.signals and plan.nbytes > 0 else None
+        stream = signals.stream() if signals is not None else None
         copy = self.scatter.prepare(plan, stream)
-        if stream is not None and copy is not None:  # (a plan with bytes always has a copy)
+        if signals is not None and stream is not None and copy is not None:  # (a plan with bytes has a copy)
             load.nbytes, load.next_page = plan.nbytes, upto
             load.armed = Armed(*signal_of(r.pages, r.generation), r.generation, stream, copy)
-            self._signals.arm(load, load.armed)  # (the watcher may end it from here on)
+            signals.arm(load, load.armed)  # (the watcher may end it from here on)
             return
         load.prepared = PreparedScatter(first, upto, plan, copy)
 
