@@ -93,8 +93,9 @@ class Harness:
             ended = sorted(pool._ended)
             free = sorted(pool._free)
         sessions = {k: (s.recv_seq, s.send_seq, s.last_seen) for k, s in srv._sessions.items()}
-        return (live, ended, free, sessions, [w.msg.transfer_id for w in srv.admission.waiting], dict(srv.cookies._used),
-                srv.stats.handshakes, srv.stats.allocations, len(self.sock.sent))
+        return (live, ended, free, sessions, [w.msg.transfer_id for w in srv.admission.waiting],
+                sorted(srv.admission.parked), dict(srv.cookies._used), srv.stats.handshakes, srv.stats.allocations,
+                len(self.sock.sent))
 
     def dropped(self) -> int:
         """Frames the server dropped, by every cause it counts."""
