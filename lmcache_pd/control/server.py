@@ -308,9 +308,9 @@ class ControlServer:
         if old is not None:
             self._owners.pop(old.data_token, None)
         session = Session(msg.peer, msg.compat.tp_rank, msg.incarnation,
-                           self.keys.session(identity, msg.nonce, msg.cookie), self.clock(),
-                           data_token=secrets.token_bytes(16), senders=ranks.senders,
-                           sections=ranks.sections, same_tp=msg.compat.tp_size == self.compat.tp_size)
+                          self.keys.session(identity, msg.nonce, msg.cookie), self.clock(),
+                          data_token=secrets.token_bytes(16), senders=ranks.senders,
+                          sections=ranks.sections, same_tp=msg.compat.tp_size == self.compat.tp_size)
         self._sessions[identity] = session
         self._owners[session.data_token] = identity.decode(errors="replace")
         self.stats.handshakes += 1
