@@ -15,6 +15,7 @@ Shape: Llama-3-8B KV (32 layers, 8 KV heads, head 128, bf16, block 16): 128 KiB 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import multiprocessing as mp
@@ -33,6 +34,16 @@ from lmcache_pd.device_clock import clock_for
 LAYERS, HEADS, BLOCK, C = 32, 8, 16, 256
 TOKEN_BYTES = LAYERS * HEADS * C * 2
 RANGE_BYTES = HEADS * BLOCK * C * 2  # one block of one layer
+_SPIN = (torch.ones(96, 96), torch.ones(96, 96))
+
+
+def _busy(us: float) -> None:
+    """The CPU stand-in for one layer's forward: ``us`` of small matrix products, each with the
+    GIL released as vLLM's CPU kernels do, so the sender's threads get the GIL between them as
+    they would between a real forward's ops."""
+    end = time.perf_counter() + us * 1e-6
+    while time.perf_counter() < end:
+        torch.mm(*_SPIN)
 
 
 # --- the transport alone ------------------------------------------------------------------------
@@ -227,7 +238,8 @@ class HandoffPair:
         """One hand-off; its seconds from the submit to the decode's blocks holding it.
 
         ``forward_us`` > 0: a stand-in for the prefill's forward runs first on a stream of its
-        own, ``forward_us`` per layer (a spinning kernel, then an event per layer), over
+        own, ``forward_us`` per layer (a spinning kernel, then an event per layer; on a CPU,
+        small matrix products on this thread, then the layer's mark), over
         ``chunks`` prompt chunks one after the other (chunked prefill: each chunk's forward
         computes its share of the blocks, ``forward_us`` / ``chunks`` per layer); the hand-off
         goes after it (``layered``: each layer as its event completes, on the device, through
@@ -238,7 +250,6 @@ class HandoffPair:
         "transfer_exposed" (the forward's end -> the sender seeing the last byte in the decode
         pool)."""
         from lmcache_pd.handoff import Handoff, SendSpec
-        from lmcache_pd.node.layered import LayerMarks
 
         n = -(-n_tok // BLOCK)
         p_blocks = [int(b) for b in self.rng.choice(np.arange(self.num_blocks), n, replace=False)]
@@ -253,36 +264,11 @@ class HandoffPair:
         spec = SendSpec(f"p-{tid}", Handoff(tid, "decode-0", n_tok, digest), tuple(p_blocks))
         forward_end = forward_end_gpu = 0.0
         if forward_us > 0:
-            stream = self._forward_stream()
-            cycles = int(forward_us / chunks * self._cycles_per_us())
-            bounds = [n * k // chunks for k in range(chunks + 1)]  # the blocks each chunk completes
-            sent = None
             forward_start = time.time()
-            with torch.cuda.stream(stream):
-                for c in range(chunks):
-                    final = c == chunks - 1
-                    marks = LayerMarks(LAYERS) if layered and (pieces or final) else None
-                    if marks is not None:
-                        first = bounds[c] if pieces else 0
-                        blocks = tuple(p_blocks[:bounds[c + 1]])
-                        if sent is None:
-                            piece = dataclasses.replace(spec, block_ids=blocks, layered=True, first_block=first,
-                                                        final=final)
-                            sent = self.tx.submit_layered(piece, marks)
-                        else:
-                            sent.add(blocks, first, marks, final)
-                    for i in range(LAYERS):
-                        torch.cuda._sleep(cycles)
-                        ready = torch.cuda.Event()
-                        ready.record(stream)
-                        if marks is not None:
-                            marks.layer(i, ready)
-            end_stamp = clock_for(stream.device).stamp(stream)  # the forward's end on the GPU
-            end_stamp.event.synchronize()  # (recorded after the last layer's event: wait for it, not that)
-            forward_end = time.time()
-            forward_end_gpu = end_stamp.wall()
+            forward_end, stamp, marks = self._forward(spec, p_blocks, forward_us, layered, chunks, pieces)
+            forward_end_gpu = stamp.wall() if stamp is not None else forward_end  # (a CPU's: the host's)
             if marks is not None:
-                marks.forward_done(forward_end, end_stamp)
+                marks.forward_done(forward_end, stamp)
             submits, self._submits = self._submits, []
         t0, t0_wall = time.monotonic(), time.time()
         if forward_us <= 0 or not layered:
@@ -315,6 +301,46 @@ class HandoffPair:
                                if forward_us > 0 else {})})
         self._submits = []
         return total
+
+    def _forward(self, spec, p_blocks: list[int], forward_us: float, layered: bool, chunks: int, pieces: bool):
+        """The stand-in forward (see :meth:`once`): its end on the host, its end's stamp on the
+        GPU (None on a CPU), and the last piece's marks (None: not layered)."""
+        from lmcache_pd.node.layered import LayerMarks
+
+        n = len(p_blocks)
+        cuda = self.layers[0].is_cuda
+        stream = self._forward_stream() if cuda else None
+        cycles = int(forward_us / chunks * self._cycles_per_us()) if cuda else 0
+        bounds = [n * k // chunks for k in range(chunks + 1)]  # the blocks each chunk completes
+        sent = marks = None
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            for c in range(chunks):
+                final = c == chunks - 1
+                marks = LayerMarks(LAYERS) if layered and (pieces or final) else None
+                if marks is not None:
+                    first = bounds[c] if pieces else 0
+                    blocks = tuple(p_blocks[:bounds[c + 1]])
+                    if sent is None:
+                        piece = dataclasses.replace(spec, block_ids=blocks, layered=True, first_block=first,
+                                                    final=final)
+                        sent = self.tx.submit_layered(piece, marks)
+                    else:
+                        sent.add(blocks, first, marks, final)
+                for i in range(LAYERS):
+                    ready = None
+                    if cuda:
+                        torch.cuda._sleep(cycles)
+                        ready = torch.cuda.Event()
+                        ready.record(stream)
+                    else:
+                        _busy(forward_us / chunks)
+                    if marks is not None:
+                        marks.layer(i, ready)
+        if not cuda:
+            return time.time(), None, marks
+        end_stamp = clock_for(stream.device).stamp(stream)  # the forward's end on the GPU
+        end_stamp.event.synchronize()  # (recorded after the last layer's event: wait for it, not that)
+        return time.time(), end_stamp, marks
 
     @staticmethod
     def _batches(submits: list[tuple[float, object]], forward_end: float, forward_end_gpu: float) -> dict[str, float]:

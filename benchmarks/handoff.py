@@ -52,13 +52,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time each size with transport.direct on (a second pair; with --layered: "
                          "the one pair has it on)")
     ap.add_argument("--layered", action="store_true",
-                    help="behind a stand-in forward (--forward-us per layer per token): whole hand-off "
+                    help="behind a stand-in forward (--forward-us per layer per token; a spinning kernel "
+                         "on a GPU, small matrix products on the prefill's thread on a CPU): whole hand-off "
                          "after it against layer by layer during it (transport.layerwise), taking turns")
     ap.add_argument("--chunks", type=int, default=1,
                     help="with --layered: the stand-in forward is a chunked prefill of this many chunks")
     ap.add_argument("--forward-us", type=float, default=0.6,
                     help="with --layered: the stand-in forward's time per layer per prompt token, us "
-                         "(0.6: Llama-3-8B at about 800 TFLOP/s), at least 20 us per layer")
+                         "(0.6: Llama-3-8B at about 800 TFLOP/s; on a CPU, 3 keeps the transfer under it), "
+                         "at least 20 us per layer")
     args = ap.parse_args(argv)
     if args.layered:
         return layered(args)
@@ -143,10 +145,11 @@ def layered(args) -> int:
     from lmcache_pd import transport as transports
 
     ok, why = transports.available(args.transport)
-    if not ok or not torch.cuda.is_available():
+    p_dev, d_dev = pick_devices(args.transport, args.devices)
+    cuda = p_dev.startswith("cuda")
+    if not ok or (cuda and not torch.cuda.is_available()):
         print(f"skipped: {'no CUDA device' if ok else f'transport {args.transport} unavailable: {why}'}")
         return 0
-    p_dev, d_dev = pick_devices(args.transport, args.devices)
     tokens = [int(t) for t in args.tokens.split(",")]
     options = json.loads(args.options)
     chunks = max(1, args.chunks)
@@ -157,7 +160,7 @@ def layered(args) -> int:
     pair = HandoffPair(args.transport, options, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
                        direct=args.direct)
     print(f"# {args.transport}{' direct' if args.direct else ''} hand-off behind a stand-in forward of 32 layers in {chunks} chunk(s), {p_dev} -> "
-          f"{d_dev} ({torch.cuda.get_device_name(0)}); {args.forward_us} us per layer per token (at least 20); "
+          f"{d_dev} ({torch.cuda.get_device_name(0) if cuda else 'CPU'}); {args.forward_us} us per layer per token (at least 20); "
           f"median of {args.repeat}; options {options}")
     print("| tokens | bytes | forward ms | forward end -> loaded ms: " + " / ".join(modes)
           + " | transfer after the forward ms: " + " / ".join(modes)
@@ -193,9 +196,9 @@ def layered(args) -> int:
             for m in modes:  # where the time after the forward goes (sender side)
                 last = {k: statistics.median(p[k] for p in rows[m])
                         for k in ("last_submit", "last_done", "last_landed", "batches")}
+                on_gpu = (f"; last byte {last['last_landed'] * 1e3:+.3f} ms from it on the GPU" if cuda else "")
                 print(f"#   {n_tok} {m}: {last['batches']:.0f} batches, last submitted {last['last_submit'] * 1e3:+.3f} ms "
-                      f"and last done {last['last_done'] * 1e3:+.3f} ms from the forward's end (host); last byte "
-                      f"{last['last_landed'] * 1e3:+.3f} ms from it on the GPU", flush=True)
+                      f"and last done {last['last_done'] * 1e3:+.3f} ms from the forward's end (host){on_gpu}", flush=True)
     finally:
         pair.close()
     return status

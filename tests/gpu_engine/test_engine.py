@@ -15,6 +15,7 @@ import json
 import signal
 import time
 import urllib.parse
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -73,12 +74,39 @@ def first_difference(got: dict, ref: dict) -> tuple[int, float | None] | None:
     return i, margin
 
 
-def assert_same_tokens(got: dict, ref: dict, what: str) -> None:
-    """Token for token; on a difference, say where and how close the colocated top-2 were there."""
+def assert_same_tokens(got: dict, ref: dict, what: str, again: Callable[[], dict] | None = None) -> None:
+    """Token for token; on a difference, say where, how close the colocated top-2 were there, and
+    what tells rounding from wrong KV (``difference_evidence``; ``again`` sends the same request
+    through P/D once more)."""
     diff = first_difference(got, ref)
     if diff is not None:
         pytest.fail(f"{what}: P/D tokens differ from colocated at step {diff[0]} (colocated top-2 margin "
-                    f"{diff[1]} nats)\n  P/D       {token_ids(got)}\n  colocated {token_ids(ref)}")
+                    f"{diff[1]} nats)\n  P/D       {token_ids(got)}\n  colocated {token_ids(ref)}\n"
+                    + difference_evidence(got, ref, diff[0], again))
+
+
+def difference_evidence(got: dict, ref: dict, step: int, again: Callable[[], dict] | None = None) -> str:
+    """What a difference at ``step`` looks like from the logprobs. Rounding (the decode's own
+    kernels for the tokens it computes) moves the shared tokens' logprobs by a few bf16 steps and
+    flips only a close pair; KV that is not the prefill's moves them from the first step on, and
+    far. A race would not repeat: the same request is sent ``again`` twice."""
+    lines = []
+    for name, r in (("P/D", got), ("colocated", ref)):
+        tops = r["choices"][0]["logprobs"]["top_logprobs"]
+        top = sorted((tops[step] or {}).items(), key=lambda kv: -kv[1])[:2] if step < len(tops) else []
+        lines.append(f"  {name}'s top-2 at step {step}: " + ", ".join(f"{t!r} {lp:.4f}" for t, lp in top))
+    a = got["choices"][0]["logprobs"]["token_logprobs"][:step]
+    b = ref["choices"][0]["logprobs"]["token_logprobs"][:step]
+    drift = [abs(x - y) for x, y in zip(a, b) if x is not None and y is not None]
+    if drift:
+        k = max(range(len(drift)), key=drift.__getitem__)
+        lines.append(f"  the shared tokens' logprobs before it: largest difference {drift[k]:.4f} nats (step {k}), "
+                     f"per step {[round(d, 4) for d in drift]}")
+    if again is not None:
+        for k in range(2):
+            d = first_difference(again(), ref)
+            lines.append(f"  through P/D again ({k + 1}): {'identical' if d is None else f'differ at {d}'}")
+    return "\n".join(lines)
 
 
 def prompt_sources(url: str) -> dict[str, float]:
@@ -134,7 +162,7 @@ def test_greedy_tokens_equal_colocated_and_the_decode_computes_no_prompt_token(e
     ids, ref = tie_free(prefill, n, seed=n)
     before = prompt_sources(decode)
     got = completion(proxy, ids)
-    assert_same_tokens(got, ref, f"{n} tokens")
+    assert_same_tokens(got, ref, f"{n} tokens", again=lambda: completion(proxy, ids))
     r = report(got)
     assert r.get("loaded") is True and r["prompt_tokens"] == n + 1, r  # the client's and the first token
     assert r["prompt_tokens_computed"] == 1, r  # vLLM's scheduling on the decode: the first token only
