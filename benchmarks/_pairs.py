@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import multiprocessing as mp
+import os
 import threading
 import time
 
@@ -140,12 +141,15 @@ def compat(kv_page_bytes: int, transport: str) -> P.CompatInfo:
                         tp_rank=0, transport=transport, attn_backend="bench", vllm_version="none")
 
 
-def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: str) -> None:
+def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: str, cpu: int | None = None) -> None:
     from lmcache_pd.handoff import Handoff, LoadSpec
     from lmcache_pd.node.receiver import KVReceiver
     from lmcache_pd.node.worker import NodeConfig, Worker
     from lmcache_pd.ops import kv_layout_of
 
+    if cpu is not None:  # (a deployment's decode instance has cores of its own)
+        os.sched_setaffinity(0, {cpu})
+        torch.set_num_threads(1)
     cfg = config_from_dict(cfg_dict, source="benchmark")
     layers = cache(num_blocks, device, seed=2)
     kv, buf = kv_layout_of(layers)
@@ -170,10 +174,12 @@ def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: 
 
 
 class HandoffPair:
-    """Hand-offs of up to ``max_tokens`` tokens; random block tables on both sides."""
+    """Hand-offs of up to ``max_tokens`` tokens; random block tables on both sides. ``decode_cpu``:
+    the one core the decode side runs on (pin this process with ``os.sched_setaffinity``)."""
 
     def __init__(self, transport: str, options: dict, max_tokens: int, p_dev: str, d_dev: str,
-                 group_mib: int | None = None, reserve: bool = True, verify: bool = False, direct: bool = False):
+                 group_mib: int | None = None, reserve: bool = True, verify: bool = False, direct: bool = False,
+                 decode_cpu: int | None = None):
         from lmcache_pd.cli.local import free_ports
         from lmcache_pd.node.sender import KVSender
         from lmcache_pd.node.worker import NodeConfig, Worker
@@ -195,7 +201,7 @@ class HandoffPair:
         }
         ctx = mp.get_context("spawn")
         self.parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_decode_side, args=(child, cfg_dict, d_dev, self.num_blocks, transport),
+        self.proc = ctx.Process(target=_decode_side, args=(child, cfg_dict, d_dev, self.num_blocks, transport, decode_cpu),
                                 daemon=True)
         self.proc.start()
         deadline = time.monotonic() + 300

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 
@@ -57,11 +58,20 @@ def main(argv: list[str] | None = None) -> int:
                          "after it against layer by layer during it (transport.layerwise), taking turns")
     ap.add_argument("--chunks", type=int, default=1,
                     help="with --layered: the stand-in forward is a chunked prefill of this many chunks")
+    ap.add_argument("--cpus", default="", metavar="P,D",
+                    help="pin this process (the prefill side) to core P and the decode side to core D, "
+                         "as a CPU deployment pins its instances (unpinned, the two trade cores and "
+                         "the time after the forward moves by about 0.5 ms between runs)")
     ap.add_argument("--forward-us", type=float, default=0.6,
                     help="with --layered: the stand-in forward's time per layer per prompt token, us "
                          "(0.6: Llama-3-8B at about 800 TFLOP/s; on a CPU, 3 keeps the transfer under it), "
                          "at least 20 us per layer")
     args = ap.parse_args(argv)
+    args.decode_cpu = None
+    if args.cpus:
+        p_cpu, args.decode_cpu = (int(c) for c in args.cpus.split(","))
+        os.sched_setaffinity(0, {p_cpu})
+        torch.set_num_threads(1)  # (torch counted the cores at import: two threads on one core spin)
     if args.layered:
         return layered(args)
     if sum(map(bool, (args.verify, args.against, args.direct))) > 1:
@@ -76,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     tokens = [int(t) for t in args.tokens.split(",")]
     options = json.loads(args.options)
     pair = HandoffPair(args.transport, options, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
-                       reserve=not args.no_reserve)
+                       reserve=not args.no_reserve, decode_cpu=args.decode_cpu)
     checked = None
     if args.verify or args.against or args.direct:
         checked = HandoffPair(args.transport, json.loads(args.against) if args.against else options, max(tokens),
                               p_dev, d_dev, group_mib=args.group_mib, reserve=not args.no_reserve,
-                              verify=args.verify, direct=args.direct)
+                              verify=args.verify, direct=args.direct, decode_cpu=args.decode_cpu)
     second = "verify on" if args.verify else "direct" if args.direct else f"options {args.against}"
     where = f"{p_dev} -> {d_dev}" + (f" ({torch.cuda.get_device_name(0)})" if "cuda" in p_dev else "")
     print(f"# {args.transport} hand-off, {where}; python {sys.version.split()[0]}, torch {torch.__version__}")
@@ -158,9 +168,9 @@ def layered(args) -> int:
         modes["chunked"] = {"layered": True, "pieces": True}
     layered_modes = [m for m in modes if m != "whole"]
     pair = HandoffPair(args.transport, options, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
-                       direct=args.direct)
+                       direct=args.direct, decode_cpu=args.decode_cpu)
     print(f"# {args.transport}{' direct' if args.direct else ''} hand-off behind a stand-in forward of 32 layers in {chunks} chunk(s), {p_dev} -> "
-          f"{d_dev} ({torch.cuda.get_device_name(0) if cuda else 'CPU'}); {args.forward_us} us per layer per token (at least 20); "
+          f"{d_dev} ({torch.cuda.get_device_name(0) if cuda else 'CPU'}{f', cores {args.cpus}' if args.cpus else ''}); {args.forward_us} us per layer per token (at least 20); "
           f"median of {args.repeat}; options {options}")
     print("| tokens | bytes | forward ms | forward end -> loaded ms: " + " / ".join(modes)
           + " | transfer after the forward ms: " + " / ".join(modes)
