@@ -212,7 +212,8 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
     last batch ends with (node/armed.py). ``landed(layers)``: called as layers of the final
     piece land in every page of the hand-off (their batch and every batch before it are DONE,
     and no earlier piece is still to be sent): the sender tells a decode side that cannot see
-    batches land (Landed), so that it scatters them while the next layers compute."""
+    batches land (Landed), so that it scatters them while the next layers compute; not for the
+    layers that complete the hand-off, whose TransferDone follows at once."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
     unbind = pieces.bind(waker(loop, wake))
@@ -280,15 +281,18 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                     pieces.ended()
                     if state != BatchState.DONE:
                         failed(state, h)
+            in_flight = bool(open_)
             if landed is not None:
                 done: list[int] = []
                 while reported < len(handles) and handles[reported].state == BatchState.DONE:
                     if layer_of[reported] is not None:
                         done.append(layer_of[reported])
                     reported += 1
-                if done and not pieces.stopped:
+                # The layers that complete the hand-off are not reported: its TransferDone comes
+                # next and says so (one message, not two, as for a streamed hand-off's last
+                # group); the decode scatters them then.
+                if done and not pieces.stopped and not (final and not pending and not waiting and not in_flight):
                     await landed(done)
-            in_flight = bool(open_)
             if pieces.stopped and not in_flight:
                 raise TransferError(pieces.stopped)
             if final and not pending and not waiting and not in_flight:

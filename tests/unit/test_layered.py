@@ -130,6 +130,42 @@ def test_the_decode_scatters_each_layer_as_it_lands_while_the_next_is_computed(s
         n.close()
 
 
+@pytest.mark.parametrize("name", ["loopback", "nixl"])
+def test_over_a_one_sided_transport_landed_names_each_layer_but_the_last_which_transferdone_covers(name, monkeypatch):
+    """The decode cannot see a one-sided transport's batches land, so the sender tells it of each
+    layer (Landed) and it scatters that layer at once; the layer that completes the hand-off is
+    not told: its TransferDone follows at once and says it (one message, not two), and the
+    decode scatters it then, bitwise."""
+    ok, why = transports.available(name)
+    if not ok:
+        pytest.skip(f"transport {name!r} unavailable here: {why}")
+    from lmcache_pd.node.peer import DecodePeer
+
+    told: list[list[int]] = []
+    real = DecodePeer.landed
+
+    async def spy(self, transfer_id, pages=0, layers=None):
+        told.append(list(layers or []))
+        await real(self, transfer_id, pages, layers)
+    monkeypatch.setattr(DecodePeer, "landed", spy)
+    n = Node(make_cfg(name))
+    try:
+        p_blocks, d_blocks = [5, 6, 30], [11, 12, 40]
+        marks = layered(n, "told", p_blocks, d_blocks, 3 * BLOCK - 1)
+        marks.layer(0)
+        wait_until(lambda: told == [[0]])  # layer 0 landed: told, while layer 1 is not computed
+        marks.layer(1)
+        marks.forward_done()
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        assert told == [[0]], told  # the last layer: TransferDone's
+        assert ld.early_layers == 1, ld  # layer 0 scattered on Landed, layer 1 on TransferDone
+        n.assert_moved(p_blocks, d_blocks)
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
 @pytest.mark.parametrize("name", ["tcp", "loopback", "nixl"])
 def test_a_chunked_prompts_first_piece_lands_while_its_last_chunk_computes(name):
     """Chunked prefill: the blocks the first chunk's forward completes go once it computed every
