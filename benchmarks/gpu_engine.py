@@ -104,6 +104,9 @@ class Colocated:
         if cpus is not None:
             argv = ["taskset", "-c", cpus, *argv]
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+            # The P/D instances' KV cache size (engine_config's kv_cache_gib): sized by vLLM
+            # instead (a quarter of the machine), it left too little for 7 instances on 24 GiB.
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
@@ -282,7 +285,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("/tmp/gpu-vllm-out"))
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("LMCACHE_PD_ENGINE_WORKDIR", "/tmp/gpu-engine")))
-    ap.add_argument("--transports", default="cuda_ipc,nixl")
+    ap.add_argument("--transports", default=None, help="our deployments' transports (default: cuda_ipc,nixl; "
+                                                          "with --cpu, tcp)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=TRANSPORT:KEY=VALUE,...",
                     help="one more deployment, named NAME, over TRANSPORT with these transport.options "
                          "(values read as YAML), e.g. nixl-poll500=nixl:poll_interval_us=500; a KEY with a dot "
@@ -294,7 +298,7 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--goodput", default="ttft:50,tpot:10", help="SLOs in ms for --goodput")
-    ap.add_argument("--cpu", action="store_true", help="vllm-cpu, tcp, the tiny model (a dry run)")
+    ap.add_argument("--cpu", action="store_true", help="vllm-cpu, tcp (unless --transports), the tiny model (a dry run)")
     ap.add_argument("--layerwise", action="store_true",
                     help="also one deployment per transport with transport.layerwise on (<transport>-layered)")
     ap.add_argument("--layerwise-only", action="store_true", help="only the <transport>-layered deployments")
@@ -312,7 +316,7 @@ def main() -> int:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     lens = [int(x) for x in a.lens.split(",")]
-    transports = ["tcp"] if a.cpu else a.transports.split(",")
+    transports = (a.transports or ("tcp" if a.cpu else "cuda_ipc,nixl")).split(",")
     variants = dict(parse_variant(v) for v in a.variant)
     setups = {t: (t, {}) for t in transports} | variants
     layered = {f"{t}-layered" for t in transports} if a.layerwise or a.layerwise_only else set()
