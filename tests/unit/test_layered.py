@@ -154,6 +154,8 @@ def test_over_a_one_sided_transport_landed_names_each_layer_but_the_last_which_t
         marks = layered(n, "told", p_blocks, d_blocks, 3 * BLOCK - 1)
         marks.layer(0)
         wait_until(lambda: told == [[0]])  # layer 0 landed: told, while layer 1 is not computed
+        wait_until(lambda: all(torch.equal(n.p_layers[0][p].view(torch.uint8), n.d_layers[0][d].view(torch.uint8))
+                               for p, d in zip(p_blocks, d_blocks)))  # ... and scattered on it
         marks.layer(1)
         marks.forward_done()
         (s,), (ld,) = n.results(1, 1)
