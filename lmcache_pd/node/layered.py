@@ -282,6 +282,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                     if state != BatchState.DONE:
                         failed(state, h)
             in_flight = bool(open_)
+            complete = final and not pending and not waiting and not in_flight
             if landed is not None:
                 done: list[int] = []
                 while reported < len(handles) and handles[reported].state == BatchState.DONE:
@@ -291,11 +292,11 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                 # The layers that complete the hand-off are not reported: its TransferDone comes
                 # next and says so (one message, not two, as for a streamed hand-off's last
                 # group); the decode scatters them then.
-                if done and not pieces.stopped and not (final and not pending and not waiting and not in_flight):
+                if done and not pieces.stopped and not complete:
                     await landed(done)
             if pieces.stopped and not in_flight:
                 raise TransferError(pieces.stopped)
-            if final and not pending and not waiting and not in_flight:
+            if complete:
                 return (*byte_span(handles, first_byte_at), sent)
             if not pieces.stopped:
                 check()

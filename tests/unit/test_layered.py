@@ -52,6 +52,12 @@ class LateStamp:
         return self.at
 
 
+def layer_in_blocks(n: Node, layer: int, p_blocks: list[int], d_blocks: list[int]) -> bool:
+    """The decode's blocks hold the prefill's ``layer``, bitwise."""
+    return all(torch.equal(n.p_layers[layer][p].view(torch.uint8), n.d_layers[layer][d].view(torch.uint8))
+               for p, d in zip(p_blocks, d_blocks))
+
+
 def wait_until(cond, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
@@ -104,17 +110,13 @@ def test_the_decode_scatters_each_layer_as_it_lands_while_the_next_is_computed(s
         p_blocks, d_blocks = [5, 6, 30], [11, 12, 40]
         marks = layered(n, "early", p_blocks, d_blocks, 3 * BLOCK)
 
-        def layer0_in_blocks() -> bool:
-            return all(torch.equal(n.p_layers[0][p].view(torch.uint8), n.d_layers[0][d].view(torch.uint8))
-                       for p, d in zip(p_blocks, d_blocks))
-
         marks.layer(0)
         wait_until(lambda: n.sender.transport.stats.batches >= 1)  # layer 0 is in the pool
         if scatter_landed:
-            wait_until(layer0_in_blocks)  # ... and in vLLM's blocks, layer 1 not computed yet
+            wait_until(lambda: layer_in_blocks(n, 0, p_blocks, d_blocks))  # ... and in vLLM's blocks, layer 1 not computed yet
         else:
             time.sleep(0.3)
-            assert not layer0_in_blocks(), "scattered before TransferDone with pool.scatter_landed off"
+            assert not layer_in_blocks(n, 0, p_blocks, d_blocks), "scattered before TransferDone with pool.scatter_landed off"
         assert not any(torch.equal(n.p_layers[1][p].view(torch.uint8), n.d_layers[1][d].view(torch.uint8))
                        for p, d in zip(p_blocks, d_blocks))
         marks.layer(1)
@@ -154,8 +156,7 @@ def test_over_a_one_sided_transport_landed_names_each_layer_but_the_last_which_t
         marks = layered(n, "told", p_blocks, d_blocks, 3 * BLOCK - 1)
         marks.layer(0)
         wait_until(lambda: told == [[0]])  # layer 0 landed: told, while layer 1 is not computed
-        wait_until(lambda: all(torch.equal(n.p_layers[0][p].view(torch.uint8), n.d_layers[0][d].view(torch.uint8))
-                               for p, d in zip(p_blocks, d_blocks)))  # ... and scattered on it
+        wait_until(lambda: layer_in_blocks(n, 0, p_blocks, d_blocks))  # ... and scattered on it
         marks.layer(1)
         marks.forward_done()
         (s,), (ld,) = n.results(1, 1)
