@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import time
@@ -17,6 +18,13 @@ _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 def parse_size(text: str) -> int:
     text = text.strip().upper().removesuffix("IB").removesuffix("B")
     return int(float(text[:-1]) * _UNITS[text[-1]]) if text[-1] in _UNITS else int(text)
+
+
+def pin(core: int) -> None:
+    """Run this process on ``core`` alone, as a CPU deployment pins an instance. torch counted
+    the cores at import; two of its threads on one core spin against each other, so one."""
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
 
 
 def human(n: int) -> str:

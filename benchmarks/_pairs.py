@@ -19,13 +19,12 @@ import contextlib
 import dataclasses
 import hashlib
 import multiprocessing as mp
-import os
 import threading
 import time
 
 import numpy as np
 import torch
-from _common import sync
+from _common import pin, sync
 
 from lmcache_pd import BatchState, Keyring, coalesce, config_from_dict
 from lmcache_pd import protocol as P
@@ -148,8 +147,7 @@ def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: 
     from lmcache_pd.ops import kv_layout_of
 
     if cpu is not None:  # (a deployment's decode instance has cores of its own)
-        os.sched_setaffinity(0, {cpu})
-        torch.set_num_threads(1)
+        pin(cpu)
     cfg = config_from_dict(cfg_dict, source="benchmark")
     layers = cache(num_blocks, device, seed=2)
     kv, buf = kv_layout_of(layers)
@@ -175,7 +173,7 @@ def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: 
 
 class HandoffPair:
     """Hand-offs of up to ``max_tokens`` tokens; random block tables on both sides. ``decode_cpu``:
-    the one core the decode side runs on (pin this process with ``os.sched_setaffinity``)."""
+    the one core the decode side runs on (``_common.pin``; pin this process the same way)."""
 
     def __init__(self, transport: str, options: dict, max_tokens: int, p_dev: str, d_dev: str,
                  group_mib: int | None = None, reserve: bool = True, verify: bool = False, direct: bool = False,

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 
 import torch
 from _ceilings import best_ceiling
-from _common import pick_devices
+from _common import pick_devices, pin
 from _pairs import TOKEN_BYTES, HandoffPair
 
 
@@ -70,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args.decode_cpu = None
     if args.cpus:
         p_cpu, args.decode_cpu = (int(c) for c in args.cpus.split(","))
-        os.sched_setaffinity(0, {p_cpu})
-        torch.set_num_threads(1)  # (torch counted the cores at import: two threads on one core spin)
+        pin(p_cpu)
     if args.layered:
         return layered(args)
     if sum(map(bool, (args.verify, args.against, args.direct))) > 1:
