@@ -11,6 +11,7 @@ installed vLLM has (a module, a class), never guessed from the number, and live 
 | a failed asynchronous load | its blocks in ``get_block_ids_with_load_errors`` | ``failed_recving`` in ``get_transfer_results`` |
 | where prompt tokens came from (``get_external_cache_hit_sources``) | not asked | asked |
 | a step's requests resumed after preemption | ``resumed_from_preemption`` flags | ``resumed_req_ids`` set |
+| a layer's view, dims after the block (``kv_dims``) | the backend's: ``[2, N, H, C]`` on GPU, ``[H, N, 2C]`` on CPU | ``[H, N, C]`` |
 
 Both hand the connector block-outer per-layer views, so one block of one layer is one contiguous
 run in either (ops.kv_layout_of checks it on the tensors themselves).
@@ -94,6 +95,31 @@ def resolved_layout_name(cache_config: Any) -> str:
     from vllm.v1.attention.backends.utils import get_kv_cache_layout
 
     return str(get_kv_cache_layout())
+
+
+def kv_dims(shape: tuple[int, ...] | list[int], unified: bool | None = None) -> tuple[int, int, int]:
+    """(KV heads, block size, head size) of one layer's block-outer view of ``shape``.
+
+    vLLM 0.32 hands every backend's layer as its logical ``[B, H, N, C]`` (``unified``, read
+    from the installed vLLM when None). vLLM 0.24 hands the attention backend's own shape:
+    ``[B, 2, N, H, C]`` (K and V second) for FLASH_ATTN, FLASHINFER and FLEX_ATTENTION on a GPU,
+    ``[B, H, N, 2C]`` for the CPU backend. Reading the GPU's as ``[B, H, N, C]`` took the K/V
+    axis for the heads (2) and the heads for the head size: the per-rank check of the handshake
+    (control/ranks.py) then refused every peer. "Head size" is the last axis (K and V together
+    on a CPU): only P and D comparing it matters."""
+    dims = tuple(int(d) for d in shape[1:])
+    if unified is None:
+        unified = unified_layouts()
+    if unified and len(dims) == 3:
+        return dims[0], dims[1], dims[2]
+    if not unified and len(dims) == 4 and dims[0] == 2:
+        return dims[2], dims[1], dims[3]
+    if not unified and len(dims) == 3:
+        return dims[0], dims[1], dims[2]
+    known = "[blocks, heads, block size, C]" if unified else \
+        "[blocks, 2, block size, heads, C] or [blocks, heads, block size, 2C]"
+    raise ConfigError(f"a KV cache layer of shape {tuple(int(d) for d in shape)} is not one we can read "
+                      f"(vLLM {'0.32' if unified else '0.24'} layouts: {known})", field="vllm")
 
 
 def reports_failed_recving() -> bool:

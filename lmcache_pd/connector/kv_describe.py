@@ -10,6 +10,7 @@ import torch
 
 from lmcache_pd import protocol as P
 from lmcache_pd.connector import compat as vllm_compat
+from lmcache_pd.errors import ConfigError
 from lmcache_pd.layout import KVLayout
 from lmcache_pd.ops import kv_layout_of
 
@@ -27,15 +28,20 @@ def describe_kv(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor], *, 
     first = layers[0]
     cache = vllm_config.cache_config
     hf = vllm_config.model_config.hf_config
+    heads, block_size, head_size = vllm_compat.kv_dims(first.shape)
+    given = _rank_kv_heads(vllm_config)
+    if given and heads != given:  # a layout read wrongly: every handshake would be refused (ranks.py)
+        raise ConfigError(f"the KV cache layers (shape {tuple(first.shape)}) read as {heads} KV heads a rank; "
+                          f"vLLM gives this rank {given}", field="vllm")
     compat = P.CompatInfo(
         model=f"{model}|{getattr(hf, 'architectures', ['?'])[0]}|{getattr(hf, 'hidden_size', 0)}"
               f"|{getattr(hf, 'vocab_size', 0)}",
         dtype=f"{first.dtype}/{cache.cache_dtype}",
         kv_layout=vllm_compat.resolved_layout_name(cache),
-        block_size=int(first.shape[2]),
+        block_size=block_size,
         num_layers=layout.num_layers,
-        num_kv_heads=int(first.shape[1]),
-        head_size=int(first.shape[3]),
+        num_kv_heads=heads,
+        head_size=head_size,
         page_bytes=layout.page_bytes,
         tp_size=vllm_config.parallel_config.tensor_parallel_size,
         tp_rank=tp_rank,
@@ -75,6 +81,14 @@ def _attn_backend(t: torch.Tensor) -> str:
         return f"cpu_attn/{_get_attn_isa(t.dtype, int(t.shape[2]), int(t.shape[3]) // 2)}"
     except Exception:  # noqa: BLE001 - private helper; without it both sides still agree on "cpu_attn"
         return "cpu_attn"
+
+
+def _rank_kv_heads(vllm_config: VllmConfig) -> int:
+    """The KV heads vLLM gives one rank (0: vLLM cannot say)."""
+    try:
+        return int(vllm_config.model_config.get_num_kv_heads(vllm_config.parallel_config))
+    except Exception:  # noqa: BLE001 - a model config vLLM cannot answer this for
+        return 0
 
 
 def _total_kv_heads(vllm_config: VllmConfig) -> int:
