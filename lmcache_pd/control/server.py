@@ -41,6 +41,8 @@ _POLL_MS = 20
 _EXPIRE_EVERY_S = 0.1
 """Lease expiry scans every reservation and tombstone; leases are seconds long, so once per
 100 ms is precise enough and keeps the scan off the per-message path."""
+_MAX_REFUSED = 256
+"""Prefill ranks whose refused handshake is remembered (ControlServer.refusal)."""
 _WARN_EVERY_S = 10.0
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -77,6 +79,8 @@ class ControlServer:
         self.cookies = auth.Cookies(max(peer_s, 1.0), clock=clock)
         self.stats = ServerStats()
         self._sessions: dict[bytes, Session] = {}
+        self._refused: dict[tuple[str, int], str] = {}
+        """(prefill, rank) -> why its last handshake was refused; gone once one is accepted."""
         self._owners: dict[bytes, str] = {}  # data token -> owner; read by the data plane's threads
         self.admission = Admission(pool, self.stats, session_of=self._sessions.get, prefix=prefix, blocks=blocks,
                                    direct=direct, direct_wait_s=direct_wait_s, max_waiting=max_waiting,
@@ -111,6 +115,12 @@ class ControlServer:
     def owner_of(self, data_token: bytes) -> str | None:
         """The owner (control identity) of the live session with this data token (any thread)."""
         return self._owners.get(data_token)
+
+    def refusal(self, peer: str) -> str | None:
+        """Why the last handshake of a rank of prefill ``peer`` was refused, while no later one of
+        that rank was accepted (None: none is refused). The loader ends a load waiting on that
+        prefill with it at once: no KV can come from a peer this decode refuses (any thread)."""
+        return next((why for (name, _), why in list(self._refused.items()) if name == peer), None)
 
     # --- loop -----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -290,16 +300,13 @@ class ControlServer:
             fields = list(self.compat.differing(msg.compat)) or ["compat_hash"]
             detail = ", ".join(f"{f}: prefill {getattr(msg.compat, f, '?')!r} != decode "
                                f"{getattr(self.compat, f, '?')!r}" for f in fields if f != "compat_hash")
-            self.stats.refused_handshakes += 1
             log.warning("control: refused incompatible peer %s: %s", msg.peer, detail or "hash differs")
-            return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.INCOMPATIBLE,
-                           message=f"incompatible peer: {detail or 'compatibility hash differs'}", fields=fields)
+            return self._refuse(msg, f"incompatible peer: {detail or 'compatibility hash differs'}", fields)
         ranks = check_ranks(self.compat, msg.compat)
         if not ranks.ok:
-            self.stats.refused_handshakes += 1
             log.warning("control: refused peer %s: %s", msg.peer, ranks.why)
-            return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.INCOMPATIBLE, message=f"incompatible peer: {ranks.why}",
-                           fields=[ranks.field])
+            return self._refuse(msg, f"incompatible peer: {ranks.why}", [ranks.field])
+        self._refused.pop((msg.peer, msg.compat.tp_rank), None)
         for other, s in list(self._sessions.items()):  # its predecessor, if this worker restarted
             if other != identity and (s.peer, s.rank) == (msg.peer, msg.compat.tp_rank) \
                     and s.incarnation != msg.incarnation:
@@ -317,6 +324,14 @@ class ControlServer:
         return P.HandshakeReply(msg_id=msg.msg_id, incarnation=self.incarnation, page_bytes=self.page_bytes,
                                 num_pages=self.pool.num_pages, descriptor=self.descriptor, data_token=session.data_token,
                                 blocks=self.blocks if session.same_tp else None)
+
+    def _refuse(self, msg: P.Handshake, why: str, fields: list[str]) -> P.Error:
+        self.stats.refused_handshakes += 1
+        self._refused.pop((msg.peer, msg.compat.tp_rank), None)  # (re-inserted last: the oldest go first)
+        self._refused[(msg.peer, msg.compat.tp_rank)] = why
+        while len(self._refused) > _MAX_REFUSED:  # peers name themselves: a bounded record
+            self._refused.pop(next(iter(self._refused)))
+        return P.Error(msg_id=msg.msg_id, code=P.ErrorCode.INCOMPATIBLE, message=why, fields=fields)
 
     def _drop_session(self, identity: bytes, why: str) -> None:
         """Forget a peer; abort what it was still writing (the decode side recomputes those at

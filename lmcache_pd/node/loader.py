@@ -10,7 +10,8 @@ the phases of ``loads.LoadPhase``, in order, each move checked against ``loads.N
 
 - WAITING: until the reservation named by the transfer id appears in the pool (the prefill's
   Allocate was granted), or ``timeouts.transfer_s`` passes (FAILED; the reservation is aborted
-  so that a late one is refused).
+  so that a late one is refused), or this decode refused the prefill's handshake (FAILED at
+  once: no KV can come from it; ``ControlServer.refusal``).
 - GRANTED (the loader, outside its lock): check the reservation holds the same prompt (token
   count, digest, page count); copy the chunks the decode's own tiers hold (``HeldPrefix.fill``);
   plan, and on a GPU upload, the scatter of the pages still to come. Then LANDING, or straight
@@ -56,6 +57,7 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -90,15 +92,18 @@ class Loader:
     def __init__(self, pool: PagePool, pool_layout: PoolLayout, pool_buffer: torch.Tensor, *, kv: KVLayout,
                  kv_buffer: torch.Tensor, block_size: int, prefix: HeldPrefix, transfer_s: float, group_bytes: int,
                  verify: bool, handoff_log: HandoffLog, timeline: Timeline, name: str = "pd-loader",
-                 signals: Transport | None = None, scatter_landed: bool = True):
+                 signals: Transport | None = None, scatter_landed: bool = True,
+                 refusal: Callable[[str], str | None] = lambda peer: None):
         """``transfer_s``: ``timeouts.transfer_s``, the longest a load waits for its pages;
         ``group_bytes``: ``transport.group_mib`` in bytes (a hand-off larger than that is
         streamed: its groups are scattered as they land, each planned then); ``verify``:
         ``integrity.verify``; ``signals``: the pool's transport, when it keeps device-side
         signals for it (armed loads; not with ``verify``, whose check needs TransferDone's digest);
         ``scatter_landed``: ``pool.scatter_landed``, scatter layers the data plane saw land whole
-        before TransferDone."""
+        before TransferDone; ``refusal``: why this decode refused a prefill's handshake (the
+        control server's), so that a load waiting on it ends at once, not at ``transfer_s``."""
         self.pool = pool
+        self.refusal = refusal
         self.pool_layout = pool_layout
         self.kv = kv
         self.scatter = Scatter(pool_layout, pool_buffer, kv=kv, kv_buffer=kv_buffer, verify=verify)
@@ -240,6 +245,8 @@ class Loader:
             return _Step.GRANT
         if load.phase is LoadPhase.LANDING and r is not None and r.state == ReservationState.READY:
             return _Step.SCATTER
+        if r is None and (why := self.refusal(load.spec.handoff.peer)):
+            return f"this decode refused prefill {load.spec.handoff.peer}'s handshake ({why}): no KV can come from it"
         if now >= load.deadline:
             return f"no KV from prefill within {self.transfer_s:g} s (raise `timeouts.transfer_s` to wait longer)"
         if load.phase is LoadPhase.LANDING and r is not None and (r.landed > load.next_page or self._new_layers(load, r)):

@@ -98,7 +98,8 @@ class KVReceiver:
                              block_size=worker.compat.block_size, prefix=self.prefix, transfer_s=cfg.timeouts.transfer_s,
                              group_bytes=cfg.transport.group_mib << 20, verify=cfg.integrity.verify,
                              handoff_log=self._handoff_log, timeline=self.timeline, name=f"pd-loader-{worker.rank}",
-                             signals=self.transport if signals else None, scatter_landed=cfg.pool.scatter_landed)
+                             signals=self.transport if signals else None, scatter_landed=cfg.pool.scatter_landed,
+                             refusal=lambda peer: self.server.refusal(peer) if self.server is not None else None)
 
     def start(self) -> None:
         if self.transport.capabilities.listens:

@@ -415,3 +415,28 @@ def test_a_decode_advertises_the_data_address_its_config_names_and_prefills_conn
     finally:
         n.close()
         relay.close()
+
+
+def test_a_load_from_a_prefill_whose_handshake_was_refused_ends_at_once_naming_why():
+    # timeouts.transfer_s is 30 s: a load that waited for KV that cannot come would end only then
+    # (every request of an incompatible P/D pair held 30 s before the decode recomputed it).
+    n = Node(make_cfg(transfer_s=30), compat=msgspec.structs.replace(CPT, dtype="torch.float16/auto"))
+    try:
+        t0 = time.monotonic()
+        n.handoff("t1", [1], [1], BLOCK)  # the decode's request waits while the prefill is refused
+        (s,), (ld,) = n.results(1, 1)
+        assert not s.ok and "dtype" in s.error
+        assert not ld.ok and "refused prefill prefill-0's handshake" in ld.error and "dtype" in ld.error, ld.error
+        assert time.monotonic() - t0 < 5
+        # The decode's request of the next one comes after the refusal (proxy.dispatch=sequential).
+        t1 = time.monotonic()
+        n.receiver.submit_load(LoadSpec("d-t2", Handoff("t2", "prefill-0", BLOCK, "d" * 32), (2,)))
+        _, (ld2,) = n.results(0, 1)
+        assert not ld2.ok and "refused prefill prefill-0's handshake" in ld2.error and time.monotonic() - t1 < 2
+        # Another prefill's loads still wait for their KV: only the refused peer's end early.
+        n.receiver.submit_load(LoadSpec("d-t3", Handoff("t3", "prefill-1", BLOCK, "d" * 32), (3,)))
+        time.sleep(1.0)
+        assert n.receiver.drain() == []
+        assert n.pool_full()
+    finally:
+        n.close()
