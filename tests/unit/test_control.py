@@ -15,6 +15,7 @@ import zmq.asyncio
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd._types import ReservationState
+from lmcache_pd.control import server as server_module
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.control.client import ControlClient
 from lmcache_pd.control.server import ControlServer
@@ -82,6 +83,24 @@ def test_incompatible_peer_is_refused_naming_the_field(server):
         ctx.term()
     run(go())
     assert server.stats.refused_handshakes == 2 and server.stats.handshakes == 0
+
+
+def test_a_refused_prefill_is_remembered_by_name_until_its_rank_is_accepted_and_the_record_is_bounded(server):
+    bad = msgspec.structs.replace(COMPAT, dtype="torch.float16/auto")
+    peer = RawPeer(server, b"prefill-0/0/a")
+    try:
+        assert isinstance(peer.open(bad), P.Error)
+        assert "dtype" in (server.refusal("prefill-0") or "") and server.refusal("prefill-1") is None
+        assert isinstance(peer.open(COMPAT), P.HandshakeReply)  # the same rank, now compatible
+        assert server.refusal("prefill-0") is None
+        # Peers name themselves: a flood of refused names keeps the newest _MAX_REFUSED only.
+        assert isinstance(peer.open(bad, peer="first"), P.Error)
+        for k in range(server_module._MAX_REFUSED):
+            assert isinstance(peer.open(bad, peer=f"other-{k}"), P.Error)
+        assert server.refusal("first") is None and server.refusal(f"other-{server_module._MAX_REFUSED - 1}")
+        assert server.stats.refused_handshakes == server_module._MAX_REFUSED + 2
+    finally:
+        peer.close()
 
 
 def test_requests_before_handshake_change_nothing(server):
