@@ -10,6 +10,7 @@ Reading the GPU's as ``[B, H, N, C]`` took the K/V axis for the heads: the prefi
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from types import SimpleNamespace
 
@@ -39,6 +40,28 @@ def test_a_layer_shape_of_no_known_layout_is_refused_naming_it(unified, shape):
     with pytest.raises(ConfigError) as e:
         compat.kv_dims(shape, unified=unified)
     assert e.value.field == "vllm" and str(tuple(shape)) in str(e.value)
+
+
+BACKENDS_024 = ("flash_attn.FlashAttentionBackend", "flex_attention.FlexAttentionBackend",
+                "triton_attn.TritonAttentionBackend", "cpu_attn.CPUAttentionBackend")
+
+
+def backend_024(name: str):
+    """A vLLM 0.24 attention backend class of the installed vLLM, or skip saying why."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed here (run scripts/setup)")
+    if compat.unified_layouts():
+        pytest.skip("the installed vLLM hands logical [B, H, N, C] layers (0.32): vLLM 0.24's backend shapes are "
+                    "read from its own code under scripts/test-vllm024")
+    module, cls = name.rsplit(".", 1)
+    return getattr(importlib.import_module(f"vllm.v1.attention.backends.{module}"), cls)
+
+
+@pytest.mark.parametrize("name", BACKENDS_024)
+def test_vllm_024_backends_own_layer_shapes_read_as_the_heads_and_block_size_they_were_given(name):
+    shape = backend_024(name).get_kv_cache_shape(BLOCKS, N, HEADS, C)
+    heads, block_size, _ = compat.kv_dims(shape)
+    assert (heads, block_size) == (HEADS, N), shape
 
 
 def fake_vllm_config(rank_heads: int, total_heads: int, tp: int = 1) -> SimpleNamespace:
