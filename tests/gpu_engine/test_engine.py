@@ -15,11 +15,11 @@ import json
 import signal
 import time
 import urllib.parse
-from collections.abc import Callable
 
 import numpy as np
 import pytest
 
+from tests.gpu_engine.answers import assert_same_tokens, first_difference, min_margin, token_ids
 from tests.gpu_engine.profile import PROFILE, batch_invariant
 from tests.integration.client import HANDOFF, counter, metrics, post, wait_for
 
@@ -38,8 +38,11 @@ identical."""
 
 
 def completion(url: str, ids: list[int], **extra) -> dict:
+    """Greedy, with each step's top-2 logprobs keyed by token id: keyed by text (vLLM's default)
+    the tiny model's tokens that decode to the same string (many decode to '') share one key, the
+    top-2 come back as one entry, and no margin could be read (GPU engine, 2026-12-05)."""
     body = {"model": "tiny", "prompt": ids, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True,
-            "logprobs": 2, **extra}
+            "logprobs": 2, "return_tokens_as_token_ids": True, **extra}
     return post(f"{url}/v1/completions", body, timeout=300)[0]
 
 
@@ -52,61 +55,8 @@ def ended_at_first_token(resp: dict) -> bool:
     return len(choice["token_ids"]) == 1 and choice["finish_reason"] == "stop"
 
 
-def token_ids(resp: dict) -> list[int]:
-    return resp["choices"][0]["token_ids"]
-
-
 def report(resp: dict) -> dict:
     return resp.get(HANDOFF) or (resp.get("kv_transfer_params") or {}).get("lmcache_pd", {})
-
-
-def first_difference(got: dict, ref: dict) -> tuple[int, float | None] | None:
-    """(step, colocated top-2 logprob margin there) of the first differing token, or None."""
-    a, b = token_ids(got), token_ids(ref)
-    if a == b:
-        return None
-    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    tops = (ref["choices"][0].get("logprobs") or {}).get("top_logprobs") or []
-    margin = None
-    if i < len(tops) and tops[i] and len(tops[i]) >= 2:
-        first, second = sorted(tops[i].values(), reverse=True)[:2]
-        margin = first - second
-    return i, margin
-
-
-def assert_same_tokens(got: dict, ref: dict, what: str, again: Callable[[], dict] | None = None) -> None:
-    """Token for token; on a difference, say where, how close the colocated top-2 were there, and
-    what tells rounding from wrong KV (``difference_evidence``; ``again`` sends the same request
-    through P/D once more)."""
-    diff = first_difference(got, ref)
-    if diff is not None:
-        pytest.fail(f"{what}: P/D tokens differ from colocated at step {diff[0]} (colocated top-2 margin "
-                    f"{diff[1]} nats)\n  P/D       {token_ids(got)}\n  colocated {token_ids(ref)}\n"
-                    + difference_evidence(got, ref, diff[0], again))
-
-
-def difference_evidence(got: dict, ref: dict, step: int, again: Callable[[], dict] | None = None) -> str:
-    """What a difference at ``step`` looks like from the logprobs. Rounding (the decode's own
-    kernels for the tokens it computes) moves the shared tokens' logprobs by a few bf16 steps and
-    flips only a close pair; KV that is not the prefill's moves them from the first step on, and
-    far. A race would not repeat: the same request is sent ``again`` twice."""
-    lines = []
-    for name, r in (("P/D", got), ("colocated", ref)):
-        tops = r["choices"][0]["logprobs"]["top_logprobs"]
-        top = sorted((tops[step] or {}).items(), key=lambda kv: -kv[1])[:2] if step < len(tops) else []
-        lines.append(f"  {name}'s top-2 at step {step}: " + ", ".join(f"{t!r} {lp:.4f}" for t, lp in top))
-    a = got["choices"][0]["logprobs"]["token_logprobs"][:step]
-    b = ref["choices"][0]["logprobs"]["token_logprobs"][:step]
-    drift = [abs(x - y) for x, y in zip(a, b) if x is not None and y is not None]
-    if drift:
-        k = max(range(len(drift)), key=drift.__getitem__)
-        lines.append(f"  the shared tokens' logprobs before it: largest difference {drift[k]:.4f} nats (step {k}), "
-                     f"per step {[round(d, 4) for d in drift]}")
-    if again is not None:
-        for k in range(2):
-            d = first_difference(again(), ref)
-            lines.append(f"  through P/D again ({k + 1}): {'identical' if d is None else f'differ at {d}'}")
-    return "\n".join(lines)
 
 
 def prompt_sources(url: str) -> dict[str, float]:
@@ -132,13 +82,6 @@ def assert_decode_computed_no_prompt(decode: str, before: dict[str, float], lens
 def prompt(n: int, seed: int) -> list[int]:
     """n token ids of ordinary vocabulary (special ids are 0-5), a different prompt for every seed."""
     return [int(x) for x in np.random.default_rng(seed).integers(6, 506, n)]
-
-
-def min_margin(resp: dict) -> float:
-    """The smallest top-2 logprob margin over the answer's steps (nats)."""
-    margins = [a - b for a, b in (sorted(t.values(), reverse=True)[:2]
-                                  for t in resp["choices"][0]["logprobs"]["top_logprobs"] if t and len(t) >= 2)]
-    return min(margins, default=float("inf"))
 
 
 def tie_free(prefill: str, n: int, seed: int, tries: int = 40) -> tuple[list[int], dict]:
