@@ -426,7 +426,8 @@ def render(r: dict, lens: list[int]) -> str:
     lines = [f"# P/D inside vLLM's engine against colocated, {r['date']}, {v.get('device')}, vLLM {v.get('vllm')}, "
              f"torch {v.get('torch')}, model {r.get('shape')}, {'eager' if r['eager'] else 'CUDA graphs'}, "
              f"{r.get('settle_ms', 0):g} ms between requests", "",
-             "TTFT, median ms (streamed, 8 tokens); pd-<transport>: proxy.first_token=prefill (the default), "
+             "TTFT, median ms (streamed, 8 tokens); pd-<transport>: hand-offs whole (transport.layerwise off), "
+             "-layered: layer by layer (the default); proxy.first_token=prefill (the default), "
              "-dec: first_token=decode, dispatch=concurrent:",
              "", "| prompt tokens | colocated | " + " | ".join(f"{t} | diff | ratio" for t in compared) + " |",
              "|---:|---:|" + "---:|---:|---:|" * len(compared)]
