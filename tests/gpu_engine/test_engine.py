@@ -32,15 +32,16 @@ NEAR_TIE = PROFILE.near_tie if PROFILE else 0.5
 computes the last prompt token in a forward of its own), so its logits round differently from
 the colocated run's; where the colocated top-2 are this close, greedy decoding may pick the
 other (measured on the H200 with the 8B-shape model and the decode sampling the first token:
-flips at margins of 0.0, 0.0, 0.25 and 0.5 nats, none above). Prompts are therefore drawn so
+flips at margins of 0.0, 0.0, 0.25 and 0.5 nats, none above; read from top-2 keyed by text,
+which could hide a closer pair, see ``completion``). Prompts are therefore drawn so
 that the colocated answer has no near-tie (``tie_free``), and every answer must then be
 identical."""
 
 
 def completion(url: str, ids: list[int], **extra) -> dict:
     """Greedy, with each step's top-2 logprobs keyed by token id: keyed by text (vLLM's default)
-    the tiny model's tokens that decode to the same string (many decode to '') share one key, the
-    top-2 come back as one entry, and no margin could be read (GPU engine, 2026-12-05)."""
+    tokens that decode alike share one key (128 of the tiny tokenizer's byte tokens decode to
+    U+FFFD), the top-2 came back as one entry, and no margin could be read (GPU engine, 2026-12-05)."""
     body = {"model": "tiny", "prompt": ids, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True,
             "logprobs": 2, "return_tokens_as_token_ids": True, **extra}
     return post(f"{url}/v1/completions", body, timeout=300)[0]
