@@ -110,12 +110,10 @@ def kv_dims(shape: tuple[int, ...] | list[int], unified: bool | None = None) -> 
     dims = tuple(int(d) for d in shape[1:])
     if unified is None:
         unified = unified_layouts()
-    if unified and len(dims) == 3:
+    if len(dims) == 3:  # [H, N, C] (0.32), or [H, N, 2C] (0.24's CPU backend)
         return dims[0], dims[1], dims[2]
     if not unified and len(dims) == 4 and dims[0] == 2:
         return dims[2], dims[1], dims[3]
-    if not unified and len(dims) == 3:
-        return dims[0], dims[1], dims[2]
     known = "[blocks, heads, block size, C]" if unified else \
         "[blocks, 2, block size, heads, C] or [blocks, heads, block size, 2C]"
     raise ConfigError(f"a KV cache layer of shape {tuple(int(d) for d in shape)} is not one we can read "
