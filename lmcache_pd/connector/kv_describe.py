@@ -4,6 +4,7 @@ registers the KV caches (worker_side.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,7 +30,7 @@ def describe_kv(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor], *, 
     cache = vllm_config.cache_config
     hf = vllm_config.model_config.hf_config
     heads, block_size, head_size = vllm_compat.kv_dims(first.shape)
-    given = _rank_kv_heads(vllm_config)
+    given = _vllm_says(lambda: vllm_config.model_config.get_num_kv_heads(vllm_config.parallel_config))
     if given and heads != given:  # a layout read wrongly: every handshake would be refused (ranks.py)
         raise ConfigError(f"the KV cache layers (shape {tuple(first.shape)}) read as {heads} KV heads a rank; "
                           f"vLLM gives this rank {given}", field="vllm")
@@ -48,7 +49,8 @@ def describe_kv(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor], *, 
         transport=transport,
         attn_backend=_attn_backend(first),
         vllm_version=vllm.__version__,
-        model_kv_heads=_total_kv_heads(vllm_config),
+        # 0: vLLM cannot say; CompatInfo then assumes the ranks split them without replication
+        model_kv_heads=_vllm_says(lambda: vllm_config.model_config.get_total_num_kv_heads()),
     )
     return layout, buffer, compat
 
@@ -83,18 +85,9 @@ def _attn_backend(t: torch.Tensor) -> str:
         return "cpu_attn"
 
 
-def _rank_kv_heads(vllm_config: VllmConfig) -> int:
-    """The KV heads vLLM gives one rank (0: vLLM cannot say)."""
+def _vllm_says(question: Callable[[], int]) -> int:
+    """vLLM's answer about the model's KV heads (0: it cannot say for this model config)."""
     try:
-        return int(vllm_config.model_config.get_num_kv_heads(vllm_config.parallel_config))
-    except Exception:  # noqa: BLE001 - a model config vLLM cannot answer this for
-        return 0
-
-
-def _total_kv_heads(vllm_config: VllmConfig) -> int:
-    """The model's KV heads over all TP ranks (0: vLLM cannot say; CompatInfo then assumes
-    the ranks split them without replication)."""
-    try:
-        return int(vllm_config.model_config.get_total_num_kv_heads())
+        return int(question())
     except Exception:  # noqa: BLE001 - a model config vLLM cannot answer this for
         return 0
