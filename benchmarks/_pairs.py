@@ -177,7 +177,7 @@ class HandoffPair:
 
     def __init__(self, transport: str, options: dict, max_tokens: int, p_dev: str, d_dev: str,
                  group_mib: int | None = None, reserve: bool = True, verify: bool = False, direct: bool = False,
-                 decode_cpu: int | None = None):
+                 decode_cpu: int | None = None, forward_stream: str = "own"):
         from lmcache_pd.cli.local import free_ports
         from lmcache_pd.node.sender import KVSender
         from lmcache_pd.node.worker import NodeConfig, Worker
@@ -220,6 +220,7 @@ class HandoffPair:
         self.rng = np.random.default_rng(0)
         self.seq = 0
         self._fwd: torch.cuda.Stream | None = None  # the stand-in forward's stream (once used)
+        self._fwd_default = forward_stream == "default"  # on the device's default stream, as vLLM's
         self._cycles: float | None = None  # torch.cuda._sleep cycles per us (once measured)
         self.last: tuple[list[int], list[int]] = ([], [])
         self._submits: list[tuple[float, object]] = []  # (wall clock, handle) of each batch submitted
@@ -362,7 +363,8 @@ class HandoffPair:
 
     def _forward_stream(self) -> torch.cuda.Stream:
         if self._fwd is None:
-            self._fwd = torch.cuda.Stream(device=self.layers[0].device)
+            device = self.layers[0].device
+            self._fwd = torch.cuda.default_stream(device) if self._fwd_default else torch.cuda.Stream(device=device)
         return self._fwd
 
     def _cycles_per_us(self) -> float:

@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="behind a stand-in forward (--forward-us per layer per token; a spinning kernel "
                          "on a GPU, small matrix products on the prefill's thread on a CPU): whole hand-off "
                          "after it against layer by layer during it (transport.layerwise), taking turns")
+    ap.add_argument("--forward-stream", choices=("own", "default"), default="own",
+                    help="with --layered on a GPU: the stream the stand-in forward runs on: a stream of "
+                         "its own, or the device's default stream, as vLLM's forward does (a wait for "
+                         "the default stream there waits for every layer queued after the one sent)")
     ap.add_argument("--chunks", type=int, default=1,
                     help="with --layered: the stand-in forward is a chunked prefill of this many chunks")
     ap.add_argument("--cpus", default="", metavar="P,D",
@@ -166,8 +170,9 @@ def layered(args) -> int:
         modes["chunked"] = {"layered": True, "pieces": True}
     layered_modes = [m for m in modes if m != "whole"]
     pair = HandoffPair(args.transport, options, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
-                       direct=args.direct, decode_cpu=args.decode_cpu)
-    print(f"# {args.transport}{' direct' if args.direct else ''} hand-off behind a stand-in forward of 32 layers in {chunks} chunk(s), {p_dev} -> "
+                       direct=args.direct, decode_cpu=args.decode_cpu, forward_stream=args.forward_stream)
+    print(f"# {args.transport}{' direct' if args.direct else ''} hand-off behind a stand-in forward of 32 layers in {chunks} chunk(s)"
+          f"{' on the default stream' if cuda and args.forward_stream == 'default' else ''}, {p_dev} -> "
           f"{d_dev} ({torch.cuda.get_device_name(0) if cuda else 'CPU'}{f', cores {args.cpus}' if args.cpus else ''}); {args.forward_us} us per layer per token (at least 20); "
           f"median of {args.repeat}; options {options}")
     print("| tokens | bytes | forward ms | forward end -> loaded ms: " + " / ".join(modes)

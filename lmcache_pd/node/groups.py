@@ -60,7 +60,6 @@ async def send_groups(transport, region: int, peer: DecodePeer, plans: list[Rang
                 raise TransferTimeout("waiting for the prefill forward", config_field="timeouts.data_s",
                                       seconds=data_s, transfer_id=handoff.transfer_id, peer=handoff.peer)
             await asyncio.sleep(0.0002)
-        ready = None
     handles = list(submitted or [])
     first_byte_at = time.time()
     try:

@@ -267,7 +267,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                 # Stamped before the submit: a transport may land the batch before it returns.
                 first_byte_at = first_byte_at or time.time()
                 handle = transport.submit(peer_id, region, p, timeout_s=data_s,
-                                          after=ready if ordered else None, ticket=ticket, **last)
+                                          after=ready, ticket=ticket, **last)
                 handle.add_done_callback(waker(loop, wake))
                 handles.append(handle)
                 layer_of.append(index if piece.final and not earlier else None)

@@ -44,20 +44,26 @@ class Stager:
         self._lock = threading.Lock()
         self._stream: torch.cuda.Stream | None = None
 
-    def gather(self, src: Region, plan: RangePlan) -> tuple[Region, RangePlan]:
+    def gather(self, src: Region, plan: RangePlan, after: torch.cuda.Event | None = None) -> tuple[Region, RangePlan]:
         """Copy ``plan``'s sources into a staging buffer in destination order (one kernel, done
-        on return). Returns the buffer, held until ``put_back``, and the plan from it."""
+        on return). ``after``: the event the sources are complete at (else the current stream's
+        work so far). Returns the buffer, held until ``put_back``, and the plan from it."""
         from lmcache_pd.ops import launch_copy
 
         order = np.argsort(plan.dst_offsets, kind="stable")
         lengths = plan.lengths[order]
         staged = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+        device = src.buffer.device
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
         stage = self._acquire(src, plan.nbytes)
         try:
-            device = src.buffer.device
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(device=device)
-            self._stream.wait_stream(torch.cuda.current_stream(device))
+            # After the producer's event alone, where given: the current stream is vLLM's
+            # default stream, and waiting for it waits for every forward queued after the event.
+            if after is not None:
+                self._stream.wait_event(after)
+            else:
+                self._stream.wait_stream(torch.cuda.current_stream(device))
             launch_copy(src.address, stage.address, RangePlan(plan.src_offsets[order], staged, lengths),
                         device=device, stream=self._stream)
             self._stream.synchronize()  # UCX reads the stage from its own streams
@@ -73,7 +79,13 @@ class Stager:
                     self._busy.add(st)
                     return st
         size = 1 << max(26, (nbytes - 1).bit_length())
-        buf = torch.empty(size, dtype=torch.uint8, device=src.buffer.device)
+        # Allocated on the stream that writes it. On the caller's stream (vLLM's default stream,
+        # on the sender's thread) the caching allocator may hand out memory that vLLM freed while
+        # kernels queued on that stream still use it; our gather, ordered only after the layer's
+        # event, would then write into a forward in flight (found inside vLLM's engine: wrong
+        # first tokens when a staging buffer was first made during 16 prefills at once).
+        with torch.cuda.stream(self._stream):
+            buf = torch.empty(size, dtype=torch.uint8, device=src.buffer.device)
         st = Region(buf, buf.data_ptr(), size, src.device, "VRAM", self._register(buf))
         with self._lock:
             self._buffers.append(st)

@@ -52,7 +52,8 @@ class Capabilities:
     """The receiver listens on a data port (``data_port`` of the decode instance)."""
     stream_ordered: bool = False
     """``submit(after=event)`` orders the copy after a CUDA event on the GPU itself. Others are
-    handed the source only once the event has completed (the sender waits, off vLLM's thread)."""
+    handed the source, and the event, only once it has completed (the sender waits, off vLLM's
+    thread)."""
     encrypts: bool = False
     """With ``auth.encrypt``, no byte crosses a network in clear: encrypted (tcp), or it never
     leaves the node (cuda_ipc, loopback). Transports without it refuse ``encrypt=True``."""
@@ -233,7 +234,9 @@ class Transport(ABC):
         """Start writing ``plan`` (src offsets in ``region``, dst offsets in the peer's region).
 
         ``after``: the source bytes are complete once this CUDA event has completed (recorded on
-        the producer's stream); given only to transports with ``capabilities.stream_ordered``.
+        the producer's stream). A transport with ``capabilities.stream_ordered`` orders its copy
+        after it on the device; any other is handed it once it has completed (the sender waits,
+        off vLLM's thread), and must wait for nothing more than it.
         ``ticket``: names the hand-off (admitting transports send it with the batch).
         Transports with ``capabilities.signals`` also take ``signal=(slot, value)``: written into
         the peer's signal slot once the batch's bytes are there (ignored by a peer without slots).

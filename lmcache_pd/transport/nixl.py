@@ -264,13 +264,19 @@ class NixlTransport(Transport):
             self._finish(handle, BatchState.FAILED, time.monotonic(), "range plan outside a registered region")
             return handle
         if src.mem == "VRAM":
-            # UCX copies on streams of its own, so the bytes must be complete before the post
-            # (the sender already waited for vLLM's event; this covers direct callers).
-            torch.cuda.current_stream(src.buffer.device).synchronize()
+            # UCX copies on streams of its own, so the bytes must be complete before the post.
+            # Given the producer's event, wait for it alone (the sender already has: no cost).
+            # Never for a whole stream then: vLLM's forward runs on the default stream, and its
+            # synchronize waits for every layer and step queued after the event too. Without an
+            # event (a direct caller), the current stream's work is what wrote the bytes.
+            if after is not None:
+                after.synchronize()
+            else:
+                torch.cuda.current_stream(src.buffer.device).synchronize()
         stage = None
         if src.mem == "VRAM" and 0 < self.options.stage_ranges < len(plan):  # type: ignore[attr-defined]
             try:
-                stage, plan = self._stager.gather(src, plan)
+                stage, plan = self._stager.gather(src, plan, after)
                 src = stage
             except Exception as e:  # noqa: BLE001 - CUDA or NIXL registration errors
                 self._finish(handle, BatchState.FAILED, time.monotonic(), f"nixl staging failed: {e}")

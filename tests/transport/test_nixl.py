@@ -81,6 +81,63 @@ def test_two_processes_bitwise_and_the_ucx_path_is_reported(src_dev, dst_dev, op
         proc.join(20)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here: the wait before posting from GPU memory")
+@pytest.mark.parametrize("options", [{"stage_ranges": 0}, {}], ids=["per-range", "staged"])
+def test_a_gpu_post_given_its_event_does_not_wait_for_the_work_queued_after_it(options):
+    """vLLM's forward runs on the default stream: a layer's event says its bytes are complete
+    while the next layers are queued behind it. A post given that event must wait for nothing
+    more (it waited for the whole stream once, and a staged post ordered its gather after it:
+    every layer's post waited for the rest of the forward). 100 ranges: staged by default; the
+    staging buffer exists already, as in a running instance."""
+    from tests.unit.nodes import spin_cycles
+
+    nbytes = 8 << 20
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_decode_side, args=(child, nbytes, "cuda:0", options), daemon=True)
+    proc.start()
+    tx = None
+    try:
+        assert parent.poll(60), "decode side did not start"
+        desc = parent.recv()
+        tx = transports.create("nixl", options)
+        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+        src = src.to("cuda:0")
+        rid = tx.register(src)
+        peer = tx.connect(desc, timeout_s=10)
+        plan = coalesce(np.random.default_rng(1).permutation(128)[:100].astype(np.int64) * 65536,
+                        np.arange(100, dtype=np.int64) * 65536, np.full(100, 65536, dtype=np.int64))
+        # A first post makes the staging buffer: a device allocation, which orders the GPU's
+        # streams (CUDA's implicit synchronization) and so waits for queued work once.
+        warm = tx.submit(peer, rid, plan, timeout_s=30)
+        assert wait(tx, warm, 30) == BatchState.DONE, warm.error
+        warm.close()
+        cycles = spin_cycles(3_000_000)
+        stream = torch.cuda.current_stream()  # the default stream, as vLLM's forward's
+        ready = torch.cuda.Event()
+        ready.record(stream)  # the layer's bytes are complete here
+        torch.cuda._sleep(cycles)  # the next layers (3 s of GPU time)
+        behind = torch.cuda.Event()
+        behind.record(stream)
+        while not ready.query():  # the sender's wait
+            time.sleep(0.001)
+        h = tx.submit(peer, rid, plan, timeout_s=30, after=ready)
+        assert not behind.query(), "the post waited for the work queued after its event"
+        assert wait(tx, h, 30) == BatchState.DONE, h.error
+        h.close()
+        expect = torch.full((nbytes,), 0xEE, dtype=torch.uint8)
+        host = src.cpu()
+        for s, d, n in zip(plan.src_offsets, plan.dst_offsets, plan.lengths):
+            expect[d:d + n] = host[s:s + n]
+        parent.send("hash")
+        assert parent.recv() == hashlib.sha256(expect.numpy().tobytes()).hexdigest()
+    finally:
+        if tx is not None:
+            tx.close()
+        parent.send("bye")
+        proc.join(20)
+
+
 def test_ucx_protocol_report_parser():
     report = """
 [1.0] [vm:1:0]   | pre self cfg#0                                           |
