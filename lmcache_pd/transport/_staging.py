@@ -82,8 +82,9 @@ class Stager:
         # Allocated on the stream that writes it. On the caller's stream (vLLM's default stream,
         # on the sender's thread) the caching allocator may hand out memory that vLLM freed while
         # kernels queued on that stream still use it; our gather, ordered only after the layer's
-        # event, would then write into a forward in flight (found inside vLLM's engine: wrong
-        # first tokens when a staging buffer was first made during 16 prefills at once).
+        # event, would then write into a forward in flight (suspected of the wrong first tokens
+        # seen once inside vLLM's engine, as a staging buffer was made during 16 prefills at
+        # once; docs/benchmarks.md, 2026-12-05).
         with torch.cuda.stream(self._stream):
             buf = torch.empty(size, dtype=torch.uint8, device=src.buffer.device)
         st = Region(buf, buf.data_ptr(), size, src.device, "VRAM", self._register(buf))
