@@ -32,6 +32,17 @@ def _decode_side(conn, nbytes: int, device: str, options: dict) -> None:
     rx.close()
 
 
+def assert_decode_holds(parent, src: torch.Tensor, plan, nbytes: int) -> None:
+    """The decode side's pool (``_decode_side``) holds ``plan``'s ranges of ``src``, and its fill
+    byte everywhere else, bitwise."""
+    expect = torch.full((nbytes,), 0xEE, dtype=torch.uint8)
+    host = src.cpu()
+    for s, d, n in zip(plan.src_offsets, plan.dst_offsets, plan.lengths):
+        expect[d:d + n] = host[s:s + n]
+    parent.send("hash")
+    assert parent.recv() == hashlib.sha256(expect.numpy().tobytes()).hexdigest()
+
+
 def _cases() -> list[tuple[str, str, dict]]:
     cases = [("cpu", "cpu", {})]
     if torch.cuda.is_available():
@@ -63,12 +74,7 @@ def test_two_processes_bitwise_and_the_ucx_path_is_reported(src_dev, dst_dev, op
         h = tx.submit(peer, rid, plan, timeout_s=30)
         assert wait(tx, h, 30) == BatchState.DONE, h.error
         h.close()
-        expect = torch.full((nbytes,), 0xEE, dtype=torch.uint8)
-        host = src.cpu()
-        for s, d, n in zip(plan.src_offsets, plan.dst_offsets, plan.lengths):
-            expect[d:d + n] = host[s:s + n]
-        parent.send("hash")
-        assert parent.recv() == hashlib.sha256(expect.numpy().tobytes()).hexdigest()
+        assert_decode_holds(parent, src, plan, nbytes)
         # Which UCX transport carried the bytes, from UCX's own protocol report (read in the
         # background, at most twice a second).
         deadline = time.monotonic() + 10
@@ -125,12 +131,7 @@ def test_a_gpu_post_given_its_event_does_not_wait_for_the_work_queued_after_it(o
         assert not behind.query(), "the post waited for the work queued after its event"
         assert wait(tx, h, 30) == BatchState.DONE, h.error
         h.close()
-        expect = torch.full((nbytes,), 0xEE, dtype=torch.uint8)
-        host = src.cpu()
-        for s, d, n in zip(plan.src_offsets, plan.dst_offsets, plan.lengths):
-            expect[d:d + n] = host[s:s + n]
-        parent.send("hash")
-        assert parent.recv() == hashlib.sha256(expect.numpy().tobytes()).hexdigest()
+        assert_decode_holds(parent, src, plan, nbytes)
     finally:
         if tx is not None:
             tx.close()
