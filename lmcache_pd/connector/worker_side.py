@@ -91,6 +91,7 @@ class _PDWorker(WorkerRole):
         self.cache_io: CacheIO | NoCacheIO = NoCacheIO()  # the real one once started, if cache.enabled
         self.api: WorkerAPI | None = None
         self.users = _BlockUsers()
+        self._stream_logged = False
         self._load_blocks: dict[ReqId, tuple[int, ...]] = {}  # blocks each submitted load fills
         self._failed_blocks: set[int] = set()
 
@@ -150,8 +151,13 @@ class _PDWorker(WorkerRole):
         blocks): our copies are ordered after it without blocking the forward loop."""
         if not buffer.is_cuda:
             return None
+        stream = torch.cuda.current_stream(buffer.device)
+        if not self._stream_logged:  # which stream vLLM's forward runs on (docs/transports.md)
+            self._stream_logged = True
+            log.info("worker %d: vLLM's forward stream is %s (the default stream: %s)", self.tp_rank, stream,
+                     stream == torch.cuda.default_stream(buffer.device))
         ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(buffer.device))
+        ready.record(stream)
         return ready
 
     def _stop_cache(self) -> None:
