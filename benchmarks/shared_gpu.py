@@ -81,7 +81,7 @@ def main() -> int:
     src = torch.empty(a.mib << 20, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
 
-    pipe = threading.Lock()  # one message at a time on the pipe
+    pipe = threading.Lock()  # one copy at a time in both modes, as D makes them (and one message on the pipe)
 
     def other(event: torch.cuda.Event) -> None:
         event.synchronize()
