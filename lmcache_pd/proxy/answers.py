@@ -120,3 +120,24 @@ async def scrub_events(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterato
         yield done
     if buf:
         yield _scrub_event(buf)
+
+
+def ended_early(name: str, e: BaseException) -> bytes:
+    """The error event that ends a stream the decode stopped answering (past its deadline, or broken)."""
+    msg = {"error": {"message": f"decode {name} stream ended early: {type(e).__name__}: {e}",
+                     "type": "timeout" if isinstance(e, TimeoutError) else "bad_gateway"}}
+    return f"data: {json.dumps(msg)}\n\n".encode()
+
+
+async def events(items: list[bytes]) -> AsyncIterator[bytes]:
+    """Ready-made events as a stream's body."""
+    for item in items:
+        yield item
+
+
+def one_line(text: bytes) -> bytes:
+    """An answer's body as one server-sent event's data (an error in the middle of a stream)."""
+    try:
+        return json.dumps(json.loads(text), separators=(",", ":")).encode()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return json.dumps({"error": {"message": text.decode(errors="replace")[:500], "type": "bad_gateway"}}).encode()

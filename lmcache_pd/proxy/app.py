@@ -52,6 +52,9 @@ from lmcache_pd.proxy.answers import (
     JSON_HEADERS,
     REPORT_HEADER,
     encode,
+    ended_early,
+    events,
+    one_line,
     scrub,
     scrub_events,
     token_ids,
@@ -246,7 +249,7 @@ class Proxy:
             self._spawn(self._reach(s.decode, s.path, cont.drain_body(got[0]), s.headers, s.t0))
             self.metrics.first_byte_seconds.observe(time.monotonic() - s.t0)
             if stream:
-                return StreamingResponse(_aiter(cont.alone_events()), headers={"X-Request-Id": s.req_id},
+                return StreamingResponse(events(cont.alone_events()), headers={"X-Request-Id": s.req_id},
                                          media_type="text/event-stream")
             return JSONResponse(cont.alone(), headers={"X-Request-Id": s.req_id})
         if stream:
@@ -289,14 +292,14 @@ class Proxy:
             opened = await d_leg
             if isinstance(opened, Response) or opened.upstream.status != 200 or not opened.stream:
                 text = opened.body if isinstance(opened, Response) else opened.first
-                yield b"data: " + _one_line(bytes(text)) + b"\n\n"
+                yield b"data: " + one_line(bytes(text)) + b"\n\n"
                 return
             assert opened.chunks is not None
             async with asyncio.timeout(max(0.001, s.t0 + self.cfg.proxy.decode_timeout_s - time.monotonic())):
                 async for chunk in cont.events(scrub_events(opened.first, opened.chunks)):
                     yield chunk
         except (TimeoutError, aiohttp.ClientError) as e:
-            yield _ended_early(s.decode.name, e)
+            yield ended_early(s.decode.name, e)
         finally:
             d_leg.cancel()
             if isinstance(opened, Opened):
@@ -394,7 +397,7 @@ class Proxy:
                 async for chunk in scrub_events(opened.first, opened.chunks):
                     yield chunk
         except (TimeoutError, aiohttp.ClientError) as e:
-            yield _ended_early(name, e)
+            yield ended_early(name, e)
         finally:
             close(opened.upstream)
             if leg is not None:
@@ -478,22 +481,3 @@ def _printable(text: str) -> str:
     """Letters, digits and ``-_.:`` of a client-chosen id (it goes into transfer ids and logs)."""
     return "".join(c for c in text if c.isascii() and (c.isalnum() or c in "-_.:"))
 
-
-def _ended_early(name: str, e: BaseException) -> bytes:
-    """The error event that ends a stream the decode stopped answering (past its deadline, or broken)."""
-    msg = {"error": {"message": f"decode {name} stream ended early: {type(e).__name__}: {e}",
-                     "type": "timeout" if isinstance(e, TimeoutError) else "bad_gateway"}}
-    return f"data: {json.dumps(msg)}\n\n".encode()
-
-
-async def _aiter(items: list[bytes]) -> AsyncIterator[bytes]:
-    for item in items:
-        yield item
-
-
-def _one_line(text: bytes) -> bytes:
-    """An answer's body as one server-sent event's data (an error in the middle of a stream)."""
-    try:
-        return json.dumps(json.loads(text), separators=(",", ":")).encode()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return json.dumps({"error": {"message": text.decode(errors="replace")[:500], "type": "bad_gateway"}}).encode()

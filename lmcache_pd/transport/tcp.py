@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import secrets
 import socket
-import struct
 import threading
 import time
 
@@ -45,6 +43,7 @@ from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost, TransferError, TransportUnavailable
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.transport import _sealed
+from lmcache_pd.transport._tcp_stream import Peer, Stream
 from lmcache_pd.transport._tcp_wire import (
     _ACK,
     _BAD_BATCH,
@@ -63,13 +62,11 @@ from lmcache_pd.transport._tcp_wire import (
     _blocking,
     _Descriptor,
     _hello_parts,
-    _hello_tag,
     _pieces,
     _recv_exact,
     _recv_exact_by,
     _recv_record,
     _recv_scatter,
-    _send_all,
     _tune,
 )
 from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport, WriteGate
@@ -91,145 +88,6 @@ class TcpOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     once (counted in ``refused``). Each prefill worker opens ``streams`` per decode worker."""
 
 
-class _Stream:
-    """One sender connection and the thread that drives it, one batch at a time."""
-
-    def __init__(self, transport: TcpTransport, desc: _Descriptor, name: str, session: bytes):
-        self.transport = transport
-        self.desc = desc
-        self.name = name
-        self.session = session
-        self.sock: socket.socket | None = None
-        self.channel: _sealed.Channel | None = None
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.busy: BatchHandle | None = None
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
-
-    def open(self, timeout_s: float) -> None:
-        sock = socket.create_connection((self.desc.host, self.desc.port), timeout=timeout_s)
-        where = f"tcp peer {self.desc.host}:{self.desc.port}"
-        try:
-            _tune(sock, self.transport.options.socket_buffer_bytes)
-            challenge = bytearray(_CHALLENGE.size)
-            _recv_exact(sock, memoryview(challenge))
-            magic, theirs = _CHALLENGE.unpack(challenge)
-            if magic != b"LPDC":
-                raise PeerLost(f"{where} is not an lmcache-pd receiver of this release")
-            ours = auth.nonce()
-            t = self.transport
-            key, flags = t.keys.tcp, _ENCRYPTED if t.encrypt else 0
-            sock.sendall(_HELLO.pack(b"LPDH", self.desc.token, self.desc.region, ours, flags, self.session,
-                                     _hello_tag(key, theirs, self.desc.token, self.desc.region, ours, flags,
-                                                self.session)))
-            reply = bytearray(_HELLO_REPLY.size)
-            _recv_exact(sock, memoryview(reply))
-            magic, status, tag = _HELLO_REPLY.unpack(reply)
-            if magic == b"LPDR" and status == _BAD_MODE:
-                raise PeerLost(f"{where} refused the hello: one side encrypts its data plane and the other does "
-                               "not (set auth.encrypt the same on every instance)")
-            if magic != b"LPDR" or status != _OK:
-                raise PeerLost(f"{where} refused the hello (status {status}): it restarted, is not this pool, "
-                               "or has another auth secret")
-            if not auth.check(key, tag, b"reply", ours, theirs, bytes([status])):
-                raise PeerLost(f"{where} answered the hello without our auth secret")
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.channel = (_sealed.channel(t.keys, sender=True, receiver_nonce=theirs, sender_nonce=ours)
-                        if t.encrypt else None)
-
-    def abort(self) -> None:
-        sock = self.sock
-        if sock is not None:
-            try:
-                # Reset, not FIN, when the stream thread closes it: what the kernel still buffers
-                # for this batch is dropped instead of delivered (the decode side ended it).
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _loop(self) -> None:
-        stop = self.transport._stop
-        while not stop.is_set():
-            try:
-                item = self.queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if item is None:
-                break
-            self._run(*item)
-        if self.sock is not None:
-            self.sock.close()
-
-    def _run(self, handle: BatchHandle, src: memoryview, plan: RangePlan, deadline: float, ticket: bytes) -> None:
-        if handle.state != BatchState.IN_FLIGHT:
-            return  # canceled while queued
-        self.busy = handle
-        t = self.transport
-        try:
-            if self.sock is None:
-                self.open(max(0.01, deadline - time.monotonic()))
-            sock = self.sock
-            assert sock is not None
-            # The range table is padded with empty ranges to _MIN_RANGES rows: measured on loopback,
-            # a batch whose header+table is under ~100 bytes moved at half speed (1.3 vs 2.9 GB/s
-            # for 16 MiB, benchmarks/transfer.py); the padding costs 128 bytes per batch, and the
-            # receiver reads the header and that much table in one call.
-            rows = max(len(plan), _MIN_RANGES)
-            table = np.zeros((rows, 2), dtype="<i8")
-            table[:len(plan), 0] = plan.dst_offsets
-            table[:len(plan), 1] = plan.lengths
-            head = _BATCH.pack(b"LPDB", handle.id, rows, len(ticket))
-            pieces = _pieces(src, plan.src_offsets.tolist(), plan.lengths.tolist(), t.options.piece_bytes)
-            _blocking(sock, deadline - time.monotonic())  # each call below: at most this long
-            ch = self.channel
-            if ch is None:
-                _send_all(sock, [memoryview(head), memoryview(table.view(np.uint8).reshape(-1)), memoryview(ticket),
-                                 *pieces])
-                ack = bytearray(_ACK.size)
-                _recv_exact(sock, memoryview(ack))
-            else:  # encrypted: header in clear (authenticated), then one record for the table and per piece
-                sock.sendall(head + ch.seal(table.tobytes() + ticket, aad=head))
-                for piece in pieces:
-                    sock.sendall(ch.seal(piece))
-                ack = _recv_record(sock, ch, _ACK.size)
-            magic, batch, status = _ACK.unpack(ack)
-            if magic == b"LPDA" and batch == handle.id and status == _BAD_BATCH:
-                raise ConnectionError("the receiver refused the batch: not into a live reservation of this "
-                                      "session (the decode side ended the hand-off), or outside its pool")
-            if magic != b"LPDA" or batch != handle.id or status != _OK:
-                raise ConnectionError(f"bad ack (magic {magic!r}, batch {batch}, status {status})")
-            t._finish(handle, BatchState.DONE, time.monotonic())
-        except (TimeoutError, BlockingIOError):  # EAGAIN: the kernel timeout fired
-            self._drop()
-            t._finish(handle, BatchState.TIMEOUT, time.monotonic(), "tcp transfer passed its deadline")
-        except (OSError, ConnectionError, PeerLost) as e:
-            self._drop()
-            state = BatchState.CANCELED if handle.state == BatchState.CANCELED else BatchState.FAILED
-            t._finish(handle, state, time.monotonic(), f"tcp transfer failed: {e}")
-        except Exception as e:  # noqa: BLE001 - a bug must end the handle, never leave it in flight
-            log.exception("tcp stream %s crashed on batch %d", self.name, handle.id)
-            self._drop()
-            t._finish(handle, BatchState.FAILED, time.monotonic(), f"tcp transfer crashed: {e!r}")
-        finally:
-            self.busy = None
-
-    def _drop(self) -> None:
-        # The stream is out of step with the receiver: reconnect for the next batch.
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-            self.channel = None
-
-
-class _Peer:
-    def __init__(self, streams: list[_Stream]):
-        self.streams = streams
-        self.next = itertools.cycle(range(len(streams)))
-
-
 class TcpTransport(Transport):
     name = "tcp"
     capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cpu"}), listens=True, encrypts=True,
@@ -244,7 +102,7 @@ class TcpTransport(Transport):
         self._regions: dict[RegionId, memoryview] = {}
         self._region_ids = itertools.count(1)
         self._peer_ids = itertools.count(1)
-        self._peers: dict[PeerId, _Peer] = {}
+        self._peers: dict[PeerId, Peer] = {}
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
@@ -436,7 +294,7 @@ class TcpTransport(Transport):
             raise PeerLost(f"not a tcp descriptor: {e}") from None
         pid = next(self._peer_ids)
         session = session[:16].ljust(16, b"\0")
-        streams = [_Stream(self, desc, f"pd-tcp-send-{pid}.{i}", session) for i in range(self.options.streams)]
+        streams = [Stream(self, desc, f"pd-tcp-send-{pid}.{i}", session, self._stop) for i in range(self.options.streams)]
         deadline = time.monotonic() + timeout_s
         try:
             for s in streams:
@@ -451,7 +309,7 @@ class TcpTransport(Transport):
             raise
         for s in streams:
             s.thread.start()
-        self._peers[pid] = _Peer(streams)
+        self._peers[pid] = Peer(streams)
         return pid
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
