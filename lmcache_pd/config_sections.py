@@ -84,6 +84,13 @@ class TransportConfig(Section):
     last chunk's go layer by layer; a preempted request's hand-off is given up (the decode side
     recomputes). Off: the hand-off starts with the last chunk's forward, every block layer by
     layer. vLLMs whose scheduler does not name preempted requests always do the latter."""
+    landed_on_shared_gpu: bool = False
+    """With ``layerwise`` over cuda_ipc or nixl, tell the decode of each layer landed (protocol
+    Landed), so that it scatters the layer during the forward (``pool.scatter_landed``), even
+    when its pool is on the prefill's own GPU. Off (default): there the decode scatters the
+    whole hand-off once it ends, because each scatter in another process during the forward
+    costs the forward two switches of the GPU between the processes (140-180 us each on one
+    H200, docs/benchmarks.md). On separate GPUs layers are told either way."""
     direct: bool = False
     """Direct hand-offs: when the decode's vLLM has allocated the request's blocks by the time the
     prefill's Allocate comes (the proxy's concurrent dispatch), the prefill writes straight into

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -33,6 +34,7 @@ from lmcache_pd.node.peer import DecodePeer, Grant
 from lmcache_pd.transport import Transport
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,12 +88,26 @@ class LaneIO:
     group_mib: int
     verify: bool
     watch: Callable[[SendSpec], dict]
+    landed_on_shared_gpu: bool = False
     region: int = -1
+    _quiet: set[int] = field(default_factory=set)  # (peers logged by ``quiet``)
 
     def group_ends(self, n_pages: int) -> tuple[int, ...]:
         """Where each group of a streamed hand-off ends (exclusive page counts, increasing)."""
         per = max(1, (self.group_mib << 20) // self.kv.page_bytes) if self.group_mib else n_pages
         return tuple(min(a + per, n_pages) for a in range(0, n_pages, per))
+
+    def quiet(self, peer: DecodePeer) -> bool:
+        """The decode is not told of each layer landed: its pool is on our GPU (once per peer
+        logged)."""
+        if self.landed_on_shared_gpu or not self.transport.shares_device(peer.peer_id, self.region):
+            return False
+        if peer.peer_id not in self._quiet:
+            self._quiet.add(peer.peer_id)
+            log.info("decode %s (rank %d) has its pool on this GPU: its layers are not announced as they land; it "
+                     "scatters each hand-off whole, after the forward (transport.landed_on_shared_gpu)",
+                     peer.name, peer.rank)
+        return True
 
     def digest(self, blocks: tuple[BlockId, ...], pages: list[int], peer: DecodePeer, ready: torch.cuda.Event | None,
                plans: list[RangePlan]) -> asyncio.Future[int] | None:
@@ -134,8 +150,9 @@ async def send_lane(io: LaneIO, spec: SendSpec, grant: Grant, n_pages: int, read
                                  data_s=io.data_s, ready=ready, signal=signal, dest=dest, **io.watch(spec))
         return LaneSent(grant, plans, digest, span, time.monotonic() - t_data)
     # Over a one-sided transport the decode learns of each layer landed from us (Landed), to
-    # scatter it during the forward; a direct hand-off has nothing to scatter.
-    tell = not (signal or grant.blocks or io.transport.capabilities.admits_writes)
+    # scatter it during the forward; a direct hand-off has nothing to scatter. Nor is it told
+    # where its pool shares our GPU: its scatters would stall our forward (landed_on_shared_gpu).
+    tell = not (signal or grant.blocks or io.transport.capabilities.admits_writes or io.quiet(peer))
     *span, plans = await send_layers(
         io.transport, dest, io.region,
         lambda piece, layer: piece_plan(io.kv, layout, piece, layer, to, first, plan=functools.partial(peer.plan, among=to)),

@@ -23,6 +23,7 @@ Descriptors are opaque bytes to every other layer; each transport decodes only i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 from abc import ABC, abstractmethod
@@ -84,6 +85,18 @@ class WriteGate(Protocol):
 
 class NoOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pass
+
+
+@functools.lru_cache(maxsize=64)
+def gpu_uuid(device: torch.device) -> str:
+    """The GPU's UUID ("" for CPU memory, or where it cannot be read): the one name of a GPU
+    that two processes share, whatever their ``CUDA_VISIBLE_DEVICES`` made of its index."""
+    if device.type != "cuda":
+        return ""
+    try:
+        return str(torch.cuda.get_device_properties(device).uuid)
+    except (RuntimeError, AttributeError, AssertionError):  # (no driver; an older torch)
+        return ""
 
 
 @dataclass
@@ -244,6 +257,13 @@ class Transport(ABC):
 
     def poll(self, handle: BatchHandle) -> BatchState:
         return handle.state
+
+    def shares_device(self, peer: PeerId, region: RegionId) -> bool:
+        """Sender: the peer's region is on the same GPU as our ``region`` (two processes sharing
+        one GPU). There, without MPS, the GPU runs one process's work at a time, and each time
+        it passes from one to the other costs 140-180 us on one H200 (docs/benchmarks.md): work
+        the decode queues during the prefill's forward slows the forward. False where unknown."""
+        return False
 
     # --- device-side signals (``capabilities.signals``) ------------------------------------
     def signals_to(self, peer: PeerId) -> bool:

@@ -47,7 +47,7 @@ from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import cuda_kernels_available, launch_copy
 from lmcache_pd.transport import device_signals as _signals
-from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport
+from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport, gpu_uuid
 
 log = logging.getLogger(__name__)
 _LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
@@ -76,6 +76,8 @@ class _Descriptor(msgspec.Struct, frozen=True):
     pieces: list[tuple[bytes, int, int, int]] = []
     """A region not ours: per buffer, (IPC handle of its allocation, its offset in that
     allocation, its offset in the region, its bytes); ``handle`` is then empty."""
+    device_uuid: str = ""
+    """The region's GPU (base.gpu_uuid; empty: not known)."""
 
 
 class _Region:
@@ -98,6 +100,7 @@ class _Peer:
         self.pieces: list[tuple[int, int, int]] = []
         """A region not the peer's own allocation: (offset in the region, bytes, our address of it)."""
         self.mappings: list[int] = []  # the allocations opened for ``pieces``, to close
+        self.device_uuid = ""  # its region's GPU, when in another process (base.gpu_uuid)
 
 
 def _allocation_of(index: int, address: int) -> tuple[int, int]:
@@ -216,7 +219,8 @@ class CudaIpcTransport(Transport):
                 _exported_here.add((self._token, self._signals))
         _exported_here.add((self._token, r.address))
         return msgspec.msgpack.encode(_Descriptor(bytes(handle), r.nbytes, os.getpid(), r.address, self._token,
-                                                  signal_handle, self._signals, self._signal_slots))
+                                                  signal_handle, self._signals, self._signal_slots,
+                                                  device_uuid=gpu_uuid(r.device)))
 
     def _export_foreign(self, r: _Region) -> bytes:
         """A region in memory that is not ours (vLLM's KV cache): each buffer as its
@@ -234,7 +238,8 @@ class CudaIpcTransport(Transport):
         except cupy.cuda.runtime.CUDARuntimeError as e:  # e.g. expandable segments (no IPC handle)
             raise TransportUnavailable(f"cuda_ipc cannot export this memory: {e}") from None
         _exported_here.add((self._token, r.address))
-        return msgspec.msgpack.encode(_Descriptor(b"", r.nbytes, os.getpid(), r.address, self._token, pieces=pieces))
+        return msgspec.msgpack.encode(_Descriptor(b"", r.nbytes, os.getpid(), r.address, self._token, pieces=pieces,
+                                                  device_uuid=gpu_uuid(r.device)))
 
     def _open_pieces(self, d: _Descriptor, index: int) -> _Peer:
         """The peer's region not its own allocation: each allocation opened once (two buffers
@@ -255,6 +260,10 @@ class CudaIpcTransport(Transport):
                 self._close_mapping(address)
             raise PeerLost(f"cannot open the peer's CUDA IPC handles (another node, or it restarted): {e}") from None
         return peer
+
+    def shares_device(self, peer: PeerId, region: RegionId) -> bool:
+        p, r = self._peers.get(peer), self._regions.get(region)
+        return p is not None and r is not None and bool(p.device_uuid) and p.device_uuid == gpu_uuid(r.device)
 
     def _absolute(self, p: _Peer, plan: RangePlan) -> RangePlan | None:
         """``plan`` with the absolute addresses of a pieced region's destinations (None: a range
@@ -289,6 +298,8 @@ class CudaIpcTransport(Transport):
             except cupy.cuda.runtime.CUDARuntimeError as e:
                 raise PeerLost(f"cannot open the peer's CUDA IPC handle (another node, or it restarted): {e}") from None
             peer = _Peer(address, d.nbytes, opened=True)
+        if d.pid != os.getpid():  # (one process: one context, nothing to pass between)
+            peer.device_uuid = d.device_uuid
         if d.signal_slots > 0 and self.options.signals:
             peer.signal_slots = d.signal_slots
             if d.pid == os.getpid():

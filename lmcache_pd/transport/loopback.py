@@ -3,7 +3,8 @@
 Both ends live in one process: a descriptor names a registered buffer in a process-wide
 table. Behaviour is scripted by options, not by patching: ``delay_s`` delays each batch,
 ``fail_every`` fails every N-th batch, ``refuse_connect`` makes ``connect`` fail,
-``corrupt_every`` flips one bit in every N-th batch it reports done (bytes damaged on the way).
+``corrupt_every`` flips one bit in every N-th batch it reports done (bytes damaged on the way),
+``shares_device`` says every peer is on our GPU (``Transport.shares_device``).
 It writes one-sided (the receiver never sees a batch), like cuda_ipc and nixl: a batch closed
 before its copy began never copies, and ``close_batch`` waits for a copy that began.
 """
@@ -35,6 +36,7 @@ class LoopbackOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fail_every: int = 0
     refuse_connect: bool = False
     corrupt_every: int = 0
+    shares_device: bool = False
 
 
 class _Descriptor(msgspec.Struct, frozen=True):
@@ -84,6 +86,9 @@ class LoopbackTransport(Transport):
         pid = next(self._ids)
         self._peers[pid] = desc.key
         return pid
+
+    def shares_device(self, peer: PeerId, region: RegionId) -> bool:
+        return self.options.shares_device and peer in self._peers
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
                after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> BatchHandle:

@@ -45,7 +45,7 @@ from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.transport._staging import Region, Stager
 from lmcache_pd.transport._ucx_report import flush_c_streams, route_ucx_report, ucx_write_paths
-from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport
+from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport, gpu_uuid
 
 log = logging.getLogger(__name__)
 _MODULES = ("nixl_cu13", "nixl_cu12", "nixl")  # the CUDA 13 / 12 wheels, or a source build
@@ -110,6 +110,8 @@ class _Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     nbytes: int
     device: int
     mem: str
+    device_uuid: str = ""
+    """The region's GPU (base.gpu_uuid; empty: DRAM, or not known)."""
 
 
 @dataclass
@@ -120,6 +122,7 @@ class _Peer:
     device: int
     mem: str
     report_tries: int = 0  # reads of UCX's report (written lazily) until it names a path; -1: done
+    device_uuid: str = ""  # its region's GPU, when in another process (base.gpu_uuid)
 
 
 @dataclass
@@ -216,7 +219,8 @@ class NixlTransport(Transport):
         with self._wake:
             self._target = True
             self._wake.notify()
-        return msgspec.msgpack.encode(_Descriptor(self._name, md, r.address, r.nbytes, r.device, r.mem))
+        return msgspec.msgpack.encode(_Descriptor(self._name, md, r.address, r.nbytes, r.device, r.mem,
+                                                  gpu_uuid(r.buffer.device)))
 
     # --- prefill side -------------------------------------------------------------------------
     def connect(self, descriptor: bytes, timeout_s: float, session: bytes = b"") -> PeerId:
@@ -245,8 +249,13 @@ class NixlTransport(Transport):
             except Exception as e:  # noqa: BLE001 - NIXL's loader raises its own types on bad bytes
                 raise PeerLost(f"nixl refused the peer's metadata: {e}") from None
         pid = next(self._ids)
-        self._peers[pid] = _Peer(d.agent, d.address, d.nbytes, d.device, d.mem)
+        self._peers[pid] = _Peer(d.agent, d.address, d.nbytes, d.device, d.mem,
+                                 device_uuid=d.device_uuid if d.agent != self._name else "")  # (one process: one context)
         return pid
+
+    def shares_device(self, peer: PeerId, region: RegionId) -> bool:
+        p, r = self._peers.get(peer), self._regions.get(region)
+        return p is not None and r is not None and bool(p.device_uuid) and p.device_uuid == gpu_uuid(r.buffer.device)
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
                after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> BatchHandle:

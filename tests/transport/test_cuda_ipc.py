@@ -43,6 +43,8 @@ def test_two_processes_bitwise():
         src = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8, device=f"cuda:{src_dev}")
         peer = tx.connect(desc, timeout_s=10)
         rid = tx.register(src)
+        # Another process: on our GPU (one GPU here, or P and D on one of two) it is said to share it.
+        assert tx.shares_device(peer, rid) is (src_dev == dst_dev)
         rng = np.random.default_rng(0)
         plan = coalesce(rng.permutation(512).astype(np.int64) * 65536, np.arange(512, dtype=np.int64) * 65536,
                         np.full(512, 65536, dtype=np.int64))
@@ -138,3 +140,17 @@ def test_a_region_not_its_own_is_written_piece_by_piece_from_another_process():
     finally:
         parent.send("bye")
         proc.join(10)
+
+
+def test_a_peer_in_this_process_does_not_share_our_gpu_the_costly_way():
+    """``shares_device`` is about two processes (two contexts the GPU switches between): a pool
+    in this process, on this GPU, is not."""
+    rx, tx = transports.create("cuda_ipc", {}), transports.create("cuda_ipc", {})
+    try:
+        pool = rx.allocate(1 << 20, torch.device("cuda", 0))
+        peer = tx.connect(rx.export_descriptor(rx.register(pool)), timeout_s=10)
+        rid = tx.register(torch.zeros(1 << 20, dtype=torch.uint8, device="cuda:0"))
+        assert not tx.shares_device(peer, rid)
+    finally:
+        tx.close()
+        rx.close()

@@ -68,6 +68,8 @@ def test_two_processes_bitwise_and_the_ucx_path_is_reported(src_dev, dst_dev, op
         src = src.to(src_dev)
         rid = tx.register(src)
         peer = tx.connect(desc, timeout_s=10)
+        # Another process, its pool on our GPU: said to share it (never for host memory).
+        assert tx.shares_device(peer, rid) is (src_dev == dst_dev != "cpu")
         rng = np.random.default_rng(0)
         plan = coalesce(rng.permutation(1024)[:700].astype(np.int64) * 65536,
                         np.arange(700, dtype=np.int64) * 65536, np.full(700, 65536, dtype=np.int64))

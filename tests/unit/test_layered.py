@@ -169,6 +169,52 @@ def test_over_a_one_sided_transport_landed_names_each_layer_but_the_last_which_t
         n.close()
 
 
+@pytest.mark.parametrize("landed_on_shared_gpu", [False, True])
+def test_a_decode_whose_pool_shares_our_gpu_is_told_no_layer_before_transferdone(landed_on_shared_gpu, monkeypatch,
+                                                                                caplog):
+    """Where the decode's pool is on our GPU (``Transport.shares_device``; loopback says so when
+    told to), its scatter of each layer told would stall our forward (the GPU switching between
+    the processes): the sender tells it nothing, and the decode scatters the hand-off whole on
+    TransferDone, bitwise. With ``transport.landed_on_shared_gpu`` it is told as between GPUs."""
+    from lmcache_pd.node.peer import DecodePeer
+
+    told: list[list[int]] = []
+    real = DecodePeer.landed
+
+    async def spy(self, transfer_id, pages=0, layers=None):
+        told.append(list(layers or []))
+        await real(self, transfer_id, pages, layers)
+    monkeypatch.setattr(DecodePeer, "landed", spy)
+    cfg = make_cfg("loopback", options={"shares_device": True})
+    cfg = msgspec.structs.replace(cfg, transport=msgspec.structs.replace(
+        cfg.transport, landed_on_shared_gpu=landed_on_shared_gpu))
+    n = Node(cfg)
+    try:
+        caplog.set_level("INFO", logger="lmcache_pd.node.lanes")
+        p_blocks, d_blocks = [5, 6, 30], [11, 12, 40]
+        marks = layered(n, "shared", p_blocks, d_blocks, 3 * BLOCK - 1)
+        marks.layer(0)
+        wait_until(lambda: n.sender.transport.stats.batches >= 1)  # layer 0 is in the pool
+        if landed_on_shared_gpu:
+            wait_until(lambda: told == [[0]])
+            wait_until(lambda: layer_in_blocks(n, 0, p_blocks, d_blocks))  # scattered during the "forward"
+        else:
+            time.sleep(0.3)
+            assert told == [], told
+            assert not layer_in_blocks(n, 0, p_blocks, d_blocks), "scattered during the forward on a shared GPU"
+        marks.layer(1)
+        marks.forward_done()
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        assert told == ([[0]] if landed_on_shared_gpu else []), told
+        assert ld.early_layers == (1 if landed_on_shared_gpu else 0), ld
+        n.assert_moved(p_blocks, d_blocks)
+        assert n.pool_full()
+        assert ("has its pool on this GPU" in caplog.text) is not landed_on_shared_gpu, caplog.text
+    finally:
+        n.close()
+
+
 @pytest.mark.parametrize("name", ["tcp", "loopback", "nixl"])
 def test_a_chunked_prompts_first_piece_lands_while_its_last_chunk_computes(name):
     """Chunked prefill: the blocks the first chunk's forward completes go once it computed every
