@@ -32,7 +32,6 @@ import socket
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -43,6 +42,7 @@ import torch
 from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
+from lmcache_pd.transport._nixl_peers import Descriptor, InFlight, Peer
 from lmcache_pd.transport._staging import Region, Stager
 from lmcache_pd.transport._ucx_report import flush_c_streams, route_ucx_report, ucx_write_paths
 from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport, gpu_uuid
@@ -103,38 +103,6 @@ class NixlOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("poll_interval_us, num_threads and stage_ranges must be >= 0, idle_progress_ms > 0")
 
 
-class _Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    agent: str
-    metadata: bytes
-    address: int
-    nbytes: int
-    device: int
-    mem: str
-    device_uuid: str = ""
-    """The region's GPU (base.gpu_uuid; empty: DRAM, or not known)."""
-
-
-@dataclass
-class _Peer:
-    agent: str
-    address: int
-    nbytes: int
-    device: int
-    mem: str
-    report_tries: int = 0  # reads of UCX's report (written lazily) until it names a path; -1: done
-    device_uuid: str = ""  # its region's GPU, when in another process (base.gpu_uuid)
-
-
-@dataclass
-class _InFlight:
-    handle: BatchHandle
-    xfer: Any  # nixl_xfer_handle
-    deadline: float
-    peer: PeerId
-    src_mem: str
-    stage: Region | None = None  # the staging buffer this transfer reads, freed when it ends
-
-
 class NixlTransport(Transport):
     name = "nixl"
     capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cpu", "cuda"}), listens=False, direct=True)
@@ -167,10 +135,10 @@ class NixlTransport(Transport):
                                        f"(plugins: {', '.join(self._agent.get_plugin_list())})")
         self._lock = threading.Lock()  # every agent call
         self._regions: dict[RegionId, Region] = {}
-        self._peers: dict[PeerId, _Peer] = {}
+        self._peers: dict[PeerId, Peer] = {}
         self._agents: dict[str, int] = {}  # remote agent name -> peers using it
         self._ids = itertools.count(1)
-        self._inflight: list[_InFlight] = []
+        self._inflight: list[InFlight] = []
         self._stager = Stager(self._register_stage)
         self._unreported: dict[PeerId, str] = {}  # peers whose UCX path is not known yet -> source memory
         self._next_report = 0.0
@@ -219,13 +187,13 @@ class NixlTransport(Transport):
         with self._wake:
             self._target = True
             self._wake.notify()
-        return msgspec.msgpack.encode(_Descriptor(self._name, md, r.address, r.nbytes, r.device, r.mem,
+        return msgspec.msgpack.encode(Descriptor(self._name, md, r.address, r.nbytes, r.device, r.mem,
                                                   gpu_uuid(r.buffer.device)))
 
     # --- prefill side -------------------------------------------------------------------------
     def connect(self, descriptor: bytes, timeout_s: float, session: bytes = b"") -> PeerId:
         try:
-            d = msgspec.msgpack.decode(descriptor, type=_Descriptor)
+            d = msgspec.msgpack.decode(descriptor, type=Descriptor)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise PeerLost(f"not a nixl descriptor: {e}") from None
         if d.mem not in ("DRAM", "VRAM") or d.nbytes < 0:
@@ -249,7 +217,7 @@ class NixlTransport(Transport):
             except Exception as e:  # noqa: BLE001 - NIXL's loader raises its own types on bad bytes
                 raise PeerLost(f"nixl refused the peer's metadata: {e}") from None
         pid = next(self._ids)
-        self._peers[pid] = _Peer(d.agent, d.address, d.nbytes, d.device, d.mem,
+        self._peers[pid] = Peer(d.agent, d.address, d.nbytes, d.device, d.mem,
                                  device_uuid=d.device_uuid if d.agent != self._name else "")  # (one process: one context)
         return pid
 
@@ -324,7 +292,7 @@ class NixlTransport(Transport):
             return handle
         handle.state = BatchState.IN_FLIGHT
         with self._wake:
-            self._inflight.append(_InFlight(handle, xfer, handle.t_submit + timeout_s, peer, src.mem, stage))
+            self._inflight.append(InFlight(handle, xfer, handle.t_submit + timeout_s, peer, src.mem, stage))
             self._wake.notify()
         return handle
 
@@ -403,9 +371,9 @@ class NixlTransport(Transport):
             if poll_s:
                 time.sleep(poll_s)
 
-    def _poll(self, batch: list[_InFlight]) -> None:
+    def _poll(self, batch: list[InFlight]) -> None:
         now = time.monotonic()
-        ended: list[tuple[_InFlight, BatchState, str | None]] = []
+        ended: list[tuple[InFlight, BatchState, str | None]] = []
         with self._lock:
             for item in batch:
                 try:

@@ -164,16 +164,16 @@ def test_ucx_protocol_report_parser():
 
 
 def test_garbled_agent_metadata_is_refused():
-    from lmcache_pd.transport.nixl import _Descriptor
+    from lmcache_pd.transport._nixl_peers import Descriptor
 
     tx = transports.create("nixl", {})
     try:
         tx.register(torch.zeros(16, dtype=torch.uint8))
-        forged = msgspec.msgpack.encode(_Descriptor("x", b"\x00garbage" * 9, 4096, 4096, 0, "DRAM"))
+        forged = msgspec.msgpack.encode(Descriptor("x", b"\x00garbage" * 9, 4096, 4096, 0, "DRAM"))
         with pytest.raises(PeerLost):
             tx.connect(forged, timeout_s=1)
         with pytest.raises(PeerLost):
-            tx.connect(msgspec.msgpack.encode(_Descriptor("x", b"", 0, 16, 0, "HBM")), timeout_s=1)
+            tx.connect(msgspec.msgpack.encode(Descriptor("x", b"", 0, 16, 0, "HBM")), timeout_s=1)
     finally:
         tx.close()
 
