@@ -46,6 +46,19 @@ def _busy(us: float) -> None:
         torch.mm(*_SPIN)
 
 
+_PACED_OPS = 16
+"""Kernels per layer of a host-paced stand-in forward (``HandoffPair(host_paced=True)``)."""
+
+
+def _paced(us: float) -> None:
+    """The host's share of one op of an eager forward: ``us`` of Python holding the GIL, then a
+    release of it (``time.sleep(0)``), as each of PyTorch's ops releases it while it dispatches."""
+    end = time.perf_counter() + us * 1e-6
+    while time.perf_counter() < end:
+        pass
+    time.sleep(0)
+
+
 # --- the transport alone ------------------------------------------------------------------------
 BENCH_SECRET = b"benchmarks' own shared secret...."
 
@@ -177,7 +190,7 @@ class HandoffPair:
 
     def __init__(self, transport: str, options: dict, max_tokens: int, p_dev: str, d_dev: str,
                  group_mib: int | None = None, reserve: bool = True, verify: bool = False, direct: bool = False,
-                 decode_cpu: int | None = None, forward_stream: str = "own"):
+                 decode_cpu: int | None = None, forward_stream: str = "own", host_paced: bool = False):
         from lmcache_pd.cli.local import free_ports
         from lmcache_pd.node.sender import KVSender
         from lmcache_pd.node.worker import NodeConfig, Worker
@@ -221,6 +234,11 @@ class HandoffPair:
         self.seq = 0
         self._fwd: torch.cuda.Stream | None = None  # the stand-in forward's stream (once used)
         self._fwd_default = forward_stream == "default"  # on the device's default stream, as vLLM's
+        self._host_paced = host_paced
+        """On a GPU, the stand-in forward keeps its host as busy as its GPU, as vLLM's eager forward
+        of a 1024-token prompt does: each layer is ``_PACED_OPS`` kernels, each launched after the
+        host spent the previous one's time in Python (``_paced``). Another thread of this process
+        that takes the GIL (the sender's) then delays the forward's end, as it would vLLM's."""
         self._cycles: float | None = None  # torch.cuda._sleep cycles per us (once measured)
         self.last: tuple[list[int], list[int]] = ([], [])
         self._submits: list[tuple[float, object]] = []  # (wall clock, handle) of each batch submitted
@@ -333,8 +351,13 @@ class HandoffPair:
                         sent.add(blocks, first, marks, final)
                 for i in range(LAYERS):
                     ready = None
-                    if cuda:
+                    if cuda and self._host_paced:
+                        for _ in range(_PACED_OPS):
+                            torch.cuda._sleep(cycles // _PACED_OPS)
+                            _paced(forward_us / chunks / _PACED_OPS)
+                    elif cuda:
                         torch.cuda._sleep(cycles)
+                    if cuda:
                         ready = torch.cuda.Event()
                         ready.record(stream)
                     else:

@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --layered on a GPU: the stream the stand-in forward runs on: a stream of "
                          "its own, or the device's default stream, as vLLM's forward does (a wait for "
                          "the default stream there waits for every layer queued after the one sent)")
+    ap.add_argument("--host-paced", action="store_true",
+                    help="with --layered on a GPU: the stand-in forward keeps its host as busy as its GPU "
+                         "(16 kernels per layer, each after as much time in Python, releasing the GIL "
+                         "between them), as vLLM's eager forward does: then the sender's work on this "
+                         "process's GIL shows in the forward's time (the forward ms column, per mode)")
     ap.add_argument("--chunks", type=int, default=1,
                     help="with --layered: the stand-in forward is a chunked prefill of this many chunks")
     ap.add_argument("--cpus", default="", metavar="P,D",
@@ -170,12 +175,14 @@ def layered(args) -> int:
         modes["chunked"] = {"layered": True, "pieces": True}
     layered_modes = [m for m in modes if m != "whole"]
     pair = HandoffPair(args.transport, options, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
-                       direct=args.direct, decode_cpu=args.decode_cpu, forward_stream=args.forward_stream)
+                       direct=args.direct, decode_cpu=args.decode_cpu, forward_stream=args.forward_stream,
+                       host_paced=args.host_paced and cuda)
     print(f"# {args.transport}{' direct' if args.direct else ''} hand-off behind a stand-in forward of 32 layers in {chunks} chunk(s)"
-          f"{' on the default stream' if cuda and args.forward_stream == 'default' else ''}, {p_dev} -> "
+          f"{' on the default stream' if cuda and args.forward_stream == 'default' else ''}"
+          f"{', paced by its host' if cuda and args.host_paced else ''}, {p_dev} -> "
           f"{d_dev} ({torch.cuda.get_device_name(0) if cuda else 'CPU'}{f', cores {args.cpus}' if args.cpus else ''}); {args.forward_us} us per layer per token (at least 20); "
           f"median of {args.repeat}; options {options}")
-    print("| tokens | bytes | forward ms | forward end -> loaded ms: " + " / ".join(modes)
+    print("| tokens | bytes | forward ms: " + " / ".join(modes) + " | forward end -> loaded ms: " + " / ".join(modes)
           + " | transfer after the forward ms: " + " / ".join(modes)
           + " | transfer hidden: " + " / ".join(layered_modes) + " | check |")
     print("|---:|---:|---:|---:|---:|---:|---|")
@@ -201,7 +208,8 @@ def layered(args) -> int:
             # the whole hand-off's transfer all runs after it.
             hidden = {m: 1 - max(0.0, med[m]["transfer_exposed"]) / med["whole"]["transfer_exposed"]
                       for m in layered_modes}
-            print(f"| {n_tok} | {n_tok * TOKEN_BYTES / 2**20:.0f} MiB | {med['whole']['forward'] * 1e3:.3f} | "
+            print(f"| {n_tok} | {n_tok * TOKEN_BYTES / 2**20:.0f} MiB | "
+                  + " / ".join(f"{med[m]['forward'] * 1e3:.3f}" for m in modes) + " | "
                   + " / ".join(f"{med[m]['exposed'] * 1e3:.3f}" for m in modes) + " | "
                   + " / ".join(f"{med[m]['transfer_exposed'] * 1e3:.3f}" for m in modes) + " | "
                   + " / ".join(f"{hidden[m]:.0%}" for m in layered_modes) + " | "
