@@ -65,6 +65,21 @@ def wait_until(cond, timeout_s: float = 5.0) -> None:
         time.sleep(0.002)
 
 
+@pytest.fixture
+def told(monkeypatch) -> list[list[int]]:
+    """The layers named by each Landed the sender sends (``DecodePeer.landed``, spied on)."""
+    from lmcache_pd.node.peer import DecodePeer
+
+    seen: list[list[int]] = []
+    real = DecodePeer.landed
+
+    async def spy(self, transfer_id, pages=0, layers=None):
+        seen.append(list(layers or []))
+        await real(self, transfer_id, pages, layers)
+    monkeypatch.setattr(DecodePeer, "landed", spy)
+    return seen
+
+
 @pytest.mark.parametrize("name", ["tcp", "loopback", "nixl"])
 def test_each_layer_goes_as_it_is_computed_and_arrives_bitwise(name):
     ok, why = transports.available(name)
@@ -133,7 +148,7 @@ def test_the_decode_scatters_each_layer_as_it_lands_while_the_next_is_computed(s
 
 
 @pytest.mark.parametrize("name", ["loopback", "nixl"])
-def test_over_a_one_sided_transport_landed_names_each_layer_but_the_last_which_transferdone_covers(name, monkeypatch):
+def test_over_a_one_sided_transport_landed_names_each_layer_but_the_last_which_transferdone_covers(name, told):
     """The decode cannot see a one-sided transport's batches land, so the sender tells it of each
     layer (Landed) and it scatters that layer at once; the layer that completes the hand-off is
     not told: its TransferDone follows at once and says it (one message, not two), and the
@@ -141,15 +156,6 @@ def test_over_a_one_sided_transport_landed_names_each_layer_but_the_last_which_t
     ok, why = transports.available(name)
     if not ok:
         pytest.skip(f"transport {name!r} unavailable here: {why}")
-    from lmcache_pd.node.peer import DecodePeer
-
-    told: list[list[int]] = []
-    real = DecodePeer.landed
-
-    async def spy(self, transfer_id, pages=0, layers=None):
-        told.append(list(layers or []))
-        await real(self, transfer_id, pages, layers)
-    monkeypatch.setattr(DecodePeer, "landed", spy)
     n = Node(make_cfg(name))
     try:
         p_blocks, d_blocks = [5, 6, 30], [11, 12, 40]
@@ -170,21 +176,11 @@ def test_over_a_one_sided_transport_landed_names_each_layer_but_the_last_which_t
 
 
 @pytest.mark.parametrize("landed_on_shared_gpu", [False, True])
-def test_a_decode_whose_pool_shares_our_gpu_is_told_no_layer_before_transferdone(landed_on_shared_gpu, monkeypatch,
-                                                                                caplog):
+def test_a_decode_whose_pool_shares_our_gpu_is_told_no_layer_before_transferdone(landed_on_shared_gpu, told, caplog):
     """Where the decode's pool is on our GPU (``Transport.shares_device``; loopback says so when
     told to), its scatter of each layer told would stall our forward (the GPU switching between
     the processes): the sender tells it nothing, and the decode scatters the hand-off whole on
     TransferDone, bitwise. With ``transport.landed_on_shared_gpu`` it is told as between GPUs."""
-    from lmcache_pd.node.peer import DecodePeer
-
-    told: list[list[int]] = []
-    real = DecodePeer.landed
-
-    async def spy(self, transfer_id, pages=0, layers=None):
-        told.append(list(layers or []))
-        await real(self, transfer_id, pages, layers)
-    monkeypatch.setattr(DecodePeer, "landed", spy)
     cfg = make_cfg("loopback", options={"shares_device": True})
     cfg = msgspec.structs.replace(cfg, transport=msgspec.structs.replace(
         cfg.transport, landed_on_shared_gpu=landed_on_shared_gpu))
