@@ -351,13 +351,13 @@ class HandoffPair:
                         sent.add(blocks, first, marks, final)
                 for i in range(LAYERS):
                     ready = None
-                    if cuda and self._host_paced:
-                        for _ in range(_PACED_OPS):
-                            torch.cuda._sleep(cycles // _PACED_OPS)
-                            _paced(forward_us / chunks / _PACED_OPS)
-                    elif cuda:
-                        torch.cuda._sleep(cycles)
                     if cuda:
+                        if self._host_paced:
+                            for _ in range(_PACED_OPS):
+                                torch.cuda._sleep(cycles // _PACED_OPS)
+                                _paced(forward_us / chunks / _PACED_OPS)
+                        else:
+                            torch.cuda._sleep(cycles)
                         ready = torch.cuda.Event()
                         ready.record(stream)
                     else:
