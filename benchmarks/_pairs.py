@@ -242,13 +242,14 @@ class HandoffPair:
         self._cycles: float | None = None  # torch.cuda._sleep cycles per us (once measured)
         self.last: tuple[list[int], list[int]] = ([], [])
         self._submits: list[tuple[float, object]] = []  # (wall clock, handle) of each batch submitted
-        real_submit = self.tx.transport.submit
+        for name in ("submit", "prepare_layers"):
+            real = getattr(self.tx.transport, name)
 
-        def submit(*args, **kwargs):
-            handle = real_submit(*args, **kwargs)
-            self._submits.append((time.time(), handle))
-            return handle
-        self.tx.transport.submit = submit
+            def submit(*args, _real=real, **kwargs):
+                out = _real(*args, **kwargs)
+                self._submits.append((time.time(), getattr(out, "handle", out)))  # (a LayerPosts' batch)
+                return out
+            setattr(self.tx.transport, name, submit)
         self.phases: list[dict[str, float]] = []
         """Per hand-off, seconds: allocate (link + Allocate round trip; with a reservation, what
         was left of it: taking the reserved pages), transfer (the copy into
@@ -257,7 +258,7 @@ class HandoffPair:
         and, overlapping those, scatter (pool -> decode blocks, all groups) and groups (count)."""
 
     def once(self, n_tok: int, forward_us: float = 0.0, layered: bool = False, chunks: int = 1,
-             pieces: bool = True) -> float:
+             pieces: bool = True, posted: bool = False) -> float:
         """One hand-off; its seconds from the submit to the decode's blocks holding it.
 
         ``forward_us`` > 0: a stand-in for the prefill's forward runs first on a stream of its
@@ -268,7 +269,10 @@ class HandoffPair:
         goes after it (``layered``: each layer as its event completes, on the device, through
         ``KVSender.submit_layered``, one piece per chunk, or with ``pieces`` False all blocks
         from the last chunk's forward, as vLLMs that do not name preempted requests do; else the
-        whole hand-off once the forward ended, as a request that finished). Then the phases also
+        whole hand-off once the forward ended, as a request that finished; ``posted``: the last
+        chunk's layers prepared at once and each posted by the forward's thread as it marks it,
+        ``transport.post_layers``, where the transport can; else a batch per layer from the
+        sender's thread). Then the phases also
         hold "forward", "exposed" (the forward's end -> the decode's end of the load) and
         "transfer_exposed" (the forward's end -> the sender seeing the last byte in the decode
         pool)."""
@@ -288,6 +292,7 @@ class HandoffPair:
         forward_end = forward_end_gpu = 0.0
         if forward_us > 0:
             forward_start = time.time()
+            self.tx._io.post_layers = posted  # (the sender's setting, per hand-off here: the modes take turns)
             forward_end, stamp, marks = self._forward(spec, p_blocks, forward_us, layered, chunks, pieces)
             forward_end_gpu = stamp.wall() if stamp is not None else forward_end  # (a CPU's: the host's)
             if marks is not None:

@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layered", action="store_true",
                     help="behind a stand-in forward (--forward-us per layer per token; a spinning kernel "
                          "on a GPU, small matrix products on the prefill's thread on a CPU): whole hand-off "
-                         "after it against layer by layer during it (transport.layerwise), taking turns")
+                         "after it against layer by layer during it (transport.layerwise): a batch per "
+                         "layer from the sender's thread and, where the transport can (cuda_ipc), the "
+                         "layers prepared at once and each posted by the forward's thread "
+                         "(transport.post_layers: mode 'posted'), taking turns")
     ap.add_argument("--forward-stream", choices=("own", "default"), default="own",
                     help="with --layered on a GPU: the stream the stand-in forward runs on: a stream of "
                          "its own, or the device's default stream, as vLLM's forward does (a wait for "
@@ -170,13 +173,15 @@ def layered(args) -> int:
     tokens = [int(t) for t in args.tokens.split(",")]
     options = json.loads(args.options)
     chunks = max(1, args.chunks)
-    modes = {"whole": {"layered": False}, "layered" if chunks == 1 else "last chunk": {"layered": True, "pieces": False}}
-    if chunks > 1:
-        modes["chunked"] = {"layered": True, "pieces": True}
-    layered_modes = [m for m in modes if m != "whole"]
     pair = HandoffPair(args.transport, options, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
                        direct=args.direct, decode_cpu=args.decode_cpu, forward_stream=args.forward_stream,
                        host_paced=args.host_paced and cuda)
+    modes = {"whole": {"layered": False}, "layered" if chunks == 1 else "last chunk": {"layered": True, "pieces": False}}
+    if chunks > 1:
+        modes["chunked"] = {"layered": True, "pieces": True}
+    if pair.tx.transport.capabilities.posts_layers:  # the last chunk's layers posted by the forward's thread
+        modes["posted"] = {"layered": True, "pieces": chunks > 1, "posted": True}
+    layered_modes = [m for m in modes if m != "whole"]
     print(f"# {args.transport}{' direct' if args.direct else ''} hand-off behind a stand-in forward of 32 layers in {chunks} chunk(s)"
           f"{' on the default stream' if cuda and args.forward_stream == 'default' else ''}"
           f"{', paced by its host' if cuda and args.host_paced else ''}, {p_dev} -> "

@@ -89,6 +89,7 @@ class LaneIO:
     verify: bool
     watch: Callable[[SendSpec], dict]
     landed_on_shared_gpu: bool = False
+    post_layers: bool = False
     region: int = -1
     _quiet: set[int] = field(default_factory=set)  # (peers logged by ``quiet``)
 
@@ -157,7 +158,7 @@ async def send_lane(io: LaneIO, spec: SendSpec, grant: Grant, n_pages: int, read
         io.transport, dest, io.region,
         lambda piece, layer: piece_plan(io.kv, layout, piece, layer, to, first, plan=functools.partial(peer.plan, among=to)),
         pieces, io.kv.num_layers, data_s=io.data_s, ticket=ticket, signal=signal, renew=renew, **io.watch(spec),
-        landed=functools.partial(peer.landed, spec.handoff.transfer_id, 0) if tell else None)
+        landed=functools.partial(peer.landed, spec.handoff.transfer_id, 0) if tell else None, post_layers=io.post_layers)
     final = pieces.final
     assert final is not None and len(final.blocks) >= n_pages
     digest = io.digest(final.blocks[first:n_pages], digested, peer, None, plans)  # every layer is computed by now

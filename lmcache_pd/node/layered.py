@@ -42,6 +42,8 @@ class LayerMarks:
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
+        self._posts: list[Callable[[int, torch.cuda.Event | None], None]] = []
+        """Called on each mark from :meth:`attach` on, on the marking thread (vLLM's)."""
         self._lock = threading.Lock()
         self._computed: dict[int, torch.cuda.Event | None] = {}
         self._order: list[int] = []  # layers in the order they were computed
@@ -58,9 +60,19 @@ class LayerMarks:
                 return
             self._computed[index] = ready
             self._order.append(index)
-            wake = self._wake
+            wake, posts = self._wake, self._posts
+        for post in posts:  # (each never raises: LayerPosts.post)
+            post(index, ready)
         if wake is not None:
             wake()
+
+    def attach(self, post: Callable[[int, torch.cuda.Event | None], None]) -> list[tuple[int, torch.cuda.Event | None]]:
+        """The sender's loop: call ``post(index, ready)`` on every mark from now on, on the marking
+        thread; returns the layers marked before, for the caller to post itself (each layer is
+        in exactly one of the two)."""
+        with self._lock:
+            self._posts = [*self._posts, post]
+            return [(i, self._computed[i]) for i in self._order]
 
     def forward_done(self, at: float | None = None, stamp: Stamp | None = None) -> None:
         """vLLM's thread: the forward ended (every layer was marked by now); ``stamp``: where
@@ -190,7 +202,8 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                       pieces: Pieces, num_layers: int, *, data_s: float, ticket: bytes, check: Callable[[], None],
                       failed: Callable[[BatchState, object], None], renew: Callable[[], None] = lambda: None,
                       signal: tuple[int, int] | None = None,
-                      landed: Callable[[list[int]], Awaitable[None]] | None = None) -> tuple[float, float, list[RangePlan]]:
+                      landed: Callable[[list[int]], Awaitable[None]] | None = None,
+                      post_layers: bool = False) -> tuple[float, float, list[RangePlan]]:
     """Submit each layer of the final piece (``plan(piece, layer)``; None: nothing of it to send)
     as soon as its forward's marks say it is computed, and each earlier piece whole
     (``plan(piece, None)``) once its forward computed every layer; return when all of it is in
@@ -213,11 +226,22 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
     piece land in every page of the hand-off (their batch and every batch before it are DONE,
     and no earlier piece is still to be sent): the sender tells a decode side that cannot see
     batches land (Landed), so that it scatters them while the next layers compute; not for the
-    layers that complete the hand-off, whose TransferDone follows at once."""
+    layers that complete the hand-off, whose TransferDone follows at once.
+
+    ``post_layers`` (``transport.post_layers``; a transport with ``capabilities.posts_layers``,
+    and no ``landed`` to report): the final piece goes in one batch, prepared as soon as it is
+    known and every earlier piece is submitted (``Transport.prepare_layers``); its marks post
+    each layer from then on, on the marking thread (vLLM's: a launch of a few microseconds), and
+    this loop sleeps until the batch ends. Nothing of ours wakes per layer while the forward
+    runs: on a GPU the sender's thread would hold the GIL that vLLM's thread needs to launch
+    the forward's next kernels (docs/benchmarks.md)."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
     unbind = pieces.bind(waker(loop, wake))
     ordered = transport.capabilities.stream_ordered
+    ahead = post_layers and transport.capabilities.posts_layers and landed is None
+    armed = False  # the final piece was prepared for its marks to post (or had nothing to send)
+    queued = None  # its batch
     handles: list = []
     open_: list = []  # admitted handles not yet seen terminal
     sent: list[RangePlan] = []
@@ -240,6 +264,8 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                 final = final or piece.final
                 renew()
             for k, (piece, taken) in enumerate(known):
+                if ahead and piece.final:
+                    continue  # one batch, its layers posted by its marks (below)
                 new = piece.marks.since(taken)
                 if not new:
                     continue
@@ -274,6 +300,24 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                 open_.append(handle)
                 sent.append(p)
                 progress = time.monotonic()
+            if ahead and final and not armed and not earlier and not pieces.stopped:
+                piece, armed = known[-1][0], True
+                pending -= num_layers
+                layers = [(i, p) for i in range(num_layers) if (p := plan(piece, i)) is not None]
+                if layers and pieces.admit():
+                    unbind()  # nothing but the batch's end wakes this loop from now on
+                    last = {"signal": signal} if signal is not None and not pending else {}
+                    first_byte_at = first_byte_at or time.time()
+                    posts = transport.prepare_layers(peer_id, region, layers, timeout_s=data_s, ticket=ticket, **last)
+                    for index, ready in piece.marks.attach(posts.post):  # those computed before now
+                        posts.post(index, ready)
+                    queued = posts.handle
+                    queued.add_done_callback(waker(loop, wake))
+                    handles.append(queued)
+                    layer_of.append(None)
+                    open_.append(queued)
+                    sent += [p for _, p in layers]
+                    progress = time.monotonic()
             for h in list(open_):  # (only those in flight: a chunked prompt may have hundreds)
                 state = transport.poll(h)
                 if state.terminal:
@@ -307,7 +351,9 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
             # transports that progress only inside poll(), and events without a callback. Between
             # layers, with nothing in flight, only a mark wakes it: a wake-up costs the forward
             # (vLLM's thread, on the same core on CPU) the GIL.
-            await woken(wake, 0.005 if in_flight or waiting else 0.25)
+            # The queued batch's end wakes it (its callback); check() sees the decode's end at
+            # the next wake-up.
+            await woken(wake, 0.005 if waiting or any(h is not queued for h in open_) else 0.25)
     finally:
         unbind()
         for handle in handles:

@@ -113,7 +113,7 @@ class KVSender:
         self._launch_here = not cfg.integrity.verify  # (whose digest is computed on the loop's side)
         self._io = LaneIO(self.transport, kv, kv_buffer, data_s=self.t.data_s, group_mib=cfg.transport.group_mib,
                           verify=cfg.integrity.verify, watch=self._watch,
-                          landed_on_shared_gpu=cfg.transport.landed_on_shared_gpu)
+                          landed_on_shared_gpu=cfg.transport.landed_on_shared_gpu, post_layers=cfg.transport.post_layers)
 
     def start(self) -> None:
         self._io.region = self.transport.register(self.kv_buffer, self.kv.extents)

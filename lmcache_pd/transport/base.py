@@ -70,6 +70,11 @@ class Capabilities:
     its bytes, the GPU writes ``value`` into a slot kept beside the peer's region, and the
     receiver can queue its own GPU work behind it (``wait_signal``): no host hop between the
     bytes landing and that work (cuda_ipc)."""
+    posts_layers: bool = False
+    """``prepare_layers`` prepares a hand-off's layers at once (plans checked and laid out for the
+    copy), and :meth:`LayerPosts.post` starts one in a few microseconds, on any thread: the
+    forward's own thread starts each layer as it passes it, and the sender's thread does nothing
+    per layer (cuda_ipc; loopback with its ``posts_layers`` option)."""
 
 
 class WriteGate(Protocol):
@@ -175,6 +180,20 @@ class BatchHandle:
         return f"<BatchHandle #{self.id} {self.state.name} {self.nbytes} B>"
 
 
+class LayerPosts(ABC):
+    """A batch of per-layer plans prepared at once, each started by :meth:`post` (thread-safe)
+    once its layer is computed (``Transport.prepare_layers``). ``handle`` is the batch's: DONE
+    once every layer was posted and landed. Closing the handle before then posts no more: it
+    ends, CANCELED, once the layers already posted stopped moving."""
+
+    handle: BatchHandle
+
+    @abstractmethod
+    def post(self, layer: int, after: torch.cuda.Event | None = None) -> None:
+        """Start ``layer``'s copy, ordered after ``after`` (as ``submit``'s); a layer the batch
+        does not hold, or one posted before, is ignored. Never raises: a failure ends the batch."""
+
+
 class Transport(ABC):
     """Base of every transport. Subclasses declare ``name``, ``capabilities`` and ``Options``."""
 
@@ -254,6 +273,13 @@ class Transport(ABC):
         Transports with ``capabilities.signals`` also take ``signal=(slot, value)``: written into
         the peer's signal slot once the batch's bytes are there (ignored by a peer without slots).
         """
+
+    def prepare_layers(self, peer: PeerId, region: RegionId, plans: list[tuple[int, RangePlan]], timeout_s: float, *,
+                       ticket: bytes = b"", signal: tuple[int, int] | None = None) -> LayerPosts:
+        """``capabilities.posts_layers``: one batch of every ``(layer, plan)``, prepared now and
+        started layer by layer (:meth:`LayerPosts.post`) by whichever thread learns the layer is
+        computed. ``signal`` as for ``submit``, after the last layer."""
+        raise NotImplementedError(f"transport {self.name!r} cannot post prepared layers")
 
     def poll(self, handle: BatchHandle) -> BatchState:
         return handle.state

@@ -45,9 +45,10 @@ from lmcache_pd._types import BatchState
 from lmcache_pd.device_clock import clock_for
 from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
-from lmcache_pd.ops import cuda_kernels_available, launch_copy
+from lmcache_pd.ops import cuda_kernels_available, launch_copy, prepare_copy
 from lmcache_pd.transport import device_signals as _signals
-from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport, gpu_uuid
+from lmcache_pd.transport._cuda_posts import Posts
+from lmcache_pd.transport.base import BatchHandle, Capabilities, LayerPosts, PeerId, RegionId, Transport, gpu_uuid
 
 log = logging.getLogger(__name__)
 _LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
@@ -123,7 +124,7 @@ class CudaIpcTransport(Transport):
     name = "cuda_ipc"
     capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cuda"}), listens=False, stream_ordered=True,
                                 encrypts=True,  # GPU to GPU on one node: nothing crosses a network
-                                signals=True, direct=True)
+                                signals=True, direct=True, posts_layers=True)
     Options = CudaIpcOptions
 
     def __init__(self, options: CudaIpcOptions, **kwargs: object):
@@ -143,6 +144,8 @@ class CudaIpcTransport(Transport):
         self._signal_slots = 0
         self._signal_device = 0
         self._release: torch.cuda.Stream | None = None  # where raise_signal writes
+        self._open_posts: dict[int, Posts] = {}  # batches of prepared layers, by handle id, until closed
+        self._posts_lock = threading.Lock()
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -334,18 +337,11 @@ class CudaIpcTransport(Transport):
         src = self._regions[region]
         p = self._peers[peer]
         handle = BatchHandle(self, plan.nbytes, time.monotonic())
-        if len(plan) and (int((plan.dst_offsets + plan.lengths).max()) > p.nbytes or int(plan.dst_offsets.min()) < 0
-                          or int((plan.src_offsets + plan.lengths).max()) > src.nbytes):
+        placed = self._placed(p, src, plan)
+        if placed is None:
             self._finish(handle, BatchState.FAILED, time.monotonic(), "range plan outside a registered region")
             return handle
-        if p.pieces and len(plan):
-            absolute = self._absolute(p, plan)
-            if absolute is None:
-                self._finish(handle, BatchState.FAILED, time.monotonic(), "range plan outside a registered region")
-                return handle
-            plan, dst_base = absolute, 0
-        else:
-            dst_base = p.address
+        plan, dst_base = placed
         stream = self._stream(src.device)
         # Our own stream keeps copies off vLLM's; it waits, on the GPU, for the producer: the
         # event recorded after vLLM's forward, or (no event) work queued on this thread's stream.
@@ -364,16 +360,55 @@ class CudaIpcTransport(Transport):
         self._pending.put((handle, began, landed, table))
         return handle
 
+    def prepare_layers(self, peer: PeerId, region: RegionId, plans: list[tuple[int, RangePlan]], timeout_s: float, *,
+                       ticket: bytes = b"", signal: tuple[int, int] | None = None) -> LayerPosts:
+        src = self._regions[region]
+        p = self._peers[peer]
+        handle = BatchHandle(self, sum(plan.nbytes for _, plan in plans), time.monotonic())
+        placed = {layer: self._placed(p, src, plan) for layer, plan in plans}
+        stream = self._stream(src.device)
+        if any(q is None for q in placed.values()):
+            self._finish(handle, BatchState.FAILED, time.monotonic(), "range plan outside a registered region")
+            return Posts(handle, stream, src.device, {}, None, done=self._pending.put, forget=self._forget_posts,
+                         fail=lambda error: None)
+        # Laid out (and the kernels loaded) now, on the sender's thread: a post only launches.
+        prepared = {layer: prepare_copy(src.address, q[1], q[0], device=src.device, stream=stream)
+                    for layer, q in placed.items() if q is not None}
+        at = (p.signals + 4 * signal[0], signal[1]) if signal is not None and 0 <= signal[0] < p.signal_slots else None
+        handle.state = BatchState.IN_FLIGHT
+        posts = Posts(handle, stream, src.device, prepared, at, done=self._pending.put, forget=self._forget_posts,
+                      fail=lambda error: self._finish(handle, BatchState.FAILED, time.monotonic(), error))
+        with self._posts_lock:
+            self._open_posts[handle.id] = posts
+        if not prepared:
+            posts.end(None)
+        return posts
+
+    def _forget_posts(self, handle: BatchHandle) -> None:
+        with self._posts_lock:
+            self._open_posts.pop(handle.id, None)
+
+    def _placed(self, p: _Peer, src: _Region, plan: RangePlan) -> tuple[RangePlan, int] | None:
+        """``plan`` as the kernel takes it, and the destination's base address; None: a range
+        outside the source region or the peer's."""
+        if len(plan) and (int((plan.dst_offsets + plan.lengths).max()) > p.nbytes or int(plan.dst_offsets.min()) < 0
+                          or int((plan.src_offsets + plan.lengths).max()) > src.nbytes):
+            return None
+        if p.pieces and len(plan):
+            absolute = self._absolute(p, plan)
+            return None if absolute is None else (absolute, 0)
+        return plan, p.address
+
     def _complete(self) -> None:
         """Finish handles in launch order once their event completes (one stream: FIFO)."""
         while True:
             item = self._pending.get()
             if item is None:  # close(): everything queued before it has been finished
                 break
-            handle, began, landed, _table = item
+            handle, began, landed, _table, *outcome = item  # (a batch of posted layers may end otherwise)
             try:
                 landed.event.synchronize()  # releases the GIL while it waits
-                state, error = BatchState.DONE, None
+                state, error = outcome[0] if outcome and outcome[0] is not None else (BatchState.DONE, None)
             except RuntimeError as e:
                 state, error = BatchState.FAILED, f"CUDA error: {e}"
             if state == BatchState.DONE:
@@ -386,6 +421,10 @@ class CudaIpcTransport(Transport):
             self._finish(handle, state, time.monotonic(), error)
 
     def close_batch(self, handle: BatchHandle) -> None:
+        with self._posts_lock:
+            posts = self._open_posts.pop(handle.id, None)
+        if posts is not None:  # no layer is posted from now on
+            posts.end((BatchState.CANCELED, "closed before every layer was posted"))
         # A launched kernel cannot be recalled: wait for it, so that the peer never reuses pages
         # our kernel is still writing.
         while handle.state == BatchState.IN_FLIGHT:

@@ -4,13 +4,15 @@ Both ends live in one process: a descriptor names a registered buffer in a proce
 table. Behaviour is scripted by options, not by patching: ``delay_s`` delays each batch,
 ``fail_every`` fails every N-th batch, ``refuse_connect`` makes ``connect`` fail,
 ``corrupt_every`` flips one bit in every N-th batch it reports done (bytes damaged on the way),
-``shares_device`` says every peer is on our GPU (``Transport.shares_device``).
+``shares_device`` says every peer is on our GPU (``Transport.shares_device``),
+``posts_layers`` takes ``prepare_layers`` (each layer copied once posted).
 It writes one-sided (the receiver never sees a batch), like cuda_ipc and nixl: a batch closed
 before its copy began never copies, and ``close_batch`` waits for a copy that began.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -25,7 +27,7 @@ from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import copy_ranges
-from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport
+from lmcache_pd.transport.base import BatchHandle, Capabilities, LayerPosts, PeerId, RegionId, Transport
 
 _regions: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
 _regions_lock = threading.Lock()
@@ -37,6 +39,7 @@ class LoopbackOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     refuse_connect: bool = False
     corrupt_every: int = 0
     shares_device: bool = False
+    posts_layers: bool = False
 
 
 class _Descriptor(msgspec.Struct, frozen=True):
@@ -60,6 +63,8 @@ class LoopbackTransport(Transport):
         self._closed = False
         self._lock = threading.Lock()
         self._copying: set[int] = set()  # handle ids whose copy runs now
+        if options.posts_layers:  # (an option of the tests': the class declares what a plain one does)
+            self.capabilities = dataclasses.replace(type(self).capabilities, posts_layers=True)
 
     def register(self, buffer: torch.Tensor, extents: tuple[tuple[int, int], ...] = ()) -> RegionId:
         key = uuid.uuid4().hex
@@ -102,8 +107,20 @@ class LoopbackTransport(Transport):
         self._pool.submit(self._run, handle, src, key, plan, fail, timeout_s, corrupt)
         return handle
 
+    def prepare_layers(self, peer: PeerId, region: RegionId, plans: list[tuple[int, RangePlan]], timeout_s: float, *,
+                       ticket: bytes = b"", signal: tuple[int, int] | None = None) -> LayerPosts:
+        if not self.capabilities.posts_layers:
+            return super().prepare_layers(peer, region, plans, timeout_s, ticket=ticket, signal=signal)
+        handle = BatchHandle(self, sum(p.nbytes for _, p in plans), time.monotonic())
+        n = next(self._batches)
+        scripted = {"fail": self.options.fail_every > 0 and n % self.options.fail_every == 0,
+                    "corrupt": self.options.corrupt_every > 0 and n % self.options.corrupt_every == 0}
+        handle.state = BatchState.IN_FLIGHT
+        return _Posts(self, handle, self._local[region][1], self._peers[peer], dict(plans), timeout_s, scripted)
+
     def _run(self, handle: BatchHandle, src: torch.Tensor, key: str, plan: RangePlan, fail: bool,
-             timeout_s: float, corrupt: bool = False) -> None:
+             timeout_s: float, corrupt: bool = False, last: bool = True) -> None:
+        """Copy ``plan`` (``last``: the batch's last part: it is DONE after it)."""
         if handle.state != BatchState.IN_FLIGHT:
             return  # released (canceled) before it ran
         if self.options.delay_s:
@@ -134,7 +151,8 @@ class LoopbackTransport(Transport):
         finally:
             with self._lock:
                 self._copying.discard(handle.id)
-        self._finish(handle, BatchState.DONE, time.monotonic())
+        if last:
+            self._finish(handle, BatchState.DONE, time.monotonic())
 
     def close_batch(self, handle: BatchHandle) -> None:
         with self._lock:
@@ -153,3 +171,30 @@ class LoopbackTransport(Transport):
             with _regions_lock:
                 for key, _ in self._local.values():
                     _regions.pop(key, None)
+
+
+class _Posts(LayerPosts):
+    """Loopback's prepared layers: each posted layer's copy runs on the transport's one thread, in
+    the order posted; the batch is DONE after the last (closed before: CANCELED, nothing more copied)."""
+
+    def __init__(self, owner: LoopbackTransport, handle: BatchHandle, src: torch.Tensor, key: str,
+                 plans: dict[int, RangePlan], timeout_s: float, scripted: dict[str, bool]):
+        self.handle = handle
+        self._owner, self._src, self._key, self._plans, self._timeout_s = owner, src, key, plans, timeout_s
+        self._scripted = scripted
+        self._left = set(plans)
+        self._lock = threading.Lock()
+        if not plans:
+            owner._finish(handle, BatchState.DONE, time.monotonic())
+
+    def post(self, layer: int, after: torch.cuda.Event | None = None) -> None:
+        with self._lock:
+            if self.handle.state != BatchState.IN_FLIGHT or layer not in self._left:
+                return
+            self._left.discard(layer)
+            last = not self._left
+            try:
+                self._owner._pool.submit(self._owner._run, self.handle, self._src, self._key, self._plans[layer],
+                                         self._scripted["fail"], self._timeout_s, self._scripted["corrupt"] and last, last)
+            except RuntimeError as e:  # (the transport closed)
+                self._owner._finish(self.handle, BatchState.FAILED, time.monotonic(), f"posting layer {layer}: {e}")

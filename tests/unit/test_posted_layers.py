@@ -1,0 +1,102 @@
+"""A layered hand-off's last chunk prepared at once and posted layer by layer by the forward's
+marks (``transport.post_layers``, node/layered.py, ``Transport.prepare_layers``): sender and
+receiver in one process, over loopback with its ``posts_layers`` option.
+
+Where the decode is told of no layer (its pool shares our GPU), the sender prepares the final
+piece as one batch before any layer is computed, and the marking thread posts each layer: its
+bytes land once marked (the sender's loop is not woken for it), and the hand-off arrives
+bitwise. Off, or where the decode is told of each layer (Landed), it goes a batch per layer.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import pytest
+import torch
+
+from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
+from lmcache_pd.node.layered import LayerMarks
+from tests.unit.nodes import BLOCK, LAYERS, Node, make_cfg
+
+
+def in_pool(n: Node, layer: int, blocks: list[int]) -> bool:
+    """The decode pool holds ``layer`` of each of the prefill's ``blocks`` (found byte for byte)."""
+    pool = n.receiver.pool_buffer.numpy().tobytes()
+    return all(n.p_layers[layer][b].view(torch.uint8).numpy().tobytes() in pool for b in blocks)
+
+
+def wait_until(cond, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.002)
+
+
+@pytest.fixture
+def woke(monkeypatch) -> list[float]:
+    """When a hand-off's loop woke from its wait (``layered.woken``, spied on)."""
+    from lmcache_pd.node import layered
+
+    seen: list[float] = []
+    real = layered.woken
+
+    async def spy(event, timeout_s):
+        await real(event, timeout_s)
+        seen.append(time.monotonic())
+    monkeypatch.setattr(layered, "woken", spy)
+    return seen
+
+
+@pytest.mark.parametrize("post_layers,shared", [(True, True), (False, True), (True, False)],
+                         ids=["posted", "post_layers-off", "decode-told"])
+def test_the_last_chunk_goes_in_one_batch_each_layer_posted_as_marked(post_layers, shared, woke):
+    cfg = make_cfg("loopback", options={"shares_device": shared, "posts_layers": True}, layerwise=True)
+    cfg = msgspec.structs.replace(cfg, transport=msgspec.structs.replace(cfg.transport, post_layers=post_layers))
+    n = Node(cfg)
+    calls = {"submit": 0, "prepare_layers": 0}
+    t = n.sender.transport
+    for name in calls:
+        real = getattr(t, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        setattr(t, name, spy)
+    try:
+        p_blocks, d_blocks = [5, 6, 30], [11, 12, 40]
+        for layer in n.p_layers:  # (each block's bytes unique, so that the pool can be searched)
+            for b in p_blocks:
+                layer[b].view(torch.uint8).copy_(torch.randint(0, 256, layer[b].view(torch.uint8).shape,
+                                                               dtype=torch.uint8))
+        marks = LayerMarks(LAYERS)
+        h = Handoff("q1", "decode-0", 3 * BLOCK - 2, "d" * 32)
+        n.sender.reserve(h).result(5)
+        n.sender.submit_layered(SendSpec("p-q1", h, tuple(p_blocks), layered=True), marks)
+        n.receiver.submit_load(LoadSpec("d-q1", Handoff("q1", "prefill-0", 3 * BLOCK - 2, "d" * 32), tuple(d_blocks)))
+        posted = post_layers and shared
+        if posted:  # prepared before the forward computed any layer ...
+            wait_until(lambda: calls["prepare_layers"] == 1)
+        time.sleep(0.1)
+        assert not in_pool(n, 0, p_blocks), "a layer went before the forward marked it"
+        wakes = len(woke)
+        marks.layer(0)
+        wait_until(lambda: in_pool(n, 0, p_blocks))  # ... and layer 0 lands once marked
+        if posted:
+            assert len(woke) == wakes, "the sender's loop woke for a layer posted by its mark"
+        time.sleep(0.1)
+        assert not in_pool(n, 1, p_blocks), "layer 1 went before it was marked"
+        for b in p_blocks:  # the forward writes layer 1 after layer 0 landed: what goes is this
+            n.p_layers[1][b].view(torch.uint8).copy_(torch.randint(0, 256, n.p_layers[1][b].view(torch.uint8).shape,
+                                                                   dtype=torch.uint8))
+        marks.layer(1)
+        marks.forward_done()
+        sends, loads = n.results(1, 1)
+        assert sends[0].ok and loads[0].ok, (sends[0].error, loads[0].error)
+        n.assert_moved(p_blocks, d_blocks)
+        assert calls == ({"submit": 0, "prepare_layers": 1} if posted else {"submit": LAYERS, "prepare_layers": 0}), calls
+        assert sends[0].first_byte_at < sends[0].computed_at, sends[0]
+        assert n.pool_full()
+    finally:
+        n.close()
