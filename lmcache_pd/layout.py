@@ -84,13 +84,6 @@ class RangePlan:
     def swapped(self) -> RangePlan:
         return RangePlan(self.dst_offsets, self.src_offsets, self.lengths)
 
-    @classmethod
-    def concat(cls, plans: list[RangePlan]) -> RangePlan:
-        """Every range of ``plans``, in order (no coalescing)."""
-        if not plans:
-            return cls(*(np.zeros(0, dtype=np.int64),) * 3)
-        return cls(*(np.concatenate([getattr(p, f) for p in plans]) for f in ("src_offsets", "dst_offsets", "lengths")))
-
 
 def _checked(kv: KVLayout, blocks: np.ndarray | list[int], to: np.ndarray | list[int], *, dst_blocks: int,
              what: str, layers: range | list[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
