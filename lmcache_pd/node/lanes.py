@@ -48,6 +48,8 @@ class LaneSent:
     """Wall clock of its first and last byte."""
     seconds: float
     """Data-plane time: its first submit until its bytes were in the pool."""
+    posted: bool = False
+    """Layered: its last chunk went as one batch whose layers the forward's thread posted."""
 
     @property
     def nbytes(self) -> int:
@@ -154,7 +156,7 @@ async def send_lane(io: LaneIO, spec: SendSpec, grant: Grant, n_pages: int, read
     # scatter it during the forward; a direct hand-off has nothing to scatter. Nor is it told
     # where its pool shares our GPU: its scatters would stall our forward (landed_on_shared_gpu).
     tell = not (signal or grant.blocks or io.transport.capabilities.admits_writes or io.quiet(peer))
-    *span, plans = await send_layers(
+    *span, plans, posted = await send_layers(
         io.transport, dest, io.region,
         lambda piece, layer: piece_plan(io.kv, layout, piece, layer, to, first, plan=functools.partial(peer.plan, among=to)),
         pieces, io.kv.num_layers, data_s=io.data_s, ticket=ticket, signal=signal, renew=renew, **io.watch(spec),
@@ -162,4 +164,4 @@ async def send_lane(io: LaneIO, spec: SendSpec, grant: Grant, n_pages: int, read
     final = pieces.final
     assert final is not None and len(final.blocks) >= n_pages
     digest = io.digest(final.blocks[first:n_pages], digested, peer, None, plans)  # every layer is computed by now
-    return LaneSent(grant, plans, digest, (span[0], span[1]), time.monotonic() - t_data)
+    return LaneSent(grant, plans, digest, (span[0], span[1]), time.monotonic() - t_data, posted)

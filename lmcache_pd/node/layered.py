@@ -203,11 +203,12 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                       failed: Callable[[BatchState, object], None], renew: Callable[[], None] = lambda: None,
                       signal: tuple[int, int] | None = None,
                       landed: Callable[[list[int]], Awaitable[None]] | None = None,
-                      post_layers: bool = False) -> tuple[float, float, list[RangePlan]]:
+                      post_layers: bool = False) -> tuple[float, float, list[RangePlan], bool]:
     """Submit each layer of the final piece (``plan(piece, layer)``; None: nothing of it to send)
     as soon as its forward's marks say it is computed, and each earlier piece whole
     (``plan(piece, None)``) once its forward computed every layer; return when all of it is in
-    the peer's pool: the transfer's first and last byte (``groups.byte_span``), and the plans sent.
+    the peer's pool: the transfer's first and last byte (``groups.byte_span``), the plans sent,
+    and whether the final piece's layers were posted by its marks (``post_layers``, below).
 
     An earlier chunk's piece goes in one batch because only the last chunk's forward is on the
     hand-off's path: the next chunk's forward hides the whole piece, and one batch instead of
@@ -341,7 +342,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
             if pieces.stopped and not in_flight:
                 raise TransferError(pieces.stopped)
             if complete:
-                return (*byte_span(handles, first_byte_at), sent)
+                return (*byte_span(handles, first_byte_at), sent, queued is not None)
             if not pieces.stopped:
                 check()
             if time.monotonic() - progress > data_s:

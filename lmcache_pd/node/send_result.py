@@ -43,6 +43,9 @@ class SendResult:
     """Planned and submitted on the thread that submitted the hand-off (its pages were granted)."""
     pieces: int = 0
     """Layered: the forwards (prompt chunks) it was sent from, one piece each."""
+    posted: bool = False
+    """Layered: its last chunk's layers went as one batch, each posted by vLLM's thread as the
+    forward passed it (``transport.post_layers``), not a batch per layer from the sender's."""
     direct: bool = False
     """Written straight into the decode's vLLM blocks (``transport.direct``), not its pool."""
     last_chunk_at: float = 0.0

@@ -408,6 +408,7 @@ class KVSender:
                                 last_byte_at=max((s.span[1] for s in lanes), default=0.0),
                                 layered=pieces is not None, on_caller=on_caller,
                                 pieces=len(pieces) if pieces is not None else 0,
+                                posted=bool(lanes) and all(s.posted for s in lanes),
                                 direct=any(s.grant.blocks for s in lanes),
                                 last_chunk_at=pieces.final.added_at if pieces is not None and pieces.final else 0.0))
 

@@ -97,6 +97,103 @@ def test_the_last_chunk_goes_in_one_batch_each_layer_posted_as_marked(post_layer
         n.assert_moved(p_blocks, d_blocks)
         assert calls == ({"submit": 0, "prepare_layers": 1} if posted else {"submit": LAYERS, "prepare_layers": 0}), calls
         assert sends[0].first_byte_at < sends[0].computed_at, sends[0]
+        assert sends[0].posted is posted and sends[0].layered, sends[0]  # (the hand-off log says which way it went)
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
+def test_a_chunked_prompts_earlier_piece_goes_whole_and_its_last_chunk_posted():
+    """Chunked prefill with posted layers: the first chunk's blocks go in one submitted batch once
+    its forward computed them; the last chunk's are prepared as one batch when its piece comes
+    and posted layer by layer by its marks; everything lands bitwise."""
+    cfg = make_cfg("loopback", options={"shares_device": True, "posts_layers": True}, layerwise=True)
+    n = Node(cfg)
+    calls = {"submit": 0, "prepare_layers": 0}
+    t = n.sender.transport
+    for name in calls:
+        real = getattr(t, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        setattr(t, name, spy)
+    try:
+        p_blocks, d_blocks = [5, 6, 30, 31], [11, 12, 40, 41]
+        h = Handoff("chunked", "decode-0", 3 * BLOCK + 3, "d" * 32)
+        first = LayerMarks(LAYERS)
+        n.sender.reserve(h).result(5)
+        pieces = n.sender.submit_layered(SendSpec("p-c", h, tuple(p_blocks[:2]), layered=True, final=False), first)
+        n.receiver.submit_load(LoadSpec("d-c", Handoff("chunked", "prefill-0", 3 * BLOCK + 3, "d" * 32),
+                                        tuple(d_blocks)))
+        for i in range(LAYERS):
+            first.layer(i)
+        first.forward_done()
+        wait_until(lambda: in_pool(n, LAYERS - 1, p_blocks[:2]))
+        assert calls == {"submit": 1, "prepare_layers": 0}, calls
+        for layer in n.p_layers:  # the last chunk's forward writes its blocks now
+            for b in p_blocks[2:]:
+                layer[b].view(torch.uint8).copy_(torch.randint(0, 256, layer[b].view(torch.uint8).shape,
+                                                               dtype=torch.uint8))
+        last = LayerMarks(LAYERS)
+        pieces.add(tuple(p_blocks), 2, last, True)
+        wait_until(lambda: calls["prepare_layers"] == 1)
+        for i in range(LAYERS):
+            last.layer(i)
+        last.forward_done()
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        assert s.pieces == 2 and s.posted, s
+        assert calls == {"submit": 1, "prepare_layers": 1}, calls
+        n.assert_moved(p_blocks, d_blocks)
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
+def posted_node(**timeouts) -> Node:
+    return Node(make_cfg("loopback", options={"shares_device": True, "posts_layers": True}, layerwise=True, **timeouts))
+
+
+def start(n: Node, tid: str, p_blocks: list[int], d_blocks: list[int]) -> LayerMarks:
+    marks = LayerMarks(LAYERS)
+    h = Handoff(tid, "decode-0", len(p_blocks) * BLOCK, "d" * 32)
+    n.sender.reserve(h).result(5)
+    n.sender.submit_layered(SendSpec(f"p-{tid}", h, tuple(p_blocks), layered=True), marks)
+    n.receiver.submit_load(LoadSpec(f"d-{tid}", Handoff(tid, "prefill-0", len(p_blocks) * BLOCK, "d" * 32),
+                                    tuple(d_blocks)))
+    return marks
+
+
+def test_posted_a_forward_that_stops_fails_the_handoff_naming_data_s_and_the_pages_return():
+    n = posted_node(data_s=0.5)
+    try:
+        marks = start(n, "stall", [5, 6], [11, 12])
+        marks.layer(0)  # layer 1 never comes: its post never does
+        (s,), (ld,) = n.results(1, 1, timeout_s=10)
+        assert not s.ok and "timeouts.data_s" in s.error, s.error
+        assert not ld.ok
+        assert n.pool_full()
+        marks.layer(1)  # a post after the batch ended: nothing moves, nothing raises
+    finally:
+        n.close()
+
+
+def test_posted_an_aborted_request_ends_its_handoff_at_once_and_the_pages_return():
+    """An unreserve (the request aborted) ends the hand-off whose posted batch still waits for
+    layers at the sender's next look (it sleeps 0.25 s at most), well before ``timeouts.data_s``
+    (3 s here), naming the abort; the batch is closed and posts no more."""
+    n = posted_node()
+    try:
+        marks = start(n, "gone", [5, 6], [11, 12])
+        marks.layer(0)
+        wait_until(lambda: in_pool(n, 0, [5, 6]))
+        t0 = time.monotonic()
+        n.sender.unreserve("gone", "request aborted")
+        (s,), (ld,) = n.results(1, 1, timeout_s=5)
+        assert not s.ok and not ld.ok
+        assert "aborted" in s.error, s.error
+        assert time.monotonic() - t0 < 1.5
         assert n.pool_full()
     finally:
         n.close()
