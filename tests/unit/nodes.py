@@ -134,3 +134,33 @@ def warm(n: Node) -> None:
     """One hand-off first: links the peers and builds the kernels."""
     n.handoff("warm", [1], [5], num_tokens=BLOCK)
     assert all(r.ok for r in sum(n.results(1, 1), []))
+
+
+def first_chunk(n: Node, tid: str, p_blocks: list[int], d_blocks: list[int], num_tokens: int, split: int):
+    """Chunked prefill: a layered hand-off of ``p_blocks`` whose first chunk's forward completed
+    ``p_blocks[:split]`` (every layer marked, the forward ended), and the decode's load asked
+    for; returns its ``Pieces``, for the last chunk's."""
+    from lmcache_pd.node.layered import LayerMarks
+
+    h = Handoff(tid, "decode-0", num_tokens, "d" * 32)
+    first = LayerMarks(LAYERS)
+    n.sender.reserve(h).result(5)
+    pieces = n.sender.submit_layered(SendSpec(f"p-{tid}", h, tuple(p_blocks[:split]), layered=True, final=False), first)
+    n.receiver.submit_load(LoadSpec(f"d-{tid}", Handoff(tid, "prefill-0", num_tokens, "d" * 32), tuple(d_blocks)))
+    for i in range(LAYERS):
+        first.layer(i)
+    first.forward_done()
+    return pieces
+
+
+def last_chunk(n: Node, pieces, p_blocks: list[int], split: int):
+    """The last chunk's forward starts (after :func:`first_chunk`): it writes ``p_blocks[split:]``
+    anew and adds its piece; returns its marks (no layer marked yet)."""
+    from lmcache_pd.node.layered import LayerMarks
+
+    for layer in n.p_layers:
+        for b in p_blocks[split:]:
+            layer[b].view(torch.uint8).copy_(torch.randint(0, 256, layer[b].view(torch.uint8).shape, dtype=torch.uint8))
+    last = LayerMarks(LAYERS)
+    pieces.add(tuple(p_blocks), split, last, True)
+    return last

@@ -24,7 +24,7 @@ from lmcache_pd.layout import KVLayout, PoolLayout, plan_cache_to_pool
 from lmcache_pd.node.layered import LayerMarks
 from lmcache_pd.node.timeline import hidden_fraction
 from tests.integration.relay import pump
-from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node, make_cfg, spin_cycles
+from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node, first_chunk, last_chunk, make_cfg, spin_cycles
 
 
 def layered(n: Node, tid: str, p_blocks: list[int], d_blocks: list[int], num_tokens: int) -> LayerMarks:
@@ -223,24 +223,11 @@ def test_a_chunked_prompts_first_piece_lands_while_its_last_chunk_computes(name)
     n = Node(make_cfg(name))
     try:
         p_blocks, d_blocks = [5, 6, 30, 31], [11, 12, 40, 41]
-        h = Handoff("chunked", "decode-0", 3 * BLOCK + 3, "d" * 32)
-        first = LayerMarks(LAYERS)
-        n.sender.reserve(h)
-        pieces = n.sender.submit_layered(SendSpec("p-c", h, tuple(p_blocks[:2]), layered=True, final=False), first)
-        n.receiver.submit_load(LoadSpec("d-c", Handoff("chunked", "prefill-0", 3 * BLOCK + 3, "d" * 32),
-                                        tuple(d_blocks)))
-        for i in range(LAYERS):
-            first.layer(i)
-        first.forward_done()
+        pieces = first_chunk(n, "chunked", p_blocks, d_blocks, 3 * BLOCK + 3, split=2)
         wait_until(lambda: n.sender.transport.stats.batches >= 1)  # the first chunk's blocks are in the pool:
         assert n.sender.transport.stats.batches == 1  # one batch, every layer (only the last chunk's is on the path)
         assert n.sender.drain() == [], "the hand-off ended before its last chunk"
-        for layer in n.p_layers:  # the last chunk's forward writes its blocks now
-            for b in p_blocks[2:]:
-                layer[b].view(torch.uint8).copy_(torch.randint(0, 256, layer[b].view(torch.uint8).shape,
-                                                               dtype=torch.uint8))
-        last = LayerMarks(LAYERS)
-        pieces.add(tuple(p_blocks), 2, last, True)
+        last = last_chunk(n, pieces, p_blocks, split=2)  # its forward writes its blocks now
         last.layer(0)
         # Layer 0's pages landed in two batches, one per chunk: scattered at once (tcp's receiver
         # saw both; the others' sender said so once both were DONE).

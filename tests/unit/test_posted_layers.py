@@ -18,7 +18,8 @@ import torch
 
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.node.layered import LayerMarks
-from tests.unit.nodes import BLOCK, LAYERS, Node, make_cfg
+from tests.unit.nodes import BLOCK, LAYERS, Node, first_chunk, last_chunk, make_cfg
+from tests.waiting import wait_for
 
 
 def in_pool(n: Node, layer: int, blocks: list[int]) -> bool:
@@ -27,11 +28,25 @@ def in_pool(n: Node, layer: int, blocks: list[int]) -> bool:
     return all(n.p_layers[layer][b].view(torch.uint8).numpy().tobytes() in pool for b in blocks)
 
 
-def wait_until(cond, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.002)
+def wait_until(cond, what: str = "condition met") -> None:
+    wait_for(cond, 5.0, what, every_s=0.002)
+
+
+@pytest.fixture
+def calls() -> dict[str, int]:
+    """Filled by :func:`spy_on`: how often the sender submitted a batch and prepared layers."""
+    return {"submit": 0, "prepare_layers": 0}
+
+
+def spy_on(n: Node, calls: dict[str, int]) -> None:
+    t = n.sender.transport
+    for name in calls:
+        real = getattr(t, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        setattr(t, name, spy)
 
 
 @pytest.fixture
@@ -51,19 +66,11 @@ def woke(monkeypatch) -> list[float]:
 
 @pytest.mark.parametrize("post_layers,shared", [(True, True), (False, True), (True, False)],
                          ids=["posted", "post_layers-off", "decode-told"])
-def test_the_last_chunk_goes_in_one_batch_each_layer_posted_as_marked(post_layers, shared, woke):
+def test_the_last_chunk_goes_in_one_batch_each_layer_posted_as_marked(post_layers, shared, woke, calls):
     cfg = make_cfg("loopback", options={"shares_device": shared, "posts_layers": True}, layerwise=True)
     cfg = msgspec.structs.replace(cfg, transport=msgspec.structs.replace(cfg.transport, post_layers=post_layers))
     n = Node(cfg)
-    calls = {"submit": 0, "prepare_layers": 0}
-    t = n.sender.transport
-    for name in calls:
-        real = getattr(t, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(*args, **kwargs)
-        setattr(t, name, spy)
+    spy_on(n, calls)
     try:
         p_blocks, d_blocks = [5, 6, 30], [11, 12, 40]
         for layer in n.p_layers:  # (each block's bytes unique, so that the pool can be searched)
@@ -103,40 +110,18 @@ def test_the_last_chunk_goes_in_one_batch_each_layer_posted_as_marked(post_layer
         n.close()
 
 
-def test_a_chunked_prompts_earlier_piece_goes_whole_and_its_last_chunk_posted():
+def test_a_chunked_prompts_earlier_piece_goes_whole_and_its_last_chunk_posted(calls):
     """Chunked prefill with posted layers: the first chunk's blocks go in one submitted batch once
     its forward computed them; the last chunk's are prepared as one batch when its piece comes
     and posted layer by layer by its marks; everything lands bitwise."""
-    cfg = make_cfg("loopback", options={"shares_device": True, "posts_layers": True}, layerwise=True)
-    n = Node(cfg)
-    calls = {"submit": 0, "prepare_layers": 0}
-    t = n.sender.transport
-    for name in calls:
-        real = getattr(t, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(*args, **kwargs)
-        setattr(t, name, spy)
+    n = posted_node()
+    spy_on(n, calls)
     try:
         p_blocks, d_blocks = [5, 6, 30, 31], [11, 12, 40, 41]
-        h = Handoff("chunked", "decode-0", 3 * BLOCK + 3, "d" * 32)
-        first = LayerMarks(LAYERS)
-        n.sender.reserve(h).result(5)
-        pieces = n.sender.submit_layered(SendSpec("p-c", h, tuple(p_blocks[:2]), layered=True, final=False), first)
-        n.receiver.submit_load(LoadSpec("d-c", Handoff("chunked", "prefill-0", 3 * BLOCK + 3, "d" * 32),
-                                        tuple(d_blocks)))
-        for i in range(LAYERS):
-            first.layer(i)
-        first.forward_done()
+        pieces = first_chunk(n, "chunked", p_blocks, d_blocks, 3 * BLOCK + 3, split=2)
         wait_until(lambda: in_pool(n, LAYERS - 1, p_blocks[:2]))
         assert calls == {"submit": 1, "prepare_layers": 0}, calls
-        for layer in n.p_layers:  # the last chunk's forward writes its blocks now
-            for b in p_blocks[2:]:
-                layer[b].view(torch.uint8).copy_(torch.randint(0, 256, layer[b].view(torch.uint8).shape,
-                                                               dtype=torch.uint8))
-        last = LayerMarks(LAYERS)
-        pieces.add(tuple(p_blocks), 2, last, True)
+        last = last_chunk(n, pieces, p_blocks, split=2)  # its forward writes its blocks now
         wait_until(lambda: calls["prepare_layers"] == 1)
         for i in range(LAYERS):
             last.layer(i)
