@@ -241,8 +241,8 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
     unbind = pieces.bind(waker(loop, wake))
     ordered = transport.capabilities.stream_ordered
     ahead = post_layers and transport.capabilities.posts_layers and landed is None
-    armed = False  # the final piece was prepared for its marks to post (or had nothing to send)
-    queued = None  # its batch
+    prepared = False  # the final piece was prepared for its marks to post (or had nothing to send)
+    posted = None  # its batch
     handles: list = []
     open_: list = []  # admitted handles not yet seen terminal
     sent: list[RangePlan] = []
@@ -301,8 +301,8 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                 open_.append(handle)
                 sent.append(p)
                 progress = time.monotonic()
-            if ahead and final and not armed and not earlier and not pieces.stopped:
-                piece, armed = known[-1][0], True
+            if ahead and final and not prepared and not earlier and not pieces.stopped:
+                piece, prepared = known[-1][0], True
                 pending -= num_layers
                 layers = [(i, p) for i in range(num_layers) if (p := plan(piece, i)) is not None]
                 if layers and pieces.admit():
@@ -312,11 +312,11 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                     posts = transport.prepare_layers(peer_id, region, layers, timeout_s=data_s, ticket=ticket, **last)
                     for index, ready in piece.marks.attach(posts.post):  # those computed before now
                         posts.post(index, ready)
-                    queued = posts.handle
-                    queued.add_done_callback(waker(loop, wake))
-                    handles.append(queued)
+                    posted = posts.handle
+                    posted.add_done_callback(waker(loop, wake))
+                    handles.append(posted)
                     layer_of.append(None)
-                    open_.append(queued)
+                    open_.append(posted)
                     sent += [p for _, p in layers]
                     progress = time.monotonic()
             for h in list(open_):  # (only those in flight: a chunked prompt may have hundreds)
@@ -342,7 +342,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
             if pieces.stopped and not in_flight:
                 raise TransferError(pieces.stopped)
             if complete:
-                return (*byte_span(handles, first_byte_at), sent, queued is not None)
+                return (*byte_span(handles, first_byte_at), sent, posted is not None)
             if not pieces.stopped:
                 check()
             if time.monotonic() - progress > data_s:
@@ -352,9 +352,9 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
             # transports that progress only inside poll(), and events without a callback. Between
             # layers, with nothing in flight, only a mark wakes it: a wake-up costs the forward
             # (vLLM's thread, on the same core on CPU) the GIL.
-            # The queued batch's end wakes it (its callback); check() sees the decode's end at
+            # The posted batch's end wakes it (its callback); check() sees the decode's end at
             # the next wake-up.
-            await woken(wake, 0.005 if waiting or any(h is not queued for h in open_) else 0.25)
+            await woken(wake, 0.005 if waiting or any(h is not posted for h in open_) else 0.25)
     finally:
         unbind()
         for handle in handles:
