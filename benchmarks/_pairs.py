@@ -242,11 +242,14 @@ class HandoffPair:
         self._cycles: float | None = None  # torch.cuda._sleep cycles per us (once measured)
         self.last: tuple[list[int], list[int]] = ([], [])
         self._submits: list[tuple[float, object]] = []  # (wall clock, handle) of each batch submitted
+        self._host = {"submit": 0.0, "prepare_layers": 0.0}  # seconds inside each, this hand-off
         for name in ("submit", "prepare_layers"):
             real = getattr(self.tx.transport, name)
 
-            def submit(*args, _real=real, **kwargs):
+            def submit(*args, _real=real, _name=name, **kwargs):
+                t = time.perf_counter()
                 out = _real(*args, **kwargs)
+                self._host[_name] += time.perf_counter() - t
                 self._submits.append((time.time(), getattr(out, "handle", out)))  # (a LayerPosts' batch)
                 return out
             setattr(self.tx.transport, name, submit)
@@ -258,7 +261,7 @@ class HandoffPair:
         and, overlapping those, scatter (pool -> decode blocks, all groups) and groups (count)."""
 
     def once(self, n_tok: int, forward_us: float = 0.0, layered: bool = False, chunks: int = 1,
-             pieces: bool = True, posted: bool = False) -> float:
+             pieces: bool = True, posted: bool = False, prepared_first: bool = False) -> float:
         """One hand-off; its seconds from the submit to the decode's blocks holding it.
 
         ``forward_us`` > 0: a stand-in for the prefill's forward runs first on a stream of its
@@ -272,7 +275,9 @@ class HandoffPair:
         whole hand-off once the forward ended, as a request that finished; ``posted``: the last
         chunk's layers prepared at once and each posted by the forward's thread as it marks it,
         ``transport.post_layers``, where the transport can; else a batch per layer from the
-        sender's thread). Then the phases also
+        sender's thread; ``prepared_first``: the forward's first layer waits until they were
+        prepared, so the preparation's cost on the sender's thread shows apart from the posts').
+        Then the phases also
         hold "forward", "exposed" (the forward's end -> the decode's end of the load) and
         "transfer_exposed" (the forward's end -> the sender seeing the last byte in the decode
         pool)."""
@@ -293,7 +298,9 @@ class HandoffPair:
         if forward_us > 0:
             forward_start = time.time()
             self.tx._io.post_layers = posted  # (the sender's setting, per hand-off here: the modes take turns)
-            forward_end, stamp, marks = self._forward(spec, p_blocks, forward_us, layered, chunks, pieces)
+            self._host = dict.fromkeys(self._host, 0.0)
+            forward_end, stamp, marks, marking = self._forward(spec, p_blocks, forward_us, layered, chunks, pieces,
+                                                               prepared_first)
             forward_end_gpu = stamp.wall() if stamp is not None else forward_end  # (a CPU's: the host's)
             if marks is not None:
                 marks.forward_done(forward_end, stamp)
@@ -325,14 +332,20 @@ class HandoffPair:
                                   # GPU stamps at both ends (device_clock.py; cuda_ipc stamps its
                                   # batches): the transfer's last byte after the forward's last kernel.
                                   "transfer_exposed": s.last_byte_at - forward_end_gpu,
-                                  **self._batches(submits + self._submits, forward_end, forward_end_gpu)}
+                                  **self._batches(submits + self._submits, forward_end, forward_end_gpu),
+                                  # Host seconds: in the forward's marks (posts included) on its
+                                  # thread; in the transport's submit and prepare_layers.
+                                  "marking": marking, "in_submit": self._host["submit"],
+                                  "in_prepare": self._host["prepare_layers"]}
                                if forward_us > 0 else {})})
         self._submits = []
         return total
 
-    def _forward(self, spec, p_blocks: list[int], forward_us: float, layered: bool, chunks: int, pieces: bool):
+    def _forward(self, spec, p_blocks: list[int], forward_us: float, layered: bool, chunks: int, pieces: bool,
+                 prepared_first: bool = False):
         """The stand-in forward (see :meth:`once`): its end on the host, its end's stamp on the
-        GPU (None on a CPU), and the last piece's marks (None: not layered)."""
+        GPU (None on a CPU), the last piece's marks (None: not layered), and the seconds its
+        thread spent in the marks."""
         from lmcache_pd.node.layered import LayerMarks
 
         n = len(p_blocks)
@@ -341,6 +354,7 @@ class HandoffPair:
         cycles = int(forward_us / chunks * self._cycles_per_us()) if cuda else 0
         bounds = [n * k // chunks for k in range(chunks + 1)]  # the blocks each chunk completes
         sent = marks = None
+        marking = 0.0
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
             for c in range(chunks):
                 final = c == chunks - 1
@@ -354,6 +368,10 @@ class HandoffPair:
                         sent = self.tx.submit_layered(piece, marks)
                     else:
                         sent.add(blocks, first, marks, final)
+                    if prepared_first and final:
+                        deadline = time.monotonic() + 30
+                        while not self._host["prepare_layers"] and time.monotonic() < deadline:
+                            time.sleep(0.0001)
                 for i in range(LAYERS):
                     ready = None
                     if cuda:
@@ -368,12 +386,14 @@ class HandoffPair:
                     else:
                         _busy(forward_us / chunks)
                     if marks is not None:
+                        t = time.perf_counter()
                         marks.layer(i, ready)
+                        marking += time.perf_counter() - t
         if not cuda:
-            return time.time(), None, marks
+            return time.time(), None, marks, marking
         end_stamp = clock_for(stream.device).stamp(stream)  # the forward's end on the GPU
         end_stamp.event.synchronize()  # (recorded after the last layer's event: wait for it, not that)
-        return time.time(), end_stamp, marks
+        return time.time(), end_stamp, marks, marking
 
     @staticmethod
     def _batches(submits: list[tuple[float, object]], forward_end: float, forward_end_gpu: float) -> dict[str, float]:

@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                          "(16 kernels per layer, each after as much time in Python, releasing the GIL "
                          "between them), as vLLM's eager forward does: then the sender's work on this "
                          "process's GIL shows in the forward's time (the forward ms column, per mode)")
+    ap.add_argument("--modes", default="", metavar="M,M",
+                    help="with --layered: only these modes (of whole, layered / last chunk, chunked, posted, "
+                         "'posted first': posted with the forward's first layer waiting until the layers "
+                         "were prepared; default: all but 'posted first'; whole always runs: the others' "
+                         "share hidden is against it)")
     ap.add_argument("--chunks", type=int, default=1,
                     help="with --layered: the stand-in forward is a chunked prefill of this many chunks")
     ap.add_argument("--cpus", default="", metavar="P,D",
@@ -181,6 +186,12 @@ def layered(args) -> int:
         modes["chunked"] = {"layered": True, "pieces": True}
     if pair.tx.transport.capabilities.posts_layers:  # the last chunk's layers posted by the forward's thread
         modes["posted"] = {"layered": True, "pieces": chunks > 1, "posted": True}
+        modes["posted first"] = {**modes["posted"], "prepared_first": True}
+    wanted = {m.strip() for m in args.modes.split(",") if m.strip()} or set(modes) - {"posted first"}
+    if unknown := wanted - set(modes):
+        print(f"skipped: no mode {sorted(unknown)} here (modes: {', '.join(modes)})")
+        return 1
+    modes = {m: kw for m, kw in modes.items() if m in wanted | {"whole"}}
     layered_modes = [m for m in modes if m != "whole"]
     print(f"# {args.transport}{' direct' if args.direct else ''} hand-off behind a stand-in forward of 32 layers in {chunks} chunk(s)"
           f"{' on the default stream' if cuda and args.forward_stream == 'default' else ''}"
@@ -221,10 +232,13 @@ def layered(args) -> int:
                   + ("bitwise" if all(checks.values()) else f"MISMATCH {checks}") + " |", flush=True)
             for m in modes:  # where the time after the forward goes (sender side)
                 last = {k: statistics.median(p[k] for p in rows[m])
-                        for k in ("last_submit", "last_done", "last_landed", "batches")}
+                        for k in ("last_submit", "last_done", "last_landed", "batches", "marking", "in_submit",
+                                  "in_prepare")}
                 on_gpu = (f"; last byte {last['last_landed'] * 1e3:+.3f} ms from it on the GPU" if cuda else "")
                 print(f"#   {n_tok} {m}: {last['batches']:.0f} batches, last submitted {last['last_submit'] * 1e3:+.3f} ms "
-                      f"and last done {last['last_done'] * 1e3:+.3f} ms from the forward's end (host){on_gpu}", flush=True)
+                      f"and last done {last['last_done'] * 1e3:+.3f} ms from the forward's end (host){on_gpu}; "
+                      f"host ms in the forward's marks {last['marking'] * 1e3:.3f}, in the transport's submit "
+                      f"{last['in_submit'] * 1e3:.3f} and prepare_layers {last['in_prepare'] * 1e3:.3f}", flush=True)
     finally:
         pair.close()
     return status

@@ -134,6 +134,42 @@ def plan_cache_to_cache(src: KVLayout, dst: KVLayout, *, blocks: np.ndarray | li
                         np.asarray(dst.layer_offsets, dtype=np.int64)[which][:, None] + to[None, :] * dst.block_stride)
 
 
+def plan_layers(kv: KVLayout, dst: PoolLayout | KVLayout, *, blocks: np.ndarray | list[int],
+                to: np.ndarray | list[int]) -> list[RangePlan]:
+    """:func:`plan_into` of each layer alone, every layer from one pass of vector work: element
+    ``l`` holds the ranges of ``plan_into(kv, dst, blocks=blocks, to=to, layers=[l])``.
+
+    A layered hand-off lays out every layer of its last chunk when its pages are granted, on
+    the prefill's process while its forward runs (node/layered.py): there a plan per layer,
+    each a dozen small numpy calls, was most of the sender's time holding the GIL that the
+    forward's thread needs (docs/benchmarks.md). Which ranges merge is the same for every
+    layer (a layer shifts both sides of all its ranges by one offset), so it is found once."""
+    if isinstance(dst, KVLayout):
+        if kv.block_bytes != dst.block_bytes or kv.num_layers != dst.num_layers:
+            raise ValueError("the two caches' geometries differ")
+        blocks, to, which = _checked(kv, blocks, to, dst_blocks=dst.num_blocks, what="destination block id",
+                                     layers=None)
+        dst_at = np.asarray(dst.layer_offsets, dtype=np.int64)[:, None] + to[None, :] * dst.block_stride
+    else:
+        if dst.block_bytes != kv.block_bytes or dst.num_layers != kv.num_layers:
+            raise ValueError("pool geometry does not match the KV layout")
+        blocks, to, which = _checked(kv, blocks, to, dst_blocks=dst.num_pages, what="page index", layers=None)
+        dst_at = (which[:, None] * dst.num_pages + to[None, :]) * kv.block_bytes
+    src_at = np.asarray(kv.layer_offsets, dtype=np.int64)[:, None] + blocks[None, :] * kv.block_stride  # [L, n]
+    n = len(blocks)
+    lengths = np.full(n, kv.block_bytes, dtype=np.int64)
+    if n <= 1 or not (cont := _continues(src_at[0], dst_at[0], lengths)).any():
+        return [RangePlan(src_at[layer], dst_at[layer], lengths) for layer in range(kv.num_layers)]
+    keep = np.empty(n, dtype=bool)
+    keep[0] = True
+    np.logical_not(cont, out=keep[1:])
+    starts = np.flatnonzero(keep)
+    ends = np.append(starts[1:], n)
+    merged = (ends - starts) * kv.block_bytes
+    src_at, dst_at = src_at[:, starts], dst_at[:, starts]
+    return [RangePlan(src_at[layer], dst_at[layer], merged) for layer in range(kv.num_layers)]
+
+
 def plan_into(kv: KVLayout, dst: PoolLayout | KVLayout, *, blocks: np.ndarray | list[int],
               to: np.ndarray | list[int], layers: range | list[int] | None = None) -> RangePlan:
     """Blocks of ``kv`` into pool pages ``to`` (``dst`` a pool) or into blocks ``to`` of another

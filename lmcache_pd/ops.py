@@ -128,6 +128,18 @@ def copy_ranges_ref(src: torch.Tensor, dst: torch.Tensor, plan: RangePlan) -> No
         dst[d:d + n].copy_(src[s:s + n])
 
 
+def check_ranges(plan: RangePlan, src_bytes: int, dst_bytes: int | None) -> None:
+    """Raises ValueError when a range of ``plan`` reads outside ``src_bytes`` or writes outside
+    ``dst_bytes`` (None: the destination is checked where it is, by the receiver)."""
+    if len(plan) == 0:
+        return
+    if int((plan.src_offsets + plan.lengths).max()) > src_bytes or int(plan.src_offsets.min()) < 0:
+        raise ValueError("range plan reads outside the source buffer")
+    if dst_bytes is not None and (int((plan.dst_offsets + plan.lengths).max()) > dst_bytes
+                                  or int(plan.dst_offsets.min()) < 0):
+        raise ValueError("range plan writes outside the destination buffer")
+
+
 def copy_ranges(src: torch.Tensor, dst: torch.Tensor, plan: RangePlan) -> None:
     """Copy ``plan`` from ``src`` to ``dst`` (flat uint8). Bounds are checked first.
 
@@ -135,10 +147,7 @@ def copy_ranges(src: torch.Tensor, dst: torch.Tensor, plan: RangePlan) -> None:
     """
     if len(plan) == 0:
         return
-    if int((plan.src_offsets + plan.lengths).max()) > src.numel() or int(plan.src_offsets.min()) < 0:
-        raise ValueError("range plan reads outside the source buffer")
-    if int((plan.dst_offsets + plan.lengths).max()) > dst.numel() or int(plan.dst_offsets.min()) < 0:
-        raise ValueError("range plan writes outside the destination buffer")
+    check_ranges(plan, src.numel(), dst.numel())
     if src.is_cuda and dst.is_cuda:
         stream = torch.cuda.current_stream(dst.device)
         launch_copy(src.data_ptr(), dst.data_ptr(), plan, device=dst.device, stream=stream)
@@ -223,10 +232,14 @@ class PreparedCopy:
     buffer the driver copies at launch). ``table`` is the uploaded plan of a table launch (None
     when the plan travels inline); it must stay alive until the launch has run."""
 
-    __slots__ = ("fn", "grid", "params", "table", "index")
+    __slots__ = ("fn", "grid", "params", "table", "index", "_arg", "args")
 
     def __init__(self, fn: int, grid: int, params: np.ndarray, table: torch.Tensor | None, index: int):
         self.fn, self.grid, self.params, self.table, self.index = fn, grid, params, table, index
+        # The launch's kernelParams (one pointer per parameter), made once: a posted layer's
+        # launch runs on vLLM's thread, where each allocation is the forward's time.
+        self._arg = np.array([params.ctypes.data], dtype=np.uint64)
+        self.args = self._arg.ctypes.data
 
     @property
     def inline(self) -> bool:
@@ -274,6 +287,36 @@ def prepare_copy(src_base: int, dst_base: int, plan: RangePlan, *, device: torch
     return PreparedCopy(kernels.get(f"copy_table_{kind}"), grid, params, dev, index)
 
 
+def prepare_rows(src_base: int, dst_base: int, src_offsets: np.ndarray, dst_offsets: np.ndarray,
+                 lengths: np.ndarray, *, device: torch.device) -> list[PreparedCopy] | None:
+    """:func:`prepare_copy` of several plans of the same lengths at once (row ``i`` of
+    ``src_offsets`` and ``dst_offsets``, ``[k, n]``: one plan; ``lengths``, ``[n]``: every
+    plan's), each inline: one pass of vector work for all of them, as a layered hand-off lays out
+    every layer when its pages are granted (layout.plan_layers), while the forward runs. None
+    when the plans are empty or too long to travel inline (prepare them one by one)."""
+    k, n = src_offsets.shape
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    kernels = kernels_for(index)
+    rows = next((r for r in kernels.inline_rows if n <= r), 0)
+    nbytes = int(lengths.sum())
+    if not rows or n == 0 or nbytes == 0:
+        return None
+    max_blocks = kernels.sms * _BLOCKS_PER_SM
+    chunk = _chunk_for(nbytes, max_blocks * _THREADS // 32)
+    misaligned = (src_base | dst_base | int(np.bitwise_or.reduce(lengths))) & 15 or int(
+        np.bitwise_or.reduce(src_offsets | dst_offsets, axis=None)) & 15
+    warps_needed = -(-nbytes // chunk)
+    grid = max(1, min(max_blocks, -(-warps_needed * 32 // _THREADS)))
+    fn = kernels.get(f"copy_inline_{'bytes' if misaligned else 'v16'}_{rows}")
+    params = np.empty((k, 3 * rows + 3), dtype=np.int64)  # one row per plan, laid out as _fill does
+    params[:, 0], params[:, 1] = n, chunk
+    np.add(src_offsets, src_base, out=params[:, 2:2 + n])
+    np.add(dst_offsets, dst_base, out=params[:, 2 + rows:2 + rows + n])
+    params[:, 2 + 2 * rows] = 0
+    params[:, 3 + 2 * rows:3 + 2 * rows + n] = np.cumsum(lengths)
+    return [PreparedCopy(fn, grid, params[i], None, index) for i in range(k)]
+
+
 def _fill(out: np.ndarray, rows: int, plan: RangePlan, src_base: int, dst_base: int) -> None:
     """``out[:rows]`` source addresses, ``out[rows:2*rows]`` destinations, then the prefix sums."""
     n = len(plan)
@@ -288,7 +331,6 @@ def run_copy(p: PreparedCopy, stream: torch.cuda.Stream) -> None:
     marshalling, no device or stream context unless this thread is on another device)."""
     from cupy.cuda import driver, runtime
 
-    arg = np.array([p.params.ctypes.data], dtype=np.uint64)  # kernelParams: one pointer per parameter
     current = runtime.getDevice()
     # A thread's first launch, or another device: cudaSetDevice makes the device's primary
     # context current (a driver launch needs one); the caller's device is put back after.
@@ -296,7 +338,7 @@ def run_copy(p: PreparedCopy, stream: torch.cuda.Stream) -> None:
     if bind:
         runtime.setDevice(p.index)
     try:
-        driver.launchKernel(p.fn, p.grid, 1, 1, _THREADS, 1, 1, 0, stream.cuda_stream, arg.ctypes.data, 0)
+        driver.launchKernel(p.fn, p.grid, 1, 1, _THREADS, 1, 1, 0, stream.cuda_stream, p.args, 0)
     finally:
         if current != p.index:
             runtime.setDevice(current)

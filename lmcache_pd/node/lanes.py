@@ -29,7 +29,7 @@ from lmcache_pd.digests import cache_digest, plan_sum
 from lmcache_pd.handoff import SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan
 from lmcache_pd.node.groups import send_groups
-from lmcache_pd.node.layered import Pieces, piece_plan, send_layers
+from lmcache_pd.node.layered import PiecePlans, Pieces, send_layers
 from lmcache_pd.node.peer import DecodePeer, Grant
 from lmcache_pd.transport import Transport
 
@@ -158,7 +158,8 @@ async def send_lane(io: LaneIO, spec: SendSpec, grant: Grant, n_pages: int, read
     tell = not (signal or grant.blocks or io.transport.capabilities.admits_writes or io.quiet(peer))
     *span, plans, posted = await send_layers(
         io.transport, dest, io.region,
-        lambda piece, layer: piece_plan(io.kv, layout, piece, layer, to, first, plan=functools.partial(peer.plan, among=to)),
+        PiecePlans(io.kv, layout, to, first, plan=functools.partial(peer.plan, among=to),
+                   each=functools.partial(peer.plan_layers, among=to)),
         pieces, io.kv.num_layers, data_s=io.data_s, ticket=ticket, signal=signal, renew=renew, **io.watch(spec),
         landed=functools.partial(peer.landed, spec.handoff.transfer_id, 0) if tell else None, post_layers=io.post_layers)
     final = pieces.final

@@ -32,7 +32,7 @@ import torch
 from lmcache_pd._types import BatchState, BlockId
 from lmcache_pd.device_clock import Stamp
 from lmcache_pd.errors import TransferError, TransferTimeout
-from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, plan_into
+from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, plan_into, plan_layers
 from lmcache_pd.node.groups import byte_span
 from lmcache_pd.node.loop import waker, woken
 
@@ -184,18 +184,35 @@ class Pieces:
             return self._lock.wait_for(lambda: self._inflight <= 0, timeout_s)
 
 
-def piece_plan(kv: KVLayout, dst: PoolLayout | KVLayout, piece: Piece, layer: int | None, to: list[int],
-               skip: int, *, plan: Callable[..., RangePlan] = plan_into) -> RangePlan | None:
-    """One layer (None: every layer) of the blocks a piece completes into their pool pages, or
-    (``dst`` a KV layout: a direct hand-off) the decode's blocks. ``to`` holds the places of
-    the hand-off's blocks from ``skip`` on (the decode side holds the first ones); None: none
-    left. ``plan``: how blocks become ranges (``DecodePeer.plan``: cut at head boundaries
-    between TP sizes)."""
-    a, b = max(piece.first, skip), min(len(piece.blocks), skip + len(to))
-    if a >= b:
-        return None
-    return plan(kv, dst, blocks=piece.blocks[a:b], to=to[a - skip:b - skip],
-                     layers=None if layer is None else [layer])
+class PiecePlans:
+    """How the pieces of one hand-off become range plans (the sender's loop calls it as
+    ``plan(piece, layer)``): a piece whole (``layer`` None), or one layer of it, in the pool
+    pages of layout ``dst`` (a KV layout: the decode's blocks, a direct hand-off). ``to`` holds
+    the places of the hand-off's blocks from ``skip`` on (the decode side holds the first ones).
+    ``plan``: how blocks become ranges (``DecodePeer.plan``: cut at head boundaries between TP
+    sizes); ``each``: the same for every layer alone at once (``DecodePeer.plan_layers``).
+
+    A piece's layers are laid out together the first time one is asked for: a plan per layer
+    costs a dozen numpy calls, made while the forward runs and holding the GIL its thread
+    needs (docs/benchmarks.md)."""
+
+    def __init__(self, kv: KVLayout, dst: PoolLayout | KVLayout, to: list[int], skip: int, *,
+                 plan: Callable[..., RangePlan] = plan_into, each: Callable[..., list[RangePlan]] = plan_layers):
+        self._kv, self._dst, self._to, self._skip, self._plan, self._each = kv, dst, to, skip, plan, each
+        self._layers: dict[int, tuple[Piece, list[RangePlan]]] = {}  # id(piece) -> (piece, its plan per layer)
+
+    def __call__(self, piece: Piece, layer: int | None) -> RangePlan | None:
+        """None: nothing of ``piece`` to send (every block it completes is held there)."""
+        a, b = max(piece.first, self._skip), min(len(piece.blocks), self._skip + len(self._to))
+        if a >= b:
+            return None
+        blocks, to = piece.blocks[a:b], self._to[a - self._skip:b - self._skip]
+        if layer is None:
+            return self._plan(self._kv, self._dst, blocks=blocks, to=to, layers=None)
+        known = self._layers.get(id(piece))
+        if known is None:
+            known = self._layers[id(piece)] = (piece, self._each(self._kv, self._dst, blocks=blocks, to=to))
+        return known[1][layer]
 
 
 async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piece, int | None], RangePlan | None],

@@ -21,7 +21,7 @@ from lmcache_pd.control.client import ControlClient
 from lmcache_pd.errors import PDError, PoolExhausted, TransferError
 from lmcache_pd.handoff import Handoff
 from lmcache_pd.heads import HeadSlice, plan_heads
-from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, plan_into
+from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, plan_into, plan_layers
 from lmcache_pd.node.armed import signal_of
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,14 @@ class DecodePeer:
         assert isinstance(dst, PoolLayout)  # (no direct hand-offs between TP sizes: the decode offers none)
         return plan_heads(kv, dst, self.heads, head_bytes=self.head_bytes, blocks=list(blocks), pages=to,
                           layers=layers, among=among)
+
+    def plan_layers(self, kv: KVLayout, dst: PoolLayout | KVLayout, *, blocks: list[int] | tuple[int, ...],
+                    to: list[int], among: list[int] | None = None) -> list[RangePlan]:
+        """:meth:`plan` of each layer alone, every layer at once (layout.plan_layers; between TP
+        sizes, a plan per layer)."""
+        if self.heads is None:
+            return plan_layers(kv, dst, blocks=blocks, to=to)
+        return [self.plan(kv, dst, blocks=blocks, to=to, layers=[layer], among=among) for layer in range(kv.num_layers)]
 
     # --- the messages -----------------------------------------------------------------------
     async def allocate(self, h: Handoff, n_pages: int) -> Grant:

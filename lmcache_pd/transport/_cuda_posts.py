@@ -38,6 +38,7 @@ class Posts(LayerPosts):
         more posts; ``fail(error)``: it ends now (nothing could be stamped)."""
         self.handle = handle
         self._stream, self._device, self._prepared, self._signal = stream, device, prepared, signal
+        self._clock = clock_for(device)
         self._done, self._forget, self._fail = done, forget, fail
         self._left = set(prepared)
         self._began = None
@@ -54,8 +55,7 @@ class Posts(LayerPosts):
                     self._stream.wait_event(after)
                 else:
                     self._stream.wait_stream(torch.cuda.current_stream(self._device))
-                clock = clock_for(self._device)
-                self._began = self._began or clock.stamp(self._stream)
+                self._began = self._began or self._clock.stamp(self._stream)
                 p = self._prepared[layer]
                 if p is not None:
                     run_copy(p, self._stream)
@@ -80,7 +80,7 @@ class Posts(LayerPosts):
             if outcome is None and self._signal is not None:
                 # After the copies on the same stream, with a barrier: the peer's wait sees the bytes first.
                 _signals.write(self._device.index, self._stream.cuda_stream, *self._signal)
-            landed = clock_for(self._device).stamp(self._stream)
+            landed = self._clock.stamp(self._stream)
         except RuntimeError as e:
             log.warning("cuda_ipc: ending a batch of posted layers: %s", e)
             self._fail(f"CUDA error: {e}")

@@ -45,7 +45,7 @@ from lmcache_pd._types import BatchState
 from lmcache_pd.device_clock import clock_for
 from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
-from lmcache_pd.ops import cuda_kernels_available, launch_copy, prepare_copy
+from lmcache_pd.ops import PreparedCopy, check_ranges, cuda_kernels_available, launch_copy, prepare_copy, prepare_rows
 from lmcache_pd.transport import device_signals as _signals
 from lmcache_pd.transport._cuda_posts import Posts
 from lmcache_pd.transport.base import BatchHandle, Capabilities, LayerPosts, PeerId, RegionId, Transport, gpu_uuid
@@ -365,15 +365,18 @@ class CudaIpcTransport(Transport):
         src = self._regions[region]
         p = self._peers[peer]
         handle = BatchHandle(self, sum(plan.nbytes for _, plan in plans), time.monotonic())
-        placed = {layer: self._placed(p, src, plan) for layer, plan in plans}
         stream = self._stream(src.device)
-        if any(q is None for q in placed.values()):
+        # Laid out (and the kernels loaded) now, on the sender's thread: a post only launches.
+        prepared = self._prepare_rows(p, src, plans)
+        if prepared is None:
+            placed = {layer: self._placed(p, src, plan) for layer, plan in plans}
+            if all(q is not None for q in placed.values()):
+                prepared = {layer: prepare_copy(src.address, q[1], q[0], device=src.device, stream=stream)
+                            for layer, q in placed.items() if q is not None}
+        if not isinstance(prepared, dict):
             self._finish(handle, BatchState.FAILED, time.monotonic(), "range plan outside a registered region")
             return Posts(handle, stream, src.device, {}, None, done=self._pending.put, forget=self._forget_posts,
                          fail=lambda error: None)
-        # Laid out (and the kernels loaded) now, on the sender's thread: a post only launches.
-        prepared = {layer: prepare_copy(src.address, q[1], q[0], device=src.device, stream=stream)
-                    for layer, q in placed.items() if q is not None}
         at = (p.signals + 4 * signal[0], signal[1]) if signal is not None and 0 <= signal[0] < p.signal_slots else None
         handle.state = BatchState.IN_FLIGHT
         posts = Posts(handle, stream, src.device, prepared, at, done=self._pending.put, forget=self._forget_posts,
@@ -384,6 +387,28 @@ class CudaIpcTransport(Transport):
             posts.end(None)
         return posts
 
+    def _prepare_rows(self, p: _Peer, src: _Region, plans: list[tuple[int, RangePlan]]
+                      ) -> dict[int, PreparedCopy] | bool | None:
+        """Every layer's copy laid out in one pass (``ops.prepare_rows``) where the plans share
+        their lengths (``layout.plan_layers`` makes them so); False: a range outside the source
+        region or the peer's; None: lay them out one by one."""
+        lengths = plans[0][1].lengths if plans else None
+        if lengths is None or any(plan.lengths is not lengths for _, plan in plans) or not len(lengths):
+            return None
+        srcs = np.stack([plan.src_offsets for _, plan in plans])
+        dsts = np.stack([plan.dst_offsets for _, plan in plans])
+        if (int((dsts + lengths).max()) > p.nbytes or int(dsts.min()) < 0
+                or int((srcs + lengths).max()) > src.nbytes or int(srcs.min()) < 0):
+            return False
+        base = p.address
+        if p.pieces:
+            absolute = self._absolute(p, RangePlan(srcs.ravel(), dsts.ravel(), np.tile(lengths, len(plans))))
+            if absolute is None:
+                return False
+            dsts, base = absolute.dst_offsets.reshape(dsts.shape), 0
+        rows = prepare_rows(src.address, base, srcs, dsts, lengths, device=src.device)
+        return None if rows is None else {layer: r for (layer, _), r in zip(plans, rows)}
+
     def _forget_posts(self, handle: BatchHandle) -> None:
         with self._posts_lock:
             self._open_posts.pop(handle.id, None)
@@ -391,8 +416,9 @@ class CudaIpcTransport(Transport):
     def _placed(self, p: _Peer, src: _Region, plan: RangePlan) -> tuple[RangePlan, int] | None:
         """``plan`` as the kernel takes it, and the destination's base address; None: a range
         outside the source region or the peer's."""
-        if len(plan) and (int((plan.dst_offsets + plan.lengths).max()) > p.nbytes or int(plan.dst_offsets.min()) < 0
-                          or int((plan.src_offsets + plan.lengths).max()) > src.nbytes):
+        try:
+            check_ranges(plan, src.nbytes, p.nbytes)
+        except ValueError:
             return None
         if p.pieces and len(plan):
             absolute = self._absolute(p, plan)

@@ -26,7 +26,7 @@ import torch
 from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost
 from lmcache_pd.layout import RangePlan
-from lmcache_pd.ops import copy_ranges
+from lmcache_pd.ops import check_ranges, copy_ranges
 from lmcache_pd.transport.base import BatchHandle, Capabilities, LayerPosts, PeerId, RegionId, Transport
 
 _regions: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
@@ -116,7 +116,14 @@ class LoopbackTransport(Transport):
         scripted = {"fail": self.options.fail_every > 0 and n % self.options.fail_every == 0,
                     "corrupt": self.options.corrupt_every > 0 and n % self.options.corrupt_every == 0}
         handle.state = BatchState.IN_FLIGHT
-        return _Posts(self, handle, self._local[region][1], self._peers[peer], dict(plans), timeout_s, scripted)
+        src, key = self._local[region][1], self._peers[peer]
+        dst = _regions.get(key)
+        try:  # every layer checked now, as cuda_ipc does: nothing of a batch that cannot land is copied
+            for _, plan in plans:
+                check_ranges(plan, src.numel(), dst.numel() if dst is not None else 0)
+        except ValueError as e:
+            self._finish(handle, BatchState.FAILED, time.monotonic(), str(e))  # (its posts are ignored)
+        return _Posts(self, handle, src, key, dict(plans), timeout_s, scripted)
 
     def _run(self, handle: BatchHandle, src: torch.Tensor, key: str, plan: RangePlan, fail: bool,
              timeout_s: float, corrupt: bool = False, last: bool = True) -> None:

@@ -42,6 +42,7 @@ from lmcache_pd import auth
 from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost, TransferError, TransportUnavailable
 from lmcache_pd.layout import RangePlan
+from lmcache_pd.ops import check_ranges
 from lmcache_pd.transport import _sealed
 from lmcache_pd.transport._tcp_stream import Peer, Stream
 from lmcache_pd.transport._tcp_wire import (
@@ -318,9 +319,15 @@ class TcpTransport(Transport):
             raise ValueError(f"a ticket of {len(ticket)} B (at most {MAX_TICKET})")
         p = self._peers[peer]
         handle = BatchHandle(self, plan.nbytes, time.monotonic())
+        src = self._regions[region]
+        try:  # (a memoryview's slices wrap below 0 and stop at its end: a wild range would send other bytes, or fewer)
+            check_ranges(plan, src.nbytes, None)
+        except ValueError as e:
+            self._finish(handle, BatchState.FAILED, handle.t_submit, str(e))
+            return handle
         handle.state = BatchState.IN_FLIGHT
         stream = p.streams[next(p.next)]
-        stream.queue.put((handle, self._regions[region], plan, handle.t_submit + timeout_s, ticket))
+        stream.queue.put((handle, src, plan, handle.t_submit + timeout_s, ticket))
         return handle
 
     def close_batch(self, handle: BatchHandle) -> None:

@@ -75,6 +75,17 @@ def test_write_outside_the_peer_region_is_refused_and_the_peer_survives(pair):
     assert torch.equal(dst[:1000], src[100:1100])
 
 
+@pytest.mark.parametrize("start", [-100, (1 << 16) - 100], ids=["before the source", "past the source"])
+def test_a_read_outside_the_local_region_is_refused(pair, start):
+    """Never bytes from beside our own region (another request's KV, or memory not ours) to a peer."""
+    sender, receiver, src, dst, sid, peer = setup(pair, src_bytes=1 << 16)
+    bad = coalesce(np.array([0, start]), np.array([0, 4096]), np.array([1000, 200]))
+    h = sender.submit(peer, sid, bad, timeout_s=5)
+    assert wait(sender, h) == BatchState.FAILED
+    h.close()
+    assert torch.all(dst == 0xEE)
+
+
 def test_concurrent_submits_from_many_threads(pair):
     sender, receiver, src, dst, sid, peer = setup(pair, 1 << 20, 1 << 20, seed=2)
     states: list[BatchState] = []

@@ -36,14 +36,17 @@ def posting(request):
     receiver.close()
 
 
-def layer_plans(n: int) -> list[tuple[int, RangePlan]]:
-    """Layer i: two ranges of the source into its own part of the destination (disjoint)."""
+def layer_plans(n: int, shared: bool = False) -> list[tuple[int, RangePlan]]:
+    """Layer i: two ranges of the source into its own part of the destination (disjoint).
+    ``shared``: every plan holds the same lengths array, as layout.plan_layers makes them (cuda_ipc
+    then lays every layer out in one pass, ops.prepare_rows)."""
     rng = np.random.default_rng(3)
+    lengths = np.full(2, LAYER // 2, dtype=np.int64)
     out = []
     for i in range(n):
         src = rng.choice(np.arange(16), 2, replace=False).astype(np.int64) * (LAYER // 2)
         dst = np.array([2 * i, 2 * i + 1], dtype=np.int64) * (LAYER // 2)
-        out.append((i, RangePlan(src, dst, np.full(2, LAYER // 2, dtype=np.int64))))
+        out.append((i, RangePlan(src, dst, lengths if shared else lengths.copy())))
     return out
 
 
@@ -72,9 +75,10 @@ def ready(src: torch.Tensor) -> torch.cuda.Event | None:
     return e
 
 
-def test_each_layer_lands_once_posted_bitwise_in_one_batch(posting):
+@pytest.mark.parametrize("shared", [False, True], ids=["own lengths", "shared lengths"])
+def test_each_layer_lands_once_posted_bitwise_in_one_batch(posting, shared):
     sender, receiver, src, dst, sid, peer = setup(posting)
-    plans = layer_plans(3)
+    plans = layer_plans(3, shared)
     posts = sender.prepare_layers(peer, sid, plans, timeout_s=10)
     h = posts.handle
     time.sleep(0.2)
@@ -126,6 +130,24 @@ def test_a_batch_closed_before_every_layer_was_posted_ends_canceled_and_copies_n
     posts.post(1, ready(src))  # after the close: ignored
     time.sleep(0.1)
     assert untouched(dst, plans[1][1])
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own lengths", "shared lengths"])
+@pytest.mark.parametrize("side", ["before the source", "past the source", "past the destination"])
+def test_a_layer_outside_the_regions_fails_the_batch_and_copies_nothing(posting, shared, side):
+    sender, receiver, src, dst, sid, peer = setup(posting)
+    plans = layer_plans(3, shared)
+    i, bad = plans[1]
+    wild = np.array([0, -LAYER if side == "before the source" else 1 << 40], dtype=np.int64)  # its second range
+    plans[1] = (i, RangePlan(wild, bad.dst_offsets, bad.lengths) if "source" in side
+                else RangePlan(bad.src_offsets, wild, bad.lengths))
+    posts = sender.prepare_layers(peer, sid, plans, timeout_s=10)
+    assert wait(sender, posts.handle) == BatchState.FAILED
+    for layer, _ in plans:
+        posts.post(layer, ready(src))  # (after the failure: ignored)
+    time.sleep(0.1)
+    assert untouched(dst, plans[0][1]) and untouched(dst, plans[2][1])
+    posts.handle.close()
 
 
 def test_a_transport_that_cannot_post_layers_says_so():

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from lmcache_pd.layout import KVLayout, PoolLayout, blocks_for_tokens, coalesce, plan_cache_to_pool
+from lmcache_pd.layout import (
+    KVLayout,
+    PoolLayout,
+    blocks_for_tokens,
+    coalesce,
+    plan_cache_to_pool,
+    plan_into,
+    plan_layers,
+)
 from lmcache_pd.ops import copy_ranges, copy_ranges_ref, flat_bytes, kv_layout_of
 from tests.unit.kv import per_layer_cache, vllm_like_cache
 
@@ -95,6 +103,33 @@ def test_coalesce_matches_brute_force():
     for s, d, n in zip(plan.src_offsets, plan.dst_offsets, plan.lengths):
         b2[d:d + n] = a[s:s + n]
     assert np.array_equal(b1, b2) and len(plan) < 200 and plan.nbytes == lengths.sum()
+
+
+@pytest.mark.parametrize("tables", ["random", "runs"])
+@pytest.mark.parametrize("direct", [False, True], ids=["pool", "direct"])
+def test_every_layer_at_once_plans_what_each_layer_alone_does(tables, direct):
+    """layout.plan_layers (a layered hand-off's layers laid out together) against plan_into per
+    layer: the same ranges, merged the same way, into a pool or another cache's blocks."""
+    rng = np.random.default_rng(7)
+    kv = KVLayout(6, 64, 96, 96, tuple(o * 64 * 96 + 32 for o in (5, 0, 3, 1, 4, 2)))
+    dst = KVLayout(6, 80, 96, 96, tuple(o * 80 * 96 for o in range(6))) if direct else PoolLayout(6, 40, 96)
+    n_dst = 80 if direct else 40
+    if tables == "random":
+        blocks, to = rng.choice(64, 30, replace=False), rng.choice(n_dst, 30, replace=False)
+    else:  # runs of consecutive blocks into consecutive places: ranges merge (the same way in every layer)
+        blocks = np.r_[10:18, 30:34, 40:41, 50:60]
+        to = np.r_[0:8, 20:22, 24:26, 8:9, 30:40] if direct else np.r_[0:8, 20:22, 24:26, 8:9, 12:22]
+    each = plan_layers(kv, dst, blocks=blocks, to=to)
+    assert len(each) == kv.num_layers
+    for layer, got in enumerate(each):
+        want = plan_into(kv, dst, blocks=blocks, to=to, layers=[layer])
+        assert np.array_equal(got.src_offsets, want.src_offsets)
+        assert np.array_equal(got.dst_offsets, want.dst_offsets)
+        assert np.array_equal(got.lengths, want.lengths)
+    if tables == "runs":
+        assert len(each[0]) < len(blocks)  # (merged: the case is one)
+    with pytest.raises(ValueError, match="out of range"):
+        plan_layers(kv, dst, blocks=[0, 64], to=[0, 1])
 
 
 def test_out_of_range_ids_and_writes_are_refused():
