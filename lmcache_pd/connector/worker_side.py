@@ -350,7 +350,7 @@ class PrefillWorker(_PDWorker):
                 marks.layer(index, ready)
             marks.forward_done(done_at, stamp)
         for spec in self._at_end:
-            self.sender.submit(dataclasses.replace(spec, layered=False, computed_at=done_at), ready)
+            self.sender.submit(dataclasses.replace(spec, layered=False, computed_at=done_at), ready, computed=stamp)
         self._forward, self._at_end = [], []
 
     def status(self) -> dict[str, Any]:

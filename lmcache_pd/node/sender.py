@@ -50,6 +50,7 @@ from lmcache_pd import auth
 from lmcache_pd import protocol as P
 from lmcache_pd import transport as transports
 from lmcache_pd._types import BatchState, PeerName, TransferId
+from lmcache_pd.device_clock import Stamp
 from lmcache_pd.errors import PDError, PeerLost, TransferError, TransferTimeout
 from lmcache_pd.handoff import Handoff, SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens
@@ -101,6 +102,7 @@ class KVSender:
         self._results: list[SendResult] = []
         self._results_lock = threading.Lock()
         self._started: dict[TransferId, float] = {}  # wall clock at each hand-off's start (timeline)
+        self._ends: dict[TransferId, Stamp] = {}  # a whole hand-off's forward end on the GPU (timeline)
         self._sent = self._failed = 0
         self._abandoned = 0  # given up before the last chunk: the request was preempted
         self._reserved = Reservations(self._allocate_pages)
@@ -124,17 +126,20 @@ class KVSender:
         self.links.start()
         self._beats = asyncio.get_running_loop().create_task(self._heartbeats(), name="pd-heartbeat")
 
-    def submit(self, spec: SendSpec, ready: torch.cuda.Event | None = None) -> None:
+    def submit(self, spec: SendSpec, ready: torch.cuda.Event | None = None, *, computed: Stamp | None = None) -> None:
         """Start a hand-off (thread-safe, returns at once).
 
         ``ready``: a CUDA event recorded on vLLM's stream after the forward that wrote these
         blocks; the copy is ordered after it (on the GPU by stream-ordered transports, else by
-        waiting for it here, on the sender's thread).
+        waiting for it here, on the sender's thread). ``computed``: that forward's end on the
+        GPU, where the timeline starts (as a layered hand-off's; else ``spec.computed_at``).
         With its pages reserved and granted, the hand-off is planned and submitted here, on the
         caller's thread (:meth:`_launch`; on a GPU only by a stream-ordered transport, which
         orders it after ``ready`` on the device); the sender's loop then only waits for it and
         sends TransferDone.
         """
+        if computed is not None:
+            self._ends[spec.handoff.transfer_id] = computed
         launched = self._launch(spec, ready) if self._launch_here else None
         self._loop.submit(self._send(spec, ready, launched=launched))
 
@@ -418,16 +423,14 @@ class KVSender:
         GPU the end is the GPU's (a stamp after the forward's kernels, ``LayerMarks.stamp``),
         not the host's return from the forward call, once it passed (within ``timeouts.data_s``)."""
         final = pieces.final if pieces is not None else None
-        if final is None:
-            return spec.computed_at
-        marks = final.marks
-        if marks.stamp is not None:
+        stamp = final.marks.stamp if final is not None else self._ends.pop(spec.handoff.transfer_id, None)
+        if stamp is not None:
             deadline = time.monotonic() + self.t.data_s
-            while not marks.stamp.done() and time.monotonic() < deadline:
+            while not stamp.done() and time.monotonic() < deadline:
                 await asyncio.sleep(0.0002)
-            if marks.stamp.done():
-                return marks.stamp.wall()
-        return marks.computed_at or time.time()
+            if stamp.done():
+                return stamp.wall()
+        return spec.computed_at if final is None else final.marks.computed_at or time.time()
 
     async def _cancel_any(self, grants: tuple[Grant, ...], h: Handoff, reason: str) -> None:
         """Tell the decode side the hand-off will not come, on every lane, whether or not pages
@@ -444,6 +447,7 @@ class KVSender:
         await asyncio.gather(*(p.cancel(h.transfer_id, reason) for p in peers.values() if p is not None))
 
     def _result(self, r: SendResult) -> None:
+        self._ends.pop(r.transfer_id, None)
         r = dataclasses.replace(r, started_at=self._started.pop(r.transfer_id, 0.0), done_at=time.time())
         self.timeline.observe(r)
         with self._results_lock:

@@ -4,8 +4,9 @@ Every ended hand-off carries wall-clock marks (``time.time()``, one clock per ma
 two ends of a hand-off on one machine compare directly): the prefill's ``SendResult`` and the
 decode's ``LoadResult``. This module turns them into the phases below, observed into
 ``lmcache_pd_handoff_phase_seconds{role, phase}`` for the worker's ``/metrics``; the marks
-themselves go to the hand-off log (``handoff_log``). On a GPU the marks of a layered hand-off's
-forward end and of cuda_ipc's first and last byte are the GPU's own (timing events read in the
+themselves go to the hand-off log (``handoff_log``). On a GPU the marks of the forward's end (a
+layered hand-off's, and a whole one's sent as that forward ends) and of cuda_ipc's first and
+last byte are the GPU's own (timing events read in the
 wall clock, ``device_clock.py``), not when the host queued or learned of them: the host returns
 from vLLM's forward call while its kernels still run, so host marks make the transfer look less
 hidden than it is.

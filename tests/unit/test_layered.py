@@ -379,6 +379,23 @@ def test_the_forwards_end_in_the_timeline_is_the_gpus_when_the_forward_has_a_sta
         n.close()
 
 
+def test_a_whole_handoff_sent_as_the_forward_ends_starts_its_timeline_at_the_gpus_end_too():
+    """A hand-off under ``transport.layerwise_min_mib`` goes whole when the forward returns (the
+    worker's wait_for_save), before its kernels end: its timeline starts at the stamp after them,
+    as a layered one's, so that both say the same of the transfer exposed after the prompt."""
+    n = Node(make_cfg("loopback"))
+    try:
+        host_end = time.time()
+        spec = SendSpec("p-w", Handoff("w", "decode-0", 2 * BLOCK, "d" * 32), (5, 6), computed_at=host_end)
+        n.sender.submit(spec, computed=LateStamp(0.2, host_end + 0.123))
+        n.receiver.submit_load(LoadSpec("d-w", Handoff("w", "prefill-0", 2 * BLOCK, "d" * 32), (11, 12)))
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok, (s.error, ld.error)
+        assert abs(s.computed_at - (host_end + 0.123)) < 1e-6, s.computed_at - host_end
+    finally:
+        n.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU stamps untested here")
 def test_on_a_gpu_the_timeline_has_the_gpus_forward_end_and_bytes():
     """The host marks every layer and ends the forward at once, while the GPU still spins
