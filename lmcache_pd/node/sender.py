@@ -63,7 +63,7 @@ from lmcache_pd.node.loop import LoopThread
 from lmcache_pd.node.peer import Grant
 from lmcache_pd.node.reservations import Reservations
 from lmcache_pd.node.send_result import SendResult
-from lmcache_pd.node.timeline import Timeline
+from lmcache_pd.node.timeline import Timeline, forward_end
 from lmcache_pd.node.worker import NodeConfig, Worker
 
 log = logging.getLogger(__name__)
@@ -418,19 +418,13 @@ class KVSender:
                                 last_chunk_at=pieces.final.added_at if pieces is not None and pieces.final else 0.0))
 
     async def _computed_at(self, spec: SendSpec, pieces: Pieces | None) -> float:
-        """When the prompt's last chunk was computed. A layered hand-off whose last forward has
-        not reported its end yet landed before it: now is a lower bound (all of it hidden). On a
-        GPU the end is the GPU's (a stamp after the forward's kernels, ``LayerMarks.stamp``),
-        not the host's return from the forward call, once it passed (within ``timeouts.data_s``)."""
+        """When the prompt's last chunk was computed (timeline.forward_end; ``timeouts.data_s``
+        bounds the wait for the GPU's stamp). A layered hand-off whose last forward has not
+        reported its end yet landed before it: now is a lower bound (all of it hidden)."""
         final = pieces.final if pieces is not None else None
-        stamp = final.marks.stamp if final is not None else self._ends.pop(spec.handoff.transfer_id, None)
-        if stamp is not None:
-            deadline = time.monotonic() + self.t.data_s
-            while not stamp.done() and time.monotonic() < deadline:
-                await asyncio.sleep(0.0002)
-            if stamp.done():
-                return stamp.wall()
-        return spec.computed_at if final is None else final.marks.computed_at or time.time()
+        if final is None:
+            return await forward_end(self._ends.pop(spec.handoff.transfer_id, None), spec.computed_at, self.t.data_s)
+        return await forward_end(final.marks.stamp, final.marks.computed_at or time.time(), self.t.data_s)
 
     async def _cancel_any(self, grants: tuple[Grant, ...], h: Handoff, reason: str) -> None:
         """Tell the decode side the hand-off will not come, on every lane, whether or not pages

@@ -28,14 +28,31 @@ Decode phases:
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Histogram
+
+if TYPE_CHECKING:  # (a type only: the benchmarks read this module without torch's import)
+    from lmcache_pd.device_clock import Stamp
 
 PREFILL_PHASES = ("after_compute", "pages", "transfer", "exposed", "done")
 DECODE_PHASES = ("wait", "scatter", "first_token")
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+async def forward_end(stamp: Stamp | None, host_end: float, wait_s: float) -> float:
+    """When a forward ended: on a GPU the time of ``stamp`` (recorded after its kernels) once the
+    GPU passed it, waited for up to ``wait_s``; else ``host_end``, the host's return from it."""
+    if stamp is not None:
+        deadline = time.monotonic() + wait_s
+        while not stamp.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.0002)
+        if stamp.done():
+            return stamp.wall()
+    return host_end
 
 
 def _span(start: float, end: float) -> float | None:
