@@ -119,8 +119,10 @@ class LoopbackTransport(Transport):
         src, key = self._local[region][1], self._peers[peer]
         dst = _regions.get(key)
         try:  # every layer checked now, as cuda_ipc does: nothing of a batch that cannot land is copied
+            if dst is None:
+                raise ValueError("peer region is gone")  # (as a submitted batch says it)
             for _, plan in plans:
-                check_ranges(plan, src.numel(), dst.numel() if dst is not None else 0)
+                check_ranges(plan, src.numel(), dst.numel())
         except ValueError as e:
             self._finish(handle, BatchState.FAILED, time.monotonic(), str(e))  # (its posts are ignored)
         return _Posts(self, handle, src, key, dict(plans), timeout_s, scripted)
