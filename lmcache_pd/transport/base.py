@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +40,8 @@ from lmcache_pd._types import BatchState
 from lmcache_pd.auth import Keyring
 from lmcache_pd.errors import TransportUnavailable
 from lmcache_pd.layout import RangePlan
+
+log = logging.getLogger(__name__)
 
 RegionId = int
 PeerId = int
@@ -127,11 +131,13 @@ class BatchHandle:
     """One submitted batch. ``close()`` it when done; usable as a context manager."""
 
     __slots__ = ("id", "nbytes", "_owner", "_closed", "state", "error", "t_submit", "t_done", "_callbacks",
-                 "_cb_lock", "began_at", "landed_at")
+                 "_cb_lock", "began_at", "landed_at", "deadline")
     _ids = itertools.count(1)
 
-    def __init__(self, owner: Transport, nbytes: int, t_submit: float):
+    def __init__(self, owner: Transport, nbytes: int, t_submit: float, timeout_s: float = 0.0):
         self.id = next(BatchHandle._ids)
+        self.deadline = t_submit + timeout_s if timeout_s else 0.0
+        """Monotonic time its ``timeout_s`` ends (0: none given)."""
         self.nbytes = nbytes
         self._owner = owner
         self._closed = False
@@ -319,6 +325,18 @@ class Transport(ABC):
 
     def close(self) -> None:
         """Stop threads and close sockets. Idempotent."""
+
+    def _await_stopped(self, handle: BatchHandle, running: Callable[[], bool]) -> None:
+        """Wait while ``running()``: a copy that began cannot be recalled, and the peer must not
+        reuse pages it is still writing (``close_batch``). Not past the batch's deadline, though
+        (the ``timeout_s`` it was submitted with: ``timeouts.data_s`` in a node): a copy still
+        running then is wedged, and waiting on would hang the caller's failure path with it."""
+        while running():
+            if handle.deadline and time.monotonic() > handle.deadline:
+                log.error("%s: batch #%d (%d B) is still copying past its deadline (timeouts.data_s); no "
+                          "longer waited for: its pages may still be written", self.name, handle.id, handle.nbytes)
+                return
+            time.sleep(0.0005)
 
     def _finish(self, handle: BatchHandle, state: BatchState, t_done: float, error: str | None = None) -> None:
         handle.error = error

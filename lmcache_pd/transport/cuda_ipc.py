@@ -336,7 +336,7 @@ class CudaIpcTransport(Transport):
                signal: tuple[int, int] | None = None) -> BatchHandle:
         src = self._regions[region]
         p = self._peers[peer]
-        handle = BatchHandle(self, plan.nbytes, time.monotonic())
+        handle = BatchHandle(self, plan.nbytes, time.monotonic(), timeout_s)
         placed = self._placed(p, src, plan)
         if placed is None:
             self._finish(handle, BatchState.FAILED, time.monotonic(), "range plan outside a registered region")
@@ -364,7 +364,7 @@ class CudaIpcTransport(Transport):
                        ticket: bytes = b"", signal: tuple[int, int] | None = None) -> LayerPosts:
         src = self._regions[region]
         p = self._peers[peer]
-        handle = BatchHandle(self, sum(plan.nbytes for _, plan in plans), time.monotonic())
+        handle = BatchHandle(self, sum(plan.nbytes for _, plan in plans), time.monotonic(), timeout_s)
         stream = self._stream(src.device)
         # Laid out (and the kernels loaded) now, on the sender's thread: a post only launches.
         prepared = self._prepare_rows(p, src, plans)
@@ -397,6 +397,7 @@ class CudaIpcTransport(Transport):
             return None
         srcs = np.stack([plan.src_offsets for _, plan in plans])
         dsts = np.stack([plan.dst_offsets for _, plan in plans])
+        # ops.check_ranges of every plan, broadcast over the one lengths row (no np.tile of it)
         if (int((dsts + lengths).max()) > p.nbytes or int(dsts.min()) < 0
                 or int((srcs + lengths).max()) > src.nbytes or int(srcs.min()) < 0):
             return False
@@ -451,10 +452,9 @@ class CudaIpcTransport(Transport):
             posts = self._open_posts.pop(handle.id, None)
         if posts is not None:  # no layer is posted from now on
             posts.end((BatchState.CANCELED, "closed before every layer was posted"))
-        # A launched kernel cannot be recalled: wait for it, so that the peer never reuses pages
-        # our kernel is still writing.
-        while handle.state == BatchState.IN_FLIGHT:
-            time.sleep(0.0005)
+        # A launched kernel cannot be recalled: wait for it (up to the batch's deadline), so that
+        # the peer never reuses pages our kernel is still writing.
+        self._await_stopped(handle, lambda: handle.state == BatchState.IN_FLIGHT)
 
     def disconnect(self, peer: PeerId) -> None:
         p = self._peers.pop(peer, None)

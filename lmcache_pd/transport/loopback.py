@@ -40,6 +40,9 @@ class LoopbackOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     corrupt_every: int = 0
     shares_device: bool = False
     posts_layers: bool = False
+    copy_s: float = 0.0
+    """Each copy, once begun, takes this long more: a device wedged mid-copy (close_batch waits for
+    a copy that began, but not past the batch's deadline)."""
 
 
 class _Descriptor(msgspec.Struct, frozen=True):
@@ -97,7 +100,7 @@ class LoopbackTransport(Transport):
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
                after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> BatchHandle:
-        handle = BatchHandle(self, plan.nbytes, time.monotonic())
+        handle = BatchHandle(self, plan.nbytes, time.monotonic(), timeout_s)
         src = self._local[region][1]
         key = self._peers[peer]
         n = next(self._batches)
@@ -111,7 +114,7 @@ class LoopbackTransport(Transport):
                        ticket: bytes = b"", signal: tuple[int, int] | None = None) -> LayerPosts:
         if not self.capabilities.posts_layers:
             return super().prepare_layers(peer, region, plans, timeout_s, ticket=ticket, signal=signal)
-        handle = BatchHandle(self, sum(p.nbytes for _, p in plans), time.monotonic())
+        handle = BatchHandle(self, sum(p.nbytes for _, p in plans), time.monotonic(), timeout_s)
         n = next(self._batches)
         scripted = {"fail": self.options.fail_every > 0 and n % self.options.fail_every == 0,
                     "corrupt": self.options.corrupt_every > 0 and n % self.options.corrupt_every == 0}
@@ -151,6 +154,8 @@ class LoopbackTransport(Transport):
             return
         try:
             copy_ranges(src, dst, plan)
+            if self.options.copy_s:
+                time.sleep(self.options.copy_s)
             if corrupt and len(plan):  # one bit, in the middle of the last range
                 at = int(plan.dst_offsets[-1] + plan.lengths[-1] // 2)
                 dst[at] ^= 1
@@ -167,8 +172,7 @@ class LoopbackTransport(Transport):
         with self._lock:
             if not handle.state.terminal:
                 handle.state = BatchState.CANCELED
-        while handle.id in self._copying:  # a copy that began cannot be recalled: wait for it
-            time.sleep(0.0005)
+        self._await_stopped(handle, lambda: handle.id in self._copying)  # a copy that began cannot be recalled
 
     def disconnect(self, peer: PeerId) -> None:
         self._peers.pop(peer, None)

@@ -229,7 +229,7 @@ class NixlTransport(Transport):
                after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> BatchHandle:
         src = self._regions[region]
         p = self._peers.get(peer)
-        handle = BatchHandle(self, plan.nbytes, time.monotonic())
+        handle = BatchHandle(self, plan.nbytes, time.monotonic(), timeout_s)
         if p is None:
             self._finish(handle, BatchState.FAILED, time.monotonic(), "nixl peer was disconnected")
             return handle
@@ -438,8 +438,7 @@ class NixlTransport(Transport):
         handle.state = BatchState.CANCELED
         with self._wake:
             self._wake.notify()
-        while handle.t_done is None and not self._stop.is_set():
-            time.sleep(0.0005)
+        self._await_stopped(handle, lambda: handle.t_done is None and not self._stop.is_set())
 
     def disconnect(self, peer: PeerId) -> None:
         p = self._peers.pop(peer, None)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -41,6 +44,24 @@ def test_delay_past_deadline_times_out_and_release_cancels():
     h2.close()  # queued behind h: canceled before it runs
     assert h2.state == BatchState.CANCELED
     assert wait(tx, h) == BatchState.DONE
+    tx.close()
+    rx.close()
+
+
+def test_closing_a_batch_whose_copy_is_wedged_waits_only_until_its_deadline(caplog):
+    # A copy that began cannot be recalled, so close() waits for it; but a copy wedged past the
+    # batch's own deadline (a hung device) must not hang the failure path that closes it.
+    tx, rx, sid, desc = pair(copy_s=2.0)
+    peer = tx.connect(desc, 1)
+    h = tx.submit(peer, sid, ONE, timeout_s=0.3)
+    while h.id not in tx._copying:  # the copy began
+        time.sleep(0.001)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="lmcache_pd.transport.base"):
+        h.close()
+    waited = time.monotonic() - t0
+    assert 0.1 < waited < 1.5, f"close() waited {waited:.2f} s"
+    assert "timeouts.data_s" in caplog.text and f"batch #{h.id}" in caplog.text
     tx.close()
     rx.close()
 
