@@ -111,8 +111,9 @@ def ceilings_for(transport: str, size: int, src_device: str, dst_device: str) ->
     """The ceiling methods for a transport on these devices; the best of them is the ceiling."""
     if torch.device(src_device).type == "cuda" or torch.device(dst_device).type == "cuda":
         return {"device copy": DeviceCopy(size, src_device, dst_device)}
-    if transport == "tcp":
-        return {"raw socket": RawSocket(size, False), "raw socket, 64 KiB pieces": RawSocket(size, True)}
+    if transport == "tcp":  # (and a host copy: on one host its receiver reads the sender's memory itself)
+        return {"raw socket": RawSocket(size, False), "raw socket, 64 KiB pieces": RawSocket(size, True),
+                "host copy": HostCopy(size)}
     return {"host copy": HostCopy(size)}
 
 

@@ -9,8 +9,8 @@ drifts by tens of percent from one second to the next), median of ``--repeat`` a
       the last prompt chunk computes: benchmarks/handoff.py --no-reserve times it too); checked
       bitwise after the last repeat. Sizes under one block of all layers (2 MiB in this shape)
       have no hand-off: a hand-off moves whole blocks.
-  ceiling — the in-process device copy between the same devices (GPU paths), the raw socket on
-      loopback (tcp), a host copy (other host paths): benchmarks/_ceilings.py.
+  ceiling — the in-process device copy between the same devices (GPU paths), the best of the raw
+      socket on loopback and a host copy (tcp: on one host it reads), a host copy (other host paths): benchmarks/_ceilings.py.
 A progress bar runs on stderr; the table prints at the end; ``--out DIR`` also writes
 ``transfer.md``, ``transfer.json`` and the plot ``transfer.png``.
 

@@ -4,8 +4,10 @@ waits for its ack."""
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
+import os
 import queue
 import socket
 import struct
@@ -18,7 +20,7 @@ from lmcache_pd import auth
 from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost
 from lmcache_pd.layout import RangePlan
-from lmcache_pd.transport import _sealed
+from lmcache_pd.transport import _cma, _sealed
 from lmcache_pd.transport._tcp_wire import (
     _ACK,
     _BAD_BATCH,
@@ -29,7 +31,10 @@ from lmcache_pd.transport._tcp_wire import (
     _HELLO,
     _HELLO_REPLY,
     _MIN_RANGES,
+    _OFFER,
     _OK,
+    _OK_READS,
+    _READS,
     _blocking,
     _Descriptor,
     _hello_tag,
@@ -57,6 +62,8 @@ class Stream:
         self.channel: _sealed.Channel | None = None
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.busy: BatchHandle | None = None
+        self.reads = False  # the receiver copies each batch out of our memory (tcp.py, same-host reads)
+        self._proof: ctypes.Array | None = None  # the hello's nonce, kept where the receiver may check it
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def open(self, timeout_s: float) -> None:
@@ -71,17 +78,21 @@ class Stream:
                 raise PeerLost(f"{where} is not an lmcache-pd receiver of this release")
             ours = auth.nonce()
             t = self.transport
-            key, flags = t.keys.tcp, _ENCRYPTED if t.encrypt else 0
+            key, flags, offer = t.keys.tcp, _ENCRYPTED if t.encrypt else 0, b""
+            if t.options.same_host_reads and not t.encrypt and _cma.supported():
+                self._proof = ctypes.create_string_buffer(ours, len(ours))
+                flags |= _READS
+                offer = _OFFER.pack(os.getpid(), _cma.host_id(), ctypes.addressof(self._proof))
             sock.sendall(_HELLO.pack(b"LPDH", self.desc.token, self.desc.region, ours, flags, self.session,
                                      _hello_tag(key, theirs, self.desc.token, self.desc.region, ours, flags,
-                                                self.session)))
+                                                self.session, offer)) + offer)
             reply = bytearray(_HELLO_REPLY.size)
             _recv_exact(sock, memoryview(reply))
             magic, status, tag = _HELLO_REPLY.unpack(reply)
             if magic == b"LPDR" and status == _BAD_MODE:
                 raise PeerLost(f"{where} refused the hello: one side encrypts its data plane and the other does "
                                "not (set auth.encrypt the same on every instance)")
-            if magic != b"LPDR" or status != _OK:
+            if magic != b"LPDR" or status not in (_OK, _OK_READS) or (status == _OK_READS and not offer):
                 raise PeerLost(f"{where} refused the hello (status {status}): it restarted, is not this pool, "
                                "or has another auth secret")
             if not auth.check(key, tag, b"reply", ours, theirs, bytes([status])):
@@ -90,6 +101,11 @@ class Stream:
             sock.close()
             raise
         self.sock = sock
+        self.reads = status == _OK_READS
+        if self.reads and t.stats.path != "same-host reads":
+            t.stats.path = "same-host reads"
+            log.info("tcp: %s reads our batches out of this process's memory (transport.options.same_host_reads)",
+                     where)
         self.channel = (_sealed.channel(t.keys, sender=True, receiver_nonce=theirs, sender_nonce=ours)
                         if t.encrypt else None)
 
@@ -116,7 +132,8 @@ class Stream:
         if self.sock is not None:
             self.sock.close()
 
-    def _run(self, handle: BatchHandle, src: memoryview, plan: RangePlan, deadline: float, ticket: bytes) -> None:
+    def _run(self, handle: BatchHandle, src: memoryview, plan: RangePlan, deadline: float, ticket: bytes,
+             base: int = 0) -> None:
         if handle.state != BatchState.IN_FLIGHT:
             return  # canceled while queued
         self.busy = handle
@@ -131,19 +148,24 @@ class Stream:
             # for 16 MiB, benchmarks/transfer.py); the padding costs 128 bytes per batch, and the
             # receiver reads the header and that much table in one call.
             rows = max(len(plan), _MIN_RANGES)
-            table = np.zeros((rows, 2), dtype="<i8")
+            table = np.zeros((rows, 3 if self.reads else 2), dtype="<i8")
             table[:len(plan), 0] = plan.dst_offsets
             table[:len(plan), 1] = plan.lengths
             head = _BATCH.pack(b"LPDB", handle.id, rows, len(ticket))
-            pieces = _pieces(src, plan.src_offsets.tolist(), plan.lengths.tolist(), t.options.piece_bytes)
             _blocking(sock, deadline - time.monotonic())  # each call below: at most this long
             ch = self.channel
             if ch is None:
+                if self.reads:  # the receiver copies the ranges from here: it gets their addresses, no payload
+                    table[:len(plan), 2] = plan.src_offsets + base
+                    payload = []
+                else:
+                    payload = _pieces(src, plan.src_offsets.tolist(), plan.lengths.tolist(), t.options.piece_bytes)
                 _send_all(sock, [memoryview(head), memoryview(table.view(np.uint8).reshape(-1)), memoryview(ticket),
-                                 *pieces])
+                                 *payload])
                 ack = bytearray(_ACK.size)
                 _recv_exact(sock, memoryview(ack))
             else:  # encrypted: header in clear (authenticated), then one record for the table and per piece
+                pieces = _pieces(src, plan.src_offsets.tolist(), plan.lengths.tolist(), t.options.piece_bytes)
                 sock.sendall(head + ch.seal(table.tobytes() + ticket, aad=head))
                 for piece in pieces:
                     sock.sendall(ch.seal(piece))
@@ -151,7 +173,8 @@ class Stream:
             magic, batch, status = _ACK.unpack(ack)
             if magic == b"LPDA" and batch == handle.id and status == _BAD_BATCH:
                 raise ConnectionError("the receiver refused the batch: not into a live reservation of this "
-                                      "session (the decode side ended the hand-off), or outside its pool")
+                                      "session (the decode side ended the hand-off), outside its pool"
+                                      + (", or it could not read our memory" if self.reads else ""))
             if magic != b"LPDA" or batch != handle.id or status != _OK:
                 raise ConnectionError(f"bad ack (magic {magic!r}, batch {batch}, status {status})")
             t._finish(handle, BatchState.DONE, time.monotonic())
@@ -175,6 +198,7 @@ class Stream:
             self.sock.close()
             self.sock = None
             self.channel = None
+            self.reads = False
 
 
 class Peer:

@@ -22,8 +22,11 @@ _ACK = struct.Struct("!4sQB")
 MAX_RANGES = 1 << 20
 _MIN_RANGES = 8
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-_OK, _BAD_BATCH, _BAD_HELLO, _BAD_MODE = 0, 1, 2, 3
-_ENCRYPTED = 1
+_OK, _BAD_BATCH, _BAD_HELLO, _BAD_MODE, _OK_READS = 0, 1, 2, 3, 4
+_ENCRYPTED, _READS = 1, 2
+_OFFER = struct.Struct("!I16sQ")
+"""After a hello flagged _READS: the sender's pid, host id (``_cma.host_id``) and the address of
+its proof (the hello's nonce, in its memory)."""
 
 
 class _Descriptor(msgspec.Struct, frozen=True):
@@ -35,13 +38,13 @@ class _Descriptor(msgspec.Struct, frozen=True):
 
 
 def _hello_parts(challenge: bytes, token: bytes, region: int, nonce: bytes, flags: int,
-                 session: bytes) -> tuple[bytes, ...]:
-    return b"hello", challenge, token, struct.pack("!QB", region, flags), nonce, session
+                 session: bytes, offer: bytes = b"") -> tuple[bytes, ...]:
+    return b"hello", challenge, token, struct.pack("!QB", region, flags), nonce, session, offer
 
 
 def _hello_tag(key: bytes, challenge: bytes, token: bytes, region: int, nonce: bytes, flags: int = 0,
-               session: bytes = bytes(16)) -> bytes:
-    return auth.tag(key, *_hello_parts(challenge, token, region, nonce, flags, session))
+               session: bytes = bytes(16), offer: bytes = b"") -> bytes:
+    return auth.tag(key, *_hello_parts(challenge, token, region, nonce, flags, session, offer))
 
 
 def _blocking(sock: socket.socket, timeout_s: float) -> None:

@@ -7,9 +7,11 @@ copies are the kernel's own: no staging buffer, no per-page Python bytes objects
 
 Wire format (all integers network order except the range table, which is little-endian int64):
   challenge D->P "LPDC" nonce[16]                              (as soon as D accepts)
-  hello     P->D "LPDH" token[16] region:u64 nonce[16] flags:u8 session[16] tag[32]  (flags bit 0: encrypted)
-  reply     D->P "LPDR" status:u8 tag[32]
+  hello     P->D "LPDH" token[16] region:u64 nonce[16] flags:u8 session[16] tag[32]  (flags bit 0: encrypted,
+            bit 1: reads offered, followed by pid:u32 host[16] proof:u64, which the tag covers too)
+  reply     D->P "LPDR" status:u8 tag[32]                    (status 4: accepted, and D reads the payloads)
   batch     P->D "LPDB" batch:u64 n:u64 t:u16, n x (dst_off:i64, len:i64), ticket[t], then the payload
+            (D reads: n x (dst_off:i64, len:i64, src_address:i64), ticket[t], and no payload)
   ack       D->P "LPDA" batch:u64 status:u8                    (sent once every byte is in the pool)
 The hello is a challenge-response under the deployment's tcp key (auth.py): its tag covers D's
 fresh nonce, so a recorded hello opens no connection; the reply's tag covers P's nonce, so P
@@ -21,6 +23,11 @@ the hand-off, and only the pages of a live reservation of that session, still be
 are accepted; the pages stay out of use until the batch's last byte landed or failed. A batch
 that is not admitted, or does not fit the region, is refused (status 1) and the connection
 closed, before any of its bytes lands.
+Same-host reads (``same_host_reads``, ``_cma.py``): a sender on Linux offers them in its hello, with
+its pid, its host id (boot and pid namespace) and the address where it keeps the hello's nonce. A
+receiver on the same host that can read that nonce there accepts (status 4), and from then on copies
+each batch out of the sender's memory with ``process_vm_readv``: the socket carries the range table
+and the ack, and the sender's core does no copying at all. Otherwise the payload goes in the socket.
 With ``auth.encrypt`` both ends say so in the hello (a mismatch is refused, status 3), and every
 batch and ack travels as AES-256-GCM records under keys of that connection (``_sealed.py``).
 """
@@ -43,7 +50,7 @@ from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost, TransferError, TransportUnavailable
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import check_ranges
-from lmcache_pd.transport import _sealed
+from lmcache_pd.transport import _cma, _sealed
 from lmcache_pd.transport._tcp_stream import Peer, Stream
 from lmcache_pd.transport._tcp_wire import (
     _ACK,
@@ -56,7 +63,10 @@ from lmcache_pd.transport._tcp_wire import (
     _HELLO,
     _HELLO_REPLY,
     _MIN_RANGES,
+    _OFFER,
     _OK,
+    _OK_READS,
+    _READS,
     MAX_RANGES,
     MAX_TICKET,
     _as_view,
@@ -87,6 +97,11 @@ class TcpOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_connections: int = 256
     """Connections a receiver serves at once (a thread each); beyond it a new one is closed at
     once (counted in ``refused``). Each prefill worker opens ``streams`` per decode worker."""
+    same_host_reads: bool = True
+    """Where both ends run on one host (Linux, one user, not ``auth.encrypt``), the receiver copies
+    each batch straight out of the sender's buffer (``process_vm_readv``) and the socket carries only
+    the range table: the sender's core does none of the copying, which on loopback is most of a
+    send's cost, taken from a prefill's forward (docs/benchmarks.md). Either end can turn it off."""
 
 
 class TcpTransport(Transport):
@@ -101,6 +116,7 @@ class TcpTransport(Transport):
         self._last_refusal_log = -1e9
         self._token = secrets.token_bytes(16)  # new per process: a restarted receiver refuses old peers
         self._regions: dict[RegionId, memoryview] = {}
+        self._bases: dict[RegionId, int] = {}  # each region's address, for same-host reads
         self._region_ids = itertools.count(1)
         self._peer_ids = itertools.count(1)
         self._peers: dict[PeerId, Peer] = {}
@@ -118,6 +134,7 @@ class TcpTransport(Transport):
     def register(self, buffer: torch.Tensor, extents: tuple[tuple[int, int], ...] = ()) -> RegionId:
         rid = next(self._region_ids)
         self._regions[rid] = _as_view(buffer)
+        self._bases[rid] = buffer.data_ptr()
         return rid
 
     def listen(self, gate: WriteGate | None = None) -> None:
@@ -188,12 +205,18 @@ class TcpTransport(Transport):
             _recv_exact_by(conn, memoryview(hello), deadline)
             _blocking(conn, self.options.io_timeout_s)
             magic, token, region, theirs, flags, session, tag = _HELLO.unpack(hello)
+            offer = bytearray(_OFFER.size if flags & _READS else 0)
+            _recv_exact_by(conn, memoryview(offer), deadline)
             key = self.keys.tcp
             ok = (magic == b"LPDH" and secrets.compare_digest(token, self._token) and region in self._regions
-                  and auth.check(key, tag, *_hello_parts(ours, token, region, theirs, flags, session)))
+                  and not flags & ~(_ENCRYPTED | _READS) and (not flags & _READS or not flags & _ENCRYPTED)
+                  and auth.check(key, tag, *_hello_parts(ours, token, region, theirs, flags, session, bytes(offer))))
             status = _OK if ok else _BAD_HELLO
-            if ok and flags != (_ENCRYPTED if self.encrypt else 0):
+            if ok and flags & _ENCRYPTED != (_ENCRYPTED if self.encrypt else 0):
                 ok, status = False, _BAD_MODE
+            reads_from = self._reader(bytes(offer), theirs) if ok and offer else 0
+            if reads_from:
+                status = _OK_READS
             reply_tag = auth.tag(key, b"reply", theirs, ours, bytes([status])) if ok else bytes(auth.TAG_BYTES)
             if not ok:
                 with self._stats_lock:
@@ -207,7 +230,7 @@ class TcpTransport(Transport):
             ch = (_sealed.channel(self.keys, sender=False, receiver_nonce=ours, sender_nonce=theirs)
                   if self.encrypt else None)
             while not self._stop.is_set():
-                if not self._serve_batch(conn, view, ch, session):
+                if not self._serve_batch(conn, view, ch, session, reads_from, self._bases[region]):
                     return
         except (OSError, ConnectionError) as e:
             log.debug("tcp receiver connection ended: %s", e)
@@ -216,14 +239,27 @@ class TcpTransport(Transport):
                 self._conns.discard(conn)
             conn.close()
 
+    def _reader(self, offer: bytes, nonce: bytes) -> int:
+        """The sender's pid where this receiver will read its batches out of its memory, else 0."""
+        pid, host, proof = _OFFER.unpack(offer)
+        why = ("off here (transport.options.same_host_reads)" if not self.options.same_host_reads
+               else "another host or pid namespace" if host != _cma.host_id()
+               else _cma.read_proof(pid, proof, nonce))
+        if why:
+            log.info("tcp: a sender's batches come through the socket, not read from its memory: %s", why)
+            return 0
+        self.stats.path = "same-host reads"
+        return pid
+
     def _serve_batch(self, conn: socket.socket, view: memoryview, ch: _sealed.Channel | None = None,
-                     session: bytes = bytes(16)) -> bool:
+                     session: bytes = bytes(16), reads_from: int = 0, base: int = 0) -> bool:
         # The socket stays blocking with a kernel receive timeout of io_timeout_s (set once in
         # _serve): no per-batch mode switches, and Python polls nothing before each call. An idle
         # connection just times out and waits again; close() shuts it down to end the wait.
         # Every table has at least _MIN_RANGES rows, so the header and that much of the table
         # come in one call. (1 MiB batches: 0.53-0.61 ms instead of 0.66-0.76, docs/benchmarks.md.)
-        head = bytearray(_BATCH.size + (16 * _MIN_RANGES if ch is None else 0))
+        row = 24 if reads_from else 16  # (dst, len), and the source's address where this side reads
+        head = bytearray(_BATCH.size + (row * _MIN_RANGES if ch is None else 0))
         try:
             first = conn.recv_into(head)
         except (TimeoutError, BlockingIOError):
@@ -236,10 +272,10 @@ class TcpTransport(Transport):
             self._ack(conn, ch, batch, _BAD_BATCH)
             return False
         if ch is None:
-            table = np.empty((n, 2), dtype="<i8")
+            table = np.empty((n, row // 8), dtype="<i8")
             raw = memoryview(table.view(np.uint8).reshape(-1))
-            raw[:16 * _MIN_RANGES] = memoryview(head)[_BATCH.size:]
-            _recv_exact(conn, raw[16 * _MIN_RANGES:])
+            raw[:row * _MIN_RANGES] = memoryview(head)[_BATCH.size:]
+            _recv_exact(conn, raw[row * _MIN_RANGES:])
             ticket = bytearray(t)
             _recv_exact(conn, memoryview(ticket))
         else:
@@ -256,18 +292,27 @@ class TcpTransport(Transport):
             except TransferError as e:
                 return self._refuse_batch(conn, ch, batch, str(e))
         t0 = time.monotonic()
-        landed = False
+        landed, unread = False, ""
         try:
-            pieces = _pieces(view, dst, lengths, self.options.piece_bytes)
-            if ch is None:
-                _recv_scatter(conn, pieces)
+            if reads_from:  # no payload follows: copy it out of the sender's memory
+                try:
+                    _cma.read(reads_from, table[:, 0].astype(np.uint64) + base, table[:, 2].astype(np.uint64),
+                              table[:, 1].astype(np.uint64))
+                except _cma.ReadError as e:
+                    unread = f"cannot read the sender's memory: {e}"
             else:
-                for piece in pieces:  # each lands in the pool only once its tag verified
-                    piece[:] = _recv_record(conn, ch, len(piece))
-            landed = True
-        finally:  # done or failed: no more of its bytes can land
+                pieces = _pieces(view, dst, lengths, self.options.piece_bytes)
+                if ch is None:
+                    _recv_scatter(conn, pieces)
+                else:
+                    for piece in pieces:  # each lands in the pool only once its tag verified
+                        piece[:] = _recv_record(conn, ch, len(piece))
+            landed = not unread
+        finally:  # done or failed: no more of its bytes can land (and before the ack: then the sender may say so)
             if done is not None:
                 done(landed)
+        if unread:
+            return self._refuse_batch(conn, ch, batch, unread)
         self._ack(conn, ch, batch, _OK)
         with self._stats_lock:
             self.stats.batches += 1
@@ -318,7 +363,7 @@ class TcpTransport(Transport):
         if len(ticket) > MAX_TICKET:
             raise ValueError(f"a ticket of {len(ticket)} B (at most {MAX_TICKET})")
         p = self._peers[peer]
-        handle = BatchHandle(self, plan.nbytes, time.monotonic())
+        handle = BatchHandle(self, plan.nbytes, time.monotonic(), timeout_s)
         src = self._regions[region]
         try:  # (a memoryview's slices wrap below 0 and stop at its end: a wild range would send other bytes, or fewer)
             check_ranges(plan, src.nbytes, None)
@@ -327,7 +372,7 @@ class TcpTransport(Transport):
             return handle
         handle.state = BatchState.IN_FLIGHT
         stream = p.streams[next(p.next)]
-        stream.queue.put((handle, src, plan, handle.t_submit + timeout_s, ticket))
+        stream.queue.put((handle, src, plan, handle.t_submit + timeout_s, ticket, self._bases[region]))
         return handle
 
     def close_batch(self, handle: BatchHandle) -> None:

@@ -269,6 +269,9 @@ def test_a_prefill_that_dies_mid_batch_ends_its_reservation_at_once():
     relay = CutRelay(cfg.decode[0].data_port)
     data = msgspec.to_builtins(cfg)
     data["decode"][0]["data_advertise"] = f"127.0.0.1:{relay.port}"
+    # The payload on the wire, as between two hosts (on one host the decode would read it out of
+    # the prefill's memory: tests/transport/test_tcp_reads.py kills a sender whose batch is unread).
+    data["transport"]["options"] = {"same_host_reads": False}
     n = Node(config_from_dict(data, source="test"))
     try:
         n.handoff("warm", [1], [2], num_tokens=BLOCK)  # the data connection through the relay is open
