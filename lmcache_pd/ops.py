@@ -262,13 +262,8 @@ def prepare_copy(src_base: int, dst_base: int, plan: RangePlan, *, device: torch
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     kernels = kernels_for(index)
-    max_blocks = kernels.sms * _BLOCKS_PER_SM
-    chunk = _chunk_for(plan.nbytes, max_blocks * _THREADS // 32)
-    misaligned = (src_base | dst_base) & 15 or int(np.bitwise_or.reduce(
-        plan.src_offsets | plan.dst_offsets | plan.lengths)) & 15
-    kind = "bytes" if misaligned else "v16"
-    warps_needed = -(-plan.nbytes // chunk)
-    grid = max(1, min(max_blocks, -(-warps_needed * 32 // _THREADS)))
+    chunk, grid, kind = _launch_shape(kernels, plan.nbytes, (src_base | dst_base) & 15 or int(np.bitwise_or.reduce(
+        plan.src_offsets | plan.dst_offsets | plan.lengths)) & 15)
     rows = next((r for r in kernels.inline_rows if n <= r), 0) if inline else 0
     if rows:
         params = np.empty(3 * rows + 3, dtype=np.int64)
@@ -301,13 +296,9 @@ def prepare_rows(src_base: int, dst_base: int, src_offsets: np.ndarray, dst_offs
     nbytes = int(lengths.sum())
     if not rows or n == 0 or nbytes == 0:
         return None
-    max_blocks = kernels.sms * _BLOCKS_PER_SM
-    chunk = _chunk_for(nbytes, max_blocks * _THREADS // 32)
-    misaligned = (src_base | dst_base | int(np.bitwise_or.reduce(lengths))) & 15 or int(
-        np.bitwise_or.reduce(src_offsets | dst_offsets, axis=None)) & 15
-    warps_needed = -(-nbytes // chunk)
-    grid = max(1, min(max_blocks, -(-warps_needed * 32 // _THREADS)))
-    fn = kernels.get(f"copy_inline_{'bytes' if misaligned else 'v16'}_{rows}")
+    chunk, grid, kind = _launch_shape(kernels, nbytes, (src_base | dst_base | int(np.bitwise_or.reduce(lengths))) & 15
+                                      or int(np.bitwise_or.reduce(src_offsets | dst_offsets, axis=None)) & 15)
+    fn = kernels.get(f"copy_inline_{kind}_{rows}")
     params = np.empty((k, 3 * rows + 3), dtype=np.int64)  # one row per plan, laid out as _fill does
     params[:, 0], params[:, 1] = n, chunk
     np.add(src_offsets, src_base, out=params[:, 2:2 + n])
@@ -315,6 +306,15 @@ def prepare_rows(src_base: int, dst_base: int, src_offsets: np.ndarray, dst_offs
     params[:, 2 + 2 * rows] = 0
     params[:, 3 + 2 * rows:3 + 2 * rows + n] = np.cumsum(lengths)
     return [PreparedCopy(fn, grid, params[i], None, index) for i in range(k)]
+
+
+def _launch_shape(kernels, nbytes: int, misaligned: int) -> tuple[int, int, str]:
+    """A copy of ``nbytes``: the chunk a warp moves at a time, the grid, and the kernel's kind
+    (16-byte vectors, or bytes where any address or length is not a multiple of 16)."""
+    max_blocks = kernels.sms * _BLOCKS_PER_SM
+    chunk = _chunk_for(nbytes, max_blocks * _THREADS // 32)
+    warps_needed = -(-nbytes // chunk)
+    return chunk, max(1, min(max_blocks, -(-warps_needed * 32 // _THREADS))), "bytes" if misaligned else "v16"
 
 
 def _fill(out: np.ndarray, rows: int, plan: RangePlan, src_base: int, dst_base: int) -> None:

@@ -135,6 +135,28 @@ def test_a_region_not_its_own_is_written_piece_by_piece_from_another_process():
         bad = tx.submit(peer, region, RangePlan(np.array([0], dtype=np.int64), np.array([gap], dtype=np.int64),
                                                 np.array([bb], dtype=np.int64)), timeout_s=10)
         assert bad.state == BatchState.FAILED and "outside" in bad.error
+        # Posted layers whose plans share their lengths (layout.plan_layers): laid out in one pass
+        # (ops.prepare_rows) over the same pieces.
+        one = np.array([bb], dtype=np.int64)
+
+        def layers(dst0: int, dst1: int) -> list:
+            return [(0, RangePlan(np.array([2 * bb], dtype=np.int64), np.array([dst0], dtype=np.int64), one)),
+                    (1, RangePlan(np.array([3 * bb], dtype=np.int64), np.array([dst1], dtype=np.int64), one))]
+        posts = tx.prepare_layers(peer, region, layers(offsets[0] + 6 * stride, offsets[1] + 7 * stride), timeout_s=10)
+        for layer in (1, 0):
+            e = torch.cuda.Event()
+            e.record()
+            posts.post(layer, e)
+        deadline = time.monotonic() + 10
+        while not tx.poll(posts.handle).terminal:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert posts.handle.state == BatchState.DONE, posts.handle
+        for (layer, block), lo in (((0, 6), 2 * bb), ((1, 7), 3 * bb)):
+            parent.send((layer, block))
+            assert parent.recv() == src[lo:lo + bb].cpu().numpy().tobytes(), (layer, block)
+        bad = tx.prepare_layers(peer, region, layers(offsets[0] + 6 * stride, gap), timeout_s=10)
+        assert bad.handle.state == BatchState.FAILED and "outside" in bad.handle.error
         tx.disconnect(peer)
         tx.close()
     finally:
