@@ -107,7 +107,10 @@ def test_a_late_write_of_a_cancelled_handoff_never_lands_in_the_next_ones_pages(
         "prefill": [{"name": "prefill-1", "http_port": 18001}, {"name": "prefill-2", "http_port": 18002}],
         "decode": [{"name": "decode-0", "host": addr_d, "http_port": 18003, "control_port": 18100,
                     "data_port": 18200}],
-        "transport": {"name": "tcp"},
+        # The namespaces stand in for two hosts, but share the pid namespace: with same-host
+        # reads the decode would copy A out of the prefill's memory and the throttled link would
+        # carry none of it.
+        "transport": {"name": "tcp", "options": {"same_host_reads": False}},
         "pool": {"size_mib": PAGES * 128 // 1024},
         "auth": {"secret_file": str(secret)},
         "timeouts": {"handshake_s": 5, "control_s": 5, "alloc_s": 20, "transfer_s": 40, "data_s": 30,
