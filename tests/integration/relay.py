@@ -13,10 +13,11 @@ import threading
 
 
 def pump(src: socket.socket, dst: socket.socket, flip_at: int | None = None,
-         gate: threading.Event | None = None) -> None:
+         gate: threading.Event | None = None, tally: list[int] | None = None) -> None:
     """Forward ``src`` to ``dst`` until either closes; ``flip_at``: invert the byte at that offset
     of the stream on its way (an on-path attacker, for tests/transport/test_tcp.py); ``gate``:
-    hold what was read until it is set (bytes in flight, for tests/unit/test_layered.py)."""
+    hold what was read until it is set (bytes in flight, for tests/unit/test_layered.py);
+    ``tally[0]``: the bytes forwarded so far (tests/transport/test_tcp_reads.py)."""
     seen = 0
     try:
         while data := src.recv(1 << 16):
@@ -26,6 +27,8 @@ def pump(src: socket.socket, dst: socket.socket, flip_at: int | None = None,
                 data = bytearray(data)
                 data[flip_at - seen] ^= 0xFF
             seen += len(data)
+            if tally is not None:
+                tally[0] = seen
             dst.sendall(data)
     except OSError:
         pass

@@ -33,6 +33,7 @@ from lmcache_pd.transport._tcp_wire import (
     _Descriptor,
     _hello_tag,
 )
+from tests.integration.relay import pump
 from tests.transport.handles import wait
 from tests.transport.test_tcp import PUBLIC, listening, recv_n
 
@@ -64,29 +65,18 @@ class CountingRelay:
     def __init__(self, target: tuple[str, int]):
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.port = self.srv.getsockname()[1]
-        self.sent = 0
+        self.tally = [0]
         threading.Thread(target=self._run, args=(target,), daemon=True).start()
+
+    @property
+    def sent(self) -> int:
+        return self.tally[0]
 
     def _run(self, target: tuple[str, int]) -> None:
         c, _ = self.srv.accept()
         up = socket.create_connection(target)
-        threading.Thread(target=self._pump, args=(up, c, False), daemon=True).start()
-        self._pump(c, up, True)
-
-    def _pump(self, a: socket.socket, b: socket.socket, count: bool) -> None:
-        try:
-            while data := a.recv(1 << 16):
-                if count:
-                    self.sent += len(data)
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        threading.Thread(target=pump, args=(up, c), daemon=True).start()
+        pump(c, up, tally=self.tally)
 
 
 @pytest.mark.parametrize("off", [None, "sender", "receiver"])
