@@ -21,7 +21,7 @@ from functools import cache
 
 import numpy as np
 
-_IOV_MAX = 1024
+from lmcache_pd.transport._tcp_wire import _IOV_MAX  # the kernel's bound on a call's ranges, as for sendmsg
 
 
 @cache
