@@ -206,3 +206,17 @@ def test_a_sender_killed_before_its_batch_is_read_lands_nothing_and_the_receiver
     assert (dst == 7).all() and gate.landed == [False, True] and tx.stats.path == "same-host reads"
     tx.close()
     rx.close()
+
+
+def test_a_read_of_more_ranges_than_one_call_takes_copies_every_range():
+    # process_vm_readv takes at most IOV_MAX ranges a call: a batch of paged KV may have thousands.
+    n = 3000
+    src = np.random.default_rng(1).integers(0, 256, 8 * n, dtype=np.uint8)
+    dst = np.zeros(8 * n, dtype=np.uint8)
+    order = np.random.default_rng(2).permutation(n).astype(np.uint64)  # range i lands at slot order[i]
+    _cma.read(os.getpid(), dst.ctypes.data + 8 * order, src.ctypes.data + 8 * np.arange(n, dtype=np.uint64),
+              np.full(n, 8, dtype=np.uint64))
+    assert np.array_equal(dst.reshape(n, 8)[order], src.reshape(n, 8))
+    with pytest.raises(_cma.ReadError):  # a range past what is mapped, in the last call: the read fails
+        _cma.read(os.getpid(), np.array([dst.ctypes.data] * 1500, dtype=np.uint64),
+                  np.array([src.ctypes.data] * 1499 + [8], dtype=np.uint64), np.full(1500, 8, dtype=np.uint64))
