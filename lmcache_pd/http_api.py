@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from lmcache_pd.auth import Keyring
+from lmcache_pd.threads import thread
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,7 @@ class BoundedServer(ThreadingHTTPServer):
 
     def start(self, name: str) -> None:
         """Serve on a thread of its own, ``name``."""
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, name=name,
-                                        daemon=True)
+        self._thread = thread(self.serve_forever, name, poll_interval=0.2)
         self._thread.start()
 
     def stop(self) -> None:

@@ -29,6 +29,7 @@ from lmcache_pd.cache.daemon_tiers import LowerTiers
 from lmcache_pd.cache.keys import ChunkKey
 from lmcache_pd.cache.slots import Segment, SlotStore, send_segment
 from lmcache_pd.cache.store import TieredCache
+from lmcache_pd.threads import thread
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class CacheDaemon:
             os.umask(old)
         sock.listen(64)
         self._sock = sock
-        self._accept = threading.Thread(target=self._accept_loop, name="pd-cache-daemon", daemon=True)
+        self._accept = thread(self._accept_loop, "pd-cache-daemon")
         self._accept.start()
 
     def close(self) -> None:
@@ -112,7 +113,7 @@ class CacheDaemon:
                 self._conns.add(conn)
                 self.clients += 1
                 self._info[cid] = [pid, time.time(), 0]
-            threading.Thread(target=self._serve, args=(conn, cid), name=f"pd-cache-{cid}", daemon=True).start()
+            thread(self._serve, f"pd-cache-{cid}", conn, cid).start()
 
     def _serve(self, conn: socket.socket, cid: str) -> None:
         owners: set[str] = set()

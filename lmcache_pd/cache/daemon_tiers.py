@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from lmcache_pd.cache.keys import ChunkKey
 from lmcache_pd.cache.slots import Segment, SlotStore
 from lmcache_pd.cache.store import TieredCache
+from lmcache_pd.threads import thread
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class LowerTiers:
 
     def start(self) -> None:
         self.cache.start()
-        self._thread = threading.Thread(target=self._run, name="pd-cache-daemon-lower", daemon=True)
+        self._thread = thread(self._run, "pd-cache-daemon-lower")
         self._thread.start()
 
     def close(self) -> None:

@@ -30,6 +30,7 @@ import zmq
 
 from lmcache_pd._types import ReqId
 from lmcache_pd.cache.store import Lookup
+from lmcache_pd.threads import thread
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class LookupServer:
             sock.bind(self.address)
         finally:
             os.umask(old)
-        self._thread = threading.Thread(target=self._run, args=(sock,), name="pd-cache-lookup", daemon=True)
+        self._thread = thread(self._run, "pd-cache-lookup", sock)
         self._thread.start()
 
     def _run(self, sock: zmq.Socket) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from lmcache_pd.cache.holds import Holds
 from lmcache_pd.cache.keys import ChunkKey
 from lmcache_pd.cache.tier import Buffer, Tier, TierStats
+from lmcache_pd.threads import thread
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class TieredCache:
     def start(self) -> None:
         for t in self.tiers:
             t.open()
-        self._writer = threading.Thread(target=self._write_loop, name="pd-cache-writer", daemon=True)
+        self._writer = thread(self._write_loop, "pd-cache-writer")
         self._writer.start()
 
     # --- reads ------------------------------------------------------------------------------

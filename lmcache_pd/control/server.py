@@ -35,6 +35,7 @@ from lmcache_pd.control.ranks import check_ranks
 from lmcache_pd.control.server_stats import NOTHING_HELD, PrefixHolder, ServerStats
 from lmcache_pd.control.session import Session
 from lmcache_pd.errors import PoolExhausted, ProtocolError, TransferError
+from lmcache_pd.threads import thread
 
 log = logging.getLogger(__name__)
 _POLL_MS = 20
@@ -89,7 +90,7 @@ class ControlServer:
         self._next_expiry = 0.0
         self._last_turn: float | None = None
         self._warned: dict[str, float] = {}
-        self._thread = threading.Thread(target=self._run, name="pd-control-server", daemon=True)
+        self._thread = thread(self._run, "pd-control-server")
         self._ctx: zmq.Context | None = None
         self._bound = threading.Event()
         self._bind_error: BaseException | None = None

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmcache_pd.ops import PreparedCopy, run_copy
+from lmcache_pd.threads import thread
 from lmcache_pd.transport import Transport
 from lmcache_pd.transport.device_signals import Notifier
 
@@ -82,7 +83,7 @@ class SignalWaits:
         self._lock = threading.Lock()
         self._notifier = Notifier()
         self._stop = False
-        self._thread = threading.Thread(target=self._watch, name="pd-loader-signals", daemon=True)
+        self._thread = thread(self._watch, "pd-loader-signals")
 
     def start(self) -> None:
         self._thread.start()

@@ -41,6 +41,7 @@ from lmcache_pd.handoff import CacheLoadSpec, CacheSaveSpec, lookup_hold
 from lmcache_pd.layout import KVLayout, PoolLayout, plan_cache_to_pool
 from lmcache_pd.node.cache_slots import SlotCopier
 from lmcache_pd.ops import copy_ranges
+from lmcache_pd.threads import thread
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class CacheIO:
     def start(self) -> None:
         self.cache.start()
         self.lookups.start()
-        self._thread = threading.Thread(target=self._run, name="pd-cache-io", daemon=True)
+        self._thread = thread(self._run, "pd-cache-io")
         self._thread.start()
 
     def resolve(self, req_id: ReqId, chains: Sequence[bytes], tenant: str | None) -> Lookup:

@@ -73,6 +73,7 @@ from lmcache_pd.node.held_prefix import HeldPrefix
 from lmcache_pd.node.loads import LoadPhase, LoadResult, LoadState, PreparedScatter
 from lmcache_pd.node.scatter import Scatter
 from lmcache_pd.node.timeline import Timeline
+from lmcache_pd.threads import thread
 from lmcache_pd.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class Loader:
         self._recorded = threading.Condition(self._lock)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = thread(self._run, name)
         self._signals = (SignalWaits(signals, kv_buffer.device, self._armed_done)
                          if signals is not None and kv_buffer.is_cuda and not verify else None)
         pool.watch(self._wake.set)

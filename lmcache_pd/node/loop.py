@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
+
+from lmcache_pd.threads import thread
 
 T = TypeVar("T")
 
@@ -15,7 +16,7 @@ class LoopThread:
     def __init__(self, name: str):
         self.name = name
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = thread(self._run, name)
 
     def start(self) -> None:
         self._thread.start()

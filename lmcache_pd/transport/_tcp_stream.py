@@ -20,6 +20,7 @@ from lmcache_pd import auth
 from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost
 from lmcache_pd.layout import RangePlan
+from lmcache_pd.threads import thread
 from lmcache_pd.transport import _cma, _sealed
 from lmcache_pd.transport._tcp_wire import (
     _ACK,
@@ -64,7 +65,7 @@ class Stream:
         self.busy: BatchHandle | None = None
         self.reads = False  # the receiver copies each batch out of our memory (tcp.py, same-host reads)
         self._proof: ctypes.Array | None = None  # the hello's nonce, kept where the receiver may check it
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread = thread(self._loop, name)
 
     def open(self, timeout_s: float) -> None:
         sock = socket.create_connection((self.desc.host, self.desc.port), timeout=timeout_s)

@@ -46,6 +46,7 @@ from lmcache_pd.device_clock import clock_for
 from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import PreparedCopy, check_ranges, cuda_kernels_available, launch_copy, prepare_copy, prepare_rows
+from lmcache_pd.threads import thread
 from lmcache_pd.transport import device_signals as _signals
 from lmcache_pd.transport._cuda_posts import Posts
 from lmcache_pd.transport.base import BatchHandle, Capabilities, LayerPosts, PeerId, RegionId, Transport, gpu_uuid
@@ -139,7 +140,7 @@ class CudaIpcTransport(Transport):
         self._stop = threading.Event()
         self._start_lock = threading.Lock()
         # Started by the first register (threads never start in constructors).
-        self._waiter = threading.Thread(target=self._complete, name="pd-cuda-ipc-done", daemon=True)
+        self._waiter = thread(self._complete, "pd-cuda-ipc-done")
         self._signals = 0  # receiver: the address of its signal words (0: none)
         self._signal_slots = 0
         self._signal_device = 0

@@ -50,6 +50,7 @@ from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost, TransferError, TransportUnavailable
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import check_ranges
+from lmcache_pd.threads import thread
 from lmcache_pd.transport import _cma, _sealed
 from lmcache_pd.transport._tcp_stream import Peer, Stream
 from lmcache_pd.transport._tcp_wire import (
@@ -154,7 +155,7 @@ class TcpTransport(Transport):
         return msgspec.msgpack.encode(_Descriptor(host, port, self._token, region, len(self._regions[region])))
 
     def _spawn(self, target, name: str, *args: object) -> None:
-        th = threading.Thread(target=target, args=args, name=name, daemon=True)
+        th = thread(target, name, *args)
         self._threads.append(th)
         th.start()
 
