@@ -50,6 +50,8 @@ class LaneSent:
     """Data-plane time: its first submit until its bytes were in the pool."""
     posted: bool = False
     """Layered: its last chunk went as one batch whose layers the forward's thread posted."""
+    layers_at: tuple[float, ...] = ()
+    """Layered: when each layer of its last chunk was handed to the transport (layered.send_layers)."""
 
     @property
     def nbytes(self) -> int:
@@ -156,7 +158,7 @@ async def send_lane(io: LaneIO, spec: SendSpec, grant: Grant, n_pages: int, read
     # scatter it during the forward; a direct hand-off has nothing to scatter. Nor is it told
     # where its pool shares our GPU: its scatters would stall our forward (landed_on_shared_gpu).
     tell = not (signal or grant.blocks or io.transport.capabilities.admits_writes or io.quiet(peer))
-    *span, plans, posted = await send_layers(
+    *span, plans, posted, layers_at = await send_layers(
         io.transport, dest, io.region,
         PiecePlans(io.kv, layout, to, first, plan=functools.partial(peer.plan, among=to),
                    each=functools.partial(peer.plan_layers, among=to)),
@@ -165,4 +167,9 @@ async def send_lane(io: LaneIO, spec: SendSpec, grant: Grant, n_pages: int, read
     final = pieces.final
     assert final is not None and len(final.blocks) >= n_pages
     digest = io.digest(final.blocks[first:n_pages], digested, peer, None, plans)  # every layer is computed by now
-    return LaneSent(grant, plans, digest, (span[0], span[1]), time.monotonic() - t_data, posted)
+    return LaneSent(grant, plans, digest, (span[0], span[1]), time.monotonic() - t_data, posted, layers_at)
+
+
+def layers_sent(lanes: list[LaneSent]) -> tuple[float, ...]:
+    """When each layer went, over every lane: the latest lane's (0.0 where none sent it)."""
+    return tuple(max(at) for at in zip(*(s.layers_at for s in lanes))) if lanes else ()

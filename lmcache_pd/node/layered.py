@@ -215,17 +215,47 @@ class PiecePlans:
         return known[1][layer]
 
 
+def stamped(post: Callable[[int, torch.cuda.Event | None], None],
+            sent_at: list[float]) -> Callable[[int, torch.cuda.Event | None], None]:
+    """``post``, noting in ``sent_at`` when each layer was first posted (on vLLM's thread: a
+    store and a clock read, beside a post of a few microseconds)."""
+
+    def call(index: int, ready: torch.cuda.Event | None) -> None:
+        if 0 <= index < len(sent_at) and not sent_at[index]:
+            sent_at[index] = time.time()
+        post(index, ready)
+    return call
+
+
+async def forward_reported(pieces: Pieces, piece: Piece, timeout_s: float) -> None:
+    """Until ``piece``'s forward reported its end (:meth:`LayerMarks.forward_done`), at most
+    ``timeout_s``: a hand-off that landed before it waits here for its timeline's start."""
+    if piece.marks.computed_at:
+        return
+    ended = asyncio.Event()
+    unbind = pieces.bind(waker(asyncio.get_running_loop(), ended))  # forward_done wakes the pieces' loops
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not piece.marks.computed_at and (left := deadline - time.monotonic()) > 0:
+            ended.clear()
+            await woken(ended, left)
+    finally:
+        unbind()
+
+
 async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piece, int | None], RangePlan | None],
                       pieces: Pieces, num_layers: int, *, data_s: float, ticket: bytes, check: Callable[[], None],
                       failed: Callable[[BatchState, object], None], renew: Callable[[], None] = lambda: None,
                       signal: tuple[int, int] | None = None,
                       landed: Callable[[list[int]], Awaitable[None]] | None = None,
-                      post_layers: bool = False) -> tuple[float, float, list[RangePlan], bool]:
+                      post_layers: bool = False) -> tuple[float, float, list[RangePlan], bool, tuple[float, ...]]:
     """Submit each layer of the final piece (``plan(piece, layer)``; None: nothing of it to send)
     as soon as its forward's marks say it is computed, and each earlier piece whole
     (``plan(piece, None)``) once its forward computed every layer; return when all of it is in
     the peer's pool: the transfer's first and last byte (``groups.byte_span``), the plans sent,
-    and whether the final piece's layers were posted by its marks (``post_layers``, below).
+    whether the final piece's layers were posted by its marks (``post_layers``, below), and when
+    each of its layers was handed to the transport (wall clock by layer index, 0.0 for a layer
+    with nothing to send: the hand-off timeline's "each layer sent").
 
     An earlier chunk's piece goes in one batch because only the last chunk's forward is on the
     hand-off's path: the next chunk's forward hides the whole piece, and one batch instead of
@@ -271,6 +301,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
     reported = 0  # handles[:reported] were DONE and their layers reported
     final = False
     first_byte_at = 0.0
+    sent_at = [0.0] * num_layers  # the final piece's layers: when each was handed to the transport
     progress = time.monotonic()
     try:
         while True:
@@ -309,7 +340,10 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                     break
                 last = {"signal": signal} if signal is not None and final and not pending else {}
                 # Stamped before the submit: a transport may land the batch before it returns.
-                first_byte_at = first_byte_at or time.time()
+                now = time.time()
+                first_byte_at = first_byte_at or now
+                if piece.final and index is not None:
+                    sent_at[index] = now
                 handle = transport.submit(peer_id, region, p, timeout_s=data_s,
                                           after=ready, ticket=ticket, **last)
                 handle.add_done_callback(waker(loop, wake))
@@ -327,8 +361,9 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                     last = {"signal": signal} if signal is not None and not pending else {}
                     first_byte_at = first_byte_at or time.time()
                     posts = transport.prepare_layers(peer_id, region, layers, timeout_s=data_s, ticket=ticket, **last)
-                    for index, ready in piece.marks.attach(posts.post):  # those computed before now
-                        posts.post(index, ready)
+                    post = stamped(posts.post, sent_at)
+                    for index, ready in piece.marks.attach(post):  # those computed before now
+                        post(index, ready)
                     posted = posts.handle
                     posted.add_done_callback(waker(loop, wake))
                     handles.append(posted)
@@ -359,7 +394,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
             if pieces.stopped and not in_flight:
                 raise TransferError(pieces.stopped)
             if complete:
-                return (*byte_span(handles, first_byte_at), sent, posted is not None)
+                return (*byte_span(handles, first_byte_at), sent, posted is not None, tuple(sent_at))
             if not pieces.stopped:
                 check()
             if time.monotonic() - progress > data_s:

@@ -48,6 +48,10 @@ class SendResult:
     forward passed it (``transport.post_layers``), not a batch per layer from the sender's."""
     direct: bool = False
     """Written straight into the decode's vLLM blocks (``transport.direct``), not its pool."""
+    layers_sent_at: tuple[float, ...] = ()
+    """Layered: wall clock when each layer of the last chunk was handed to the transport (by layer
+    index; submitted by the sender, or posted by the forward's thread; over several lanes the
+    latest; 0.0: nothing of that layer to send)."""
     last_chunk_at: float = 0.0
     """Layered: wall clock when the step computing the prompt's last chunk began; bytes sent
     before it were hidden under earlier chunks."""

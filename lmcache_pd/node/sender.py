@@ -56,8 +56,8 @@ from lmcache_pd.handoff import Handoff, SendSpec
 from lmcache_pd.layout import KVLayout, RangePlan, blocks_for_tokens
 from lmcache_pd.node.groups import send_groups
 from lmcache_pd.node.handoff_log import HandoffLog
-from lmcache_pd.node.lanes import LaneIO, LaneSent, each, send_lane
-from lmcache_pd.node.layered import LayerMarks, Pieces
+from lmcache_pd.node.lanes import LaneIO, LaneSent, each, layers_sent, send_lane
+from lmcache_pd.node.layered import LayerMarks, Pieces, forward_reported
 from lmcache_pd.node.links import Lane, Links
 from lmcache_pd.node.loop import LoopThread
 from lmcache_pd.node.peer import Grant
@@ -414,16 +414,18 @@ class KVSender:
                                 layered=pieces is not None, on_caller=on_caller,
                                 pieces=len(pieces) if pieces is not None else 0,
                                 posted=bool(lanes) and all(s.posted for s in lanes),
-                                direct=any(s.grant.blocks for s in lanes),
+                                direct=any(s.grant.blocks for s in lanes), layers_sent_at=layers_sent(lanes),
                                 last_chunk_at=pieces.final.added_at if pieces is not None and pieces.final else 0.0))
 
     async def _computed_at(self, spec: SendSpec, pieces: Pieces | None) -> float:
-        """When the prompt's last chunk was computed (timeline.forward_end; ``timeouts.data_s``
-        bounds the wait for the GPU's stamp). A layered hand-off whose last forward has not
-        reported its end yet landed before it: now is a lower bound (all of it hidden)."""
+        """When the prompt's last chunk was computed (timeline.forward_end). A layered hand-off
+        often lands before its last forward ends (the last layer's MLP and the logits run after
+        its KV went): the record waits for that end, up to ``timeouts.data_s`` (then now, a
+        lower bound), so that the timeline shows the transfer ending inside the forward."""
         final = pieces.final if pieces is not None else None
         if final is None:
             return await forward_end(self._ends.pop(spec.handoff.transfer_id, None), spec.computed_at, self.t.data_s)
+        await forward_reported(pieces, final, self.t.data_s)
         return await forward_end(final.marks.stamp, final.marks.computed_at or time.time(), self.t.data_s)
 
     async def _cancel_any(self, grants: tuple[Grant, ...], h: Handoff, reason: str) -> None:

@@ -18,7 +18,9 @@ Prefill phases (a mark of 0 means "never reached"; that phase is not observed):
   - ``transfer``: first byte submitted -> last byte in the decode pool;
   - ``exposed``: forward done -> last byte in the pool: the part of the transfer *not* hidden
     under the prefill's compute (0 when all of it is);
-  - ``done``: last byte in the pool -> TransferDone acknowledged.
+  - ``done``: last byte in the pool -> TransferDone acknowledged;
+  - ``layers`` (layered only): the last chunk's first layer handed to the transport -> its last
+    one (each layer's own mark is in the hand-off log, ``layers_sent_at``).
 Decode phases:
   - ``wait``: the decode asked for the KV (its request scheduled) -> every page in the pool;
   - ``scatter``: every page in the pool -> the KV in vLLM's blocks;
@@ -38,7 +40,7 @@ from prometheus_client import Histogram
 if TYPE_CHECKING:  # (a type only: the benchmarks read this module without torch's import)
     from lmcache_pd.device_clock import Stamp
 
-PREFILL_PHASES = ("after_compute", "pages", "transfer", "exposed", "done")
+PREFILL_PHASES = ("after_compute", "pages", "transfer", "exposed", "done", "layers")
 DECODE_PHASES = ("wait", "scatter", "first_token")
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -68,6 +70,9 @@ def prefill_phases(r: Any) -> dict[str, float]:
         "exposed": _span(r.computed_at, r.last_byte_at),
         "done": _span(r.last_byte_at, r.done_at),
     }
+    sent = [t for t in getattr(r, "layers_sent_at", ()) if t]
+    if sent:
+        spans["layers"] = _span(min(sent), max(sent))
     return {k: v for k, v in spans.items() if v is not None}
 
 

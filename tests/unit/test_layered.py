@@ -22,7 +22,7 @@ from lmcache_pd.config import config_from_dict
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
 from lmcache_pd.layout import KVLayout, PoolLayout, plan_cache_to_pool
 from lmcache_pd.node.layered import LayerMarks
-from lmcache_pd.node.timeline import hidden_fraction
+from lmcache_pd.node.timeline import hidden_fraction, prefill_phases
 from tests.integration.relay import pump
 from tests.unit.nodes import BLOCK, LAYERS, PAGE, Node, first_chunk, last_chunk, make_cfg, spin_cycles
 
@@ -95,6 +95,7 @@ def test_each_layer_goes_as_it_is_computed_and_arrives_bitwise(name):
         for b in p_blocks:  # ... while the forward computes layer 1 (new content, written now)
             n.p_layers[1][b].view(torch.uint8).copy_(torch.randint(0, 256, n.p_layers[1][b].view(torch.uint8).shape,
                                                                    dtype=torch.uint8))
+        computing_1 = time.time()
         marks.layer(1)
         time.sleep(0.05)
         marks.forward_done()
@@ -103,6 +104,10 @@ def test_each_layer_goes_as_it_is_computed_and_arrives_bitwise(name):
         assert s.num_bytes == ld.num_bytes == 3 * PAGE
         n.assert_moved(p_blocks, d_blocks)  # layer 1 as written after layer 0 had landed
         assert s.first_byte_at < s.computed_at and hidden_fraction(s) > 0.5, s
+        # The timeline has each layer: 0 went while 1 was computed, both before the forward's end.
+        sent_0, sent_1 = s.layers_sent_at
+        assert s.first_byte_at == sent_0 < computing_1 <= sent_1 < s.computed_at, s
+        assert prefill_phases(s)["layers"] == pytest.approx(sent_1 - sent_0)
         assert n.pool_full()
     finally:
         n.close()

@@ -97,6 +97,7 @@ def test_the_last_chunk_goes_in_one_batch_each_layer_posted_as_marked(post_layer
         for b in p_blocks:  # the forward writes layer 1 after layer 0 landed: what goes is this
             n.p_layers[1][b].view(torch.uint8).copy_(torch.randint(0, 256, n.p_layers[1][b].view(torch.uint8).shape,
                                                                    dtype=torch.uint8))
+        computing_1 = time.time()
         marks.layer(1)
         marks.forward_done()
         sends, loads = n.results(1, 1)
@@ -105,6 +106,10 @@ def test_the_last_chunk_goes_in_one_batch_each_layer_posted_as_marked(post_layer
         assert calls == ({"submit": 0, "prepare_layers": 1} if posted else {"submit": LAYERS, "prepare_layers": 0}), calls
         assert sends[0].first_byte_at < sends[0].computed_at, sends[0]
         assert sends[0].posted is posted and sends[0].layered, sends[0]  # (the hand-off log says which way it went)
+        sent_0, sent_1 = sends[0].layers_sent_at  # each layer handed over once marked ...
+        assert 0 < sent_0 < computing_1 <= sent_1, sends[0]
+        if posted:  # ... posted: by the marking thread, before the forward's end
+            assert sent_1 <= sends[0].computed_at, sends[0]
         assert n.pool_full()
     finally:
         n.close()

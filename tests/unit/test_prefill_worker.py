@@ -61,19 +61,26 @@ def test_a_small_layered_handoff_goes_whole_at_the_forwards_end_and_a_large_one_
         for i in range(LAYERS):  # the forward over the last chunk: its first hook starts the step
             worker.save_kv_layer(f"model.layers.{i}.attn", meta)
         sends: list = []
+        loads: list = []
         deadline = time.monotonic() + 15
-        while not any(s.transfer_id == "large" for s in sends):  # every layer marked: it ends
+        while not loads:  # every layer marked: the large one lands while the forward still runs
             assert time.monotonic() < deadline, sends
             sends += node.sender.drain()
+            loads += node.receiver.drain()
             time.sleep(0.005)
-        assert [s.transfer_id for s in sends] == ["large"], "the small one went before the forward ended"
+        assert [r.transfer_id for r in loads] == ["large"], "the small one went before the forward ended"
+        # The large one's record waits for the forward's end: its timeline starts there.
+        time.sleep(0.1)
+        assert sends + node.sender.drain() == []
+        end = time.time()
         worker.wait_for_save()  # the forward ended
-        more, loads = node.results(1, 2)
+        more, loads_ = node.results(2, 1)
         by_id = {s.transfer_id: s for s in sends + more}
         assert by_id["large"].ok and by_id["large"].layered
+        assert by_id["large"].last_byte_at < end <= by_id["large"].computed_at, by_id["large"]
         assert by_id["small"].ok and not by_id["small"].layered
         assert by_id["small"].computed_at > 0  # its timeline starts at the forward's end
-        assert all(r.ok for r in loads), loads
+        assert all(r.ok for r in loads + loads_), loads + loads_
         node.assert_moved(p_small, d_small)
         node.assert_moved(p_large, d_large)
     finally:
