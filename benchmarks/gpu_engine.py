@@ -31,18 +31,18 @@ import time
 import urllib.request
 from datetime import date
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import wait_healthy  # noqa: E402
+from _engine_report import ENGINE_TIMES, render, timelines  # noqa: E402
 from _nixl_connector import NixlConnectorPD  # noqa: E402
+from _thread_cpu import ours_per_request, thread_cpu  # noqa: E402
 
 from lmcache_pd.cli.local import LocalDeployment, engine_config, free_ports  # noqa: E402
 from lmcache_pd.cli.tinymodel import LLAMA3_8B_ATTENTION, build_tiny_model  # noqa: E402
-from lmcache_pd.node.timeline import hidden_fraction  # noqa: E402
 
 CPU_SHAPES = {
     "tiny": {"max_position_embeddings": 16384},
@@ -140,20 +140,19 @@ def prefill_leg(proxy: str) -> tuple[float, float]:
     return histograms(proxy, ("lmcache_pd_proxy_prefill_seconds",))["lmcache_pd_proxy_prefill_seconds"]
 
 
-ENGINE_TIMES = ("time_to_first_token", "request_queue_time", "request_prefill_time")
-
-
 def engine_times(url: str) -> dict[str, tuple[float, float]]:
     """vLLM's own request-phase histograms on one instance: name -> (sum s, count)."""
     found = histograms(url, tuple(f"vllm:{k}_seconds" for k in ENGINE_TIMES))
     return {k: found[f"vllm:{k}_seconds"] for k in ENGINE_TIMES}
 
 
-def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int,
-                 engines: dict[str, str] | None = None, settle_s: float = 0.0) -> tuple[dict, dict, dict, dict]:
+def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int, engines: dict[str, str] | None = None,
+                 settle_s: float = 0.0, sessions: dict[str, tuple[int, int]] | None = None) -> tuple:
     """Median TTFT (ms) per target and prompt length; targets take turns, so drift hits all alike.
     Also, per P/D target, the mean time of the proxy's prefill request, and each measured
-    request's (id, wall clock at send, at first token) for the hand-off timeline."""
+    request's (id, wall clock at send, at first token) for the hand-off timeline; per instance of
+    ``sessions`` (name -> (its session id, how many targets send to it)), our threads' CPU
+    milliseconds per request (_thread_cpu.py)."""
     out: dict[str, dict[int, list[float]]] = {t: {n: [] for n in lens} for t in targets}
     second: dict[str, dict[int, list[float]]] = {t: {n: [] for n in lens} for t in targets}
     legs: dict[str, dict[int, float]] = {t: {} for t in targets if t.startswith("pd-")}
@@ -161,11 +160,14 @@ def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int,
     engines = engines or {}
     inside: dict[str, dict[int, dict[str, float]]] = {}
     """Mean ms of vLLM's own phases per engine (``engines``: name -> URL) and length."""
+    sessions = sessions or {}
+    ours: dict[str, dict[int, dict[str, float]]] = {name: {} for name in sessions}
     for n in lens:
         for i in range(repeat + 2):
             if i == 2:
                 before = {t: prefill_leg(targets[t]) for t in legs}
                 base = {name: engine_times(url) for name, url in engines.items()}
+                cpu0 = {name: thread_cpu(sid) for name, (sid, _) in sessions.items()}
             for k, (name, url) in enumerate(targets.items()):
                 # A new prompt for each request: targets sharing an instance (the two dispatch
                 # modes) must not find each other's prompts in its prefix cache.
@@ -178,6 +180,8 @@ def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int,
                     second[name][n].append(s2 * 1e3)
                     if name in sent:
                         sent[name][n].append((req_id, at, first))
+        for name, (sid, users) in sessions.items():
+            ours[name][n] = ours_per_request(cpu0[name], thread_cpu(sid), users * repeat)
         for name, url in engines.items():
             after = engine_times(url)
             inside.setdefault(name, {})[n] = {k: (after[k][0] - base[name][k][0]) / max(1, after[k][1] - base[name][k][1])
@@ -187,64 +191,11 @@ def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int,
             legs[t][n] = (s1 - s0) / (c1 - c0) * 1e3 if c1 > c0 else float("nan")
     ttft = {t: {n: statistics.median(v) for n, v in per.items()} for t, per in out.items()}
     tt2 = {t: {n: statistics.median(v) for n, v in per.items()} for t, per in second.items()}
-    return ttft, legs, sent, inside, tt2
-
-
-SEGMENTS = {
-    "to_load": "client sends -> decode asks for the KV (its request scheduled)",
-    "to_computed": "client sends -> the prefill's prompt computed (its scheduler saw it finish)",
-    "to_handoff": "client sends -> prefill's hand-off starts",
-    "transfer": "hand-off starts -> all pages in the decode pool",
-    "exposed": "prompt computed -> last byte in the decode pool (the transfer not hidden under the prefill)",
-    "scatter": "pages in the pool -> in vLLM's blocks",
-    "decode_first": "in vLLM's blocks -> the decode step that computed the first token ended (its own mark)",
-    "after": "scattered -> first token at the client (report, schedule, forward, stream; negative "
-             "where the prefill's token came first)",
-}
-
-
-def handoff_records(path: Path, event: str | None = None) -> dict[str, dict]:
-    """A hand-off log's records by request id (a transfer id is ``<request id>-<8 hex>``); the
-    last record wins: a workdir reused by an earlier run holds older ones. ``event``: the
-    records of a later mark instead of the hand-off's end (``first_token`` on the decode)."""
-    if not path.exists():
-        return {}
-    return {r["transfer_id"].rsplit("-", 1)[0]: r for r in map(json.loads, path.read_text().splitlines())
-            if r.get("event") == event}
-
-
-def timelines(sent: dict, logs: dict[str, Path]) -> dict:
-    """Median ms of each timeline segment (SEGMENTS) per P/D target and length, from the
-    client's wall clock and both hand-off logs (one machine: one clock). Transfer ids start with
-    the client's request id."""
-    out: dict = {}
-    for target, per in sent.items():
-        work = logs[target]
-        sender, loader = handoff_records(work / "handoffs-prefill-0.jsonl"), handoff_records(
-            work / "handoffs-decode-0.jsonl")
-        firsts = handoff_records(work / "handoffs-decode-0.jsonl", event="first_token")
-        for n, reqs in per.items():
-            seg: dict[str, list[float]] = {k: [] for k in (*SEGMENTS, "hidden")}
-            for req_id, at, first in reqs:
-                p, d = sender.get(req_id), loader.get(req_id)
-                if not (p and d and p["ok"] and d["ok"] and d.get("ready_at")):
-                    continue
-                seg["to_load"].append(d["submitted_at"] - at)
-                seg["to_computed"].append(p.get("computed_at", 0.0) - at if p.get("computed_at") else float("nan"))
-                seg["to_handoff"].append(p["started_at"] - at)
-                seg["transfer"].append(d["ready_at"] - p["started_at"])
-                seg["exposed"].append(p["last_byte_at"] - p["computed_at"] if p.get("computed_at") and
-                                      p.get("last_byte_at") else float("nan"))
-                seg["hidden"].append(hidden_fraction(SimpleNamespace(**p)) if "computed_at" in p else float("nan"))
-                seg["scatter"].append(d["done_at"] - d["ready_at"])
-                f = firsts.get(req_id)
-                seg["decode_first"].append(f["first_token_at"] - f["loaded_at"] if f else float("nan"))
-                seg["after"].append(first - d["done_at"])
-            hidden = seg.pop("hidden")
-            out.setdefault(target, {})[n] = {k: statistics.median(v) * 1e3 if v else float("nan")
-                                             for k, v in seg.items()} | {"requests": len(seg["after"]),
-                                                                         "hidden": statistics.median(hidden) if hidden else float("nan")}
-    return out
+    # Each request against colocated's of the same turn (they ran seconds apart): the machine's
+    # drift over a run, which moves the medians apart, cancels out of each pair.
+    paired = {t: {n: statistics.median(p - c for p, c in zip(v, out["colocated"][n])) for n, v in per.items()}
+              for t, per in out.items() if t != "colocated"} if "colocated" in out else {}
+    return ttft, legs, sent, inside, tt2, ours, paired
 
 
 def bench_serve(url: str, model: Path, concurrency: int, prompts: int, input_len: int, output_len: int,
@@ -384,11 +335,19 @@ def main() -> int:
         # otherwise share the next target's cores (docs/benchmarks.md, the CPU dry run).
         settle_ms = a.settle_ms if a.settle_ms is not None else (2000.0 if a.cpu else 0.0)
         results["settle_ms"] = settle_ms
-        ttft, legs, sent, inside, tt2 = measure_ttft(targets, lens, a.repeat, engines, settle_s=settle_ms / 1e3)
+        sessions = {f"{role}-{t}": (d.procs[f"{role}-0"].popen.pid, 2) for t, d in deps.items()
+                    for role in ("prefill", "decode")}  # (each serves pd-<t> and pd-<t>-dec)
+        ttft, legs, sent, inside, tt2, ours, paired = measure_ttft(targets, lens, a.repeat, engines,
+                                                                   settle_s=settle_ms / 1e3, sessions=sessions)
+        results["our_threads_cpu_ms"] = ours
+        results["paired_diff_ms"] = paired
         results["engine_ms"] = inside
         results["ttft_ms"] = ttft
         results["second_token_ms"] = tt2
         results["prefill_leg_ms"] = legs
+        # Each measured request's (id, wall clock at send, at first token): to line up with the
+        # hand-off logs and the instances' own marks afterwards.
+        results["requests"] = sent
         results["timeline_ms"] = timelines(sent, {t: deps[t.removeprefix("pd-").removesuffix("-dec")].workdir
                                                   for t in pd})
         # `vllm bench serve`: the default proxies only (pd-<transport>-dec are for TTFT).
@@ -417,72 +376,6 @@ def main() -> int:
     (a.out / "summary.md").write_text(summary)
     print(summary)
     return 0
-
-
-def render(r: dict, lens: list[int]) -> str:
-    v = r.get("versions", {})
-    pd = r.get("pd_targets") or [f"pd-{t}" for t in r["transports"]]
-    compared = pd + r.get("other_targets", [])  # vllm-nixl: vLLM's NixlConnector, through its own proxy
-    lines = [f"# P/D inside vLLM's engine against colocated, {r['date']}, {v.get('device')}, vLLM {v.get('vllm')}, "
-             f"torch {v.get('torch')}, model {r.get('shape')}, {'eager' if r['eager'] else 'CUDA graphs'}, "
-             f"{r.get('settle_ms', 0):g} ms between requests", "",
-             "TTFT, median ms (streamed, 8 tokens); pd-<transport>: hand-offs whole (transport.layerwise off), "
-             "-layered: layer by layer (the default); proxy.first_token=prefill (the default), "
-             "-dec: first_token=decode, dispatch=concurrent:",
-             "", "| prompt tokens | colocated | " + " | ".join(f"{t} | diff | ratio" for t in compared) + " |",
-             "|---:|---:|" + "---:|---:|---:|" * len(compared)]
-    ttft = r.get("ttft_ms", {})
-    for n in lens:
-        c = ttft["colocated"][n]
-        row = f"| {n} | {c:.2f} |"
-        for t in compared:
-            p = ttft[t][n]
-            row += f" {p:.2f} | {p - c:+.2f} | {p / c:.3f} |"
-        lines.append(row)
-    tt2 = r.get("second_token_ms", {})
-    if tt2:
-        lines += ["", "Time to the second token, median ms (the same requests):", "",
-                  "| prompt tokens | colocated | " + " | ".join(f"{t} | diff" for t in compared) + " |",
-                  "|---:|---:|" + "---:|---:|" * len(compared)]
-        for n in lens:
-            c = tt2["colocated"][n]
-            lines.append(f"| {n} | {c:.2f} |" + "".join(f" {tt2[t][n]:.2f} | {tt2[t][n] - c:+.2f} |"
-                                                         for t in compared))
-    legs = r.get("prefill_leg_ms", {})
-    if legs:
-        lines += ["", "The proxy's prefill request (mean ms) and the rest of P/D's TTFT:", "",
-                  "| prompt tokens | " + " | ".join(f"{t} prefill leg | rest" for t in pd) + " |",
-                  "|---:|" + "---:|---:|" * len(pd)]
-        for n in lens:
-            lines.append(f"| {n} |" + "".join(f" {legs[t][n]:.2f} | {ttft[t][n] - legs[t][n]:.2f} |" for t in pd))
-    tl = r.get("timeline_ms", {})
-    if tl:
-        lines += ["", "Timeline of a hand-off, median ms per segment (" + "; ".join(
-            f"{k}: {d}" for k, d in SEGMENTS.items()) + "):", "",
-            "| target | prompt tokens | requests | " + " | ".join(SEGMENTS) + " | transfer hidden under the prefill |",
-            "|---|---:|---:|" + "---:|" * (len(SEGMENTS) + 1)]
-        for t in pd:
-            for n in lens:
-                row = tl.get(t, {}).get(n)
-                if row:
-                    lines.append(f"| {t} | {n} | {row['requests']} | " + " | ".join(
-                        f"{row.get(k, float('nan')):.2f}" for k in SEGMENTS) + f" | {row.get('hidden', float('nan')):.0%} |")
-    eng = r.get("engine_ms", {})
-    if eng:
-        lines += ["", "vLLM's own request phases, mean ms over both proxies (" + ", ".join(ENGINE_TIMES) + "):",
-                  "", "| engine | prompt tokens | " + " | ".join(ENGINE_TIMES) + " |", "|---|---:|" + "---:|" * len(ENGINE_TIMES)]
-        for name, per in eng.items():
-            for n, row in per.items():
-                lines.append(f"| {name} | {n} | " + " | ".join(f"{row[k]:.2f}" for k in ENGINE_TIMES) + " |")
-    lines += ["", "`vllm bench serve` (random dataset):", "",
-              "| target | concurrency | req/s | output tok/s | goodput req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, per in r.get("serve", {}).items():
-        for c, s in per.items():
-            lines.append(f"| {name} | {c} | {s['request_throughput']:.2f} | {s['output_throughput']:.0f} | "
-                         f"{s['request_goodput'] or 0:.2f} | {s['median_ttft_ms']:.1f} / {s['p99_ttft_ms']:.1f} | "
-                         f"{s['median_tpot_ms']:.2f} / {s['p99_tpot_ms']:.2f} |")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
