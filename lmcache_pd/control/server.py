@@ -1,7 +1,8 @@
 """Decode-side control server: a zmq ROUTER that answers the prefill side (L4).
 
 One thread (``pd-control-server``) owns the socket. Each loop turn it:
-  1. receives at most a batch of messages (poll with a short timeout, so ``close`` is prompt),
+  1. receives at most a batch of messages (it waits up to ``_POLL_MS``; the pool's changes from
+     other threads and ``close`` wake it at once),
   2. authenticates each (its tag under the deployment's control key or its session's key, and a
      sequence number above the last; auth.py) and only then decodes and answers it (hello,
      handshake, allocate, transfer done, cancel, heartbeat; Landed is one-way),
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import struct
 import threading
 import time
@@ -38,7 +40,12 @@ from lmcache_pd.errors import PoolExhausted, ProtocolError, TransferError
 from lmcache_pd.threads import thread
 
 log = logging.getLogger(__name__)
-_POLL_MS = 20
+_POLL_MS = 100
+"""The longest a turn waits with nothing received: housekeeping's cadence for leases and silent
+peers (``_EXPIRE_EVERY_S``). What else needs a turn wakes it at once: the pool's changes (pages
+returned, a hand-off ended: ``PagePool.watch``) and ``close``. It was 20 ms, and those idle
+turns cost the decode's core (on CPU, its only one) 11-21 ms a request 2 s apart
+(docs/benchmarks.md)."""
 _EXPIRE_EVERY_S = 0.1
 """Lease expiry scans every reservation and tombstone; leases are seconds long, so once per
 100 ms is precise enough and keeps the scan off the per-message path."""
@@ -87,6 +94,13 @@ class ControlServer:
                                    direct=direct, direct_wait_s=direct_wait_s, max_waiting=max_waiting,
                                    max_alloc_wait_s=max_alloc_wait_s)
         self._stop = threading.Event()
+        # A turn's wake-up from other threads: the pool's changes (under its lock: a byte's
+        # write, nothing more) and close. Socket objects, not raw fds: a write after close
+        # raises instead of landing in whatever reused the number.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        pool.watch(self._wake)
         self._next_expiry = 0.0
         self._last_turn: float | None = None
         self._warned: dict[str, float] = {}
@@ -106,8 +120,19 @@ class ControlServer:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake()
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
+        if not self._thread.is_alive():
+            self._wake_w.close()
+            self._wake_r.close()
+
+    def _wake(self) -> None:
+        """Any thread: the loop takes a turn now (a pending wake-up is enough: a full buffer is one)."""
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # (BlockingIOError: one is pending; closed: the server is gone)
+            pass
 
     @property
     def sessions(self) -> int:
@@ -147,11 +172,14 @@ class ControlServer:
         monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED) if self.curve_secret is not None else None
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         if monitor is not None:
             poller.register(monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 ready = dict(poller.poll(1 if self.admission.parked else _POLL_MS))  # (held Allocates: look often)
+                if self._wake_r.fileno() in ready:
+                    self._drain_wakes()
                 if sock in ready:
                     for _ in range(64):
                         try:
@@ -168,6 +196,13 @@ class ControlServer:
                 monitor.close(linger=0)
             sock.close()
             self._ctx.term()
+
+    def _drain_wakes(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:  # BlockingIOError: drained
+            pass
 
     def _on_monitor(self, monitor: zmq.Socket) -> None:
         while True:

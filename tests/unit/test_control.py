@@ -153,6 +153,35 @@ def test_queued_allocation_is_served_fifo_when_pages_return(server):
     assert server.stats.queued_allocations == 2
 
 
+def test_pages_returned_by_the_decodes_thread_wake_the_server_for_a_queued_allocation(server, monkeypatch):
+    """With nothing received the loop waits up to ``_POLL_MS`` for its housekeeping; pages that
+    another thread returns (the decode's loader freeing a consumed hand-off) wake it, so a
+    queued Allocate is served then, not at the next tick, and ``close`` is as prompt. The tick
+    is stretched to 30 s here: only the wake-up can serve it in time."""
+    monkeypatch.setattr(server_module, "_POLL_MS", 30_000)
+
+    async def go():
+        ctx, c = await client_for(server)
+        await handshake(c)
+        await req(c, alloc(c, "a", 8))
+        await req(c, P.TransferDone(msg_id=c.next_id(), transfer_id="a", num_bytes=8, seconds=0.1))
+        server.pool.claim("a")  # the decode's loader scatters it ...
+        waiting = asyncio.ensure_future(req(c, alloc(c, "b", 4, wait_s=20)))
+        await asyncio.sleep(0.3)  # (queued, and the loop back in its now long wait)
+        assert not waiting.done() and server.stats.queued_allocations == 1
+        t0 = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(None, lambda: server.pool.free("a", now=time.time()))
+        got = await waiting  # ... and returns its pages from its own thread
+        assert isinstance(got, P.Allocated) and len(got.pages) == 4
+        assert time.monotonic() - t0 < 5, "served only at the next tick"
+        await c.close()
+        ctx.term()
+    run(go())
+    t0 = time.monotonic()
+    server.close()
+    assert time.monotonic() - t0 < 5 and not server._thread.is_alive()
+
+
 def test_queued_allocation_times_out_with_a_named_field(server):
     async def go():
         ctx, c = await client_for(server)
