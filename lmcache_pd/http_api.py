@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -30,15 +32,27 @@ class BoundedServer(ThreadingHTTPServer):
         self._thread: threading.Thread | None = None
 
     def start(self, name: str) -> None:
-        """Serve on a thread of its own, ``name``."""
-        self._thread = thread(self.serve_forever, name, poll_interval=0.2)
+        """Serve on a thread of its own, ``name``. It sleeps until a connection comes: no turn
+        every 0.2 s to look for a shutdown (on a CPU deployment, time taken from the instance's
+        one core: docs/benchmarks.md); :meth:`stop` wakes it."""
+        self._thread = thread(self.serve_forever, name, poll_interval=None)
         self._thread.start()
 
     def stop(self) -> None:
-        self.shutdown()
+        """Stop serving: ``shutdown`` asks (on a thread of its own: it waits for the loop), and
+        a connection of our own wakes the loop to see it."""
+        if self._thread is not None and self._thread.is_alive():
+            threading.Thread(target=self.shutdown, daemon=True).start()
+            host, port = self.server_address[:2]
+            host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+            deadline = time.monotonic() + 5
+            while self._thread.is_alive() and time.monotonic() < deadline:
+                try:
+                    socket.create_connection((host, port), timeout=0.5).close()
+                except OSError:  # (closing already)
+                    pass
+                self._thread.join(0.05)
         self.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         self._slots.acquire()
