@@ -198,6 +198,10 @@ def test_receiver_survives_a_sender_dying_mid_batch():
     table[0] = (0, 1 << 20)
     raw.sendall(struct.pack("!4sQQH", b"LPDB", 1, 8, 0) + table.tobytes() + b"\x01" * 100)
     raw.close()  # dies with the batch half sent
+    deadline = time.monotonic() + 5
+    while rx._conns:  # the receiver took in what came of it and dropped the connection (else, on a
+        assert time.monotonic() < deadline  # busy machine, its 100 bytes could land after the batch below)
+        time.sleep(0.01)
     tx, sid, peer = sender_to(rx, region, torch.full((1 << 20,), 7, dtype=torch.uint8))
     h = tx.submit(peer, sid, coalesce(np.array([0]), np.array([0]), np.array([1 << 20])), timeout_s=5)
     assert wait(tx, h) == BatchState.DONE, h.error
