@@ -104,7 +104,9 @@ def run_demo(workdir: str, *, max_tokens: int = 24) -> int:
                 why = h["error"] if h else "no hand-off record"
                 print(f"    TTFT {ttft * 1e3:.1f} ms, total {total * 1e3:.1f} ms; decode recomputed ({why})\n")
         ok = all(h and h["ok"] for *_, h in rows)
-        print("summary: every prompt was prefilled on prefill-0 and its KV moved to decode-0 over TCP"
+        print("summary: every prompt was prefilled on prefill-0 and its KV moved to decode-0 by the tcp "
+              "transport (on one host the decode copies it out of the prefill's memory, the socket carrying "
+              "only its range table: transport.options.same_host_reads)"
               if ok else "summary: some hand-offs failed (the answers above were still served)")
         return 0 if ok else 1
     finally:
