@@ -74,6 +74,11 @@ def timelines(sent: dict, logs: dict[str, Path]) -> dict:
     return out
 
 
+def _table(title: str, head: list[str], align: str, rows: list[str]) -> list[str]:
+    """A titled markdown table's lines (a blank line before the title and before the table)."""
+    return ["", title, "", "| " + " | ".join(head) + " |", align, *rows]
+
+
 def render(r: dict, lens: list[int]) -> str:
     v = r.get("versions", {})
     pd = r.get("pd_targets") or [f"pd-{t}" for t in r["transports"]]
@@ -96,28 +101,25 @@ def render(r: dict, lens: list[int]) -> str:
         lines.append(row)
     paired = r.get("paired_diff_ms", {})
     if paired:
-        lines += ["", "TTFT difference from colocated, median over the turns of each request's own difference "
-                  "(ms; each P/D request against colocated's of the same turn, seconds apart):", "",
-                  "| prompt tokens | " + " | ".join(compared) + " |", "|---:|" + "---:|" * len(compared)]
-        for n in lens:
-            lines.append(f"| {n} |" + "".join(f" {paired[t][n]:+.2f} ({paired[t][n] / ttft['colocated'][n]:+.1%}) |"
-                                             if t in paired else " |" for t in compared))
+        lines += _table("TTFT difference from colocated, median over the turns of each request's own difference "
+                        "(ms; each P/D request against colocated's of the same turn, seconds apart):",
+                        ["prompt tokens", *compared], "|---:|" + "---:|" * len(compared),
+                        [f"| {n} |" + "".join(f" {paired[t][n]:+.2f} ({paired[t][n] / ttft['colocated'][n]:+.1%}) |"
+                                              if t in paired else " |" for t in compared) for n in lens])
     tt2 = r.get("second_token_ms", {})
     if tt2:
-        lines += ["", "Time to the second token, median ms (the same requests):", "",
-                  "| prompt tokens | colocated | " + " | ".join(f"{t} | diff" for t in compared) + " |",
-                  "|---:|---:|" + "---:|---:|" * len(compared)]
-        for n in lens:
-            c = tt2["colocated"][n]
-            lines.append(f"| {n} | {c:.2f} |" + "".join(f" {tt2[t][n]:.2f} | {tt2[t][n] - c:+.2f} |"
-                                                         for t in compared))
+        lines += _table("Time to the second token, median ms (the same requests):",
+                        ["prompt tokens", "colocated", *(f"{t} | diff" for t in compared)],
+                        "|---:|---:|" + "---:|---:|" * len(compared),
+                        [f"| {n} | {tt2['colocated'][n]:.2f} |" + "".join(
+                            f" {tt2[t][n]:.2f} | {tt2[t][n] - tt2['colocated'][n]:+.2f} |" for t in compared)
+                         for n in lens])
     legs = r.get("prefill_leg_ms", {})
     if legs:
-        lines += ["", "The proxy's prefill request (mean ms) and the rest of P/D's TTFT:", "",
-                  "| prompt tokens | " + " | ".join(f"{t} prefill leg | rest" for t in pd) + " |",
-                  "|---:|" + "---:|---:|" * len(pd)]
-        for n in lens:
-            lines.append(f"| {n} |" + "".join(f" {legs[t][n]:.2f} | {ttft[t][n] - legs[t][n]:.2f} |" for t in pd))
+        lines += _table("The proxy's prefill request (mean ms) and the rest of P/D's TTFT:",
+                        ["prompt tokens", *(f"{t} prefill leg | rest" for t in pd)], "|---:|" + "---:|---:|" * len(pd),
+                        [f"| {n} |" + "".join(f" {legs[t][n]:.2f} | {ttft[t][n] - legs[t][n]:.2f} |" for t in pd)
+                         for n in lens])
     tl = r.get("timeline_ms", {})
     if tl:
         lines += ["", "Timeline of a hand-off, median ms per segment (" + "; ".join(
