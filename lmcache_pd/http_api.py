@@ -42,7 +42,7 @@ class BoundedServer(ThreadingHTTPServer):
         """Stop serving: ``shutdown`` asks (on a thread of its own: it waits for the loop), and
         a connection of our own wakes the loop to see it."""
         if self._thread is not None and self._thread.is_alive():
-            threading.Thread(target=self.shutdown, daemon=True).start()
+            thread(self.shutdown, "pd-http-stop").start()
             host, port = self.server_address[:2]
             host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
             deadline = time.monotonic() + 5
