@@ -128,7 +128,11 @@ class ControlServer:
             self._wake_r.close()
 
     def _wake(self) -> None:
-        """Any thread: the loop takes a turn now (a pending wake-up is enough: a full buffer is one)."""
+        """Any thread: the loop takes a turn now (a pending wake-up is enough: a full buffer is one).
+        Not from the loop itself: its own changes to the pool (an Allocate's pages) come before
+        this turn's housekeeping, and a wake-up would only cost an empty turn per message."""
+        if threading.current_thread() is self._thread:
+            return
         try:
             self._wake_w.send(b"\0")
         except OSError:  # (BlockingIOError: one is pending; closed: the server is gone)
@@ -388,7 +392,6 @@ class ControlServer:
     def _housekeeping(self, sock: zmq.Socket) -> None:
         now = self.clock()
         self._forgive_own_stall(now)
-        self._tell_ended(sock)
         for w, reply in self.admission.answer_parked(now) if self.admission.parked else ():
             self._reply(sock, w, reply)
         if now >= self._next_expiry:
@@ -399,6 +402,7 @@ class ControlServer:
                 if now - s.last_seen > self.peer_s:
                     self._drop_session(identity, f"prefill worker {s.peer}/{s.rank} silent for "
                                                  f"{self.peer_s:g} s (timeouts.peer_s)")
+        self._tell_ended(sock)  # after the expiry: the hand-offs it ended are told in this turn too
         for w, reply in self.admission.serve_queue(now):
             self._reply(sock, w, reply)
 
