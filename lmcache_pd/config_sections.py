@@ -92,12 +92,14 @@ class TransportConfig(Section):
     costs the forward two switches of the GPU between the processes (140-180 us each on one
     H200, docs/benchmarks.md). On separate GPUs layers are told either way."""
     post_layers: bool = True
-    """With ``layerwise``, through a transport that can (cuda_ipc): prepare every layer's copy of
-    the last chunk's hand-off at once, and start each from vLLM's own thread as its forward passes
-    the layer (a launch of a few microseconds), instead of waking the sender's thread per layer,
-    whose work holds the GIL that vLLM's thread needs to launch the forward's next kernels
-    (measured in vLLM's engine: docs/benchmarks.md). Not where the decode is told of each layer
-    (``landed_on_shared_gpu``, or its pool on another GPU): that needs a batch per layer."""
+    """With ``layerwise``, through a transport that can (cuda_ipc, tcp): prepare every layer's
+    transfer of the last chunk's hand-off at once, and start each from vLLM's own thread as its
+    forward passes the layer (cuda_ipc: a launch of a few microseconds; tcp: a queue put for the
+    connection's thread), instead of waking the sender's thread per layer, whose work holds the
+    GIL that vLLM's thread needs to launch the forward's next kernels (measured in vLLM's engine:
+    docs/benchmarks.md), and on CPU shares the forward's core. Not where the decode is told of
+    each layer by us (``landed_on_shared_gpu``, or a one-sided transport to another GPU): that
+    needs a batch per layer. tcp's receiver sees each layer land by itself."""
     direct: bool = False
     """Direct hand-offs: when the decode's vLLM has allocated the request's blocks by the time the
     prefill's Allocate comes (the proxy's concurrent dispatch), the prefill writes straight into

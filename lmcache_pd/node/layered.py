@@ -118,6 +118,8 @@ class Pieces:
         self.stopped = ""
         """Why no batch may start any more (empty: it may)."""
         self._inflight = 0
+        self._seals: list[Callable[[str], None]] = []
+        """Called with the reason on :meth:`stop`: batches of posted layers, which post no more then."""
 
     def add(self, blocks: tuple[BlockId, ...], first: int, marks: LayerMarks, final: bool) -> None:
         """vLLM's thread: a forward that completes ``blocks[first:]`` starts (``marks``: its layers)."""
@@ -173,10 +175,23 @@ class Pieces:
             self._lock.notify_all()
 
     def stop(self, why: str) -> None:
-        """Any thread: no batch may start from now on (the blocks are about to be reused)."""
+        """Any thread: no batch may start, and no posted layer go, from now on (the blocks are
+        about to be reused)."""
         with self._lock:
             self.stopped = self.stopped or why
+            seals, self._seals = self._seals, []
+        for seal in seals:
+            seal(self.stopped)
         self._call_wake()
+
+    def on_stop(self, seal: Callable[[str], None]) -> None:
+        """The sender's loop: call ``seal(why)`` on :meth:`stop` (at once if stopped already): a
+        batch of posted layers, whose marks would post its next layers without the loop."""
+        with self._lock:
+            if not self.stopped:
+                self._seals.append(seal)
+                return
+        seal(self.stopped)
 
     def wait_quiet(self, timeout_s: float) -> bool:
         """After :meth:`stop`: wait until no admitted batch reads the blocks; False on timeout."""
@@ -280,8 +295,9 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
     and no ``landed`` to report): the final piece goes in one batch, prepared as soon as it is
     known and every earlier piece is submitted (``Transport.prepare_layers``); its marks post
     each layer from then on, on the marking thread (vLLM's: a launch of a few microseconds), and
-    this loop sleeps until the batch ends. Nothing of ours wakes per layer while the forward
-    runs: on a GPU the sender's thread would hold the GIL that vLLM's thread needs to launch
+    this loop sleeps until the batch ends (a preemption, :meth:`Pieces.stop`, seals it: no
+    more posts, and it ends once what was posted stopped). Nothing of ours wakes per layer while
+    the forward runs: on a GPU the sender's thread would hold the GIL that vLLM's thread needs to launch
     the forward's next kernels (docs/benchmarks.md)."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
@@ -297,6 +313,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
     waiting: list[tuple[Piece, int | None, torch.cuda.Event | None]] = []  # computed, event not yet complete
     pending = 0  # batches of known pieces not yet submitted (or found empty): a layer, or a whole piece
     earlier = 0  # earlier pieces (not final) not yet submitted (or found empty)
+    layers: list[tuple[int, RangePlan]] = []  # the final piece's layers, once prepared for its marks to post
     layer_of: list[int | None] = []  # per handle: its final piece's layer, if reported as landed
     reported = 0  # handles[:reported] were DONE and their layers reported
     final = False
@@ -359,9 +376,9 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
                 if layers and pieces.admit():
                     unbind()  # nothing but the batch's end wakes this loop from now on
                     last = {"signal": signal} if signal is not None and not pending else {}
-                    first_byte_at = first_byte_at or time.time()
                     posts = transport.prepare_layers(peer_id, region, layers, timeout_s=data_s, ticket=ticket, **last)
                     post = stamped(posts.post, sent_at)
+                    pieces.on_stop(posts.seal)  # a preemption: its marks post no more layers
                     for index, ready in piece.marks.attach(post):  # those computed before now
                         post(index, ready)
                     posted = posts.handle
@@ -394,11 +411,18 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
             if pieces.stopped and not in_flight:
                 raise TransferError(pieces.stopped)
             if complete:
-                return (*byte_span(handles, first_byte_at), sent, posted is not None, tuple(sent_at))
+                # Posted layers' first byte, where the transport does not stamp its own: the first post.
+                first = first_byte_at or min((t for t in sent_at if t), default=0.0) or time.time()
+                return (*byte_span(handles, first), sent, posted is not None, tuple(sent_at))
             if not pieces.stopped:
                 check()
-            if time.monotonic() - progress > data_s:
-                what = "the prefill's forward to compute the next layer" if not in_flight else "data transfer"
+            # Posted layers move on without this loop: their posts (stamped in sent_at) are progress.
+            idle = min(time.monotonic() - progress, time.time() - max(sent_at)) if posted is not None \
+                else time.monotonic() - progress
+            if idle > data_s:
+                unposted = posted is not None and not all(sent_at[i] for i, _ in layers)
+                what = ("the prefill's forward to compute the next layer" if not in_flight or unposted
+                        else "data transfer")
                 raise TransferTimeout(what, config_field="timeouts.data_s", seconds=data_s)
             # Woken by a mark, a piece or a transport callback; the short timeout keeps polling
             # transports that progress only inside poll(), and events without a callback. Between

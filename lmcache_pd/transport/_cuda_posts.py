@@ -66,6 +66,9 @@ class Posts(LayerPosts):
             if not self._left:
                 self._end_locked(None)
 
+    def seal(self, why: str) -> None:
+        self.end((BatchState.CANCELED, why))  # (after the last post it ended already: nothing changes)
+
     def end(self, outcome: tuple[BatchState, str] | None) -> None:
         """No more posts: the batch ends once what was posted has run (``outcome``: how)."""
         with self._lock:

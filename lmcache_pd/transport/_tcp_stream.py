@@ -1,6 +1,7 @@
 """The tcp transport's sending side (tcp.py has the wire format and the receiver): per peer,
 ``streams`` connections, each driven by a thread of its own that sends one batch at a time and
-waits for its ack."""
+waits for its ack; and batches of prepared layers (:class:`Posts`), each layer queued to one
+stream by the thread that posts it."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from lmcache_pd.transport._tcp_wire import (
     _send_all,
     _tune,
 )
-from lmcache_pd.transport.base import BatchHandle, Transport
+from lmcache_pd.transport.base import BatchHandle, LayerPosts, Transport
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +130,19 @@ class Stream:
                 continue
             if item is None:
                 break
+            if isinstance(item, _End):
+                item.run(self.transport)
+                continue
             self._run(*item)
         if self.sock is not None:
             self.sock.close()
 
     def _run(self, handle: BatchHandle, src: memoryview, plan: RangePlan, deadline: float, ticket: bytes,
-             base: int = 0) -> None:
+             base: int = 0, last: bool = True) -> None:
+        """Send ``plan`` as one batch of the wire and wait for its ack (``last``: the handle is DONE
+        after it; else it is one layer of a :class:`Posts` batch, more to come)."""
         if handle.state != BatchState.IN_FLIGHT:
-            return  # canceled while queued
+            return  # canceled while queued, or an earlier layer of its batch failed
         self.busy = handle
         t = self.transport
         try:
@@ -178,7 +184,8 @@ class Stream:
                                       + (", or it could not read our memory" if self.reads else ""))
             if magic != b"LPDA" or batch != handle.id or status != _OK:
                 raise ConnectionError(f"bad ack (magic {magic!r}, batch {batch}, status {status})")
-            t._finish(handle, BatchState.DONE, time.monotonic())
+            if last:
+                t._finish(handle, BatchState.DONE, time.monotonic())
         except (TimeoutError, BlockingIOError):  # EAGAIN: the kernel timeout fired
             self._drop()
             t._finish(handle, BatchState.TIMEOUT, time.monotonic(), "tcp transfer passed its deadline")
@@ -202,7 +209,55 @@ class Stream:
             self.reads = False
 
 
+class _End:
+    """Queued behind a sealed batch's posted layers: it ends there, CANCELED, once they were sent."""
+
+    def __init__(self, handle: BatchHandle, why: str):
+        self.handle, self.why = handle, why
+
+    def run(self, transport: Transport) -> None:
+        if self.handle.state == BatchState.IN_FLIGHT:  # (not if a layer before it failed)
+            transport._finish(self.handle, BatchState.CANCELED, time.monotonic(), self.why)
+
+
 class Peer:
     def __init__(self, streams: list[Stream]):
         self.streams = streams
         self.next = itertools.cycle(range(len(streams)))
+
+
+class Posts(LayerPosts):
+    """tcp's prepared layers (``TcpTransport.prepare_layers``): a post queues its layer to the
+    batch's one stream (a queue put, microseconds, on the posting thread: vLLM's as its forward
+    passes the layer), whose thread sends it as a batch of the wire of its own, acked once its
+    bytes are in the pool, so the receiver scatters each layer as it lands. Layers go in the order
+    posted; the batch is DONE with the last one's ack. A layer that fails fails the batch, and
+    those queued behind it are dropped unsent (``Stream._run``)."""
+
+    def __init__(self, handle: BatchHandle, stream: Stream, src: memoryview, plans: dict[int, RangePlan],
+                 timeout_s: float, ticket: bytes, base: int):
+        self.handle = handle
+        self._stream, self._src, self._plans, self._timeout_s, self._ticket, self._base = (
+            stream, src, plans, timeout_s, ticket, base)
+        self._left = set(plans)
+        self._lock = threading.Lock()  # (posts from two threads: exactly one of them queues the last layer)
+        if not plans and handle.state == BatchState.IN_FLIGHT:
+            stream.transport._finish(handle, BatchState.DONE, time.monotonic())
+
+    def post(self, layer: int, after: object = None) -> None:
+        # ``after`` is always None: tcp sends host memory, written once its layer is marked.
+        with self._lock:
+            if self.handle.state != BatchState.IN_FLIGHT or layer not in self._left:
+                return
+            self._left.discard(layer)
+            # Each layer's deadline runs from its post: the forward computes the layers one after
+            # the other, for longer than one layer's transfer may take.
+            self._stream.queue.put((self.handle, self._src, self._plans[layer], time.monotonic() + self._timeout_s,
+                                    self._ticket, self._base, not self._left))
+
+    def seal(self, why: str) -> None:
+        with self._lock:
+            if self.handle.state != BatchState.IN_FLIGHT or not self._left:
+                return
+            self._left.clear()
+            self._stream.queue.put(_End(self.handle, why))

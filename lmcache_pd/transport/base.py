@@ -199,6 +199,12 @@ class LayerPosts(ABC):
         """Start ``layer``'s copy, ordered after ``after`` (as ``submit``'s); a layer the batch
         does not hold, or one posted before, is ignored. Never raises: a failure ends the batch."""
 
+    @abstractmethod
+    def seal(self, why: str) -> None:
+        """Post no more layers (later posts are ignored): where some were still to come, the batch
+        ends CANCELED, with ``why`` as its error, once the layers posted so far stopped moving
+        (not before: a preempted hand-off's blocks are reused only then). Any thread; never raises."""
+
 
 class Transport(ABC):
     """Base of every transport. Subclasses declare ``name``, ``capabilities`` and ``Options``."""

@@ -211,3 +211,19 @@ class _Posts(LayerPosts):
                                          self._scripted["fail"], self._timeout_s, self._scripted["corrupt"] and last, last)
             except RuntimeError as e:  # (the transport closed)
                 self._owner._finish(self.handle, BatchState.FAILED, time.monotonic(), f"posting layer {layer}: {e}")
+
+    def seal(self, why: str) -> None:
+        with self._lock:
+            if self.handle.state != BatchState.IN_FLIGHT or not self._left:
+                return
+            self._left.clear()
+            try:  # after the copies posted so far (one thread, in order)
+                self._owner._pool.submit(self._end, why)
+            except RuntimeError:  # (the transport closed)
+                self._end(why)
+
+    def _end(self, why: str) -> None:
+        with self._owner._lock:
+            if self.handle.state != BatchState.IN_FLIGHT:
+                return
+        self._owner._finish(self.handle, BatchState.CANCELED, time.monotonic(), why)

@@ -13,6 +13,9 @@ Wire format (all integers network order except the range table, which is little-
   batch     P->D "LPDB" batch:u64 n:u64 t:u16, n x (dst_off:i64, len:i64), ticket[t], then the payload
             (D reads: n x (dst_off:i64, len:i64, src_address:i64), ticket[t], and no payload)
   ack       D->P "LPDA" batch:u64 status:u8                    (sent once every byte is in the pool)
+A batch of posted layers (``prepare_layers``, _tcp_stream.Posts) goes on one connection as one
+batch of the wire per layer, each under the batch's id and acked on its own: the receiver sees,
+and its pool scatters, each layer as it lands.
 The hello is a challenge-response under the deployment's tcp key (auth.py): its tag covers D's
 fresh nonce, so a recorded hello opens no connection; the reply's tag covers P's nonce, so P
 knows it reached the pool it was told about. ``token`` is new per receiver process: a hello
@@ -52,7 +55,7 @@ from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import check_ranges
 from lmcache_pd.threads import thread
 from lmcache_pd.transport import _cma, _sealed
-from lmcache_pd.transport._tcp_stream import Peer, Stream
+from lmcache_pd.transport._tcp_stream import Peer, Posts, Stream
 from lmcache_pd.transport._tcp_wire import (
     _ACK,
     _BAD_BATCH,
@@ -81,7 +84,7 @@ from lmcache_pd.transport._tcp_wire import (
     _recv_scatter,
     _tune,
 )
-from lmcache_pd.transport.base import BatchHandle, Capabilities, PeerId, RegionId, Transport, WriteGate
+from lmcache_pd.transport.base import BatchHandle, Capabilities, LayerPosts, PeerId, RegionId, Transport, WriteGate
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ class TcpOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class TcpTransport(Transport):
     name = "tcp"
     capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cpu"}), listens=True, encrypts=True,
-                                admits_writes=True)
+                                admits_writes=True, posts_layers=True)
     Options = TcpOptions
 
     def __init__(self, options: TcpOptions, **kwargs: object):
@@ -375,6 +378,23 @@ class TcpTransport(Transport):
         stream = p.streams[next(p.next)]
         stream.queue.put((handle, src, plan, handle.t_submit + timeout_s, ticket, self._bases[region]))
         return handle
+
+    def prepare_layers(self, peer: PeerId, region: RegionId, plans: list[tuple[int, RangePlan]], timeout_s: float, *,
+                       ticket: bytes = b"", signal: tuple[int, int] | None = None) -> LayerPosts:
+        if len(ticket) > MAX_TICKET:
+            raise ValueError(f"a ticket of {len(ticket)} B (at most {MAX_TICKET})")
+        p = self._peers[peer]
+        stream = p.streams[next(p.next)]  # every layer on one connection: they land in the order posted
+        handle = BatchHandle(self, sum(plan.nbytes for _, plan in plans), time.monotonic(), timeout_s)
+        src = self._regions[region]
+        try:  # every layer checked now, against both regions (the descriptor says the pool's size)
+            for _, plan in plans:
+                check_ranges(plan, src.nbytes, stream.desc.nbytes)
+        except ValueError as e:
+            self._finish(handle, BatchState.FAILED, handle.t_submit, str(e))  # (its posts are ignored)
+        else:
+            handle.state = BatchState.IN_FLIGHT
+        return Posts(handle, stream, src, dict(plans), timeout_s, ticket, self._bases[region])
 
     def close_batch(self, handle: BatchHandle) -> None:
         if handle.state.terminal:

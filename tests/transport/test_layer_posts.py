@@ -1,8 +1,8 @@
 """Prepared layers posted one by one (``Transport.prepare_layers``, ``LayerPosts.post``), over every
-transport that can: cuda_ipc on a GPU, loopback with its ``posts_layers`` option. A layer's bytes
+transport that can: cuda_ipc on a GPU, tcp, loopback with its ``posts_layers`` option. A layer's bytes
 land only once it is posted, bitwise, in one batch that is DONE after the last layer; posts from
 two threads at once, a layer posted twice or one the batch does not hold change nothing; a batch
-closed before every layer was posted ends CANCELED without copying the rest."""
+closed or sealed before every layer was posted ends CANCELED without copying the rest."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from lmcache_pd import auth
 from lmcache_pd import transport as transports
 from lmcache_pd._types import BatchState
+from lmcache_pd.cli.local import free_ports
 from lmcache_pd.layout import RangePlan
 from tests.transport.handles import wait
 from tests.transport.test_contract import setup
@@ -22,14 +24,19 @@ from tests.transport.test_contract import setup
 LAYER = 64 << 10  # bytes of one layer's plan
 
 
-@pytest.fixture(params=[("loopback", {"posts_layers": True}), ("cuda_ipc", {})], ids=["loopback", "cuda_ipc"])
+KEYS = {"keys": auth.Keyring(b"the layer posts' test secret"), "encrypt": True}
+
+
+@pytest.fixture(params=[("loopback", {"posts_layers": True}, {}), ("cuda_ipc", {}, {}), ("tcp", {}, {}),
+                        ("tcp", {"same_host_reads": False}, {}), ("tcp", {}, KEYS)],
+                ids=["loopback", "cuda_ipc", "tcp", "tcp+socket", "tcp+encrypted"])
 def posting(request):
-    name, options = request.param
+    name, options, extra = request.param
     ok, why = transports.available(name)
     if not ok:
         pytest.skip(f"transport {name!r} unavailable here: {why}")
-    receiver = transports.create(name, options)
-    sender = transports.create(name, options)
+    receiver = transports.create(name, options, host="127.0.0.1", port=free_ports(1)[0], **extra)
+    sender = transports.create(name, options, **extra)
     assert sender.capabilities.posts_layers
     yield sender, receiver
     sender.close()
@@ -130,6 +137,28 @@ def test_a_batch_closed_before_every_layer_was_posted_ends_canceled_and_copies_n
     posts.post(1, ready(src))  # after the close: ignored
     time.sleep(0.1)
     assert untouched(dst, plans[1][1])
+
+
+def test_a_sealed_batch_ends_canceled_after_the_layers_posted_and_posts_no_more(posting):
+    """A preemption (``LayerPosts.seal``): what was posted lands, nothing posted after it goes,
+    and the batch ends CANCELED with the reason; sealed after its last post, it is DONE."""
+    sender, receiver, src, dst, sid, peer = setup(posting)
+    plans = layer_plans(3)
+    posts = sender.prepare_layers(peer, sid, plans, timeout_s=10)
+    posts.post(0, ready(src))
+    posts.seal("request preempted")
+    posts.post(1, ready(src))  # the forward goes on: ignored
+    assert wait(sender, posts.handle) == BatchState.CANCELED, posts.handle
+    assert "preempted" in (posts.handle.error or ""), posts.handle.error
+    assert landed(src, dst, plans[0][1])
+    time.sleep(0.1)
+    assert untouched(dst, plans[1][1]) and untouched(dst, plans[2][1])
+    posts.handle.close()
+    whole = sender.prepare_layers(peer, sid, layer_plans(1), timeout_s=10)
+    whole.post(0, ready(src))
+    whole.seal("too late")
+    assert wait(sender, whole.handle) == BatchState.DONE, whole.handle
+    whole.handle.close()
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["own lengths", "shared lengths"])

@@ -93,6 +93,13 @@ class Node:
             for pb, db in zip(p_blocks, d_blocks):
                 assert torch.equal(pl[pb].view(torch.uint8), dl[db].view(torch.uint8)), (pb, db)
 
+    def in_pool(self, layer: int, blocks: list[int]) -> bool:
+        """The decode pool holds ``layer`` of each of the prefill's ``blocks`` (found byte for byte;
+        their bytes must be unique). Not the transport's batch count: a batch of posted layers
+        counts once, after its last layer."""
+        pool = self.receiver.pool_buffer.cpu().numpy().tobytes()
+        return all(self.p_layers[layer][b].view(torch.uint8).cpu().numpy().tobytes() in pool for b in blocks)
+
     def pool_full(self, timeout_s: float = 2.0) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -90,8 +90,8 @@ def test_each_layer_goes_as_it_is_computed_and_arrives_bitwise(name):
         p_blocks, d_blocks = [5, 6, 30], [11, 12, 40]
         marks = layered(n, "l1", p_blocks, d_blocks, 2 * BLOCK + 3)  # the prompt ends inside its last block
         marks.layer(0)
-        wait_until(lambda: n.sender.transport.stats.batches >= 1)  # layer 0 is in the pool ...
-        assert n.sender.transport.stats.batches == 1
+        wait_until(lambda: n.in_pool(0, p_blocks))  # layer 0 is in the pool ...
+        assert not n.in_pool(1, p_blocks)
         for b in p_blocks:  # ... while the forward computes layer 1 (new content, written now)
             n.p_layers[1][b].view(torch.uint8).copy_(torch.randint(0, 256, n.p_layers[1][b].view(torch.uint8).shape,
                                                                    dtype=torch.uint8))
@@ -131,7 +131,7 @@ def test_the_decode_scatters_each_layer_as_it_lands_while_the_next_is_computed(s
         marks = layered(n, "early", p_blocks, d_blocks, 3 * BLOCK)
 
         marks.layer(0)
-        wait_until(lambda: n.sender.transport.stats.batches >= 1)  # layer 0 is in the pool
+        wait_until(lambda: n.in_pool(0, p_blocks))  # layer 0 is in the pool
         if scatter_landed:
             wait_until(lambda: layer_in_blocks(n, 0, p_blocks, d_blocks))  # ... and in vLLM's blocks, layer 1 not computed yet
         else:
@@ -195,7 +195,7 @@ def test_a_decode_whose_pool_shares_our_gpu_is_told_no_layer_before_transferdone
         p_blocks, d_blocks = [5, 6, 30], [11, 12, 40]
         marks = layered(n, "shared", p_blocks, d_blocks, 3 * BLOCK - 1)
         marks.layer(0)
-        wait_until(lambda: n.sender.transport.stats.batches >= 1)  # layer 0 is in the pool
+        wait_until(lambda: n.in_pool(0, p_blocks))  # layer 0 is in the pool
         if landed_on_shared_gpu:
             wait_until(lambda: told == [[0]])
             wait_until(lambda: layer_in_blocks(n, 0, p_blocks, d_blocks))  # scattered during the "forward"
@@ -271,50 +271,68 @@ def gated_relay(target_port: int) -> tuple[socket.socket, threading.Event]:
     return srv, gate
 
 
-def test_a_preempted_handoff_stops_reading_its_blocks_before_the_forward_and_the_decode_recomputes():
+@pytest.mark.parametrize("post_layers", [False, True], ids=["a batch per layer", "posted"])
+def test_a_preempted_handoff_stops_reading_its_blocks_before_the_forward_and_the_decode_recomputes(post_layers):
     """vLLM frees a preempted request's blocks, and the step's forward may write them: the
     worker abandons the hand-off first (``KVSender.abandon``, on vLLM's thread). No batch starts
-    after that, and it returns only once the batch in flight (held in a relay on the data
-    plane) stopped reading; the hand-off fails naming the preemption, the decode recomputes, and
-    the pool is full again."""
+    after that (posted: no layer is posted, ``LayerPosts.seal``), and it returns only once the
+    batch in flight (held in a relay on the data plane) stopped reading; the hand-off fails
+    naming the preemption, the decode recomputes, and the pool is full again."""
     cfg = make_cfg("tcp", pool_mib=4, data_s=5)
+    cfg = msgspec.structs.replace(cfg, transport=msgspec.structs.replace(cfg.transport, post_layers=post_layers))
     srv, gate = gated_relay(cfg.decode[0].data_port)
     data = msgspec.to_builtins(cfg)
     data["decode"][0]["data_advertise"] = f"127.0.0.1:{srv.getsockname()[1]}"
     n = Node(config_from_dict(data, source="test"))
-    submitted = []
-    real_submit = n.sender.transport.submit
+    submitted, sent = [], []  # batches submitted (the first: the warm-up's); posted layers the stream sent
+    t = n.sender.transport
+    real_submit, real_prepare = t.submit, t.prepare_layers
 
-    def spy(*args, **kwargs):
+    def submit(*args, **kwargs):
         handle = real_submit(*args, **kwargs)
         submitted.append(handle)
         return handle
-    n.sender.transport.submit = spy
+
+    def prepare(*args, **kwargs):
+        posts = real_prepare(*args, **kwargs)
+        submitted.append(posts.handle)
+        stream, layer_of = posts._stream, {id(plan): layer for layer, plan in posts._plans.items()}
+        real_run = stream._run
+
+        def run(handle, src, plan, *rest):
+            sent.append(layer_of.get(id(plan)))
+            real_run(handle, src, plan, *rest)
+        stream._run = run
+        return posts
+    t.submit, t.prepare_layers = submit, prepare
     try:
         n.handoff("warm", [1], [2], num_tokens=BLOCK)  # the data connection through the relay is open
         assert all(r.ok for r in sum(n.results(1, 1), []))
         gate.clear()
         p_blocks = list(range(4, 20))
         marks = layered(n, "pre", p_blocks, list(range(20, 36)), len(p_blocks) * BLOCK)
+        if post_layers:
+            wait_until(lambda: len(submitted) == 2)  # prepared: the marks post from now on
         marks.layer(0)
-        wait_until(lambda: len(submitted) == 2)  # layer 0's 1 MiB is on its way, held in the relay
+        wait_until(lambda: len(submitted) == 2 and any(s.busy is submitted[1] for s in t._peers[1].streams))
+        # (layer 0's 1 MiB is on its way, held in the relay)
         pieces = layered.last_pieces
         out: list[bool] = []
-        t = threading.Thread(target=lambda: out.append(n.sender.abandon("pre", pieces, "request preempted")))
-        t.start()
-        t.join(0.5)
-        assert t.is_alive(), "abandon returned while a batch still read the blocks"
+        abandon = threading.Thread(target=lambda: out.append(n.sender.abandon("pre", pieces, "request preempted")))
+        abandon.start()
+        abandon.join(0.5)
+        assert abandon.is_alive(), "abandon returned while a batch still read the blocks"
         marks.layer(1)  # the next layer is computed: it must not go
         time.sleep(0.1)
-        assert len(submitted) == 2
+        assert len(submitted) == 2 and sent == ([0] if post_layers else []), (submitted, sent)
         gate.set()
-        t.join(5)
+        abandon.join(5)
         assert out == [True]
         assert submitted[-1].state.terminal and submitted[-1].t_done > 0
         (s,), (ld,) = n.results(1, 1, timeout_s=10)
         assert not s.ok and "preempted" in s.error, s.error
         assert not ld.ok
-        assert len(submitted) == 2
+        assert len(submitted) == 2 and sent == ([0] if post_layers else []), (submitted, sent)
         assert n.pool_full()
     finally:
         gate.set()
@@ -340,7 +358,7 @@ def test_an_aborted_request_stops_its_layered_handoff_and_the_pages_return():
     try:
         marks = layered(n, "gone", [5, 6], [11, 12], 2 * BLOCK)
         marks.layer(0)
-        wait_until(lambda: n.sender.transport.stats.batches >= 1)
+        wait_until(lambda: n.in_pool(0, [5, 6]))
         t0 = time.monotonic()
         n.sender.unreserve("gone")  # the scheduler's unreserve of an aborted request
         (s,), (ld,) = n.results(1, 1, timeout_s=5)
