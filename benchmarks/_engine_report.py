@@ -74,6 +74,11 @@ def timelines(sent: dict, logs: dict[str, Path]) -> dict:
     return out
 
 
+def alone_of(target: str) -> str:
+    """The target that computes prompts alone in ``target``'s prefill process (pd-<d>[-dec] -> alone-<d>)."""
+    return "alone-" + target.removeprefix("pd-").removesuffix("-dec") if target.startswith("pd-") else ""
+
+
 def _table(title: str, head: list[str], align: str, rows: list[str]) -> list[str]:
     """A titled markdown table's lines (a blank line before the title and before the table)."""
     return ["", title, "", "| " + " | ".join(head) + " |", align, *rows]
@@ -106,6 +111,17 @@ def render(r: dict, lens: list[int]) -> str:
                         ["prompt tokens", *compared], "|---:|" + "---:|" * len(compared),
                         [f"| {n} |" + "".join(f" {paired[t][n]:+.2f} ({paired[t][n] / ttft['colocated'][n]:+.1%}) |"
                                               if t in paired else " |" for t in compared) for n in lens])
+    own = r.get("own_prefill_diff_ms", {})
+    if own:
+        alone = r.get("alone_targets", [])
+        lines += _table("The same prompts computed alone by each deployment's own prefill vLLM (alone-<deployment>: "
+                        "asked directly, no hand-off), median ms; and each P/D request's difference from the alone "
+                        "request of its turn, median (ms, and of alone's median):",
+                        ["prompt tokens", *alone, *compared], "|---:|" + "---:|" * (len(alone) + len(compared)),
+                        [f"| {n} |" + "".join(f" {ttft[t][n]:.2f} |" for t in alone)
+                         + "".join(f" {own[t][n]:+.2f} ({own[t][n] / ttft[base][n]:+.1%}) |"
+                                   if t in own and (base := alone_of(t)) in ttft else " |" for t in compared)
+                         for n in lens])
     tt2 = r.get("second_token_ms", {})
     if tt2:
         lines += _table("Time to the second token, median ms (the same requests):",
@@ -143,7 +159,7 @@ def render(r: dict, lens: list[int]) -> str:
                 lines.append(f"| {name} | {n} | {row['all']:.2f} | {top} |")
     eng = r.get("engine_ms", {})
     if eng:
-        lines += ["", "vLLM's own request phases, mean ms over both proxies (" + ", ".join(ENGINE_TIMES) + "):",
+        lines += ["", "vLLM's own request phases, mean ms over every request it served (both proxies', and on a prefill its alone ones) (" + ", ".join(ENGINE_TIMES) + "):",
                   "", "| engine | prompt tokens | " + " | ".join(ENGINE_TIMES) + " |", "|---|---:|" + "---:|" * len(ENGINE_TIMES)]
         for name, per in eng.items():
             for n, row in per.items():

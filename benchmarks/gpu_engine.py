@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import wait_healthy  # noqa: E402
-from _engine_report import ENGINE_TIMES, render, timelines  # noqa: E402
+from _engine_report import ENGINE_TIMES, alone_of, render, timelines  # noqa: E402
 from _nixl_connector import NixlConnectorPD  # noqa: E402
 from _thread_cpu import ours_per_request, thread_cpu  # noqa: E402
 
@@ -195,7 +195,12 @@ def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int, engines:
     # drift over a run, which moves the medians apart, cancels out of each pair.
     paired = {t: {n: statistics.median(p - c for p, c in zip(v, out["colocated"][n])) for n, v in per.items()}
               for t, per in out.items() if t != "colocated"} if "colocated" in out else {}
-    return ttft, legs, sent, inside, tt2, ours, paired
+    # And against the same prompt length computed alone by the P/D target's own prefill process
+    # (alone-<deployment>): what differs between two vLLM processes cancels out too.
+    own = {t: {n: statistics.median(p - c for p, c in zip(v, out[alone][n])) for n, v in per.items()}
+           for t, per in out.items() if (alone := alone_of(t)) in out}
+    return ttft, legs, sent, inside, tt2, ours, paired, own, out
+
 
 
 def bench_serve(url: str, model: Path, concurrency: int, prompts: int, input_len: int, output_len: int,
@@ -260,6 +265,9 @@ def main() -> int:
     ap.add_argument("--shape", choices=sorted(CPU_SHAPES), default="tiny",
                     help="with --cpu: the model's shape (mid: 8 layers, 16 KiB of KV per token; prefill on "
                          "core 0, decode on core 1, colocated on core 0)")
+    ap.add_argument("--alone", action=argparse.BooleanOptionalAction, default=True,
+                    help="also each deployment's prefill vLLM asked directly, a prompt computed alone in the "
+                         "process that prefills for P/D (alone-<deployment>), and P/D's TTFT against it")
     ap.add_argument("--nixl-connector", action="store_true",
                     help="with --cpu: also vLLM's own NixlConnector as a 1P1D (vllm-nixl; the same placement, "
                          "its UCX progress thread and CPU re-pinning tamed: benchmarks/_nixl_connector.py)")
@@ -324,8 +332,14 @@ def main() -> int:
         pd = {f"pd-{t}": d.procs["proxy"].url for t, d in deps.items()}
         pd.update({f"pd-{t}-dec": d.procs["proxy-decode-first"].url for t, d in deps.items()})
         others = {"vllm-nixl": nixlc.url} if nixlc is not None else {}  # no proxy leg or hand-off log of ours
-        targets = {"colocated": colo.url, **pd, **others}
+        # Each deployment's prefill vLLM asked directly (no kv_transfer_params: no hand-off): the
+        # prompt computed alone in the process, and on the core, that prefills it for P/D. Two vLLM
+        # processes of one build differ by about 5% run to run on the CPU machine
+        # (docs/benchmarks.md), more than the 2% that P/D is allowed at 4000 tokens.
+        alone = {f"alone-{t}": d.procs["prefill-0"].url for t, d in deps.items()} if a.alone else {}
+        targets = {"colocated": colo.url, **pd, **alone, **others}
         results["pd_targets"] = list(pd)
+        results["alone_targets"] = list(alone)
         results["other_targets"] = list(others)
         engines = {"colocated": colo.url, **{f"decode-{t}": d.procs["decode-0"].url for t, d in deps.items()},
                    **{f"prefill-{t}": d.procs["prefill-0"].url for t, d in deps.items()}}
@@ -337,10 +351,12 @@ def main() -> int:
         results["settle_ms"] = settle_ms
         sessions = {f"{role}-{t}": (d.procs[f"{role}-0"].popen.pid, 2) for t, d in deps.items()
                     for role in ("prefill", "decode")}  # (each serves pd-<t> and pd-<t>-dec)
-        ttft, legs, sent, inside, tt2, ours, paired = measure_ttft(targets, lens, a.repeat, engines,
-                                                                   settle_s=settle_ms / 1e3, sessions=sessions)
+        ttft, legs, sent, inside, tt2, ours, paired, own, each = measure_ttft(
+            targets, lens, a.repeat, engines, settle_s=settle_ms / 1e3, sessions=sessions)
+        results["ttft_each_ms"] = each  # every measured request's, by turn
         results["our_threads_cpu_ms"] = ours
         results["paired_diff_ms"] = paired
+        results["own_prefill_diff_ms"] = own
         results["engine_ms"] = inside
         results["ttft_ms"] = ttft
         results["second_token_ms"] = tt2
