@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmcache_pd.node.timeline import hidden_fraction  # noqa: E402
@@ -74,6 +76,27 @@ def timelines(sent: dict, logs: dict[str, Path]) -> dict:
     return out
 
 
+def median_ci(diffs: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+    """A percentile-bootstrap interval of the median of ``diffs`` (seeded: the same report each time)."""
+    x = np.asarray(diffs, dtype=float)
+    if len(x) < 2:
+        return float("nan"), float("nan")
+    meds = np.median(np.random.default_rng(0).choice(x, (resamples, len(x))), axis=1)
+    return float(np.quantile(meds, (1 - level) / 2)), float(np.quantile(meds, (1 + level) / 2))
+
+
+def _ci(r: dict, target: str, base: str, n: int) -> str:
+    """`` [lo, hi]``: the 95% interval of the median of ``target``'s differences from ``base``'s
+    request of the same turn, where every request's TTFT is in the results (else empty)."""
+    each = r.get("ttft_each_ms", {})
+    a, b = each.get(target, {}).get(str(n)) or each.get(target, {}).get(n), \
+        each.get(base, {}).get(str(n)) or each.get(base, {}).get(n)
+    if not a or not b:
+        return ""
+    lo, hi = median_ci([x - y for x, y in zip(a, b)])
+    return f" [{lo:+.1f}, {hi:+.1f}]"
+
+
 def alone_of(target: str) -> str:
     """The target that computes prompts alone in ``target``'s prefill process (pd-<d>[-dec] -> alone-<d>)."""
     return "alone-" + target.removeprefix("pd-").removesuffix("-dec") if target.startswith("pd-") else ""
@@ -107,9 +130,11 @@ def render(r: dict, lens: list[int]) -> str:
     paired = r.get("paired_diff_ms", {})
     if paired:
         lines += _table("TTFT difference from colocated, median over the turns of each request's own difference "
-                        "(ms; each P/D request against colocated's of the same turn, seconds apart):",
+                        "(ms; each P/D request against colocated's of the same turn, seconds apart; [a 95% "
+                        "bootstrap interval of that median]):",
                         ["prompt tokens", *compared], "|---:|" + "---:|" * len(compared),
-                        [f"| {n} |" + "".join(f" {paired[t][n]:+.2f} ({paired[t][n] / ttft['colocated'][n]:+.1%}) |"
+                        [f"| {n} |" + "".join(f" {paired[t][n]:+.2f} ({paired[t][n] / ttft['colocated'][n]:+.1%})"
+                                              f"{_ci(r, t, 'colocated', n)} |"
                                               if t in paired else " |" for t in compared) for n in lens])
     own = r.get("own_prefill_diff_ms", {})
     if own:
@@ -119,7 +144,7 @@ def render(r: dict, lens: list[int]) -> str:
                         "request of its turn, median (ms, and of alone's median):",
                         ["prompt tokens", *alone, *compared], "|---:|" + "---:|" * (len(alone) + len(compared)),
                         [f"| {n} |" + "".join(f" {ttft[t][n]:.2f} |" for t in alone)
-                         + "".join(f" {own[t][n]:+.2f} ({own[t][n] / ttft[base][n]:+.1%}) |"
+                         + "".join(f" {own[t][n]:+.2f} ({own[t][n] / ttft[base][n]:+.1%}){_ci(r, t, base, n)} |"
                                    if t in own and (base := alone_of(t)) in ttft else " |" for t in compared)
                          for n in lens])
     tt2 = r.get("second_token_ms", {})

@@ -265,6 +265,8 @@ def main() -> int:
     ap.add_argument("--shape", choices=sorted(CPU_SHAPES), default="tiny",
                     help="with --cpu: the model's shape (mid: 8 layers, 16 KiB of KV per token; prefill on "
                          "core 0, decode on core 1, colocated on core 0)")
+    ap.add_argument("--dec", action=argparse.BooleanOptionalAction, default=True,
+                    help="also each deployment behind a proxy where the decode samples the first token (pd-<d>-dec)")
     ap.add_argument("--alone", action=argparse.BooleanOptionalAction, default=True,
                     help="also each deployment's prefill vLLM asked directly, a prompt computed alone in the "
                          "process that prefills for P/D (alone-<deployment>), and P/D's TTFT against it")
@@ -305,7 +307,7 @@ def main() -> int:
                                                 # <transport>: whole, -layered: layered, a variant: the defaults
                                                 layerwise=True if name in layered else None if name in variants else False),
                                   a.workdir / f"bench-{name}") for name, (t, options) in setups.items()}
-    for d in deps.values():  # the same deployment behind a proxy where the decode samples the first token
+    for d in deps.values() if a.dec else ():  # the same deployment behind a proxy where the decode samples the first token
         d.add_proxy("proxy-decode-first", "proxy.first_token=decode")
     if a.nixl_connector and not a.cpu:
         raise SystemExit("--nixl-connector runs with --cpu only")
@@ -330,7 +332,7 @@ def main() -> int:
         results["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__,
                                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
         pd = {f"pd-{t}": d.procs["proxy"].url for t, d in deps.items()}
-        pd.update({f"pd-{t}-dec": d.procs["proxy-decode-first"].url for t, d in deps.items()})
+        pd.update({f"pd-{t}-dec": d.procs["proxy-decode-first"].url for t, d in deps.items() if a.dec})
         others = {"vllm-nixl": nixlc.url} if nixlc is not None else {}  # no proxy leg or hand-off log of ours
         # Each deployment's prefill vLLM asked directly (no kv_transfer_params: no hand-off): the
         # prompt computed alone in the process, and on the core, that prefills it for P/D. Two vLLM
@@ -349,7 +351,7 @@ def main() -> int:
         # otherwise share the next target's cores (docs/benchmarks.md, the CPU dry run).
         settle_ms = a.settle_ms if a.settle_ms is not None else (2000.0 if a.cpu else 0.0)
         results["settle_ms"] = settle_ms
-        sessions = {f"{role}-{t}": (d.procs[f"{role}-0"].popen.pid, 2) for t, d in deps.items()
+        sessions = {f"{role}-{t}": (d.procs[f"{role}-0"].popen.pid, 2 if a.dec else 1) for t, d in deps.items()
                     for role in ("prefill", "decode")}  # (each serves pd-<t> and pd-<t>-dec)
         ttft, legs, sent, inside, tt2, ours, paired, own, each = measure_ttft(
             targets, lens, a.repeat, engines, settle_s=settle_ms / 1e3, sessions=sessions)
