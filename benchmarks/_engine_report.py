@@ -85,15 +85,20 @@ def median_ci(diffs: list[float], level: float = 0.95, resamples: int = 2000) ->
     return float(np.quantile(meds, (1 - level) / 2)), float(np.quantile(meds, (1 + level) / 2))
 
 
+def turn_diffs(each: dict, target: str, base: str, n: int) -> list[float]:
+    """Each of ``target``'s requests at ``n`` tokens minus ``base``'s of the same turn (``each``:
+    every request's TTFT by target and length, its keys ints or, read back from JSON, strings)."""
+    a, b = (each.get(t, {}).get(n) or each.get(t, {}).get(str(n)) or [] for t in (target, base))
+    return [x - y for x, y in zip(a, b)]
+
+
 def _ci(r: dict, target: str, base: str, n: int) -> str:
-    """`` [lo, hi]``: the 95% interval of the median of ``target``'s differences from ``base``'s
-    request of the same turn, where every request's TTFT is in the results (else empty)."""
-    each = r.get("ttft_each_ms", {})
-    a, b = each.get(target, {}).get(str(n)) or each.get(target, {}).get(n), \
-        each.get(base, {}).get(str(n)) or each.get(base, {}).get(n)
-    if not a or not b:
+    """`` [lo, hi]``: the 95% interval of the median of :func:`turn_diffs`, where every request's
+    TTFT is in the results (else empty)."""
+    diffs = turn_diffs(r.get("ttft_each_ms", {}), target, base, n)
+    if not diffs:
         return ""
-    lo, hi = median_ci([x - y for x, y in zip(a, b)])
+    lo, hi = median_ci(diffs)
     return f" [{lo:+.1f}, {hi:+.1f}]"
 
 

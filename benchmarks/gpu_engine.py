@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import wait_healthy  # noqa: E402
-from _engine_report import ENGINE_TIMES, alone_of, render, timelines  # noqa: E402
+from _engine_report import ENGINE_TIMES, alone_of, render, timelines, turn_diffs  # noqa: E402
 from _nixl_connector import NixlConnectorPD  # noqa: E402
 from _thread_cpu import ours_per_request, thread_cpu  # noqa: E402
 
@@ -193,14 +193,13 @@ def measure_ttft(targets: dict[str, str], lens: list[int], repeat: int, engines:
     tt2 = {t: {n: statistics.median(v) for n, v in per.items()} for t, per in second.items()}
     # Each request against colocated's of the same turn (they ran seconds apart): the machine's
     # drift over a run, which moves the medians apart, cancels out of each pair.
-    paired = {t: {n: statistics.median(p - c for p, c in zip(v, out["colocated"][n])) for n, v in per.items()}
-              for t, per in out.items() if t != "colocated"} if "colocated" in out else {}
+    paired = {t: {n: statistics.median(turn_diffs(out, t, "colocated", n)) for n in lens}
+              for t in out if t != "colocated"} if "colocated" in out else {}
     # And against the same prompt length computed alone by the P/D target's own prefill process
     # (alone-<deployment>): what differs between two vLLM processes cancels out too.
-    own = {t: {n: statistics.median(p - c for p, c in zip(v, out[alone][n])) for n, v in per.items()}
-           for t, per in out.items() if (alone := alone_of(t)) in out}
+    own = {t: {n: statistics.median(turn_diffs(out, t, alone, n)) for n in lens}
+           for t in out if (alone := alone_of(t)) in out}
     return ttft, legs, sent, inside, tt2, ours, paired, own, out
-
 
 
 def bench_serve(url: str, model: Path, concurrency: int, prompts: int, input_len: int, output_len: int,

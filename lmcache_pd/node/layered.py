@@ -417,8 +417,7 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
             if not pieces.stopped:
                 check()
             # Posted layers move on without this loop: their posts (stamped in sent_at) are progress.
-            idle = min(time.monotonic() - progress, time.time() - max(sent_at)) if posted is not None \
-                else time.monotonic() - progress
+            idle = min(time.monotonic() - progress, time.time() - max(sent_at))
             if idle > data_s:
                 unposted = posted is not None and not all(sent_at[i] for i, _ in layers)
                 what = ("the prefill's forward to compute the next layer" if not in_flight or unposted
