@@ -119,6 +119,11 @@ class Admission:
                 out.append((w, reply))
         return out
 
+    def next_due(self) -> float:
+        """When :meth:`serve_queue` must look again with no page returned: the head of the queue
+        times out (only the head: the queue is served in order). inf: nothing queued."""
+        return self.waiting[0].deadline if self.waiting else math.inf
+
     def serve_queue(self, now: float) -> list[Answer]:
         """The queued Allocates in order: refused past their deadline, granted while pages last."""
         out: list[Answer] = []

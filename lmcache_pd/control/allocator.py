@@ -37,6 +37,7 @@ between the control-plane thread and the decode loader thread.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 from collections.abc import Callable, Iterable
 
@@ -373,6 +374,17 @@ class PagePool:
                 if now - when > self.tombstone_s and tid not in self._held:
                     del self._ended[tid]
         return gone
+
+    def next_due(self) -> float:
+        """The earliest time :meth:`expire` has something to do (inf: nothing until a change):
+        a lease that runs out, a quarantine that ends, the oldest tombstone's end. The control
+        server sleeps until then (or a change wakes it) instead of looking every 100 ms."""
+        with self._lock:
+            due = min((r.lease_deadline for r in self._live.values() if r.state != ReservationState.CONSUMING),
+                      default=math.inf)
+            due = min(due, min((r.held_until for r in self._held.values() if r.held_until > 0), default=math.inf))
+            oldest = next(iter(self._ended.values()), None)  # (in the order they ended)
+            return min(due, oldest[1] + self.tombstone_s) if oldest is not None else due
 
     # --- consumer (decode worker) ---------------------------------------------------------
     def lookup(self, transfer_id: TransferId) -> Reservation | None:

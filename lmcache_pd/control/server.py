@@ -1,8 +1,8 @@
 """Decode-side control server: a zmq ROUTER that answers the prefill side (L4).
 
 One thread (``pd-control-server``) owns the socket. Each loop turn it:
-  1. receives at most a batch of messages (it waits up to ``_POLL_MS``; the pool's changes from
-     other threads and ``close`` wake it at once),
+  1. receives at most a batch of messages (it waits until the next thing due, at most
+     ``_IDLE_S``; the pool's changes from other threads and ``close`` wake it at once),
   2. authenticates each (its tag under the deployment's control key or its session's key, and a
      sequence number above the last; auth.py) and only then decodes and answers it (hello,
      handshake, allocate, transfer done, cancel, heartbeat; Landed is one-way),
@@ -20,6 +20,7 @@ incarnation) ends its predecessor's sessions and aborts the reservations it was 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import socket
 import struct
@@ -40,15 +41,18 @@ from lmcache_pd.errors import PoolExhausted, ProtocolError, TransferError
 from lmcache_pd.threads import thread
 
 log = logging.getLogger(__name__)
-_POLL_MS = 100
-"""The longest a turn waits with nothing received: housekeeping's cadence for leases and silent
-peers (``_EXPIRE_EVERY_S``). What else needs a turn wakes it at once: the pool's changes (pages
-returned, a hand-off ended: ``PagePool.watch``) and ``close``. It was 20 ms, and those idle
-turns cost the decode's core (on CPU, its only one) 11-21 ms a request 2 s apart
-(docs/benchmarks.md)."""
+_IDLE_S = 1.0
+"""The longest a turn waits with nothing received and nothing due. A turn otherwise waits until
+the next thing due (a lease or quarantine that ends, a queued Allocate's deadline, a silent
+peer's ``timeouts.peer_s``: ``_wait_s``), and what else needs a turn wakes it at once: the pool's
+changes (pages returned, a hand-off ended: ``PagePool.watch``) and ``close``. It looked every
+100 ms before (20 ms before that), and those idle turns cost the decode's core (on CPU, its only
+one) 12-23 ms a request 2 s apart (docs/benchmarks.md)."""
 _EXPIRE_EVERY_S = 0.1
-"""Lease expiry scans every reservation and tombstone; leases are seconds long, so once per
-100 ms is precise enough and keeps the scan off the per-message path."""
+"""Lease expiry scans every reservation and tombstone; leases are seconds long, so at most once
+per 100 ms is precise enough and keeps the scan off the per-message path."""
+_STALL_S = 1.0
+"""A turn this much later than its wait asked for: this process itself stalled (_forgive_own_stall)."""
 _MAX_REFUSED = 256
 """Prefill ranks whose refused handshake is remembered (ControlServer.refusal)."""
 _WARN_EVERY_S = 10.0
@@ -103,6 +107,7 @@ class ControlServer:
         pool.watch(self._wake)
         self._next_expiry = 0.0
         self._last_turn: float | None = None
+        self._asked_s = 0.0  # the last turn's wait (_wait_s)
         self._warned: dict[str, float] = {}
         self._thread = thread(self._run, "pd-control-server")
         self._ctx: zmq.Context | None = None
@@ -181,7 +186,8 @@ class ControlServer:
             poller.register(monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                ready = dict(poller.poll(1 if self.admission.parked else _POLL_MS))  # (held Allocates: look often)
+                self._asked_s = self._wait_s(self.clock())
+                ready = dict(poller.poll(max(0, math.ceil(self._asked_s * 1000))))
                 if self._wake_r.fileno() in ready:
                     self._drain_wakes()
                 if sock in ready:
@@ -200,6 +206,17 @@ class ControlServer:
                 monitor.close(linger=0)
             sock.close()
             self._ctx.term()
+
+    def _wait_s(self, now: float) -> float:
+        """How long the next turn may wait for a message: until the next thing due, at most _IDLE_S
+        (held Allocates: 1 ms, they look for their blocks each turn)."""
+        if self.admission.parked:
+            return 0.001
+        silent = min((s.last_seen for s in self._sessions.values()), default=math.inf) + self.peer_s
+        # The expiry scan runs at most every _EXPIRE_EVERY_S: what it handles is due no earlier
+        # (nor can one it leaves, such as a tombstone kept for a write still held, spin the loop).
+        scan = max(min(self.pool.next_due(), silent), self._next_expiry)
+        return min(max(0.0, min(scan, self.admission.next_due()) - now), _IDLE_S)
 
     def _drain_wakes(self) -> None:
         try:
@@ -422,7 +439,7 @@ class ControlServer:
         while (this process was stopped, swapped out), that gap is not the peers' silence, and
         the heartbeats they sent meanwhile are still queued, unread."""
         last, self._last_turn = self._last_turn, now
-        if last is not None and now - last > 1.0:
+        if last is not None and now - last > self._asked_s + _STALL_S:
             for s in self._sessions.values():
                 s.last_seen += now - last  # the silence before the stall still counts
 

@@ -146,8 +146,9 @@ class TcpTransport(Transport):
         if self.port is None:
             raise TransportUnavailable("tcp receiver needs a data port (decode instance data_port)")
         self.keys.refuse_exposure(self.host, "tcp data plane")
+        # Blocking: the accept loop sleeps until a connection comes, and close() wakes it by
+        # shutting the listener down (accept then fails with EINVAL on Linux).
         srv = socket.create_server((self.host, self.port), reuse_port=False, backlog=64)
-        srv.settimeout(0.2)
         self._listener = srv
         self._spawn(self._accept_loop, "pd-tcp-accept")
 
@@ -168,9 +169,7 @@ class TcpTransport(Transport):
         while not self._stop.is_set():
             try:
                 conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
+            except OSError:  # (closed: shut down by close())
                 break
             with self._lock:
                 full = len(self._conns) >= self.options.max_connections
@@ -360,6 +359,9 @@ class TcpTransport(Transport):
         for s in streams:
             s.thread.start()
         self._peers[pid] = Peer(streams)
+        if self._stop.is_set():  # closed meanwhile: its disconnect did not see these streams
+            self.disconnect(pid)
+            raise PeerLost("the tcp transport was closed while connecting")
         return pid
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
@@ -419,6 +421,10 @@ class TcpTransport(Transport):
         for pid in list(self._peers):
             self.disconnect(pid)
         if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop
+            except OSError:
+                pass
             self._listener.close()
         with self._lock:
             for c in self._conns:

@@ -440,3 +440,31 @@ def test_the_accept_loop_survives_a_thread_that_cannot_start(monkeypatch):
     assert wait(tx, tx.submit(peer, sid, plan, timeout_s=5)) == BatchState.DONE and (dst == 9).all()
     tx.close()
     rx.close()
+
+
+def _wakeups(th: threading.Thread) -> int:
+    """How many times a thread went to sleep and was woken (Linux)."""
+    with open(f"/proc/self/task/{th.native_id}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+def test_idle_threads_sleep_and_close_still_ends_them():
+    """Between hand-offs the sender's stream threads and the receiver's accept thread have
+    nothing to do, and sleep (they polled every 0.2 s before: wake-ups the prefill's core paid
+    for); close() still ends each of them at once."""
+    rx, dst, region = listening(1 << 16, io_timeout_s=10)
+    tx, sid, peer = sender_to(rx, region, torch.full((1 << 16,), 5, dtype=torch.uint8))
+    plan = coalesce(np.array([0]), np.array([0]), np.array([1 << 16]))
+    assert wait(tx, tx.submit(peer, sid, plan, timeout_s=5)) == BatchState.DONE and (dst == 5).all()
+    idle = [s.thread for s in tx._peers[peer].streams] + [th for th in rx._threads if th.name == "pd-tcp-accept"]
+    assert len(idle) == 2, [th.name for th in idle]
+    before = {th.name: _wakeups(th) for th in idle}
+    time.sleep(1.5)
+    woke = {th.name: _wakeups(th) - before[th.name] for th in idle}
+    assert all(n <= 1 for n in woke.values()), f"idle threads woke (times in 1.5 s): {woke}"
+    t0 = time.monotonic()
+    tx.close()
+    rx.close()
+    for th in idle:
+        th.join(3)
+    assert not any(th.is_alive() for th in idle) and time.monotonic() - t0 < 3

@@ -154,11 +154,11 @@ def test_queued_allocation_is_served_fifo_when_pages_return(server):
 
 
 def test_pages_returned_by_the_decodes_thread_wake_the_server_for_a_queued_allocation(server, monkeypatch):
-    """With nothing received the loop waits up to ``_POLL_MS`` for its housekeeping; pages that
+    """With nothing received the loop waits up to ``_IDLE_S`` for its housekeeping; pages that
     another thread returns (the decode's loader freeing a consumed hand-off) wake it, so a
     queued Allocate is served then, not at the next tick, and ``close`` is as prompt. The tick
     is stretched to 30 s here: only the wake-up can serve it in time."""
-    monkeypatch.setattr(server_module, "_POLL_MS", 30_000)
+    monkeypatch.setattr(server_module, "_IDLE_S", 30.0)
 
     async def go():
         ctx, c = await client_for(server)
@@ -180,6 +180,55 @@ def test_pages_returned_by_the_decodes_thread_wake_the_server_for_a_queued_alloc
     t0 = time.monotonic()
     server.close()
     assert time.monotonic() - t0 < 5 and not server._thread.is_alive()
+
+
+def _wakeups(tid: int) -> int:
+    """How many times a thread of this process went to sleep and was woken (Linux)."""
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+def test_an_idle_server_sleeps_until_something_is_due(server):
+    """A linked peer and nothing in flight: the loop has nothing to do until the peer's silence
+    (timeouts.peer_s) or the next message, and it sleeps (it turned every 100 ms before, a
+    decode's core burning 12-23 ms a request on CPU). Its tombstone and ended session cost no
+    turns either."""
+    async def go():
+        ctx, c = await client_for(server)
+        await handshake(c)
+        await req(c, alloc(c, "a", 2))
+        await req(c, P.Cancel(msg_id=c.next_id(), transfer_id="a", reason="done"))  # (a tombstone now)
+        tid = server._thread.native_id
+        before = _wakeups(tid)
+        await asyncio.sleep(2.0)
+        woke = _wakeups(tid) - before
+        assert woke <= 4, f"the idle control loop woke {woke} times in 2 s"
+        await c.close()
+        ctx.term()
+    run(go())
+
+
+def test_a_lease_runs_out_on_time_with_nothing_received():
+    """Sleeping until the next thing due must not make a lease late: with nothing received, the
+    loop wakes when the earliest lease ends (at most _EXPIRE_EVERY_S later), not after _IDLE_S."""
+    srv = ControlServer(PagePool(8, lease_s=0.3), bind="tcp://127.0.0.1:0", compat=COMPAT, incarnation="dec-1",
+                        page_bytes=65536, descriptor=b"pool-descriptor", max_alloc_wait_s=5.0, keys=KEYS)
+    srv.start()
+    try:
+        async def go():
+            ctx, c = await client_for(srv)
+            await handshake(c)
+            await req(c, alloc(c, "a", 2))
+            t0 = time.monotonic()
+            while srv.pool.lookup("a").state == ReservationState.ALLOCATED and time.monotonic() - t0 < 3:
+                await asyncio.sleep(0.01)
+            assert srv.pool.lookup("a").state == ReservationState.EXPIRED
+            assert time.monotonic() - t0 < 0.3 + 0.25, f"expired {time.monotonic() - t0:.2f} s after its grant"
+            await c.close()
+            ctx.term()
+        run(go())
+    finally:
+        srv.close()
 
 
 def test_queued_allocation_times_out_with_a_named_field(server):
