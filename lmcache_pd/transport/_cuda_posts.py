@@ -20,6 +20,7 @@ from lmcache_pd._types import BatchState
 from lmcache_pd.device_clock import clock_for
 from lmcache_pd.ops import PreparedCopy, run_copy
 from lmcache_pd.transport import device_signals as _signals
+from lmcache_pd.transport._cuda_done import Pending
 from lmcache_pd.transport.base import BatchHandle, LayerPosts
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,9 @@ class Posts(LayerPosts):
 
     def __init__(self, handle: BatchHandle, stream: torch.cuda.Stream, device: torch.device,
                  prepared: dict[int, PreparedCopy | None], signal: tuple[int, int] | None, *,
-                 done: Callable[[tuple], None], forget: Callable[[BatchHandle], None], fail: Callable[[str], None]):
-        """``done(item)``: hands the batch's end to the completion thread (its item: handle,
-        first and last stamp, tables to keep alive, outcome); ``forget(handle)``: it takes no
+                 done: Callable[[Pending], None], forget: Callable[[BatchHandle], None], fail: Callable[[str], None]):
+        """``done(item)``: hands the batch's end to the completion thread (a ``Pending``: handle,
+        first and last stamp, tables to keep alive, outcome, the last copy's start); ``forget(handle)``: it takes no
         more posts; ``fail(error)``: it ends now (nothing could be stamped)."""
         self.handle = handle
         self._stream, self._device, self._prepared, self._signal = stream, device, prepared, signal
@@ -42,6 +43,7 @@ class Posts(LayerPosts):
         self._done, self._forget, self._fail = done, forget, fail
         self._left = set(prepared)
         self._began = None
+        self._gate = None
         self._ended = handle.state.terminal
         self._lock = threading.Lock()  # (posts from two threads: the last one's stamp must follow every copy)
 
@@ -56,6 +58,8 @@ class Posts(LayerPosts):
                 else:
                     self._stream.wait_stream(torch.cuda.current_stream(self._device))
                 self._began = self._began or self._clock.stamp(self._stream)
+                if not self._left:  # the last copy's start: the completion thread naps until it
+                    self._gate = self._clock.stamp(self._stream)
                 p = self._prepared[layer]
                 if p is not None:
                     run_copy(p, self._stream)
@@ -89,4 +93,5 @@ class Posts(LayerPosts):
             self._fail(f"CUDA error: {e}")
             return
         tables = [p.table for p in self._prepared.values() if p is not None]
-        self._done((self.handle, self._began or landed, landed, tables, outcome))
+        self._done(Pending(self.handle, self._began or landed, landed, tables, outcome,
+                           self._gate if outcome is None else None))

@@ -6,8 +6,8 @@ travels once, in the handshake reply; the prefill side opens it once per peer (w
 access enabled) and caches the mapping. A transfer is one launch of the range-copy kernel
 (csrc/copy_ranges.cu) on a dedicated stream, reading vLLM's paged cache and writing straight
 into the peer's pool pages: no staging copy. An event after the launch marks completion; a
-completion thread waits on it and finishes the handle, so DONE means the bytes are in the
-peer's memory. Timing events before and after the copy give the handle the GPU's own times of
+completion thread (_cuda_done.py) waits on it and finishes the handle, so DONE means the bytes
+are in the peer's memory. Timing events before and after the copy give the handle the GPU's own times of
 its first and last byte (``BatchHandle.began_at``/``landed_at``, device_clock.py): the hand-off's
 timeline uses them instead of when the host learned.
 
@@ -36,6 +36,7 @@ import queue
 import secrets
 import threading
 import time
+from typing import Literal
 
 import msgspec
 import numpy as np
@@ -47,6 +48,7 @@ from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import PreparedCopy, check_ranges, cuda_kernels_available, launch_copy, prepare_copy, prepare_rows
 from lmcache_pd.threads import thread
+from lmcache_pd.transport import _cuda_done as _done
 from lmcache_pd.transport import device_signals as _signals
 from lmcache_pd.transport._cuda_posts import Posts
 from lmcache_pd.transport.base import BatchHandle, Capabilities, LayerPosts, PeerId, RegionId, Transport, gpu_uuid
@@ -57,6 +59,9 @@ _exported_here: set[tuple[bytes, int]] = set()  # (token, address) still alive i
 
 
 class CudaIpcOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    completion_wait: Literal["nap", "spin"] = "nap"
+    """How the completion thread waits for a batch (_cuda_done.py): ``nap``, sleeping between looks
+    until the copy can start, then spinning through the copy; ``spin``, spinning throughout."""
     signals: bool = False
     """Experimental, off: order the decode's scatter after the copy on the GPU (a signal word the
     copy stream writes) instead of after TransferDone on the host. While a load waits for its
@@ -140,7 +145,8 @@ class CudaIpcTransport(Transport):
         self._stop = threading.Event()
         self._start_lock = threading.Lock()
         # Started by the first register (threads never start in constructors).
-        self._waiter = thread(self._complete, "pd-cuda-ipc-done")
+        self._waiter = thread(_done.run, "pd-cuda-ipc-done", self._pending, self._finish,
+                              options.completion_wait == "nap")
         self._signals = 0  # receiver: the address of its signal words (0: none)
         self._signal_slots = 0
         self._signal_device = 0
@@ -358,7 +364,7 @@ class CudaIpcTransport(Transport):
             # After the copy on the same stream, with a barrier: the peer's wait sees the bytes first.
             _signals.write(src.device.index, stream.cuda_stream, p.signals + 4 * signal[0], signal[1])
         landed = clock.stamp(stream)
-        self._pending.put((handle, began, landed, table))
+        self._pending.put(_done.Pending(handle, began, landed, table, gate=began))
         return handle
 
     def prepare_layers(self, peer: PeerId, region: RegionId, plans: list[tuple[int, RangePlan]], timeout_s: float, *,
@@ -426,27 +432,6 @@ class CudaIpcTransport(Transport):
             absolute = self._absolute(p, plan)
             return None if absolute is None else (absolute, 0)
         return plan, p.address
-
-    def _complete(self) -> None:
-        """Finish handles in launch order once their event completes (one stream: FIFO)."""
-        while True:
-            item = self._pending.get()
-            if item is None:  # close(): everything queued before it has been finished
-                break
-            handle, began, landed, _table, *outcome = item  # (a batch of posted layers may end otherwise)
-            try:
-                landed.event.synchronize()  # releases the GIL while it waits
-                state, error = outcome[0] if outcome and outcome[0] is not None else (BatchState.DONE, None)
-            except RuntimeError as e:
-                state, error = BatchState.FAILED, f"CUDA error: {e}"
-            if state == BatchState.DONE:
-                try:  # (the timeline's marks: never a reason to fail a batch that landed)
-                    handle.began_at, handle.landed_at = began.wall(), landed.wall()
-                except RuntimeError as e:
-                    log.debug("reading a batch's GPU stamps: %s", e)
-            if handle.state == BatchState.CANCELED:
-                state = BatchState.CANCELED
-            self._finish(handle, state, time.monotonic(), error)
 
     def close_batch(self, handle: BatchHandle) -> None:
         with self._posts_lock:

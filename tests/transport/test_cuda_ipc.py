@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
+import threading
 import time
 
 import numpy as np
@@ -173,6 +174,57 @@ def test_a_peer_in_this_process_does_not_share_our_gpu_the_costly_way():
         peer = tx.connect(rx.export_descriptor(rx.register(pool)), timeout_s=10)
         rid = tx.register(torch.zeros(1 << 20, dtype=torch.uint8, device="cuda:0"))
         assert not tx.shares_device(peer, rid)
+    finally:
+        tx.close()
+        rx.close()
+
+
+def _cpu_s(th: threading.Thread) -> float:
+    """CPU seconds a thread of this process has run (Linux)."""
+    with open(f"/proc/self/task/{th.native_id}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+@pytest.mark.parametrize("posted", [False, True], ids=["submitted", "posted"])
+@pytest.mark.parametrize("wait", ["nap", "spin"])
+def test_the_completion_thread_sleeps_while_the_producer_works(wait, posted):
+    """A batch queued behind 0.4 s of its producer's GPU work (vLLM's forward, whose event the
+    copy waits for): with ``completion_wait: nap`` (the default) the completion thread sleeps
+    through it, where it spun a CPU core throughout before (as it still does with ``spin``: the
+    case that shows this measure sees a spin); either way the batch ends DONE with the bytes the
+    producer wrote."""
+    rx, tx = transports.create("cuda_ipc", {}), transports.create("cuda_ipc", {"completion_wait": wait})
+    try:
+        pool = rx.allocate(1 << 20, torch.device("cuda", 0))
+        peer = tx.connect(rx.export_descriptor(rx.register(pool)), timeout_s=10)
+        src = torch.zeros(1 << 20, dtype=torch.uint8, device="cuda:0")
+        rid = tx.register(src)
+        torch.cuda.synchronize()
+        producer = torch.cuda.Stream()
+        with torch.cuda.stream(producer):
+            torch.cuda._sleep(int(0.4 * 2e9))  # (cycles: about 0.4 s at 2 GHz, longer at a lower clock)
+            src.fill_(7)
+        ready = torch.cuda.Event()
+        ready.record(producer)
+        plan = coalesce(np.array([0]), np.array([0]), np.array([1 << 20]))
+        cpu0, t0 = _cpu_s(tx._waiter), time.monotonic()
+        if posted:
+            posts = tx.prepare_layers(peer, rid, [(0, plan)], timeout_s=30)
+            posts.post(0, after=ready)
+            h = posts.handle
+        else:
+            h = tx.submit(peer, rid, plan, timeout_s=30, after=ready)
+        while not tx.poll(h).terminal:
+            assert time.monotonic() - t0 < 30
+            time.sleep(0.005)
+        waited, cpu = time.monotonic() - t0, _cpu_s(tx._waiter) - cpu0
+        assert h.state == BatchState.DONE, h.error
+        assert bool((pool == 7).all())
+        assert waited > 0.2, f"the producer's work was over after {waited:.3f} s"
+        if wait == "nap":
+            assert cpu < 0.25 * waited, f"the completion thread spent {cpu:.3f} s of CPU in a {waited:.3f} s wait"
+        else:
+            assert cpu > 0.5 * waited, f"spinning, it spent only {cpu:.3f} s of CPU in a {waited:.3f} s wait"
     finally:
         tx.close()
         rx.close()
