@@ -55,3 +55,17 @@ def ours_per_request(before: dict[str, float], after: dict[str, float], requests
     per = {k: (after[k] - before.get(k, 0.0)) * 1e3 / max(1, requests) for k in after if k.startswith("pd-")}
     per = {k: v for k, v in per.items() if v > 0.0}
     return {"all": sum(per.values()), **dict(sorted(per.items(), key=lambda kv: -kv[1]))}
+
+
+def own_threads_cpu(prefix: str) -> float:
+    """Seconds the threads of this process whose OS name starts with ``prefix`` ran on a CPU
+    (Linux; 0.0 where /proc cannot tell). OS names are cut at 15 characters."""
+    out = 0.0
+    task = PROC / "self" / "task"
+    for tid in os.listdir(task) if task.is_dir() else ():
+        try:
+            if (task / tid / "comm").read_text().startswith(prefix[:15]):
+                out += int((task / tid / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue  # (a thread that ended meanwhile)
+    return out

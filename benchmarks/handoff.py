@@ -31,6 +31,10 @@ import torch
 from _ceilings import best_ceiling
 from _common import pick_devices, pin
 from _pairs import TOKEN_BYTES, HandoffPair
+from _thread_cpu import own_threads_cpu
+
+DONE_THREAD = "pd-cuda-ipc-done"
+"""cuda_ipc's completion thread (its CPU per hand-off: transport.options.completion_wait)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,8 +216,9 @@ def layered(args) -> int:
             checks = {}
             for _ in range(args.repeat):
                 for m, kw in modes.items():
+                    cpu0 = own_threads_cpu(DONE_THREAD)
                     pair.once(n_tok, forward_us=per_layer, chunks=chunks, **kw)
-                    rows[m].append(pair.phases[-1])
+                    rows[m].append({**pair.phases[-1], "done_cpu": own_threads_cpu(DONE_THREAD) - cpu0})
             for m, kw in modes.items():  # the last hand-off of each mode, checked bitwise
                 pair.once(n_tok, forward_us=per_layer, chunks=chunks, **kw)
                 checks[m] = pair.check_last()
@@ -233,12 +238,14 @@ def layered(args) -> int:
             for m in modes:  # where the time after the forward goes (sender side)
                 last = {k: statistics.median(p[k] for p in rows[m])
                         for k in ("last_submit", "last_done", "last_landed", "batches", "marking", "in_submit",
-                                  "in_prepare")}
+                                  "in_prepare", "done_cpu")}
                 on_gpu = (f"; last byte {last['last_landed'] * 1e3:+.3f} ms from it on the GPU" if cuda else "")
                 print(f"#   {n_tok} {m}: {last['batches']:.0f} batches, last submitted {last['last_submit'] * 1e3:+.3f} ms "
                       f"and last done {last['last_done'] * 1e3:+.3f} ms from the forward's end (host){on_gpu}; "
                       f"host ms in the forward's marks {last['marking'] * 1e3:.3f}, in the transport's submit "
-                      f"{last['in_submit'] * 1e3:.3f} and prepare_layers {last['in_prepare'] * 1e3:.3f}", flush=True)
+                      f"{last['in_submit'] * 1e3:.3f} and prepare_layers {last['in_prepare'] * 1e3:.3f}"
+                      + (f"; CPU of the completion thread ({DONE_THREAD}) {last['done_cpu'] * 1e3:.3f} ms"
+                         if args.transport == "cuda_ipc" else ""), flush=True)
     finally:
         pair.close()
     return status
