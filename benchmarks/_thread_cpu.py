@@ -34,18 +34,27 @@ def thread_cpu(session: int) -> dict[str, float]:
     for pid in os.listdir(PROC):
         if not pid.isdigit() or _session_of(pid) != session:
             continue
-        try:
-            tasks = os.listdir(PROC / pid / "task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                name = (PROC / pid / "task" / tid / "comm").read_text().strip()
-                ns = int((PROC / pid / "task" / tid / "schedstat").read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue  # (a thread that ended meanwhile)
+        for name, seconds in _threads(pid):
             key = re.sub(r"[\d.]+$", "", name)
-            out[key] = out.get(key, 0.0) + ns / 1e9
+            out[key] = out.get(key, 0.0) + seconds
+    return out
+
+
+def _threads(pid: str) -> list[tuple[str, float]]:
+    """(OS name, CPU seconds run) of each thread of process ``pid`` ("self": this one); threads
+    that end while read are left out."""
+    out: list[tuple[str, float]] = []
+    try:
+        tasks = os.listdir(PROC / pid / "task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            name = (PROC / pid / "task" / tid / "comm").read_text().strip()
+            ns = int((PROC / pid / "task" / tid / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # (a thread that ended meanwhile)
+        out.append((name, ns / 1e9))
     return out
 
 
@@ -60,12 +69,4 @@ def ours_per_request(before: dict[str, float], after: dict[str, float], requests
 def own_threads_cpu(prefix: str) -> float:
     """Seconds the threads of this process whose OS name starts with ``prefix`` ran on a CPU
     (Linux; 0.0 where /proc cannot tell). OS names are cut at 15 characters."""
-    out = 0.0
-    task = PROC / "self" / "task"
-    for tid in os.listdir(task) if task.is_dir() else ():
-        try:
-            if (task / tid / "comm").read_text().startswith(prefix[:15]):
-                out += int((task / tid / "schedstat").read_text().split()[0]) / 1e9
-        except (OSError, ValueError, IndexError):
-            continue  # (a thread that ended meanwhile)
-    return out
+    return sum(seconds for name, seconds in _threads("self") if name.startswith(prefix[:15]))

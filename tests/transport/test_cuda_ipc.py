@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
-import threading
 import time
 
 import numpy as np
@@ -15,6 +14,7 @@ from lmcache_pd import transport as transports
 from lmcache_pd._types import BatchState
 from lmcache_pd.errors import PeerLost
 from lmcache_pd.layout import coalesce
+from tests.threads_os import cpu_s
 
 _ok, _why = transports.available("cuda_ipc")
 pytestmark = pytest.mark.skipif(not _ok, reason=f"cuda_ipc unavailable here: {_why}")
@@ -179,12 +179,6 @@ def test_a_peer_in_this_process_does_not_share_our_gpu_the_costly_way():
         rx.close()
 
 
-def _cpu_s(th: threading.Thread) -> float:
-    """CPU seconds a thread of this process has run (Linux)."""
-    with open(f"/proc/self/task/{th.native_id}/schedstat") as f:
-        return int(f.read().split()[0]) / 1e9
-
-
 @pytest.mark.parametrize("posted", [False, True], ids=["submitted", "posted"])
 @pytest.mark.parametrize("wait", ["nap", "spin"])
 def test_the_completion_thread_sleeps_while_the_producer_works(wait, posted):
@@ -207,7 +201,7 @@ def test_the_completion_thread_sleeps_while_the_producer_works(wait, posted):
         ready = torch.cuda.Event()
         ready.record(producer)
         plan = coalesce(np.array([0]), np.array([0]), np.array([1 << 20]))
-        cpu0, t0 = _cpu_s(tx._waiter), time.monotonic()
+        cpu0, t0 = cpu_s(tx._waiter), time.monotonic()
         if posted:
             posts = tx.prepare_layers(peer, rid, [(0, plan)], timeout_s=30)
             posts.post(0, after=ready)
@@ -217,7 +211,7 @@ def test_the_completion_thread_sleeps_while_the_producer_works(wait, posted):
         while not tx.poll(h).terminal:
             assert time.monotonic() - t0 < 30
             time.sleep(0.005)
-        waited, cpu = time.monotonic() - t0, _cpu_s(tx._waiter) - cpu0
+        waited, cpu = time.monotonic() - t0, cpu_s(tx._waiter) - cpu0
         assert h.state == BatchState.DONE, h.error
         assert bool((pool == 7).all())
         assert waited > 0.2, f"the producer's work was over after {waited:.3f} s"

@@ -20,6 +20,7 @@ from lmcache_pd.errors import PeerLost, TransferError
 from lmcache_pd.layout import coalesce
 from lmcache_pd.transport._tcp_wire import _CHALLENGE, _HELLO, _HELLO_REPLY, _Descriptor, _hello_tag
 from tests.integration.relay import pump
+from tests.threads_os import wakeups
 from tests.transport.handles import wait
 
 PUBLIC = auth.Keyring(None)  # what transports created without keys use
@@ -442,12 +443,6 @@ def test_the_accept_loop_survives_a_thread_that_cannot_start(monkeypatch):
     rx.close()
 
 
-def _wakeups(th: threading.Thread) -> int:
-    """How many times a thread went to sleep and was woken (Linux)."""
-    with open(f"/proc/self/task/{th.native_id}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
-
-
 def test_idle_threads_sleep_and_close_still_ends_them():
     """Between hand-offs the sender's stream threads and the receiver's accept thread have
     nothing to do, and sleep (they polled every 0.2 s before: wake-ups the prefill's core paid
@@ -458,9 +453,9 @@ def test_idle_threads_sleep_and_close_still_ends_them():
     assert wait(tx, tx.submit(peer, sid, plan, timeout_s=5)) == BatchState.DONE and (dst == 5).all()
     idle = [s.thread for s in tx._peers[peer].streams] + [th for th in rx._threads if th.name == "pd-tcp-accept"]
     assert len(idle) == 2, [th.name for th in idle]
-    before = {th.name: _wakeups(th) for th in idle}
+    before = {th.name: wakeups(th) for th in idle}
     time.sleep(1.5)
-    woke = {th.name: _wakeups(th) - before[th.name] for th in idle}
+    woke = {th.name: wakeups(th) - before[th.name] for th in idle}
     assert all(n <= 1 for n in woke.values()), f"idle threads woke (times in 1.5 s): {woke}"
     t0 = time.monotonic()
     tx.close()

@@ -21,6 +21,7 @@ from lmcache_pd.control.client import ControlClient
 from lmcache_pd.control.server import ControlServer
 from lmcache_pd.errors import IncompatiblePeer, PeerLost, PoolExhausted, TransferError, TransferTimeout
 from lmcache_pd.handoff import Handoff
+from tests.threads_os import wakeups
 from tests.unit.control_peers import (
     KEYS,
     RawPeer,
@@ -182,12 +183,6 @@ def test_pages_returned_by_the_decodes_thread_wake_the_server_for_a_queued_alloc
     assert time.monotonic() - t0 < 5 and not server._thread.is_alive()
 
 
-def _wakeups(tid: int) -> int:
-    """How many times a thread of this process went to sleep and was woken (Linux)."""
-    with open(f"/proc/self/task/{tid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
-
-
 def test_an_idle_server_sleeps_until_something_is_due(server):
     """A linked peer and nothing in flight: the loop has nothing to do until the peer's silence
     (timeouts.peer_s) or the next message, and it sleeps (it turned every 100 ms before, a
@@ -198,10 +193,9 @@ def test_an_idle_server_sleeps_until_something_is_due(server):
         await handshake(c)
         await req(c, alloc(c, "a", 2))
         await req(c, P.Cancel(msg_id=c.next_id(), transfer_id="a", reason="done"))  # (a tombstone now)
-        tid = server._thread.native_id
-        before = _wakeups(tid)
+        before = wakeups(server._thread)
         await asyncio.sleep(2.0)
-        woke = _wakeups(tid) - before
+        woke = wakeups(server._thread) - before
         assert woke <= 4, f"the idle control loop woke {woke} times in 2 s"
         await c.close()
         ctx.term()
