@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import zmq.asyncio
+import zmq
 
 from lmcache_pd import auth, heads
 from lmcache_pd import protocol as P
@@ -66,14 +66,14 @@ class Links:
         self._chunk_blocks = max(1, cfg.cache.chunk_tokens // worker.compat.block_size)
         """Blocks per cache chunk: a decode peer skips whole chunks only."""
         self._curve_key = curve.server_keys(keys)[0] if cfg.auth.encrypt else None
-        self._ctx: zmq.asyncio.Context | None = None
+        self._ctx: zmq.Context | None = None
         self._links: dict[tuple[PeerName, int], DecodePeer] = {}  # (peer, its rank)
         self._locks: dict[tuple[PeerName, int], asyncio.Lock] = {}
         self._down_until: dict[tuple[PeerName, int], tuple[float, str]] = {}
         self._beats: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
 
     async def close(self) -> None:
         for task in list(self._beats):

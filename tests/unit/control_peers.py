@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import zmq
-import zmq.asyncio
 
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
@@ -22,8 +21,8 @@ def run(coro):
 
 
 async def client_for(srv: ControlServer, identity: str = "prefill-0/0/x",
-                     keys: auth.Keyring = KEYS) -> tuple[zmq.asyncio.Context, ControlClient]:
-    ctx = zmq.asyncio.Context()
+                     keys: auth.Keyring = KEYS) -> tuple[zmq.Context, ControlClient]:
+    ctx = zmq.Context()
     c = ControlClient(ctx, endpoint=srv.endpoint, identity=identity, peer="decode-0", keys=keys)
     c.start()
     return ctx, c

@@ -12,7 +12,6 @@ import time
 
 import pytest
 import zmq
-import zmq.asyncio
 
 from lmcache_pd import auth
 from lmcache_pd import protocol as P
@@ -230,7 +229,7 @@ def test_curve_encrypts_the_control_plane_and_refuses_clear_text_peers():
     srv = make_server(curve_secret=secret)
 
     async def go():
-        ctx = zmq.asyncio.Context()
+        ctx = zmq.Context()
         c = ControlClient(ctx, endpoint=srv.endpoint, identity="p/0/x", peer="decode-0", keys=KEYS,
                           curve_server_key=public)
         c.start()

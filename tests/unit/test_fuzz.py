@@ -18,7 +18,7 @@ import struct
 
 import msgspec
 import pytest
-import zmq.asyncio
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -223,7 +223,7 @@ def test_authentic_garbage_never_crashes_a_handler(body):
 
 @pytest.fixture(scope="module")
 def client():
-    ctx = zmq.asyncio.Context()
+    ctx = zmq.Context()
     c = ControlClient(ctx, endpoint="tcp://127.0.0.1:9", identity=IDENTITY.decode(), peer="decode-0", keys=KEYS)
     c._session = KEYS.session(IDENTITY, b"n" * 16, b"c" * 16)
     yield c
