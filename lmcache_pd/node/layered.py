@@ -52,6 +52,8 @@ class LayerMarks:
         self.stamp: Stamp | None = None
         """On a GPU: a stamp after the forward's kernels (the GPU's end of it, device_clock.py)."""
         self._wake: Callable[[], None] | None = None
+        self._wake_each = True
+        """Wake on every mark, or only on the one that completes the forward's layers."""
 
     def layer(self, index: int, ready: torch.cuda.Event | None = None) -> None:
         """vLLM's thread: layer ``index`` is written (on a GPU: once ``ready`` completes)."""
@@ -61,6 +63,8 @@ class LayerMarks:
             self._computed[index] = ready
             self._order.append(index)
             wake, posts = self._wake, self._posts
+            if not self._wake_each and len(self._order) < self.num_layers:
+                wake = None
         for post in posts:  # (each never raises: LayerPosts.post)
             post(index, ready)
         if wake is not None:
@@ -84,10 +88,11 @@ class LayerMarks:
         if wake is not None:
             wake()
 
-    def bind(self, wake: Callable[[], None]) -> None:
-        """The sender's loop: call ``wake`` (thread-safe) on every mark from now on."""
+    def bind(self, wake: Callable[[], None], *, each: bool = True) -> None:
+        """The sender's loop: call ``wake`` (thread-safe) on every mark from now on (``each``),
+        else only on the mark that completes every layer; and on :meth:`forward_done`."""
         with self._lock:
-            self._wake = wake
+            self._wake, self._wake_each = wake, each
 
     def since(self, seen: int) -> list[tuple[int, torch.cuda.Event | None]]:
         """Layers computed after the first ``seen`` ones, in the order they were computed."""
@@ -125,7 +130,10 @@ class Pieces:
         """vLLM's thread: a forward that completes ``blocks[first:]`` starts (``marks``: its layers)."""
         with self._lock:
             self._pieces.append(Piece(blocks, first, marks, final, time.time()))
-        marks.bind(self._call_wake)
+        # An earlier chunk's piece goes whole once its forward computed every layer: its other
+        # marks would only wake the sender's loop (on CPU, on the forward's own core; on a GPU,
+        # taking the GIL from the thread launching the forward's kernels) to find it incomplete.
+        marks.bind(self._call_wake, each=final)
         self._call_wake()
 
     def _call_wake(self) -> None:

@@ -369,6 +369,33 @@ def test_an_aborted_request_stops_its_layered_handoff_and_the_pages_return():
         n.close()
 
 
+def test_an_earlier_chunks_marks_wake_the_senders_loop_once_its_last_layer_is_computed():
+    """An earlier chunk's piece goes whole once every layer is marked: its other marks must not
+    wake the sender's loop (on CPU that loop runs on the forward's core; on a GPU it would take
+    the GIL from the thread launching the forward). The last chunk's marks each wake it (a
+    transport that cannot post layers sends each as it is marked); the forward's end wakes it."""
+    from lmcache_pd.node.layered import Pieces
+
+    woken: list[str] = []
+    pieces = Pieces()
+    pieces.bind(lambda: woken.append("x"))
+    earlier, last = LayerMarks(32), LayerMarks(32)
+    pieces.add((1, 2), 0, earlier, final=False)
+    assert len(woken) == 1  # a new piece
+    for i in range(31):
+        earlier.layer(i)
+    assert len(woken) == 1, "an earlier chunk's incomplete marks woke the loop"
+    earlier.layer(31)
+    assert len(woken) == 2 and len(earlier.since(0)) == 32
+    earlier.layer(31)  # (layers sharing one KV tensor mark it twice: no wake-up)
+    earlier.forward_done()
+    assert len(woken) == 3
+    pieces.add((1, 2, 3), 2, last, final=True)
+    for i in range(32):
+        last.layer(i)
+    assert len(woken) == 4 + 32
+
+
 def test_per_layer_plans_add_up_to_the_whole_plan():
     kv = KVLayout(num_layers=3, num_blocks=10, block_bytes=64, block_stride=64, layer_offsets=(0, 640, 1280))
     pool = PoolLayout(3, 8, 64)
