@@ -180,7 +180,7 @@ def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: 
             pass
         woken = time.time()  # this thread (the worker's, in a deployment) learns that the load ended
         conn.send((time.monotonic(), done[0].ok, done[0].error, done[0].scatter_s, done[0].groups, done[0].signaled,
-                   done[0].done_at, woken))
+                   done[0].done_at, woken, done[0].ready_at))
     rx.close()
 
 
@@ -308,7 +308,7 @@ class HandoffPair:
         t0, t0_wall = time.monotonic(), time.time()
         if forward_us <= 0 or not layered:
             self.tx.submit(spec)
-        t_done, ok, error, scatter_s, groups, signaled, loaded_at, woken = self.parent.recv()
+        t_done, ok, error, scatter_s, groups, signaled, loaded_at, woken, ready_at = self.parent.recv()
         sent = []
         while not sent:
             sent = self.tx.drain()
@@ -328,6 +328,13 @@ class HandoffPair:
                             # thread learning of it.
                             "launch": s.first_byte_at - t0_wall, "to_loaded": loaded_at - s.first_byte_at,
                             "to_woken": woken - loaded_at,
+                            # to_loaded's parts: the copy (its last byte: cuda_ipc's GPU stamp, else
+                            # the transport's report); until the sender's loop saw it (before its
+                            # TransferDone); until the decode's loader found every page in the pool;
+                            # its scatter and the load's end.
+                            "copy": s.last_byte_at - s.first_byte_at,
+                            "seen": s.done_at - s.done_s - s.last_byte_at,
+                            "told": ready_at - (s.done_at - s.done_s), "loaded": loaded_at - ready_at,
                             **({"forward": forward_end - forward_start, "exposed": loaded_at - forward_end,
                                   # GPU stamps at both ends (device_clock.py; cuda_ipc stamps its
                                   # batches): the transfer's last byte after the forward's last kernel.

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
           "; pages", "allocated in the hand-off" if args.no_reserve else "reserved ahead", "; options", options)
     print(f"{'tokens':>7} {'bytes':>9} {'hand-off ms':>12} {'GB/s':>8} {'ceiling GB/s':>13} {'ratio':>6}  check    "
           f"| ms: allocate  transfer  after-transfer | scatter (overlapped)  groups  signaled  on-caller"
-          f" | ms: launch  to-loaded  to-woken"
+          f" | ms: launch  to-loaded  to-woken | to-loaded: copy  seen  told  loaded"
           + (f"  | {second}: ms  ratio  check  signaled  direct  scatter ms" if checked else ""))
     status = 0
     try:
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"| {ph['allocate']:>12.3f} {ph['transfer']:>9.3f} {ph['after transfer']:>15.3f} "
                   f"| {ph['scatter']:>20.3f} {ph['groups']:>7.0f} {signaled:>6}/{len(pair.phases)} "
                   f"{on_caller:>6}/{len(pair.phases)} | {ph['launch']:>10.3f} {ph['to_loaded']:>10.3f} "
-                  f"{ph['to_woken']:>9.3f}{extra}", flush=True)
+                  f"{ph['to_woken']:>9.3f} | {ph['copy']:>15.3f} {ph['seen']:>5.3f} {ph['told']:>5.3f} "
+                  f"{ph['loaded']:>7.3f}{extra}", flush=True)
     finally:
         pair.close()
         if checked is not None:
