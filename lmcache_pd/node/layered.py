@@ -36,6 +36,9 @@ from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, plan_into, plan_l
 from lmcache_pd.node.groups import byte_span
 from lmcache_pd.node.loop import waker, woken
 
+_IDLE_S = 1.0
+"""How long a layered hand-off's loop sleeps with nothing in flight and nothing waking it."""
+
 
 class LayerMarks:
     """Which layers of one layered hand-off vLLM's forward has computed (thread-safe)."""
@@ -134,6 +137,11 @@ class Pieces:
         # marks would only wake the sender's loop (on CPU, on the forward's own core; on a GPU,
         # taking the GIL from the thread launching the forward's kernels) to find it incomplete.
         marks.bind(self._call_wake, each=final)
+        self._call_wake()
+
+    def wake(self) -> None:
+        """Any thread: wake the loops sending these pieces (the decode side ended the hand-off:
+        their next check stops it)."""
         self._call_wake()
 
     def _call_wake(self) -> None:
@@ -435,9 +443,10 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
             # transports that progress only inside poll(), and events without a callback. Between
             # layers, with nothing in flight, only a mark wakes it: a wake-up costs the forward
             # (vLLM's thread, on the same core on CPU) the GIL.
-            # The posted batch's end wakes it (its callback); check() sees the decode's end at
-            # the next wake-up.
-            await woken(wake, 0.005 if waiting or any(h is not posted for h in open_) else 0.25)
+            # The posted batch's end wakes it (its callback), and so does the decode's end of the
+            # hand-off (Pieces.wake), which check() then sees; else it looks once a second (the
+            # deadline above is data_s): a wake-up is about 0.1-0.2 ms of the prefill core's CPU.
+            await woken(wake, 0.005 if waiting or any(h is not posted for h in open_) else _IDLE_S)
     finally:
         unbind()
         for handle in handles:

@@ -110,7 +110,7 @@ class KVSender:
         self._beats: asyncio.Task[None] | None = None
         self._handoff_log = HandoffLog(cfg.handoff_log, instance=worker.instance, rank=worker.rank, role="prefill")
         self.timeline = Timeline.prefill()
-        self._layered: dict[TransferId, Handoff] = {}
+        self._layered: dict[TransferId, tuple[Handoff, Pieces]] = {}
         """Layered hand-offs under way (loop thread): an unreserve stops them."""
         self._launch_here = not cfg.integrity.verify  # (whose digest is computed on the loop's side)
         self._io = LaneIO(self.transport, kv, kv_buffer, data_s=self.t.data_s, group_mib=cfg.transport.group_mib,
@@ -279,8 +279,10 @@ class KVSender:
 
     def _on_ended(self, peer: PeerName, msg: P.Ended) -> None:
         """The decode side ended a hand-off we may still be writing (on the loop thread): the
-        hand-off stops at its next check and its Cancel confirms that no more bytes come."""
+        hand-off stops at its next check (woken for it) and its Cancel confirms no more bytes."""
         self._ended[(peer, msg.transfer_id)] = msg.reason
+        if (layered := self._layered.get(msg.transfer_id)) is not None:
+            layered[1].wake()
         while len(self._ended) > 4096:
             self._ended.popitem(last=False)
 
@@ -302,9 +304,9 @@ class KVSender:
         return tuple(grants)
 
     async def _unreserve(self, transfer_id: TransferId, reason: str) -> None:
-        layered = self._layered.get(transfer_id)
-        if layered is not None:  # it stops at its next check, and its Cancel returns the pages
-            self._ended[(layered.peer, transfer_id)] = reason
+        if (layered := self._layered.get(transfer_id)) is not None:  # it stops at its next check
+            self._ended[(layered[0].peer, transfer_id)] = reason       # (now), its Cancel returns the pages
+            layered[1].wake()
         await self._reserved.give_back(transfer_id, reason)
 
     async def _take_reservation(self, spec: SendSpec, n_pages: int) -> tuple[tuple[Grant, ...], bool]:
@@ -331,7 +333,7 @@ class KVSender:
         # from each piece on (a chunked prompt's last piece may come many steps later).
         limit = self.handoff_deadline_s() + (self.t.data_s if pieces is not None else 0.0)
         if pieces is not None:
-            self._layered[spec.handoff.transfer_id] = spec.handoff
+            self._layered[spec.handoff.transfer_id] = (spec.handoff, pieces)
         try:
             async with asyncio.timeout(limit) as deadline:
                 loop = asyncio.get_running_loop()

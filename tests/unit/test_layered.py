@@ -369,6 +369,36 @@ def test_an_aborted_request_stops_its_layered_handoff_and_the_pages_return():
         n.close()
 
 
+def test_between_chunks_the_senders_loop_sleeps_and_the_decodes_end_wakes_it(monkeypatch):
+    """A chunked prompt's first piece landed and the next chunk computes: nothing of the hand-off
+    is in flight, and the sender's thread sleeps (it looked four times a second, on the prefill's
+    core). The decode side ending the hand-off then (Ended) wakes it at once: the hand-off fails
+    and the pages return without waiting for its next look."""
+    from lmcache_pd.node import layered as layered_module
+    from tests.threads_os import wakeups
+
+    n = Node(make_cfg(heartbeat_s=20, peer_s=60, lease_s=60, transfer_s=30, data_s=30))
+    try:
+        p_blocks, d_blocks = [5, 6, 30, 31], [11, 12, 40, 41]
+        first_chunk(n, "idle", p_blocks, d_blocks, 3 * BLOCK + 3, split=2)
+        wait_until(lambda: n.in_pool(1, p_blocks[:2]))
+        sender = next(t for t in threading.enumerate() if t.name.startswith("pd-sender"))
+        time.sleep(0.3)
+        before = wakeups(sender)
+        time.sleep(2.0)
+        assert wakeups(sender) - before <= 4, wakeups(sender) - before
+        monkeypatch.setattr(layered_module, "_IDLE_S", 30.0)  # its next look is far: only a wake-up ends it soon
+        time.sleep(1.1)  # (the loop's current wait, of the old length, ends first)
+        t0 = time.monotonic()
+        n.receiver.discard("idle", "the decode's request was aborted")
+        (s,), (ld,) = n.results(1, 1, timeout_s=10)
+        assert not s.ok and "aborted" in s.error and not ld.ok
+        assert time.monotonic() - t0 < 1.0
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
 def test_an_earlier_chunks_marks_wake_the_senders_loop_once_its_last_layer_is_computed():
     """An earlier chunk's piece goes whole once every layer is marked: its other marks must not
     wake the sender's loop (on CPU that loop runs on the forward's core; on a GPU it would take
