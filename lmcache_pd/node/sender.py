@@ -304,8 +304,9 @@ class KVSender:
         return tuple(grants)
 
     async def _unreserve(self, transfer_id: TransferId, reason: str) -> None:
-        if (layered := self._layered.get(transfer_id)) is not None:  # it stops at its next check
-            self._ended[(layered[0].peer, transfer_id)] = reason       # (now), its Cancel returns the pages
+        if (layered := self._layered.get(transfer_id)) is not None:
+            # It stops at its next check, woken for it now; its Cancel returns the pages.
+            self._ended[(layered[0].peer, transfer_id)] = reason
             layered[1].wake()
         await self._reserved.give_back(transfer_id, reason)
 
