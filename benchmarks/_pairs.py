@@ -335,6 +335,9 @@ class HandoffPair:
                             "copy": s.last_byte_at - s.first_byte_at,
                             "seen": s.done_at - s.done_s - s.last_byte_at,
                             "told": ready_at - (s.done_at - s.done_s), "loaded": loaded_at - ready_at,
+                            # The last byte to the decode's loader starting the load's end (a
+                            # signaled load: woken by the landing word, without seen and told).
+                            "to_loader": ready_at - s.last_byte_at,
                             **({"forward": forward_end - forward_start, "exposed": loaded_at - forward_end,
                                   # GPU stamps at both ends (device_clock.py; cuda_ipc stamps its
                                   # batches): the transfer's last byte after the forward's last kernel.

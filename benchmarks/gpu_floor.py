@@ -15,6 +15,12 @@ our path adds, and what two CUDA contexts sharing one GPU cost by themselves, ca
   pipe, which scatters and synchronizes (what our path does without signals, less zmq);
 - ``one process``: the same as ``signal, armed first`` with both streams in one process (one
   context);
+- ``landing word``: the decode's thread sleeps on the semaphore of its landing words
+  (lmcache_pd/transport/landing.py); the prefill's stream, after its copy, writes the word in
+  that host memory and posts the semaphore from CUDA's host-function thread (what
+  ``transport.options.signals`` does now); the decode thread wakes and finds the word (a direct
+  hand-off: nothing to scatter); ``landing word, scatter``: the same, then the decode launches
+  the scatter and synchronizes (a hand-off through the pool);
 - ``copy only``: the prefill's copy into the decode's memory, launch to synchronize.
 
 Each step is stamped on the GPU (a one-thread kernel reading ``%globaltimer``, one device-wide
@@ -35,6 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import parse_size  # noqa: E402
+
+from lmcache_pd.transport.landing import LandingMap, LandingWords  # noqa: E402
 
 _STAMP_SRC = r"""
 extern "C" __global__ void stamp(unsigned long long* out, int i) {
@@ -91,9 +99,19 @@ def _arm(kernel, stream, stamps, device: int, word: int, value: int, dst: int, s
     notifier.after(device, stream.ptr)
 
 
-def _segments(t0: int, woken: int, p: list[int], d: list[int], p_offset: int, d_offset: int) -> dict[str, float]:
+def _segments(t0: int, woken: int, p: list[int], d: list[int], p_offset: int, d_offset: int,
+              seen: int = 0) -> dict[str, float]:
     """One round's steps, us: host clocks ``t0`` (launch) and ``woken``, GPU stamps ``p`` and ``d``
-    (each process's offset: globaltimer - time.time_ns())."""
+    (each process's offset: globaltimer - time.time_ns()); ``seen``: a landing word's reader woke."""
+    if seen:
+        out = {"total": (woken - t0) / 1e3, "launch -> copy starts": (p[P_START] - t0 - p_offset) / 1e3,
+               "copy": (p[P_COPIED] - p[P_START]) / 1e3,
+               "copied -> word seen": (seen + p_offset - p[P_COPIED]) / 1e3}
+        if woken > seen:
+            out |= {"copied -> scatter starts": (d[D_RELEASED] - p[P_COPIED]) / 1e3,
+                    "scatter": (d[D_SCATTERED] - d[D_RELEASED]) / 1e3,
+                    "scattered -> host woken": (woken + d_offset - d[D_SCATTERED]) / 1e3}
+        return out
     return {"total": (woken - t0) / 1e3,
             "launch -> copy starts": (p[P_START] - t0 - p_offset) / 1e3,
             "copy": (p[P_COPIED] - p[P_START]) / 1e3,
@@ -118,8 +136,9 @@ def _decode(conn, nbytes: int, device: int) -> None:
     kernel = _stamper()
     stream = cupy.cuda.Stream(non_blocking=True)
     notifier = sig.Notifier()
+    words = LandingWords(16)
     conn.send((runtime.ipcGetMemHandle(landing), runtime.ipcGetMemHandle(word_ptr),
-               _offset_ns(kernel, stream, stamps)))
+               _offset_ns(kernel, stream, stamps), words.name))
 
     def arm(value: int) -> None:
         _arm(kernel, stream, stamps, device, word_ptr, value, blocks, landing, nbytes, notifier)
@@ -129,7 +148,18 @@ def _decode(conn, nbytes: int, device: int) -> None:
         if msg[0] == "stop":
             break
         mode, value = msg
-        if mode == "armed first":
+        seen = 0
+        if mode.startswith("landing"):
+            conn.send("waiting")
+            while not words.holds(0, value):
+                words.wait(5.0)
+            seen = time.time_ns()
+            if mode == "landing word, scatter":
+                _stamp(kernel, stream, stamps, D_RELEASED)
+                runtime.memcpyAsync(blocks, landing, nbytes, runtime.memcpyDeviceToDevice, stream.ptr)
+                _stamp(kernel, stream, stamps, D_SCATTERED)
+                stream.synchronize()
+        elif mode == "armed first":
             arm(value)
             conn.send("armed")
             notifier.wait()
@@ -143,8 +173,9 @@ def _decode(conn, nbytes: int, device: int) -> None:
             runtime.memcpyAsync(blocks, landing, nbytes, runtime.memcpyDeviceToDevice, stream.ptr)
             _stamp(kernel, stream, stamps, D_SCATTERED)
             stream.synchronize()
-        woken = time.time_ns()
-        conn.send((woken, [int(x) for x in stamps.get()]))
+        woken = time.time_ns() if mode != "landing word" else seen
+        conn.send((woken, [int(x) for x in stamps.get()], seen))
+    words.close()
     runtime.free(landing)
     runtime.free(blocks)
     runtime.free(word_ptr)
@@ -165,7 +196,10 @@ def run(nbytes: int, repeat: int, device: int) -> dict[str, dict[str, float]]:
     conn, child_conn = ctx.Pipe()
     child = ctx.Process(target=_decode, args=(child_conn, nbytes, device), daemon=True)
     child.start()
-    landing_h, word_h, d_offset = conn.recv()
+    landing_h, word_h, d_offset, words_name = conn.recv()
+    ring = LandingMap(words_name, 16)
+    ring_dev = sig.host_register(device, ring.address, ring.nbytes)
+    word0 = ring_dev + ring.word_address(0) - ring.address
     landing = runtime.ipcOpenMemHandle(landing_h)
     word = runtime.ipcOpenMemHandle(word_h)
     src = runtime.malloc(nbytes)
@@ -185,30 +219,42 @@ def run(nbytes: int, repeat: int, device: int) -> dict[str, dict[str, float]]:
             sig.write(device, stream.ptr, word, v)
         _stamp(kernel, stream, stamps, P_SIGNALED)
 
-    for mode in ("armed first", "armed after", "host ordered"):
+    def copy_and_land(v: int) -> None:
+        _stamp(kernel, stream, stamps, P_START)
+        runtime.memcpyAsync(landing, src, nbytes, runtime.memcpyDeviceToDevice, stream.ptr)
+        _stamp(kernel, stream, stamps, P_COPIED)
+        sig.write(device, stream.ptr, word0, v)
+        sig.post_after(device, stream.ptr, ring.sem)
+
+    for mode in ("armed first", "armed after", "host ordered", "landing word", "landing word, scatter"):
         rows: dict[str, list[float]] = {}
         for i in range(repeat + 3):
             value += 1
             conn.send((mode, value))
-            if mode == "armed first":
+            if mode == "armed first" or mode.startswith("landing"):
                 conn.recv()
             t0 = time.time_ns()
-            copy_and_signal(value if mode != "host ordered" else 0)
+            if mode.startswith("landing"):
+                copy_and_land(value)
+            else:
+                copy_and_signal(value if mode != "host ordered" else 0)
             if mode == "armed after":
                 conn.send("launched")
             elif mode == "host ordered":
                 stream.synchronize()
                 conn.send("copied")
-            woken, d = conn.recv()
+            woken, d, seen = conn.recv()
             stream.synchronize()
             p = [int(x) for x in stamps.get()]
             if i < 3:  # warm-up
                 continue
-            for k, v in _segments(t0, woken, p, d, offset, d_offset).items():
+            for k, v in _segments(t0, woken, p, d, offset, d_offset, seen).items():
                 rows.setdefault(k, []).append(v)
-        results[f"signal, {mode}" if mode != "host ordered" else mode] = {k: _median(v) for k, v in rows.items()}
+        results[f"signal, {mode}" if mode.startswith("armed") else mode] = {k: _median(v) for k, v in rows.items()}
     conn.send(("stop", 0))
     child.join(30)
+    sig.host_unregister(device, ring.address)
+    ring.close()
     runtime.ipcCloseMemHandle(landing)
     runtime.ipcCloseMemHandle(word)
 
@@ -266,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - any reason means no GPU here
         print(f"skipped: no CUDA device ({e})")
         return 0
-    cols = ["total", "launch -> copy starts", "copy", "copied -> scatter starts", "scatter", "scattered -> host woken"]
+    cols = ["total", "launch -> copy starts", "copy", "copied -> word seen", "copied -> scatter starts", "scatter",
+            "scattered -> host woken"]
     print(f"# two processes on {cupy.cuda.runtime.getDeviceProperties(args.device)['name'].decode()}; "
           f"median of {args.repeat}, us; GPU stamps from %globaltimer")
     print("| size | ordering | " + " | ".join(cols) + " |")

@@ -14,7 +14,8 @@ processes), and prints what the check costs. ``--direct`` does the same with a s
 prefill writes straight into the decode's blocks: no pool, no scatter). ``--against JSON`` does the same with a second pair
 whose transport options are JSON (``'{"signals": false}'``: cuda_ipc's decode scatter waiting for
 TransferDone on the host instead of the copy's device-side signal).
-Columns *signaled*: hand-offs whose decode scatter ran behind the device-side signal;
+Columns *signaled*: hand-offs whose decode load ended on the landing signal (``'{"signals": true}'``,
+transport/landing.py), before TransferDone;
 *on caller*: planned and submitted on the submitting thread (pages granted ahead).
 
     python benchmarks/handoff.py --transport cuda_ipc --tokens 128,1024,8192,32768 [--group-mib 0] [--verify]
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
           "; pages", "allocated in the hand-off" if args.no_reserve else "reserved ahead", "; options", options)
     print(f"{'tokens':>7} {'bytes':>9} {'hand-off ms':>12} {'GB/s':>8} {'ceiling GB/s':>13} {'ratio':>6}  check    "
           f"| ms: allocate  transfer  after-transfer | scatter (overlapped)  groups  signaled  on-caller"
-          f" | ms: launch  to-loaded  to-woken | to-loaded: copy  seen  told  loaded"
+          f" | ms: launch  to-loaded  to-woken | to-loaded: copy  seen  told  loaded | last byte -> loader"
           + (f"  | {second}: ms  ratio  check  signaled  direct  scatter ms" if checked else ""))
     status = 0
     try:
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"| {ph['scatter']:>20.3f} {ph['groups']:>7.0f} {signaled:>6}/{len(pair.phases)} "
                   f"{on_caller:>6}/{len(pair.phases)} | {ph['launch']:>10.3f} {ph['to_loaded']:>10.3f} "
                   f"{ph['to_woken']:>9.3f} | {ph['copy']:>15.3f} {ph['seen']:>5.3f} {ph['told']:>5.3f} "
-                  f"{ph['loaded']:>7.3f}{extra}", flush=True)
+                  f"{ph['loaded']:>7.3f} | {ph['to_loader']:>19.3f}{extra}", flush=True)
     finally:
         pair.close()
         if checked is not None:

@@ -101,3 +101,14 @@ class CacheSaveSpec:
 def lookup_hold(req_id: ReqId) -> str:
     """The owner of the hold a scheduler lookup puts on the chunks it found."""
     return f"lookup/{req_id}"
+
+
+def signal_of(pages: tuple[int, ...] | list[int], direct: tuple[int, ...] | list[int], pool_pages: int,
+              generation: int) -> tuple[int, int]:
+    """A reservation's landing word (transport/landing.py) and the value its writer puts there:
+    the place of its first pool page, or, for a direct hand-off, of its first vLLM block (past the
+    pool's pages: a direct hand-off's pages are not memory), neither shared by two live
+    reservations; the value is its generation, never 0 (a fresh word holds 0), so a late write by
+    the writer of an ended reservation never reads as a later one's."""
+    slot = pool_pages + int(direct[0]) if direct else int(pages[0])
+    return slot, (generation - 1) % 0xFFFFFFFF + 1

@@ -221,8 +221,9 @@ class Allocate(_Msg):
     tenant: Name | None = None
     """The request's cache namespace (vLLM's ``cache_salt``)."""
     signals: bool = False
-    """The sender's last data batch ends with the reservation's device-side signal (transport
-    ``capabilities.signals``): the decode may queue its scatter on the GPU behind it."""
+    """The sender's last data batch ends with the reservation's landing signal (transport
+    ``capabilities.signals``, transport/landing.py): the decode may end the load on it, before
+    TransferDone."""
     direct: bool = False
     """The sender can write into the decode's vLLM blocks (it connected to HandshakeReply's
     ``blocks``): the decode may name them in Allocated."""

@@ -199,7 +199,7 @@ class Admission:
         same_tp = session is None or session.same_tp
         direct = self.direct(msg.transfer_id, msg.num_pages - skip) if msg.direct and self.blocks and same_tp else ()
         return self.pool.reserve(claim, msg.num_pages - skip, owner=owner, now=now, skip_pages=skip,
-                                 signals=msg.signals and not direct and senders == 1, direct=direct, senders=senders,
+                                 signals=msg.signals and senders == 1, direct=direct, senders=senders,
                                  summed=not same_tp, sections=session.sections if session is not None else ())
 
     def _allocated(self, msg: P.Allocate, pages: list[int], skip: int) -> P.Allocated:

@@ -8,8 +8,8 @@ Life of a reservation (one per hand-off, named by its transfer id):
      *landed* pages may be read (``mark_landed``: the first pages of a streamed hand-off), and
      only inside ``begin_read``/``end_read``; ``claim`` refuses.
   4. ``claim`` by the consumer (the decode worker): CONSUMING; never expires while claimed.
-     ``claim_signaled`` claims it before READY when a device-side signal, written by the
-     writer's GPU stream after its bytes, proved them in (its TransferDone then finds the
+     ``claim_signaled`` claims it before READY when its landing signal, written by the
+     writer after its bytes (transport/landing.py), proved them in (its TransferDone then finds the
      reservation consumed, and is answered as done).
   5. ``release`` returns the pages. ``abort`` and lease expiry also return them.
 A reader guard (``begin_read``) defers the return of pages that the consumer is copying from:
@@ -87,7 +87,7 @@ class PagePool:
                 senders: int = 1, summed: bool = False,
                 sections: tuple[tuple[int, int], ...] = ()) -> list[PageIdx] | None:
         """All ``num_pages`` pages for hand-off ``claim``, or None if they are not free now.
-        Raises if it can never fit. ``signals``: its writer ends with the device-side signal;
+        Raises if it can never fit. ``signals``: its writer ends with the landing signal;
         ``direct``: the consumer's blocks its writer fills instead of the last pages
         (Reservation.direct); ``senders``: writers expected, ``owner`` the first (the others
         :meth:`join`); ``summed``, ``sections``: see Reservation."""
@@ -429,8 +429,8 @@ class PagePool:
             return r
 
     def claim_signaled(self, transfer_id: TransferId, generation: int) -> Reservation | None:
-        """Claim a reservation whose bytes a device-side signal proved in (its writer's stream
-        wrote ``generation`` after them), READY or not yet: CONSUMING. None if it is no longer
+        """Claim a reservation whose bytes its landing signal proved in (its writer wrote
+        ``generation`` after them), READY or not yet: CONSUMING. None if it is no longer
         live as that generation: it ended meanwhile, so its pages may have gone to another
         hand-off, and what was read from them is not to be trusted."""
         with self._lock:

@@ -45,9 +45,9 @@ class Reservation:
     """Ended while being written by a transport the receiver cannot gate: its pages stay out of
     use until then, or until the owner confirms it stopped."""
     signals: bool = False
-    """Its writer ends its last batch with the reservation's device-side signal (Allocate)."""
+    """Its writer ends its last batch with the reservation's landing signal (Allocate)."""
     signaled: bool = False
-    """Claimed on the proof of a device-side signal (``claim_signaled``), before TransferDone."""
+    """Claimed on the proof of its landing signal (``claim_signaled``), before TransferDone."""
     direct: tuple[int, ...] = ()
     """A direct hand-off: the consumer's own blocks (vLLM's) for the last ``len(direct)``
     pages, which its writer fills instead of those pages (Allocated.blocks); fixed at reserve,

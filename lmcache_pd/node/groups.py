@@ -46,8 +46,8 @@ async def send_groups(transport, region: int, peer: DecodePeer, plans: list[Rang
     after it on the device; else this waits for it). ``submitted``: the groups' handles,
     submitted already (on the caller's thread). ``check`` raises when the hand-off must stop,
     ``failed`` for a batch that ended otherwise than DONE; the bytes must land within
-    ``timeouts.data_s`` (named in the error). ``signal``: the device-side signal the last batch
-    ends with (node/armed.py). ``dest``: the transport's peer to write to (a direct hand-off's:
+    ``timeouts.data_s`` (named in the error). ``signal``: the landing signal the last batch
+    ends with (transport/landing.py). ``dest``: the transport's peer to write to (a direct hand-off's:
     the peer's vLLM blocks); default the peer's pool."""
     loop = asyncio.get_running_loop()
     dest = peer.peer_id if dest is None else dest

@@ -157,7 +157,7 @@ async def send_lane(io: LaneIO, spec: SendSpec, grant: Grant, n_pages: int, read
     # Over a one-sided transport the decode learns of each layer landed from us (Landed), to
     # scatter it during the forward; a direct hand-off has nothing to scatter. Nor is it told
     # where its pool shares our GPU: its scatters would stall our forward (landed_on_shared_gpu).
-    tell = not (signal or grant.blocks or io.transport.capabilities.admits_writes or io.quiet(peer))
+    tell = not (grant.blocks or io.transport.capabilities.admits_writes or io.quiet(peer))
     *span, plans, posted, layers_at = await send_layers(
         io.transport, dest, io.region,
         PiecePlans(io.kv, layout, to, first, plan=functools.partial(peer.plan, among=to),

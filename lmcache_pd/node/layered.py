@@ -300,8 +300,8 @@ async def send_layers(transport, peer_id: str, region: int, plan: Callable[[Piec
     hand-off must stop (the decode side ended it); ``failed`` raises for a batch that ended
     otherwise than DONE; a stopped ``pieces`` (a preemption) ends it once no batch of it is in
     flight. On a GPU a layer goes after its event: ordered on the device by a stream-ordered
-    transport, else once the event completed. ``signal``: the device-side signal the hand-off's
-    last batch ends with (node/armed.py). ``landed(layers)``: called as layers of the final
+    transport, else once the event completed. ``signal``: the landing signal the hand-off's
+    last batch ends with (transport/landing.py). ``landed(layers)``: called as layers of the final
     piece land in every page of the hand-off (their batch and every batch before it are DONE,
     and no earlier piece is still to be sent): the sender tells a decode side that cannot see
     batches land (Landed), so that it scatters them while the next layers compute; not for the

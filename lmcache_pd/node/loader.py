@@ -29,10 +29,19 @@ the phases of ``loads.LoadPhase``, in order, each move checked against ``loads.N
 The copies themselves (plans, ``integrity.verify``, pool -> blocks) are scatter.py's.
 Any error -> FAILED: the pages are aborted (or left as a tombstone), the result says why, and
 vLLM recomputes the prompt.
-*Armed* loads (a GPU pool whose transport has device-side signals, armed.py): at GRANTED the
-scatter is queued on the GPU behind the reservation's signal, and the load stays LANDING until
-the watcher thread sees that scatter done (``claim_signaled``, DONE) or released (FAILED); the
-loader thread only watches its reservation and deadline, and releases it if either ends it.
+*Signaled* loads (a transport with landing words, transport/landing.py; not with
+``integrity.verify``, whose check needs TransferDone's digest): the writer, after the hand-off's
+last byte, puts the reservation's generation into its landing word and posts the semaphore that
+this thread sleeps on (:class:`_Posted`: the pool's changes post it too). A LANDING load whose
+word holds its generation goes to SCATTERING at once (``PagePool.claim_signaled``: only while
+the reservation is live as that generation), its scatter planned at GRANTED; TransferDone
+comes later and finds it consumed. So does a load every layer of which landed in every page
+(tcp's receiver sees each batch land), without a word. So between the last byte and the load's end there is one
+wake-up of this thread, not the prefill's completion thread, its loop, zmq, the control server
+and this thread. (An earlier design queued the scatter on the GPU behind a word in GPU memory:
+a stream blocked in ``cuStreamWaitValue32`` held up a device-wide synchronize in the decode,
+which vLLM makes in some steps, and the streams sharing its hardware queue; the words are host
+memory now and nothing on the GPU waits.)
 
 *Direct* loads (``transport.direct``): a load whose spec is here when the prefill's Allocate
 comes gives the control server its blocks (:meth:`Loader.direct_blocks`), the reservation names
@@ -65,20 +74,37 @@ from lmcache_pd._types import ReqId, ReservationState
 from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.control.reservation import Reservation
 from lmcache_pd.errors import PDError, TransferError
-from lmcache_pd.handoff import LoadSpec
+from lmcache_pd.handoff import LoadSpec, signal_of
 from lmcache_pd.layout import KVLayout, PoolLayout, blocks_for_tokens
-from lmcache_pd.node.armed import Armed, SignalWaits, signal_of
 from lmcache_pd.node.handoff_log import HandoffLog
 from lmcache_pd.node.held_prefix import HeldPrefix
 from lmcache_pd.node.loads import LoadPhase, LoadResult, LoadState, PreparedScatter
 from lmcache_pd.node.scatter import Scatter
 from lmcache_pd.node.timeline import Timeline
 from lmcache_pd.threads import thread
-from lmcache_pd.transport import Transport
+from lmcache_pd.transport.landing import LandingWords
 
 log = logging.getLogger(__name__)
 _IDLE_S = 0.5
 """The longest the loader sleeps with nothing to do (it wakes earlier for a deadline or a change)."""
+
+
+class _Posted:
+    """The loader's wake-up where it watches landing words: their semaphore, which every writer
+    posts after a hand-off's bytes and the pool's changes post too. A count, so a post while the
+    loader looks is not lost (``clear`` has nothing to do)."""
+
+    def __init__(self, words: LandingWords):
+        self._words = words
+
+    def set(self) -> None:
+        self._words.post()
+
+    def clear(self) -> None:
+        pass
+
+    def wait(self, timeout_s: float) -> bool:
+        return self._words.wait(timeout_s)
 
 
 class _Step(enum.Enum):
@@ -93,13 +119,14 @@ class Loader:
     def __init__(self, pool: PagePool, pool_layout: PoolLayout, pool_buffer: torch.Tensor, *, kv: KVLayout,
                  kv_buffer: torch.Tensor, block_size: int, prefix: HeldPrefix, transfer_s: float, group_bytes: int,
                  verify: bool, handoff_log: HandoffLog, timeline: Timeline, name: str = "pd-loader",
-                 signals: Transport | None = None, scatter_landed: bool = True,
+                 words: LandingWords | None = None, scatter_landed: bool = True,
                  refusal: Callable[[str], str | None] = lambda peer: None):
         """``transfer_s``: ``timeouts.transfer_s``, the longest a load waits for its pages;
         ``group_bytes``: ``transport.group_mib`` in bytes (a hand-off larger than that is
         streamed: its groups are scattered as they land, each planned then); ``verify``:
-        ``integrity.verify``; ``signals``: the pool's transport, when it keeps device-side
-        signals for it (armed loads; not with ``verify``, whose check needs TransferDone's digest);
+        ``integrity.verify``; ``words``: the landing words the pool's transport keeps, one per
+        place (pages, then vLLM's blocks; not used with ``verify``, whose check needs
+        TransferDone's digest);
         ``scatter_landed``: ``pool.scatter_landed``, scatter layers the data plane saw land whole
         before TransferDone; ``refusal``: why this decode refused a prefill's handshake (the
         control server's), so that a load waiting on it ends at once, not at ``transfer_s``."""
@@ -120,16 +147,14 @@ class Loader:
         self._settling: list[tuple[str, LoadResult]] = []  # failed direct loads whose writer may still write
         self._lock = threading.Lock()
         self._recorded = threading.Condition(self._lock)
-        self._wake = threading.Event()
+        self._verify = verify
+        self._words = words if not verify else None
+        self._wake: threading.Event | _Posted = _Posted(self._words) if self._words is not None else threading.Event()
         self._stop = threading.Event()
         self._thread = thread(self._run, name)
-        self._signals = (SignalWaits(signals, kv_buffer.device, self._armed_done)
-                         if signals is not None and kv_buffer.is_cuda and not verify else None)
         pool.watch(self._wake.set)
 
     def start(self) -> None:
-        if self._signals is not None:
-            self._signals.start()
         self._thread.start()
 
     def close(self) -> None:
@@ -137,8 +162,6 @@ class Loader:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(5.0)
-        if self._signals is not None:
-            self._signals.close()
 
     # --- vLLM's forward loop (never blocks) ---------------------------------------------------
     def submit(self, spec: LoadSpec) -> None:
@@ -156,9 +179,6 @@ class Loader:
             load = self._loads.get(req_id)
             if load is not None and load.busy:
                 load.canceled = reason
-                return
-            if load is not None and load.armed is not None:  # the watcher ends it once released
-                self._release(load, reason)
                 return
             self._loads.pop(req_id, None)
         if load is not None:
@@ -221,10 +241,6 @@ class Loader:
                 if load.busy:  # (only between a step's decision and its end)
                     continue
                 r = self.pool.lookup(load.spec.handoff.transfer_id)
-                if load.armed is not None:  # the watcher ends it; released if the hand-off ends first
-                    if load.armed.reason is None and (why := self._armed_failure(load, r, now)):
-                        self._release(load, why)
-                    continue
                 outcome = self._decide(load, r, now)
                 if isinstance(outcome, _Step):
                     load.busy = True
@@ -232,8 +248,7 @@ class Loader:
                 elif outcome is not None:
                     del self._loads[req_id]
                     failed.append((load, outcome))
-            deadline = min((ld.deadline for ld in self._loads.values()
-                            if ld.armed is None or ld.armed.reason is None), default=now + _IDLE_S)
+            deadline = min((ld.deadline for ld in self._loads.values()), default=now + _IDLE_S)
         # Ready loads first, then landed groups, then planning: the copy a request waits on goes first.
         steps.sort(key=lambda s: (_Step.SCATTER, _Step.LAND, _Step.GRANT).index(s[1]))
         return steps, failed, max(0.001, min(deadline - now, _IDLE_S))
@@ -246,6 +261,9 @@ class Loader:
             return _Step.GRANT
         if load.phase is LoadPhase.LANDING and r is not None and r.state == ReservationState.READY:
             return _Step.SCATTER
+        if load.phase is LoadPhase.LANDING and r is not None and r.state == ReservationState.ALLOCATED and self._proven(load, r):
+            load.signaled = True  # every byte is in: scatter what is left and end it, TransferDone or not
+            return _Step.SCATTER
         if r is None and (why := self.refusal(load.spec.handoff.peer)):
             return f"this decode refused prefill {load.spec.handoff.peer}'s handshake ({why}): no KV can come from it"
         if now >= load.deadline:
@@ -254,6 +272,18 @@ class Loader:
             return _Step.LAND
         return None
 
+    def _proven(self, load: LoadState, r: Reservation) -> bool:
+        """Every byte of the hand-off is in before TransferDone says so: its landing word holds
+        its generation (written after the bytes), or every layer has landed in every page (tcp's
+        receiver saw each batch land; over the others the writer said so, Landed) with no batch
+        writing now. Not with ``integrity.verify`` (its check needs TransferDone's digest), nor
+        for a reservation several writers fill (one's landing says nothing of the others')."""
+        if self._verify or r.senders > 1:
+            return False
+        if load.signal is not None and self._words is not None and self._words.holds(*load.signal):
+            return True
+        return not r.direct and r.writers == 0 and len(r.layers_landed) == self.kv.num_layers
+
     def _new_layers(self, load: LoadState, r: Reservation) -> frozenset[int]:
         """Layers landed whole and not scattered yet (``pool.scatter_landed``). Not for a streamed
         hand-off (``r.landed``: its groups of pages go every layer at once, and no batch of it
@@ -261,22 +291,6 @@ class Loader:
         if not self.scatter_landed or r.state != ReservationState.ALLOCATED or r.landed or r.direct:
             return frozenset()
         return r.layers_landed - load.layers_done
-
-    def _armed_failure(self, load: LoadState, r: Reservation | None, now: float) -> str | None:
-        if r is None or r.state.failed:
-            return f"hand-off ended: {r.reason if r is not None else 'its reservation is gone'}"
-        if now >= load.deadline:
-            return f"no KV from prefill within {self.transfer_s:g} s (raise `timeouts.transfer_s` to wait longer)"
-        return None
-
-    def _release(self, load: LoadState, reason: str) -> None:
-        """Let an armed load's scatter run now; the watcher then reports the load failed
-        (under the loader's lock, or from the thread that armed it)."""
-        a = load.armed
-        assert a is not None and self._signals is not None
-        if a.reason is None:
-            a.reason = reason
-            self._signals.release(a)
 
     def _guarded(self, load: LoadState, step: _Step) -> None:
         try:
@@ -302,9 +316,6 @@ class Loader:
             load.busy = False
             ours = self._loads.get(load.spec.req_id) is load
             canceled = load.canceled if ours and load.phase is not LoadPhase.DONE else None
-            if canceled is not None and load.armed is not None:  # the watcher ends it
-                self._release(load, canceled)
-                return
             if ours and (canceled is not None or load.phase is LoadPhase.DONE):
                 del self._loads[load.spec.req_id]
         if canceled is not None:
@@ -343,20 +354,14 @@ class Loader:
             self._scatter(load)
             return
         load.move(LoadPhase.LANDING)
+        load.generation = r.generation  # (what a claim before TransferDone names: _proven)
+        if r.signals and self._words is not None:  # watched from now on (_decide), planned or not
+            load.signal = signal_of(r.pages, r.direct, self.pool.num_pages, r.generation)
         first, upto = load.next_page, len(r.pages)
         if self.group_bytes and (upto - first) * self.pool_layout.page_bytes > self.group_bytes:
             return  # streamed: its groups are scattered as they land, each planned then
         plan = self.scatter.plan(r, load.spec.block_ids, first, upto)
-        # Armed (a GPU's): planned on a stream of the load's own, its scatter queued behind the signal.
-        signals = self._signals if r.signals and plan.nbytes > 0 else None
-        stream = signals.stream() if signals is not None else None
-        copy = self.scatter.prepare(plan, stream)
-        if signals is not None and stream is not None and copy is not None:  # (a plan with bytes has a copy)
-            load.nbytes, load.next_page = plan.nbytes, upto
-            load.armed = Armed(*signal_of(r.pages, r.generation), r.generation, stream, copy)
-            signals.arm(load, load.armed)  # (the watcher may end it from here on)
-            return
-        load.prepared = PreparedScatter(first, upto, plan, copy)
+        load.prepared = PreparedScatter(first, upto, plan, self.scatter.prepare(plan))
 
     def _land(self, load: LoadState) -> None:
         """LANDING: scatter what landed so far (groups of pages, or whole layers), while the
@@ -377,7 +382,12 @@ class Loader:
         load.move(LoadPhase.SCATTERING)
         spec = load.spec
         load.ready_at = time.time()
-        r = self.pool.claim(spec.handoff.transfer_id)
+        if load.signaled:  # (None: it ended meanwhile, so its pages may hold another hand-off's bytes)
+            r = self.pool.claim_signaled(spec.handoff.transfer_id, load.generation)
+            if r is None:
+                raise TransferError("hand-off ended as its landing signal came", transfer_id=spec.handoff.transfer_id)
+        else:
+            r = self.pool.claim(spec.handoff.transfer_id)
         try:
             self.scatter.verify(r)
             self.scatter.pages(load, r, len(r.pages))
@@ -390,32 +400,7 @@ class Loader:
                                 time.monotonic() - load.t0, scatter_s=load.scatter_s, groups=load.groups,
                                 planned_ahead=load.planned_ahead, cache_tokens=load.cache_tokens,
                                 submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time(),
-                                early_layers=len(load.layers_done), direct=bool(r.direct)))
-
-    def _armed_done(self, owner: object) -> None:
-        """The watcher thread: an armed load's scatter ran. Its bytes are this hand-off's if it
-        was not released and its reservation is still live as the same generation."""
-        load = owner
-        assert isinstance(load, LoadState) and load.armed is not None
-        a: Armed = load.armed
-        spec = load.spec
-        with self._lock:
-            if self._loads.get(spec.req_id) is load:
-                del self._loads[spec.req_id]
-            reason = a.reason
-        if reason is None and self.pool.claim_signaled(spec.handoff.transfer_id, a.generation) is None:
-            reason = "hand-off ended while its scatter waited for the bytes"
-        if reason is not None:
-            self._fail(load, reason)
-            return
-        self.pool.free(spec.handoff.transfer_id, now=time.monotonic())
-        load.ready_at = time.time()
-        load.move(LoadPhase.SCATTERING)
-        load.move(LoadPhase.DONE)
-        self._record(LoadResult(spec.req_id, spec.handoff.transfer_id, True, load.nbytes, 0.0,
-                                time.monotonic() - load.t0, groups=1, planned_ahead=True, signaled=True,
-                                cache_tokens=load.cache_tokens, submitted_at=load.submitted_at,
-                                ready_at=load.ready_at, done_at=load.ready_at))
+                                early_layers=len(load.layers_done), direct=bool(r.direct), signaled=load.signaled))
 
     def _validate(self, load: LoadState, r: Reservation) -> None:
         """The reservation holds this request's prompt."""

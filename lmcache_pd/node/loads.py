@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from lmcache_pd._types import ReqId, TransferId
 from lmcache_pd.handoff import LoadSpec
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import PreparedCopy
-
-if TYPE_CHECKING:
-    from lmcache_pd.node.armed import Armed
 
 
 @dataclass(frozen=True)
@@ -44,8 +40,9 @@ class LoadResult:
     done_at: float = 0.0
     """Wall clock when the load ended (pages in vLLM's blocks, or failed)."""
     signaled: bool = False
-    """Scattered on the GPU behind the prefill's device-side signal (node/armed.py), before
-    TransferDone came; its ``transfer_s`` is then unknown here (0)."""
+    """Ended before TransferDone came, on proof that every byte was in: the prefill's landing
+    signal (transport/landing.py), or every layer landed in every page (tcp's receiver saw each
+    batch land); its ``transfer_s`` is then unknown here (0)."""
     early_layers: int = 0
     """Layers scattered as soon as the data plane saw them land, before TransferDone came
     (``pool.scatter_landed``; a layered hand-off's during the prefill's forward)."""
@@ -111,8 +108,12 @@ class LoadState:
     prepared: PreparedScatter | None = None
     """The scatter of the pages still to come, planned while waiting for them."""
     planned_ahead: bool = False
-    armed: Armed | None = None
-    """Its scatter is queued on the GPU behind the reservation's signal (node/armed.py)."""
+    signal: tuple[int, int] | None = None
+    """Its landing word and the value that says its bytes are in (transport/landing.py), where
+    the loader watches one for it; ``signaled`` once it held that value."""
+    signaled: bool = False
+    generation: int = 0
+    """Its reservation's generation (a claim before TransferDone names it: ``claim_signaled``)."""
     layers_done: frozenset[int] = frozenset()
     """Layers whose pages ``[next_page, end)`` are scattered already: they landed whole before
     TransferDone (``Reservation.layers_landed``)."""

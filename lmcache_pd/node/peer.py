@@ -19,10 +19,9 @@ from lmcache_pd._types import PeerName, TransferId
 from lmcache_pd.config import TimeoutsConfig
 from lmcache_pd.control.client import ControlClient
 from lmcache_pd.errors import PDError, PoolExhausted, TransferError
-from lmcache_pd.handoff import Handoff
+from lmcache_pd.handoff import Handoff, signal_of
 from lmcache_pd.heads import HeadSlice, plan_heads
 from lmcache_pd.layout import KVLayout, PoolLayout, RangePlan, plan_into, plan_layers
-from lmcache_pd.node.armed import signal_of
 
 log = logging.getLogger(__name__)
 _CANCELED_KEPT = 1024
@@ -43,11 +42,10 @@ class Grant:
     instead of those pages; the pages before them are not sent."""
 
     def signal(self) -> tuple[int, int] | None:
-        """The device-side signal the hand-off's last batch ends with, where the peer's scatter
-        waits for it on the GPU (node/armed.py); None without signals, and for a direct
-        hand-off (nothing to scatter)."""
-        if self.peer.signals and self.pages and not self.blocks:
-            return signal_of(self.pages, self.generation)
+        """The landing signal the hand-off's last batch ends with (transport/landing.py): the
+        peer's word and the value written there; None where the peer keeps no words for us."""
+        if self.peer.signals and self.pages:
+            return signal_of(self.pages, self.blocks, self.peer.pool.num_pages, self.generation)
         return None
 
     def target(self) -> tuple[int, PoolLayout | KVLayout, list[int], int]:
@@ -68,7 +66,7 @@ class DecodePeer:
         """``rank``: the peer's TP rank this link is to; ``peer_id``: the transport's connection to the peer's pool; ``chunk_blocks``: blocks per
         cache chunk (the peer may skip whole chunks only); ``queue_bound``:
         ``backpressure.prefill_queue``, hand-offs that may wait for this peer's pages at once;
-        ``signals``: our transport writes this peer's device-side signals (its Allocates say so);
+        ``signals``: our transport writes this peer's landing words (its Allocates say so);
         ``blocks``: the transport's connection to the peer's vLLM blocks and their geometry
         (direct hand-offs: its Allocates say so); ``heads``: the KV heads we send it, when our TP
         sizes differ (None: whole blocks), ``head_bytes`` each per block and layer."""

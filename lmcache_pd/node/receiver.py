@@ -89,8 +89,9 @@ class KVReceiver:
         # Direct hand-offs: vLLM's blocks too, registered before any descriptor is exported
         # (nixl's agent metadata names every region registered by then).
         self.blocks_region = self._register_blocks() if cfg.transport.direct else None
-        # One signal word per page (a reservation's is its first page's: node/armed.py).
-        signals = self.transport.enable_signals(self.pool_layout.num_pages) if kv_buffer.is_cuda else False
+        # Landing words (transport/landing.py): one per pool page, then one per vLLM block (a
+        # reservation's is its first page's, a direct one's its first block's: handoff.signal_of).
+        words = self.transport.landing_words(self.pool_layout.num_pages + kv.num_blocks)
         self.server: ControlServer | None = None
         self.bind = cfg.control_endpoint(worker.instance, worker.rank)
         self.prefix = held_prefix(cfg.cache, cache, worker.compat.block_size)
@@ -98,7 +99,7 @@ class KVReceiver:
                              block_size=worker.compat.block_size, prefix=self.prefix, transfer_s=cfg.timeouts.transfer_s,
                              group_bytes=cfg.transport.group_mib << 20, verify=cfg.integrity.verify,
                              handoff_log=self._handoff_log, timeline=self.timeline, name=f"pd-loader-{worker.rank}",
-                             signals=self.transport if signals else None, scatter_landed=cfg.pool.scatter_landed,
+                             words=words, scatter_landed=cfg.pool.scatter_landed,
                              refusal=lambda peer: self.server.refusal(peer) if self.server is not None else None)
 
     def start(self) -> None:

@@ -1,7 +1,7 @@
 """Pool pages -> one load's vLLM blocks: the plan, the check of the bytes, the copy (L5).
 
 The loader (loader.py) decides when a load's pages are scattered; this does the scattering, on
-the loader's thread (and, for an armed load, plans on the load's own stream, armed.py):
+the loader's thread:
   - :meth:`Scatter.pages`: pages ``[next_page, upto)`` of a load (a landed group, or what is
     left at READY), as planned at GRANTED when that plan covers them; :meth:`Scatter.layers`:
     some layers of every page still to come (they landed whole, ``pool.scatter_landed``). Both
@@ -105,13 +105,13 @@ class Scatter:
         return plan_cache_to_pool(self.kv, self.pool_layout, blocks=blocks, pages=r.pages[first:upto],
                                   layers=layers).swapped()
 
-    def prepare(self, plan: RangePlan, stream: torch.cuda.Stream | None = None) -> PreparedCopy | None:
-        """On a GPU, ``plan``'s launch, uploaded on ``stream`` (default the loader's): None on a CPU
-        or for an empty plan."""
+    def prepare(self, plan: RangePlan) -> PreparedCopy | None:
+        """On a GPU, ``plan``'s launch, uploaded on the loader's stream: None on a CPU or for an
+        empty plan."""
         if not self.kv_buffer.is_cuda:
             return None
         return prepare_copy(self.pool_buffer.data_ptr(), self.kv_buffer.data_ptr(), plan,
-                            device=self.kv_buffer.device, stream=stream if stream is not None else self.stream())
+                            device=self.kv_buffer.device, stream=self.stream())
 
     def verify(self, r: Reservation) -> None:
         """With ``integrity.verify``: the pool pages (a direct hand-off: the blocks) hold what

@@ -19,7 +19,6 @@ import torch
 from lmcache_pd._types import BatchState
 from lmcache_pd.device_clock import clock_for
 from lmcache_pd.ops import PreparedCopy, run_copy
-from lmcache_pd.transport import device_signals as _signals
 from lmcache_pd.transport._cuda_done import Pending
 from lmcache_pd.transport.base import BatchHandle, LayerPosts
 
@@ -32,7 +31,7 @@ class Posts(LayerPosts):
     goes to the completion thread, as a submitted batch's does."""
 
     def __init__(self, handle: BatchHandle, stream: torch.cuda.Stream, device: torch.device,
-                 prepared: dict[int, PreparedCopy | None], signal: tuple[int, int] | None, *,
+                 prepared: dict[int, PreparedCopy | None], signal: Callable[[int], None] | None, *,
                  done: Callable[[Pending], None], forget: Callable[[BatchHandle], None], fail: Callable[[str], None]):
         """``done(item)``: hands the batch's end to the completion thread (a ``Pending``: handle,
         first and last stamp, tables to keep alive, outcome, the last copy's start); ``forget(handle)``: it takes no
@@ -85,8 +84,8 @@ class Posts(LayerPosts):
         self._forget(self.handle)
         try:
             if outcome is None and self._signal is not None:
-                # After the copies on the same stream, with a barrier: the peer's wait sees the bytes first.
-                _signals.write(self._device.index, self._stream.cuda_stream, *self._signal)
+                # After the copies on the same stream: the peer's landing word, then its post.
+                self._signal(self._stream.cuda_stream)
             landed = self._clock.stamp(self._stream)
         except RuntimeError as e:
             log.warning("cuda_ipc: ending a batch of posted layers: %s", e)

@@ -40,6 +40,7 @@ from lmcache_pd._types import BatchState
 from lmcache_pd.auth import Keyring
 from lmcache_pd.errors import TransportUnavailable
 from lmcache_pd.layout import RangePlan
+from lmcache_pd.transport.landing import LandingWords
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,10 @@ class Capabilities:
     """It can register and export memory that is not its own allocation (vLLM's KV cache), for
     the peer to write a direct hand-off straight into (``transport.direct``): nixl, loopback."""
     signals: bool = False
-    """A batch can end with a device-side signal (``submit(..., signal=(slot, value))``): after
-    its bytes, the GPU writes ``value`` into a slot kept beside the peer's region, and the
-    receiver can queue its own GPU work behind it (``wait_signal``): no host hop between the
-    bytes landing and that work (cuda_ipc)."""
+    """A batch can end with a landing signal (``submit(..., signal=(slot, value))``): after its
+    bytes, the writer puts ``value`` into the peer's landing word ``slot`` and posts its
+    semaphore (landing.py), so the decode's loader ends the load without waiting for TransferDone
+    (cuda_ipc from its copy stream; loopback, with its ``signals`` option, from its copy thread)."""
     posts_layers: bool = False
     """``prepare_layers`` prepares a hand-off's layers at once (plans checked and laid out for the
     copy), and :meth:`LayerPosts.post` starts one in a few microseconds, on any thread: the
@@ -283,7 +284,8 @@ class Transport(ABC):
         off vLLM's thread), and must wait for nothing more than it.
         ``ticket``: names the hand-off (admitting transports send it with the batch).
         Transports with ``capabilities.signals`` also take ``signal=(slot, value)``: written into
-        the peer's signal slot once the batch's bytes are there (ignored by a peer without slots).
+        the peer's landing word once the batch's bytes are there, and its semaphore posted
+        (ignored by a peer without words, and for a slot outside them).
         """
 
     def prepare_layers(self, peer: PeerId, region: RegionId, plans: list[tuple[int, RangePlan]], timeout_s: float, *,
@@ -303,25 +305,16 @@ class Transport(ABC):
         the decode queues during the prefill's forward slows the forward. False where unknown."""
         return False
 
-    # --- device-side signals (``capabilities.signals``) ------------------------------------
+    # --- landing signals (``capabilities.signals``) ----------------------------------------
     def signals_to(self, peer: PeerId) -> bool:
-        """Sender: ``submit(signal=...)`` writes into this peer's signal slots (it exported some)."""
+        """Sender: ``submit(signal=...)`` reaches this peer's landing words (it exported some)."""
         return False
 
-    def enable_signals(self, slots: int) -> bool:
-        """Before ``export_descriptor``: keep ``slots`` signal words (zero) beside the registered
-        region, exported with it. False: this transport, or its options, has none."""
-        return False
-
-    def wait_signal(self, slot: int, value: int, stream: torch.cuda.Stream) -> None:
-        """Queue on ``stream`` a wait, on the GPU, until ``slot`` holds ``value``."""
-        raise NotImplementedError(f"transport {self.name!r} has no device-side signals")
-
-    def raise_signal(self, slot: int, value: int) -> None:
-        """Write ``value`` into ``slot`` from here, so that a wait queued for a batch that will
-        never come ends (what that stream runs after the wait then reads garbage: the caller
-        must treat it as such). Returns at once; the write is queued on the GPU."""
-        raise NotImplementedError(f"transport {self.name!r} has no device-side signals")
+    def landing_words(self, slots: int) -> LandingWords | None:
+        """Receiver, before ``export_descriptor``: keep ``slots`` landing words (landing.py),
+        named in the descriptor, that this transport's writers signal into. None: this transport,
+        or its options, has none (or the host could not make them: logged)."""
+        return None
 
     def close_batch(self, handle: BatchHandle) -> None:
         """Free per-transfer state; cancels the transfer if it is still in flight."""

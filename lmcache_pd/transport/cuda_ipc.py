@@ -11,10 +11,11 @@ are in the peer's memory. Timing events before and after the copy give the handl
 its first and last byte (``BatchHandle.began_at``/``landed_at``, device_clock.py): the hand-off's
 timeline uses them instead of when the host learned.
 
-With ``signals``, the receiver also keeps one 32-bit word per pool page in a second
-allocation, exported the same way: a batch submitted with ``signal=(slot, value)`` ends with the
-GPU writing ``value`` into the peer's slot, right after its copy on the same stream, and the
-decode's loader queues its scatter behind a GPU-side wait for that value (device_signals.py).
+With ``signals``, the receiver also keeps landing words (landing.py: host memory both processes
+map, named in the descriptor): a batch submitted with ``signal=(slot, value)`` ends with the
+copy stream writing ``value`` into the peer's word, right after its copy, and posting the
+decode loader's semaphore from CUDA's own thread (device_signals.py), so the decode ends the
+load without waiting for our completion thread, TransferDone and its control server.
 
 A region that is not ours (vLLM's KV cache, for direct hand-offs: ``transport.direct``) is
 exported piece by piece: each of its buffers (``extents``; one when vLLM keeps every layer in
@@ -36,6 +37,7 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import msgspec
@@ -52,6 +54,7 @@ from lmcache_pd.transport import _cuda_done as _done
 from lmcache_pd.transport import device_signals as _signals
 from lmcache_pd.transport._cuda_posts import Posts
 from lmcache_pd.transport.base import BatchHandle, Capabilities, LayerPosts, PeerId, RegionId, Transport, gpu_uuid
+from lmcache_pd.transport.landing import LandingMap, LandingWords
 
 log = logging.getLogger(__name__)
 _LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
@@ -63,11 +66,11 @@ class CudaIpcOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How the completion thread waits for a batch (_cuda_done.py): ``nap``, sleeping between looks
     until the copy can start, then spinning through the copy; ``spin``, spinning throughout."""
     signals: bool = False
-    """Experimental, off: order the decode's scatter after the copy on the GPU (a signal word the
-    copy stream writes) instead of after TransferDone on the host. While a load waits for its
-    bytes, a device-wide synchronization in the decode process waits too (vLLM makes one for
-    every step that returns prompt logprobs), and so may any of its streams that the driver put
-    on the same hardware queue as the wait (node/armed.py)."""
+    """Landing signals (landing.py): after a hand-off's bytes the copy stream writes its landing
+    word in host memory both processes map and posts the decode loader's semaphore, and the
+    decode ends the load (direct: nothing to scatter; pool: its scatter) without waiting for
+    TransferDone. Set on both sides (a decode exports words only with it; a prefill writes them
+    only with it)."""
 
 
 class _Descriptor(msgspec.Struct, frozen=True):
@@ -76,10 +79,9 @@ class _Descriptor(msgspec.Struct, frozen=True):
     pid: int
     address: int
     token: bytes
-    signal_handle: bytes = b""
-    """The IPC handle of the signal words (empty: none), one per ``signal_slots``."""
-    signal_address: int = 0
-    signal_slots: int = 0
+    words: str = ""
+    """The receiver's landing words (landing.py: a file name in /dev/shm; empty: none)."""
+    word_slots: int = 0
     pieces: list[tuple[bytes, int, int, int]] = []
     """A region not ours: per buffer, (IPC handle of its allocation, its offset in that
     allocation, its offset in the region, its bytes); ``handle`` is then empty."""
@@ -101,13 +103,39 @@ class _Peer:
         self.address = address
         self.nbytes = nbytes
         self.opened = opened  # an IPC mapping to close on disconnect
-        self.signals = 0  # the address of its signal words (0: none)
-        self.signal_slots = 0
-        self.signals_opened = False
+        self.ring: _Ring | None = None  # its landing words, mapped here (None: it has none)
         self.pieces: list[tuple[int, int, int]] = []
         """A region not the peer's own allocation: (offset in the region, bytes, our address of it)."""
         self.mappings: list[int] = []  # the allocations opened for ``pieces``, to close
         self.device_uuid = ""  # its region's GPU, when in another process (base.gpu_uuid)
+
+
+class _Ring:
+    """A peer's landing words mapped here and page-locked for our GPU: the copy stream writes a
+    word, then posts the peer's semaphore."""
+
+    def __init__(self, words: LandingMap, device: int):
+        self.words, self.device = words, device
+        self.base = _signals.host_register(device, words.address, words.nbytes)  # its device address
+
+    def bound(self, slot: int, value: int) -> Callable[[int], None] | None:
+        """What ends a batch on a raw stream handle: the word's write and the post (None: a slot
+        outside the peer's words)."""
+        if not 0 <= slot < self.words.slots:
+            return None
+        at = self.base + self.words.word_address(slot) - self.words.address
+
+        def ring(stream: int) -> None:
+            _signals.write(self.device, stream, at, value)  # after the copy, with a barrier
+            _signals.post_after(self.device, stream, self.words.sem)
+        return ring
+
+    def close(self) -> None:
+        try:
+            _signals.host_unregister(self.device, self.words.address)
+        except RuntimeError as e:
+            log.debug("unregistering landing words failed: %s", e)
+        self.words.close()
 
 
 def _allocation_of(index: int, address: int) -> tuple[int, int]:
@@ -147,10 +175,7 @@ class CudaIpcTransport(Transport):
         # Started by the first register (threads never start in constructors).
         self._waiter = thread(_done.run, "pd-cuda-ipc-done", self._pending, self._finish,
                               options.completion_wait == "nap")
-        self._signals = 0  # receiver: the address of its signal words (0: none)
-        self._signal_slots = 0
-        self._signal_device = 0
-        self._release: torch.cuda.Stream | None = None  # where raise_signal writes
+        self._words: LandingWords | None = None  # receiver: its landing words
         self._open_posts: dict[int, Posts] = {}  # batches of prepared layers, by handle id, until closed
         self._posts_lock = threading.Lock()
 
@@ -179,31 +204,20 @@ class CudaIpcTransport(Transport):
         self._owned.append((index, address))
         return address
 
-    def enable_signals(self, slots: int) -> bool:
+    def landing_words(self, slots: int) -> LandingWords | None:
         if not self.options.signals or slots <= 0:
-            return False
-        device = self._local_device()
-        self._signal_device = device.index if device.index is not None else torch.cuda.current_device()
-        self._signals = self._malloc(self._signal_device, 4 * slots)
-        self._signal_slots = slots
-        return True
-
-    def _signal_address(self, slot: int) -> int:
-        if not 0 <= slot < self._signal_slots:
-            raise ValueError(f"signal slot {slot} outside [0, {self._signal_slots})")
-        return self._signals + 4 * slot
+            return None
+        if self._words is None:
+            try:
+                self._words = LandingWords(slots)
+            except OSError as e:  # e.g. no /dev/shm in this container: TransferDone ends each load
+                log.warning("cuda_ipc: no landing words (%s): loads end on TransferDone", e)
+                return None
+        return self._words
 
     def signals_to(self, peer: PeerId) -> bool:
         p = self._peers.get(peer)
-        return p is not None and p.signal_slots > 0
-
-    def wait_signal(self, slot: int, value: int, stream: torch.cuda.Stream) -> None:
-        _signals.wait(self._signal_device, stream.cuda_stream, self._signal_address(slot), value)
-
-    def raise_signal(self, slot: int, value: int) -> None:
-        if self._release is None:
-            self._release = torch.cuda.Stream(device=torch.device("cuda", self._signal_device))
-        _signals.write(self._signal_device, self._release.cuda_stream, self._signal_address(slot), value)
+        return p is not None and p.ring is not None
 
     def register(self, buffer: torch.Tensor, extents: tuple[tuple[int, int], ...] = ()) -> RegionId:
         if not buffer.is_cuda or buffer.dtype != torch.uint8 or buffer.dim() != 1:
@@ -221,15 +235,12 @@ class CudaIpcTransport(Transport):
         r = self._regions[region]
         if not any(addr == r.address for _, addr in self._owned):
             return self._export_foreign(r)
-        signal_handle = b""
         with cupy.cuda.Device(r.device.index):
             handle = cupy.cuda.runtime.ipcGetMemHandle(r.address)
-            if self._signals:
-                signal_handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(self._signals))
-                _exported_here.add((self._token, self._signals))
         _exported_here.add((self._token, r.address))
+        w = self._words
         return msgspec.msgpack.encode(_Descriptor(bytes(handle), r.nbytes, os.getpid(), r.address, self._token,
-                                                  signal_handle, self._signals, self._signal_slots,
+                                                  w.name if w else "", w.slots if w else 0,
                                                   device_uuid=gpu_uuid(r.device)))
 
     def _export_foreign(self, r: _Region) -> bytes:
@@ -310,21 +321,28 @@ class CudaIpcTransport(Transport):
             peer = _Peer(address, d.nbytes, opened=True)
         if d.pid != os.getpid():  # (one process: one context, nothing to pass between)
             peer.device_uuid = d.device_uuid
-        if d.signal_slots > 0 and self.options.signals:
-            peer.signal_slots = d.signal_slots
-            if d.pid == os.getpid():
-                peer.signals = d.signal_address
-            else:
-                try:
-                    with cupy.cuda.Device(local.index):
-                        peer.signals = cupy.cuda.runtime.ipcOpenMemHandle(d.signal_handle, _LAZY_ENABLE_PEER_ACCESS)
-                    peer.signals_opened = True
-                except cupy.cuda.runtime.CUDARuntimeError as e:
-                    self._close_mapping(peer.address if peer.opened else 0)
-                    raise PeerLost(f"cannot open the peer's CUDA IPC signal words: {e}") from None
+        if d.words and d.word_slots > 0 and self.options.signals:
+            peer.ring = self._ring(d, local.index if local.index is not None else torch.cuda.current_device())
         pid = next(self._ids)
         self._peers[pid] = peer
         return pid
+
+    @staticmethod
+    def _ring(d: _Descriptor, index: int) -> _Ring | None:
+        """The peer's landing words, mapped and registered; None (logged) where that fails: its
+        loads then end on TransferDone, as without signals."""
+        try:
+            words = LandingMap(d.words, d.word_slots)
+        except (OSError, ValueError) as e:
+            log.warning("cuda_ipc: cannot map the peer's landing words (%s): its loads end on TransferDone", e)
+            return None
+        try:
+            return _Ring(words, index)
+        except RuntimeError as e:
+            words.close()
+            log.warning("cuda_ipc: cannot register the peer's landing words with CUDA (%s): its loads end on "
+                        "TransferDone", e)
+            return None
 
     def _local_device(self) -> torch.device:
         for r in self._regions.values():
@@ -360,9 +378,9 @@ class CudaIpcTransport(Transport):
         clock = clock_for(src.device)
         began = clock.stamp(stream)  # passed once the producer's event has: the copy's start
         table = launch_copy(src.address, dst_base, plan, device=src.device, stream=stream)
-        if signal is not None and 0 <= signal[0] < p.signal_slots:
-            # After the copy on the same stream, with a barrier: the peer's wait sees the bytes first.
-            _signals.write(src.device.index, stream.cuda_stream, p.signals + 4 * signal[0], signal[1])
+        ring = p.ring.bound(*signal) if signal is not None and p.ring is not None else None
+        if ring is not None:  # after the copy on the same stream: the word, then the post
+            ring(stream.cuda_stream)
         landed = clock.stamp(stream)
         self._pending.put(_done.Pending(handle, began, landed, table, gate=began))
         return handle
@@ -384,7 +402,7 @@ class CudaIpcTransport(Transport):
             self._finish(handle, BatchState.FAILED, time.monotonic(), "range plan outside a registered region")
             return Posts(handle, stream, src.device, {}, None, done=self._pending.put, forget=self._forget_posts,
                          fail=lambda error: None)
-        at = (p.signals + 4 * signal[0], signal[1]) if signal is not None and 0 <= signal[0] < p.signal_slots else None
+        at = p.ring.bound(*signal) if signal is not None and p.ring is not None else None
         handle.state = BatchState.IN_FLIGHT
         posts = Posts(handle, stream, src.device, prepared, at, done=self._pending.put, forget=self._forget_posts,
                       fail=lambda error: self._finish(handle, BatchState.FAILED, time.monotonic(), error))
@@ -444,13 +462,14 @@ class CudaIpcTransport(Transport):
 
     def disconnect(self, peer: PeerId) -> None:
         p = self._peers.pop(peer, None)
-        if p is not None and (p.opened or p.signals_opened or p.mappings):
-            for s in self._streams.values():
+        if p is not None and (p.opened or p.ring is not None or p.mappings):
+            for s in self._streams.values():  # (nothing queued may still write there)
                 s.synchronize()
             self._close_mapping(p.address if p.opened else 0)
-            self._close_mapping(p.signals if p.signals_opened else 0)
             for address in p.mappings:
                 self._close_mapping(address)
+            if p.ring is not None:
+                p.ring.close()
 
     @staticmethod
     def _close_mapping(address: int) -> None:
@@ -479,3 +498,5 @@ class CudaIpcTransport(Transport):
             with cupy.cuda.Device(index):
                 cupy.cuda.runtime.free(address)
         self._owned.clear()
+        if self._words is not None:
+            self._words.close()

@@ -1,21 +1,21 @@
-"""Device-side signals: a 32-bit value written into GPU memory by one stream, waited for by another.
+"""Stream memory operations and host functions, through ctypes (CuPy does not wrap them).
 
-Two CUDA driver calls, through ctypes (CuPy does not wrap them): ``cuStreamWriteValue32`` puts a
-write of ``value`` at ``address`` on a stream, after the work queued before it (with a memory
-barrier: the writes before it are visible first); ``cuStreamWaitValue32`` makes a stream wait,
-on the GPU, until the word at ``address`` equals ``value``. The prefill's copy stream writes,
-through the peer's CUDA IPC mapping, into a slot beside the decode pool; the decode's loader
-stream waits on it with the scatter queued behind. No thread of either process wakes between
-the bytes landing and the scatter starting.
+``cuStreamWriteValue32`` puts a write of ``value`` at ``address`` on a stream, after the work
+queued before it (with a memory barrier: the writes before it are visible first). cuda_ipc's
+copy stream writes, after a hand-off's bytes, the reservation's generation into the decode's
+landing word: host memory that both processes map (landing.py), page-locked here for the GPU
+(:func:`host_register`), then posts the decode loader's semaphore (:func:`post_after`:
+``cuLaunchHostFunc`` calling libc's ``sem_post``, so no Python runs on CUDA's own thread, which
+would need the GIL: a thread holding it while a device-wide synchronization waits for that
+callback would deadlock the process).
 
-The waiting stream holds no SM while it waits (the GPU's front end does), but nothing else on
-it runs until the value comes: a receiver that gives up writes the value itself
-(:func:`write` on another stream), so that no stream of ours waits forever.
+``cuStreamWaitValue32`` makes a stream wait, on the GPU, until a word equals a value
+(benchmarks/gpu_floor.py's orderings). No stream of ours waits so: a stream blocked in it
+blocks a device-wide synchronize of its process, and the streams the driver put on its hardware
+queue (node/loader.py's history of it).
 
-:class:`Notifier` tells a host thread that queued work ended without a Python callback on
-CUDA's own thread (which would need the GIL: a thread that holds it while a device-wide
-synchronization waits for that callback would deadlock the process): ``cuLaunchHostFunc``
-calls libc's ``sem_post`` on a POSIX semaphore, and the waiting thread sleeps in ``sem_wait``.
+:class:`Notifier` tells a host thread that queued work ended (the same host function, on a
+semaphore of its own).
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import threading
 
 _WAIT_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
 _WRITE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: ordered after prior writes (a barrier)
+_CU_MEMHOSTREGISTER = 0x1 | 0x2  # PORTABLE (every context) | DEVICEMAP (a device address for it)
 _lib: tuple[object, object, object] | None = None
+_host: tuple[object, object, object] | None = None
 _lib_lock = threading.Lock()
 _bound = threading.local()
 
@@ -50,6 +52,24 @@ def _calls() -> tuple[object, object, object]:
         return _lib
 
 
+def _host_calls() -> tuple[object, object, object]:
+    global _host
+    with _lib_lock:
+        if _host is None:
+            cuda = ctypes.CDLL("libcuda.so.1")
+            reg = getattr(cuda, "cuMemHostRegister_v2", None) or cuda.cuMemHostRegister
+            reg.restype = ctypes.c_int
+            reg.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+            ptr = getattr(cuda, "cuMemHostGetDevicePointer_v2", None) or cuda.cuMemHostGetDevicePointer
+            ptr.restype = ctypes.c_int
+            ptr.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
+            unreg = cuda.cuMemHostUnregister
+            unreg.restype = ctypes.c_int
+            unreg.argtypes = [ctypes.c_void_p]
+            _host = (reg, ptr, unreg)
+        return _host
+
+
 def _call(fn, device: int, *args) -> None:
     from cupy.cuda import runtime
 
@@ -64,7 +84,7 @@ def _call(fn, device: int, *args) -> None:
             runtime.setDevice(current)
     _bound.ok = True
     if rc != 0:
-        raise RuntimeError(f"CUDA driver error {rc} in a stream memory operation")
+        raise RuntimeError(f"CUDA driver error {rc} in a stream memory operation or host registration")
 
 
 def write(device: int, stream: int, address: int, value: int) -> None:
@@ -76,6 +96,32 @@ def write(device: int, stream: int, address: int, value: int) -> None:
 def wait(device: int, stream: int, address: int, value: int) -> None:
     """Queue, on ``stream``, a wait until the word at ``address`` equals ``value``."""
     _call(_calls()[1], device, ctypes.c_void_p(stream), ctypes.c_uint64(address), ctypes.c_uint32(value), _WAIT_EQ)
+
+
+def post_after(device: int, stream: int, sem: int) -> None:
+    """Queue, on ``stream``, libc's ``sem_post(sem)`` once the work queued before it has run
+    (``cuLaunchHostFunc``: CUDA's own thread calls it, no Python runs; ``sem`` may be a
+    process-shared semaphore another process sleeps on)."""
+    from lmcache_pd.transport.landing import SEM_POST
+
+    _call(_calls()[2], device, ctypes.c_void_p(stream), ctypes.c_void_p(SEM_POST), ctypes.c_void_p(sem))
+
+
+def host_register(device: int, address: int, nbytes: int) -> int:
+    """Page-lock host memory (here: a file both processes map) for the GPU; its device address."""
+    reg, ptr, _ = _host_calls()
+    _call(reg, device, ctypes.c_void_p(address), ctypes.c_size_t(nbytes), _CU_MEMHOSTREGISTER)
+    out = ctypes.c_uint64()
+    try:
+        _call(ptr, device, ctypes.byref(out), ctypes.c_void_p(address), 0)
+    except RuntimeError:
+        host_unregister(device, address)
+        raise
+    return out.value
+
+
+def host_unregister(device: int, address: int) -> None:
+    _call(_host_calls()[2], device, ctypes.c_void_p(address))
 
 
 class Notifier:

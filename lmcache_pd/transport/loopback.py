@@ -5,7 +5,9 @@ table. Behaviour is scripted by options, not by patching: ``delay_s`` delays eac
 ``fail_every`` fails every N-th batch, ``refuse_connect`` makes ``connect`` fail,
 ``corrupt_every`` flips one bit in every N-th batch it reports done (bytes damaged on the way),
 ``shares_device`` says every peer is on our GPU (``Transport.shares_device``),
-``posts_layers`` takes ``prepare_layers`` (each layer copied once posted).
+``posts_layers`` takes ``prepare_layers`` (each layer copied once posted), ``signals`` keeps
+landing words (landing.py) and writes them after a batch's last copy, as cuda_ipc's copy stream
+does.
 It writes one-sided (the receiver never sees a batch), like cuda_ipc and nixl: a batch closed
 before its copy began never copies, and ``close_batch`` waits for a copy that began.
 """
@@ -13,11 +15,14 @@ before its copy began never copies, and ``close_batch`` waits for a copy that be
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import logging
 import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
@@ -28,7 +33,9 @@ from lmcache_pd.errors import PeerLost
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import check_ranges, copy_ranges
 from lmcache_pd.transport.base import BatchHandle, Capabilities, LayerPosts, PeerId, RegionId, Transport
+from lmcache_pd.transport.landing import LandingMap, LandingWords
 
+log = logging.getLogger(__name__)
 _regions: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
 _regions_lock = threading.Lock()
 
@@ -40,6 +47,7 @@ class LoopbackOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     corrupt_every: int = 0
     shares_device: bool = False
     posts_layers: bool = False
+    signals: bool = False
     copy_s: float = 0.0
     """Each copy, once begun, takes this long more: a device wedged mid-copy (close_batch waits for
     a copy that began, but not past the batch's deadline)."""
@@ -48,6 +56,8 @@ class LoopbackOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class _Descriptor(msgspec.Struct, frozen=True):
     key: str
     nbytes: int
+    words: str = ""  # landing words (landing.py; empty: none)
+    word_slots: int = 0
 
 
 class LoopbackTransport(Transport):
@@ -60,14 +70,17 @@ class LoopbackTransport(Transport):
         super().__init__(options, **kwargs)  # type: ignore[arg-type]
         self._local: dict[RegionId, tuple[str, torch.Tensor]] = {}
         self._peers: dict[PeerId, str] = {}
+        self._rings: dict[PeerId, LandingMap] = {}  # peers' landing words, mapped here
+        self._words: LandingWords | None = None
         self._ids = itertools.count(1)
         self._batches = itertools.count(1)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pd-loopback")
         self._closed = False
         self._lock = threading.Lock()
         self._copying: set[int] = set()  # handle ids whose copy runs now
-        if options.posts_layers:  # (an option of the tests': the class declares what a plain one does)
-            self.capabilities = dataclasses.replace(type(self).capabilities, posts_layers=True)
+        if options.posts_layers or options.signals:  # (options of the tests': the class declares a plain one)
+            self.capabilities = dataclasses.replace(type(self).capabilities, posts_layers=options.posts_layers,
+                                                    signals=options.signals)
 
     def register(self, buffer: torch.Tensor, extents: tuple[tuple[int, int], ...] = ()) -> RegionId:
         key = uuid.uuid4().hex
@@ -79,7 +92,16 @@ class LoopbackTransport(Transport):
 
     def export_descriptor(self, region: RegionId) -> bytes:
         key, buf = self._local[region]
-        return msgspec.msgpack.encode(_Descriptor(key, buf.numel()))
+        w = self._words
+        return msgspec.msgpack.encode(_Descriptor(key, buf.numel(), w.name if w else "", w.slots if w else 0))
+
+    def landing_words(self, slots: int) -> LandingWords | None:
+        if self.options.signals and slots > 0 and self._words is None:
+            self._words = LandingWords(slots)
+        return self._words
+
+    def signals_to(self, peer: PeerId) -> bool:
+        return peer in self._rings
 
     def connect(self, descriptor: bytes, timeout_s: float, session: bytes = b"") -> PeerId:
         if self.options.refuse_connect:
@@ -93,13 +115,19 @@ class LoopbackTransport(Transport):
                 raise PeerLost("loopback region is gone")
         pid = next(self._ids)
         self._peers[pid] = desc.key
+        if desc.words and self.options.signals:
+            try:
+                self._rings[pid] = LandingMap(desc.words, desc.word_slots)
+            except (OSError, ValueError) as e:  # as cuda_ipc: its loads then end on TransferDone
+                log.warning("loopback: cannot map the peer's landing words (%s)", e)
         return pid
 
     def shares_device(self, peer: PeerId, region: RegionId) -> bool:
         return self.options.shares_device and peer in self._peers
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
-               after: torch.cuda.Event | None = None, *, ticket: bytes = b"") -> BatchHandle:
+               after: torch.cuda.Event | None = None, *, ticket: bytes = b"",
+               signal: tuple[int, int] | None = None) -> BatchHandle:
         handle = BatchHandle(self, plan.nbytes, time.monotonic(), timeout_s)
         src = self._local[region][1]
         key = self._peers[peer]
@@ -107,8 +135,12 @@ class LoopbackTransport(Transport):
         fail = self.options.fail_every > 0 and n % self.options.fail_every == 0
         corrupt = self.options.corrupt_every > 0 and n % self.options.corrupt_every == 0
         handle.state = BatchState.IN_FLIGHT
-        self._pool.submit(self._run, handle, src, key, plan, fail, timeout_s, corrupt)
+        self._pool.submit(self._run, handle, src, key, plan, fail, timeout_s, corrupt, ring=self._ring(peer, signal))
         return handle
+
+    def _ring(self, peer: PeerId, signal: tuple[int, int] | None) -> Callable[[], None] | None:
+        words = self._rings.get(peer)
+        return None if words is None or signal is None else functools.partial(words.write, *signal)
 
     def prepare_layers(self, peer: PeerId, region: RegionId, plans: list[tuple[int, RangePlan]], timeout_s: float, *,
                        ticket: bytes = b"", signal: tuple[int, int] | None = None) -> LayerPosts:
@@ -128,11 +160,12 @@ class LoopbackTransport(Transport):
                 check_ranges(plan, src.numel(), dst.numel())
         except ValueError as e:
             self._finish(handle, BatchState.FAILED, time.monotonic(), str(e))  # (its posts are ignored)
-        return _Posts(self, handle, src, key, dict(plans), timeout_s, scripted)
+        return _Posts(self, handle, src, key, dict(plans), timeout_s, scripted, self._ring(peer, signal))
 
     def _run(self, handle: BatchHandle, src: torch.Tensor, key: str, plan: RangePlan, fail: bool,
-             timeout_s: float, corrupt: bool = False, last: bool = True) -> None:
-        """Copy ``plan`` (``last``: the batch's last part: it is DONE after it)."""
+             timeout_s: float, corrupt: bool = False, last: bool = True, ring: Callable[[], None] | None = None) -> None:
+        """Copy ``plan`` (``last``: the batch's last part: it is DONE after it, its landing word
+        written first by ``ring``)."""
         if handle.state != BatchState.IN_FLIGHT:
             return  # released (canceled) before it ran
         if self.options.delay_s:
@@ -166,6 +199,8 @@ class LoopbackTransport(Transport):
             with self._lock:
                 self._copying.discard(handle.id)
         if last:
+            if ring is not None:
+                ring()
             self._finish(handle, BatchState.DONE, time.monotonic())
 
     def close_batch(self, handle: BatchHandle) -> None:
@@ -176,6 +211,9 @@ class LoopbackTransport(Transport):
 
     def disconnect(self, peer: PeerId) -> None:
         self._peers.pop(peer, None)
+        words = self._rings.pop(peer, None)
+        if words is not None:
+            words.close()
 
     def close(self) -> None:
         if not self._closed:
@@ -184,6 +222,10 @@ class LoopbackTransport(Transport):
             with _regions_lock:
                 for key, _ in self._local.values():
                     _regions.pop(key, None)
+            for words in self._rings.values():
+                words.close()
+            if self._words is not None:
+                self._words.close()
 
 
 class _Posts(LayerPosts):
@@ -191,10 +233,12 @@ class _Posts(LayerPosts):
     the order posted; the batch is DONE after the last (closed before: CANCELED, nothing more copied)."""
 
     def __init__(self, owner: LoopbackTransport, handle: BatchHandle, src: torch.Tensor, key: str,
-                 plans: dict[int, RangePlan], timeout_s: float, scripted: dict[str, bool]):
+                 plans: dict[int, RangePlan], timeout_s: float, scripted: dict[str, bool],
+                 ring: Callable[[], None] | None = None):
         self.handle = handle
         self._owner, self._src, self._key, self._plans, self._timeout_s = owner, src, key, plans, timeout_s
         self._scripted = scripted
+        self._ring_fn = ring
         self._left = set(plans)
         self._lock = threading.Lock()
         if not plans:
@@ -208,7 +252,8 @@ class _Posts(LayerPosts):
             last = not self._left
             try:
                 self._owner._pool.submit(self._owner._run, self.handle, self._src, self._key, self._plans[layer],
-                                         self._scripted["fail"], self._timeout_s, self._scripted["corrupt"] and last, last)
+                                         self._scripted["fail"], self._timeout_s, self._scripted["corrupt"] and last, last,
+                                         self._ring_fn if last else None)
             except RuntimeError as e:  # (the transport closed)
                 self._owner._finish(self.handle, BatchState.FAILED, time.monotonic(), f"posting layer {layer}: {e}")
 

@@ -125,7 +125,10 @@ def test_a_reserved_handoff_to_a_wider_decode_is_submitted_on_the_callers_thread
 def test_a_lane_that_cannot_be_submitted_after_another_was_fails_the_handoff_on_both():
     """TP 1 -> 2, reserved ahead: the transport refuses the second lane's batch after the first
     was submitted on the caller's thread. The hand-off fails naming the lane, both decode ranks
-    are told (their loads fail at once, vLLM recomputes) and both pools are whole again."""
+    are told and both pools are whole again. The second rank's load fails at once (vLLM
+    recomputes); the first rank's may have ended already on its bytes, which its receiver saw
+    land whole (tcp), before the Cancel came: a failed rank makes vLLM recompute the blocks on
+    every rank anyway."""
     n = TPNode(1, 2, 2)
     sender = n.senders[0]
     real, calls = sender.transport.submit, []
@@ -144,7 +147,9 @@ def test_a_lane_that_cannot_be_submitted_after_another_was_fails_the_handoff_on_
         sender.submit(SendSpec("px", h, (5, 6, 7, 8)))
         sends, loads = n.results(1, 2)
         assert not sends[0].ok and "rank 1 not submitted" in sends[0].error, sends
-        assert not any(x.ok for x in loads), loads
+        by_rank = {x.req_id: x for x in loads}
+        assert not by_rank["d1"].ok, loads
+        assert not by_rank["d0"].ok or by_rank["d0"].signaled, loads
         deadline = time.monotonic() + 5
         while any(r.pool.free_pages != r.pool.num_pages for r in n.receivers):
             assert time.monotonic() < deadline, "pages stayed held"

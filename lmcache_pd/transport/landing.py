@@ -1,0 +1,170 @@
+"""Landing words: how a writer tells the decode's loader, with no host hop of its own, that a
+hand-off's bytes are in.
+
+The decode keeps a small file in ``/dev/shm`` (mode 0600, a random name that only its
+authenticated peers learn, in its transport's descriptor): a process-shared POSIX semaphore,
+then one 32-bit word per *place* (a pool page, or a vLLM block for direct hand-offs;
+``handoff.signal_of``). A writer maps the same file. After a hand-off's last byte it writes the
+reservation's generation into the hand-off's word and posts the semaphore: cuda_ipc from its copy
+stream (``cuStreamWriteValue32`` into the file's pages registered with CUDA, then
+``cuLaunchHostFunc`` calling libc's ``sem_post``: no Python, no thread of ours), loopback from its
+copy thread. The decode's loader thread sleeps on that semaphore (its other wake-ups, from the
+pool, post it too), looks at the words of the loads it has planned, and ends each whose word holds
+its generation: TransferDone, the control server and a second thread leave the path between the
+last byte and the load's end (docs/benchmarks.md: about 1 ms of a 16 MiB hand-off on one GPU).
+
+Why host memory and not a word on the GPU: nothing on the decode's GPU waits for the bytes (a
+stream blocked in ``cuStreamWaitValue32`` blocked a device-wide synchronize and streams sharing its
+hardware queue, the reason the earlier design stayed off), and a host thread reads host memory
+without a copy or a stream.
+
+A word is only a hint that may be late, never a lie: only the hand-off's own writer writes its
+generation, after its bytes (a late write by the writer of an ended reservation carries another
+generation; it may overwrite a newer one, and that load then waits for TransferDone as before).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import secrets
+import threading
+import time
+
+import numpy as np
+
+_HEADER = 64  # the semaphore (sem_t: 32 bytes on x86-64 glibc), then the words, 64-byte aligned
+_DIR = "/dev/shm"
+_PREFIX = "lmcache-pd-landing-"
+_CLOCK_MONOTONIC = 1
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_sem_post = _libc.sem_post
+_sem_post.argtypes = [ctypes.c_void_p]
+_sem_trywait = _libc.sem_trywait
+_sem_trywait.argtypes = [ctypes.c_void_p]
+_sem_clockwait = getattr(_libc, "sem_clockwait", None)  # glibc 2.30+: a deadline on the monotonic clock
+if _sem_clockwait is not None:
+    _sem_clockwait.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec)]
+_sem_timedwait = _libc.sem_timedwait
+_sem_timedwait.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Timespec)]
+SEM_POST = ctypes.cast(_sem_post, ctypes.c_void_p).value
+"""libc's ``sem_post``, for ``cuLaunchHostFunc`` (it runs on CUDA's own thread, without Python)."""
+
+
+def _size(slots: int) -> int:
+    return -(-(_HEADER + 4 * slots) // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+class _Mapped:
+    def __init__(self, fd: int, nbytes: int, slots: int):
+        self.slots = slots
+        self.nbytes = nbytes
+        self._map = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._buf = (ctypes.c_char * nbytes).from_buffer(self._map)
+        self.address = ctypes.addressof(self._buf)
+        self.sem = self.address  # (the header's first bytes)
+        self.words = np.frombuffer(self._buf, dtype=np.uint32, count=slots, offset=_HEADER)
+
+    def word_address(self, slot: int) -> int:
+        return self.address + _HEADER + 4 * slot
+
+    def post(self) -> None:
+        if self.words.size:  # (not once closed: the semaphore is gone with the mapping)
+            _sem_post(self.sem)
+
+    def close(self) -> None:
+        self.words = np.zeros(0, dtype=np.uint32)
+        del self._buf
+        self._map.close()
+
+
+class LandingWords(_Mapped):
+    """The decode's side: creates the file, reads the words, sleeps on the semaphore."""
+
+    def __init__(self, slots: int):
+        if slots <= 0:
+            raise ValueError("landing words need at least one slot")
+        self.name = _PREFIX + f"{os.getpid()}-{secrets.token_hex(8)}"
+        self._path = os.path.join(_DIR, self.name)
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            nbytes = _size(slots)
+            os.ftruncate(fd, nbytes)  # (zero-filled: every word 0, which no generation is)
+            super().__init__(fd, nbytes, slots)
+        except BaseException:
+            os.unlink(self._path)
+            raise
+        finally:
+            os.close(fd)
+        if _libc.sem_init(ctypes.c_void_p(self.sem), 1, 0) != 0:  # pshared: posted by other processes
+            err = ctypes.get_errno()
+            self.close()
+            raise OSError(err, "sem_init failed")
+
+    def holds(self, slot: int, value: int) -> bool:
+        return 0 <= slot < self.slots and int(self.words[slot]) == value
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep (without the GIL) until a post or ``timeout_s``; True if posted. Posts that came
+        meanwhile are taken too: one look serves them all."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        ts = _Timespec(int(deadline), int((deadline % 1) * 1e9))
+        while True:
+            if _sem_clockwait is not None:
+                rc = _sem_clockwait(self.sem, _CLOCK_MONOTONIC, ctypes.byref(ts))
+            else:  # (older glibc: the realtime clock, for the same span)
+                wall = time.time() + max(0.0, deadline - time.monotonic())
+                rc = _sem_timedwait(self.sem, ctypes.byref(_Timespec(int(wall), int((wall % 1) * 1e9))))
+            if rc == 0:
+                break
+            if ctypes.get_errno() != errno.EINTR:  # ETIMEDOUT
+                return False
+        while _sem_trywait(self.sem) == 0:
+            pass
+        return True
+
+    def close(self) -> None:
+        if not self.words.size:
+            return
+        super().close()
+        try:
+            os.unlink(self._path)
+        except FileNotFoundError:
+            pass
+
+
+class LandingMap(_Mapped):
+    """A writer's side: a peer's words mapped here (same node: the name is a file in /dev/shm)."""
+
+    def __init__(self, name: str, slots: int):
+        if not name.startswith(_PREFIX) or "/" in name or slots <= 0:
+            raise ValueError(f"not a landing-words name: {name!r}")
+        fd = os.open(os.path.join(_DIR, name), os.O_RDWR)
+        try:
+            nbytes = os.fstat(fd).st_size
+            if nbytes < _HEADER + 4 * slots:
+                raise ValueError(f"landing words {name!r} hold fewer than {slots} slots")
+            super().__init__(fd, nbytes, slots)
+        finally:
+            os.close(fd)
+        self._lock = threading.Lock()  # (a write from a copy thread against a close)
+
+    def write(self, slot: int, value: int) -> None:
+        """From this host thread (loopback): the word, then the post."""
+        with self._lock:
+            if 0 <= slot < self.words.size:
+                self.words[slot] = value
+                self.post()
+
+    def close(self) -> None:
+        with self._lock:
+            if self.words.size:
+                super().close()
