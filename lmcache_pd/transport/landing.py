@@ -59,6 +59,38 @@ SEM_POST = ctypes.cast(_sem_post, ctypes.c_void_p).value
 """libc's ``sem_post``, for ``cuLaunchHostFunc`` (it runs on CUDA's own thread, without Python)."""
 
 
+def _pid_ns() -> str:
+    """This process's PID namespace (its inode): a pid means a process only within it."""
+    try:
+        return os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        return "0"
+
+
+def _sweep() -> None:
+    """Remove the landing words of our user's processes that died without closing them (killed):
+    only those named from our PID namespace, whose pid no process has now."""
+    ns, uid = _pid_ns(), os.getuid()
+    try:
+        names = [n for n in os.listdir(_DIR) if n.startswith(f"{_PREFIX}{ns}-")]
+    except OSError:
+        return
+    for name in names:
+        try:
+            pid = int(name[len(_PREFIX) + len(ns) + 1:].split("-")[0])
+            path = os.path.join(_DIR, name)
+            if os.stat(path).st_uid != uid:
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        except (OSError, ValueError):  # (alive under another user, gone meanwhile, not ours)
+            continue
+
+
 def _size(slots: int) -> int:
     return -(-(_HEADER + 4 * slots) // mmap.PAGESIZE) * mmap.PAGESIZE
 
@@ -92,7 +124,8 @@ class LandingWords(_Mapped):
     def __init__(self, slots: int):
         if slots <= 0:
             raise ValueError("landing words need at least one slot")
-        self.name = _PREFIX + f"{os.getpid()}-{secrets.token_hex(8)}"
+        _sweep()
+        self.name = _PREFIX + f"{_pid_ns()}-{os.getpid()}-{secrets.token_hex(8)}"
         self._path = os.path.join(_DIR, self.name)
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:

@@ -89,6 +89,31 @@ def test_another_process_writes_a_word_and_its_post_wakes_the_sleeper():
     assert not os.path.exists(path), "the landing words' file outlived its owner's close"
 
 
+def _orphan(conn) -> None:
+    words = LandingWords(4)
+    conn.send(words.name)  # (a pipe's send is written before it returns)
+    os.kill(os.getpid(), 9)  # killed: its close never runs
+
+
+def test_the_words_of_a_killed_process_are_removed_by_the_next_one():
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    p = ctx.Process(target=_orphan, args=(there,))
+    p.start()
+    assert here.poll(30), "the child made no landing words"
+    name = here.recv()
+    p.join(10)
+    assert p.exitcode == -9
+    path = os.path.join("/dev/shm", name)
+    assert os.path.exists(path), "the killed process's words were not left behind: nothing to sweep"
+    words = LandingWords(4)
+    try:
+        assert not os.path.exists(path), "a killed process's landing words outlived it"
+        assert os.path.exists(os.path.join("/dev/shm", words.name))
+    finally:
+        words.close()
+
+
 def test_a_name_that_is_not_landing_words_is_refused():
     with pytest.raises(ValueError):
         LandingMap("../etc/passwd", 4)
