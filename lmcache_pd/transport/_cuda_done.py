@@ -48,6 +48,10 @@ class Pending(NamedTuple):
     """How the batch ends once ``landed`` passed (None: DONE); a posted batch may end otherwise."""
     gate: Stamp | None = None
     """Passes once the last copy can start (what it copies was produced): napping until then."""
+    nap_all: bool = False
+    """Nap until ``landed`` passed, the copy too: nothing waits on this batch's DONE (its peer
+    ends the load on its landing signal), and a spinning wait beside the copy stream's host
+    function (the signal's post) could only delay that post."""
 
 
 def run(pending: queue.SimpleQueue, finish: Callable[[BatchHandle, BatchState, float, str | None], None],
@@ -59,7 +63,10 @@ def run(pending: queue.SimpleQueue, finish: Callable[[BatchHandle, BatchState, f
             break
         handle = item.handle
         try:
-            if nap and item.gate is not None:
+            if item.nap_all:
+                while not item.landed.done():
+                    time.sleep(_NAP_S)
+            elif nap and item.gate is not None:
                 while not item.gate.done():  # (a CUDA error raises here as in synchronize)
                     time.sleep(_NAP_S)
             item.landed.event.synchronize()  # releases the GIL while it waits

@@ -82,15 +82,15 @@ class Posts(LayerPosts):
             return
         self._ended = True
         self._forget(self.handle)
+        rings = outcome is None and self._signal is not None
         try:
-            if outcome is None and self._signal is not None:
-                # After the copies on the same stream: the peer's landing word, then its post.
+            landed = self._clock.stamp(self._stream)  # the copies' end (before the post: cuda_ipc.submit)
+            if rings:  # after the copies on the same stream: the peer's landing word, then its post
                 self._signal(self._stream.cuda_stream)
-            landed = self._clock.stamp(self._stream)
         except RuntimeError as e:
             log.warning("cuda_ipc: ending a batch of posted layers: %s", e)
             self._fail(f"CUDA error: {e}")
             return
         tables = [p.table for p in self._prepared.values() if p is not None]
         self._done(Pending(self.handle, self._began or landed, landed, tables, outcome,
-                           self._gate if outcome is None else None))
+                           self._gate if outcome is None and not rings else None, nap_all=rings))

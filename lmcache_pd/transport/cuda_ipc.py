@@ -116,7 +116,9 @@ class _Ring:
 
     def __init__(self, words: LandingMap, device: int):
         self.words, self.device = words, device
+        self.words_name = words.name
         self.base = _signals.host_register(device, words.address, words.nbytes)  # its device address
+        self.users = 0  # peers (the pool's, its blocks') that signal through it
 
     def bound(self, slot: int, value: int) -> Callable[[int], None] | None:
         """What ends a batch on a raw stream handle: the word's write and the post (None: a slot
@@ -176,6 +178,7 @@ class CudaIpcTransport(Transport):
         self._waiter = thread(_done.run, "pd-cuda-ipc-done", self._pending, self._finish,
                               options.completion_wait == "nap")
         self._words: LandingWords | None = None  # receiver: its landing words
+        self._rings: dict[str, _Ring] = {}  # sender: peers' landing words, by name
         self._open_posts: dict[int, Posts] = {}  # batches of prepared layers, by handle id, until closed
         self._posts_lock = threading.Lock()
 
@@ -259,7 +262,9 @@ class CudaIpcTransport(Transport):
         except cupy.cuda.runtime.CUDARuntimeError as e:  # e.g. expandable segments (no IPC handle)
             raise TransportUnavailable(f"cuda_ipc cannot export this memory: {e}") from None
         _exported_here.add((self._token, r.address))
-        return msgspec.msgpack.encode(_Descriptor(b"", r.nbytes, os.getpid(), r.address, self._token, pieces=pieces,
+        w = self._words  # (a direct hand-off into these blocks signals into the same words)
+        return msgspec.msgpack.encode(_Descriptor(b"", r.nbytes, os.getpid(), r.address, self._token,
+                                                  w.name if w else "", w.slots if w else 0, pieces=pieces,
                                                   device_uuid=gpu_uuid(r.device)))
 
     def _open_pieces(self, d: _Descriptor, index: int) -> _Peer:
@@ -323,21 +328,27 @@ class CudaIpcTransport(Transport):
             peer.device_uuid = d.device_uuid
         if d.words and d.word_slots > 0 and self.options.signals:
             peer.ring = self._ring(d, local.index if local.index is not None else torch.cuda.current_device())
+            if peer.ring is not None:
+                peer.ring.users += 1
         pid = next(self._ids)
         self._peers[pid] = peer
         return pid
 
-    @staticmethod
-    def _ring(d: _Descriptor, index: int) -> _Ring | None:
-        """The peer's landing words, mapped and registered; None (logged) where that fails: its
-        loads then end on TransferDone, as without signals."""
+    def _ring(self, d: _Descriptor, index: int) -> _Ring | None:
+        """The peer's landing words, mapped and registered once (its pool's and its blocks'
+        descriptors name the same words); None (logged) where that fails: its loads then end on
+        TransferDone, as without signals."""
+        ring = self._rings.get(d.words)
+        if ring is not None and ring.words.slots == d.word_slots:
+            return ring
         try:
             words = LandingMap(d.words, d.word_slots)
         except (OSError, ValueError) as e:
             log.warning("cuda_ipc: cannot map the peer's landing words (%s): its loads end on TransferDone", e)
             return None
         try:
-            return _Ring(words, index)
+            ring = self._rings[d.words] = _Ring(words, index)
+            return ring
         except RuntimeError as e:
             words.close()
             log.warning("cuda_ipc: cannot register the peer's landing words with CUDA (%s): its loads end on "
@@ -378,11 +389,14 @@ class CudaIpcTransport(Transport):
         clock = clock_for(src.device)
         began = clock.stamp(stream)  # passed once the producer's event has: the copy's start
         table = launch_copy(src.address, dst_base, plan, device=src.device, stream=stream)
+        landed = clock.stamp(stream)  # the copy's end (not the post's: CUDA's host-function thread is late)
         ring = p.ring.bound(*signal) if signal is not None and p.ring is not None else None
         if ring is not None:  # after the copy on the same stream: the word, then the post
             ring(stream.cuda_stream)
-        landed = clock.stamp(stream)
-        self._pending.put(_done.Pending(handle, began, landed, table, gate=began))
+        # With a ring nobody waits for our DONE (the decode ends the load on its word): the
+        # completion thread naps through the copy too instead of spinning beside the post.
+        self._pending.put(_done.Pending(handle, began, landed, table, gate=None if ring is not None else began,
+                                        nap_all=ring is not None))
         return handle
 
     def prepare_layers(self, peer: PeerId, region: RegionId, plans: list[tuple[int, RangePlan]], timeout_s: float, *,
@@ -469,7 +483,10 @@ class CudaIpcTransport(Transport):
             for address in p.mappings:
                 self._close_mapping(address)
             if p.ring is not None:
-                p.ring.close()
+                p.ring.users -= 1
+                if not p.ring.users and self._rings.get(p.ring.words_name) is p.ring:
+                    del self._rings[p.ring.words_name]
+                    p.ring.close()
 
     @staticmethod
     def _close_mapping(address: int) -> None:

@@ -180,6 +180,7 @@ class LandingMap(_Mapped):
     def __init__(self, name: str, slots: int):
         if not name.startswith(_PREFIX) or "/" in name or slots <= 0:
             raise ValueError(f"not a landing-words name: {name!r}")
+        self.name = name
         fd = os.open(os.path.join(_DIR, name), os.O_RDWR)
         try:
             nbytes = os.fstat(fd).st_size
