@@ -37,7 +37,6 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from typing import Literal
 
 import msgspec
@@ -51,9 +50,9 @@ from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import PreparedCopy, check_ranges, cuda_kernels_available, launch_copy, prepare_copy, prepare_rows
 from lmcache_pd.threads import thread
 from lmcache_pd.transport import _cuda_done as _done
-from lmcache_pd.transport import device_signals as _signals
 from lmcache_pd.transport._cuda_posts import Posts
 from lmcache_pd.transport.base import BatchHandle, Capabilities, LayerPosts, PeerId, RegionId, Transport, gpu_uuid
+from lmcache_pd.transport.device_signals import Ring
 from lmcache_pd.transport.landing import LandingMap, LandingWords
 
 log = logging.getLogger(__name__)
@@ -103,41 +102,11 @@ class _Peer:
         self.address = address
         self.nbytes = nbytes
         self.opened = opened  # an IPC mapping to close on disconnect
-        self.ring: _Ring | None = None  # its landing words, mapped here (None: it has none)
+        self.ring: Ring | None = None  # its landing words, mapped here (None: it has none)
         self.pieces: list[tuple[int, int, int]] = []
         """A region not the peer's own allocation: (offset in the region, bytes, our address of it)."""
         self.mappings: list[int] = []  # the allocations opened for ``pieces``, to close
         self.device_uuid = ""  # its region's GPU, when in another process (base.gpu_uuid)
-
-
-class _Ring:
-    """A peer's landing words mapped here and page-locked for our GPU: the copy stream writes a
-    word, then posts the peer's semaphore."""
-
-    def __init__(self, words: LandingMap, device: int):
-        self.words, self.device = words, device
-        self.words_name = words.name
-        self.base = _signals.host_register(device, words.address, words.nbytes)  # its device address
-        self.users = 0  # peers (the pool's, its blocks') that signal through it
-
-    def bound(self, slot: int, value: int) -> Callable[[int], None] | None:
-        """What ends a batch on a raw stream handle: the word's write and the post (None: a slot
-        outside the peer's words)."""
-        if not 0 <= slot < self.words.slots:
-            return None
-        at = self.base + self.words.word_address(slot) - self.words.address
-
-        def ring(stream: int) -> None:
-            _signals.write(self.device, stream, at, value)  # after the copy, with a barrier
-            _signals.post_after(self.device, stream, self.words.sem)
-        return ring
-
-    def close(self) -> None:
-        try:
-            _signals.host_unregister(self.device, self.words.address)
-        except RuntimeError as e:
-            log.debug("unregistering landing words failed: %s", e)
-        self.words.close()
 
 
 def _allocation_of(index: int, address: int) -> tuple[int, int]:
@@ -178,7 +147,7 @@ class CudaIpcTransport(Transport):
         self._waiter = thread(_done.run, "pd-cuda-ipc-done", self._pending, self._finish,
                               options.completion_wait == "nap")
         self._words: LandingWords | None = None  # receiver: its landing words
-        self._rings: dict[str, _Ring] = {}  # sender: peers' landing words, by name
+        self._rings: dict[str, Ring] = {}  # sender: peers' landing words, by name
         self._open_posts: dict[int, Posts] = {}  # batches of prepared layers, by handle id, until closed
         self._posts_lock = threading.Lock()
 
@@ -334,7 +303,7 @@ class CudaIpcTransport(Transport):
         self._peers[pid] = peer
         return pid
 
-    def _ring(self, d: _Descriptor, index: int) -> _Ring | None:
+    def _ring(self, d: _Descriptor, index: int) -> Ring | None:
         """The peer's landing words, mapped and registered once (its pool's and its blocks'
         descriptors name the same words); None (logged) where that fails: its loads then end on
         TransferDone, as without signals."""
@@ -347,7 +316,7 @@ class CudaIpcTransport(Transport):
             log.warning("cuda_ipc: cannot map the peer's landing words (%s): its loads end on TransferDone", e)
             return None
         try:
-            ring = self._rings[d.words] = _Ring(words, index)
+            ring = self._rings[d.words] = Ring(words, index)
             return ring
         except RuntimeError as e:
             words.close()

@@ -21,7 +21,13 @@ semaphore of its own).
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
+from collections.abc import Callable
+
+from lmcache_pd.transport.landing import SEM_POST, LandingMap
+
+log = logging.getLogger(__name__)
 
 _WAIT_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
 _WRITE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: ordered after prior writes (a barrier)
@@ -102,8 +108,6 @@ def post_after(device: int, stream: int, sem: int) -> None:
     """Queue, on ``stream``, libc's ``sem_post(sem)`` once the work queued before it has run
     (``cuLaunchHostFunc``: CUDA's own thread calls it, no Python runs; ``sem`` may be a
     process-shared semaphore another process sleeps on)."""
-    from lmcache_pd.transport.landing import SEM_POST
-
     _call(_calls()[2], device, ctypes.c_void_p(stream), ctypes.c_void_p(SEM_POST), ctypes.c_void_p(sem))
 
 
@@ -145,3 +149,33 @@ class Notifier:
         """Sleep (without the GIL: ctypes releases it) until a post."""
         while self._libc.sem_wait(self._sem) != 0:  # EINTR: a signal came; wait again
             pass
+
+
+class Ring:
+    """A peer's landing words mapped here and page-locked for our GPU: the copy stream writes a
+    word, then posts the peer's semaphore."""
+
+    def __init__(self, words: LandingMap, device: int):
+        self.words, self.device = words, device
+        self.words_name = words.name
+        self.base = host_register(device, words.address, words.nbytes)  # its device address
+        self.users = 0  # peers (the pool's, its blocks') that signal through it
+
+    def bound(self, slot: int, value: int) -> Callable[[int], None] | None:
+        """What ends a batch on a raw stream handle: the word's write and the post (None: a slot
+        outside the peer's words)."""
+        if not 0 <= slot < self.words.slots:
+            return None
+        at = self.base + self.words.word_address(slot) - self.words.address
+
+        def ring(stream: int) -> None:
+            write(self.device, stream, at, value)  # after the copy, with a barrier
+            post_after(self.device, stream, self.words.sem)
+        return ring
+
+    def close(self) -> None:
+        try:
+            host_unregister(self.device, self.words.address)
+        except RuntimeError as e:
+            log.debug("unregistering landing words failed: %s", e)
+        self.words.close()
