@@ -150,37 +150,49 @@ def _reserve_then_send(n: Node, tid: str, p_blocks: tuple[int, ...], d_blocks: t
     n.sender.submit(SendSpec(f"p-{tid}", Handoff(tid, "decode-0", 2 * BLOCK, D), p_blocks))
 
 
+def _ends_before_transfer_done(n: Node, tid: str):
+    """A hand-off whose load ends, bitwise, while its TransferDone is held; then the TransferDone
+    that comes after is answered as done and the pool is whole. The load's result."""
+    warm(n)
+    held = _HeldTransferDone(n)
+    _reserve_then_send(n, tid, (4, 9), (11, 12))
+    _, (ld,) = n.results(0, 1, timeout_s=10)
+    assert ld.ok and ld.signaled, ld
+    assert held.held == 1 and not held.release.is_set(), "the load did not end before TransferDone"
+    n.assert_moved([4, 9], [11, 12])
+    held.release.set()
+    (s,), _ = n.results(1, 0)
+    assert s.ok, s.error
+    assert n.pool_full()
+    return ld
+
+
 @pytest.mark.parametrize("direct", [False, True], ids=["pool", "direct"])
 def test_a_signaled_load_ends_while_its_transfer_done_is_still_held(direct):
     n = _node(direct=direct)
     try:
-        warm(n)
-        held = _HeldTransferDone(n)
-        _reserve_then_send(n, "s1", (4, 9), (11, 12))
-        _, (ld,) = n.results(0, 1, timeout_s=10)
-        assert ld.ok and ld.signaled and ld.direct == direct, ld
-        assert held.held == 1 and not held.release.is_set(), "the load did not end before TransferDone"
-        n.assert_moved([4, 9], [11, 12])
-        held.release.set()
-        (s,), _ = n.results(1, 0)
-        assert s.ok, s.error  # the TransferDone that came after is answered as done
-        assert n.pool_full()
+        assert _ends_before_transfer_done(n, "s1").direct == direct
     finally:
         n.close()
+
+
+def _waits_for_transfer_done(n: Node, tid: str, why: str) -> None:
+    """A hand-off whose load must not end before its TransferDone (``why`` if it does)."""
+    warm(n)
+    held = _HeldTransferDone(n)
+    _reserve_then_send(n, tid, (4, 9), (11, 12))
+    time.sleep(0.5)
+    assert held.held == 1 and not n.receiver.drain(), why
+    held.release.set()
+    (s,), (ld,) = n.results(1, 1)
+    assert s.ok and ld.ok and not ld.signaled
+    n.assert_moved([4, 9], [11, 12])
 
 
 def test_with_signals_off_the_load_waits_for_transfer_done():
     n = _node(options={})
     try:
-        warm(n)
-        held = _HeldTransferDone(n)
-        _reserve_then_send(n, "o1", (4, 9), (11, 12))
-        time.sleep(0.5)
-        assert held.held == 1 and not n.receiver.drain(), "the load ended before TransferDone without signals"
-        held.release.set()
-        (s,), (ld,) = n.results(1, 1)
-        assert s.ok and ld.ok and not ld.signaled
-        n.assert_moved([4, 9], [11, 12])
+        _waits_for_transfer_done(n, "o1", "the load ended before TransferDone without signals")
     finally:
         n.close()
 
@@ -265,16 +277,7 @@ def test_over_tcp_a_load_ends_once_its_receiver_saw_every_layer_land(layerwise):
     # every layer of which landed in every page needs no TransferDone either.
     n = Node(make_cfg("tcp", layerwise=layerwise))
     try:
-        warm(n)
-        held = _HeldTransferDone(n)
-        _reserve_then_send(n, "w1", (4, 9), (11, 12))
-        _, (ld,) = n.results(0, 1, timeout_s=10)
-        assert ld.ok and ld.signaled and not held.release.is_set(), ld
-        n.assert_moved([4, 9], [11, 12])
-        held.release.set()
-        (s,), _ = n.results(1, 0)
-        assert s.ok, s.error
-        assert n.pool_full()
+        _ends_before_transfer_done(n, "w1")
     finally:
         n.close()
 
@@ -282,16 +285,8 @@ def test_over_tcp_a_load_ends_once_its_receiver_saw_every_layer_land(layerwise):
 def test_with_integrity_verify_a_landed_load_still_waits_for_transfer_done_and_its_digest():
     n = Node(make_cfg("tcp", verify=True))
     try:
-        warm(n)
-        held = _HeldTransferDone(n)
-        _reserve_then_send(n, "v1", (4, 9), (11, 12))
-        time.sleep(0.5)
-        assert held.held == 1 and not n.receiver.drain(), "a verified load ended before its digest came"
-        held.release.set()
-        (s,), (ld,) = n.results(1, 1)
-        assert s.ok and ld.ok and not ld.signaled
+        _waits_for_transfer_done(n, "v1", "a verified load ended before its digest came")
         assert n.receiver.loader.digests_verified == 2  # (the warm-up's and this one's)
-        n.assert_moved([4, 9], [11, 12])
     finally:
         n.close()
 
