@@ -35,10 +35,10 @@ last byte, puts the reservation's generation into its landing word and posts the
 this thread sleeps on (:class:`_Posted`: the pool's changes post it too). A LANDING load whose
 word holds its generation goes to SCATTERING at once (``PagePool.claim_signaled``: only while
 the reservation is live as that generation), its scatter planned at GRANTED; TransferDone
-comes later and finds it consumed. So does a load every layer of which landed in every page
-(tcp's receiver sees each batch land), without a word. So between the last byte and the load's end there is one
+comes later and finds it consumed. So between the last byte and the load's end there is one
 wake-up of this thread, not the prefill's completion thread, its loop, zmq, the control server
-and this thread. (An earlier design queued the scatter on the GPU behind a word in GPU memory:
+and this thread. A load every layer of which landed in every page (tcp's receiver sees each
+batch land) ends the same way, without a word. (An earlier design queued the scatter on the GPU behind a word in GPU memory:
 a stream blocked in ``cuStreamWaitValue32`` held up a device-wide synchronize in the decode,
 which vLLM makes in some steps, and the streams sharing its hardware queue; the words are host
 memory now and nothing on the GPU waits.)
@@ -385,7 +385,7 @@ class Loader:
         if load.signaled:  # (None: it ended meanwhile, so its pages may hold another hand-off's bytes)
             r = self.pool.claim_signaled(spec.handoff.transfer_id, load.generation)
             if r is None:
-                raise TransferError("hand-off ended as its landing signal came", transfer_id=spec.handoff.transfer_id)
+                raise TransferError("hand-off ended as its last bytes landed", transfer_id=spec.handoff.transfer_id)
         else:
             r = self.pool.claim(spec.handoff.transfer_id)
         try:

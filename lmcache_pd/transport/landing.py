@@ -143,7 +143,7 @@ class LandingWords(_Mapped):
             raise OSError(err, "sem_init failed")
 
     def holds(self, slot: int, value: int) -> bool:
-        return 0 <= slot < self.slots and int(self.words[slot]) == value
+        return 0 <= slot < self.words.size and int(self.words[slot]) == value  # (size 0 once closed)
 
     def wait(self, timeout_s: float) -> bool:
         """Sleep (without the GIL) until a post or ``timeout_s``; True if posted. Posts that came
