@@ -453,8 +453,8 @@ class CudaIpcTransport(Transport):
                 self._close_mapping(address)
             if p.ring is not None:
                 p.ring.users -= 1
-                if not p.ring.users and self._rings.get(p.ring.words_name) is p.ring:
-                    del self._rings[p.ring.words_name]
+                if not p.ring.users and self._rings.get(p.ring.words.name) is p.ring:
+                    del self._rings[p.ring.words.name]
                     p.ring.close()
 
     @staticmethod

@@ -136,11 +136,10 @@ class Notifier:
         self._sem = ctypes.create_string_buffer(64)  # sem_t is 32 bytes on x86-64 glibc
         if self._libc.sem_init(self._sem, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "sem_init failed")
-        self._post = ctypes.cast(self._libc.sem_post, ctypes.c_void_p)
 
     def after(self, device: int, stream: int) -> None:
         """Post once ``stream``'s work queued so far has run."""
-        _call(_calls()[2], device, ctypes.c_void_p(stream), self._post, ctypes.cast(self._sem, ctypes.c_void_p))
+        post_after(device, stream, ctypes.addressof(self._sem))
 
     def post(self) -> None:
         self._libc.sem_post(self._sem)
@@ -157,7 +156,6 @@ class Ring:
 
     def __init__(self, words: LandingMap, device: int):
         self.words, self.device = words, device
-        self.words_name = words.name
         self.base = host_register(device, words.address, words.nbytes)  # its device address
         self.users = 0  # peers (the pool's, its blocks') that signal through it
 
