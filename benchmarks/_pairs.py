@@ -190,7 +190,8 @@ class HandoffPair:
 
     def __init__(self, transport: str, options: dict, max_tokens: int, p_dev: str, d_dev: str,
                  group_mib: int | None = None, reserve: bool = True, verify: bool = False, direct: bool = False,
-                 decode_cpu: int | None = None, forward_stream: str = "own", host_paced: bool = False):
+                 decode_cpu: int | None = None, forward_stream: str = "own", host_paced: bool = False,
+                 ahead: bool = True, settle_s: float = 0.0):
         from lmcache_pd.cli.local import free_ports
         from lmcache_pd.node.sender import KVSender
         from lmcache_pd.node.worker import NodeConfig, Worker
@@ -228,6 +229,13 @@ class HandoffPair:
                            kv_buffer=buf)
         self.tx.start()
         self.reserve = reserve
+        self.ahead = ahead
+        self.settle_s = settle_s
+        """Seconds between the grant and the submit: in a deployment the rest of the last chunk's
+        forward (the reservation goes out as it starts), in which both processes finish handling
+        the grant; 0: the submit right after it, meeting that tail."""
+        """The reservation names the blocks the hand-off sends, so its launch is laid out when
+        the pages are granted (node/on_caller.py); False: planned at the submit."""
         """Reserve the decode pages before the clock starts, as the connector does while the
         forward of the last prompt chunk runs (that forward always outlasts one round trip)."""
         self.rng = np.random.default_rng(0)
@@ -292,7 +300,9 @@ class HandoffPair:
         self.parent.send(("load", (f"d-{tid}", tid, n_tok, digest, tuple(d_blocks))))
         assert self.parent.recv() == "submitted"
         if self.reserve:
-            self.tx.reserve(Handoff(tid, "decode-0", n_tok, digest)).result(60)
+            # (the blocks named: its launch is laid out at the grant, as the connector's is)
+            self.tx.reserve(Handoff(tid, "decode-0", n_tok, digest), tuple(p_blocks) if self.ahead else None).result(60)
+            time.sleep(self.settle_s)
         spec = SendSpec(f"p-{tid}", Handoff(tid, "decode-0", n_tok, digest), tuple(p_blocks))
         forward_end = forward_end_gpu = 0.0
         if forward_us > 0:
@@ -321,12 +331,17 @@ class HandoffPair:
         self.phases.append({"allocate": s.allocate_s, "transfer": s.seconds,
                             "after transfer": total - s.allocate_s - s.seconds, "scatter": scatter_s,
                             "groups": groups, "signaled": int(signaled), "on_caller": int(s.on_caller),
+                            "prepared": int(s.prepared),
                             "direct": int(s.direct),
                             # Wall-clock marks (one machine): plan and launch on the caller's
                             # thread; from the launch to the decode loader's end of the load (the
                             # GPU's copy and scatter and the wake-ups between); to the worker's
                             # thread learning of it.
                             "launch": s.first_byte_at - t0_wall, "to_loaded": loaded_at - s.first_byte_at,
+                            # The submit to the load's end on the decode: what vLLM's next look
+                            # there (get_finished, once a step) finds; "woken" then adds the
+                            # benchmark's own thread waking on it.
+                            "ended": loaded_at - t0_wall,
                             "to_woken": woken - loaded_at,
                             # to_loaded's parts: the copy (its last byte: cuda_ipc's GPU stamp, else
                             # the transport's report); until the sender's loop saw it (before its

@@ -14,7 +14,10 @@ processes), and prints what the check costs. ``--direct`` does the same with a s
 prefill writes straight into the decode's blocks: no pool, no scatter). ``--against JSON`` does the same with a second pair
 whose transport options are JSON (``'{"signals": false}'``: cuda_ipc's decode scatter waiting for
 TransferDone on the host instead of the copy's device-side signal).
-Columns *signaled*: hand-offs whose decode load ended on the landing signal (``'{"signals": true}'``,
+Column *hand-off ms*: the submit to the benchmark's decode thread learning that the load
+ended (it waits on the loader's condition); *load ended*: the submit to the load's end on the
+decode (the loader's record of it, which vLLM's next ``get_finished`` there finds: vLLM looks
+once a step and never waits on that condition). Columns *signaled*: hand-offs whose decode load ended on the landing signal (``'{"signals": true}'``,
 transport/landing.py), before TransferDone;
 *on caller*: planned and submitted on the submitting thread (pages granted ahead).
 
@@ -56,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--direct", action="store_true",
                     help="also time each size with transport.direct on (a second pair; with --layered: "
                          "the one pair has it on)")
+    ap.add_argument("--unprepared", action="store_true",
+                    help="also time each size with a twin of the main pair whose reservations name no blocks "
+                         "(the launch planned at the submit, not laid out at the grant: node/on_caller.py)")
+    ap.add_argument("--settle-ms", type=float, default=0.0,
+                    help="ms between the grant and the submit (a deployment's rest of the last chunk's forward, "
+                         "in which both processes finish handling the grant; default 0: right after it)")
+    ap.add_argument("--main-direct", action="store_true",
+                    help="the main pair (and its --unprepared twin) with transport.direct on")
     ap.add_argument("--layered", action="store_true",
                     help="behind a stand-in forward (--forward-us per layer per token; a spinning kernel "
                          "on a GPU, small matrix products on the prefill's thread on a CPU): whole hand-off "
@@ -94,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         pin(p_cpu)
     if args.layered:
         return layered(args)
-    if sum(map(bool, (args.verify, args.against, args.direct))) > 1:
-        ap.error("--verify, --against and --direct each need the second pair: give one")
+    if sum(map(bool, (args.verify, args.against, args.direct, args.unprepared))) > 1:
+        ap.error("--verify, --against, --direct and --unprepared each need the second pair: give one")
     from lmcache_pd import transport as transports
 
     ok, why = transports.available(args.transport)
@@ -106,19 +117,23 @@ def main(argv: list[str] | None = None) -> int:
     tokens = [int(t) for t in args.tokens.split(",")]
     options = json.loads(args.options)
     pair = HandoffPair(args.transport, options, max(tokens), p_dev, d_dev, group_mib=args.group_mib,
-                       reserve=not args.no_reserve, decode_cpu=args.decode_cpu)
+                       reserve=not args.no_reserve, decode_cpu=args.decode_cpu, direct=args.main_direct,
+                       settle_s=args.settle_ms / 1e3)
     checked = None
-    if args.verify or args.against or args.direct:
+    if args.verify or args.against or args.direct or args.unprepared:
         checked = HandoffPair(args.transport, json.loads(args.against) if args.against else options, max(tokens),
                               p_dev, d_dev, group_mib=args.group_mib, reserve=not args.no_reserve,
-                              verify=args.verify, direct=args.direct, decode_cpu=args.decode_cpu)
-    second = "verify on" if args.verify else "direct" if args.direct else f"options {args.against}"
+                              verify=args.verify, direct=args.direct or args.main_direct, decode_cpu=args.decode_cpu,
+                              ahead=not args.unprepared, settle_s=args.settle_ms / 1e3)
+    second = ("verify on" if args.verify else "direct" if args.direct else "unprepared" if args.unprepared
+              else f"options {args.against}")
     where = f"{p_dev} -> {d_dev}" + (f" ({torch.cuda.get_device_name(0)})" if "cuda" in p_dev else "")
     print(f"# {args.transport} hand-off, {where}; python {sys.version.split()[0]}, torch {torch.__version__}")
     print("# Llama-3-8B KV (32 layers, 8 heads, head 128, bf16, block 16); median of", args.repeat,
-          "; pages", "allocated in the hand-off" if args.no_reserve else "reserved ahead", "; options", options)
-    print(f"{'tokens':>7} {'bytes':>9} {'hand-off ms':>12} {'GB/s':>8} {'ceiling GB/s':>13} {'ratio':>6}  check    "
-          f"| ms: allocate  transfer  after-transfer | scatter (overlapped)  groups  signaled  on-caller"
+          "; pages", "allocated in the hand-off" if args.no_reserve else "reserved ahead", "; options", options,
+          "; direct" if args.main_direct else "", f"; {args.settle_ms:g} ms between grant and submit")
+    print(f"{'tokens':>7} {'bytes':>9} {'hand-off ms':>12} {'load ended':>10} {'GB/s':>8} {'ceiling GB/s':>13} {'ratio':>6}  check    "
+          f"| ms: allocate  transfer  after-transfer | scatter (overlapped)  groups  signaled  on-caller  prepared"
           f" | ms: launch  to-loaded  to-woken | to-loaded: copy  seen  told  loaded | last byte -> loader"
           + (f"  | {second}: ms  ratio  check  signaled  direct  scatter ms" if checked else ""))
     status = 0
@@ -149,18 +164,24 @@ def main(argv: list[str] | None = None) -> int:
                          f"  {sum(p['direct'] for p in checked.phases[-args.repeat:]):>2.0f}/{args.repeat}"
                          f"  {statistics.median(p['scatter'] for p in checked.phases[-args.repeat:]) * 1e3:>9.3f}")
             t, c = statistics.median(times), statistics.median(copies)
-            counts = ("groups", "signaled", "on_caller", "direct")
+            counts = ("groups", "signaled", "on_caller", "direct", "prepared")
             ph = {k: statistics.median(p[k] for p in pair.phases) * (1 if k in counts else 1e3)
                   for k in pair.phases[0]}
             signaled = sum(p["signaled"] for p in pair.phases)
             on_caller = sum(p["on_caller"] for p in pair.phases)
-            print(f"{n_tok:>7} {nbytes / 2**20:>7.0f}Mi {t * 1e3:>12.3f} {nbytes / t / 1e9:>8.1f} "
+            print(f"{n_tok:>7} {nbytes / 2**20:>7.0f}Mi {t * 1e3:>12.3f} {ph['ended']:>10.3f} {nbytes / t / 1e9:>8.1f} "
                   f"{nbytes / c / 1e9:>13.1f} {c / t:>6.2f}  {'bitwise ' if ok else 'MISMATCH'} "
                   f"| {ph['allocate']:>12.3f} {ph['transfer']:>9.3f} {ph['after transfer']:>15.3f} "
                   f"| {ph['scatter']:>20.3f} {ph['groups']:>7.0f} {signaled:>6}/{len(pair.phases)} "
-                  f"{on_caller:>6}/{len(pair.phases)} | {ph['launch']:>10.3f} {ph['to_loaded']:>10.3f} "
+                  f"{on_caller:>6}/{len(pair.phases)} {sum(p['prepared'] for p in pair.phases):>6}/{len(pair.phases)}"
+                  f" | {ph['launch']:>10.3f} {ph['to_loaded']:>10.3f} "
                   f"{ph['to_woken']:>9.3f} | {ph['copy']:>15.3f} {ph['seen']:>5.3f} {ph['told']:>5.3f} "
                   f"{ph['loaded']:>7.3f} | {ph['to_loader']:>19.3f}{extra}", flush=True)
+            if checked is not None:  # the second pair's split (a direct one's differs: no scatter)
+                q = {k: statistics.median(p[k] for p in checked.phases[-args.repeat:]) * 1e3
+                     for k in ("launch", "to_loaded", "to_woken", "copy", "to_loader", "loaded", "ended")}
+                print(f"{'':>7} {second}: ms: load ended {q['ended']:.3f}  launch {q['launch']:.3f}  copy {q['copy']:.3f}  to loader "
+                      f"{q['to_loader']:.3f}  loaded {q['loaded']:.3f}  woken {q['to_woken']:.3f}", flush=True)
     finally:
         pair.close()
         if checked is not None:

@@ -281,8 +281,8 @@ class PrefillWorker(_PDWorker):
             self.users.add(spec.req_id)
             entry = self._pieces[tid] = (spec.req_id, spec.handoff, None)
         small = self._small(spec)
-        if small and spec.final:  # whole once the last chunk's forward ended
-            self.sender.reserve(spec.handoff)
+        if small and spec.final:  # whole once the last chunk's forward ended (its launch laid out at the grant)
+            self.sender.reserve(spec.handoff, tuple(spec.block_ids))
             self._at_end.append(spec)
         elif not small:
             marks = LayerMarks(self.sender.kv.num_layers)

@@ -5,7 +5,8 @@ chunk runs (``KVSender.reserve``), so that the Allocate round trip is off the ha
 A reservation is an asyncio task on the sender's loop that ends with its ``Grants``, one per lane
 of the hand-off (node/lanes.py: several when the decode is wider than the prefill); once granted,
 the grant is also listed for the caller's thread, which may take it and launch the hand-off at
-once (``KVSender._launch``). Whoever takes a grant owns it: the caller's thread
+once (``on_caller.Launcher``; where the reservation named the blocks it will send, with each
+lane's launch prepared when the pages were granted). Whoever takes a grant owns it: the caller's thread
 (:meth:`Reservations.take_granted`) or the loop (:meth:`Reservations.take`); a give-back
 (abort, reservation unused for ``timeouts.transfer_s``, shutdown) returns only a grant nobody
 took, so pages a hand-off is writing are never given back under it.
@@ -28,29 +29,35 @@ Grants = tuple[Grant, ...]
 
 
 class Reservations:
-    def __init__(self, allocate: Callable[[Handoff], Awaitable[Grants]]):
-        """``allocate``: the pages for a hand-off (the sender's Allocate, its pages tracked)."""
+    def __init__(self, allocate: Callable[[Handoff], Awaitable[Grants]],
+                 prepare: Callable[[Handoff, Grants, tuple[int, ...]], object] = lambda h, g, b: None):
+        """``allocate``: the pages for a hand-off (the sender's Allocate, its pages tracked);
+        ``prepare``: the hand-off's launch laid out once its pages are granted, from the blocks
+        it will send (None: nothing prepared)."""
         self._allocate = allocate
+        self._prepare = prepare
         self._tasks: dict[TransferId, tuple[float, asyncio.Task[Grants]]] = {}  # loop thread only
-        self._granted: dict[TransferId, Grants] = {}  # either thread, under the lock
+        self._granted: dict[TransferId, tuple[Grants, object]] = {}  # either thread, under the lock
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._tasks)
 
     # --- the loop thread ----------------------------------------------------------------------
-    async def reserve(self, h: Handoff) -> None:
-        """Allocate ``h``'s pages (once: a preempted request reaches its last chunk twice)."""
+    async def reserve(self, h: Handoff, blocks: tuple[int, ...] | None = None) -> None:
+        """Allocate ``h``'s pages (once: a preempted request reaches its last chunk twice);
+        ``blocks``: the blocks the hand-off will send, when known (its launch is then prepared)."""
         entry = self._tasks.get(h.transfer_id)
         if entry is None:
-            task = asyncio.get_running_loop().create_task(self._granting(h))
+            task = asyncio.get_running_loop().create_task(self._granting(h, blocks))
             entry = self._tasks[h.transfer_id] = (time.monotonic(), task)
         await asyncio.shield(entry[1])
 
-    async def _granting(self, h: Handoff) -> Grants:
+    async def _granting(self, h: Handoff, blocks: tuple[int, ...] | None) -> Grants:
         grants = await self._allocate(h)
+        ahead = self._prepare(h, grants, blocks) if blocks is not None else None
         with self._lock:
-            self._granted[h.transfer_id] = grants
+            self._granted[h.transfer_id] = (grants, ahead)
         return grants
 
     async def take(self, transfer_id: TransferId) -> Grants | None:
@@ -104,10 +111,16 @@ class Reservations:
     # --- any thread -----------------------------------------------------------------------------
     def take_granted(self, transfer_id: TransferId) -> Grants | None:
         """Take a granted reservation's pages (None: not granted yet, or taken)."""
+        taken = self.take_prepared(transfer_id)
+        return taken[0] if taken is not None else None
+
+    def take_prepared(self, transfer_id: TransferId) -> tuple[Grants, object] | None:
+        """:meth:`take_granted`, with the launch prepared at the grant (None if none was)."""
         with self._lock:
             return self._granted.pop(transfer_id, None)
 
     def put_back(self, transfer_id: TransferId, grants: Grants) -> None:
-        """Undo :meth:`take_granted` (the caller's thread could not launch the hand-off)."""
+        """Undo :meth:`take_granted` (the caller's thread could not launch the hand-off; what
+        was prepared for it is dropped: the loop's steps plan anew)."""
         with self._lock:
-            self._granted[transfer_id] = grants
+            self._granted[transfer_id] = (grants, None)

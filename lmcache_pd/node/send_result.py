@@ -41,6 +41,9 @@ class SendResult:
     """Sent layer by layer during the prefill's forward (``transport.layerwise``)."""
     on_caller: bool = False
     """Planned and submitted on the thread that submitted the hand-off (its pages were granted)."""
+    prepared: bool = False
+    """On that thread, started from the launch laid out when its pages were granted (the
+    reservation named its blocks: node/on_caller.py), not planned there."""
     pieces: int = 0
     """Layered: the forwards (prompt chunks) it was sent from, one piece each."""
     posted: bool = False

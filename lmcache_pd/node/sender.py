@@ -42,7 +42,6 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import torch
 
@@ -60,6 +59,7 @@ from lmcache_pd.node.lanes import LaneIO, LaneSent, each, layers_sent, send_lane
 from lmcache_pd.node.layered import LayerMarks, Pieces, forward_reported
 from lmcache_pd.node.links import Lane, Links
 from lmcache_pd.node.loop import LoopThread
+from lmcache_pd.node.on_caller import Launched, Launcher
 from lmcache_pd.node.peer import Grant
 from lmcache_pd.node.reservations import Reservations
 from lmcache_pd.node.send_result import SendResult
@@ -67,20 +67,6 @@ from lmcache_pd.node.timeline import Timeline, forward_end
 from lmcache_pd.node.worker import NodeConfig, Worker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _Launched:
-    """A hand-off planned and submitted on the caller's thread (KVSender._launch): its grants,
-    and per lane submitted, the grant, its plan and the batch's handle."""
-
-    grants: tuple[Grant, ...]
-    lanes: tuple[tuple[Grant, RangePlan, object], ...]
-    t0: float
-    started_at: float
-    first_byte_at: float
-    error: str = ""
-    """A lane could not be submitted after others were: the hand-off fails (on the loop)."""
 
 
 class KVSender:
@@ -105,7 +91,7 @@ class KVSender:
         self._ends: dict[TransferId, Stamp] = {}  # a whole hand-off's forward end on the GPU (timeline)
         self._sent = self._failed = 0
         self._abandoned = 0  # given up before the last chunk: the request was preempted
-        self._reserved = Reservations(self._allocate_pages)
+        self._reserved = Reservations(self._allocate_pages, lambda h, grants, blocks: self._launcher.prepare(h, grants, blocks))
         self._background: set[asyncio.Task[None]] = set()
         self._beats: asyncio.Task[None] | None = None
         self._handoff_log = HandoffLog(cfg.handoff_log, instance=worker.instance, rank=worker.rank, role="prefill")
@@ -116,6 +102,7 @@ class KVSender:
         self._io = LaneIO(self.transport, kv, kv_buffer, data_s=self.t.data_s, group_mib=cfg.transport.group_mib,
                           verify=cfg.integrity.verify, watch=self._watch,
                           landed_on_shared_gpu=cfg.transport.landed_on_shared_gpu, post_layers=cfg.transport.post_layers)
+        self._launcher = Launcher(self._io, self._reserved, worker.compat.block_size)
 
     def start(self) -> None:
         self._io.region = self.transport.register(self.kv_buffer, self.kv.extents)
@@ -134,49 +121,14 @@ class KVSender:
         waiting for it here, on the sender's thread). ``computed``: that forward's end on the
         GPU, where the timeline starts (as a layered hand-off's; else ``spec.computed_at``).
         With its pages reserved and granted, the hand-off is planned and submitted here, on the
-        caller's thread (:meth:`_launch`; on a GPU only by a stream-ordered transport, which
+        caller's thread (on_caller.py; on a GPU only by a stream-ordered transport, which
         orders it after ``ready`` on the device); the sender's loop then only waits for it and
         sends TransferDone.
         """
         if computed is not None:
             self._ends[spec.handoff.transfer_id] = computed
-        launched = self._launch(spec, ready) if self._launch_here else None
+        launched = self._launcher.launch(spec, ready) if self._launch_here else None
         self._loop.submit(self._send(spec, ready, launched=launched))
-
-    def _launch(self, spec: SendSpec, ready: torch.cuda.Event | None) -> _Launched | None:
-        """Plan and submit a one-group hand-off whose reserved pages are granted, now, on every
-        lane. None when it cannot go this way (not reserved or granted yet, several groups, no
-        lane, an error before any submit): the sender's loop then does every step."""
-        if ready is not None and not self.transport.capabilities.stream_ordered:
-            return None  # the loop waits for the forward's event first
-        tid = spec.handoff.transfer_id
-        n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.worker.compat.block_size)
-        grants = self._reserved.take_granted(tid)
-        if grants is None:
-            return None
-        if (not grants or len(spec.block_ids) < n_pages
-                or any(g.skip + len(g.pages) != n_pages or len(self._io.group_ends(len(g.pages))) != 1 for g in grants)):
-            self._reserved.put_back(tid, grants)  # the loop's steps refuse it, or stream it, as usual
-            return None
-        t0, started_at, first_byte_at = time.monotonic(), time.time(), time.time()
-        lanes: list[tuple[Grant, RangePlan, object]] = []
-        for grant in grants:
-            try:
-                dest, layout, to, first = grant.target()
-                plan = grant.peer.plan(self.kv, layout, blocks=spec.block_ids[first:n_pages], to=to)
-                signal = grant.signal()
-                last = {"signal": signal} if signal is not None else {}
-                handle = self.transport.submit(dest, self._io.region, plan, timeout_s=self.t.data_s,
-                                               after=ready, ticket=P.ticket(tid, grant.generation), **last)
-            except Exception as e:  # noqa: BLE001 - e.g. the link was re-made meanwhile: the loop's steps say why
-                log.debug("hand-off %s not launched on the caller's thread", tid, exc_info=True)
-                if not lanes:
-                    self._reserved.put_back(tid, grants)
-                    return None
-                return _Launched(grants, tuple(lanes), t0, started_at, first_byte_at,
-                                 error=f"lane to rank {grant.peer.rank} not submitted: {e!r}")
-            lanes.append((grant, plan, handle))
-        return _Launched(grants, tuple(lanes), t0, started_at, first_byte_at)
 
     def submit_layered(self, spec: SendSpec, marks: LayerMarks) -> Pieces:
         """Start a layered hand-off with its first piece (thread-safe, returns at once): each
@@ -223,13 +175,14 @@ class KVSender:
             return
         await asyncio.gather(*(tell(lane) for lane in lanes))
 
-    def reserve(self, handoff: Handoff) -> Future[None]:
+    def reserve(self, handoff: Handoff, blocks: tuple[int, ...] | None = None) -> Future[None]:
         """Allocate a coming hand-off's decode pages now (thread-safe, returns at once).
 
-        The hand-off with the same transfer id then finds its pages granted. The future ends
+        The hand-off with the same transfer id then finds its pages granted; ``blocks``, the
+        blocks it will send when known: its launch is then laid out at the grant (on_caller.py). The future ends
         when the pages are granted, or with the allocation's error (the hand-off then fails
         the same way, and the decode side recomputes)."""
-        return self._loop.submit(self._reserved.reserve(handoff))
+        return self._loop.submit(self._reserved.reserve(handoff, blocks))
 
     def unreserve(self, transfer_id: TransferId, reason: str = "request ended without a hand-off") -> None:
         """The hand-off will not come (request aborted): give its reserved pages back, and stop
@@ -327,7 +280,7 @@ class KVSender:
 
     # --- one hand-off ---------------------------------------------------------------------
     async def _send(self, spec: SendSpec, ready: torch.cuda.Event | None = None,
-                    pieces: Pieces | None = None, launched: _Launched | None = None) -> None:
+                    pieces: Pieces | None = None, launched: Launched | None = None) -> None:
         t0 = launched.t0 if launched is not None else time.monotonic()
         self._started[spec.handoff.transfer_id] = launched.started_at if launched is not None else time.time()
         # A layered hand-off also waits for the forwards that compute its layers: data_s more
@@ -349,7 +302,7 @@ class KVSender:
             self._layered.pop(spec.handoff.transfer_id, None)
 
     async def _send_steps(self, spec: SendSpec, ready: torch.cuda.Event | None, t0: float,
-                          pieces: Pieces | None, launched: _Launched | None, renew) -> None:
+                          pieces: Pieces | None, launched: Launched | None, renew) -> None:
         grants: tuple[Grant, ...] = ()
         try:
             if launched is not None:  # planned and submitted on the caller's thread
@@ -360,7 +313,8 @@ class KVSender:
                         handle.close()
                     raise TransferError(launched.error, transfer_id=spec.handoff.transfer_id)
                 sent = await each([self._landed(spec, launched, *lane) for lane in launched.lanes])
-                await self._done(spec, sent, True, t0, launched.t0, launched.started_at, None, on_caller=True)
+                await self._done(spec, sent, True, t0, launched.t0, launched.started_at, None, on_caller=True,
+                                 prepared=launched.prepared == len(launched.lanes))
                 return
             n_pages = blocks_for_tokens(spec.handoff.num_tokens, self.worker.compat.block_size)
             if len(spec.block_ids) < n_pages and spec.final:  # (a first piece of several has fewer)
@@ -384,7 +338,7 @@ class KVSender:
             for grant in grants:
                 grant.peer.untrack(spec.handoff.transfer_id)
 
-    async def _landed(self, spec: SendSpec, launched: _Launched, grant: Grant, plan: RangePlan,
+    async def _landed(self, spec: SendSpec, launched: Launched, grant: Grant, plan: RangePlan,
                       handle) -> LaneSent:
         """A lane submitted on the caller's thread, once its bytes are in the decode's pool."""
         _, last_byte_at = await send_groups(self.transport, self._io.region, grant.peer, [plan], (len(grant.pages),),
@@ -394,7 +348,8 @@ class KVSender:
                         time.monotonic() - launched.t0)
 
     async def _done(self, spec: SendSpec, lanes: list[LaneSent], reserved: bool, t0: float, t_alloc: float,
-                    granted_at: float, pieces: Pieces | None, *, on_caller: bool = False) -> None:
+                    granted_at: float, pieces: Pieces | None, *, on_caller: bool = False,
+                    prepared: bool = False) -> None:
         """Every lane's bytes are in its decode rank's pool: TransferDone on each, then the result."""
         tid = spec.handoff.transfer_id
         checked = [await s.digest if s.digest is not None else None for s in lanes]
@@ -414,7 +369,7 @@ class KVSender:
                                 computed_at=await self._computed_at(spec, pieces),
                                 first_byte_at=min((s.span[0] for s in lanes), default=0.0),
                                 last_byte_at=max((s.span[1] for s in lanes), default=0.0),
-                                layered=pieces is not None, on_caller=on_caller,
+                                layered=pieces is not None, on_caller=on_caller, prepared=prepared,
                                 pieces=len(pieces) if pieces is not None else 0,
                                 posted=bool(lanes) and all(s.posted for s in lanes),
                                 direct=any(s.grant.blocks for s in lanes), layers_sent_at=layers_sent(lanes),

@@ -15,6 +15,8 @@ Prefill side (sender):
      (``ticket``: the hand-off the batch belongs to, opaque here), then ``poll`` until
      a terminal state, then ``close_batch`` (``handle.close()``; always, also on failure: it frees
      per-batch state);
+     A transport may also lay a submit out ahead (``prepare_submit``, at a reservation's grant)
+     and start it later (``submit_prepared``, on the caller's thread);
   4. ``disconnect(peer)``; ``close()``.
 ``poll`` never blocks. DONE means the bytes are in the peer's memory (not merely sent): the
 sender may then tell the decode side so over the control plane.
@@ -287,6 +289,21 @@ class Transport(ABC):
         the peer's landing word once the batch's bytes are there, and its semaphore posted
         (ignored by a peer without words, and for a slot outside them).
         """
+
+    def prepare_submit(self, peer: PeerId, region: RegionId, plan: RangePlan, *,
+                       signal: tuple[int, int] | None = None) -> object | None:
+        """A ``submit`` of ``plan`` laid out now (checked, placed, the copy's launch built), to be
+        started later by :meth:`submit_prepared` (NIXL's pattern: descriptors prepared once, then
+        posted): the sender prepares a reserved hand-off when its pages are granted, while the
+        forward that computes it runs. None: this transport prepares nothing ahead (``submit``
+        then), or the plan is refused (``submit`` says why)."""
+        return None
+
+    def submit_prepared(self, prepared: object, timeout_s: float, after: torch.cuda.Event | None = None, *,
+                        ticket: bytes = b"") -> BatchHandle:
+        """Start what :meth:`prepare_submit` laid out, as ``submit`` would have. Raises
+        ``PeerLost`` when its peer was disconnected since (the caller then plans anew)."""
+        raise NotImplementedError(f"transport {self.name!r} prepares no submit")
 
     def prepare_layers(self, peer: PeerId, region: RegionId, plans: list[tuple[int, RangePlan]], timeout_s: float, *,
                        ticket: bytes = b"", signal: tuple[int, int] | None = None) -> LayerPosts:

@@ -37,7 +37,8 @@ import queue
 import secrets
 import threading
 import time
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import msgspec
 import numpy as np
@@ -47,7 +48,7 @@ from lmcache_pd._types import BatchState
 from lmcache_pd.device_clock import clock_for
 from lmcache_pd.errors import PeerLost, TransportUnavailable
 from lmcache_pd.layout import RangePlan
-from lmcache_pd.ops import PreparedCopy, check_ranges, cuda_kernels_available, launch_copy, prepare_copy, prepare_rows
+from lmcache_pd.ops import PreparedCopy, check_ranges, cuda_kernels_available, prepare_copy, prepare_rows, run_copy
 from lmcache_pd.threads import thread
 from lmcache_pd.transport import _cuda_done as _done
 from lmcache_pd.transport._cuda_posts import Posts
@@ -107,6 +108,18 @@ class _Peer:
         """A region not the peer's own allocation: (offset in the region, bytes, our address of it)."""
         self.mappings: list[int] = []  # the allocations opened for ``pieces``, to close
         self.device_uuid = ""  # its region's GPU, when in another process (base.gpu_uuid)
+
+
+class _Prepared(NamedTuple):
+    """A submit laid out ahead (``prepare_submit``): checked, placed, its launch built."""
+
+    peer: PeerId
+    p: _Peer
+    src: _Region
+    stream: torch.cuda.Stream
+    copy: PreparedCopy | None
+    ring: Callable[[int], None] | None
+    nbytes: int
 
 
 def _allocation_of(index: int, address: int) -> tuple[int, int]:
@@ -339,15 +352,36 @@ class CudaIpcTransport(Transport):
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
                after: torch.cuda.Event | None = None, *, ticket: bytes = b"",
                signal: tuple[int, int] | None = None) -> BatchHandle:
-        src = self._regions[region]
-        p = self._peers[peer]
-        handle = BatchHandle(self, plan.nbytes, time.monotonic(), timeout_s)
-        placed = self._placed(p, src, plan)
-        if placed is None:
+        prepared = self.prepare_submit(peer, region, plan, signal=signal)
+        if prepared is None:
+            handle = BatchHandle(self, plan.nbytes, time.monotonic(), timeout_s)
             self._finish(handle, BatchState.FAILED, time.monotonic(), "range plan outside a registered region")
             return handle
-        plan, dst_base = placed
+        return self.submit_prepared(prepared, timeout_s, after, ticket=ticket)
+
+    def prepare_submit(self, peer: PeerId, region: RegionId, plan: RangePlan, *,
+                       signal: tuple[int, int] | None = None) -> _Prepared | None:
+        src = self._regions[region]
+        p = self._peers[peer]
+        placed = self._placed(p, src, plan)
+        if placed is None:
+            return None
         stream = self._stream(src.device)
+        copy = prepare_copy(src.address, placed[1], placed[0], device=src.device, stream=stream)
+        ring = p.ring.bound(*signal) if signal is not None and p.ring is not None else None
+        return _Prepared(peer, p, src, stream, copy, ring, plan.nbytes)
+
+    def submit_prepared(self, prepared: object, timeout_s: float, after: torch.cuda.Event | None = None, *,
+                        ticket: bytes = b"") -> BatchHandle:
+        assert isinstance(prepared, _Prepared)
+        if self._peers.get(prepared.peer) is not prepared.p:  # (its mapping, and its ring, are closed)
+            raise PeerLost(f"cuda_ipc peer {prepared.peer} was disconnected since its hand-off was prepared")
+        src, stream, ring = prepared.src, prepared.stream, prepared.ring
+        handle = BatchHandle(self, prepared.nbytes, time.monotonic(), timeout_s)
+        # Everything the host prepares came before the stream's first command: the copy's start
+        # stamp, its kernel and its ring follow each other on the GPU with no host gap between
+        # them (a stamp taken before the preparation timed the host's work as the copy's).
+        clock = clock_for(src.device)
         # Our own stream keeps copies off vLLM's; it waits, on the GPU, for the producer: the
         # event recorded after vLLM's forward, or (no event) work queued on this thread's stream.
         if after is not None:
@@ -355,15 +389,15 @@ class CudaIpcTransport(Transport):
         else:
             stream.wait_stream(torch.cuda.current_stream(src.device))
         handle.state = BatchState.IN_FLIGHT
-        clock = clock_for(src.device)
         began = clock.stamp(stream)  # passed once the producer's event has: the copy's start
-        table = launch_copy(src.address, dst_base, plan, device=src.device, stream=stream)
+        if prepared.copy is not None:
+            run_copy(prepared.copy, stream)
         landed = clock.stamp(stream)  # the copy's end (not the post's: CUDA's host-function thread is late)
-        ring = p.ring.bound(*signal) if signal is not None and p.ring is not None else None
         if ring is not None:  # after the copy on the same stream: the word, then the post
             ring(stream.cuda_stream)
         # With a ring nobody waits for our DONE (the decode ends the load on its word): the
         # completion thread naps through the copy too instead of spinning beside the post.
+        table = prepared.copy.table if prepared.copy is not None else None
         self._pending.put(_done.Pending(handle, began, landed, table, gate=None if ring is not None else began,
                                         nap_all=ring is not None))
         return handle

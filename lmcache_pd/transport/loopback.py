@@ -78,6 +78,7 @@ class LoopbackTransport(Transport):
         self._closed = False
         self._lock = threading.Lock()
         self._copying: set[int] = set()  # handle ids whose copy runs now
+        self.prepared_submits = 0  # batches started from prepare_submit's (tests)
         if options.posts_layers or options.signals:  # (options of the tests': the class declares a plain one)
             self.capabilities = dataclasses.replace(type(self).capabilities, posts_layers=options.posts_layers,
                                                     signals=options.signals)
@@ -124,6 +125,19 @@ class LoopbackTransport(Transport):
 
     def shares_device(self, peer: PeerId, region: RegionId) -> bool:
         return self.options.shares_device and peer in self._peers
+
+    def prepare_submit(self, peer: PeerId, region: RegionId, plan: RangePlan, *,
+                       signal: tuple[int, int] | None = None) -> object | None:
+        # (as cuda_ipc's: the sender's prepared path runs in CI; a copy thread has nothing to lay out)
+        return (peer, self._peers[peer], region, plan, signal)
+
+    def submit_prepared(self, prepared: object, timeout_s: float, after: torch.cuda.Event | None = None, *,
+                        ticket: bytes = b"") -> BatchHandle:
+        peer, key, region, plan, signal = prepared  # type: ignore[misc]
+        if self._peers.get(peer) != key:
+            raise PeerLost(f"loopback peer {peer} was disconnected since its hand-off was prepared")
+        self.prepared_submits += 1
+        return self.submit(peer, region, plan, timeout_s, after, ticket=ticket, signal=signal)
 
     def submit(self, peer: PeerId, region: RegionId, plan: RangePlan, timeout_s: float,
                after: torch.cuda.Event | None = None, *, ticket: bytes = b"",

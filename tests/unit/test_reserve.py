@@ -112,3 +112,59 @@ def test_shutdown_does_not_wait_for_a_queued_reservation():
         assert n.pool_full(timeout_s=6)
     finally:
         n.close()
+
+
+def _prepared_submits(n: Node) -> int:
+    return getattr(n.sender.transport, "prepared_submits", -1)  # (loopback counts them; cuda_ipc does not)
+
+
+def test_a_reservation_naming_its_blocks_is_launched_as_laid_out_at_its_grant(node):  # noqa: F811 - the fixture
+    n_tok = 3 * BLOCK + 5
+    p_blocks, d_blocks = [5, 6, 7, 30], [11, 12, 13, 40]
+    node.sender.reserve(Handoff("t1", "decode-0", n_tok, "d" * 32), tuple(p_blocks)).result(5)
+    before = _prepared_submits(node)
+    node.handoff("t1", p_blocks, d_blocks, num_tokens=n_tok)
+    (s,), (ld,) = node.results(1, 1)
+    assert s.ok and ld.ok, (s.error, ld.error)
+    # (loopback and cuda_ipc lay a submit out ahead; tcp and nixl plan it at the submit, as before)
+    prepares = node.cfg.transport.name in ("loopback", "cuda_ipc")
+    assert s.on_caller and s.prepared == prepares, "its launch was laid out when the pages were granted"
+    if before >= 0:
+        assert _prepared_submits(node) == before + 1, "the transport started the prepared submit"
+    node.assert_moved(p_blocks, d_blocks)
+    assert node.pool_full()
+
+
+def test_a_handoff_of_other_blocks_than_its_reservation_named_is_planned_anew():
+    n = Node(make_cfg("loopback"))
+    try:
+        n.sender.reserve(Handoff("t1", "decode-0", 2 * BLOCK, "d" * 32), (1, 2)).result(5)
+        n.handoff("t1", [3, 4], [8, 9], num_tokens=2 * BLOCK)  # (a preempted request's new blocks)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok and s.on_caller and not s.prepared, (s.error, ld.error)
+        assert _prepared_submits(n) == 0
+        n.assert_moved([3, 4], [8, 9])
+        n.sender.reserve(Handoff("t2", "decode-0", 2 * BLOCK, "d" * 32)).result(5)  # no blocks named
+        n.handoff("t2", [5, 6], [10, 11], num_tokens=2 * BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert s.ok and ld.ok and s.on_caller and not s.prepared
+        n.assert_moved([5, 6], [10, 11])
+        assert n.pool_full()
+    finally:
+        n.close()
+
+
+def test_a_prepared_launch_whose_connection_was_dropped_since_never_starts():
+    n = Node(make_cfg("loopback"))
+    try:
+        n.sender.reserve(Handoff("t1", "decode-0", 2 * BLOCK, "d" * 32), (1, 2)).result(5)
+        transport = n.sender.transport
+        (pid,) = list(transport._peers)
+        transport.disconnect(pid)  # (as a dropped link does: its prepared submit names a gone peer)
+        n.handoff("t1", [1, 2], [8, 9], num_tokens=2 * BLOCK)
+        (s,), (ld,) = n.results(1, 1)
+        assert not s.ok and not ld.ok, "nothing can reach the decode through a dropped connection"
+        assert _prepared_submits(n) == 0, "a prepared submit of a dropped peer must not start"
+        assert n.pool_full(), "the hand-off's pages return"
+    finally:
+        n.close()
