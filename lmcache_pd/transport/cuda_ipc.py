@@ -29,7 +29,6 @@ address is used directly (a process cannot open its own IPC handle).
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
 import os
@@ -37,8 +36,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import msgspec
 import numpy as np
@@ -52,6 +50,7 @@ from lmcache_pd.ops import PreparedCopy, check_ranges, cuda_kernels_available, p
 from lmcache_pd.threads import thread
 from lmcache_pd.transport import _cuda_done as _done
 from lmcache_pd.transport._cuda_posts import Posts
+from lmcache_pd.transport._cuda_regions import Peer, Prepared, Region, absolute_plan, allocation_of
 from lmcache_pd.transport.base import BatchHandle, Capabilities, LayerPosts, PeerId, RegionId, Transport, gpu_uuid
 from lmcache_pd.transport.device_signals import Ring
 from lmcache_pd.transport.landing import LandingMap, LandingWords
@@ -89,55 +88,6 @@ class _Descriptor(msgspec.Struct, frozen=True):
     """The region's GPU (base.gpu_uuid; empty: not known)."""
 
 
-class _Region:
-    def __init__(self, buffer: torch.Tensor, extents: tuple[tuple[int, int], ...] = ()):
-        self.buffer = buffer
-        self.address = buffer.data_ptr()
-        self.nbytes = buffer.numel()
-        self.device = buffer.device
-        self.extents = extents or ((0, self.nbytes),)
-
-
-class _Peer:
-    def __init__(self, address: int, nbytes: int, opened: bool):
-        self.address = address
-        self.nbytes = nbytes
-        self.opened = opened  # an IPC mapping to close on disconnect
-        self.ring: Ring | None = None  # its landing words, mapped here (None: it has none)
-        self.pieces: list[tuple[int, int, int]] = []
-        """A region not the peer's own allocation: (offset in the region, bytes, our address of it)."""
-        self.mappings: list[int] = []  # the allocations opened for ``pieces``, to close
-        self.device_uuid = ""  # its region's GPU, when in another process (base.gpu_uuid)
-
-
-class _Prepared(NamedTuple):
-    """A submit laid out ahead (``prepare_submit``): checked, placed, its launch built."""
-
-    peer: PeerId
-    p: _Peer
-    src: _Region
-    stream: torch.cuda.Stream
-    copy: PreparedCopy | None
-    ring: Callable[[int], None] | None
-    nbytes: int
-
-
-def _allocation_of(index: int, address: int) -> tuple[int, int]:
-    """(base, size) of the CUDA allocation that holds ``address`` (cuMemGetAddressRange)."""
-    import cupy
-
-    cuda = ctypes.CDLL("libcuda.so.1")
-    fn = getattr(cuda, "cuMemGetAddressRange_v2", None) or cuda.cuMemGetAddressRange
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
-    base, size = ctypes.c_uint64(), ctypes.c_size_t()
-    with cupy.cuda.Device(index):  # (makes the device's primary context current on this thread)
-        rc = fn(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(address))
-    if rc != 0:
-        raise TransportUnavailable(f"cuMemGetAddressRange failed ({rc}) for a region to export")
-    return base.value, size.value
-
-
 class CudaIpcTransport(Transport):
     name = "cuda_ipc"
     capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cuda"}), listens=False, stream_ordered=True,
@@ -147,8 +97,8 @@ class CudaIpcTransport(Transport):
 
     def __init__(self, options: CudaIpcOptions, **kwargs: object):
         super().__init__(options, **kwargs)  # type: ignore[arg-type]
-        self._regions: dict[RegionId, _Region] = {}
-        self._peers: dict[PeerId, _Peer] = {}
+        self._regions: dict[RegionId, Region] = {}
+        self._peers: dict[PeerId, Peer] = {}
         self._owned: list[tuple[int, int]] = []  # (device index, address) of our cudaMallocs
         self._ids = itertools.count(1)
         self._streams: dict[int, torch.cuda.Stream] = {}
@@ -208,7 +158,7 @@ class CudaIpcTransport(Transport):
         if not buffer.is_cuda or buffer.dtype != torch.uint8 or buffer.dim() != 1:
             raise ValueError("cuda_ipc registers flat uint8 CUDA tensors only")
         rid = next(self._ids)
-        self._regions[rid] = _Region(buffer, extents)
+        self._regions[rid] = Region(buffer, extents)
         with self._start_lock:
             if self._waiter.ident is None and not self._stop.is_set():
                 self._waiter.start()
@@ -228,7 +178,7 @@ class CudaIpcTransport(Transport):
                                                   w.name if w else "", w.slots if w else 0,
                                                   device_uuid=gpu_uuid(r.device)))
 
-    def _export_foreign(self, r: _Region) -> bytes:
+    def _export_foreign(self, r: Region) -> bytes:
         """A region in memory that is not ours (vLLM's KV cache): each buffer as its
         allocation's handle and its offset in it."""
         import cupy
@@ -237,7 +187,7 @@ class CudaIpcTransport(Transport):
         pieces = []
         try:
             for offset, nbytes in r.extents:
-                base, _ = _allocation_of(index, r.address + offset)
+                base, _ = allocation_of(index, r.address + offset)
                 with cupy.cuda.Device(index):
                     handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(base))
                 pieces.append((handle, r.address + offset - base, offset, nbytes))
@@ -249,12 +199,12 @@ class CudaIpcTransport(Transport):
                                                   w.name if w else "", w.slots if w else 0, pieces=pieces,
                                                   device_uuid=gpu_uuid(r.device)))
 
-    def _open_pieces(self, d: _Descriptor, index: int) -> _Peer:
+    def _open_pieces(self, d: _Descriptor, index: int) -> Peer:
         """The peer's region not its own allocation: each allocation opened once (two buffers
         may share one), each buffer at its address here."""
         import cupy
 
-        peer = _Peer(0, d.nbytes, opened=False)
+        peer = Peer(0, d.nbytes, opened=False)
         opened: dict[bytes, int] = {}
         try:
             with cupy.cuda.Device(index):
@@ -273,17 +223,6 @@ class CudaIpcTransport(Transport):
         p, r = self._peers.get(peer), self._regions.get(region)
         return p is not None and r is not None and bool(p.device_uuid) and p.device_uuid == gpu_uuid(r.device)
 
-    def _absolute(self, p: _Peer, plan: RangePlan) -> RangePlan | None:
-        """``plan`` with the absolute addresses of a pieced region's destinations (None: a range
-        outside every piece)."""
-        starts = np.array([o for o, _, _ in p.pieces], dtype=np.int64)
-        ends = starts + np.array([n for _, n, _ in p.pieces], dtype=np.int64)
-        bases = np.array([a for _, _, a in p.pieces], dtype=np.int64)
-        k = np.searchsorted(starts, plan.dst_offsets, side="right") - 1
-        if (k < 0).any() or (plan.dst_offsets + plan.lengths > ends[np.maximum(k, 0)]).any():
-            return None
-        return RangePlan(plan.src_offsets, bases[k] + (plan.dst_offsets - starts[k]), plan.lengths)
-
     # --- prefill side ---------------------------------------------------------------------
     def connect(self, descriptor: bytes, timeout_s: float, session: bytes = b"") -> PeerId:
         import cupy
@@ -296,7 +235,7 @@ class CudaIpcTransport(Transport):
         if d.pid == os.getpid():
             if (d.token, d.address) not in _exported_here:
                 raise PeerLost("the cuda_ipc region was closed")
-            peer = _Peer(d.address, d.nbytes, opened=False)
+            peer = Peer(d.address, d.nbytes, opened=False)
         elif d.pieces:
             peer = self._open_pieces(d, local.index if local.index is not None else torch.cuda.current_device())
         else:
@@ -305,7 +244,7 @@ class CudaIpcTransport(Transport):
                     address = cupy.cuda.runtime.ipcOpenMemHandle(d.handle, _LAZY_ENABLE_PEER_ACCESS)
             except cupy.cuda.runtime.CUDARuntimeError as e:
                 raise PeerLost(f"cannot open the peer's CUDA IPC handle (another node, or it restarted): {e}") from None
-            peer = _Peer(address, d.nbytes, opened=True)
+            peer = Peer(address, d.nbytes, opened=True)
         if d.pid != os.getpid():  # (one process: one context, nothing to pass between)
             peer.device_uuid = d.device_uuid
         if d.words and d.word_slots > 0 and self.options.signals:
@@ -360,7 +299,7 @@ class CudaIpcTransport(Transport):
         return self.submit_prepared(prepared, timeout_s, after, ticket=ticket)
 
     def prepare_submit(self, peer: PeerId, region: RegionId, plan: RangePlan, *,
-                       signal: tuple[int, int] | None = None) -> _Prepared | None:
+                       signal: tuple[int, int] | None = None) -> Prepared | None:
         src = self._regions[region]
         p = self._peers[peer]
         placed = self._placed(p, src, plan)
@@ -369,11 +308,11 @@ class CudaIpcTransport(Transport):
         stream = self._stream(src.device)
         copy = prepare_copy(src.address, placed[1], placed[0], device=src.device, stream=stream)
         ring = p.ring.bound(*signal) if signal is not None and p.ring is not None else None
-        return _Prepared(peer, p, src, stream, copy, ring, plan.nbytes)
+        return Prepared(peer, p, src, stream, copy, ring, plan.nbytes)
 
     def submit_prepared(self, prepared: object, timeout_s: float, after: torch.cuda.Event | None = None, *,
                         ticket: bytes = b"") -> BatchHandle:
-        assert isinstance(prepared, _Prepared)
+        assert isinstance(prepared, Prepared)
         if self._peers.get(prepared.peer) is not prepared.p:  # (its mapping, and its ring, are closed)
             raise PeerLost(f"cuda_ipc peer {prepared.peer} was disconnected since its hand-off was prepared")
         src, stream, ring = prepared.src, prepared.stream, prepared.ring
@@ -429,7 +368,7 @@ class CudaIpcTransport(Transport):
             posts.end(None)
         return posts
 
-    def _prepare_rows(self, p: _Peer, src: _Region, plans: list[tuple[int, RangePlan]]
+    def _prepare_rows(self, p: Peer, src: Region, plans: list[tuple[int, RangePlan]]
                       ) -> dict[int, PreparedCopy] | bool | None:
         """Every layer's copy laid out in one pass (``ops.prepare_rows``) where the plans share
         their lengths (``layout.plan_layers`` makes them so); False: a range outside the source
@@ -445,7 +384,7 @@ class CudaIpcTransport(Transport):
             return False
         base = p.address
         if p.pieces:
-            absolute = self._absolute(p, RangePlan(srcs.ravel(), dsts.ravel(), np.tile(lengths, len(plans))))
+            absolute = absolute_plan(p, RangePlan(srcs.ravel(), dsts.ravel(), np.tile(lengths, len(plans))))
             if absolute is None:
                 return False
             dsts, base = absolute.dst_offsets.reshape(dsts.shape), 0
@@ -456,7 +395,7 @@ class CudaIpcTransport(Transport):
         with self._posts_lock:
             self._open_posts.pop(handle.id, None)
 
-    def _placed(self, p: _Peer, src: _Region, plan: RangePlan) -> tuple[RangePlan, int] | None:
+    def _placed(self, p: Peer, src: Region, plan: RangePlan) -> tuple[RangePlan, int] | None:
         """``plan`` as the kernel takes it, and the destination's base address; None: a range
         outside the source region or the peer's."""
         try:
@@ -464,7 +403,7 @@ class CudaIpcTransport(Transport):
         except ValueError:
             return None
         if p.pieces and len(plan):
-            absolute = self._absolute(p, plan)
+            absolute = absolute_plan(p, plan)
             return None if absolute is None else (absolute, 0)
         return plan, p.address
 

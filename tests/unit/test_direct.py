@@ -282,13 +282,13 @@ def test_cuda_ipc_translates_a_pieced_regions_offsets_to_each_pieces_address():
     import numpy as np
 
     from lmcache_pd.layout import RangePlan
-    from lmcache_pd.transport.cuda_ipc import CudaIpcTransport, _Peer
+    from lmcache_pd.transport._cuda_regions import Peer, absolute_plan
 
-    p = _Peer(0, 10_000, opened=False)
+    p = Peer(0, 10_000, opened=False)
     p.pieces = [(100, 1000, 0x7000_0000), (5000, 1000, 0x9000_0000)]
     plan = RangePlan(np.array([0, 64, 128]), np.array([100, 1050, 5936]), np.array([64, 50, 64]))
-    out = CudaIpcTransport._absolute(None, p, plan)
+    out = absolute_plan(p, plan)
     assert out is not None and list(out.dst_offsets) == [0x7000_0000, 0x7000_0000 + 950, 0x9000_0000 + 936]
     assert list(out.src_offsets) == [0, 64, 128] and list(out.lengths) == [64, 50, 64]
     for dst, n in ((1090, 64), (50, 8), (6000, 1), (4000, 8)):
-        assert CudaIpcTransport._absolute(None, p, RangePlan(np.array([0]), np.array([dst]), np.array([n]))) is None
+        assert absolute_plan(p, RangePlan(np.array([0]), np.array([dst]), np.array([n]))) is None
