@@ -391,8 +391,9 @@ class Loader:
         try:
             self.scatter.verify(r)
             self.scatter.pages(load, r, len(r.pages))
-            if r.direct:  # written into the blocks by the prefill
-                load.nbytes = r.num_bytes
+            if r.direct:  # written into the blocks by the prefill (a signaled load's TransferDone, and
+                # its count, may not have come yet: every layer of each block was written)
+                load.nbytes = r.num_bytes or len(r.direct) * self.kv.page_bytes
         finally:
             self.pool.free(spec.handoff.transfer_id, now=time.monotonic())
         load.move(LoadPhase.DONE)

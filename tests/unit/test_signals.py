@@ -163,6 +163,7 @@ def _ends_before_transfer_done(n: Node, tid: str):
     held.release.set()
     (s,), _ = n.results(1, 0)
     assert s.ok, s.error
+    assert ld.num_bytes == s.num_bytes > 0, "the load counts the bytes it got, TransferDone or not"
     assert n.pool_full()
     return ld
 
