@@ -14,7 +14,10 @@ processes), and prints what the check costs. ``--direct`` does the same with a s
 prefill writes straight into the decode's blocks: no pool, no scatter). ``--against JSON`` does the same with a second pair
 whose transport options are JSON (``'{"signals": false}'``: cuda_ipc's decode scatter waiting for
 TransferDone on the host instead of the copy's device-side signal).
-Column *hand-off ms*: the submit to the benchmark's decode thread learning that the load
+``--unprepared`` does the same with a twin of the main pair whose reservations name no blocks (its
+launch planned at the submit, not laid out at the grant: node/on_caller.py); ``--main-direct``
+makes the main pair (and that twin) direct; ``--settle-ms`` puts that long between the grant and
+the submit. Column *hand-off ms*: the submit to the benchmark's decode thread learning that the load
 ended (it waits on the loader's condition); *load ended*: the submit to the load's end on the
 decode (the loader's record of it, which vLLM's next ``get_finished`` there finds: vLLM looks
 once a step and never waits on that condition). Columns *signaled*: hand-offs whose decode load ended on the landing signal (``'{"signals": true}'``,
