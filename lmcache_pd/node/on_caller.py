@@ -112,7 +112,8 @@ class Launcher:
             self.reserved.put_back(tid, grants)  # the loop's steps refuse it, or stream it, as usual
             return None
         prepared = (ahead.lanes if isinstance(ahead, _Ahead) and ahead.blocks == tuple(spec.block_ids)
-                    and all(lane[0] is g for lane, g in zip(ahead.lanes, grants, strict=True)) else ())
+                    and len(ahead.lanes) == len(grants) and all(lane[0] is g for lane, g in zip(ahead.lanes, grants))
+                    else ())
         t0, started_at = time.monotonic(), time.time()
         lanes: list[tuple[Grant, RangePlan, object]] = []
         from_prepared = 0
