@@ -41,7 +41,7 @@ class Launched:
     lanes: tuple[tuple[Grant, RangePlan, object], ...]
     t0: float
     started_at: float
-    first_byte_at: float
+    """Wall clock at the launch (the first byte's mark where the transport stamps none)."""
     error: str = ""
     """A lane could not be submitted after others were: the hand-off fails (on the loop)."""
     prepared: int = 0
@@ -139,7 +139,7 @@ class Launcher:
                 if not lanes:
                     self.reserved.put_back(tid, grants)
                     return None
-                return Launched(grants, tuple(lanes), t0, started_at, started_at,
+                return Launched(grants, tuple(lanes), t0, started_at,
                                 error=f"lane to rank {grant.peer.rank} not submitted: {e!r}", prepared=from_prepared)
             lanes.append((grant, plan, handle))
-        return Launched(grants, tuple(lanes), t0, started_at, started_at, prepared=from_prepared)
+        return Launched(grants, tuple(lanes), t0, started_at, prepared=from_prepared)

@@ -344,7 +344,7 @@ class KVSender:
         _, last_byte_at = await send_groups(self.transport, self._io.region, grant.peer, [plan], (len(grant.pages),),
                                             spec.handoff, ticket=b"", data_s=self.t.data_s, submitted=[handle],
                                             **self._watch(spec))
-        return LaneSent(grant, [plan], None, (handle.began_at or launched.first_byte_at, last_byte_at),
+        return LaneSent(grant, [plan], None, (handle.began_at or launched.started_at, last_byte_at),
                         time.monotonic() - launched.t0)
 
     async def _done(self, spec: SendSpec, lanes: list[LaneSent], reserved: bool, t0: float, t_alloc: float,
