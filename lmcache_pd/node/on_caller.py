@@ -78,7 +78,8 @@ class Launcher:
         """Each lane's launch laid out (None: the transport prepares nothing, or it cannot go
         as one batch a lane; the caller's thread then plans it as usual)."""
         n_pages = blocks_for_tokens(h.num_tokens, self.block_size)
-        if self.io.region < 0 or not self._one_group(grants, len(blocks), n_pages):
+        if (not self.io.transport.capabilities.prepares or self.io.region < 0
+                or not self._one_group(grants, len(blocks), n_pages)):  # (no plan made for nothing)
             return None
         lanes = []
         try:

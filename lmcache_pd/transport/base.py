@@ -82,6 +82,9 @@ class Capabilities:
     copy), and :meth:`LayerPosts.post` starts one in a few microseconds, on any thread: the
     forward's own thread starts each layer as it passes it, and the sender's thread does nothing
     per layer (cuda_ipc; loopback with its ``posts_layers`` option)."""
+    prepares: bool = False
+    """``prepare_submit`` lays a submit out ahead and ``submit_prepared`` starts it (cuda_ipc,
+    loopback); without it the sender plans nothing at the grant."""
 
 
 class WriteGate(Protocol):
@@ -295,8 +298,8 @@ class Transport(ABC):
         """A ``submit`` of ``plan`` laid out now (checked, placed, the copy's launch built), to be
         started later by :meth:`submit_prepared` (NIXL's pattern: descriptors prepared once, then
         posted): the sender prepares a reserved hand-off when its pages are granted, while the
-        forward that computes it runs. None: this transport prepares nothing ahead (``submit``
-        then), or the plan is refused (``submit`` says why)."""
+        forward that computes it runs (``capabilities.prepares``). None: this transport prepares
+        nothing ahead (``submit`` then), or the plan is refused (``submit`` says why)."""
         return None
 
     def submit_prepared(self, prepared: object, timeout_s: float, after: torch.cuda.Event | None = None, *,

@@ -92,7 +92,7 @@ class CudaIpcTransport(Transport):
     name = "cuda_ipc"
     capabilities = Capabilities(remote=True, mem_kinds=frozenset({"cuda"}), listens=False, stream_ordered=True,
                                 encrypts=True,  # GPU to GPU on one node: nothing crosses a network
-                                signals=True, direct=True, posts_layers=True)
+                                signals=True, direct=True, posts_layers=True, prepares=True)
     Options = CudaIpcOptions
 
     def __init__(self, options: CudaIpcOptions, **kwargs: object):

@@ -63,7 +63,7 @@ class _Descriptor(msgspec.Struct, frozen=True):
 class LoopbackTransport(Transport):
     name = "loopback"
     capabilities = Capabilities(remote=False, mem_kinds=frozenset({"cpu"}), listens=False, encrypts=True,
-                                direct=True)
+                                direct=True, prepares=True)
     Options = LoopbackOptions
 
     def __init__(self, options: LoopbackOptions, **kwargs: object):
