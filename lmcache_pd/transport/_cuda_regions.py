@@ -38,6 +38,11 @@ class Peer:
         self.mappings: list[int] = []  # the allocations opened for ``pieces``, to close
         self.device_uuid = ""  # its region's GPU, when in another process (base.gpu_uuid)
 
+    def ring_for(self, signal: tuple[int, int] | None) -> Callable[[int], None] | None:
+        """What ends a batch with ``signal`` (slot, value) on a raw stream handle (Ring.bound);
+        None: no signal asked, or the peer keeps no words we reach."""
+        return self.ring.bound(*signal) if signal is not None and self.ring is not None else None
+
 
 class Prepared(NamedTuple):
     """A submit laid out ahead (``prepare_submit``): checked, placed, its launch built."""

@@ -307,7 +307,7 @@ class CudaIpcTransport(Transport):
             return None
         stream = self._stream(src.device)
         copy = prepare_copy(src.address, placed[1], placed[0], device=src.device, stream=stream)
-        ring = p.ring.bound(*signal) if signal is not None and p.ring is not None else None
+        ring = p.ring_for(signal)
         return Prepared(peer, p, src, stream, copy, ring, plan.nbytes)
 
     def submit_prepared(self, prepared: object, timeout_s: float, after: torch.cuda.Event | None = None, *,
@@ -358,7 +358,7 @@ class CudaIpcTransport(Transport):
             self._finish(handle, BatchState.FAILED, time.monotonic(), "range plan outside a registered region")
             return Posts(handle, stream, src.device, {}, None, done=self._pending.put, forget=self._forget_posts,
                          fail=lambda error: None)
-        at = p.ring.bound(*signal) if signal is not None and p.ring is not None else None
+        at = p.ring_for(signal)
         handle.state = BatchState.IN_FLIGHT
         posts = Posts(handle, stream, src.device, prepared, at, done=self._pending.put, forget=self._forget_posts,
                       fail=lambda error: self._finish(handle, BatchState.FAILED, time.monotonic(), error))
