@@ -391,9 +391,9 @@ class Loader:
         try:
             self.scatter.verify(r)
             self.scatter.pages(load, r, len(r.pages))
-            if r.direct:  # written into the blocks by the prefill (a signaled load's TransferDone, and
-                # its count, may not have come yet: every layer of each block was written)
-                load.nbytes = r.num_bytes or len(r.direct) * self.kv.page_bytes
+            if r.direct:  # every layer of each of its blocks, written there by the prefill (counted
+                # here: a signaled load ends before TransferDone brings the prefill's count)
+                load.nbytes = len(r.direct) * self.kv.page_bytes
         finally:
             self.pool.free(spec.handoff.transfer_id, now=time.monotonic())
         load.move(LoadPhase.DONE)
