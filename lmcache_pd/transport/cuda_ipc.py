@@ -64,12 +64,13 @@ class CudaIpcOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     completion_wait: Literal["nap", "spin"] = "nap"
     """How the completion thread waits for a batch (_cuda_done.py): ``nap``, sleeping between looks
     until the copy can start, then spinning through the copy; ``spin``, spinning throughout."""
-    signals: bool = False
+    signals: bool = True
     """Landing signals (landing.py): after a hand-off's bytes the copy stream writes its landing
     word in host memory both processes map and posts the decode loader's semaphore, and the
     decode ends the load (direct: nothing to scatter; pool: its scatter) without waiting for
-    TransferDone. Set on both sides (a decode exports words only with it; a prefill writes them
-    only with it)."""
+    TransferDone. On by default (the GPU suite, vLLM's GPU engine included, ran with it on); off on
+    either side turns it off (a decode exports words only with it; a prefill writes them only
+    with it)."""
 
 
 class _Descriptor(msgspec.Struct, frozen=True):
