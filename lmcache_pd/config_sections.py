@@ -78,6 +78,15 @@ class TransportConfig(Section):
     that computed its last chunk ended (still a step earlier than without ``layerwise``): a batch
     per layer cost more than it hid for small ones (2 MiB: 0.13 ms slower layered on one H200).
     0: every hand-off goes layer by layer."""
+    layerwise_on_shared_gpu: bool = False
+    """With ``layerwise``, send layer by layer also to a decode whose pool is on the prefill's own
+    GPU (another process: ``Transport.shares_device``, cuda_ipc and nixl). Off (default): such a
+    hand-off goes whole as the forward that computed its last chunk ends, as one below
+    ``layerwise_min_mib``: its copy is device-local (tens of microseconds for 16 MiB), so there is
+    little to hide, and the per-layer work cost vLLM's forward more (TTFT 2.2 ms at 1024 tokens and
+    1.5 ms at 8192 inside vLLM's engine on one H100, docs/benchmarks.md). Decided per hand-off at
+    its first piece, from the link to that decode: the first hand-off to a decode not linked yet
+    goes layer by layer."""
     layerwise_chunks: bool = True
     """With ``layerwise`` and chunked prefill, start the hand-off with the prompt's first chunk:
     the blocks each chunk's forward completes go during the next (one batch each), and only the

@@ -280,7 +280,9 @@ class PrefillWorker(_PDWorker):
         if entry is None:  # the first piece: from now on vLLM keeps the blocks until we report them
             self.users.add(spec.req_id)
             entry = self._pieces[tid] = (spec.req_id, spec.handoff, None)
-        small = self._small(spec)
+            small = self._whole(spec)
+        else:  # (decided at the first piece: a layered one has its Pieces from then on)
+            small = entry[2] is None
         if small and spec.final:  # whole once the last chunk's forward ended (its launch laid out at the grant)
             self.sender.reserve(spec.handoff, tuple(spec.block_ids))
             self._at_end.append(spec)
@@ -328,11 +330,15 @@ class PrefillWorker(_PDWorker):
         for marks in self._forward:
             marks.layer(index, ready)
 
-    def _small(self, spec: SendSpec) -> bool:
-        """Below ``transport.layerwise_min_mib``: one batch per layer would cost more than it hides."""
+    def _whole(self, spec: SendSpec) -> bool:
+        """A layered hand-off that goes whole at its last chunk's forward end instead: below
+        ``transport.layerwise_min_mib`` (one batch per layer would cost more than it hides), or
+        to a decode whose pool is on our GPU (``transport.layerwise_on_shared_gpu`` off)."""
         assert self.sender is not None
+        t = self.cfg.transport
         pages = blocks_for_tokens(spec.handoff.num_tokens, self.sender.worker.compat.block_size)
-        return pages * self.sender.kv.page_bytes < self.cfg.transport.layerwise_min_mib * 2**20
+        return (pages * self.sender.kv.page_bytes < t.layerwise_min_mib * 2**20
+                or (not t.layerwise_on_shared_gpu and self.sender.shares_gpu(spec.handoff.peer)))
 
     def wait_for_save(self) -> None:
         """The forward ended: every layer is computed, whether or not its hook ran (a full CUDA

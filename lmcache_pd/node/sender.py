@@ -189,6 +189,18 @@ class KVSender:
         it if it is a layered one already under way."""
         self._loop.submit(self._unreserve(transfer_id, reason))
 
+    def shares_gpu(self, peer: PeerName) -> bool:
+        """Whether decode instance ``peer``'s pool is on our GPU, in another process
+        (``Transport.shares_device``) for every lane, as its links say (any thread: it only reads
+        them). False while a lane has no link: before the first hand-off to it, or after a drop;
+        and for a name that is no decode of the deployment (its hand-off fails saying so)."""
+        try:
+            links = [self.links.find(peer, lane.rank) for lane in self.links.lanes(peer)]
+        except PeerLost:
+            return False
+        return bool(links) and all(link is not None and self.transport.shares_device(link.peer_id, self._io.region)
+                                   for link in links)
+
     def handoff_deadline_s(self) -> float:
         """The longest a hand-off can take: every deadline it may meet, one after the other."""
         t = self.t

@@ -18,15 +18,16 @@ pytest.importorskip("vllm", reason="vLLM is not installed here (run scripts/setu
 from tests.unit.nodes import make_cfg  # noqa: E402
 
 
-def prefill_worker(*, layerwise_min_mib: int):
-    """A PrefillWorker over the sender of a Node (real sender and receiver, tcp), with the
-    Node's layers named as vLLM names them; the Node's pool is 2 MiB."""
+def prefill_worker(*, layerwise_min_mib: int, transport: str = "tcp", options: dict | None = None, **settings):
+    """A PrefillWorker over the sender of a Node (real sender and receiver, tcp unless said), with
+    the Node's layers named as vLLM names them; the Node's pool is 2 MiB. ``settings``: more of
+    ``transport``'s section."""
     from lmcache_pd.connector.worker_side import PrefillWorker
     from tests.unit.nodes import LAYERS, Node
 
-    cfg = make_cfg(pool_mib=2, layerwise=True)
+    cfg = make_cfg(transport, options=options, pool_mib=2, layerwise=True)
     cfg = msgspec.structs.replace(cfg, transport=msgspec.structs.replace(cfg.transport,
-                                                                       layerwise_min_mib=layerwise_min_mib))
+                                                                       layerwise_min_mib=layerwise_min_mib, **settings))
     node = Node(cfg)
     worker = PrefillWorker(None, cfg, instance="prefill-0")
     worker.sender = node.sender
@@ -83,6 +84,56 @@ def test_a_small_layered_handoff_goes_whole_at_the_forwards_end_and_a_large_one_
         assert all(r.ok for r in loads + loads_), loads + loads_
         node.assert_moved(p_small, d_small)
         node.assert_moved(p_large, d_large)
+    finally:
+        node.close()
+
+
+def _one_step(worker, node, spec, handoff) -> tuple:
+    """One forward over ``spec`` (its layers marked, then its end), as vLLM runs it; returns the
+    hand-off's SendResult and LoadResult once both ended, and whether it had gone before the
+    forward's end."""
+    from lmcache_pd.connector.metadata import PDConnectorMetadata
+    from tests.unit.nodes import LAYERS
+
+    meta = PDConnectorMetadata(sends=[spec], reserves=[handoff])
+    for i in range(LAYERS):
+        worker.save_kv_layer(f"model.layers.{i}.attn", meta)
+    deadline = time.monotonic() + 0.5
+    early: list = []
+    while not early and time.monotonic() < deadline:  # a layered one lands while the forward "runs"
+        early += node.receiver.drain()
+        time.sleep(0.005)
+    worker.wait_for_save()
+    (s,), loads = node.results(1, 0 if early else 1)
+    return s, (early or loads)[0], bool(early)
+
+
+@pytest.mark.parametrize("layerwise_on_shared_gpu", [False, True])
+def test_a_handoff_to_a_decode_whose_pool_is_on_our_gpu_goes_whole_at_the_forwards_end(layerwise_on_shared_gpu):
+    """``transport.layerwise_on_shared_gpu`` off (the default): once the link to the decode says
+    its pool is on our GPU (``Transport.shares_device``; loopback says so when told to), a layered
+    hand-off over ``layerwise_min_mib`` goes whole as the forward ends (a device-local copy has
+    little to hide, and per-layer work costs the forward more). The first one, before any link,
+    goes layer by layer. On: every one goes layer by layer. All land bitwise."""
+    import dataclasses
+
+    from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
+    from tests.unit.nodes import BLOCK
+
+    node, worker = prefill_worker(layerwise_min_mib=0, transport="loopback", options={"shares_device": True},
+                                  layerwise_on_shared_gpu=layerwise_on_shared_gpu)
+    try:
+        assert not node.sender.shares_gpu("decode-0")  # no link yet
+        assert not node.sender.shares_gpu("decode-9")  # no such decode
+        for i, (p_blocks, d_blocks) in enumerate([([3, 4, 5], [20, 21, 22]), ([6, 7, 8], [23, 24, 25])]):
+            h = Handoff(f"h{i}", "decode-0", 3 * BLOCK, "d" * 32)
+            node.receiver.submit_load(LoadSpec(f"d-{i}", dataclasses.replace(h, peer="prefill-0"), tuple(d_blocks)))
+            s, ld, early = _one_step(worker, node, SendSpec(f"p-{i}", h, tuple(p_blocks), layered=True), h)
+            assert s.ok and ld.ok, (s.error, ld.error)
+            node.assert_moved(p_blocks, d_blocks)
+            layered = i == 0 or layerwise_on_shared_gpu
+            assert s.layered is layered and early is layered, (i, s)
+        assert node.sender.shares_gpu("decode-0")  # the link says so now
     finally:
         node.close()
 
