@@ -80,13 +80,16 @@ class TransportConfig(Section):
     0: every hand-off goes layer by layer."""
     layerwise_on_shared_gpu: bool = False
     """With ``layerwise``, send layer by layer also to a decode whose pool is on the prefill's own
-    GPU (another process: ``Transport.shares_device``, cuda_ipc and nixl). Off (default): such a
-    hand-off goes whole as the forward that computed its last chunk ends, as one below
-    ``layerwise_min_mib``: its copy is device-local (tens of microseconds for 16 MiB), so there is
-    little to hide, and the per-layer work cost vLLM's forward more (TTFT 2.2 ms at 1024 tokens and
-    1.5 ms at 8192 inside vLLM's engine on one H100, docs/benchmarks.md). Decided per hand-off at
-    its first piece, from the link to that decode: the first hand-off to a decode not linked yet
-    goes layer by layer."""
+    GPU (another process: ``Transport.shares_device``, cuda_ipc and nixl) and whose request comes
+    only after the prefill answered (the proxy's ``first_token: prefill`` path). Off (default):
+    such a hand-off goes whole as the forward over its last chunk ends, as one below
+    ``layerwise_min_mib``: nobody waits for it before then, its copy is device-local, and the
+    per-layer work slowed vLLM's forward, so the prefill's first token (TTFT 1.3-1.5 ms at 8192
+    tokens, up to 2.2 at 1024, inside vLLM's engine on one H100, docs/benchmarks.md). A decode
+    already waiting (the proxy sent its request at once: ``decode_sent``) still gets layers: the
+    last one lands before the forward's tail ends (5.5 ms sooner at 8192 tokens). Decided per
+    hand-off at its first piece, from the link to that decode: the first hand-off to a decode not
+    linked yet goes layer by layer."""
     layerwise_chunks: bool = True
     """With ``layerwise`` and chunked prefill, start the hand-off with the prompt's first chunk:
     the blocks each chunk's forward completes go during the next (one batch each), and only the

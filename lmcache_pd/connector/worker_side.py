@@ -333,12 +333,14 @@ class PrefillWorker(_PDWorker):
     def _whole(self, spec: SendSpec) -> bool:
         """A layered hand-off that goes whole at its last chunk's forward end instead: below
         ``transport.layerwise_min_mib`` (one batch per layer would cost more than it hides), or
-        to a decode whose pool is on our GPU (``transport.layerwise_on_shared_gpu`` off)."""
+        to a decode whose pool is on our GPU that is not waiting for it yet (its request comes
+        after our answer: ``Handoff.decode_sent`` false; ``transport.layerwise_on_shared_gpu`` off).
+        A decode that waits gains from layers: the last one lands before the forward's tail ends."""
         assert self.sender is not None
-        t = self.cfg.transport
-        pages = blocks_for_tokens(spec.handoff.num_tokens, self.sender.worker.compat.block_size)
+        t, h = self.cfg.transport, spec.handoff
+        pages = blocks_for_tokens(h.num_tokens, self.sender.worker.compat.block_size)
         return (pages * self.sender.kv.page_bytes < t.layerwise_min_mib * 2**20
-                or (not t.layerwise_on_shared_gpu and self.sender.shares_gpu(spec.handoff.peer)))
+                or (not t.layerwise_on_shared_gpu and not h.decode_sent and self.sender.shares_gpu(h.peer)))
 
     def wait_for_save(self) -> None:
         """The forward ended: every layer is computed, whether or not its hook ran (a full CUDA

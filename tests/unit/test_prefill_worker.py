@@ -114,7 +114,9 @@ def test_a_handoff_to_a_decode_whose_pool_is_on_our_gpu_goes_whole_at_the_forwar
     its pool is on our GPU (``Transport.shares_device``; loopback says so when told to), a layered
     hand-off over ``layerwise_min_mib`` goes whole as the forward ends (a device-local copy has
     little to hide, and per-layer work costs the forward more). The first one, before any link,
-    goes layer by layer. On: every one goes layer by layer. All land bitwise."""
+    goes layer by layer, and so does one whose decode already waits for it (``decode_sent``: the
+    proxy sent its request at once; the last layer lands before the forward's tail ends). On:
+    every one goes layer by layer. All land bitwise."""
     import dataclasses
 
     from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec
@@ -125,13 +127,14 @@ def test_a_handoff_to_a_decode_whose_pool_is_on_our_gpu_goes_whole_at_the_forwar
     try:
         assert not node.sender.shares_gpu("decode-0")  # no link yet
         assert not node.sender.shares_gpu("decode-9")  # no such decode
-        for i, (p_blocks, d_blocks) in enumerate([([3, 4, 5], [20, 21, 22]), ([6, 7, 8], [23, 24, 25])]):
-            h = Handoff(f"h{i}", "decode-0", 3 * BLOCK, "d" * 32)
+        cases = [([3, 4, 5], [20, 21, 22], False), ([6, 7, 8], [23, 24, 25], False), ([9, 10, 11], [26, 27, 28], True)]
+        for i, (p_blocks, d_blocks, decode_sent) in enumerate(cases):
+            h = Handoff(f"h{i}", "decode-0", 3 * BLOCK, "d" * 32, decode_sent=decode_sent)
             node.receiver.submit_load(LoadSpec(f"d-{i}", dataclasses.replace(h, peer="prefill-0"), tuple(d_blocks)))
             s, ld, early = _one_step(worker, node, SendSpec(f"p-{i}", h, tuple(p_blocks), layered=True), h)
             assert s.ok and ld.ok, (s.error, ld.error)
             node.assert_moved(p_blocks, d_blocks)
-            layered = i == 0 or layerwise_on_shared_gpu
+            layered = i == 0 or decode_sent or layerwise_on_shared_gpu
             assert s.layered is layered and early is layered, (i, s)
         assert node.sender.shares_gpu("decode-0")  # the link says so now
     finally:
