@@ -84,7 +84,7 @@ class TransportConfig(Section):
     only after the prefill answered (the proxy's ``first_token: prefill`` path). Off (default):
     such a hand-off goes whole as the forward over its last chunk ends, as one below
     ``layerwise_min_mib``: nobody waits for it before then, its copy is device-local, and the
-    per-layer work slowed vLLM's forward, so the prefill's first token (TTFT 1.3-1.5 ms at 8192
+    per-layer work slowed vLLM's forward, and with it the prefill's first token (1.3-1.5 ms at 8192
     tokens, up to 2.2 at 1024, inside vLLM's engine on one H100, docs/benchmarks.md). A decode
     already waiting (the proxy sent its request at once: ``decode_sent``) still gets layers: the
     last one lands before the forward's tail ends (5.5 ms sooner at 8192 tokens). Decided per

@@ -214,11 +214,11 @@ class PrefillWorker(_PDWorker):
         """Layered pieces whose layers this step's forward computes (vLLM's thread only)."""
         self._pieces: dict[TransferId, tuple[ReqId, Handoff, Pieces | None]] = {}
         """Layered hand-offs whose last chunk is still to come, from their first piece on (None:
-        one below ``layerwise_min_mib``, which starts only with its last chunk); vLLM keeps their
+        one going whole, ``_whole``, which starts only with its last chunk); vLLM keeps their
         blocks for us from then on (vLLM's thread only)."""
         self._at_end: list[SendSpec] = []
-        """Hand-offs below ``transport.layerwise_min_mib`` whose last chunk this step's forward
-        computes: they go whole once it ended (vLLM's thread only)."""
+        """Hand-offs going whole (``_whole``) whose last chunk this step's forward computes: they
+        go once it ended (vLLM's thread only)."""
         self._begun: PDConnectorMetadata | None = None
         """The step whose reservations and layered hand-offs have started."""
 
@@ -280,13 +280,13 @@ class PrefillWorker(_PDWorker):
         if entry is None:  # the first piece: from now on vLLM keeps the blocks until we report them
             self.users.add(spec.req_id)
             entry = self._pieces[tid] = (spec.req_id, spec.handoff, None)
-            small = self._whole(spec)
+            whole = self._whole(spec)
         else:  # (decided at the first piece: a layered one has its Pieces from then on)
-            small = entry[2] is None
-        if small and spec.final:  # whole once the last chunk's forward ended (its launch laid out at the grant)
+            whole = entry[2] is None
+        if whole and spec.final:  # whole once the last chunk's forward ended (its launch laid out at the grant)
             self.sender.reserve(spec.handoff, tuple(spec.block_ids))
             self._at_end.append(spec)
-        elif not small:
+        elif not whole:
             marks = LayerMarks(self.sender.kv.num_layers)
             self._forward.append(marks)
             if entry[2] is not None:
@@ -303,7 +303,7 @@ class PrefillWorker(_PDWorker):
         self._begin(meta)
         for tid in meta.unreserves:  # (an aborted request: vLLM keeps its blocks until the hand-off stopped)
             entry = self._pieces.pop(tid, None)
-            if entry is not None and entry[2] is None:  # a small one, not started: its blocks are free now
+            if entry is not None and entry[2] is None:  # one going whole, not started: its blocks are free now
                 self.users.end(entry[0])
             self.sender.unreserve(tid)
         for load in meta.cache_loads:
@@ -344,7 +344,7 @@ class PrefillWorker(_PDWorker):
 
     def wait_for_save(self) -> None:
         """The forward ended: every layer is computed, whether or not its hook ran (a full CUDA
-        graph runs none), so the layers not marked yet go now, and the small hand-offs whole."""
+        graph runs none), so the layers not marked yet go now, and the hand-offs going whole (``_whole``) go."""
         if not (self._forward or self._at_end) or self.sender is None:
             return
         buffer = self.sender.kv_buffer
