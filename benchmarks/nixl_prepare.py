@@ -60,7 +60,8 @@ def main() -> None:
     counts = [int(x) for x in a.ranges.split(",")]
     # Every other range of the source and of the pool: no two coalesce.
     nbytes = 2 * max(counts) * a.range_bytes
-    mem, dev = ("VRAM", 0) if a.device.startswith("cuda") else ("DRAM", 0)
+    device = torch.device(a.device)
+    mem, dev = ("VRAM", device.index or 0) if device.type == "cuda" else ("DRAM", 0)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_decode, args=(child, nbytes, a.device), daemon=True)
