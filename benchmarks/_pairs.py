@@ -180,7 +180,7 @@ def _decode_side(conn, cfg_dict: dict, device: str, num_blocks: int, transport: 
             pass
         woken = time.time()  # this thread (the worker's, in a deployment) learns that the load ended
         conn.send((time.monotonic(), done[0].ok, done[0].error, done[0].scatter_s, done[0].groups, done[0].signaled,
-                   done[0].done_at, woken, done[0].ready_at))
+                   done[0].done_at, woken, done[0].ready_at, done[0].spun))
     rx.close()
 
 
@@ -318,7 +318,7 @@ class HandoffPair:
         t0, t0_wall = time.monotonic(), time.time()
         if forward_us <= 0 or not layered:
             self.tx.submit(spec)
-        t_done, ok, error, scatter_s, groups, signaled, loaded_at, woken, ready_at = self.parent.recv()
+        t_done, ok, error, scatter_s, groups, signaled, loaded_at, woken, ready_at, spun = self.parent.recv()
         sent = []
         while not sent:
             sent = self.tx.drain()
@@ -330,7 +330,8 @@ class HandoffPair:
         s = sent[0]
         self.phases.append({"allocate": s.allocate_s, "transfer": s.seconds,
                             "after transfer": total - s.allocate_s - s.seconds, "scatter": scatter_s,
-                            "groups": groups, "signaled": int(signaled), "on_caller": int(s.on_caller),
+                            "groups": groups, "signaled": int(signaled), "spun": int(spun),
+                            "on_caller": int(s.on_caller),
                             "prepared": int(s.prepared),
                             "direct": int(s.direct),
                             # Wall-clock marks (one machine): plan and launch on the caller's

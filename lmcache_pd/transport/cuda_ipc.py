@@ -71,6 +71,16 @@ class CudaIpcOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     TransferDone. On by default (the GPU suite, vLLM's GPU engine included, ran with it on); off on
     either side turns it off (a decode exports words only with it; a prefill writes them only
     with it)."""
+    spin_us: int = 1000
+    """The decode's side, with ``signals``: the longest its loader watches a launched hand-off's
+    landing word, per load, from a C loop without the GIL (landing.py, *launched marks*): it
+    sees the copy stream's write microseconds after the last byte instead of the post from
+    CUDA's host-function thread (50-150 us later). Costs up to this much of one CPU core per
+    hand-off; past it the loader sleeps on the semaphore as with 0 (never watch)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.spin_us <= 1_000_000:
+            raise ValueError("spin_us must be between 0 and 1000000 (1 s)")
 
 
 class _Descriptor(msgspec.Struct, frozen=True):
@@ -145,7 +155,7 @@ class CudaIpcTransport(Transport):
             return None
         if self._words is None:
             try:
-                self._words = LandingWords(slots)
+                self._words = LandingWords(slots, spin_s=self.options.spin_us / 1e6)
             except OSError as e:  # e.g. no /dev/shm in this container: TransferDone ends each load
                 log.warning("cuda_ipc: no landing words (%s): loads end on TransferDone", e)
                 return None

@@ -151,8 +151,9 @@ class Notifier:
 
 
 class Ring:
-    """A peer's landing words mapped here and page-locked for our GPU: the copy stream writes a
-    word, then posts the peer's semaphore."""
+    """A peer's landing words mapped here and page-locked for our GPU: the queueing thread marks
+    a word launched (where the peer's loader watches marks), the copy stream then writes it and
+    posts the peer's semaphore."""
 
     def __init__(self, words: LandingMap, device: int):
         self.words, self.device = words, device
@@ -167,6 +168,7 @@ class Ring:
         at = self.base + self.words.word_address(slot) - self.words.address
 
         def ring(stream: int) -> None:
+            self.words.mark(slot, value)  # from this thread, now: the peer's loader may watch the word
             write(self.device, stream, at, value)  # after the copy, with a barrier
             post_after(self.device, stream, self.words.sem)
         return ring

@@ -21,6 +21,14 @@ without a copy or a stream.
 A word is only a hint that may be late, never a lie: only the hand-off's own writer writes its
 generation, after its bytes (a late write by the writer of an ended reservation carries another
 generation; it may overwrite a newer one, and that load then waits for TransferDone as before).
+
+*Launched marks* (a decode whose loader watches: ``spin_s`` > 0, a flag in the file's header):
+as a writer queues a hand-off's last copy it also writes, from its host thread, the generation
+with :data:`LAUNCHED` set into the word and posts the semaphore. The loader, woken, sees the mark
+and watches the word from a C loop (csrc/landing_spin.c, no GIL, at most ``spin_s`` per load)
+instead of sleeping: the GPU's write of the generation reaches host memory microseconds after the
+last byte, while the post from CUDA's host-function thread comes 50-150 us later. A mark is
+never a generation (generations stay below :data:`LAUNCHED`), so it proves nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +43,13 @@ import time
 
 import numpy as np
 
-_HEADER = 64  # the semaphore (sem_t: 32 bytes on x86-64 glibc), then the words, 64-byte aligned
+from lmcache_pd import host_build
+
+_HEADER = 64  # the semaphore (sem_t: 32 bytes on x86-64 glibc), the spin flag, then the words, 64-byte aligned
+_SPINS_AT = 32  # a 32-bit word in the header: 1 where the loader watches launched marks
+LAUNCHED = 0x8000_0000
+"""Set in a word by its writer as the hand-off's last copy is queued (a *mark*); generations stay
+below it (handoff.signal_of)."""
 _DIR = "/dev/shm"
 _PREFIX = "lmcache-pd-landing-"
 _CLOCK_MONOTONIC = 1
@@ -57,6 +71,23 @@ _sem_timedwait = _libc.sem_timedwait
 _sem_timedwait.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Timespec)]
 SEM_POST = ctypes.cast(_sem_post, ctypes.c_void_p).value
 """libc's ``sem_post``, for ``cuLaunchHostFunc`` (it runs on CUDA's own thread, without Python)."""
+_spin_lock = threading.Lock()
+_spin_fn: list[object] = []  # [the compiled pd_spin_words or None], once looked for
+
+
+def _spinner():
+    """csrc/landing_spin.c's ``pd_spin_words``, or None (no C compiler: loads wait on the semaphore)."""
+    with _spin_lock:
+        if not _spin_fn:
+            dll = host_build.library("landing_spin.c", "loaders sleep on the landing semaphore, without spinning")
+            fn = None
+            if dll is not None:
+                fn = dll.pd_spin_words
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                               ctypes.c_int64]
+            _spin_fn.append(fn)
+        return _spin_fn[0]
 
 
 def _pid_ns() -> str:
@@ -104,6 +135,7 @@ class _Mapped:
         self.address = ctypes.addressof(self._buf)
         self.sem = self.address  # (the header's first bytes)
         self.words = np.frombuffer(self._buf, dtype=np.uint32, count=slots, offset=_HEADER)
+        self._spins = np.frombuffer(self._buf, dtype=np.uint32, count=1, offset=_SPINS_AT)
 
     def word_address(self, slot: int) -> int:
         return self.address + _HEADER + 4 * slot
@@ -114,16 +146,21 @@ class _Mapped:
 
     def close(self) -> None:
         self.words = np.zeros(0, dtype=np.uint32)
+        self._spins = np.zeros(1, dtype=np.uint32)
         del self._buf
         self._map.close()
 
 
 class LandingWords(_Mapped):
-    """The decode's side: creates the file, reads the words, sleeps on the semaphore."""
+    """The decode's side: creates the file, reads the words, sleeps on the semaphore. ``spin_s``:
+    the longest the loader watches a launched hand-off's word (0: never; also 0 where the watch
+    cannot be built: no C compiler)."""
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, spin_s: float = 0.0):
         if slots <= 0:
             raise ValueError("landing words need at least one slot")
+        self._spin = _spinner() if spin_s > 0 else None
+        self.spin_s = spin_s if self._spin is not None else 0.0
         _sweep()
         self.name = _PREFIX + f"{_pid_ns()}-{os.getpid()}-{secrets.token_hex(8)}"
         self._path = os.path.join(_DIR, self.name)
@@ -141,9 +178,33 @@ class LandingWords(_Mapped):
             err = ctypes.get_errno()
             self.close()
             raise OSError(err, "sem_init failed")
+        self._spins[0] = int(self.spin_s > 0)  # (before any writer maps the file: its name is not out yet)
 
     def holds(self, slot: int, value: int) -> bool:
         return 0 <= slot < self.words.size and int(self.words[slot]) == value  # (size 0 once closed)
+
+    def launched(self, slot: int, value: int) -> bool:
+        """The word holds its writer's mark: the hand-off's last copy is queued, its bytes not yet in."""
+        return 0 <= slot < self.words.size and int(self.words[slot]) == (value | LAUNCHED)
+
+    def spin(self, watch: list[tuple[int, int]], budget_s: float) -> int | None:
+        """Watch the words ``watch`` ((slot, value) each; slots checked by the caller) for up to
+        ``budget_s`` without the GIL; the index of one that holds its value, else None (the
+        budget ran out, or the semaphore was posted: those posts are taken, as :meth:`wait`
+        takes them, and the caller looks again)."""
+        if self._spin is None or not watch or not self.words.size:
+            return None
+        slots = np.array([w[0] for w in watch], dtype=np.int64)
+        values = np.array([w[1] for w in watch], dtype=np.uint32)
+        if slots.min() < 0 or slots.max() >= self.words.size:
+            raise ValueError("a watched landing word outside the words")
+        base = self.word_address(0)
+        rc = self._spin(base, slots.ctypes.data, values.ctypes.data, len(watch), self.sem,
+                        int(max(0.0, budget_s) * 1e9))
+        if rc == -1:
+            while _sem_trywait(self.sem) == 0:
+                pass
+        return rc if rc >= 0 else None
 
     def wait(self, timeout_s: float) -> bool:
         """Sleep (without the GIL) until a post or ``timeout_s``; True if posted. Posts that came
@@ -196,6 +257,15 @@ class LandingMap(_Mapped):
         with self._lock:
             if 0 <= slot < self.words.size:
                 self.words[slot] = value
+                self.post()
+
+    def mark(self, slot: int, value: int) -> None:
+        """The hand-off's last copy is queued: its mark and a post, where the peer's loader watches
+        marks (nothing otherwise: a post would only wake it for nothing). Before the copy's own
+        write of ``value``, which thus always lands after the mark."""
+        with self._lock:
+            if 0 <= slot < self.words.size and self._spins[0]:
+                self.words[slot] = value | LAUNCHED
                 self.post()
 
     def close(self) -> None:

@@ -51,6 +51,9 @@ class LoopbackOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     copy_s: float = 0.0
     """Each copy, once begun, takes this long more: a device wedged mid-copy (close_batch waits for
     a copy that began, but not past the batch's deadline)."""
+    spin_us: int = 0
+    """As cuda_ipc's: the decode's loader watches a launched hand-off's landing word this long (the
+    submit marks it; the copy thread writes it after its delay)."""
 
 
 class _Descriptor(msgspec.Struct, frozen=True):
@@ -98,7 +101,7 @@ class LoopbackTransport(Transport):
 
     def landing_words(self, slots: int) -> LandingWords | None:
         if self.options.signals and slots > 0 and self._words is None:
-            self._words = LandingWords(slots)
+            self._words = LandingWords(slots, spin_s=self.options.spin_us / 1e6)
         return self._words
 
     def signals_to(self, peer: PeerId) -> bool:
@@ -149,7 +152,10 @@ class LoopbackTransport(Transport):
         fail = self.options.fail_every > 0 and n % self.options.fail_every == 0
         corrupt = self.options.corrupt_every > 0 and n % self.options.corrupt_every == 0
         handle.state = BatchState.IN_FLIGHT
-        self._pool.submit(self._run, handle, src, key, plan, fail, timeout_s, corrupt, ring=self._ring(peer, signal))
+        ring = self._ring(peer, signal)
+        if ring is not None:
+            self._rings[peer].mark(*signal)  # (as cuda_ipc's queueing thread: the copy's write comes later)
+        self._pool.submit(self._run, handle, src, key, plan, fail, timeout_s, corrupt, ring=ring)
         return handle
 
     def _ring(self, peer: PeerId, signal: tuple[int, int] | None) -> Callable[[], None] | None:

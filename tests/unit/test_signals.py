@@ -58,7 +58,8 @@ def test_a_signal_for_an_ended_reservation_claims_nothing():
 def test_a_direct_handoffs_word_is_its_first_blocks_past_the_pool_and_never_zero():
     assert signal_of([3, 4], (), 100, 7) == (3, 7)
     assert signal_of([100, 101], (17, 9), 100, 7) == (117, 7)  # (direct: pages past the pool name no memory)
-    assert signal_of([3], (), 100, 0xFFFFFFFF + 1)[1] == 1  # wraps past 0, which a fresh word holds
+    assert signal_of([3], (), 100, 0x7FFFFFFF + 1)[1] == 1  # wraps past 0, which a fresh word holds,
+    assert signal_of([3], (), 100, 0x7FFFFFFF)[1] == 0x7FFFFFFF  # below the writer's launched mark
 
 
 # --- the words, between two processes ------------------------------------------------------------
@@ -303,9 +304,12 @@ def _gpu_node(**kw) -> Node:
     return Node(make_cfg("cuda_ipc", **kw), device="cuda")
 
 
+@pytest.mark.parametrize("spin_us", [0, 2_000_000], ids=["sleeping", "watching"])
 @pytest.mark.parametrize("direct", [False, True], ids=["pool", "direct"])
-def test_cuda_ipc_signals_after_the_copy_on_the_gpu_and_the_load_arrives_bitwise(direct):
-    n = _gpu_node(direct=direct)
+def test_cuda_ipc_signals_after_the_copy_on_the_gpu_and_the_load_arrives_bitwise(direct, spin_us):
+    """``watching``: the decode's loader watches the launched word through the whole late
+    forward (2 s against 0.5 s) and must still end the load only on the copy's own write."""
+    n = _gpu_node(direct=direct, options={"signals": True, "spin_us": spin_us})
     try:
         warm(n)
         held = _HeldTransferDone(n)
@@ -322,6 +326,7 @@ def test_cuda_ipc_signals_after_the_copy_on_the_gpu_and_the_load_arrives_bitwise
         n.sender.submit(SendSpec("p-a1", Handoff("a1", "decode-0", 2 * BLOCK, D), (4, 9)), ready)
         _, (ld,) = n.results(0, 1)
         assert ld.ok and ld.signaled and ld.direct == direct and not held.release.is_set(), ld
+        assert ld.spun == bool(spin_us and n.receiver.loader._words.spin_s), ld
         torch.cuda.synchronize()
         n.assert_moved([4, 9], [11, 12])
         held.release.set()
