@@ -287,6 +287,8 @@ class PagePool:
         """At most ``max_tombstones``: a flood of Cancels for ids nobody uses must not grow them
         without bound (the oldest go first; held reservations stay until their pages return)."""
         excess = len(self._ended) - self.max_tombstones
+        if excess <= 0:  # (the usual case: no pass over every tombstone at each end)
+            return
         for tid in [t for t in self._ended if t not in self._held][:max(0, excess)]:
             del self._ended[tid]
 
@@ -438,9 +440,17 @@ class PagePool:
             if r is None or r.generation != generation or r.state not in (ReservationState.ALLOCATED,
                                                                            ReservationState.READY):
                 return None
+            # No watcher is told: only the loader claims (it needs no wake-up of its own), and the
+            # control server has nothing to do for a claim (a free returns the pages, and tells).
             r.state, r.signaled, r.landed = ReservationState.CONSUMING, True, len(r.pages)
-            self._changed()
             return r
+
+    def consuming(self, transfer_id: TransferId) -> bool:
+        """Still claimed (live, CONSUMING): nothing ended it since the claim, so no page of it went
+        to another hand-off."""
+        with self._lock:
+            r = self._live.get(transfer_id)
+            return r is not None and r.state == ReservationState.CONSUMING
 
     def free(self, transfer_id: TransferId, *, now: float) -> None:
         """Return a claimed reservation's pages (consumed)."""

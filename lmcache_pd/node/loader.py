@@ -156,10 +156,17 @@ class Loader:
         self.spun = 0
         """Loads that ended on a word seen while watching."""
         self._thread = thread(self._run, name)
-        pool.watch(self._wake.set)
+        pool.watch(self._pool_changed)
 
     def start(self) -> None:
         self._thread.start()
+
+    def _pool_changed(self) -> None:
+        """Under the pool's lock, on the thread that changed it: wake the loader, unless the change
+        is the loader's own (it looks again after each step; a post would cost a syscall now and
+        a useless turn later)."""
+        if threading.current_thread() is not self._thread:
+            self._wake.set()
 
     def close(self) -> None:
         self._stop.set()
@@ -418,22 +425,35 @@ class Loader:
                 raise TransferError("hand-off ended as its last bytes landed", transfer_id=spec.handoff.transfer_id)
         else:
             r = self.pool.claim(spec.handoff.transfer_id)
+        tid = spec.handoff.transfer_id
         try:
             self.scatter.verify(r)
             self.scatter.pages(load, r, len(r.pages))
             if r.direct:  # every layer of each of its blocks, written there by the prefill (counted
                 # here: a signaled load ends before TransferDone brings the prefill's count)
                 load.nbytes = len(r.direct) * self.kv.page_bytes
-        finally:
-            self.pool.free(spec.handoff.transfer_id, now=time.monotonic())
+            if not self.pool.consuming(tid):  # ended while we copied: its pages may hold another's bytes
+                raise TransferError("hand-off ended while its pages were loaded", transfer_id=tid)
+        except BaseException:
+            if self.pool.consuming(tid):  # (else its end returned the pages)
+                self.pool.free(tid, now=time.monotonic())
+            raise
         load.move(LoadPhase.DONE)
-        self._record(LoadResult(spec.req_id, spec.handoff.transfer_id, True, load.nbytes, r.seconds,
-                                time.monotonic() - load.t0, scatter_s=load.scatter_s, groups=load.groups,
-                                planned_ahead=load.planned_ahead, cache_tokens=load.cache_tokens,
-                                submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time(),
-                                early_layers=len(load.layers_done), direct=bool(r.direct), signaled=load.signaled,
-                                spun=load.spun))
+        result = LoadResult(spec.req_id, tid, True, load.nbytes, r.seconds,
+                            time.monotonic() - load.t0, scatter_s=load.scatter_s, groups=load.groups,
+                            planned_ahead=load.planned_ahead, cache_tokens=load.cache_tokens,
+                            submitted_at=load.submitted_at, ready_at=load.ready_at, done_at=time.time(),
+                            early_layers=len(load.layers_done), direct=bool(r.direct), signaled=load.signaled,
+                            spun=load.spun)
         self.spun += load.spun
+        # vLLM's next look finds it before the pages go back: freeing them wakes the control server
+        # (an Allocate may be waiting for pages), whose turn would take the GIL from us first.
+        self._publish(result)
+        try:
+            self.pool.free(tid, now=time.monotonic())
+        except PDError as e:  # (ended since the check above: its end returns the pages; the KV is in)
+            log.warning("returning the pages of %s after its load: %s", tid, e)
+        self._observe(result)
 
     def _validate(self, load: LoadState, r: Reservation) -> None:
         """The reservation holds this request's prompt."""
@@ -480,9 +500,17 @@ class Loader:
             self._record(res)
 
     def _record(self, result: LoadResult) -> None:
+        self._publish(result)
+        self._observe(result)
+
+    def _publish(self, result: LoadResult) -> None:
+        """The result, for vLLM's next ``drain``."""
         with self._lock:
             self._results.append(result)
             self._recorded.notify_all()
+
+    def _observe(self, result: LoadResult) -> None:
+        """Its timeline's histograms and the hand-off log (a file write: after the result is out)."""
         self._timeline.observe(result)
         self._handoff_log.append(result)
 

@@ -21,6 +21,7 @@ from lmcache_pd.device_clock import clock_for
 from lmcache_pd.ops import PreparedCopy, run_copy
 from lmcache_pd.transport._cuda_done import Pending
 from lmcache_pd.transport.base import BatchHandle, LayerPosts
+from lmcache_pd.transport.device_signals import Bell
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class Posts(LayerPosts):
     goes to the completion thread, as a submitted batch's does."""
 
     def __init__(self, handle: BatchHandle, stream: torch.cuda.Stream, device: torch.device,
-                 prepared: dict[int, PreparedCopy | None], signal: Callable[[int], None] | None, *,
+                 prepared: dict[int, PreparedCopy | None], signal: Bell | None, *,
                  done: Callable[[Pending], None], forget: Callable[[BatchHandle], None], fail: Callable[[str], None]):
         """``done(item)``: hands the batch's end to the completion thread (a ``Pending``: handle,
         first and last stamp, tables to keep alive, outcome, the last copy's start); ``forget(handle)``: it takes no
@@ -59,6 +60,8 @@ class Posts(LayerPosts):
                 self._began = self._began or self._clock.stamp(self._stream)
                 if not self._left:  # the last copy's start: the completion thread naps until it
                     self._gate = self._clock.stamp(self._stream)
+                    if self._signal is not None:
+                        self._signal.mark()
                 p = self._prepared[layer]
                 if p is not None:
                     run_copy(p, self._stream)
@@ -86,7 +89,7 @@ class Posts(LayerPosts):
         try:
             landed = self._clock.stamp(self._stream)  # the copies' end (before the post: cuda_ipc.submit)
             if rings:  # after the copies on the same stream: the peer's landing word, then its post
-                self._signal(self._stream.cuda_stream)
+                self._signal.ring(self._stream.cuda_stream)
         except RuntimeError as e:
             log.warning("cuda_ipc: ending a batch of posted layers: %s", e)
             self._fail(f"CUDA error: {e}")

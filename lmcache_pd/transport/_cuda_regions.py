@@ -5,7 +5,6 @@ buffers). The transport itself is cuda_ipc.py."""
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -15,7 +14,7 @@ from lmcache_pd.errors import TransportUnavailable
 from lmcache_pd.layout import RangePlan
 from lmcache_pd.ops import PreparedCopy
 from lmcache_pd.transport.base import PeerId
-from lmcache_pd.transport.device_signals import Ring
+from lmcache_pd.transport.device_signals import Bell, Ring
 
 
 class Region:
@@ -38,9 +37,9 @@ class Peer:
         self.mappings: list[int] = []  # the allocations opened for ``pieces``, to close
         self.device_uuid = ""  # its region's GPU, when in another process (base.gpu_uuid)
 
-    def ring_for(self, signal: tuple[int, int] | None) -> Callable[[int], None] | None:
-        """What ends a batch with ``signal`` (slot, value) on a raw stream handle (Ring.bound);
-        None: no signal asked, or the peer keeps no words we reach."""
+    def ring_for(self, signal: tuple[int, int] | None) -> Bell | None:
+        """What ends a batch with ``signal`` (slot, value) (Ring.bound); None: no signal asked, or
+        the peer keeps no words we reach."""
         return self.ring.bound(*signal) if signal is not None and self.ring is not None else None
 
 
@@ -52,7 +51,7 @@ class Prepared(NamedTuple):
     src: Region
     stream: torch.cuda.Stream
     copy: PreparedCopy | None
-    ring: Callable[[int], None] | None
+    ring: Bell | None
     nbytes: int
 
 

@@ -327,6 +327,8 @@ class CudaIpcTransport(Transport):
         if self._peers.get(prepared.peer) is not prepared.p:  # (its mapping, and its ring, are closed)
             raise PeerLost(f"cuda_ipc peer {prepared.peer} was disconnected since its hand-off was prepared")
         src, stream, ring = prepared.src, prepared.stream, prepared.ring
+        if ring is not None:  # first: the peer's loader wakes while we queue (transport/landing.py)
+            ring.mark()
         handle = BatchHandle(self, prepared.nbytes, time.monotonic(), timeout_s)
         # Everything the host prepares came before the stream's first command: the copy's start
         # stamp, its kernel and its ring follow each other on the GPU with no host gap between
@@ -344,7 +346,7 @@ class CudaIpcTransport(Transport):
             run_copy(prepared.copy, stream)
         landed = clock.stamp(stream)  # the copy's end (not the post's: CUDA's host-function thread is late)
         if ring is not None:  # after the copy on the same stream: the word, then the post
-            ring(stream.cuda_stream)
+            ring.ring(stream.cuda_stream)
         # With a ring nobody waits for our DONE (the decode ends the load on its word): the
         # completion thread naps through the copy too instead of spinning beside the post.
         table = prepared.copy.table if prepared.copy is not None else None

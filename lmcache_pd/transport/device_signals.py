@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Callable
 
 from lmcache_pd.transport.landing import SEM_POST, LandingMap
 
@@ -160,18 +159,12 @@ class Ring:
         self.base = host_register(device, words.address, words.nbytes)  # its device address
         self.users = 0  # peers (the pool's, its blocks') that signal through it
 
-    def bound(self, slot: int, value: int) -> Callable[[int], None] | None:
-        """What ends a batch on a raw stream handle: the word's write and the post (None: a slot
-        outside the peer's words)."""
+    def bound(self, slot: int, value: int) -> Bell | None:
+        """What ends a batch with the landing signal (slot, value) (None: a slot outside the
+        peer's words)."""
         if not 0 <= slot < self.words.slots:
             return None
-        at = self.base + self.words.word_address(slot) - self.words.address
-
-        def ring(stream: int) -> None:
-            self.words.mark(slot, value)  # from this thread, now: the peer's loader may watch the word
-            write(self.device, stream, at, value)  # after the copy, with a barrier
-            post_after(self.device, stream, self.words.sem)
-        return ring
+        return Bell(self, slot, value)
 
     def close(self) -> None:
         try:
@@ -179,3 +172,24 @@ class Ring:
         except RuntimeError as e:
             log.debug("unregistering landing words failed: %s", e)
         self.words.close()
+
+
+class Bell:
+    """One batch's landing signal: :meth:`mark` as its last copy is about to be queued (from the
+    queueing thread: the peer's loader, where it watches, wakes and watches the word), then
+    :meth:`ring` on the stream after the copy: the word's write and the post."""
+
+    def __init__(self, ring: Ring, slot: int, value: int):
+        self._ring, self._slot, self._value = ring, slot, value
+        self._at = ring.base + ring.words.word_address(slot) - ring.words.address  # its device address
+        self._marked = False
+
+    def mark(self) -> None:
+        if not self._marked:
+            self._marked = True
+            self._ring.words.mark(self._slot, self._value)
+
+    def ring(self, stream: int) -> None:
+        self.mark()  # (where nobody marked it ahead)
+        write(self._ring.device, stream, self._at, self._value)  # after the copy, with a barrier
+        post_after(self._ring.device, stream, self._ring.words.sem)

@@ -108,3 +108,31 @@ def test_a_load_nobody_hands_off_fails_from_waiting_at_its_deadline(moves):
         assert phases(moves, "t4") == [P.FAILED]
     finally:
         n.close()
+
+
+def test_a_handoff_ended_while_its_pages_are_loaded_fails_and_its_result_comes_first(node, moves):
+    """The result goes out before the pages are returned (node/loader.py ``_scatter``: returning
+    them wakes the control server); a hand-off ended during the copy (a prefill's Cancel) must
+    then still be reported failed: its pages may have gone to another hand-off meanwhile."""
+    loader = node.receiver.loader
+    real_pages = loader.scatter.pages
+    order: list[str] = []
+
+    def pages_then_cancel(load, r, upto):
+        real_pages(load, r, upto)
+        if load.spec.handoff.transfer_id == "t5":  # the Cancel comes while the loader copies
+            node.receiver.pool.abort("t5", reason="canceled by prefill", now=time.monotonic())
+
+    real_free = loader.pool.free
+    loader.scatter.pages = pages_then_cancel
+    loader.pool.free = lambda tid, now: (order.append(f"free {tid}"), real_free(tid, now=now))[1]
+    real_publish = loader._publish
+    loader._publish = lambda result: (order.append(f"result {result.transfer_id}"), real_publish(result))[1]
+    for tid, blocks in (("t5", (6,)), ("t6", (7,))):
+        node.handoff(tid, list(blocks), list(blocks), BLOCK)
+        (s,), (ld,) = node.results(1, 1)
+        assert s.ok
+        assert ld.ok == (tid == "t6") and (tid == "t6" or "ended while its pages were loaded" in ld.error), ld
+    assert phases(moves, "t5")[-1] is P.FAILED and phases(moves, "t6")[-1] is P.DONE
+    assert order == ["result t5", "result t6", "free t6"], order  # (t5's end returned its pages)
+    assert node.pool_full()
