@@ -27,7 +27,7 @@ def _spinning(slots: int, spin_s: float = 5.0) -> LandingWords:
 
 # --- the words, between two processes ------------------------------------------------------------
 def _gpu_like_writer(name: str, slots: int, slot: int, value: int) -> None:
-    """As cuda_ipc's sender: the mark (and its post) as the copy is queued; the word itself 0.3 s
+    """As cuda_ipc's sender: the mark (and its post) once the copy is queued; the word itself 0.3 s
     later (the copy stream's write: no post); the post 2 s after that (CUDA's host function, late)."""
     m = LandingMap(name, slots)
     m.mark(slot, value)
@@ -86,6 +86,13 @@ def test_a_writer_marks_only_words_whose_loader_watches_and_a_mark_is_never_a_ge
         assert int(watched.words[3]) == 0x7FFFFFFF | LAUNCHED and watched.wait(0.01)
         assert watched.launched(3, 0x7FFFFFFF) and not watched.holds(3, 0x7FFFFFFF)
         assert all(signal_of([3], (), 8, g)[1] < LAUNCHED for g in (1, 0x7FFFFFFF, 0x7FFFFFFF + 1, 2**40))
+        m = LandingMap(watched.name, 8)  # the copy stream's write landed before the queueing thread marked
+        m.words[5] = 41
+        m.mark(5, 41)
+        m.mark(6, 41)  # (another word: an older generation's)
+        m.close()
+        assert watched.holds(5, 41), "a late mark hid a landed value"
+        assert watched.launched(6, 41)
     finally:
         quiet.close()
         watched.close()
