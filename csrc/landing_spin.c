@@ -1,8 +1,8 @@
 /* The decode loader's watch over landing words (lmcache_pd/transport/landing.py; built at first
  * use by lmcache_pd/host_build.py with the system C compiler).
  *
- * Once a hand-off's writer has marked its word "launched" (its last copy and the word's write are
- * queued: pd_mark_word, below), the GPU's write of the word lands within microseconds of the
+ * Once a hand-off's writer has marked its word "launched" (its last copy is being queued:
+ * pd_mark_word, below), the GPU's write of the word lands within microseconds of the
  * copy's last byte, but the semaphore post
  * that wakes a sleeping loader comes from CUDA's host-function thread, 50-150 us later (measured
  * on one H100: docs/benchmarks.md). So the loader watches the words here, in C, for a bounded
@@ -59,7 +59,7 @@ int pd_spin_words(const volatile uint32_t *words, const int64_t *slots, const ui
     }
 }
 
-/* A writer's launched mark, set after it queued the copy and the word's write: the word becomes
+/* A writer's launched mark, set as it queues the copy (before or after the word's write): the word becomes
  * value | launched unless it holds value already (the GPU's write came first; the compare-and-swap
  * is atomic against it, so a mark never hides a landed value). 1: marked. */
 int pd_mark_word(uint32_t *word, uint32_t value, uint32_t launched) {

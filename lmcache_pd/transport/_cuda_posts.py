@@ -60,6 +60,8 @@ class Posts(LayerPosts):
                 self._began = self._began or self._clock.stamp(self._stream)
                 if not self._left:  # the last copy's start: the completion thread naps until it
                     self._gate = self._clock.stamp(self._stream)
+                    if self._signal is not None:
+                        self._signal.mark()
                 p = self._prepared[layer]
                 if p is not None:
                     run_copy(p, self._stream)

@@ -327,6 +327,8 @@ class CudaIpcTransport(Transport):
         if self._peers.get(prepared.peer) is not prepared.p:  # (its mapping, and its ring, are closed)
             raise PeerLost(f"cuda_ipc peer {prepared.peer} was disconnected since its hand-off was prepared")
         src, stream, ring = prepared.src, prepared.stream, prepared.ring
+        if ring is not None:  # first: the peer's loader wakes while we queue (transport/landing.py)
+            ring.mark()
         handle = BatchHandle(self, prepared.nbytes, time.monotonic(), timeout_s)
         # Everything the host prepares came before the stream's first command: the copy's start
         # stamp, its kernel and its ring follow each other on the GPU with no host gap between

@@ -150,9 +150,9 @@ class Notifier:
 
 
 class Ring:
-    """A peer's landing words mapped here and page-locked for our GPU: the copy stream writes a
-    word and posts the peer's semaphore; the queueing thread then marks it launched (where the
-    peer's loader watches marks)."""
+    """A peer's landing words mapped here and page-locked for our GPU: the queueing thread marks a
+    word launched (where the peer's loader watches marks), the copy stream then writes it and
+    posts the peer's semaphore."""
 
     def __init__(self, words: LandingMap, device: int):
         self.words, self.device = words, device
@@ -175,15 +175,22 @@ class Ring:
 
 
 class Bell:
-    """One batch's landing signal, rung from the thread that queues the batch's last copy: on the
-    stream after the copy, the word's write and the post; then, on the host, the launched mark
-    (landing.py: where the peer's loader watches, it wakes and watches the word)."""
+    """One batch's landing signal: :meth:`mark` from the thread about to queue the batch's last
+    copy (landing.py's launched mark: where the peer's loader watches, it wakes now, and watches
+    the word by the time the bytes land), then :meth:`ring` on the stream after the copy: the
+    word's write and the post."""
 
     def __init__(self, ring: Ring, slot: int, value: int):
         self._ring, self._slot, self._value = ring, slot, value
         self._at = ring.base + ring.words.word_address(slot) - ring.words.address  # its device address
+        self._marked = False
+
+    def mark(self) -> None:
+        if not self._marked:
+            self._marked = True
+            self._ring.words.mark(self._slot, self._value)
 
     def ring(self, stream: int) -> None:
         write(self._ring.device, stream, self._at, self._value)  # after the copy, with a barrier
         post_after(self._ring.device, stream, self._ring.words.sem)
-        self._ring.words.mark(self._slot, self._value)  # last: its post may cost this thread its core
+        self.mark()  # (where nobody marked it ahead; a mark never hides a landed value)
