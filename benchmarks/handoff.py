@@ -151,9 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             times, copies, verified = [], [], []
             pair.phases.clear()
             for _ in range(args.repeat):  # the two modes take turns: both meet the same machine state
-                times.append(pair.once(n_tok))
+                # Each pair right after the ceiling's copy (this process's GPU work): had one pair
+                # followed the other's decode scatter, its copy would wait for the GPU to switch
+                # back from that process's context (0.14 ms of its launch, 2026-12-07, one H100).
                 copies.append(ceiling.once())
+                times.append(pair.once(n_tok))
                 if checked is not None:
+                    ceiling.once()
                     verified.append(checked.once(n_tok))
             ceiling.close()
             ok = pair.check_last()
