@@ -257,6 +257,10 @@ class LandingMap(_Mapped):
         finally:
             os.close(fd)
         self._lock = threading.Lock()  # (a write from a copy thread against a close)
+        # Where the peer's loader watches marks, the compare-and-swap that sets them, loaded here
+        # (built at first use: not on the thread that launches a hand-off); None: mark nothing.
+        fns = _compiled() if self._spins[0] else None
+        self._mark = fns[1] if fns is not None else None
 
     def write(self, slot: int, value: int) -> None:
         """From this host thread (loopback): the word, then the post."""
@@ -272,10 +276,9 @@ class LandingMap(_Mapped):
         Best before the launch: the loader then wakes while the copy runs and watches the word
         as it lands (one H100, 16 MiB direct: 0.17-0.22 ms to the load's end, against 0.28 with
         the mark after the launch, the loader then finding the word already there)."""
-        fns = _compiled()
         with self._lock:
-            if 0 <= slot < self.words.size and self._spins[0] and fns is not None:
-                fns[1](self.word_address(slot), value, LAUNCHED)
+            if 0 <= slot < self.words.size and self._mark is not None:
+                self._mark(self.word_address(slot), value, LAUNCHED)
                 self.post()
 
     def close(self) -> None:

@@ -3,6 +3,7 @@ process (real zmq, real transports), and their config."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import msgspec
@@ -171,3 +172,20 @@ def last_chunk(n: Node, pieces, p_blocks: list[int], split: int):
     last = LayerMarks(LAYERS)
     pieces.add(tuple(p_blocks), split, last, True)
     return last
+
+
+class HeldTransferDone:
+    """Holds the decode's TransferDone (its control server's thread, in ``mark_ready``) until
+    released: a load that ends meanwhile ended without it."""
+
+    def __init__(self, n: Node):
+        self.release = threading.Event()
+        self.held = 0
+        pool = n.receiver.pool
+        real = pool.mark_ready
+
+        def mark_ready(*args, **kwargs):
+            self.held += 1
+            self.release.wait(10)
+            return real(*args, **kwargs)
+        pool.mark_ready = mark_ready  # type: ignore[method-assign]

@@ -12,7 +12,7 @@ import pytest
 
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec, signal_of
 from lmcache_pd.transport.landing import LAUNCHED, LandingMap, LandingWords
-from tests.unit.nodes import BLOCK, Node, make_cfg, warm
+from tests.unit.nodes import BLOCK, HeldTransferDone, Node, make_cfg, warm
 
 D = "d" * 32
 
@@ -113,11 +113,15 @@ def test_a_load_ends_on_the_word_its_loader_watched_land(spin_us):
     try:
         warm(n)
         spins = n.receiver.status()["loads"]["spins_total"]
+        held = HeldTransferDone(n)  # the load must end on its word, not on a TransferDone that came first
         n.receiver.submit_load(LoadSpec("d-s1", Handoff("s1", "prefill-0", 2 * BLOCK, D), (11, 12)))
         n.sender.reserve(Handoff("s1", "decode-0", 2 * BLOCK, D)).result(5)
         n.sender.submit(SendSpec("p-s1", Handoff("s1", "decode-0", 2 * BLOCK, D), (4, 9)))
-        (s,), (ld,) = n.results(1, 1)
-        assert s.ok and ld.ok and ld.signaled, (s, ld)
+        _, (ld,) = n.results(0, 1)
+        assert ld.ok and ld.signaled and not held.release.is_set(), ld
+        held.release.set()
+        (s,), _ = n.results(1, 0)
+        assert s.ok, s.error
         n.assert_moved([4, 9], [11, 12])
         loads = n.receiver.status()["loads"]
         if spin_us:
@@ -130,7 +134,7 @@ def test_a_load_ends_on_the_word_its_loader_watched_land(spin_us):
 
 
 def test_a_mark_whose_word_never_lands_is_watched_once_for_its_budget_then_the_load_times_out():
-    n = _node(200_000, transfer_s=1.5)  # (0.2 s)
+    n = _node(200_000, transfer_s=3.0)  # (0.2 s)
     try:
         warm(n)
         n.receiver.submit_load(LoadSpec("d-m1", Handoff("m1", "prefill-0", 2 * BLOCK, D), (11, 12)))
@@ -142,9 +146,9 @@ def test_a_mark_whose_word_never_lands_is_watched_once_for_its_budget_then_the_l
         writer = LandingMap(n.receiver.loader._words.name, n.receiver.loader._words.slots)
         try:
             writer.mark(slot, value)  # a writer that queued its copy and then never wrote
-            time.sleep(0.5)
+            time.sleep(1.0)
             after = n.receiver.status()["loads"]["spins_total"]
-            time.sleep(0.5)
+            time.sleep(1.0)
             assert after > before, "the loader never watched the launched word"
             assert n.receiver.status()["loads"]["spins_total"] == after, "the loader watched past its budget"
             _, (ld,) = n.results(0, 1, timeout_s=5)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import stat
-import threading
 import time
 
 import pytest
@@ -20,7 +19,7 @@ from lmcache_pd.control.allocator import PagePool
 from lmcache_pd.errors import TransferError
 from lmcache_pd.handoff import Handoff, LoadSpec, SendSpec, signal_of
 from lmcache_pd.transport.landing import LandingMap, LandingWords
-from tests.unit.nodes import BLOCK, Node, late_forward, make_cfg, warm
+from tests.unit.nodes import BLOCK, HeldTransferDone, Node, late_forward, make_cfg, warm
 
 D = "d" * 32
 
@@ -128,23 +127,6 @@ def _node(**kw) -> Node:
     return Node(make_cfg("loopback", **kw))
 
 
-class _HeldTransferDone:
-    """Holds the decode's TransferDone (its control server's thread, in ``mark_ready``) until
-    released: a load that ends meanwhile ended without it."""
-
-    def __init__(self, n: Node):
-        self.release = threading.Event()
-        self.held = 0
-        pool = n.receiver.pool
-        real = pool.mark_ready
-
-        def mark_ready(*args, **kwargs):
-            self.held += 1
-            self.release.wait(10)
-            return real(*args, **kwargs)
-        pool.mark_ready = mark_ready  # type: ignore[method-assign]
-
-
 def _reserve_then_send(n: Node, tid: str, p_blocks: tuple[int, ...], d_blocks: tuple[int, ...]) -> None:
     n.receiver.submit_load(LoadSpec(f"d-{tid}", Handoff(tid, "prefill-0", 2 * BLOCK, D), d_blocks))
     n.sender.reserve(Handoff(tid, "decode-0", 2 * BLOCK, D)).result(5)
@@ -155,7 +137,7 @@ def _ends_before_transfer_done(n: Node, tid: str):
     """A hand-off whose load ends, bitwise, while its TransferDone is held; then the TransferDone
     that comes after is answered as done and the pool is whole. The load's result."""
     warm(n)
-    held = _HeldTransferDone(n)
+    held = HeldTransferDone(n)
     _reserve_then_send(n, tid, (4, 9), (11, 12))
     _, (ld,) = n.results(0, 1, timeout_s=10)
     assert ld.ok and ld.signaled, ld
@@ -181,7 +163,7 @@ def test_a_signaled_load_ends_while_its_transfer_done_is_still_held(direct):
 def _waits_for_transfer_done(n: Node, tid: str, why: str) -> None:
     """A hand-off whose load must not end before its TransferDone (``why`` if it does)."""
     warm(n)
-    held = _HeldTransferDone(n)
+    held = HeldTransferDone(n)
     _reserve_then_send(n, tid, (4, 9), (11, 12))
     time.sleep(0.5)
     assert held.held == 1 and not n.receiver.drain(), why
@@ -252,7 +234,7 @@ def test_a_layered_handoff_signals_after_its_last_layer_only():
     n = _node(options={"signals": True, "posts_layers": True}, layerwise=True)
     try:
         warm(n)
-        held = _HeldTransferDone(n)
+        held = HeldTransferDone(n)
         n.receiver.submit_load(LoadSpec("d-L1", Handoff("L1", "prefill-0", 2 * BLOCK, D), (11, 12)))
         n.sender.reserve(Handoff("L1", "decode-0", 2 * BLOCK, D)).result(5)
         marks = LayerMarks(LAYERS)
@@ -312,7 +294,7 @@ def test_cuda_ipc_signals_after_the_copy_on_the_gpu_and_the_load_arrives_bitwise
     n = _gpu_node(direct=direct, options={"signals": True, "spin_us": spin_us})
     try:
         warm(n)
-        held = _HeldTransferDone(n)
+        held = HeldTransferDone(n)
         # The prefill's forward writes the blocks late on its own stream and the copy waits for
         # it on the GPU: a word written before the copy, or a load ended on it too early, would
         # leave the decode's blocks without these values.
