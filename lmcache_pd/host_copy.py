@@ -12,19 +12,18 @@ ctypes releases the GIL for the call, so other threads run while it copies.
 from __future__ import annotations
 
 import ctypes
-import threading
+import functools
 
 import numpy as np
 
 from lmcache_pd import host_build
 
-_lock = threading.Lock()
-_fn: object | None = None
-_tried = False
 _FALLBACK = "host range copies run a Python loop"
 
 
-def _load() -> object | None:
+@functools.cache
+def compiled():
+    """The compiled ``pd_copy_ranges`` (src, dst, src_offsets, dst_offsets, lengths, n, stream), or None."""
     dll = host_build.library("copy_ranges_host.c", _FALLBACK)
     if dll is None:
         return None
@@ -36,17 +35,6 @@ def _load() -> object | None:
     summed.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
     fn.summed = summed  # (the same library: one build, one cache key)
     return fn
-
-
-def compiled():
-    """The compiled ``pd_copy_ranges`` (src, dst, src_offsets, dst_offsets, lengths, n, stream), or None."""
-    global _fn, _tried
-    if not _tried:
-        with _lock:
-            if not _tried:
-                _fn = _load()
-                _tried = True
-    return _fn
 
 
 STREAM_BYTES = 4 << 20

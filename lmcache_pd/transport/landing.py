@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import secrets
@@ -71,28 +72,22 @@ _sem_timedwait = _libc.sem_timedwait
 _sem_timedwait.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Timespec)]
 SEM_POST = ctypes.cast(_sem_post, ctypes.c_void_p).value
 """libc's ``sem_post``, for ``cuLaunchHostFunc`` (it runs on CUDA's own thread, without Python)."""
-_c_lock = threading.Lock()
-_c_fns: list[tuple[object, object] | None] = []  # [(pd_spin_words, pd_mark_word) or None], once looked for
 
 
+@functools.cache
 def _compiled() -> tuple[object, object] | None:
     """csrc/landing_spin.c's watch and mark, or None (no C compiler: loads wait on the semaphore,
     and writers mark nothing)."""
-    with _c_lock:
-        if not _c_fns:
-            dll = host_build.library("landing_spin.c", "loaders sleep on the landing semaphore, without watching")
-            fns = None
-            if dll is not None:
-                spin = dll.pd_spin_words
-                spin.restype = ctypes.c_int
-                spin.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                                 ctypes.c_int64]
-                mark = dll.pd_mark_word
-                mark.restype = ctypes.c_int
-                mark.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32]
-                fns = (spin, mark)
-            _c_fns.append(fns)
-        return _c_fns[0]
+    dll = host_build.library("landing_spin.c", "loaders sleep on the landing semaphore, without watching")
+    if dll is None:
+        return None
+    spin = dll.pd_spin_words
+    spin.restype = ctypes.c_int
+    spin.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
+    mark = dll.pd_mark_word
+    mark.restype = ctypes.c_int
+    mark.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32]
+    return spin, mark
 
 
 def _pid_ns() -> str:
