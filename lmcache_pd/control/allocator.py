@@ -289,7 +289,7 @@ class PagePool:
         excess = len(self._ended) - self.max_tombstones
         if excess <= 0:  # (the usual case: no pass over every tombstone at each end)
             return
-        for tid in [t for t in self._ended if t not in self._held][:max(0, excess)]:
+        for tid in [t for t in self._ended if t not in self._held][:excess]:
             del self._ended[tid]
 
     def _free_if_unused(self, r: Reservation, now: float) -> None:

@@ -418,14 +418,14 @@ class Loader:
         """SCATTERING: claim the READY reservation, copy what is left, give the pages back."""
         load.move(LoadPhase.SCATTERING)
         spec = load.spec
+        tid = spec.handoff.transfer_id
         load.ready_at = time.time()
         if load.signaled:  # (None: it ended meanwhile, so its pages may hold another hand-off's bytes)
-            r = self.pool.claim_signaled(spec.handoff.transfer_id, load.generation)
+            r = self.pool.claim_signaled(tid, load.generation)
             if r is None:
-                raise TransferError("hand-off ended as its last bytes landed", transfer_id=spec.handoff.transfer_id)
+                raise TransferError("hand-off ended as its last bytes landed", transfer_id=tid)
         else:
-            r = self.pool.claim(spec.handoff.transfer_id)
-        tid = spec.handoff.transfer_id
+            r = self.pool.claim(tid)
         try:
             self.scatter.verify(r)
             self.scatter.pages(load, r, len(r.pages))
